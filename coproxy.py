@@ -1,0 +1,2831 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.8"
+# dependencies = []
+# ///
+# SPDX-License-Identifier: MIT
+"""coproxy: your GitHub Copilot subscription as a local OpenAI-compatible HTTP API.
+
+One file, standard library only, Python 3.8+, Linux/macOS/Windows.
+
+Quick start::
+
+    curl -O https://raw.githubusercontent.com/coproxy/coproxy/main/coproxy.py
+    python3 coproxy.py auth login        # GitHub device flow, once
+    python3 coproxy.py serve             # http://127.0.0.1:8080
+    export OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused
+
+Subcommands: ``serve``, ``auth login|status|logout|refresh``, ``models``. Every flag has an
+environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` and
+``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
+``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows):
+``auth/github-access-token`` and ``auth/ghcp-token.json``, the same files as the Rust coproxy.
+
+Security: binds 127.0.0.1 unless told otherwise, and refuses a non-loopback address without
+``--api-key``; token files are 0600 in a 0700 directory, written atomically; tokens never
+appear in logs, responses or error messages. GitHub warns that heavy automated use of Copilot
+may be treated as abuse: pace your agents.
+
+Embedding: ``import coproxy`` has no side effects. Names in ``__all__`` are kept stable across
+minor versions; everything else (leading underscore or not) may change.
+
+Sections (each uses only those above it; ``grep -n '^# [0-9]*\\. ' coproxy.py``):
+   1. Header
+   2. Imports, guard, constants
+   3. Errors and small utilities
+   4. Config
+   5. Token store
+   6. Upstream HTTP client (blocking)
+   7. GitHub and Copilot auth (blocking)
+   8. Formats and translation (pure)
+   9. HTTP/1.1 server (asyncio)
+  10. App and routes
+  11. CLI
+  12. Entry
+"""
+
+# ------------------------------------------------------------------------------------------
+# 2. Imports, guard, constants
+#    The guard must run before anything newer than Python 3.6 is touched, so this file keeps
+#    a 3.6-parseable grammar (no walrus, no positional-only parameters, no f"{x=}").
+# ------------------------------------------------------------------------------------------
+
+import sys
+
+if sys.version_info < (3, 8):  # pragma: no cover - exercised by CI on 3.6/3.7
+    sys.stderr.write("coproxy needs Python 3.8+ (this is Python %d.%d.%d)\n" % sys.version_info[:3])
+    sys.exit(1)
+
+import argparse
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import dataclasses
+import email.utils
+import errno
+import getpass
+import hashlib
+import hmac
+import http
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import stat
+import threading
+import time
+import urllib.parse
+import uuid
+import webbrowser
+
+__version__ = "0.1.0"
+__all__ = ["Config", "TokenStore", "UpstreamClient", "CopilotAuth", "DeviceFlow", "App", "Server",
+           "SSEDecoder", "main", "__version__"]
+
+#: OAuth client id of the GitHub Copilot editor plugins (a GitHub App; tokens start ``ghu_``).
+#: Only tokens from this app can be exchanged at ``/copilot_internal/v2/token``.
+GITHUB_CLIENT_ID = "Iv1.b507a08c87ecfe98"
+GITHUB_SCOPE = "read:user"
+DEFAULT_GITHUB_URL = "https://github.com"
+DEFAULT_GITHUB_API_URL = "https://api.github.com"
+DEFAULT_COPILOT_API_URL = "https://api.githubcopilot.com"
+
+#: Identity headers: Copilot checks Editor-Version and Copilot-Integration-Id and refuses Go's
+#: default User-Agent, so we present ourselves the way VS Code's Copilot Chat does.
+EDITOR_VERSION = "vscode/1.104.3"
+EDITOR_PLUGIN_VERSION = "copilot-chat/0.26.7"
+COPILOT_USER_AGENT = "GitHubCopilotChat/0.26.7"
+COPILOT_INTEGRATION_ID = "vscode-chat"
+COPILOT_CHAT_API_VERSION = "2025-05-01"
+GITHUB_API_VERSION = "2025-04-01"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+#: Body cap in MiB: agent clients send whole conversations with base64 images.
+DEFAULT_MAX_BODY_MB = 32
+#: Concurrent proxied requests (streams included); excess requests wait, then get 503.
+DEFAULT_MAX_CONCURRENCY = 1024
+#: Seconds of upstream silence before an SSE comment keeps the client's stream alive.
+DEFAULT_PING_SECONDS = 15.0
+#: Seconds a client has to send a complete request head (then 408), and an idle
+#: keep-alive connection is kept (then a silent close; uvicorn uses 5 s, we allow agents more).
+DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
+DEFAULT_IDLE_TIMEOUT_SECONDS = 15.0
+DEFAULT_BODY_TIMEOUT_SECONDS = 120.0
+DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS = 15.0
+#: Longest silence tolerated *between bytes* of an upstream answer; never a total limit.
+#: Copilot has been seen silent for 41 s mid-stream and taking 290 s for one long answer.
+DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
+#: Seconds the /models catalogue is cached (VS Code refreshes at most every 10 minutes).
+DEFAULT_MODELS_TTL_SECONDS = 300.0
+#: Seconds a request waits for a concurrency slot before 503.
+QUEUE_TIMEOUT_SECONDS = 30.0
+
+#: The Copilot token is refreshed when less than this remains (VS Code and Zed use 5 minutes).
+TOKEN_REFRESH_MARGIN_SECONDS = 300
+MAX_REQUEST_LINE_BYTES = 8 * 1024          # 414 beyond (CPython uses 64 KiB; nobody needs that)
+MAX_HEADER_BYTES = 32 * 1024               # 431 beyond (h11: 16 KiB, asyncio: 64 KiB)
+MAX_HEADER_COUNT = 100                     # 431 beyond (http.client._MAXHEADERS)
+MAX_CHUNK_LINE_BYTES = 1024                # 400 beyond (bottle)
+MAX_UPSTREAM_ERROR_BODY_BYTES = 1 << 20    # error bodies we read from upstream
+MAX_UPSTREAM_JSON_BYTES = 64 << 20         # successful JSON answers (non-stream)
+STREAM_HIGH_WATER_BYTES = 1 << 20          # upstream bytes buffered for a slow client
+IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
+IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is dropped
+
+KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
+                           "CONNECT"])
+_TOKEN_CHARS = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")   # RFC 9110 §5.6.2 token
+REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+REASONS.update({499: "Client Closed Request", 529: "Overloaded"})
+
+# ------------------------------------------------------------------------------------------
+# 3. Errors and small utilities
+#    One exception tree. ``ClientError`` is what a client of ours sees (status + envelope
+#    fields); ``BadRequest`` is malformed HTTP; the rest are raised by the blocking layers and
+#    turned into one-line CLI messages or error envelopes. Messages never contain tokens.
+# ------------------------------------------------------------------------------------------
+
+log = logging.getLogger("coproxy")
+access_log = logging.getLogger("coproxy.access")
+
+
+class CoproxyError(Exception):
+    """Base of every error coproxy raises on purpose; its message is shown to the user."""
+
+
+class ConfigError(CoproxyError):
+    """A flag, environment variable or file holds a value we cannot use."""
+
+
+class AuthError(CoproxyError):
+    """Not logged in, or GitHub refused to give us a Copilot token (the message says why)."""
+
+    def __init__(self, message, code="copilot_auth_failed", status=None):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class UpstreamUnreachable(CoproxyError):
+    """A network, DNS, TLS or proxy failure before any answer from GitHub or Copilot."""
+
+    def __init__(self, message, timeout=False):
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class ClientError(CoproxyError):
+    """An error answer for our own client: HTTP status plus the fields of the error envelope."""
+
+    def __init__(self, status, message, kind=None, code=None, param=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind or error_type_for_status(status)
+        self.code = code
+        self.param = param
+        self.headers = headers or []
+
+
+class BadRequest(Exception):
+    """Malformed HTTP from the client; the connection is answered with ``status`` and closed."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def error_type_for_status(status):
+    """The OpenAI ``error.type`` that goes with an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "api_error"
+
+
+_SECRET_PATTERNS = re.compile(
+    r"(gh[pousr]_[A-Za-z0-9_]{8,}|github_pat_[A-Za-z0-9_]{8,}|tid=[^\s\"',]+|"
+    r"(?i:bearer|token)\s+[A-Za-z0-9._~+/=;:-]{12,})")
+
+
+def redact(text):
+    """Replace anything that looks like a GitHub or Copilot token with ``[redacted]``."""
+    return _SECRET_PATTERNS.sub("[redacted]", str(text))
+
+
+def json_dumps(obj):
+    """Compact JSON as bytes (the form every response and upstream body uses)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def parse_json_object(raw, what="request body"):
+    """Parse bytes as a JSON object or raise ``ClientError(400)`` saying what is wrong."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ClientError(400, "%s is not valid JSON: %s" % (what, exc), code="invalid_json")
+    if not isinstance(payload, dict):
+        raise ClientError(400, "%s must be a JSON object" % what, code="invalid_json")
+    return payload
+
+
+def is_loopback_host(host):
+    """True for 127.0.0.0/8, ::1 and ``localhost``: the addresses that are safe without a key."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def format_duration(seconds):
+    """``1h 02m``, ``14m 05s``, ``9s``: a token lifetime a person can read."""
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return "%dh %02dm" % (seconds // 3600, seconds % 3600 // 60)
+    if seconds >= 60:
+        return "%dm %02ds" % (seconds // 60, seconds % 60)
+    return "%ds" % seconds
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Config
+#    Every knob is one row of OPTIONS: flag, environment variable, type, default, help. The
+#    CLI parser and the env lookup are both generated from it, so a flag cannot exist without
+#    its variable. Precedence: flag > environment > default.
+# ------------------------------------------------------------------------------------------
+
+def _parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true/false, got %r" % text)
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be 0..65535")
+    return value
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _log_level(text):
+    value = str(text).strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be debug, info, warning or error")
+    return value
+
+
+Option = collections.namedtuple("Option", "flag dest env type default scope help metavar")
+
+#: scope "shared": accepted before or after any subcommand; "serve": only by ``serve``.
+OPTIONS = [
+    Option("--state-dir", "state_dir", "COPROXY_STATE_DIR", str, None, "shared",
+           "directory for token files (default: the platform's state directory)", "DIR"),
+    Option("--github-token", "github_token", "GHCP_GITHUB_TOKEN", str, None, "shared",
+           "GitHub OAuth token to use instead of the saved one (ghu_/gho_ from a Copilot login)",
+           "TOKEN"),
+    Option("--github-host", "github_host", "COPROXY_GITHUB_HOST", str, "github.com", "shared",
+           "GitHub host; TENANT.ghe.com switches login, API and Copilot hosts (data residency)",
+           "HOST"),
+    Option("--ca-file", "ca_file", "COPROXY_CA_FILE", str, None, "shared",
+           "extra PEM bundle of trusted CAs (corporate TLS inspection); SSL_CERT_FILE also works",
+           "FILE"),
+    Option("--log-level", "log_level", "COPROXY_LOG_LEVEL", _log_level, "INFO", "shared",
+           "debug, info, warning or error", "LEVEL"),
+    Option("--github-url", "github_url", "COPROXY_GITHUB_URL", str, None, "shared",
+           "base URL for the device flow (default https://github.com or https://TENANT.ghe.com)",
+           "URL"),
+    Option("--github-api-url", "github_api_url", "COPROXY_GITHUB_API_URL", str, None, "shared",
+           "GitHub REST base URL (default https://api.github.com or https://api.TENANT.ghe.com)",
+           "URL"),
+    Option("--copilot-api-url", "copilot_api_url", "COPROXY_COPILOT_API_URL", str, None, "shared",
+           "Copilot API base URL (default: endpoints.api from the Copilot token)", "URL"),
+    Option("--host", "host", "COPROXY_HOST", str, DEFAULT_HOST, "serve",
+           "address to bind; anything but loopback requires --api-key", "ADDR"),
+    Option("--port", "port", "COPROXY_PORT", _port, DEFAULT_PORT, "serve",
+           "port to bind (0 picks a free one; the real port is printed)", "PORT"),
+    Option("--api-key", "api_key", "GHCP_PROXY_API_KEY", str, None, "serve",
+           "require this key from clients (Authorization: Bearer KEY or x-api-key: KEY)", "KEY"),
+    Option("--allow-unauthenticated", "allow_unauthenticated", "COPROXY_ALLOW_UNAUTHENTICATED",
+           bool, False, "serve", "allow a non-loopback --host without --api-key (not advised)",
+           None),
+    Option("--no-auto-login", "no_auto_login", "COPROXY_NO_AUTO_LOGIN", bool, False, "serve",
+           "start even when not logged in (requests get 503 until a token exists)", None),
+    Option("--default-model", "default_model", "COPROXY_DEFAULT_MODEL", str, None, "serve",
+           "model used when a request names none", "MODEL"),
+    Option("--max-body-mb", "max_body_mb", "COPROXY_MAX_BODY_MB", _positive_float,
+           DEFAULT_MAX_BODY_MB, "serve", "largest request body accepted, in MiB (413 beyond)",
+           "MB"),
+    Option("--max-concurrency", "max_concurrency", "COPROXY_MAX_CONCURRENCY", _positive_int,
+           DEFAULT_MAX_CONCURRENCY, "serve",
+           "concurrent proxied requests and streams; excess requests wait, then get 503", "N"),
+    Option("--ping-seconds", "ping_seconds", "COPROXY_PING_SECONDS", _positive_float,
+           DEFAULT_PING_SECONDS, "serve",
+           "send an SSE keep-alive comment after this much upstream silence", "SECONDS"),
+    Option("--header-timeout", "header_timeout", "COPROXY_HEADER_TIMEOUT", _positive_float,
+           DEFAULT_HEADER_TIMEOUT_SECONDS, "serve",
+           "seconds a client has to send a request head (408 after)", "SECONDS"),
+    Option("--idle-timeout", "idle_timeout", "COPROXY_IDLE_TIMEOUT", _positive_float,
+           DEFAULT_IDLE_TIMEOUT_SECONDS, "serve",
+           "seconds an idle keep-alive connection is kept open", "SECONDS"),
+    Option("--upstream-timeout", "upstream_timeout", "COPROXY_UPSTREAM_TIMEOUT", _positive_float,
+           DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, "serve",
+           "longest upstream silence tolerated between bytes (never a total limit)", "SECONDS"),
+    Option("--shutdown-grace", "shutdown_grace", "COPROXY_SHUTDOWN_GRACE", _positive_float,
+           DEFAULT_SHUTDOWN_GRACE_SECONDS, "serve",
+           "on SIGINT/SIGTERM, seconds in-flight requests get to finish", "SECONDS"),
+]
+OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
+
+
+def default_state_dir(platform=None, environ=None):
+    """Where token files live: the same place as the Rust coproxy, so its users keep their login."""
+    platform = platform or sys.platform
+    environ = os.environ if environ is None else environ
+    home = os.path.expanduser("~")
+    if platform.startswith("win"):
+        base = environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming")
+        return os.path.join(base, "coproxy", "config")
+    if platform == "darwin":
+        return os.path.join(home, "Library", "Application Support", "coproxy")
+    base = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(base, "coproxy")
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of one coproxy run, resolved from flags, environment and defaults."""
+    state_dir: str = ""
+    github_token: str = None
+    github_token_source: str = None
+    github_host: str = "github.com"
+    ca_file: str = None
+    log_level: str = "INFO"
+    github_url: str = None
+    github_api_url: str = None
+    copilot_api_url: str = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str = None
+    allow_unauthenticated: bool = False
+    no_auto_login: bool = False
+    default_model: str = None
+    max_body_mb: float = DEFAULT_MAX_BODY_MB
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    ping_seconds: float = DEFAULT_PING_SECONDS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+    upstream_timeout: float = DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS
+    connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS
+    models_ttl: float = DEFAULT_MODELS_TTL_SECONDS
+    environ: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def max_body_bytes(self):
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def is_ghe(self):
+        return self.github_host.lower() != "github.com"
+
+    @classmethod
+    def resolve(cls, values=None, environ=None):
+        """Build a Config from parsed flags (a dict; missing keys = not given) and environment."""
+        values = dict(values or {})
+        environ = dict(os.environ if environ is None else environ)
+        config = cls(environ=environ)
+        for option in OPTIONS:
+            if option.dest in values and values[option.dest] is not None:
+                value = values[option.dest]
+                source = option.flag
+            elif environ.get(option.env, "") != "":
+                source = option.env
+                try:
+                    value = (_parse_bool if option.type is bool else option.type)(environ[option.env])
+                except ValueError as exc:
+                    raise ConfigError("%s=%r is not valid: %s" % (option.env, environ[option.env], exc))
+            else:
+                continue
+            setattr(config, option.dest, value)
+            if option.dest == "github_token":
+                config.github_token_source = source
+        config.github_host = config.github_host.strip().lower().rstrip("/") or "github.com"
+        if "://" in config.github_host or "/" in config.github_host:
+            raise ConfigError("--github-host takes a host name such as TENANT.ghe.com, not a URL")
+        # The device flow and REST hosts follow --github-host unless overridden one by one.
+        if config.github_url is None:
+            config.github_url = "https://" + config.github_host
+        if config.github_api_url is None:
+            config.github_api_url = "https://api." + config.github_host
+        for name in ("github_url", "github_api_url", "copilot_api_url"):
+            url = getattr(config, name)
+            if url is not None:
+                parsed = urllib.parse.urlsplit(url)
+                if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                    raise ConfigError("%s must be an http(s) URL, got %r" % (
+                        OPTION_BY_DEST[name].env, url))
+                setattr(config, name, url.rstrip("/"))
+        if config.github_token is not None:
+            config.github_token = config.github_token.strip() or None
+        if config.ca_file and not os.path.isfile(config.ca_file):
+            raise ConfigError("--ca-file %s does not exist" % config.ca_file)
+        config.state_dir = os.path.abspath(os.path.expanduser(config.state_dir or default_state_dir()))
+        return config
+
+
+# ------------------------------------------------------------------------------------------
+# 5. Token store
+#    Two files under <state-dir>/auth/, byte-compatible with the Rust coproxy: the GitHub
+#    token as plain text and the Copilot token as JSON (``token``, ``expires_at``,
+#    ``api_endpoint``; extra fields allowed). Directory 0700, files created 0600 by os.open
+#    (no umask window), written to a temp file, fsynced and renamed. A corrupt or empty file
+#    reads as absent. No network here.
+# ------------------------------------------------------------------------------------------
+
+GITHUB_TOKEN_FILE = "github-access-token"
+COPILOT_TOKEN_FILE = "ghcp-token.json"
+
+
+class TokenStore:
+    """The on-disk auth state: ``auth/github-access-token`` and ``auth/ghcp-token.json``."""
+
+    def __init__(self, state_dir, posix=None):
+        self.state_dir = state_dir
+        self.auth_dir = os.path.join(state_dir, "auth")
+        self.posix = (os.name == "posix") if posix is None else posix
+
+    @property
+    def github_token_path(self):
+        return os.path.join(self.auth_dir, GITHUB_TOKEN_FILE)
+
+    @property
+    def copilot_token_path(self):
+        return os.path.join(self.auth_dir, COPILOT_TOKEN_FILE)
+
+    def _ensure_dir(self):
+        os.makedirs(self.auth_dir, mode=0o700, exist_ok=True)
+        if self.posix:
+            for path in (self.state_dir, self.auth_dir):
+                if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+                    os.chmod(path, 0o700)
+
+    def _read(self, path):
+        """File text, or None if absent/unreadable; files others can read are tightened first."""
+        try:
+            if self.posix:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+                if mode & 0o077:
+                    log.warning("%s was readable by others (mode %o); setting it to 0600", path, mode)
+                    os.chmod(path, 0o600)
+            with open(path, "r", encoding="utf-8") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read %s (%s); treating it as absent", path, exc.__class__.__name__)
+            return None
+
+    def _write_atomic(self, path, text):
+        self._ensure_dir()
+        tmp = "%s.%d.%s.tmp" % (path, os.getpid(), uuid.uuid4().hex[:8])
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        if self.posix:
+            try:  # make the rename itself durable
+                dir_fd = os.open(self.auth_dir, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except OSError:
+                pass
+
+    def load_github_token(self):
+        text = self._read(self.github_token_path)
+        token = (text or "").strip()
+        return token or None
+
+    def save_github_token(self, token):
+        self._write_atomic(self.github_token_path, token.strip() + "\n")
+
+    def load_copilot_token(self):
+        """The cached Copilot token record, or None if absent, corrupt or missing fields."""
+        text = self._read(self.copilot_token_path)
+        if not text or not text.strip():
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            log.warning("%s is corrupt; ignoring it", self.copilot_token_path)
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("token"), str):
+            return None
+        if not isinstance(record.get("expires_at"), (int, float)):
+            return None
+        return record
+
+    def save_copilot_token(self, record):
+        self._write_atomic(self.copilot_token_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def clear(self):
+        """Delete both files; returns the paths that existed."""
+        removed = []
+        for path in (self.github_token_path, self.copilot_token_path):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def clear_copilot_token(self):
+        try:
+            os.unlink(self.copilot_token_path)
+        except FileNotFoundError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Upstream HTTP client (blocking)
+#    http.client over ssl.create_default_context() (which honours SSL_CERT_FILE; --ca-file adds
+#    a bundle). One LIFO pool of kept-alive connections per origin: a connection goes back only
+#    after its response was read to the end and the server did not ask to close. One retry,
+#    only when a *pooled* connection proves stale before any response byte. HTTPS_PROXY and
+#    NO_PROXY are honoured through a CONNECT tunnel. Called only from worker threads.
+# ------------------------------------------------------------------------------------------
+
+_RETRYABLE_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                    ConnectionAbortedError)
+
+
+def _no_proxy_matches(host, port, no_proxy):
+    """NO_PROXY semantics as curl has them: ``*``, exact names, domain suffixes, host:port."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy.replace(" ", "").split(","):
+        entry = entry.lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry_host, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        entry_host = entry_host.lstrip(".").strip("[]")
+        if host == entry_host or host.endswith("." + entry_host):
+            return True
+    return False
+
+
+def proxy_for(url, environ):
+    """(host, port, authorization header or None) of the proxy for ``url``, or None."""
+    parts = urllib.parse.urlsplit(url)
+    names = ("https_proxy", "HTTPS_PROXY") if parts.scheme == "https" else ("http_proxy", "HTTP_PROXY")
+    proxy = next((environ[n] for n in names if environ.get(n)), None)
+    if not proxy:
+        return None
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    if _no_proxy_matches(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80),
+                         no_proxy):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy
+    p = urllib.parse.urlsplit(proxy)
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise ConfigError("proxy URL %r is not usable (only http:// proxies are supported)" % proxy)
+    auth = None
+    if p.username is not None:
+        creds = "%s:%s" % (urllib.parse.unquote(p.username), urllib.parse.unquote(p.password or ""))
+        auth = "Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii")
+    return p.hostname, p.port or 80, auth
+
+
+def describe_network_error(exc, url):
+    """A sentence naming what failed and what usually fixes it."""
+    host = urllib.parse.urlsplit(url).netloc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ("TLS certificate of %s could not be verified (%s); behind a TLS-inspecting proxy, "
+                "pass its CA bundle with --ca-file or SSL_CERT_FILE" % (host, exc.verify_message))
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error talking to %s: %s" % (host, exc)
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve %s (%s); check your network or HTTPS_PROXY" % (host, exc.strerror)
+    if isinstance(exc, socket.timeout):
+        return "timed out talking to %s" % host
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection to %s refused; check your network or HTTPS_PROXY" % host
+    if isinstance(exc, OSError) and "Tunnel connection failed" in str(exc):
+        return "the HTTPS proxy refused the tunnel to %s (%s)" % (host, exc)
+    return "cannot reach %s: %s" % (host, exc.__class__.__name__ + (": %s" % exc if str(exc) else ""))
+
+
+class AbortHandle:
+    """Lets the event loop cut off a blocking upstream call from another thread.
+
+    The worker registers the connection it is using; ``abort()`` shuts its socket down, which
+    wakes a thread blocked in a read at once (close() alone would not)."""
+
+    def __init__(self):
+        self.aborted = False
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def attach(self, conn):
+        with self._lock:
+            self._conn = conn
+            aborted = self.aborted
+        if aborted:
+            self._shutdown(conn)
+
+    def abort(self):
+        with self._lock:
+            self.aborted = True
+            conn = self._conn
+        if conn is not None:
+            self._shutdown(conn)
+
+    @staticmethod
+    def _shutdown(conn):
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:  # the plain-socket method: SSLSocket.shutdown would drop its SSL object under a reader
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream answer, with its body still to be read."""
+
+    def __init__(self, client, origin, conn, response, abort_handle=None):
+        self._client = client
+        self._origin = origin
+        self._conn = conn
+        self._response = response
+        self._abort = abort_handle
+        self.status = response.status
+        self.headers = response.headers
+        self.done = False
+
+    def header(self, name, default=None):
+        return self._response.headers.get(name, default)
+
+    def read_all(self, limit):
+        """The whole body (at most ``limit`` bytes; beyond that the connection is dropped)."""
+        try:
+            data = self._response.read(limit + 1)
+            if len(data) > limit:
+                self.close(reuse=False)
+                raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit)
+            if self._response.isclosed() or not self._response.read(1):
+                self.close()
+            else:
+                self.close(reuse=False)
+            return data
+        except (OSError, http.client.HTTPException) as exc:
+            self.close(reuse=False)
+            if self._abort is not None and self._abort.aborted:
+                raise UpstreamUnreachable("aborted")
+            raise UpstreamUnreachable("upstream connection failed mid-answer: %s" % exc.__class__.__name__,
+                                      timeout=isinstance(exc, socket.timeout))
+
+    def read1(self, size=65536):
+        """Whatever is available now (up to ``size``), b"" at the end; for streams."""
+        data = self._response.read1(size)
+        if not data:
+            self.close()
+        return data
+
+    def close(self, reuse=True):
+        """Give the connection back to the pool if the answer was fully read, else close it."""
+        if self.done:
+            return
+        self.done = True
+        if (reuse and self._response.isclosed() and not self._response.will_close
+                and not (self._abort is not None and self._abort.aborted)):
+            self._client._release(self._origin, self._conn)
+        else:
+            self._conn.close()
+
+    def abort(self):
+        """Close from another thread: wakes a reader blocked in read1 and never pools the socket."""
+        if self._abort is None:
+            self._abort = AbortHandle()
+            self._abort.attach(self._conn)
+        self._abort.abort()
+
+
+class UpstreamClient:
+    """Blocking HTTP(S) client with a kept-alive connection pool per origin."""
+
+    def __init__(self, ca_file=None, connect_timeout=DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
+                 read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, environ=None):
+        self.ssl_context = ssl.create_default_context()
+        if ca_file:
+            self.ssl_context.load_verify_locations(cafile=ca_file)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.environ = dict(os.environ if environ is None else environ)
+        self._pools = {}
+        self._lock = threading.Lock()
+        #: connections opened since start (the benchmark checks keep-alive with it)
+        self.connections_opened = 0
+
+    def _origin(self, url):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamUnreachable("not an http(s) URL: %r" % url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return (parts.scheme, parts.hostname, port), path
+
+    def _connect(self, origin, url):
+        scheme, host, port = origin
+        proxy = proxy_for(url, self.environ)
+        if scheme == "https":
+            if proxy:
+                conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=self.connect_timeout,
+                                                   context=self.ssl_context)
+                conn.set_tunnel(host, port, headers={"Proxy-Authorization": proxy[2]} if proxy[2] else None)
+            else:
+                conn = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout,
+                                                   context=self.ssl_context)
+            conn.absolute_form = False
+        else:
+            target = proxy or (host, port, None)
+            conn = http.client.HTTPConnection(target[0], target[1], timeout=self.connect_timeout)
+            conn.absolute_form = bool(proxy)
+            conn.proxy_auth = proxy[2] if proxy else None
+        conn.connect()
+        conn.sock.settimeout(self.read_timeout)
+        with self._lock:
+            self.connections_opened += 1
+        return conn
+
+    def _acquire(self, origin):
+        with self._lock:
+            pool = self._pools.get(origin)
+            now = time.monotonic()
+            while pool:
+                conn, since = pool.pop()
+                if now - since < IDLE_UPSTREAM_SECONDS:
+                    return conn
+                conn.close()
+        return None
+
+    def _release(self, origin, conn):
+        with self._lock:
+            pool = self._pools.setdefault(origin, [])
+            if len(pool) < IDLE_UPSTREAM_CONNECTIONS:
+                pool.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close(self):
+        with self._lock:
+            pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            for conn, _ in pool:
+                conn.close()
+
+    def request(self, method, url, headers, body=None, abort_handle=None):
+        """Send one request and return once status and headers are in (body unread).
+
+        Raises UpstreamUnreachable for network/TLS/proxy failures (never for HTTP statuses)."""
+        origin, path = self._origin(url)
+        for attempt in (0, 1):
+            conn = self._acquire(origin)
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = self._connect(origin, url)
+                if abort_handle is not None:
+                    abort_handle.attach(conn)
+                    if abort_handle.aborted:
+                        conn.close()
+                        raise UpstreamUnreachable("aborted")
+                target = url if getattr(conn, "absolute_form", False) else path
+                conn.putrequest(method, target, skip_accept_encoding=True)
+                for name, value in headers.items():
+                    conn.putheader(name, value)
+                if getattr(conn, "proxy_auth", None):
+                    conn.putheader("Proxy-Authorization", conn.proxy_auth)
+                if body is not None:
+                    conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body)
+                response = conn.getresponse()
+            except UpstreamUnreachable:
+                raise
+            except _RETRYABLE_STALE as exc:
+                if conn is not None:
+                    conn.close()
+                if reused and attempt == 0 and not (abort_handle and abort_handle.aborted):
+                    log.debug("pooled upstream connection was stale (%s); retrying once",
+                              exc.__class__.__name__)
+                    continue
+                raise UpstreamUnreachable(describe_network_error(exc, url))
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                if conn is not None:
+                    conn.close()
+                if abort_handle is not None and abort_handle.aborted:
+                    raise UpstreamUnreachable("aborted")
+                raise UpstreamUnreachable(describe_network_error(exc, url),
+                                          timeout=isinstance(exc, socket.timeout))
+            return UpstreamResponse(self, origin, conn, response, abort_handle)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES):
+        """(status, parsed JSON or None, raw bytes, response) for a small JSON exchange."""
+        body = json_dumps(payload) if payload is not None else None
+        response = self.request(method, url, headers, body)
+        raw = response.read_all(limit)
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        return response.status, parsed, raw, response
+
+
+# ------------------------------------------------------------------------------------------
+# 7. GitHub and Copilot auth (blocking)
+#    The device flow (RFC 8628: honour ``interval``, add 5 s for good on every ``slow_down``,
+#    stop on ``expired_token``/``access_denied``/the deadline); the exchange of the GitHub
+#    token for a short-lived Copilot token, cached in memory and on disk and refreshed by one
+#    thread while the others wait (single-flight); the API base from the token's
+#    ``endpoints.api``; the /models catalogue with a TTL. Sleep and clock are injectable.
+# ------------------------------------------------------------------------------------------
+
+def github_headers(token=None):
+    """Headers for github.com / api.github.com calls: VS Code-like identity, GitHub token."""
+    headers = {
+        "Accept": "application/json",
+        "User-Agent": COPILOT_USER_AGENT,
+        "Editor-Version": EDITOR_VERSION,
+        "Editor-Plugin-Version": EDITOR_PLUGIN_VERSION,
+        "X-GitHub-Api-Version": GITHUB_API_VERSION,
+    }
+    if token:
+        headers["Authorization"] = "token " + token
+    return headers
+
+
+def copilot_headers(copilot_token, initiator="user", vision=False, intent="conversation-panel"):
+    """Headers for the Copilot API, as VS Code's Copilot Chat sends them (protocol notes §4)."""
+    headers = {
+        "Authorization": "Bearer " + copilot_token,
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "Copilot-Integration-Id": COPILOT_INTEGRATION_ID,
+        "Editor-Version": EDITOR_VERSION,
+        "Editor-Plugin-Version": EDITOR_PLUGIN_VERSION,
+        "User-Agent": COPILOT_USER_AGENT,
+        "OpenAI-Intent": intent,
+        "X-GitHub-Api-Version": COPILOT_CHAT_API_VERSION,
+        "X-Request-Id": str(uuid.uuid4()),
+        "X-Initiator": initiator,
+        "X-VSCode-User-Agent-Library-Version": "electron-fetch",
+    }
+    if vision:
+        headers["Copilot-Vision-Request"] = "true"
+    return headers
+
+
+def upstream_error_message(raw, limit=2000):
+    """The human message inside an upstream error body: JSON ``error.message``, ``message``,
+    or the text itself; never double-encoded, never a token."""
+    text = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw or "")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    fields = {}
+    if isinstance(data, dict):
+        inner = data.get("error")
+        if isinstance(inner, dict):
+            fields = inner
+        elif isinstance(inner, str):
+            fields = {"message": inner, "code": data.get("code")}
+        else:
+            fields = data
+        text = fields.get("message") or data.get("error_description") or text
+        if not isinstance(text, str):
+            text = json.dumps(text)
+    return redact(text[:limit]).strip(), fields
+
+
+class DeviceFlow:
+    """GitHub's OAuth device flow for the Copilot GitHub App."""
+
+    def __init__(self, client, github_url, sleep=time.sleep, clock=time.monotonic):
+        self.client = client
+        self.github_url = github_url
+        self.sleep = sleep
+        self.clock = clock
+
+    def start(self):
+        """Ask for a code: dict with device_code, user_code, verification_uri, expires_in, interval."""
+        status, data, raw, _ = self.client.request_json(
+            "POST", self.github_url + "/login/device/code",
+            dict(github_headers(), **{"Content-Type": "application/json"}),
+            {"client_id": GITHUB_CLIENT_ID, "scope": GITHUB_SCOPE})
+        if status != 200 or not isinstance(data, dict) or not data.get("device_code"):
+            message, _ = upstream_error_message(raw)
+            raise AuthError("GitHub refused to start the device flow (HTTP %d): %s" % (status, message),
+                            code="device_flow_failed")
+        data.setdefault("verification_uri", self.github_url + "/login/device")
+        data["interval"] = max(1, int(data.get("interval") or 5))
+        data["expires_in"] = int(data.get("expires_in") or 900)
+        return data
+
+    def poll(self, code, on_wait=None):
+        """Poll until the user approves; returns the GitHub token or raises AuthError."""
+        interval = code["interval"]
+        deadline = self.clock() + code["expires_in"]
+        network_failures = 0
+        while True:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise AuthError("the device code expired before it was approved; run "
+                                "`coproxy.py auth login` again", code="expired_token")
+            if on_wait:
+                on_wait(remaining, interval)
+            self.sleep(min(interval, max(remaining, 0.01)))
+            try:
+                _, data, raw, _ = self.client.request_json(
+                    "POST", self.github_url + "/login/oauth/access_token",
+                    dict(github_headers(), **{"Content-Type": "application/json"}),
+                    {"client_id": GITHUB_CLIENT_ID, "device_code": code["device_code"],
+                     "grant_type": "urn:ietf:params:oauth:grant-type:device_code"})
+            except UpstreamUnreachable as exc:
+                network_failures += 1
+                if network_failures >= 5:
+                    raise AuthError("lost contact with GitHub while waiting: %s" % exc, code="network")
+                log.warning("polling GitHub failed (%s); trying again", exc)
+                continue
+            network_failures = 0
+            # Pending answers come as 200 or 400 depending on who you ask: read the body only.
+            if not isinstance(data, dict):
+                data = dict(urllib.parse.parse_qsl(raw.decode("utf-8", "replace")))
+            if data.get("access_token"):
+                return data["access_token"]
+            error = data.get("error")
+            if error == "authorization_pending":
+                continue
+            if error == "slow_down":
+                interval += 5  # RFC 8628 §3.5: for this and all later requests
+                if str(data.get("interval", "")).isdigit():
+                    interval = max(interval, int(data["interval"]))
+                continue
+            if error == "expired_token":
+                raise AuthError("the device code expired before it was approved; run "
+                                "`coproxy.py auth login` again", code="expired_token")
+            if error == "access_denied":
+                raise AuthError("authorization was denied on GitHub (access_denied)", code="access_denied")
+            description = data.get("error_description") or "no access_token in the answer"
+            raise AuthError("GitHub ended the device flow: %s (%s)" % (error or "unknown", redact(description)),
+                            code=error or "device_flow_failed")
+
+
+# Notification ids GitHub puts in a refused exchange, and what the user can do about each.
+_EXCHANGE_HINTS = {
+    "no_copilot_access": "this GitHub account has no Copilot subscription or seat",
+    "not_signed_up": "this GitHub account has not signed up for Copilot",
+    "subscription_ended": "the Copilot subscription of this account has ended",
+    "feature_flag_blocked": "Copilot is blocked for this account by a policy",
+    "enterprise_managed_user_account": "this managed (EMU) account has no Copilot seat here",
+    "access_revoked": "Copilot access of this account was revoked",
+    "billing_locked": "Copilot is locked because of a billing problem",
+    "spammy_user": "GitHub flagged this account; contact GitHub support",
+    "trade_restricted": "Copilot is not available for this account (trade restrictions)",
+    "trade_restricted_country": "Copilot is not available in this country",
+}
+
+
+class CopilotAuth:
+    """The GitHub token, the Copilot token derived from it, and the calls that need them."""
+
+    def __init__(self, config, store, client, clock=time.time):
+        self.config = config
+        self.store = store
+        self.client = client
+        self.clock = clock
+        self._record = None
+        self._disk_checked = False
+        self._refresh_lock = threading.Lock()
+        self._models_lock = threading.Lock()
+        self._models = None
+        self._models_at = 0.0
+        #: number of token exchanges performed (tests check single-flight with it)
+        self.exchanges = 0
+
+    # -- the GitHub token --------------------------------------------------------------------
+    def github_token(self):
+        """(token, where it came from) or (None, None); flag > GHCP_GITHUB_TOKEN > file."""
+        if self.config.github_token:
+            return self.config.github_token, self.config.github_token_source or "--github-token"
+        token = self.store.load_github_token()
+        if token:
+            return token, self.store.github_token_path
+        return None, None
+
+    def require_github_token(self):
+        token, _ = self.github_token()
+        if not token:
+            raise AuthError("not logged in to GitHub: run `python3 coproxy.py auth login` "
+                            "(or set GHCP_GITHUB_TOKEN)", code="not_logged_in")
+        return token
+
+    # -- the Copilot token -------------------------------------------------------------------
+    @staticmethod
+    def _fingerprint(github_token):
+        return hashlib.sha256(github_token.encode("utf-8")).hexdigest()[:16]
+
+    def _usable(self, record, github_token):
+        if not record:
+            return False
+        owner = record.get("github_token_sha256")
+        if owner and owner != self._fingerprint(github_token):
+            return False
+        now = self.clock()
+        if record["expires_at"] - now < TOKEN_REFRESH_MARGIN_SECONDS:
+            return False
+        refresh_at = record.get("refresh_at")
+        return not (isinstance(refresh_at, (int, float)) and now >= refresh_at)
+
+    def copilot_token(self, force=False):
+        """A valid Copilot token record; exchanges a new one when needed (one thread at a time)."""
+        github_token = self.require_github_token()
+        record = self._record
+        if not force and self._usable(record, github_token):
+            return record
+        with self._refresh_lock:
+            record = self._record
+            if not force and self._usable(record, github_token):
+                return record  # another thread refreshed while we waited
+            if not force and not self._disk_checked:
+                self._disk_checked = True
+                disk = self.store.load_copilot_token()
+                if self._usable(disk, github_token):
+                    self._record = disk
+                    return disk
+            record = self._exchange(github_token)
+            self._record = record
+            try:
+                self.store.save_copilot_token(record)
+            except OSError as exc:
+                log.warning("could not save the Copilot token to %s: %s", self.store.copilot_token_path, exc)
+            return record
+
+    def invalidate(self, token):
+        """Forget ``token`` after Copilot answered 401 to it (a newer one is kept)."""
+        with self._refresh_lock:
+            if self._record is not None and self._record.get("token") == token:
+                self._record = None
+                self._disk_checked = True
+
+    def _exchange(self, github_token):
+        self.exchanges += 1
+        url = self.config.github_api_url + "/copilot_internal/v2/token"
+        try:
+            status, data, raw, _ = self.client.request_json("GET", url, github_headers(github_token))
+        except UpstreamUnreachable as exc:
+            raise AuthError("cannot get a Copilot token: %s" % exc, code="network")
+        if status == 200 and isinstance(data, dict) and isinstance(data.get("token"), str):
+            now = self.clock()
+            record = dict(data)
+            record["expires_at"] = int(data.get("expires_at") or now + 1500)
+            refresh_in = data.get("refresh_in")
+            if isinstance(refresh_in, (int, float)) and refresh_in > 0:
+                record["refresh_at"] = int(now + refresh_in)
+            record["obtained_at"] = int(now)
+            record["api_endpoint"] = self._api_base_from(data)
+            record["github_host"] = self.config.github_host
+            record["github_token_sha256"] = self._fingerprint(github_token)
+            log.info("copilot token obtained sku=%s expires_in=%s", data.get("sku", "?"),
+                     format_duration(record["expires_at"] - now))
+            return record
+        raise self._exchange_error(status, data, raw, github_token)
+
+    def _exchange_error(self, status, data, raw, github_token):
+        message, _ = upstream_error_message(raw)
+        details = data.get("error_details") if isinstance(data, dict) else None
+        notification = details.get("notification_id") if isinstance(details, dict) else None
+        source = self.github_token()[1] or "the saved login"
+        if status == 401:
+            return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or "
+                             "revoked); run `python3 coproxy.py auth login` again" % source,
+                             code="github_token_invalid", status=401)
+        if github_token.startswith(("ghp_", "github_pat_")):
+            return AuthError("the token from %s is a personal access token; GitHub only exchanges "
+                             "tokens from a Copilot login for Copilot tokens. Run `python3 coproxy.py "
+                             "auth login` instead (HTTP %d)" % (source, status),
+                             code="personal_access_token", status=status)
+        if notification:
+            hint = _EXCHANGE_HINTS.get(notification, "GitHub refused Copilot access")
+            url = details.get("url") if isinstance(details, dict) else None
+            return AuthError("%s (%s, HTTP %d)%s" % (hint, notification, status,
+                                                       "; see " + url if url else ""),
+                             code=notification, status=status)
+        if status == 404:
+            return AuthError("GitHub has no Copilot token for this account (404): the account has no "
+                             "Copilot seat, or the token in %s does not come from a Copilot login "
+                             "(gho_ tokens of other OAuth apps are refused); run `python3 coproxy.py "
+                             "auth login`" % source, code="no_copilot_access", status=404)
+        if status == 403 and "rate limit" in message.lower():
+            return AuthError("GitHub API rate limit hit while getting a Copilot token: %s" % message,
+                             code="rate_limited", status=403)
+        return AuthError("GitHub refused a Copilot token (HTTP %d): %s" % (status, message or "no details"),
+                         code="copilot_token_refused", status=status)
+
+    def _api_base_from(self, data):
+        endpoints = data.get("endpoints")
+        if isinstance(endpoints, dict) and isinstance(endpoints.get("api"), str):
+            return endpoints["api"].rstrip("/")
+        match = re.search(r"(?:^|;)proxy-ep=([^;:]+)", data.get("token", ""))
+        if match:
+            host = match.group(1)
+            return "https://" + (("api." + host[len("proxy."):]) if host.startswith("proxy.") else host)
+        if self.config.is_ghe:
+            return "https://copilot-api." + self.config.github_host
+        return DEFAULT_COPILOT_API_URL
+
+    def api_base(self, record=None):
+        """Base URL of the Copilot API: the override, else what the token says."""
+        if self.config.copilot_api_url:
+            return self.config.copilot_api_url
+        record = record or self.copilot_token()
+        return (record.get("api_endpoint") or self._api_base_from(record)).rstrip("/")
+
+    # -- calls that need the tokens ----------------------------------------------------------
+    def github_user(self):
+        """GET /user: the account's public profile (``login``)."""
+        token = self.require_github_token()
+        try:
+            status, data, raw, _ = self.client.request_json(
+                "GET", self.config.github_api_url + "/user", github_headers(token))
+        except UpstreamUnreachable as exc:
+            raise AuthError(str(exc), code="network")
+        if status != 200 or not isinstance(data, dict):
+            message, _ = upstream_error_message(raw)
+            raise AuthError("GitHub /user answered HTTP %d: %s" % (status, message), status=status)
+        return data
+
+    def copilot_user(self):
+        """GET /copilot_internal/user: plan, quotas and endpoints of the Copilot account."""
+        token = self.require_github_token()
+        try:
+            status, data, raw, _ = self.client.request_json(
+                "GET", self.config.github_api_url + "/copilot_internal/user", github_headers(token))
+        except UpstreamUnreachable as exc:
+            raise AuthError(str(exc), code="network")
+        if status != 200 or not isinstance(data, dict):
+            message, _ = upstream_error_message(raw)
+            raise AuthError("GitHub /copilot_internal/user answered HTTP %d: %s" % (status, message),
+                            status=status)
+        return data
+
+    def fetch_models(self, force=False):
+        """The Copilot /models list (cached for models_ttl); stale cache if a refresh fails."""
+        with self._models_lock:
+            now = time.monotonic()
+            if not force and self._models is not None and now - self._models_at < self.config.models_ttl:
+                return self._models
+            try:
+                record = self.copilot_token()
+                status, data, raw, _ = self.client.request_json(
+                    "GET", self.api_base(record) + "/models",
+                    copilot_headers(record["token"], intent="model-access"))
+                if status == 401:
+                    self.invalidate(record["token"])
+                    record = self.copilot_token()
+                    status, data, raw, _ = self.client.request_json(
+                        "GET", self.api_base(record) + "/models",
+                        copilot_headers(record["token"], intent="model-access"))
+                if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+                    message, _ = upstream_error_message(raw)
+                    raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, message))
+            except (UpstreamUnreachable, AuthError):
+                if self._models is not None:
+                    log.warning("refreshing the model list failed; serving the cached one")
+                    return self._models
+                raise
+            models, seen = [], set()
+            for model in data["data"]:
+                if isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"] not in seen:
+                    seen.add(model["id"])
+                    models.append(model)
+            self._models, self._models_at = models, now
+            return models
+
+
+# ------------------------------------------------------------------------------------------
+# 8. Formats and translation (pure)
+#    Dicts in, dicts out; bytes in, events out. No I/O, no clock (callers pass ``now``), no
+#    globals. 8a SSE codec, 8b OpenAI chat requests and answers, 8c the chat stream
+#    normaliser, 8d error envelopes, 8e the model catalogue.
+# ------------------------------------------------------------------------------------------
+
+# -- 8a. Server-sent events ----------------------------------------------------------------
+
+SSEEvent = collections.namedtuple("SSEEvent", "event data")
+
+
+class SSEDecoder:
+    """Incremental SSE parser (WHATWG rules): LF, CR or CRLF line ends, multi-line ``data:``,
+    comments, and UTF-8 characters split across reads (data is decoded per whole event)."""
+
+    def __init__(self):
+        self._pending = b""
+        self._data = []
+        self._event = None
+
+    def feed(self, chunk):
+        """Bytes in, complete events out (a list of SSEEvent with ``data`` as str)."""
+        buf = self._pending + chunk
+        held = b""
+        if buf.endswith(b"\r"):  # may be the first half of a CRLF split across reads
+            buf, held = buf[:-1], b"\r"
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = buf.split(b"\n")
+        self._pending = lines.pop() + held
+        events = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(SSEEvent(self._event, b"\n".join(self._data).decode("utf-8", "replace")))
+                self._data = []
+                self._event = None
+            elif line[:1] == b":":
+                continue
+            else:
+                field, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if field == b"data":
+                    self._data.append(value)
+                elif field == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+    def finish(self):
+        """Events still pending when the stream ends without a final blank line."""
+        events = self.feed(b"\n\n") if (self._pending.strip(b"\r") or self._data) else []
+        self._pending = b""
+        return events
+
+
+def encode_sse(data, event=None):
+    """One SSE frame; ``data`` is bytes without newlines (compact JSON always is)."""
+    if event:
+        return b"event: " + event.encode("ascii") + b"\ndata: " + data + b"\n\n"
+    return b"data: " + data + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_PING = b": ping\n\n"
+
+# -- 8b. OpenAI chat completions -----------------------------------------------------------
+
+_IMAGE_PART_TYPES = frozenset(["image_url", "image", "input_image"])
+
+
+def messages_have_image(messages):
+    """True if any message carries an image part (Copilot then needs Copilot-Vision-Request)."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in _IMAGE_PART_TYPES:
+                    return True
+    return False
+
+
+def chat_initiator(messages):
+    """``agent`` when the last message is the assistant's or a tool result, else ``user``.
+
+    Copilot bills a premium request per ``user`` turn; tool loops are follow-ups."""
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("assistant", "tool"):
+        return "agent"
+    return "user"
+
+
+ChatRequest = collections.namedtuple("ChatRequest", "payload model stream include_usage merge_choices "
+                                                    "initiator vision")
+
+
+def prepare_chat_request(payload, default_model=None):
+    """Check an OpenAI chat request and work out what the proxy needs to know about it."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ClientError(400, "'messages' must be a non-empty array", param="messages",
+                          code="invalid_messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ClientError(400, "messages[%d] must be an object with a 'role'" % index,
+                              param="messages", code="invalid_messages")
+    model = payload.get("model") or default_model
+    if not isinstance(model, str) or not model:
+        raise ClientError(400, "'model' is required (or start coproxy with --default-model)",
+                          param="model", code="model_required")
+    payload["model"] = model
+    stream = payload.get("stream") is True
+    options = payload.get("stream_options")
+    include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
+    n = payload.get("n")
+    merge = not (isinstance(n, int) and n > 1)
+    return ChatRequest(payload, model, stream, include_usage, merge, chat_initiator(messages),
+                       messages_have_image(messages))
+
+
+def _merge_finish(current, new):
+    """Finish reason of choices merged into one: a tool call wins over everything else."""
+    if current == "tool_calls" or new == "tool_calls":
+        return "tool_calls"
+    return current or new
+
+
+def merge_choices(choices):
+    """Claude via Copilot may put text in choices[0] and tool calls in choices[1]; one choice."""
+    merged = dict(choices[0])
+    message = dict(merged.get("message") or {"role": "assistant"})
+    texts, tool_calls, finish = [], [], None
+    for choice in sorted(choices, key=lambda c: c.get("index") or 0):
+        part = choice.get("message") or {}
+        if isinstance(part.get("content"), str) and part["content"]:
+            texts.append(part["content"])
+        tool_calls.extend(part.get("tool_calls") or [])
+        for key, value in part.items():
+            if key not in ("content", "tool_calls") and value is not None and message.get(key) is None:
+                message[key] = value
+        finish = _merge_finish(finish, choice.get("finish_reason"))
+    message["content"] = "".join(texts) if texts else None
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    merged["message"] = message
+    merged["index"] = 0
+    merged["finish_reason"] = finish
+    return merged
+
+
+def normalize_chat_response(data, model, merge, now):
+    """A complete OpenAI chat.completion from what Copilot returned."""
+    if not isinstance(data, dict):
+        raise ValueError("answer is not a JSON object")
+    choices = [c for c in (data.get("choices") or []) if isinstance(c, dict)]
+    if merge and len(choices) > 1:
+        choices = [merge_choices(choices)]
+    for position, choice in enumerate(choices):
+        choice.setdefault("index", position)
+        message = choice.get("message")
+        if isinstance(message, dict):
+            message.pop("padding", None)
+            message.setdefault("role", "assistant")
+            message.setdefault("content", None)
+        choice.setdefault("finish_reason", None)
+        choice.setdefault("logprobs", None)
+    data["choices"] = choices
+    data["id"] = data.get("id") or "chatcmpl-" + uuid.uuid4().hex
+    data["object"] = "chat.completion"
+    data["created"] = data.get("created") or int(now)
+    data["model"] = data.get("model") or model
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = data["usage"] = {}
+    usage.setdefault("prompt_tokens", 0)
+    usage.setdefault("completion_tokens", 0)
+    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
+    return data
+
+
+# -- 8c. The chat stream normaliser --------------------------------------------------------
+
+class ChatStreamNormalizer:
+    """Copilot chat chunks in, OpenAI chat.completion.chunk SSE frames out.
+
+    What it fixes: chunks without ``object``/``created``/``id``; filter-result and metadata
+    chunks with no choices (dropped); usage (sent once, as its own final chunk, only when the
+    client asked with stream_options.include_usage); Claude's split choices (merged into
+    index 0, tool-call indexes renumbered, one finish_reason at the end); an error object in
+    the stream (one OpenAI error event, then the stream ends)."""
+
+    def __init__(self, model, include_usage, merge, now):
+        self.model = model
+        self.include_usage = include_usage
+        self.merge = merge
+        self.created = int(now)
+        self.id = None
+        self.usage = None
+        self.finish_reason = None
+        self.saw_done = False
+        self.failed = False
+        self._tool_index = {}
+
+    def feed(self, data):
+        """One upstream event's data (str) → list of SSE frames (bytes)."""
+        if self.failed or self.saw_done:
+            return []
+        if data == "[DONE]" or data.strip() == "[DONE]":
+            self.saw_done = True
+            return []
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return self.error("Copilot sent a malformed stream event")
+        if not isinstance(chunk, dict):
+            return []
+        choices = chunk.get("choices")
+        if chunk.get("error") and not choices:
+            message, fields = upstream_error_message(json.dumps(chunk))
+            return self.error(message or "Copilot reported an error mid-stream", fields.get("code"))
+        usage = chunk.pop("usage", None)
+        if isinstance(usage, dict):
+            self.usage = usage
+        if not isinstance(choices, list) or not choices:
+            return []
+        if self.id is None:
+            self.id = chunk.get("id") or "chatcmpl-" + uuid.uuid4().hex
+        chunk["id"] = self.id
+        chunk["object"] = "chat.completion.chunk"
+        chunk["created"] = chunk.get("created") or self.created
+        chunk["model"] = chunk.get("model") or self.model
+        if self.merge:
+            kept = []
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                finish = choice.get("finish_reason")
+                delta = choice.get("delta")
+                source_index = choice.get("index") or 0
+                choice["index"] = 0
+                if finish:
+                    self.finish_reason = _merge_finish(self.finish_reason, finish)
+                    choice["finish_reason"] = None
+                if isinstance(delta, dict) and delta.get("tool_calls"):
+                    for call in delta["tool_calls"]:
+                        if isinstance(call, dict):
+                            key = (source_index, call.get("index") or 0)
+                            call["index"] = self._tool_index.setdefault(key, len(self._tool_index))
+                if delta or not finish:
+                    kept.append(choice)
+            if not kept:
+                return []
+            chunk["choices"] = kept
+        else:
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+        return [encode_sse(json_dumps(chunk))]
+
+    def _chunk(self, choices, **extra):
+        chunk = {"id": self.id or "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
+                 "created": self.created, "model": self.model, "choices": choices}
+        chunk.update(extra)
+        return encode_sse(json_dumps(chunk))
+
+    def finish(self):
+        """Frames that close a stream that ended (with or without [DONE])."""
+        if self.failed:
+            return []
+        if not self.saw_done and self.finish_reason is None:
+            return self.error("Copilot closed the stream before the answer was complete")
+        frames = []
+        if self.merge and self.finish_reason:
+            frames.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason,
+                                        "logprobs": None}]))
+        if self.include_usage and self.usage is not None:
+            frames.append(self._chunk([], usage=self.usage))
+        frames.append(SSE_DONE)
+        return frames
+
+    def error(self, message, code=None):
+        """The terminal OpenAI-shaped error event; nothing is sent after it."""
+        if self.failed:
+            return []
+        self.failed = True
+        return [encode_sse(json_dumps(openai_error_body(message, "api_error", code or "upstream_stream_error")))]
+
+
+# -- 8d. Error envelopes -------------------------------------------------------------------
+
+def openai_error_body(message, kind="api_error", code=None, param=None):
+    """``{"error": {"message", "type", "param", "code"}}``, OpenAI's envelope."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def client_error_from_upstream(status, raw, headers=None):
+    """A ClientError that keeps the upstream status, message, code and retry-after."""
+    message, fields = upstream_error_message(raw)
+    if not message:
+        message = "Copilot answered HTTP %d %s" % (status, REASONS.get(status, ""))
+    kind = fields.get("type") if isinstance(fields.get("type"), str) and fields.get("type") else None
+    if kind in (None, "error", ""):
+        kind = error_type_for_status(status)
+    code = fields.get("code") if isinstance(fields.get("code"), (str, int)) and fields.get("code") != "" else None
+    param = fields.get("param") if isinstance(fields.get("param"), str) and fields.get("param") else None
+    passed = []
+    for name in ("retry-after", "x-ratelimit-exceeded"):
+        value = headers.get(name) if headers is not None else None
+        if value:
+            passed.append((name.title() if name == "retry-after" else name, value))
+    return ClientError(status, message, kind=kind, code=code, param=param, headers=passed)
+
+
+# -- 8e. The model catalogue ---------------------------------------------------------------
+
+#: Served by /v1/models when Copilot cannot be reached (seed behaviour); shaped like /models.
+FALLBACK_MODELS = [
+    {"id": "gpt-4.1", "name": "GPT-4.1", "vendor": "Azure OpenAI",
+     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 16384},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": "gpt-4o", "name": "GPT-4o", "vendor": "Azure OpenAI",
+     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 4096},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": "gpt-5-mini", "name": "GPT-5 mini", "vendor": "Azure OpenAI",
+     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 264000, "max_output_tokens": 64000},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": "claude-sonnet-4.5", "name": "Claude Sonnet 4.5", "vendor": "Anthropic",
+     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 200000, "max_output_tokens": 32000},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": "gemini-2.5-pro", "name": "Gemini 2.5 Pro", "vendor": "Google",
+     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 64000},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": "text-embedding-3-small", "name": "Embedding V3 small", "vendor": "Azure OpenAI",
+     "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512}, "supports": {"dimensions": True}}},
+]
+
+
+def copilot_model_to_openai(model):
+    """One Copilot /models entry in OpenAI's model shape, plus the extras clients find useful."""
+    caps = model.get("capabilities") if isinstance(model.get("capabilities"), dict) else {}
+    limits = caps.get("limits") if isinstance(caps.get("limits"), dict) else {}
+    supports = caps.get("supports") if isinstance(caps.get("supports"), dict) else {}
+    vendor = model.get("vendor") or "GitHub Copilot"
+    entry = {
+        "id": model["id"], "object": "model", "created": 0,
+        "owned_by": re.sub(r"[^a-z0-9]+", "-", vendor.lower()).strip("-"),
+        "name": model.get("name") or model["id"], "vendor": vendor,
+        "type": caps.get("type") or "chat",
+        "context_window": limits.get("max_context_window_tokens"),
+        "max_prompt_tokens": limits.get("max_prompt_tokens"),
+        "max_output_tokens": limits.get("max_output_tokens"),
+        "capabilities": {"tool_calls": bool(supports.get("tool_calls")),
+                         "vision": bool(supports.get("vision")),
+                         "streaming": bool(supports.get("streaming", caps.get("type", "chat") == "chat")),
+                         "structured_outputs": bool(supports.get("structured_outputs")),
+                         "reasoning_effort": supports.get("reasoning_effort")},
+    }
+    for key in ("supported_endpoints", "preview", "billing", "model_picker_enabled"):
+        if key in model:
+            entry[key] = model[key]
+    if isinstance(model.get("policy"), dict):
+        entry["policy_state"] = model["policy"].get("state")
+    return entry
+
+
+# ------------------------------------------------------------------------------------------
+# 9. HTTP/1.1 server (asyncio)
+#    A strict, small HTTP/1.1 server on asyncio streams. Per connection: a byte buffer we
+#    parse ourselves (so 414 and 431 are told apart and pipelined requests stay queued in
+#    order), a timer for the head (408), one for idle keep-alive (silent close), none on an
+#    active stream. Bodies by Content-Length or chunked, 413 over the cap, 100-continue when
+#    the app first reads the body. Every protocol error gets a JSON envelope and a close.
+#    Knows nothing of JSON shapes beyond that envelope: routes live in the App (§10).
+# ------------------------------------------------------------------------------------------
+
+class ClientDisconnected(ConnectionError):
+    """The client went away while we were answering; not an error worth more than a debug line."""
+
+
+class _EndOfInput(Exception):
+    """The client closed its side before a complete request arrived."""
+
+
+class Request:
+    """One parsed request head; the body is read on demand with ``await read_body()``."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "content_length",
+                 "chunked", "keep_alive", "expect_continue", "body", "body_consumed", "_conn", "started")
+
+    def __init__(self, method, target, path, query, version, headers):
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.content_length = 0
+        self.chunked = False
+        self.keep_alive = True
+        self.expect_continue = False
+        self.body = None
+        self.body_consumed = False
+        self._conn = None
+        self.started = time.monotonic()
+
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
+
+    async def read_body(self, limit):
+        """The whole body as bytes; 413 over ``limit``, 400 for broken chunked framing."""
+        if self.body is None:
+            self.body = await self._conn.read_body(self, limit)
+            self.body_consumed = True
+        return self.body
+
+
+def parse_request_head(head):
+    """Parse the bytes before CRLFCRLF into a Request, or raise BadRequest with the status."""
+    lines = head.split(b"\r\n")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE_BYTES:
+        raise BadRequest(414, "request line longer than %d bytes" % MAX_REQUEST_LINE_BYTES)
+    if len(head) - len(request_line) > MAX_HEADER_BYTES:
+        raise BadRequest(431, "request headers larger than %d bytes" % MAX_HEADER_BYTES)
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise BadRequest(431, "more than %d request headers" % MAX_HEADER_COUNT)
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise BadRequest(400, "malformed request line")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if not _TOKEN_CHARS.match(method):
+        raise BadRequest(400, "malformed method")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        match = re.match(r"^HTTP/(\d+)(?:\.\d+)?$", version)
+        if match and int(match.group(1)) >= 2:
+            raise BadRequest(505, "HTTP version %s is not supported; use HTTP/1.1" % version)
+        raise BadRequest(400, "malformed HTTP version")
+    if target.startswith(("http://", "https://")):  # absolute-form, RFC 9112 §3.2.2
+        split = urllib.parse.urlsplit(target)
+        path, query = split.path or "/", split.query
+    elif target.startswith("/") or (target == "*" and method == "OPTIONS"):
+        path, _, query = target.partition("?")
+    else:
+        raise BadRequest(400, "malformed request target")
+    if any(c in target for c in "\x00 \t\x7f") or not target.isprintable():
+        raise BadRequest(400, "malformed request target")
+    headers = {}
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest(400, "obsolete header line folding is not accepted")
+        name, sep, value = line.partition(b":")
+        name = name.decode("latin-1")
+        if not sep or not _TOKEN_CHARS.match(name):
+            raise BadRequest(400, "malformed header line")
+        value = value.strip(b" \t").decode("latin-1")
+        if "\n" in value or "\r" in value or "\x00" in value:
+            raise BadRequest(400, "invalid character in header %s" % name)
+        name = name.lower()
+        if name in headers:
+            if name in ("host", "content-type"):
+                raise BadRequest(400, "duplicate %s header" % name)
+            headers[name] += ", " + value
+        else:
+            headers[name] = value
+    request = Request(method, target, path, query, version, headers)
+    if version == "HTTP/1.1" and "host" not in headers:
+        raise BadRequest(400, "HTTP/1.1 request without a Host header")
+    connection = headers.get("connection", "").lower()
+    if version == "HTTP/1.1":
+        request.keep_alive = "close" not in connection
+    else:
+        request.keep_alive = "keep-alive" in connection
+    # Framing (RFC 9112 §6.1-6.3): both or conflicting lengths are how requests get smuggled.
+    te = headers.get("transfer-encoding")
+    cl = headers.get("content-length")
+    if te is not None:
+        if cl is not None:
+            raise BadRequest(400, "both Transfer-Encoding and Content-Length")
+        if version == "HTTP/1.0":
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if te.strip().lower() != "chunked":
+            raise BadRequest(501, "only the chunked transfer coding is supported")
+        request.chunked = True
+    elif cl is not None:
+        values = set(v.strip() for v in cl.split(","))
+        if len(values) != 1:
+            raise BadRequest(400, "conflicting Content-Length values")
+        value = values.pop()
+        if not value.isdigit() or len(value) > 20 or not value.isascii():
+            raise BadRequest(400, "malformed Content-Length")
+        request.content_length = int(value)
+    request.expect_continue = headers.get("expect", "").lower() == "100-continue"
+    return request
+
+
+class Response:
+    """Writes one answer: ``send()`` a whole body, or ``start_stream()``/``write()``/``end()``."""
+
+    __slots__ = ("conn", "request", "status", "started", "finished", "streaming", "chunked",
+                 "keep_alive", "bytes_sent", "log_fields")
+
+    def __init__(self, conn, request):
+        self.conn = conn
+        self.request = request
+        self.status = None
+        self.started = False
+        self.finished = False
+        self.streaming = False
+        self.chunked = False
+        self.keep_alive = request.keep_alive if request is not None else False
+        self.bytes_sent = 0
+        self.log_fields = {}
+
+    def _head(self, status, headers, content_length=None):
+        self.status = status
+        self.started = True
+        if self.conn.server.closing:
+            self.keep_alive = False
+        lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown")),
+                 "Date: " + self.conn.server.http_date(), "Server: coproxy/" + __version__]
+        for name, value in headers:
+            lines.append("%s: %s" % (name, value))
+        if content_length is not None:
+            lines.append("Content-Length: %d" % content_length)
+        elif self.chunked:
+            lines.append("Transfer-Encoding: chunked")
+        if not self.keep_alive:
+            lines.append("Connection: close")
+        elif self.request is not None and self.request.version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def send(self, status, headers, body=b""):
+        """The whole answer at once (a HEAD request gets the headers only)."""
+        if self.started:
+            raise RuntimeError("response already started")
+        head = self._head(status, headers, len(body))
+        if self.request is not None and self.request.method == "HEAD":
+            body = b""
+        self.finished = True
+        await self.conn.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            await self.conn.write(body)
+        self.bytes_sent += len(body)
+
+    async def start_stream(self, status, headers):
+        """Status line and headers of a streamed answer (chunked; close-delimited on HTTP/1.0)."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.streaming = True
+        if self.request is not None and self.request.version == "HTTP/1.0":
+            self.keep_alive = False
+        else:
+            self.chunked = True
+        await self.conn.write(self._head(status, headers))
+
+    async def write(self, data):
+        """One piece of a streamed body, sent now (with backpressure from the socket)."""
+        if not data:
+            return
+        self.bytes_sent += len(data)
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        await self.conn.write(data)
+
+    async def end(self):
+        """Finish a streamed body cleanly."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.chunked:
+            await self.conn.write(b"0\r\n\r\n")
+
+
+class Connection:
+    """One client socket: reads requests, hands them to the app, decides about keep-alive."""
+
+    def __init__(self, server, reader, writer):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.buf = bytearray()
+        self.busy = False
+        self.lost = False
+        self._watcher = None
+        self._on_lost = []
+        self._timed_out = False
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        peer = writer.get_extra_info("peername")
+        self.peer = "%s:%s" % tuple(peer[:2]) if isinstance(peer, tuple) else str(peer)
+
+    # -- reading --------------------------------------------------------------------------
+    async def _fill(self):
+        data = await self.reader.read(65536)
+        if not data:
+            raise _EndOfInput()
+        self.buf += data
+
+    def _arm(self, seconds, answer_408):
+        return self.server.loop.call_later(seconds, self._on_timeout, answer_408)
+
+    def _on_timeout(self, answer_408):
+        self._timed_out = True
+        if answer_408 and not self.transport.is_closing():
+            body = self.server.error_body(408, "request not received in time")
+            self.transport.write(("HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                                  "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)).encode()
+                                 + body)
+        self.transport.close()
+
+    async def _read_head(self):
+        searched = 0
+        while True:
+            index = self.buf.find(b"\r\n\r\n", searched)
+            if index >= 0:
+                head = bytes(self.buf[:index])
+                del self.buf[:index + 4]
+                return head
+            searched = max(0, len(self.buf) - 3)
+            line_end = self.buf.find(b"\r\n")
+            if (line_end < 0 and len(self.buf) > MAX_REQUEST_LINE_BYTES) or line_end > MAX_REQUEST_LINE_BYTES:
+                raise BadRequest(414, "request line longer than %d bytes" % MAX_REQUEST_LINE_BYTES)
+            if len(self.buf) > MAX_REQUEST_LINE_BYTES + MAX_HEADER_BYTES:
+                raise BadRequest(431, "request headers larger than %d bytes" % MAX_HEADER_BYTES)
+            await self._fill()
+
+    async def _read_exactly(self, size):
+        while len(self.buf) < size:
+            await self._fill()
+        data = bytes(self.buf[:size])
+        del self.buf[:size]
+        return data
+
+    async def _read_line(self, limit, what):
+        searched = 0
+        while True:
+            index = self.buf.find(b"\r\n", searched)
+            if index >= 0:
+                if index > limit:
+                    raise BadRequest(400, "%s longer than %d bytes" % (what, limit))
+                line = bytes(self.buf[:index])
+                del self.buf[:index + 2]
+                return line
+            if len(self.buf) > limit:
+                raise BadRequest(400, "%s longer than %d bytes" % (what, limit))
+            searched = max(0, len(self.buf) - 1)
+            await self._fill()
+
+    async def read_body(self, request, limit):
+        """Read the body announced by ``request`` (called by the app through Request.read_body)."""
+        if request.content_length > limit:
+            raise BadRequest(413, "request body of %d bytes is larger than the %d-byte limit "
+                                  "(--max-body-mb)" % (request.content_length, limit))
+        if not request.chunked and request.content_length == 0:
+            return b""
+        if request.expect_continue and request.version == "HTTP/1.1" and not self.buf:
+            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        timer = self._arm(self.server.body_timeout, True)
+        try:
+            if not request.chunked:
+                return await self._read_exactly(request.content_length)
+            body = bytearray()
+            while True:
+                line = await self._read_line(MAX_CHUNK_LINE_BYTES, "chunk-size line")
+                size_text = line.split(b";", 1)[0].strip()
+                if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+                    raise BadRequest(400, "malformed chunk size")
+                size = int(size_text, 16)
+                if size == 0:
+                    break
+                if len(body) + size > limit:
+                    raise BadRequest(413, "chunked request body larger than the %d-byte limit "
+                                          "(--max-body-mb)" % limit)
+                body += await self._read_exactly(size)
+                if await self._read_exactly(2) != b"\r\n":
+                    raise BadRequest(400, "chunk not followed by CRLF")
+            for _ in range(MAX_HEADER_COUNT + 1):  # trailer fields: read and ignored
+                if not await self._read_line(MAX_HEADER_BYTES, "trailer line"):
+                    return bytes(body)
+            raise BadRequest(431, "too many trailer fields")
+        finally:
+            timer.cancel()
+
+    # -- noticing a client that leaves while we stream -----------------------------------------
+    def watch_for_disconnect(self, callback):
+        """Call ``callback`` as soon as the client closes; bytes it pipelines meanwhile are kept."""
+        self._on_lost.append(callback)
+        if self._watcher is None:
+            self._watcher = self.server.loop.create_task(self._watch())
+
+    async def _watch(self):
+        try:
+            while len(self.buf) < MAX_HEADER_BYTES * 4:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                self.buf += data
+            else:
+                return  # a client pipelining this much can wait for the stream to end
+        except (ConnectionError, OSError):
+            pass
+        self._mark_lost()
+
+    def _mark_lost(self):
+        if not self.lost:
+            self.lost = True
+            callbacks, self._on_lost = self._on_lost, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # a failing callback must not stop the others
+                    log.exception("disconnect callback failed")
+
+    async def stop_watching(self):
+        self._on_lost = []
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+            try:
+                await watcher
+            except asyncio.CancelledError:
+                pass
+
+    # -- writing --------------------------------------------------------------------------
+    async def write(self, data):
+        if self.lost or self.transport.is_closing():
+            self._mark_lost()
+            raise ClientDisconnected("client went away")
+        self.writer.write(data)
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            self._mark_lost()
+            raise ClientDisconnected("client went away")
+
+    # -- the request loop ---------------------------------------------------------------------
+    async def run(self):
+        first = True
+        while True:
+            self.busy = False
+            if not self.buf:
+                timer = self._arm(self.server.header_timeout if first else self.server.idle_timeout, first)
+                try:
+                    await self._fill()
+                except (_EndOfInput, ConnectionError, OSError):
+                    return
+                finally:
+                    timer.cancel()
+            first = False
+            self.busy = True
+            while self.buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore a stray CRLF between requests
+                del self.buf[:2]
+            request = None
+            timer = self._arm(self.server.header_timeout, True)
+            try:
+                request = parse_request_head(await self._read_head())
+                request._conn = self
+            except (_EndOfInput, ConnectionError, OSError):
+                return
+            except BadRequest as exc:
+                await self._answer_bad_request(exc)
+                return
+            finally:
+                timer.cancel()
+            if not await self._handle(request):
+                return
+
+    async def _handle(self, request):
+        """Run one exchange; True if the connection may carry another request."""
+        response = Response(self, request)
+        try:
+            await self.server.app.dispatch(request, response)
+        except BadRequest as exc:
+            if not response.started:
+                await self._answer_bad_request(exc, response)
+            return False
+        except (ClientDisconnected, _EndOfInput):
+            return False
+        except Exception:  # a bug in a handler: 500 if we still can, never a traceback to the client
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            if not response.started:
+                response.keep_alive = False
+                try:
+                    await response.send(500, [("Content-Type", "application/json")],
+                                        self.server.error_body(500, "internal error in coproxy; see its log"))
+                except ConnectionError:
+                    pass
+            return False
+        finally:
+            await self.stop_watching()
+            self.server.app.log_exchange(request, response, self)
+        if self._timed_out or not response.finished or not response.keep_alive:
+            return False
+        if not request.body_consumed and (request.chunked or request.content_length):
+            return False  # the unread body is still on the wire; we cannot find the next request
+        return True
+
+    async def _answer_bad_request(self, exc, response=None):
+        response = response or Response(self, None)
+        response.keep_alive = False
+        try:
+            await response.send(exc.status, [("Content-Type", "application/json")],
+                                self.server.error_body(exc.status, str(exc)))
+        except ConnectionError:
+            pass
+        log.debug("bad request from %s: %d %s", self.peer, exc.status, exc)
+
+
+class Server:
+    """Accepts connections, runs a Connection per socket, and shuts down gracefully."""
+
+    def __init__(self, app, header_timeout=DEFAULT_HEADER_TIMEOUT_SECONDS,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS, body_timeout=DEFAULT_BODY_TIMEOUT_SECONDS):
+        self.app = app
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.closing = False
+        self.loop = None
+        self.port = None
+        self.host = None
+        self._server = None
+        self._connections = {}
+        self._date = (0, "")
+
+    def error_body(self, status, message):
+        return self.app.protocol_error_body(status, message)
+
+    def http_date(self):
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date[1]
+
+    async def start(self, host, port):
+        """Bind and start accepting; ``self.port`` holds the real port (``port=0`` allowed)."""
+        self.loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._on_connection, host, port, backlog=1024)
+        sockname = self._server.sockets[0].getsockname()
+        self.host, self.port = sockname[0], sockname[1]
+
+    async def _on_connection(self, reader, writer):
+        conn = Connection(self, reader, writer)
+        task = asyncio.current_task()
+        self._connections[task] = conn
+        try:
+            await conn.run()
+        except Exception:  # never let one connection's failure reach the loop's exception handler
+            log.exception("connection from %s failed", conn.peer)
+        finally:
+            self._connections.pop(task, None)
+            writer.transport.close()
+
+    async def shutdown(self, grace):
+        """Stop accepting, let in-flight exchanges finish within ``grace`` seconds, close the rest.
+
+        This order (close idle transports ourselves, then wait, then abort) is the one that is
+        clean on every Python from 3.8 to 3.13: wait_closed() hangs on 3.12+ while any client is
+        connected, and cancelling handler tasks prints tracebacks on 3.11/3.12."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections.values()):
+            if not conn.busy:
+                conn.transport.close()
+        busy = [task for task, conn in self._connections.items() if conn.busy]
+        if busy:
+            log.info("waiting up to %ss for %d in-flight request(s)", grace, len(busy))
+            await asyncio.wait(busy, timeout=grace)
+        for conn in list(self._connections.values()):
+            conn.transport.abort()
+        remaining = list(self._connections)
+        if remaining:
+            await asyncio.wait(remaining, timeout=2)
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            except asyncio.TimeoutError:  # asyncio.TimeoutError is the builtin only from 3.11
+                pass
+
+
+# ------------------------------------------------------------------------------------------
+# 10. App and routes
+#     The App owns the blocking world (token store, auth, upstream client) and the thread pool
+#     it runs in. Two bridges cross from the loop into threads: ``run_blocking`` (one call,
+#     one answer) and ``StreamPump`` (a worker thread reading an upstream stream, handing the
+#     loop every chunk that has arrived at each wake-up). The pool is sized above the
+#     concurrency limit so streams never wait for a thread.
+# ------------------------------------------------------------------------------------------
+
+SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
+               ("X-Accel-Buffering", "no")]
+JSON_HEADERS = [("Content-Type", "application/json")]
+
+
+class StreamPump:
+    """Reads an upstream stream in a worker thread and hands chunks to the event loop.
+
+    The thread appends to a list and wakes the loop only if the loop is waiting, so a burst of
+    events costs one wake-up. Past STREAM_HIGH_WATER_BYTES unread, the thread waits (a slow
+    client slows the upstream read, nothing piles up). ``cancel()`` shuts the upstream socket
+    so the thread leaves its read at once and the connection is closed, never pooled."""
+
+    def __init__(self, loop, executor, upstream):
+        self._loop = loop
+        self._upstream = upstream
+        self._lock = threading.Lock()
+        self._chunks = []
+        self._buffered = 0
+        self._finished = False
+        self._error = None
+        self._cancelled = False
+        self._waiter = None
+        self._room = threading.Event()
+        self._room.set()
+        self.future = loop.run_in_executor(executor, self._run)
+
+    def _run(self):
+        try:
+            while not self._cancelled:
+                data = self._upstream.read1(65536)
+                if not data:
+                    break
+                with self._lock:
+                    self._chunks.append(data)
+                    self._buffered += len(data)
+                    waiter, self._waiter = self._waiter, None
+                    full = self._buffered >= STREAM_HIGH_WATER_BYTES
+                    if full:
+                        self._room.clear()
+                if waiter is not None:
+                    self._wake_threadsafe(waiter)
+                if full:
+                    self._room.wait()
+        except Exception as exc:  # the stream broke: reported to the consumer, never raised here
+            if not self._cancelled:
+                self._error = exc
+        finally:
+            self._upstream.close(reuse=not self._cancelled and self._error is None)
+            with self._lock:
+                self._finished = True
+                waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                self._wake_threadsafe(waiter)
+
+    def _wake_threadsafe(self, waiter):
+        try:
+            self._loop.call_soon_threadsafe(self._wake, waiter)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    @staticmethod
+    def _wake(waiter):
+        if not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self, timeout):
+        """(chunks, finished, error) as soon as anything is there; (None, False, None) after
+        ``timeout`` seconds of silence."""
+        with self._lock:
+            if not (self._chunks or self._finished):
+                waiter = self._waiter = self._loop.create_future()
+            else:
+                waiter = None
+        if waiter is not None:
+            timer = self._loop.call_later(timeout, self._wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+        with self._lock:
+            self._waiter = None
+            if not (self._chunks or self._finished):
+                return None, False, None
+            chunks, self._chunks, self._buffered = self._chunks, [], 0
+            self._room.set()
+            return chunks, self._finished, self._error
+
+    def cancel(self):
+        """Stop now: the client left or the answer is complete; drops the upstream connection."""
+        with self._lock:
+            if self._finished or self._cancelled:
+                return
+            self._cancelled = True
+            waiter, self._waiter = self._waiter, None
+        self._upstream.abort()
+        self._room.set()
+        if waiter is not None:
+            self._wake(waiter)
+
+
+class App:
+    """Routes, auth check, and the handlers that talk to Copilot."""
+
+    def __init__(self, config, store=None, client=None, auth=None):
+        self.config = config
+        self.store = store or TokenStore(config.state_dir)
+        self.client = client or UpstreamClient(config.ca_file, config.connect_timeout,
+                                               config.upstream_timeout, config.environ)
+        self.auth = auth or CopilotAuth(config, self.store, self.client)
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.max_concurrency + 16, thread_name_prefix="coproxy-upstream")
+        self.loop = None
+        self.started_at = time.time()
+        self.last_auth_error = None
+        self._slots = None
+        self._max_body = config.max_body_bytes
+        # Canonical paths (without /v1): every route answers with and without the prefix.
+        self.routes = {
+            "/chat/completions": {"POST": self.handle_chat_completions},
+            "/models": {"GET": self.handle_models},
+        }
+        self.public_routes = {"/healthz": {"GET": self.handle_health}, "/health": {"GET": self.handle_health}}
+
+    async def start(self):
+        """Create the loop-bound pieces (asyncio primitives must be born inside the running loop)."""
+        self.loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.config.max_concurrency)
+
+    def close(self):
+        self.executor.shutdown(wait=False)
+        self.client.close()
+
+    async def run_blocking(self, fn, *args):
+        """Run a blocking call (sections 5-7) in the upstream pool; the one plain bridge."""
+        return await self.loop.run_in_executor(self.executor, fn, *args)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def protocol_error_body(self, status, message):
+        code = {408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
+                431: "headers_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
+        return json_dumps(openai_error_body(message, error_type_for_status(status), code.get(status, "bad_request")))
+
+    async def dispatch(self, request, response):
+        path = request.path
+        public = path in self.public_routes
+        param = None
+        if public:
+            handlers = self.public_routes[path]
+        else:
+            canonical = path[3:] if path.startswith("/v1/") else path
+            handlers = self.routes.get(canonical)
+            if handlers is None and canonical.startswith("/models/") and len(canonical) > 8:
+                handlers, param = {"GET": self.handle_model}, urllib.parse.unquote(canonical[8:])
+        try:
+            if request.method not in KNOWN_METHODS:
+                raise ClientError(501, "method %s is not implemented" % request.method, code="not_implemented")
+            if handlers is None:
+                raise ClientError(404, "no such endpoint: %s %s (coproxy serves /v1/chat/completions, "
+                                       "/v1/models and /healthz)" % (request.method, path), code="unknown_url")
+            handler = handlers.get("GET" if request.method == "HEAD" else request.method)
+            allow = ", ".join(sorted(set(handlers) | ({"HEAD"} if "GET" in handlers else set())))
+            if request.method == "OPTIONS":
+                await response.send(204, [("Allow", allow + ", OPTIONS")])
+                return
+            if handler is None:
+                raise ClientError(405, "%s does not accept %s (allowed: %s)" % (path, request.method, allow),
+                                  code="method_not_allowed", headers=[("Allow", allow)])
+            if not public:
+                self.check_api_key(request)
+            await handler(request, response, param)
+        except ClientError as exc:
+            await self.send_error(response, exc)
+        except AuthError as exc:
+            self.last_auth_error = str(exc)
+            status = 502 if exc.code == "network" else 503
+            await self.send_error(response, ClientError(status, str(exc), kind="api_error", code=exc.code))
+        except UpstreamUnreachable as exc:
+            await self.send_error(response, ClientError(504 if exc.timeout else 502, str(exc), kind="api_error",
+                                                        code="upstream_timeout" if exc.timeout else "upstream_unreachable"))
+
+    def check_api_key(self, request):
+        """Constant-time check of Authorization: Bearer K or x-api-key: K (when a key is set)."""
+        key = self.config.api_key
+        if not key:
+            return
+        expected = key.encode("utf-8")
+        authorization = request.header("authorization", "")
+        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        by_header = hmac.compare_digest(request.header("x-api-key", "").encode("utf-8"), expected)
+        by_bearer = hmac.compare_digest(bearer.encode("utf-8"), expected)
+        if not (by_header or by_bearer):
+            raise ClientError(401, "missing or wrong API key: send Authorization: Bearer <key> or "
+                                   "x-api-key: <key> (the key coproxy was started with)",
+                              code="invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
+
+    async def send_error(self, response, exc):
+        """An error in OpenAI's envelope, or a terminal event if the stream already started."""
+        response.log_fields["error"] = exc.code or exc.kind
+        if response.started:
+            return
+        body = json_dumps(openai_error_body(str(exc), exc.kind, exc.code, exc.param))
+        if exc.status >= 500 or exc.status == 429:
+            log.warning("answered %d %s: %s", exc.status, exc.code or exc.kind, exc)
+        await response.send(exc.status, JSON_HEADERS + list(exc.headers), body)
+
+    async def send_json(self, response, status, payload, headers=()):
+        await response.send(status, JSON_HEADERS + list(headers), json_dumps(payload))
+
+    def log_exchange(self, request, response, conn):
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields = response.log_fields
+        extra = "".join(" %s=%s" % (k, str(fields[k]).lower() if isinstance(fields[k], bool) else fields[k])
+                        for k in ("model", "stream", "initiator", "error") if k in fields)
+        access_log.info("%s %s %s %.1fms%s", request.method, request.path, response.status or "-",
+                        (time.monotonic() - request.started) * 1000, extra)
+
+    async def _acquire_slot(self):
+        if self._slots.locked():
+            try:
+                await asyncio.wait_for(self._slots.acquire(), QUEUE_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                raise ClientError(503, "coproxy is at its concurrency limit (--max-concurrency %d); "
+                                       "try again shortly" % self.config.max_concurrency,
+                                  code="overloaded", headers=[("Retry-After", "1")])
+        else:
+            await self._slots.acquire()
+
+    # -- talking to Copilot (runs in a worker thread) -----------------------------------------
+    def _copilot_call(self, path, body, initiator, vision, stream, abort):
+        """POST to Copilot with the identity headers; a 401 forces one refresh and one retry.
+
+        Returns (response, raw): raw is the body for errors and non-stream answers, None for
+        a successful stream (left unread for the StreamPump)."""
+        for attempt in (0, 1):
+            record = self.auth.copilot_token()
+            headers = copilot_headers(record["token"], initiator, vision)
+            if stream:
+                headers["Accept"] = "text/event-stream"
+            response = self.client.request("POST", self.auth.api_base(record) + path, headers, body, abort)
+            if response.status == 401 and attempt == 0:
+                response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
+                log.info("copilot answered 401; refreshing the Copilot token and retrying once")
+                self.auth.invalidate(record["token"])
+                continue
+            if not 200 <= response.status < 300:
+                return response, response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
+            if stream:
+                return response, None
+            return response, response.read_all(MAX_UPSTREAM_JSON_BYTES)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- handlers -----------------------------------------------------------------------------
+    async def handle_health(self, request, response, _):
+        token, source = self.auth.github_token()
+        record = self.auth._record
+        payload = {
+            "status": "ok", "version": __version__,
+            "auth": {"github_token": bool(token),
+                     "copilot_token": ("valid" if record and record["expires_at"] > time.time() else
+                                       "not yet fetched" if token else "missing"),
+                     "ready": bool(token) and self.last_auth_error is None,
+                     "error": self.last_auth_error},
+            "uptime_seconds": int(time.time() - self.started_at),
+        }
+        await self.send_json(response, 200, payload, [("Cache-Control", "no-store")])
+
+    async def _catalog(self):
+        try:
+            models = await self.run_blocking(self.auth.fetch_models)
+            self.last_auth_error = None
+            return models, "copilot"
+        except (AuthError, UpstreamUnreachable) as exc:
+            if isinstance(exc, AuthError):
+                self.last_auth_error = str(exc)
+            log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
+            return FALLBACK_MODELS, "fallback"
+
+    async def handle_models(self, request, response, _):
+        models, source = await self._catalog()
+        await self.send_json(response, 200, {"object": "list", "data": [copilot_model_to_openai(m) for m in models],
+                                             "has_more": False}, [("X-Coproxy-Models-Source", source)])
+
+    async def handle_model(self, request, response, model_id):
+        models, source = await self._catalog()
+        for model in models:
+            if model["id"] == model_id:
+                await self.send_json(response, 200, copilot_model_to_openai(model),
+                                     [("X-Coproxy-Models-Source", source)])
+                return
+        raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists them)" % model_id,
+                          code="model_not_found", param="model")
+
+    async def handle_chat_completions(self, request, response, _):
+        payload = parse_json_object(await request.read_body(self._max_body))
+        chat = prepare_chat_request(payload, self.config.default_model)
+        response.log_fields.update(model=chat.model, stream=chat.stream, initiator=chat.initiator)
+        body = json_dumps(chat.payload)
+        await self._acquire_slot()
+        try:
+            abort = AbortHandle()
+            upstream, raw = await self.run_blocking(self._copilot_call, "/chat/completions", body,
+                                                    chat.initiator, chat.vision, chat.stream, abort)
+            self.last_auth_error = None
+            if not 200 <= upstream.status < 300:
+                error = client_error_from_upstream(upstream.status, raw, upstream.headers)
+                log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, chat.model,
+                            error.code, upstream.header("retry-after", "-"))
+                raise error
+            if chat.stream:
+                await self._relay_chat_stream(upstream, chat, request, response)
+                return
+            try:
+                answer = normalize_chat_response(json.loads(raw), chat.model, chat.merge_choices, time.time())
+            except (ValueError, RecursionError):
+                raise ClientError(502, "Copilot sent an answer that is not a chat completion",
+                                  code="bad_upstream_response")
+            await self.send_json(response, 200, answer)
+        finally:
+            self._slots.release()
+
+    async def _relay_chat_stream(self, upstream, chat, request, response):
+        normalizer = ChatStreamNormalizer(chat.model, chat.include_usage, chat.merge_choices, time.time())
+        decoder = SSEDecoder()
+        pump = StreamPump(self.loop, self.executor, upstream)
+        request._conn.watch_for_disconnect(pump.cancel)
+        try:
+            await response.start_stream(200, SSE_HEADERS)
+            while True:
+                chunks, finished, error = await pump.next(self.config.ping_seconds)
+                if chunks is None:
+                    await response.write(SSE_PING)  # upstream is thinking; keep the client's stream alive
+                    continue
+                out = []
+                for data in chunks:
+                    for event in decoder.feed(data):
+                        out.extend(normalizer.feed(event.data))
+                if finished and not normalizer.failed:
+                    if error is not None:
+                        log.warning("upstream stream failed model=%s: %s", chat.model, error.__class__.__name__)
+                        out.extend(normalizer.error("the connection to Copilot failed mid-stream (%s)" % (
+                            "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__)))
+                    else:
+                        for event in decoder.finish():
+                            out.extend(normalizer.feed(event.data))
+                        out.extend(normalizer.finish())
+                if out:
+                    await response.write(b"".join(out))
+                if finished or normalizer.failed:
+                    break
+            await response.end()
+        finally:
+            pump.cancel()
+
+
+async def run_server(config, app=None, on_ready=None, stop_event=None):
+    """Serve until SIGINT/SIGTERM (or ``stop_event``), then shut down gracefully."""
+    app = app or App(config)
+    await app.start()
+    server = Server(app, config.header_timeout, config.idle_timeout, config.body_timeout)
+    try:
+        await server.start(config.host, config.port)
+    except OSError as exc:
+        app.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError("cannot listen on %s:%s: address already in use (another coproxy? "
+                              "choose another --port)" % (config.host, config.port))
+        raise ConfigError("cannot listen on %s:%s: %s" % (config.host, config.port, exc.strerror or exc))
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop_event.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # Windows, or not the main thread: Ctrl-C arrives as KeyboardInterrupt instead
+    host = server.host if ":" not in server.host else "[%s]" % server.host
+    if on_ready is not None:
+        on_ready(server)
+    sys.stderr.write("listening on http://%s:%d\n" % (host, server.port))
+    sys.stderr.flush()
+    try:
+        await stop_event.wait()
+        log.info("shutting down")
+    finally:
+        await server.shutdown(config.shutdown_grace)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        app.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# 11. CLI
+#     argparse subcommands generated from OPTIONS (§4): shared options work before or after
+#     the subcommand. Each ``cmd_*`` returns an exit code; results go to stdout, diagnostics
+#     and prompts to stderr.
+# ------------------------------------------------------------------------------------------
+
+class UsageError(CoproxyError):
+    """The command line asks for something that cannot be done as given (exit 2)."""
+
+
+def _add_options(parser, scope):
+    for option in OPTIONS:
+        if option.scope != scope:
+            continue
+        shown_default = "" if option.default in (None, False) else " [default: %s]" % option.default
+        help_text = "%s (env %s)%s" % (option.help, option.env, shown_default)
+        if option.type is bool:
+            parser.add_argument(option.flag, dest=option.dest, action="store_true", default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            def convert(text, option=option):
+                try:
+                    return option.type(text)
+                except ValueError as exc:
+                    raise argparse.ArgumentTypeError("%s: %s" % (option.flag, exc))
+            parser.add_argument(option.flag, dest=option.dest, type=convert, metavar=option.metavar,
+                                default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser():
+    shared = argparse.ArgumentParser(add_help=False)
+    _add_options(shared, "shared")
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="coproxy", parents=[shared], formatter_class=formatter,
+        description="Your GitHub Copilot subscription as a local OpenAI-compatible API.",
+        epilog="first run:  coproxy.py auth login && coproxy.py serve\n"
+               "then point clients at http://127.0.0.1:8080/v1 (any API key unless --api-key is set)")
+    parser.add_argument("--version", action="version", version="coproxy " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[shared], formatter_class=formatter,
+                                help="run the proxy server",
+                                description="Serve the OpenAI API on HOST:PORT, backed by Copilot.")
+    _add_options(serve, "serve")
+
+    auth = commands.add_parser("auth", help="log in, inspect or forget the GitHub login",
+                               description="Manage the GitHub login and the Copilot token.")
+    auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION")
+    login = auth_commands.add_parser("login", parents=[shared], help="log in with GitHub's device flow",
+                                     description="Show a code and a URL; approve on GitHub; the token is saved "
+                                                 "(0600) in the state directory.")
+    login.add_argument("--no-browser", action="store_true", help="do not try to open a web browser")
+    auth_commands.add_parser("status", parents=[shared], help="show login, plan, token expiry and API base",
+                             description="Exit status 0 when a Copilot token can be had, 1 otherwise.")
+    auth_commands.add_parser("logout", parents=[shared], help="delete the saved tokens",
+                             description="Remove auth/github-access-token and auth/ghcp-token.json.")
+    auth_commands.add_parser("refresh", parents=[shared], help="fetch a new Copilot token now",
+                             description="Exchange the GitHub token for a fresh Copilot token and save it.")
+
+    models = commands.add_parser("models", parents=[shared], help="list the models Copilot offers you",
+                                 description="Table of id, vendor, context window, output limit, tools/vision.")
+    models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
+    return parser
+
+
+def _say(text):
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _interactive():
+    return sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _build(config):
+    store = TokenStore(config.state_dir)
+    client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout, config.environ)
+    return store, client, CopilotAuth(config, store, client)
+
+
+def run_device_login(config, store, client, auth, open_browser=True):
+    """The interactive part of ``auth login`` (also used by ``serve`` on a TTY)."""
+    flow = DeviceFlow(client, config.github_url)
+    code = flow.start()
+    uri = code.get("verification_uri_complete") or code["verification_uri"]
+    _say("To log in, open %s and enter the code:  %s" % (code["verification_uri"], code["user_code"]))
+    tty = sys.stderr.isatty()
+    if open_browser and _interactive():
+        try:
+            webbrowser.open(uri)
+        except Exception:  # no browser is fine: the URL is on screen
+            pass
+
+    def on_wait(remaining, interval):
+        if tty:
+            sys.stderr.write("\rwaiting for approval (code expires in %s, checking every %ds)  " % (
+                format_duration(remaining), interval))
+            sys.stderr.flush()
+
+    if not tty:
+        _say("waiting for approval (the code expires in %s)" % format_duration(code["expires_in"]))
+    try:
+        token = flow.poll(code, on_wait)
+    finally:
+        if tty:
+            sys.stderr.write("\n")
+    store.save_github_token(token)
+    _say("GitHub login saved to %s" % store.github_token_path)
+    auth.copilot_token(force=True)
+    return token
+
+
+def cmd_serve(config, args):
+    if not is_loopback_host(config.host) and not config.api_key and not config.allow_unauthenticated:
+        raise UsageError("refusing to listen on %s without an API key: anyone who can reach it would use your "
+                         "Copilot subscription. Set --api-key (or GHCP_PROXY_API_KEY), or pass "
+                         "--allow-unauthenticated if you really mean it" % config.host)
+    store, client, auth = _build(config)
+    token, source = auth.github_token()
+    if not token:
+        if config.no_auto_login:
+            log.warning("not logged in; requests get 503 until `coproxy.py auth login` has run")
+        elif _interactive():
+            run_device_login(config, store, client, auth)
+        else:
+            raise CoproxyError("not logged in to GitHub: run `python3 coproxy.py auth login` first, set "
+                               "GHCP_GITHUB_TOKEN, or pass --no-auto-login to start anyway")
+    app = App(config, store, client, auth)
+
+    def warm_up(server):
+        if auth.github_token()[0]:  # fetch the Copilot token now, not on the first request
+            def check():
+                try:
+                    auth.copilot_token()
+                except (AuthError, UpstreamUnreachable) as exc:
+                    app.last_auth_error = str(exc)
+                    log.error("%s", exc)
+            app.executor.submit(check)
+
+    try:
+        return asyncio.run(run_server(config, app, on_ready=warm_up))
+    except KeyboardInterrupt:  # Windows: no signal handlers in the loop
+        return 0
+
+
+def cmd_auth_login(config, args):
+    if config.github_token:
+        _say("note: a token from %s is set and will be used instead of the one saved here" %
+             config.github_token_source)
+    store, client, auth = _build(config)
+    run_device_login(config, store, client, auth, open_browser=not args.no_browser)
+    try:
+        login = auth.github_user().get("login", "?")
+    except AuthError:
+        login = "?"
+    record = auth.copilot_token()
+    print("logged in as %s; Copilot token valid for %s" % (login, format_duration(record["expires_at"] - time.time())))
+    return 0
+
+
+def cmd_auth_status(config, args):
+    store, client, auth = _build(config)
+    token, source = auth.github_token()
+    print("state dir:      %s" % config.state_dir)
+    if not token:
+        print("GitHub:         not logged in (run `python3 coproxy.py auth login`)")
+        return 1
+    try:
+        login = auth.github_user().get("login", "?")
+    except AuthError as exc:
+        login = "unknown (%s)" % exc
+    print("GitHub:         %s (token from %s)" % (login, source))
+    try:
+        record = auth.copilot_token()
+    except (AuthError, UpstreamUnreachable) as exc:
+        print("Copilot:        no token: %s" % exc)
+        return 1
+    try:
+        plan = auth.copilot_user().get("copilot_plan") or "?"
+    except (AuthError, UpstreamUnreachable):
+        plan = "?"
+    remaining = record["expires_at"] - time.time()
+    print("Copilot plan:   %s (sku %s)" % (plan, record.get("sku", "?")))
+    print("Copilot token:  valid for %s (expires %s)" % (
+        format_duration(remaining), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["expires_at"]))))
+    print("API base:       %s" % auth.api_base(record))
+    return 0
+
+
+def cmd_auth_logout(config, args):
+    store = TokenStore(config.state_dir)
+    removed = store.clear()
+    print("removed %s" % ", ".join(removed) if removed else "no saved login in %s" % store.auth_dir)
+    if config.github_token:
+        _say("note: %s is still set and will keep being used" % config.github_token_source)
+    return 0
+
+
+def cmd_auth_refresh(config, args):
+    store, client, auth = _build(config)
+    record = auth.copilot_token(force=True)
+    print("new Copilot token valid for %s; API base %s" % (
+        format_duration(record["expires_at"] - time.time()), auth.api_base(record)))
+    return 0
+
+
+def cmd_models(config, args):
+    store, client, auth = _build(config)
+    entries = [copilot_model_to_openai(m) for m in auth.fetch_models()]
+    if args.json:
+        print(json.dumps({"object": "list", "data": entries}, indent=2))
+        return 0
+    rows = [("ID", "VENDOR", "CONTEXT", "OUTPUT", "TOOLS", "VISION")]
+    for entry in entries:
+        rows.append((entry["id"], entry["vendor"], str(entry["context_window"] or "-"),
+                     str(entry["max_output_tokens"] or "-"), "yes" if entry["capabilities"]["tool_calls"] else "no",
+                     "yes" if entry["capabilities"]["vision"] else "no"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+COMMANDS = {("serve", None): cmd_serve, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
+            ("auth", "logout"): cmd_auth_logout, ("auth", "refresh"): cmd_auth_refresh,
+            ("models", None): cmd_models}
+
+
+# ------------------------------------------------------------------------------------------
+# 12. Entry
+#     Parse, configure logging, dispatch. Domain errors become one ``coproxy: error:`` line
+#     and exit 1; usage errors exit 2; Ctrl-C exits 130. Tracebacks only at --log-level debug.
+# ------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = (args.command, getattr(args, "auth_command", None))
+    if command not in COMMANDS:
+        parser.print_help(sys.stderr) if args.command is None else parser.parse_args(
+            [args.command, "--help"])
+        return 2
+    debug = False
+    try:
+        config = Config.resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
+        debug = config.log_level == "DEBUG"
+        level = config.log_level if args.command == "serve" or debug else "WARNING"
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.handlers[:] = [handler]
+        log.setLevel(level)
+        log.propagate = False
+        return COMMANDS[command](config, args)
+    except UsageError as exc:
+        _say("coproxy: error: %s" % exc)
+        return 2
+    except CoproxyError as exc:
+        _say("coproxy: error: %s" % redact(exc))
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        _say("coproxy: error: unexpected %s: %s (run with --log-level debug for details)" % (
+            exc.__class__.__name__, redact(exc)))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
