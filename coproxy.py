@@ -4,6 +4,10 @@
 # dependencies = []
 # ///
 # SPDX-License-Identifier: MIT
+# ------------------------------------------------------------------------------------------
+# 1. Header
+#    What coproxy is, how to run it, and the table of contents: the docstring is the manual.
+# ------------------------------------------------------------------------------------------
 """coproxy: your GitHub Copilot subscription as a local OpenAI-compatible HTTP API.
 
 One file, standard library only, Python 3.8+, Linux/macOS/Windows.
@@ -61,6 +65,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import email.utils
 import errno
@@ -715,16 +720,20 @@ class UpstreamResponse:
         return self._response.headers.get(name, default)
 
     def read_all(self, limit):
-        """The whole body (at most ``limit`` bytes; beyond that the connection is dropped)."""
+        """The whole body (at most ``limit`` bytes; beyond that the connection is dropped).
+
+        A body cut short raises: http.client's read(amt) would return the short data silently
+        for a Content-Length answer, so a known length is read whole (IncompleteRead if cut)."""
         try:
-            data = self._response.read(limit + 1)
+            length = self._response.length
+            if length is not None and length > limit:
+                self.close(reuse=False)
+                raise UpstreamUnreachable("upstream answer of %d bytes is larger than %d" % (length, limit))
+            data = self._response.read() if length is not None else self._response.read(limit + 1)
             if len(data) > limit:
                 self.close(reuse=False)
                 raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit)
-            if self._response.isclosed() or not self._response.read(1):
-                self.close()
-            else:
-                self.close(reuse=False)
+            self.close(reuse=self._response.isclosed() or not self._response.read(1))
             return data
         except (OSError, http.client.HTTPException) as exc:
             self.close(reuse=False)
@@ -2008,7 +2017,7 @@ class Connection:
     # -- the request loop ---------------------------------------------------------------------
     async def run(self):
         first = True
-        while True:
+        while not (self.server.closing and not first):
             self.busy = False
             if not self.buf:
                 timer = self._arm(self.server.header_timeout if first else self.server.idle_timeout, first)
@@ -2316,6 +2325,7 @@ class App:
                 handlers, param = {"GET": self.handle_model}, urllib.parse.unquote(canonical[8:])
         try:
             if request.method not in KNOWN_METHODS:
+                response.keep_alive = False  # we cannot know how this method frames its body
                 raise ClientError(501, "method %s is not implemented" % request.method, code="not_implemented")
             if handlers is None:
                 raise ClientError(404, "no such endpoint: %s %s (coproxy serves /v1/chat/completions, "
@@ -2516,7 +2526,7 @@ class App:
             pump.cancel()
 
 
-async def run_server(config, app=None, on_ready=None, stop_event=None):
+async def run_server(config, app=None, on_ready=None, stop_event=None, announce=True):
     """Serve until SIGINT/SIGTERM (or ``stop_event``), then shut down gracefully."""
     app = app or App(config)
     await app.start()
@@ -2539,8 +2549,9 @@ async def run_server(config, app=None, on_ready=None, stop_event=None):
     host = server.host if ":" not in server.host else "[%s]" % server.host
     if on_ready is not None:
         on_ready(server)
-    sys.stderr.write("listening on http://%s:%d\n" % (host, server.port))
-    sys.stderr.flush()
+    if announce:
+        sys.stderr.write("listening on http://%s:%d\n" % (host, server.port))
+        sys.stderr.flush()
     try:
         await stop_event.wait()
         log.info("shutting down")
@@ -2631,10 +2642,15 @@ def _interactive():
     return sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
 
 
-def _build(config):
+@contextlib.contextmanager
+def _session(config):
+    """Token store, upstream client and auth for one CLI command; pooled sockets closed after."""
     store = TokenStore(config.state_dir)
     client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout, config.environ)
-    return store, client, CopilotAuth(config, store, client)
+    try:
+        yield store, client, CopilotAuth(config, store, client)
+    finally:
+        client.close()
 
 
 def run_device_login(config, store, client, auth, open_browser=True):
@@ -2674,7 +2690,9 @@ def cmd_serve(config, args):
         raise UsageError("refusing to listen on %s without an API key: anyone who can reach it would use your "
                          "Copilot subscription. Set --api-key (or GHCP_PROXY_API_KEY), or pass "
                          "--allow-unauthenticated if you really mean it" % config.host)
-    store, client, auth = _build(config)
+    store = TokenStore(config.state_dir)
+    client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout, config.environ)
+    auth = CopilotAuth(config, store, client)
     token, source = auth.github_token()
     if not token:
         if config.no_auto_login:
@@ -2706,44 +2724,44 @@ def cmd_auth_login(config, args):
     if config.github_token:
         _say("note: a token from %s is set and will be used instead of the one saved here" %
              config.github_token_source)
-    store, client, auth = _build(config)
-    run_device_login(config, store, client, auth, open_browser=not args.no_browser)
-    try:
-        login = auth.github_user().get("login", "?")
-    except AuthError:
-        login = "?"
-    record = auth.copilot_token()
-    print("logged in as %s; Copilot token valid for %s" % (login, format_duration(record["expires_at"] - time.time())))
-    return 0
+    with _session(config) as (store, client, auth):
+        run_device_login(config, store, client, auth, open_browser=not args.no_browser)
+        try:
+            login = auth.github_user().get("login", "?")
+        except AuthError:
+            login = "?"
+        record = auth.copilot_token()
+        print("logged in as %s; Copilot token valid for %s" % (login, format_duration(record["expires_at"] - time.time())))
+        return 0
 
 
 def cmd_auth_status(config, args):
-    store, client, auth = _build(config)
-    token, source = auth.github_token()
-    print("state dir:      %s" % config.state_dir)
-    if not token:
-        print("GitHub:         not logged in (run `python3 coproxy.py auth login`)")
-        return 1
-    try:
-        login = auth.github_user().get("login", "?")
-    except AuthError as exc:
-        login = "unknown (%s)" % exc
-    print("GitHub:         %s (token from %s)" % (login, source))
-    try:
-        record = auth.copilot_token()
-    except (AuthError, UpstreamUnreachable) as exc:
-        print("Copilot:        no token: %s" % exc)
-        return 1
-    try:
-        plan = auth.copilot_user().get("copilot_plan") or "?"
-    except (AuthError, UpstreamUnreachable):
-        plan = "?"
-    remaining = record["expires_at"] - time.time()
-    print("Copilot plan:   %s (sku %s)" % (plan, record.get("sku", "?")))
-    print("Copilot token:  valid for %s (expires %s)" % (
-        format_duration(remaining), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["expires_at"]))))
-    print("API base:       %s" % auth.api_base(record))
-    return 0
+    with _session(config) as (store, client, auth):
+        token, source = auth.github_token()
+        print("state dir:      %s" % config.state_dir)
+        if not token:
+            print("GitHub:         not logged in (run `python3 coproxy.py auth login`)")
+            return 1
+        try:
+            login = auth.github_user().get("login", "?")
+        except AuthError as exc:
+            login = "unknown (%s)" % exc
+        print("GitHub:         %s (token from %s)" % (login, source))
+        try:
+            record = auth.copilot_token()
+        except (AuthError, UpstreamUnreachable) as exc:
+            print("Copilot:        no token: %s" % exc)
+            return 1
+        try:
+            plan = auth.copilot_user().get("copilot_plan") or "?"
+        except (AuthError, UpstreamUnreachable):
+            plan = "?"
+        remaining = record["expires_at"] - time.time()
+        print("Copilot plan:   %s (sku %s)" % (plan, record.get("sku", "?")))
+        print("Copilot token:  valid for %s (expires %s)" % (
+            format_duration(remaining), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["expires_at"]))))
+        print("API base:       %s" % auth.api_base(record))
+        return 0
 
 
 def cmd_auth_logout(config, args):
@@ -2756,28 +2774,28 @@ def cmd_auth_logout(config, args):
 
 
 def cmd_auth_refresh(config, args):
-    store, client, auth = _build(config)
-    record = auth.copilot_token(force=True)
-    print("new Copilot token valid for %s; API base %s" % (
-        format_duration(record["expires_at"] - time.time()), auth.api_base(record)))
-    return 0
+    with _session(config) as (store, client, auth):
+        record = auth.copilot_token(force=True)
+        print("new Copilot token valid for %s; API base %s" % (
+            format_duration(record["expires_at"] - time.time()), auth.api_base(record)))
+        return 0
 
 
 def cmd_models(config, args):
-    store, client, auth = _build(config)
-    entries = [copilot_model_to_openai(m) for m in auth.fetch_models()]
-    if args.json:
-        print(json.dumps({"object": "list", "data": entries}, indent=2))
+    with _session(config) as (store, client, auth):
+        entries = [copilot_model_to_openai(m) for m in auth.fetch_models()]
+        if args.json:
+            print(json.dumps({"object": "list", "data": entries}, indent=2))
+            return 0
+        rows = [("ID", "VENDOR", "CONTEXT", "OUTPUT", "TOOLS", "VISION")]
+        for entry in entries:
+            rows.append((entry["id"], entry["vendor"], str(entry["context_window"] or "-"),
+                         str(entry["max_output_tokens"] or "-"), "yes" if entry["capabilities"]["tool_calls"] else "no",
+                         "yes" if entry["capabilities"]["vision"] else "no"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         return 0
-    rows = [("ID", "VENDOR", "CONTEXT", "OUTPUT", "TOOLS", "VISION")]
-    for entry in entries:
-        rows.append((entry["id"], entry["vendor"], str(entry["context_window"] or "-"),
-                     str(entry["max_output_tokens"] or "-"), "yes" if entry["capabilities"]["tool_calls"] else "no",
-                     "yes" if entry["capabilities"]["vision"] else "no"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    return 0
 
 
 COMMANDS = {("serve", None): cmd_serve, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,

@@ -1,0 +1,1833 @@
+#!/usr/bin/env python3
+"""Tests for coproxy.py: ``python3 test_coproxy.py`` (add ``-v`` for names, ``-k PATTERN`` to pick).
+
+Everything runs over real sockets on 127.0.0.1: the real coproxy server and, written here, a
+fake GitHub + Copilot upstream (plain HTTP and TLS, with a test CA embedded below) and a fake
+CONNECT proxy. Nothing reaches the network. Needs only the standard library; the optional
+checks with the official ``openai`` SDK run when it is importable (``.ci/run`` installs it in a
+throwaway venv). The last line printed is ``N passed, N failed, N skipped``.
+"""
+import ast
+import asyncio
+import contextlib
+import http.client
+import http.server
+import io
+import json
+import logging
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+import coproxy
+
+try:
+    import openai
+except ImportError:
+    openai = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COPROXY_PY = os.path.join(HERE, "coproxy.py")
+
+# ------------------------------------------------------------------------------------------
+# Wire constants: a throwaway test CA and a leaf for 127.0.0.1/localhost, valid to 2126.
+# ------------------------------------------------------------------------------------------
+
+TEST_CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBejCCASCgAwIBAgIUJp+EaXSe6CjgN63dKRJCVx2AfXgwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPY29wcm94eSB0ZXN0IENBMCAXDTI2MTEyMTExMDgxOVoYDzIx
+MjYxMDI4MTEwODE5WjAaMRgwFgYDVQQDDA9jb3Byb3h5IHRlc3QgQ0EwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAATip2tkxQeMKaEotpKt3dgg1s2sPZK2RVr91d5u
+93Qs86FjFOrRt5mPOOgevAhjSf3r8tplOOKARutAvPIZSqSUo0IwQDAPBgNVHRMB
+Af8EBTADAQH/MA4GA1UdDwEB/wQEAwIBBjAdBgNVHQ4EFgQU3woAj/duNCTuESm3
+txrkf2Snf3QwCgYIKoZIzj0EAwIDSAAwRQIhAKFHxwIwQyeCazJJIK7jlIV5nw5r
+/cqlyKV6jd2jWCpiAiAbxVVnolY1JU6egaMd99FE3mvhEntDcqYuMUjPCOv0hg==
+-----END CERTIFICATE-----
+"""
+TEST_LEAF_PEM = """-----BEGIN CERTIFICATE-----
+MIIBxjCCAWugAwIBAgIUdlQ+8rtQFjPldjYQTDd5YjwMgeEwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPY29wcm94eSB0ZXN0IENBMCAXDTI2MTEyMTExMDgxOVoYDzIx
+MjYxMDI4MTEwODE5WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAASKOU3LviZUhlyB3FI0gbUrrqu0LKyjs3AUvRKWgp5Wo51f
+tO5hKUDzpzJaL6YXjze/O9HDgrSGc8jGUNNV5jBpo4GSMIGPMAwGA1UdEwEB/wQC
+MAAwDgYDVR0PAQH/BAQDAgWgMBMGA1UdJQQMMAoGCCsGAQUFBwMBMBoGA1UdEQQT
+MBGHBH8AAAGCCWxvY2FsaG9zdDAdBgNVHQ4EFgQU/icoGpKuddXozqh8Ls4AnAEJ
+34swHwYDVR0jBBgwFoAU3woAj/duNCTuESm3txrkf2Snf3QwCgYIKoZIzj0EAwID
+SQAwRgIhAPx38vp8xSBxR8nIyPhYVj9Iqoplnx7BN13YAZzcuVwVAiEA6aTC089O
+m3KaI2NDKdxWcjJx7TMufHsG3PyNi2WSNuM=
+-----END CERTIFICATE-----
+"""
+TEST_LEAF_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgz80+Jbn9xnKdVJ3+
+FYw4Il9Pp6InW91jCQ0z2clEJ3OhRANCAASKOU3LviZUhlyB3FI0gbUrrqu0LKyj
+s3AUvRKWgp5Wo51ftO5hKUDzpzJaL6YXjze/O9HDgrSGc8jGUNNV5jBp
+-----END PRIVATE KEY-----
+"""
+
+CATALOG = [
+    {"id": "gpt-4.1", "name": "GPT-4.1", "vendor": "Azure OpenAI", "object": "model",
+     "capabilities": {"type": "chat", "family": "gpt-4.1",
+                      "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 16384},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": "claude-sonnet-4.5", "name": "Claude Sonnet 4.5", "vendor": "Anthropic", "object": "model",
+     "supported_endpoints": ["/chat/completions", "/v1/messages"], "billing": {"multiplier": 1},
+     "capabilities": {"type": "chat",
+                      "limits": {"max_context_window_tokens": 200000, "max_output_tokens": 32000},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": "gpt-4.1", "name": "GPT-4.1 (duplicate entry)", "vendor": "Azure OpenAI"},
+    {"id": "text-embedding-3-small", "name": "Embedding", "vendor": "Azure OpenAI",
+     "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512}}},
+]
+
+
+def sse(obj):
+    """One SSE event as the upstream sends it."""
+    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+
+
+def chunk(content=None, finish=None, index=0, tool_calls=None, **extra):
+    delta = {}
+    if content is not None:
+        delta["content"] = content
+    if tool_calls is not None:
+        delta["tool_calls"] = tool_calls
+    body = {"id": "chatcmpl-up", "model": "gpt-4.1", "choices": [{"index": index, "delta": delta,
+                                                                   "finish_reason": finish}]}
+    body.update(extra)
+    return sse(body)
+
+
+USAGE_CHUNK = sse({"id": "chatcmpl-up", "model": "gpt-4.1", "choices": [],
+                   "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+DONE = b"data: [DONE]\n\n"
+
+# ------------------------------------------------------------------------------------------
+# Fixtures: the fake upstream, the fake proxy, the proxy harness, HTTP helpers.
+# ------------------------------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout=5.0):
+    """Poll a cheap condition (for state set by another thread) until true or timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    @property
+    def fake(self):
+        return self.server.fake
+
+    def send_json(self, status, obj, headers=()):
+        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_text(self, status, text, headers=()):
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def start_chunked(self, status=200, content_type="text/event-stream"):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write_chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_chunked(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def wait_until_client_closes(self, timeout=5.0):
+        """True once the peer (coproxy) has closed this connection."""
+        sock = self.connection
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([sock], [], [], 0.02)
+            if readable:
+                try:
+                    if not sock.recv(1, socket.MSG_PEEK):
+                        return True
+                except OSError:
+                    return True
+        return False
+
+    def _dispatch(self, method):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        path = self.path.split("?")[0]
+        with self.fake.lock:
+            self.fake.requests.append((method, path, {k.lower(): v for k, v in self.headers.items()}, body))
+        route = self.fake.routes.get((method, path))
+        if route is None:
+            self.send_json(404, {"message": "Not Found"})
+            return
+        route(self, json.loads(body) if body[:1] in (b"{", b"[") else body)
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+
+class FakeUpstream:
+    """GitHub (device flow, /user, token exchange) and Copilot (/models, /chat/completions).
+
+    Tests change ``routes`` or the scripted fields; every request is recorded in ``requests``."""
+
+    def __init__(self, tls=False):
+        self.lock = threading.Lock()
+        self.requests = []
+        self.exchanges = 0
+        self.exchange_gate = None
+        self.token_status = 200
+        self.token_body = None
+        self.token_lifetime = 1800
+        self.refresh_in = 1500
+        self.poll_answers = []
+        self.chat_script = None
+        self.client_closed = threading.Event()
+        self.routes = {
+            ("POST", "/login/device/code"): self.device_code,
+            ("POST", "/login/oauth/access_token"): self.access_token,
+            ("GET", "/user"): lambda h, b: h.send_json(200, {"login": "octocat", "id": 1}),
+            ("GET", "/copilot_internal/v2/token"): self.token,
+            ("GET", "/copilot_internal/user"): lambda h, b: h.send_json(200, {
+                "login": "octocat", "copilot_plan": "individual", "access_type_sku": "monthly_subscriber"}),
+            ("GET", "/models"): lambda h, b: h.send_json(200, {"object": "list", "data": CATALOG}),
+            ("POST", "/chat/completions"): self.chat,
+        }
+        self.clock = time.time
+        http.server.ThreadingHTTPServer.request_queue_size = 1024  # 50 concurrent connections in tests
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
+        self.httpd.daemon_threads = True
+        self.httpd.fake = self
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            with tempfile.TemporaryDirectory() as tmp:
+                cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
+                with open(cert, "w") as f:
+                    f.write(TEST_LEAF_PEM)
+                with open(key, "w") as f:
+                    f.write(TEST_LEAF_KEY)
+                context.load_cert_chain(cert, key)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def requests_to(self, path):
+        with self.lock:
+            return [r for r in self.requests if r[1] == path]
+
+    # -- GitHub ------------------------------------------------------------------------------
+    def device_code(self, handler, body):
+        handler.send_json(200, {"device_code": "dc-123", "user_code": "ABCD-1234",
+                                "verification_uri": "https://github.com/login/device",
+                                "expires_in": 900, "interval": 5})
+
+    def access_token(self, handler, body):
+        with self.lock:
+            answer = self.poll_answers.pop(0) if self.poll_answers else (200, {"error": "authorization_pending"})
+        status, payload = answer
+        if isinstance(payload, str):
+            handler.send_text(status, payload)
+        else:
+            handler.send_json(status, payload)
+
+    def token(self, handler, body):
+        with self.lock:
+            self.exchanges += 1
+            number = self.exchanges
+        if self.exchange_gate is not None:
+            self.exchange_gate.wait(5)
+        if self.token_body is not None:
+            handler.send_json(self.token_status, self.token_body)
+            return
+        expires = int(self.clock()) + self.token_lifetime
+        handler.send_json(200, {
+            "token": "tid=test%d;exp=%d;sku=monthly_subscriber;proxy-ep=proxy.example.test:mac" % (number, expires),
+            "expires_at": expires, "refresh_in": self.refresh_in, "sku": "monthly_subscriber",
+            "endpoints": {"api": self.url}})
+
+    # -- Copilot -----------------------------------------------------------------------------
+    def chat(self, handler, payload):
+        if self.chat_script is not None:
+            self.chat_script(handler, payload)
+            return
+        last = payload["messages"][-1].get("content")
+        handler.send_json(200, {"id": "chatcmpl-up", "model": payload["model"],
+                                "choices": [{"index": 0, "finish_reason": "stop",
+                                             "message": {"role": "assistant", "content": "echo: %s" % last,
+                                                         "padding": "xxxx"}}],
+                                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    def stream(self, *items):
+        """Script a streamed chat answer: bytes are chunks, an Event is a pause until it is set,
+        'cut' closes the connection mid-answer, 'watch' waits for coproxy to hang up."""
+        def script(handler, payload):
+            handler.start_chunked()
+            for item in items:
+                if isinstance(item, bytes):
+                    handler.write_chunk(item)
+                elif isinstance(item, threading.Event):
+                    item.wait(10)
+                elif item == "cut":
+                    handler.close_connection = True
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                elif item == "watch":
+                    if handler.wait_until_client_closes():
+                        self.client_closed.set()
+                    handler.close_connection = True
+                    return
+            handler.end_chunked()
+        self.chat_script = script
+
+
+class FakeConnectProxy:
+    """An HTTP proxy that only does CONNECT tunnels; records the targets it was asked for."""
+
+    def __init__(self):
+        self.targets = []
+        self.auth_headers = []
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = self.request.recv(4096)
+                    if not data:
+                        return
+                    head += data
+                lines = head.split(b"\r\n")
+                method, target, _ = lines[0].decode().split(" ")
+                outer.auth_headers.append([l.decode() for l in lines if l.lower().startswith(b"proxy-authorization")])
+                if method != "CONNECT":
+                    self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                    return
+                outer.targets.append(target)
+                host, port = target.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                sockets = [self.request, upstream]
+                try:
+                    while True:
+                        readable, _, _ = select.select(sockets, [], [], 5)
+                        if not readable:
+                            return
+                        for sock in readable:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            (upstream if sock is self.request else self.request).sendall(data)
+                finally:
+                    upstream.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class LogCapture(logging.Handler):
+    """Collects coproxy's log lines so tests can check them (and that no token is in them)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+LOGS = LogCapture()
+
+
+def install_log_capture():
+    logger = logging.getLogger("coproxy")
+    logger.handlers[:] = [LOGS]
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
+def new_client(test, **kwargs):
+    """An UpstreamClient whose pooled sockets are closed when the test ends."""
+    kwargs.setdefault("environ", {})
+    client = coproxy.UpstreamClient(**kwargs)
+    test.addCleanup(client.close)
+    return client
+
+
+def make_config(fake, state_dir, **overrides):
+    values = {"github_url": fake.url, "github_api_url": fake.url, "state_dir": state_dir, "port": 0,
+              "github_token": "ghu_testtoken1234567890"}
+    values.update({k: v for k, v in overrides.items() if k in coproxy.OPTION_BY_DEST})
+    config = coproxy.Config.resolve(values, environ=overrides.get("environ", {}))
+    for key, value in overrides.items():
+        if key not in coproxy.OPTION_BY_DEST and key != "environ":
+            setattr(config, key, value)
+    return config
+
+
+class ProxyHarness:
+    """The real App and Server on a loop in a background thread, bound to 127.0.0.1:0."""
+
+    def __init__(self, config, app=None):
+        self.config = config
+        self.app = app or coproxy.App(config)
+        self.ready = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self.ready.wait(5):
+            raise RuntimeError("proxy did not start: %r" % self.error)
+
+    def _run(self):
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self.stop_event = asyncio.Event()
+
+            def on_ready(server):
+                self.server = server
+                self.port = server.port
+                self.ready.set()
+            await coproxy.run_server(self.config, self.app, on_ready=on_ready, stop_event=self.stop_event,
+                                     announce=False)
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surface start-up failures to the test
+            self.error = exc
+            self.ready.set()
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+            self.thread.join(15)
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=5):
+    """One request with the stdlib client: (status, headers, body bytes)."""
+    headers = dict(headers or {})
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body, headers)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def read_response(f, head_only=False):
+    """Parse one HTTP response from a buffered socket file: (status, headers, body)."""
+    status_line = f.readline()
+    if not status_line:
+        return None, {}, b""
+    status = int(status_line.split()[1])
+    headers = {}
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if head_only or status in (100, 204, 304):
+        return status, headers, b""
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int(f.readline().split(b";")[0], 16)
+            if size == 0:
+                f.readline()
+                return status, headers, body
+            body += f.read(size)
+            f.readline()
+    if "content-length" in headers:
+        return status, headers, f.read(int(headers["content-length"]))
+    return status, headers, f.read()
+
+
+class RawClient:
+    """A plain socket to the proxy, for framing tests and bytes sent in odd pieces."""
+
+    def __init__(self, port, timeout=5):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data):
+        self.sock.sendall(data)
+        return self
+
+    def response(self, head_only=False):
+        return read_response(self.file, head_only)
+
+    def closed_by_server(self):
+        try:
+            return self.file.read(1) == b""
+        except (ConnectionResetError, socket.timeout):
+            return True
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+def chat_body(content="hi", **extra):
+    body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": content}]}
+    body.update(extra)
+    return body
+
+
+def sse_data(body):
+    """The data: payloads of an SSE body, parsed as JSON where they are JSON."""
+    out = []
+    for event in coproxy.SSEDecoder().feed(body + b"\n\n"):
+        out.append(event.data if event.data == "[DONE]" else json.loads(event.data))
+    return out
+
+
+class ProxyTestCase(unittest.TestCase):
+    """A fresh fake upstream, state dir and proxy per test (each costs a few milliseconds)."""
+
+    tls = False
+    proxy_overrides = {}
+
+    def setUp(self):
+        install_log_capture()
+        LOGS.lines = []
+        self.tmp = tempfile.mkdtemp(prefix="coproxy-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.fake = FakeUpstream(tls=self.tls)
+        self.addCleanup(self.fake.close)
+        overrides = dict(self.proxy_overrides)
+        if self.tls:
+            overrides.setdefault("ca_file", self.write_file("ca.pem", TEST_CA_PEM))
+        self.proxy = self.start_proxy(**overrides)
+
+    def start_proxy(self, **overrides):
+        overrides.setdefault("ping_seconds", 5)
+        state_dir = overrides.pop("state_dir", os.path.join(self.tmp, "state"))
+        proxy = ProxyHarness(make_config(self.fake, state_dir, **overrides))
+        self.addCleanup(proxy.stop)
+        return proxy
+
+    def write_file(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def request(self, method, path, body=None, headers=None, port=None):
+        return http_request(port or self.proxy.port, method, path, body, headers)
+
+    def raw(self):
+        client = RawClient(self.proxy.port)
+        self.addCleanup(client.close)
+        return client
+
+    def assertNoSecretsLogged(self):
+        text = "\n".join(LOGS.lines)
+        self.assertNotIn("ghu_testtoken", text)
+        self.assertNotIn("tid=test", text)
+
+
+# ------------------------------------------------------------------------------------------
+# Tests, in coproxy.py's section order.
+# ------------------------------------------------------------------------------------------
+
+class TestUtilities(unittest.TestCase):
+    def test_redact_removes_every_token_shape(self):
+        text = ("gho_abcdefghijklmnop ghu_1234567890abcdef github_pat_11ABCDEFG0123 "
+                "tid=abc;exp=1;sku=x:mac Bearer abcdefghijklmnopqrstuvwxyz token 0123456789abcdef")
+        out = coproxy.redact(text)
+        for secret in ("gho_abc", "ghu_123", "github_pat_11", "tid=abc", "abcdefghijklmnopqrstuvwxyz",
+                       "0123456789abcdef"):
+            self.assertNotIn(secret, out)
+        self.assertEqual(coproxy.redact("plain words stay"), "plain words stay")
+
+    def test_loopback_detection(self):
+        for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
+            self.assertTrue(coproxy.is_loopback_host(host), host)
+        for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):
+            self.assertFalse(coproxy.is_loopback_host(host), host)
+
+    def test_parse_json_object_rejects_non_objects_and_bombs(self):
+        self.assertEqual(coproxy.parse_json_object(b'{"a":1}'), {"a": 1})
+        for raw in (b"[1]", b"nope", b"", b"[" * 100000):
+            with self.assertRaises(coproxy.ClientError) as ctx:
+                coproxy.parse_json_object(raw)
+            self.assertEqual(ctx.exception.status, 400)
+
+    def test_format_duration(self):
+        self.assertEqual(coproxy.format_duration(9), "9s")
+        self.assertEqual(coproxy.format_duration(845), "14m 05s")
+        self.assertEqual(coproxy.format_duration(3720), "1h 02m")
+
+
+class TestConfig(unittest.TestCase):
+    def test_precedence_flag_then_env_then_default(self):
+        env = {"COPROXY_PORT": "9000", "GHCP_PROXY_API_KEY": "from-env", "COPROXY_STATE_DIR": "/tmp/x"}
+        config = coproxy.Config.resolve({"port": 7000}, environ=env)
+        self.assertEqual((config.port, config.api_key, config.state_dir), (7000, "from-env", "/tmp/x"))
+        config = coproxy.Config.resolve({}, environ=env)
+        self.assertEqual(config.port, 9000)
+        self.assertEqual(coproxy.Config.resolve({}, environ={}).port, 8080)
+
+    def test_github_token_source_is_remembered(self):
+        config = coproxy.Config.resolve({}, environ={"GHCP_GITHUB_TOKEN": " ghu_x \n"})
+        self.assertEqual((config.github_token, config.github_token_source), ("ghu_x", "GHCP_GITHUB_TOKEN"))
+        config = coproxy.Config.resolve({"github_token": "ghu_y"}, environ={"GHCP_GITHUB_TOKEN": "ghu_x"})
+        self.assertEqual((config.github_token, config.github_token_source), ("ghu_y", "--github-token"))
+
+    def test_bad_env_values_name_the_variable(self):
+        for env in ({"COPROXY_PORT": "eighty"}, {"COPROXY_NO_AUTO_LOGIN": "maybe"},
+                    {"COPROXY_COPILOT_API_URL": "ftp://x"}, {"COPROXY_LOG_LEVEL": "loud"}):
+            with self.assertRaises(coproxy.ConfigError) as ctx:
+                coproxy.Config.resolve({}, environ=env)
+            self.assertIn(list(env)[0], str(ctx.exception))
+
+    def test_defaults_point_at_real_github(self):
+        config = coproxy.Config.resolve({}, environ={})
+        self.assertEqual(config.github_url, coproxy.DEFAULT_GITHUB_URL)
+        self.assertEqual(config.github_api_url, coproxy.DEFAULT_GITHUB_API_URL)
+        self.assertIsNone(config.copilot_api_url)
+        self.assertEqual(config.host, "127.0.0.1")
+
+    def test_ghe_host_switches_hosts(self):
+        config = coproxy.Config.resolve({"github_host": "Acme.ghe.com"}, environ={})
+        self.assertEqual(config.github_url, "https://acme.ghe.com")
+        self.assertEqual(config.github_api_url, "https://api.acme.ghe.com")
+        with self.assertRaises(coproxy.ConfigError):
+            coproxy.Config.resolve({"github_host": "https://acme.ghe.com"}, environ={})
+
+    def test_state_dir_per_platform(self):
+        home = os.path.expanduser("~")
+        self.assertEqual(coproxy.default_state_dir("linux", {"XDG_STATE_HOME": "/x"}), "/x/coproxy")
+        self.assertEqual(coproxy.default_state_dir("linux", {}), os.path.join(home, ".local", "state", "coproxy"))
+        self.assertEqual(coproxy.default_state_dir("darwin", {}),
+                         os.path.join(home, "Library", "Application Support", "coproxy"))
+        self.assertEqual(coproxy.default_state_dir("win32", {"APPDATA": "C:\\\\AD"}),
+                         os.path.join("C:\\\\AD", "coproxy", "config"))
+
+
+@unittest.skipIf(os.name != "posix", "file modes are POSIX")
+class TestTokenStore(unittest.TestCase):
+    def setUp(self):
+        install_log_capture()
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.store = coproxy.TokenStore(os.path.join(self.dir, "state"))
+
+    def mode(self, path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    def test_files_0600_in_0700_dir_even_with_a_loose_umask(self):
+        old = os.umask(0)
+        try:
+            self.store.save_github_token("ghu_abc")
+            self.store.save_copilot_token({"token": "t", "expires_at": 1})
+        finally:
+            os.umask(old)
+        self.assertEqual(self.mode(self.store.auth_dir), 0o700)
+        self.assertEqual(self.mode(self.store.github_token_path), 0o600)
+        self.assertEqual(self.mode(self.store.copilot_token_path), 0o600)
+        self.assertEqual(self.store.load_github_token(), "ghu_abc")
+
+    def test_atomic_replace_leaves_no_temp_files(self):
+        for i in range(5):
+            self.store.save_copilot_token({"token": "t%d" % i, "expires_at": i})
+        self.assertEqual(sorted(os.listdir(self.store.auth_dir)), ["ghcp-token.json"])
+        self.assertEqual(self.store.load_copilot_token()["token"], "t4")
+
+    def test_corrupt_empty_or_partial_files_read_as_absent(self):
+        os.makedirs(self.store.auth_dir)
+        for text in ("", "   \n", "{not json", "[1,2]", '{"token": 5, "expires_at": 1}', '{"token": "x"}'):
+            with open(self.store.copilot_token_path, "w") as f:
+                f.write(text)
+            self.assertIsNone(self.store.load_copilot_token(), text)
+        with open(self.store.github_token_path, "w") as f:
+            f.write("\n")
+        self.assertIsNone(self.store.load_github_token())
+        with open(self.store.github_token_path, "wb") as f:
+            f.write(b"\xff\xfe\x00")
+        self.assertIsNone(self.store.load_github_token())
+
+    def test_reads_files_written_by_the_rust_coproxy(self):
+        os.makedirs(self.store.auth_dir)
+        with open(self.store.github_token_path, "w") as f:
+            f.write("gho_fromrust\n")
+        with open(self.store.copilot_token_path, "w") as f:
+            json.dump({"token": "tid=1;exp=2", "expires_at": 4102444800,
+                       "api_endpoint": "https://api.individual.githubcopilot.com"}, f)
+        os.chmod(self.store.github_token_path, 0o600)
+        os.chmod(self.store.copilot_token_path, 0o600)
+        self.assertEqual(self.store.load_github_token(), "gho_fromrust")
+        record = self.store.load_copilot_token()
+        self.assertEqual(record["api_endpoint"], "https://api.individual.githubcopilot.com")
+
+    def test_loose_permissions_are_tightened_with_a_warning(self):
+        self.store.save_github_token("ghu_abc")
+        os.chmod(self.store.github_token_path, 0o644)
+        LOGS.lines = []
+        self.assertEqual(self.store.load_github_token(), "ghu_abc")
+        self.assertEqual(self.mode(self.store.github_token_path), 0o600)
+        self.assertTrue(any("readable by others" in line for line in LOGS.lines))
+
+    def test_clear_removes_both(self):
+        self.store.save_github_token("ghu_abc")
+        self.store.save_copilot_token({"token": "t", "expires_at": 1})
+        self.assertEqual(len(self.store.clear()), 2)
+        self.assertEqual(self.store.clear(), [])
+
+
+class TestUpstreamClient(unittest.TestCase):
+    def setUp(self):
+        install_log_capture()
+        self.fake = FakeUpstream()
+        self.addCleanup(self.fake.close)
+
+    def test_keep_alive_one_connection_for_many_requests(self):
+        client = new_client(self)
+        for _ in range(20):
+            status, data, _, _ = client.request_json("GET", self.fake.url + "/user", {})
+            self.assertEqual((status, data["login"]), (200, "octocat"))
+        self.assertEqual(client.connections_opened, 1)
+
+    def test_stale_pooled_connection_is_retried_once(self):
+        def answer_then_hang_up(handler, body):  # keep-alive promised, then closed (as an edge proxy may)
+            handler.send_json(200, {"login": "first"})
+            handler.close_connection = True
+        self.fake.routes[("GET", "/user")] = answer_then_hang_up
+        client = new_client(self)
+        self.assertEqual(client.request_json("GET", self.fake.url + "/user", {})[1]["login"], "first")
+        with client._lock:
+            conn = client._pools[("http", "127.0.0.1", self.fake.port)][0][0]
+        self.assertTrue(select.select([conn.sock], [], [], 5)[0])  # the server's FIN has arrived
+        self.fake.routes[("GET", "/user")] = lambda h, b: h.send_json(200, {"login": "again"})
+        status, data, _, _ = client.request_json("GET", self.fake.url + "/user", {})
+        self.assertEqual((status, data["login"]), (200, "again"))
+        self.assertEqual(client.connections_opened, 2)
+        self.assertEqual(len(self.fake.requests_to("/user")), 2)
+
+    def test_no_retry_once_response_bytes_arrived(self):
+        def half_answer(handler, body):
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        self.fake.routes[("POST", "/chat/completions")] = half_answer
+        client = new_client(self)
+        client.request_json("GET", self.fake.url + "/user", {})  # a pooled connection exists
+        with self.assertRaises(coproxy.UpstreamUnreachable):
+            client.request_json("POST", self.fake.url + "/chat/completions", {}, {"x": 1})
+        self.assertEqual(len(self.fake.requests_to("/chat/completions")), 1)
+
+    def test_unreachable_host_names_the_cause(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        client = new_client(self, connect_timeout=2)
+        with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+            client.request("GET", "http://127.0.0.1:%d/x" % port, {})
+        self.assertIn("refused", str(ctx.exception))
+
+    def test_no_proxy_rules(self):
+        match = coproxy._no_proxy_matches
+        self.assertTrue(match("api.github.com", 443, "github.com"))
+        self.assertTrue(match("api.github.com", 443, ".github.com"))
+        self.assertTrue(match("x.y", 443, "*"))
+        self.assertTrue(match("127.0.0.1", 8080, "localhost, 127.0.0.1:8080"))
+        self.assertFalse(match("127.0.0.1", 9090, "127.0.0.1:8080"))
+        self.assertFalse(match("notgithub.com", 443, "github.com"))
+        env = {"HTTPS_PROXY": "http://user:p%40ss@proxy.local:3128", "NO_PROXY": "internal"}
+        host, port, auth = coproxy.proxy_for("https://api.github.com/x", env)
+        self.assertEqual((host, port), ("proxy.local", 3128))
+        self.assertEqual(auth, "Basic dXNlcjpwQHNz")
+        self.assertIsNone(coproxy.proxy_for("https://svc.internal/x", env))
+        self.assertIsNone(coproxy.proxy_for("http://api.github.com/x", env))
+
+
+class TestUpstreamTLS(unittest.TestCase):
+    def setUp(self):
+        install_log_capture()
+        self.fake = FakeUpstream(tls=True)
+        self.addCleanup(self.fake.close)
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.ca = os.path.join(self.tmp, "ca.pem")
+        with open(self.ca, "w") as f:
+            f.write(TEST_CA_PEM)
+
+    def test_ca_file_is_trusted_and_one_handshake_serves_many_requests(self):
+        client = new_client(self, ca_file=self.ca)
+        for _ in range(10):
+            status, data, _, _ = client.request_json("GET", self.fake.url + "/user", {})
+            self.assertEqual(status, 200)
+        self.assertEqual(client.connections_opened, 1)
+
+    def test_untrusted_certificate_message_names_ca_file(self):
+        client = new_client(self)
+        with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+            client.request("GET", self.fake.url + "/user", {})
+        self.assertIn("--ca-file", str(ctx.exception))
+
+    def test_https_proxy_connect_tunnel(self):
+        proxy = FakeConnectProxy()
+        self.addCleanup(proxy.close)
+        env = {"HTTPS_PROXY": "http://u:pw@127.0.0.1:%d" % proxy.port}
+        client = new_client(self, ca_file=self.ca, environ=env)
+        for _ in range(3):
+            status, data, _, _ = client.request_json("GET", self.fake.url + "/user", {})
+            self.assertEqual((status, data["login"]), (200, "octocat"))
+        self.assertEqual(proxy.targets, ["127.0.0.1:%d" % self.fake.port])  # one tunnel, kept alive
+        self.assertEqual(proxy.auth_headers[0], ["Proxy-Authorization: Basic dTpwdw=="])
+        bypass = new_client(self, ca_file=self.ca, environ=dict(env, NO_PROXY="127.0.0.1"))
+        bypass.request_json("GET", self.fake.url + "/user", {})
+        self.assertEqual(len(proxy.targets), 1)
+
+
+class TestDeviceFlow(unittest.TestCase):
+    def setUp(self):
+        install_log_capture()
+        self.fake = FakeUpstream()
+        self.addCleanup(self.fake.close)
+        self.sleeps = []
+        self.now = [0.0]
+
+        def sleep(seconds):
+            self.sleeps.append(seconds)
+            self.now[0] += seconds
+        self.flow = coproxy.DeviceFlow(new_client(self), self.fake.url, sleep=sleep,
+                                       clock=lambda: self.now[0])
+
+    def run_flow(self, *answers):
+        self.fake.poll_answers = list(answers)
+        return self.flow.poll(self.flow.start())
+
+    def test_pending_then_success(self):
+        self.assertEqual(self.flow.start()["user_code"], "ABCD-1234")
+        token = self.run_flow((400, {"error": "authorization_pending"}), (200, {"error": "authorization_pending"}),
+                              (200, {"access_token": "ghu_new", "token_type": "bearer"}))
+        self.assertEqual(token, "ghu_new")
+        self.assertEqual(self.sleeps, [5, 5, 5])
+        body = json.loads(self.fake.requests_to("/login/oauth/access_token")[0][3])
+        self.assertEqual(body["grant_type"], "urn:ietf:params:oauth:grant-type:device_code")
+        self.assertEqual(body["client_id"], "Iv1.b507a08c87ecfe98")
+
+    def test_slow_down_adds_five_seconds_for_good(self):
+        self.run_flow((200, {"error": "slow_down"}), (200, {"error": "authorization_pending"}),
+                      (200, {"error": "slow_down", "interval": 20}), (200, {"error": "authorization_pending"}),
+                      (200, {"access_token": "ghu_x"}))
+        self.assertEqual(self.sleeps, [5, 10, 10, 20, 20])
+
+    def test_expired_denied_and_unknown_errors_stop(self):
+        for answer, code in (({"error": "expired_token"}, "expired_token"),
+                             ({"error": "access_denied"}, "access_denied"),
+                             ({"error": "device_flow_disabled", "error_description": "nope"}, "device_flow_disabled")):
+            with self.assertRaises(coproxy.AuthError) as ctx:
+                self.run_flow((400, answer))
+            self.assertEqual(ctx.exception.code, code)
+
+    def test_deadline_stops_polling(self):
+        self.fake.routes[("POST", "/login/device/code")] = lambda h, b: h.send_json(200, {
+            "device_code": "d", "user_code": "U-1", "verification_uri": "https://x", "expires_in": 12, "interval": 5})
+        with self.assertRaises(coproxy.AuthError) as ctx:
+            self.run_flow()
+        self.assertEqual(ctx.exception.code, "expired_token")
+        self.assertLessEqual(sum(self.sleeps), 12.01)
+
+    def test_form_encoded_answer_is_understood(self):
+        self.assertEqual(self.run_flow((200, "access_token=ghu_form&token_type=bearer")), "ghu_form")
+
+    def test_refused_start_is_reported(self):
+        self.fake.routes[("POST", "/login/device/code")] = lambda h, b: h.send_json(
+            404, {"error": "Not Found", "error_description": "client unknown"})
+        with self.assertRaises(coproxy.AuthError) as ctx:
+            self.flow.start()
+        self.assertIn("404", str(ctx.exception))
+
+
+class TestCopilotAuth(unittest.TestCase):
+    def setUp(self):
+        install_log_capture()
+        self.fake = FakeUpstream()
+        self.addCleanup(self.fake.close)
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.now = [time.time()]
+        self.fake.clock = lambda: self.now[0]
+        self.auth = self.make_auth()
+
+    def make_auth(self, **overrides):
+        config = make_config(self.fake, self.tmp, **overrides)
+        store = coproxy.TokenStore(self.tmp)
+        return coproxy.CopilotAuth(config, store, new_client(self), clock=lambda: self.now[0])
+
+    def test_exchange_is_cached_in_memory_and_on_disk(self):
+        record = self.auth.copilot_token()
+        self.assertTrue(record["token"].startswith("tid=test1"))
+        self.assertEqual(self.auth.copilot_token()["token"], record["token"])
+        self.assertEqual(self.fake.exchanges, 1)
+        headers = self.fake.requests_to("/copilot_internal/v2/token")[0][2]
+        self.assertEqual(headers["authorization"], "token ghu_testtoken1234567890")
+        self.assertTrue(headers["editor-version"].startswith("vscode/"))
+        self.assertIn("user-agent", headers)
+        # A second process (new CopilotAuth) reuses the saved token.
+        self.assertEqual(self.make_auth().copilot_token()["token"], record["token"])
+        self.assertEqual(self.fake.exchanges, 1)
+        self.assertEqual(self.auth.api_base(record), self.fake.url)
+
+    def test_saved_token_of_another_github_token_is_not_reused(self):
+        self.auth.copilot_token()
+        other = self.make_auth(github_token="ghu_someoneelse123456")
+        other.copilot_token()
+        self.assertEqual(self.fake.exchanges, 2)
+
+    def test_refresh_margin_and_refresh_in(self):
+        self.auth.copilot_token()
+        self.now[0] += 1499  # refresh_in is 1500
+        self.auth.copilot_token()
+        self.assertEqual(self.fake.exchanges, 1)
+        self.now[0] += 2
+        self.auth.copilot_token()
+        self.assertEqual(self.fake.exchanges, 2)
+        # Without refresh_in, the 5-minute margin before expires_at decides.
+        self.fake.refresh_in = 0
+        self.auth.copilot_token(force=True)
+        self.now[0] += 1800 - 301
+        self.auth.copilot_token()
+        self.assertEqual(self.fake.exchanges, 3)
+        self.now[0] += 2
+        self.auth.copilot_token()
+        self.assertEqual(self.fake.exchanges, 4)
+
+    def test_single_flight_under_50_threads(self):
+        self.auth.copilot_token()
+        self.now[0] += 3600  # expired
+        gate = self.fake.exchange_gate = threading.Event()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(self.auth.copilot_token()["token"]))
+                   for _ in range(50)]
+        for t in threads:
+            t.start()
+        self.assertTrue(wait_for(lambda: self.fake.exchanges == 2))
+        gate.set()
+        for t in threads:
+            t.join(10)
+        self.assertEqual(self.fake.exchanges, 2)
+        self.assertEqual(len(set(results)), 1)
+        self.assertEqual(len(results), 50)
+
+    def test_invalidate_only_drops_the_failed_token(self):
+        first = self.auth.copilot_token()["token"]
+        second = self.auth.copilot_token(force=True)["token"]
+        self.auth.invalidate(first)  # a late 401 for an old token changes nothing
+        self.assertEqual(self.auth.copilot_token()["token"], second)
+        self.auth.invalidate(second)
+        self.assertNotEqual(self.auth.copilot_token()["token"], second)
+        self.assertEqual(self.fake.exchanges, 3)
+
+    def exchange_error(self, status, body, token="ghu_testtoken1234567890"):
+        self.fake.token_status, self.fake.token_body = status, body
+        with self.assertRaises(coproxy.AuthError) as ctx:
+            self.make_auth(github_token=token).copilot_token()
+        self.assertNotIn(token, str(ctx.exception))
+        return ctx.exception
+
+    def test_exchange_errors_name_cause_and_fix(self):
+        exc = self.exchange_error(403, {"message": "x", "error_details": {
+            "notification_id": "no_copilot_access", "url": "https://github.com/features/copilot"}})
+        self.assertEqual(exc.code, "no_copilot_access")
+        self.assertIn("no Copilot subscription", str(exc))
+        self.assertIn("https://github.com/features/copilot", str(exc))
+        exc = self.exchange_error(404, {"message": "Not Found"}, token="ghp_classicpat1234567890")
+        self.assertEqual(exc.code, "personal_access_token")
+        self.assertIn("auth login", str(exc))
+        exc = self.exchange_error(404, {"message": "Not Found"})
+        self.assertIn("no Copilot seat", str(exc))
+        exc = self.exchange_error(401, {"message": "Bad credentials"})
+        self.assertEqual(exc.code, "github_token_invalid")
+        exc = self.exchange_error(403, {"message": "API rate limit exceeded for user ID 1."})
+        self.assertEqual(exc.code, "rate_limited")
+
+    def test_network_error_during_exchange(self):
+        self.fake.close()
+        with self.assertRaises(coproxy.AuthError) as ctx:
+            self.auth.copilot_token()
+        self.assertEqual(ctx.exception.code, "network")
+
+    def test_not_logged_in(self):
+        auth = self.make_auth(github_token=None)
+        auth.config.github_token = None
+        with self.assertRaises(coproxy.AuthError) as ctx:
+            auth.copilot_token()
+        self.assertIn("auth login", str(ctx.exception))
+
+    def test_api_base_fallbacks(self):
+        self.assertEqual(self.auth._api_base_from({"token": "tid=1;proxy-ep=proxy.business.githubcopilot.com;x=1"}),
+                         "https://api.business.githubcopilot.com")
+        self.assertEqual(self.auth._api_base_from({"token": "tid=1"}), "https://api.githubcopilot.com")
+        ghe = self.make_auth(github_host="acme.ghe.com")
+        self.assertEqual(ghe._api_base_from({"token": "tid=1"}), "https://copilot-api.acme.ghe.com")
+        override = self.make_auth(copilot_api_url="http://127.0.0.1:1/")
+        self.assertEqual(override.api_base({"token": "t", "api_endpoint": "https://x"}), "http://127.0.0.1:1")
+
+
+class TestSSECodec(unittest.TestCase):
+    TRANSCRIPT = (b": comment\r\ndata: {\"a\": 1}\r\n\r\nevent: message_start\ndata: line one\ndata: line two\n\n"
+                  b"data: caf\xc3\xa9 \xe2\x82\xac\r\rdata: [DONE]\n\n")
+    EXPECTED = [(None, '{"a": 1}'), ("message_start", "line one\nline two"), (None, "caf\u00e9 \u20ac"),
+                (None, "[DONE]")]
+
+    def decode(self, pieces):
+        decoder = coproxy.SSEDecoder()
+        events = []
+        for piece in pieces:
+            events.extend(decoder.feed(piece))
+        events.extend(decoder.finish())
+        return [(e.event, e.data) for e in events]
+
+    def test_every_split_point(self):
+        data = self.TRANSCRIPT
+        for cut in range(len(data) + 1):
+            self.assertEqual(self.decode([data[:cut], data[cut:]]), self.EXPECTED, cut)
+
+    def test_random_splits_and_single_bytes(self):
+        rng = random.Random(1234)
+        data = self.TRANSCRIPT
+        for _ in range(200):
+            cuts = sorted(rng.sample(range(1, len(data)), 5))
+            pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+            self.assertEqual(self.decode(pieces), self.EXPECTED)
+        self.assertEqual(self.decode([bytes([b]) for b in data]), self.EXPECTED)
+
+    def test_stream_without_final_blank_line(self):
+        self.assertEqual(self.decode([b"data: x"]), [(None, "x")])
+        self.assertEqual(self.decode([b"data: x\r"]), [(None, "x")])
+
+    def test_encode(self):
+        self.assertEqual(coproxy.encode_sse(b"{}"), b"data: {}\n\n")
+        self.assertEqual(coproxy.encode_sse(b"{}", "ping"), b"event: ping\ndata: {}\n\n")
+
+
+class TestTranslateOpenAI(unittest.TestCase):
+    def test_initiator_follows_the_last_message(self):
+        user = {"role": "user", "content": "q"}
+        self.assertEqual(coproxy.chat_initiator([user]), "user")
+        self.assertEqual(coproxy.chat_initiator([user, {"role": "assistant", "content": "a"}, user]), "user")
+        self.assertEqual(coproxy.chat_initiator([user, {"role": "assistant", "tool_calls": []}]), "agent")
+        self.assertEqual(coproxy.chat_initiator([user, {"role": "tool", "content": "r"}]), "agent")
+
+    def test_vision_anywhere_in_history(self):
+        image = {"role": "user", "content": [{"type": "text", "text": "see"},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}
+        self.assertTrue(coproxy.messages_have_image([image, {"role": "assistant", "content": "ok"},
+                                                     {"role": "user", "content": "more"}]))
+        self.assertFalse(coproxy.messages_have_image([{"role": "user", "content": [{"type": "text", "text": "x"}]}]))
+
+    def test_prepare_validates_and_fills_model(self):
+        request = coproxy.prepare_chat_request({"messages": [{"role": "user", "content": "x"}]}, "gpt-4.1")
+        self.assertEqual(request.model, "gpt-4.1")
+        self.assertFalse(request.stream)
+        request = coproxy.prepare_chat_request({"model": "m", "stream": True, "n": 2,
+                                                "stream_options": {"include_usage": True},
+                                                "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((request.stream, request.include_usage, request.merge_choices), (True, True, False))
+        for bad in ({"messages": []}, {"model": "m"}, {"model": "m", "messages": ["x"]},
+                    {"messages": [{"role": "user", "content": "x"}]}):
+            with self.assertRaises(coproxy.ClientError):
+                coproxy.prepare_chat_request(bad)
+
+    def test_split_claude_choices_are_merged(self):
+        data = {"id": "x", "model": "claude-sonnet-4.5", "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Let me look."}},
+            {"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
+                {"id": "t1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}}]}
+        out = coproxy.normalize_chat_response(data, "claude-sonnet-4.5", True, 1700000000)
+        self.assertEqual(len(out["choices"]), 1)
+        choice = out["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(choice["message"]["content"], "Let me look.")
+        self.assertEqual(choice["message"]["tool_calls"][0]["id"], "t1")
+        self.assertEqual((out["object"], out["created"]), ("chat.completion", 1700000000))
+        self.assertEqual(out["usage"], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+
+    def feed(self, normalizer, *raw_events):
+        frames = []
+        for raw in raw_events:
+            for event in coproxy.SSEDecoder().feed(raw):
+                frames.extend(normalizer.feed(event.data))
+        return frames
+
+    def test_stream_usage_only_when_asked(self):
+        events = [chunk("Hi", usage=None), chunk(None, "stop"), USAGE_CHUNK, DONE]
+        for include in (False, True):
+            normalizer = coproxy.ChatStreamNormalizer("gpt-4.1", include, True, 1700000000)
+            frames = self.feed(normalizer, *events) + normalizer.finish()
+            data = sse_data(b"".join(frames))
+            self.assertEqual(data[-1], "[DONE]")
+            usage_chunks = [d for d in data[:-1] if d.get("usage")]
+            self.assertEqual(len(usage_chunks), 1 if include else 0)
+            if include:
+                self.assertEqual(usage_chunks[0]["choices"], [])
+                self.assertEqual(usage_chunks[0]["usage"]["total_tokens"], 7)
+            for d in data[:-1]:
+                self.assertEqual(d["object"], "chat.completion.chunk")
+                self.assertEqual(d["created"], 1700000000)
+
+    def test_stream_split_choices_merged_with_one_finish(self):
+        normalizer = coproxy.ChatStreamNormalizer("claude", False, True, 1)
+        frames = self.feed(normalizer, chunk("Looking", index=0), chunk(None, "stop", index=0),
+                           chunk(None, index=1, tool_calls=[{"index": 0, "id": "t1", "type": "function",
+                                                             "function": {"name": "ls", "arguments": ""}}]),
+                           chunk(None, index=1, tool_calls=[{"index": 0, "function": {"arguments": "{}"}}]),
+                           chunk(None, "tool_calls", index=1), DONE)
+        data = sse_data(b"".join(frames + normalizer.finish()))
+        finishes = [c["finish_reason"] for d in data[:-1] for c in d["choices"] if c.get("finish_reason")]
+        self.assertEqual(finishes, ["tool_calls"])
+        self.assertTrue(all(c["index"] == 0 for d in data[:-1] for c in d["choices"]))
+
+    def test_stream_error_chunk_and_truncation(self):
+        normalizer = coproxy.ChatStreamNormalizer("m", False, True, 1)
+        frames = self.feed(normalizer, chunk("a"), sse({"error": {"message": "boom", "code": "server_error"}}))
+        error = sse_data(b"".join(frames))[-1]["error"]
+        self.assertEqual((error["message"], error["code"]), ("boom", "server_error"))
+        self.assertEqual(normalizer.finish(), [])
+        normalizer = coproxy.ChatStreamNormalizer("m", False, True, 1)
+        self.feed(normalizer, chunk("a"))
+        self.assertIn("before the answer was complete", sse_data(b"".join(normalizer.finish()))[0]["error"]["message"])
+
+    def test_upstream_error_unwrapping(self):
+        message, fields = coproxy.upstream_error_message(
+            b'{"error":{"message":"prompt token count of 139639 exceeds the limit of 128000",'
+            b'"code":"model_max_prompt_tokens_exceeded"}}')
+        self.assertEqual(message, "prompt token count of 139639 exceeds the limit of 128000")
+        self.assertEqual(fields["code"], "model_max_prompt_tokens_exceeded")
+        self.assertEqual(coproxy.upstream_error_message(b"unauthorized: token expired\n")[0],
+                         "unauthorized: token expired")
+        self.assertEqual(coproxy.upstream_error_message(b'{"message":"rate limit exceeded","code":"rate_limited"}')[0],
+                         "rate limit exceeded")
+
+
+def read_chunk(f):
+    """The next chunk of a chunked body from a buffered socket file (b"" for the last one)."""
+    size = int(f.readline().split(b";")[0], 16)
+    data = f.read(size)
+    f.readline()
+    return data
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def post(path, body, extra=b""):
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path.encode(), len(body), extra, body))
+
+
+class TestRequestParsing(ProxyTestCase):
+    proxy_overrides = {"max_body_mb": 1.0 / 1024}  # 1 KiB
+
+    CASES = [
+        ("HTTP/2 request", b"GET /healthz HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+        ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+        ("bad version", b"GET /healthz FOO/1.1\r\nHost: t\r\n\r\n", 400),
+        ("double space", b"GET  /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        ("bad method chars", b"G@T /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        ("unknown method", b"BREW /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 501),
+        ("bad target", b"GET healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        ("long request line", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        ("huge headers", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 40000 + b"\r\n\r\n", 431),
+        ("too many headers", b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431),
+        ("obs-fold", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n  folded\r\n\r\n", 400),
+        ("space in name", b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: 1\r\n\r\n", 400),
+        ("space before colon", b"GET /healthz HTTP/1.1\r\nHost : t\r\n\r\n", 400),
+        ("duplicate Host", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        ("TE and CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        ("conflicting CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                           b"Content-Length: 6\r\n\r\nhello", 400),
+        ("non-numeric CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5x\r\n\r\n", 400),
+        ("negative CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", 400),
+        ("21-digit CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1" + b"0" * 20
+                        + b"\r\n\r\n", 400),
+        ("gzip TE", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        ("TE on 1.0", b"POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        ("CL over the cap", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 52428800\r\n\r\n", 413),
+        ("bad chunk size", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"zz\r\n", 400),
+        ("chunk without CRLF", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"2\r\nabXX", 400),
+        ("long chunk line", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"1;" + b"x" * 2000 + b"\r\n", 400),
+        ("chunked over the cap", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + b"200\r\n" + b"a" * 512 + b"\r\n" + b"200\r\n" + b"a" * 512 + b"\r\n"
+                                 + b"1\r\na\r\n0\r\n\r\n", 413),
+        ("control char in value", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: a\x00b\r\n\r\n", 400),
+    ]
+
+    def test_malformed_requests_get_exact_status_json_and_close(self):
+        for name, data, status in self.CASES:
+            with self.subTest(name):
+                client = self.raw().send(data)
+                got, headers, body = client.response()
+                self.assertEqual(got, status)
+                self.assertEqual(headers.get("connection"), "close")
+                self.assertIn("message", json.loads(body)["error"])
+                self.assertTrue(client.closed_by_server())
+        # the server is unharmed
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+
+    def test_json_errors_in_the_body(self):
+        for body, fragment in ((b"{bad", "not valid JSON"), (b"[]", "JSON object"),
+                               (b'{"model":"m","messages":"x"}', "messages")):
+            status, _, data = self.request("POST", "/v1/chat/completions", body)
+            self.assertEqual(status, 400)
+            error = json.loads(data)["error"]
+            self.assertEqual(error["type"], "invalid_request_error")
+            self.assertIn(fragment, error["message"])
+
+
+class TestServerFraming(ProxyTestCase):
+    proxy_overrides = {"header_timeout": 0.3, "idle_timeout": 0.3}
+
+    def test_keep_alive_and_pipelining_in_order(self):
+        client = self.raw()
+        client.send(HEALTH + post("/v1/chat/completions", json.dumps(chat_body("one")).encode())
+                    + b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n"
+                    + post("/chat/completions", json.dumps(chat_body("two")).encode()))
+        statuses = []
+        for expected in ("status", "one", "object", "two"):
+            status, headers, body = client.response()
+            statuses.append(status)
+            self.assertIn(expected, body.decode())
+        self.assertEqual(statuses, [200, 200, 200, 200])
+        client.send(HEALTH)
+        self.assertEqual(client.response()[0], 200)
+
+    def test_one_byte_at_a_time(self):
+        client = self.raw()
+        for byte in post("/v1/chat/completions", json.dumps(chat_body("slow")).encode()):
+            client.sock.sendall(bytes([byte]))
+        status, _, body = client.response()
+        self.assertEqual(status, 200)
+        self.assertIn("echo: slow", body.decode())
+
+    def test_chunked_request_body(self):
+        payload = json.dumps(chat_body("chunky")).encode()
+        pieces = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in (payload[:10], payload[10:]))
+        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + pieces + b"0\r\nX-Trailer: 1\r\n\r\n" + HEALTH)
+        status, _, body = client.response()
+        self.assertEqual(status, 200)
+        self.assertIn("echo: chunky", body.decode())
+        self.assertEqual(client.response()[0], 200)
+
+    def test_expect_100_continue(self):
+        payload = json.dumps(chat_body("cont")).encode()
+        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(payload))
+        self.assertEqual(client.response()[0], 100)
+        client.send(payload)
+        status, _, body = client.response()
+        self.assertEqual(status, 200)
+        self.assertIn("echo: cont", body.decode())
+
+    def test_expect_100_continue_not_sent_when_rejected(self):
+        proxy = self.start_proxy(api_key="k")
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
+        self.assertEqual(client.response()[0], 401)
+        self.assertTrue(client.closed_by_server())
+
+    def test_head_and_errors(self):
+        client = self.raw().send(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, body = client.response(head_only=True)
+        self.assertEqual(status, 200)
+        self.assertGreater(int(headers["content-length"]), 10)
+        client.send(HEALTH)
+        self.assertEqual(client.response()[0], 200)  # nothing stray was sent after the HEAD answer
+        status, _, body = self.request("GET", "/v2/nothing")
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "unknown_url")
+        status, headers, body = self.request("GET", "/v1/chat/completions")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers["Allow"], "POST")
+        self.assertEqual(self.request("OPTIONS", "/v1/models")[0], 204)
+
+    def test_header_timeout_answers_408(self):
+        client = self.raw().send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        status, headers, body = client.response()
+        self.assertEqual(status, 408)
+        self.assertTrue(client.closed_by_server())
+
+    def test_idle_keep_alive_connection_is_closed_silently(self):
+        client = self.raw().send(HEALTH)
+        self.assertEqual(client.response()[0], 200)
+        self.assertEqual(client.file.read(1), b"")  # closed, no 408 for an idle connection
+
+    def test_http_1_0_closes_unless_keep_alive(self):
+        client = self.raw().send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        status, headers, _ = client.response()
+        self.assertEqual((status, headers.get("connection")), (200, "close"))
+        self.assertTrue(client.closed_by_server())
+        client = self.raw().send(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, _ = client.response()
+        self.assertEqual(headers.get("connection"), "keep-alive")
+        client.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        self.assertEqual(client.response()[0], 200)
+
+    def test_connection_close_is_honoured(self):
+        client = self.raw().send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        self.assertEqual(client.response()[1].get("connection"), "close")
+        self.assertTrue(client.closed_by_server())
+
+
+class TestEndToEnd(ProxyTestCase):
+    def chat(self, body=None, headers=None, port=None):
+        status, response_headers, data = self.request("POST", "/v1/chat/completions", body or chat_body(), headers,
+                                                       port=port)
+        return status, response_headers, json.loads(data)
+
+    def open_stream(self, body):
+        client = self.raw()
+        client.send(post("/v1/chat/completions", json.dumps(body).encode()))
+        status, headers, _ = client.response(head_only=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(headers["transfer-encoding"], "chunked")
+        return client
+
+    def test_non_stream_answer_is_a_complete_openai_response(self):
+        status, _, data = self.chat()
+        self.assertEqual(status, 200)
+        self.assertEqual(data["object"], "chat.completion")
+        self.assertIsInstance(data["created"], int)
+        self.assertEqual(data["choices"][0]["message"], {"role": "assistant", "content": "echo: hi"})
+        self.assertEqual(data["usage"]["total_tokens"], 5)
+        self.assertNoSecretsLogged()
+
+    def test_identity_initiator_and_vision_headers_upstream(self):
+        self.chat()
+        headers = self.fake.requests_to("/chat/completions")[-1][2]
+        self.assertTrue(headers["authorization"].startswith("Bearer tid=test1;"))
+        expected = {"copilot-integration-id": "vscode-chat", "editor-version": coproxy.EDITOR_VERSION,
+                    "editor-plugin-version": coproxy.EDITOR_PLUGIN_VERSION, "user-agent": coproxy.COPILOT_USER_AGENT,
+                    "openai-intent": "conversation-panel", "x-github-api-version": "2025-05-01", "x-initiator": "user"}
+        for name, value in expected.items():
+            self.assertEqual(headers.get(name), value, name)
+        self.assertRegex(headers["x-request-id"], r"^[0-9a-f-]{36}$")
+        self.assertNotIn("copilot-vision-request", headers)
+        image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}
+        self.chat({"model": "gpt-4.1", "messages": [image, {"role": "assistant", "content": "a cat"},
+                                                     {"role": "tool", "tool_call_id": "1", "content": "x"}]})
+        headers = self.fake.requests_to("/chat/completions")[-1][2]
+        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
+
+    def test_default_model_and_tools_pass_through(self):
+        proxy = self.start_proxy(default_model="gpt-4.1")
+        tools = [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}]
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(200, {
+            "id": "c", "model": b["model"], "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}}]})
+        status, _, data = self.chat({"messages": [{"role": "user", "content": "x"}], "tools": tools,
+                                     "tool_choice": "auto"}, port=proxy.port)
+        self.assertEqual(status, 200)
+        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])
+        self.assertEqual((sent["model"], sent["tools"], sent["tool_choice"]), ("gpt-4.1", tools, "auto"))
+        self.assertEqual(data["choices"][0]["message"]["tool_calls"][0]["id"], "call_1")
+
+    def test_stream_chunks_arrive_as_they_are_sent(self):
+        gate = threading.Event()
+        self.fake.stream(chunk("Hel"), gate, chunk("lo"), chunk(None, "stop"), USAGE_CHUNK, DONE)
+        client = self.open_stream(chat_body(stream=True))
+        first = read_chunk(client.file)  # only possible if coproxy did not buffer: upstream is paused
+        self.assertFalse(gate.is_set())
+        self.assertEqual(sse_data(first)[0]["choices"][0]["delta"]["content"], "Hel")
+        gate.set()
+        rest = b""
+        while True:
+            piece = read_chunk(client.file)
+            if not piece:
+                break
+            rest += piece
+        data = sse_data(first + rest)
+        self.assertEqual(data[-1], "[DONE]")
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "") for c in data[:-1] if c["choices"]),
+                         "Hello")
+        self.assertFalse(any("usage" in c for c in data[:-1]))
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in data[:-1]][-1], "stop")
+        client.send(HEALTH)  # the connection is still good for the next request
+        self.assertEqual(client.response()[0], 200)
+
+    def test_stream_include_usage(self):
+        self.fake.stream(chunk("x"), chunk(None, "stop"), USAGE_CHUNK, DONE)
+        _, _, body = self.request("POST", "/v1/chat/completions",
+                                  chat_body(stream=True, stream_options={"include_usage": True}))
+        data = sse_data(body)
+        self.assertEqual(data[-2]["usage"]["total_tokens"], 7)
+        self.assertEqual(data[-2]["choices"], [])
+
+    def test_keep_alive_pings_during_upstream_silence(self):
+        proxy = self.start_proxy(ping_seconds=0.05)
+        gate = threading.Event()
+        self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
+        client.response(head_only=True)
+        read_chunk(client.file)
+        self.assertEqual(read_chunk(client.file), b": ping\n\n")
+        self.assertEqual(read_chunk(client.file), b": ping\n\n")
+        gate.set()
+        tail = b""
+        while True:
+            piece = read_chunk(client.file)
+            if not piece:
+                break
+            tail += piece
+        self.assertTrue(tail.endswith(b"data: [DONE]\n\n"))
+
+    def test_upstream_cut_mid_stream_becomes_an_error_event(self):
+        self.fake.stream(chunk("par"), "cut")
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
+        self.assertEqual(status, 200)
+        data = sse_data(body)
+        self.assertEqual(data[0]["choices"][0]["delta"]["content"], "par")
+        self.assertEqual(data[-1]["error"]["type"], "api_error")
+        self.assertIn("mid-stream", data[-1]["error"]["message"])
+
+    def test_client_disconnect_frees_the_upstream_connection(self):
+        self.fake.stream(chunk("a"), "watch")
+        client = self.open_stream(chat_body(stream=True))
+        read_chunk(client.file)
+        client.close()
+        self.assertTrue(self.fake.client_closed.wait(5), "upstream connection was not closed")
+        self.fake.chat_script = None
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        self.assertEqual(self.chat()[0], 200)
+
+    def test_upstream_errors_keep_status_and_message(self):
+        def rate_limited(handler, body):
+            handler.send_json(429, {"error": {"message": "rate limit exceeded", "code": "rate_limited"}},
+                              [("Retry-After", "17")])
+        self.fake.routes[("POST", "/chat/completions")] = rate_limited
+        status, headers, data = self.chat()
+        self.assertEqual((status, headers["Retry-After"]), (429, "17"))
+        self.assertEqual(data["error"], {"message": "rate limit exceeded", "type": "rate_limit_error",
+                                         "param": None, "code": "rate_limited"})
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(400, json.dumps({"error": {
+            "message": "The requested model is not supported.", "code": "model_not_supported", "param": "model",
+            "type": "invalid_request_error"}}))
+        status, _, data = self.chat()
+        self.assertEqual(status, 400)
+        self.assertEqual(data["error"]["message"], "The requested model is not supported.")
+        self.assertEqual((data["error"]["code"], data["error"]["param"]), ("model_not_supported", "model"))
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(
+            500, "upstream exploded for Bearer tid=secretstuff;exp=1")
+        status, _, data = self.chat()
+        self.assertEqual(status, 500)
+        self.assertNotIn("secretstuff", data["error"]["message"])
+
+    def test_401_refreshes_the_token_and_retries_once(self):
+        calls = []
+
+        def first_401(handler, body):
+            calls.append(handler.headers["Authorization"])
+            if len(calls) == 1:
+                handler.send_text(401, "unauthorized: token expired")
+            else:
+                handler.send_json(200, {"id": "x", "choices": [{"index": 0, "finish_reason": "stop",
+                                                               "message": {"role": "assistant", "content": "ok"}}]})
+        self.fake.routes[("POST", "/chat/completions")] = first_401
+        status, _, data = self.chat()
+        self.assertEqual((status, data["choices"][0]["message"]["content"]), (200, "ok"))
+        self.assertEqual(self.fake.exchanges, 2)
+        self.assertNotEqual(calls[0], calls[1])
+
+    def test_single_flight_through_the_proxy(self):
+        gate = self.fake.exchange_gate = threading.Event()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(self.chat()[0])) for _ in range(50)]
+        for t in threads:
+            t.start()
+        self.assertTrue(wait_for(lambda: self.fake.exchanges >= 1))
+        gate.set()
+        for t in threads:
+            t.join(15)
+        self.assertEqual(results, [200] * 50)
+        self.assertEqual(self.fake.exchanges, 1)
+
+    def test_api_key(self):
+        proxy = self.start_proxy(api_key="sekrit-key")
+        status, headers, data = self.chat(port=proxy.port)
+        self.assertEqual((status, data["error"]["code"]), (401, "invalid_api_key"))
+        self.assertEqual(self.chat(headers={"Authorization": "Bearer sekrit-key"}, port=proxy.port)[0], 200)
+        self.assertEqual(self.chat(headers={"x-api-key": "sekrit-key"}, port=proxy.port)[0], 200)
+        self.assertEqual(self.chat(headers={"Authorization": "Bearer wrong"}, port=proxy.port)[0], 401)
+        self.assertEqual(self.request("GET", "/v1/models", port=proxy.port)[0], 401)
+        self.assertEqual(self.request("GET", "/healthz", port=proxy.port)[0], 200)
+
+    def test_not_logged_in_gives_503_with_the_fix(self):
+        proxy = self.start_proxy(github_token=None, state_dir=os.path.join(self.tmp, "empty"))
+        proxy.config.github_token = None
+        status, _, data = self.chat(port=proxy.port)
+        self.assertEqual(status, 503)
+        self.assertIn("auth login", data["error"]["message"])
+        health = json.loads(self.request("GET", "/healthz", port=proxy.port)[2])
+        self.assertEqual(health["auth"]["ready"], False)
+
+    def test_models_list_get_and_fallback(self):
+        status, headers, body = self.request("GET", "/v1/models")
+        data = json.loads(body)
+        ids = [m["id"] for m in data["data"]]
+        self.assertEqual(ids, ["gpt-4.1", "claude-sonnet-4.5", "text-embedding-3-small"])
+        self.assertEqual(data["data"][1]["vendor"], "Anthropic")
+        self.assertEqual(data["data"][1]["context_window"], 200000)
+        self.assertEqual(headers["X-Coproxy-Models-Source"], "copilot")
+        self.assertEqual(json.loads(self.request("GET", "/models")[2])["data"][0]["id"], "gpt-4.1")
+        self.assertEqual(len(self.fake.requests_to("/models")), 1)  # cached
+        status, _, body = self.request("GET", "/v1/models/claude-sonnet-4.5")
+        self.assertEqual((status, json.loads(body)["object"]), (200, "model"))
+        status, _, body = self.request("GET", "/v1/models/gpt-9")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "model_not_found"))
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_text(500, "down")
+        proxy = self.start_proxy()
+        status, headers, body = self.request("GET", "/v1/models", port=proxy.port)
+        self.assertEqual((status, headers["X-Coproxy-Models-Source"]), (200, "fallback"))
+        self.assertIn("gpt-4.1", [m["id"] for m in json.loads(body)["data"]])
+
+    def test_graceful_shutdown_finishes_in_flight_streams(self):
+        gate = threading.Event()
+        self.fake.stream(chunk("a"), gate, chunk("b"), chunk(None, "stop"), DONE)
+        idle = self.raw().send(HEALTH)
+        self.assertEqual(idle.response()[0], 200)
+        client = self.open_stream(chat_body(stream=True))
+        read_chunk(client.file)
+        stopper = threading.Thread(target=self.proxy.stop)
+        stopper.start()
+        self.assertEqual(idle.file.read(1), b"")  # the idle keep-alive connection is closed at once
+        gate.set()
+        body = b""
+        while True:
+            piece = read_chunk(client.file)
+            if not piece:
+                break
+            body += piece
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+        stopper.join(10)
+        self.assertFalse(stopper.is_alive())
+
+
+class TestEndToEndTLS(ProxyTestCase):
+    tls = True
+
+    def test_chat_and_stream_over_tls_with_ca_file(self):
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body())
+        self.assertEqual(status, 200)
+        self.fake.stream(chunk("t"), chunk(None, "stop"), DONE)
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
+        self.assertEqual(sse_data(body)[-1], "[DONE]")
+        self.assertEqual(self.proxy.app.client.connections_opened, 1)
+
+
+class TestCLI(unittest.TestCase):
+    def setUp(self):
+        install_log_capture()
+        self.fake = FakeUpstream()
+        self.addCleanup(self.fake.close)
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(install_log_capture)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COPROXY_", "GHCP_"))}
+
+    def run_main(self, *argv, token=True):
+        """coproxy.main in-process, aimed at the fake upstream: (exit code, stdout, stderr)."""
+        args = list(argv) + ["--state-dir", self.tmp, "--github-url", self.fake.url,
+                             "--github-api-url", self.fake.url]
+        if token:
+            args += ["--github-token", "ghu_testtoken1234567890"]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = coproxy.main(args)
+            except SystemExit as exc:
+                code = exc.code
+        return code, out.getvalue(), err.getvalue()
+
+    def run_process(self, *argv, timeout=20):
+        return subprocess.run([sys.executable, COPROXY_PY] + list(argv), stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout, env=self.env)
+
+    def test_version(self):
+        result = self.run_process("--version")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "coproxy " + coproxy.__version__))
+
+    def test_usage_errors_exit_2(self):
+        self.assertEqual(self.run_process("serve", "--port", "x").returncode, 2)
+        self.assertEqual(self.run_process("frobnicate").returncode, 2)
+        self.assertEqual(self.run_process().returncode, 2)
+        result = self.run_process("serve", "--host", "0.0.0.0", "--state-dir", self.tmp)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--api-key", result.stderr)
+
+    def test_serve_without_login_and_without_tty_exits_1(self):
+        result = self.run_process("serve", "--state-dir", self.tmp, "--port", "0")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("auth login", result.stderr)
+        self.assertIn("--no-auto-login", result.stderr)
+
+    def test_auth_status_refresh_and_shared_options_either_side(self):
+        code, out, err = self.run_main("auth", "status")
+        self.assertEqual(code, 0, err)
+        self.assertIn("octocat", out)
+        self.assertIn("individual", out)
+        self.assertIn("API base:       %s" % self.fake.url, out)
+        self.assertIn("--github-token", out)
+        code, out, _ = self.run_main("auth", "refresh")
+        self.assertEqual(code, 0)
+        self.assertEqual(self.fake.exchanges, 2)
+        args = ["--state-dir", self.tmp, "--github-url", self.fake.url, "--github-api-url", self.fake.url,
+                "--github-token", "ghu_testtoken1234567890"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            self.assertEqual(coproxy.main(args + ["auth", "status"]), 0)
+        self.assertIn("octocat", out.getvalue())
+        self.assertNotIn("ghu_testtoken", out.getvalue())
+
+    def test_auth_status_not_logged_in(self):
+        code, out, _ = self.run_main("auth", "status", token=False)
+        self.assertEqual(code, 1)
+        self.assertIn("not logged in", out)
+
+    def test_exchange_failure_is_one_line_exit_1(self):
+        self.fake.token_status, self.fake.token_body = 404, {"message": "Not Found"}
+        code, out, err = self.run_main("auth", "refresh")
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith("coproxy: error: "), err)
+        self.assertNotIn("Traceback", err)
+
+    def test_login_logout(self):
+        self.fake.routes[("POST", "/login/device/code")] = lambda h, b: h.send_json(200, {
+            "device_code": "d", "user_code": "WXYZ-0000", "verification_uri": "https://github.com/login/device",
+            "expires_in": 60, "interval": 1})
+        self.fake.poll_answers = [(200, {"access_token": "ghu_fromdeviceflow123"})]
+        code, out, err = self.run_main("auth", "login", "--no-browser", token=False)
+        self.assertEqual(code, 0, err)
+        self.assertIn("WXYZ-0000", err)
+        self.assertIn("logged in as octocat", out)
+        store = coproxy.TokenStore(self.tmp)
+        self.assertEqual(store.load_github_token(), "ghu_fromdeviceflow123")
+        self.assertIsNotNone(store.load_copilot_token())
+        code, out, _ = self.run_main("auth", "logout", token=False)
+        self.assertEqual(code, 0)
+        self.assertIsNone(store.load_github_token())
+        self.assertIn("removed", out)
+
+    def test_models_table_and_json(self):
+        code, out, _ = self.run_main("models")
+        self.assertEqual(code, 0)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "VENDOR", "CONTEXT", "OUTPUT", "TOOLS", "VISION"])
+        self.assertTrue(any(line.startswith("claude-sonnet-4.5") and "200000" in line for line in lines))
+        code, out, _ = self.run_main("models", "--json")
+        self.assertEqual(json.loads(out)["data"][0]["id"], "gpt-4.1")
+
+    @unittest.skipIf(os.name != "posix", "SIGINT delivery is POSIX")
+    def test_serve_subprocess_answers_and_stops_on_sigint(self):
+        process = subprocess.Popen(
+            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp,
+             "--github-url", self.fake.url, "--github-api-url", self.fake.url],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        port = None
+        for line in process.stderr:
+            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+                break
+        self.assertIsNotNone(port)
+        status, _, body = http_request(port, "POST", "/v1/chat/completions", chat_body("sub"))
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]), (200, "echo: sub"))
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(process.wait(10), 0)
+        rest = process.stderr.read()
+        self.assertIn("POST /v1/chat/completions 200", rest)
+        self.assertNotIn("ghu_testtoken", rest)
+        self.assertNotIn("tid=test", rest)
+        process.stderr.close()
+        process.stdout.close()
+
+
+class TestPortability(unittest.TestCase):
+    with open(COPROXY_PY, encoding="utf-8") as _source:
+        SOURCE = _source.read()
+    STDLIB = {"argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
+              "getpass", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "signal",
+              "socket", "ssl", "stat", "sys", "threading", "time", "urllib", "uuid", "webbrowser"}
+
+    def test_grammar_parses_as_python_3_7(self):
+        ast.parse(self.SOURCE, feature_version=(3, 7))
+
+    def test_no_names_newer_than_the_floor(self):
+        for name in ("to_thread", "removeprefix", "removesuffix", "TaskGroup", "asyncio.timeout(", "tomllib",
+                     "from __future__ import annotations", ":=", "functools.cache(", "BooleanOptionalAction",
+                     "cancel_futures", "zip(strict", "datetime.UTC", "get_event_loop()"):
+            self.assertNotIn(name, self.SOURCE, name)
+
+    def test_imports_only_the_standard_library(self):
+        for node in ast.walk(ast.parse(self.SOURCE)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                self.assertIn(name.split(".")[0], self.STDLIB, name)
+
+    def test_section_banners_match_the_docstring(self):
+        banners = re.findall(r"^# (\d+)\. (.+)$", self.SOURCE, re.M)
+        listed = re.findall(r"^\s+(\d+)\. (.+)$", coproxy.__doc__, re.M)
+        self.assertEqual(banners, listed)
+        self.assertEqual([int(n) for n, _ in banners], list(range(1, 13)))
+
+    def test_import_has_no_side_effects(self):
+        result = subprocess.run([sys.executable, "-c", "import coproxy, logging, sys; "
+                                 "print(logging.getLogger('coproxy').handlers, 'argparse' in sys.argv)"],
+                                cwd=HERE, capture_output=True, text=True, timeout=20)
+        self.assertEqual(result.stdout.strip(), "[] False")
+
+
+@unittest.skipUnless(openai is not None, "the openai SDK is not installed (.ci/run installs it in a venv)")
+class TestOpenAISDK(ProxyTestCase):
+    def client(self, **kwargs):
+        return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.proxy.port, api_key="unused",
+                             max_retries=0, **kwargs)
+
+    def test_non_stream(self):
+        answer = self.client().chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "sdk"}])
+        self.assertEqual(answer.choices[0].message.content, "echo: sdk")
+        self.assertEqual(answer.usage.total_tokens, 5)
+
+    def test_stream(self):
+        self.fake.stream(chunk("Hel"), chunk("lo"), chunk(None, "stop"), USAGE_CHUNK, DONE)
+        stream = self.client().chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "x"}],
+                                                       stream=True, stream_options={"include_usage": True})
+        parts, usage = [], None
+        for event in stream:
+            if event.choices:
+                parts.append(event.choices[0].delta.content or "")
+            if event.usage:
+                usage = event.usage
+        self.assertEqual("".join(parts), "Hello")
+        self.assertEqual(usage.total_tokens, 7)
+
+    def test_tools(self):
+        self.fake.stream(chunk(None, tool_calls=[{"index": 0, "id": "call_1", "type": "function",
+                                                  "function": {"name": "ls", "arguments": ""}}]),
+                         chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "{\"p\":1}"}}]),
+                         chunk(None, "tool_calls"), DONE)
+        stream = self.client().chat.completions.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": "x"}], stream=True,
+            tools=[{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}])
+        arguments, finish = "", None
+        for event in stream:
+            for call in event.choices[0].delta.tool_calls or []:
+                arguments += call.function.arguments or ""
+            finish = event.choices[0].finish_reason or finish
+        self.assertEqual((json.loads(arguments), finish), ({"p": 1}, "tool_calls"))
+
+    def test_models_list(self):
+        self.assertIn("claude-sonnet-4.5", [m.id for m in self.client().models.list()])
+
+    def test_error_classes(self):
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(
+            429, {"error": {"message": "slow down", "code": "rate_limited"}}, [("Retry-After", "1")])
+        with self.assertRaises(openai.RateLimitError) as ctx:
+            self.client().chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "x"}])
+        self.assertIn("slow down", str(ctx.exception))
+        with self.assertRaises(openai.NotFoundError):
+            self.client().models.retrieve("gpt-9")
+        proxy = self.start_proxy(api_key="k")
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % proxy.port, api_key="wrong", max_retries=0)
+        with self.assertRaises(openai.AuthenticationError):
+            client.models.list()
+
+
+# ------------------------------------------------------------------------------------------
+# Runner: unittest, then one summary line that CI reads.
+# ------------------------------------------------------------------------------------------
+
+class CountingResult(unittest.TextTestResult):
+    """Counts passes itself: testsRun cannot be trusted for that (3.12.1 leaves skips out of it)."""
+
+    passes = 0
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self.passes += 1
+
+
+def run_tests(argv):
+    runner = unittest.TextTestRunner(resultclass=CountingResult, verbosity=1)
+    program = unittest.main(argv=[sys.argv[0]] + argv, exit=False, testRunner=runner)
+    result = program.result
+    failed = len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
+    print("%d passed, %d failed, %d skipped" % (result.passes, failed, len(result.skipped)))
+    return 1 if failed or result.passes == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tests(sys.argv[1:]))
