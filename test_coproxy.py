@@ -1743,6 +1743,17 @@ class TestPortability(unittest.TestCase):
         self.assertEqual(banners, listed)
         self.assertEqual([int(n) for n, _ in banners], list(range(1, 13)))
 
+    def test_readme_documents_every_option_and_subcommand(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        for option in coproxy.OPTIONS:
+            self.assertIn("`%s" % option.flag, readme)
+            self.assertIn("`%s`" % option.env, readme)
+        for command in ("serve", "auth login", "auth status", "auth logout", "auth refresh", "models"):
+            self.assertIn("`%s" % command, readme)
+        for line in ("python3 coproxy.py serve", "python3 test_coproxy.py"):
+            self.assertIn(line, readme)
+
     def test_import_has_no_side_effects(self):
         result = subprocess.run([sys.executable, "-c", "import coproxy, logging, sys; "
                                  "print(logging.getLogger('coproxy').handlers, 'argparse' in sys.argv)"],
