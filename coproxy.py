@@ -131,7 +131,7 @@ DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
 #: Seconds the /models catalogue is cached (VS Code refreshes at most every 10 minutes).
 DEFAULT_MODELS_TTL_SECONDS = 300.0
 #: Seconds a request waits for a concurrency slot before 503.
-QUEUE_TIMEOUT_SECONDS = 30.0
+DEFAULT_QUEUE_TIMEOUT_SECONDS = 30.0
 
 #: The Copilot token is refreshed when less than this remains (VS Code and Zed use 5 minutes).
 TOKEN_REFRESH_MARGIN_SECONDS = 300
@@ -356,6 +356,9 @@ OPTIONS = [
     Option("--max-concurrency", "max_concurrency", "COPROXY_MAX_CONCURRENCY", _positive_int,
            DEFAULT_MAX_CONCURRENCY, "serve",
            "concurrent proxied requests and streams; excess requests wait, then get 503", "N"),
+    Option("--queue-timeout", "queue_timeout", "COPROXY_QUEUE_TIMEOUT", _positive_float,
+           DEFAULT_QUEUE_TIMEOUT_SECONDS, "serve",
+           "seconds a request waits for a free slot at the concurrency limit (503 after)", "SECONDS"),
     Option("--ping-seconds", "ping_seconds", "COPROXY_PING_SECONDS", _positive_float,
            DEFAULT_PING_SECONDS, "serve",
            "send an SSE keep-alive comment after this much upstream silence", "SECONDS"),
@@ -409,6 +412,7 @@ class Config:
     default_model: str = None
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_SECONDS
     ping_seconds: float = DEFAULT_PING_SECONDS
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS
@@ -2391,7 +2395,7 @@ class App:
     async def _acquire_slot(self):
         if self._slots.locked():
             try:
-                await asyncio.wait_for(self._slots.acquire(), QUEUE_TIMEOUT_SECONDS)
+                await asyncio.wait_for(self._slots.acquire(), self.config.queue_timeout)
             except asyncio.TimeoutError:
                 raise ClientError(503, "coproxy is at its concurrency limit (--max-concurrency %d); "
                                        "try again shortly" % self.config.max_concurrency,

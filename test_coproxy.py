@@ -1509,6 +1509,26 @@ class TestEndToEnd(ProxyTestCase):
         self.assertEqual(results, [200] * 50)
         self.assertEqual(self.fake.exchanges, 1)
 
+    def test_concurrency_limit_queues_then_503(self):
+        proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.2)
+        gate = threading.Event()
+        self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
+        client.response(head_only=True)
+        read_chunk(client.file)  # the one slot is taken by this stream
+        status, headers, data = self.chat(port=proxy.port)
+        self.assertEqual((status, headers["Retry-After"]), (503, "1"))
+        self.assertEqual(data["error"]["code"], "overloaded")
+        waiting = []
+        second = threading.Thread(target=lambda: waiting.append(self.chat(port=proxy.port)[0]))
+        self.fake.chat_script = None
+        second.start()  # queued behind the stream, served when it ends
+        gate.set()
+        second.join(5)
+        self.assertEqual(waiting, [200])
+
     def test_api_key(self):
         proxy = self.start_proxy(api_key="sekrit-key")
         status, headers, data = self.chat(port=proxy.port)
