@@ -8,7 +8,7 @@
 # 1. Header
 #    What coproxy is, how to run it, and the table of contents: the docstring is the manual.
 # ------------------------------------------------------------------------------------------
-"""coproxy: your GitHub Copilot subscription as a local OpenAI-compatible HTTP API.
+"""coproxy: your GitHub Copilot subscription as a local OpenAI- and Anthropic-compatible API.
 
 One file, standard library only, Python 3.8+, Linux/macOS/Windows.
 
@@ -18,8 +18,9 @@ Quick start::
     python3 coproxy.py auth login        # GitHub device flow, once
     python3 coproxy.py serve             # http://127.0.0.1:8080
     export OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused
+    eval "$(python3 coproxy.py claude-code)" && claude    # Claude Code via /v1/messages
 
-Subcommands: ``serve``, ``auth login|status|logout|refresh``, ``models``. Every flag has an
+Subcommands: ``serve``, ``auth login|status|logout|refresh``, ``models``, ``claude-code``. Every flag has an
 environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` and
 ``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
 ``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows):
@@ -69,7 +70,7 @@ import contextlib
 import dataclasses
 import email.utils
 import errno
-import getpass
+import functools
 import hashlib
 import hmac
 import http
@@ -79,6 +80,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -1281,7 +1283,8 @@ class CopilotAuth:
 # 8. Formats and translation (pure)
 #    Dicts in, dicts out; bytes in, events out. No I/O, no clock (callers pass ``now``), no
 #    globals. 8a SSE codec, 8b OpenAI chat requests and answers, 8c the chat stream
-#    normaliser, 8d error envelopes, 8e the model catalogue.
+#    normaliser, 8d error envelopes, 8e the model catalogue and model names, 8f Anthropic
+#    Messages <-> OpenAI chat (requests, answers, streams, token estimate).
 # ------------------------------------------------------------------------------------------
 
 # -- 8a. Server-sent events ----------------------------------------------------------------
@@ -1480,6 +1483,13 @@ class ChatStreamNormalizer:
         self.failed = False
         self._tool_index = {}
 
+    @property
+    def finished(self):
+        return self.failed
+
+    def feed_event(self, event):
+        return self.feed(event.data)
+
     def feed(self, data):
         """One upstream event's data (str) → list of SSE frames (bytes)."""
         if self.failed or self.saw_done:
@@ -1572,6 +1582,17 @@ def openai_error_body(message, kind="api_error", code=None, param=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                          503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status, message):
+    """``{"type": "error", "error": {"type", "message"}}``, Anthropic's envelope."""
+    kind = _ANTHROPIC_ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
 def client_error_from_upstream(status, raw, headers=None):
     """A ClientError that keeps the upstream status, message, code and retry-after."""
     message, fields = upstream_error_message(raw)
@@ -1640,6 +1661,434 @@ def copilot_model_to_openai(model):
     if isinstance(model.get("policy"), dict):
         entry["policy_state"] = model["policy"].get("state")
     return entry
+
+
+_DATE_SUFFIX = re.compile(r"-(?:20\d{6}|latest)$")
+
+
+def _version_key(model_id):
+    """Sort key that puts newer versions last: claude-sonnet-4.5 > claude-sonnet-4 > -3.7."""
+    return [int(part) if part.isdigit() else -1 for part in re.split(r"[.-]", model_id)]
+
+
+def resolve_model(name, ids):
+    """The catalog id a client's model name means, or None.
+
+    Handles Anthropic-style names (``claude-sonnet-4-5``, dated ``claude-sonnet-4-5-20250929``,
+    ``claude-opus-4-6[1m]``) against Copilot's dotted ids (``claude-sonnet-4.5``), and the bare
+    families ``opus``/``sonnet``/``haiku`` (newest in the catalog)."""
+    if name in ids:
+        return name
+    lowered = {i.lower(): i for i in ids}
+    wanted = name.strip().lower().replace("[1m]", "-1m")
+    wanted = _DATE_SUFFIX.sub("", wanted)
+    # 4-5 is version 4.5, but the 1 of "-1m" (the 1M-context variant) is not a minor version.
+    for candidate in (wanted, re.sub(r"(?<=\d)-(?=\d+(?:-|$))", ".", wanted)):
+        if candidate in lowered:
+            return lowered[candidate]
+    family = re.match(r"^(?:claude-)?(opus|sonnet|haiku)(?:-(\d+(?:[.-]\d+)?))?$", wanted)
+    if family:
+        prefix = "claude-" + family.group(1)
+        if family.group(2):
+            prefix += "-" + family.group(2).replace("-", ".")
+        matches = [i for i in ids if (i.lower() == prefix or i.lower().startswith(prefix + ".")
+                                      or i.lower().startswith(prefix + "-"))
+                   and not i.lower().endswith("-1m")]
+        if matches:
+            return max(matches, key=_version_key)
+    return None
+
+
+# -- 8f. Anthropic Messages <-> OpenAI chat ------------------------------------------------
+
+def _blocks(content):
+    """Anthropic content as a list of blocks (a plain string is one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+
+
+def _image_part(block):
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64":
+        url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
+    else:
+        url = source.get("url", "")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _text_of(blocks):
+    return "\n\n".join(b.get("text", "") for b in blocks if b.get("type") == "text" and b.get("text"))
+
+
+def anthropic_messages_have_image(payload):
+    for message in payload.get("messages") or []:
+        for block in _blocks(message.get("content") if isinstance(message, dict) else None):
+            if block.get("type") == "image":
+                return True
+            if block.get("type") == "tool_result" and any(
+                    b.get("type") == "image" for b in _blocks(block.get("content"))):
+                return True
+    return False
+
+
+def anthropic_initiator(messages):
+    """``user`` only when the last turn is the user's with real content; a turn that carries
+    tool results (even with reminder text after them) is the agent's follow-up."""
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        return "agent"
+    blocks = _blocks(messages[-1].get("content"))
+    if any(b.get("type") == "tool_result" for b in blocks):
+        return "agent"
+    if any((b.get("type") == "text" and b.get("text", "").strip()) or b.get("type") in ("image", "document")
+           for b in blocks):
+        return "user"
+    return "agent"
+
+
+def validate_anthropic_request(payload):
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ClientError(400, "messages: must be a non-empty array", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            raise ClientError(400, "messages.%d: role must be 'user' or 'assistant'" % index, param="messages")
+    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        raise ClientError(400, "model: field required", param="model")
+    if not isinstance(payload.get("max_tokens"), int):
+        raise ClientError(400, "max_tokens: field required (an integer)", param="max_tokens")
+
+
+def anthropic_to_openai_request(payload, model_info=None):
+    """An Anthropic Messages request as an OpenAI chat request for Copilot."""
+    messages = []
+    system = payload.get("system")
+    system_text = system if isinstance(system, str) else _text_of(_blocks(system))
+    if system_text:
+        messages.append({"role": "system", "content": system_text})
+    for message in payload["messages"]:
+        role = message.get("role")
+        blocks = _blocks(message.get("content"))
+        if role == "system":  # Claude Code 2.1 sends these inside messages
+            text = message["content"] if isinstance(message.get("content"), str) else _text_of(blocks)
+            messages.append({"role": "system", "content": text})
+        elif role == "assistant":
+            out = {"role": "assistant", "content": _text_of(blocks) or None}
+            thinking = [b for b in blocks if b.get("type") == "thinking"]
+            if thinking:
+                out["reasoning_text"] = "".join(b.get("thinking", "") for b in thinking)
+                signature = next((b.get("signature") for b in thinking if b.get("signature")), None)
+                if signature:
+                    out["reasoning_opaque"] = signature
+            calls = [{"id": b.get("id"), "type": "function",
+                      "function": {"name": b.get("name"), "arguments": json.dumps(b.get("input") or {})}}
+                     for b in blocks if b.get("type") == "tool_use"]
+            if calls:
+                out["tool_calls"] = calls
+            messages.append(out)
+        else:
+            # Tool results answer the previous assistant turn, so they go first (OpenAI order).
+            images = []
+            for block in blocks:
+                if block.get("type") == "tool_result":
+                    inner = _blocks(block.get("content"))
+                    text = block["content"] if isinstance(block.get("content"), str) else _text_of(inner)
+                    if block.get("is_error"):
+                        text = "Error: " + text
+                    messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
+                    images.extend(_image_part(b) for b in inner if b.get("type") == "image")
+            rest = [b for b in blocks if b.get("type") in ("text", "image")]
+            if any(b.get("type") == "image" for b in rest) or images:
+                parts = [{"type": "text", "text": b["text"]} if b["type"] == "text" else _image_part(b)
+                         for b in rest if b.get("type") == "image" or b.get("text")]
+                messages.append({"role": "user", "content": images + parts})
+            elif rest and _text_of(rest):
+                messages.append({"role": "user", "content": _text_of(rest)})
+    request = {"model": payload["model"], "messages": messages, "max_tokens": payload["max_tokens"]}
+    if payload.get("stream"):
+        request["stream"] = True
+        request["stream_options"] = {"include_usage": True}
+    for source, target in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
+        if payload.get(source) is not None:
+            request[target] = payload[source]
+    metadata = payload.get("metadata")
+    if isinstance(metadata, dict) and metadata.get("user_id"):
+        request["user"] = metadata["user_id"]
+    tools = payload.get("tools")
+    if isinstance(tools, list) and tools:
+        request["tools"] = [{"type": "function", "function": {
+            "name": t.get("name"), "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
+            for t in tools if isinstance(t, dict) and t.get("name")]
+    choice = payload.get("tool_choice")
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind == "auto":
+            request["tool_choice"] = "auto"
+        elif kind == "any":
+            request["tool_choice"] = "required"
+        elif kind == "none":
+            request["tool_choice"] = "none"
+        elif kind == "tool" and choice.get("name"):
+            request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        if choice.get("disable_parallel_tool_use") and "tools" in request:
+            request["parallel_tool_calls"] = False
+    thinking = payload.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled" and thinking.get("budget_tokens"):
+        supports = ((model_info or {}).get("capabilities") or {}).get("supports") or {}
+        limits = ((model_info or {}).get("capabilities") or {}).get("limits") or {}
+        budget = max(int(thinking["budget_tokens"]), int(supports.get("min_thinking_budget") or 1024))
+        ceiling = [v for v in (supports.get("max_thinking_budget"),
+                               (limits.get("max_output_tokens") or 0) - 1) if isinstance(v, int) and v > 0]
+        request["thinking_budget"] = min([budget] + ceiling)
+    return request
+
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                 "function_call": "tool_use", "content_filter": "end_turn"}
+
+
+def _anthropic_usage(usage):
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    cached = details.get("cached_tokens") or 0
+    out = {"input_tokens": max(0, (usage.get("prompt_tokens") or 0) - cached),
+           "output_tokens": usage.get("completion_tokens") or 0}
+    if cached:
+        out["cache_read_input_tokens"] = cached
+    return out
+
+
+def _parse_arguments(text):
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def openai_to_anthropic_response(data, model):
+    """A Copilot chat completion as an Anthropic message (all choices read: Claude splits them)."""
+    thinking, texts, tools, finish = [], [], [], None
+    for choice in sorted((c for c in data.get("choices") or [] if isinstance(c, dict)),
+                         key=lambda c: c.get("index") or 0):
+        message = choice.get("message") or {}
+        if message.get("reasoning_text") or message.get("reasoning_opaque"):
+            thinking.append({"type": "thinking", "thinking": message.get("reasoning_text") or "",
+                             "signature": message.get("reasoning_opaque") or ""})
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if content:
+            texts.append({"type": "text", "text": content})
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + uuid.uuid4().hex[:24],
+                          "name": function.get("name"), "input": _parse_arguments(function.get("arguments"))})
+        finish = _merge_finish(finish, choice.get("finish_reason"))
+    stop_reason = "tool_use" if tools else _STOP_REASONS.get(finish, "end_turn" if finish else None)
+    return {"id": data.get("id") or "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
+            "model": data.get("model") or model, "content": thinking + texts + tools,
+            "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
+
+
+class AnthropicStreamTranslator:
+    """OpenAI chat chunks in, Anthropic Messages stream events out, in Anthropic's exact order:
+    message_start, then per block content_block_start/delta.../stop, then message_delta (with
+    usage, held back until the upstream ends because Copilot sends usage last) and message_stop."""
+
+    def __init__(self, model, estimated_input_tokens=0):
+        self.model = model
+        self.estimated_input_tokens = estimated_input_tokens
+        self.started = False
+        self.finished = False
+        self.index = -1
+        self.open_type = None
+        self.tool_blocks = {}
+        self.usage = None
+        self.finish_reason = None
+        self.saw_tool = False
+        self.id = None
+
+    @staticmethod
+    def frame(event, data):
+        return encode_sse(json_dumps(data), event)
+
+    def _start(self, chunk_id=None):
+        if self.started:
+            return []
+        self.started = True
+        self.id = "msg_" + (chunk_id or uuid.uuid4().hex)
+        return [self.frame("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.estimated_input_tokens, "output_tokens": 0}}})]
+
+    def _close(self):
+        if self.open_type is None:
+            return []
+        self.open_type = None
+        return [self.frame("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+
+    def _open(self, block):
+        out = self._close()
+        self.index += 1
+        self.open_type = block["type"]
+        out.append(self.frame("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                      "content_block": block}))
+        return out
+
+    def _delta(self, delta, index=None):
+        return self.frame("content_block_delta", {"type": "content_block_delta",
+                                                  "index": self.index if index is None else index, "delta": delta})
+
+    def feed_event(self, event):
+        return self.feed(event.data)
+
+    def feed(self, data):
+        """One upstream event's data (str) → list of SSE frames (bytes)."""
+        if self.finished or data.strip() == "[DONE]":
+            return []
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return self.error("Copilot sent a malformed stream event")
+        if not isinstance(chunk, dict):
+            return []
+        if chunk.get("error") and not chunk.get("choices"):
+            message, _ = upstream_error_message(json.dumps(chunk))
+            return self.error(message or "Copilot reported an error mid-stream")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        out = []
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            out.extend(self._start(chunk.get("id")))
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_text"):
+                if self.open_type != "thinking":
+                    out.extend(self._open({"type": "thinking", "thinking": ""}))
+                out.append(self._delta({"type": "thinking_delta", "thinking": delta["reasoning_text"]}))
+            if delta.get("reasoning_opaque"):
+                if self.open_type != "thinking":
+                    out.extend(self._open({"type": "thinking", "thinking": ""}))
+                out.append(self._delta({"type": "signature_delta", "signature": delta["reasoning_opaque"]}))
+                out.extend(self._close())
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                if self.open_type != "text":
+                    out.extend(self._open({"type": "text", "text": ""}))
+                out.append(self._delta({"type": "text_delta", "text": content}))
+            for call in delta.get("tool_calls") or []:
+                if not isinstance(call, dict):
+                    continue
+                key = (choice.get("index") or 0, call.get("index") or 0)
+                function = call.get("function") or {}
+                if key not in self.tool_blocks or call.get("id"):
+                    out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + uuid.uuid4().hex[:24],
+                                           "name": function.get("name") or "", "input": {}}))
+                    self.tool_blocks[key] = self.index
+                    self.saw_tool = True
+                if function.get("arguments"):
+                    out.append(self._delta({"type": "input_json_delta", "partial_json": function["arguments"]},
+                                           self.tool_blocks[key]))
+            if choice.get("finish_reason"):
+                self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
+        return out
+
+    def finish(self):
+        """The closing events: message_delta with the usage, then message_stop."""
+        if self.finished:
+            return []
+        out = self._start() + self._close()
+        self.finished = True
+        stop_reason = "tool_use" if self.saw_tool else _STOP_REASONS.get(self.finish_reason, "end_turn")
+        usage = _anthropic_usage(self.usage)
+        if not self.usage:
+            usage["input_tokens"] = self.estimated_input_tokens
+        out.append(self.frame("message_delta", {"type": "message_delta",
+                                                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                                "usage": usage}))
+        out.append(self.frame("message_stop", {"type": "message_stop"}))
+        return out
+
+    def error(self, message):
+        """The terminal ``error`` event; nothing is sent after it."""
+        if self.finished:
+            return []
+        self.finished = True
+        return [self.frame("error", anthropic_error_body(500, message))]
+
+
+class AnthropicPassthrough:
+    """Native Copilot /v1/messages events passed on as they come (re-framed per event so pings
+    never land inside one); a stream that ends without message_stop gets an error event."""
+
+    def __init__(self):
+        self.finished = False
+
+    def feed_event(self, event):
+        if self.finished:
+            return []
+        if event.event in ("message_stop", "error"):
+            self.finished = True
+        return [encode_sse(event.data.encode("utf-8"), event.event)]
+
+    def finish(self):
+        if self.finished:
+            return []
+        return self.error("Copilot closed the stream before the answer was complete")
+
+    def error(self, message):
+        if self.finished:
+            return []
+        self.finished = True
+        return [encode_sse(json_dumps(anthropic_error_body(500, message)), "error")]
+
+
+ANTHROPIC_PING = encode_sse(b'{"type":"ping"}', "ping")
+#: anthropic-beta values Copilot's /v1/messages is known to accept (VS Code filters the same way).
+SUPPORTED_ANTHROPIC_BETAS = ("interleaved-thinking-", "context-management-", "advanced-tool-use-")
+
+
+def estimate_input_tokens(payload):
+    """A deliberately high estimate of the prompt tokens of an Anthropic request.
+
+    Claude Code compacts its context from this number, so undercounting is the costly error.
+    Every ASCII run counts one token per 3 characters (real tokenizers average 3.5-4.5 for
+    English and code), every other character one token (CJK is about 1 per character), each
+    image 1,600 tokens (Anthropic's cost of the largest image it accepts), plus per-message and
+    tool-definition overheads, then 10% on top."""
+    def text_tokens(text):
+        ascii_chars = sum(1 for ch in text if ord(ch) < 128)
+        return (ascii_chars + 2) // 3 + (len(text) - ascii_chars)
+
+    def content_tokens(content):
+        total = 0
+        for block in _blocks(content):
+            kind = block.get("type")
+            if kind == "image" or kind == "document":
+                total += 1600
+            elif kind == "tool_result":
+                total += 10 + content_tokens(block.get("content"))
+            elif kind == "tool_use":
+                total += 10 + text_tokens(block.get("name", "") + json.dumps(block.get("input") or {}))
+            elif kind == "thinking":
+                total += text_tokens(block.get("thinking", ""))
+            else:
+                total += text_tokens(block.get("text", "") if kind == "text" else json.dumps(block))
+        return total
+
+    total = 8 + content_tokens(payload.get("system") or "")
+    for message in payload.get("messages") or []:
+        if isinstance(message, dict):
+            total += 7 + content_tokens(message.get("content"))
+    for tool in payload.get("tools") or []:
+        total += 30 + text_tokens(json.dumps(tool, separators=(",", ":")))
+    if payload.get("tools"):
+        total += 350  # the tool-use system prompt Anthropic adds
+    return int(total * 1.1) + 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -2294,7 +2743,10 @@ class App:
         self.routes = {
             "/chat/completions": {"POST": self.handle_chat_completions},
             "/models": {"GET": self.handle_models},
+            "/messages": {"POST": self.handle_messages},
+            "/messages/count_tokens": {"POST": self.handle_count_tokens},
         }
+        self._catalog_cache = (0.0, None, None)
         self.public_routes = {"/healthz": {"GET": self.handle_health}, "/health": {"GET": self.handle_health}}
 
     async def start(self):
@@ -2320,10 +2772,11 @@ class App:
         path = request.path
         public = path in self.public_routes
         param = None
+        canonical = path[3:] if path.startswith("/v1/") else path
+        dialect = "anthropic" if canonical.startswith("/messages") else "openai"
         if public:
             handlers = self.public_routes[path]
         else:
-            canonical = path[3:] if path.startswith("/v1/") else path
             handlers = self.routes.get(canonical)
             if handlers is None and canonical.startswith("/models/") and len(canonical) > 8:
                 handlers, param = {"GET": self.handle_model}, urllib.parse.unquote(canonical[8:])
@@ -2332,7 +2785,7 @@ class App:
                 response.keep_alive = False  # we cannot know how this method frames its body
                 raise ClientError(501, "method %s is not implemented" % request.method, code="not_implemented")
             if handlers is None:
-                raise ClientError(404, "no such endpoint: %s %s (coproxy serves /v1/chat/completions, "
+                raise ClientError(404, "no such endpoint: %s %s (coproxy serves /v1/chat/completions, /v1/messages, "
                                        "/v1/models and /healthz)" % (request.method, path), code="unknown_url")
             handler = handlers.get("GET" if request.method == "HEAD" else request.method)
             allow = ", ".join(sorted(set(handlers) | ({"HEAD"} if "GET" in handlers else set())))
@@ -2346,14 +2799,19 @@ class App:
                 self.check_api_key(request)
             await handler(request, response, param)
         except ClientError as exc:
-            await self.send_error(response, exc)
+            await self.send_error(response, exc, dialect)
+        except BadRequest as exc:  # from reading the body: answered in the route's dialect, then closed
+            response.keep_alive = False
+            await self.send_error(response, ClientError(exc.status, str(exc), code=json.loads(
+                self.protocol_error_body(exc.status, ""))["error"]["code"]), dialect)
         except AuthError as exc:
             self.last_auth_error = str(exc)
             status = 502 if exc.code == "network" else 503
-            await self.send_error(response, ClientError(status, str(exc), kind="api_error", code=exc.code))
+            await self.send_error(response, ClientError(status, str(exc), kind="api_error", code=exc.code), dialect)
         except UpstreamUnreachable as exc:
             await self.send_error(response, ClientError(504 if exc.timeout else 502, str(exc), kind="api_error",
-                                                        code="upstream_timeout" if exc.timeout else "upstream_unreachable"))
+                                                        code="upstream_timeout" if exc.timeout else "upstream_unreachable"),
+                                  dialect)
 
     def check_api_key(self, request):
         """Constant-time check of Authorization: Bearer K or x-api-key: K (when a key is set)."""
@@ -2370,12 +2828,15 @@ class App:
                                    "x-api-key: <key> (the key coproxy was started with)",
                               code="invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
 
-    async def send_error(self, response, exc):
-        """An error in OpenAI's envelope, or a terminal event if the stream already started."""
+    async def send_error(self, response, exc, dialect="openai"):
+        """An error in the route's envelope (OpenAI or Anthropic); nothing if a stream started."""
         response.log_fields["error"] = exc.code or exc.kind
         if response.started:
             return
-        body = json_dumps(openai_error_body(str(exc), exc.kind, exc.code, exc.param))
+        if dialect == "anthropic":
+            body = json_dumps(anthropic_error_body(exc.status, str(exc)))
+        else:
+            body = json_dumps(openai_error_body(str(exc), exc.kind, exc.code, exc.param))
         if exc.status >= 500 or exc.status == 429:
             log.warning("answered %d %s: %s", exc.status, exc.code or exc.kind, exc)
         await response.send(exc.status, JSON_HEADERS + list(exc.headers), body)
@@ -2388,7 +2849,7 @@ class App:
             return
         fields = response.log_fields
         extra = "".join(" %s=%s" % (k, str(fields[k]).lower() if isinstance(fields[k], bool) else fields[k])
-                        for k in ("model", "stream", "initiator", "error") if k in fields)
+                        for k in ("model", "stream", "initiator", "path", "error") if k in fields)
         access_log.info("%s %s %s %.1fms%s", request.method, request.path, response.status or "-",
                         (time.monotonic() - request.started) * 1000, extra)
 
@@ -2404,16 +2865,19 @@ class App:
             await self._slots.acquire()
 
     # -- talking to Copilot (runs in a worker thread) -----------------------------------------
-    def _copilot_call(self, path, body, initiator, vision, stream, abort):
+    def _copilot_call(self, path, body, initiator, vision, stream, abort, extra_headers=None,
+                      intent="conversation-panel"):
         """POST to Copilot with the identity headers; a 401 forces one refresh and one retry.
 
         Returns (response, raw): raw is the body for errors and non-stream answers, None for
         a successful stream (left unread for the StreamPump)."""
         for attempt in (0, 1):
             record = self.auth.copilot_token()
-            headers = copilot_headers(record["token"], initiator, vision)
+            headers = copilot_headers(record["token"], initiator, vision, intent)
             if stream:
                 headers["Accept"] = "text/event-stream"
+            if extra_headers:
+                headers.update(extra_headers)
             response = self.client.request("POST", self.auth.api_base(record) + path, headers, body, abort)
             if response.status == 401 and attempt == 0:
                 response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
@@ -2443,15 +2907,24 @@ class App:
         await self.send_json(response, 200, payload, [("Cache-Control", "no-store")])
 
     async def _catalog(self):
+        """(models, source): Copilot's list, or the built-in one when Copilot cannot be reached.
+
+        A fresh copy is answered from the loop without a thread hop (it is on the hot path of
+        every /v1/messages request); the blocking fetch has its own TTL cache and lock."""
+        fetched_at, models, source = self._catalog_cache
+        if models is not None and time.monotonic() - fetched_at < min(self.config.models_ttl, 60):
+            return models, source
         try:
             models = await self.run_blocking(self.auth.fetch_models)
             self.last_auth_error = None
-            return models, "copilot"
+            source = "copilot"
         except (AuthError, UpstreamUnreachable) as exc:
             if isinstance(exc, AuthError):
                 self.last_auth_error = str(exc)
             log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
-            return FALLBACK_MODELS, "fallback"
+            models, source = FALLBACK_MODELS, "fallback"
+        self._catalog_cache = (time.monotonic() if source == "copilot" else 0.0, models, source)
+        return models, source
 
     async def handle_models(self, request, response, _):
         models, source = await self._catalog()
@@ -2475,17 +2948,11 @@ class App:
         body = json_dumps(chat.payload)
         await self._acquire_slot()
         try:
-            abort = AbortHandle()
-            upstream, raw = await self.run_blocking(self._copilot_call, "/chat/completions", body,
-                                                    chat.initiator, chat.vision, chat.stream, abort)
-            self.last_auth_error = None
-            if not 200 <= upstream.status < 300:
-                error = client_error_from_upstream(upstream.status, raw, upstream.headers)
-                log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, chat.model,
-                            error.code, upstream.header("retry-after", "-"))
-                raise error
+            upstream, raw = await self._call_upstream("/chat/completions", body, chat.initiator, chat.vision,
+                                                      chat.stream, chat.model)
             if chat.stream:
-                await self._relay_chat_stream(upstream, chat, request, response)
+                normalizer = ChatStreamNormalizer(chat.model, chat.include_usage, chat.merge_choices, time.time())
+                await self._relay_stream(upstream, normalizer, SSE_PING, request, response, chat.model)
                 return
             try:
                 answer = normalize_chat_response(json.loads(raw), chat.model, chat.merge_choices, time.time())
@@ -2496,8 +2963,12 @@ class App:
         finally:
             self._slots.release()
 
-    async def _relay_chat_stream(self, upstream, chat, request, response):
-        normalizer = ChatStreamNormalizer(chat.model, chat.include_usage, chat.merge_choices, time.time())
+    async def _relay_stream(self, upstream, translator, ping, request, response, model):
+        """Pass an upstream SSE stream through ``translator`` to the client as events arrive.
+
+        ``translator`` has feed_event(SSEEvent) -> frames, finish() and error(message) -> the
+        closing frames, and ``finished``. Upstream silence sends ``ping``; an upstream failure
+        sends one error event in the route's dialect; a client that leaves stops everything."""
         decoder = SSEDecoder()
         pump = StreamPump(self.loop, self.executor, upstream)
         request._conn.watch_for_disconnect(pump.cancel)
@@ -2506,28 +2977,89 @@ class App:
             while True:
                 chunks, finished, error = await pump.next(self.config.ping_seconds)
                 if chunks is None:
-                    await response.write(SSE_PING)  # upstream is thinking; keep the client's stream alive
+                    await response.write(ping)  # upstream is thinking; keep the client's stream alive
                     continue
                 out = []
                 for data in chunks:
                     for event in decoder.feed(data):
-                        out.extend(normalizer.feed(event.data))
-                if finished and not normalizer.failed:
+                        out.extend(translator.feed_event(event))
+                if finished and not translator.finished:
                     if error is not None:
-                        log.warning("upstream stream failed model=%s: %s", chat.model, error.__class__.__name__)
-                        out.extend(normalizer.error("the connection to Copilot failed mid-stream (%s)" % (
+                        log.warning("upstream stream failed model=%s: %s", model, error.__class__.__name__)
+                        out.extend(translator.error("the connection to Copilot failed mid-stream (%s)" % (
                             "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__)))
                     else:
                         for event in decoder.finish():
-                            out.extend(normalizer.feed(event.data))
-                        out.extend(normalizer.finish())
+                            out.extend(translator.feed_event(event))
+                        out.extend(translator.finish())
                 if out:
                     await response.write(b"".join(out))
-                if finished or normalizer.failed:
+                if finished or translator.finished:
                     break
             await response.end()
         finally:
             pump.cancel()
+
+    async def _call_upstream(self, path, body, initiator, vision, stream, model, **extra):
+        """Run one Copilot call in a worker; a non-2xx answer becomes a ClientError."""
+        upstream, raw = await self.run_blocking(
+            functools.partial(self._copilot_call, path, body, initiator, vision, stream, AbortHandle(), **extra))
+        self.last_auth_error = None
+        if not 200 <= upstream.status < 300:
+            error = client_error_from_upstream(upstream.status, raw, upstream.headers)
+            log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, model,
+                        error.code, upstream.header("retry-after", "-"))
+            raise error
+        return upstream, raw
+
+    async def handle_messages(self, request, response, _):
+        payload = parse_json_object(await request.read_body(self._max_body))
+        validate_anthropic_request(payload)
+        models, _ = await self._catalog()
+        by_id = {m["id"]: m for m in models}
+        model = resolve_model(payload["model"], list(by_id)) or payload["model"]
+        info = by_id.get(model) or {}
+        payload["model"] = model
+        stream = payload.get("stream") is True
+        initiator = anthropic_initiator(payload["messages"])
+        vision = anthropic_messages_have_image(payload)
+        native = "/v1/messages" in (info.get("supported_endpoints") or [])
+        response.log_fields.update(model=model, stream=stream, initiator=initiator, path="native" if native else "chat")
+        if native:
+            headers = {"anthropic-version": request.header("anthropic-version") or "2023-06-01"}
+            betas = [b.strip() for b in request.header("anthropic-beta", "").split(",")
+                     if b.strip().startswith(SUPPORTED_ANTHROPIC_BETAS)]
+            if betas:
+                headers["anthropic-beta"] = ",".join(betas)
+            call = dict(path="/v1/messages", body=json_dumps(payload), extra_headers=headers, intent="messages-proxy")
+        else:
+            call = dict(path="/chat/completions", body=json_dumps(anthropic_to_openai_request(payload, info)))
+        await self._acquire_slot()
+        try:
+            upstream, raw = await self._call_upstream(call.pop("path"), call.pop("body"), initiator, vision,
+                                                      stream, model, **call)
+            if stream:
+                translator = AnthropicPassthrough() if native else AnthropicStreamTranslator(
+                    model, estimate_input_tokens(payload))
+                await self._relay_stream(upstream, translator, ANTHROPIC_PING, request, response, model)
+                return
+            try:
+                answer = json.loads(raw)
+                if not native:
+                    answer = openai_to_anthropic_response(answer, model)
+                elif not isinstance(answer, dict):
+                    raise ValueError("not an object")
+            except (ValueError, RecursionError, AttributeError):
+                raise ClientError(502, "Copilot sent an answer that is not a message", code="bad_upstream_response")
+            await self.send_json(response, 200, answer)
+        finally:
+            self._slots.release()
+
+    async def handle_count_tokens(self, request, response, _):
+        payload = parse_json_object(await request.read_body(self._max_body))
+        if not isinstance(payload.get("messages"), list):
+            raise ClientError(400, "messages: must be an array", param="messages")
+        await self.send_json(response, 200, {"input_tokens": estimate_input_tokens(payload)})
 
 
 async def run_server(config, app=None, on_ready=None, stop_event=None, announce=True):
@@ -2581,9 +3113,9 @@ class UsageError(CoproxyError):
     """The command line asks for something that cannot be done as given (exit 2)."""
 
 
-def _add_options(parser, scope):
+def _add_options(parser, scope, only=None):
     for option in OPTIONS:
-        if option.scope != scope:
+        if option.scope != scope or (only is not None and option.dest not in only):
             continue
         shown_default = "" if option.default in (None, False) else " [default: %s]" % option.default
         help_text = "%s (env %s)%s" % (option.help, option.env, shown_default)
@@ -2634,6 +3166,16 @@ def build_parser():
     models = commands.add_parser("models", parents=[shared], help="list the models Copilot offers you",
                                  description="Table of id, vendor, context window, output limit, tools/vision.")
     models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
+
+    claude = commands.add_parser(
+        "claude-code", parents=[shared], formatter_class=formatter,
+        help="print the environment that points Claude Code at coproxy",
+        description="Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
+                    "your live Copilot catalog. Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`.")
+    _add_options(claude, "serve", only=("host", "port", "api_key"))
+    claude.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
+                        help="syntax of the lines printed [default: sh, for bash/zsh]")
+    claude.add_argument("--model", help="main model (default: the newest Sonnet in your catalog)")
     return parser
 
 
@@ -2802,7 +3344,41 @@ def cmd_models(config, args):
         return 0
 
 
-COMMANDS = {("serve", None): cmd_serve, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
+def claude_code_environment(config, model_ids, main_model=None):
+    """(name, value) pairs that make Claude Code talk to coproxy, models from the live catalog."""
+    opus, sonnet, haiku = (resolve_model(family, model_ids) for family in ("opus", "sonnet", "haiku"))
+    main = (resolve_model(main_model, model_ids) or main_model) if main_model else (sonnet or opus or
+                                                                                     (model_ids or [None])[0])
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    host = "[%s]" % host if ":" in host else host
+    pairs = [("ANTHROPIC_BASE_URL", "http://%s:%d" % (host, config.port)),
+             ("ANTHROPIC_AUTH_TOKEN", config.api_key or "coproxy"),
+             ("ANTHROPIC_MODEL", main), ("ANTHROPIC_DEFAULT_OPUS_MODEL", opus),
+             ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet), ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku),
+             ("ANTHROPIC_SMALL_FAST_MODEL", haiku or main),
+             ("DISABLE_NON_ESSENTIAL_MODEL_CALLS", "1"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")]
+    return [(name, value) for name, value in pairs if value]
+
+
+def cmd_claude_code(config, args):
+    with _session(config) as (store, client, auth):
+        try:
+            models = auth.fetch_models()
+        except (AuthError, UpstreamUnreachable) as exc:
+            _say("warning: cannot read your Copilot catalog (%s); using the built-in model list" % exc)
+            models = FALLBACK_MODELS
+    ids = [m["id"] for m in models if ((m.get("capabilities") or {}).get("type") or "chat") == "chat"]
+    for name, value in claude_code_environment(config, ids, args.model):
+        if args.shell == "fish":
+            print("set -gx %s %s" % (name, shlex.quote(value)))
+        elif args.shell == "powershell":
+            print('$env:%s = "%s"' % (name, value.replace("`", "``").replace('"', '`"').replace("$", "`$")))
+        else:
+            print("export %s=%s" % (name, shlex.quote(value)))
+    return 0
+
+
+COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
             ("auth", "logout"): cmd_auth_logout, ("auth", "refresh"): cmd_auth_refresh,
             ("models", None): cmd_models}
 
@@ -2851,3 +3427,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -39,6 +39,11 @@ try:
 except ImportError:
     openai = None
 
+try:
+    import anthropic
+except ImportError:
+    anthropic = None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 COPROXY_PY = os.path.join(HERE, "coproxy.py")
 
@@ -88,6 +93,12 @@ CATALOG = [
                       "limits": {"max_context_window_tokens": 200000, "max_output_tokens": 32000},
                       "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
     {"id": "gpt-4.1", "name": "GPT-4.1 (duplicate entry)", "vendor": "Azure OpenAI"},
+    {"id": "claude-haiku-4.5", "name": "Claude Haiku 4.5", "vendor": "Anthropic", "supported_endpoints": ["/chat/completions"],
+     "capabilities": {"type": "chat", "limits": {"max_output_tokens": 8000},
+                      "supports": {"tool_calls": True, "vision": True, "min_thinking_budget": 1024,
+                                   "max_thinking_budget": 4000}}},
+    {"id": "claude-opus-4.6", "name": "Claude Opus 4.6", "vendor": "Anthropic",
+     "supported_endpoints": ["/chat/completions", "/v1/messages"], "capabilities": {"type": "chat"}},
     {"id": "text-embedding-3-small", "name": "Embedding", "vendor": "Azure OpenAI",
      "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512}}},
 ]
@@ -232,6 +243,7 @@ class FakeUpstream:
                 "login": "octocat", "copilot_plan": "individual", "access_type_sku": "monthly_subscriber"}),
             ("GET", "/models"): lambda h, b: h.send_json(200, {"object": "list", "data": CATALOG}),
             ("POST", "/chat/completions"): self.chat,
+            ("POST", "/v1/messages"): self.messages,
         }
         self.clock = time.time
         http.server.ThreadingHTTPServer.request_queue_size = 1024  # 50 concurrent connections in tests
@@ -302,6 +314,15 @@ class FakeUpstream:
                                              "message": {"role": "assistant", "content": "echo: %s" % last,
                                                          "padding": "xxxx"}}],
                                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    def messages(self, handler, payload):
+        if self.chat_script is not None:
+            self.chat_script(handler, payload)
+            return
+        handler.send_json(200, {"id": "msg_native", "type": "message", "role": "assistant", "model": payload["model"],
+                                "content": [{"type": "text", "text": "native: %d messages" % len(payload["messages"])}],
+                                "stop_reason": "end_turn", "stop_sequence": None,
+                                "usage": {"input_tokens": 9, "output_tokens": 3}})
 
     def stream(self, *items):
         """Script a streamed chat answer: bytes are chunks, an Event is a pause until it is set,
@@ -1158,6 +1179,342 @@ class TestTranslateOpenAI(unittest.TestCase):
                          "rate limit exceeded")
 
 
+def anthropic_event(name, data):
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def sse_events(body):
+    """(event name, parsed data) pairs of an Anthropic-style SSE body."""
+    return [(e.event, json.loads(e.data)) for e in coproxy.SSEDecoder().feed(body + b"\n\n")]
+
+
+class TestTranslateAnthropic(unittest.TestCase):
+    def test_model_names_resolve_to_catalog_ids(self):
+        ids = ["claude-sonnet-4", "claude-sonnet-4.5", "claude-opus-4.5", "claude-opus-4.6", "claude-opus-4.6-1m",
+               "claude-haiku-4.5", "gpt-4.1"]
+        cases = {"claude-sonnet-4-5": "claude-sonnet-4.5", "claude-sonnet-4-5-20250929": "claude-sonnet-4.5",
+                 "claude-sonnet-4-20250514": "claude-sonnet-4", "claude-opus-4-6": "claude-opus-4.6",
+                 "claude-opus-4-6[1m]": "claude-opus-4.6-1m", "claude-haiku-4-5-20251001": "claude-haiku-4.5",
+                 "opus": "claude-opus-4.6", "sonnet": "claude-sonnet-4.5", "haiku": "claude-haiku-4.5",
+                 "claude-opus-4": "claude-opus-4.6", "GPT-4.1": "gpt-4.1", "gpt-4.1": "gpt-4.1",
+                 "claude-sonnet-4-5-latest": "claude-sonnet-4.5"}
+        for name, expected in cases.items():
+            self.assertEqual(coproxy.resolve_model(name, ids), expected, name)
+        self.assertIsNone(coproxy.resolve_model("gpt-9", ids))
+        self.assertIsNone(coproxy.resolve_model("opus", ["gpt-4.1"]))
+
+    def test_initiator_rules(self):
+        user = {"role": "user", "content": "fix the bug"}
+        tool_turn = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}
+        reminder = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"},
+                                                {"type": "text", "text": "<system-reminder>x</system-reminder>"}]}
+        self.assertEqual(coproxy.anthropic_initiator([user]), "user")
+        self.assertEqual(coproxy.anthropic_initiator([user, {"role": "assistant", "content": "a"}, tool_turn]), "agent")
+        self.assertEqual(coproxy.anthropic_initiator([user, reminder]), "agent")
+        self.assertEqual(coproxy.anthropic_initiator([user, {"role": "assistant", "content": "prefill"}]), "agent")
+        self.assertEqual(coproxy.anthropic_initiator([{"role": "user", "content": [{"type": "text", "text": " "}]}]),
+                         "agent")
+
+    def test_request_translation_golden(self):
+        payload = {
+            "model": "claude-haiku-4.5", "max_tokens": 1000, "stream": True, "temperature": 0.2, "top_p": 0.9,
+            "stop_sequences": ["END"], "metadata": {"user_id": "u1"},
+            "system": [{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Be kind."}],
+            "thinking": {"type": "enabled", "budget_tokens": 50000},
+            "tools": [{"name": "read", "description": "read a file", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any"},
+            "messages": [
+                {"role": "user", "content": "look at a.ts"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "need it", "signature": "sig1"},
+                    {"type": "text", "text": "Reading."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "a.ts"}}]},
+                {"role": "system", "content": "mid-conversation system note"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "and this screenshot"},
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "code"}]},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAA"}}]},
+            ]}
+        info = {"capabilities": {"limits": {"max_output_tokens": 8000},
+                                 "supports": {"min_thinking_budget": 1024, "max_thinking_budget": 4000}}}
+        out = coproxy.anthropic_to_openai_request(payload, info)
+        self.assertEqual(out["messages"], [
+            {"role": "system", "content": "You are terse.\n\nBe kind."},
+            {"role": "user", "content": "look at a.ts"},
+            {"role": "assistant", "content": "Reading.", "reasoning_text": "need it", "reasoning_opaque": "sig1",
+             "tool_calls": [{"id": "toolu_1", "type": "function",
+                             "function": {"name": "read", "arguments": "{\"path\": \"a.ts\"}"}}]},
+            {"role": "system", "content": "mid-conversation system note"},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "code"},
+            {"role": "user", "content": [{"type": "text", "text": "and this screenshot"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}}]},
+        ])
+        self.assertEqual(out["tools"], [{"type": "function", "function": {
+            "name": "read", "description": "read a file", "parameters": {"type": "object"}}}])
+        self.assertEqual((out["tool_choice"], out["stop"], out["user"], out["temperature"], out["top_p"]),
+                         ("required", ["END"], "u1", 0.2, 0.9))
+        self.assertEqual(out["thinking_budget"], 4000)
+        self.assertEqual(out["stream_options"], {"include_usage": True})
+        for choice, expected in (({"type": "auto"}, "auto"), ({"type": "none"}, "none"),
+                                 ({"type": "tool", "name": "read"}, {"type": "function", "function": {"name": "read"}})):
+            self.assertEqual(coproxy.anthropic_to_openai_request(dict(payload, tool_choice=choice))["tool_choice"],
+                             expected)
+
+    def test_response_translation_reads_all_choices(self):
+        data = {"id": "chatcmpl-1", "model": "claude-haiku-4.5", "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Let me check.",
+                                                              "reasoning_text": "hmm", "reasoning_opaque": "sig"}},
+            {"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
+                {"id": "toolu_9", "type": "function", "function": {"name": "ls", "arguments": "{\"d\":\".\"}"}}]}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 60}}}
+        out = coproxy.openai_to_anthropic_response(data, "claude-haiku-4.5")
+        self.assertEqual(out["content"], [{"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                                          {"type": "text", "text": "Let me check."},
+                                          {"type": "tool_use", "id": "toolu_9", "name": "ls", "input": {"d": "."}}])
+        self.assertEqual(out["stop_reason"], "tool_use")
+        self.assertEqual(out["usage"], {"input_tokens": 40, "output_tokens": 7, "cache_read_input_tokens": 60})
+        self.assertEqual((out["type"], out["role"]), ("message", "assistant"))
+        plain = coproxy.openai_to_anthropic_response({"choices": [{"finish_reason": "length", "message": {
+            "content": "cut"}}]}, "m")
+        self.assertEqual(plain["stop_reason"], "max_tokens")
+
+    def test_stream_translation_exact_sequence(self):
+        chunks = [
+            {"id": "1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "reasoning_text": "Need "}}]},
+            {"id": "1", "choices": [{"index": 0, "delta": {"reasoning_text": "the file."}}]},
+            {"id": "1", "choices": [{"index": 0, "delta": {"content": "", "reasoning_opaque": "SIG"}}]},
+            {"id": "1", "choices": [{"index": 0, "delta": {"content": "Reading it."}}]},
+            {"id": "1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "toolu_01", "type": "function",
+                                                                            "function": {"name": "read", "arguments": ""}}]}}]},
+            {"id": "1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"p\":"}}]}}]},
+            {"id": "1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}}]},
+            {"id": "1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+            {"id": "1", "choices": [], "usage": {"prompt_tokens": 5120, "completion_tokens": 48,
+                                                 "prompt_tokens_details": {"cached_tokens": 4096}}},
+        ]
+        translator = coproxy.AnthropicStreamTranslator("claude-sonnet-4.5", estimated_input_tokens=77)
+        frames = []
+        for c in chunks:
+            frames.extend(translator.feed(json.dumps(c)))
+        frames.extend(translator.feed("[DONE]"))
+        frames.extend(translator.finish())
+        events = sse_events(b"".join(frames))
+        self.assertEqual([name for name, _ in events], [
+            "message_start", "content_block_start", "content_block_delta", "content_block_delta",
+            "content_block_delta", "content_block_stop", "content_block_start", "content_block_delta",
+            "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
+            "content_block_stop", "message_delta", "message_stop"])
+        self.assertTrue(all(name == data["type"] for name, data in events))
+        self.assertEqual(events[0][1]["message"]["usage"], {"input_tokens": 77, "output_tokens": 0})
+        self.assertEqual(events[1][1]["content_block"], {"type": "thinking", "thinking": ""})
+        self.assertEqual(events[4][1]["delta"], {"type": "signature_delta", "signature": "SIG"})
+        self.assertEqual(events[6][1], {"type": "content_block_start", "index": 1,
+                                        "content_block": {"type": "text", "text": ""}})
+        self.assertEqual(events[9][1]["content_block"], {"type": "tool_use", "id": "toolu_01", "name": "read", "input": {}})
+        self.assertEqual("".join(e[1]["delta"]["partial_json"] for e in events[10:12]), "{\"p\":1}")
+        self.assertEqual(events[13][1], {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                         "usage": {"input_tokens": 1024, "output_tokens": 48,
+                                                   "cache_read_input_tokens": 4096}})
+
+    def test_stream_error_and_empty(self):
+        translator = coproxy.AnthropicStreamTranslator("m")
+        events = sse_events(b"".join(translator.feed(json.dumps({"error": {"message": "overloaded"}}))))
+        self.assertEqual(events, [("error", {"type": "error", "error": {"type": "api_error", "message": "overloaded"}})])
+        self.assertEqual(translator.finish(), [])
+        translator = coproxy.AnthropicStreamTranslator("m")
+        names = [n for n, _ in sse_events(b"".join(translator.finish()))]
+        self.assertEqual(names, ["message_start", "message_delta", "message_stop"])
+
+    def test_token_estimate_errs_high(self):
+        english = "The quick brown fox jumps over the lazy dog. " * 200     # ~2,000 tokens in o200k/cl100k
+        code = "def handler(request):\n    return {'status': request.args.get('x', 0)}\n" * 100  # ~2,100
+        cjk = "\u4eca\u65e5\u306f\u826f\u3044\u5929\u6c17\u3067\u3059\u3002" * 100             # ~1,000+
+        for text, at_least in ((english, 2000 * 1.1), (code, 2100 * 1.1), (cjk, 1000 * 1.1)):
+            estimate = coproxy.estimate_input_tokens({"messages": [{"role": "user", "content": text}]})
+            self.assertGreaterEqual(estimate, at_least)
+        with_tools = coproxy.estimate_input_tokens({"messages": [{"role": "user", "content": "hi"}],
+                                                    "tools": [{"name": "t", "input_schema": {"type": "object"}}]})
+        self.assertGreater(with_tools, 350)
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 100000}}
+        self.assertLess(coproxy.estimate_input_tokens({"messages": [{"role": "user", "content": [image]}]}), 2000)
+
+
+class TestAnthropicEndToEnd(ProxyTestCase):
+    def messages(self, body, headers=None, port=None, path="/v1/messages"):
+        headers = dict({"anthropic-version": "2023-06-01"}, **(headers or {}))
+        status, response_headers, data = self.request("POST", path, body, headers, port=port)
+        return status, response_headers, data
+
+    def body(self, model, **extra):
+        body = {"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": "hello"}]}
+        body.update(extra)
+        return body
+
+    def test_translated_path_non_stream(self):
+        status, _, data = self.messages(self.body("claude-haiku-4-5-20251001", system="be brief"))
+        self.assertEqual(status, 200)
+        answer = json.loads(data)
+        self.assertEqual(answer["content"], [{"type": "text", "text": "echo: hello"}])
+        self.assertEqual((answer["type"], answer["stop_reason"]), ("message", "end_turn"))
+        self.assertEqual(answer["usage"], {"input_tokens": 3, "output_tokens": 2})
+        method, path, headers, raw = self.fake.requests_to("/chat/completions")[-1]
+        sent = json.loads(raw)
+        self.assertEqual(sent["model"], "claude-haiku-4.5")
+        self.assertEqual(sent["messages"][0], {"role": "system", "content": "be brief"})
+        self.assertEqual(headers["x-initiator"], "user")
+
+    def test_translated_path_stream_event_order(self):
+        gate = threading.Event()
+        self.fake.stream(chunk("Hi"), gate, chunk(" there"), chunk(None, "stop"), USAGE_CHUNK, DONE)
+        client = self.raw()
+        client.send(post("/v1/messages", json.dumps(self.body("claude-haiku-4.5", stream=True)).encode()))
+        status, headers, _ = client.response(head_only=True)
+        self.assertEqual(status, 200)
+        first = read_chunk(client.file)
+        self.assertEqual([n for n, _ in sse_events(first)], ["message_start", "content_block_start", "content_block_delta"])
+        gate.set()
+        body = first
+        while True:
+            piece = read_chunk(client.file)
+            if not piece:
+                break
+            body += piece
+        events = sse_events(body)
+        self.assertEqual([n for n, _ in events], ["message_start", "content_block_start", "content_block_delta",
+                                                  "content_block_delta", "content_block_stop", "message_delta",
+                                                  "message_stop"])
+        self.assertEqual(events[-2][1]["usage"], {"input_tokens": 5, "output_tokens": 2})
+        self.assertEqual(events[-2][1]["delta"]["stop_reason"], "end_turn")
+
+    def test_translated_tool_round_trip_is_agent_initiated(self):
+        self.fake.stream(chunk(None, tool_calls=[{"index": 0, "id": "toolu_7", "type": "function",
+                                                  "function": {"name": "ls", "arguments": "{}"}}]),
+                         chunk(None, "tool_calls"), DONE)
+        tools = [{"name": "ls", "input_schema": {"type": "object"}}]
+        status, _, body = self.messages(self.body("claude-haiku-4.5", stream=True, tools=tools))
+        events = sse_events(body)
+        self.assertEqual(events[1][1]["content_block"]["type"], "tool_use")
+        self.assertEqual(events[-2][1]["delta"]["stop_reason"], "tool_use")
+        self.fake.chat_script = None
+        follow_up = self.body("claude-haiku-4.5", tools=tools, messages=[
+            {"role": "user", "content": "list files"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_7", "name": "ls", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_7", "content": "a.txt"}]}])
+        status, _, body = self.messages(follow_up)
+        self.assertEqual(status, 200)
+        method, path, headers, raw = self.fake.requests_to("/chat/completions")[-1]
+        self.assertEqual(headers["x-initiator"], "agent")
+        self.assertEqual(json.loads(raw)["messages"][-1], {"role": "tool", "tool_call_id": "toolu_7", "content": "a.txt"})
+
+    def test_native_path_non_stream_with_headers(self):
+        status, _, data = self.messages(self.body("claude-opus-4-6"), headers={
+            "anthropic-beta": "interleaved-thinking-2025-05-14,some-unknown-beta-2030-01-01",
+            "x-api-key": "ignored-without-a-key"})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(data)["content"][0]["text"], "native: 1 messages")
+        method, path, headers, raw = self.fake.requests_to("/v1/messages")[-1]
+        self.assertEqual(json.loads(raw)["model"], "claude-opus-4.6")
+        self.assertEqual(headers["anthropic-version"], "2023-06-01")
+        self.assertEqual(headers["anthropic-beta"], "interleaved-thinking-2025-05-14")
+        self.assertEqual(headers["openai-intent"], "messages-proxy")
+        self.assertEqual(headers["copilot-integration-id"], "vscode-chat")
+
+    def test_native_path_stream_passes_events_and_pings(self):
+        proxy = self.start_proxy(ping_seconds=0.05)
+        gate = threading.Event()
+        start = anthropic_event("message_start", {"type": "message_start", "message": {"id": "msg_1", "usage": {
+            "input_tokens": 12, "output_tokens": 1}}})
+        self.fake.stream(start, gate,
+                         anthropic_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                                 "content_block": {"type": "text", "text": ""}}),
+                         anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                                 "delta": {"type": "text_delta", "text": "yo"}}),
+                         anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                         anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                                           "usage": {"output_tokens": 2}}),
+                         anthropic_event("message_stop", {"type": "message_stop"}))
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(post("/v1/messages", json.dumps(self.body("claude-opus-4.6", stream=True)).encode()))
+        client.response(head_only=True)
+        self.assertEqual(sse_events(read_chunk(client.file))[0][0], "message_start")
+        self.assertEqual(read_chunk(client.file), b'event: ping\ndata: {"type":"ping"}\n\n')
+        gate.set()
+        body = b""
+        while True:
+            piece = read_chunk(client.file)
+            if not piece:
+                break
+            body += piece
+        names = [n for n, _ in sse_events(body) if n != "ping"]
+        self.assertEqual(names, ["content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+                                 "message_stop"])
+
+    def test_native_stream_cut_gives_error_event(self):
+        self.fake.stream(anthropic_event("message_start", {"type": "message_start", "message": {}}), "cut")
+        status, _, body = self.messages(self.body("claude-opus-4.6", stream=True))
+        events = sse_events(body)
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(events[-1][1]["error"]["type"], "api_error")
+
+    def test_errors_in_anthropic_shape(self):
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(
+            429, {"error": {"message": "rate limit exceeded", "code": "rate_limited"}}, [("Retry-After", "9")])
+        status, headers, data = self.messages(self.body("claude-haiku-4.5"))
+        self.assertEqual((status, headers["Retry-After"]), (429, "9"))
+        self.assertEqual(json.loads(data), {"type": "error", "error": {"type": "rate_limit_error",
+                                                                       "message": "rate limit exceeded"}})
+        self.fake.routes[("POST", "/chat/completions")] = self.fake.chat
+        status, _, data = self.messages({"model": "claude-haiku-4.5", "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((status, json.loads(data)["error"]["type"]), (400, "invalid_request_error"))
+        self.assertIn("max_tokens", json.loads(data)["error"]["message"])
+        status, _, data = self.messages(b"{oops")
+        self.assertEqual((status, json.loads(data)["type"]), (400, "error"))
+        proxy = self.start_proxy(api_key="k2", max_body_mb=1.0 / 1024)
+        status, _, data = self.messages(self.body("claude-haiku-4.5"), port=proxy.port)
+        self.assertEqual((status, json.loads(data)["error"]["type"]), (401, "authentication_error"))
+        status, _, data = self.messages(self.body("claude-haiku-4.5", system="x" * 4000), headers={"x-api-key": "k2"},
+                                        port=proxy.port)
+        self.assertEqual((status, json.loads(data)["error"]["type"]), (413, "request_too_large"))
+        self.assertEqual(self.messages(self.body("claude-haiku-4.5"), headers={"Authorization": "Bearer k2"},
+                                       port=proxy.port)[0], 200)
+
+    def test_count_tokens(self):
+        body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello world " * 300}]}
+        status, _, data = self.messages(body, path="/v1/messages/count_tokens")
+        self.assertEqual(status, 200)
+        self.assertGreaterEqual(json.loads(data)["input_tokens"], 600)
+        self.assertEqual(len(self.fake.requests), 0)  # answered locally
+        self.assertEqual(self.messages({"model": "m"}, path="/v1/messages/count_tokens")[0], 400)
+
+
+class TestClaudeCodeCommand(unittest.TestCase):
+    def test_environment_for_each_shell(self):
+        fake = FakeUpstream()
+        self.addCleanup(fake.close)
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.addCleanup(install_log_capture)
+        base = ["claude-code", "--state-dir", tmp, "--github-url", fake.url, "--github-api-url", fake.url,
+                "--github-token", "ghu_testtoken1234567890", "--port", "9123"]
+        outputs = {}
+        for shell in ("sh", "fish", "powershell"):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(coproxy.main(base + ["--shell", shell, "--api-key", "pa$$"]), 0)
+            outputs[shell] = out.getvalue()
+        sh = outputs["sh"]
+        self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:9123\n", sh)
+        self.assertIn("export ANTHROPIC_AUTH_TOKEN='pa$$'\n", sh)
+        self.assertIn("export ANTHROPIC_MODEL=claude-sonnet-4.5\n", sh)
+        self.assertIn("export ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4.6\n", sh)
+        self.assertIn("export ANTHROPIC_DEFAULT_HAIKU_MODEL=claude-haiku-4.5\n", sh)
+        self.assertIn("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n", sh)
+        self.assertIn("set -gx ANTHROPIC_AUTH_TOKEN 'pa$$'\n", outputs["fish"])
+        self.assertIn('$env:ANTHROPIC_AUTH_TOKEN = "pa`$`$"\n', outputs["powershell"])
+        self.assertNotIn("ghu_", sh)
+
+
 def read_chunk(f):
     """The next chunk of a chunked body from a buffered socket file (b"" for the last one)."""
     size = int(f.readline().split(b";")[0], 16)
@@ -1552,7 +1909,8 @@ class TestEndToEnd(ProxyTestCase):
         status, headers, body = self.request("GET", "/v1/models")
         data = json.loads(body)
         ids = [m["id"] for m in data["data"]]
-        self.assertEqual(ids, ["gpt-4.1", "claude-sonnet-4.5", "text-embedding-3-small"])
+        self.assertEqual(ids, ["gpt-4.1", "claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.6",
+                               "text-embedding-3-small"])
         self.assertEqual(data["data"][1]["vendor"], "Anthropic")
         self.assertEqual(data["data"][1]["context_window"], 200000)
         self.assertEqual(headers["X-Coproxy-Models-Source"], "copilot")
@@ -1734,7 +2092,7 @@ class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
     STDLIB = {"argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
-              "getpass", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "signal",
+              "functools", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "shlex", "signal",
               "socket", "ssl", "stat", "sys", "threading", "time", "urllib", "uuid", "webbrowser"}
 
     def test_grammar_parses_as_python_3_7(self):
@@ -1769,7 +2127,7 @@ class TestPortability(unittest.TestCase):
         for option in coproxy.OPTIONS:
             self.assertIn("`%s" % option.flag, readme)
             self.assertIn("`%s`" % option.env, readme)
-        for command in ("serve", "auth login", "auth status", "auth logout", "auth refresh", "models"):
+        for command in ("serve", "auth login", "auth status", "auth logout", "auth refresh", "models", "claude-code"):
             self.assertIn("`%s" % command, readme)
         for line in ("python3 coproxy.py serve", "python3 test_coproxy.py"):
             self.assertIn(line, readme)
@@ -1835,6 +2193,68 @@ class TestOpenAISDK(ProxyTestCase):
         client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % proxy.port, api_key="wrong", max_retries=0)
         with self.assertRaises(openai.AuthenticationError):
             client.models.list()
+
+
+@unittest.skipUnless(anthropic is not None, "the anthropic SDK is not installed (.ci/run installs it in a venv)")
+class TestAnthropicSDK(ProxyTestCase):
+    def client(self, port=None, api_key="unused"):
+        return anthropic.Anthropic(base_url="http://127.0.0.1:%d" % (port or self.proxy.port), api_key=api_key,
+                                   max_retries=0)
+
+    def test_create_translated_and_native(self):
+        message = self.client().messages.create(model="claude-haiku-4-5", max_tokens=64,
+                                                messages=[{"role": "user", "content": "sdk"}])
+        self.assertEqual((message.content[0].text, message.stop_reason), ("echo: sdk", "end_turn"))
+        message = self.client().messages.create(model="claude-opus-4-6", max_tokens=64,
+                                                messages=[{"role": "user", "content": "sdk"}])
+        self.assertEqual(message.content[0].text, "native: 1 messages")
+
+    def test_stream(self):
+        self.fake.stream(chunk("Hel"), chunk("lo"), chunk(None, "stop"), USAGE_CHUNK, DONE)
+        with self.client().messages.stream(model="claude-haiku-4.5", max_tokens=64,
+                                           messages=[{"role": "user", "content": "x"}]) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        self.assertEqual(text, "Hello")
+        self.assertEqual((final.usage.input_tokens, final.usage.output_tokens), (5, 2))
+
+    def test_tool_round_trip(self):
+        self.fake.stream(chunk(None, tool_calls=[{"index": 0, "id": "toolu_1", "type": "function",
+                                                  "function": {"name": "get_weather", "arguments": "{\"city\":"}}]),
+                         chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "\"Paris\"}"}}]),
+                         chunk(None, "tool_calls"), USAGE_CHUNK, DONE)
+        tools = [{"name": "get_weather", "description": "weather", "input_schema": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}]
+        messages = [{"role": "user", "content": "weather in Paris?"}]
+        with self.client().messages.stream(model="claude-haiku-4.5", max_tokens=64, tools=tools,
+                                           messages=messages) as stream:
+            final = stream.get_final_message()
+        self.assertEqual(final.stop_reason, "tool_use")
+        call = final.content[0]
+        self.assertEqual((call.type, call.name, call.input), ("tool_use", "get_weather", {"city": "Paris"}))
+        self.fake.chat_script = None
+        messages += [{"role": "assistant", "content": [c.model_dump() for c in final.content]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}]}]
+        answer = self.client().messages.create(model="claude-haiku-4.5", max_tokens=64, tools=tools, messages=messages)
+        self.assertEqual(answer.content[0].text, "echo: sunny")
+        self.assertEqual(self.fake.requests_to("/chat/completions")[-1][2]["x-initiator"], "agent")
+
+    def test_count_tokens(self):
+        count = self.client().messages.count_tokens(model="claude-sonnet-4-5",
+                                                    messages=[{"role": "user", "content": "hello " * 100}])
+        self.assertGreaterEqual(count.input_tokens, 100)
+
+    def test_error_classes(self):
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(
+            429, {"error": {"message": "slow down", "code": "rate_limited"}}, [("Retry-After", "1")])
+        with self.assertRaises(anthropic.RateLimitError) as ctx:
+            self.client().messages.create(model="claude-haiku-4.5", max_tokens=8,
+                                          messages=[{"role": "user", "content": "x"}])
+        self.assertIn("slow down", str(ctx.exception))
+        proxy = self.start_proxy(api_key="k")
+        with self.assertRaises(anthropic.AuthenticationError):
+            self.client(port=proxy.port, api_key="wrong").messages.create(
+                model="claude-haiku-4.5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
 
 
 # ------------------------------------------------------------------------------------------
