@@ -89,7 +89,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-import webbrowser
 
 __version__ = "0.1.0"
 __all__ = ["Config", "TokenStore", "UpstreamClient", "CopilotAuth", "DeviceFlow", "App", "Server",
@@ -472,8 +471,14 @@ class Config:
                 setattr(config, name, url.rstrip("/"))
         if config.github_token is not None:
             config.github_token = config.github_token.strip() or None
-        if config.ca_file and not os.path.isfile(config.ca_file):
-            raise ConfigError("--ca-file %s does not exist" % config.ca_file)
+        if config.ca_file:
+            try:
+                with open(config.ca_file, "rb") as handle:
+                    pem = handle.read()
+            except OSError as exc:
+                raise ConfigError("--ca-file %s cannot be read: %s" % (config.ca_file, exc.strerror or exc))
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                raise ConfigError("--ca-file %s holds no PEM certificate (-----BEGIN CERTIFICATE-----)" % config.ca_file)
         config.state_dir = os.path.abspath(os.path.expanduser(config.state_dir or default_state_dir()))
         return config
 
@@ -779,9 +784,8 @@ class UpstreamClient:
 
     def __init__(self, ca_file=None, connect_timeout=DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
                  read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, environ=None):
-        self.ssl_context = ssl.create_default_context()
-        if ca_file:
-            self.ssl_context.load_verify_locations(cafile=ca_file)
+        self.ca_file = ca_file
+        self._ssl_context = None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.environ = dict(os.environ if environ is None else environ)
@@ -789,6 +793,20 @@ class UpstreamClient:
         self._lock = threading.Lock()
         #: connections opened since start (the benchmark checks keep-alive with it)
         self.connections_opened = 0
+
+    @property
+    def ssl_context(self):
+        """Built on first HTTPS use: loading the trust store costs ~2 MB and tens of milliseconds."""
+        with self._lock:
+            if self._ssl_context is None:
+                context = ssl.create_default_context()
+                if self.ca_file:
+                    try:
+                        context.load_verify_locations(cafile=self.ca_file)
+                    except (OSError, ssl.SSLError) as exc:
+                        raise UpstreamUnreachable("--ca-file %s is not a usable PEM bundle: %s" % (self.ca_file, exc))
+                self._ssl_context = context
+            return self._ssl_context
 
     def _origin(self, url):
         parts = urllib.parse.urlsplit(url)
@@ -3208,6 +3226,7 @@ def run_device_login(config, store, client, auth, open_browser=True):
     tty = sys.stderr.isatty()
     if open_browser and _interactive():
         try:
+            import webbrowser  # only here: it costs start-up time and memory every serve would pay
             webbrowser.open(uri)
         except Exception:  # no browser is fine: the URL is on screen
             pass

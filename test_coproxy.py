@@ -656,6 +656,15 @@ class TestConfig(unittest.TestCase):
                 coproxy.Config.resolve({}, environ=env)
             self.assertIn(list(env)[0], str(ctx.exception))
 
+    def test_ca_file_must_exist_and_hold_pem(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as f:
+            f.write("not a certificate")
+        self.addCleanup(os.unlink, f.name)
+        for path, fragment in ((f.name, "no PEM certificate"), ("/nonexistent/ca.pem", "cannot be read")):
+            with self.assertRaises(coproxy.ConfigError) as ctx:
+                coproxy.Config.resolve({"ca_file": path}, environ={})
+            self.assertIn(fragment, str(ctx.exception))
+
     def test_defaults_point_at_real_github(self):
         config = coproxy.Config.resolve({}, environ={})
         self.assertEqual(config.github_url, coproxy.DEFAULT_GITHUB_URL)
@@ -2258,6 +2267,441 @@ class TestAnthropicSDK(ProxyTestCase):
 
 
 # ------------------------------------------------------------------------------------------
+# Benchmark: python3 test_coproxy.py --bench  (figures for issue "lightest proxy, measured").
+# A fast asyncio fake upstream (the threaded one above is correct but not fast), closed-loop
+# load from separate processes, coproxy as a real `serve` subprocess; CPU and RSS from /proc.
+# ------------------------------------------------------------------------------------------
+
+BENCH_ANSWER = json.dumps({"id": "chatcmpl-bench", "model": "gpt-4.1", "choices": [{
+    "index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello from the bench."}}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}}).encode()
+
+
+class BenchUpstream(asyncio.Protocol):
+    """Minimal keep-alive HTTP/1.1 upstream: token exchange, /models, chat (JSON or a paced SSE
+    stream whose shape the request sets with bench_chunks / bench_interval), /__stats."""
+
+    stats = {"connections": 0}
+    base_url = ""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = b""
+        BenchUpstream.stats["connections"] += 1
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data):
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end]
+            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            length = int(match.group(1)) if match else 0
+            if len(self.buf) < end + 4 + length:
+                return
+            body = self.buf[end + 4:end + 4 + length]
+            self.buf = self.buf[end + 4 + length:]
+            self.handle(head.split(b" ", 2)[1], body)
+
+    def send(self, body, status=b"200 OK", ctype=b"application/json"):
+        self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                             % (status, ctype, len(body), body))
+
+    def handle(self, path, body):
+        if path == b"/chat/completions":
+            if b'"stream":true' in body or b'"stream": true' in body:
+                payload = json.loads(body)
+                asyncio.get_event_loop().create_task(self.stream(payload.get("bench_chunks", 20),
+                                                                 payload.get("bench_interval", 0.0)))
+            else:
+                self.send(BENCH_ANSWER)
+        elif path == b"/copilot_internal/v2/token":
+            self.send(json.dumps({"token": "tid=bench;exp=9999999999", "expires_at": int(time.time()) + 3600,
+                                  "refresh_in": 3000, "endpoints": {"api": BenchUpstream.base_url}}).encode())
+        elif path == b"/models":
+            self.send(json.dumps({"data": CATALOG}).encode())
+        elif path == b"/__stats":
+            self.send(json.dumps(BenchUpstream.stats).encode())
+        else:
+            self.send(b"{}", b"404 Not Found")
+
+    async def stream(self, chunks, interval):
+        write = self.transport.write
+        write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(chunks):
+            event = b'data: {"id":"c","model":"gpt-4.1","choices":[{"index":0,"delta":{"content":"t%d"},"finish_reason":null}]}\n\n' % time.monotonic_ns()
+            write(b"%x\r\n%s\r\n" % (len(event), event))
+            await asyncio.sleep(interval)
+            if self.transport.is_closing():
+                return
+        tail = (b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+                b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+                b"data: [DONE]\n\n")
+        write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+
+
+def bench_upstream_process(port_queue):
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(BenchUpstream, "127.0.0.1", 0, backlog=2048)
+        port = server.sockets[0].getsockname()[1]
+        BenchUpstream.base_url = "http://127.0.0.1:%d" % port
+        port_queue.put(port)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+
+
+def bench_request(path, body=None, method="POST"):
+    body = json.dumps(body).encode() if body is not None else b""
+    return (b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (method.encode(), path.encode(), len(body), body))
+
+
+def _response_complete(buf):
+    """Length of the first complete response in buf (Content-Length or chunked), or 0."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return 0
+    match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end])
+    if match:
+        total = end + 4 + int(match.group(1))
+        return total if len(buf) >= total else 0
+    terminator = buf.find(b"\r\n0\r\n\r\n", end)
+    return terminator + 7 if terminator >= 0 else 0
+
+
+def bench_closed_loop(port, request, connections, duration, result_queue):
+    """``connections`` keep-alive connections, each sending the next request when the previous
+    answer is complete; reports (completed, latencies in seconds)."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    state = {}
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        state[sock] = [b"", 0.0]
+        sel.register(sock, selectors.EVENT_READ)
+    latencies = []
+    done = 0
+    now = time.perf_counter
+    for sock, st in state.items():
+        st[1] = now()
+        sock.send(request)
+    deadline = now() + duration
+    while now() < deadline:
+        for key, _ in sel.select(0.1):
+            sock = key.fileobj
+            st = state[sock]
+            data = sock.recv(262144)
+            if not data:
+                raise RuntimeError("server closed a benchmark connection")
+            st[0] += data
+            size = _response_complete(st[0])
+            if size:
+                t = now()
+                latencies.append(t - st[1])
+                done += 1
+                st[0] = st[0][size:]
+                st[1] = t
+                sock.send(request)
+    for sock in state:
+        sock.close()
+    result_queue.put((done, latencies))
+
+
+def bench_streams(port, request, count, result_queue, release=None):
+    """Open ``count`` streams at once; report per stream (time to first chunk, completed, chunk
+    delays in seconds from the upstream's timestamp to arrival here)."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    state = {}
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        state[sock] = {"buf": b"", "start": 0.0, "first": None, "seen": 0, "done": False}
+        sel.register(sock, selectors.EVENT_READ)
+    for sock, st in state.items():
+        st["start"] = time.perf_counter()
+        sock.send(request)
+    delays, open_count = [], count
+    pattern = re.compile(rb"t(\d{12,})")
+    while open_count:
+        events = sel.select(60)
+        if not events:
+            break
+        for key, _ in events:
+            sock = key.fileobj
+            st = state[sock]
+            data = sock.recv(262144)
+            arrived = time.monotonic_ns()
+            if st["first"] is None and data:
+                st["first"] = time.perf_counter() - st["start"]
+            for match in pattern.finditer(data):
+                delays.append((arrived - int(match.group(1))) / 1e9)
+            st["buf"] = (st["buf"] + data)[-16:]
+            if not data or st["buf"].endswith(b"\r\n0\r\n\r\n"):
+                st["done"] = bool(data)
+                sel.unregister(sock)
+                sock.close()
+                open_count -= 1
+    result_queue.put(([st["first"] for st in state.values()], sum(st["done"] for st in state.values()), delays))
+
+
+def percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(q / 100.0 * (len(values) - 1))))]
+
+
+class Bench:
+    """Runs every figure for 'direct' (to the fake upstream) and 'via' (through coproxy)."""
+
+    def __init__(self, repetitions):
+        import multiprocessing
+        self.mp = multiprocessing.get_context("fork")
+        self.repetitions = repetitions
+        queue = self.mp.Queue()
+        self.upstream = self.mp.Process(target=bench_upstream_process, args=(queue,), daemon=True)
+        self.upstream.start()
+        self.upstream_port = queue.get(timeout=10)
+        self.tmp = tempfile.mkdtemp(prefix="coproxy-bench-")
+        self.proxy = None
+
+    def start_proxy(self):
+        url = "http://127.0.0.1:%d" % self.upstream_port
+        env = dict(os.environ, GHCP_GITHUB_TOKEN="ghu_bench")
+        started = time.perf_counter()
+        self.proxy = subprocess.Popen(
+            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp, "--github-url", url,
+             "--github-api-url", url, "--log-level", "warning"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        line = self.proxy.stderr.readline()
+        self.proxy_port = int(re.search(r":(\d+)$", line.strip()).group(1))
+        while True:  # a measurement, not a test: poll until the first 200
+            try:
+                if http_request(self.proxy_port, "GET", "/healthz", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.001)
+        self.start_to_healthz = time.perf_counter() - started
+        threading.Thread(target=self.proxy.stderr.read, daemon=True).start()
+
+    def stop(self):
+        if self.proxy:
+            self.proxy.send_signal(signal.SIGTERM)
+            self.proxy.wait(20)
+        self.upstream.terminate()
+        shutil.rmtree(self.tmp, True)
+
+    def cpu_seconds(self):
+        with open("/proc/%d/stat" % self.proxy.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self):
+        with open("/proc/%d/status" % self.proxy.pid) as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024.0
+
+    def upstream_connections(self):
+        return json.loads(http_request(self.upstream_port, "GET", "/__stats")[2])["connections"]
+
+    def run_workers(self, target, port, request, total, workers, *extra):
+        queue = self.mp.Queue()
+        shares = [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+        processes = [self.mp.Process(target=target, args=(port, request, n) + extra + (queue,))
+                     for n in shares if n]
+        for process in processes:
+            process.start()
+        results = [queue.get(timeout=300) for _ in processes]
+        for process in processes:
+            process.join(10)
+        return results
+
+    def throughput(self, port, clients, duration=2.0):
+        request = bench_request("/v1/chat/completions" if port == self.proxy_port else "/chat/completions",
+                                {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+        results = self.run_workers(bench_closed_loop, port, request, clients, min(clients, 2), duration)
+        done = sum(r[0] for r in results)
+        latencies = [x for r in results for x in r[1]]
+        return done / duration, percentile(latencies, 50) * 1000
+
+    def stream_request(self, port, chunks, interval):
+        return bench_request("/v1/chat/completions" if port == self.proxy_port else "/chat/completions",
+                             {"model": "gpt-4.1", "stream": True, "bench_chunks": chunks, "bench_interval": interval,
+                              "messages": [{"role": "user", "content": "hi"}]})
+
+    def ttfb(self, port, samples=200):
+        request = self.stream_request(port, 1, 0)
+        firsts = []
+        for _ in range(samples):
+            queue = []
+            firsts.append(self._one_stream(port, request))
+        return percentile(firsts, 50) * 1000
+
+    def _one_stream(self, port, request):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        sock.sendall(request)
+        first = None
+        buf = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buf += data
+            if first is None and b"data:" in buf:
+                first = time.perf_counter() - start
+            if buf.endswith(b"\r\n0\r\n\r\n"):
+                break
+        sock.close()
+        return first
+
+    def chunk_delays(self, port):
+        request = self.stream_request(port, 500, 0.002)
+        (firsts, done, delays), = self.run_workers(bench_streams, port, request, 1, 1)
+        return delays
+
+    def run(self):
+        rows = []
+        reps = self.repetitions
+        med = lambda xs: percentile(xs, 50)
+
+        def both(fn, *args):
+            direct = [fn(self.upstream_port, *args) for _ in range(reps)]
+            via = [fn(self.proxy_port, *args) for _ in range(reps)]
+            return direct, via
+
+        self.start_proxy()
+        rss_start = self.rss_mb()
+        for clients in (1, 16, 64):
+            direct, via = both(self.throughput, clients)
+            rows.append(("non-stream req/s, %d client%s" % (clients, "s" if clients > 1 else ""),
+                         med([d[0] for d in direct]), med([v[0] for v in via]), ">=", {1: 1400, 16: 1500, 64: 1500}[clients], "%.0f"))
+            if clients == 1:
+                p50 = (med([d[1] for d in direct]), med([v[1] for v in via]))
+        rows.append(("p50 latency, 1 client (ms)", p50[0], p50[1], "<=", 0.6, "%.2f"))
+
+        request = bench_request("/v1/chat/completions", {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+        cpu = []
+        for _ in range(reps):
+            before = self.cpu_seconds()
+            (done, _), = self.run_workers(bench_closed_loop, self.proxy_port, request, 1, 1, 2.0)
+            cpu.append((self.cpu_seconds() - before) / done * 1000)
+        rows.append(("proxy CPU per request (ms)", None, med(cpu), "<=", 0.5, "%.3f"))
+
+        direct, via = both(self.ttfb)
+        rows.append(("stream time to first byte (ms)", med(direct), med(via), "<=", 1.5, "%.2f"))
+
+        direct_delays = [x for _ in range(reps) for x in self.chunk_delays(self.upstream_port)]
+        via_delays = [x for _ in range(reps) for x in self.chunk_delays(self.proxy_port)]
+        for q, target in ((50, 0.3), (99, 1.0)):
+            added = (percentile(via_delays, q) - percentile(direct_delays, q)) * 1000
+            rows.append(("added delay per chunk p%d (ms)" % q, percentile(direct_delays, q) * 1000,
+                         percentile(via_delays, q) * 1000, "<=", target, "%.3f", added))
+
+        cpu = []
+        for _ in range(reps):
+            request = self.stream_request(self.proxy_port, 1000, 0)
+            before = self.cpu_seconds()
+            results = self.run_workers(bench_streams, self.proxy_port, request, 10, 2)
+            chunks = sum(len(r[2]) for r in results)
+            cpu.append((self.cpu_seconds() - before) / chunks * 10000)
+        rows.append(("proxy CPU per 10,000 streamed chunks (s)", None, med(cpu), "<=", 0.6, "%.3f"))
+        rss_after_load = self.rss_mb()
+
+        many = {}
+        for name, port in (("direct", self.upstream_port), ("via", self.proxy_port)):
+            request = self.stream_request(port, 40, 0.05)
+            queue = self.mp.Queue()
+            shares = (500, 500)
+            processes = [self.mp.Process(target=bench_streams, args=(port, request, n, queue)) for n in shares]
+            for process in processes:
+                process.start()
+            small = []
+            time.sleep(1.0)  # let the streams open before probing
+            rss_peak = self.rss_mb() if name == "via" else None
+            probe = bench_request("/v1/chat/completions" if name == "via" else "/chat/completions",
+                                  {"model": "gpt-4.1", "messages": [{"role": "user", "content": "probe"}]})
+            for _ in range(20):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                start = time.perf_counter()
+                sock.sendall(probe)
+                buf = b""
+                while not _response_complete(buf):
+                    buf += sock.recv(65536)
+                small.append(time.perf_counter() - start)
+                sock.close()
+            results = [queue.get(timeout=300) for _ in processes]
+            for process in processes:
+                process.join(10)
+            firsts = [f for r in results for f in r[0] if f is not None]
+            many[name] = (sum(r[1] for r in results), percentile(firsts, 50), percentile(small, 50) * 1000, rss_peak)
+        rows.append(("1,000 concurrent streams: completed", many["direct"][0], many["via"][0], ">=", 1000, "%d"))
+        rows.append(("1,000 concurrent streams: 1st chunk p50 (s)", many["direct"][1], many["via"][1], "<=", 1.0, "%.2f"))
+        rows.append(("small request while 1,000 streams run, p50 (ms)", many["direct"][2], many["via"][2], "<=", 2.0, "%.2f"))
+        rows.append(("RSS at start (MB)", None, rss_start, "<=", 30, "%.1f"))
+        rows.append(("RSS after load (MB)", None, rss_after_load, "<=", 40, "%.1f"))
+        rows.append(("RSS with 1,000 streams (MB)", None, many["via"][3], "<=", 150, "%.1f"))
+        rows.append(("start to first /healthz 200 (ms)", None, self.start_to_healthz * 1000, "<=", 150, "%.0f"))
+        before = self.upstream_connections()
+        sequential = bench_request("/v1/chat/completions", {"model": "gpt-4.1", "messages": [{"role": "user", "content": "x"}]})
+        sock = socket.create_connection(("127.0.0.1", self.proxy_port))
+        for _ in range(100):
+            sock.sendall(sequential)
+            buf = b""
+            while not _response_complete(buf):
+                buf += sock.recv(65536)
+        sock.close()
+        rows.append(("new upstream connections per 100 sequential requests", None,
+                     self.upstream_connections() - before - 1, "<=", 1, "%d"))  # -1: the /__stats probe itself
+        return rows
+
+
+def format_bench(rows, repetitions):
+    lines = ["coproxy %s benchmark, Python %s, %d cores, median of %d runs" % (
+        coproxy.__version__, sys.version.split()[0], os.cpu_count(), repetitions),
+        "%-55s %12s %12s %8s %12s  %s" % ("figure", "direct", "via coproxy", "ratio", "target", "result")]
+    misses = 0
+    for row in rows:
+        name, direct, via, op, target, fmt = row[:6]
+        ratio = "" if not direct or direct != direct or via is None else "%.2fx" % (via / direct)
+        value = row[6] if len(row) > 6 else via   # added delay rows compare the difference
+        ok = value is not None and (value >= target if op == ">=" else value <= target)
+        misses += not ok
+        shown_target = "%s %s" % (op, target) + (" added" if len(row) > 6 else "")
+        lines.append("%-55s %12s %12s %8s %12s  %s" % (name, "—" if direct is None else fmt % direct,
+                                                       fmt % via if via is not None else "—", ratio, shown_target,
+                                                       "PASS" if ok else "MISS"))
+    lines.append("%d of %d figures meet their target" % (len(rows) - misses, len(rows)))
+    return "\n".join(lines), misses
+
+
+def run_bench(argv):
+    repetitions = 3
+    if "--repetitions" in argv:
+        repetitions = int(argv[argv.index("--repetitions") + 1])
+    if not sys.platform.startswith("linux"):
+        print("the benchmark reads CPU and memory from /proc: Linux only")
+        return 2
+    bench = Bench(repetitions)
+    try:
+        rows = bench.run()
+    finally:
+        bench.stop()
+    text, misses = format_bench(rows, repetitions)
+    print(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
 # Runner: unittest, then one summary line that CI reads.
 # ------------------------------------------------------------------------------------------
 
@@ -2281,4 +2725,6 @@ def run_tests(argv):
 
 
 if __name__ == "__main__":
+    if "--bench" in sys.argv[1:]:
+        sys.exit(run_bench(sys.argv[1:]))
     sys.exit(run_tests(sys.argv[1:]))
