@@ -61,6 +61,7 @@ if sys.version_info < (3, 8):  # pragma: no cover - exercised by CI on 3.6/3.7
     sys.stderr.write("coproxy needs Python 3.8+ (this is Python %d.%d.%d)\n" % sys.version_info[:3])
     sys.exit(1)
 
+import _thread
 import argparse
 import asyncio
 import base64
@@ -76,6 +77,7 @@ import hmac
 import http
 import http.client
 import ipaddress
+import queue
 import json
 import logging
 import os
@@ -677,6 +679,67 @@ def describe_network_error(exc, url):
     if isinstance(exc, OSError) and "Tunnel connection failed" in str(exc):
         return "the HTTPS proxy refused the tunnel to %s (%s)" % (host, exc)
     return "cannot reach %s: %s" % (host, exc.__class__.__name__ + (": %s" % exc if str(exc) else ""))
+
+
+class WorkerPool(concurrent.futures.Executor):
+    """The dedicated thread pool for blocking upstream work (a stream holds a thread throughout).
+
+    Idle workers are reused; a new one is started only when none is idle, up to ``max_workers``.
+    Unlike ThreadPoolExecutor, submit() never waits for a new thread to boot: Thread.start()
+    blocks its caller (here the event loop) until the new thread gets the GIL, which with
+    hundreds of busy streams took milliseconds per thread and delayed every other client."""
+
+    def __init__(self, max_workers):
+        self.max_workers = max_workers
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self.workers = 0
+        self._shutdown = False
+
+    def submit(self, fn, *args, **kwargs):
+        future = concurrent.futures.Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put((future, fn, args, kwargs))
+            start = False
+            if self._idle:
+                self._idle -= 1  # that worker will take this job
+            elif self.workers < self.max_workers:
+                self.workers += 1
+                start = True
+        if start:
+            _thread.start_new_thread(self._work, ())
+        return future
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args, kwargs = job
+            del job
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # delivered to whoever awaits the future
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, kwargs
+            with self._lock:
+                if self._shutdown:
+                    return
+                self._idle += 1
+
+    def shutdown(self, wait=True, **_):
+        """Idle workers exit now; busy ones when their job ends (they never block process exit)."""
+        with self._lock:
+            self._shutdown = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
 
 
 class AbortHandle:
@@ -2750,8 +2813,7 @@ class App:
         self.client = client or UpstreamClient(config.ca_file, config.connect_timeout,
                                                config.upstream_timeout, config.environ)
         self.auth = auth or CopilotAuth(config, self.store, self.client)
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.max_concurrency + 16, thread_name_prefix="coproxy-upstream")
+        self.executor = WorkerPool(config.max_concurrency + 16)
         self.loop = None
         self.started_at = time.time()
         self.last_auth_error = None

@@ -826,6 +826,34 @@ class TestUpstreamClient(unittest.TestCase):
         self.assertIsNone(coproxy.proxy_for("http://api.github.com/x", env))
 
 
+class TestWorkerPool(unittest.TestCase):
+    def test_results_errors_reuse_and_concurrency(self):
+        pool = coproxy.WorkerPool(8)
+        self.addCleanup(pool.shutdown)
+        self.assertEqual(pool.submit(lambda a, b=0: a + b, 2, b=3).result(5), 5)
+        with self.assertRaises(ZeroDivisionError):
+            pool.submit(lambda: 1 / 0).result(5)
+        for i in range(20):  # sequential jobs reuse the idle worker
+            self.assertEqual(pool.submit(lambda: i).result(5), i)
+        self.assertEqual(pool.workers, 1)
+        gate, running = threading.Event(), []
+        futures = [pool.submit(lambda: (running.append(1), gate.wait(5))) for _ in range(8)]
+        self.assertTrue(wait_for(lambda: len(running) == 8))  # all eight run at once
+        queued = pool.submit(lambda: "ninth")  # over the limit: waits for a free worker
+        self.assertFalse(queued.done())
+        gate.set()
+        self.assertEqual(queued.result(5), "ninth")
+        self.assertTrue(all(f.result(5)[1] for f in futures))
+        self.assertEqual(pool.workers, 8)
+
+    def test_shutdown_refuses_new_work(self):
+        pool = coproxy.WorkerPool(2)
+        pool.submit(lambda: None).result(5)
+        pool.shutdown()
+        with self.assertRaises(RuntimeError):
+            pool.submit(lambda: None)
+
+
 class TestUpstreamTLS(unittest.TestCase):
     def setUp(self):
         install_log_capture()
@@ -2100,7 +2128,7 @@ class TestCLI(unittest.TestCase):
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
-    STDLIB = {"argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
+    STDLIB = {"_thread", "queue", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
               "functools", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "shlex", "signal",
               "socket", "ssl", "stat", "sys", "threading", "time", "urllib", "uuid", "webbrowser"}
 
@@ -2479,7 +2507,7 @@ class Bench:
         started = time.perf_counter()
         self.proxy = subprocess.Popen(
             [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp, "--github-url", url,
-             "--github-api-url", url, "--log-level", "warning"],
+             "--github-api-url", url],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proxy.stderr.readline()
         self.proxy_port = int(re.search(r":(\d+)$", line.strip()).group(1))
