@@ -20,7 +20,7 @@ Quick start::
     export OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused
     eval "$(python3 coproxy.py claude-code)" && claude    # Claude Code via /v1/messages
 
-Subcommands: ``serve``, ``auth login|status|logout|refresh``, ``models``, ``claude-code``. Every flag has an
+Subcommands: ``serve``, ``auth login|status|logout|refresh``, ``models``, ``usage``, ``claude-code``. Every flag has an
 environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` and
 ``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
 ``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows):
@@ -69,6 +69,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import email.utils
 import errno
 import functools
@@ -87,6 +88,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import threading
 import time
 import urllib.parse
@@ -308,6 +310,23 @@ def _positive_int(text):
     return value
 
 
+API_SURFACES = ("chat", "responses", "embeddings", "messages")
+API_SURFACE_PRESETS = {"chat": ("chat",), "chat-responses": ("chat", "responses"),
+                       "chat-embeddings": ("chat", "embeddings"), "all": API_SURFACES}
+
+
+def _api_surface(text):
+    """The seed's presets, or a comma list of chat,responses,embeddings,messages."""
+    text = str(text).strip().lower()
+    if text in API_SURFACE_PRESETS:
+        return frozenset(API_SURFACE_PRESETS[text])
+    parts = frozenset(p.strip() for p in text.split(",") if p.strip())
+    unknown = parts - set(API_SURFACES)
+    if unknown or not parts:
+        raise ValueError("use %s, or a comma list of %s" % ("/".join(API_SURFACE_PRESETS), ",".join(API_SURFACES)))
+    return parts
+
+
 def _log_level(text):
     value = str(text).strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -351,6 +370,9 @@ OPTIONS = [
            None),
     Option("--no-auto-login", "no_auto_login", "COPROXY_NO_AUTO_LOGIN", bool, False, "serve",
            "start even when not logged in (requests get 503 until a token exists)", None),
+    Option("--api-surface", "api_surface", "COPROXY_API_SURFACE", _api_surface, "all", "serve",
+           "APIs to serve: chat, chat-responses, chat-embeddings, all, or a comma list of "
+           "chat,responses,embeddings,messages", "LIST"),
     Option("--default-model", "default_model", "COPROXY_DEFAULT_MODEL", str, None, "serve",
            "model used when a request names none", "MODEL"),
     Option("--max-body-mb", "max_body_mb", "COPROXY_MAX_BODY_MB", _positive_float,
@@ -413,6 +435,7 @@ class Config:
     allow_unauthenticated: bool = False
     no_auto_login: bool = False
     default_model: str = None
+    api_surface: frozenset = frozenset(API_SURFACES)
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_SECONDS
@@ -1365,7 +1388,8 @@ class CopilotAuth:
 #    Dicts in, dicts out; bytes in, events out. No I/O, no clock (callers pass ``now``), no
 #    globals. 8a SSE codec, 8b OpenAI chat requests and answers, 8c the chat stream
 #    normaliser, 8d error envelopes, 8e the model catalogue and model names, 8f Anthropic
-#    Messages <-> OpenAI chat (requests, answers, streams, token estimate).
+#    Messages <-> OpenAI chat (requests, answers, streams, token estimate), 8g OpenAI chat <->
+#    Responses (for responses-only models), embeddings and quota.
 # ------------------------------------------------------------------------------------------
 
 # -- 8a. Server-sent events ----------------------------------------------------------------
@@ -1780,6 +1804,37 @@ def resolve_model(name, ids):
     return None
 
 
+def unknown_model_error(name, ids):
+    """404 model_not_found that suggests the catalog ids closest to what was asked for."""
+    close = difflib.get_close_matches(name.lower(), [i.lower() for i in ids], n=4, cutoff=0.4)
+    by_lower = {i.lower(): i for i in ids}
+    hint = "; did you mean %s?" % ", ".join(by_lower[c] for c in close) if close else ""
+    return ClientError(404, "model %r is not in your Copilot catalog%s (GET /v1/models lists them)" % (name, hint),
+                       code="model_not_found", param="model")
+
+
+def check_chat_capabilities(payload, info, vision):
+    """400 before any upstream call for what the model is known not to accept."""
+    caps = info.get("capabilities") if isinstance(info.get("capabilities"), dict) else {}
+    supports = caps.get("supports") if isinstance(caps.get("supports"), dict) else {}
+    if vision and supports.get("vision") is False:
+        raise ClientError(400, "model %s does not accept images; pick one with vision (see GET /v1/models)" % info["id"],
+                          code="model_without_vision", param="messages")
+    effort = payload.get("reasoning_effort")
+    allowed = supports.get("reasoning_effort")
+    if effort is not None and isinstance(allowed, list) and effort not in allowed:
+        raise ClientError(400, "reasoning_effort %r is not accepted by %s; allowed: %s" % (
+            effort, info["id"], ", ".join(map(str, allowed))), code="invalid_reasoning_effort", param="reasoning_effort")
+
+
+def endpoint_for(info, wanted):
+    """Copilot path to use for a model: ``wanted`` unless the catalog says it only has /responses."""
+    endpoints = info.get("supported_endpoints")
+    if isinstance(endpoints, list) and endpoints and wanted not in endpoints and "/responses" in endpoints:
+        return "/responses"
+    return wanted
+
+
 # -- 8f. Anthropic Messages <-> OpenAI chat ------------------------------------------------
 
 def _blocks(content):
@@ -2170,6 +2225,312 @@ def estimate_input_tokens(payload):
     if payload.get("tools"):
         total += 350  # the tool-use system prompt Anthropic adds
     return int(total * 1.1) + 1
+
+
+# -- 8g. OpenAI chat <-> Responses, embeddings, quota --------------------------------------
+
+def _plain_text(content):
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
+def chat_to_responses_request(payload):
+    """An OpenAI chat request as a Responses request (for models Copilot serves only there)."""
+    items = []
+    for message in payload["messages"]:
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer"):
+            items.append({"type": "message", "role": "developer",
+                          "content": [{"type": "input_text", "text": _plain_text(content)}]})
+        elif role == "user":
+            if isinstance(content, str):
+                parts = [{"type": "input_text", "text": content}]
+            else:
+                parts = []
+                for part in content or []:
+                    if not isinstance(part, dict):
+                        continue
+                    if part.get("type") == "text":
+                        parts.append({"type": "input_text", "text": part.get("text", "")})
+                    elif part.get("type") == "image_url":
+                        image = part.get("image_url") if isinstance(part.get("image_url"), dict) else {"url": part.get("image_url")}
+                        parts.append({"type": "input_image", "image_url": image.get("url"),
+                                      "detail": image.get("detail") or "auto"})
+            items.append({"type": "message", "role": "user", "content": parts})
+        elif role == "assistant":
+            text = _plain_text(content)
+            if text:
+                items.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") or {}
+                items.append({"type": "function_call", "call_id": call.get("id"), "name": function.get("name"),
+                              "arguments": function.get("arguments") or "{}"})
+        elif role == "tool":
+            items.append({"type": "function_call_output", "call_id": message.get("tool_call_id"),
+                          "output": _plain_text(content)})
+    request = {"model": payload["model"], "input": items, "store": False}
+    if payload.get("stream"):
+        request["stream"] = True
+    limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    if limit:
+        request["max_output_tokens"] = limit
+    for key in ("temperature", "top_p", "parallel_tool_calls", "user"):
+        if payload.get(key) is not None:
+            request[key] = payload[key]
+    if payload.get("reasoning_effort"):
+        request["reasoning"] = {"effort": payload["reasoning_effort"]}
+    tools = [t.get("function") for t in payload.get("tools") or [] if isinstance(t, dict) and t.get("function")]
+    if tools:
+        request["tools"] = [dict({"type": "function", "name": f.get("name"), "description": f.get("description", ""),
+                                  "parameters": f.get("parameters") or {"type": "object", "properties": {}}},
+                                 **({"strict": f["strict"]} if "strict" in f else {})) for f in tools]
+    choice = payload.get("tool_choice")
+    if isinstance(choice, str):
+        request["tool_choice"] = choice
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        request["tool_choice"] = {"type": "function", "name": choice["function"].get("name")}
+    fmt = payload.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        schema = fmt["json_schema"]
+        request["text"] = {"format": dict({"type": "json_schema", "name": schema.get("name", "response"),
+                                           "schema": schema.get("schema", {})},
+                                          **({"strict": schema["strict"]} if "strict" in schema else {}))}
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        request["text"] = {"format": {"type": "json_object"}}
+    return request
+
+
+def _responses_usage(usage):
+    usage = usage if isinstance(usage, dict) else {}
+    out = {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0}
+    out["total_tokens"] = usage.get("total_tokens") or out["prompt_tokens"] + out["completion_tokens"]
+    details = usage.get("input_tokens_details")
+    if isinstance(details, dict) and details.get("cached_tokens"):
+        out["prompt_tokens_details"] = {"cached_tokens": details["cached_tokens"]}
+    details = usage.get("output_tokens_details")
+    if isinstance(details, dict) and details.get("reasoning_tokens"):
+        out["completion_tokens_details"] = {"reasoning_tokens": details["reasoning_tokens"]}
+    return out
+
+
+def _responses_finish(response, saw_tool):
+    if saw_tool:
+        return "tool_calls"
+    details = response.get("incomplete_details") if isinstance(response.get("incomplete_details"), dict) else {}
+    if response.get("status") == "incomplete":
+        return "length" if details.get("reason") == "max_output_tokens" else "content_filter"
+    return "stop"
+
+
+def responses_to_chat_response(data, model, now):
+    """A Responses answer as an OpenAI chat.completion."""
+    texts, calls = [], []
+    for item in data.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            texts.extend(p.get("text") or p.get("refusal") or "" for p in item.get("content") or [] if isinstance(p, dict))
+        elif item.get("type") == "function_call":
+            calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
+                          "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}})
+    message = {"role": "assistant", "content": "".join(texts) or None}
+    if calls:
+        message["tool_calls"] = calls
+    return {"id": "chatcmpl-" + str(data.get("id") or uuid.uuid4().hex), "object": "chat.completion",
+            "created": int(data.get("created_at") or now), "model": data.get("model") or model,
+            "choices": [{"index": 0, "message": message, "finish_reason": _responses_finish(data, bool(calls)),
+                         "logprobs": None}],
+            "usage": _responses_usage(data.get("usage"))}
+
+
+class ResponsesToChatStream:
+    """Responses stream events in, OpenAI chat.completion.chunk frames out."""
+
+    def __init__(self, model, include_usage, now):
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(now)
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.finished = False
+        self.started = False
+        self.tools = {}
+        self.arguments_seen = set()
+
+    def _chunk(self, delta, finish=None, **extra):
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        chunk.update(extra)
+        return encode_sse(json_dumps(chunk))
+
+    def feed_event(self, event):
+        if self.finished:
+            return []
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            return self.error("Copilot sent a malformed stream event")
+        if not isinstance(data, dict):
+            return []
+        kind = data.get("type") or event.event
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        if kind == "response.output_text.delta":
+            out.append(self._chunk({"content": data.get("delta", "")}))
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            item = data.get("item") if isinstance(data.get("item"), dict) else {}
+            if item.get("type") == "function_call":
+                position = data.get("output_index")
+                if position not in self.tools:
+                    self.tools[position] = len(self.tools)
+                    out.append(self._chunk({"tool_calls": [{"index": self.tools[position], "id": item.get("call_id"),
+                                                            "type": "function", "function": {
+                                                                "name": item.get("name"), "arguments": ""}}]}))
+                if kind == "response.output_item.done" and position not in self.arguments_seen and item.get("arguments"):
+                    out.append(self._chunk({"tool_calls": [{"index": self.tools[position],
+                                                            "function": {"arguments": item["arguments"]}}]}))
+        elif kind == "response.function_call_arguments.delta":
+            position = data.get("output_index")
+            if position in self.tools:
+                self.arguments_seen.add(position)
+                out.append(self._chunk({"tool_calls": [{"index": self.tools[position],
+                                                        "function": {"arguments": data.get("delta", "")}}]}))
+        elif kind in ("response.completed", "response.incomplete"):
+            response = data.get("response") if isinstance(data.get("response"), dict) else {}
+            self.finished = True
+            out.append(self._chunk({}, _responses_finish(response, bool(self.tools))))
+            if self.include_usage:
+                usage_chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                               "model": self.model, "choices": [], "usage": _responses_usage(response.get("usage"))}
+                out.append(encode_sse(json_dumps(usage_chunk)))
+            out.append(SSE_DONE)
+        elif kind in ("response.failed", "error"):
+            response = data.get("response") if isinstance(data.get("response"), dict) else data
+            error = response.get("error") if isinstance(response.get("error"), dict) else response
+            out.extend(self.error(error.get("message") or "Copilot reported an error mid-stream"))
+        return out
+
+    def finish(self):
+        return self.error("Copilot closed the stream before the answer was complete") if not self.finished else []
+
+    def error(self, message):
+        if self.finished:
+            return []
+        self.finished = True
+        return [encode_sse(json_dumps(openai_error_body(message, "api_error", "upstream_stream_error")))]
+
+
+class ResponsesPassthrough:
+    """Copilot's Responses events passed on as they come; an error event if the stream breaks off."""
+
+    _FINAL = ("response.completed", "response.failed", "response.incomplete", "error")
+
+    def __init__(self):
+        self.finished = False
+
+    def feed_event(self, event):
+        if self.finished:
+            return []
+        kind = event.event
+        if kind is None and '"type"' in event.data:
+            match = re.search(r'"type"\s*:\s*"([^"]+)"', event.data)
+            kind = match.group(1) if match else None
+        if kind in self._FINAL:
+            self.finished = True
+        return [encode_sse(event.data.encode("utf-8"), event.event)]
+
+    def finish(self):
+        return self.error("Copilot closed the stream before the answer was complete") if not self.finished else []
+
+    def error(self, message):
+        if self.finished:
+            return []
+        self.finished = True
+        return [encode_sse(json_dumps({"type": "error", "code": "upstream_stream_error", "message": message,
+                                       "param": None}), "error")]
+
+
+def responses_initiator(payload):
+    """``agent`` when the newest input item is a tool output or the assistant's, else ``user``."""
+    items = payload.get("input")
+    if not isinstance(items, list) or not items or not isinstance(items[-1], dict):
+        return "user"
+    last = items[-1]
+    if last.get("type") in ("function_call_output", "function_call", "reasoning") or last.get("role") == "assistant":
+        return "agent"
+    return "user"
+
+
+def responses_have_image(payload):
+    for item in payload.get("input") if isinstance(payload.get("input"), list) else []:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in _IMAGE_PART_TYPES for p in content):
+            return True
+    return False
+
+
+def prepare_embeddings_request(payload):
+    """(Copilot request, encoding_format) for an OpenAI embeddings request."""
+    model, text = payload.get("model"), payload.get("input")
+    if not isinstance(model, str) or not model:
+        raise ClientError(400, "'model' is required", param="model", code="model_required")
+    if isinstance(text, str):
+        text = [text]
+    if not isinstance(text, list) or not text:
+        raise ClientError(400, "'input' must be a string or a non-empty array of strings", param="input")
+    if not all(isinstance(t, str) for t in text):
+        raise ClientError(400, "'input' must hold strings: Copilot does not take token arrays", param="input",
+                          code="token_arrays_not_supported")
+    encoding = payload.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ClientError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+    request = {"model": model, "input": text}
+    if payload.get("dimensions") is not None:
+        if not isinstance(payload["dimensions"], int) or payload["dimensions"] < 1:
+            raise ClientError(400, "'dimensions' must be a positive integer", param="dimensions")
+        request["dimensions"] = payload["dimensions"]
+    return request, encoding
+
+
+def normalize_embeddings_response(data, model, encoding):
+    """OpenAI's embeddings list; base64 is made here (little-endian float32, as OpenAI sends it)."""
+    items = []
+    for index, item in enumerate(data.get("data") or []):
+        if not isinstance(item, dict):
+            continue
+        vector = item.get("embedding")
+        if encoding == "base64" and isinstance(vector, list):
+            vector = base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
+        items.append({"object": "embedding", "index": item.get("index", index), "embedding": vector})
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    prompt = usage.get("prompt_tokens") or 0
+    return {"object": "list", "data": items, "model": data.get("model") or model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": usage.get("total_tokens") or prompt}}
+
+
+def summarize_quota(user):
+    """Plan, premium requests and chat quota from /copilot_internal/user, in one flat shape."""
+    snapshots = user.get("quota_snapshots") if isinstance(user.get("quota_snapshots"), dict) else {}
+
+    def bucket(name):
+        snap = snapshots.get(name)
+        if not isinstance(snap, dict):
+            return None
+        unlimited = bool(snap.get("unlimited")) or snap.get("entitlement") == -1
+        entitlement, remaining = snap.get("entitlement"), snap.get("remaining")
+        used = None
+        if not unlimited and isinstance(entitlement, (int, float)) and isinstance(remaining, (int, float)):
+            used = entitlement - remaining
+        return {"unlimited": unlimited, "entitlement": entitlement, "remaining": remaining, "used": used,
+                "percent_remaining": snap.get("percent_remaining"), "overage_count": snap.get("overage_count", 0),
+                "overage_permitted": snap.get("overage_permitted", False)}
+
+    return {"login": user.get("login"), "plan": user.get("copilot_plan"), "sku": user.get("access_type_sku"),
+            "premium_requests": bucket("premium_interactions"), "chat": bucket("chat"),
+            "completions": bucket("completions"),
+            "reset_date": user.get("quota_reset_date_utc") or user.get("quota_reset_date")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -2708,6 +3069,10 @@ SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Con
 JSON_HEADERS = [("Content-Type", "application/json")]
 
 
+_MAX_TOKENS_REFUSED = re.compile(r"max_tokens.{0,80}max_completion_tokens|unsupported parameter:? *'?max_tokens",
+                                 re.I | re.S)
+
+
 class StreamPump:
     """Reads an upstream stream in a worker thread and hands chunks to the event loop.
 
@@ -2819,15 +3184,25 @@ class App:
         self.last_auth_error = None
         self._slots = None
         self._max_body = config.max_body_bytes
-        # Canonical paths (without /v1): every route answers with and without the prefix.
+        # Canonical paths (without /v1): every route answers with and without the prefix. The
+        # surface names which --api-surface part mounts it (None: always there).
         self.routes = {
-            "/chat/completions": {"POST": self.handle_chat_completions},
-            "/models": {"GET": self.handle_models},
-            "/messages": {"POST": self.handle_messages},
-            "/messages/count_tokens": {"POST": self.handle_count_tokens},
+            "/chat/completions": ("chat", {"POST": self.handle_chat_completions}),
+            "/models": (None, {"GET": self.handle_models}),
+            "/messages": ("messages", {"POST": self.handle_messages}),
+            "/messages/count_tokens": ("messages", {"POST": self.handle_count_tokens}),
+            "/embeddings": ("embeddings", {"POST": self.handle_embeddings}),
+            "/responses": ("responses", {"POST": self.handle_responses}),
+            "/usage": (None, {"GET": self.handle_usage}),
         }
-        self._catalog_cache = (0.0, None, None)
+        self.prefix_routes = [("/models/", None, {"GET": self.handle_model}),
+                              ("/responses/", "responses", {"GET": self.handle_response_get})]
         self.public_routes = {"/healthz": {"GET": self.handle_health}, "/health": {"GET": self.handle_health}}
+        self._catalog_cache = (0.0, None, None, {})
+        #: models that refused max_tokens (learnt from Copilot's 400; sent max_completion_tokens after)
+        self._max_completion_models = set()
+        self.counters = {"requests": 0, "by_initiator": collections.Counter(), "by_model": collections.Counter(),
+                         "premium_requests": 0.0}
 
     async def start(self):
         """Create the loop-bound pieces (asyncio primitives must be born inside the running loop)."""
@@ -2854,19 +3229,26 @@ class App:
         param = None
         canonical = path[3:] if path.startswith("/v1/") else path
         dialect = "anthropic" if canonical.startswith("/messages") else "openai"
+        surface = None
         if public:
             handlers = self.public_routes[path]
         else:
-            handlers = self.routes.get(canonical)
-            if handlers is None and canonical.startswith("/models/") and len(canonical) > 8:
-                handlers, param = {"GET": self.handle_model}, urllib.parse.unquote(canonical[8:])
+            surface, handlers = self.routes.get(canonical, (None, None))
+            for prefix, prefix_surface, prefix_handlers in self.prefix_routes:
+                if handlers is None and canonical.startswith(prefix) and len(canonical) > len(prefix):
+                    surface, handlers = prefix_surface, prefix_handlers
+                    param = urllib.parse.unquote(canonical[len(prefix):])
         try:
             if request.method not in KNOWN_METHODS:
                 response.keep_alive = False  # we cannot know how this method frames its body
                 raise ClientError(501, "method %s is not implemented" % request.method, code="not_implemented")
             if handlers is None:
-                raise ClientError(404, "no such endpoint: %s %s (coproxy serves /v1/chat/completions, /v1/messages, "
-                                       "/v1/models and /healthz)" % (request.method, path), code="unknown_url")
+                raise ClientError(404, "no such endpoint: %s %s (coproxy serves /v1/chat/completions, /v1/responses, "
+                                       "/v1/embeddings, /v1/messages, /v1/models, /usage and /healthz)"
+                                  % (request.method, path), code="unknown_url")
+            if surface is not None and surface not in self.config.api_surface:
+                raise ClientError(404, "%s is not enabled: start coproxy with --api-surface all (or a list that "
+                                       "includes %s)" % (path, surface), code="api_surface_disabled")
             handler = handlers.get("GET" if request.method == "HEAD" else request.method)
             allow = ", ".join(sorted(set(handlers) | ({"HEAD"} if "GET" in handlers else set())))
             if request.method == "OPTIONS":
@@ -2929,7 +3311,7 @@ class App:
             return
         fields = response.log_fields
         extra = "".join(" %s=%s" % (k, str(fields[k]).lower() if isinstance(fields[k], bool) else fields[k])
-                        for k in ("model", "stream", "initiator", "path", "error") if k in fields)
+                        for k in ("model", "stream", "initiator", "premium", "path", "error") if k in fields)
         access_log.info("%s %s %s %.1fms%s", request.method, request.path, response.status or "-",
                         (time.monotonic() - request.started) * 1000, extra)
 
@@ -2946,7 +3328,7 @@ class App:
 
     # -- talking to Copilot (runs in a worker thread) -----------------------------------------
     def _copilot_call(self, path, body, initiator, vision, stream, abort, extra_headers=None,
-                      intent="conversation-panel"):
+                      intent="conversation-panel", method="POST"):
         """POST to Copilot with the identity headers; a 401 forces one refresh and one retry.
 
         Returns (response, raw): raw is the body for errors and non-stream answers, None for
@@ -2958,7 +3340,7 @@ class App:
                 headers["Accept"] = "text/event-stream"
             if extra_headers:
                 headers.update(extra_headers)
-            response = self.client.request("POST", self.auth.api_base(record) + path, headers, body, abort)
+            response = self.client.request(method, self.auth.api_base(record) + path, headers, body, abort)
             if response.status == 401 and attempt == 0:
                 response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
                 log.info("copilot answered 401; refreshing the Copilot token and retrying once")
@@ -2990,8 +3372,8 @@ class App:
         """(models, source): Copilot's list, or the built-in one when Copilot cannot be reached.
 
         A fresh copy is answered from the loop without a thread hop (it is on the hot path of
-        every /v1/messages request); the blocking fetch has its own TTL cache and lock."""
-        fetched_at, models, source = self._catalog_cache
+        every proxied request); the blocking fetch has its own TTL cache and lock."""
+        fetched_at, models, source, _ = self._catalog_cache
         if models is not None and time.monotonic() - fetched_at < min(self.config.models_ttl, 60):
             return models, source
         try:
@@ -3003,8 +3385,38 @@ class App:
                 self.last_auth_error = str(exc)
             log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
             models, source = FALLBACK_MODELS, "fallback"
-        self._catalog_cache = (time.monotonic() if source == "copilot" else 0.0, models, source)
+        self._catalog_cache = (time.monotonic() if source == "copilot" else 0.0, models, source,
+                               {m["id"]: m for m in models})
         return models, source
+
+    async def _resolve_model(self, payload):
+        """Put the catalog id into payload["model"]; (model, catalog entry or {}).
+
+        Unknown names get a 404 with close matches before any upstream call, unless the catalog
+        is the built-in fallback (then Copilot decides)."""
+        _, source = await self._catalog()
+        by_id = self._catalog_cache[3]
+        name = payload["model"]
+        model = name if name in by_id else resolve_model(name, list(by_id))
+        if model is None:
+            if source == "copilot":
+                raise unknown_model_error(name, list(by_id))
+            return name, {}
+        payload["model"] = model
+        return model, by_id[model]
+
+    def _account(self, response, model, initiator, info, stream):
+        """Access-log fields and the counters behind /usage, with the premium cost of the request."""
+        billing = info.get("billing") if isinstance(info.get("billing"), dict) else {}
+        multiplier = billing.get("multiplier")
+        cost = (multiplier if initiator == "user" else 0) if isinstance(multiplier, (int, float)) else None
+        response.log_fields.update(model=model, stream=stream, initiator=initiator)
+        if cost is not None:
+            response.log_fields["premium"] = "%g" % cost
+            self.counters["premium_requests"] += cost
+        self.counters["requests"] += 1
+        self.counters["by_initiator"][initiator] += 1
+        self.counters["by_model"][model] += 1
 
     async def handle_models(self, request, response, _):
         models, source = await self._catalog()
@@ -3024,24 +3436,104 @@ class App:
     async def handle_chat_completions(self, request, response, _):
         payload = parse_json_object(await request.read_body(self._max_body))
         chat = prepare_chat_request(payload, self.config.default_model)
-        response.log_fields.update(model=chat.model, stream=chat.stream, initiator=chat.initiator)
-        body = json_dumps(chat.payload)
+        model, info = await self._resolve_model(payload)
+        if info:
+            check_chat_capabilities(payload, info, chat.vision)
+        path = endpoint_for(info, "/chat/completions")
+        self._account(response, model, chat.initiator, info, chat.stream)
+        if path == "/responses":  # e.g. gpt-5.x-codex: Copilot serves it only on /responses
+            response.log_fields["path"] = "responses"
+            body = json_dumps(chat_to_responses_request(payload))
+        else:
+            if model in self._max_completion_models and "max_tokens" in payload:
+                payload["max_completion_tokens"] = payload.pop("max_tokens")
+            body = json_dumps(payload)
         await self._acquire_slot()
         try:
-            upstream, raw = await self._call_upstream("/chat/completions", body, chat.initiator, chat.vision,
-                                                      chat.stream, chat.model)
+            try:
+                upstream, raw = await self._call_upstream(path, body, chat.initiator, chat.vision, chat.stream, model)
+            except ClientError as exc:
+                if not (path == "/chat/completions" and exc.status == 400 and "max_tokens" in payload
+                        and _MAX_TOKENS_REFUSED.search(str(exc))):
+                    raise
+                log.info("model %s refuses max_tokens; sending max_completion_tokens from now on", model)
+                self._max_completion_models.add(model)
+                payload["max_completion_tokens"] = payload.pop("max_tokens")
+                upstream, raw = await self._call_upstream(path, json_dumps(payload), chat.initiator, chat.vision,
+                                                          chat.stream, model)
             if chat.stream:
-                normalizer = ChatStreamNormalizer(chat.model, chat.include_usage, chat.merge_choices, time.time())
-                await self._relay_stream(upstream, normalizer, SSE_PING, request, response, chat.model)
+                translator = (ResponsesToChatStream(model, chat.include_usage, time.time()) if path == "/responses"
+                              else ChatStreamNormalizer(model, chat.include_usage, chat.merge_choices, time.time()))
+                await self._relay_stream(upstream, translator, SSE_PING, request, response, model)
                 return
             try:
-                answer = normalize_chat_response(json.loads(raw), chat.model, chat.merge_choices, time.time())
-            except (ValueError, RecursionError):
+                data = json.loads(raw)
+                answer = (responses_to_chat_response(data, model, time.time()) if path == "/responses" else
+                          normalize_chat_response(data, model, chat.merge_choices, time.time()))
+            except (ValueError, RecursionError, AttributeError, TypeError):
                 raise ClientError(502, "Copilot sent an answer that is not a chat completion",
                                   code="bad_upstream_response")
             await self.send_json(response, 200, answer)
         finally:
             self._slots.release()
+
+    async def handle_embeddings(self, request, response, _):
+        payload, encoding = prepare_embeddings_request(parse_json_object(await request.read_body(self._max_body)))
+        model, info = await self._resolve_model(payload)
+        # Embeddings are not premium requests; "agent" keeps them from ever being counted as one.
+        self._account(response, model, "agent", info, False)
+        upstream, raw = await self._call_upstream("/embeddings", json_dumps(payload), "agent", False, False, model,
+                                                  intent="copilot-panel")
+        try:
+            answer = normalize_embeddings_response(json.loads(raw), model, encoding)
+        except (ValueError, RecursionError, AttributeError, TypeError, struct.error):
+            raise ClientError(502, "Copilot sent an answer that is not an embeddings list", code="bad_upstream_response")
+        await self.send_json(response, 200, answer)
+
+    async def handle_responses(self, request, response, _):
+        payload = parse_json_object(await request.read_body(self._max_body))
+        payload["model"] = payload.get("model") or self.config.default_model
+        if not isinstance(payload["model"], str) or not payload["model"]:
+            raise ClientError(400, "'model' is required (or start coproxy with --default-model)", param="model",
+                              code="model_required")
+        model, info = await self._resolve_model(payload)
+        stream = payload.get("stream") is True
+        initiator = responses_initiator(payload)
+        self._account(response, model, initiator, info, stream)
+        await self._acquire_slot()
+        try:
+            upstream, raw = await self._call_upstream("/responses", json_dumps(payload), initiator,
+                                                      responses_have_image(payload), stream, model)
+            if stream:
+                await self._relay_stream(upstream, ResponsesPassthrough(), SSE_PING, request, response, model)
+                return
+            await self._send_upstream_json(response, raw)
+        finally:
+            self._slots.release()
+
+    async def handle_response_get(self, request, response, response_id):
+        upstream, raw = await self._call_upstream("/responses/" + urllib.parse.quote(response_id, safe=""), None,
+                                                  "agent", False, False, "-", method="GET")
+        await self._send_upstream_json(response, raw)
+
+    async def _send_upstream_json(self, response, raw):
+        try:
+            if not isinstance(json.loads(raw), dict):
+                raise ValueError("not an object")
+        except (ValueError, RecursionError):
+            raise ClientError(502, "Copilot sent an answer that is not JSON", code="bad_upstream_response")
+        await response.send(200, JSON_HEADERS, raw)
+
+    async def handle_usage(self, request, response, _):
+        counters = self.counters
+        payload = {"since_start": {"started_at": int(self.started_at), "requests": counters["requests"],
+                                   "by_initiator": dict(counters["by_initiator"]), "by_model": dict(counters["by_model"]),
+                                   "premium_requests": round(counters["premium_requests"], 2)}}
+        try:
+            payload["copilot"] = summarize_quota(await self.run_blocking(self.auth.copilot_user))
+        except (AuthError, UpstreamUnreachable) as exc:
+            payload["copilot"], payload["error"] = None, str(exc)
+        await self.send_json(response, 200, payload, [("Cache-Control", "no-store")])
 
     async def _relay_stream(self, upstream, translator, ping, request, response, model):
         """Pass an upstream SSE stream through ``translator`` to the client as events arrive.
@@ -3095,16 +3587,13 @@ class App:
     async def handle_messages(self, request, response, _):
         payload = parse_json_object(await request.read_body(self._max_body))
         validate_anthropic_request(payload)
-        models, _ = await self._catalog()
-        by_id = {m["id"]: m for m in models}
-        model = resolve_model(payload["model"], list(by_id)) or payload["model"]
-        info = by_id.get(model) or {}
-        payload["model"] = model
+        model, info = await self._resolve_model(payload)
         stream = payload.get("stream") is True
         initiator = anthropic_initiator(payload["messages"])
         vision = anthropic_messages_have_image(payload)
         native = "/v1/messages" in (info.get("supported_endpoints") or [])
-        response.log_fields.update(model=model, stream=stream, initiator=initiator, path="native" if native else "chat")
+        self._account(response, model, initiator, info, stream)
+        response.log_fields["path"] = "native" if native else "chat"
         if native:
             headers = {"anthropic-version": request.header("anthropic-version") or "2023-06-01"}
             betas = [b.strip() for b in request.header("anthropic-beta", "").split(",")
@@ -3246,6 +3735,11 @@ def build_parser():
     models = commands.add_parser("models", parents=[shared], help="list the models Copilot offers you",
                                  description="Table of id, vendor, context window, output limit, tools/vision.")
     models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
+
+    usage = commands.add_parser("usage", parents=[shared], help="show your Copilot plan, premium requests and quotas",
+                                description="Plan, premium requests used/remaining/entitlement, chat quota and the "
+                                            "reset date, from GitHub's copilot_internal/user.")
+    usage.add_argument("--json", action="store_true", help="print JSON (the same as GET /usage's copilot part)")
 
     claude = commands.add_parser(
         "claude-code", parents=[shared], formatter_class=formatter,
@@ -3425,6 +3919,33 @@ def cmd_models(config, args):
         return 0
 
 
+def _describe_bucket(bucket, reset):
+    if bucket is None:
+        return "not reported"
+    if bucket["unlimited"]:
+        return "unlimited"
+    text = "%s used of %s, %s left" % (bucket["used"], bucket["entitlement"], bucket["remaining"])
+    if bucket.get("percent_remaining") is not None:
+        text += " (%.1f%% left)" % bucket["percent_remaining"]
+    if bucket.get("overage_count"):
+        text += ", %s over quota" % bucket["overage_count"]
+    return text + (", resets %s" % reset[:10] if reset else "")
+
+
+def cmd_usage(config, args):
+    with _session(config) as (store, client, auth):
+        summary = summarize_quota(auth.copilot_user())
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print("account:           %s" % (summary["login"] or "?"))
+    print("plan:              %s (sku %s)" % (summary["plan"] or "?", summary["sku"] or "?"))
+    print("premium requests:  %s" % _describe_bucket(summary["premium_requests"], summary["reset_date"]))
+    print("chat:              %s" % _describe_bucket(summary["chat"], None))
+    print("completions:       %s" % _describe_bucket(summary["completions"], None))
+    return 0
+
+
 def claude_code_environment(config, model_ids, main_model=None):
     """(name, value) pairs that make Claude Code talk to coproxy, models from the live catalog."""
     opus, sonnet, haiku = (resolve_model(family, model_ids) for family in ("opus", "sonnet", "haiku"))
@@ -3459,7 +3980,7 @@ def cmd_claude_code(config, args):
     return 0
 
 
-COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
+COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, ("usage", None): cmd_usage, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
             ("auth", "logout"): cmd_auth_logout, ("auth", "refresh"): cmd_auth_refresh,
             ("models", None): cmd_models}
 

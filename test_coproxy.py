@@ -99,6 +99,11 @@ CATALOG = [
                                    "max_thinking_budget": 4000}}},
     {"id": "claude-opus-4.6", "name": "Claude Opus 4.6", "vendor": "Anthropic",
      "supported_endpoints": ["/chat/completions", "/v1/messages"], "capabilities": {"type": "chat"}},
+    {"id": "gpt-5.1-codex", "name": "GPT-5.1-Codex", "vendor": "OpenAI", "supported_endpoints": ["/responses"],
+     "billing": {"multiplier": 1}, "capabilities": {"type": "chat", "supports": {"tool_calls": True, "vision": True}}},
+    {"id": "o3-mini", "name": "o3-mini", "vendor": "Azure OpenAI", "billing": {"multiplier": 0.33},
+     "capabilities": {"type": "chat", "supports": {"tool_calls": True, "vision": False,
+                                                   "reasoning_effort": ["low", "medium", "high"]}}},
     {"id": "text-embedding-3-small", "name": "Embedding", "vendor": "Azure OpenAI",
      "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512}}},
 ]
@@ -240,10 +245,18 @@ class FakeUpstream:
             ("GET", "/user"): lambda h, b: h.send_json(200, {"login": "octocat", "id": 1}),
             ("GET", "/copilot_internal/v2/token"): self.token,
             ("GET", "/copilot_internal/user"): lambda h, b: h.send_json(200, {
-                "login": "octocat", "copilot_plan": "individual", "access_type_sku": "monthly_subscriber"}),
+                "login": "octocat", "copilot_plan": "individual", "access_type_sku": "monthly_subscriber",
+                "quota_reset_date_utc": "2026-12-01T00:00:00Z", "quota_snapshots": {
+                    "premium_interactions": {"entitlement": 300, "remaining": 135, "percent_remaining": 45.0,
+                                             "unlimited": False, "overage_count": 0, "overage_permitted": False},
+                    "chat": {"entitlement": 0, "remaining": 0, "unlimited": True, "percent_remaining": 100.0}}}),
             ("GET", "/models"): lambda h, b: h.send_json(200, {"object": "list", "data": CATALOG}),
             ("POST", "/chat/completions"): self.chat,
             ("POST", "/v1/messages"): self.messages,
+            ("POST", "/embeddings"): self.embeddings,
+            ("POST", "/responses"): self.responses,
+            ("GET", "/responses/resp_1"): lambda h, b: h.send_json(200, {"id": "resp_1", "object": "response",
+                                                                         "status": "completed", "output": []}),
         }
         self.clock = time.time
         http.server.ThreadingHTTPServer.request_queue_size = 1024  # 50 concurrent connections in tests
@@ -323,6 +336,24 @@ class FakeUpstream:
                                 "content": [{"type": "text", "text": "native: %d messages" % len(payload["messages"])}],
                                 "stop_reason": "end_turn", "stop_sequence": None,
                                 "usage": {"input_tokens": 9, "output_tokens": 3}})
+
+    def embeddings(self, handler, payload):
+        vectors = [[0.5, -1.25, float(len(text))][:payload.get("dimensions", 3)] for text in payload["input"]]
+        handler.send_json(200, {"object": "list", "model": payload["model"],
+                                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                                "usage": {"prompt_tokens": 4, "total_tokens": 4}})
+
+    def responses(self, handler, payload):
+        if self.chat_script is not None:
+            self.chat_script(handler, payload)
+            return
+        handler.send_json(200, {"id": "resp_1", "object": "response", "created_at": 1700000000, "status": "completed",
+                                "model": payload["model"], "output": [
+                                    {"type": "reasoning", "id": "rs_1", "summary": []},
+                                    {"type": "message", "role": "assistant", "content": [
+                                        {"type": "output_text", "text": "codex says hi"}]}],
+                                "usage": {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15,
+                                          "input_tokens_details": {"cached_tokens": 8}}})
 
     def stream(self, *items):
         """Script a streamed chat answer: bytes are chunks, an Event is a pause until it is set,
@@ -1552,6 +1583,249 @@ class TestClaudeCodeCommand(unittest.TestCase):
         self.assertNotIn("ghu_", sh)
 
 
+class TestTranslateResponses(unittest.TestCase):
+    def test_chat_request_to_responses(self):
+        payload = {"model": "gpt-5.1-codex", "stream": True, "max_tokens": 200, "temperature": 0.1,
+                   "reasoning_effort": "high", "tool_choice": {"type": "function", "function": {"name": "ls"}},
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"},
+                                                                              "strict": True}},
+                   "tools": [{"type": "function", "function": {"name": "ls", "description": "list",
+                                                               "parameters": {"type": "object"}}}],
+                   "messages": [
+                       {"role": "system", "content": "be terse"},
+                       {"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
+                       {"role": "assistant", "content": None, "tool_calls": [
+                           {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
+                       {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"}]}
+        out = coproxy.chat_to_responses_request(payload)
+        self.assertEqual(out["input"], [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be terse"}]},
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "what is this"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AA", "detail": "auto"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "ls", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "a.txt"}])
+        self.assertEqual((out["max_output_tokens"], out["reasoning"], out["tool_choice"], out["store"], out["stream"]),
+                         (200, {"effort": "high"}, {"type": "function", "name": "ls"}, False, True))
+        self.assertEqual(out["tools"], [{"type": "function", "name": "ls", "description": "list",
+                                         "parameters": {"type": "object"}}])
+        self.assertEqual(out["text"], {"format": {"type": "json_schema", "name": "r", "schema": {"type": "object"},
+                                                  "strict": True}})
+        self.assertEqual(coproxy.responses_initiator(out), "agent")
+        self.assertTrue(coproxy.responses_have_image(out))
+
+    def test_responses_answer_to_chat(self):
+        data = {"id": "resp_9", "created_at": 1700000000, "status": "completed", "model": "gpt-5.1-codex", "output": [
+            {"type": "reasoning", "summary": []},
+            {"type": "message", "content": [{"type": "output_text", "text": "Running "}, {"type": "output_text", "text": "ls"}]},
+            {"type": "function_call", "call_id": "call_7", "name": "ls", "arguments": "{\"d\":1}"}],
+            "usage": {"input_tokens": 10, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 4},
+                      "output_tokens_details": {"reasoning_tokens": 2}}}
+        out = coproxy.responses_to_chat_response(data, "m", 1)
+        choice = out["choices"][0]
+        self.assertEqual(choice["message"]["content"], "Running ls")
+        self.assertEqual(choice["message"]["tool_calls"], [{"id": "call_7", "type": "function",
+                                                            "function": {"name": "ls", "arguments": "{\"d\":1}"}}])
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(out["usage"], {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                                        "prompt_tokens_details": {"cached_tokens": 4},
+                                        "completion_tokens_details": {"reasoning_tokens": 2}})
+        cut = coproxy.responses_to_chat_response({"status": "incomplete", "incomplete_details": {
+            "reason": "max_output_tokens"}, "output": []}, "m", 1)
+        self.assertEqual(cut["choices"][0]["finish_reason"], "length")
+
+    def test_responses_stream_to_chat_chunks(self):
+        events = [
+            ("response.created", {"type": "response.created", "response": {"id": "r"}}),
+            ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
+            ("response.output_item.added", {"type": "response.output_item.added", "output_index": 1,
+                                            "item": {"type": "function_call", "call_id": "call_2", "name": "ls"}}),
+            ("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta",
+                                                        "output_index": 1, "delta": "{}"}),
+            ("response.output_item.done", {"type": "response.output_item.done", "output_index": 1,
+                                           "item": {"type": "function_call", "call_id": "call_2", "name": "ls",
+                                                    "arguments": "{}"}}),
+            ("response.completed", {"type": "response.completed", "response": {"status": "completed", "usage": {
+                "input_tokens": 3, "output_tokens": 1}}}),
+        ]
+        stream = coproxy.ResponsesToChatStream("gpt-5.1-codex", True, 1)
+        frames = []
+        for name, data in events:
+            frames.extend(stream.feed_event(coproxy.SSEEvent(name, json.dumps(data))))
+        data = sse_data(b"".join(frames))
+        self.assertEqual(data[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        self.assertEqual(data[1]["choices"][0]["delta"], {"content": "Hi"})
+        self.assertEqual(data[2]["choices"][0]["delta"]["tool_calls"][0]["id"], "call_2")
+        self.assertEqual(data[3]["choices"][0]["delta"]["tool_calls"][0]["function"], {"arguments": "{}"})
+        self.assertEqual(data[4]["choices"][0]["finish_reason"], "tool_calls")  # no repeated arguments from .done
+        self.assertEqual(data[5]["usage"]["total_tokens"], 4)
+        self.assertEqual(data[6], "[DONE]")
+        self.assertEqual(stream.finish(), [])
+        broken = coproxy.ResponsesToChatStream("m", False, 1)
+        broken.feed_event(coproxy.SSEEvent(None, json.dumps({"type": "response.output_text.delta", "delta": "x"})))
+        self.assertIn("before the answer was complete", sse_data(b"".join(broken.finish()))[0]["error"]["message"])
+
+    def test_embeddings_shapes(self):
+        request, encoding = coproxy.prepare_embeddings_request({"model": "e", "input": "one", "dimensions": 2,
+                                                                "encoding_format": "base64"})
+        self.assertEqual((request, encoding), ({"model": "e", "input": ["one"], "dimensions": 2}, "base64"))
+        for bad in ({"model": "e", "input": [1, 2]}, {"model": "e", "input": []}, {"input": "x"},
+                    {"model": "e", "input": "x", "encoding_format": "hex"}, {"model": "e", "input": "x", "dimensions": 0}):
+            with self.assertRaises(coproxy.ClientError):
+                coproxy.prepare_embeddings_request(bad)
+        out = coproxy.normalize_embeddings_response({"data": [{"embedding": [0.5, -1.25]}]}, "e", "base64")
+        raw = __import__("base64").b64decode(out["data"][0]["embedding"])
+        self.assertEqual(__import__("struct").unpack("<2f", raw), (0.5, -1.25))
+        self.assertEqual(out["usage"], {"prompt_tokens": 0, "total_tokens": 0})
+
+    def test_api_surface_values(self):
+        self.assertEqual(coproxy._api_surface("chat-responses"), frozenset(["chat", "responses"]))
+        self.assertEqual(coproxy._api_surface("chat, messages"), frozenset(["chat", "messages"]))
+        self.assertEqual(coproxy._api_surface("all"), frozenset(coproxy.API_SURFACES))
+        for bad in ("", "chat,nope"):
+            with self.assertRaises(ValueError):
+                coproxy._api_surface(bad)
+
+    def test_quota_summary(self):
+        summary = coproxy.summarize_quota({"copilot_plan": "individual", "quota_reset_date": "2026-12-01",
+                                           "quota_snapshots": {"premium_interactions": {
+                                               "entitlement": 300, "remaining": -2, "unlimited": False}}})
+        self.assertEqual(summary["premium_requests"]["used"], 302)
+        self.assertIsNone(summary["chat"])
+        self.assertEqual(summary["reset_date"], "2026-12-01")
+
+
+class TestOpenAISurface(ProxyTestCase):
+    def test_embeddings_float_base64_and_errors(self):
+        status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello"})
+        data = json.loads(body)
+        self.assertEqual((status, data["object"], data["data"][0]["embedding"]), (200, "list", [0.5, -1.25, 5.0]))
+        sent = json.loads(self.fake.requests_to("/embeddings")[-1][3])
+        self.assertEqual(sent, {"model": "text-embedding-3-small", "input": ["hello"]})
+        status, _, body = self.request("POST", "/embeddings", {"model": "text-embedding-3-small", "input": ["a", "bb"],
+                                                               "encoding_format": "base64", "dimensions": 2})
+        data = json.loads(body)
+        self.assertEqual(__import__("struct").unpack("<2f", __import__("base64").b64decode(data["data"][1]["embedding"])),
+                         (0.5, -1.25))
+        self.assertEqual(json.loads(self.fake.requests_to("/embeddings")[-1][3])["dimensions"], 2)
+        status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": [[1, 2]]})
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "token_arrays_not_supported"))
+
+    def test_responses_passthrough_stream_and_get(self):
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": "hi"})
+        self.assertEqual((status, json.loads(body)["output"][1]["content"][0]["text"]), (200, "codex says hi"))
+        gate = threading.Event()
+        self.fake.stream(sse({"type": "response.created", "response": {"id": "r"}}), gate,
+                         sse({"type": "response.output_text.delta", "delta": "yo"}),
+                         sse({"type": "response.completed", "response": {"id": "r", "status": "completed"}}))
+        client = self.raw()
+        client.send(post("/v1/responses", json.dumps({"model": "gpt-5.1-codex", "stream": True, "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]},
+            {"type": "function_call_output", "call_id": "c", "output": "ok"}]}).encode()))
+        client.response(head_only=True)
+        self.assertEqual(sse_data(read_chunk(client.file))[0]["type"], "response.created")
+        gate.set()
+        rest = b""
+        while True:
+            piece = read_chunk(client.file)
+            if not piece:
+                break
+            rest += piece
+        self.assertEqual([d["type"] for d in sse_data(rest)], ["response.output_text.delta", "response.completed"])
+        headers = self.fake.requests_to("/responses")[-1][2]
+        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
+        self.fake.chat_script = None
+        status, _, body = self.request("GET", "/v1/responses/resp_1")
+        self.assertEqual((status, json.loads(body)["id"]), (200, "resp_1"))
+        self.assertEqual(self.request("GET", "/v1/responses/resp_404")[0], 404)
+
+    def test_api_surface_mounts_routes(self):
+        proxy = self.start_proxy(api_surface=coproxy._api_surface("chat"))
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x"}, port=proxy.port)
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (404, "api_surface_disabled"))
+        self.assertIn("--api-surface", error["message"])
+        self.assertEqual(self.request("POST", "/v1/embeddings", {"model": "x", "input": "x"}, port=proxy.port)[0], 404)
+        status, _, body = self.request("POST", "/v1/messages", {"model": "x"}, port=proxy.port)
+        self.assertEqual((status, json.loads(body)["type"]), (404, "error"))
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
+
+    def test_model_names_resolve_and_unknown_models_fail_early(self):
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4-5-20250929"))
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(self.fake.requests_to("/chat/completions")[-1][3])["model"], "claude-sonnet-4.5")
+        calls = len(self.fake.requests_to("/chat/completions"))
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-4.2"))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (404, "model_not_found"))
+        self.assertIn("gpt-4.1", error["message"])
+        self.assertEqual(len(self.fake.requests_to("/chat/completions")), calls)
+
+    def test_max_tokens_refusal_is_learnt_once(self):
+        def picky(handler, payload):
+            if "max_tokens" in payload:
+                handler.send_json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported "
+                                                             "with this model. Use 'max_completion_tokens' instead.",
+                                                  "code": "invalid_request_body"}})
+            else:
+                self.fake.chat(handler, payload)
+        self.fake.routes[("POST", "/chat/completions")] = picky
+        for _ in range(2):
+            status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="o3-mini", max_tokens=50))
+            self.assertEqual(status, 200)
+        sent = [json.loads(r[3]) for r in self.fake.requests_to("/chat/completions")]
+        self.assertEqual(["max_tokens" in s for s in sent], [True, False, False])
+        self.assertEqual(sent[-1]["max_completion_tokens"], 50)
+
+    def test_capability_checks_before_upstream(self):
+        image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(image, model="o3-mini"))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (400, "model_without_vision"))
+        self.assertIn("o3-mini", error["message"])
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="o3-mini", reasoning_effort="max"))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (400, "invalid_reasoning_effort"))
+        self.assertIn("low, medium, high", error["message"])
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+
+    def test_chat_for_a_responses_only_model(self):
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-5.1-codex", max_tokens=9))
+        answer = json.loads(body)
+        self.assertEqual((status, answer["choices"][0]["message"]["content"]), (200, "codex says hi"))
+        self.assertEqual(answer["usage"]["prompt_tokens_details"], {"cached_tokens": 8})
+        sent = json.loads(self.fake.requests_to("/responses")[-1][3])
+        self.assertEqual((sent["max_output_tokens"], sent["input"][0]["role"]), (9, "user"))
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        self.fake.stream(sse({"type": "response.output_text.delta", "delta": "str"}),
+                         sse({"type": "response.output_text.delta", "delta": "eam"}),
+                         sse({"type": "response.completed", "response": {"status": "completed"}}))
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-5.1-codex", stream=True))
+        data = sse_data(body)
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content") or "" for c in data[:-1]), "stream")
+        self.assertEqual((data[-2]["choices"][0]["finish_reason"], data[-1]), ("stop", "[DONE]"))
+
+    def test_usage_route_counters_and_premium_log(self):
+        self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5"))
+        self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5", messages=[
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "r",
+                                                                                      "tool_call_id": "t"}]))
+        # the access line is written just after the answer went out
+        self.assertTrue(wait_for(lambda: any("initiator=user premium=1" in line for line in LOGS.lines)), LOGS.lines)
+        self.assertTrue(wait_for(lambda: any("initiator=agent premium=0" in line for line in LOGS.lines)), LOGS.lines)
+        status, _, body = self.request("GET", "/usage")
+        data = json.loads(body)
+        self.assertEqual(status, 200)
+        self.assertEqual(data["copilot"]["premium_requests"]["used"], 165)
+        self.assertEqual(data["copilot"]["plan"], "individual")
+        self.assertEqual(data["since_start"]["by_initiator"], {"user": 1, "agent": 1})
+        self.assertEqual(data["since_start"]["by_model"], {"claude-sonnet-4.5": 2})
+        self.assertEqual(data["since_start"]["premium_requests"], 1)
+        proxy = self.start_proxy(api_key="k")
+        self.assertEqual(self.request("GET", "/usage", port=proxy.port)[0], 401)
+
+
 def read_chunk(f):
     """The next chunk of a chunked body from a buffered socket file (b"" for the last one)."""
     size = int(f.readline().split(b";")[0], 16)
@@ -1947,7 +2221,7 @@ class TestEndToEnd(ProxyTestCase):
         data = json.loads(body)
         ids = [m["id"] for m in data["data"]]
         self.assertEqual(ids, ["gpt-4.1", "claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.6",
-                               "text-embedding-3-small"])
+                               "gpt-5.1-codex", "o3-mini", "text-embedding-3-small"])
         self.assertEqual(data["data"][1]["vendor"], "Anthropic")
         self.assertEqual(data["data"][1]["context_window"], 200000)
         self.assertEqual(headers["X-Coproxy-Models-Source"], "copilot")
@@ -2089,6 +2363,14 @@ class TestCLI(unittest.TestCase):
         self.assertIsNone(store.load_github_token())
         self.assertIn("removed", out)
 
+    def test_usage_command(self):
+        code, out, _ = self.run_main("usage")
+        self.assertEqual(code, 0)
+        self.assertIn("premium requests:  165 used of 300, 135 left (45.0% left), resets 2026-12-01", out)
+        self.assertIn("chat:              unlimited", out)
+        code, out, _ = self.run_main("usage", "--json")
+        self.assertEqual(json.loads(out)["premium_requests"]["remaining"], 135)
+
     def test_models_table_and_json(self):
         code, out, _ = self.run_main("models")
         self.assertEqual(code, 0)
@@ -2128,7 +2410,7 @@ class TestCLI(unittest.TestCase):
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
-    STDLIB = {"_thread", "queue", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
+    STDLIB = {"_thread", "queue", "difflib", "struct", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
               "functools", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "shlex", "signal",
               "socket", "ssl", "stat", "sys", "threading", "time", "urllib", "uuid", "webbrowser"}
 
@@ -2162,10 +2444,11 @@ class TestPortability(unittest.TestCase):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
             readme = f.read()
         for option in coproxy.OPTIONS:
-            self.assertIn("`%s" % option.flag, readme)
-            self.assertIn("`%s`" % option.env, readme)
-        for command in ("serve", "auth login", "auth status", "auth logout", "auth refresh", "models", "claude-code"):
-            self.assertIn("`%s" % command, readme)
+            self.assertTrue("`%s" % option.flag in readme, "README lacks %s" % option.flag)
+            self.assertTrue("`%s`" % option.env in readme, "README lacks %s" % option.env)
+        for command in ("serve", "auth login", "auth status", "auth logout", "auth refresh", "models", "claude-code",
+                        "usage"):
+            self.assertTrue("`%s" % command in readme, "README lacks the %s command" % command)
         for line in ("python3 coproxy.py serve", "python3 test_coproxy.py"):
             self.assertIn(line, readme)
 
@@ -2217,6 +2500,24 @@ class TestOpenAISDK(ProxyTestCase):
 
     def test_models_list(self):
         self.assertIn("claude-sonnet-4.5", [m.id for m in self.client().models.list()])
+
+    def test_embeddings_float_and_base64(self):
+        vector = self.client().embeddings.create(model="text-embedding-3-small", input="hello").data[0].embedding
+        self.assertEqual(vector, [0.5, -1.25, 5.0])  # the SDK asks for base64 and decodes it
+        vector = self.client().embeddings.create(model="text-embedding-3-small", input=["hi"],
+                                                 encoding_format="float").data[0].embedding
+        self.assertEqual(vector, [0.5, -1.25, 2.0])
+
+    def test_responses_create_and_stream(self):
+        response = self.client().responses.create(model="gpt-5.1-codex", input="hi")
+        self.assertEqual(response.output_text, "codex says hi")
+        self.fake.stream(sse({"type": "response.output_text.delta", "item_id": "m", "output_index": 0,
+                              "content_index": 0, "delta": "str", "sequence_number": 1, "logprobs": []}),
+                         sse({"type": "response.output_text.delta", "item_id": "m", "output_index": 0,
+                              "content_index": 0, "delta": "eam", "sequence_number": 2, "logprobs": []}))
+        deltas = [e.delta for e in self.client().responses.create(model="gpt-5.1-codex", input="hi", stream=True)
+                  if e.type == "response.output_text.delta"]
+        self.assertEqual("".join(deltas), "stream")
 
     def test_error_classes(self):
         self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(
