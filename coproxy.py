@@ -20,7 +20,8 @@ Quick start::
     export OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused
     eval "$(python3 coproxy.py claude-code)" && claude    # Claude Code via /v1/messages
 
-Subcommands: ``serve``, ``auth login|status|logout|refresh``, ``models``, ``usage``, ``claude-code``. Every flag has an
+Subcommands: ``serve [-d]``, ``stop``, ``status``, ``service systemd|launchd``, ``auth
+login|status|logout|refresh``, ``models``, ``usage``, ``claude-code``. Every flag has an
 environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` and
 ``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
 ``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows):
@@ -212,6 +213,19 @@ class BadRequest(Exception):
         self.status = status
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (--log-format json): ts, level, message, plus an access line's fields."""
+
+    def format(self, record):
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info and record.levelno >= logging.ERROR:
+            entry["error"] = redact(self.formatException(record.exc_info).splitlines()[-1])
+        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+
+
 def error_type_for_status(status):
     """The OpenAI ``error.type`` that goes with an HTTP status."""
     if status == 401:
@@ -334,6 +348,43 @@ def _log_level(text):
     return value
 
 
+class Repeatable:
+    """A flag that may be given several times; its environment variable holds a comma list."""
+
+    def __init__(self, item):
+        self.item = item
+
+    def __call__(self, text):
+        return [self.item(part.strip()) for part in str(text).split(",") if part.strip()]
+
+
+def _model_alias(text):
+    name, sep, target = text.partition("=")
+    if not sep or not name.strip() or not target.strip():
+        raise ValueError("expected FROM=TO, got %r" % text)
+    return name.strip(), target.strip()
+
+
+def _origin(text):
+    if text != "*" and not re.match(r"^https?://[^/\s]+$", text):
+        raise ValueError("expected * or an origin like https://app.example.com, got %r" % text)
+    return text
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _log_format(text):
+    value = str(text).strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
 Option = collections.namedtuple("Option", "flag dest env type default scope help metavar")
 
 #: scope "shared": accepted before or after any subcommand; "serve": only by ``serve``.
@@ -351,6 +402,8 @@ OPTIONS = [
            "FILE"),
     Option("--log-level", "log_level", "COPROXY_LOG_LEVEL", _log_level, "INFO", "shared",
            "debug, info, warning or error", "LEVEL"),
+    Option("--log-format", "log_format", "COPROXY_LOG_FORMAT", _log_format, "text", "shared",
+           "text, or json for one JSON object per log line", "FORMAT"),
     Option("--github-url", "github_url", "COPROXY_GITHUB_URL", str, None, "shared",
            "base URL for the device flow (default https://github.com or https://TENANT.ghe.com)",
            "URL"),
@@ -375,6 +428,16 @@ OPTIONS = [
            "chat,responses,embeddings,messages", "LIST"),
     Option("--default-model", "default_model", "COPROXY_DEFAULT_MODEL", str, None, "serve",
            "model used when a request names none", "MODEL"),
+    Option("--model-alias", "model_aliases", "COPROXY_MODEL_ALIAS", Repeatable(_model_alias), None, "serve",
+           "FROM=TO: requests for FROM go to TO on every route (repeatable; env: comma list)", "FROM=TO"),
+    Option("--rate-limit", "rate_limit", "COPROXY_RATE_LIMIT", _non_negative_float, 0.0, "serve",
+           "at least this many seconds between requests sent to Copilot (0: off); excess get 429", "SECONDS"),
+    Option("--wait", "wait", "COPROXY_WAIT", bool, False, "serve",
+           "with --rate-limit, queue requests until their turn instead of answering 429", None),
+    Option("--cors-origin", "cors_origins", "COPROXY_CORS_ORIGIN", Repeatable(_origin), None, "serve",
+           "allow browser pages from this origin (repeatable; * for any); off by default", "ORIGIN"),
+    Option("--detach", "detach", "COPROXY_DETACH", bool, False, "serve",
+           "-d: run in the background, writing <state-dir>/coproxy.pid and coproxy.log", None),
     Option("--max-body-mb", "max_body_mb", "COPROXY_MAX_BODY_MB", _positive_float,
            DEFAULT_MAX_BODY_MB, "serve", "largest request body accepted, in MiB (413 beyond)",
            "MB"),
@@ -435,6 +498,12 @@ class Config:
     allow_unauthenticated: bool = False
     no_auto_login: bool = False
     default_model: str = None
+    model_aliases: list = dataclasses.field(default_factory=list)
+    rate_limit: float = 0.0
+    wait: bool = False
+    cors_origins: list = dataclasses.field(default_factory=list)
+    detach: bool = False
+    log_format: str = "text"
     api_surface: frozenset = frozenset(API_SURFACES)
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
@@ -496,6 +565,7 @@ class Config:
                 setattr(config, name, url.rstrip("/"))
         if config.github_token is not None:
             config.github_token = config.github_token.strip() or None
+        config.model_aliases = dict(config.model_aliases or [])
         if config.ca_file:
             try:
                 with open(config.ca_file, "rb") as handle:
@@ -519,6 +589,35 @@ class Config:
 
 GITHUB_TOKEN_FILE = "github-access-token"
 COPILOT_TOKEN_FILE = "ghcp-token.json"
+
+
+def write_file_atomic(path, text, posix=(os.name == "posix")):
+    """Write ``text`` to ``path`` as a 0600 file that never exists half-written: a temp file in the
+    same directory (created 0600 by os.open, so no umask window), fsync, rename, fsync the dir."""
+    directory = os.path.dirname(path) or "."
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), uuid.uuid4().hex[:8])
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if posix:
+        try:  # make the rename itself durable
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
 
 
 class TokenStore:
@@ -562,29 +661,7 @@ class TokenStore:
 
     def _write_atomic(self, path, text):
         self._ensure_dir()
-        tmp = "%s.%d.%s.tmp" % (path, os.getpid(), uuid.uuid4().hex[:8])
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        if self.posix:
-            try:  # make the rename itself durable
-                dir_fd = os.open(self.auth_dir, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            except OSError:
-                pass
+        write_file_atomic(path, text, self.posix)
 
     def load_github_token(self):
         text = self._read(self.github_token_path)
@@ -1180,8 +1257,9 @@ class CopilotAuth:
         self._models_lock = threading.Lock()
         self._models = None
         self._models_at = 0.0
-        #: number of token exchanges performed (tests check single-flight with it)
+        #: token exchanges performed, and how many failed (tests and /metrics read them)
         self.exchanges = 0
+        self.exchange_failures = 0
 
     # -- the GitHub token --------------------------------------------------------------------
     def github_token(self):
@@ -1250,6 +1328,13 @@ class CopilotAuth:
 
     def _exchange(self, github_token):
         self.exchanges += 1
+        try:
+            return self._exchange_once(github_token)
+        except AuthError:
+            self.exchange_failures += 1
+            raise
+
+    def _exchange_once(self, github_token):
         url = self.config.github_api_url + "/copilot_internal/v2/token"
         try:
             status, data, raw, _ = self.client.request_json("GET", url, github_headers(github_token))
@@ -2667,7 +2752,7 @@ class Response:
     """Writes one answer: ``send()`` a whole body, or ``start_stream()``/``write()``/``end()``."""
 
     __slots__ = ("conn", "request", "status", "started", "finished", "streaming", "chunked",
-                 "keep_alive", "bytes_sent", "log_fields")
+                 "keep_alive", "bytes_sent", "log_fields", "extra_headers")
 
     def __init__(self, conn, request):
         self.conn = conn
@@ -2680,6 +2765,7 @@ class Response:
         self.keep_alive = request.keep_alive if request is not None else False
         self.bytes_sent = 0
         self.log_fields = {}
+        self.extra_headers = []  # added to whatever answer goes out (CORS)
 
     def _head(self, status, headers, content_length=None):
         self.status = status
@@ -2689,6 +2775,8 @@ class Response:
         lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown")),
                  "Date: " + self.conn.server.http_date(), "Server: coproxy/" + __version__]
         for name, value in headers:
+            lines.append("%s: %s" % (name, value))
+        for name, value in self.extra_headers:
             lines.append("%s: %s" % (name, value))
         if content_length is not None:
             lines.append("Content-Length: %d" % content_length)
@@ -3169,6 +3257,75 @@ class StreamPump:
             self._wake(waiter)
 
 
+class Metrics:
+    """Counters and histograms for GET /metrics, in Prometheus' text format (0.0.4).
+
+    Only touched from the event loop; label values are bounded (routes, statuses, catalog ids)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+    HELP = {
+        "coproxy_requests_total": ("counter", "Requests answered, by route, status, model and initiator."),
+        "coproxy_request_bytes_total": ("counter", "Request body bytes received from clients."),
+        "coproxy_response_bytes_total": ("counter", "Response body bytes sent to clients."),
+        "coproxy_premium_requests_total": ("counter", "Premium requests spent (model multiplier per user turn)."),
+        "coproxy_upstream_latency_seconds": ("histogram", "Time from a request's arrival to Copilot's answer headers."),
+        "coproxy_upstream_ttfb_seconds": ("histogram", "Time from a streamed request's arrival to Copilot's first body bytes."),
+    }
+
+    def __init__(self):
+        self.counters = collections.Counter()
+        self.histograms = {}
+        self.active_streams = 0
+
+    def inc(self, name, labels=(), value=1):
+        self.counters[(name, labels)] += value
+
+    def observe(self, name, seconds, labels=()):
+        histogram = self.histograms.get((name, labels))
+        if histogram is None:
+            histogram = self.histograms[(name, labels)] = [[0] * len(self.BUCKETS), 0, 0.0]
+        for index, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                histogram[0][index] += 1
+        histogram[1] += 1
+        histogram[2] += seconds
+
+    @staticmethod
+    def _labels(pairs):
+        if not pairs:
+            return ""
+        return "{%s}" % ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " "))
+                                 for k, v in pairs)
+
+    def render(self, gauges):
+        """The exposition text; ``gauges`` are (name, help, value) read at scrape time."""
+        lines = []
+        for name, (kind, text) in sorted(self.HELP.items()):
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+            if kind == "counter":
+                for (metric, labels), value in sorted(self.counters.items()):
+                    if metric == name:
+                        lines.append("%s%s %s" % (name, self._labels(labels), format(value, "g")))
+            else:
+                for (metric, labels), (buckets, count, total) in sorted(self.histograms.items()):
+                    if metric != name:
+                        continue
+                    for bound, cumulative in zip(self.BUCKETS, buckets):
+                        lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", format(bound, "g")),)), cumulative))
+                    lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", "+Inf"),)), count))
+                    lines.append("%s_sum%s %s" % (name, self._labels(labels), format(total, ".6f")))
+                    lines.append("%s_count%s %d" % (name, self._labels(labels), count))
+        for name, text, kind, value in gauges:
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind), "%s %s" % (name, format(value, "g"))]
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+CORS_ALLOWED_HEADERS = ("authorization, content-type, x-api-key, anthropic-version, anthropic-beta, "
+                        "openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, "
+                        "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
+                        "x-stainless-retry-count, x-stainless-timeout")
+
+
 class App:
     """Routes, auth check, and the handlers that talk to Copilot."""
 
@@ -3203,6 +3360,12 @@ class App:
         self._max_completion_models = set()
         self.counters = {"requests": 0, "by_initiator": collections.Counter(), "by_model": collections.Counter(),
                          "premium_requests": 0.0}
+        self.metrics = Metrics()
+        self.routes["/metrics"] = (None, {"GET": self.handle_metrics})
+        #: the pacing gate (--rate-limit); clock and sleep are replaceable so tests take no time
+        self.clock = time.monotonic
+        self.sleep = asyncio.sleep
+        self._next_upstream_at = 0.0
 
     async def start(self):
         """Create the loop-bound pieces (asyncio primitives must be born inside the running loop)."""
@@ -3229,15 +3392,20 @@ class App:
         param = None
         canonical = path[3:] if path.startswith("/v1/") else path
         dialect = "anthropic" if canonical.startswith("/messages") else "openai"
+        if self.config.cors_origins and self._cors(request, response):
+            await response.send(204, [])
+            return
         surface = None
         if public:
             handlers = self.public_routes[path]
         else:
             surface, handlers = self.routes.get(canonical, (None, None))
+            response.log_fields["route"] = canonical if handlers else "other"
             for prefix, prefix_surface, prefix_handlers in self.prefix_routes:
                 if handlers is None and canonical.startswith(prefix) and len(canonical) > len(prefix):
                     surface, handlers = prefix_surface, prefix_handlers
                     param = urllib.parse.unquote(canonical[len(prefix):])
+                    response.log_fields["route"] = prefix + "{id}"
         try:
             if request.method not in KNOWN_METHODS:
                 response.keep_alive = False  # we cannot know how this method frames its body
@@ -3275,6 +3443,24 @@ class App:
                                                         code="upstream_timeout" if exc.timeout else "upstream_unreachable"),
                                   dialect)
 
+    def _cors(self, request, response):
+        """CORS for --cors-origin: headers on every answer to an allowed origin; True when this
+        was a preflight and has been answered (preflights need no API key, by the CORS rules)."""
+        origin = request.header("origin")
+        allowed = origin is not None and (origin in self.config.cors_origins or "*" in self.config.cors_origins)
+        if allowed:
+            response.extra_headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                                      ("Access-Control-Expose-Headers", "Retry-After, X-Coproxy-Models-Source")]
+        if request.method != "OPTIONS" or request.header("access-control-request-method") is None:
+            return False
+        response.log_fields["route"] = "preflight"
+        if allowed:
+            response.extra_headers += [
+                ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                ("Access-Control-Allow-Headers", request.header("access-control-request-headers") or CORS_ALLOWED_HEADERS),
+                ("Access-Control-Max-Age", "600")]
+        return True
+
     def check_api_key(self, request):
         """Constant-time check of Authorization: Bearer K or x-api-key: K (when a key is set)."""
         key = self.config.api_key
@@ -3307,13 +3493,25 @@ class App:
         await response.send(status, JSON_HEADERS + list(headers), json_dumps(payload))
 
     def log_exchange(self, request, response, conn):
+        """After each exchange: the metrics, and one access-log line (text, or JSON fields)."""
+        fields = response.log_fields
+        model = fields.get("model", "")
+        if model and model not in self._catalog_cache[3] and model not in self.config.model_aliases:
+            model = "other"  # keep label values bounded: only catalog ids
+        status = response.status or 0
+        self.metrics.inc("coproxy_requests_total", (("route", fields.get("route", "other")), ("status", status),
+                                                    ("model", model), ("initiator", fields.get("initiator", ""))))
+        if request.body:
+            self.metrics.inc("coproxy_request_bytes_total", (), len(request.body))
+        self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
         if not access_log.isEnabledFor(logging.INFO):
             return
-        fields = response.log_fields
-        extra = "".join(" %s=%s" % (k, str(fields[k]).lower() if isinstance(fields[k], bool) else fields[k])
-                        for k in ("model", "stream", "initiator", "premium", "path", "error") if k in fields)
-        access_log.info("%s %s %s %.1fms%s", request.method, request.path, response.status or "-",
-                        (time.monotonic() - request.started) * 1000, extra)
+        duration = (time.monotonic() - request.started) * 1000
+        shown = [(k, fields[k]) for k in ("model", "stream", "initiator", "premium", "path", "error") if k in fields]
+        extra = "".join(" %s=%s" % (k, str(v).lower() if isinstance(v, bool) else v) for k, v in shown)
+        record = dict(shown, method=request.method, path=request.path, status=status, duration_ms=round(duration, 1))
+        access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra,
+                        extra={"fields": record})
 
     async def _acquire_slot(self):
         if self._slots.locked():
@@ -3396,7 +3594,7 @@ class App:
         is the built-in fallback (then Copilot decides)."""
         _, source = await self._catalog()
         by_id = self._catalog_cache[3]
-        name = payload["model"]
+        name = self.config.model_aliases.get(payload["model"], payload["model"])
         model = name if name in by_id else resolve_model(name, list(by_id))
         if model is None:
             if source == "copilot":
@@ -3414,17 +3612,27 @@ class App:
         if cost is not None:
             response.log_fields["premium"] = "%g" % cost
             self.counters["premium_requests"] += cost
+            self.metrics.inc("coproxy_premium_requests_total", (("model", model),), cost)
         self.counters["requests"] += 1
         self.counters["by_initiator"][initiator] += 1
         self.counters["by_model"][model] += 1
 
+    def _alias_entries(self):
+        return [{"id": alias, "object": "model", "created": 0, "owned_by": "coproxy-alias", "alias_of": target}
+                for alias, target in sorted(self.config.model_aliases.items())]
+
     async def handle_models(self, request, response, _):
         models, source = await self._catalog()
-        await self.send_json(response, 200, {"object": "list", "data": [copilot_model_to_openai(m) for m in models],
-                                             "has_more": False}, [("X-Coproxy-Models-Source", source)])
+        data = [copilot_model_to_openai(m) for m in models] + self._alias_entries()
+        await self.send_json(response, 200, {"object": "list", "data": data, "has_more": False},
+                             [("X-Coproxy-Models-Source", source)])
 
     async def handle_model(self, request, response, model_id):
         models, source = await self._catalog()
+        for alias in self._alias_entries():
+            if alias["id"] == model_id:
+                await self.send_json(response, 200, alias)
+                return
         for model in models:
             if model["id"] == model_id:
                 await self.send_json(response, 200, copilot_model_to_openai(model),
@@ -3524,6 +3732,17 @@ class App:
             raise ClientError(502, "Copilot sent an answer that is not JSON", code="bad_upstream_response")
         await response.send(200, JSON_HEADERS, raw)
 
+    async def handle_metrics(self, request, response, _):
+        gauges = [("coproxy_active_streams", "Streams being relayed now.", "gauge", self.metrics.active_streams),
+                  ("coproxy_token_refreshes_total", "Copilot token exchanges.", "counter", self.auth.exchanges),
+                  ("coproxy_token_refresh_failures_total", "Copilot token exchanges that failed.", "counter",
+                   self.auth.exchange_failures),
+                  ("coproxy_upstream_connections_opened_total", "Connections opened to GitHub and Copilot.", "counter",
+                   self.client.connections_opened),
+                  ("coproxy_start_time_seconds", "When this coproxy started (unix time).", "gauge", self.started_at)]
+        await response.send(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                            self.metrics.render(gauges))
+
     async def handle_usage(self, request, response, _):
         counters = self.counters
         payload = {"since_start": {"started_at": int(self.started_at), "requests": counters["requests"],
@@ -3544,6 +3763,8 @@ class App:
         decoder = SSEDecoder()
         pump = StreamPump(self.loop, self.executor, upstream)
         request._conn.watch_for_disconnect(pump.cancel)
+        self.metrics.active_streams += 1
+        first = True
         try:
             await response.start_stream(200, SSE_HEADERS)
             while True:
@@ -3551,6 +3772,10 @@ class App:
                 if chunks is None:
                     await response.write(ping)  # upstream is thinking; keep the client's stream alive
                     continue
+                if first:
+                    first = False
+                    self.metrics.observe("coproxy_upstream_ttfb_seconds", time.monotonic() - request.started,
+                                         (("route", response.log_fields.get("route", "other")),))
                 out = []
                 for data in chunks:
                     for event in decoder.feed(data):
@@ -3570,12 +3795,33 @@ class App:
                     break
             await response.end()
         finally:
+            self.metrics.active_streams -= 1
             pump.cancel()
+
+    async def _pace(self):
+        """--rate-limit: one upstream request per interval; the excess waits (--wait) or gets 429."""
+        gap = self.config.rate_limit
+        if not gap:
+            return
+        now = self.clock()
+        if now >= self._next_upstream_at:
+            self._next_upstream_at = now + gap
+            return
+        delay = self._next_upstream_at - now
+        if not self.config.wait:
+            raise ClientError(429, "coproxy's own rate limit: one request to Copilot every %gs (--rate-limit); "
+                                   "retry in %.1fs, or start coproxy with --wait to queue instead" % (gap, delay),
+                              code="rate_limited", headers=[("Retry-After", str(max(1, int(delay + 0.999))))])
+        self._next_upstream_at += gap  # this request's turn is reserved before it sleeps
+        await self.sleep(delay)
 
     async def _call_upstream(self, path, body, initiator, vision, stream, model, **extra):
         """Run one Copilot call in a worker; a non-2xx answer becomes a ClientError."""
+        await self._pace()
+        started = time.monotonic()
         upstream, raw = await self.run_blocking(
             functools.partial(self._copilot_call, path, body, initiator, vision, stream, AbortHandle(), **extra))
+        self.metrics.observe("coproxy_upstream_latency_seconds", time.monotonic() - started, (("route", path),))
         self.last_auth_error = None
         if not 200 <= upstream.status < 300:
             error = client_error_from_upstream(upstream.status, raw, upstream.headers)
@@ -3688,9 +3934,18 @@ def _add_options(parser, scope, only=None):
             continue
         shown_default = "" if option.default in (None, False) else " [default: %s]" % option.default
         help_text = "%s (env %s)%s" % (option.help, option.env, shown_default)
+        flags = ("-d", option.flag) if option.dest == "detach" else (option.flag,)
         if option.type is bool:
-            parser.add_argument(option.flag, dest=option.dest, action="store_true", default=argparse.SUPPRESS,
+            parser.add_argument(*flags, dest=option.dest, action="store_true", default=argparse.SUPPRESS,
                                 help=help_text)
+        elif isinstance(option.type, Repeatable):
+            def convert_item(text, option=option):
+                try:
+                    return option.type.item(text)
+                except ValueError as exc:
+                    raise argparse.ArgumentTypeError("%s: %s" % (option.flag, exc))
+            parser.add_argument(option.flag, dest=option.dest, type=convert_item, action="append",
+                                metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
         else:
             def convert(text, option=option):
                 try:
@@ -3717,6 +3972,7 @@ def build_parser():
                                 help="run the proxy server",
                                 description="Serve the OpenAI API on HOST:PORT, backed by Copilot.")
     _add_options(serve, "serve")
+    serve.add_argument("--pid-file", help=argparse.SUPPRESS)  # set by `serve -d` for its background child
 
     auth = commands.add_parser("auth", help="log in, inspect or forget the GitHub login",
                                description="Manage the GitHub login and the Copilot token.")
@@ -3735,6 +3991,18 @@ def build_parser():
     models = commands.add_parser("models", parents=[shared], help="list the models Copilot offers you",
                                  description="Table of id, vendor, context window, output limit, tools/vision.")
     models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
+    _add_options(models, "serve", only=("model_aliases",))
+
+    commands.add_parser("stop", parents=[shared], help="stop the background server started with serve -d",
+                        description="Send SIGTERM to the server in <state-dir>/coproxy.pid, wait for its graceful "
+                                    "drain, and report.")
+    commands.add_parser("status", parents=[shared], help="is a background server running? pid, address, uptime, auth",
+                        description="Exit status 0 when the server in <state-dir>/coproxy.pid is running, 1 otherwise.")
+    service = commands.add_parser("service", parents=[shared], help="print a systemd user unit or a launchd plist",
+                                  description="Print a service definition that runs `serve` for this Python and this "
+                                              "file; see the README for installing it.")
+    service.add_argument("kind", choices=("systemd", "launchd"))
+    _add_options(service, "serve", only=("host", "port"))
 
     usage = commands.add_parser("usage", parents=[shared], help="show your Copilot plan, premium requests and quotas",
                                 description="Plan, premium requests used/remaining/entitlement, chat quota and the "
@@ -3823,9 +4091,15 @@ def cmd_serve(config, args):
         else:
             raise CoproxyError("not logged in to GitHub: run `python3 coproxy.py auth login` first, set "
                                "GHCP_GITHUB_TOKEN, or pass --no-auto-login to start anyway")
+    if config.detach:
+        return start_detached(config, args)
     app = App(config, store, client, auth)
+    pid_file = getattr(args, "pid_file", None)
 
     def warm_up(server):
+        if pid_file:  # written only once listening, so `serve -d` knows the child is up
+            host = server.host if ":" not in server.host else "[%s]" % server.host
+            write_file_atomic(pid_file, "%d\nhttp://%s:%d\n" % (os.getpid(), host, server.port))
         if auth.github_token()[0]:  # fetch the Copilot token now, not on the first request
             def check():
                 try:
@@ -3839,6 +4113,9 @@ def cmd_serve(config, args):
         return asyncio.run(run_server(config, app, on_ready=warm_up))
     except KeyboardInterrupt:  # Windows: no signal handlers in the loop
         return 0
+    finally:
+        if pid_file and read_pid_file(pid_file)[0] == os.getpid():
+            os.unlink(pid_file)
 
 
 def cmd_auth_login(config, args):
@@ -3905,6 +4182,8 @@ def cmd_auth_refresh(config, args):
 def cmd_models(config, args):
     with _session(config) as (store, client, auth):
         entries = [copilot_model_to_openai(m) for m in auth.fetch_models()]
+        entries += [{"id": a, "object": "model", "owned_by": "coproxy-alias", "alias_of": t}
+                    for a, t in sorted(config.model_aliases.items())] if args.json else []
         if args.json:
             print(json.dumps({"object": "list", "data": entries}, indent=2))
             return 0
@@ -3916,7 +4195,196 @@ def cmd_models(config, args):
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        for alias, target in sorted(config.model_aliases.items()):
+            print("alias %s -> %s" % (alias, target))
         return 0
+
+
+PID_FILE = "coproxy.pid"
+LOG_FILE = "coproxy.log"
+
+
+def read_pid_file(path):
+    """(pid, url) from a pid file (pid on line 1, address on line 2), or (None, None)."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            lines = handle.read().split()
+        return int(lines[0]), (lines[1] if len(lines) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def process_alive(pid):
+    """True if ``pid`` is a live coproxy (on Linux, /proc also confirms it is not a recycled pid)."""
+    if os.name == "nt":  # os.kill on Windows would terminate it, so ask the kernel instead
+        import ctypes
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return b"coproxy" in handle.read()
+    except OSError:
+        return True  # no /proc (macOS): the pid is alive, trust the file
+
+
+def running_instance(config):
+    """(pid, url) of the background server of this state dir; a stale pid file is removed."""
+    path = os.path.join(config.state_dir, PID_FILE)
+    pid, url = read_pid_file(path)
+    if pid is None:
+        return None, None
+    if process_alive(pid):
+        return pid, url
+    _say("removing a stale pid file (pid %d is gone): %s" % (pid, path))
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return None, None
+
+
+def start_detached(config, args):
+    """serve -d: run this same command again as a background process (re-exec, so it also works on
+    Windows, where there is no fork), wait until it listens, and report where."""
+    pid, url = running_instance(config)
+    if pid is not None:
+        raise CoproxyError("coproxy is already running (pid %d, %s); `coproxy.py stop` first" % (pid, url))
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    pid_path = os.path.join(config.state_dir, PID_FILE)
+    log_path = os.path.join(config.state_dir, LOG_FILE)
+    argv = [sys.executable, os.path.abspath(__file__)] + [a for a in args.argv if a not in ("-d", "--detach")]
+    argv += ["--no-auto-login", "--pid-file", pid_path]
+    environ = dict(os.environ)
+    environ.pop("COPROXY_DETACH", None)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    options = {"start_new_session": True} if os.name != "nt" else {
+        "creationflags": 0x00000008 | 0x00000200}  # DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP
+    import subprocess  # only here: the background child is the one place coproxy starts a process
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=environ,
+                                 close_fds=True, **options)
+    finally:
+        os.close(log_fd)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pid, url = read_pid_file(pid_path)
+        if pid == child.pid:
+            print("coproxy is running in the background: pid %d, %s, log %s" % (pid, url, log_path))
+            return 0
+        if child.poll() is not None:
+            break
+        time.sleep(0.05)
+    with open(log_path, "r", encoding="utf-8", errors="replace") as handle:
+        tail = handle.read()[-2000:].strip().splitlines()[-5:]
+    if child.poll() is None:
+        child.terminate()
+    raise CoproxyError("the background server did not start; last lines of %s:\n  %s" % (log_path, "\n  ".join(tail)))
+
+
+def cmd_stop(config, args):
+    pid, url = running_instance(config)
+    if pid is None:
+        print("coproxy is not running (no live pid in %s)" % os.path.join(config.state_dir, PID_FILE))
+        return 1
+    os.kill(pid, signal.SIGTERM)  # graceful: in-flight requests get --shutdown-grace to finish
+    deadline = time.monotonic() + config.shutdown_grace + 10
+    while time.monotonic() < deadline and process_alive(pid):
+        time.sleep(0.05)
+    if process_alive(pid):
+        print("coproxy (pid %d) has not stopped yet; check %s" % (pid, os.path.join(config.state_dir, LOG_FILE)))
+        return 1
+    print("stopped coproxy (pid %d, %s)" % (pid, url))
+    return 0
+
+
+def cmd_status(config, args):
+    pid, url = running_instance(config)
+    if pid is None:
+        print("coproxy is not running")
+        return 1
+    started = os.path.getmtime(os.path.join(config.state_dir, PID_FILE))
+    print("running:  pid %d, %s, up %s" % (pid, url, format_duration(time.time() - started)))
+    try:
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3)
+        conn.request("GET", "/healthz")
+        health = json.loads(conn.getresponse().read())
+        conn.close()
+        auth = health.get("auth") or {}
+        print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
+            auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        print("health:   /healthz did not answer (%s)" % exc.__class__.__name__)
+        return 1
+    return 0
+
+
+def _service_command(config):
+    argv = [sys.executable, os.path.abspath(__file__), "serve", "--no-auto-login", "--state-dir", config.state_dir]
+    if config.host != DEFAULT_HOST:
+        argv += ["--host", config.host]
+    if config.port != DEFAULT_PORT:
+        argv += ["--port", str(config.port)]
+    return argv
+
+
+def cmd_service(config, args):
+    argv = _service_command(config)
+    proxies = [(k, v) for k, v in sorted(os.environ.items())
+               if k.upper() in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "SSL_CERT_FILE") and v]
+    if args.kind == "systemd":
+        quote = lambda a: '"%s"' % a.replace("\\", "\\\\").replace('"', '\\"') if re.search(r'[\s"\\]', a) else a
+        lines = ["# coproxy as a systemd user service. Install:",
+                 "#   python3 coproxy.py service systemd > ~/.config/systemd/user/coproxy.service",
+                 "#   systemctl --user daemon-reload && systemctl --user enable --now coproxy",
+                 "#   journalctl --user -u coproxy -f",
+                 "[Unit]", "Description=coproxy: GitHub Copilot as a local OpenAI/Anthropic API",
+                 "After=network-online.target", "Wants=network-online.target", "",
+                 "[Service]", "Type=simple", "ExecStart=" + " ".join(quote(a) for a in argv),
+                 "Restart=on-failure", "RestartSec=5", "KillSignal=SIGTERM",
+                 "TimeoutStopSec=%d" % int(config.shutdown_grace + 5)]
+        lines += ["Environment=%s" % quote("%s=%s" % kv) for kv in proxies]
+        lines += ["# hardening: no new privileges, read-only system and home except the state directory",
+                  "NoNewPrivileges=yes", "UMask=0077", "PrivateTmp=yes", "ProtectSystem=strict",
+                  "ProtectHome=read-only", "ReadWritePaths=%s" % quote(config.state_dir),
+                  "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictRealtime=yes",
+                  "RestrictSUIDSGID=yes", "LockPersonality=yes", "SystemCallArchitectures=native", "",
+                  "[Install]", "WantedBy=default.target"]
+        print("\n".join(lines))
+        return 0
+    escape = lambda text: text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    log_path = os.path.join(config.state_dir, LOG_FILE)
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             "<!-- coproxy as a launchd agent. Install:",
+             "       python3 coproxy.py service launchd > ~/Library/LaunchAgents/com.github.coproxy.plist",
+             "       launchctl load -w ~/Library/LaunchAgents/com.github.coproxy.plist -->",
+             '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">',
+             '<plist version="1.0">', "<dict>",
+             "  <key>Label</key><string>com.github.coproxy</string>", "  <key>ProgramArguments</key>", "  <array>"]
+    lines += ["    <string>%s</string>" % escape(a) for a in argv]
+    lines += ["  </array>", "  <key>RunAtLoad</key><true/>",
+              "  <key>KeepAlive</key><dict><key>SuccessfulExit</key><false/></dict>",
+              "  <key>ProcessType</key><string>Background</string>",
+              "  <key>StandardOutPath</key><string>%s</string>" % escape(log_path),
+              "  <key>StandardErrorPath</key><string>%s</string>" % escape(log_path)]
+    if proxies:
+        lines.append("  <key>EnvironmentVariables</key><dict>")
+        lines += ["    <key>%s</key><string>%s</string>" % (escape(k), escape(v)) for k, v in proxies]
+        lines.append("  </dict>")
+    lines += ["</dict>", "</plist>"]
+    print("\n".join(lines))
+    return 0
 
 
 def _describe_bucket(bucket, reset):
@@ -3980,7 +4448,8 @@ def cmd_claude_code(config, args):
     return 0
 
 
-COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, ("usage", None): cmd_usage, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
+COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, ("usage", None): cmd_usage,
+            ("stop", None): cmd_stop, ("status", None): cmd_status, ("service", None): cmd_service, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
             ("auth", "logout"): cmd_auth_logout, ("auth", "refresh"): cmd_auth_refresh,
             ("models", None): cmd_models}
 
@@ -3993,7 +4462,9 @@ COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, 
 
 def main(argv=None):
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # serve -d re-runs itself with these
     command = (args.command, getattr(args, "auth_command", None))
     if command not in COMMANDS:
         parser.print_help(sys.stderr) if args.command is None else parser.parse_args(
@@ -4005,7 +4476,8 @@ def main(argv=None):
         debug = config.log_level == "DEBUG"
         level = config.log_level if args.command == "serve" or debug else "WARNING"
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(JsonLogFormatter() if config.log_format == "json" else
+                             logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.handlers[:] = [handler]
         log.setLevel(level)
         log.propagate = False

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import plistlib
 import random
 import re
 import select
@@ -1826,6 +1827,185 @@ class TestOpenAISurface(ProxyTestCase):
         self.assertEqual(self.request("GET", "/usage", port=proxy.port)[0], 401)
 
 
+def parse_metrics(text):
+    """Prometheus text back into {(name, frozenset(labels)): value}."""
+    values = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$', line)
+        assert match, line
+        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        values[(match.group(1), labels)] = float(match.group(3))
+    return values
+
+
+class TestOperations(ProxyTestCase):
+    def test_rate_limit_429_then_wait_with_an_injected_clock(self):
+        now, slept = [1000.0], []
+
+        async def fake_sleep(seconds):
+            slept.append(seconds)
+            now[0] += seconds
+        proxy = self.start_proxy(rate_limit=10.0)
+        proxy.app.clock, proxy.app.sleep = (lambda: now[0]), fake_sleep
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
+        now[0] += 4
+        status, headers, body = self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
+        self.assertEqual((status, headers["Retry-After"], json.loads(body)["error"]["code"]), (429, "6", "rate_limited"))
+        self.assertIn("--rate-limit", json.loads(body)["error"]["message"])
+        now[0] += 6
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
+        waiting = self.start_proxy(rate_limit=10.0, wait=True)
+        waiting.app.clock, waiting.app.sleep = (lambda: now[0]), fake_sleep
+        statuses = [self.request("POST", "/v1/chat/completions", chat_body(), port=waiting.port)[0] for _ in range(3)]
+        self.assertEqual((statuses, slept), ([200, 200, 200], [10.0, 10.0]))
+        self.assertEqual(len(self.fake.requests_to("/chat/completions")), 5)
+
+    def test_metrics_parsed_back(self):
+        proxy = self.start_proxy(api_key="k")
+        auth = {"Authorization": "Bearer k"}
+        self.request("POST", "/v1/chat/completions", chat_body(), auth, port=proxy.port)
+        self.fake.stream(chunk("x"), chunk(None, "stop"), DONE)
+        self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5", stream=True), auth, port=proxy.port)
+        self.request("POST", "/v1/chat/completions", chat_body(model="nope"), auth, port=proxy.port)
+        self.assertEqual(self.request("GET", "/metrics", port=proxy.port)[0], 401)
+        self.assertTrue(wait_for(lambda: proxy.app.metrics.counters))
+        status, headers, body = self.request("GET", "/metrics", headers=auth, port=proxy.port)
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        values = parse_metrics(body.decode())
+        def value(name, **labels):
+            return values.get((name, frozenset((k, str(v)) for k, v in labels.items())))
+        self.assertEqual(value("coproxy_requests_total", route="/chat/completions", status=200, model="gpt-4.1",
+                               initiator="user"), 1)
+        self.assertEqual(value("coproxy_requests_total", route="/chat/completions", status=404, model="", initiator=""), 1)
+        self.assertEqual(value("coproxy_upstream_latency_seconds_count", route="/chat/completions"), 2)
+        self.assertEqual(value("coproxy_upstream_ttfb_seconds_count", route="/chat/completions"), 1)
+        self.assertEqual(value("coproxy_premium_requests_total", model="claude-sonnet-4.5"), 1)
+        self.assertEqual((value("coproxy_active_streams"), value("coproxy_token_refreshes_total")), (0, 1))
+        self.assertGreater(value("coproxy_response_bytes_total"), 100)
+        buckets = [v for (n, l), v in values.items() if n == "coproxy_upstream_latency_seconds_bucket"]
+        self.assertEqual(max(buckets), 2)
+
+    def test_cors_preflight_and_headers(self):
+        proxy = self.start_proxy(api_key="k", cors_origins=["https://app.example"])
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example\r\n"
+                    b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n")
+        status, headers, _ = client.response()
+        self.assertEqual(status, 204)
+        self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
+        self.assertEqual(headers["access-control-allow-headers"], "authorization, content-type")
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertEqual(headers["vary"], "Origin")
+        status, headers, _ = self.request("POST", "/v1/chat/completions", chat_body(), {
+            "Origin": "https://app.example", "Authorization": "Bearer k"}, port=proxy.port)
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (200, "https://app.example"))
+        status, headers, _ = self.request("POST", "/v1/chat/completions", chat_body(), {
+            "Origin": "https://evil.example", "Authorization": "Bearer k"}, port=proxy.port)
+        self.assertIsNone(headers.get("Access-Control-Allow-Origin"))
+        status, headers, _ = self.request("OPTIONS", "/v1/models", headers={"Origin": "https://app.example",
+                                                                            "Access-Control-Request-Method": "GET"})
+        self.assertIsNone(headers.get("Access-Control-Allow-Origin"))  # off unless --cors-origin
+
+    def test_model_aliases_on_every_route(self):
+        proxy = self.start_proxy(model_aliases={"gpt-4": "gpt-4.1", "fast": "claude-haiku-4.5"})
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(model="gpt-4"), port=proxy.port)[0], 200)
+        self.assertEqual(json.loads(self.fake.requests_to("/chat/completions")[-1][3])["model"], "gpt-4.1")
+        status, _, _ = self.request("POST", "/v1/messages", {"model": "fast", "max_tokens": 5,
+                                                             "messages": [{"role": "user", "content": "x"}]}, port=proxy.port)
+        self.assertEqual((status, json.loads(self.fake.requests_to("/chat/completions")[-1][3])["model"]),
+                         (200, "claude-haiku-4.5"))
+        listed = json.loads(self.request("GET", "/v1/models", port=proxy.port)[2])["data"]
+        self.assertIn({"id": "gpt-4", "object": "model", "created": 0, "owned_by": "coproxy-alias", "alias_of": "gpt-4.1"},
+                      listed)
+        self.assertEqual(json.loads(self.request("GET", "/v1/models/fast", port=proxy.port)[2])["alias_of"],
+                         "claude-haiku-4.5")
+
+
+@unittest.skipIf(os.name != "posix", "the daemon test uses POSIX signals")
+class TestDaemon(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COPROXY_", "GHCP_"))}
+        self.addCleanup(self.cli, "stop")
+
+    def cli(self, *argv):
+        return subprocess.run([sys.executable, COPROXY_PY] + list(argv) + ["--state-dir", self.tmp],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, env=self.env)
+
+    def test_start_status_refuse_second_stop(self):
+        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        self.assertEqual(started.returncode, 0, started.stderr)
+        match = re.search(r"pid (\d+), (http://127\.0\.0\.1:\d+), log (\S+)", started.stdout)
+        self.assertIsNotNone(match, started.stdout)
+        pid, url = int(match.group(1)), match.group(2)
+        with open(os.path.join(self.tmp, "coproxy.pid")) as f:
+            self.assertEqual(f.read().split(), [str(pid), url])
+        port = int(url.rsplit(":", 1)[1])
+        self.assertEqual(http_request(port, "GET", "/healthz")[0], 200)
+        status = self.cli("status")
+        self.assertEqual(status.returncode, 0)
+        self.assertIn("running:  pid %d, %s" % (pid, url), status.stdout)
+        self.assertIn("auth:     not ready: no GitHub login", status.stdout)
+        second = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        self.assertEqual(second.returncode, 1)
+        self.assertIn("already running (pid %d" % pid, second.stderr)
+        stopped = self.cli("stop")
+        self.assertEqual((stopped.returncode, stopped.stdout.strip()), (0, "stopped coproxy (pid %d, %s)" % (pid, url)))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "coproxy.pid")))
+        self.assertEqual(self.cli("status").returncode, 1)
+        with open(os.path.join(self.tmp, "coproxy.log")) as f:
+            self.assertIn("listening on %s" % url, f.read())
+
+    def test_stale_pid_file_is_replaced(self):
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        with open(os.path.join(self.tmp, "coproxy.pid"), "w") as f:
+            f.write("%d\nhttp://127.0.0.1:1\n" % gone.pid)
+        status = self.cli("status")
+        self.assertEqual((status.returncode, status.stdout.strip()), (1, "coproxy is not running"))
+        self.assertIn("stale pid file", status.stderr)
+        with open(os.path.join(self.tmp, "coproxy.pid"), "w") as f:
+            f.write("%d\nhttp://127.0.0.1:1\n" % gone.pid)
+        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.assertEqual(self.cli("stop").returncode, 0)
+
+    def test_service_files(self):
+        unit = self.cli("service", "systemd", "--port", "9001").stdout
+        self.assertIn("ExecStart=%s %s serve --no-auto-login --state-dir %s --port 9001" % (sys.executable, COPROXY_PY,
+                                                                                            self.tmp), unit)
+        for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=%s" % self.tmp, "[Install]"):
+            self.assertIn(option, unit)
+        plist = plistlib.loads(self.cli("service", "launchd").stdout.encode())
+        self.assertEqual(plist["ProgramArguments"][:3], [sys.executable, COPROXY_PY, "serve"])
+        self.assertTrue(plist["RunAtLoad"])
+
+    def test_json_access_log(self):
+        fake = FakeUpstream()
+        self.addCleanup(fake.close)
+        process = subprocess.Popen(
+            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp, "--log-format", "json",
+             "--github-url", fake.url, "--github-api-url", fake.url], stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env=dict(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        port = int(re.search(r":(\d+)$", process.stderr.readline().strip()).group(1))
+        self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body())[0], 200)
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(process.wait(10), 0)
+        records = [json.loads(line) for line in process.stderr.read().splitlines() if line.strip()]
+        process.stderr.close()
+        access = [r for r in records if r.get("path") == "/v1/chat/completions"]
+        self.assertEqual(len(access), 1)
+        self.assertEqual((access[0]["status"], access[0]["model"], access[0]["initiator"], access[0]["method"]),
+                         (200, "gpt-4.1", "user", "POST"))
+        self.assertIsInstance(access[0]["duration_ms"], float)
+        self.assertTrue(all({"ts", "level", "message"} <= set(r) for r in records))
+
+
 def read_chunk(f):
     """The next chunk of a chunked body from a buffered socket file (b"" for the last one)."""
     size = int(f.readline().split(b";")[0], 16)
@@ -2410,7 +2590,7 @@ class TestCLI(unittest.TestCase):
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
-    STDLIB = {"_thread", "queue", "difflib", "struct", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
+    STDLIB = {"_thread", "queue", "difflib", "struct", "subprocess", "ctypes", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
               "functools", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "shlex", "signal",
               "socket", "ssl", "stat", "sys", "threading", "time", "urllib", "uuid", "webbrowser"}
 
