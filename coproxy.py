@@ -303,27 +303,6 @@ def _parse_bool(text):
     raise ValueError("expected true/false, got %r" % text)
 
 
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be > 0")
-    return value
-
-
-def _port(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be 0..65535")
-    return value
-
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be >= 1")
-    return value
-
-
 API_SURFACES = ("chat", "responses", "embeddings", "messages")
 API_SURFACE_PRESETS = {"chat": ("chat",), "chat-responses": ("chat", "responses"),
                        "chat-embeddings": ("chat", "embeddings"), "all": API_SURFACES}
@@ -339,6 +318,22 @@ def _api_surface(text):
     if unknown or not parts:
         raise ValueError("use %s, or a comma list of %s" % ("/".join(API_SURFACE_PRESETS), ",".join(API_SURFACES)))
     return parts
+
+
+def _number(convert, low, high=None, strict=False):
+    """A converter for a numeric option: ``convert`` the text, then check its bounds."""
+    def parse(text):
+        value = convert(text)
+        if (value <= low if strict else value < low) or (high is not None and value > high):
+            raise ValueError("must be %s %s%s" % (">" if strict else ">=", low, "" if high is None else " and <= %s" % high))
+        return value
+    return parse
+
+
+_port = _number(int, 0, 65535)
+_positive_int = _number(int, 1)
+_positive_float = _number(float, 0, strict=True)
+_non_negative_float = _number(float, 0)
 
 
 def _log_level(text):
@@ -369,13 +364,6 @@ def _origin(text):
     if text != "*" and not re.match(r"^https?://[^/\s]+$", text):
         raise ValueError("expected * or an origin like https://app.example.com, got %r" % text)
     return text
-
-
-def _non_negative_float(text):
-    value = float(text)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
 
 
 def _log_format(text):
@@ -1652,6 +1640,21 @@ def normalize_chat_response(data, model, merge, now):
 
 # -- 8c. The chat stream normaliser --------------------------------------------------------
 
+def parse_chat_chunk(data):
+    """One chat-completions stream event: (chunk, None); (None, None) to skip it; or
+    (None, (message, code)) for a malformed event or an error Copilot reports mid-stream."""
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None, ("Copilot sent a malformed stream event", None)
+    if not isinstance(chunk, dict):
+        return None, None
+    if chunk.get("error") and not chunk.get("choices"):
+        message, fields = upstream_error_message(json.dumps(chunk))
+        return None, (message or "Copilot reported an error mid-stream", fields.get("code"))
+    return chunk, None
+
+
 class ChatStreamNormalizer:
     """Copilot chat chunks in, OpenAI chat.completion.chunk SSE frames out.
 
@@ -1687,16 +1690,10 @@ class ChatStreamNormalizer:
         if data == "[DONE]" or data.strip() == "[DONE]":
             self.saw_done = True
             return []
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return self.error("Copilot sent a malformed stream event")
-        if not isinstance(chunk, dict):
-            return []
+        chunk, problem = parse_chat_chunk(data)
+        if chunk is None:
+            return self.error(*problem) if problem else []
         choices = chunk.get("choices")
-        if chunk.get("error") and not choices:
-            message, fields = upstream_error_message(json.dumps(chunk))
-            return self.error(message or "Copilot reported an error mid-stream", fields.get("code"))
         usage = chunk.pop("usage", None)
         if isinstance(usage, dict):
             self.usage = usage
@@ -2170,15 +2167,9 @@ class AnthropicStreamTranslator:
         """One upstream event's data (str) → list of SSE frames (bytes)."""
         if self.finished or data.strip() == "[DONE]":
             return []
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return self.error("Copilot sent a malformed stream event")
-        if not isinstance(chunk, dict):
-            return []
-        if chunk.get("error") and not chunk.get("choices"):
-            message, _ = upstream_error_message(json.dumps(chunk))
-            return self.error(message or "Copilot reported an error mid-stream")
+        chunk, problem = parse_chat_chunk(data)
+        if chunk is None:
+            return self.error(problem[0]) if problem else []
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         out = []

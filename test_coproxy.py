@@ -156,25 +156,21 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def fake(self):
         return self.server.fake
 
-    def send_json(self, status, obj, headers=()):
-        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    def send_body(self, status, body, content_type, headers=()):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
+    def send_json(self, status, obj, headers=()):
+        self.send_body(status, obj if isinstance(obj, bytes) else json.dumps(obj).encode(), "application/json", headers)
+
     def send_text(self, status, text, headers=()):
-        body = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+        # Copilot sends many errors as text/plain, JSON or not
+        self.send_body(status, text.encode(), "text/plain; charset=utf-8", headers)
 
     def start_chunked(self, status=200, content_type="text/event-stream"):
         self.send_response(status)
@@ -1442,12 +1438,7 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         first = read_chunk(client.file)
         self.assertEqual([n for n, _ in sse_events(first)], ["message_start", "content_block_start", "content_block_delta"])
         gate.set()
-        body = first
-        while True:
-            piece = read_chunk(client.file)
-            if not piece:
-                break
-            body += piece
+        body = first + read_rest(client.file)
         events = sse_events(body)
         self.assertEqual([n for n, _ in events], ["message_start", "content_block_start", "content_block_delta",
                                                   "content_block_delta", "content_block_stop", "message_delta",
@@ -1509,12 +1500,7 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         self.assertEqual(sse_events(read_chunk(client.file))[0][0], "message_start")
         self.assertEqual(read_chunk(client.file), b'event: ping\ndata: {"type":"ping"}\n\n')
         gate.set()
-        body = b""
-        while True:
-            piece = read_chunk(client.file)
-            if not piece:
-                break
-            body += piece
+        body = read_rest(client.file)
         names = [n for n, _ in sse_events(body) if n != "ping"]
         self.assertEqual(names, ["content_block_start", "content_block_delta", "content_block_stop", "message_delta",
                                  "message_stop"])
@@ -1727,12 +1713,7 @@ class TestOpenAISurface(ProxyTestCase):
         client.response(head_only=True)
         self.assertEqual(sse_data(read_chunk(client.file))[0]["type"], "response.created")
         gate.set()
-        rest = b""
-        while True:
-            piece = read_chunk(client.file)
-            if not piece:
-                break
-            rest += piece
+        rest = read_rest(client.file)
         self.assertEqual([d["type"] for d in sse_data(rest)], ["response.output_text.delta", "response.completed"])
         headers = self.fake.requests_to("/responses")[-1][2]
         self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
@@ -2014,6 +1995,16 @@ def read_chunk(f):
     return data
 
 
+def read_rest(f):
+    """Every remaining chunk of a chunked body, joined (returns after the last, empty chunk)."""
+    body = b""
+    while True:
+        piece = read_chunk(f)
+        if not piece:
+            return body
+        body += piece
+
+
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
@@ -2244,12 +2235,7 @@ class TestEndToEnd(ProxyTestCase):
         self.assertFalse(gate.is_set())
         self.assertEqual(sse_data(first)[0]["choices"][0]["delta"]["content"], "Hel")
         gate.set()
-        rest = b""
-        while True:
-            piece = read_chunk(client.file)
-            if not piece:
-                break
-            rest += piece
+        rest = read_rest(client.file)
         data = sse_data(first + rest)
         self.assertEqual(data[-1], "[DONE]")
         self.assertEqual("".join(c["choices"][0]["delta"].get("content", "") for c in data[:-1] if c["choices"]),
@@ -2279,12 +2265,7 @@ class TestEndToEnd(ProxyTestCase):
         self.assertEqual(read_chunk(client.file), b": ping\n\n")
         self.assertEqual(read_chunk(client.file), b": ping\n\n")
         gate.set()
-        tail = b""
-        while True:
-            piece = read_chunk(client.file)
-            if not piece:
-                break
-            tail += piece
+        tail = read_rest(client.file)
         self.assertTrue(tail.endswith(b"data: [DONE]\n\n"))
 
     def test_upstream_cut_mid_stream_becomes_an_error_event(self):
@@ -2428,12 +2409,7 @@ class TestEndToEnd(ProxyTestCase):
         stopper.start()
         self.assertEqual(idle.file.read(1), b"")  # the idle keep-alive connection is closed at once
         gate.set()
-        body = b""
-        while True:
-            piece = read_chunk(client.file)
-            if not piece:
-                break
-            body += piece
+        body = read_rest(client.file)
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
         stopper.join(10)
         self.assertFalse(stopper.is_alive())
