@@ -1640,6 +1640,31 @@ def normalize_chat_response(data, model, merge, now):
 
 # -- 8c. The chat stream normaliser --------------------------------------------------------
 
+class StreamTranslator:
+    """Base of every stream translator (upstream events in, client frames out).
+
+    feed_event(SSEEvent) -> frames; finish() when the upstream ends; error(message) at most once,
+    after which nothing more is sent. A subclass says how its dialect frames an error."""
+
+    finished = False
+    INCOMPLETE = "Copilot closed the stream before the answer was complete"
+
+    def feed_event(self, event):
+        return self.feed(event.data)
+
+    def finish(self):
+        return [] if self.finished else self.error(self.INCOMPLETE)
+
+    def error(self, message, code=None):
+        if self.finished:
+            return []
+        self.finished = True
+        return self.error_frames(message, code)
+
+    def error_frames(self, message, code):
+        raise NotImplementedError
+
+
 def parse_chat_chunk(data):
     """One chat-completions stream event: (chunk, None); (None, None) to skip it; or
     (None, (message, code)) for a malformed event or an error Copilot reports mid-stream."""
@@ -1655,7 +1680,7 @@ def parse_chat_chunk(data):
     return chunk, None
 
 
-class ChatStreamNormalizer:
+class ChatStreamNormalizer(StreamTranslator):
     """Copilot chat chunks in, OpenAI chat.completion.chunk SSE frames out.
 
     What it fixes: chunks without ``object``/``created``/``id``; filter-result and metadata
@@ -1673,19 +1698,11 @@ class ChatStreamNormalizer:
         self.usage = None
         self.finish_reason = None
         self.saw_done = False
-        self.failed = False
         self._tool_index = {}
-
-    @property
-    def finished(self):
-        return self.failed
-
-    def feed_event(self, event):
-        return self.feed(event.data)
 
     def feed(self, data):
         """One upstream event's data (str) → list of SSE frames (bytes)."""
-        if self.failed or self.saw_done:
+        if self.finished or self.saw_done:
             return []
         if data == "[DONE]" or data.strip() == "[DONE]":
             self.saw_done = True
@@ -1741,10 +1758,8 @@ class ChatStreamNormalizer:
 
     def finish(self):
         """Frames that close a stream that ended (with or without [DONE])."""
-        if self.failed:
-            return []
-        if not self.saw_done and self.finish_reason is None:
-            return self.error("Copilot closed the stream before the answer was complete")
+        if self.finished or (not self.saw_done and self.finish_reason is None):
+            return super().finish()
         frames = []
         if self.merge and self.finish_reason:
             frames.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason,
@@ -1754,11 +1769,7 @@ class ChatStreamNormalizer:
         frames.append(SSE_DONE)
         return frames
 
-    def error(self, message, code=None):
-        """The terminal OpenAI-shaped error event; nothing is sent after it."""
-        if self.failed:
-            return []
-        self.failed = True
+    def error_frames(self, message, code):
         return [encode_sse(json_dumps(openai_error_body(message, "api_error", code or "upstream_stream_error")))]
 
 
@@ -2110,7 +2121,7 @@ def openai_to_anthropic_response(data, model):
             "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
 
 
-class AnthropicStreamTranslator:
+class AnthropicStreamTranslator(StreamTranslator):
     """OpenAI chat chunks in, Anthropic Messages stream events out, in Anthropic's exact order:
     message_start, then per block content_block_start/delta.../stop, then message_delta (with
     usage, held back until the upstream ends because Copilot sends usage last) and message_stop."""
@@ -2119,7 +2130,6 @@ class AnthropicStreamTranslator:
         self.model = model
         self.estimated_input_tokens = estimated_input_tokens
         self.started = False
-        self.finished = False
         self.index = -1
         self.open_type = None
         self.tool_blocks = {}
@@ -2159,9 +2169,6 @@ class AnthropicStreamTranslator:
     def _delta(self, delta, index=None):
         return self.frame("content_block_delta", {"type": "content_block_delta",
                                                   "index": self.index if index is None else index, "delta": delta})
-
-    def feed_event(self, event):
-        return self.feed(event.data)
 
     def feed(self, data):
         """One upstream event's data (str) → list of SSE frames (bytes)."""
@@ -2225,20 +2232,13 @@ class AnthropicStreamTranslator:
         out.append(self.frame("message_stop", {"type": "message_stop"}))
         return out
 
-    def error(self, message):
-        """The terminal ``error`` event; nothing is sent after it."""
-        if self.finished:
-            return []
-        self.finished = True
+    def error_frames(self, message, code):
         return [self.frame("error", anthropic_error_body(500, message))]
 
 
-class AnthropicPassthrough:
+class AnthropicPassthrough(StreamTranslator):
     """Native Copilot /v1/messages events passed on as they come (re-framed per event so pings
     never land inside one); a stream that ends without message_stop gets an error event."""
-
-    def __init__(self):
-        self.finished = False
 
     def feed_event(self, event):
         if self.finished:
@@ -2247,15 +2247,7 @@ class AnthropicPassthrough:
             self.finished = True
         return [encode_sse(event.data.encode("utf-8"), event.event)]
 
-    def finish(self):
-        if self.finished:
-            return []
-        return self.error("Copilot closed the stream before the answer was complete")
-
-    def error(self, message):
-        if self.finished:
-            return []
-        self.finished = True
+    def error_frames(self, message, code):
         return [encode_sse(json_dumps(anthropic_error_body(500, message)), "error")]
 
 
@@ -2420,7 +2412,7 @@ def responses_to_chat_response(data, model, now):
             "usage": _responses_usage(data.get("usage"))}
 
 
-class ResponsesToChatStream:
+class ResponsesToChatStream(StreamTranslator):
     """Responses stream events in, OpenAI chat.completion.chunk frames out."""
 
     def __init__(self, model, include_usage, now):
@@ -2428,7 +2420,6 @@ class ResponsesToChatStream:
         self.include_usage = include_usage
         self.created = int(now)
         self.id = "chatcmpl-" + uuid.uuid4().hex
-        self.finished = False
         self.started = False
         self.tools = {}
         self.arguments_seen = set()
@@ -2488,23 +2479,14 @@ class ResponsesToChatStream:
             out.extend(self.error(error.get("message") or "Copilot reported an error mid-stream"))
         return out
 
-    def finish(self):
-        return self.error("Copilot closed the stream before the answer was complete") if not self.finished else []
-
-    def error(self, message):
-        if self.finished:
-            return []
-        self.finished = True
-        return [encode_sse(json_dumps(openai_error_body(message, "api_error", "upstream_stream_error")))]
+    def error_frames(self, message, code):
+        return [encode_sse(json_dumps(openai_error_body(message, "api_error", code or "upstream_stream_error")))]
 
 
-class ResponsesPassthrough:
+class ResponsesPassthrough(StreamTranslator):
     """Copilot's Responses events passed on as they come; an error event if the stream breaks off."""
 
     _FINAL = ("response.completed", "response.failed", "response.incomplete", "error")
-
-    def __init__(self):
-        self.finished = False
 
     def feed_event(self, event):
         if self.finished:
@@ -2517,14 +2499,8 @@ class ResponsesPassthrough:
             self.finished = True
         return [encode_sse(event.data.encode("utf-8"), event.event)]
 
-    def finish(self):
-        return self.error("Copilot closed the stream before the answer was complete") if not self.finished else []
-
-    def error(self, message):
-        if self.finished:
-            return []
-        self.finished = True
-        return [encode_sse(json_dumps({"type": "error", "code": "upstream_stream_error", "message": message,
+    def error_frames(self, message, code):
+        return [encode_sse(json_dumps({"type": "error", "code": code or "upstream_stream_error", "message": message,
                                        "param": None}), "error")]
 
 
