@@ -446,6 +446,16 @@ def install_log_capture():
     logger.propagate = False
 
 
+def with_fake_upstream(test, tls=False):
+    """A FakeUpstream and a temp dir for this test, both gone when it ends; logs captured."""
+    install_log_capture()
+    fake = FakeUpstream(tls=tls)
+    test.addCleanup(fake.close)
+    tmp = tempfile.mkdtemp(prefix="coproxy-test-")
+    test.addCleanup(shutil.rmtree, tmp, True)
+    return fake, tmp
+
+
 def new_client(test, **kwargs):
     """An UpstreamClient whose pooled sockets are closed when the test ends."""
     kwargs.setdefault("environ", {})
@@ -591,12 +601,8 @@ class ProxyTestCase(unittest.TestCase):
     proxy_overrides = {}
 
     def setUp(self):
-        install_log_capture()
+        self.fake, self.tmp = with_fake_upstream(self, tls=self.tls)
         LOGS.lines = []
-        self.tmp = tempfile.mkdtemp(prefix="coproxy-test-")
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.fake = FakeUpstream(tls=self.tls)
-        self.addCleanup(self.fake.close)
         overrides = dict(self.proxy_overrides)
         if self.tls:
             overrides.setdefault("ca_file", self.write_file("ca.pem", TEST_CA_PEM))
@@ -884,11 +890,7 @@ class TestWorkerPool(unittest.TestCase):
 
 class TestUpstreamTLS(unittest.TestCase):
     def setUp(self):
-        install_log_capture()
-        self.fake = FakeUpstream(tls=True)
-        self.addCleanup(self.fake.close)
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.fake, self.tmp = with_fake_upstream(self, tls=True)
         self.ca = os.path.join(self.tmp, "ca.pem")
         with open(self.ca, "w") as f:
             f.write(TEST_CA_PEM)
@@ -984,11 +986,7 @@ class TestDeviceFlow(unittest.TestCase):
 
 class TestCopilotAuth(unittest.TestCase):
     def setUp(self):
-        install_log_capture()
-        self.fake = FakeUpstream()
-        self.addCleanup(self.fake.close)
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.fake, self.tmp = with_fake_upstream(self)
         self.now = [time.time()]
         self.fake.clock = lambda: self.now[0]
         self.auth = self.make_auth()
@@ -2429,11 +2427,7 @@ class TestEndToEndTLS(ProxyTestCase):
 
 class TestCLI(unittest.TestCase):
     def setUp(self):
-        install_log_capture()
-        self.fake = FakeUpstream()
-        self.addCleanup(self.fake.close)
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.fake, self.tmp = with_fake_upstream(self)
         self.addCleanup(install_log_capture)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COPROXY_", "GHCP_"))}
 
