@@ -2886,6 +2886,10 @@ class Connection:
             return b""
         if request.expect_continue and request.version == "HTTP/1.1" and not self.buf:
             self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if not request.chunked and len(self.buf) >= request.content_length:  # all here: no timer, no wait
+            body = bytes(self.buf[:request.content_length])
+            del self.buf[:request.content_length]
+            return body
         timer = self._arm(self.server.body_timeout, True)
         try:
             if not request.chunked:
@@ -2981,8 +2985,8 @@ class Connection:
             self.busy = True
             while self.buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore a stray CRLF between requests
                 del self.buf[:2]
-            request = None
-            timer = self._arm(self.server.header_timeout, True)
+            # A head that is already buffered (the usual case) needs no timer.
+            timer = None if b"\r\n\r\n" in self.buf else self._arm(self.server.header_timeout, True)
             try:
                 request = parse_request_head(await self._read_head())
                 request._conn = self
@@ -2992,7 +2996,8 @@ class Connection:
                 await self._answer_bad_request(exc)
                 return
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
             if not await self._handle(request):
                 return
 
@@ -3018,7 +3023,8 @@ class Connection:
                     pass
             return False
         finally:
-            await self.stop_watching()
+            if self._watcher is not None:
+                await self.stop_watching()
             self.server.app.log_exchange(request, response, self)
         if self._timed_out or not response.finished or not response.keep_alive:
             return False
@@ -3476,9 +3482,11 @@ class App:
         duration = (time.monotonic() - request.started) * 1000
         shown = [(k, fields[k]) for k in ("model", "stream", "initiator", "premium", "path", "error") if k in fields]
         extra = "".join(" %s=%s" % (k, str(v).lower() if isinstance(v, bool) else v) for k, v in shown)
-        record = dict(shown, method=request.method, path=request.path, status=status, duration_ms=round(duration, 1))
-        access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra,
-                        extra={"fields": record})
+        record = None
+        if self.config.log_format == "json":
+            record = {"fields": dict(shown, method=request.method, path=request.path, status=status,
+                                     duration_ms=round(duration, 1))}
+        access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra, extra=record)
 
     async def _acquire_slot(self):
         if self._slots.locked():
