@@ -2529,6 +2529,10 @@ class TestCLI(unittest.TestCase):
         self.assertTrue(any(line.startswith("claude-sonnet-4.5") and "200000" in line for line in lines))
         code, out, _ = self.run_main("models", "--json")
         self.assertEqual(json.loads(out)["data"][0]["id"], "gpt-4.1")
+        code, out, _ = self.run_main("models", "--model-alias", "gpt-4=gpt-4.1")
+        self.assertEqual(out.splitlines()[-1], "alias gpt-4 -> gpt-4.1")
+        code, out, _ = self.run_main("models", "--json", "--model-alias", "gpt-4=gpt-4.1")
+        self.assertEqual(json.loads(out)["data"][-1]["alias_of"], "gpt-4.1")
 
     @unittest.skipIf(os.name != "posix", "SIGINT delivery is POSIX")
     def test_serve_subprocess_answers_and_stops_on_sigint(self):
@@ -3017,11 +3021,7 @@ class Bench:
 
     def ttfb(self, port, samples=200):
         request = self.stream_request(port, 1, 0)
-        firsts = []
-        for _ in range(samples):
-            queue = []
-            firsts.append(self._one_stream(port, request))
-        return percentile(firsts, 50) * 1000
+        return percentile([self._one_stream(port, request) for _ in range(samples)], 50) * 1000
 
     def _one_stream(self, port, request):
         sock = socket.create_connection(("127.0.0.1", port))
