@@ -785,12 +785,11 @@ class WorkerPool(concurrent.futures.Executor):
         self.workers = 0
         self._shutdown = False
 
-    def submit(self, fn, *args, **kwargs):
-        future = concurrent.futures.Future()
+    def _enqueue(self, job):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._jobs.put((future, fn, args, kwargs))
+            self._jobs.put(job)
             start = False
             if self._idle:
                 self._idle -= 1  # that worker will take this job
@@ -799,23 +798,55 @@ class WorkerPool(concurrent.futures.Executor):
                 start = True
         if start:
             _thread.start_new_thread(self._work, ())
+
+    def submit(self, fn, *args, **kwargs):
+        """concurrent.futures API (the CLI and the tests use it)."""
+        future = concurrent.futures.Future()
+        self._enqueue((future, None, fn, args, kwargs))
         return future
+
+    def run(self, loop, fn, *args):
+        """``fn(*args)`` in a worker; an asyncio future of ``loop`` gets the result. Leaner than
+        run_in_executor, which chains a concurrent future to an asyncio one for every call."""
+        future = loop.create_future()
+        self._enqueue((future, loop, fn, args, {}))
+        return future
+
+    @staticmethod
+    def _settle(future, result, error):
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
     def _work(self):
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            future, fn, args, kwargs = job
+            future, loop, fn, args, kwargs = job
             del job
-            if future.set_running_or_notify_cancel():
+            if loop is None and not future.set_running_or_notify_cancel():
+                fn = None
+            if fn is not None:
+                result = error = None
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as exc:  # delivered to whoever awaits the future
-                    future.set_exception(exc)
+                    error = exc
+                if loop is None:
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(result)
                 else:
-                    future.set_result(result)
-            del future, fn, args, kwargs
+                    try:
+                        loop.call_soon_threadsafe(self._settle, future, result, error)
+                    except RuntimeError:  # the loop has closed: nobody awaits this any more
+                        pass
+                del result, error
+            del future, loop, fn, args, kwargs
             with self._lock:
                 if self._shutdown:
                     return
@@ -3154,7 +3185,7 @@ class StreamPump:
         self._waiter = None
         self._room = threading.Event()
         self._room.set()
-        self.future = loop.run_in_executor(executor, self._run)
+        self.future = executor.run(loop, self._run)
 
     def _run(self):
         try:
@@ -3351,7 +3382,7 @@ class App:
 
     async def run_blocking(self, fn, *args):
         """Run a blocking call (sections 5-7) in the upstream pool; the one plain bridge."""
-        return await self.loop.run_in_executor(self.executor, fn, *args)
+        return await self.executor.run(self.loop, fn, *args)
 
     # -- dispatch ---------------------------------------------------------------------------
     def protocol_error_body(self, status, message):

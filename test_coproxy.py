@@ -880,6 +880,20 @@ class TestWorkerPool(unittest.TestCase):
         self.assertTrue(all(f.result(5)[1] for f in futures))
         self.assertEqual(pool.workers, 8)
 
+    def test_run_resolves_an_asyncio_future(self):
+        pool = coproxy.WorkerPool(4)
+        self.addCleanup(pool.shutdown)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            threads = await asyncio.gather(*[pool.run(loop, threading.get_ident) for _ in range(4)])
+            with self.assertRaises(KeyError):
+                await pool.run(loop, {}.__getitem__, "missing")
+            return threads
+        threads = asyncio.run(main())
+        self.assertNotIn(threading.get_ident(), threads)  # ran in workers, not on the loop's thread
+        self.assertLessEqual(pool.workers, 4)
+
     def test_shutdown_refuses_new_work(self):
         pool = coproxy.WorkerPool(2)
         pool.submit(lambda: None).result(5)
