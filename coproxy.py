@@ -3360,6 +3360,7 @@ class App:
                               ("/responses/", "responses", {"GET": self.handle_response_get})]
         self.public_routes = {"/healthz": {"GET": self.handle_health}, "/health": {"GET": self.handle_health}}
         self._catalog_cache = (0.0, None, None, {})
+        self._catalog_refresh = None
         #: models that refused max_tokens (learnt from Copilot's 400; sent max_completion_tokens after)
         self._max_completion_models = set()
         self.counters = {"requests": 0, "by_initiator": collections.Counter(), "by_model": collections.Counter(),
@@ -3576,22 +3577,32 @@ class App:
         """(models, source): Copilot's list, or the built-in one when Copilot cannot be reached.
 
         A fresh copy is answered from the loop without a thread hop (it is on the hot path of
-        every proxied request); the blocking fetch has its own TTL cache and lock."""
+        every proxied request). A stale one is refreshed once, however many requests ask at that
+        moment: they all await the same task (1,000 streams opening at once must not send 1,000
+        worker threads to queue on the blocking fetch's lock)."""
         fetched_at, models, source, _ = self._catalog_cache
         if models is not None and time.monotonic() - fetched_at < min(self.config.models_ttl, 60):
             return models, source
+        if self._catalog_refresh is None:
+            self._catalog_refresh = self.loop.create_task(self._refresh_catalog())
+        return await asyncio.shield(self._catalog_refresh)
+
+    async def _refresh_catalog(self):
         try:
-            models = await self.run_blocking(self.auth.fetch_models)
-            self.last_auth_error = None
-            source = "copilot"
-        except (AuthError, UpstreamUnreachable) as exc:
-            if isinstance(exc, AuthError):
-                self.last_auth_error = str(exc)
-            log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
-            models, source = FALLBACK_MODELS, "fallback"
-        self._catalog_cache = (time.monotonic() if source == "copilot" else 0.0, models, source,
-                               {m["id"]: m for m in models})
-        return models, source
+            try:
+                models = await self.run_blocking(self.auth.fetch_models)
+                self.last_auth_error = None
+                source = "copilot"
+            except (AuthError, UpstreamUnreachable) as exc:
+                if isinstance(exc, AuthError):
+                    self.last_auth_error = str(exc)
+                log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
+                models, source = FALLBACK_MODELS, "fallback"
+            self._catalog_cache = (time.monotonic() if source == "copilot" else 0.0, models, source,
+                                   {m["id"]: m for m in models})
+            return models, source
+        finally:
+            self._catalog_refresh = None
 
     async def _resolve_model(self, payload):
         """Put the catalog id into payload["model"]; (model, catalog entry or {}).

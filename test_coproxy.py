@@ -2339,6 +2339,8 @@ class TestEndToEnd(ProxyTestCase):
 
     def test_single_flight_through_the_proxy(self):
         gate = self.fake.exchange_gate = threading.Event()
+        fetches, fetch_models = [], self.proxy.app.auth.fetch_models
+        self.proxy.app.auth.fetch_models = lambda *a: (fetches.append(1), fetch_models(*a))[1]
         results = []
         threads = [threading.Thread(target=lambda: results.append(self.chat()[0])) for _ in range(50)]
         for t in threads:
@@ -2349,6 +2351,7 @@ class TestEndToEnd(ProxyTestCase):
             t.join(15)
         self.assertEqual(results, [200] * 50)
         self.assertEqual(self.fake.exchanges, 1)
+        self.assertEqual(len(fetches), 1)  # one catalog refresh for 50 requests, not 50 queued threads
 
     def test_concurrency_limit_queues_then_503(self):
         proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.2)
