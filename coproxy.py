@@ -3185,6 +3185,8 @@ class StreamPump:
         self._waiter = None
         self._room = threading.Event()
         self._room.set()
+        self._ping_timer = None
+        self._last_data = loop.time()
         self.future = executor.run(loop, self._run)
 
     def _run(self):
@@ -3228,28 +3230,47 @@ class StreamPump:
 
     async def next(self, timeout):
         """(chunks, finished, error) as soon as anything is there; (None, False, None) after
-        ``timeout`` seconds of silence."""
+        ``timeout`` seconds without upstream data (time for a keep-alive ping).
+
+        One timer per stream, re-armed from the time of the last data when it fires, rather
+        than a timer created and cancelled for every chunk."""
         with self._lock:
             if not (self._chunks or self._finished):
                 waiter = self._waiter = self._loop.create_future()
             else:
                 waiter = None
         if waiter is not None:
-            timer = self._loop.call_later(timeout, self._wake, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
+            if self._ping_timer is None:
+                self._ping_timer = self._loop.call_at(self._last_data + timeout, self._ping_due, timeout)
+            await waiter
         with self._lock:
             self._waiter = None
             if not (self._chunks or self._finished):
+                self._last_data = self._loop.time()  # a ping is going out: count silence from now
                 return None, False, None
             chunks, self._chunks, self._buffered = self._chunks, [], 0
             self._room.set()
-            return chunks, self._finished, self._error
+            finished, error = self._finished, self._error
+        self._last_data = self._loop.time()
+        if finished and self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        return chunks, finished, error
+
+    def _ping_due(self, timeout):
+        self._ping_timer = None
+        if self._loop.time() - self._last_data >= timeout:
+            waiter = self._waiter
+            if waiter is not None:
+                self._wake(waiter)
+        elif self._waiter is not None:
+            self._ping_timer = self._loop.call_at(self._last_data + timeout, self._ping_due, timeout)
 
     def cancel(self):
         """Stop now: the client left or the answer is complete; drops the upstream connection."""
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         with self._lock:
             if self._finished or self._cancelled:
                 return
