@@ -4000,7 +4000,7 @@ def build_parser():
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="coproxy", parents=[shared], formatter_class=formatter,
-        description="Your GitHub Copilot subscription as a local OpenAI-compatible API.",
+        description="Your GitHub Copilot subscription as a local OpenAI- and Anthropic-compatible API.",
         epilog="first run:  coproxy.py auth login && coproxy.py serve\n"
                "then point clients at http://127.0.0.1:8080/v1 (any API key unless --api-key is set)")
     parser.add_argument("--version", action="version", version="coproxy " + __version__)

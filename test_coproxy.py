@@ -2280,6 +2280,16 @@ class TestEndToEnd(ProxyTestCase):
         tail = read_rest(client.file)
         self.assertTrue(tail.endswith(b"data: [DONE]\n\n"))
 
+    def test_stream_to_an_http_1_0_client_is_close_delimited(self):
+        self.fake.stream(chunk("old"), chunk(None, "stop"), DONE)
+        body = json.dumps(chat_body(stream=True)).encode()
+        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        status, headers, data = client.response()  # no Content-Length, no chunking: read to the close
+        self.assertEqual((status, headers.get("connection")), (200, "close"))
+        self.assertNotIn("transfer-encoding", headers)
+        self.assertEqual(sse_data(data)[0]["choices"][0]["delta"]["content"], "old")
+        self.assertEqual(sse_data(data)[-1], "[DONE]")
+
     def test_upstream_cut_mid_stream_becomes_an_error_event(self):
         self.fake.stream(chunk("par"), "cut")
         status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
