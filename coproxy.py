@@ -3384,8 +3384,6 @@ class App:
         self._catalog_refresh = None
         #: models that refused max_tokens (learnt from Copilot's 400; sent max_completion_tokens after)
         self._max_completion_models = set()
-        self.counters = {"requests": 0, "by_initiator": collections.Counter(), "by_model": collections.Counter(),
-                         "premium_requests": 0.0}
         self.metrics = Metrics()
         self.routes["/metrics"] = (None, {"GET": self.handle_metrics})
         #: the pacing gate (--rate-limit); clock and sleep are replaceable so tests take no time
@@ -3649,11 +3647,7 @@ class App:
         response.log_fields.update(model=model, stream=stream, initiator=initiator)
         if cost is not None:
             response.log_fields["premium"] = "%g" % cost
-            self.counters["premium_requests"] += cost
             self.metrics.inc("coproxy_premium_requests_total", (("model", model),), cost)
-        self.counters["requests"] += 1
-        self.counters["by_initiator"][initiator] += 1
-        self.counters["by_model"][model] += 1
 
     def _alias_entries(self):
         return [{"id": alias, "object": "model", "created": 0, "owned_by": "coproxy-alias", "alias_of": target}
@@ -3781,11 +3775,21 @@ class App:
         await response.send(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                             self.metrics.render(gauges))
 
+    def usage_since_start(self):
+        """/usage's counters, read off the metrics: model requests by initiator and by model."""
+        by_initiator, by_model, premium = collections.Counter(), collections.Counter(), 0.0
+        for (name, labels), value in self.metrics.counters.items():
+            labels = dict(labels)
+            if name == "coproxy_requests_total" and labels.get("initiator"):
+                by_initiator[labels["initiator"]] += value
+                by_model[labels["model"]] += value
+            elif name == "coproxy_premium_requests_total":
+                premium += value
+        return {"started_at": int(self.started_at), "requests": sum(by_initiator.values()),
+                "by_initiator": dict(by_initiator), "by_model": dict(by_model), "premium_requests": round(premium, 2)}
+
     async def handle_usage(self, request, response, _):
-        counters = self.counters
-        payload = {"since_start": {"started_at": int(self.started_at), "requests": counters["requests"],
-                                   "by_initiator": dict(counters["by_initiator"]), "by_model": dict(counters["by_model"]),
-                                   "premium_requests": round(counters["premium_requests"], 2)}}
+        payload = {"since_start": self.usage_since_start()}
         try:
             payload["copilot"] = summarize_quota(await self.run_blocking(self.auth.copilot_user))
         except (AuthError, UpstreamUnreachable) as exc:
