@@ -150,6 +150,8 @@ MAX_UPSTREAM_JSON_BYTES = 64 << 20         # successful JSON answers (non-stream
 STREAM_HIGH_WATER_BYTES = 1 << 20          # upstream bytes buffered for a slow client
 IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
 IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is dropped
+IDLE_WORKER_SECONDS = 60.0                 # an idle worker thread beyond the first few exits after this
+MIN_WORKERS = 4
 
 KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
                            "CONNECT"])
@@ -772,13 +774,15 @@ def describe_network_error(exc, url):
 class WorkerPool(concurrent.futures.Executor):
     """The dedicated thread pool for blocking upstream work (a stream holds a thread throughout).
 
-    Idle workers are reused; a new one is started only when none is idle, up to ``max_workers``.
+    Idle workers are reused; a new one is started only when none is idle, up to ``max_workers``;
+    workers idle for ``idle_seconds`` exit, down to MIN_WORKERS.
     Unlike ThreadPoolExecutor, submit() never waits for a new thread to boot: Thread.start()
     blocks its caller (here the event loop) until the new thread gets the GIL, which with
     hundreds of busy streams took milliseconds per thread and delayed every other client."""
 
-    def __init__(self, max_workers):
+    def __init__(self, max_workers, idle_seconds=IDLE_WORKER_SECONDS):
         self.max_workers = max_workers
+        self.idle_seconds = idle_seconds
         self._jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
@@ -822,7 +826,17 @@ class WorkerPool(concurrent.futures.Executor):
 
     def _work(self):
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                # After a burst (1,000 streams), give the threads back. Every waiting worker is
+                # counted in _idle or holds a queued job, so leaving while _idle > 0 strands no job.
+                with self._lock:
+                    if self._idle > 0 and self.workers > MIN_WORKERS:
+                        self._idle -= 1
+                        self.workers -= 1
+                        return
+                continue
             if job is None:
                 return
             future, loop, fn, args, kwargs = job
@@ -3942,8 +3956,18 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
     host = server.host if ":" not in server.host else "[%s]" % server.host
     if on_ready is not None:
         on_ready(server)
-    if announce:
+    if announce and config.log_format == "json":  # every stderr line stays one JSON object
+        url = "http://%s:%d" % (host, server.port)
+        sys.stderr.write(json.dumps({"ts": round(time.time(), 3), "level": "info", "message": "listening on " + url,
+                                     "url": url}) + "\n")
+        sys.stderr.flush()
+    elif announce:
+        base = "http://%s:%d" % ("127.0.0.1" if host in ("0.0.0.0", "[::]") else host, server.port)
         sys.stderr.write("listening on http://%s:%d\n" % (host, server.port))
+        sys.stderr.write("  OpenAI clients:      OPENAI_BASE_URL=%s/v1\n"
+                         "  Anthropic clients:   ANTHROPIC_BASE_URL=%s   (Claude Code: eval \"$(python3 %s claude-code"
+                         "%s)\")\n" % (base, base, os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else
+                                        "coproxy.py", "" if server.port == DEFAULT_PORT else " --port %d" % server.port))
         sys.stderr.flush()
     try:
         await stop_event.wait()

@@ -894,6 +894,17 @@ class TestWorkerPool(unittest.TestCase):
         self.assertNotIn(threading.get_ident(), threads)  # ran in workers, not on the loop's thread
         self.assertLessEqual(pool.workers, 4)
 
+    def test_idle_workers_exit_after_a_burst(self):
+        pool = coproxy.WorkerPool(16, idle_seconds=0.05)
+        self.addCleanup(pool.shutdown)
+        gate = threading.Event()
+        futures = [pool.submit(gate.wait, 5) for _ in range(10)]
+        self.assertTrue(wait_for(lambda: pool.workers == 10))
+        gate.set()
+        self.assertTrue(all(f.result(5) for f in futures))
+        self.assertTrue(wait_for(lambda: pool.workers == coproxy.MIN_WORKERS), pool.workers)
+        self.assertEqual(pool.submit(lambda: "still works").result(5), "still works")
+
     def test_shutdown_refuses_new_work(self):
         pool = coproxy.WorkerPool(2)
         pool.submit(lambda: None).result(5)
@@ -1985,7 +1996,9 @@ class TestDaemon(unittest.TestCase):
              "--github-url", fake.url, "--github-api-url", fake.url], stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, env=dict(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
         self.addCleanup(lambda: process.poll() is None and process.kill())
-        port = int(re.search(r":(\d+)$", process.stderr.readline().strip()).group(1))
+        announced = json.loads(process.stderr.readline())
+        self.assertTrue(announced["message"].startswith("listening on http://127.0.0.1:"))
+        port = int(announced["url"].rsplit(":", 1)[1])
         self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body())[0], 200)
         process.send_signal(signal.SIGINT)
         self.assertEqual(process.wait(10), 0)
