@@ -27,10 +27,13 @@ environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROX
 ``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows):
 ``auth/github-access-token`` and ``auth/ghcp-token.json``, the same files as the Rust coproxy.
 
+Routes: ``/v1/chat/completions``, ``/v1/responses``, ``/v1/embeddings``, ``/v1/messages`` (and
+``/count_tokens``), ``/v1/models``, ``/usage``, ``/metrics``, ``/healthz``; each also without ``/v1``.
+
 Security: binds 127.0.0.1 unless told otherwise, and refuses a non-loopback address without
 ``--api-key``; token files are 0600 in a 0700 directory, written atomically; tokens never
 appear in logs, responses or error messages. GitHub warns that heavy automated use of Copilot
-may be treated as abuse: pace your agents.
+may be treated as abuse: pace your agents (``--rate-limit``).
 
 Embedding: ``import coproxy`` has no side effects. Names in ``__all__`` are kept stable across
 minor versions; everything else (leading underscore or not) may change.
