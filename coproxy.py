@@ -2552,6 +2552,34 @@ class ResponsesPassthrough(StreamTranslator):
                                        "param": None}), "error")]
 
 
+class ChainedTranslator(StreamTranslator):
+    """Two translators in a row (Responses → chat → Anthropic): the first one's frames are decoded
+    back into events for the second, so each translation is written once."""
+
+    def __init__(self, first, second):
+        self.first = first
+        self.second = second
+        self._decoder = SSEDecoder()
+
+    def _through(self, frames):
+        out = []
+        for event in self._decoder.feed(b"".join(frames)):
+            out.extend(self.second.feed_event(event))
+        self.finished = self.second.finished
+        return out
+
+    def feed_event(self, event):
+        return self._through(self.first.feed_event(event))
+
+    def finish(self):
+        out = self._through(self.first.finish())
+        return out if self.second.finished else out + self.second.finish()
+
+    def error(self, message, code=None):
+        self.finished = True
+        return self.second.error(message, code)
+
+
 def responses_initiator(payload):
     """``agent`` when the newest input item is a tool output or the assistant's, else ``user``."""
     items = payload.get("input")
@@ -3906,19 +3934,28 @@ class App:
             if betas:
                 headers["anthropic-beta"] = ",".join(betas)
             call = dict(path="/v1/messages", body=json_dumps(payload), extra_headers=headers, intent="messages-proxy")
+        elif endpoint_for(info, "/chat/completions") == "/responses":  # e.g. gpt-5.1-codex from Claude Code
+            response.log_fields["path"] = "responses"
+            call = dict(path="/responses",
+                        body=json_dumps(chat_to_responses_request(anthropic_to_openai_request(payload, info))))
         else:
             call = dict(path="/chat/completions", body=json_dumps(anthropic_to_openai_request(payload, info)))
         await self._acquire_slot()
         try:
             upstream, raw = await self._call_upstream(call.pop("path"), call.pop("body"), initiator, vision,
                                                       stream, model, **call)
+            via_responses = response.log_fields.get("path") == "responses"
             if stream:
                 translator = AnthropicPassthrough() if native else AnthropicStreamTranslator(
                     model, estimate_input_tokens(payload))
+                if via_responses:
+                    translator = ChainedTranslator(ResponsesToChatStream(model, True, time.time()), translator)
                 await self._relay_stream(upstream, translator, ANTHROPIC_PING, request, response, model)
                 return
             try:
                 answer = json.loads(raw)
+                if via_responses:
+                    answer = responses_to_chat_response(answer, model, time.time())
                 if not native:
                     answer = openai_to_anthropic_response(answer, model)
                 elif not isinstance(answer, dict):

@@ -1557,6 +1557,33 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         self.assertEqual(self.messages(self.body("claude-haiku-4.5"), headers={"Authorization": "Bearer k2"},
                                        port=proxy.port)[0], 200)
 
+    def test_responses_only_model_through_messages(self):
+        status, _, data = self.messages(self.body("gpt-5.1-codex", system="terse"))
+        answer = json.loads(data)
+        self.assertEqual((status, answer["content"]), (200, [{"type": "text", "text": "codex says hi"}]))
+        self.assertEqual(answer["usage"], {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 8})
+        sent = json.loads(self.fake.requests_to("/responses")[-1][3])
+        self.assertEqual([i["role"] for i in sent["input"]], ["developer", "user"])
+        self.assertEqual(sent["max_output_tokens"], 100)
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        self.fake.stream(sse({"type": "response.output_text.delta", "delta": "Hi"}),
+                         sse({"type": "response.output_item.added", "output_index": 1, "item": {
+                             "type": "function_call", "call_id": "call_9", "name": "ls"}}),
+                         sse({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": "{}"}),
+                         sse({"type": "response.completed", "response": {"status": "completed", "usage": {
+                             "input_tokens": 6, "output_tokens": 2}}}))
+        status, _, body = self.messages(self.body("gpt-5.1-codex", stream=True))
+        events = sse_events(body)
+        self.assertEqual([n for n, _ in events], [
+            "message_start", "content_block_start", "content_block_delta", "content_block_stop",
+            "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(events[4][1]["content_block"], {"type": "tool_use", "id": "call_9", "name": "ls", "input": {}})
+        self.assertEqual(events[-2][1]["delta"]["stop_reason"], "tool_use")
+        self.assertEqual(events[-2][1]["usage"], {"input_tokens": 6, "output_tokens": 2})
+        self.fake.stream(sse({"type": "response.output_text.delta", "delta": "cut"}), "cut")
+        status, _, body = self.messages(self.body("gpt-5.1-codex", stream=True))
+        self.assertEqual(sse_events(body)[-1][0], "error")
+
     def test_count_tokens(self):
         body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello world " * 300}]}
         status, _, data = self.messages(body, path="/v1/messages/count_tokens")
