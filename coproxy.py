@@ -3232,7 +3232,7 @@ class StreamPump:
         self._room.set()
         self._ping_timer = None
         self._last_data = loop.time()
-        self.future = executor.run(loop, self._run)
+        executor.run(loop, self._run)  # _run reports through the chunks and the waiter, never raises
 
     def _run(self):
         try:
@@ -3390,6 +3390,10 @@ class Metrics:
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+#: error.code for each status the HTTP layer answers by itself (malformed or oversized input)
+PROTOCOL_ERROR_CODES = {408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
+                        431: "headers_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
+
 CORS_ALLOWED_HEADERS = ("authorization, content-type, x-api-key, anthropic-version, anthropic-beta, "
                         "openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, "
                         "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
@@ -3421,6 +3425,7 @@ class App:
             "/embeddings": ("embeddings", {"POST": self.handle_embeddings}),
             "/responses": ("responses", {"POST": self.handle_responses}),
             "/usage": (None, {"GET": self.handle_usage}),
+            "/metrics": (None, {"GET": self.handle_metrics}),
         }
         self.prefix_routes = [("/models/", None, {"GET": self.handle_model}),
                               ("/responses/", "responses", {"GET": self.handle_response_get})]
@@ -3430,7 +3435,6 @@ class App:
         #: models that refused max_tokens (learnt from Copilot's 400; sent max_completion_tokens after)
         self._max_completion_models = set()
         self.metrics = Metrics()
-        self.routes["/metrics"] = (None, {"GET": self.handle_metrics})
         #: the pacing gate (--rate-limit); clock and sleep are replaceable so tests take no time
         self.clock = time.monotonic
         self.sleep = asyncio.sleep
@@ -3451,9 +3455,8 @@ class App:
 
     # -- dispatch ---------------------------------------------------------------------------
     def protocol_error_body(self, status, message):
-        code = {408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
-                431: "headers_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
-        return json_dumps(openai_error_body(message, error_type_for_status(status), code.get(status, "bad_request")))
+        return json_dumps(openai_error_body(message, error_type_for_status(status),
+                                            PROTOCOL_ERROR_CODES.get(status, "bad_request")))
 
     async def dispatch(self, request, response):
         path = request.path
@@ -3501,8 +3504,8 @@ class App:
             await self.send_error(response, exc, dialect)
         except BadRequest as exc:  # from reading the body: answered in the route's dialect, then closed
             response.keep_alive = False
-            await self.send_error(response, ClientError(exc.status, str(exc), code=json.loads(
-                self.protocol_error_body(exc.status, ""))["error"]["code"]), dialect)
+            await self.send_error(response, ClientError(exc.status, str(exc),
+                                                        code=PROTOCOL_ERROR_CODES.get(exc.status, "bad_request")), dialect)
         except AuthError as exc:
             self.last_auth_error = str(exc)
             status = 502 if exc.code == "network" else 503
@@ -4034,6 +4037,16 @@ class UsageError(CoproxyError):
     """The command line asks for something that cannot be done as given (exit 2)."""
 
 
+def _flag_type(flag, convert):
+    """An argparse type: ``convert``, with its ValueError shown as a usage error naming the flag."""
+    def parse(text):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError("%s: %s" % (flag, exc))
+    return parse
+
+
 def _add_options(parser, scope, only=None):
     for option in OPTIONS:
         if option.scope != scope or (only is not None and option.dest not in only):
@@ -4045,22 +4058,11 @@ def _add_options(parser, scope, only=None):
             parser.add_argument(*flags, dest=option.dest, action="store_true", default=argparse.SUPPRESS,
                                 help=help_text)
         elif isinstance(option.type, Repeatable):
-            def convert_item(text, option=option):
-                try:
-                    return option.type.item(text)
-                except ValueError as exc:
-                    raise argparse.ArgumentTypeError("%s: %s" % (option.flag, exc))
-            parser.add_argument(option.flag, dest=option.dest, type=convert_item, action="append",
-                                metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(option.flag, dest=option.dest, type=_flag_type(option.flag, option.type.item),
+                                action="append", metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
         else:
-            def convert(text, option=option):
-                try:
-                    return option.type(text)
-                except ValueError as exc:
-                    raise argparse.ArgumentTypeError("%s: %s" % (option.flag, exc))
-            parser.add_argument(option.flag, dest=option.dest, type=convert, metavar=option.metavar,
-                                default=argparse.SUPPRESS, help=help_text)
-
+            parser.add_argument(option.flag, dest=option.dest, type=_flag_type(option.flag, option.type),
+                                metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
 
 def build_parser():
     shared = argparse.ArgumentParser(add_help=False)

@@ -1321,7 +1321,8 @@ class TestTranslateAnthropic(unittest.TestCase):
                 {"role": "user", "content": [
                     {"type": "text", "text": "and this screenshot"},
                     {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "code"}]},
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAA"}}]},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAA"}},
+                    {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]},
             ]}
         info = {"capabilities": {"limits": {"max_output_tokens": 8000},
                                  "supports": {"min_thinking_budget": 1024, "max_thinking_budget": 4000}}}
@@ -1335,7 +1336,8 @@ class TestTranslateAnthropic(unittest.TestCase):
             {"role": "system", "content": "mid-conversation system note"},
             {"role": "tool", "tool_call_id": "toolu_1", "content": "code"},
             {"role": "user", "content": [{"type": "text", "text": "and this screenshot"},
-                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}}]},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+                                         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
         ])
         self.assertEqual(out["tools"], [{"type": "function", "function": {
             "name": "read", "description": "read a file", "parameters": {"type": "object"}}}])
@@ -2415,10 +2417,13 @@ class TestEndToEnd(ProxyTestCase):
         status, headers, data = self.chat(port=proxy.port)
         self.assertEqual((status, headers["Retry-After"]), (503, "1"))
         self.assertEqual(data["error"]["code"], "overloaded")
+        proxy.app.config.queue_timeout = 5  # now a request waits for the slot instead of failing
         waiting = []
         second = threading.Thread(target=lambda: waiting.append(self.chat(port=proxy.port)[0]))
         self.fake.chat_script = None
-        second.start()  # queued behind the stream, served when it ends
+        second.start()
+        second.join(0.3)
+        self.assertTrue(second.is_alive())  # queued behind the stream: no slot until it ends
         gate.set()
         second.join(5)
         self.assertEqual(waiting, [200])
