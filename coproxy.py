@@ -65,6 +65,57 @@ if sys.version_info < (3, 8):  # pragma: no cover - exercised by CI on 3.6/3.7
     sys.stderr.write("coproxy needs Python 3.8+ (this is Python %d.%d.%d)\n" % sys.version_info[:3])
     sys.exit(1)
 
+#: The child's whole program: take the module's code object from the inherited file descriptor
+#: and run it as this ``__main__``, with argv, ``__file__`` and ``sys.path[0]`` as for the script.
+_BYTECODE_LAUNCHER = (
+    "import marshal,os,sys;_fd=int(sys.argv[1]);__file__=sys.argv[2];del sys.argv[:3];"
+    "sys.path[0]=os.path.dirname(os.path.abspath(__file__));"
+    "__bytecode__=marshal.loads(os.pread(_fd,os.fstat(_fd).st_size,0));os.close(_fd);del _fd;exec(__bytecode__)")
+
+
+def _serve_from_bytecode(module_code, script_path):
+    """Re-execute this process (same pid) from the module's code object, without the script's parse tree.
+
+    CPython keeps a script's whole parse tree alive until the script's top-level code returns,
+    which for ``serve`` is never: for this file that is ~11 MB of RSS for nothing. So ``serve``
+    hands the code it already compiled to a fresh interpreter through an anonymous file and
+    ``exec``s it; the new interpreter neither parses the source nor holds a tree. It runs with
+    ``-S``: coproxy imports only the standard library, and skipping site-packages (and any
+    ``.pth`` hooks in them) starts faster. Interpreter flags that change behaviour are kept. On any
+    failure it returns and the server simply runs in this process.
+    """
+    import marshal
+    import os
+    flags = ["-S"]
+    for flag, on in (("-I", sys.flags.isolated), ("-E", sys.flags.ignore_environment),
+                     ("-s", sys.flags.no_user_site), ("-B", sys.flags.dont_write_bytecode),
+                     ("-P", getattr(sys.flags, "safe_path", False))):
+        if on:
+            flags.append(flag)
+    flags += ["-O"] * sys.flags.optimize + ["-b"] * sys.flags.bytes_warning + ["-W" + w for w in sys.warnoptions]
+    flags += ["-X" + (k if v is True else "%s=%s" % (k, v)) for k, v in sys._xoptions.items()]
+    data = marshal.dumps(module_code)
+    try:
+        if hasattr(os, "memfd_create"):  # Linux: never touches a disk
+            fd = os.memfd_create("coproxy-bytecode", 0)
+        else:  # macOS and the BSDs: an unlinked 0600 temporary file
+            import tempfile
+            fd, path = tempfile.mkstemp(prefix="coproxy-bytecode-")
+            os.unlink(path)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.set_inheritable(fd, True)
+        os.execv(sys.executable, [sys.executable] + flags + ["-c", _BYTECODE_LAUNCHER, str(fd), script_path] + sys.argv)
+    except OSError:
+        return
+
+
+if (__name__ == "__main__" and globals().get("__spec__") is None and "__bytecode__" not in globals()
+        and "serve" in sys.argv[1:] and sys.executable and sys.platform != "win32"
+        and sys.gettrace() is None and sys.getprofile() is None):
+    _serve_from_bytecode(sys._getframe(0).f_code, __file__)
+
 import _thread
 import argparse
 import asyncio
@@ -73,21 +124,15 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import difflib
-import email.utils
 import errno
 import functools
-import hashlib
-import hmac
 import http
-import http.client
 import ipaddress
 import queue
 import json
 import logging
 import os
 import re
-import shlex
 import signal
 import socket
 import ssl
@@ -96,7 +141,6 @@ import struct
 import threading
 import time
 import urllib.parse
-import uuid
 
 __version__ = "0.1.0"
 __all__ = ["Config", "TokenStore", "UpstreamClient", "CopilotAuth", "DeviceFlow", "App", "Server",
@@ -259,6 +303,31 @@ def redact(text):
 def json_dumps(obj):
     """Compact JSON as bytes (the form every response and upstream body uses)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def random_id(digits=32):
+    """``digits`` random hex digits, for the ids of answers we build (``chatcmpl-...``, ``msg_...``)."""
+    return os.urandom((digits + 1) // 2).hex()[:digits]
+
+
+def random_uuid():
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` but without that module's import."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    digits = raw.hex()
+    return "%s-%s-%s-%s-%s" % (digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:])
+
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(timestamp):
+    """``Sun, 06 Nov 1994 08:49:37 GMT`` (RFC 9110 §5.6.7), in English whatever the locale."""
+    t = time.gmtime(timestamp)
+    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (_WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+                                                   t.tm_hour, t.tm_min, t.tm_sec)
 
 
 def parse_json_object(raw, what="request body"):
@@ -588,7 +657,7 @@ def write_file_atomic(path, text, posix=(os.name == "posix")):
     """Write ``text`` to ``path`` as a 0600 file that never exists half-written: a temp file in the
     same directory (created 0600 by os.open, so no umask window), fsync, rename, fsync the dir."""
     directory = os.path.dirname(path) or "."
-    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), uuid.uuid4().hex[:8])
+    tmp = "%s.%d.%s.tmp" % (path, os.getpid(), random_id(8))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -620,6 +689,8 @@ class TokenStore:
         self.state_dir = state_dir
         self.auth_dir = os.path.join(state_dir, "auth")
         self.posix = (os.name == "posix") if posix is None else posix
+        #: (file identity, token) of the last read: the token is asked for on every request
+        self._github_token_seen = (None, None)
 
     @property
     def github_token_path(self):
@@ -657,9 +728,21 @@ class TokenStore:
         write_file_atomic(path, text, self.posix)
 
     def load_github_token(self):
-        text = self._read(self.github_token_path)
-        token = (text or "").strip()
-        return token or None
+        """The saved GitHub token, or None. The file is read again only when its inode, size, mtime
+        or mode change, so a login or logout by another process is still seen on the next request."""
+        try:
+            found = os.stat(self.github_token_path)
+        except OSError:
+            return None
+        identity = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_mode)
+        seen, token = self._github_token_seen
+        if identity != seen:
+            token = (self._read(self.github_token_path) or "").strip() or None
+            # Timestamps are coarse (a few ms) and inodes get reused: a file written within the
+            # last seconds could be rewritten without its identity changing, so it is not cached.
+            fresh = time.time() - found.st_mtime < 2.0
+            self._github_token_seen = (None if fresh else identity, token)
+        return token
 
     def save_github_token(self, token):
         self._write_atomic(self.github_token_path, token.strip() + "\n")
@@ -703,16 +786,15 @@ class TokenStore:
 
 # ------------------------------------------------------------------------------------------
 # 6. Upstream HTTP client (blocking)
-#    http.client over ssl.create_default_context() (which honours SSL_CERT_FILE; --ca-file adds
-#    a bundle). One LIFO pool of kept-alive connections per origin: a connection goes back only
-#    after its response was read to the end and the server did not ask to close. One retry,
-#    only when a *pooled* connection proves stale before any response byte. HTTPS_PROXY and
-#    NO_PROXY are honoured through a CONNECT tunnel. Called only from worker threads.
+#    A small HTTP/1.1 client of our own over socket and ssl.create_default_context() (which
+#    honours SSL_CERT_FILE; --ca-file adds a bundle): one sendall per request, a one-pass head
+#    parser, chunked bodies handed on as fast as they arrive. (http.client parsed every
+#    answer's headers with the email package: a fifth of the proxy's CPU.) One LIFO pool of
+#    kept-alive connections per origin: a connection goes back only after its answer was read
+#    to the end and the server did not ask to close. One retry, only when a *pooled*
+#    connection proves stale before any response byte. HTTPS_PROXY and NO_PROXY are honoured
+#    through a CONNECT tunnel. Called only from worker threads.
 # ------------------------------------------------------------------------------------------
-
-_RETRYABLE_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
-                    ConnectionAbortedError)
-
 
 def _no_proxy_matches(host, port, no_proxy):
     """NO_PROXY semantics as curl has them: ``*``, exact names, domain suffixes, host:port."""
@@ -881,90 +963,244 @@ class WorkerPool(concurrent.futures.Executor):
 class AbortHandle:
     """Lets the event loop cut off a blocking upstream call from another thread.
 
-    The worker registers the connection it is using; ``abort()`` shuts its socket down, which
-    wakes a thread blocked in a read at once (close() alone would not)."""
+    The worker registers the socket it is using; ``abort()`` shuts it down, which wakes a
+    thread blocked in a read at once (close() alone would not)."""
 
     def __init__(self):
         self.aborted = False
-        self._conn = None
+        self._sock = None
         self._lock = threading.Lock()
 
-    def attach(self, conn):
+    def attach(self, sock):
         with self._lock:
-            self._conn = conn
+            self._sock = sock
             aborted = self.aborted
         if aborted:
-            self._shutdown(conn)
+            self._shutdown(sock)
 
     def abort(self):
         with self._lock:
             self.aborted = True
-            conn = self._conn
-        if conn is not None:
-            self._shutdown(conn)
+            sock = self._sock
+        if sock is not None:
+            self._shutdown(sock)
 
     @staticmethod
-    def _shutdown(conn):
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            try:  # the plain-socket method: SSLSocket.shutdown would drop its SSL object under a reader
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def _shutdown(sock):
+        try:  # the plain-socket method: SSLSocket.shutdown would drop its SSL object under a reader
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class UpstreamConnection:
+    """A kept-alive socket to one origin, and how requests on it are addressed."""
+
+    __slots__ = ("sock", "absolute_form", "proxy_auth")
+
+    def __init__(self, sock, absolute_form=False, proxy_auth=None):
+        self.sock = sock
+        self.absolute_form = absolute_form  # plain HTTP through a proxy: the full URL as target
+        self.proxy_auth = proxy_auth
+
+    def close(self):
+        self.sock.close()
+
+
+class UpstreamCutShort(ConnectionError):
+    """The upstream closed the connection before its answer was complete."""
 
 
 class UpstreamResponse:
-    """Status and headers of an upstream answer, with its body still to be read."""
+    """One HTTP/1.1 answer read from a kept-alive socket: status and headers at once, the body
+    on demand. Our own reader, not http.client's: it parses the head in one pass instead of
+    through the email package, and ``read1`` returns every chunk already received in one call,
+    so a burst of SSE events costs one hand-over to the event loop, not one per event."""
 
-    def __init__(self, client, origin, conn, response, abort_handle=None):
+    def __init__(self, client, origin, conn, method, abort_handle=None):
         self._client = client
         self._origin = origin
         self._conn = conn
-        self._response = response
+        self._sock = conn.sock
         self._abort = abort_handle
-        self.status = response.status
-        self.headers = response.headers
+        self._buf = bytearray()
         self.done = False
+        self._complete = False
+        while True:  # 1xx interim answers are skipped
+            self.status, self.headers, self.will_close = self._read_head()
+            if not 100 <= self.status < 200:
+                break
+        coding = self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length")
+        self._chunked = coding.rstrip().endswith("chunked")
+        self._need_crlf = self._in_trailers = False
+        #: body bytes still to come: of the whole body, of the current chunk, or None (until close)
+        self._left = 0
+        self.length = None
+        if method == "HEAD" or self.status in (204, 304):
+            self._complete = True
+        elif self._chunked:
+            pass
+        elif length is not None:
+            if not length.strip().isdigit() or len(set(v.strip() for v in length.split(","))) != 1:
+                raise ValueError("the upstream sent an invalid Content-Length %r" % length[:40])
+            self.length = self._left = int(length.split(",")[0])
+            self._complete = self._left == 0
+        else:
+            self._left = None
+            self.will_close = True
+
+    def _recv(self):
+        data = self._sock.recv(65536)
+        if not data:
+            raise UpstreamCutShort("the upstream closed the connection mid-answer")
+        self._buf += data
+
+    def _read_head(self):
+        """(status, headers with lower-case names, will_close) of the next answer on the socket."""
+        buf = self._buf
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head, rest = bytes(buf[:end]), end + 4
+                break
+            end = buf.find(b"\n\n")  # bare LF line ends, tolerated as http.client does
+            if end >= 0:
+                head, rest = bytes(buf[:end]), end + 2
+                break
+            if len(buf) > MAX_HEADER_BYTES * 2:
+                raise ValueError("the upstream sent a response head larger than %d bytes" % (MAX_HEADER_BYTES * 2))
+            data = self._sock.recv(65536)
+            if not data:
+                # Before any byte: a pooled connection the server had closed (retried once).
+                raise (ConnectionResetError if not buf else UpstreamCutShort)(
+                    "the upstream closed the connection without answering")
+            buf += data
+        del buf[:rest]
+        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+        parts = lines[0].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+            raise ValueError("the upstream answered with a malformed status line %r" % lines[0][:80])
+        if len(lines) > MAX_HEADER_COUNT + 1:
+            raise ValueError("the upstream sent more than %d header lines" % MAX_HEADER_COUNT)
+        headers = {}
+        name = None
+        for line in lines[1:]:
+            if line[:1] in (" ", "\t") and name:  # obsolete line folding
+                headers[name] += " " + line.strip()
+                continue
+            name, colon, value = line.partition(":")
+            if not colon:
+                name = None
+                continue
+            name = name.strip().lower()
+            value = value.strip()
+            headers[name] = headers[name] + ", " + value if name in headers else value
+        tokens = headers.get("connection", "").lower()
+        will_close = "close" in tokens or (parts[0] == "HTTP/1.0" and "keep-alive" not in tokens)
+        return int(parts[1]), headers, will_close
 
     def header(self, name, default=None):
-        return self._response.headers.get(name, default)
+        return self.headers.get(name.lower(), default)
+
+    def _take(self, size):
+        """Body bytes already received, at most ``size``, with chunked framing removed."""
+        buf = self._buf
+        if not self._chunked:
+            n = len(buf) if self._left is None else min(len(buf), self._left)
+            n = min(n, size)
+            data = bytes(buf[:n])
+            del buf[:n]
+            if self._left is not None:
+                self._left -= n
+                self._complete = self._left == 0
+            return data
+        out = []
+        taken = 0
+        while taken < size and not self._complete:
+            if self._left:
+                n = min(self._left, len(buf), size - taken)
+                if not n:
+                    break
+                out.append(bytes(buf[:n]))
+                del buf[:n]
+                self._left -= n
+                taken += n
+                self._need_crlf = self._left == 0
+                continue
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > MAX_CHUNK_LINE_BYTES:
+                    raise ValueError("the upstream sent a chunk-size line longer than %d bytes" % MAX_CHUNK_LINE_BYTES)
+                break
+            line = bytes(buf[:end]).strip()
+            del buf[:end + 1]
+            if self._need_crlf:  # the line end that closes a chunk's data
+                self._need_crlf = False
+                if line:
+                    raise ValueError("the upstream's chunked framing is broken (no CRLF after a chunk)")
+            elif self._in_trailers:
+                self._complete = not line
+            else:
+                try:
+                    self._left = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise ValueError("the upstream sent a bad chunk size %r" % line[:40])
+                if self._left < 0:
+                    raise ValueError("the upstream sent a bad chunk size %r" % line[:40])
+                self._in_trailers = self._left == 0
+        return b"".join(out)
+
+    def read1(self, size=65536):
+        """Every body byte that has arrived (up to ``size``), waiting only when there is none;
+        b"" at the end. For streams: an event is handed on as soon as its bytes are here."""
+        while True:
+            data = self._take(size) if self._buf else b""
+            if data or self._complete:
+                if not data:
+                    self.close()
+                return data
+            if self._left is None:  # the body runs until the server closes
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    self._complete = True
+                    self.close()
+                    return b""
+                self._buf += chunk
+            else:
+                self._recv()
 
     def read_all(self, limit):
         """The whole body (at most ``limit`` bytes; beyond that the connection is dropped).
-
-        A body cut short raises: http.client's read(amt) would return the short data silently
-        for a Content-Length answer, so a known length is read whole (IncompleteRead if cut)."""
+        An answer cut short raises instead of returning part of it."""
         try:
-            length = self._response.length
-            if length is not None and length > limit:
+            if self.length is not None and self.length > limit:
                 self.close(reuse=False)
-                raise UpstreamUnreachable("upstream answer of %d bytes is larger than %d" % (length, limit))
-            data = self._response.read() if length is not None else self._response.read(limit + 1)
-            if len(data) > limit:
-                self.close(reuse=False)
-                raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit)
-            self.close(reuse=self._response.isclosed() or not self._response.read(1))
-            return data
-        except (OSError, http.client.HTTPException) as exc:
+                raise UpstreamUnreachable("upstream answer of %d bytes is larger than %d" % (self.length, limit))
+            parts = []
+            total = 0
+            while True:
+                data = self.read1(1 << 20)
+                if not data:
+                    return b"".join(parts)
+                total += len(data)
+                if total > limit:
+                    self.close(reuse=False)
+                    raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit)
+                parts.append(data)
+        except (OSError, ValueError) as exc:
             self.close(reuse=False)
             if self._abort is not None and self._abort.aborted:
                 raise UpstreamUnreachable("aborted")
             raise UpstreamUnreachable("upstream connection failed mid-answer: %s" % exc.__class__.__name__,
                                       timeout=isinstance(exc, socket.timeout))
 
-    def read1(self, size=65536):
-        """Whatever is available now (up to ``size``), b"" at the end; for streams."""
-        data = self._response.read1(size)
-        if not data:
-            self.close()
-        return data
-
     def close(self, reuse=True):
         """Give the connection back to the pool if the answer was fully read, else close it."""
         if self.done:
             return
         self.done = True
-        if (reuse and self._response.isclosed() and not self._response.will_close
+        if (reuse and self._complete and not self.will_close and not self._buf
                 and not (self._abort is not None and self._abort.aborted)):
             self._client._release(self._origin, self._conn)
         else:
@@ -974,12 +1210,15 @@ class UpstreamResponse:
         """Close from another thread: wakes a reader blocked in read1 and never pools the socket."""
         if self._abort is None:
             self._abort = AbortHandle()
-            self._abort.attach(self._conn)
+            self._abort.attach(self._sock)
         self._abort.abort()
 
 
 class UpstreamClient:
-    """Blocking HTTP(S) client with a kept-alive connection pool per origin."""
+    """Blocking HTTP/1.1 client with a kept-alive connection pool per origin.
+
+    Requests go out as one pre-formatted block in one ``sendall``; answers are read by
+    UpstreamResponse. Plain sockets and ``ssl`` do the rest (TLS, CONNECT tunnels)."""
 
     def __init__(self, ca_file=None, connect_timeout=DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
                  read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, environ=None):
@@ -989,6 +1228,7 @@ class UpstreamClient:
         self.read_timeout = read_timeout
         self.environ = dict(os.environ if environ is None else environ)
         self._pools = {}
+        self._origins = {}
         self._lock = threading.Lock()
         #: connections opened since start (the benchmark checks keep-alive with it)
         self.connections_opened = 0
@@ -1008,37 +1248,67 @@ class UpstreamClient:
             return self._ssl_context
 
     def _origin(self, url):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamUnreachable("not an http(s) URL: %r" % url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        return (parts.scheme, parts.hostname, port), path
+        """((scheme, host, port), request target, Host header) of ``url``. The parsed part is
+        remembered per scheme://authority: the same few base URLs come back on every request."""
+        authority_end = url.find("/", url.find("://") + 3) if "://" in url else -1
+        base, path = (url, "/") if authority_end < 0 else (url[:authority_end], url[authority_end:])
+        if "?" in base:
+            base, query = base.split("?", 1)
+            path = "/?" + query
+        path = path.split("#", 1)[0]
+        known = self._origins.get(base)
+        if known is None:
+            try:
+                parts = urllib.parse.urlsplit(base)
+                default = 443 if parts.scheme == "https" else 80
+                port = parts.port or default
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UpstreamUnreachable("not a usable http(s) URL: %r" % url)
+            host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
+            known = ((parts.scheme, parts.hostname, port), host if port == default else "%s:%d" % (host, port))
+            self._origins[base] = known
+        return known[0], path, known[1]
 
     def _connect(self, origin, url):
         scheme, host, port = origin
         proxy = proxy_for(url, self.environ)
-        if scheme == "https":
-            if proxy:
-                conn = http.client.HTTPSConnection(proxy[0], proxy[1], timeout=self.connect_timeout,
-                                                   context=self.ssl_context)
-                conn.set_tunnel(host, port, headers={"Proxy-Authorization": proxy[2]} if proxy[2] else None)
-            else:
-                conn = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout,
-                                                   context=self.ssl_context)
-            conn.absolute_form = False
-        else:
-            target = proxy or (host, port, None)
-            conn = http.client.HTTPConnection(target[0], target[1], timeout=self.connect_timeout)
-            conn.absolute_form = bool(proxy)
-            conn.proxy_auth = proxy[2] if proxy else None
-        conn.connect()
-        conn.sock.settimeout(self.read_timeout)
+        target = proxy[:2] if proxy else (host, port)
+        sock = socket.create_connection(target, timeout=self.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                if proxy:
+                    self._tunnel(sock, host, port, proxy[2])
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=host)
+            sock.settimeout(self.read_timeout)
+        except BaseException:
+            sock.close()
+            raise
         with self._lock:
             self.connections_opened += 1
-        return conn
+        absolute_form = bool(proxy) and scheme == "http"
+        return UpstreamConnection(sock, absolute_form, proxy[2] if absolute_form else None)
+
+    @staticmethod
+    def _tunnel(sock, host, port, proxy_auth):
+        """CONNECT host:port through an HTTP proxy; the TLS handshake then runs inside it."""
+        authority = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+        head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+        if proxy_auth:
+            head += "Proxy-Authorization: %s\r\n" % proxy_auth
+        sock.sendall((head + "\r\n").encode("latin-1"))
+        answer = b""
+        while b"\r\n\r\n" not in answer and b"\n\n" not in answer:
+            data = sock.recv(4096)  # the proxy says nothing after its head until we speak TLS
+            if not data or len(answer) > MAX_HEADER_BYTES:
+                raise OSError("Tunnel connection failed: the proxy closed the connection")
+            answer += data
+        status_line = answer.split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or parts[1] != "200":
+            raise OSError("Tunnel connection failed: %s" % (" ".join(parts[1:]) or status_line))
 
     def _acquire(self, origin):
         with self._lock:
@@ -1070,7 +1340,10 @@ class UpstreamClient:
         """Send one request and return once status and headers are in (body unread).
 
         Raises UpstreamUnreachable for network/TLS/proxy failures (never for HTTP statuses)."""
-        origin, path = self._origin(url)
+        origin, path, host_header = self._origin(url)
+        block = "".join(["%s: %s\r\n" % item for item in headers.items()])
+        if block.count("\n") != len(headers) or block.count("\r") != len(headers):  # no CR/LF injection
+            raise UpstreamUnreachable("refusing to send a header value that contains a line break")
         for attempt in (0, 1):
             conn = self._acquire(origin)
             reused = conn is not None
@@ -1078,23 +1351,27 @@ class UpstreamClient:
                 if conn is None:
                     conn = self._connect(origin, url)
                 if abort_handle is not None:
-                    abort_handle.attach(conn)
+                    abort_handle.attach(conn.sock)
                     if abort_handle.aborted:
                         conn.close()
                         raise UpstreamUnreachable("aborted")
-                target = url if getattr(conn, "absolute_form", False) else path
-                conn.putrequest(method, target, skip_accept_encoding=True)
-                for name, value in headers.items():
-                    conn.putheader(name, value)
-                if getattr(conn, "proxy_auth", None):
-                    conn.putheader("Proxy-Authorization", conn.proxy_auth)
+                head = "%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
+                    method, url.split("#", 1)[0] if conn.absolute_form else path, host_header, block)
+                if conn.proxy_auth:
+                    head += "Proxy-Authorization: %s\r\n" % conn.proxy_auth
                 if body is not None:
-                    conn.putheader("Content-Length", str(len(body)))
-                conn.endheaders(body)
-                response = conn.getresponse()
+                    head += "Content-Length: %d\r\n" % len(body)
+                data = (head + "\r\n").encode("latin-1")
+                if body is not None and len(body) <= 65536:
+                    conn.sock.sendall(data + body)  # one segment for the usual small request
+                else:
+                    conn.sock.sendall(data)
+                    if body:
+                        conn.sock.sendall(body)
+                response = UpstreamResponse(self, origin, conn, method, abort_handle)
             except UpstreamUnreachable:
                 raise
-            except _RETRYABLE_STALE as exc:
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
                 if conn is not None:
                     conn.close()
                 if reused and attempt == 0 and not (abort_handle and abort_handle.aborted):
@@ -1102,14 +1379,14 @@ class UpstreamClient:
                               exc.__class__.__name__)
                     continue
                 raise UpstreamUnreachable(describe_network_error(exc, url))
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except (OSError, ValueError) as exc:
                 if conn is not None:
                     conn.close()
                 if abort_handle is not None and abort_handle.aborted:
                     raise UpstreamUnreachable("aborted")
                 raise UpstreamUnreachable(describe_network_error(exc, url),
                                           timeout=isinstance(exc, socket.timeout))
-            return UpstreamResponse(self, origin, conn, response, abort_handle)
+            return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES):
@@ -1159,7 +1436,7 @@ def copilot_headers(copilot_token, initiator="user", vision=False, intent="conve
         "User-Agent": COPILOT_USER_AGENT,
         "OpenAI-Intent": intent,
         "X-GitHub-Api-Version": COPILOT_CHAT_API_VERSION,
-        "X-Request-Id": str(uuid.uuid4()),
+        "X-Request-Id": random_uuid(),
         "X-Initiator": initiator,
         "X-VSCode-User-Agent-Library-Version": "electron-fetch",
     }
@@ -1288,6 +1565,7 @@ class CopilotAuth:
         self.client = client
         self.clock = clock
         self._record = None
+        self._fingerprinted = (None, None)
         self._disk_checked = False
         self._refresh_lock = threading.Lock()
         self._models_lock = threading.Lock()
@@ -1315,9 +1593,13 @@ class CopilotAuth:
         return token
 
     # -- the Copilot token -------------------------------------------------------------------
-    @staticmethod
-    def _fingerprint(github_token):
-        return hashlib.sha256(github_token.encode("utf-8")).hexdigest()[:16]
+    def _fingerprint(self, github_token):
+        """Short SHA-256 of the GitHub token, kept with the Copilot token to tell whose it is.
+        Checked on every request, so the last answer is remembered."""
+        if self._fingerprinted[0] != github_token:
+            import hashlib  # here, not at the top: serve would load OpenSSL's digests before listening
+            self._fingerprinted = (github_token, hashlib.sha256(github_token.encode("utf-8")).hexdigest()[:16])
+        return self._fingerprinted[1]
 
     def _usable(self, record, github_token):
         if not record:
@@ -1673,7 +1955,7 @@ def normalize_chat_response(data, model, merge, now):
         choice.setdefault("finish_reason", None)
         choice.setdefault("logprobs", None)
     data["choices"] = choices
-    data["id"] = data.get("id") or "chatcmpl-" + uuid.uuid4().hex
+    data["id"] = data.get("id") or "chatcmpl-" + random_id()
     data["object"] = "chat.completion"
     data["created"] = data.get("created") or int(now)
     data["model"] = data.get("model") or model
@@ -1765,7 +2047,7 @@ class ChatStreamNormalizer(StreamTranslator):
         if not isinstance(choices, list) or not choices:
             return []
         if self.id is None:
-            self.id = chunk.get("id") or "chatcmpl-" + uuid.uuid4().hex
+            self.id = chunk.get("id") or "chatcmpl-" + random_id()
         chunk["id"] = self.id
         chunk["object"] = "chat.completion.chunk"
         chunk["created"] = chunk.get("created") or self.created
@@ -1799,7 +2081,7 @@ class ChatStreamNormalizer(StreamTranslator):
         return [encode_sse(json_dumps(chunk))]
 
     def _chunk(self, choices, **extra):
-        chunk = {"id": self.id or "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
+        chunk = {"id": self.id or "chatcmpl-" + random_id(), "object": "chat.completion.chunk",
                  "created": self.created, "model": self.model, "choices": choices}
         chunk.update(extra)
         return encode_sse(json_dumps(chunk))
@@ -1947,6 +2229,7 @@ def resolve_model(name, ids):
 
 def unknown_model_error(name, ids):
     """404 model_not_found that suggests the catalog ids closest to what was asked for."""
+    import difflib  # only for this message
     close = difflib.get_close_matches(name.lower(), [i.lower() for i in ids], n=4, cutoff=0.4)
     by_lower = {i.lower(): i for i in ids}
     hint = "; did you mean %s?" % ", ".join(by_lower[c] for c in close) if close else ""
@@ -2160,11 +2443,11 @@ def openai_to_anthropic_response(data, model):
             texts.append({"type": "text", "text": content})
         for call in message.get("tool_calls") or []:
             function = call.get("function") or {}
-            tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + uuid.uuid4().hex[:24],
+            tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
                           "name": function.get("name"), "input": _parse_arguments(function.get("arguments"))})
         finish = _merge_finish(finish, choice.get("finish_reason"))
     stop_reason = "tool_use" if tools else _STOP_REASONS.get(finish, "end_turn" if finish else None)
-    return {"id": data.get("id") or "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
+    return {"id": data.get("id") or "msg_" + random_id(), "type": "message", "role": "assistant",
             "model": data.get("model") or model, "content": thinking + texts + tools,
             "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
 
@@ -2194,7 +2477,7 @@ class AnthropicStreamTranslator(StreamTranslator):
         if self.started:
             return []
         self.started = True
-        self.id = "msg_" + (chunk_id or uuid.uuid4().hex)
+        self.id = "msg_" + (chunk_id or random_id())
         return [self.frame("message_start", {"type": "message_start", "message": {
             "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
             "stop_reason": None, "stop_sequence": None,
@@ -2253,7 +2536,7 @@ class AnthropicStreamTranslator(StreamTranslator):
                 key = (choice.get("index") or 0, call.get("index") or 0)
                 function = call.get("function") or {}
                 if key not in self.tool_blocks or call.get("id"):
-                    out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + uuid.uuid4().hex[:24],
+                    out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
                                            "name": function.get("name") or "", "input": {}}))
                     self.tool_blocks[key] = self.index
                     self.saw_tool = True
@@ -2453,7 +2736,7 @@ def responses_to_chat_response(data, model, now):
     message = {"role": "assistant", "content": "".join(texts) or None}
     if calls:
         message["tool_calls"] = calls
-    return {"id": "chatcmpl-" + str(data.get("id") or uuid.uuid4().hex), "object": "chat.completion",
+    return {"id": "chatcmpl-" + str(data.get("id") or random_id()), "object": "chat.completion",
             "created": int(data.get("created_at") or now), "model": data.get("model") or model,
             "choices": [{"index": 0, "message": message, "finish_reason": _responses_finish(data, bool(calls)),
                          "logprobs": None}],
@@ -2467,7 +2750,7 @@ class ResponsesToChatStream(StreamTranslator):
         self.model = model
         self.include_usage = include_usage
         self.created = int(now)
-        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.id = "chatcmpl-" + random_id()
         self.started = False
         self.tools = {}
         self.arguments_seen = set()
@@ -3142,7 +3425,7 @@ class Server:
     def http_date(self):
         now = int(time.time())
         if self._date[0] != now:
-            self._date = (now, email.utils.formatdate(now, usegmt=True))
+            self._date = (now, http_date(now))
         return self._date[1]
 
     async def start(self, host, port):
@@ -3541,6 +3824,7 @@ class App:
         expected = key.encode("utf-8")
         authorization = request.header("authorization", "")
         bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        import hmac  # loaded once, on the first request that has to be checked
         by_header = hmac.compare_digest(request.header("x-api-key", "").encode("utf-8"), expected)
         by_bearer = hmac.compare_digest(bearer.encode("utf-8"), expected)
         if not (by_header or by_bearer):
@@ -4064,7 +4348,9 @@ def _add_options(parser, scope, only=None):
             parser.add_argument(option.flag, dest=option.dest, type=_flag_type(option.flag, option.type),
                                 metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
 
-def build_parser():
+def build_parser(command=None):
+    """The CLI. With ``command``, only that subcommand's parser is built: argparse spends ~0.4 ms
+    per subparser (gettext lookups included), which ``serve`` would pay before listening."""
     shared = argparse.ArgumentParser(add_help=False)
     _add_options(shared, "shared")
     formatter = argparse.RawDescriptionHelpFormatter
@@ -4076,56 +4362,66 @@ def build_parser():
     parser.add_argument("--version", action="version", version="coproxy " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = commands.add_parser("serve", parents=[shared], formatter_class=formatter,
-                                help="run the proxy server",
-                                description="Serve the OpenAI API on HOST:PORT, backed by Copilot.")
-    _add_options(serve, "serve")
-    serve.add_argument("--pid-file", help=argparse.SUPPRESS)  # set by `serve -d` for its background child
+    if command in (None, "serve"):
+        serve = commands.add_parser("serve", parents=[shared], formatter_class=formatter,
+                                    help="run the proxy server",
+                                    description="Serve the OpenAI API on HOST:PORT, backed by Copilot.")
+        _add_options(serve, "serve")
+        serve.add_argument("--pid-file", help=argparse.SUPPRESS)  # set by `serve -d` for its background child
 
-    auth = commands.add_parser("auth", help="log in, inspect or forget the GitHub login",
-                               description="Manage the GitHub login and the Copilot token.")
-    auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION")
-    login = auth_commands.add_parser("login", parents=[shared], help="log in with GitHub's device flow",
-                                     description="Show a code and a URL; approve on GitHub; the token is saved "
-                                                 "(0600) in the state directory.")
-    login.add_argument("--no-browser", action="store_true", help="do not try to open a web browser")
-    auth_commands.add_parser("status", parents=[shared], help="show login, plan, token expiry and API base",
-                             description="Exit status 0 when a Copilot token can be had, 1 otherwise.")
-    auth_commands.add_parser("logout", parents=[shared], help="delete the saved tokens",
-                             description="Remove auth/github-access-token and auth/ghcp-token.json.")
-    auth_commands.add_parser("refresh", parents=[shared], help="fetch a new Copilot token now",
-                             description="Exchange the GitHub token for a fresh Copilot token and save it.")
+    if command in (None, "auth"):
+        auth = commands.add_parser("auth", help="log in, inspect or forget the GitHub login",
+                                   description="Manage the GitHub login and the Copilot token.")
+        auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION")
+        login = auth_commands.add_parser("login", parents=[shared], help="log in with GitHub's device flow",
+                                         description="Show a code and a URL; approve on GitHub; the token is saved "
+                                                     "(0600) in the state directory.")
+        login.add_argument("--no-browser", action="store_true", help="do not try to open a web browser")
+        auth_commands.add_parser("status", parents=[shared], help="show login, plan, token expiry and API base",
+                                 description="Exit status 0 when a Copilot token can be had, 1 otherwise.")
+        auth_commands.add_parser("logout", parents=[shared], help="delete the saved tokens",
+                                 description="Remove auth/github-access-token and auth/ghcp-token.json.")
+        auth_commands.add_parser("refresh", parents=[shared], help="fetch a new Copilot token now",
+                                 description="Exchange the GitHub token for a fresh Copilot token and save it.")
 
-    models = commands.add_parser("models", parents=[shared], help="list the models Copilot offers you",
-                                 description="Table of id, vendor, context window, output limit, tools/vision.")
-    models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
-    _add_options(models, "serve", only=("model_aliases",))
+    if command in (None, "models"):
+        models = commands.add_parser("models", parents=[shared], help="list the models Copilot offers you",
+                                     description="Table of id, vendor, context window, output limit, tools/vision.")
+        models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
+        _add_options(models, "serve", only=("model_aliases",))
 
-    commands.add_parser("stop", parents=[shared], help="stop the background server started with serve -d",
-                        description="Send SIGTERM to the server in <state-dir>/coproxy.pid, wait for its graceful "
-                                    "drain, and report.")
-    commands.add_parser("status", parents=[shared], help="is a background server running? pid, address, uptime, auth",
-                        description="Exit status 0 when the server in <state-dir>/coproxy.pid is running, 1 otherwise.")
-    service = commands.add_parser("service", parents=[shared], help="print a systemd user unit or a launchd plist",
-                                  description="Print a service definition that runs `serve` for this Python and this "
-                                              "file; see the README for installing it.")
-    service.add_argument("kind", choices=("systemd", "launchd"))
-    _add_options(service, "serve", only=("host", "port"))
+    if command in (None, "stop"):
+        commands.add_parser("stop", parents=[shared], help="stop the background server started with serve -d",
+                            description="Send SIGTERM to the server in <state-dir>/coproxy.pid, wait for its graceful "
+                                        "drain, and report.")
 
-    usage = commands.add_parser("usage", parents=[shared], help="show your Copilot plan, premium requests and quotas",
-                                description="Plan, premium requests used/remaining/entitlement, chat quota and the "
-                                            "reset date, from GitHub's copilot_internal/user.")
-    usage.add_argument("--json", action="store_true", help="print JSON (the same as GET /usage's copilot part)")
+    if command in (None, "status"):
+        commands.add_parser("status", parents=[shared], help="is a background server running? pid, address, uptime, auth",
+                            description="Exit status 0 when the server in <state-dir>/coproxy.pid is running, 1 otherwise.")
 
-    claude = commands.add_parser(
-        "claude-code", parents=[shared], formatter_class=formatter,
-        help="print the environment that points Claude Code at coproxy",
-        description="Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
-                    "your live Copilot catalog. Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`.")
-    _add_options(claude, "serve", only=("host", "port", "api_key"))
-    claude.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
-                        help="syntax of the lines printed [default: sh, for bash/zsh]")
-    claude.add_argument("--model", help="main model (default: the newest Sonnet in your catalog)")
+    if command in (None, "service"):
+        service = commands.add_parser("service", parents=[shared], help="print a systemd user unit or a launchd plist",
+                                      description="Print a service definition that runs `serve` for this Python and this "
+                                                  "file; see the README for installing it.")
+        service.add_argument("kind", choices=("systemd", "launchd"))
+        _add_options(service, "serve", only=("host", "port"))
+
+    if command in (None, "usage"):
+        usage = commands.add_parser("usage", parents=[shared], help="show your Copilot plan, premium requests and quotas",
+                                    description="Plan, premium requests used/remaining/entitlement, chat quota and the "
+                                                "reset date, from GitHub's copilot_internal/user.")
+        usage.add_argument("--json", action="store_true", help="print JSON (the same as GET /usage's copilot part)")
+
+    if command in (None, "claude-code"):
+        claude = commands.add_parser(
+            "claude-code", parents=[shared], formatter_class=formatter,
+            help="print the environment that points Claude Code at coproxy",
+            description="Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
+                        "your live Copilot catalog. Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`.")
+        _add_options(claude, "serve", only=("host", "port", "api_key"))
+        claude.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
+                            help="syntax of the lines printed [default: sh, for bash/zsh]")
+        claude.add_argument("--model", help="main model (default: the newest Sonnet in your catalog)")
     return parser
 
 
@@ -4423,18 +4719,17 @@ def cmd_status(config, args):
         return 1
     started = os.path.getmtime(os.path.join(config.state_dir, PID_FILE))
     print("running:  pid %d, %s, up %s" % (pid, url, format_duration(time.time() - started)))
+    client = UpstreamClient(connect_timeout=3, read_timeout=3, environ={})
     try:
-        parts = urllib.parse.urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3)
-        conn.request("GET", "/healthz")
-        health = json.loads(conn.getresponse().read())
-        conn.close()
+        health = client.request_json("GET", url + "/healthz", {"Accept": "application/json"})[1] or {}
         auth = health.get("auth") or {}
         print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
             auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        print("health:   /healthz did not answer (%s)" % exc.__class__.__name__)
+    except (UpstreamUnreachable, AttributeError) as exc:
+        print("health:   /healthz did not answer (%s)" % exc)
         return 1
+    finally:
+        client.close()
     return 0
 
 
@@ -4545,6 +4840,7 @@ def cmd_claude_code(config, args):
         except (AuthError, UpstreamUnreachable) as exc:
             _say("warning: cannot read your Copilot catalog (%s); using the built-in model list" % exc)
             models = FALLBACK_MODELS
+    import shlex  # this command only
     ids = [m["id"] for m in models if ((m.get("capabilities") or {}).get("type") or "chat") == "chat"]
     for name, value in claude_code_environment(config, ids, args.model):
         if args.shell == "fish":
@@ -4569,8 +4865,8 @@ COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, 
 # ------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None)
     args = parser.parse_args(argv)
     args.argv = argv  # serve -d re-runs itself with these
     command = (args.command, getattr(args, "auth_command", None))

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import plistlib
+import queue
 import random
 import re
 import select
@@ -662,6 +663,22 @@ class TestUtilities(unittest.TestCase):
                 coproxy.parse_json_object(raw)
             self.assertEqual(ctx.exception.status, 400)
 
+    def test_random_ids(self):
+        import uuid
+        ids = {coproxy.random_uuid() for _ in range(200)}
+        self.assertEqual(len(ids), 200)
+        for text in ids:
+            self.assertEqual(str(uuid.UUID(text)), text)
+            self.assertEqual((uuid.UUID(text).version, uuid.UUID(text).variant), (4, uuid.RFC_4122))
+        self.assertRegex(coproxy.random_id(), r"^[0-9a-f]{32}$")
+        self.assertRegex(coproxy.random_id(24), r"^[0-9a-f]{24}$")
+        self.assertNotEqual(coproxy.random_id(), coproxy.random_id())
+
+    def test_http_date_matches_the_standard_library_in_any_locale(self):
+        import email.utils
+        for stamp in (0, 784111777, 951782400, 1700000000, 4102444800):
+            self.assertEqual(coproxy.http_date(stamp), email.utils.formatdate(stamp, usegmt=True))
+
     def test_format_duration(self):
         self.assertEqual(coproxy.format_duration(9), "9s")
         self.assertEqual(coproxy.format_duration(845), "14m 05s")
@@ -786,6 +803,29 @@ class TestTokenStore(unittest.TestCase):
         self.assertEqual(self.mode(self.store.github_token_path), 0o600)
         self.assertTrue(any("readable by others" in line for line in LOGS.lines))
 
+    def test_github_token_changes_by_another_process_are_seen(self):
+        reader = coproxy.TokenStore(self.store.state_dir)  # the server's store; self.store is `auth login`
+        self.assertIsNone(reader.load_github_token())
+        self.store.save_github_token("ghu_aaaa")
+        self.assertEqual(reader.load_github_token(), "ghu_aaaa")
+        self.store.save_github_token("ghu_bbbb")  # same size, same second, maybe the same inode
+        self.assertEqual(reader.load_github_token(), "ghu_bbbb")
+        self.store.clear()
+        self.assertIsNone(reader.load_github_token())
+
+    def test_an_unchanged_old_token_file_is_not_read_again(self):
+        path = self.store.github_token_path
+        self.store.save_github_token("ghu_aaaa")
+        past = os.stat(path).st_mtime_ns - 60 * 10 ** 9
+        os.utime(path, ns=(past, past))
+        self.assertEqual(self.store.load_github_token(), "ghu_aaaa")
+        with open(path, "r+") as f:  # same inode, size, mode and (restored) mtime: indistinguishable
+            f.write("ghu_bbbb\n")
+        os.utime(path, ns=(past, past))
+        self.assertEqual(self.store.load_github_token(), "ghu_aaaa")
+        os.chmod(path, 0o640)  # any change to the identity means a fresh read (and a tightened mode)
+        self.assertEqual(self.store.load_github_token(), "ghu_bbbb")
+
     def test_clear_removes_both(self):
         self.store.save_github_token("ghu_abc")
         self.store.save_copilot_token({"token": "t", "expires_at": 1})
@@ -858,6 +898,144 @@ class TestUpstreamClient(unittest.TestCase):
         self.assertEqual(auth, "Basic dXNlcjpwQHNz")
         self.assertIsNone(coproxy.proxy_for("https://svc.internal/x", env))
         self.assertIsNone(coproxy.proxy_for("http://api.github.com/x", env))
+
+
+class ScriptedUpstream:
+    """A raw TCP upstream that answers each request with the next script: a list of bytes to
+    send (each its own segment), Events to wait for, and "close". For framing edge cases that
+    a well-behaved HTTP server never produces."""
+
+    def __init__(self, test):
+        self.scripts = queue.Queue()
+        self.heads = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                need = int(length.group(1)) if length else 0
+                while len(buf) < need:
+                    buf += conn.recv(65536)
+                buf = buf[need:]
+                self.heads.append(head)
+                for step in self.scripts.get(timeout=10):
+                    if step == "close":
+                        return
+                    if isinstance(step, threading.Event):
+                        step.wait(10)
+                    else:
+                        conn.sendall(step)
+
+    def close(self):
+        self.listener.close()
+
+
+class TestUpstreamFraming(unittest.TestCase):
+    """Our HTTP/1.1 reader against hostile or unusual framing, over real sockets."""
+
+    def setUp(self):
+        install_log_capture()
+        self.up = ScriptedUpstream(self)
+        self.client = new_client(self, read_timeout=10)
+
+    def request(self, *script):
+        self.up.scripts.put(list(script))
+        return self.client.request("POST", self.up.url + "/chat/completions", {"X-Test": "1"}, b"{}")
+
+    def test_chunks_split_anywhere_and_trailers_then_the_connection_is_reused(self):
+        wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"
+        response = self.request(*[wire[i:i + 1] for i in range(len(wire))])
+        self.assertEqual(response.read_all(1000), b"hello world")
+        again = self.request(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(again.read_all(1000), b"ok")
+        self.assertEqual((self.client.connections_opened, self.up.accepted), (1, 1))
+        self.assertTrue(self.up.heads[0].endswith(b"\r\nX-Test: 1\r\nContent-Length: 2"), self.up.heads[0])
+        self.assertIn(b"Host: 127.0.0.1:", self.up.heads[0])
+
+    def test_a_burst_of_chunks_is_one_read_and_an_event_never_waits_for_its_crlf(self):
+        later, end = threading.Event(), threading.Event()
+        response = self.request(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                b"3\r\none\r\n3\r\ntwo\r\n5\r\nthree", later, b"\r\n4\r\nfour", end,
+                                b"\r\n0\r\n\r\n")
+        got = b""
+        while got != b"onetwothree":  # arrives together or in parts, never needs `later`
+            got += response.read1()
+        later.set()
+        self.assertEqual(response.read1(), b"four")
+        end.set()
+        self.assertEqual(response.read1(), b"")
+        self.assertEqual(len(self.client._pools[("http", "127.0.0.1", int(self.up.url.rsplit(":", 1)[1]))]), 1)
+
+    def test_cut_short_bodies_raise_and_are_never_pooled(self):
+        response = self.request(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", "close")
+        with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+            response.read_all(1000)
+        self.assertIn("mid-answer", str(ctx.exception))
+        response = self.request(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndata\r\n", "close")
+        self.assertEqual(response.read1(), b"data")
+        with self.assertRaises(coproxy.UpstreamCutShort):
+            response.read1()
+        response.close(reuse=False)
+        self.assertEqual(self.client._pools, {})
+
+    def test_interim_answers_repeated_and_folded_headers_and_a_body_until_close(self):
+        response = self.request(b"HTTP/1.1 100 Continue\r\n\r\n",
+                                b"HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\nX-Folded: a\r\n  b\r\n\r\nuntil ", b"close",
+                                "close")
+        self.assertEqual((response.status, response.header("X-A"), response.header("x-folded")), (200, "1, 2", "a b"))
+        self.assertEqual(response.read_all(1000), b"until close")
+        self.assertEqual(self.client._pools, {})
+
+    def test_connection_close_and_oversized_answers_are_not_pooled(self):
+        self.request(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok").read_all(10)
+        with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+            self.request(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n0123456789a").read_all(10)
+        self.assertIn("larger than 10", str(ctx.exception))
+        self.assertEqual(self.client._pools, {})
+        self.assertEqual(self.client.connections_opened, 2)
+
+    def test_malformed_answers_are_named(self):
+        for wire, words in ((b"HTPT/1.1 200 OK\r\n\r\n", "malformed status line"),
+                            (b"HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\n", "invalid Content-Length"),
+                            (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "invalid Content-Length")):
+            with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+                self.request(wire, "close")
+            self.assertIn(words, str(ctx.exception))
+        response = self.request(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "close")
+        with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+            response.read_all(100)
+        self.assertIn("ValueError", str(ctx.exception))
+
+    def test_header_values_with_line_breaks_are_never_sent(self):
+        with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+            self.client.request("GET", self.up.url + "/x", {"X-Model": "gpt\r\nEvil: 1"})
+        self.assertIn("line break", str(ctx.exception))
+        self.assertEqual(self.up.accepted, 0)
 
 
 class TestWorkerPool(unittest.TestCase):
@@ -2017,6 +2195,43 @@ class TestDaemon(unittest.TestCase):
         self.assertEqual(plist["ProgramArguments"][:3], [sys.executable, COPROXY_PY, "serve"])
         self.assertTrue(plist["RunAtLoad"])
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc/<pid>/cmdline")
+    def test_serve_runs_from_its_compiled_code_in_the_same_process(self):
+        # serve re-executes itself (same pid) from bytecode so the script's parse tree is not kept
+        # for its whole life; interpreter flags survive, failures keep their exit status.
+        fake = FakeUpstream()
+        self.addCleanup(fake.close)
+        env = dict(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890")
+        process = subprocess.Popen(
+            [sys.executable, "-X", "utf8", COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp,
+             "--github-url", fake.url, "--github-api-url", fake.url], stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env=env)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        line = process.stderr.readline()
+        port = int(re.search(r":(\d+)$", line.strip()).group(1))
+        with open("/proc/%d/cmdline" % process.pid, "rb") as f:
+            argv = f.read().decode().split("\0")
+        self.assertEqual(argv[0], sys.executable)
+        self.assertIn("-S", argv[:argv.index("-c")])
+        self.assertIn("-Xutf8", argv[:argv.index("-c")])
+        self.assertEqual(argv[argv.index("-c") + 3:], [COPROXY_PY, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp,
+                                                      "--github-url", fake.url, "--github-api-url", fake.url, ""])
+        status, _, body = http_request(port, "POST", "/v1/chat/completions", chat_body())
+        self.assertEqual(status, 200, body)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        self.assertIn("shutting down", process.stderr.read())
+        process.stderr.close()
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        failed = subprocess.run([sys.executable, COPROXY_PY, "serve", "--port", str(busy.getsockname()[1]),
+                                 "--state-dir", self.tmp, "--no-auto-login"], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=30, env=self.env)
+        self.assertEqual(failed.returncode, 1)
+        self.assertIn("address already in use", failed.stderr)
+
     def test_json_access_log(self):
         fake = FakeUpstream()
         self.addCleanup(fake.close)
@@ -2638,7 +2853,7 @@ class TestPortability(unittest.TestCase):
         SOURCE = _source.read()
     STDLIB = {"_thread", "queue", "difflib", "struct", "subprocess", "ctypes", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
               "functools", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "shlex", "signal",
-              "socket", "ssl", "stat", "sys", "threading", "time", "urllib", "uuid", "webbrowser"}
+              "socket", "ssl", "stat", "sys", "threading", "time", "tempfile", "marshal", "urllib", "webbrowser"}
 
     def test_grammar_parses_as_python_3_7(self):
         ast.parse(self.SOURCE, feature_version=(3, 7))
