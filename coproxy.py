@@ -94,7 +94,10 @@ def _serve_from_bytecode(module_code, script_path):
             flags.append(flag)
     flags += ["-O"] * sys.flags.optimize + ["-b"] * sys.flags.bytes_warning + ["-W" + w for w in sys.warnoptions]
     flags += ["-X" + (k if v is True else "%s=%s" % (k, v)) for k, v in sys._xoptions.items()]
+    if getattr(sys.stdout, "write_through", False):  # -u or PYTHONUNBUFFERED
+        flags.append("-u")
     data = marshal.dumps(module_code)
+    fd = None
     try:
         if hasattr(os, "memfd_create"):  # Linux: never touches a disk
             fd = os.memfd_create("coproxy-bytecode", 0)
@@ -107,13 +110,14 @@ def _serve_from_bytecode(module_code, script_path):
             view = view[os.write(fd, view):]
         os.set_inheritable(fd, True)
         os.execv(sys.executable, [sys.executable] + flags + ["-c", _BYTECODE_LAUNCHER, str(fd), script_path] + sys.argv)
-    except OSError:
-        return
+    except OSError:  # no exec here (read-only /tmp, seccomp, ...): serve from this process
+        if fd is not None:
+            os.close(fd)
 
 
 if (__name__ == "__main__" and globals().get("__spec__") is None and "__bytecode__" not in globals()
-        and "serve" in sys.argv[1:] and sys.executable and sys.platform != "win32"
-        and sys.gettrace() is None and sys.getprofile() is None):
+        and "serve" in sys.argv[1:] and sys.executable and not getattr(sys, "frozen", False)
+        and sys.platform != "win32" and sys.gettrace() is None and sys.getprofile() is None):
     _serve_from_bytecode(sys._getframe(0).f_code, __file__)
 
 import _thread
@@ -195,6 +199,9 @@ MAX_CHUNK_LINE_BYTES = 1024                # 400 beyond (bottle)
 MAX_UPSTREAM_ERROR_BODY_BYTES = 1 << 20    # error bodies we read from upstream
 MAX_UPSTREAM_JSON_BYTES = 64 << 20         # successful JSON answers (non-stream)
 STREAM_HIGH_WATER_BYTES = 1 << 20          # upstream bytes buffered for a slow client
+#: Bytes asked of the upstream socket per read: TLS hands out at most one 16 KiB record per
+#: read anyway, and a smaller ask keeps 1,000 streams' short-lived read buffers small.
+UPSTREAM_RECV_BYTES = 16 * 1024
 IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
 IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is dropped
 IDLE_WORKER_SECONDS = 60.0                 # an idle worker thread beyond the first few exits after this
@@ -1051,7 +1058,7 @@ class UpstreamResponse:
             self.will_close = True
 
     def _recv(self):
-        data = self._sock.recv(65536)
+        data = self._sock.recv(UPSTREAM_RECV_BYTES)
         if not data:
             raise UpstreamCutShort("the upstream closed the connection mid-answer")
         self._buf += data
@@ -1070,7 +1077,7 @@ class UpstreamResponse:
                 break
             if len(buf) > MAX_HEADER_BYTES * 2:
                 raise ValueError("the upstream sent a response head larger than %d bytes" % (MAX_HEADER_BYTES * 2))
-            data = self._sock.recv(65536)
+            data = self._sock.recv(UPSTREAM_RECV_BYTES)
             if not data:
                 # Before any byte: a pooled connection the server had closed (retried once).
                 raise (ConnectionResetError if not buf else UpstreamCutShort)(
@@ -1161,7 +1168,7 @@ class UpstreamResponse:
                     self.close()
                 return data
             if self._left is None:  # the body runs until the server closes
-                chunk = self._sock.recv(65536)
+                chunk = self._sock.recv(UPSTREAM_RECV_BYTES)
                 if not chunk:
                     self._complete = True
                     self.close()

@@ -3243,24 +3243,38 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="coproxy-bench-")
         self.proxy = None
 
-    def start_proxy(self):
+    def launch(self):
+        """(process, port, seconds from launch to the first /healthz 200) of a new `serve`."""
         url = "http://127.0.0.1:%d" % self.upstream_port
         env = dict(os.environ, GHCP_GITHUB_TOKEN="ghu_bench")
         started = time.perf_counter()
-        self.proxy = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp, "--github-url", url,
              "--github-api-url", url],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        line = self.proxy.stderr.readline()
-        self.proxy_port = int(re.search(r":(\d+)$", line.strip()).group(1))
+        line = process.stderr.readline()
+        port = int(re.search(r":(\d+)$", line.strip()).group(1))
         while True:  # a measurement, not a test: poll until the first 200
             try:
-                if http_request(self.proxy_port, "GET", "/healthz", timeout=1)[0] == 200:
+                if http_request(port, "GET", "/healthz", timeout=1)[0] == 200:
                     break
             except OSError:
                 time.sleep(0.001)
-        self.start_to_healthz = time.perf_counter() - started
-        threading.Thread(target=self.proxy.stderr.read, daemon=True).start()
+        elapsed = time.perf_counter() - started
+        threading.Thread(target=process.stderr.read, daemon=True).start()
+        return process, port, elapsed
+
+    def start_proxy(self):
+        self.proxy, self.proxy_port, first = self.launch()
+        self.start_times = [first]
+
+    def more_start_times(self, count):
+        """Start and stop ``count`` more servers: one start is too noisy a sample to judge by."""
+        for _ in range(count):
+            process, _, elapsed = self.launch()
+            process.send_signal(signal.SIGTERM)
+            process.wait(20)
+            self.start_times.append(elapsed)
 
     def stop(self):
         if self.proxy:
@@ -3416,7 +3430,9 @@ class Bench:
         rows.append(("RSS at start (MB)", None, rss_start, "<=", 30, "%.1f"))
         rows.append(("RSS after load (MB)", None, rss_after_load, "<=", 40, "%.1f"))
         rows.append(("RSS with 1,000 streams (MB)", None, many["via"][3], "<=", 150, "%.1f"))
-        rows.append(("start to first /healthz 200 (ms)", None, self.start_to_healthz * 1000, "<=", 150, "%.0f"))
+        self.more_start_times(max(4, 2 * reps - 1))
+        rows.append(("start to first /healthz 200 (ms), median of %d" % len(self.start_times), None,
+                     percentile(self.start_times, 50) * 1000, "<=", 150, "%.0f"))
         before = self.upstream_connections()
         sequential = bench_request("/v1/chat/completions", {"model": "gpt-4.1", "messages": [{"role": "user", "content": "x"}]})
         sock = socket.create_connection(("127.0.0.1", self.proxy_port))
@@ -3464,10 +3480,10 @@ def run_bench(argv):
         bench.stop()
     text, misses = format_bench(rows, repetitions)
     print(text)
-    reference = subprocess.run([sys.executable, "-c", "import asyncio, ssl, http.client, json, re; print(int(re.search("
+    reference = subprocess.run([sys.executable, "-c", "import asyncio, ssl, json, re; print(int(re.search("
                                 "r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)"],
                                capture_output=True, text=True).stdout.strip()
-    print("reference: this interpreter with asyncio, ssl and http.client imported (no coproxy) has %s MB RSS" % reference)
+    print("reference: this interpreter with asyncio and ssl imported (no coproxy) has %.1f MB RSS" % float(reference))
     return 0
 
 
