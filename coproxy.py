@@ -206,6 +206,10 @@ IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
 IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is dropped
 IDLE_WORKER_SECONDS = 60.0                 # an idle worker thread beyond the first few exits after this
 MIN_WORKERS = 4
+#: Stack reserved per worker thread by `serve` (one thread per stream): 1,000 streams reserve
+#: 1 GB of address space instead of 8 GB, which matters under ``ulimit -v`` or strict
+#: overcommit. Workers only do I/O, shallow JSON and TLS; deep client JSON is parsed on the loop.
+WORKER_STACK_BYTES = 1024 * 1024
 
 KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
                            "CONNECT"])
@@ -4504,6 +4508,10 @@ def cmd_serve(config, args):
                                "GHCP_GITHUB_TOKEN, or pass --no-auto-login to start anyway")
     if config.detach:
         return start_detached(config, args)
+    try:  # process-wide, so set here by the command and not by App (embedders keep their own)
+        threading.stack_size(WORKER_STACK_BYTES)
+    except (ValueError, RuntimeError):  # a platform that does not allow it: keep its default
+        pass
     app = App(config, store, client, auth)
     pid_file = getattr(args, "pid_file", None)
 

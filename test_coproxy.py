@@ -2136,6 +2136,19 @@ class TestOperations(ProxyTestCase):
 
 
 @unittest.skipIf(os.name != "posix", "the daemon test uses POSIX signals")
+def thread_stack_sizes(pid):
+    """Sizes of the thread stacks in a Linux process: writable mappings right above a guard page."""
+    sizes, previous = [], None
+    with open("/proc/%d/maps" % pid) as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in span.split("-"))
+            if previous and previous[1] == start and previous[2] == "---p" and perms == "rw-p":
+                sizes.append(end - start)
+            previous = (start, end, perms)
+    return sizes
+
+
 class TestDaemon(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
@@ -2218,6 +2231,7 @@ class TestDaemon(unittest.TestCase):
                                                       "--github-url", fake.url, "--github-api-url", fake.url, ""])
         status, _, body = http_request(port, "POST", "/v1/chat/completions", chat_body())
         self.assertEqual(status, 200, body)
+        self.assertEqual(set(thread_stack_sizes(process.pid)), {coproxy.WORKER_STACK_BYTES})  # 1 MiB, not 8
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(10), 0)
         self.assertIn("shutting down", process.stderr.read())
