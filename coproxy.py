@@ -1355,6 +1355,8 @@ class UpstreamClient:
         block = "".join(["%s: %s\r\n" % item for item in headers.items()])
         if block.count("\n") != len(headers) or block.count("\r") != len(headers):  # no CR/LF injection
             raise UpstreamUnreachable("refusing to send a header value that contains a line break")
+        if "Accept-Encoding" not in headers:  # bodies are relayed as they come: no gzip, please
+            block += "Accept-Encoding: identity\r\n"
         for attempt in (0, 1):
             conn = self._acquire(origin)
             reused = conn is not None
