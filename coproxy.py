@@ -1004,6 +1004,9 @@ class AbortHandle:
             pass
 
 
+_DECIMAL = re.compile(r"[0-9]+\Z")
+
+
 class UpstreamConnection:
     """A kept-alive socket to one origin, and how requests on it are addressed."""
 
@@ -1053,9 +1056,10 @@ class UpstreamResponse:
         elif self._chunked:
             pass
         elif length is not None:
-            if not length.strip().isdigit() or len(set(v.strip() for v in length.split(","))) != 1:
+            values = set(v.strip() for v in length.split(","))  # repeats of one value are allowed
+            if len(values) != 1 or not _DECIMAL.match(next(iter(values))):
                 raise ValueError("the upstream sent an invalid Content-Length %r" % length[:40])
-            self.length = self._left = int(length.split(",")[0])
+            self.length = self._left = int(values.pop())
             self._complete = self._left == 0
         else:
             self._left = None
@@ -1071,13 +1075,11 @@ class UpstreamResponse:
         """(status, headers with lower-case names, will_close) of the next answer on the socket."""
         buf = self._buf
         while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head, rest = bytes(buf[:end]), end + 4
-                break
-            end = buf.find(b"\n\n")  # bare LF line ends, tolerated as http.client does
-            if end >= 0:
-                head, rest = bytes(buf[:end]), end + 2
+            ends = [(end, end + size) for end, size in ((buf.find(b"\r\n\r\n"), 4), (buf.find(b"\n\n"), 2))
+                    if end >= 0]  # the first blank line; bare LF line ends are tolerated, as http.client does
+            if ends:
+                end, rest = min(ends)
+                head = bytes(buf[:end])
                 break
             if len(buf) > MAX_HEADER_BYTES * 2:
                 raise ValueError("the upstream sent a response head larger than %d bytes" % (MAX_HEADER_BYTES * 2))

@@ -1012,6 +1012,10 @@ class TestUpstreamFraming(unittest.TestCase):
         self.assertEqual(response.read_all(1000), b"until close")
         self.assertEqual(self.client._pools, {})
 
+    def test_bare_lf_heads_and_repeated_equal_lengths_are_accepted(self):
+        response = self.request(b"HTTP/1.1 200 OK\nContent-Length: 6\nContent-Length: 6\n\nab\r\n\r\n")
+        self.assertEqual((response.status, response.read_all(100)), (200, b"ab\r\n\r\n"))
+
     def test_connection_close_and_oversized_answers_are_not_pooled(self):
         self.request(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok").read_all(10)
         with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
@@ -1023,7 +1027,8 @@ class TestUpstreamFraming(unittest.TestCase):
     def test_malformed_answers_are_named(self):
         for wire, words in ((b"HTPT/1.1 200 OK\r\n\r\n", "malformed status line"),
                             (b"HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\n", "invalid Content-Length"),
-                            (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "invalid Content-Length")):
+                            (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "invalid Content-Length"),
+                            (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "invalid Content-Length")):
             with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
                 self.request(wire, "close")
             self.assertIn(words, str(ctx.exception))
