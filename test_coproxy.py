@@ -2155,6 +2155,19 @@ def thread_stack_sizes(pid):
     return sizes
 
 
+def open_bytecode_files(pid):
+    """The process's open files that carried its code at the re-execution (should be none)."""
+    found = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if "coproxy-bytecode" in target:
+            found.append(target)
+    return found
+
+
 class TestDaemon(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
@@ -2238,6 +2251,7 @@ class TestDaemon(unittest.TestCase):
         status, _, body = http_request(port, "POST", "/v1/chat/completions", chat_body())
         self.assertEqual(status, 200, body)
         self.assertEqual(set(thread_stack_sizes(process.pid)), {coproxy.WORKER_STACK_BYTES})  # 1 MiB, not 8
+        self.assertEqual(open_bytecode_files(process.pid), [])  # the loader closed what it read
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(10), 0)
         self.assertIn("shutting down", process.stderr.read())
@@ -2251,6 +2265,32 @@ class TestDaemon(unittest.TestCase):
                                 capture_output=True, text=True, timeout=30, env=self.env)
         self.assertEqual(failed.returncode, 1)
         self.assertIn("address already in use", failed.stderr)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc/<pid>/cmdline")
+    def test_without_memfd_the_code_goes_through_an_unlinked_temporary_file(self):
+        # The macOS/BSD path, taken here by hiding os.memfd_create: nothing may be left in TMPDIR.
+        tmpdir = os.path.join(self.tmp, "tmpdir")
+        os.mkdir(tmpdir)
+        loader = ("import os, sys; del os.memfd_create; __file__ = %r; sys.argv[0] = __file__; "
+                  "exec(compile(open(__file__).read(), __file__, 'exec'))" % COPROXY_PY)
+        process = subprocess.Popen(
+            [sys.executable, "-c", loader, "serve", "--port", "0", "--state-dir", self.tmp, "--no-auto-login"],
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(self.env, TMPDIR=tmpdir))
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        line = process.stderr.readline()
+        while "listening on" not in line:
+            line = process.stderr.readline()
+        port = int(re.search(r":(\d+)$", line.strip()).group(1))
+        self.assertEqual(http_request(port, "GET", "/healthz")[0], 200)
+        with open("/proc/%d/cmdline" % process.pid, "rb") as f:
+            argv = f.read().decode().split("\0")
+        self.assertIn("-S", argv[:argv.index("-c")])
+        self.assertNotIn("memfd_create", argv[argv.index("-c") + 1])  # the loader, not the test's script
+        self.assertEqual(os.listdir(tmpdir), [])
+        self.assertEqual(open_bytecode_files(process.pid), [])
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        process.stderr.close()
 
     def test_json_access_log(self):
         fake = FakeUpstream()
