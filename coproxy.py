@@ -56,7 +56,8 @@ Sections (each uses only those above it; ``grep -n '^# [0-9]*\\. ' coproxy.py``)
 # ------------------------------------------------------------------------------------------
 # 2. Imports, guard, constants
 #    The guard must run before anything newer than Python 3.6 is touched, so this file keeps
-#    a 3.6-parseable grammar (no walrus, no positional-only parameters, no f"{x=}").
+#    a 3.6-parseable grammar (no walrus, no positional-only parameters, no f"{x=}"). Then,
+#    before the imports it would waste, `serve` re-executes itself from its compiled code.
 # ------------------------------------------------------------------------------------------
 
 import sys
