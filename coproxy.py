@@ -199,6 +199,10 @@ MAX_HEADER_COUNT = 100                     # 431 beyond (http.client._MAXHEADERS
 MAX_CHUNK_LINE_BYTES = 1024                # 400 beyond (bottle)
 MAX_UPSTREAM_ERROR_BODY_BYTES = 1 << 20    # error bodies we read from upstream
 MAX_UPSTREAM_JSON_BYTES = 64 << 20         # successful JSON answers (non-stream)
+MAX_IMAGE_BYTES = 20 << 20                 # an image fetched from a URL (OpenAI's own limit)
+MAX_IMAGE_REDIRECTS = 5
+IMAGE_CACHE_BYTES = 64 << 20               # fetched images kept: agents resend the history
+IMAGE_CACHE_SECONDS = 600.0
 STREAM_HIGH_WATER_BYTES = 1 << 20          # upstream bytes buffered for a slow client
 #: Bytes asked of the upstream socket per read: TLS hands out at most one 16 KiB record per
 #: read anyway, and a smaller ask keeps 1,000 streams' short-lived read buffers small.
@@ -497,6 +501,9 @@ OPTIONS = [
            None),
     Option("--no-auto-login", "no_auto_login", "COPROXY_NO_AUTO_LOGIN", bool, False, "serve",
            "start even when not logged in (requests get 503 until a token exists)", None),
+    Option("--no-image-fetch", "no_image_fetch", "COPROXY_NO_IMAGE_FETCH", bool, False, "serve",
+           "send image URLs on as they are instead of fetching them and sending the image itself "
+           "(Copilot refuses most external image URLs)", None),
     Option("--api-surface", "api_surface", "COPROXY_API_SURFACE", _api_surface, "all", "serve",
            "APIs to serve: chat, chat-responses, chat-embeddings, all, or a comma list of "
            "chat,responses,embeddings,messages", "LIST"),
@@ -571,6 +578,7 @@ class Config:
     api_key: str = None
     allow_unauthenticated: bool = False
     no_auto_login: bool = False
+    no_image_fetch: bool = False
     default_model: str = None
     model_aliases: list = dataclasses.field(default_factory=list)
     rate_limit: float = 0.0
@@ -1415,6 +1423,31 @@ class UpstreamClient:
         except ValueError:
             parsed = None
         return response.status, parsed, raw, response
+
+    def fetch_image(self, url, limit=MAX_IMAGE_BYTES):
+        """(media type, bytes) of the image at ``url``, following up to MAX_IMAGE_REDIRECTS
+        redirects; UpstreamUnreachable saying why when it is not an image that can be had."""
+        for _ in range(MAX_IMAGE_REDIRECTS + 1):
+            if not url.lower().startswith(("http://", "https://")):
+                raise UpstreamUnreachable("it redirects to something that is not an http(s) URL")
+            response = self.request("GET", url, {"Accept": "image/*", "User-Agent": COPILOT_USER_AGENT})
+            location = response.header("location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if response.status != 200:
+                response.close(reuse=False)
+                raise UpstreamUnreachable("its server answered HTTP %d" % response.status)
+            media_type = (response.header("content-type") or "").split(";")[0].strip().lower()
+            if not media_type.startswith("image/"):
+                response.close(reuse=False)
+                raise UpstreamUnreachable("it is not an image (Content-Type %s)" % (media_type or "missing"))
+            if response.length is not None and response.length > limit:
+                response.close(reuse=False)
+                raise UpstreamUnreachable("it is larger than %d MiB" % (limit >> 20))
+            return media_type, response.read_all(limit)
+        raise UpstreamUnreachable("more than %d redirects" % MAX_IMAGE_REDIRECTS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -2960,6 +2993,64 @@ def summarize_quota(user):
             "reset_date": user.get("quota_reset_date_utc") or user.get("quota_reset_date")}
 
 
+# -- 8h. Images given by URL ---------------------------------------------------------------
+# Copilot refuses most external image URLs, so the App fetches them and sends the bytes: these
+# find such images in any dialect's request and put the fetched bytes in their place.
+
+_NOT_CONTENT_TYPES = frozenset(["tool_use", "server_tool_use", "function_call", "custom_tool_call"])
+_NOT_CONTENT_KEYS = frozenset(["tools", "tool_choice", "response_format", "text", "metadata", "input_schema",
+                               "parameters"])
+
+
+def remote_images(payload):
+    """[(node, kind, url)] for every image given by http(s) URL anywhere in a request: OpenAI
+    chat ``image_url`` parts, Responses ``input_image`` parts, Anthropic ``url`` image sources
+    (tool results included). One walk serves all three dialects."""
+    found = []
+    pending = [payload]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("type")
+        image_url = node.get("image_url")
+        source = node.get("source")
+        if kind == "image_url" and isinstance(image_url, dict) and isinstance(image_url.get("url"), str):
+            url = image_url["url"]
+        elif kind == "input_image" and isinstance(image_url, str):
+            url = image_url
+        elif kind == "image" and isinstance(source, dict) and source.get("type") == "url":
+            url = source.get("url") if isinstance(source.get("url"), str) else ""
+        elif kind not in _NOT_CONTENT_TYPES:  # a model's tool input is its own words: left alone
+            pending.extend(v for k, v in node.items() if isinstance(v, (list, dict)) and k not in _NOT_CONTENT_KEYS)
+            continue
+        else:
+            continue
+        if url.lower().startswith(("http://", "https://")):
+            found.append((node, kind, url))
+    return found
+
+
+def inline_image(node, kind, media_type, data):
+    """Replace the URL of an image found by remote_images with the image itself."""
+    encoded = base64.b64encode(data).decode("ascii")
+    if kind == "image":
+        node["source"] = {"type": "base64", "media_type": media_type, "data": encoded}
+    elif kind == "input_image":
+        node["image_url"] = "data:%s;base64,%s" % (media_type, encoded)
+    else:
+        node["image_url"] = dict(node["image_url"], url="data:%s;base64,%s" % (media_type, encoded))
+
+
+def url_for_message(url):
+    """``scheme://host:port/path`` of a URL: credentials (user info, signed queries) left out."""
+    parts = urllib.parse.urlsplit(url)
+    return "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path) + ("?..." if parts.query else "")
+
+
 # ------------------------------------------------------------------------------------------
 # 9. HTTP/1.1 server (asyncio)
 #    A strict, small HTTP/1.1 server on asyncio streams. Per connection: a byte buffer we
@@ -3738,6 +3829,9 @@ class App:
         self.clock = time.monotonic
         self.sleep = asyncio.sleep
         self._next_upstream_at = 0.0
+        #: images fetched from URLs: url -> (media type, bytes, when), oldest first
+        self._images = collections.OrderedDict()
+        self._image_bytes = 0
 
     async def start(self):
         """Create the loop-bound pieces (asyncio primitives must be born inside the running loop)."""
@@ -3751,6 +3845,40 @@ class App:
     async def run_blocking(self, fn, *args):
         """Run a blocking call (sections 5-7) in the upstream pool; the one plain bridge."""
         return await self.executor.run(self.loop, fn, *args)
+
+    async def _inline_images(self, payload):
+        """Fetch every image the request gives by URL (in parallel, through a small cache) and
+        put the image itself in the request: Copilot refuses most external image URLs."""
+        found = [] if self.config.no_image_fetch else remote_images(payload)
+        if not found:
+            return
+        urls = list(dict.fromkeys(url for _, _, url in found))
+        images = dict(zip(urls, await asyncio.gather(*(self._image(url) for url in urls))))
+        for node, kind, url in found:
+            inline_image(node, kind, *images[url])
+
+    async def _image(self, url):
+        cached = self._images.pop(url, None)
+        if cached is not None:
+            self._image_bytes -= len(cached[1])
+            if time.monotonic() - cached[2] < IMAGE_CACHE_SECONDS:
+                self._remember_image(url, cached)
+                return cached[0], cached[1]
+        try:
+            media_type, data = await self.run_blocking(self.client.fetch_image, url)
+        except UpstreamUnreachable as exc:
+            raise ClientError(400, "could not fetch the image at %s: %s" % (url_for_message(url), exc),
+                              code="image_fetch_failed")
+        log.debug("fetched %s: %s, %d bytes", url_for_message(url), media_type, len(data))
+        self._remember_image(url, (media_type, data, time.monotonic()))
+        return media_type, data
+
+    def _remember_image(self, url, entry):
+        self._images[url] = entry
+        self._image_bytes += len(entry[1])
+        while self._image_bytes > IMAGE_CACHE_BYTES:
+            _, (_, old, _) = self._images.popitem(last=False)
+            self._image_bytes -= len(old)
 
     # -- dispatch ---------------------------------------------------------------------------
     def protocol_error_body(self, status, message):
@@ -4027,6 +4155,7 @@ class App:
         model, info = await self._resolve_model(payload)
         if info:
             check_chat_capabilities(payload, info, chat.vision)
+        await self._inline_images(payload)
         path = endpoint_for(info, "/chat/completions")
         self._account(response, model, chat.initiator, info, chat.stream)
         if path == "/responses":  # e.g. gpt-5.x-codex: Copilot serves it only on /responses
@@ -4087,6 +4216,7 @@ class App:
         model, info = await self._resolve_model(payload)
         stream = payload.get("stream") is True
         initiator = responses_initiator(payload)
+        await self._inline_images(payload)
         self._account(response, model, initiator, info, stream)
         await self._acquire_slot()
         try:
@@ -4227,6 +4357,7 @@ class App:
         stream = payload.get("stream") is True
         initiator = anthropic_initiator(payload["messages"])
         vision = anthropic_messages_have_image(payload)
+        await self._inline_images(payload)
         native = "/v1/messages" in (info.get("supported_endpoints") or [])
         self._account(response, model, initiator, info, stream)
         response.log_fields["path"] = "native" if native else "chat"

@@ -9,6 +9,7 @@ throwaway venv). The last line printed is ``N passed, N failed, N skipped``.
 """
 import ast
 import asyncio
+import base64
 import contextlib
 import http.client
 import http.server
@@ -1919,6 +1920,100 @@ class TestTranslateResponses(unittest.TestCase):
         self.assertEqual(summary["reset_date"], "2026-12-01")
 
 
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+
+
+class TestImageURLs(ProxyTestCase):
+    """Images given by URL are fetched by coproxy and sent to Copilot as data, in every dialect."""
+
+    def setUp(self):
+        super().setUp()
+        routes = self.fake.routes
+        routes[("GET", "/img.png")] = lambda h, b: h.send_body(200, PNG, "image/png")
+        routes[("GET", "/moved")] = lambda h, b: h.send_body(302, b"", "text/plain", [("Location", "/img.png")])
+        routes[("GET", "/page")] = lambda h, b: h.send_body(200, b"<html>", "text/html; charset=utf-8")
+        self.data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+    def sent(self, path):
+        request = self.fake.requests_to(path)[-1]
+        return json.loads(request[3]), request[2]
+
+    def test_chat_image_url_is_fetched_once_and_sent_inline(self):
+        body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": self.fake.url + "/moved?sig=s3cret", "detail": "low"}}]}]}
+        for _ in range(2):  # an agent resends the history: the second turn is served from the cache
+            status, _, answer = self.request("POST", "/v1/chat/completions", body)
+            self.assertEqual(status, 200, answer)
+            sent, headers = self.sent("/chat/completions")
+            self.assertEqual(sent["messages"][0]["content"][1]["image_url"], {"url": self.data_url, "detail": "low"})
+            self.assertEqual(headers["copilot-vision-request"], "true")
+        self.assertEqual((len(self.fake.requests_to("/moved")), len(self.fake.requests_to("/img.png"))), (1, 1))
+        self.assertEqual(self.fake.requests_to("/img.png")[0][2]["accept"], "image/*")
+
+    def test_anthropic_url_sources_become_base64_in_native_and_translated_calls(self):
+        image = {"type": "image", "source": {"type": "url", "url": self.fake.url + "/img.png"}}
+        messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, image]},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]}]
+        status, _, answer = self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 50,
+                                                                  "messages": messages})
+        self.assertEqual(status, 200, answer)
+        sent, _ = self.sent("/v1/messages")
+        inline = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
+        self.assertEqual(sent["messages"][0]["content"][1]["source"], inline)
+        self.assertEqual(sent["messages"][2]["content"][0]["content"][0]["source"], inline)
+        status, _, answer = self.request("POST", "/v1/messages", {"model": "claude-haiku-4.5", "max_tokens": 50,
+                                                                  "messages": messages[:1]})
+        self.assertEqual(status, 200, answer)
+        sent, _ = self.sent("/chat/completions")
+        self.assertEqual(sent["messages"][-1]["content"][1]["image_url"]["url"], self.data_url)
+
+    def test_responses_input_image_url_is_inlined(self):
+        status, _, answer = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": self.fake.url + "/img.png"}]}]})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.sent("/responses")[0]["input"][0]["content"][0]["image_url"], self.data_url)
+
+    def test_images_that_cannot_be_had_fail_clearly_in_the_callers_dialect(self):
+        chat = lambda url: {"model": "gpt-4.1", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]}
+        status, _, body = self.request("POST", "/v1/chat/completions", chat(self.fake.url + "/gone?token=s3cret"))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"], error["type"]), (400, "image_fetch_failed", "invalid_request_error"))
+        self.assertIn("could not fetch the image at %s/gone?...: its server answered HTTP 404" % self.fake.url,
+                      error["message"])
+        self.assertNotIn("s3cret", body.decode())
+        status, _, body = self.request("POST", "/v1/chat/completions", chat(self.fake.url + "/page"))
+        self.assertIn("it is not an image (Content-Type text/html)", json.loads(body)["error"]["message"])
+        status, _, body = self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 5, "messages": [
+            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": self.fake.url + "/page"}}]}]})
+        self.assertEqual((status, json.loads(body)["type"], json.loads(body)["error"]["type"]),
+                         (400, "error", "invalid_request_error"))
+        self.assertEqual(self.fake.requests_to("/chat/completions") + self.fake.requests_to("/v1/messages"), [])
+
+    def test_only_content_is_searched_never_tool_inputs_or_schemas(self):
+        image = lambda url: {"type": "image", "source": {"type": "url", "url": url}}
+        payload = {"tools": [{"name": "t", "input_schema": {"properties": {"x": image("https://schema/")}}}],
+                   "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "1", "name": "t",
+                                                                    "input": {"x": image("https://model-said/")}}]},
+                                {"role": "user", "content": [image("https://a/1.png"), image("ftp://b/2.png"),
+                                                             {"type": "tool_result", "content": [image("https://c/3")]}]}],
+                   "input": [{"type": "message", "content": [{"type": "input_image", "image_url": "http://d/4"},
+                                                             {"type": "input_image", "image_url": "data:,x"}]}]}
+        self.assertEqual(sorted(url for _, _, url in coproxy.remote_images(payload)),
+                         ["http://d/4", "https://a/1.png", "https://c/3"])
+
+    def test_no_image_fetch_sends_urls_on_untouched(self):
+        proxy = self.start_proxy(no_image_fetch=True)
+        url = self.fake.url + "/img.png"
+        status, _, answer = self.request("POST", "/v1/chat/completions", {"model": "gpt-4.1", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}, port=proxy.port)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.sent("/chat/completions")[0]["messages"][0]["content"][0]["image_url"]["url"], url)
+        self.assertEqual(self.fake.requests_to("/img.png"), [])
+
+
 class TestOpenAISurface(ProxyTestCase):
     def test_embeddings_float_base64_and_errors(self):
         status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello"})
@@ -2143,13 +2238,15 @@ class TestOperations(ProxyTestCase):
 
 @unittest.skipIf(os.name != "posix", "the daemon test uses POSIX signals")
 def thread_stack_sizes(pid):
-    """Sizes of the thread stacks in a Linux process: writable mappings right above a guard page."""
+    """Sizes of the thread stacks in a Linux process: writable mappings right above a guard of a
+    page or a few (a malloc arena's reserve is also inaccessible, but megabytes long)."""
     sizes, previous = [], None
     with open("/proc/%d/maps" % pid) as f:
         for line in f:
             span, perms = line.split()[:2]
             start, end = (int(x, 16) for x in span.split("-"))
-            if previous and previous[1] == start and previous[2] == "---p" and perms == "rw-p":
+            if (previous and previous[1] == start and previous[2] == "---p" and perms == "rw-p"
+                    and previous[1] - previous[0] <= 64 * 1024):
                 sizes.append(end - start)
             previous = (start, end, perms)
     return sizes
