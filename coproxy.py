@@ -367,6 +367,13 @@ def is_loopback_host(host):
         return False
 
 
+def format_size(count):
+    """``812 bytes``, ``3.0 KiB``, ``2.5 MiB``."""
+    if count < 1024:
+        return "%d bytes" % count
+    return "%.1f KiB" % (count / 1024.0) if count < 1 << 20 else "%.1f MiB" % (count / 1048576.0)
+
+
 def format_duration(seconds):
     """``1h 02m``, ``14m 05s``, ``9s``: a token lifetime a person can read."""
     seconds = int(max(0, seconds))
@@ -3846,14 +3853,24 @@ class App:
         """Run a blocking call (sections 5-7) in the upstream pool; the one plain bridge."""
         return await self.executor.run(self.loop, fn, *args)
 
-    async def _inline_images(self, payload):
+    async def _inline_images(self, payload, model, info):
         """Fetch every image the request gives by URL (in parallel, through a small cache) and
-        put the image itself in the request: Copilot refuses most external image URLs."""
+        put the image itself in the request: Copilot refuses most external image URLs. What the
+        model's catalogue entry says it cannot take is refused here, with the reason."""
         found = [] if self.config.no_image_fetch else remote_images(payload)
         if not found:
             return
         urls = list(dict.fromkeys(url for _, _, url in found))
         images = dict(zip(urls, await asyncio.gather(*(self._image(url) for url in urls))))
+        limits = (((info or {}).get("capabilities") or {}).get("limits") or {}).get("vision") or {}
+        types, largest = limits.get("supported_media_types"), limits.get("max_prompt_image_size")
+        for url, (media_type, data) in images.items():
+            if isinstance(types, list) and types and media_type not in types:
+                raise ClientError(400, "the image at %s is %s; %s accepts %s" % (
+                    url_for_message(url), media_type, model, ", ".join(map(str, types))), code="image_not_supported")
+            if isinstance(largest, int) and 0 < largest < len(data):
+                raise ClientError(400, "the image at %s is %s; %s accepts at most %s per image" % (
+                    url_for_message(url), format_size(len(data)), model, format_size(largest)), code="image_too_large")
         for node, kind, url in found:
             inline_image(node, kind, *images[url])
 
@@ -4155,7 +4172,7 @@ class App:
         model, info = await self._resolve_model(payload)
         if info:
             check_chat_capabilities(payload, info, chat.vision)
-        await self._inline_images(payload)
+        await self._inline_images(payload, model, info)
         path = endpoint_for(info, "/chat/completions")
         self._account(response, model, chat.initiator, info, chat.stream)
         if path == "/responses":  # e.g. gpt-5.x-codex: Copilot serves it only on /responses
@@ -4216,7 +4233,7 @@ class App:
         model, info = await self._resolve_model(payload)
         stream = payload.get("stream") is True
         initiator = responses_initiator(payload)
-        await self._inline_images(payload)
+        await self._inline_images(payload, model, info)
         self._account(response, model, initiator, info, stream)
         await self._acquire_slot()
         try:
@@ -4357,7 +4374,7 @@ class App:
         stream = payload.get("stream") is True
         initiator = anthropic_initiator(payload["messages"])
         vision = anthropic_messages_have_image(payload)
-        await self._inline_images(payload)
+        await self._inline_images(payload, model, info)
         native = "/v1/messages" in (info.get("supported_endpoints") or [])
         self._account(response, model, initiator, info, stream)
         response.log_fields["path"] = "native" if native else "chat"

@@ -11,6 +11,7 @@ import ast
 import asyncio
 import base64
 import contextlib
+import copy
 import http.client
 import http.server
 import io
@@ -679,6 +680,10 @@ class TestUtilities(unittest.TestCase):
         import email.utils
         for stamp in (0, 784111777, 951782400, 1700000000, 4102444800):
             self.assertEqual(coproxy.http_date(stamp), email.utils.formatdate(stamp, usegmt=True))
+
+    def test_format_size(self):
+        self.assertEqual([coproxy.format_size(n) for n in (0, 1023, 1536, 3 << 20)],
+                         ["0 bytes", "1023 bytes", "1.5 KiB", "3.0 MiB"])
 
     def test_format_duration(self):
         self.assertEqual(coproxy.format_duration(9), "9s")
@@ -1991,6 +1996,23 @@ class TestImageURLs(ProxyTestCase):
         self.assertEqual((status, json.loads(body)["type"], json.loads(body)["error"]["type"]),
                          (400, "error", "invalid_request_error"))
         self.assertEqual(self.fake.requests_to("/chat/completions") + self.fake.requests_to("/v1/messages"), [])
+
+    def test_what_the_catalogue_says_a_model_cannot_take_is_refused_with_the_reason(self):
+        catalog = copy.deepcopy(CATALOG)
+        catalog[0]["capabilities"]["limits"]["vision"] = {
+            "max_prompt_images": 5, "max_prompt_image_size": 1000, "supported_media_types": ["image/jpeg", "image/png"]}
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
+        self.fake.routes[("GET", "/anim.gif")] = lambda h, b: h.send_body(200, b"GIF89a", "image/gif")
+        proxy = self.start_proxy()
+        for path, code, words in (("/img.png", "image_too_large", "is 1.0 KiB; gpt-4.1 accepts at most 1000 bytes"),
+                                  ("/anim.gif", "image_not_supported", "is image/gif; gpt-4.1 accepts image/jpeg, image/png")):
+            status, _, body = self.request("POST", "/v1/chat/completions", {"model": "gpt-4.1", "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": self.fake.url + path}}]}]},
+                port=proxy.port)
+            error = json.loads(body)["error"]
+            self.assertEqual((status, error["code"]), (400, code))
+            self.assertIn("the image at %s%s %s" % (self.fake.url, path, words), error["message"])
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
 
     def test_only_content_is_searched_never_tool_inputs_or_schemas(self):
         image = lambda url: {"type": "image", "source": {"type": "url", "url": url}}
