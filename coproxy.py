@@ -2307,6 +2307,80 @@ def check_chat_capabilities(payload, info, vision):
             effort, info["id"], ", ".join(map(str, allowed))), code="invalid_reasoning_effort", param="reasoning_effort")
 
 
+_SCHEMA_CHILDREN = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def is_gemini(model, info=None):
+    vendor = (info or {}).get("vendor") if isinstance(info, dict) else None
+    return model.lower().startswith("gemini") or (isinstance(vendor, str) and vendor.lower() == "google")
+
+
+def _json_type(values):
+    """The one JSON Schema type all of ``values`` have (bool before int: True is an int), or None."""
+    for name, kinds in (("boolean", bool), ("integer", int), ("number", (int, float))):
+        if all(isinstance(v, kinds) and (name == "boolean" or not isinstance(v, bool)) for v in values):
+            return name
+    return None
+
+
+def gemini_schema(schema, depth=0):
+    """A copy of a JSON Schema that Gemini accepts: it refuses (with a bare 400 for the whole
+    request) ``type`` lists and non-string ``enum`` members, both valid JSON Schema.
+    ``["X", "null"]`` becomes ``X`` + ``nullable``; other type lists become ``string`` (or
+    their first type) with the choice in the description; a string enum gets string members;
+    any other enum moves into the description, so the model still sees the allowed values."""
+    if not isinstance(schema, dict) or depth > 64:
+        return schema
+    out = dict(schema)
+    notes = []
+    kind = out.get("type")
+    if isinstance(kind, list):
+        real = [t for t in kind if t != "null"]
+        if "null" in kind:
+            out["nullable"] = True
+        if len(real) > 1:
+            notes.append("Any of these types: %s." % ", ".join(map(str, real)))
+        out["type"] = "string" if len(real) != 1 and ("string" in real or not real) else real[0]
+    enum = out.get("enum")
+    if isinstance(enum, list) and not all(isinstance(v, str) for v in enum):
+        if None in enum:
+            out["nullable"] = True
+        values = [v for v in enum if v is not None]
+        if out.get("type") is None and values and not any(isinstance(v, str) for v in values):
+            out["type"] = _json_type(values)
+        if out.get("type") in (None, "string"):
+            out["enum"] = [v if isinstance(v, str) else json.dumps(v) for v in values]
+        else:
+            del out["enum"]
+            notes.append("One of: %s." % ", ".join(json.dumps(v) for v in values))
+    if notes:
+        described = out.get("description").strip() if isinstance(out.get("description"), str) else ""
+        if described and described[-1] not in ".!?:":
+            described += "."
+        out["description"] = " ".join(([described] if described else []) + notes)
+    for key in _SCHEMA_CHILDREN:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: gemini_schema(child, depth + 1) for name, child in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [gemini_schema(child, depth + 1) for child in out[key]]
+    for key in ("items", "additionalProperties", "not", "contains"):
+        if isinstance(out.get(key), dict):
+            out[key] = gemini_schema(out[key], depth + 1)
+        elif key == "items" and isinstance(out.get(key), list):
+            out[key] = [gemini_schema(child, depth + 1) for child in out[key]]
+    return out
+
+
+def gemini_tools(payload):
+    """Make the function tools' parameter schemas of a chat request acceptable to Gemini."""
+    for tool in payload.get("tools") if isinstance(payload.get("tools"), list) else []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("parameters"), dict):
+            function["parameters"] = gemini_schema(function["parameters"])
+
+
 def endpoint_for(info, wanted):
     """Copilot path to use for a model: ``wanted`` unless the catalog says it only has /responses."""
     endpoints = info.get("supported_endpoints")
@@ -4172,6 +4246,8 @@ class App:
         model, info = await self._resolve_model(payload)
         if info:
             check_chat_capabilities(payload, info, chat.vision)
+        if is_gemini(model, info):
+            gemini_tools(payload)
         await self._inline_images(payload, model, info)
         path = endpoint_for(info, "/chat/completions")
         self._account(response, model, chat.initiator, info, chat.stream)
@@ -4390,7 +4466,10 @@ class App:
             call = dict(path="/responses",
                         body=json_dumps(chat_to_responses_request(anthropic_to_openai_request(payload, info))))
         else:
-            call = dict(path="/chat/completions", body=json_dumps(anthropic_to_openai_request(payload, info)))
+            chat_payload = anthropic_to_openai_request(payload, info)
+            if is_gemini(model, info):
+                gemini_tools(chat_payload)
+            call = dict(path="/chat/completions", body=json_dumps(chat_payload))
         await self._acquire_slot()
         try:
             upstream, raw = await self._call_upstream(call.pop("path"), call.pop("body"), initiator, vision,

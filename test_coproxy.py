@@ -1358,6 +1358,53 @@ class TestSSECodec(unittest.TestCase):
         self.assertEqual(coproxy.encode_sse(b"{}", "ping"), b"event: ping\ndata: {}\n\n")
 
 
+class TestGeminiSchemas(ProxyTestCase):
+    """Gemini behind Copilot refuses type lists and non-string enums in tool schemas."""
+
+    SCHEMA = {"type": "object", "required": ["duration"], "properties": {
+        "duration": {"type": "integer", "enum": [60, 1440, 4320], "description": "Archive after"},
+        "since": {"type": ["number", "string"]},
+        "note": {"type": ["string", "null"], "enum": ["a", "b", None]},
+        "rows": {"type": "array", "items": {"type": ["object", "null"], "properties": {"on": {"enum": [True, False]}}}},
+        "choice": {"anyOf": [{"type": "integer", "enum": [1, 2]}, {"type": "string", "enum": ["x"]}]},
+        "mode": {"type": "string", "enum": ["fast", "slow"]}}}
+
+    def test_schema_rules(self):
+        original = copy.deepcopy(self.SCHEMA)
+        out = coproxy.gemini_schema(self.SCHEMA)
+        self.assertEqual(self.SCHEMA, original)  # a copy: the client's request is not edited in place
+        props = out["properties"]
+        self.assertEqual(props["duration"], {"type": "integer", "description": "Archive after. One of: 60, 1440, 4320."})
+        self.assertEqual(props["since"], {"type": "string", "description": "Any of these types: number, string."})
+        self.assertEqual(props["note"], {"type": "string", "nullable": True, "enum": ["a", "b"]})
+        self.assertEqual(props["rows"]["items"]["type"], "object")
+        self.assertTrue(props["rows"]["items"]["nullable"])
+        self.assertEqual(props["rows"]["items"]["properties"]["on"], {"type": "boolean", "description": "One of: true, false."})
+        self.assertEqual(props["choice"]["anyOf"][0], {"type": "integer", "description": "One of: 1, 2."})
+        self.assertEqual(props["mode"], self.SCHEMA["properties"]["mode"])
+        self.assertEqual(out["required"], ["duration"])
+
+    def test_only_gemini_requests_are_rewritten_on_chat_and_messages(self):
+        catalog = copy.deepcopy(CATALOG) + [{"id": "gemini-3.5-flash", "name": "Gemini 3.5 Flash", "vendor": "Google",
+                                             "capabilities": {"type": "chat", "supports": {"tool_calls": True}}}]
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
+        proxy = self.start_proxy()
+        tool = {"type": "function", "function": {"name": "archive", "parameters": self.SCHEMA}}
+        for model, rewritten in (("gemini-3.5-flash", True), ("gpt-4.1", False)):
+            status, _, body = self.request("POST", "/v1/chat/completions", {
+                "model": model, "tools": [tool], "messages": [{"role": "user", "content": "hi"}]}, port=proxy.port)
+            self.assertEqual(status, 200, body)
+            sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["tools"][0]["function"]["parameters"]
+            self.assertEqual(sent == coproxy.gemini_schema(self.SCHEMA), rewritten, model)
+            self.assertEqual(sent == self.SCHEMA, not rewritten, model)
+        status, _, body = self.request("POST", "/v1/messages", {
+            "model": "gemini-3.5-flash", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "archive", "input_schema": self.SCHEMA}]}, port=proxy.port)
+        self.assertEqual(status, 200, body)
+        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["tools"][0]["function"]["parameters"]
+        self.assertEqual(sent["properties"]["since"]["type"], "string")
+
+
 class TestTranslateOpenAI(unittest.TestCase):
     def test_initiator_follows_the_last_message(self):
         user = {"role": "user", "content": "q"}
