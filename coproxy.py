@@ -4438,6 +4438,13 @@ class App:
         self.last_auth_error = None
         if not 200 <= upstream.status < 300:
             error = client_error_from_upstream(upstream.status, raw, upstream.headers)
+            policy = (self._catalog_cache[3].get(model) or {}).get("policy")
+            state = policy.get("state") if isinstance(policy, dict) else None
+            if error.code == "model_not_supported" and state not in (None, "enabled"):
+                error = ClientError(error.status, "%s: %s is not enabled for your account (policy: %s); enable it at "
+                                    "https://github.com/settings/copilot/features or once in VS Code's model picker"
+                                    % (str(error).rstrip(". "), model, state), kind=error.kind, code=error.code,
+                                    param=error.param, headers=error.headers)
             log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, model,
                         error.code, upstream.header("retry-after", "-"))
             raise error

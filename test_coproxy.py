@@ -2808,6 +2808,16 @@ class TestEndToEnd(ProxyTestCase):
         self.assertEqual(status, 400)
         self.assertEqual(data["error"]["message"], "The requested model is not supported.")
         self.assertEqual((data["error"]["code"], data["error"]["param"]), ("model_not_supported", "model"))
+        catalog = copy.deepcopy(CATALOG)
+        catalog[4]["policy"] = {"state": "requires_consent", "terms": "Enable access to Claude Opus 4.6."}
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
+        proxy = self.start_proxy()
+        status, _, body = self.request("POST", "/v1/chat/completions", {"model": "claude-opus-4.6", "messages": [
+            {"role": "user", "content": "hi"}]}, port=proxy.port)
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (400, (
+            "The requested model is not supported: claude-opus-4.6 is not enabled for your account (policy: "
+            "requires_consent); enable it at https://github.com/settings/copilot/features or once in VS Code's "
+            "model picker")))
         self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(
             500, "upstream exploded for Bearer tid=secretstuff;exp=1")
         status, _, data = self.chat()
