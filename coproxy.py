@@ -2430,6 +2430,8 @@ def anthropic_initiator(messages):
     blocks = _blocks(messages[-1].get("content"))
     if any(b.get("type") == "tool_result" for b in blocks):
         return "agent"
+    if len(messages) == 1 and [b.get("type") for b in blocks] == ["text"] and blocks[0].get("text", "").strip() == "Warmup":
+        return "agent"  # Claude Code's start-up probe (2.0.28+): the tool's request, not the person's
     if any((b.get("type") == "text" and b.get("text", "").strip()) or b.get("type") in ("image", "document")
            for b in blocks):
         return "user"

@@ -1539,6 +1539,12 @@ class TestTranslateAnthropic(unittest.TestCase):
         self.assertEqual(coproxy.anthropic_initiator([user, {"role": "assistant", "content": "prefill"}]), "agent")
         self.assertEqual(coproxy.anthropic_initiator([{"role": "user", "content": [{"type": "text", "text": " "}]}]),
                          "agent")
+        warmup = {"role": "user", "content": [{"type": "text", "text": "Warmup", "cache_control": {"type": "ephemeral"}}]}
+        self.assertEqual(coproxy.anthropic_initiator([warmup]), "agent")  # Claude Code's start-up probe
+        self.assertEqual(coproxy.anthropic_initiator([{"role": "user", "content": "Warmup"}]), "agent")
+        self.assertEqual(coproxy.anthropic_initiator([{"role": "user", "content": "Warmup the oven"}]), "user")
+        self.assertEqual(coproxy.anthropic_initiator([user, {"role": "assistant", "content": "a"},
+                                                      {"role": "user", "content": "Warmup"}]), "user")
 
     def test_request_translation_golden(self):
         payload = {
