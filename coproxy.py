@@ -132,7 +132,6 @@ import dataclasses
 import errno
 import functools
 import http
-import ipaddress
 import queue
 import json
 import logging
@@ -358,13 +357,16 @@ def parse_json_object(raw, what="request body"):
 
 
 def is_loopback_host(host):
-    """True for 127.0.0.0/8, ::1 and ``localhost``: the addresses that are safe without a key."""
-    if host.lower() in ("localhost", "localhost."):
+    """True for 127.0.0.0/8, ::1 and ``localhost``: the addresses that are safe without a key.
+    (inet_pton, not the ipaddress module: serve asks before listening, and that import costs.)"""
+    host = host.strip("[]").lower()
+    if host in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (OSError, ValueError):
         return False
+    return packed[0] == 127 if len(packed) == 4 else packed == bytes(15) + b"\x01"
 
 
 def format_size(count):

@@ -655,8 +655,9 @@ class TestUtilities(unittest.TestCase):
     def test_loopback_detection(self):
         for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
             self.assertTrue(coproxy.is_loopback_host(host), host)
-        for host in ("0.0.0.0", "192.168.1.5", "::", "example.com"):
+        for host in ("0.0.0.0", "192.168.1.5", "::", "example.com", "127.1", "::ffff:127.0.0.1", "", "1.2.3.4.5"):
             self.assertFalse(coproxy.is_loopback_host(host), host)
+        self.assertTrue(coproxy.is_loopback_host("0:0:0:0:0:0:0:1"))
 
     def test_parse_json_object_rejects_non_objects_and_bombs(self):
         self.assertEqual(coproxy.parse_json_object(b'{"a":1}'), {"a": 1})
@@ -3094,7 +3095,7 @@ class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
     STDLIB = {"_thread", "queue", "difflib", "struct", "subprocess", "ctypes", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
-              "functools", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re", "shlex", "signal",
+              "functools", "hashlib", "hmac", "http", "json", "logging", "os", "re", "shlex", "signal",
               "socket", "ssl", "stat", "sys", "threading", "time", "tempfile", "marshal", "urllib", "webbrowser"}
 
     def test_grammar_parses_as_python_3_7(self):
