@@ -1084,10 +1084,14 @@ class UpstreamResponse:
             self.will_close = True
 
     def _recv(self):
+        """Append what arrives next; False at the end of a body that runs until the server closes."""
         data = self._sock.recv(UPSTREAM_RECV_BYTES)
         if not data:
+            if self._left is None and not self._chunked:
+                return False
             raise UpstreamCutShort("the upstream closed the connection mid-answer")
         self._buf += data
+        return True
 
     def _read_head(self):
         """(status, headers with lower-case names, will_close) of the next answer on the socket."""
@@ -1186,20 +1190,15 @@ class UpstreamResponse:
         """Every body byte that has arrived (up to ``size``), waiting only when there is none;
         b"" at the end. For streams: an event is handed on as soon as its bytes are here."""
         while True:
-            data = self._take(size) if self._buf else b""
-            if data or self._complete:
-                if not data:
-                    self.close()
-                return data
-            if self._left is None:  # the body runs until the server closes
-                chunk = self._sock.recv(UPSTREAM_RECV_BYTES)
-                if not chunk:
-                    self._complete = True
-                    self.close()
-                    return b""
-                self._buf += chunk
-            else:
-                self._recv()
+            if self._buf:
+                data = self._take(size)
+                if data:
+                    return data
+            if self._complete:
+                self.close()
+                return b""
+            if not self._recv():  # the body ran until the server closed
+                self._complete = True
 
     def read_all(self, limit):
         """The whole body (at most ``limit`` bytes; beyond that the connection is dropped).
@@ -2314,7 +2313,7 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
 def is_gemini(model, info=None):
-    vendor = (info or {}).get("vendor") if isinstance(info, dict) else None
+    vendor = info.get("vendor") if isinstance(info, dict) else None
     return model.lower().startswith("gemini") or (isinstance(vendor, str) and vendor.lower() == "google")
 
 
@@ -3082,40 +3081,36 @@ def summarize_quota(user):
 # Copilot refuses most external image URLs, so the App fetches them and sends the bytes: these
 # find such images in any dialect's request and put the fetched bytes in their place.
 
-_NOT_CONTENT_TYPES = frozenset(["tool_use", "server_tool_use", "function_call", "custom_tool_call"])
-_NOT_CONTENT_KEYS = frozenset(["tools", "tool_choice", "response_format", "text", "metadata", "input_schema",
-                               "parameters"])
-
-
 def remote_images(payload):
-    """[(node, kind, url)] for every image given by http(s) URL anywhere in a request: OpenAI
-    chat ``image_url`` parts, Responses ``input_image`` parts, Anthropic ``url`` image sources
-    (tool results included). One walk serves all three dialects."""
+    """[(part, kind, url)] for every image given by http(s) URL in a request's message content:
+    OpenAI chat ``image_url`` parts, Responses ``input_image`` parts (also in tool outputs),
+    Anthropic ``url`` image sources (also in tool results). Only content is looked at, never
+    tool definitions or a model's tool inputs, and only where messages keep it: this runs on
+    every request, and walking whole agent conversations would cost as much as parsing them."""
     found = []
-    pending = [payload]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, list):
-            pending.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        kind = node.get("type")
-        image_url = node.get("image_url")
-        source = node.get("source")
-        if kind == "image_url" and isinstance(image_url, dict) and isinstance(image_url.get("url"), str):
-            url = image_url["url"]
-        elif kind == "input_image" and isinstance(image_url, str):
-            url = image_url
-        elif kind == "image" and isinstance(source, dict) and source.get("type") == "url":
-            url = source.get("url") if isinstance(source.get("url"), str) else ""
-        elif kind not in _NOT_CONTENT_TYPES:  # a model's tool input is its own words: left alone
-            pending.extend(v for k, v in node.items() if isinstance(v, (list, dict)) and k not in _NOT_CONTENT_KEYS)
-            continue
-        else:
-            continue
-        if url.lower().startswith(("http://", "https://")):
-            found.append((node, kind, url))
+
+    def scan(parts):
+        for part in parts if isinstance(parts, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "tool_result":
+                scan(part.get("content"))
+                continue
+            if kind == "image_url":
+                url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+            elif kind == "input_image":
+                url = part.get("image_url")
+            elif kind == "image" and isinstance(part.get("source"), dict) and part["source"].get("type") == "url":
+                url = part["source"].get("url")
+            else:
+                continue
+            if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
+                found.append((part, kind, url))
+
+    for key in ("messages", "input"):
+        for item in payload.get(key) if isinstance(payload.get(key), list) else ():
+            if isinstance(item, dict):
+                scan(item.get("content"))
+                scan(item.get("output"))
     return found
 
 

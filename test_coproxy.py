@@ -3091,6 +3091,21 @@ class TestCLI(unittest.TestCase):
         process.stdout.close()
 
 
+class TestBenchJudging(unittest.TestCase):
+    """The bench's verdicts: medians, PASS/MISS per target, added-delay rows judged by the difference."""
+
+    def test_percentile_and_pass_miss(self):
+        self.assertEqual((percentile([5, 1, 3], 50), percentile([1, 2, 3, 4], 100)), (3, 4))
+        self.assertNotEqual(percentile([], 50), percentile([], 50))  # NaN: no samples is never a pass
+        rows = [("req/s", 9000.0, 1500.0, ">=", 1400, "%.0f"), ("latency", 0.1, 0.7, "<=", 0.6, "%.2f"),
+                ("added delay", 0.05, 0.30, "<=", 0.3, "%.3f", 0.25), ("rss", None, None, "<=", 30, "%.1f")]
+        text, misses = format_bench(rows, 3)
+        verdicts = [line.rsplit(None, 1)[1] for line in text.splitlines()[2:-1]]
+        self.assertEqual((verdicts, misses), (["PASS", "MISS", "PASS", "MISS"], 2))
+        self.assertTrue(text.endswith("2 of 4 figures meet their target"))
+        self.assertIn("0.17x", text)
+
+
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
