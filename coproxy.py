@@ -10,30 +10,31 @@
 # ------------------------------------------------------------------------------------------
 """coproxy: your GitHub Copilot subscription as a local OpenAI- and Anthropic-compatible API.
 
-One file, standard library only, Python 3.8+, Linux/macOS/Windows.
+One file, standard library only, Python 3.8+, Linux/macOS/Windows. Unofficial: not made or
+supported by GitHub, and GitHub may treat heavy automated use of Copilot as abuse.
 
 Quick start::
 
     curl -O https://raw.githubusercontent.com/coproxy/coproxy/main/coproxy.py
-    python3 coproxy.py auth login        # GitHub device flow, once
-    python3 coproxy.py serve             # http://127.0.0.1:8080
-    export OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused
-    eval "$(python3 coproxy.py claude-code)" && claude    # Claude Code via /v1/messages
+    python3 coproxy.py serve             # logs in on first run, then http://127.0.0.1:8080
+    curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}'
 
 Subcommands: ``serve [-d]``, ``stop``, ``status``, ``service systemd|launchd``, ``auth
 login|status|logout|refresh``, ``models``, ``usage``, ``claude-code``. Every flag has an
 environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` and
 ``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
-``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows):
-``auth/github-access-token`` and ``auth/ghcp-token.json``, the same files as the Rust coproxy.
+``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows).
 
-Routes: ``/v1/chat/completions``, ``/v1/responses``, ``/v1/embeddings``, ``/v1/messages`` (and
-``/count_tokens``), ``/v1/models``, ``/usage``, ``/metrics``, ``/healthz``; each also without ``/v1``.
+Routes: ``/v1/chat/completions``, ``/v1/responses`` (and ``/compact``), ``/v1/embeddings``,
+``/v1/messages`` (and ``/count_tokens``), ``/v1/models``, ``/usage``, ``/metrics``, ``/healthz``;
+each also without ``/v1``.
 
-Security: binds 127.0.0.1 unless told otherwise, and refuses a non-loopback address without
-``--api-key``; token files are 0600 in a 0700 directory, written atomically; tokens never
-appear in logs, responses or error messages. GitHub warns that heavy automated use of Copilot
-may be treated as abuse: pace your agents (``--rate-limit``).
+Security: binds 127.0.0.1 and, without ``--api-key``, answers only requests addressed to this
+machine's loopback names and no web page it was not told to trust (``--allowed-host``,
+``--cors-origin``); refuses a non-loopback address without a key; fetches images only from
+public addresses; token files are 0600 in a 0700 directory that no one else may write; secrets
+never appear in logs, answers, command lines or generated service files.
 
 Embedding: ``import coproxy`` has no side effects. Names in ``__all__`` are kept stable across
 minor versions; everything else (leading underscore or not) may change.
@@ -46,18 +47,19 @@ Sections (each uses only those above it; ``grep -n '^# [0-9]*\\. ' coproxy.py``)
    5. Token store
    6. Upstream HTTP client (blocking)
    7. GitHub and Copilot auth (blocking)
-   8. Formats and translation (pure)
-   9. HTTP/1.1 server (asyncio)
-  10. App and routes
-  11. CLI
-  12. Entry
+   8. Formats, translation and plans (pure)
+   9. Bridges between threads and the event loop
+  10. HTTP/1.1 server (asyncio)
+  11. Catalogue, gateway and stream relay
+  12. App and routes
+  13. CLI
+  14. Entry
 """
 
 # ------------------------------------------------------------------------------------------
 # 2. Imports, guard, constants
 #    The guard must run before anything newer than Python 3.6 is touched, so this file keeps
-#    a 3.6-parseable grammar (no walrus, no positional-only parameters, no f"{x=}"). Then,
-#    before the imports it would waste, `serve` re-executes itself from its compiled code.
+#    a 3.6-parseable grammar (no walrus, no positional-only parameters, no f"{x=}").
 # ------------------------------------------------------------------------------------------
 
 import sys
@@ -66,62 +68,6 @@ if sys.version_info < (3, 8):  # pragma: no cover - exercised by CI on 3.6/3.7
     sys.stderr.write("coproxy needs Python 3.8+ (this is Python %d.%d.%d)\n" % sys.version_info[:3])
     sys.exit(1)
 
-#: The child's whole program: take the module's code object from the inherited file descriptor
-#: and run it as this ``__main__``, with argv, ``__file__`` and ``sys.path[0]`` as for the script.
-_BYTECODE_LAUNCHER = (
-    "import marshal,os,sys;_fd=int(sys.argv[1]);__file__=sys.argv[2];del sys.argv[:3];"
-    "sys.path[0]=os.path.dirname(os.path.abspath(__file__));"
-    "__bytecode__=marshal.loads(os.pread(_fd,os.fstat(_fd).st_size,0));os.close(_fd);del _fd;exec(__bytecode__)")
-
-
-def _serve_from_bytecode(module_code, script_path):
-    """Re-execute this process (same pid) from the module's code object, without the script's parse tree.
-
-    CPython keeps a script's whole parse tree alive until the script's top-level code returns,
-    which for ``serve`` is never: for this file that is ~11 MB of RSS for nothing. So ``serve``
-    hands the code it already compiled to a fresh interpreter through an anonymous file and
-    ``exec``s it; the new interpreter neither parses the source nor holds a tree. It runs with
-    ``-S``: coproxy imports only the standard library, and skipping site-packages (and any
-    ``.pth`` hooks in them) starts faster. Interpreter flags that change behaviour are kept. On any
-    failure it returns and the server simply runs in this process.
-    """
-    import marshal
-    import os
-    flags = ["-S"]
-    for flag, on in (("-I", sys.flags.isolated), ("-E", sys.flags.ignore_environment),
-                     ("-s", sys.flags.no_user_site), ("-B", sys.flags.dont_write_bytecode),
-                     ("-P", getattr(sys.flags, "safe_path", False))):
-        if on:
-            flags.append(flag)
-    flags += ["-O"] * sys.flags.optimize + ["-b"] * sys.flags.bytes_warning + ["-W" + w for w in sys.warnoptions]
-    flags += ["-X" + (k if v is True else "%s=%s" % (k, v)) for k, v in sys._xoptions.items()]
-    if getattr(sys.stdout, "write_through", False):  # -u or PYTHONUNBUFFERED
-        flags.append("-u")
-    data = marshal.dumps(module_code)
-    fd = None
-    try:
-        if hasattr(os, "memfd_create"):  # Linux: never touches a disk
-            fd = os.memfd_create("coproxy-bytecode", 0)
-        else:  # macOS and the BSDs: an unlinked 0600 temporary file
-            import tempfile
-            fd, path = tempfile.mkstemp(prefix="coproxy-bytecode-")
-            os.unlink(path)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.set_inheritable(fd, True)
-        os.execv(sys.executable, [sys.executable] + flags + ["-c", _BYTECODE_LAUNCHER, str(fd), script_path] + sys.argv)
-    except OSError:  # no exec here (read-only /tmp, seccomp, ...): serve from this process
-        if fd is not None:
-            os.close(fd)
-
-
-if (__name__ == "__main__" and globals().get("__spec__") is None and "__bytecode__" not in globals()
-        and "serve" in sys.argv[1:] and sys.executable and not getattr(sys, "frozen", False)
-        and sys.platform != "win32" and sys.gettrace() is None and sys.getprofile() is None):
-    _serve_from_bytecode(sys._getframe(0).f_code, __file__)
-
-import _thread
 import argparse
 import asyncio
 import base64
@@ -132,11 +78,12 @@ import dataclasses
 import errno
 import functools
 import http
-import queue
 import json
 import logging
 import os
+import queue
 import re
+import selectors
 import signal
 import socket
 import ssl
@@ -145,8 +92,9 @@ import struct
 import threading
 import time
 import urllib.parse
+import zlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Config", "TokenStore", "UpstreamClient", "CopilotAuth", "DeviceFlow", "App", "Server",
            "SSEDecoder", "main", "__version__"]
 
@@ -158,13 +106,17 @@ DEFAULT_GITHUB_URL = "https://github.com"
 DEFAULT_GITHUB_API_URL = "https://api.github.com"
 DEFAULT_COPILOT_API_URL = "https://api.githubcopilot.com"
 
-#: Identity headers: Copilot checks Editor-Version and Copilot-Integration-Id and refuses Go's
-#: default User-Agent, so we present ourselves the way VS Code's Copilot Chat does.
-EDITOR_VERSION = "vscode/1.104.3"
-EDITOR_PLUGIN_VERSION = "copilot-chat/0.26.7"
-COPILOT_USER_AGENT = "GitHubCopilotChat/0.26.7"
+#: Identity headers: Copilot checks Editor-Version and Copilot-Integration-Id, refuses Go's
+#: default User-Agent and (since 2026-02, status 466) clients it considers too old, so we
+#: present ourselves as a current VS Code Copilot Chat. Both versions are options
+#: (--editor-version, --editor-plugin-version) for the day Copilot moves its floor again.
+#: The pair VS Code 1.140 ships (copilot-chat is bundled with it), as peers send it in late 2026.
+DEFAULT_EDITOR_VERSION = "vscode/1.140.0"
+DEFAULT_EDITOR_PLUGIN_VERSION = "copilot-chat/0.68.0"
 COPILOT_INTEGRATION_ID = "vscode-chat"
-COPILOT_CHAT_API_VERSION = "2025-05-01"
+#: What VS Code sends to the Copilot API (chat, responses, messages, models) since 2026-08; the
+#: token exchange and /copilot_internal/user stay on the GitHub REST version.
+COPILOT_CHAT_API_VERSION = "2026-08-01"
 GITHUB_API_VERSION = "2025-04-01"
 
 DEFAULT_HOST = "127.0.0.1"
@@ -175,10 +127,12 @@ DEFAULT_MAX_BODY_MB = 32
 DEFAULT_MAX_CONCURRENCY = 1024
 #: Seconds of upstream silence before an SSE comment keeps the client's stream alive.
 DEFAULT_PING_SECONDS = 15.0
-#: Seconds a client has to send a complete request head (then 408), and an idle
-#: keep-alive connection is kept (then a silent close; uvicorn uses 5 s, we allow agents more).
+#: Seconds a client has to send a complete request head, and the longest silence inside a
+#: request body (then 408); an idle keep-alive connection is kept for the idle timeout (then a
+#: silent close; uvicorn uses 5 s, we allow agents more).
 DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
 DEFAULT_IDLE_TIMEOUT_SECONDS = 15.0
+#: The longest a whole request body may take, however steadily it arrives.
 DEFAULT_BODY_TIMEOUT_SECONDS = 120.0
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS = 15.0
 #: Longest silence tolerated *between bytes* of an upstream answer; never a total limit.
@@ -196,36 +150,48 @@ MAX_REQUEST_LINE_BYTES = 8 * 1024          # 414 beyond (CPython uses 64 KiB; no
 MAX_HEADER_BYTES = 32 * 1024               # 431 beyond (h11: 16 KiB, asyncio: 64 KiB)
 MAX_HEADER_COUNT = 100                     # 431 beyond (http.client._MAXHEADERS)
 MAX_CHUNK_LINE_BYTES = 1024                # 400 beyond (bottle)
+MAX_JSON_DEPTH = 256                       # 400 beyond: nesting deeper than any real request
 MAX_UPSTREAM_ERROR_BODY_BYTES = 1 << 20    # error bodies we read from upstream
 MAX_UPSTREAM_JSON_BYTES = 64 << 20         # successful JSON answers (non-stream)
-MAX_IMAGE_BYTES = 20 << 20                 # an image fetched from a URL (OpenAI's own limit)
+#: Images given by URL are fetched (Copilot refuses most external URLs); these bound what one
+#: request can make coproxy do: OpenAI's own per-image size, a few redirects, a deadline per
+#: image, a count and a byte total per request, and a few fetches at once for the whole server.
+MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_REDIRECTS = 5
+IMAGE_FETCH_SECONDS = 30.0
+MAX_IMAGES_PER_REQUEST = 32
+MAX_IMAGE_BYTES_PER_REQUEST = 64 << 20
+IMAGE_FETCHES_AT_ONCE = 4
 IMAGE_CACHE_BYTES = 64 << 20               # fetched images kept: agents resend the history
 IMAGE_CACHE_SECONDS = 600.0
-STREAM_HIGH_WATER_BYTES = 1 << 20          # upstream bytes buffered for a slow client
-#: Bytes asked of the upstream socket per read: TLS hands out at most one 16 KiB record per
-#: read anyway, and a smaller ask keeps 1,000 streams' short-lived read buffers small.
+#: Body bytes of one stream the event loop has not written yet before its upstream read pauses.
+STREAM_HIGH_WATER_BYTES = 1 << 20
+#: Bytes asked of an upstream socket per read: TLS hands out at most one 16 KiB record per read.
 UPSTREAM_RECV_BYTES = 16 * 1024
 IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
-IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is dropped
+IDLE_UPSTREAM_TOTAL = 128                  # kept-alive connections in all
+IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is closed
+MAX_KNOWN_ORIGINS = 256                    # parsed base URLs remembered
 IDLE_WORKER_SECONDS = 60.0                 # an idle worker thread beyond the first few exits after this
 MIN_WORKERS = 4
-#: Stack reserved per worker thread by `serve` (one thread per stream): 1,000 streams reserve
-#: 1 GB of address space instead of 8 GB, which matters under ``ulimit -v`` or strict
-#: overcommit. Workers only do I/O, shallow JSON and TLS; deep client JSON is parsed on the loop.
+#: Stack reserved per worker thread by `serve`: workers only do I/O, shallow JSON and TLS
+#: (client JSON is parsed on the loop), and with hundreds of blocking calls in flight 8 MiB
+#: each would reserve gigabytes of address space (what ``ulimit -v`` and strict overcommit count).
 WORKER_STACK_BYTES = 1024 * 1024
 
 KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
                            "CONNECT"])
 _TOKEN_CHARS = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")   # RFC 9110 §5.6.2 token
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
-REASONS.update({499: "Client Closed Request", 529: "Overloaded"})
+REASONS.update({466: "Client Version Not Supported", 499: "Client Closed Request", 529: "Overloaded"})
 
 # ------------------------------------------------------------------------------------------
 # 3. Errors and small utilities
 #    One exception tree. ``ClientError`` is what a client of ours sees (status + envelope
 #    fields); ``BadRequest`` is malformed HTTP; the rest are raised by the blocking layers and
-#    turned into one-line CLI messages or error envelopes. Messages never contain tokens.
+#    turned into one-line CLI messages or error envelopes. Messages never contain secrets:
+#    ``redact`` removes tokens and URL credentials, and log lines have control characters
+#    escaped so that no value (a model name, a path) can forge a line of its own.
 # ------------------------------------------------------------------------------------------
 
 log = logging.getLogger("coproxy")
@@ -250,11 +216,13 @@ class AuthError(CoproxyError):
 
 
 class UpstreamUnreachable(CoproxyError):
-    """A network, DNS, TLS or proxy failure before any answer from GitHub or Copilot."""
+    """A network, DNS, TLS or proxy failure before any answer from GitHub or Copilot.
+    ``kind`` names the class of failure for /healthz: dns, refused, tls, timeout, proxy, ..."""
 
-    def __init__(self, message, timeout=False):
+    def __init__(self, message, timeout=False, kind="network"):
         super().__init__(message)
         self.timeout = timeout
+        self.kind = "timeout" if timeout else kind
 
 
 class ClientError(CoproxyError):
@@ -277,19 +245,6 @@ class BadRequest(Exception):
         self.status = status
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line (--log-format json): ts, level, message, plus an access line's fields."""
-
-    def format(self, record):
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info and record.levelno >= logging.ERROR:
-            entry["error"] = redact(self.formatException(record.exc_info).splitlines()[-1])
-        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
-
-
 def error_type_for_status(status):
     """The OpenAI ``error.type`` that goes with an HTTP status."""
     if status == 401:
@@ -308,16 +263,61 @@ def error_type_for_status(status):
 _SECRET_PATTERNS = re.compile(
     r"(gh[pousr]_[A-Za-z0-9_]{8,}|github_pat_[A-Za-z0-9_]{8,}|tid=[^\s\"',]+|"
     r"(?i:bearer|token)\s+[A-Za-z0-9._~+/=;:-]{12,})")
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def redact(text):
-    """Replace anything that looks like a GitHub or Copilot token with ``[redacted]``."""
-    return _SECRET_PATTERNS.sub("[redacted]", str(text))
+    """Replace tokens and the user:password of URLs with ``[redacted]``."""
+    return _URL_CREDENTIALS.sub(r"\1[redacted]@", _SECRET_PATTERNS.sub("[redacted]", str(text)))
+
+
+def escape_controls(text):
+    """Control characters as ``\\xNN``: a logged value can never start a line of its own."""
+    return _CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 256 else
+                              "\\u%04x" % ord(m.group()), text)
+
+
+class LogFormatter(logging.Formatter):
+    """Text log lines (``TIME LEVEL message key=value...``) or, with ``json=True``, one JSON object
+    per line, always ``ts``, ``level``, ``logger``, ``message`` and then the record's ``fields``
+    (an access line's numbers stay numbers). Messages are redacted and control characters escaped."""
+
+    def __init__(self, json_lines=False):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self.json_lines = json_lines
+
+    def format(self, record):
+        message = escape_controls(redact(record.getMessage()))
+        fields = getattr(record, "fields", None)
+        error = None
+        if record.exc_info and record.levelno >= logging.ERROR:
+            error = redact(self.formatException(record.exc_info))
+        if not self.json_lines:
+            line = "%s %s %s" % (self.formatTime(record), record.levelname, message)
+            return line + ("\n" + error if error else "")
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "message": message}
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if error:
+            entry["error"] = error.splitlines()[-1]
+        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # built once: json.dumps builds one a call
 
 
 def json_dumps(obj):
-    """Compact JSON as bytes (the form every response and upstream body uses)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact JSON as UTF-8 bytes (the form every answer and upstream body uses). A lone
+    surrogate (``"\\ud800"`` parses, but is no character) becomes U+FFFD: text cut in the middle
+    of a character by a client is a client's slip worth forgiving, not a reason to fail a turn."""
+    text = _JSON_ENCODER.encode(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
 
 
 def random_id(digits=32):
@@ -345,8 +345,27 @@ def http_date(timestamp):
                                                    t.tm_hour, t.tm_min, t.tm_sec)
 
 
+def _json_depth_ok(raw):
+    """False when brackets nest deeper than MAX_JSON_DEPTH (a cheap scan before json.loads, which
+    would recurse until RecursionError; strings are skipped so their brackets do not count)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return True
+    depth = 0
+    for match in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return True
+
+
 def parse_json_object(raw, what="request body"):
     """Parse bytes as a JSON object or raise ``ClientError(400)`` saying what is wrong."""
+    if not _json_depth_ok(raw):
+        raise ClientError(400, "%s nests deeper than %d levels" % (what, MAX_JSON_DEPTH), code="invalid_json")
     try:
         payload = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -357,7 +376,7 @@ def parse_json_object(raw, what="request body"):
 
 
 def is_loopback_host(host):
-    """True for 127.0.0.0/8, ::1 and ``localhost``: the addresses that are safe without a key.
+    """True for 127.0.0.0/8, ::1 and ``localhost``: the names that always mean this machine.
     (inet_pton, not the ipaddress module: serve asks before listening, and that import costs.)"""
     host = host.strip("[]").lower()
     if host in ("localhost", "localhost."):
@@ -367,6 +386,14 @@ def is_loopback_host(host):
     except (OSError, ValueError):
         return False
     return packed[0] == 127 if len(packed) == 4 else packed == bytes(15) + b"\x01"
+
+
+def host_without_port(value):
+    """``example.com`` of a Host header ``example.com:8080``; ``::1`` of ``[::1]:8080``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
 def format_size(count):
@@ -386,11 +413,18 @@ def format_duration(seconds):
     return "%ds" % seconds
 
 
+def open_private(path, flags, mode=0o600):
+    """os.open that never follows a symlink at ``path`` (someone else's file planted in our state
+    dir must not be written through) and creates files 0600."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                   | getattr(os, "O_BINARY", 0), mode)
+
 # ------------------------------------------------------------------------------------------
 # 4. Config
 #    Every knob is one row of OPTIONS: flag, environment variable, type, default, help. The
 #    CLI parser and the env lookup are both generated from it, so a flag cannot exist without
-#    its variable. Precedence: flag > environment > default.
+#    its variable. Precedence: flag > environment > default. Secrets given as flags are
+#    remembered, so that `serve` can warn that `ps` shows them and never passes them on.
 # ------------------------------------------------------------------------------------------
 
 def _parse_bool(text):
@@ -403,12 +437,13 @@ def _parse_bool(text):
 
 
 API_SURFACES = ("chat", "responses", "embeddings", "messages")
+#: The values coproxy-rs's --api-surface takes, kept so its users' scripts keep working.
 API_SURFACE_PRESETS = {"chat": ("chat",), "chat-responses": ("chat", "responses"),
                        "chat-embeddings": ("chat", "embeddings"), "all": API_SURFACES}
 
 
 def _api_surface(text):
-    """The seed's presets, or a comma list of chat,responses,embeddings,messages."""
+    """A preset (chat, chat-responses, chat-embeddings, all), or a comma list of surfaces."""
     text = str(text).strip().lower()
     if text in API_SURFACE_PRESETS:
         return frozenset(API_SURFACE_PRESETS[text])
@@ -419,18 +454,21 @@ def _api_surface(text):
     return parts
 
 
-def _number(convert, low, high=None, strict=False):
+def _number(convert, low, high=None, strict=False, what="a number"):
     """A converter for a numeric option: ``convert`` the text, then check its bounds."""
     def parse(text):
-        value = convert(text)
+        try:
+            value = convert(text)
+        except ValueError:
+            raise ValueError("%r is not %s" % (text, what))
         if (value <= low if strict else value < low) or (high is not None and value > high):
             raise ValueError("must be %s %s%s" % (">" if strict else ">=", low, "" if high is None else " and <= %s" % high))
         return value
     return parse
 
 
-_port = _number(int, 0, 65535)
-_positive_int = _number(int, 1)
+_port = _number(int, 0, 65535, what="a port number (0-65535)")
+_positive_int = _number(int, 1, what="a whole number")
 _positive_float = _number(float, 0, strict=True)
 _non_negative_float = _number(float, 0)
 
@@ -460,9 +498,27 @@ def _model_alias(text):
 
 
 def _origin(text):
-    if text != "*" and not re.match(r"^https?://[^/\s]+$", text):
+    """``*``, ``null`` (sandboxed pages, file://) or scheme://host[:port], as browsers send it."""
+    value = text.strip().lower().rstrip("/")
+    if value not in ("*", "null") and not re.match(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$", value):
         raise ValueError("expected * or an origin like https://app.example.com, got %r" % text)
-    return text
+    return value
+
+
+def _host_name(text):
+    """A host name or address as a Host header names it (a port, if given, is ignored)."""
+    value = host_without_port(text)
+    if not value or not re.match(r"^[a-z0-9._:-]+$", value):
+        raise ValueError("expected a host name such as my-laptop.local or 192.168.1.5, got %r" % text)
+    return value
+
+
+def _product_version(text):
+    """``name/version`` as a header value: no spaces or control characters."""
+    value = str(text).strip()
+    if not re.match(r"^[A-Za-z0-9._+-]+/[A-Za-z0-9._+-]+$", value):
+        raise ValueError("expected NAME/VERSION such as vscode/1.140.0, got %r" % text)
+    return value
 
 
 def _log_format(text):
@@ -474,21 +530,23 @@ def _log_format(text):
 
 Option = collections.namedtuple("Option", "flag dest env type default scope help metavar")
 
-#: scope "shared": accepted before or after any subcommand; "serve": only by ``serve``.
+#: scope "shared": accepted before or after any subcommand; "serve": only by ``serve`` (and the
+#: commands that print how to reach a server: ``service``, ``claude-code``).
 OPTIONS = [
     Option("--state-dir", "state_dir", "COPROXY_STATE_DIR", str, None, "shared",
-           "directory for token files (default: the platform's state directory)", "DIR"),
+           "directory for token files, pid file and log (default: the platform's state directory)", "DIR"),
     Option("--github-token", "github_token", "GHCP_GITHUB_TOKEN", str, None, "shared",
-           "GitHub OAuth token to use instead of the saved one (ghu_/gho_ from a Copilot login)",
-           "TOKEN"),
+           "GitHub OAuth token to use instead of the saved one (ghu_/gho_ from a Copilot login); "
+           "prefer the variable: a flag shows in ps", "TOKEN"),
     Option("--github-host", "github_host", "COPROXY_GITHUB_HOST", str, "github.com", "shared",
            "GitHub host; TENANT.ghe.com switches login, API and Copilot hosts (data residency)",
            "HOST"),
     Option("--ca-file", "ca_file", "COPROXY_CA_FILE", str, None, "shared",
            "extra PEM bundle of trusted CAs (corporate TLS inspection); SSL_CERT_FILE also works",
            "FILE"),
-    Option("--log-level", "log_level", "COPROXY_LOG_LEVEL", _log_level, "INFO", "shared",
-           "debug, info, warning or error", "LEVEL"),
+    Option("--log-level", "log_level", "COPROXY_LOG_LEVEL", _log_level, None, "shared",
+           "debug, info, warning or error (default: info for serve, warning for the other commands)",
+           "LEVEL"),
     Option("--log-format", "log_format", "COPROXY_LOG_FORMAT", _log_format, "text", "shared",
            "text, or json for one JSON object per log line", "FORMAT"),
     Option("--github-url", "github_url", "COPROXY_GITHUB_URL", str, None, "shared",
@@ -499,20 +557,35 @@ OPTIONS = [
            "URL"),
     Option("--copilot-api-url", "copilot_api_url", "COPROXY_COPILOT_API_URL", str, None, "shared",
            "Copilot API base URL (default: endpoints.api from the Copilot token)", "URL"),
+    Option("--editor-version", "editor_version", "COPROXY_EDITOR_VERSION", _product_version,
+           DEFAULT_EDITOR_VERSION, "shared", "Editor-Version sent to GitHub and Copilot", "NAME/VER"),
+    Option("--editor-plugin-version", "editor_plugin_version", "COPROXY_EDITOR_PLUGIN_VERSION", _product_version,
+           DEFAULT_EDITOR_PLUGIN_VERSION, "shared",
+           "Editor-Plugin-Version sent to GitHub and Copilot (the User-Agent follows it)", "NAME/VER"),
     Option("--host", "host", "COPROXY_HOST", str, DEFAULT_HOST, "serve",
            "address to bind; anything but loopback requires --api-key", "ADDR"),
     Option("--port", "port", "COPROXY_PORT", _port, DEFAULT_PORT, "serve",
            "port to bind (0 picks a free one; the real port is printed)", "PORT"),
     Option("--api-key", "api_key", "GHCP_PROXY_API_KEY", str, None, "serve",
-           "require this key from clients (Authorization: Bearer KEY or x-api-key: KEY)", "KEY"),
+           "require this key from clients (Authorization: Bearer KEY or x-api-key: KEY); prefer the "
+           "variable: a flag shows in ps", "KEY"),
     Option("--allow-unauthenticated", "allow_unauthenticated", "COPROXY_ALLOW_UNAUTHENTICATED",
            bool, False, "serve", "allow a non-loopback --host without --api-key (not advised)",
            None),
+    Option("--allowed-host", "allowed_hosts", "COPROXY_ALLOWED_HOSTS", Repeatable(_host_name), None, "serve",
+           "without --api-key, also answer requests addressed to this host name (Host header; "
+           "loopback names always work; repeatable; env: comma list)", "NAME"),
+    Option("--cors-origin", "cors_origins", "COPROXY_CORS_ORIGIN", Repeatable(_origin), None, "serve",
+           "let web pages from this origin call coproxy (repeatable; * for any); requests from "
+           "other pages are refused", "ORIGIN"),
     Option("--no-auto-login", "no_auto_login", "COPROXY_NO_AUTO_LOGIN", bool, False, "serve",
            "start even when not logged in (requests get 503 until a token exists)", None),
     Option("--no-image-fetch", "no_image_fetch", "COPROXY_NO_IMAGE_FETCH", bool, False, "serve",
            "send image URLs on as they are instead of fetching them and sending the image itself "
            "(Copilot refuses most external image URLs)", None),
+    Option("--image-fetch-allow-private", "image_fetch_allow_private", "COPROXY_IMAGE_FETCH_ALLOW_PRIVATE",
+           bool, False, "serve",
+           "also fetch images from loopback, private and link-local addresses (intranet image hosts)", None),
     Option("--api-surface", "api_surface", "COPROXY_API_SURFACE", _api_surface, "all", "serve",
            "APIs to serve: chat, chat-responses, chat-embeddings, all, or a comma list of "
            "chat,responses,embeddings,messages", "LIST"),
@@ -524,12 +597,10 @@ OPTIONS = [
            "at least this many seconds between requests sent to Copilot (0: off); excess get 429", "SECONDS"),
     Option("--wait", "wait", "COPROXY_WAIT", bool, False, "serve",
            "with --rate-limit, queue requests until their turn instead of answering 429", None),
-    Option("--cors-origin", "cors_origins", "COPROXY_CORS_ORIGIN", Repeatable(_origin), None, "serve",
-           "allow browser pages from this origin (repeatable; * for any); off by default", "ORIGIN"),
     Option("--detach", "detach", "COPROXY_DETACH", bool, False, "serve",
            "-d: run in the background, writing <state-dir>/coproxy.pid and coproxy.log", None),
     Option("--max-body-mb", "max_body_mb", "COPROXY_MAX_BODY_MB", _positive_float,
-           DEFAULT_MAX_BODY_MB, "serve", "largest request body accepted, in MiB (413 beyond)",
+           DEFAULT_MAX_BODY_MB, "serve", "largest request body accepted, in MiB, also after decompression (413 beyond)",
            "MB"),
     Option("--max-concurrency", "max_concurrency", "COPROXY_MAX_CONCURRENCY", _positive_int,
            DEFAULT_MAX_CONCURRENCY, "serve",
@@ -542,7 +613,8 @@ OPTIONS = [
            "send an SSE keep-alive comment after this much upstream silence", "SECONDS"),
     Option("--header-timeout", "header_timeout", "COPROXY_HEADER_TIMEOUT", _positive_float,
            DEFAULT_HEADER_TIMEOUT_SECONDS, "serve",
-           "seconds a client has to send a request head (408 after)", "SECONDS"),
+           "seconds a client has to send a request head, and the longest silence inside a body (408 after)",
+           "SECONDS"),
     Option("--idle-timeout", "idle_timeout", "COPROXY_IDLE_TIMEOUT", _positive_float,
            DEFAULT_IDLE_TIMEOUT_SECONDS, "serve",
            "seconds an idle keep-alive connection is kept open", "SECONDS"),
@@ -554,10 +626,12 @@ OPTIONS = [
            "on SIGINT/SIGTERM, seconds in-flight requests get to finish", "SECONDS"),
 ]
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
+#: Options whose value is a secret: never on a command line coproxy writes, never logged.
+SECRET_OPTIONS = ("api_key", "github_token")
 
 
 def default_state_dir(platform=None, environ=None):
-    """Where token files live: the same place as the Rust coproxy, so its users keep their login."""
+    """Where token files live: the same place as coproxy-rs, so its users keep their login."""
     platform = platform or sys.platform
     environ = os.environ if environ is None else environ
     home = os.path.expanduser("~")
@@ -575,27 +649,30 @@ class Config:
     """Every setting of one coproxy run, resolved from flags, environment and defaults."""
     state_dir: str = ""
     github_token: str = None
-    github_token_source: str = None
     github_host: str = "github.com"
     ca_file: str = None
-    log_level: str = "INFO"
+    log_level: str = None
+    log_format: str = "text"
     github_url: str = None
     github_api_url: str = None
     copilot_api_url: str = None
+    editor_version: str = DEFAULT_EDITOR_VERSION
+    editor_plugin_version: str = DEFAULT_EDITOR_PLUGIN_VERSION
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: str = None
     allow_unauthenticated: bool = False
+    allowed_hosts: list = dataclasses.field(default_factory=list)
+    cors_origins: list = dataclasses.field(default_factory=list)
     no_auto_login: bool = False
     no_image_fetch: bool = False
+    image_fetch_allow_private: bool = False
+    api_surface: frozenset = frozenset(API_SURFACES)
     default_model: str = None
-    model_aliases: list = dataclasses.field(default_factory=list)
+    model_aliases: dict = dataclasses.field(default_factory=dict)
     rate_limit: float = 0.0
     wait: bool = False
-    cors_origins: list = dataclasses.field(default_factory=list)
     detach: bool = False
-    log_format: str = "text"
-    api_surface: frozenset = frozenset(API_SURFACES)
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_SECONDS
@@ -607,6 +684,8 @@ class Config:
     body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS
     connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS
     models_ttl: float = DEFAULT_MODELS_TTL_SECONDS
+    #: where each setting came from: {dest: "--flag" or "ENV_VAR"} (defaults are absent)
+    sources: dict = dataclasses.field(default_factory=dict)
     environ: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -616,6 +695,20 @@ class Config:
     @property
     def is_ghe(self):
         return self.github_host.lower() != "github.com"
+
+    @property
+    def user_agent(self):
+        """GitHubCopilotChat/0.68.0 for copilot-chat/0.68.0: the User-Agent follows the plugin."""
+        return "GitHubCopilotChat/" + self.editor_plugin_version.split("/", 1)[1]
+
+    @property
+    def secret_flags(self):
+        """(flag, variable) of each secret given on the command line, where ps shows it."""
+        return [(OPTION_BY_DEST[d].flag, OPTION_BY_DEST[d].env) for d in SECRET_OPTIONS
+                if self.sources.get(d, "").startswith("--")]
+
+    def source_of(self, dest, default="the default"):
+        return self.sources.get(dest, default)
 
     @classmethod
     def resolve(cls, values=None, environ=None):
@@ -632,12 +725,12 @@ class Config:
                 try:
                     value = (_parse_bool if option.type is bool else option.type)(environ[option.env])
                 except ValueError as exc:
-                    raise ConfigError("%s=%r is not valid: %s" % (option.env, environ[option.env], exc))
+                    shown = "[secret]" if option.dest in SECRET_OPTIONS else repr(environ[option.env])
+                    raise ConfigError("%s=%s is not valid: %s" % (option.env, shown, exc))
             else:
                 continue
             setattr(config, option.dest, value)
-            if option.dest == "github_token":
-                config.github_token_source = source
+            config.sources[option.dest] = source
         config.github_host = config.github_host.strip().lower().rstrip("/") or "github.com"
         if "://" in config.github_host or "/" in config.github_host:
             raise ConfigError("--github-host takes a host name such as TENANT.ghe.com, not a URL")
@@ -649,14 +742,24 @@ class Config:
         for name in ("github_url", "github_api_url", "copilot_api_url"):
             url = getattr(config, name)
             if url is not None:
-                parsed = urllib.parse.urlsplit(url)
-                if parsed.scheme not in ("http", "https") or not parsed.hostname:
-                    raise ConfigError("%s must be an http(s) URL, got %r" % (
-                        OPTION_BY_DEST[name].env, url))
+                try:
+                    parsed = urllib.parse.urlsplit(url)
+                    parsed.port  # a port that is not a number raises here
+                except ValueError:
+                    parsed = None
+                if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+                    raise ConfigError("%s must be an http(s) URL, got %r" % (OPTION_BY_DEST[name].env, redact(url)))
                 setattr(config, name, url.rstrip("/"))
-        if config.github_token is not None:
-            config.github_token = config.github_token.strip() or None
+        for name in SECRET_OPTIONS:
+            value = getattr(config, name)
+            if value is not None:
+                value = value.strip() or None
+                if value is not None and not value.isprintable():
+                    raise ConfigError("%s holds a line break or control character" % config.source_of(name))
+                setattr(config, name, value)
         config.model_aliases = dict(config.model_aliases or [])
+        config.allowed_hosts = list(config.allowed_hosts or [])
+        config.cors_origins = list(config.cors_origins or [])
         if config.ca_file:
             try:
                 with open(config.ca_file, "rb") as handle:
@@ -665,21 +768,52 @@ class Config:
                 raise ConfigError("--ca-file %s cannot be read: %s" % (config.ca_file, exc.strerror or exc))
             if b"-----BEGIN CERTIFICATE-----" not in pem:
                 raise ConfigError("--ca-file %s holds no PEM certificate (-----BEGIN CERTIFICATE-----)" % config.ca_file)
-        config.state_dir = os.path.abspath(os.path.expanduser(config.state_dir or default_state_dir()))
+        config.state_dir = os.path.abspath(os.path.expanduser(config.state_dir or default_state_dir(environ=environ)))
         return config
 
+    def changed_settings(self):
+        """[(Option, value)] of every setting that differs from its default, flags and variables
+        alike: what a service file must carry to run this same configuration."""
+        return [(option, getattr(self, option.dest)) for option in OPTIONS
+                if option.dest in self.sources and option.dest != "detach"]
 
 # ------------------------------------------------------------------------------------------
 # 5. Token store
-#    Two files under <state-dir>/auth/, byte-compatible with the Rust coproxy: the GitHub
-#    token as plain text and the Copilot token as JSON (``token``, ``expires_at``,
-#    ``api_endpoint``; extra fields allowed). Directory 0700, files created 0600 by os.open
-#    (no umask window), written to a temp file, fsynced and renamed. A corrupt or empty file
-#    reads as absent. No network here.
+#    Two files under <state-dir>/auth/, byte-compatible with coproxy-rs: the GitHub token as
+#    plain text and the Copilot token as JSON (``token``, ``expires_at``, ``api_endpoint``;
+#    extra fields allowed). The state dir must belong to the user and be writable by no one
+#    else (OpenSSH's StrictModes: a dir others can write is one they could plant files in);
+#    files are opened without following symlinks, created 0600, written to a temp file,
+#    fsynced and renamed; loose modes are fixed with fchmod on the open file. A corrupt or
+#    empty file reads as absent. No network here.
 # ------------------------------------------------------------------------------------------
 
 GITHUB_TOKEN_FILE = "github-access-token"
 COPILOT_TOKEN_FILE = "ghcp-token.json"
+
+
+def secure_dir(path, posix=(os.name == "posix")):
+    """Create ``path`` (0700) if needed and make sure only its owner, the user, can write to it;
+    a dir others can merely read is tightened to 0700. Raises ConfigError naming the fix."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not posix:
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError("%s is not a directory" % path)
+        if info.st_uid != os.getuid():
+            raise ConfigError("refusing to use %s: it belongs to uid %d, not to you (uid %d); use a directory "
+                              "of your own with --state-dir" % (path, info.st_uid, os.getuid()))
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o022:
+            raise ConfigError("refusing to use %s: others can write to it (mode %04o), so its files could have "
+                              "been replaced; check them, then run: chmod 700 %s" % (path, mode, path))
+        if mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def write_file_atomic(path, text, posix=(os.name == "posix")):
@@ -687,7 +821,7 @@ def write_file_atomic(path, text, posix=(os.name == "posix")):
     same directory (created 0600 by os.open, so no umask window), fsync, rename, fsync the dir."""
     directory = os.path.dirname(path) or "."
     tmp = "%s.%d.%s.tmp" % (path, os.getpid(), random_id(8))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(text.encode("utf-8"))
@@ -711,6 +845,19 @@ def write_file_atomic(path, text, posix=(os.name == "posix")):
             pass
 
 
+def read_private_file(path, posix=(os.name == "posix")):
+    """Text of a file of ours, or None if absent. A symlink is refused (OSError), and a file others
+    can read is tightened to 0600 through its open descriptor, with a warning."""
+    fd = open_private(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        if posix:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                log.warning("%s was readable by others (mode %o); setting it to 0600", path, mode)
+                os.fchmod(fd, 0o600)
+        return handle.read().decode("utf-8")
+
+
 class TokenStore:
     """The on-disk auth state: ``auth/github-access-token`` and ``auth/ghcp-token.json``."""
 
@@ -718,6 +865,7 @@ class TokenStore:
         self.state_dir = state_dir
         self.auth_dir = os.path.join(state_dir, "auth")
         self.posix = (os.name == "posix") if posix is None else posix
+        self._dirs_checked = False
         #: (file identity, token) of the last read: the token is asked for on every request
         self._github_token_seen = (None, None)
 
@@ -729,43 +877,38 @@ class TokenStore:
     def copilot_token_path(self):
         return os.path.join(self.auth_dir, COPILOT_TOKEN_FILE)
 
-    def _ensure_dir(self):
-        os.makedirs(self.auth_dir, mode=0o700, exist_ok=True)
-        if self.posix:
+    def check_dirs(self):
+        """The state and auth dirs exist, are the user's and only the user's (ConfigError if not)."""
+        if not self._dirs_checked:
             for path in (self.state_dir, self.auth_dir):
-                if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
-                    os.chmod(path, 0o700)
+                secure_dir(path, self.posix)
+            self._dirs_checked = True
 
     def _read(self, path):
-        """File text, or None if absent/unreadable; files others can read are tightened first."""
+        """File text, or None if absent or unusable (with a warning saying why)."""
         try:
-            if self.posix:
-                mode = stat.S_IMODE(os.stat(path).st_mode)
-                if mode & 0o077:
-                    log.warning("%s was readable by others (mode %o); setting it to 0600", path, mode)
-                    os.chmod(path, 0o600)
-            with open(path, "r", encoding="utf-8") as handle:
-                return handle.read()
+            return read_private_file(path, self.posix)
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("cannot read %s (%s); treating it as absent", path, exc.__class__.__name__)
+        except OSError as exc:
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc.__class__.__name__
+            log.warning("cannot read %s (%s); treating it as absent", path, why)
             return None
-
-    def _write_atomic(self, path, text):
-        self._ensure_dir()
-        write_file_atomic(path, text, self.posix)
+        except UnicodeDecodeError:
+            log.warning("cannot read %s (not UTF-8 text); treating it as absent", path)
+            return None
 
     def load_github_token(self):
         """The saved GitHub token, or None. The file is read again only when its inode, size, mtime
         or mode change, so a login or logout by another process is still seen on the next request."""
         try:
-            found = os.stat(self.github_token_path)
+            found = os.lstat(self.github_token_path)
         except OSError:
             return None
         identity = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_mode)
         seen, token = self._github_token_seen
         if identity != seen:
+            self.check_dirs()
             token = (self._read(self.github_token_path) or "").strip() or None
             # Timestamps are coarse (a few ms) and inodes get reused: a file written within the
             # last seconds could be rewritten without its identity changing, so it is not cached.
@@ -774,10 +917,14 @@ class TokenStore:
         return token
 
     def save_github_token(self, token):
-        self._write_atomic(self.github_token_path, token.strip() + "\n")
+        self.check_dirs()
+        write_file_atomic(self.github_token_path, token.strip() + "\n", self.posix)
 
     def load_copilot_token(self):
         """The cached Copilot token record, or None if absent, corrupt or missing fields."""
+        if not os.path.lexists(self.copilot_token_path):
+            return None
+        self.check_dirs()
         text = self._read(self.copilot_token_path)
         if not text or not text.strip():
             return None
@@ -793,7 +940,8 @@ class TokenStore:
         return record
 
     def save_copilot_token(self, record):
-        self._write_atomic(self.copilot_token_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        self.check_dirs()
+        write_file_atomic(self.copilot_token_path, json.dumps(record, indent=2, sort_keys=True) + "\n", self.posix)
 
     def clear(self):
         """Delete both files; returns the paths that existed."""
@@ -806,23 +954,18 @@ class TokenStore:
                 pass
         return removed
 
-    def clear_copilot_token(self):
-        try:
-            os.unlink(self.copilot_token_path)
-        except FileNotFoundError:
-            pass
-
-
 # ------------------------------------------------------------------------------------------
 # 6. Upstream HTTP client (blocking)
 #    A small HTTP/1.1 client of our own over socket and ssl.create_default_context() (which
 #    honours SSL_CERT_FILE; --ca-file adds a bundle): one sendall per request, a one-pass head
-#    parser, chunked bodies handed on as fast as they arrive. (http.client parsed every
-#    answer's headers with the email package: a fifth of the proxy's CPU.) One LIFO pool of
-#    kept-alive connections per origin: a connection goes back only after its answer was read
-#    to the end and the server did not ask to close. One retry, only when a *pooled*
-#    connection proves stale before any response byte. HTTPS_PROXY and NO_PROXY are honoured
-#    through a CONNECT tunnel. Called only from worker threads.
+#    parser, chunked bodies handed on as fast as they arrive, and a non-blocking ``pull`` for
+#    the stream hub (§9). Nothing a caller passes reaches the wire unchecked: header values
+#    with line breaks are refused, and request targets are percent-encoded (a CR/LF in a URL
+#    would split the request). Kept-alive connections to GitHub and Copilot are pooled per
+#    origin (LIFO; only after an answer read to the end; idle ones closed by a timer; a cap
+#    per origin and in all). One retry, only when a *pooled* connection proves stale before any
+#    response byte. HTTPS_PROXY/NO_PROXY through a CONNECT tunnel. Images given by URL use
+#    ImageFetcher: fresh connections, never the pool, public addresses only.
 # ------------------------------------------------------------------------------------------
 
 def _no_proxy_matches(host, port, no_proxy):
@@ -844,7 +987,7 @@ def _no_proxy_matches(host, port, no_proxy):
 
 
 def proxy_for(url, environ):
-    """(host, port, authorization header or None) of the proxy for ``url``, or None."""
+    """(host, port, Proxy-Authorization value or None) of the proxy for ``url``, or None."""
     parts = urllib.parse.urlsplit(url)
     names = ("https_proxy", "HTTPS_PROXY") if parts.scheme == "https" else ("http_proxy", "HTTP_PROXY")
     proxy = next((environ[n] for n in names if environ.get(n)), None)
@@ -856,137 +999,49 @@ def proxy_for(url, environ):
         return None
     if "://" not in proxy:
         proxy = "http://" + proxy
-    p = urllib.parse.urlsplit(proxy)
-    if p.scheme not in ("http", "https") or not p.hostname:
-        raise ConfigError("proxy URL %r is not usable (only http:// proxies are supported)" % proxy)
+    try:
+        p = urllib.parse.urlsplit(proxy)
+        port = p.port or 80
+    except ValueError:
+        p = port = None
+    if p is None or p.scheme not in ("http", "https") or not p.hostname:
+        raise ConfigError("proxy URL %s is not usable (only http:// proxies are supported)" % redact(proxy))
     auth = None
     if p.username is not None:
         creds = "%s:%s" % (urllib.parse.unquote(p.username), urllib.parse.unquote(p.password or ""))
         auth = "Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii")
-    return p.hostname, p.port or 80, auth
+    return p.hostname, port, auth
 
 
-def describe_network_error(exc, url):
-    """A sentence naming what failed and what usually fixes it."""
-    host = urllib.parse.urlsplit(url).netloc
+def network_error(exc, url):
+    """UpstreamUnreachable for a socket/TLS failure: a sentence naming what failed and what
+    usually fixes it, and the kind of failure (dns, refused, tls, timeout, proxy, network)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname + (":%d" % parts.port if parts.port else "")
+    except (ValueError, TypeError):
+        host = "the upstream"
+    if isinstance(exc, UpstreamUnreachable):
+        return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return ("TLS certificate of %s could not be verified (%s); behind a TLS-inspecting proxy, "
-                "pass its CA bundle with --ca-file or SSL_CERT_FILE" % (host, exc.verify_message))
+        return UpstreamUnreachable("TLS certificate of %s could not be verified (%s); behind a TLS-inspecting proxy, "
+                                   "pass its CA bundle with --ca-file or SSL_CERT_FILE" % (host, exc.verify_message),
+                                   kind="tls")
     if isinstance(exc, ssl.SSLError):
-        return "TLS error talking to %s: %s" % (host, exc)
+        return UpstreamUnreachable("TLS error talking to %s: %s" % (host, exc), kind="tls")
     if isinstance(exc, socket.gaierror):
-        return "cannot resolve %s (%s); check your network or HTTPS_PROXY" % (host, exc.strerror)
+        return UpstreamUnreachable("cannot resolve %s (%s); check your network or HTTPS_PROXY" % (host, exc.strerror),
+                                   kind="dns")
     if isinstance(exc, socket.timeout):
-        return "timed out talking to %s" % host
+        return UpstreamUnreachable("timed out talking to %s" % host, timeout=True)
     if isinstance(exc, ConnectionRefusedError):
-        return "connection to %s refused; check your network or HTTPS_PROXY" % host
+        return UpstreamUnreachable("connection to %s refused; check your network or HTTPS_PROXY" % host,
+                                   kind="refused")
     if isinstance(exc, OSError) and "Tunnel connection failed" in str(exc):
-        return "the HTTPS proxy refused the tunnel to %s (%s)" % (host, exc)
-    return "cannot reach %s: %s" % (host, exc.__class__.__name__ + (": %s" % exc if str(exc) else ""))
-
-
-class WorkerPool(concurrent.futures.Executor):
-    """The dedicated thread pool for blocking upstream work (a stream holds a thread throughout).
-
-    Idle workers are reused; a new one is started only when none is idle, up to ``max_workers``;
-    workers idle for ``idle_seconds`` exit, down to MIN_WORKERS.
-    Unlike ThreadPoolExecutor, submit() never waits for a new thread to boot: Thread.start()
-    blocks its caller (here the event loop) until the new thread gets the GIL, which with
-    hundreds of busy streams took milliseconds per thread and delayed every other client."""
-
-    def __init__(self, max_workers, idle_seconds=IDLE_WORKER_SECONDS):
-        self.max_workers = max_workers
-        self.idle_seconds = idle_seconds
-        self._jobs = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0
-        self.workers = 0
-        self._shutdown = False
-
-    def _enqueue(self, job):
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._jobs.put(job)
-            start = False
-            if self._idle:
-                self._idle -= 1  # that worker will take this job
-            elif self.workers < self.max_workers:
-                self.workers += 1
-                start = True
-        if start:
-            _thread.start_new_thread(self._work, ())
-
-    def submit(self, fn, *args, **kwargs):
-        """concurrent.futures API (the CLI and the tests use it)."""
-        future = concurrent.futures.Future()
-        self._enqueue((future, None, fn, args, kwargs))
-        return future
-
-    def run(self, loop, fn, *args):
-        """``fn(*args)`` in a worker; an asyncio future of ``loop`` gets the result. Leaner than
-        run_in_executor, which chains a concurrent future to an asyncio one for every call."""
-        future = loop.create_future()
-        self._enqueue((future, loop, fn, args, {}))
-        return future
-
-    @staticmethod
-    def _settle(future, result, error):
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-    def _work(self):
-        while True:
-            try:
-                job = self._jobs.get(timeout=self.idle_seconds)
-            except queue.Empty:
-                # After a burst (1,000 streams), give the threads back. Every waiting worker is
-                # counted in _idle or holds a queued job, so leaving while _idle > 0 strands no job.
-                with self._lock:
-                    if self._idle > 0 and self.workers > MIN_WORKERS:
-                        self._idle -= 1
-                        self.workers -= 1
-                        return
-                continue
-            if job is None:
-                return
-            future, loop, fn, args, kwargs = job
-            del job
-            if loop is None and not future.set_running_or_notify_cancel():
-                fn = None
-            if fn is not None:
-                result = error = None
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:  # delivered to whoever awaits the future
-                    error = exc
-                if loop is None:
-                    if error is not None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(result)
-                else:
-                    try:
-                        loop.call_soon_threadsafe(self._settle, future, result, error)
-                    except RuntimeError:  # the loop has closed: nobody awaits this any more
-                        pass
-                del result, error
-            del future, loop, fn, args, kwargs
-            with self._lock:
-                if self._shutdown:
-                    return
-                self._idle += 1
-
-    def shutdown(self, wait=True, **_):
-        """Idle workers exit now; busy ones when their job ends (they never block process exit)."""
-        with self._lock:
-            self._shutdown = True
-            idle, self._idle = self._idle, 0
-        for _ in range(idle):
-            self._jobs.put(None)
+        return UpstreamUnreachable("the HTTPS proxy refused the tunnel to %s (%s)" % (host, exc), kind="proxy")
+    if isinstance(exc, UpstreamCutShort):
+        return UpstreamUnreachable("%s closed the connection mid-answer" % host, kind="cut")
+    return UpstreamUnreachable("cannot reach %s: %s" % (host, exc.__class__.__name__ + (": %s" % exc if str(exc) else "")))
 
 
 class AbortHandle:
@@ -1022,40 +1077,44 @@ class AbortHandle:
             pass
 
 
+class UpstreamCutShort(ConnectionError):
+    """The upstream closed the connection before its answer was complete."""
+
+
 _DECIMAL = re.compile(r"[0-9]+\Z")
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class UpstreamConnection:
-    """A kept-alive socket to one origin, and how requests on it are addressed."""
+    """A socket to one origin, and how requests on it are addressed."""
 
-    __slots__ = ("sock", "absolute_form", "proxy_auth")
+    __slots__ = ("sock", "absolute_form", "proxy_auth", "fresh")
 
     def __init__(self, sock, absolute_form=False, proxy_auth=None):
         self.sock = sock
         self.absolute_form = absolute_form  # plain HTTP through a proxy: the full URL as target
         self.proxy_auth = proxy_auth
+        self.fresh = True   # not yet given back to the pool
 
     def close(self):
         self.sock.close()
 
 
-class UpstreamCutShort(ConnectionError):
-    """The upstream closed the connection before its answer was complete."""
-
-
 class UpstreamResponse:
-    """One HTTP/1.1 answer read from a kept-alive socket: status and headers at once, the body
-    on demand. Our own reader, not http.client's: it parses the head in one pass instead of
-    through the email package, and ``read1`` returns every chunk already received in one call,
-    so a burst of SSE events costs one hand-over to the event loop, not one per event."""
+    """One HTTP/1.1 answer read from a socket: status and headers at once, the body on demand.
+    ``read1`` returns every body byte already received in one call (a burst of SSE events is one
+    hand-over, and an event never waits for the line end after it); ``pull`` does the same
+    without waiting, for a non-blocking socket. ``release(conn)`` takes the connection back
+    when the answer was read to its end; without it the connection is closed."""
 
-    def __init__(self, client, origin, conn, method, abort_handle=None):
-        self._client = client
-        self._origin = origin
+    def __init__(self, conn, method, release=None, abort_handle=None):
         self._conn = conn
         self._sock = conn.sock
+        self._release = release
         self._abort = abort_handle
         self._buf = bytearray()
+        self._failure = None
+        self._last_read = 0
         self.done = False
         self._complete = False
         while True:  # 1xx interim answers are skipped
@@ -1082,16 +1141,6 @@ class UpstreamResponse:
         else:
             self._left = None
             self.will_close = True
-
-    def _recv(self):
-        """Append what arrives next; False at the end of a body that runs until the server closes."""
-        data = self._sock.recv(UPSTREAM_RECV_BYTES)
-        if not data:
-            if self._left is None and not self._chunked:
-                return False
-            raise UpstreamCutShort("the upstream closed the connection mid-answer")
-        self._buf += data
-        return True
 
     def _read_head(self):
         """(status, headers with lower-case names, will_close) of the next answer on the socket."""
@@ -1186,53 +1235,104 @@ class UpstreamResponse:
                 self._in_trailers = self._left == 0
         return b"".join(out)
 
-    def read1(self, size=65536):
-        """Every body byte that has arrived (up to ``size``), waiting only when there is none;
-        b"" at the end. For streams: an event is handed on as soon as its bytes are here."""
+    def _next(self, size, wait):
+        """Body bytes that have arrived (receiving when there are none); b"" at the end of the body;
+        None when ``wait`` is false and nothing can be had without blocking."""
+        if self._failure is not None:
+            raise self._failure
         while True:
             if self._buf:
                 data = self._take(size)
                 if data:
                     return data
             if self._complete:
-                self.close()
                 return b""
-            if not self._recv():  # the body ran until the server closed
-                self._complete = True
+            try:
+                data = self._sock.recv(UPSTREAM_RECV_BYTES)
+            except _WOULD_BLOCK:
+                if wait:
+                    raise
+                return None
+            self._last_read = len(data)
+            if data:
+                self._buf += data
+            elif self._left is None and not self._chunked:
+                self._complete = True  # the body ran until the server closed
+            else:
+                raise UpstreamCutShort("the upstream closed the connection mid-answer")
 
-    def read_all(self, limit):
-        """The whole body (at most ``limit`` bytes; beyond that the connection is dropped).
-        An answer cut short raises instead of returning part of it."""
+    def read1(self, size=65536):
+        """Every body byte that has arrived (up to ``size``), waiting only when there is none;
+        b"" at the end (the connection then goes back to its pool)."""
+        data = self._next(size, True)
+        if not data:
+            self.close()
+        return data
+
+    def pull(self):
+        """(body bytes, finished) without blocking, for a socket in non-blocking mode: what has
+        arrived, and whether the body is complete. Raises on a cut or broken answer. It stops once
+        the socket's buffers are likely empty (TLS: nothing pending; plain: a short read) instead of
+        asking until the socket says so: the selector reports whatever comes later."""
+        parts = []
+        while True:
+            try:
+                data = self._next(1 << 20, False)
+            except Exception as exc:
+                if not parts:
+                    raise
+                self._failure = exc  # the bytes that came before the failure go first
+                return b"".join(parts), False
+            if not data:
+                return b"".join(parts), data is not None
+            parts.append(data)
+            if not self._buf and self._drained():
+                return b"".join(parts), self._complete
+
+    def _drained(self):
+        pending = getattr(self._sock, "pending", None)
+        return pending() == 0 if pending is not None else self._last_read < UPSTREAM_RECV_BYTES
+
+    def read_all(self, limit, deadline=None):
+        """The whole body (at most ``limit`` bytes; beyond that the connection is dropped); with a
+        ``deadline`` (time.monotonic) the whole read must end by then. An answer cut short raises
+        instead of returning part of it."""
         try:
             if self.length is not None and self.length > limit:
                 self.close(reuse=False)
-                raise UpstreamUnreachable("upstream answer of %d bytes is larger than %d" % (self.length, limit))
+                raise UpstreamUnreachable("upstream answer of %d bytes is larger than %d" % (self.length, limit),
+                                          kind="too_large")
             parts = []
             total = 0
             while True:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise socket.timeout("deadline")
+                    self._sock.settimeout(remaining)
                 data = self.read1(1 << 20)
                 if not data:
                     return b"".join(parts)
                 total += len(data)
                 if total > limit:
                     self.close(reuse=False)
-                    raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit)
+                    raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit, kind="too_large")
                 parts.append(data)
         except (OSError, ValueError) as exc:
             self.close(reuse=False)
             if self._abort is not None and self._abort.aborted:
-                raise UpstreamUnreachable("aborted")
+                raise UpstreamUnreachable("aborted", kind="aborted")
             raise UpstreamUnreachable("upstream connection failed mid-answer: %s" % exc.__class__.__name__,
-                                      timeout=isinstance(exc, socket.timeout))
+                                      timeout=isinstance(exc, socket.timeout), kind="cut")
 
     def close(self, reuse=True):
-        """Give the connection back to the pool if the answer was fully read, else close it."""
+        """Give the connection back if the answer was fully read and reuse is allowed, else close it."""
         if self.done:
             return
         self.done = True
-        if (reuse and self._complete and not self.will_close and not self._buf
+        if (reuse and self._release is not None and self._complete and not self.will_close and not self._buf
                 and not (self._abort is not None and self._abort.aborted)):
-            self._client._release(self._origin, self._conn)
+            self._release(self._conn)
         else:
             self._conn.close()
 
@@ -1244,11 +1344,123 @@ class UpstreamResponse:
         self._abort.abort()
 
 
-class UpstreamClient:
-    """Blocking HTTP/1.1 client with a kept-alive connection pool per origin.
+_UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|%(?![0-9A-Fa-f]{2})")
+_HOST_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]*[a-z0-9_])?\.?$")
+Target = collections.namedtuple("Target", "origin host port path host_header")
 
-    Requests go out as one pre-formatted block in one ``sendall``; answers are read by
-    UpstreamResponse. Plain sockets and ``ssl`` do the rest (TLS, CONNECT tunnels)."""
+
+def safe_request_target(path):
+    """``path`` as a request target that cannot split or bend a request: every byte outside
+    printable ASCII (CR, LF, space, controls, non-ASCII as UTF-8) and any stray ``%`` is
+    percent-encoded; the usual already-clean path comes back as it is."""
+    if not _UNSAFE_IN_TARGET.search(path):
+        return path
+    try:
+        raw = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UpstreamUnreachable("not a usable URL (it contains a lone surrogate)", kind="bad_url")
+    out = []
+    for index, byte in enumerate(raw):
+        if 0x21 <= byte <= 0x7e and not (byte == 0x25 and not re.match(rb"%[0-9A-Fa-f]{2}", raw[index:index + 3])):
+            out.append(chr(byte))
+        else:
+            out.append("%%%02X" % byte)
+    return "".join(out)
+
+
+def _split_url(url):
+    """(scheme://authority, path and query) of a URL, split by hand: urllib.parse quietly drops
+    CR, LF and tabs, and the path must reach safe_request_target as the caller gave it."""
+    scheme, sep, rest = url.partition("://")
+    cut = min([i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0] or [len(rest)])
+    path = rest[cut:].split("#", 1)[0]
+    return scheme + sep + rest[:cut], ("/" + path if path[:1] == "?" else path) or "/"
+
+
+def parse_target(url):
+    """Target(origin, host, port, path, host_header) of an http(s) URL, checked: a host name that
+    is a name or an IP literal (IDNA for non-ASCII names), a numeric port, the path made safe."""
+    base, path = _split_url(url)
+    try:
+        parts = urllib.parse.urlsplit(base)
+        port = parts.port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or "@" in base \
+            or not base.isprintable() or " " in base:
+        raise UpstreamUnreachable("not a usable http(s) URL", kind="bad_url")
+    host = parts.hostname
+    if ":" in host:
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except (OSError, ValueError):
+            raise UpstreamUnreachable("not a usable http(s) URL (bad IPv6 address)", kind="bad_url")
+    else:
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise UpstreamUnreachable("not a usable http(s) URL (bad host name)", kind="bad_url")
+        if not _HOST_NAME.match(host):
+            raise UpstreamUnreachable("not a usable http(s) URL (bad host name)", kind="bad_url")
+    default = 443 if parts.scheme == "https" else 80
+    port = port or default
+    shown = "[%s]" % host if ":" in host else host
+    return Target((parts.scheme, host, port), host, port, safe_request_target(path),
+                  shown if port == default else "%s:%d" % (shown, port))
+
+
+def _check_header_values(headers):
+    """The header block; refused if a value could break out of its line (CR, LF, any control
+    character) or cannot be sent as latin-1."""
+    for value in headers.values():
+        if not (value.isprintable() and (value.isascii() or max(map(ord, value)) < 256)):
+            raise UpstreamUnreachable("refusing to send a header value that contains a line break or control "
+                                      "character", kind="bad_header")
+    return "".join(["%s: %s\r\n" % item for item in headers.items()])
+
+
+def _connect_tunnel(sock, authority, proxy_auth):
+    """CONNECT ``authority`` through an HTTP proxy; the TLS handshake then runs inside it."""
+    head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+    if proxy_auth:
+        head += "Proxy-Authorization: %s\r\n" % proxy_auth
+    sock.sendall((head + "\r\n").encode("latin-1"))
+    answer = b""
+    while b"\r\n\r\n" not in answer and b"\n\n" not in answer:
+        data = sock.recv(4096)  # the proxy says nothing after its head until we speak TLS
+        if not data or len(answer) > MAX_HEADER_BYTES:
+            raise OSError("Tunnel connection failed: the proxy closed the connection")
+        answer += data
+    status_line = answer.split(b"\n", 1)[0].decode("latin-1").strip()
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or parts[1] != "200":
+        raise OSError("Tunnel connection failed: %s" % (" ".join(parts[1:]) or status_line))
+
+
+def _send_request(conn, method, target, head_block, body):
+    """One request on ``conn`` as one pre-formatted block (and the body in the same segment when
+    small: the usual request is one TCP segment)."""
+    head = "%s %s HTTP/1.1\r\n%s" % (method, target, head_block)
+    if conn.proxy_auth:
+        head += "Proxy-Authorization: %s\r\n" % conn.proxy_auth
+    if body is not None:
+        head += "Content-Length: %d\r\n" % len(body)
+    data = (head + "\r\n").encode("latin-1")
+    if body is not None and len(body) <= 65536:
+        conn.sock.sendall(data + body)
+    else:
+        conn.sock.sendall(data)
+        if body:
+            conn.sock.sendall(body)
+
+
+class UpstreamClient:
+    """Blocking HTTP/1.1 client for GitHub and Copilot, with a kept-alive pool per origin.
+
+    Idle connections are closed after IDLE_UPSTREAM_SECONDS by a reaper thread that runs only
+    while something is pooled, and the pool holds at most IDLE_UPSTREAM_CONNECTIONS per origin
+    and IDLE_UPSTREAM_TOTAL in all."""
 
     def __init__(self, ca_file=None, connect_timeout=DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
                  read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, environ=None):
@@ -1258,8 +1470,13 @@ class UpstreamClient:
         self.read_timeout = read_timeout
         self.environ = dict(os.environ if environ is None else environ)
         self._pools = {}
-        self._origins = {}
+        self._idle = 0
+        self._targets = {}
+        self._tls_sessions = {}  # origin -> the last TLS session, for resumption
         self._lock = threading.Lock()
+        self._reaper_wake = threading.Condition(self._lock)
+        self._reaper = None
+        self._closed = False
         #: connections opened since start (the benchmark checks keep-alive with it)
         self.connections_opened = 0
 
@@ -1273,45 +1490,38 @@ class UpstreamClient:
                     try:
                         context.load_verify_locations(cafile=self.ca_file)
                     except (OSError, ssl.SSLError) as exc:
-                        raise UpstreamUnreachable("--ca-file %s is not a usable PEM bundle: %s" % (self.ca_file, exc))
+                        raise UpstreamUnreachable("--ca-file %s is not a usable PEM bundle: %s" % (self.ca_file, exc),
+                                                  kind="tls")
                 self._ssl_context = context
             return self._ssl_context
 
-    def _origin(self, url):
-        """((scheme, host, port), request target, Host header) of ``url``. The parsed part is
-        remembered per scheme://authority: the same few base URLs come back on every request."""
-        authority_end = url.find("/", url.find("://") + 3) if "://" in url else -1
-        base, path = (url, "/") if authority_end < 0 else (url[:authority_end], url[authority_end:])
-        if "?" in base:
-            base, query = base.split("?", 1)
-            path = "/?" + query
-        path = path.split("#", 1)[0]
-        known = self._origins.get(base)
-        if known is None:
-            try:
-                parts = urllib.parse.urlsplit(base)
-                default = 443 if parts.scheme == "https" else 80
-                port = parts.port or default
-            except ValueError:
-                parts = None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-                raise UpstreamUnreachable("not a usable http(s) URL: %r" % url)
-            host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
-            known = ((parts.scheme, parts.hostname, port), host if port == default else "%s:%d" % (host, port))
-            self._origins[base] = known
-        return known[0], path, known[1]
+    def target(self, url):
+        """parse_target, remembered per scheme://authority (the same few base URLs come back on
+        every request; the cache is bounded)."""
+        base, path = _split_url(url)
+        known = self._targets.get(base)
+        return parse_target(url) if known is None else known._replace(path=safe_request_target(path))
 
-    def _connect(self, origin, url):
-        scheme, host, port = origin
+    def _remember(self, url, target):
+        base = _split_url(url)[0]
+        with self._lock:
+            if len(self._targets) >= MAX_KNOWN_ORIGINS:
+                self._targets.clear()
+            self._targets[base] = target
+
+    def _connect(self, target, url):
+        scheme, host, port = target.origin
         proxy = proxy_for(url, self.environ)
-        target = proxy[:2] if proxy else (host, port)
-        sock = socket.create_connection(target, timeout=self.connect_timeout)
+        sock = socket.create_connection(proxy[:2] if proxy else (host, port), timeout=self.connect_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
                 if proxy:
-                    self._tunnel(sock, host, port, proxy[2])
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=host)
+                    _connect_tunnel(sock, "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port), proxy[2])
+                # Resuming the last TLS session of this origin skips the certificate checks on
+                # both sides: most of a handshake's cost when many streams open at once.
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=host,
+                                                    session=self._tls_sessions.get(target.origin))
             sock.settimeout(self.read_timeout)
         except BaseException:
             sock.close()
@@ -1321,47 +1531,67 @@ class UpstreamClient:
         absolute_form = bool(proxy) and scheme == "http"
         return UpstreamConnection(sock, absolute_form, proxy[2] if absolute_form else None)
 
-    @staticmethod
-    def _tunnel(sock, host, port, proxy_auth):
-        """CONNECT host:port through an HTTP proxy; the TLS handshake then runs inside it."""
-        authority = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-        head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
-        if proxy_auth:
-            head += "Proxy-Authorization: %s\r\n" % proxy_auth
-        sock.sendall((head + "\r\n").encode("latin-1"))
-        answer = b""
-        while b"\r\n\r\n" not in answer and b"\n\n" not in answer:
-            data = sock.recv(4096)  # the proxy says nothing after its head until we speak TLS
-            if not data or len(answer) > MAX_HEADER_BYTES:
-                raise OSError("Tunnel connection failed: the proxy closed the connection")
-            answer += data
-        status_line = answer.split(b"\n", 1)[0].decode("latin-1").strip()
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or parts[1] != "200":
-            raise OSError("Tunnel connection failed: %s" % (" ".join(parts[1:]) or status_line))
-
     def _acquire(self, origin):
         with self._lock:
             pool = self._pools.get(origin)
-            now = time.monotonic()
             while pool:
                 conn, since = pool.pop()
-                if now - since < IDLE_UPSTREAM_SECONDS:
+                self._idle -= 1
+                if time.monotonic() - since < IDLE_UPSTREAM_SECONDS:
                     return conn
                 conn.close()
         return None
 
-    def _release(self, origin, conn):
+    def release(self, origin, conn):
+        """Take back a connection whose answer was read to the end (from any thread)."""
+        try:
+            conn.sock.settimeout(self.read_timeout)  # the stream hub had made it non-blocking
+        except OSError:
+            conn.close()
+            return
+        if conn.fresh:  # a new connection's TLS session, kept for the next handshake to resume
+            conn.fresh = False  # (read once: the getter serialises the session, ~0.2 ms)
+            session = getattr(conn.sock, "session", None)  # TLS 1.3 sends its ticket after the handshake
+            if session is not None:
+                self._tls_sessions[origin] = session
         with self._lock:
-            pool = self._pools.setdefault(origin, [])
-            if len(pool) < IDLE_UPSTREAM_CONNECTIONS:
-                pool.append((conn, time.monotonic()))
-                return
+            if not self._closed and self._idle < IDLE_UPSTREAM_TOTAL:
+                pool = self._pools.setdefault(origin, [])
+                if len(pool) < IDLE_UPSTREAM_CONNECTIONS:
+                    pool.append((conn, time.monotonic()))
+                    self._idle += 1
+                    if self._reaper is None:
+                        self._reaper = threading.Thread(target=self._reap, name="coproxy-pool-reaper", daemon=True)
+                        self._reaper.start()
+                    return
         conn.close()
+
+    def _reap(self):
+        """Close pooled connections idle for IDLE_UPSTREAM_SECONDS; leave when nothing is pooled."""
+        with self._lock:
+            while self._idle and not self._closed:
+                self._reaper_wake.wait(IDLE_UPSTREAM_SECONDS / 3)
+                now = time.monotonic()
+                for origin, pool in list(self._pools.items()):
+                    expired = [conn for conn, since in pool if now - since >= IDLE_UPSTREAM_SECONDS]
+                    if expired:
+                        pool[:] = [(conn, since) for conn, since in pool if now - since < IDLE_UPSTREAM_SECONDS]
+                        self._idle -= len(expired)
+                        for conn in expired:
+                            conn.close()
+                    if not pool:
+                        del self._pools[origin]
+            self._reaper = None
+
+    def idle_connections(self):
+        with self._lock:
+            return self._idle
 
     def close(self):
         with self._lock:
-            pools, self._pools = self._pools, {}
+            pools, self._pools, self._idle = self._pools, {}, 0
+            self._closed = True
+            self._reaper_wake.notify_all()
         for pool in pools.values():
             for conn, _ in pool:
                 conn.close()
@@ -1370,61 +1600,47 @@ class UpstreamClient:
         """Send one request and return once status and headers are in (body unread).
 
         Raises UpstreamUnreachable for network/TLS/proxy failures (never for HTTP statuses)."""
-        origin, path, host_header = self._origin(url)
-        block = "".join(["%s: %s\r\n" % item for item in headers.items()])
-        if block.count("\n") != len(headers) or block.count("\r") != len(headers):  # no CR/LF injection
-            raise UpstreamUnreachable("refusing to send a header value that contains a line break")
+        target = self.target(url)
+        head_block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
         if "Accept-Encoding" not in headers:  # bodies are relayed as they come: no gzip, please
-            block += "Accept-Encoding: identity\r\n"
+            head_block += "Accept-Encoding: identity\r\n"
+        release = functools.partial(self.release, target.origin)
         for attempt in (0, 1):
-            conn = self._acquire(origin)
+            conn = self._acquire(target.origin)
             reused = conn is not None
             try:
                 if conn is None:
-                    conn = self._connect(origin, url)
+                    conn = self._connect(target, url)
+                    self._remember(url, target)
                 if abort_handle is not None:
                     abort_handle.attach(conn.sock)
                     if abort_handle.aborted:
                         conn.close()
-                        raise UpstreamUnreachable("aborted")
-                head = "%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
-                    method, url.split("#", 1)[0] if conn.absolute_form else path, host_header, block)
-                if conn.proxy_auth:
-                    head += "Proxy-Authorization: %s\r\n" % conn.proxy_auth
-                if body is not None:
-                    head += "Content-Length: %d\r\n" % len(body)
-                data = (head + "\r\n").encode("latin-1")
-                if body is not None and len(body) <= 65536:
-                    conn.sock.sendall(data + body)  # one segment for the usual small request
-                else:
-                    conn.sock.sendall(data)
-                    if body:
-                        conn.sock.sendall(body)
-                response = UpstreamResponse(self, origin, conn, method, abort_handle)
+                        raise UpstreamUnreachable("aborted", kind="aborted")
+                _send_request(conn, method, "%s://%s%s" % (target.origin[0], target.host_header, target.path)
+                              if conn.absolute_form else target.path, head_block, body)
+                return UpstreamResponse(conn, method, release, abort_handle)
             except UpstreamUnreachable:
                 raise
             except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
                 if conn is not None:
                     conn.close()
                 if reused and attempt == 0 and not (abort_handle and abort_handle.aborted):
-                    log.debug("pooled upstream connection was stale (%s); retrying once",
-                              exc.__class__.__name__)
+                    log.debug("pooled upstream connection was stale (%s); retrying once", exc.__class__.__name__)
                     continue
-                raise UpstreamUnreachable(describe_network_error(exc, url))
+                raise network_error(exc, url)
             except (OSError, ValueError) as exc:
                 if conn is not None:
                     conn.close()
                 if abort_handle is not None and abort_handle.aborted:
-                    raise UpstreamUnreachable("aborted")
-                raise UpstreamUnreachable(describe_network_error(exc, url),
-                                          timeout=isinstance(exc, socket.timeout))
-            return response
+                    raise UpstreamUnreachable("aborted", kind="aborted")
+                raise network_error(exc, url)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES):
+    def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES, abort_handle=None):
         """(status, parsed JSON or None, raw bytes, response) for a small JSON exchange."""
         body = json_dumps(payload) if payload is not None else None
-        response = self.request(method, url, headers, body)
+        response = self.request(method, url, headers, body, abort_handle)
         raw = response.read_all(limit)
         try:
             parsed = json.loads(raw) if raw else None
@@ -1432,31 +1648,137 @@ class UpstreamClient:
             parsed = None
         return response.status, parsed, raw, response
 
-    def fetch_image(self, url, limit=MAX_IMAGE_BYTES):
-        """(media type, bytes) of the image at ``url``, following up to MAX_IMAGE_REDIRECTS
-        redirects; UpstreamUnreachable saying why when it is not an image that can be had."""
-        for _ in range(MAX_IMAGE_REDIRECTS + 1):
-            if not url.lower().startswith(("http://", "https://")):
-                raise UpstreamUnreachable("it redirects to something that is not an http(s) URL")
-            response = self.request("GET", url, {"Accept": "image/*", "User-Agent": COPILOT_USER_AGENT})
-            location = response.header("location")
-            if response.status in (301, 302, 303, 307, 308) and location:
-                response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
-                url = urllib.parse.urljoin(url, location)
-                continue
-            if response.status != 200:
-                response.close(reuse=False)
-                raise UpstreamUnreachable("its server answered HTTP %d" % response.status)
-            media_type = (response.header("content-type") or "").split(";")[0].strip().lower()
-            if not media_type.startswith("image/"):
-                response.close(reuse=False)
-                raise UpstreamUnreachable("it is not an image (Content-Type %s)" % (media_type or "missing"))
-            if response.length is not None and response.length > limit:
-                response.close(reuse=False)
-                raise UpstreamUnreachable("it is larger than %d MiB" % (limit >> 20))
-            return media_type, response.read_all(limit)
-        raise UpstreamUnreachable("more than %d redirects" % MAX_IMAGE_REDIRECTS)
 
+# -- Images given by URL: fetched from public addresses only ----------------------------------
+
+#: Address blocks that are not the public internet (IANA special-purpose registries): a URL in a
+#: request must not make coproxy reach the user's own machine, LAN, cloud metadata or routers.
+_NON_PUBLIC_NETWORKS = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20",
+    "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")
+#: IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64, 6to4): judged by that address.
+_EMBEDDED_IPV4 = (("::ffff:0:0/96", 0), ("::/96", 0), ("64:ff9b::/96", 0), ("2002::/16", 80))
+
+
+@functools.lru_cache(maxsize=1)
+def _special_networks():
+    import ipaddress  # only for image fetching
+    return ([ipaddress.ip_network(n) for n in _NON_PUBLIC_NETWORKS],
+            [(ipaddress.ip_network(n), shift) for n, shift in _EMBEDDED_IPV4])
+
+
+def address_is_public(text):
+    """True when the IP address ``text`` is on the public internet (IPv4-in-IPv6 forms judged by
+    the IPv4 address inside)."""
+    import ipaddress
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    non_public, embedding = _special_networks()
+    if address.version == 6:
+        for network, shift in embedding:
+            if address in network:
+                return address_is_public(str(ipaddress.IPv4Address((int(address) >> shift) & 0xFFFFFFFF)))
+    return not any(address in network for network in non_public if network.version == address.version)
+
+
+class ImageNotFetched(Exception):
+    """Why an image could not be had; the detail goes to the debug log, never to the client
+    (telling what is at an address would make coproxy a scanner)."""
+
+
+class ImageFetcher:
+    """GET an image by URL for a request: fresh connections (never the pool that carries tokens),
+    the address checked after resolving on every hop and then connected to directly (no second
+    lookup, also through a proxy), a deadline for the whole fetch, a byte limit, image/* only."""
+
+    def __init__(self, client, allow_private=False):
+        self.client = client
+        self.allow_private = allow_private
+
+    def _addresses(self, host, port):
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ImageNotFetched("cannot resolve %s: %s" % (host, exc))
+        addresses = [(family, address[0]) for family, _, _, _, address in found]
+        if not self.allow_private:
+            hidden = [a for _, a in addresses if not address_is_public(a)]
+            if hidden:
+                raise ImageNotFetched("%s resolves to a non-public address (%s)" % (host, hidden[0]))
+        return addresses
+
+    def _open(self, target, url, deadline, abort):
+        scheme, host, port = target.origin
+        addresses = self._addresses(host, port)
+        proxy = proxy_for(url, self.client.environ)
+        last = None
+        for family, address in addresses:
+            literal = "[%s]" % address if family == socket.AF_INET6 else address
+            timeout = max(0.01, min(self.client.connect_timeout, deadline - time.monotonic()))
+            try:
+                sock = socket.create_connection(proxy[:2] if proxy else (address, port), timeout=timeout)
+            except OSError as exc:
+                last = exc
+                continue
+            try:
+                if abort is not None:
+                    abort.attach(sock)
+                if scheme == "https":
+                    if proxy:
+                        _connect_tunnel(sock, "%s:%d" % (literal, port), proxy[2])
+                    sock = self.client.ssl_context.wrap_socket(sock, server_hostname=host)
+                    if abort is not None:
+                        abort.attach(sock)
+                absolute = bool(proxy) and scheme == "http"
+                return UpstreamConnection(sock, absolute, proxy[2] if absolute else None), literal
+            except BaseException:
+                sock.close()
+                raise
+        raise ImageNotFetched("cannot connect to %s: %s" % (host, last))
+
+    def fetch(self, url, limit=None, abort=None, timeout=None):
+        """(media type, bytes) of the image at ``url``, or ImageNotFetched saying why (for the log)."""
+        limit = MAX_IMAGE_BYTES if limit is None else limit
+        deadline = time.monotonic() + (IMAGE_FETCH_SECONDS if timeout is None else timeout)
+        for _ in range(MAX_IMAGE_REDIRECTS + 1):
+            try:
+                target = parse_target(url)
+                conn, literal = self._open(target, url, deadline, abort)
+            except UpstreamUnreachable as exc:
+                raise ImageNotFetched(str(exc))
+            except (OSError, ValueError) as exc:
+                raise ImageNotFetched(str(network_error(exc, url)))
+            headers = {"Accept": "image/*", "User-Agent": "coproxy/" + __version__, "Connection": "close"}
+            block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
+            where = ("http://%s:%d%s" % (literal, target.port, target.path)) if conn.absolute_form else target.path
+            try:
+                conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                _send_request(conn, "GET", where, block, None)
+                response = UpstreamResponse(conn, "GET", None, abort)
+                location = response.header("location")
+                if response.status in (301, 302, 303, 307, 308) and location:
+                    response.close(reuse=False)
+                    url = urllib.parse.urljoin(url, location)
+                    if not url.lower().startswith(("http://", "https://")):
+                        raise ImageNotFetched("redirected to something that is not an http(s) URL")
+                    continue
+                media_type = (response.header("content-type") or "").split(";")[0].strip().lower()
+                if response.status != 200 or not media_type.startswith("image/"):
+                    response.close(reuse=False)
+                    raise ImageNotFetched("HTTP %d, Content-Type %s" % (response.status, media_type or "missing"))
+                return media_type, response.read_all(limit, deadline)
+            except UpstreamUnreachable as exc:
+                conn.close()
+                raise ImageNotFetched(str(exc))
+            except (OSError, ValueError) as exc:
+                conn.close()
+                raise ImageNotFetched(str(network_error(exc, url)))
+        raise ImageNotFetched("more than %d redirects" % MAX_IMAGE_REDIRECTS)
 
 # ------------------------------------------------------------------------------------------
 # 7. GitHub and Copilot auth (blocking)
@@ -1464,16 +1786,16 @@ class UpstreamClient:
 #    stop on ``expired_token``/``access_denied``/the deadline); the exchange of the GitHub
 #    token for a short-lived Copilot token, cached in memory and on disk and refreshed by one
 #    thread while the others wait (single-flight); the API base from the token's
-#    ``endpoints.api``; the /models catalogue with a TTL. Sleep and clock are injectable.
+#    ``endpoints.api``; the account and model-list calls. Sleep and clock are injectable.
 # ------------------------------------------------------------------------------------------
 
-def github_headers(token=None):
+def github_headers(config, token=None):
     """Headers for github.com / api.github.com calls: VS Code-like identity, GitHub token."""
     headers = {
         "Accept": "application/json",
-        "User-Agent": COPILOT_USER_AGENT,
-        "Editor-Version": EDITOR_VERSION,
-        "Editor-Plugin-Version": EDITOR_PLUGIN_VERSION,
+        "User-Agent": config.user_agent,
+        "Editor-Version": config.editor_version,
+        "Editor-Plugin-Version": config.editor_plugin_version,
         "X-GitHub-Api-Version": GITHUB_API_VERSION,
     }
     if token:
@@ -1481,34 +1803,39 @@ def github_headers(token=None):
     return headers
 
 
-def copilot_headers(copilot_token, initiator="user", vision=False, intent="conversation-panel"):
+def copilot_headers(config, copilot_token, initiator="user", vision=False, intent="conversation-panel",
+                    interaction=None):
     """Headers for the Copilot API, as VS Code's Copilot Chat sends them (protocol notes §4)."""
+    request_id = random_uuid()
     headers = {
         "Authorization": "Bearer " + copilot_token,
         "Content-Type": "application/json",
         "Accept": "application/json",
         "Copilot-Integration-Id": COPILOT_INTEGRATION_ID,
-        "Editor-Version": EDITOR_VERSION,
-        "Editor-Plugin-Version": EDITOR_PLUGIN_VERSION,
-        "User-Agent": COPILOT_USER_AGENT,
+        "Editor-Version": config.editor_version,
+        "Editor-Plugin-Version": config.editor_plugin_version,
+        "User-Agent": config.user_agent,
         "OpenAI-Intent": intent,
         "X-GitHub-Api-Version": COPILOT_CHAT_API_VERSION,
-        "X-Request-Id": random_uuid(),
+        "X-Request-Id": request_id,
         "X-Initiator": initiator,
         "X-VSCode-User-Agent-Library-Version": "electron-fetch",
     }
+    if interaction:
+        headers["X-Interaction-Type"] = interaction
+        headers["X-Agent-Task-Id"] = request_id
     if vision:
         headers["Copilot-Vision-Request"] = "true"
     return headers
 
 
 def upstream_error_message(raw, limit=2000):
-    """The human message inside an upstream error body: JSON ``error.message``, ``message``,
-    or the text itself; never double-encoded, never a token."""
+    """(message, fields) of an upstream error body: JSON ``error.message``, ``message``, or the
+    text itself; never double-encoded, never a token."""
     text = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw or "")
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     fields = {}
     if isinstance(data, dict):
@@ -1528,18 +1855,21 @@ def upstream_error_message(raw, limit=2000):
 class DeviceFlow:
     """GitHub's OAuth device flow for the Copilot GitHub App."""
 
-    def __init__(self, client, github_url, sleep=time.sleep, clock=time.monotonic):
+    def __init__(self, client, config, sleep=time.sleep, clock=time.monotonic):
         self.client = client
-        self.github_url = github_url
+        self.config = config
+        self.github_url = config.github_url
         self.sleep = sleep
         self.clock = clock
 
+    def _post(self, path, payload):
+        return self.client.request_json("POST", self.github_url + path,
+                                        dict(github_headers(self.config), **{"Content-Type": "application/json"}),
+                                        payload)
+
     def start(self):
         """Ask for a code: dict with device_code, user_code, verification_uri, expires_in, interval."""
-        status, data, raw, _ = self.client.request_json(
-            "POST", self.github_url + "/login/device/code",
-            dict(github_headers(), **{"Content-Type": "application/json"}),
-            {"client_id": GITHUB_CLIENT_ID, "scope": GITHUB_SCOPE})
+        status, data, raw, _ = self._post("/login/device/code", {"client_id": GITHUB_CLIENT_ID, "scope": GITHUB_SCOPE})
         if status != 200 or not isinstance(data, dict) or not data.get("device_code"):
             message, _ = upstream_error_message(raw)
             raise AuthError("GitHub refused to start the device flow (HTTP %d): %s" % (status, message),
@@ -1563,11 +1893,9 @@ class DeviceFlow:
                 on_wait(remaining, interval)
             self.sleep(min(interval, max(remaining, 0.01)))
             try:
-                _, data, raw, _ = self.client.request_json(
-                    "POST", self.github_url + "/login/oauth/access_token",
-                    dict(github_headers(), **{"Content-Type": "application/json"}),
-                    {"client_id": GITHUB_CLIENT_ID, "device_code": code["device_code"],
-                     "grant_type": "urn:ietf:params:oauth:grant-type:device_code"})
+                _, data, raw, _ = self._post("/login/oauth/access_token", {
+                    "client_id": GITHUB_CLIENT_ID, "device_code": code["device_code"],
+                    "grant_type": "urn:ietf:params:oauth:grant-type:device_code"})
             except UpstreamUnreachable as exc:
                 network_failures += 1
                 if network_failures >= 5:
@@ -1625,9 +1953,6 @@ class CopilotAuth:
         self._fingerprinted = (None, None)
         self._disk_checked = False
         self._refresh_lock = threading.Lock()
-        self._models_lock = threading.Lock()
-        self._models = None
-        self._models_at = 0.0
         #: token exchanges performed, and how many failed (tests and /metrics read them)
         self.exchanges = 0
         self.exchange_failures = 0
@@ -1636,18 +1961,30 @@ class CopilotAuth:
     def github_token(self):
         """(token, where it came from) or (None, None); flag > GHCP_GITHUB_TOKEN > file."""
         if self.config.github_token:
-            return self.config.github_token, self.config.github_token_source or "--github-token"
+            return self.config.github_token, self.config.source_of("github_token")
         token = self.store.load_github_token()
         if token:
             return token, self.store.github_token_path
         return None, None
 
+    def login_command(self):
+        """The `auth login` command for this state dir, as the user would type it."""
+        command = "python3 coproxy.py auth login"
+        if self.config.state_dir != os.path.abspath(default_state_dir(environ=self.config.environ)):
+            command += " --state-dir %s" % self.config.state_dir
+        return command
+
     def require_github_token(self):
         token, _ = self.github_token()
         if not token:
-            raise AuthError("not logged in to GitHub: run `python3 coproxy.py auth login` "
-                            "(or set GHCP_GITHUB_TOKEN)", code="not_logged_in")
+            raise AuthError("not logged in to GitHub: run `%s` (or set GHCP_GITHUB_TOKEN)" % self.login_command(),
+                            code="not_logged_in")
         return token
+
+    @property
+    def current_record(self):
+        """The Copilot token record in memory (None before the first exchange)."""
+        return self._record
 
     # -- the Copilot token -------------------------------------------------------------------
     def _fingerprint(self, github_token):
@@ -1690,7 +2027,7 @@ class CopilotAuth:
             self._record = record
             try:
                 self.store.save_copilot_token(record)
-            except OSError as exc:
+            except (OSError, ConfigError) as exc:
                 log.warning("could not save the Copilot token to %s: %s", self.store.copilot_token_path, exc)
             return record
 
@@ -1712,13 +2049,14 @@ class CopilotAuth:
     def _exchange_once(self, github_token):
         url = self.config.github_api_url + "/copilot_internal/v2/token"
         try:
-            status, data, raw, _ = self.client.request_json("GET", url, github_headers(github_token))
+            status, data, raw, _ = self.client.request_json("GET", url, github_headers(self.config, github_token))
         except UpstreamUnreachable as exc:
             raise AuthError("cannot get a Copilot token: %s" % exc, code="network")
         if status == 200 and isinstance(data, dict) and isinstance(data.get("token"), str):
             now = self.clock()
             record = dict(data)
-            record["expires_at"] = int(data.get("expires_at") or now + 1500)
+            expires_at = data.get("expires_at")
+            record["expires_at"] = int(expires_at) if isinstance(expires_at, (int, float)) else int(now + 1500)
             refresh_in = data.get("refresh_in")
             if isinstance(refresh_in, (int, float)) and refresh_in > 0:
                 record["refresh_at"] = int(now + refresh_in)
@@ -1737,25 +2075,29 @@ class CopilotAuth:
         notification = details.get("notification_id") if isinstance(details, dict) else None
         source = self.github_token()[1] or "the saved login"
         if status == 401:
-            return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or "
-                             "revoked); run `python3 coproxy.py auth login` again" % source,
-                             code="github_token_invalid", status=401)
+            if source == "GHCP_GITHUB_TOKEN":  # a new login cannot win over the variable
+                fix = "unset GHCP_GITHUB_TOKEN (or put a valid token in it), then run `%s`" % self.login_command()
+            elif source == "--github-token":
+                fix = "pass a valid token, or drop --github-token and run `%s`" % self.login_command()
+            else:
+                fix = "run `%s` again" % self.login_command()
+            return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or revoked); %s"
+                             % (source, fix), code="github_token_invalid", status=401)
         if github_token.startswith(("ghp_", "github_pat_")):
             return AuthError("the token from %s is a personal access token; GitHub only exchanges "
-                             "tokens from a Copilot login for Copilot tokens. Run `python3 coproxy.py "
-                             "auth login` instead (HTTP %d)" % (source, status),
-                             code="personal_access_token", status=status)
+                             "tokens from a Copilot login for Copilot tokens. Run `%s` instead (HTTP %d)"
+                             % (source, self.login_command(), status), code="personal_access_token", status=status)
         if notification:
             hint = _EXCHANGE_HINTS.get(notification, "GitHub refused Copilot access")
             url = details.get("url") if isinstance(details, dict) else None
             return AuthError("%s (%s, HTTP %d)%s" % (hint, notification, status,
-                                                       "; see " + url if url else ""),
+                                                       "; see " + url if isinstance(url, str) else ""),
                              code=notification, status=status)
         if status == 404:
             return AuthError("GitHub has no Copilot token for this account (404): the account has no "
                              "Copilot seat, or the token in %s does not come from a Copilot login "
-                             "(gho_ tokens of other OAuth apps are refused); run `python3 coproxy.py "
-                             "auth login`" % source, code="no_copilot_access", status=404)
+                             "(gho_ tokens of other OAuth apps are refused); run `%s`"
+                             % (source, self.login_command()), code="no_copilot_access", status=404)
         if status == 403 and "rate limit" in message.lower():
             return AuthError("GitHub API rate limit hit while getting a Copilot token: %s" % message,
                              code="rate_limited", status=403)
@@ -1782,80 +2124,179 @@ class CopilotAuth:
         return (record.get("api_endpoint") or self._api_base_from(record)).rstrip("/")
 
     # -- calls that need the tokens ----------------------------------------------------------
-    def github_user(self):
-        """GET /user: the account's public profile (``login``)."""
+    def github_json(self, path):
+        """GET a GitHub REST path with the GitHub token: ``/user`` (the account's ``login``) or
+        ``/copilot_internal/user`` (plan, quotas and endpoints of the Copilot account)."""
         token = self.require_github_token()
         try:
-            status, data, raw, _ = self.client.request_json(
-                "GET", self.config.github_api_url + "/user", github_headers(token))
+            status, data, raw, _ = self.client.request_json("GET", self.config.github_api_url + path,
+                                                            github_headers(self.config, token))
         except UpstreamUnreachable as exc:
             raise AuthError(str(exc), code="network")
         if status != 200 or not isinstance(data, dict):
             message, _ = upstream_error_message(raw)
-            raise AuthError("GitHub /user answered HTTP %d: %s" % (status, message), status=status)
+            raise AuthError("GitHub %s answered HTTP %d: %s" % (path, status, message), status=status)
         return data
 
-    def copilot_user(self):
-        """GET /copilot_internal/user: plan, quotas and endpoints of the Copilot account."""
-        token = self.require_github_token()
-        try:
+    def fetch_models(self):
+        """Copilot's /models list (deduplicated), with one token refresh if Copilot says 401."""
+        for attempt in (0, 1):
+            record = self.copilot_token()
             status, data, raw, _ = self.client.request_json(
-                "GET", self.config.github_api_url + "/copilot_internal/user", github_headers(token))
-        except UpstreamUnreachable as exc:
-            raise AuthError(str(exc), code="network")
-        if status != 200 or not isinstance(data, dict):
-            message, _ = upstream_error_message(raw)
-            raise AuthError("GitHub /copilot_internal/user answered HTTP %d: %s" % (status, message),
-                            status=status)
-        return data
-
-    def fetch_models(self, force=False):
-        """The Copilot /models list (cached for models_ttl); stale cache if a refresh fails."""
-        with self._models_lock:
-            now = time.monotonic()
-            if not force and self._models is not None and now - self._models_at < self.config.models_ttl:
-                return self._models
-            try:
-                record = self.copilot_token()
-                status, data, raw, _ = self.client.request_json(
-                    "GET", self.api_base(record) + "/models",
-                    copilot_headers(record["token"], intent="model-access"))
-                if status == 401:
-                    self.invalidate(record["token"])
-                    record = self.copilot_token()
-                    status, data, raw, _ = self.client.request_json(
-                        "GET", self.api_base(record) + "/models",
-                        copilot_headers(record["token"], intent="model-access"))
-                if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
-                    message, _ = upstream_error_message(raw)
-                    raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, message))
-            except (UpstreamUnreachable, AuthError):
-                if self._models is not None:
-                    log.warning("refreshing the model list failed; serving the cached one")
-                    return self._models
-                raise
+                "GET", self.api_base(record) + "/models", copilot_headers(self.config, record["token"],
+                                                                          intent="model-access"))
+            if status == 401 and attempt == 0:
+                self.invalidate(record["token"])
+                continue
+            if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+                message, _ = upstream_error_message(raw)
+                raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, message),
+                                          kind="http_%d" % status)
             models, seen = [], set()
             for model in data["data"]:
                 if isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"] not in seen:
                     seen.add(model["id"])
                     models.append(model)
-            self._models, self._models_at = models, now
             return models
-
+        raise AssertionError("unreachable")  # pragma: no cover
 
 # ------------------------------------------------------------------------------------------
-# 8. Formats and translation (pure)
-#    Dicts in, dicts out; bytes in, events out. No I/O, no clock (callers pass ``now``), no
-#    globals. 8a SSE codec, 8b OpenAI chat requests and answers, 8c the chat stream
-#    normaliser, 8d error envelopes, 8e the model catalogue and model names, 8f Anthropic
-#    Messages <-> OpenAI chat (requests, answers, streams, token estimate), 8g OpenAI chat <->
-#    Responses (for responses-only models), embeddings and quota.
+# 8. Formats, translation and plans (pure)
+#    Dicts in, dicts out; bytes in, items out. No I/O, no clock (callers pass ``now``), no
+#    globals. 8a request bodies and field checks, 8b SSE items and the three client dialects,
+#    8c error envelopes and what Copilot's errors mean, 8d the model catalogue (names, effort,
+#    schemas), 8e usage and cost, 8f chat, 8g Anthropic Messages, 8h Responses and compaction,
+#    8i embeddings, quota and images, 8j plans: what one request sends and how its answer is
+#    translated back.
 # ------------------------------------------------------------------------------------------
 
-# -- 8a. Server-sent events ----------------------------------------------------------------
+# -- 8a. Request bodies and field checks ----------------------------------------------------
 
-SSEEvent = collections.namedtuple("SSEEvent", "event data")
+def decode_body(raw, encoding, limit):
+    """A request body as sent before ``Content-Encoding`` (gzip, deflate; zstd where Python has
+    it), held to ``limit`` bytes while decoding: a small bomb cannot grow past the body cap."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return raw
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        # gzip: wbits 16+15; deflate is zlib-wrapped per RFC 9110, but raw deflate is common too
+        attempts = (31,) if encoding != "deflate" else (15, -15)
+        for wbits in attempts:
+            decoder = zlib.decompressobj(wbits)
+            try:
+                data = decoder.decompress(raw, limit + 1)
+            except zlib.error:
+                continue
+            if len(data) > limit or decoder.unconsumed_tail:
+                raise ClientError(413, "request body is larger than %d bytes once decompressed (--max-body-mb)" % limit,
+                                  code="request_too_large")
+            if not decoder.eof:
+                raise ClientError(400, "the %s request body is truncated" % encoding, code="invalid_encoding")
+            return data
+        raise ClientError(400, "the request body is not valid %s data" % encoding, code="invalid_encoding")
+    if encoding == "zstd":
+        try:
+            from compression import zstd  # Python 3.14+
+        except ImportError:
+            raise ClientError(415, "zstd request bodies need Python 3.14+ (this is %d.%d); run coproxy on a newer "
+                                   "Python, or turn request compression off in the client (Codex: "
+                                   "-c features.enable_request_compression=false)" % sys.version_info[:2],
+                              code="unsupported_content_encoding")
+        decoder = zstd.ZstdDecompressor()
+        try:
+            data = decoder.decompress(raw, max_length=limit + 1)
+        except zstd.ZstdError:
+            raise ClientError(400, "the request body is not valid zstd data", code="invalid_encoding")
+        if len(data) > limit or not decoder.eof:
+            raise ClientError(413, "request body is larger than %d bytes once decompressed (--max-body-mb)" % limit,
+                              code="request_too_large")
+        return data
+    raise ClientError(415, "Content-Encoding %r is not supported; send the body uncompressed, or as gzip, deflate "
+                           "or zstd" % encoding[:40], code="unsupported_content_encoding")
 
+
+_KINDS = {"string": str, "boolean": bool, "object": dict, "array": list}
+
+
+def _is_kind(value, kind):
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, _KINDS[kind])
+
+
+def _kinds_text(kinds):
+    return " or ".join(("an " if k[0] in "aio" else "a ") + k for k in kinds)
+
+
+def _json_kind(value):
+    for kind in ("boolean", "integer", "number", "string", "array", "object"):
+        if _is_kind(value, kind):
+            return kind
+    return "null" if value is None else type(value).__name__
+
+
+def check(container, key, kinds, where="", required=False):
+    """``container[key]`` if it is one of ``kinds`` ("string", "integer", "number", "boolean",
+    "object", "array"; null counts as absent), else a 400 naming the field and what it must be."""
+    value = container.get(key)
+    name = where + key
+    if value is None:
+        if required:
+            raise ClientError(400, "%s: field required" % name, param=name, code="missing_field")
+        return None
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    if not any(_is_kind(value, kind) for kind in kinds):
+        raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _json_kind(value)),
+                          param=name, code="invalid_type")
+    return value
+
+
+def check_items(container, key, where="", kinds="object"):
+    """The array at ``container[key]`` (or [] when absent), each member one of ``kinds``."""
+    items = check(container, key, "array", where) or []
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    for index, item in enumerate(items):
+        if not any(_is_kind(item, kind) for kind in kinds):
+            name = "%s%s[%d]" % (where, key, index)
+            raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _json_kind(item)),
+                              param=name, code="invalid_type")
+    return items
+
+
+def check_parts(content, where):
+    """Message content: a string, or an array of parts that are objects with a string ``type``."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise ClientError(400, "%s must be a string or an array of parts, not %s" % (where, _json_kind(content)),
+                          param=where, code="invalid_type")
+    for index, part in enumerate(content):
+        name = "%s[%d]" % (where, index)
+        if not isinstance(part, dict):
+            raise ClientError(400, "%s must be an object, not %s" % (name, _json_kind(part)), param=name,
+                              code="invalid_type")
+        check(part, "type", "string", name + ".", required=True)
+        for key in ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data"):
+            check(part, key, "string", name + ".")
+        check(part, "image_url", ("string", "object"), name + ".")
+        if isinstance(part.get("image_url"), dict):
+            check(part["image_url"], "url", "string", name + ".image_url.")
+        check(part, "source", "object", name + ".")
+        if isinstance(part.get("source"), dict):
+            for key in ("type", "url", "data", "media_type"):
+                check(part["source"], key, "string", name + ".source.")
+        check(part, "input", "object", name + ".")
+        if part.get("type") == "tool_result":
+            check_parts(part.get("content"), name + ".content")
+
+
+# -- 8b. Server-sent events: items in, items out, one encoder per dialect ----------------------
+# Upstream SSE is decoded once into items ``(event, data)``: ``event`` is the SSE event name or
+# None, ``data`` the text of the event or, once a translator has built it, a dict. Translators
+# (8f-8h) map items to items; StreamError is the one special item, a failure for the client's
+# dialect to spell. The dialect's encoder writes the wire bytes at the very end.
 
 class SSEDecoder:
     """Incremental SSE parser (WHATWG rules): LF, CR or CRLF line ends, multi-line ``data:``,
@@ -1867,8 +2308,8 @@ class SSEDecoder:
         self._event = None
 
     def feed(self, chunk):
-        """Bytes in, complete events out (a list of SSEEvent with ``data`` as str)."""
-        buf = self._pending + chunk
+        """Bytes in, complete events out: a list of (event name or None, data text)."""
+        buf = self._pending + chunk if self._pending else chunk
         held = b""
         if buf.endswith(b"\r"):  # may be the first half of a CRLF split across reads
             buf, held = buf[:-1], b"\r"
@@ -1880,7 +2321,7 @@ class SSEDecoder:
         for line in lines:
             if not line:
                 if self._data:
-                    events.append(SSEEvent(self._event, b"\n".join(self._data).decode("utf-8", "replace")))
+                    events.append((self._event, b"\n".join(self._data).decode("utf-8", "replace")))
                 self._data = []
                 self._event = None
             elif line[:1] == b":":
@@ -1903,264 +2344,23 @@ class SSEDecoder:
 
 
 def encode_sse(data, event=None):
-    """One SSE frame; ``data`` is bytes without newlines (compact JSON always is)."""
+    """One SSE frame of bytes ``data`` (each of its lines its own ``data:`` line)."""
+    if b"\n" in data or b"\r" in data:
+        data = b"\ndata: ".join(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"))
     if event:
-        return b"event: " + event.encode("ascii") + b"\ndata: " + data + b"\n\n"
+        return b"event: " + event.encode("utf-8") + b"\ndata: " + data + b"\n\n"
     return b"data: " + data + b"\n\n"
 
 
-SSE_DONE = b"data: [DONE]\n\n"
-SSE_PING = b": ping\n\n"
+class StreamError:
+    """An item that ends a stream with a failure, spelled by the client's dialect."""
 
-# -- 8b. OpenAI chat completions -----------------------------------------------------------
+    __slots__ = ("message", "code")
 
-_IMAGE_PART_TYPES = frozenset(["image_url", "image", "input_image"])
+    def __init__(self, message, code=None):
+        self.message = message
+        self.code = code
 
-
-def messages_have_image(messages):
-    """True if any message carries an image part (Copilot then needs Copilot-Vision-Request)."""
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") in _IMAGE_PART_TYPES:
-                    return True
-    return False
-
-
-def chat_initiator(messages):
-    """``agent`` when the last message is the assistant's or a tool result, else ``user``.
-
-    Copilot bills a premium request per ``user`` turn; tool loops are follow-ups."""
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("assistant", "tool"):
-        return "agent"
-    return "user"
-
-
-ChatRequest = collections.namedtuple("ChatRequest", "payload model stream include_usage merge_choices "
-                                                    "initiator vision")
-
-
-def prepare_chat_request(payload, default_model=None):
-    """Check an OpenAI chat request and work out what the proxy needs to know about it."""
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ClientError(400, "'messages' must be a non-empty array", param="messages",
-                          code="invalid_messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ClientError(400, "messages[%d] must be an object with a 'role'" % index,
-                              param="messages", code="invalid_messages")
-    model = payload.get("model") or default_model
-    if not isinstance(model, str) or not model:
-        raise ClientError(400, "'model' is required (or start coproxy with --default-model)",
-                          param="model", code="model_required")
-    payload["model"] = model
-    stream = payload.get("stream") is True
-    options = payload.get("stream_options")
-    include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
-    n = payload.get("n")
-    merge = not (isinstance(n, int) and n > 1)
-    return ChatRequest(payload, model, stream, include_usage, merge, chat_initiator(messages),
-                       messages_have_image(messages))
-
-
-def _merge_finish(current, new):
-    """Finish reason of choices merged into one: a tool call wins over everything else."""
-    if current == "tool_calls" or new == "tool_calls":
-        return "tool_calls"
-    return current or new
-
-
-def merge_choices(choices):
-    """Claude via Copilot may put text in choices[0] and tool calls in choices[1]; one choice."""
-    merged = dict(choices[0])
-    message = dict(merged.get("message") or {"role": "assistant"})
-    texts, tool_calls, finish = [], [], None
-    for choice in sorted(choices, key=lambda c: c.get("index") or 0):
-        part = choice.get("message") or {}
-        if isinstance(part.get("content"), str) and part["content"]:
-            texts.append(part["content"])
-        tool_calls.extend(part.get("tool_calls") or [])
-        for key, value in part.items():
-            if key not in ("content", "tool_calls") and value is not None and message.get(key) is None:
-                message[key] = value
-        finish = _merge_finish(finish, choice.get("finish_reason"))
-    message["content"] = "".join(texts) if texts else None
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    merged["message"] = message
-    merged["index"] = 0
-    merged["finish_reason"] = finish
-    return merged
-
-
-def normalize_chat_response(data, model, merge, now):
-    """A complete OpenAI chat.completion from what Copilot returned."""
-    if not isinstance(data, dict):
-        raise ValueError("answer is not a JSON object")
-    choices = [c for c in (data.get("choices") or []) if isinstance(c, dict)]
-    if merge and len(choices) > 1:
-        choices = [merge_choices(choices)]
-    for position, choice in enumerate(choices):
-        choice.setdefault("index", position)
-        message = choice.get("message")
-        if isinstance(message, dict):
-            message.pop("padding", None)
-            message.setdefault("role", "assistant")
-            message.setdefault("content", None)
-        choice.setdefault("finish_reason", None)
-        choice.setdefault("logprobs", None)
-    data["choices"] = choices
-    data["id"] = data.get("id") or "chatcmpl-" + random_id()
-    data["object"] = "chat.completion"
-    data["created"] = data.get("created") or int(now)
-    data["model"] = data.get("model") or model
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        usage = data["usage"] = {}
-    usage.setdefault("prompt_tokens", 0)
-    usage.setdefault("completion_tokens", 0)
-    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
-    return data
-
-
-# -- 8c. The chat stream normaliser --------------------------------------------------------
-
-class StreamTranslator:
-    """Base of every stream translator (upstream events in, client frames out).
-
-    feed_event(SSEEvent) -> frames; finish() when the upstream ends; error(message) at most once,
-    after which nothing more is sent. A subclass says how its dialect frames an error."""
-
-    finished = False
-    INCOMPLETE = "Copilot closed the stream before the answer was complete"
-
-    def feed_event(self, event):
-        return self.feed(event.data)
-
-    def finish(self):
-        return [] if self.finished else self.error(self.INCOMPLETE)
-
-    def error(self, message, code=None):
-        if self.finished:
-            return []
-        self.finished = True
-        return self.error_frames(message, code)
-
-    def error_frames(self, message, code):
-        raise NotImplementedError
-
-
-def parse_chat_chunk(data):
-    """One chat-completions stream event: (chunk, None); (None, None) to skip it; or
-    (None, (message, code)) for a malformed event or an error Copilot reports mid-stream."""
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        return None, ("Copilot sent a malformed stream event", None)
-    if not isinstance(chunk, dict):
-        return None, None
-    if chunk.get("error") and not chunk.get("choices"):
-        message, fields = upstream_error_message(json.dumps(chunk))
-        return None, (message or "Copilot reported an error mid-stream", fields.get("code"))
-    return chunk, None
-
-
-class ChatStreamNormalizer(StreamTranslator):
-    """Copilot chat chunks in, OpenAI chat.completion.chunk SSE frames out.
-
-    What it fixes: chunks without ``object``/``created``/``id``; filter-result and metadata
-    chunks with no choices (dropped); usage (sent once, as its own final chunk, only when the
-    client asked with stream_options.include_usage); Claude's split choices (merged into
-    index 0, tool-call indexes renumbered, one finish_reason at the end); an error object in
-    the stream (one OpenAI error event, then the stream ends)."""
-
-    def __init__(self, model, include_usage, merge, now):
-        self.model = model
-        self.include_usage = include_usage
-        self.merge = merge
-        self.created = int(now)
-        self.id = None
-        self.usage = None
-        self.finish_reason = None
-        self.saw_done = False
-        self._tool_index = {}
-
-    def feed(self, data):
-        """One upstream event's data (str) → list of SSE frames (bytes)."""
-        if self.finished or self.saw_done:
-            return []
-        if data == "[DONE]" or data.strip() == "[DONE]":
-            self.saw_done = True
-            return []
-        chunk, problem = parse_chat_chunk(data)
-        if chunk is None:
-            return self.error(*problem) if problem else []
-        choices = chunk.get("choices")
-        usage = chunk.pop("usage", None)
-        if isinstance(usage, dict):
-            self.usage = usage
-        if not isinstance(choices, list) or not choices:
-            return []
-        if self.id is None:
-            self.id = chunk.get("id") or "chatcmpl-" + random_id()
-        chunk["id"] = self.id
-        chunk["object"] = "chat.completion.chunk"
-        chunk["created"] = chunk.get("created") or self.created
-        chunk["model"] = chunk.get("model") or self.model
-        if self.merge:
-            kept = []
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    continue
-                finish = choice.get("finish_reason")
-                delta = choice.get("delta")
-                source_index = choice.get("index") or 0
-                choice["index"] = 0
-                if finish:
-                    self.finish_reason = _merge_finish(self.finish_reason, finish)
-                    choice["finish_reason"] = None
-                if isinstance(delta, dict) and delta.get("tool_calls"):
-                    for call in delta["tool_calls"]:
-                        if isinstance(call, dict):
-                            key = (source_index, call.get("index") or 0)
-                            call["index"] = self._tool_index.setdefault(key, len(self._tool_index))
-                if delta or not finish:
-                    kept.append(choice)
-            if not kept:
-                return []
-            chunk["choices"] = kept
-        else:
-            for choice in choices:
-                if isinstance(choice, dict) and choice.get("finish_reason"):
-                    self.finish_reason = choice["finish_reason"]
-        return [encode_sse(json_dumps(chunk))]
-
-    def _chunk(self, choices, **extra):
-        chunk = {"id": self.id or "chatcmpl-" + random_id(), "object": "chat.completion.chunk",
-                 "created": self.created, "model": self.model, "choices": choices}
-        chunk.update(extra)
-        return encode_sse(json_dumps(chunk))
-
-    def finish(self):
-        """Frames that close a stream that ended (with or without [DONE])."""
-        if self.finished or (not self.saw_done and self.finish_reason is None):
-            return super().finish()
-        frames = []
-        if self.merge and self.finish_reason:
-            frames.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason,
-                                        "logprobs": None}]))
-        if self.include_usage and self.usage is not None:
-            frames.append(self._chunk([], usage=self.usage))
-        frames.append(SSE_DONE)
-        return frames
-
-    def error_frames(self, message, code):
-        return [encode_sse(json_dumps(openai_error_body(message, "api_error", code or "upstream_stream_error")))]
-
-
-# -- 8d. Error envelopes -------------------------------------------------------------------
 
 def openai_error_body(message, kind="api_error", code=None, param=None):
     """``{"error": {"message", "type", "param", "code"}}``, OpenAI's envelope."""
@@ -2169,7 +2369,7 @@ def openai_error_body(message, kind="api_error", code=None, param=None):
 
 _ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                           404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                          503: "overloaded_error", 529: "overloaded_error"}
+                          500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
 
 
 def anthropic_error_body(status, message):
@@ -2178,8 +2378,179 @@ def anthropic_error_body(status, message):
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def client_error_from_upstream(status, raw, headers=None):
-    """A ClientError that keeps the upstream status, message, code and retry-after."""
+class Dialect:
+    """How one client API spells things on the wire: answers, stream items, a stream failure,
+    a keep-alive ping and an error envelope. One instance per API (OPENAI, RESPONSES, ANTHROPIC)."""
+
+    def __init__(self, name, ping, stream_error, envelope):
+        self.name = name
+        self.ping = ping
+        self._stream_error = stream_error
+        self._envelope = envelope
+
+    @staticmethod
+    def encode(item):
+        event, data = item
+        return encode_sse(data.encode("utf-8") if isinstance(data, str) else json_dumps(data), event)
+
+    def stream_error(self, message, code=None):
+        """The bytes of the one event that ends a failed stream."""
+        return self.encode(self._stream_error(message, code or "upstream_stream_error"))
+
+    def envelope(self, error):
+        """The JSON body of an error answer (``error`` is a ClientError)."""
+        return json_dumps(self._envelope(error))
+
+
+OPENAI = Dialect("openai", b": ping\n\n",
+                 lambda message, code: (None, openai_error_body(message, "api_error", code)),
+                 lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
+RESPONSES = Dialect("responses", b": ping\n\n",
+                    lambda message, code: ("error", {"type": "error", "code": code, "message": message, "param": None}),
+                    lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
+ANTHROPIC = Dialect("anthropic", encode_sse(b'{"type":"ping"}', "ping"),
+                    lambda message, code: ("error", anthropic_error_body(500, message)),
+                    lambda e: anthropic_error_body(e.status, str(e)))
+
+
+class StreamTranslation:
+    """Upstream SSE bytes in, the client's wire bytes out: decode once, map the items through
+    ``chain`` (translators, each turning one format's items into the next one's), encode in the
+    client's ``dialect``. The end rule lives here, the same for every route: each stage must have
+    seen its input's own end marker (``[DONE]``/a finish, ``message_stop``, ``response.completed``),
+    else the client gets the dialect's error event and no normal end."""
+
+    INCOMPLETE = "Copilot closed the stream before the answer was complete"
+
+    def __init__(self, chain, dialect):
+        self.chain = chain
+        self.dialect = dialect
+        self.decoder = SSEDecoder()
+        self.finished = False   # an end (normal or failed) has been written
+        self.failure = None     # the message of a failed end
+
+    @property
+    def source(self):
+        """The first translator: the one that read the upstream's own items (usage lives there)."""
+        return self.chain[0]
+
+    def _run(self, items, start=0):
+        for mapper in self.chain[start:]:
+            out = []
+            for item in items:
+                if isinstance(item, StreamError):
+                    out.append(item)
+                else:
+                    out.extend(mapper.feed(item[0], item[1]))
+            items = out
+        return items
+
+    def _encode(self, items):
+        out = []
+        for item in items:
+            if isinstance(item, StreamError):
+                out.append(self._fail(item.message, item.code))
+                break
+            out.append(self.dialect.encode(item))
+        return b"".join(out)
+
+    def _fail(self, message, code=None):
+        self.finished = True
+        self.failure = message
+        return self.dialect.stream_error(message, code)
+
+    def feed(self, data):
+        """Upstream body bytes → client bytes (b"" when nothing is complete yet)."""
+        if self.finished:
+            return b""
+        events = self.decoder.feed(data)
+        if not events:
+            return b""
+        if len(self.chain) == 1:  # the usual case, without _run's generality
+            feed, items = self.chain[0].feed, []
+            for event, text in events:
+                items.extend(feed(event, text))
+            return self._encode(items)
+        return self._encode(self._run(events))
+
+    def end(self):
+        """The upstream body ended cleanly: the translators' closing items, or the failure."""
+        if self.finished:
+            return b""
+        out = [self._encode(self._run(self.decoder.finish()))]
+        items = []  # the closing items of the stages before, entering this one
+        for index, mapper in enumerate(self.chain):
+            if self.finished:
+                return b"".join(out)
+            fed = []
+            for item in items:
+                fed.extend([item] if isinstance(item, StreamError) else mapper.feed(item[0], item[1]))
+            failed = any(isinstance(item, StreamError) for item in fed)
+            if not (mapper.complete or failed):
+                out.append(self._encode(self._run(fed, index + 1)))
+                if not self.finished:
+                    out.append(self._fail(self.INCOMPLETE, "incomplete_stream"))
+                return b"".join(out)
+            items = fed if failed else fed + mapper.end()
+        out.append(self._encode(items))
+        self.finished = True
+        return b"".join(out)
+
+    def fail(self, message, code=None):
+        """The upstream broke (cut, timeout): one error event, unless the stream already ended."""
+        return b"" if self.finished else self._fail(message, code)
+
+
+class Translator:
+    """Base of the stream translators: ``feed(event, data)`` → items, ``end()`` → the closing
+    items once the upstream ended cleanly; ``complete`` once its input's end marker was seen;
+    ``usage`` what the upstream said the answer cost (see 8e)."""
+
+    complete = False
+    usage = None
+
+    def end(self):
+        return []
+
+
+def parse_event_json(data):
+    """An event's data as a dict: None for non-objects, StreamError for malformed JSON."""
+    if isinstance(data, dict):
+        return data
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return StreamError("Copilot sent a malformed stream event", "bad_upstream_event")
+    return value if isinstance(value, dict) else None
+
+# -- 8c. Error envelopes and what Copilot's errors mean --------------------------------------
+
+_RETRY_AFTER_IN_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) ?(second|minute|hour)", re.I)
+#: Waits this short are worth one automatic retry of a transient 429/503 (longer ones are not).
+TRANSIENT_RETRY_SECONDS = 5
+
+
+def parse_retry_after(value, now):
+    """Seconds from a Retry-After value (delta-seconds or an HTTP date), or None."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        import email.utils  # rare: only dated Retry-After values
+        return max(0, int(email.utils.parsedate_to_datetime(value).timestamp() - now))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+UpstreamVerdict = collections.namedtuple("UpstreamVerdict", "error window wait transient")
+
+
+def client_error_from_upstream(status, raw, headers, now, identity=None):
+    """What a non-2xx Copilot answer means for our client: UpstreamVerdict(error, window, wait,
+    transient). ``error`` keeps the upstream status, message, code and retry-after; a 5-hour
+    session or weekly limit names its ``window`` and when it ends (the wait is often only in the
+    message text); a 466 names the identity options; ``transient`` marks a short plain 429/503
+    worth one retry. ``identity`` is (editor version, plugin version) for the 466 message."""
     message, fields = upstream_error_message(raw)
     if not message:
         message = "Copilot answered HTTP %d %s" % (status, REASONS.get(status, ""))
@@ -2188,15 +2559,41 @@ def client_error_from_upstream(status, raw, headers=None):
         kind = error_type_for_status(status)
     code = fields.get("code") if isinstance(fields.get("code"), (str, int)) and fields.get("code") != "" else None
     param = fields.get("param") if isinstance(fields.get("param"), str) and fields.get("param") else None
-    passed = []
-    for name in ("retry-after", "x-ratelimit-exceeded"):
-        value = headers.get(name) if headers is not None else None
-        if value:
-            passed.append((name.title() if name == "retry-after" else name, value))
-    return ClientError(status, message, kind=kind, code=code, param=param, headers=passed)
+    headers = headers or {}
+    wait = parse_retry_after(headers.get("retry-after"), now)
+    match = _RETRY_AFTER_IN_TEXT.search(message)
+    if wait is None and match:
+        wait = int(float(match.group(1)) * {"second": 1, "minute": 60, "hour": 3600}[match.group(2).lower()])
+    window = None
+    text = (message + " " + str(code or "")).lower()
+    if status == 429 and ("weekly" in text):
+        window = "weekly"
+    elif status == 429 and ("session limit" in text or "user_global_rate_limited" in text):
+        window = "5-hour session"
+    passed = [(name.title() if name == "retry-after" else name, headers[name])
+              for name in ("retry-after", "x-ratelimit-exceeded") if headers.get(name)]
+    if window:
+        if wait is not None and not headers.get("retry-after"):
+            passed.insert(0, ("Retry-After", str(wait)))
+        ends = (" It ends at %s (in %s)." % (time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(now + wait)),
+                                             format_duration(wait)) if wait is not None else "")
+        message = "Copilot's %s limit is reached: %s%s Requests are not retried automatically." % (
+            window, message.rstrip(), ends)
+        code = code or ("user_weekly_rate_limited" if window == "weekly" else "user_global_rate_limited")
+    elif status == 466:
+        editor, plugin = identity or (DEFAULT_EDITOR_VERSION, DEFAULT_EDITOR_PLUGIN_VERSION)
+        message = ("Copilot refused this client version (HTTP 466: %s). Start coproxy with a newer "
+                   "--editor-version and --editor-plugin-version (now %s and %s), or update coproxy"
+                   % (message.rstrip(". "), editor, plugin))
+        code = "client_version_refused"
+    error = ClientError(status, message, kind=kind, code=code, param=param, headers=passed)
+    transient = window is None and (
+        (status == 429 and wait is not None and wait <= TRANSIENT_RETRY_SECONDS) or
+        (status == 503 and (wait is None or wait <= TRANSIENT_RETRY_SECONDS)))
+    return UpstreamVerdict(error, window, wait, transient)
 
 
-# -- 8e. The model catalogue ---------------------------------------------------------------
+# -- 8d. The model catalogue: names, effort, capabilities, schemas ----------------------------
 
 #: Served by /v1/models when Copilot cannot be reached (seed behaviour); shaped like /models.
 FALLBACK_MODELS = [
@@ -2220,12 +2617,18 @@ FALLBACK_MODELS = [
 ]
 
 
+def _dig(node, *keys):
+    """node[k1][k2]... where each level is a dict; {} when any level is missing or not a dict."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
 def copilot_model_to_openai(model):
     """One Copilot /models entry in OpenAI's model shape, plus the extras clients find useful."""
-    caps = model.get("capabilities") if isinstance(model.get("capabilities"), dict) else {}
-    limits = caps.get("limits") if isinstance(caps.get("limits"), dict) else {}
-    supports = caps.get("supports") if isinstance(caps.get("supports"), dict) else {}
-    vendor = model.get("vendor") or "GitHub Copilot"
+    caps = _dig(model, "capabilities")
+    limits, supports = _dig(caps, "limits"), _dig(caps, "supports")
+    vendor = model.get("vendor") if isinstance(model.get("vendor"), str) else "GitHub Copilot"
     entry = {
         "id": model["id"], "object": "model", "created": 0,
         "owned_by": re.sub(r"[^a-z0-9]+", "-", vendor.lower()).strip("-"),
@@ -2246,6 +2649,13 @@ def copilot_model_to_openai(model):
     if isinstance(model.get("policy"), dict):
         entry["policy_state"] = model["policy"].get("state")
     return entry
+
+
+def anthropic_model_entry(entry):
+    """An OpenAI-shaped model entry with the fields Anthropic's model list has (type, display_name,
+    created_at), so Claude Code's gateway model discovery can read /v1/models too."""
+    return dict(entry, type="model", display_name=entry.get("name") or entry["id"],
+                created_at="1970-01-01T00:00:00Z")
 
 
 _DATE_SUFFIX = re.compile(r"-(?:20\d{6}|latest)$")
@@ -2294,18 +2704,72 @@ def unknown_model_error(name, ids):
                        code="model_not_found", param="model")
 
 
-def check_chat_capabilities(payload, info, vision):
-    """400 before any upstream call for what the model is known not to accept."""
-    caps = info.get("capabilities") if isinstance(info.get("capabilities"), dict) else {}
-    supports = caps.get("supports") if isinstance(caps.get("supports"), dict) else {}
-    if vision and supports.get("vision") is False:
-        raise ClientError(400, "model %s does not accept images; pick one with vision (see GET /v1/models)" % info["id"],
-                          code="model_without_vision", param="messages")
-    effort = payload.get("reasoning_effort")
-    allowed = supports.get("reasoning_effort")
-    if effort is not None and isinstance(allowed, list) and effort not in allowed:
-        raise ClientError(400, "reasoning_effort %r is not accepted by %s; allowed: %s" % (
-            effort, info["id"], ", ".join(map(str, allowed))), code="invalid_reasoning_effort", param="reasoning_effort")
+def with_policy_hint(error, model, info):
+    """model_not_supported for a model whose catalogue policy is not ``enabled``: say where to
+    enable it (coproxy does not accept a model's terms on the user's behalf)."""
+    state = _dig(info, "policy").get("state")
+    if error.code != "model_not_supported" or state in (None, "enabled"):
+        return error
+    return ClientError(error.status, "%s: %s is not enabled for your account (policy: %s); enable it at "
+                       "https://github.com/settings/copilot/features or once in VS Code's model picker"
+                       % (str(error).rstrip(". "), model, state), kind=error.kind, code=error.code,
+                       param=error.param, headers=error.headers)
+
+
+def check_vision(model, info, vision, param):
+    """400 before any upstream call when images go to a model the catalogue says cannot see."""
+    if vision and _dig(info, "capabilities", "supports").get("vision") is False:
+        raise ClientError(400, "model %s does not accept images; pick one with vision (see GET /v1/models)"
+                          % model, code="model_without_vision", param=param)
+
+
+#: Reasoning effort values from least to most; a value a model does not list is moved to the
+#: nearest one it does (on a tie, the higher: the client asked for at least that much).
+EFFORT_SCALE = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def nearest_effort(wanted, allowed):
+    """The value of ``allowed`` nearest to ``wanted`` on EFFORT_SCALE, or None when either is
+    off the scale (then the request goes as it is and Copilot decides)."""
+    allowed = [a for a in allowed if a in EFFORT_SCALE]
+    if wanted in allowed or wanted not in EFFORT_SCALE or not allowed:
+        return wanted if wanted in allowed else None
+    rank = EFFORT_SCALE.index(wanted)
+    return min(allowed, key=lambda a: (abs(EFFORT_SCALE.index(a) - rank), -EFFORT_SCALE.index(a)))
+
+
+def supported_efforts_in(message):
+    """The effort values a refusal lists ("supported values: [medium]", "Supported values are:
+    'minimal', 'low'..."), or [] when it lists none."""
+    match = re.search(r"\bsupported values?(?: are)?:?(.*)", message, re.I | re.S)
+    return re.findall(r"\b(%s)\b" % "|".join(EFFORT_SCALE), match.group(1)) if match else []
+
+
+def is_effort_refusal(error):
+    text = str(error).lower()
+    return error.status == 400 and (error.code == "invalid_reasoning_effort" or (
+        error.code in ("unsupported_value", "invalid_request_body") and ("effort" in text or "reasoning" in text)))
+
+
+#: Where each upstream API keeps the reasoning effort, and the name clients of that API know.
+_EFFORT_FIELDS = {"/chat/completions": ("reasoning_effort",), "/responses": ("reasoning", "effort"),
+                  "/v1/messages": ("output_config", "effort")}
+
+
+def get_effort(path, payload):
+    keys = _EFFORT_FIELDS.get(path)
+    node = payload
+    for key in keys or ():
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, str) else None
+
+
+def set_effort(path, payload, value):
+    *parents, last = _EFFORT_FIELDS[path]
+    node = payload
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
 
 
 _SCHEMA_CHILDREN = ("properties", "patternProperties", "$defs", "definitions")
@@ -2390,7 +2854,401 @@ def endpoint_for(info, wanted):
     return wanted
 
 
-# -- 8f. Anthropic Messages <-> OpenAI chat ------------------------------------------------
+# -- 8e. Usage and cost --------------------------------------------------------------------
+# One shape for what an answer used, whatever its API: input (prompt tokens, cached included),
+# cached, output, reasoning, and nano_aiu (Copilot's own price of the answer in nano AI credits,
+# ``copilot_usage.total_nano_aiu``; 1 credit = 1e9 nano-AIU = US$0.01), None when not reported.
+
+NANO_AIU_PER_CREDIT = 1e9
+
+
+def _count(node, *keys):
+    for key in keys[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    value = node.get(keys[-1]) if isinstance(node, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _nano_aiu(copilot_usage):
+    value = copilot_usage.get("total_nano_aiu") if isinstance(copilot_usage, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_from_chat(usage, copilot_usage=None):
+    return {"input": _count(usage, "prompt_tokens"), "cached": _count(usage, "prompt_tokens_details", "cached_tokens"),
+            "output": _count(usage, "completion_tokens"),
+            "reasoning": _count(usage, "completion_tokens_details", "reasoning_tokens"),
+            "nano_aiu": _nano_aiu(copilot_usage)}
+
+
+def usage_from_responses(usage, copilot_usage=None):
+    return {"input": _count(usage, "input_tokens"), "cached": _count(usage, "input_tokens_details", "cached_tokens"),
+            "output": _count(usage, "output_tokens"),
+            "reasoning": _count(usage, "output_tokens_details", "reasoning_tokens"),
+            "nano_aiu": _nano_aiu(copilot_usage)}
+
+
+def usage_from_anthropic(usage, copilot_usage=None):
+    cached = _count(usage, "cache_read_input_tokens")
+    return {"input": _count(usage, "input_tokens") + cached + _count(usage, "cache_creation_input_tokens"),
+            "cached": cached, "output": _count(usage, "output_tokens"),
+            "reasoning": _count(usage, "output_tokens_details", "thinking_tokens"),
+            "nano_aiu": _nano_aiu(copilot_usage)}
+
+
+def merge_usage(old, new):
+    """Two reports of one answer (Anthropic streams give input at the start, output at the end)."""
+    if old is None:
+        return new
+    merged = {key: max(old[key], new[key]) for key in ("input", "cached", "output", "reasoning")}
+    merged["nano_aiu"] = new["nano_aiu"] if new["nano_aiu"] is not None else old["nano_aiu"]
+    return merged
+
+
+def usage_of_answer(path, data):
+    """The usage of a whole (non-stream) upstream answer, by the API it came from."""
+    if not isinstance(data, dict):
+        return None
+    if path == "/responses":
+        return usage_from_responses(data.get("usage"), data.get("copilot_usage"))
+    if path == "/v1/messages":
+        return usage_from_anthropic(data.get("usage"), data.get("copilot_usage"))
+    if path in ("/chat/completions", "/embeddings"):
+        return usage_from_chat(data.get("usage"), data.get("copilot_usage"))
+    return None
+
+
+def _price(prices, *names):
+    for name in names:
+        value = prices.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def estimate_credits(usage, info):
+    """AI credits of an answer from the token counts and the model's catalogue prices
+    (``billing.token_prices``: credits per ``batch_size`` tokens; a ``long_context`` tier applies
+    above the default tier's ``context_max``), or None when the catalogue has no prices."""
+    billing = _dig(info, "billing")
+    prices = billing.get("token_prices") if isinstance(billing.get("token_prices"), dict) else _dig(billing, "tokenPrices")
+    if not prices:
+        return None
+    batch = _price(prices, "batch_size", "batchSize") or 1000000
+    tier = _dig(prices, "default") or prices
+    long_tier = _dig(prices, "long_context") or _dig(prices, "longContext")
+    ceiling = _price(tier, "context_max", "contextMax", "max_prompt_tokens")
+    if long_tier and ceiling and usage["input"] > ceiling:
+        tier = long_tier
+    input_price, output_price = _price(tier, "input_price", "inputPrice"), _price(tier, "output_price", "outputPrice")
+    if input_price is None or output_price is None:
+        return None
+    cache_price = _price(tier, "cache_price", "cachePrice")
+    cached = usage["cached"] if cache_price is not None else 0
+    total = ((usage["input"] - cached) * input_price + cached * (cache_price or 0) + usage["output"] * output_price)
+    return total / batch
+
+
+def parse_ratelimit_header(value):
+    """``x-usage-ratelimit-session: ent=0&ov=0.0&ovPerm=false&rem=99.6&rst=2026-04-22T14%3A30%3A56Z``
+    → {"percent_remaining": 99.6, "resets_at": "2026-04-22T14:30:56Z"}; None when unreadable."""
+    fields = dict(urllib.parse.parse_qsl(value or ""))
+    try:
+        remaining = float(fields["rem"])
+    except (KeyError, ValueError):
+        return None
+    return {"percent_remaining": remaining, "resets_at": fields.get("rst")}
+
+
+def summarize_quota(user):
+    """Plan and quotas from /copilot_internal/user, in one flat shape. Token-billed accounts
+    (``token_based_billing``, or ``credits_used`` on a snapshot) get the AI-credit pool as
+    ``credits``; request-billed ones keep ``premium_requests``; -1 means unlimited."""
+    snapshots = user.get("quota_snapshots") if isinstance(user.get("quota_snapshots"), dict) else {}
+
+    def bucket(name):
+        snap = snapshots.get(name)
+        if not isinstance(snap, dict):
+            return None
+        entitlement, remaining = snap.get("entitlement"), snap.get("remaining")
+        unlimited = bool(snap.get("unlimited")) or entitlement == -1 or remaining == -1
+        used = snap.get("credits_used")
+        if not isinstance(used, (int, float)) and not unlimited and isinstance(entitlement, (int, float)) \
+                and isinstance(remaining, (int, float)):
+            used = entitlement - remaining
+        return {"unlimited": unlimited, "entitlement": None if unlimited else entitlement,
+                "remaining": None if unlimited else remaining, "used": used if isinstance(used, (int, float)) else None,
+                "percent_remaining": snap.get("percent_remaining"), "overage_count": snap.get("overage_count", 0),
+                "overage_permitted": snap.get("overage_permitted", False)}
+
+    token_billed = bool(user.get("token_based_billing")) or any(
+        isinstance(s, dict) and ("credits_used" in s or s.get("token_based_billing")) for s in snapshots.values())
+    pool = bucket("premium_interactions")
+    reset = user.get("quota_reset_date_utc") or user.get("quota_reset_date")
+    if not reset and isinstance(_dig(snapshots, "premium_interactions").get("quota_reset_at"), (int, float)):
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshots["premium_interactions"]["quota_reset_at"]))
+    return {"login": user.get("login"), "plan": user.get("copilot_plan"), "sku": user.get("access_type_sku"),
+            "billing": "tokens" if token_billed else "requests",
+            "credits": pool if token_billed else None, "premium_requests": None if token_billed else pool,
+            "chat": bucket("chat"), "completions": bucket("completions"), "reset_date": reset}
+
+# -- 8f. OpenAI chat completions -----------------------------------------------------------
+
+_IMAGE_PART_TYPES = frozenset(["image_url", "image", "input_image"])
+
+
+def messages_have_image(messages):
+    """True if any message carries an image part (Copilot then needs Copilot-Vision-Request)."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in _IMAGE_PART_TYPES:
+                    return True
+    return False
+
+
+def chat_initiator(messages):
+    """``agent`` when the last message is the assistant's or a tool result, else ``user``.
+
+    Copilot bills a user turn (a premium request, or its tokens); tool loops are follow-ups."""
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("assistant", "tool"):
+        return "agent"
+    return "user"
+
+
+def validate_chat_request(payload, default_model=None):
+    """Check every field of an OpenAI chat request that coproxy reads or rewrites; fills ``model``
+    from the default. Returns (model name, stream, include_usage, merge choices)."""
+    messages = check(payload, "messages", "array", required=True)
+    if not messages:
+        raise ClientError(400, "messages must be a non-empty array", param="messages", code="invalid_messages")
+    for index, message in enumerate(check_items(payload, "messages")):
+        where = "messages[%d]." % index
+        check(message, "role", "string", where, required=True)
+        check_parts(message.get("content"), where + "content")
+        check(message, "tool_call_id", "string", where)
+        for call_index, call in enumerate(check_items(message, "tool_calls", where)):
+            function = check(call, "function", "object", "%stool_calls[%d]." % (where, call_index))
+            if function:
+                check(function, "name", "string", "%stool_calls[%d].function." % (where, call_index))
+                check(function, "arguments", "string", "%stool_calls[%d].function." % (where, call_index))
+    model = check(payload, "model", "string") or default_model
+    if not model:
+        raise ClientError(400, "'model' is required (or start coproxy with --default-model)",
+                          param="model", code="model_required")
+    payload["model"] = model
+    stream = check(payload, "stream", "boolean") is True
+    options = check(payload, "stream_options", "object") or {}
+    include_usage = bool(stream and check(options, "include_usage", "boolean", "stream_options."))
+    n = check(payload, "n", "integer")
+    for key in ("max_tokens", "max_completion_tokens"):
+        check(payload, key, "integer")
+    for key in ("temperature", "top_p"):
+        check(payload, key, "number")
+    check(payload, "parallel_tool_calls", "boolean")
+    check(payload, "user", "string")
+    check(payload, "reasoning_effort", "string")
+    check(payload, "tool_choice", ("string", "object"))
+    fmt = check(payload, "response_format", "object")
+    if fmt:
+        check(fmt, "type", "string", "response_format.")
+        check(fmt, "json_schema", "object", "response_format.")
+    for index, tool in enumerate(check_items(payload, "tools")):
+        function = check(tool, "function", "object", "tools[%d]." % index)
+        if function:
+            check(function, "name", "string", "tools[%d].function." % index)
+            check(function, "parameters", "object", "tools[%d].function." % index)
+    return model, stream, include_usage, not (n is not None and n > 1)
+
+
+def _merge_finish(current, new):
+    """Finish reason of choices merged into one: a tool call wins over everything else."""
+    if current == "tool_calls" or new == "tool_calls":
+        return "tool_calls"
+    return current or new
+
+
+def merge_choices(choices):
+    """Claude via Copilot may put text in choices[0] and tool calls in choices[1]; one choice."""
+    merged = dict(choices[0])
+    message = dict(merged.get("message") if isinstance(merged.get("message"), dict) else {"role": "assistant"})
+    texts, tool_calls, finish = [], [], None
+    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
+        part = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        if isinstance(part.get("content"), str) and part["content"]:
+            texts.append(part["content"])
+        if isinstance(part.get("tool_calls"), list):
+            tool_calls.extend(part["tool_calls"])
+        for key, value in part.items():
+            if key not in ("content", "tool_calls") and value is not None and message.get(key) is None:
+                message[key] = value
+        finish = _merge_finish(finish, choice.get("finish_reason"))
+    message["content"] = "".join(texts) if texts else None
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    merged.update(message=message, index=0, finish_reason=finish)
+    return merged
+
+
+def normalize_chat_response(data, model, merge, now):
+    """A complete OpenAI chat.completion from what Copilot returned."""
+    if not isinstance(data, dict):
+        raise ValueError("answer is not a JSON object")
+    choices = [c for c in (data.get("choices") if isinstance(data.get("choices"), list) else []) if isinstance(c, dict)]
+    if merge and len(choices) > 1:
+        choices = [merge_choices(choices)]
+    for position, choice in enumerate(choices):
+        choice.setdefault("index", position)
+        message = choice.get("message")
+        if isinstance(message, dict):
+            message.pop("padding", None)
+            message.setdefault("role", "assistant")
+            message.setdefault("content", None)
+        choice.setdefault("finish_reason", None)
+        choice.setdefault("logprobs", None)
+    data["choices"] = choices
+    data["id"] = data.get("id") or "chatcmpl-" + random_id()
+    data["object"] = "chat.completion"
+    data["created"] = data.get("created") or int(now)
+    data["model"] = data.get("model") or model
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = data["usage"] = {}
+    usage.setdefault("prompt_tokens", 0)
+    usage.setdefault("completion_tokens", 0)
+    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
+    return data
+
+
+def chat_chunk_problem(chunk):
+    """A StreamError for an error Copilot reports inside a chat stream, else None."""
+    if chunk.get("error") and not chunk.get("choices"):
+        message, fields = upstream_error_message(json.dumps(chunk))
+        return StreamError(message or "Copilot reported an error mid-stream", fields.get("code"))
+    return None
+
+
+_KEYS_TO_ACT_ON = ('"tool_calls"', '"usage"', '"copilot_usage"', '"error"', '"object"')
+
+
+class ChatNormalize(Translator):
+    """Copilot chat chunks in, OpenAI chat.completion.chunk items out.
+
+    What it fixes: chunks without ``object``/``created``/``id``; filter-result and metadata
+    chunks with no choices (dropped); usage (sent once, as its own final chunk, only when the
+    client asked with stream_options.include_usage, with Copilot's cost beside it); Claude's
+    split choices (merged into index 0, tool-call indexes renumbered, one finish_reason at the
+    end); an error object in the stream (a StreamError). Complete at ``[DONE]`` or a finish."""
+
+    def __init__(self, model, include_usage, merge, now):
+        self.model = model
+        self.include_usage = include_usage
+        self.merge = merge
+        self.created = int(now)
+        self.id = None
+        self.raw_usage = None
+        self.copilot_usage = None
+        self.finish_reason = None
+        self.saw_done = False
+        self._tool_index = {}
+        self._id_marker = None  # '"id":"chatcmpl-..."', as this stream's chunks spell their id
+
+    def feed(self, event, data):
+        if self.saw_done:
+            return []
+        if data == "[DONE]":
+            self.saw_done = self.complete = True
+            return []
+        if self._as_it_is(data):
+            return [(None, '{"object":"chat.completion.chunk",' + data[1:])]
+        chunk = parse_event_json(data)
+        if not isinstance(chunk, dict):
+            return [chunk] if chunk is not None else []
+        problem = chat_chunk_problem(chunk)
+        if problem:
+            return [problem]
+        usage = chunk.pop("usage", None)
+        if isinstance(usage, dict):
+            self.raw_usage = usage
+        copilot_usage = chunk.pop("copilot_usage", None)
+        if isinstance(copilot_usage, dict):
+            self.copilot_usage = copilot_usage
+        if usage is not None or copilot_usage is not None:
+            self.usage = usage_from_chat(self.raw_usage, self.copilot_usage)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return []
+        if self.id is None:
+            self.id = chunk.get("id") if isinstance(chunk.get("id"), str) and chunk["id"] else "chatcmpl-" + random_id()
+            self._id_marker = '"id":%s' % json.dumps(self.id)
+        chunk["id"] = self.id
+        chunk["object"] = "chat.completion.chunk"
+        chunk["created"] = chunk.get("created") or self.created
+        chunk["model"] = chunk.get("model") or self.model
+        if not self.merge:
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+                    self.complete = True
+            return [(None, chunk)]
+        kept = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            finish = choice.get("finish_reason")
+            delta = choice.get("delta")
+            source_index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+            choice["index"] = 0
+            if finish:
+                self.finish_reason = _merge_finish(self.finish_reason, finish)
+                self.complete = True
+                choice["finish_reason"] = None
+            if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
+                for call in delta["tool_calls"]:
+                    if isinstance(call, dict):
+                        key = (source_index, call.get("index") if isinstance(call.get("index"), int) else 0)
+                        call["index"] = self._tool_index.setdefault(key, len(self._tool_index))
+            if delta or not finish:
+                kept.append(choice)
+        if not kept:
+            return []
+        chunk["choices"] = kept
+        return [(None, chunk)]
+
+    def _as_it_is(self, data):
+        """True when the text of a chunk shows it needs nothing but "object": it names this
+        stream's id, has created and model, one choice 0, and none of the keys this translator
+        acts on (finish_reason other than null, tool_calls, usage, copilot_usage, error, object).
+        Most chunks are one text delta, and passing their text on instead of parsing and writing
+        them again halves the proxy's CPU per streamed chunk. Keys are looked for as the text
+        spells them ("key" with its quotes, as every JSON encoder writes an ASCII key); a string
+        value that happens to equal one only sends its chunk down the general path."""
+        return (self._id_marker is not None and self._id_marker in data and data.count('"index"') == 1
+                and '"index":0' in data and '"created":' in data and '"model":' in data
+                and ('"finish_reason"' not in data or '"finish_reason":null' in data)
+                and not any(key in data for key in _KEYS_TO_ACT_ON) and data[:1] == "{")
+
+    def _chunk(self, choices, **extra):
+        chunk = {"id": self.id or "chatcmpl-" + random_id(), "object": "chat.completion.chunk",
+                 "created": self.created, "model": self.model, "choices": choices}
+        chunk.update(extra)
+        return (None, chunk)
+
+    def end(self):
+        items = []
+        if self.merge and self.finish_reason:
+            items.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason, "logprobs": None}]))
+        if self.include_usage and self.raw_usage is not None:
+            extra = {"usage": self.raw_usage}
+            if self.copilot_usage is not None:
+                extra["copilot_usage"] = self.copilot_usage
+            items.append(self._chunk([], **extra))
+        items.append((None, "[DONE]"))
+        return items
+
+
+# -- 8g. Anthropic Messages <-> OpenAI chat ------------------------------------------------
 
 def _blocks(content):
     """Anthropic content as a list of blocks (a plain string is one text block)."""
@@ -2440,16 +3298,81 @@ def anthropic_initiator(messages):
 
 
 def validate_anthropic_request(payload):
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
+    """Check every field of an Anthropic Messages request that coproxy reads or rewrites."""
+    messages = check(payload, "messages", "array", required=True)
+    if not messages:
         raise ClientError(400, "messages: must be a non-empty array", param="messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+    for index, message in enumerate(check_items(payload, "messages")):
+        if message.get("role") not in ("user", "assistant", "system"):
             raise ClientError(400, "messages.%d: role must be 'user' or 'assistant'" % index, param="messages")
-    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        check_parts(message.get("content"), "messages.%d.content" % index)
+    check(payload, "model", "string", required=True)
+    if not payload["model"]:
         raise ClientError(400, "model: field required", param="model")
-    if not isinstance(payload.get("max_tokens"), int):
+    if not isinstance(payload.get("max_tokens"), int) or isinstance(payload.get("max_tokens"), bool):
         raise ClientError(400, "max_tokens: field required (an integer)", param="max_tokens")
+    system = check(payload, "system", ("string", "array"))
+    if isinstance(system, list):
+        check_parts(system, "system")
+    check(payload, "stream", "boolean")
+    for key in ("temperature", "top_p"):
+        check(payload, key, "number")
+    check_items(payload, "stop_sequences", kinds="string")
+    metadata = check(payload, "metadata", "object")
+    if metadata:
+        check(metadata, "user_id", "string", "metadata.")
+    for index, tool in enumerate(check_items(payload, "tools")):
+        for key in ("name", "type", "description"):
+            check(tool, key, "string", "tools.%d." % index)
+        check(tool, "input_schema", "object", "tools.%d." % index)
+    choice = check(payload, "tool_choice", "object")
+    if choice:
+        check(choice, "type", "string", "tool_choice.")
+        check(choice, "name", "string", "tool_choice.")
+    thinking = check(payload, "thinking", "object")
+    if thinking:
+        check(thinking, "type", "string", "thinking.")
+        check(thinking, "budget_tokens", "integer", "thinking.")
+    output_config = check(payload, "output_config", "object")
+    if output_config:
+        check(output_config, "effort", "string", "output_config.")
+
+
+#: anthropic-beta values Copilot's /v1/messages is known to accept (VS Code filters the same way).
+SUPPORTED_ANTHROPIC_BETAS = ("interleaved-thinking-", "context-management-", "advanced-tool-use-",
+                             "extended-cache-ttl-")
+
+
+def clean_anthropic_request(payload):
+    """Take out of an Anthropic request what Copilot refuses and would fail the turn for:
+    ``anthropic_beta`` in the body, tools' ``eager_input_streaming``, advisor tools (their beta is
+    filtered too). Returns what was removed. A web search tool is refused here with a clear 400:
+    Copilot has no web search (it answers ``unsupported_value``)."""
+    removed = []
+    if "anthropic_beta" in payload:
+        del payload["anthropic_beta"]
+        removed.append("anthropic_beta")
+    tools = payload.get("tools") if isinstance(payload.get("tools"), list) else []
+    kept = []
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool.get("type"), str) else ""
+        if kind.startswith("web_search"):
+            raise ClientError(400, "tools: Copilot has no web search, so the %s tool cannot be served; remove it "
+                                   "(Claude Code: deny the WebSearch tool in your permissions)" % kind,
+                              param="tools", code="web_search_not_supported")
+        if kind.startswith("advisor_"):
+            removed.append("tools[%s]" % kind)
+            continue
+        if "eager_input_streaming" in tool:
+            tool = {k: v for k, v in tool.items() if k != "eager_input_streaming"}
+            removed.append("tools[%s].eager_input_streaming" % (tool.get("name") or kind))
+        kept.append(tool)
+    if tools:
+        payload["tools"] = kept
+        if not kept:
+            del payload["tools"]
+            payload.pop("tool_choice", None)
+    return removed
 
 
 def anthropic_to_openai_request(payload, model_info=None):
@@ -2526,13 +3449,16 @@ def anthropic_to_openai_request(payload, model_info=None):
             request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
         if choice.get("disable_parallel_tool_use") and "tools" in request:
             request["parallel_tool_calls"] = False
+    effort = _dig(payload, "output_config").get("effort")
+    if isinstance(effort, str):
+        request["reasoning_effort"] = effort
     thinking = payload.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled" and thinking.get("budget_tokens"):
-        supports = ((model_info or {}).get("capabilities") or {}).get("supports") or {}
-        limits = ((model_info or {}).get("capabilities") or {}).get("limits") or {}
-        budget = max(int(thinking["budget_tokens"]), int(supports.get("min_thinking_budget") or 1024))
-        ceiling = [v for v in (supports.get("max_thinking_budget"),
-                               (limits.get("max_output_tokens") or 0) - 1) if isinstance(v, int) and v > 0]
+        supports = _dig(model_info, "capabilities", "supports")
+        limits = _dig(model_info, "capabilities", "limits")
+        budget = max(int(thinking["budget_tokens"]), int(_count(supports, "min_thinking_budget") or 1024))
+        ceiling = [v for v in (supports.get("max_thinking_budget"), (_count(limits, "max_output_tokens") or 0) - 1)
+                   if isinstance(v, int) and v > 0]
         request["thinking_budget"] = min([budget] + ceiling)
     return request
 
@@ -2542,11 +3468,9 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 
 def _anthropic_usage(usage):
-    usage = usage if isinstance(usage, dict) else {}
-    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
-    cached = details.get("cached_tokens") or 0
-    out = {"input_tokens": max(0, (usage.get("prompt_tokens") or 0) - cached),
-           "output_tokens": usage.get("completion_tokens") or 0}
+    cached = _count(usage, "prompt_tokens_details", "cached_tokens")
+    out = {"input_tokens": max(0, _count(usage, "prompt_tokens") - cached),
+           "output_tokens": _count(usage, "completion_tokens")}
     if cached:
         out["cache_read_input_tokens"] = cached
     return out
@@ -2554,8 +3478,8 @@ def _anthropic_usage(usage):
 
 def _parse_arguments(text):
     try:
-        value = json.loads(text) if text else {}
-    except ValueError:
+        value = json.loads(text) if isinstance(text, str) and text else {}
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -2563,19 +3487,19 @@ def _parse_arguments(text):
 def openai_to_anthropic_response(data, model):
     """A Copilot chat completion as an Anthropic message (all choices read: Claude splits them)."""
     thinking, texts, tools, finish = [], [], [], None
-    for choice in sorted((c for c in data.get("choices") or [] if isinstance(c, dict)),
-                         key=lambda c: c.get("index") or 0):
-        message = choice.get("message") or {}
+    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
+    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         if message.get("reasoning_text") or message.get("reasoning_opaque"):
             thinking.append({"type": "thinking", "thinking": message.get("reasoning_text") or "",
                              "signature": message.get("reasoning_opaque") or ""})
         content = message.get("content")
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if content:
+        if isinstance(content, str) and content:
             texts.append({"type": "text", "text": content})
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") or {}
+        for call in message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []:
+            function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
             tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
                           "name": function.get("name"), "input": _parse_arguments(function.get("arguments"))})
         finish = _merge_finish(finish, choice.get("finish_reason"))
@@ -2585,8 +3509,8 @@ def openai_to_anthropic_response(data, model):
             "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
 
 
-class AnthropicStreamTranslator(StreamTranslator):
-    """OpenAI chat chunks in, Anthropic Messages stream events out, in Anthropic's exact order:
+class ChatToAnthropic(Translator):
+    """OpenAI chat chunks in, Anthropic Messages stream items out, in Anthropic's exact order:
     message_start, then per block content_block_start/delta.../stop, then message_delta (with
     usage, held back until the upstream ends because Copilot sends usage last) and message_stop."""
 
@@ -2597,127 +3521,150 @@ class AnthropicStreamTranslator(StreamTranslator):
         self.index = -1
         self.open_type = None
         self.tool_blocks = {}
-        self.usage = None
+        self.raw_usage = None
         self.finish_reason = None
         self.saw_tool = False
-        self.id = None
 
-    @staticmethod
-    def frame(event, data):
-        return encode_sse(json_dumps(data), event)
+    def _item(self, data):
+        return (data["type"], data)
 
     def _start(self, chunk_id=None):
         if self.started:
             return []
         self.started = True
-        self.id = "msg_" + (chunk_id or random_id())
-        return [self.frame("message_start", {"type": "message_start", "message": {
-            "id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
-            "stop_reason": None, "stop_sequence": None,
+        return [self._item({"type": "message_start", "message": {
+            "id": "msg_" + (chunk_id if isinstance(chunk_id, str) and chunk_id else random_id()), "type": "message",
+            "role": "assistant", "content": [], "model": self.model, "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": self.estimated_input_tokens, "output_tokens": 0}}})]
 
     def _close(self):
         if self.open_type is None:
             return []
         self.open_type = None
-        return [self.frame("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        return [self._item({"type": "content_block_stop", "index": self.index})]
 
     def _open(self, block):
         out = self._close()
         self.index += 1
         self.open_type = block["type"]
-        out.append(self.frame("content_block_start", {"type": "content_block_start", "index": self.index,
-                                                      "content_block": block}))
+        out.append(self._item({"type": "content_block_start", "index": self.index, "content_block": block}))
         return out
 
     def _delta(self, delta, index=None):
-        return self.frame("content_block_delta", {"type": "content_block_delta",
-                                                  "index": self.index if index is None else index, "delta": delta})
+        return self._item({"type": "content_block_delta", "index": self.index if index is None else index,
+                           "delta": delta})
 
-    def feed(self, data):
-        """One upstream event's data (str) → list of SSE frames (bytes)."""
-        if self.finished or data.strip() == "[DONE]":
+    def feed(self, event, data):
+        if data == "[DONE]":
+            self.complete = True
             return []
-        chunk, problem = parse_chat_chunk(data)
-        if chunk is None:
-            return self.error(problem[0]) if problem else []
+        chunk = parse_event_json(data)
+        if not isinstance(chunk, dict):
+            return [chunk] if chunk is not None else []
+        problem = chat_chunk_problem(chunk)
+        if problem:
+            return [problem]
         if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
+            self.raw_usage = chunk["usage"]
+            self.usage = usage_from_chat(chunk["usage"], chunk.get("copilot_usage"))
         out = []
-        for choice in chunk.get("choices") or []:
+        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
             if not isinstance(choice, dict):
                 continue
             out.extend(self._start(chunk.get("id")))
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_text"):
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
+            if isinstance(reasoning, str) and reasoning:
                 if self.open_type != "thinking":
                     out.extend(self._open({"type": "thinking", "thinking": ""}))
-                out.append(self._delta({"type": "thinking_delta", "thinking": delta["reasoning_text"]}))
-            if delta.get("reasoning_opaque"):
+                out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
+            if isinstance(signature, str) and signature:
                 if self.open_type != "thinking":
                     out.extend(self._open({"type": "thinking", "thinking": ""}))
-                out.append(self._delta({"type": "signature_delta", "signature": delta["reasoning_opaque"]}))
+                out.append(self._delta({"type": "signature_delta", "signature": signature}))
                 out.extend(self._close())
             content = delta.get("content")
             if isinstance(content, str) and content:
                 if self.open_type != "text":
                     out.extend(self._open({"type": "text", "text": ""}))
                 out.append(self._delta({"type": "text_delta", "text": content}))
-            for call in delta.get("tool_calls") or []:
+            for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []:
                 if not isinstance(call, dict):
                     continue
-                key = (choice.get("index") or 0, call.get("index") or 0)
-                function = call.get("function") or {}
+                key = (choice.get("index") if isinstance(choice.get("index"), int) else 0,
+                       call.get("index") if isinstance(call.get("index"), int) else 0)
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
                 if key not in self.tool_blocks or call.get("id"):
+                    name = function.get("name") if isinstance(function.get("name"), str) else ""
                     out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
-                                           "name": function.get("name") or "", "input": {}}))
+                                           "name": name, "input": {}}))
                     self.tool_blocks[key] = self.index
                     self.saw_tool = True
-                if function.get("arguments"):
+                if isinstance(function.get("arguments"), str) and function["arguments"]:
                     out.append(self._delta({"type": "input_json_delta", "partial_json": function["arguments"]},
                                            self.tool_blocks[key]))
             if choice.get("finish_reason"):
                 self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
+                self.complete = True
         return out
 
-    def finish(self):
-        """The closing events: message_delta with the usage, then message_stop."""
-        if self.finished:
-            return []
+    def end(self):
         out = self._start() + self._close()
-        self.finished = True
         stop_reason = "tool_use" if self.saw_tool else _STOP_REASONS.get(self.finish_reason, "end_turn")
-        usage = _anthropic_usage(self.usage)
-        if not self.usage:
+        usage = _anthropic_usage(self.raw_usage)
+        if not self.raw_usage:
             usage["input_tokens"] = self.estimated_input_tokens
-        out.append(self.frame("message_delta", {"type": "message_delta",
-                                                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                                "usage": usage}))
-        out.append(self.frame("message_stop", {"type": "message_stop"}))
+        out.append(self._item({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                               "usage": usage}))
+        out.append(self._item({"type": "message_stop"}))
         return out
 
-    def error_frames(self, message, code):
-        return [self.frame("error", anthropic_error_body(500, message))]
+
+def event_type(event, data):
+    """An event's type: its SSE event name, else the ``type`` field at the start of its JSON."""
+    if event:
+        return event
+    if isinstance(data, dict):
+        return data.get("type")
+    match = re.search(r'"type"\s*:\s*"([^"]+)"', data[:200])
+    return match.group(1) if match else None
 
 
-class AnthropicPassthrough(StreamTranslator):
-    """Native Copilot /v1/messages events passed on as they come (re-framed per event so pings
-    never land inside one); a stream that ends without message_stop gets an error event."""
+class Passthrough(Translator):
+    """Copilot's own events for a client of the same API, passed on as they come (re-framed one
+    event per frame, so a ping never lands inside one). Complete at one of ``final`` events; the
+    usage is read from the few events that carry it."""
 
-    def feed_event(self, event):
-        if self.finished:
+    def __init__(self, final, usage_events, read_usage):
+        self.final = final
+        self.usage_events = usage_events
+        self.read_usage = read_usage
+
+    def feed(self, event, data):
+        if self.complete:
             return []
-        if event.event in ("message_stop", "error"):
-            self.finished = True
-        return [encode_sse(event.data.encode("utf-8"), event.event)]
+        kind = event_type(event, data)
+        if kind in self.final:
+            self.complete = True
+        if kind in self.usage_events:
+            parsed = parse_event_json(data)
+            if isinstance(parsed, dict):
+                self.usage = merge_usage(self.usage, self.read_usage(parsed))
+        return [(event, data)]
 
-    def error_frames(self, message, code):
-        return [encode_sse(json_dumps(anthropic_error_body(500, message)), "error")]
+
+def _anthropic_event_usage(data):
+    usage = _dig(data, "message", "usage") if data.get("type") == "message_start" else data.get("usage")
+    return usage_from_anthropic(usage, data.get("copilot_usage"))
 
 
-ANTHROPIC_PING = encode_sse(b'{"type":"ping"}', "ping")
-#: anthropic-beta values Copilot's /v1/messages is known to accept (VS Code filters the same way).
-SUPPORTED_ANTHROPIC_BETAS = ("interleaved-thinking-", "context-management-", "advanced-tool-use-")
+def _responses_event_usage(data):
+    return usage_from_responses(_dig(data, "response").get("usage"),
+                                data.get("copilot_usage") or _dig(data, "response").get("copilot_usage"))
+
+
+def anthropic_passthrough():
+    return Passthrough(("message_stop", "error"), ("message_start", "message_delta"), _anthropic_event_usage)
 
 
 def estimate_input_tokens(payload):
@@ -2729,6 +3676,7 @@ def estimate_input_tokens(payload):
     image 1,600 tokens (Anthropic's cost of the largest image it accepts), plus per-message and
     tool-definition overheads, then 10% on top."""
     def text_tokens(text):
+        text = text if isinstance(text, str) else json.dumps(text)
         ascii_chars = sum(1 for ch in text if ord(ch) < 128)
         return (ascii_chars + 2) // 3 + (len(text) - ascii_chars)
 
@@ -2741,7 +3689,7 @@ def estimate_input_tokens(payload):
             elif kind == "tool_result":
                 total += 10 + content_tokens(block.get("content"))
             elif kind == "tool_use":
-                total += 10 + text_tokens(block.get("name", "") + json.dumps(block.get("input") or {}))
+                total += 10 + text_tokens(str(block.get("name", "")) + json.dumps(block.get("input") or {}))
             elif kind == "thinking":
                 total += text_tokens(block.get("thinking", ""))
             else:
@@ -2752,14 +3700,37 @@ def estimate_input_tokens(payload):
     for message in payload.get("messages") or []:
         if isinstance(message, dict):
             total += 7 + content_tokens(message.get("content"))
-    for tool in payload.get("tools") or []:
+    tools = payload.get("tools") if isinstance(payload.get("tools"), list) else []
+    for tool in tools:
         total += 30 + text_tokens(json.dumps(tool, separators=(",", ":")))
-    if payload.get("tools"):
+    if tools:
         total += 350  # the tool-use system prompt Anthropic adds
     return int(total * 1.1) + 1
 
+# -- 8h. OpenAI Responses: passthrough, chat <-> Responses, compaction -------------------------
 
-# -- 8g. OpenAI chat <-> Responses, embeddings, quota --------------------------------------
+def validate_responses_request(payload, default_model=None):
+    """Check the fields of a Responses (or compact) request that coproxy reads; fills ``model``."""
+    model = check(payload, "model", "string") or default_model
+    if not model:
+        raise ClientError(400, "'model' is required (or start coproxy with --default-model)", param="model",
+                          code="model_required")
+    payload["model"] = model
+    if isinstance(check(payload, "input", ("string", "array")), list):
+        for index, item in enumerate(check_items(payload, "input")):
+            where = "input[%d]." % index
+            check(item, "type", "string", where)
+            check(item, "role", "string", where)
+            check_parts(item.get("content"), where + "content")
+            if isinstance(item.get("output"), list):
+                check_parts(item["output"], where + "output")
+    check(payload, "stream", "boolean")
+    reasoning = check(payload, "reasoning", "object")
+    if reasoning:
+        check(reasoning, "effort", "string", "reasoning.")
+    check_items(payload, "tools")
+    return model
+
 
 def _plain_text(content):
     if isinstance(content, str):
@@ -2781,14 +3752,12 @@ def chat_to_responses_request(payload):
             else:
                 parts = []
                 for part in content or []:
-                    if not isinstance(part, dict):
-                        continue
                     if part.get("type") == "text":
                         parts.append({"type": "input_text", "text": part.get("text", "")})
                     elif part.get("type") == "image_url":
-                        image = part.get("image_url") if isinstance(part.get("image_url"), dict) else {"url": part.get("image_url")}
+                        image = part["image_url"] if isinstance(part.get("image_url"), dict) else {"url": part.get("image_url")}
                         parts.append({"type": "input_image", "image_url": image.get("url"),
-                                      "detail": image.get("detail") or "auto"})
+                                      "detail": image.get("detail") if isinstance(image.get("detail"), str) else "auto"})
             items.append({"type": "message", "role": "user", "content": parts})
         elif role == "assistant":
             text = _plain_text(content)
@@ -2812,7 +3781,7 @@ def chat_to_responses_request(payload):
             request[key] = payload[key]
     if payload.get("reasoning_effort"):
         request["reasoning"] = {"effort": payload["reasoning_effort"]}
-    tools = [t.get("function") for t in payload.get("tools") or [] if isinstance(t, dict) and t.get("function")]
+    tools = [t.get("function") for t in payload.get("tools") or [] if isinstance(t.get("function"), dict)]
     if tools:
         request["tools"] = [dict({"type": "function", "name": f.get("name"), "description": f.get("description", ""),
                                   "parameters": f.get("parameters") or {"type": "object", "properties": {}}},
@@ -2834,50 +3803,55 @@ def chat_to_responses_request(payload):
 
 
 def _responses_usage(usage):
-    usage = usage if isinstance(usage, dict) else {}
-    out = {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0}
-    out["total_tokens"] = usage.get("total_tokens") or out["prompt_tokens"] + out["completion_tokens"]
-    details = usage.get("input_tokens_details")
-    if isinstance(details, dict) and details.get("cached_tokens"):
-        out["prompt_tokens_details"] = {"cached_tokens": details["cached_tokens"]}
-    details = usage.get("output_tokens_details")
-    if isinstance(details, dict) and details.get("reasoning_tokens"):
-        out["completion_tokens_details"] = {"reasoning_tokens": details["reasoning_tokens"]}
+    """A Responses usage object as chat-completions usage."""
+    out = {"prompt_tokens": _count(usage, "input_tokens"), "completion_tokens": _count(usage, "output_tokens")}
+    out["total_tokens"] = _count(usage, "total_tokens") or out["prompt_tokens"] + out["completion_tokens"]
+    cached = _count(usage, "input_tokens_details", "cached_tokens")
+    if cached:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    reasoning = _count(usage, "output_tokens_details", "reasoning_tokens")
+    if reasoning:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return out
 
 
 def _responses_finish(response, saw_tool):
     if saw_tool:
         return "tool_calls"
-    details = response.get("incomplete_details") if isinstance(response.get("incomplete_details"), dict) else {}
     if response.get("status") == "incomplete":
-        return "length" if details.get("reason") == "max_output_tokens" else "content_filter"
+        return "length" if _dig(response, "incomplete_details").get("reason") == "max_output_tokens" else "content_filter"
     return "stop"
 
 
 def responses_to_chat_response(data, model, now):
     """A Responses answer as an OpenAI chat.completion."""
     texts, calls = [], []
-    for item in data.get("output") or []:
+    for item in data.get("output") if isinstance(data.get("output"), list) else []:
         if not isinstance(item, dict):
             continue
         if item.get("type") == "message":
-            texts.extend(p.get("text") or p.get("refusal") or "" for p in item.get("content") or [] if isinstance(p, dict))
+            for part in item.get("content") if isinstance(item.get("content"), list) else []:
+                text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    texts.append(text)
         elif item.get("type") == "function_call":
             calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
                           "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}})
     message = {"role": "assistant", "content": "".join(texts) or None}
     if calls:
         message["tool_calls"] = calls
+    created = data.get("created_at")
     return {"id": "chatcmpl-" + str(data.get("id") or random_id()), "object": "chat.completion",
-            "created": int(data.get("created_at") or now), "model": data.get("model") or model,
+            "created": int(created) if isinstance(created, (int, float)) else int(now),
+            "model": data.get("model") or model,
             "choices": [{"index": 0, "message": message, "finish_reason": _responses_finish(data, bool(calls)),
                          "logprobs": None}],
             "usage": _responses_usage(data.get("usage"))}
 
 
-class ResponsesToChatStream(StreamTranslator):
-    """Responses stream events in, OpenAI chat.completion.chunk frames out."""
+class ResponsesToChat(Translator):
+    """Responses stream events in, OpenAI chat.completion.chunk items out (ending with a finish
+    chunk, the usage chunk when asked, and ``[DONE]`` at response.completed)."""
 
     def __init__(self, model, include_usage, now):
         self.model = model
@@ -2888,121 +3862,72 @@ class ResponsesToChatStream(StreamTranslator):
         self.tools = {}
         self.arguments_seen = set()
 
-    def _chunk(self, delta, finish=None, **extra):
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        chunk.update(extra)
-        return encode_sse(json_dumps(chunk))
+    def _chunk(self, delta, finish=None):
+        return (None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
 
-    def feed_event(self, event):
-        if self.finished:
+    def _tool_delta(self, position, **call):
+        return self._chunk({"tool_calls": [dict(call, index=self.tools[position])]})
+
+    def feed(self, event, data):
+        if self.complete:
             return []
-        try:
-            data = json.loads(event.data)
-        except ValueError:
-            return self.error("Copilot sent a malformed stream event")
+        data = parse_event_json(data)
         if not isinstance(data, dict):
-            return []
-        kind = data.get("type") or event.event
+            return [data] if data is not None else []
+        kind = data.get("type") or event
         out = []
         if not self.started:
             self.started = True
             out.append(self._chunk({"role": "assistant", "content": ""}))
-        if kind == "response.output_text.delta":
-            out.append(self._chunk({"content": data.get("delta", "")}))
+        position = data.get("output_index") if isinstance(data.get("output_index"), (int, str)) else None
+        if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
+            out.append(self._chunk({"content": data["delta"]}))
         elif kind in ("response.output_item.added", "response.output_item.done"):
-            item = data.get("item") if isinstance(data.get("item"), dict) else {}
+            item = _dig(data, "item")
             if item.get("type") == "function_call":
-                position = data.get("output_index")
                 if position not in self.tools:
                     self.tools[position] = len(self.tools)
-                    out.append(self._chunk({"tool_calls": [{"index": self.tools[position], "id": item.get("call_id"),
-                                                            "type": "function", "function": {
-                                                                "name": item.get("name"), "arguments": ""}}]}))
-                if kind == "response.output_item.done" and position not in self.arguments_seen and item.get("arguments"):
-                    out.append(self._chunk({"tool_calls": [{"index": self.tools[position],
-                                                            "function": {"arguments": item["arguments"]}}]}))
-        elif kind == "response.function_call_arguments.delta":
-            position = data.get("output_index")
+                    out.append(self._tool_delta(position, id=item.get("call_id"), type="function",
+                                                function={"name": item.get("name"), "arguments": ""}))
+                arguments = item.get("arguments")
+                if kind == "response.output_item.done" and position not in self.arguments_seen and \
+                        isinstance(arguments, str) and arguments:
+                    out.append(self._tool_delta(position, function={"arguments": arguments}))
+        elif kind == "response.function_call_arguments.delta" and isinstance(data.get("delta"), str):
             if position in self.tools:
                 self.arguments_seen.add(position)
-                out.append(self._chunk({"tool_calls": [{"index": self.tools[position],
-                                                        "function": {"arguments": data.get("delta", "")}}]}))
+                out.append(self._tool_delta(position, function={"arguments": data["delta"]}))
         elif kind in ("response.completed", "response.incomplete"):
-            response = data.get("response") if isinstance(data.get("response"), dict) else {}
-            self.finished = True
+            response = _dig(data, "response")
+            self.complete = True
+            self.usage = _responses_event_usage(data)
             out.append(self._chunk({}, _responses_finish(response, bool(self.tools))))
             if self.include_usage:
-                usage_chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                               "model": self.model, "choices": [], "usage": _responses_usage(response.get("usage"))}
-                out.append(encode_sse(json_dumps(usage_chunk)))
-            out.append(SSE_DONE)
+                out.append((None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                   "model": self.model, "choices": [], "usage": _responses_usage(response.get("usage"))}))
+            out.append((None, "[DONE]"))
         elif kind in ("response.failed", "error"):
-            response = data.get("response") if isinstance(data.get("response"), dict) else data
-            error = response.get("error") if isinstance(response.get("error"), dict) else response
-            out.extend(self.error(error.get("message") or "Copilot reported an error mid-stream"))
+            error = _dig(data, "response", "error") or _dig(data, "error") or data
+            message = error.get("message") if isinstance(error.get("message"), str) else None
+            out.append(StreamError(message or "Copilot reported an error mid-stream", error.get("code")))
         return out
 
-    def error_frames(self, message, code):
-        return [encode_sse(json_dumps(openai_error_body(message, "api_error", code or "upstream_stream_error")))]
 
-
-class ResponsesPassthrough(StreamTranslator):
-    """Copilot's Responses events passed on as they come; an error event if the stream breaks off."""
-
-    _FINAL = ("response.completed", "response.failed", "response.incomplete", "error")
-
-    def feed_event(self, event):
-        if self.finished:
-            return []
-        kind = event.event
-        if kind is None and '"type"' in event.data:
-            match = re.search(r'"type"\s*:\s*"([^"]+)"', event.data)
-            kind = match.group(1) if match else None
-        if kind in self._FINAL:
-            self.finished = True
-        return [encode_sse(event.data.encode("utf-8"), event.event)]
-
-    def error_frames(self, message, code):
-        return [encode_sse(json_dumps({"type": "error", "code": code or "upstream_stream_error", "message": message,
-                                       "param": None}), "error")]
-
-
-class ChainedTranslator(StreamTranslator):
-    """Two translators in a row (Responses → chat → Anthropic): the first one's frames are decoded
-    back into events for the second, so each translation is written once."""
-
-    def __init__(self, first, second):
-        self.first = first
-        self.second = second
-        self._decoder = SSEDecoder()
-
-    def _through(self, frames):
-        out = []
-        for event in self._decoder.feed(b"".join(frames)):
-            out.extend(self.second.feed_event(event))
-        self.finished = self.second.finished
-        return out
-
-    def feed_event(self, event):
-        return self._through(self.first.feed_event(event))
-
-    def finish(self):
-        out = self._through(self.first.finish())
-        return out if self.second.finished else out + self.second.finish()
-
-    def error(self, message, code=None):
-        self.finished = True
-        return self.second.error(message, code)
+def responses_passthrough():
+    return Passthrough(("response.completed", "response.failed", "response.incomplete", "error"),
+                       ("response.completed", "response.failed", "response.incomplete"), _responses_event_usage)
 
 
 def responses_initiator(payload):
-    """``agent`` when the newest input item is a tool output or the assistant's, else ``user``."""
+    """``agent`` when the newest input item is a tool output, the assistant's, or a compaction
+    trigger; else ``user``."""
     items = payload.get("input")
     if not isinstance(items, list) or not items or not isinstance(items[-1], dict):
         return "user"
     last = items[-1]
-    if last.get("type") in ("function_call_output", "function_call", "reasoning") or last.get("role") == "assistant":
+    if last.get("type") in ("function_call_output", "function_call", "reasoning", "compaction_trigger",
+                            "custom_tool_call_output") or last.get("role") == "assistant":
         return "agent"
     return "user"
 
@@ -3015,11 +3940,51 @@ def responses_have_image(payload):
     return False
 
 
+#: Tokens of history above which Copilot compacts when coproxy asks it to (for Codex's
+#: /responses/compact): low, because a client that asks for compaction wants it now.
+COMPACT_THRESHOLD_TOKENS = 1000
+_COMPACTION_ITEMS = ("compaction", "compaction_summary")
+
+
+def compact_request(payload):
+    """Codex's POST /responses/compact body (model, input, instructions, tools, ...) as a Copilot
+    /responses request that compacts: Copilot has no compact endpoint, but compacts a history
+    inside /responses when ``context_management`` asks for it."""
+    request = {k: v for k, v in payload.items() if k not in ("stream", "service_tier", "store", "background")}
+    request["input"] = [i for i in payload.get("input") or [] if not (isinstance(i, dict) and
+                                                                   i.get("type") == "compaction_trigger")]
+    request["store"] = False
+    request["context_management"] = [{"type": "compaction", "compact_threshold": COMPACT_THRESHOLD_TOKENS}]
+    return request
+
+
+def compaction_answer(data, payload, now):
+    """What Codex expects back from /responses/compact: the new history in ``output`` (the user's
+    messages, then the compaction item), in a ``response.compaction`` envelope. Without a
+    compaction item from Copilot (a history too short to compact) the history stays as it was."""
+    output = data.get("output") if isinstance(data.get("output"), list) else []
+    compaction = [i for i in output if isinstance(i, dict) and i.get("type") in _COMPACTION_ITEMS]
+    history = payload.get("input") if isinstance(payload.get("input"), list) else []
+    if compaction:
+        kept = [i for i in history if isinstance(i, dict) and i.get("type", "message") == "message"
+                and i.get("role") == "user"]
+        output = kept + compaction[-1:]
+    else:
+        output = history
+    created = data.get("created_at")
+    return {"id": data.get("id") or "resp_" + random_id(), "object": "response.compaction",
+            "created_at": int(created) if isinstance(created, (int, float)) else int(now),
+            "output": output, "usage": data.get("usage") if isinstance(data.get("usage"), dict) else {}}
+
+
+# -- 8i. Embeddings, images by URL -----------------------------------------------------------
+
 def prepare_embeddings_request(payload):
     """(Copilot request, encoding_format) for an OpenAI embeddings request."""
-    model, text = payload.get("model"), payload.get("input")
-    if not isinstance(model, str) or not model:
+    model = check(payload, "model", "string")
+    if not model:
         raise ClientError(400, "'model' is required", param="model", code="model_required")
+    text = payload.get("input")
     if isinstance(text, str):
         text = [text]
     if not isinstance(text, list) or not text:
@@ -3031,55 +3996,28 @@ def prepare_embeddings_request(payload):
     if encoding not in ("float", "base64"):
         raise ClientError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
     request = {"model": model, "input": text}
-    if payload.get("dimensions") is not None:
-        if not isinstance(payload["dimensions"], int) or payload["dimensions"] < 1:
+    dimensions = check(payload, "dimensions", "integer")
+    if dimensions is not None:
+        if dimensions < 1:
             raise ClientError(400, "'dimensions' must be a positive integer", param="dimensions")
-        request["dimensions"] = payload["dimensions"]
+        request["dimensions"] = dimensions
     return request, encoding
 
 
 def normalize_embeddings_response(data, model, encoding):
     """OpenAI's embeddings list; base64 is made here (little-endian float32, as OpenAI sends it)."""
     items = []
-    for index, item in enumerate(data.get("data") or []):
+    for index, item in enumerate(data.get("data") if isinstance(data.get("data"), list) else []):
         if not isinstance(item, dict):
             continue
         vector = item.get("embedding")
         if encoding == "base64" and isinstance(vector, list):
             vector = base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
         items.append({"object": "embedding", "index": item.get("index", index), "embedding": vector})
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    prompt = usage.get("prompt_tokens") or 0
+    prompt = _count(data, "usage", "prompt_tokens")
     return {"object": "list", "data": items, "model": data.get("model") or model,
-            "usage": {"prompt_tokens": prompt, "total_tokens": usage.get("total_tokens") or prompt}}
+            "usage": {"prompt_tokens": prompt, "total_tokens": _count(data, "usage", "total_tokens") or prompt}}
 
-
-def summarize_quota(user):
-    """Plan, premium requests and chat quota from /copilot_internal/user, in one flat shape."""
-    snapshots = user.get("quota_snapshots") if isinstance(user.get("quota_snapshots"), dict) else {}
-
-    def bucket(name):
-        snap = snapshots.get(name)
-        if not isinstance(snap, dict):
-            return None
-        unlimited = bool(snap.get("unlimited")) or snap.get("entitlement") == -1
-        entitlement, remaining = snap.get("entitlement"), snap.get("remaining")
-        used = None
-        if not unlimited and isinstance(entitlement, (int, float)) and isinstance(remaining, (int, float)):
-            used = entitlement - remaining
-        return {"unlimited": unlimited, "entitlement": entitlement, "remaining": remaining, "used": used,
-                "percent_remaining": snap.get("percent_remaining"), "overage_count": snap.get("overage_count", 0),
-                "overage_permitted": snap.get("overage_permitted", False)}
-
-    return {"login": user.get("login"), "plan": user.get("copilot_plan"), "sku": user.get("access_type_sku"),
-            "premium_requests": bucket("premium_interactions"), "chat": bucket("chat"),
-            "completions": bucket("completions"),
-            "reset_date": user.get("quota_reset_date_utc") or user.get("quota_reset_date")}
-
-
-# -- 8h. Images given by URL ---------------------------------------------------------------
-# Copilot refuses most external image URLs, so the App fetches them and sends the bytes: these
-# find such images in any dialect's request and put the fetched bytes in their place.
 
 def remote_images(payload):
     """[(part, kind, url)] for every image given by http(s) URL in a request's message content:
@@ -3126,19 +4064,582 @@ def inline_image(node, kind, media_type, data):
 
 
 def url_for_message(url):
-    """``scheme://host:port/path`` of a URL: credentials (user info, signed queries) left out."""
-    parts = urllib.parse.urlsplit(url)
-    return "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path) + ("?..." if parts.query else "")
+    """``scheme://host:port/path`` of a URL for a message: credentials (user info, signed queries)
+    left out, and never more than 200 characters."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        shown = "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path) + ("?..." if parts.query else "")
+    except ValueError:
+        shown = "a malformed URL"
+    return shown if len(shown) <= 200 else shown[:197] + "..."
 
+
+def check_image_limits(images, model, info):
+    """400 for fetched images the model's catalogue ``limits.vision`` says it cannot take."""
+    limits = _dig(info, "capabilities", "limits", "vision")
+    types, largest = limits.get("supported_media_types"), limits.get("max_prompt_image_size")
+    for url, (media_type, data) in images.items():
+        if isinstance(types, list) and types and media_type not in types:
+            raise ClientError(400, "the image at %s is %s; %s accepts %s" % (
+                url_for_message(url), media_type, model, ", ".join(map(str, types))), code="image_not_supported")
+        if isinstance(largest, int) and 0 < largest < len(data):
+            raise ClientError(400, "the image at %s is %s; %s accepts at most %s per image" % (
+                url_for_message(url), format_size(len(data)), model, format_size(largest)), code="image_too_large")
+
+# -- 8j. Plans: what one request sends and how its answer comes back -------------------------
+# A route parses and checks the client's body, the catalogue resolves the model, then one
+# planner below decides everything else as a value: the Copilot path and body, the identity
+# headers, and how the answer (whole or streamed) is translated back. Every model quirk is one
+# branch here: responses-only models, Gemini schemas, max_tokens renamed, reasoning effort fitted
+# to the model, Claude Code's fields Copilot refuses. The gateway (§11) only sends plans.
+
+@dataclasses.dataclass
+class Plan:
+    """One proxied request, decided before anything is sent."""
+    route: str                       # chat, messages, responses, compact, embeddings
+    dialect: Dialect                 # the client's API: errors, pings and stream items are spelled by it
+    model: str
+    info: dict                       # the model's catalogue entry ({} when unknown)
+    path: str                        # the Copilot path
+    payload: dict = None             # the JSON body (None for a GET)
+    method: str = "POST"
+    stream: bool = False
+    initiator: str = "agent"         # X-Initiator: only a person's turn is "user"
+    vision: bool = False
+    intent: str = "conversation-panel"
+    interaction: str = None          # X-Interaction-Type
+    headers: dict = dataclasses.field(default_factory=dict)
+    answer: object = None            # upstream JSON -> client JSON; None: the upstream answer as it is
+    what: str = "JSON"               # what a valid answer is, for the 502 when it is not
+    chain: object = None             # () -> the stream translators, upstream format first
+    effort_name: str = "reasoning_effort"  # the client's name for the effort field
+    adjusted: list = dataclasses.field(default_factory=list)  # ["reasoning_effort=xhigh->high", ...]
+    removed: list = dataclasses.field(default_factory=list)   # fields taken out (logged at debug)
+
+
+#: max_tokens refused by models that want max_completion_tokens (GPT-5 and o-series on chat).
+_MAX_TOKENS_REFUSED = re.compile(r"max_tokens.{0,80}max_completion_tokens|unsupported parameter:? *'?max_tokens",
+                                 re.I | re.S)
+
+
+def allowed_efforts(info, quirks):
+    """The effort values a model takes: what Copilot's refusals taught, else its catalogue list."""
+    learned = quirks.get("efforts")
+    listed = _dig(info, "capabilities", "supports").get("reasoning_effort")
+    return learned or (listed if isinstance(listed, list) else None)
+
+
+def fit_to_model(plan, quirks):
+    """Apply what is known about the model to the plan's upstream body: max_completion_tokens for
+    models that refused max_tokens, and a reasoning effort the model takes (the nearest listed
+    value). Each change is recorded in ``plan.adjusted``."""
+    payload = plan.payload
+    if plan.path == "/chat/completions" and quirks.get("max_completion_tokens") and "max_tokens" in payload:
+        payload["max_completion_tokens"] = payload.pop("max_tokens")
+        plan.adjusted.append("max_tokens=max_completion_tokens")
+    wanted = get_effort(plan.path, payload)
+    allowed = allowed_efforts(plan.info, quirks)
+    if wanted and allowed:
+        fitted = nearest_effort(wanted, allowed)
+        if fitted and fitted != wanted:
+            set_effort(plan.path, payload, fitted)
+            plan.adjusted.append("%s=%s->%s" % (plan.effort_name, wanted, fitted))
+    return plan
+
+
+def revise_after_refusal(plan, error, quirks):
+    """When Copilot refused a parameter it told us how to fix (max_tokens; an effort with its
+    supported values), change the plan's body for one retry and return what to remember for the
+    model ({"max_completion_tokens": True} or {"efforts": [...]}); else None."""
+    payload = plan.payload
+    if payload is None or error.status != 400:
+        return None
+    if plan.path == "/chat/completions" and "max_tokens" in payload and _MAX_TOKENS_REFUSED.search(str(error)):
+        payload["max_completion_tokens"] = payload.pop("max_tokens")
+        plan.adjusted.append("max_tokens=max_completion_tokens")
+        return {"max_completion_tokens": True}
+    wanted = get_effort(plan.path, payload)
+    if wanted and is_effort_refusal(error):
+        supported = supported_efforts_in(str(error))
+        candidates = supported or [v for v in (allowed_efforts(plan.info, quirks) or EFFORT_SCALE) if v != wanted]
+        fitted = nearest_effort(wanted, candidates)
+        if fitted and fitted != wanted:
+            set_effort(plan.path, payload, fitted)
+            plan.adjusted.append("%s=%s->%s" % (plan.effort_name, wanted, fitted))
+            return {"efforts": supported} if supported else {}
+    return None
+
+
+def plan_chat(payload, parsed, model, info, quirks, now):
+    """POST /v1/chat/completions: as it is (normalised) to /chat/completions, or translated to
+    /responses and back for models Copilot serves only there (e.g. gpt-5.x-codex)."""
+    _, stream, include_usage, merge = parsed
+    vision = messages_have_image(payload["messages"])
+    check_vision(model, info, vision, "messages")
+    if is_gemini(model, info):
+        gemini_tools(payload)
+    plan = Plan("chat", OPENAI, model, info, endpoint_for(info, "/chat/completions"), stream=stream,
+                initiator=chat_initiator(payload["messages"]), vision=vision, what="a chat completion")
+    if plan.path == "/responses":
+        plan.payload = chat_to_responses_request(payload)
+        plan.answer = lambda data: responses_to_chat_response(data, model, now)
+        plan.chain = lambda: [ResponsesToChat(model, include_usage, now)]
+    else:
+        plan.payload = payload
+        plan.answer = lambda data: normalize_chat_response(data, model, merge, now)
+        plan.chain = lambda: [ChatNormalize(model, include_usage, merge, now)]
+    return fit_to_model(plan, quirks)
+
+
+def plan_messages(payload, model, info, quirks, now, anthropic_version=None, anthropic_beta=None):
+    """POST /v1/messages: Copilot's own /v1/messages when the model has it (Claude), else
+    translated to chat, or to chat and on to /responses (responses-only models), and back."""
+    removed = clean_anthropic_request(payload)
+    vision = anthropic_messages_have_image(payload)
+    check_vision(model, info, vision, "messages")
+    stream = payload.get("stream") is True
+    plan = Plan("messages", ANTHROPIC, model, info, "/v1/messages", stream=stream,
+                initiator=anthropic_initiator(payload["messages"]), vision=vision, what="a message",
+                effort_name="output_config.effort", removed=removed)
+    endpoints = info.get("supported_endpoints") if isinstance(info.get("supported_endpoints"), list) else []
+    estimate = estimate_input_tokens(payload) if stream else 0
+    if "/v1/messages" in endpoints:
+        plan.payload, plan.intent = payload, "messages-proxy"
+        plan.headers["anthropic-version"] = anthropic_version or "2023-06-01"
+        betas = [b.strip() for b in (anthropic_beta or "").split(",") if b.strip().startswith(SUPPORTED_ANTHROPIC_BETAS)]
+        if betas:
+            plan.headers["anthropic-beta"] = ",".join(betas)
+        plan.chain = lambda: [anthropic_passthrough()]
+    elif endpoint_for(info, "/chat/completions") == "/responses":
+        plan.path = "/responses"
+        plan.payload = chat_to_responses_request(anthropic_to_openai_request(payload, info))
+        plan.answer = lambda data: openai_to_anthropic_response(responses_to_chat_response(data, model, now), model)
+        plan.chain = lambda: [ResponsesToChat(model, True, now), ChatToAnthropic(model, estimate)]
+    else:
+        plan.path = "/chat/completions"
+        plan.payload = anthropic_to_openai_request(payload, info)
+        if is_gemini(model, info):
+            gemini_tools(plan.payload)
+        plan.answer = lambda data: openai_to_anthropic_response(data, model)
+        plan.chain = lambda: [ChatToAnthropic(model, estimate)]
+    return fit_to_model(plan, quirks)
+
+
+def plan_responses(payload, model, info, quirks, now):
+    """POST /v1/responses: passed through; a history ending in Codex's compaction trigger goes
+    as the agent's compaction request."""
+    items = payload.get("input") if isinstance(payload.get("input"), list) else []
+    compaction = bool(items) and isinstance(items[-1], dict) and items[-1].get("type") == "compaction_trigger"
+    vision = responses_have_image(payload)
+    check_vision(model, info, vision, "input")
+    plan = Plan("responses", RESPONSES, model, info, "/responses", payload=payload,
+                stream=payload.get("stream") is True, initiator=responses_initiator(payload), vision=vision,
+                effort_name="reasoning.effort", chain=lambda: [responses_passthrough()], what="a response")
+    if compaction:
+        plan.intent, plan.interaction = "conversation-agent", "conversation-compaction"
+    return fit_to_model(plan, quirks)
+
+
+def plan_compact(payload, model, info, quirks, now):
+    """POST /v1/responses/compact (Codex's remote compaction): a compacting /responses call, as
+    the agent's compaction request, answered in the shape Codex reads."""
+    plan = Plan("compact", RESPONSES, model, info, "/responses", payload=compact_request(payload),
+                initiator="agent", vision=responses_have_image(payload), intent="conversation-agent",
+                interaction="conversation-compaction", effort_name="reasoning.effort", what="a response",
+                answer=lambda data: compaction_answer(data, payload, now))
+    return fit_to_model(plan, quirks)
+
+
+def plan_embeddings(request, encoding, model, info):
+    """POST /v1/embeddings: never a premium request, so always the agent's."""
+    return Plan("embeddings", OPENAI, model, info, "/embeddings", payload=request, intent="copilot-panel",
+                answer=lambda data: normalize_embeddings_response(data, model, encoding), what="an embeddings list")
+
+
+def plan_response_get(response_id):
+    """GET /v1/responses/{id}: a stored response, read from Copilot."""
+    return Plan("responses", RESPONSES, "-", {}, "/responses/" + urllib.parse.quote(response_id, safe=""),
+                method="GET")
 
 # ------------------------------------------------------------------------------------------
-# 9. HTTP/1.1 server (asyncio)
+# 9. Bridges between threads and the event loop
+#    The only two places where the blocking world (§5-7) and the asyncio world (§10-12) meet.
+#    WorkerPool runs one blocking call per job (a request up to its answer's head, a token
+#    exchange, an image fetch) and resolves the loop's future. StreamHub reads every streamed
+#    answer at once on one thread: a selector over non-blocking upstream sockets, and one
+#    hand-over to the loop per wake-up carrying every stream's new bytes. (A thread per stream
+#    woke for each chunk, and the futex and self-pipe traffic of those wake-ups was two thirds of
+#    the proxy's CPU on a streamed answer.)
+# ------------------------------------------------------------------------------------------
+
+class WorkerPool(concurrent.futures.Executor):
+    """The dedicated thread pool for blocking work (never the loop's default executor, which
+    asyncio uses for DNS).
+
+    Idle workers take jobs first; when none is idle and fewer than ``max_workers`` run, the pool's
+    starter thread starts a new named worker. The caller never starts threads itself:
+    Thread.start() waits until the new thread has run, and the caller is usually the event loop,
+    which a burst of 1,000 streams opening at once would stall. Workers idle for ``idle_seconds``
+    exit, down to MIN_WORKERS."""
+
+    def __init__(self, max_workers, idle_seconds=IDLE_WORKER_SECONDS, name="coproxy-worker"):
+        self.max_workers = max_workers
+        self.idle_seconds = idle_seconds
+        self.name = name
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._start_wanted = threading.Condition(self._lock)
+        self._idle = 0          # workers waiting for a job (each queued job takes one away)
+        self._to_start = 0      # workers the starter owes
+        self._threads = set()
+        self._starter = None
+        self._serial = 0
+        self._shutdown = False
+
+    @property
+    def workers(self):
+        with self._lock:
+            return len(self._threads) + self._to_start
+
+    def _enqueue(self, job):
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put(job)
+            if self._idle:
+                self._idle -= 1  # that worker will take this job
+                return
+            if len(self._threads) + self._to_start >= self.max_workers:
+                return  # queued until a worker is free
+            self._to_start += 1
+            self._start_wanted.notify()
+            if self._starter is None:  # once per pool; the starter waits for our lock, never we for it
+                self._starter = threading.Thread(target=self._start_workers, name=self.name + "-starter", daemon=True)
+                self._starter.start()
+
+    def _start_workers(self):
+        while True:
+            with self._lock:
+                while not self._to_start and not self._shutdown:
+                    self._start_wanted.wait()
+                if self._shutdown:
+                    return
+                self._serial += 1
+                thread = threading.Thread(target=self._work, name="%s-%d" % (self.name, self._serial), daemon=True)
+                self._threads.add(thread)
+                self._to_start -= 1
+            thread.start()
+
+    def submit(self, fn, *args, **kwargs):
+        """concurrent.futures API (the CLI and the tests use it)."""
+        future = concurrent.futures.Future()
+        self._enqueue((future, None, fn, args, kwargs))
+        return future
+
+    def run(self, loop, fn, *args):
+        """``fn(*args)`` in a worker; an asyncio future of ``loop`` gets the result. Leaner than
+        run_in_executor, which chains a concurrent future to an asyncio one for every call."""
+        future = loop.create_future()
+        self._enqueue((future, loop, fn, args, {}))
+        return future
+
+    @staticmethod
+    def _settle(future, result, error):
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def _work(self):
+        try:
+            while True:
+                try:
+                    job = self._jobs.get(timeout=self.idle_seconds)
+                except queue.Empty:
+                    # After a burst, give the threads back. Every waiting worker is counted in
+                    # _idle or holds a queued job, so leaving while _idle > 0 strands no job.
+                    with self._lock:
+                        if self._idle > 0 and len(self._threads) > MIN_WORKERS:
+                            self._idle -= 1
+                            return
+                    continue
+                if job is None:
+                    return
+                self._run_job(*job)
+                del job
+                with self._lock:
+                    if self._shutdown:
+                        return
+                    self._idle += 1
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _run_job(self, future, loop, fn, args, kwargs):
+        if loop is None and not future.set_running_or_notify_cancel():
+            return
+        result = error = None
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # delivered to whoever awaits the future
+            error = exc
+        if loop is None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+            return
+        try:
+            loop.call_soon_threadsafe(self._settle, future, result, error)
+        except RuntimeError:  # the loop has closed: nobody awaits this any more
+            pass
+
+    def shutdown(self, wait=True, **_):
+        """No new jobs; idle workers leave now, busy ones after their job. With ``wait``, return
+        only when every worker has left (threads are daemons, so an exit never waits on them)."""
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+            self._start_wanted.notify_all()
+        for _ in threads:
+            self._jobs.put(None)
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+class HubStream:
+    """One upstream answer being read by the StreamHub, and where its bytes go: ``sink`` has
+    ``on_data(bytes)`` and ``on_end(error or None)``, both called on the event loop."""
+
+    __slots__ = ("hub", "response", "sink", "cancelled", "paused", "registered", "last_read")
+
+    def __init__(self, hub, response, sink):
+        self.hub = hub
+        self.response = response
+        self.sink = sink
+        self.cancelled = False
+        self.paused = False
+        self.registered = False
+        self.last_read = time.monotonic()
+
+    def pause(self):
+        """Stop reading this upstream (the client is slow): TCP then slows the upstream down."""
+        self.hub._command(self, "pause")
+
+    def resume(self):
+        self.hub._command(self, "resume")
+
+    def cancel(self):
+        """The client left or the answer is no longer wanted: the upstream connection is closed
+        (never pooled) and nothing more is delivered."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.hub._command(self, "cancel")
+
+
+class StreamHub:
+    """Reads every streamed upstream answer on one thread and hands their bytes to the loop.
+
+    The thread waits in a selector over the non-blocking upstream sockets; each wake-up it pulls
+    what every ready socket has (TLS records included: ``pull`` drains the SSL buffer too), then
+    schedules one call on the loop for the whole batch, and none while the loop has not taken the
+    previous one (bytes that arrive meanwhile join it). A finished answer's connection goes back
+    to its pool from this thread. ``read_timeout`` is the longest silence tolerated per stream."""
+
+    def __init__(self, loop, read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, name="coproxy-stream-hub"):
+        self.loop = loop
+        self.read_timeout = read_timeout
+        self.name = name
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._commands = collections.deque()
+        self._lock = threading.Lock()
+        self._ready = []        # the hub thread's own list, handed over in _publish
+        self._pending = []      # handed over, not yet taken by the loop
+        self._scheduled = False
+        self._streams = set()
+        self._thread = None
+        self._closing = False
+        self._next_timeout_check = 0.0
+
+    def attach(self, response, sink):
+        """Start reading ``response``'s body (its head already read); returns its HubStream."""
+        stream = HubStream(self, response, sink)
+        self._command(stream, "add")
+        return stream
+
+    @property
+    def streams(self):
+        return len(self._streams)
+
+    def _command(self, stream, op):
+        self._commands.append((stream, op))
+        with self._lock:
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):  # the wake-up pipe is full: the thread is awake anyway
+            pass
+
+    def close(self):
+        """Cancel every stream and let the thread leave."""
+        with self._lock:
+            self._closing = True
+            thread = self._thread
+        if thread is None:  # never started: nothing but the wake-up pair and the selector to close
+            self._selector.close()
+            self._wake_reader.close()
+        else:
+            self._command(None, "close")
+            if thread is not threading.current_thread():
+                thread.join(5)
+        self._wake_writer.close()
+
+    # -- the hub thread -----------------------------------------------------------------------
+    def _run(self):
+        try:
+            while True:
+                events = self._selector.select(1.0 if self._streams else None)
+                now = time.monotonic()
+                for key, _ in events:
+                    if key.data is None:
+                        try:
+                            while self._wake_reader.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                    elif not key.data.cancelled:
+                        self._read(key.data, now)
+                if self._run_commands(now):
+                    return
+                if now >= self._next_timeout_check:
+                    self._check_timeouts(now)
+                self._publish()
+        finally:
+            for stream in list(self._streams):
+                self._finish(stream, None, reuse=False)
+            self._selector.close()
+            self._wake_reader.close()
+
+    def _run_commands(self, now):
+        """Apply what the loop asked; True when the hub is to stop."""
+        while self._commands:
+            stream, op = self._commands.popleft()
+            if op == "close":
+                return True
+            if op == "add":
+                self._streams.add(stream)
+                try:
+                    stream.response._sock.setblocking(False)
+                except OSError as exc:
+                    self._finish(stream, exc)
+                    continue
+                stream.last_read = now
+                self._read(stream, now)  # bytes may already sit in our buffer or the SSL object's
+                if stream in self._streams and not stream.paused:
+                    self._register(stream)
+            elif stream not in self._streams:
+                continue
+            elif op == "cancel":
+                self._finish(stream, None, reuse=False, deliver=False)
+            elif op == "pause":
+                stream.paused = True
+                self._unregister(stream)
+            elif op == "resume":
+                stream.paused = False
+                stream.last_read = now
+                self._read(stream, now)
+                if stream in self._streams:
+                    self._register(stream)
+        return False
+
+    def _register(self, stream):
+        if not stream.registered:
+            self._selector.register(stream.response._sock, selectors.EVENT_READ, stream)
+            stream.registered = True
+
+    def _unregister(self, stream):
+        if stream.registered:
+            try:
+                self._selector.unregister(stream.response._sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            stream.registered = False
+
+    def _read(self, stream, now):
+        try:
+            data, done = stream.response.pull()
+        except Exception as exc:  # cut, broken framing, TLS failure: the stream's end, told to the loop
+            self._finish(stream, exc)
+            return
+        if data:
+            stream.last_read = now
+            self._ready.append((stream, data, False, None))
+        if done:
+            self._finish(stream, None)
+
+    def _finish(self, stream, error, reuse=True, deliver=True):
+        self._unregister(stream)
+        self._streams.discard(stream)
+        stream.response.close(reuse=reuse and error is None)
+        if deliver:
+            self._ready.append((stream, b"", True, error))
+
+    def _check_timeouts(self, now):
+        self._next_timeout_check = now + 1.0
+        for stream in list(self._streams):
+            if not stream.paused and now - stream.last_read > self.read_timeout:
+                self._finish(stream, socket.timeout("no upstream data for %ds" % self.read_timeout))
+
+    def _publish(self):
+        if not self._ready:
+            return
+        with self._lock:
+            self._pending.extend(self._ready)
+            if self._scheduled:  # the loop has not taken the last batch yet: these bytes join it
+                self._ready = []
+                return
+            self._scheduled = True
+        self._ready = []
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop has closed
+            pass
+
+    # -- on the loop ------------------------------------------------------------------------
+    def _deliver(self):
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._scheduled = False
+        for stream, data, ended, error in batch:
+            if stream.cancelled:
+                continue
+            try:
+                if data:
+                    stream.sink.on_data(data)
+                if ended:
+                    stream.sink.on_end(error)
+            except Exception:  # one stream's failure must not cost the others their bytes
+                log.exception("stream delivery failed")
+                stream.cancel()
+
+# ------------------------------------------------------------------------------------------
+# 10. HTTP/1.1 server (asyncio)
 #    A strict, small HTTP/1.1 server on asyncio streams. Per connection: a byte buffer we
 #    parse ourselves (so 414 and 431 are told apart and pipelined requests stay queued in
-#    order), a timer for the head (408), one for idle keep-alive (silent close), none on an
-#    active stream. Bodies by Content-Length or chunked, 413 over the cap, 100-continue when
-#    the app first reads the body. Every protocol error gets a JSON envelope and a close.
-#    Knows nothing of JSON shapes beyond that envelope: routes live in the App (§10).
+#    order); a timer for the head and for each silence inside a body (408), one for idle
+#    keep-alive (silent close), a total limit on a body, none on an active stream. Bodies by
+#    Content-Length or chunked, 413 over the cap, 100-continue when the app first reads the
+#    body. Every protocol error gets a JSON envelope and a close. Knows nothing of JSON shapes
+#    beyond that envelope, which the app provides.
 # ------------------------------------------------------------------------------------------
 
 class ClientDisconnected(ConnectionError):
@@ -3146,14 +4647,14 @@ class ClientDisconnected(ConnectionError):
 
 
 class _EndOfInput(Exception):
-    """The client closed its side before a complete request arrived."""
+    """The client closed its side (or a timer ended the read) before a complete request arrived."""
 
 
 class Request:
     """One parsed request head; the body is read on demand with ``await read_body()``."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "content_length",
-                 "chunked", "keep_alive", "expect_continue", "body", "body_consumed", "_conn", "started")
+                 "chunked", "keep_alive", "expect_continue", "body", "body_consumed", "connection", "started")
 
     def __init__(self, method, target, path, query, version, headers):
         self.method = method
@@ -3168,18 +4669,26 @@ class Request:
         self.expect_continue = False
         self.body = None
         self.body_consumed = False
-        self._conn = None
+        self.connection = None
         self.started = time.monotonic()
 
     def header(self, name, default=None):
         return self.headers.get(name, default)
 
     async def read_body(self, limit):
-        """The whole body as bytes; 413 over ``limit``, 400 for broken chunked framing."""
+        """The whole body as bytes; 413 over ``limit``, 400 for broken chunked framing, 408 when
+        the client goes silent."""
         if self.body is None:
-            self.body = await self._conn.read_body(self, limit)
+            self.body = await self.connection.read_body(self, limit)
             self.body_consumed = True
         return self.body
+
+    def on_disconnect(self, callback):
+        """Call ``callback`` (on the loop) as soon as the client closes while it is answered."""
+        self.connection.watch_for_disconnect(callback)
+
+    async def stop_watching(self):
+        await self.connection.stop_watching()
 
 
 def parse_request_head(head):
@@ -3203,14 +4712,17 @@ def parse_request_head(head):
         if match and int(match.group(1)) >= 2:
             raise BadRequest(505, "HTTP version %s is not supported; use HTTP/1.1" % version)
         raise BadRequest(400, "malformed HTTP version")
+    if any(c in target for c in "\x00 \t\x7f") or not target.isprintable():
+        raise BadRequest(400, "malformed request target")
     if target.startswith(("http://", "https://")):  # absolute-form, RFC 9112 §3.2.2
-        split = urllib.parse.urlsplit(target)
+        try:
+            split = urllib.parse.urlsplit(target)
+        except ValueError:
+            raise BadRequest(400, "malformed request target")
         path, query = split.path or "/", split.query
     elif target.startswith("/") or (target == "*" and method == "OPTIONS"):
         path, _, query = target.partition("?")
     else:
-        raise BadRequest(400, "malformed request target")
-    if any(c in target for c in "\x00 \t\x7f") or not target.isprintable():
         raise BadRequest(400, "malformed request target")
     headers = {}
     for line in lines[1:]:
@@ -3225,7 +4737,7 @@ def parse_request_head(head):
             raise BadRequest(400, "invalid character in header %s" % name)
         name = name.lower()
         if name in headers:
-            if name in ("host", "content-type"):
+            if name in ("host", "content-type", "content-encoding", "origin"):
                 raise BadRequest(400, "duplicate %s header" % name)
             headers[name] += ", " + value
         else:
@@ -3262,10 +4774,11 @@ def parse_request_head(head):
 
 
 class Response:
-    """Writes one answer: ``send()`` a whole body, or ``start_stream()``/``write()``/``end()``."""
+    """Writes one answer: ``send()`` a whole body, or ``start_stream()``, ``write()``/
+    ``write_nowait()`` and ``end()`` for a streamed one."""
 
-    __slots__ = ("conn", "request", "status", "started", "finished", "streaming", "chunked",
-                 "keep_alive", "bytes_sent", "log_fields", "extra_headers")
+    __slots__ = ("conn", "request", "status", "started", "finished", "chunked", "keep_alive", "bytes_sent",
+                 "log_fields", "extra_headers")
 
     def __init__(self, conn, request):
         self.conn = conn
@@ -3273,7 +4786,6 @@ class Response:
         self.status = None
         self.started = False
         self.finished = False
-        self.streaming = False
         self.chunked = False
         self.keep_alive = request.keep_alive if request is not None else False
         self.bytes_sent = 0
@@ -3309,30 +4821,41 @@ class Response:
         if self.request is not None and self.request.method == "HEAD":
             body = b""
         self.finished = True
-        await self.conn.write(head + body if len(body) < 65536 else head)
+        self.conn.write_nowait(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
-            await self.conn.write(body)
+            self.conn.write_nowait(body)
         self.bytes_sent += len(body)
+        await self.conn.drain()
 
     async def start_stream(self, status, headers):
         """Status line and headers of a streamed answer (chunked; close-delimited on HTTP/1.0)."""
         if self.started:
             raise RuntimeError("response already started")
-        self.streaming = True
         if self.request is not None and self.request.version == "HTTP/1.0":
             self.keep_alive = False
         else:
             self.chunked = True
-        await self.conn.write(self._head(status, headers))
+        self.conn.write_nowait(self._head(status, headers))
+        await self.conn.drain()
 
-    async def write(self, data):
-        """One piece of a streamed body, sent now (with backpressure from the socket)."""
+    def write_nowait(self, data):
+        """One piece of a streamed body, handed to the socket now (ClientDisconnected if the
+        client is gone); ``buffered()`` says how much the socket has not taken yet."""
         if not data:
             return
         self.bytes_sent += len(data)
-        if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        await self.conn.write(data)
+        self.conn.write_nowait(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    async def write(self, data):
+        """write_nowait, then wait while the client is slower than we are (backpressure)."""
+        self.write_nowait(data)
+        await self.conn.drain()
+
+    def buffered(self):
+        return self.conn.transport.get_write_buffer_size()
+
+    async def drain(self):
+        await self.conn.drain()
 
     async def end(self):
         """Finish a streamed body cleanly."""
@@ -3340,7 +4863,11 @@ class Response:
             return
         self.finished = True
         if self.chunked:
-            await self.conn.write(b"0\r\n\r\n")
+            await self.write_end()
+
+    async def write_end(self):
+        self.conn.write_nowait(b"0\r\n\r\n")
+        await self.conn.drain()
 
 
 class Connection:
@@ -3356,7 +4883,7 @@ class Connection:
         self.lost = False
         self._watcher = None
         self._on_lost = []
-        self._timed_out = False
+        self.timed_out = None   # "head", "body" or "idle": what a timer cut short
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -3373,17 +4900,17 @@ class Connection:
             raise _EndOfInput()
         self.buf += data
 
-    def _arm(self, seconds, answer_408):
-        return self.server.loop.call_later(seconds, self._on_timeout, answer_408)
+    def _arm(self, seconds, what):
+        return self.server.loop.call_later(seconds, self._on_timeout, what)
 
-    def _on_timeout(self, answer_408):
-        self._timed_out = True
-        if answer_408 and not self.transport.is_closing():
-            body = self.server.error_body(408, "request not received in time")
-            self.transport.write(("HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                                  "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)).encode()
-                                 + body)
-        self.transport.close()
+    def _on_timeout(self, what):
+        """A read waited too long: end it as if the client had closed (no more bytes are taken
+        from the socket), and let the reading coroutine answer 408 or close."""
+        if self.timed_out is None:
+            self.timed_out = what
+            if not self.transport.is_closing():
+                self.transport.pause_reading()
+            self.reader.feed_eof()
 
     async def _read_head(self):
         searched = 0
@@ -3401,9 +4928,23 @@ class Connection:
                 raise BadRequest(431, "request headers larger than %d bytes" % MAX_HEADER_BYTES)
             await self._fill()
 
+    async def _fill_body(self):
+        """One read of a body: a silence of --header-timeout seconds ends it with 408."""
+        timer = self._arm(self.server.header_timeout, "body")
+        try:
+            await self._fill()
+        except _EndOfInput:
+            if self.timed_out:
+                raise BadRequest(408, "the request body stopped arriving for %gs (--header-timeout)"
+                                 % self.server.header_timeout if self.timed_out == "body" else
+                                 "the request body took longer than %gs" % self.server.body_timeout)
+            raise
+        finally:
+            timer.cancel()
+
     async def _read_exactly(self, size):
         while len(self.buf) < size:
-            await self._fill()
+            await self._fill_body()
         data = bytes(self.buf[:size])
         del self.buf[:size]
         return data
@@ -3421,7 +4962,7 @@ class Connection:
             if len(self.buf) > limit:
                 raise BadRequest(400, "%s longer than %d bytes" % (what, limit))
             searched = max(0, len(self.buf) - 1)
-            await self._fill()
+            await self._fill_body()
 
     async def read_body(self, request, limit):
         """Read the body announced by ``request`` (called by the app through Request.read_body)."""
@@ -3431,12 +4972,12 @@ class Connection:
         if not request.chunked and request.content_length == 0:
             return b""
         if request.expect_continue and request.version == "HTTP/1.1" and not self.buf:
-            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not request.chunked and len(self.buf) >= request.content_length:  # all here: no timer, no wait
             body = bytes(self.buf[:request.content_length])
             del self.buf[:request.content_length]
             return body
-        timer = self._arm(self.server.body_timeout, True)
+        total = self._arm(self.server.body_timeout, "body_total")
         try:
             if not request.chunked:
                 return await self._read_exactly(request.content_length)
@@ -3460,11 +5001,14 @@ class Connection:
                     return bytes(body)
             raise BadRequest(431, "too many trailer fields")
         finally:
-            timer.cancel()
+            total.cancel()
 
-    # -- noticing a client that leaves while we stream -----------------------------------------
+    # -- noticing a client that leaves while we answer ----------------------------------------
     def watch_for_disconnect(self, callback):
         """Call ``callback`` as soon as the client closes; bytes it pipelines meanwhile are kept."""
+        if self.lost:
+            callback()
+            return
         self._on_lost.append(callback)
         if self._watcher is None:
             self._watcher = self.server.loop.create_task(self._watch())
@@ -3477,7 +5021,7 @@ class Connection:
                     break
                 self.buf += data
             else:
-                return  # a client pipelining this much can wait for the stream to end
+                return  # a client pipelining this much can wait for the answer to end
         except (ConnectionError, OSError):
             pass
         self._mark_lost()
@@ -3503,11 +5047,13 @@ class Connection:
                 pass
 
     # -- writing --------------------------------------------------------------------------
-    async def write(self, data):
+    def write_nowait(self, data):
         if self.lost or self.transport.is_closing():
             self._mark_lost()
             raise ClientDisconnected("client went away")
-        self.writer.write(data)
+        self.transport.write(data)
+
+    async def drain(self):
         try:
             await self.writer.drain()
         except (ConnectionError, OSError):
@@ -3520,10 +5066,13 @@ class Connection:
         while not (self.server.closing and not first):
             self.busy = False
             if not self.buf:
-                timer = self._arm(self.server.header_timeout if first else self.server.idle_timeout, first)
+                timer = self._arm(self.server.header_timeout if first else self.server.idle_timeout,
+                                  "head" if first else "idle")
                 try:
                     await self._fill()
                 except (_EndOfInput, ConnectionError, OSError):
+                    if self.timed_out == "head":
+                        await self._answer_bad_request(BadRequest(408, "request not received in time"))
                     return
                 finally:
                     timer.cancel()
@@ -3532,11 +5081,13 @@ class Connection:
             while self.buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore a stray CRLF between requests
                 del self.buf[:2]
             # A head that is already buffered (the usual case) needs no timer.
-            timer = None if b"\r\n\r\n" in self.buf else self._arm(self.server.header_timeout, True)
+            timer = None if b"\r\n\r\n" in self.buf else self._arm(self.server.header_timeout, "head")
             try:
                 request = parse_request_head(await self._read_head())
-                request._conn = self
+                request.connection = self
             except (_EndOfInput, ConnectionError, OSError):
+                if self.timed_out == "head":
+                    await self._answer_bad_request(BadRequest(408, "request not received in time"))
                 return
             except BadRequest as exc:
                 await self._answer_bad_request(exc)
@@ -3552,14 +5103,10 @@ class Connection:
         response = Response(self, request)
         try:
             await self.server.app.dispatch(request, response)
-        except BadRequest as exc:
-            if not response.started:
-                await self._answer_bad_request(exc, response)
-            return False
         except (ClientDisconnected, _EndOfInput):
             return False
-        except Exception:  # a bug in a handler: 500 if we still can, never a traceback to the client
-            log.exception("unhandled error answering %s %s", request.method, request.path)
+        except Exception:  # the app answers its own errors; this is the last line of defence
+            log.exception("unhandled error answering %s %s", request.method, escape_controls(request.path))
             if not response.started:
                 response.keep_alive = False
                 try:
@@ -3571,8 +5118,8 @@ class Connection:
         finally:
             if self._watcher is not None:
                 await self.stop_watching()
-            self.server.app.log_exchange(request, response, self)
-        if self._timed_out or not response.finished or not response.keep_alive:
+            self.server.app.log_exchange(request, response)
+        if self.timed_out or not response.finished or not response.keep_alive:
             return False
         if not request.body_consumed and (request.chunked or request.content_length):
             return False  # the unread body is still on the wire; we cannot find the next request
@@ -3582,8 +5129,9 @@ class Connection:
         response = response or Response(self, None)
         response.keep_alive = False
         try:
-            await response.send(exc.status, [("Content-Type", "application/json")],
-                                self.server.error_body(exc.status, str(exc)))
+            if not self.transport.is_closing():
+                await response.send(exc.status, [("Content-Type", "application/json")],
+                                    self.server.error_body(exc.status, str(exc)))
         except ConnectionError:
             pass
         log.debug("bad request from %s: %d %s", self.peer, exc.status, exc)
@@ -3661,155 +5209,51 @@ class Server:
             except asyncio.TimeoutError:  # asyncio.TimeoutError is the builtin only from 3.11
                 pass
 
-
 # ------------------------------------------------------------------------------------------
-# 10. App and routes
-#     The App owns the blocking world (token store, auth, upstream client) and the thread pool
-#     it runs in. Two bridges cross from the loop into threads: ``run_blocking`` (one call,
-#     one answer) and ``StreamPump`` (a worker thread reading an upstream stream, handing the
-#     loop every chunk that has arrived at each wake-up). The pool is sized above the
-#     concurrency limit so streams never wait for a thread.
+# 11. Catalogue, gateway and stream relay
+#    The asyncio side of a proxied request, after the route has parsed and planned it.
+#    Metrics count what happened. The Catalogue owns Copilot's model list (cached, refreshed
+#    once however many ask) and what refusals taught about each model. The ImageInliner fetches
+#    images given by URL, within the request's budget. The Gateway sends a plan: concurrency
+#    slot, pacing, images, the call in a worker (one token refresh on 401), one retry after a
+#    refusal it can fix or a short transient error, then the answer whole or as a stream, and
+#    what it cost. The StreamRelay writes a stream to its client as the hub delivers it.
 # ------------------------------------------------------------------------------------------
 
 SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                ("X-Accel-Buffering", "no")]
 JSON_HEADERS = [("Content-Type", "application/json")]
-
-
-_MAX_TOKENS_REFUSED = re.compile(r"max_tokens.{0,80}max_completion_tokens|unsupported parameter:? *'?max_tokens",
-                                 re.I | re.S)
-
-
-class StreamPump:
-    """Reads an upstream stream in a worker thread and hands chunks to the event loop.
-
-    The thread appends to a list and wakes the loop only if the loop is waiting, so a burst of
-    events costs one wake-up. Past STREAM_HIGH_WATER_BYTES unread, the thread waits (a slow
-    client slows the upstream read, nothing piles up). ``cancel()`` shuts the upstream socket
-    so the thread leaves its read at once and the connection is closed, never pooled."""
-
-    def __init__(self, loop, executor, upstream):
-        self._loop = loop
-        self._upstream = upstream
-        self._lock = threading.Lock()
-        self._chunks = []
-        self._buffered = 0
-        self._finished = False
-        self._error = None
-        self._cancelled = False
-        self._waiter = None
-        self._room = threading.Event()
-        self._room.set()
-        self._ping_timer = None
-        self._last_data = loop.time()
-        executor.run(loop, self._run)  # _run reports through the chunks and the waiter, never raises
-
-    def _run(self):
-        try:
-            while not self._cancelled:
-                data = self._upstream.read1(65536)
-                if not data:
-                    break
-                with self._lock:
-                    self._chunks.append(data)
-                    self._buffered += len(data)
-                    waiter, self._waiter = self._waiter, None
-                    full = self._buffered >= STREAM_HIGH_WATER_BYTES
-                    if full:
-                        self._room.clear()
-                if waiter is not None:
-                    self._wake_threadsafe(waiter)
-                if full:
-                    self._room.wait()
-        except Exception as exc:  # the stream broke: reported to the consumer, never raised here
-            if not self._cancelled:
-                self._error = exc
-        finally:
-            self._upstream.close(reuse=not self._cancelled and self._error is None)
-            with self._lock:
-                self._finished = True
-                waiter, self._waiter = self._waiter, None
-            if waiter is not None:
-                self._wake_threadsafe(waiter)
-
-    def _wake_threadsafe(self, waiter):
-        try:
-            self._loop.call_soon_threadsafe(self._wake, waiter)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-    @staticmethod
-    def _wake(waiter):
-        if not waiter.done():
-            waiter.set_result(None)
-
-    async def next(self, timeout):
-        """(chunks, finished, error) as soon as anything is there; (None, False, None) after
-        ``timeout`` seconds without upstream data (time for a keep-alive ping).
-
-        One timer per stream, re-armed from the time of the last data when it fires, rather
-        than a timer created and cancelled for every chunk."""
-        with self._lock:
-            if not (self._chunks or self._finished):
-                waiter = self._waiter = self._loop.create_future()
-            else:
-                waiter = None
-        if waiter is not None:
-            if self._ping_timer is None:
-                self._ping_timer = self._loop.call_at(self._last_data + timeout, self._ping_due, timeout)
-            await waiter
-        with self._lock:
-            self._waiter = None
-            if not (self._chunks or self._finished):
-                self._last_data = self._loop.time()  # a ping is going out: count silence from now
-                return None, False, None
-            chunks, self._chunks, self._buffered = self._chunks, [], 0
-            self._room.set()
-            finished, error = self._finished, self._error
-        self._last_data = self._loop.time()
-        if finished and self._ping_timer is not None:
-            self._ping_timer.cancel()
-            self._ping_timer = None
-        return chunks, finished, error
-
-    def _ping_due(self, timeout):
-        self._ping_timer = None
-        if self._loop.time() - self._last_data >= timeout:
-            waiter = self._waiter
-            if waiter is not None:
-                self._wake(waiter)
-        elif self._waiter is not None:
-            self._ping_timer = self._loop.call_at(self._last_data + timeout, self._ping_due, timeout)
-
-    def cancel(self):
-        """Stop now: the client left or the answer is complete; drops the upstream connection."""
-        if self._ping_timer is not None:
-            self._ping_timer.cancel()
-            self._ping_timer = None
-        with self._lock:
-            if self._finished or self._cancelled:
-                return
-            self._cancelled = True
-            waiter, self._waiter = self._waiter, None
-        self._upstream.abort()
-        self._room.set()
-        if waiter is not None:
-            self._wake(waiter)
+#: gen_ai.provider.name for Copilot: OpenTelemetry lists no value for it, and allows our own.
+GEN_AI_PROVIDER = "github.copilot"
+_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 
 
 class Metrics:
-    """Counters and histograms for GET /metrics, in Prometheus' text format (0.0.4).
+    """Counters and histograms for GET /metrics, in Prometheus' text format (0.0.4). The gen_ai_*
+    series follow OpenTelemetry's GenAI conventions as an OTel->Prometheus pipeline names them,
+    so dashboards built for other LLM gateways read them as they are. Touched only on the loop;
+    label values are bounded (routes, statuses, catalogue ids, token types)."""
 
-    Only touched from the event loop; label values are bounded (routes, statuses, catalog ids)."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-    HELP = {
-        "coproxy_requests_total": ("counter", "Requests answered, by route, status, model and initiator."),
-        "coproxy_request_bytes_total": ("counter", "Request body bytes received from clients."),
-        "coproxy_response_bytes_total": ("counter", "Response body bytes sent to clients."),
-        "coproxy_premium_requests_total": ("counter", "Premium requests spent (model multiplier per user turn)."),
-        "coproxy_upstream_latency_seconds": ("histogram", "Time from a request's arrival to Copilot's answer headers."),
-        "coproxy_upstream_ttfb_seconds": ("histogram", "Time from a streamed request's arrival to Copilot's first body bytes."),
+    METRICS = {
+        "coproxy_requests_total": ("counter", "Requests answered, by route, status, model and initiator.", None),
+        "coproxy_request_bytes_total": ("counter", "Request body bytes received from clients.", None),
+        "coproxy_response_bytes_total": ("counter", "Response body bytes sent to clients.", None),
+        "coproxy_premium_requests_total": ("counter", "Premium requests spent on request-billed plans "
+                                                      "(the model's multiplier per user turn).", None),
+        "coproxy_ai_credits_total": ("counter", "AI credits spent, as Copilot reported them (or estimated from "
+                                                "the catalogue's token prices), by model.", None),
+        "coproxy_tokens_total": ("counter", "Tokens by model and type (input includes cached).", None),
+        "coproxy_limit_hits_total": ("counter", "Copilot 429s for a usage window (5-hour session, weekly).", None),
+        "coproxy_upstream_latency_seconds": ("histogram", "Time from a request's arrival to Copilot's answer "
+                                                          "headers.", (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                                                       2.5, 5.0, 10.0, 30.0, 60.0, 120.0)),
+        "gen_ai_client_operation_duration_seconds": ("histogram", "Duration of a model call, request to last "
+                                                                  "byte.", _DURATION_BUCKETS),
+        "gen_ai_client_operation_time_to_first_chunk_seconds": ("histogram", "Time from a streamed request's "
+                                                                             "arrival to its first chunk.",
+                                                                _DURATION_BUCKETS),
+        "gen_ai_client_token_usage": ("histogram", "Tokens per model call by type (input, output).", _TOKEN_BUCKETS),
     }
 
     def __init__(self):
@@ -3820,15 +5264,16 @@ class Metrics:
     def inc(self, name, labels=(), value=1):
         self.counters[(name, labels)] += value
 
-    def observe(self, name, seconds, labels=()):
+    def observe(self, name, value, labels=()):
+        buckets = self.METRICS[name][2]
         histogram = self.histograms.get((name, labels))
         if histogram is None:
-            histogram = self.histograms[(name, labels)] = [[0] * len(self.BUCKETS), 0, 0.0]
-        for index, bound in enumerate(self.BUCKETS):
-            if seconds <= bound:
+            histogram = self.histograms[(name, labels)] = [[0] * len(buckets), 0, 0.0]
+        for index, bound in enumerate(buckets):
+            if value <= bound:
                 histogram[0][index] += 1
         histogram[1] += 1
-        histogram[2] += seconds
+        histogram[2] += value
 
     @staticmethod
     def _labels(pairs):
@@ -3838,274 +5283,387 @@ class Metrics:
                                  for k, v in pairs)
 
     def render(self, gauges):
-        """The exposition text; ``gauges`` are (name, help, value) read at scrape time."""
+        """The exposition text; ``gauges`` are (name, help, kind, value) read at scrape time."""
         lines = []
-        for name, (kind, text) in sorted(self.HELP.items()):
+        for name, (kind, text, buckets) in sorted(self.METRICS.items()):
             lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
             if kind == "counter":
                 for (metric, labels), value in sorted(self.counters.items()):
                     if metric == name:
-                        lines.append("%s%s %s" % (name, self._labels(labels), format(value, "g")))
-            else:
-                for (metric, labels), (buckets, count, total) in sorted(self.histograms.items()):
-                    if metric != name:
-                        continue
-                    for bound, cumulative in zip(self.BUCKETS, buckets):
-                        lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", format(bound, "g")),)), cumulative))
-                    lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", "+Inf"),)), count))
-                    lines.append("%s_sum%s %s" % (name, self._labels(labels), format(total, ".6f")))
-                    lines.append("%s_count%s %d" % (name, self._labels(labels), count))
+                        lines.append("%s%s %s" % (name, self._labels(labels), format(value, ".10g")))
+                continue
+            for (metric, labels), (counts, count, total) in sorted(self.histograms.items()):
+                if metric != name:
+                    continue
+                for bound, cumulative in zip(buckets, counts):
+                    lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", format(bound, "g")),)), cumulative))
+                lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", "+Inf"),)), count))
+                lines.append("%s_sum%s %s" % (name, self._labels(labels), format(total, ".6f")))
+                lines.append("%s_count%s %d" % (name, self._labels(labels), count))
         for name, text, kind, value in gauges:
             lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind), "%s %s" % (name, format(value, "g"))]
         return ("\n".join(lines) + "\n").encode("utf-8")
 
+    def since_start(self):
+        """/usage's counters, read off the metrics: requests by initiator and by model, premium
+        requests, AI credits and tokens per model."""
+        by_initiator, models, premium, credits = collections.Counter(), {}, 0.0, 0.0
 
-#: error.code for each status the HTTP layer answers by itself (malformed or oversized input)
-PROTOCOL_ERROR_CODES = {408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
-                        431: "headers_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
+        def model_entry(name):
+            return models.setdefault(name, {"requests": 0, "credits": 0.0, "tokens": {}})
+        for (name, labels), value in self.counters.items():
+            labels = dict(labels)
+            if name == "coproxy_requests_total" and labels.get("initiator"):
+                by_initiator[labels["initiator"]] += value
+                model_entry(labels["model"])["requests"] += value
+            elif name == "coproxy_premium_requests_total":
+                premium += value
+            elif name == "coproxy_ai_credits_total":
+                credits += value
+                model_entry(labels["model"])["credits"] = round(model_entry(labels["model"])["credits"] + value, 6)
+            elif name == "coproxy_tokens_total":
+                tokens = model_entry(labels["model"])["tokens"]
+                tokens[labels["type"]] = tokens.get(labels["type"], 0) + value
+        return {"requests": sum(by_initiator.values()), "by_initiator": dict(by_initiator),
+                "premium_requests": round(premium, 2), "credits": round(credits, 6), "models": models}
 
-CORS_ALLOWED_HEADERS = ("authorization, content-type, x-api-key, anthropic-version, anthropic-beta, "
-                        "openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, "
-                        "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
-                        "x-stainless-retry-count, x-stainless-timeout")
 
+class Catalogue:
+    """Copilot's model list as the proxy uses it. Fetched in a worker and cached (a fresh copy is
+    answered from the loop without a thread hop: it is on every request's path); a stale one is
+    refreshed once however many requests ask at that moment (1,000 streams opening at once must
+    not send 1,000 threads to fetch it); the built-in list stands in while Copilot cannot be
+    reached. Resolves client model names; remembers what refusals taught per model."""
 
-class App:
-    """Routes, auth check, and the handlers that talk to Copilot."""
-
-    def __init__(self, config, store=None, client=None, auth=None):
+    def __init__(self, config, auth, pool, on_auth_result):
         self.config = config
-        self.store = store or TokenStore(config.state_dir)
-        self.client = client or UpstreamClient(config.ca_file, config.connect_timeout,
-                                               config.upstream_timeout, config.environ)
-        self.auth = auth or CopilotAuth(config, self.store, self.client)
-        self.executor = WorkerPool(config.max_concurrency + 16)
+        self.auth = auth
+        self.pool = pool
+        self.on_auth_result = on_auth_result   # called with None (fine) or the AuthError message
         self.loop = None
-        self.started_at = time.time()
-        self.last_auth_error = None
+        self.models = None
+        self.source = None
+        self.by_id = {}
+        self._fetched_at = 0.0
+        self._refresh = None
+        self._quirks = {}
+
+    async def current(self):
+        """(models, source): Copilot's list ("copilot"), or the built-in one ("fallback")."""
+        if self.models is not None and time.monotonic() - self._fetched_at < min(self.config.models_ttl, 60):
+            return self.models, self.source
+        if self._refresh is None:
+            self._refresh = asyncio.get_running_loop().create_task(self._fetch())
+        return await asyncio.shield(self._refresh)
+
+    async def _fetch(self):
+        try:
+            try:
+                models = await self.pool.run(asyncio.get_running_loop(), self.auth.fetch_models)
+                self.on_auth_result(None)
+                source = "copilot"
+            except (AuthError, UpstreamUnreachable) as exc:
+                if isinstance(exc, AuthError):
+                    self.on_auth_result(str(exc))
+                if self.models is not None and self.source == "copilot":
+                    log.warning("refreshing the model list failed (%s); serving the cached one", exc)
+                    self._fetched_at = time.monotonic()
+                    return self.models, self.source
+                log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
+                models, source = FALLBACK_MODELS, "fallback"
+            self.models, self.source, self.by_id = models, source, {m["id"]: m for m in models}
+            self._fetched_at = time.monotonic() if source == "copilot" else 0.0
+            return models, source
+        finally:
+            self._refresh = None
+
+    async def resolve(self, name):
+        """(catalogue id, entry) for a client's model name: --model-alias first, then the names
+        resolve_model understands; an unknown name is a 404 with close matches before any upstream
+        call, unless the catalogue is the fallback list (then Copilot decides)."""
+        _, source = await self.current()
+        name = self.config.model_aliases.get(name, name)
+        model = name if name in self.by_id else resolve_model(name, list(self.by_id))
+        if model is None:
+            if source == "copilot":
+                raise unknown_model_error(name, list(self.by_id))
+            return name, {}
+        return model, self.by_id[model]
+
+    def aliases(self):
+        return [{"id": alias, "object": "model", "created": 0, "owned_by": "coproxy-alias", "alias_of": target}
+                for alias, target in sorted(self.config.model_aliases.items())]
+
+    def label(self, model):
+        """The model as a metric label: catalogue ids and aliases only (label values stay bounded)."""
+        return model if model and (model in self.by_id or model in self.config.model_aliases) else "other"
+
+    def quirks(self, model):
+        return self._quirks.get(model, {})
+
+    def learn(self, model, lesson):
+        if lesson:
+            self._quirks.setdefault(model, {}).update(lesson)
+
+
+class FetchBatch:
+    """The image fetches of one request: what they may still take (bytes, shared by parallel
+    fetches), and the means to stop them all when the client leaves or one of them fails."""
+
+    def __init__(self, total):
+        self.left = total
+        self.stopped = False
+        self.aborts = []
+        self._lock = threading.Lock()
+
+    def take(self, count):
+        with self._lock:
+            self.left -= count
+            if self.left < 0:
+                raise ImageNotFetched("the request's images are larger than %s in all"
+                                      % format_size(MAX_IMAGE_BYTES_PER_REQUEST))
+
+    def stop(self):
+        self.stopped = True
+        for handle in self.aborts:
+            handle.abort()
+
+
+class ImageInliner:
+    """Images given by URL, fetched and put into the request (Copilot refuses most external image
+    URLs). Per request: at most MAX_IMAGES_PER_REQUEST new URLs and MAX_IMAGE_BYTES_PER_REQUEST
+    bytes; IMAGE_FETCHES_AT_ONCE for the whole server; all of a request's fetches stop when its
+    client leaves or one fails. A small cache spares agents, which resend the whole history."""
+
+    def __init__(self, config, client, pool):
+        self.fetcher = ImageFetcher(client, config.image_fetch_allow_private)
+        self.pool = pool
         self._slots = None
-        self._max_body = config.max_body_bytes
-        # Canonical paths (without /v1): every route answers with and without the prefix. The
-        # surface names which --api-surface part mounts it (None: always there).
-        self.routes = {
-            "/chat/completions": ("chat", {"POST": self.handle_chat_completions}),
-            "/models": (None, {"GET": self.handle_models}),
-            "/messages": ("messages", {"POST": self.handle_messages}),
-            "/messages/count_tokens": ("messages", {"POST": self.handle_count_tokens}),
-            "/embeddings": ("embeddings", {"POST": self.handle_embeddings}),
-            "/responses": ("responses", {"POST": self.handle_responses}),
-            "/usage": (None, {"GET": self.handle_usage}),
-            "/metrics": (None, {"GET": self.handle_metrics}),
-        }
-        self.prefix_routes = [("/models/", None, {"GET": self.handle_model}),
-                              ("/responses/", "responses", {"GET": self.handle_response_get})]
-        self.public_routes = {"/healthz": {"GET": self.handle_health}, "/health": {"GET": self.handle_health}}
-        self._catalog_cache = (0.0, None, None, {})
-        self._catalog_refresh = None
-        #: models that refused max_tokens (learnt from Copilot's 400; sent max_completion_tokens after)
-        self._max_completion_models = set()
-        self.metrics = Metrics()
+        self._cache = collections.OrderedDict()  # url -> (media type, bytes, when), oldest first
+        self._cache_bytes = 0
+
+    async def inline(self, plan, request):
+        found = remote_images(plan.payload) if plan.payload is not None else []
+        if not found:
+            return
+        urls = list(dict.fromkeys(url for _, _, url in found))
+        images = {url: self._cached(url) for url in urls}
+        wanted = [url for url, image in images.items() if image is None]
+        if len(wanted) > MAX_IMAGES_PER_REQUEST:
+            raise ClientError(400, "the request gives %d images by URL; coproxy fetches at most %d per request (send "
+                                   "the others as base64)" % (len(wanted), MAX_IMAGES_PER_REQUEST),
+                              code="too_many_images")
+        if wanted:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(IMAGE_FETCHES_AT_ONCE)
+            batch = FetchBatch(MAX_IMAGE_BYTES_PER_REQUEST)
+            request.on_disconnect(batch.stop)
+            tasks = [asyncio.ensure_future(self._fetch(url, batch)) for url in wanted]
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if pending:  # one failed: the others stop too, and are waited for
+                batch.stop()
+                await asyncio.wait(pending)
+            failures = [task.exception() for task in tasks if task.exception() is not None]
+            if failures:
+                raise failures[0]
+            images.update(zip(wanted, (task.result() for task in tasks)))
+        check_image_limits(images, plan.model, plan.info)
+        for node, kind, url in found:
+            inline_image(node, kind, *images[url])
+        plan.vision = True
+
+    async def _fetch(self, url, batch):
+        async with self._slots:
+            abort = AbortHandle()
+            batch.aborts.append(abort)
+            try:
+                if batch.stopped:
+                    raise ImageNotFetched("the request was given up")
+                media_type, data = await self.pool.run(asyncio.get_running_loop(), self._fetch_blocking,
+                                                       url, batch, abort)
+            except ImageNotFetched as exc:
+                log.debug("image %s not fetched: %s", url_for_message(url), exc)
+                raise ClientError(400, "could not fetch the image at %s: no image could be had from there (coproxy "
+                                       "fetches public http(s) images only; --log-level debug says why)"
+                                  % url_for_message(url), code="image_fetch_failed")
+        log.debug("fetched %s: %s, %d bytes", url_for_message(url), media_type, len(data))
+        self._remember(url, (media_type, data, time.monotonic()))
+        return media_type, data
+
+    def _fetch_blocking(self, url, batch, abort):
+        media_type, data = self.fetcher.fetch(url, abort=abort)
+        batch.take(len(data))
+        return media_type, data
+
+    def _cached(self, url):
+        entry = self._cache.get(url)
+        if entry is None or time.monotonic() - entry[2] >= IMAGE_CACHE_SECONDS:
+            return None
+        self._cache.move_to_end(url)
+        return entry[0], entry[1]
+
+    def _remember(self, url, entry):
+        old = self._cache.pop(url, None)
+        if old is not None:
+            self._cache_bytes -= len(old[1])
+        self._cache[url] = entry
+        self._cache_bytes += len(entry[1])
+        while self._cache_bytes > IMAGE_CACHE_BYTES:
+            _, (_, data, _) = self._cache.popitem(last=False)
+            self._cache_bytes -= len(data)
+
+
+class StreamRelay:
+    """Writes one streamed answer to its client as the StreamHub delivers it: the translation in
+    the client's dialect, keep-alive pings during upstream silence, backpressure from a slow
+    client (the hub stops reading that upstream), and one ending: normal, failed or abandoned."""
+
+    def __init__(self, gateway, plan, request, response, upstream):
+        self.gateway = gateway
+        self.plan = plan
+        self.request = request
+        self.response = response
+        self.upstream = upstream
+        self.translation = StreamTranslation(plan.chain(), plan.dialect)
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.stream = None
+        self.first_chunk_at = None
+        self.last_data = self.loop.time()
+        self.ping_seconds = gateway.config.ping_seconds
+        self._ping_timer = None
+        self._paused = False
+
+    async def run(self, headers):
+        metrics = self.gateway.metrics
+        metrics.active_streams += 1
+        try:
+            await self.response.start_stream(200, SSE_HEADERS + headers)
+            self.stream = self.gateway.hub.attach(self.upstream, self)
+            self.request.on_disconnect(self.client_left)
+            self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds, self._ping_due)
+            await self.done
+            if not self.response.finished and not self.request.connection.lost:
+                await self.response.end()
+        finally:
+            metrics.active_streams -= 1
+            if self._ping_timer is not None:
+                self._ping_timer.cancel()
+            if not self.done.done():
+                self.done.set_result(None)
+            if self.stream is not None:
+                self.stream.cancel()
+            else:  # the client left before the stream began: the upstream answer is not read
+                self.upstream.close(reuse=False)
+
+    def _write(self, data):
+        try:
+            self.response.write_nowait(data)
+        except ClientDisconnected:
+            self.client_left()
+            return
+        if not self._paused and self.response.buffered() > STREAM_HIGH_WATER_BYTES:
+            self._paused = True
+            self.stream.pause()
+            self.loop.create_task(self._resume_when_drained())
+
+    async def _resume_when_drained(self):
+        try:
+            await self.response.drain()
+        except ClientDisconnected:
+            self.client_left()
+            return
+        self._paused = False
+        if not self.done.done():
+            self.stream.resume()
+
+    def on_data(self, data):
+        if self.done.done():
+            return
+        self.last_data = self.loop.time()
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.monotonic()
+        out = self.translation.feed(data)
+        if out:
+            self._write(out)
+        if self.translation.finished:  # a failure inside the stream ended it
+            self._finish()
+
+    def on_end(self, error):
+        if self.done.done():
+            return
+        if error is None:
+            out = self.translation.end()
+        else:
+            kind = "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__
+            log.warning("upstream stream failed model=%s: %s", self.plan.model, kind)
+            out = self.translation.fail("the connection to Copilot failed mid-stream (%s)" % kind, "upstream_cut")
+        if out:
+            self._write(out)
+        self._finish()
+
+    def client_left(self):
+        """The client closed: stop reading the upstream (its connection is closed, not pooled)."""
+        if self.stream is not None:
+            self.stream.cancel()
+        if not self.done.done():
+            self.response.log_fields["error"] = "client_closed"
+            self.done.set_result(None)
+
+    def _finish(self):
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _ping_due(self):
+        self._ping_timer = None
+        if self.done.done():
+            return
+        now = self.loop.time()
+        if now - self.last_data >= self.ping_seconds:
+            self._write(self.plan.dialect.ping)  # upstream is thinking: keep the client's stream alive
+            self.last_data = now
+        self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds, self._ping_due)
+
+
+class Gateway:
+    """Sends plans to Copilot and their answers back (see the section banner). Also keeps what
+    the last upstream exchange said (for /healthz) and the usage windows Copilot reports in its
+    ``x-usage-ratelimit-*`` headers (for /usage)."""
+
+    def __init__(self, config, auth, client, pool, catalogue, metrics):
+        self.config = config
+        self.auth = auth
+        self.client = client
+        self.pool = pool
+        self.catalogue = catalogue
+        self.metrics = metrics
+        self.images = ImageInliner(config, client, pool)
+        self.hub = None
+        self.loop = None
+        self._slots = None
         #: the pacing gate (--rate-limit); clock and sleep are replaceable so tests take no time
         self.clock = time.monotonic
         self.sleep = asyncio.sleep
         self._next_upstream_at = 0.0
-        #: images fetched from URLs: url -> (media type, bytes, when), oldest first
-        self._images = collections.OrderedDict()
-        self._image_bytes = 0
+        self.last_outcome = None   # {"ok": bool, "class", "message", "at"} of the last Copilot exchange
+        self.windows = {}          # "session"/"weekly" -> {"percent_remaining", "resets_at"}
 
     async def start(self):
         """Create the loop-bound pieces (asyncio primitives must be born inside the running loop)."""
         self.loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.config.max_concurrency)
+        self.hub = StreamHub(self.loop, self.config.upstream_timeout)
 
     def close(self):
-        self.executor.shutdown(wait=False)
-        self.client.close()
+        if self.hub is not None:
+            self.hub.close()
 
-    async def run_blocking(self, fn, *args):
-        """Run a blocking call (sections 5-7) in the upstream pool; the one plain bridge."""
-        return await self.executor.run(self.loop, fn, *args)
+    def outcome(self, ok, kind=None, message=None):
+        self.last_outcome = {"ok": ok, "class": kind, "message": message, "at": int(time.time())}
 
-    async def _inline_images(self, payload, model, info):
-        """Fetch every image the request gives by URL (in parallel, through a small cache) and
-        put the image itself in the request: Copilot refuses most external image URLs. What the
-        model's catalogue entry says it cannot take is refused here, with the reason."""
-        found = [] if self.config.no_image_fetch else remote_images(payload)
-        if not found:
-            return
-        urls = list(dict.fromkeys(url for _, _, url in found))
-        images = dict(zip(urls, await asyncio.gather(*(self._image(url) for url in urls))))
-        limits = (((info or {}).get("capabilities") or {}).get("limits") or {}).get("vision") or {}
-        types, largest = limits.get("supported_media_types"), limits.get("max_prompt_image_size")
-        for url, (media_type, data) in images.items():
-            if isinstance(types, list) and types and media_type not in types:
-                raise ClientError(400, "the image at %s is %s; %s accepts %s" % (
-                    url_for_message(url), media_type, model, ", ".join(map(str, types))), code="image_not_supported")
-            if isinstance(largest, int) and 0 < largest < len(data):
-                raise ClientError(400, "the image at %s is %s; %s accepts at most %s per image" % (
-                    url_for_message(url), format_size(len(data)), model, format_size(largest)), code="image_too_large")
-        for node, kind, url in found:
-            inline_image(node, kind, *images[url])
-
-    async def _image(self, url):
-        cached = self._images.pop(url, None)
-        if cached is not None:
-            self._image_bytes -= len(cached[1])
-            if time.monotonic() - cached[2] < IMAGE_CACHE_SECONDS:
-                self._remember_image(url, cached)
-                return cached[0], cached[1]
-        try:
-            media_type, data = await self.run_blocking(self.client.fetch_image, url)
-        except UpstreamUnreachable as exc:
-            raise ClientError(400, "could not fetch the image at %s: %s" % (url_for_message(url), exc),
-                              code="image_fetch_failed")
-        log.debug("fetched %s: %s, %d bytes", url_for_message(url), media_type, len(data))
-        self._remember_image(url, (media_type, data, time.monotonic()))
-        return media_type, data
-
-    def _remember_image(self, url, entry):
-        self._images[url] = entry
-        self._image_bytes += len(entry[1])
-        while self._image_bytes > IMAGE_CACHE_BYTES:
-            _, (_, old, _) = self._images.popitem(last=False)
-            self._image_bytes -= len(old)
-
-    # -- dispatch ---------------------------------------------------------------------------
-    def protocol_error_body(self, status, message):
-        return json_dumps(openai_error_body(message, error_type_for_status(status),
-                                            PROTOCOL_ERROR_CODES.get(status, "bad_request")))
-
-    async def dispatch(self, request, response):
-        path = request.path
-        public = path in self.public_routes
-        param = None
-        canonical = path[3:] if path.startswith("/v1/") else path
-        dialect = "anthropic" if canonical.startswith("/messages") else "openai"
-        if self.config.cors_origins and self._cors(request, response):
-            await response.send(204, [])
-            return
-        surface = None
-        if public:
-            handlers = self.public_routes[path]
-        else:
-            surface, handlers = self.routes.get(canonical, (None, None))
-            response.log_fields["route"] = canonical if handlers else "other"
-            for prefix, prefix_surface, prefix_handlers in self.prefix_routes:
-                if handlers is None and canonical.startswith(prefix) and len(canonical) > len(prefix):
-                    surface, handlers = prefix_surface, prefix_handlers
-                    param = urllib.parse.unquote(canonical[len(prefix):])
-                    response.log_fields["route"] = prefix + "{id}"
-        try:
-            if request.method not in KNOWN_METHODS:
-                response.keep_alive = False  # we cannot know how this method frames its body
-                raise ClientError(501, "method %s is not implemented" % request.method, code="not_implemented")
-            if handlers is None:
-                raise ClientError(404, "no such endpoint: %s %s (coproxy serves /v1/chat/completions, /v1/responses, "
-                                       "/v1/embeddings, /v1/messages, /v1/models, /usage and /healthz)"
-                                  % (request.method, path), code="unknown_url")
-            if surface is not None and surface not in self.config.api_surface:
-                raise ClientError(404, "%s is not enabled: start coproxy with --api-surface all (or a list that "
-                                       "includes %s)" % (path, surface), code="api_surface_disabled")
-            handler = handlers.get("GET" if request.method == "HEAD" else request.method)
-            allow = ", ".join(sorted(set(handlers) | ({"HEAD"} if "GET" in handlers else set())))
-            if request.method == "OPTIONS":
-                await response.send(204, [("Allow", allow + ", OPTIONS")])
-                return
-            if handler is None:
-                raise ClientError(405, "%s does not accept %s (allowed: %s)" % (path, request.method, allow),
-                                  code="method_not_allowed", headers=[("Allow", allow)])
-            if not public:
-                self.check_api_key(request)
-            await handler(request, response, param)
-        except ClientError as exc:
-            await self.send_error(response, exc, dialect)
-        except BadRequest as exc:  # from reading the body: answered in the route's dialect, then closed
-            response.keep_alive = False
-            await self.send_error(response, ClientError(exc.status, str(exc),
-                                                        code=PROTOCOL_ERROR_CODES.get(exc.status, "bad_request")), dialect)
-        except AuthError as exc:
-            self.last_auth_error = str(exc)
-            status = 502 if exc.code == "network" else 503
-            await self.send_error(response, ClientError(status, str(exc), kind="api_error", code=exc.code), dialect)
-        except UpstreamUnreachable as exc:
-            await self.send_error(response, ClientError(504 if exc.timeout else 502, str(exc), kind="api_error",
-                                                        code="upstream_timeout" if exc.timeout else "upstream_unreachable"),
-                                  dialect)
-
-    def _cors(self, request, response):
-        """CORS for --cors-origin: headers on every answer to an allowed origin; True when this
-        was a preflight and has been answered (preflights need no API key, by the CORS rules)."""
-        origin = request.header("origin")
-        allowed = origin is not None and (origin in self.config.cors_origins or "*" in self.config.cors_origins)
-        if allowed:
-            response.extra_headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                                      ("Access-Control-Expose-Headers", "Retry-After, X-Coproxy-Models-Source")]
-        if request.method != "OPTIONS" or request.header("access-control-request-method") is None:
-            return False
-        response.log_fields["route"] = "preflight"
-        if allowed:
-            response.extra_headers += [
-                ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-                ("Access-Control-Allow-Headers", request.header("access-control-request-headers") or CORS_ALLOWED_HEADERS),
-                ("Access-Control-Max-Age", "600")]
-        return True
-
-    def check_api_key(self, request):
-        """Constant-time check of Authorization: Bearer K or x-api-key: K (when a key is set)."""
-        key = self.config.api_key
-        if not key:
-            return
-        expected = key.encode("utf-8")
-        authorization = request.header("authorization", "")
-        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-        import hmac  # loaded once, on the first request that has to be checked
-        by_header = hmac.compare_digest(request.header("x-api-key", "").encode("utf-8"), expected)
-        by_bearer = hmac.compare_digest(bearer.encode("utf-8"), expected)
-        if not (by_header or by_bearer):
-            raise ClientError(401, "missing or wrong API key: send Authorization: Bearer <key> or "
-                                   "x-api-key: <key> (the key coproxy was started with)",
-                              code="invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
-
-    async def send_error(self, response, exc, dialect="openai"):
-        """An error in the route's envelope (OpenAI or Anthropic); nothing if a stream started."""
-        response.log_fields["error"] = exc.code or exc.kind
-        if response.started:
-            return
-        if dialect == "anthropic":
-            body = json_dumps(anthropic_error_body(exc.status, str(exc)))
-        else:
-            body = json_dumps(openai_error_body(str(exc), exc.kind, exc.code, exc.param))
-        if exc.status >= 500 or exc.status == 429:
-            log.warning("answered %d %s: %s", exc.status, exc.code or exc.kind, exc)
-        await response.send(exc.status, JSON_HEADERS + list(exc.headers), body)
-
-    async def send_json(self, response, status, payload, headers=()):
-        await response.send(status, JSON_HEADERS + list(headers), json_dumps(payload))
-
-    def log_exchange(self, request, response, conn):
-        """After each exchange: the metrics, and one access-log line (text, or JSON fields)."""
-        fields = response.log_fields
-        model = fields.get("model", "")
-        if model and model not in self._catalog_cache[3] and model not in self.config.model_aliases:
-            model = "other"  # keep label values bounded: only catalog ids
-        status = response.status or 0
-        self.metrics.inc("coproxy_requests_total", (("route", fields.get("route", "other")), ("status", status),
-                                                    ("model", model), ("initiator", fields.get("initiator", ""))))
-        if request.body:
-            self.metrics.inc("coproxy_request_bytes_total", (), len(request.body))
-        self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        duration = (time.monotonic() - request.started) * 1000
-        shown = [(k, fields[k]) for k in ("model", "stream", "initiator", "premium", "path", "error") if k in fields]
-        extra = "".join(" %s=%s" % (k, str(v).lower() if isinstance(v, bool) else v) for k, v in shown)
-        record = None
-        if self.config.log_format == "json":
-            record = {"fields": dict(shown, method=request.method, path=request.path, status=status,
-                                     duration_ms=round(duration, 1))}
-        access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra, extra=record)
-
-    async def _acquire_slot(self):
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        """One of --max-concurrency slots; waits up to --queue-timeout, then 503."""
         if self._slots.locked():
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.config.queue_timeout)
@@ -4115,302 +5673,12 @@ class App:
                                   code="overloaded", headers=[("Retry-After", "1")])
         else:
             await self._slots.acquire()
-
-    # -- talking to Copilot (runs in a worker thread) -----------------------------------------
-    def _copilot_call(self, path, body, initiator, vision, stream, abort, extra_headers=None,
-                      intent="conversation-panel", method="POST"):
-        """POST to Copilot with the identity headers; a 401 forces one refresh and one retry.
-
-        Returns (response, raw): raw is the body for errors and non-stream answers, None for
-        a successful stream (left unread for the StreamPump)."""
-        for attempt in (0, 1):
-            record = self.auth.copilot_token()
-            headers = copilot_headers(record["token"], initiator, vision, intent)
-            if stream:
-                headers["Accept"] = "text/event-stream"
-            if extra_headers:
-                headers.update(extra_headers)
-            response = self.client.request(method, self.auth.api_base(record) + path, headers, body, abort)
-            if response.status == 401 and attempt == 0:
-                response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
-                log.info("copilot answered 401; refreshing the Copilot token and retrying once")
-                self.auth.invalidate(record["token"])
-                continue
-            if not 200 <= response.status < 300:
-                return response, response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
-            if stream:
-                return response, None
-            return response, response.read_all(MAX_UPSTREAM_JSON_BYTES)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    # -- handlers -----------------------------------------------------------------------------
-    async def handle_health(self, request, response, _):
-        token, source = self.auth.github_token()
-        record = self.auth._record
-        payload = {
-            "status": "ok", "version": __version__,
-            "auth": {"github_token": bool(token),
-                     "copilot_token": ("valid" if record and record["expires_at"] > time.time() else
-                                       "not yet fetched" if token else "missing"),
-                     "ready": bool(token) and self.last_auth_error is None,
-                     "error": self.last_auth_error},
-            "uptime_seconds": int(time.time() - self.started_at),
-        }
-        await self.send_json(response, 200, payload, [("Cache-Control", "no-store")])
-
-    async def _catalog(self):
-        """(models, source): Copilot's list, or the built-in one when Copilot cannot be reached.
-
-        A fresh copy is answered from the loop without a thread hop (it is on the hot path of
-        every proxied request). A stale one is refreshed once, however many requests ask at that
-        moment: they all await the same task (1,000 streams opening at once must not send 1,000
-        worker threads to queue on the blocking fetch's lock)."""
-        fetched_at, models, source, _ = self._catalog_cache
-        if models is not None and time.monotonic() - fetched_at < min(self.config.models_ttl, 60):
-            return models, source
-        if self._catalog_refresh is None:
-            self._catalog_refresh = self.loop.create_task(self._refresh_catalog())
-        return await asyncio.shield(self._catalog_refresh)
-
-    async def _refresh_catalog(self):
         try:
-            try:
-                models = await self.run_blocking(self.auth.fetch_models)
-                self.last_auth_error = None
-                source = "copilot"
-            except (AuthError, UpstreamUnreachable) as exc:
-                if isinstance(exc, AuthError):
-                    self.last_auth_error = str(exc)
-                log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
-                models, source = FALLBACK_MODELS, "fallback"
-            self._catalog_cache = (time.monotonic() if source == "copilot" else 0.0, models, source,
-                                   {m["id"]: m for m in models})
-            return models, source
-        finally:
-            self._catalog_refresh = None
-
-    async def _resolve_model(self, payload):
-        """Put the catalog id into payload["model"]; (model, catalog entry or {}).
-
-        Unknown names get a 404 with close matches before any upstream call, unless the catalog
-        is the built-in fallback (then Copilot decides)."""
-        _, source = await self._catalog()
-        by_id = self._catalog_cache[3]
-        name = self.config.model_aliases.get(payload["model"], payload["model"])
-        model = name if name in by_id else resolve_model(name, list(by_id))
-        if model is None:
-            if source == "copilot":
-                raise unknown_model_error(name, list(by_id))
-            return name, {}
-        payload["model"] = model
-        return model, by_id[model]
-
-    def _account(self, response, model, initiator, info, stream):
-        """Access-log fields and the counters behind /usage, with the premium cost of the request."""
-        billing = info.get("billing") if isinstance(info.get("billing"), dict) else {}
-        multiplier = billing.get("multiplier")
-        cost = (multiplier if initiator == "user" else 0) if isinstance(multiplier, (int, float)) else None
-        response.log_fields.update(model=model, stream=stream, initiator=initiator)
-        if cost is not None:
-            response.log_fields["premium"] = "%g" % cost
-            self.metrics.inc("coproxy_premium_requests_total", (("model", model),), cost)
-
-    def _alias_entries(self):
-        return [{"id": alias, "object": "model", "created": 0, "owned_by": "coproxy-alias", "alias_of": target}
-                for alias, target in sorted(self.config.model_aliases.items())]
-
-    async def handle_models(self, request, response, _):
-        models, source = await self._catalog()
-        data = [copilot_model_to_openai(m) for m in models] + self._alias_entries()
-        await self.send_json(response, 200, {"object": "list", "data": data, "has_more": False},
-                             [("X-Coproxy-Models-Source", source)])
-
-    async def handle_model(self, request, response, model_id):
-        models, source = await self._catalog()
-        for alias in self._alias_entries():
-            if alias["id"] == model_id:
-                await self.send_json(response, 200, alias)
-                return
-        for model in models:
-            if model["id"] == model_id:
-                await self.send_json(response, 200, copilot_model_to_openai(model),
-                                     [("X-Coproxy-Models-Source", source)])
-                return
-        raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists them)" % model_id,
-                          code="model_not_found", param="model")
-
-    async def handle_chat_completions(self, request, response, _):
-        payload = parse_json_object(await request.read_body(self._max_body))
-        chat = prepare_chat_request(payload, self.config.default_model)
-        model, info = await self._resolve_model(payload)
-        if info:
-            check_chat_capabilities(payload, info, chat.vision)
-        if is_gemini(model, info):
-            gemini_tools(payload)
-        await self._inline_images(payload, model, info)
-        path = endpoint_for(info, "/chat/completions")
-        self._account(response, model, chat.initiator, info, chat.stream)
-        if path == "/responses":  # e.g. gpt-5.x-codex: Copilot serves it only on /responses
-            response.log_fields["path"] = "responses"
-            body = json_dumps(chat_to_responses_request(payload))
-        else:
-            if model in self._max_completion_models and "max_tokens" in payload:
-                payload["max_completion_tokens"] = payload.pop("max_tokens")
-            body = json_dumps(payload)
-        await self._acquire_slot()
-        try:
-            try:
-                upstream, raw = await self._call_upstream(path, body, chat.initiator, chat.vision, chat.stream, model)
-            except ClientError as exc:
-                if not (path == "/chat/completions" and exc.status == 400 and "max_tokens" in payload
-                        and _MAX_TOKENS_REFUSED.search(str(exc))):
-                    raise
-                log.info("model %s refuses max_tokens; sending max_completion_tokens from now on", model)
-                self._max_completion_models.add(model)
-                payload["max_completion_tokens"] = payload.pop("max_tokens")
-                upstream, raw = await self._call_upstream(path, json_dumps(payload), chat.initiator, chat.vision,
-                                                          chat.stream, model)
-            if chat.stream:
-                translator = (ResponsesToChatStream(model, chat.include_usage, time.time()) if path == "/responses"
-                              else ChatStreamNormalizer(model, chat.include_usage, chat.merge_choices, time.time()))
-                await self._relay_stream(upstream, translator, SSE_PING, request, response, model)
-                return
-            try:
-                data = json.loads(raw)
-                answer = (responses_to_chat_response(data, model, time.time()) if path == "/responses" else
-                          normalize_chat_response(data, model, chat.merge_choices, time.time()))
-            except (ValueError, RecursionError, AttributeError, TypeError):
-                raise ClientError(502, "Copilot sent an answer that is not a chat completion",
-                                  code="bad_upstream_response")
-            await self.send_json(response, 200, answer)
+            yield
         finally:
             self._slots.release()
 
-    async def handle_embeddings(self, request, response, _):
-        payload, encoding = prepare_embeddings_request(parse_json_object(await request.read_body(self._max_body)))
-        model, info = await self._resolve_model(payload)
-        # Embeddings are not premium requests; "agent" keeps them from ever being counted as one.
-        self._account(response, model, "agent", info, False)
-        upstream, raw = await self._call_upstream("/embeddings", json_dumps(payload), "agent", False, False, model,
-                                                  intent="copilot-panel")
-        try:
-            answer = normalize_embeddings_response(json.loads(raw), model, encoding)
-        except (ValueError, RecursionError, AttributeError, TypeError, struct.error):
-            raise ClientError(502, "Copilot sent an answer that is not an embeddings list", code="bad_upstream_response")
-        await self.send_json(response, 200, answer)
-
-    async def handle_responses(self, request, response, _):
-        payload = parse_json_object(await request.read_body(self._max_body))
-        payload["model"] = payload.get("model") or self.config.default_model
-        if not isinstance(payload["model"], str) or not payload["model"]:
-            raise ClientError(400, "'model' is required (or start coproxy with --default-model)", param="model",
-                              code="model_required")
-        model, info = await self._resolve_model(payload)
-        stream = payload.get("stream") is True
-        initiator = responses_initiator(payload)
-        await self._inline_images(payload, model, info)
-        self._account(response, model, initiator, info, stream)
-        await self._acquire_slot()
-        try:
-            upstream, raw = await self._call_upstream("/responses", json_dumps(payload), initiator,
-                                                      responses_have_image(payload), stream, model)
-            if stream:
-                await self._relay_stream(upstream, ResponsesPassthrough(), SSE_PING, request, response, model)
-                return
-            await self._send_upstream_json(response, raw)
-        finally:
-            self._slots.release()
-
-    async def handle_response_get(self, request, response, response_id):
-        upstream, raw = await self._call_upstream("/responses/" + urllib.parse.quote(response_id, safe=""), None,
-                                                  "agent", False, False, "-", method="GET")
-        await self._send_upstream_json(response, raw)
-
-    async def _send_upstream_json(self, response, raw):
-        try:
-            if not isinstance(json.loads(raw), dict):
-                raise ValueError("not an object")
-        except (ValueError, RecursionError):
-            raise ClientError(502, "Copilot sent an answer that is not JSON", code="bad_upstream_response")
-        await response.send(200, JSON_HEADERS, raw)
-
-    async def handle_metrics(self, request, response, _):
-        gauges = [("coproxy_active_streams", "Streams being relayed now.", "gauge", self.metrics.active_streams),
-                  ("coproxy_token_refreshes_total", "Copilot token exchanges.", "counter", self.auth.exchanges),
-                  ("coproxy_token_refresh_failures_total", "Copilot token exchanges that failed.", "counter",
-                   self.auth.exchange_failures),
-                  ("coproxy_upstream_connections_opened_total", "Connections opened to GitHub and Copilot.", "counter",
-                   self.client.connections_opened),
-                  ("coproxy_start_time_seconds", "When this coproxy started (unix time).", "gauge", self.started_at)]
-        await response.send(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                            self.metrics.render(gauges))
-
-    def usage_since_start(self):
-        """/usage's counters, read off the metrics: model requests by initiator and by model."""
-        by_initiator, by_model, premium = collections.Counter(), collections.Counter(), 0.0
-        for (name, labels), value in self.metrics.counters.items():
-            labels = dict(labels)
-            if name == "coproxy_requests_total" and labels.get("initiator"):
-                by_initiator[labels["initiator"]] += value
-                by_model[labels["model"]] += value
-            elif name == "coproxy_premium_requests_total":
-                premium += value
-        return {"started_at": int(self.started_at), "requests": sum(by_initiator.values()),
-                "by_initiator": dict(by_initiator), "by_model": dict(by_model), "premium_requests": round(premium, 2)}
-
-    async def handle_usage(self, request, response, _):
-        payload = {"since_start": self.usage_since_start()}
-        try:
-            payload["copilot"] = summarize_quota(await self.run_blocking(self.auth.copilot_user))
-        except (AuthError, UpstreamUnreachable) as exc:
-            payload["copilot"], payload["error"] = None, str(exc)
-        await self.send_json(response, 200, payload, [("Cache-Control", "no-store")])
-
-    async def _relay_stream(self, upstream, translator, ping, request, response, model):
-        """Pass an upstream SSE stream through ``translator`` to the client as events arrive.
-
-        ``translator`` has feed_event(SSEEvent) -> frames, finish() and error(message) -> the
-        closing frames, and ``finished``. Upstream silence sends ``ping``; an upstream failure
-        sends one error event in the route's dialect; a client that leaves stops everything."""
-        decoder = SSEDecoder()
-        pump = StreamPump(self.loop, self.executor, upstream)
-        request._conn.watch_for_disconnect(pump.cancel)
-        self.metrics.active_streams += 1
-        first = True
-        try:
-            await response.start_stream(200, SSE_HEADERS)
-            while True:
-                chunks, finished, error = await pump.next(self.config.ping_seconds)
-                if chunks is None:
-                    await response.write(ping)  # upstream is thinking; keep the client's stream alive
-                    continue
-                if first:
-                    first = False
-                    self.metrics.observe("coproxy_upstream_ttfb_seconds", time.monotonic() - request.started,
-                                         (("route", response.log_fields.get("route", "other")),))
-                out = []
-                for data in chunks:
-                    for event in decoder.feed(data):
-                        out.extend(translator.feed_event(event))
-                if finished and not translator.finished:
-                    if error is not None:
-                        log.warning("upstream stream failed model=%s: %s", model, error.__class__.__name__)
-                        out.extend(translator.error("the connection to Copilot failed mid-stream (%s)" % (
-                            "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__)))
-                    else:
-                        for event in decoder.finish():
-                            out.extend(translator.feed_event(event))
-                        out.extend(translator.finish())
-                if out:
-                    await response.write(b"".join(out))
-                if finished or translator.finished:
-                    break
-            await response.end()
-        finally:
-            self.metrics.active_streams -= 1
-            pump.cancel()
-
-    async def _pace(self):
+    async def pace(self):
         """--rate-limit: one upstream request per interval; the excess waits (--wait) or gets 429."""
         gap = self.config.rate_limit
         if not gap:
@@ -4427,86 +5695,541 @@ class App:
         self._next_upstream_at += gap  # this request's turn is reserved before it sleeps
         await self.sleep(delay)
 
-    async def _call_upstream(self, path, body, initiator, vision, stream, model, **extra):
-        """Run one Copilot call in a worker; a non-2xx answer becomes a ClientError."""
-        await self._pace()
-        started = time.monotonic()
-        upstream, raw = await self.run_blocking(
-            functools.partial(self._copilot_call, path, body, initiator, vision, stream, AbortHandle(), **extra))
-        self.metrics.observe("coproxy_upstream_latency_seconds", time.monotonic() - started, (("route", path),))
-        self.last_auth_error = None
-        if not 200 <= upstream.status < 300:
-            error = client_error_from_upstream(upstream.status, raw, upstream.headers)
-            policy = (self._catalog_cache[3].get(model) or {}).get("policy")
-            state = policy.get("state") if isinstance(policy, dict) else None
-            if error.code == "model_not_supported" and state not in (None, "enabled"):
-                error = ClientError(error.status, "%s: %s is not enabled for your account (policy: %s); enable it at "
-                                    "https://github.com/settings/copilot/features or once in VS Code's model picker"
-                                    % (str(error).rstrip(". "), model, state), kind=error.kind, code=error.code,
-                                    param=error.param, headers=error.headers)
-            log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, model,
+    # -- the call itself, in a worker thread ----------------------------------------------------
+    def _call(self, plan, abort):
+        """Send the plan with the identity headers; a 401 forces one token refresh and one retry.
+        Returns (response, raw): raw is the body for errors and whole answers, None for a stream."""
+        body = json_dumps(plan.payload) if plan.payload is not None else None
+        for attempt in (0, 1):
+            record = self.auth.copilot_token()
+            headers = copilot_headers(self.config, record["token"], plan.initiator, plan.vision, plan.intent,
+                                      plan.interaction)
+            if plan.stream:
+                headers["Accept"] = "text/event-stream"
+            headers.update(plan.headers)
+            response = self.client.request(plan.method, self.auth.api_base(record) + plan.path, headers, body, abort)
+            if response.status == 401 and attempt == 0:
+                response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
+                log.info("copilot answered 401; refreshing the Copilot token and retrying once")
+                self.auth.invalidate(record["token"])
+                continue
+            if not 200 <= response.status < 300:
+                return response, response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
+            if plan.stream:
+                return response, None
+            return response, response.read_all(MAX_UPSTREAM_JSON_BYTES)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(self, plan, request):
+        """The call, with one retry when Copilot refused something it said how to fix, or answered
+        a short transient 429/503; a final non-2xx answer becomes a ClientError."""
+        abort = AbortHandle()
+        request.on_disconnect(abort.abort)  # a client that leaves cuts the upstream call short
+        retried = False
+        while True:
+            started = time.monotonic()
+            try:
+                upstream, raw = await self.pool.run(self.loop, self._call, plan, abort)
+            except UpstreamUnreachable as exc:
+                self.outcome(False, exc.kind, str(exc))
+                raise
+            except AuthError as exc:
+                self.outcome(False, "auth", str(exc))
+                raise
+            self.metrics.observe("coproxy_upstream_latency_seconds", time.monotonic() - started,
+                                 (("route", plan.path),))
+            if 200 <= upstream.status < 300:
+                self.outcome(True)
+                self._note_windows(upstream.headers)
+                return upstream, raw
+            verdict = client_error_from_upstream(upstream.status, raw, upstream.headers, time.time(),
+                                                 (self.config.editor_version, self.config.editor_plugin_version))
+            error = with_policy_hint(verdict.error, plan.model, plan.info)
+            self.outcome(False, "http_%d" % upstream.status, str(error))
+            if verdict.window:
+                self.metrics.inc("coproxy_limit_hits_total", (("window", verdict.window),))
+            if not retried:
+                lesson = revise_after_refusal(plan, error, self.catalogue.quirks(plan.model))
+                if lesson is not None:
+                    self.catalogue.learn(plan.model, lesson)
+                    log.info("model %s refused %s; retrying as %s", plan.model, error.code or "a parameter",
+                             plan.adjusted[-1])
+                    retried = True
+                    continue
+                if verdict.transient:
+                    wait = verdict.wait if verdict.wait is not None else 1
+                    log.info("copilot answered %d; retrying once in %ss", upstream.status, wait)
+                    await self.sleep(wait)
+                    retried = True
+                    continue
+            log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, plan.model,
                         error.code, upstream.header("retry-after", "-"))
             raise error
-        return upstream, raw
 
-    async def handle_messages(self, request, response, _):
-        payload = parse_json_object(await request.read_body(self._max_body))
-        validate_anthropic_request(payload)
-        model, info = await self._resolve_model(payload)
-        stream = payload.get("stream") is True
-        initiator = anthropic_initiator(payload["messages"])
-        vision = anthropic_messages_have_image(payload)
-        await self._inline_images(payload, model, info)
-        native = "/v1/messages" in (info.get("supported_endpoints") or [])
-        self._account(response, model, initiator, info, stream)
-        response.log_fields["path"] = "native" if native else "chat"
-        if native:
-            headers = {"anthropic-version": request.header("anthropic-version") or "2023-06-01"}
-            betas = [b.strip() for b in request.header("anthropic-beta", "").split(",")
-                     if b.strip().startswith(SUPPORTED_ANTHROPIC_BETAS)]
-            if betas:
-                headers["anthropic-beta"] = ",".join(betas)
-            call = dict(path="/v1/messages", body=json_dumps(payload), extra_headers=headers, intent="messages-proxy")
-        elif endpoint_for(info, "/chat/completions") == "/responses":  # e.g. gpt-5.1-codex from Claude Code
-            response.log_fields["path"] = "responses"
-            call = dict(path="/responses",
-                        body=json_dumps(chat_to_responses_request(anthropic_to_openai_request(payload, info))))
-        else:
-            chat_payload = anthropic_to_openai_request(payload, info)
-            if is_gemini(model, info):
-                gemini_tools(chat_payload)
-            call = dict(path="/chat/completions", body=json_dumps(chat_payload))
-        await self._acquire_slot()
-        try:
-            upstream, raw = await self._call_upstream(call.pop("path"), call.pop("body"), initiator, vision,
-                                                      stream, model, **call)
-            via_responses = response.log_fields.get("path") == "responses"
-            if stream:
-                translator = AnthropicPassthrough() if native else AnthropicStreamTranslator(
-                    model, estimate_input_tokens(payload))
-                if via_responses:
-                    translator = ChainedTranslator(ResponsesToChatStream(model, True, time.time()), translator)
-                await self._relay_stream(upstream, translator, ANTHROPIC_PING, request, response, model)
+    def _note_windows(self, headers):
+        for name in ("session", "weekly"):
+            window = parse_ratelimit_header(headers.get("x-usage-ratelimit-" + name))
+            if window is not None:
+                self.windows[name] = dict(window, seen_at=int(time.time()))
+
+    # -- a whole request ------------------------------------------------------------------
+    async def run(self, plan, request, response):
+        """Send ``plan`` and answer ``response`` with its result (raises ClientError & co.)."""
+        self._count_request(plan, response)
+        async with self.slot():
+            await self.pace()
+            if not self.config.no_image_fetch:
+                await self.images.inline(plan, request)
+            if plan.removed:
+                log.debug("removed from the request for %s: %s", plan.model, ", ".join(plan.removed))
+            upstream, raw = await self._send(plan, request)
+            headers = [("X-Coproxy-Adjusted", ", ".join(plan.adjusted))] if plan.adjusted else []
+            if plan.adjusted:
+                response.log_fields["adjusted"] = ", ".join(plan.adjusted)
+            if plan.stream:
+                relay = StreamRelay(self, plan, request, response, upstream)
+                await relay.run(headers)
+                if relay.first_chunk_at is not None:
+                    self.metrics.observe("gen_ai_client_operation_time_to_first_chunk_seconds",
+                                         relay.first_chunk_at - request.started, self._gen_ai_labels(plan))
+                self._account(plan, response, relay.translation.source.usage, relay.translation.failure)
                 return
             try:
-                answer = json.loads(raw)
-                if via_responses:
-                    answer = responses_to_chat_response(answer, model, time.time())
-                if not native:
-                    answer = openai_to_anthropic_response(answer, model)
-                elif not isinstance(answer, dict):
+                data = json.loads(raw)
+                if not isinstance(data, dict):
                     raise ValueError("not an object")
-            except (ValueError, RecursionError, AttributeError):
-                raise ClientError(502, "Copilot sent an answer that is not a message", code="bad_upstream_response")
-            await self.send_json(response, 200, answer)
-        finally:
-            self._slots.release()
+                body = raw if plan.answer is None else json_dumps(plan.answer(data))
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError, struct.error):
+                raise ClientError(502, "Copilot sent an answer that is not %s" % plan.what, code="bad_upstream_response")
+            self._account(plan, response, usage_of_answer(plan.path, data))
+            await response.send(200, JSON_HEADERS + headers, body)
+
+    def _count_request(self, plan, response):
+        """Access-log fields, and the premium request a user turn costs on a request-billed plan."""
+        response.log_fields.update(model=plan.model, stream=plan.stream, initiator=plan.initiator, upstream=plan.path)
+        multiplier = _dig(plan.info, "billing").get("multiplier")
+        if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool):
+            cost = multiplier if plan.initiator == "user" else 0
+            response.log_fields["premium"] = cost
+            self.metrics.inc("coproxy_premium_requests_total", (("model", self.catalogue.label(plan.model)),), cost)
+
+    def _gen_ai_labels(self, plan):
+        """OpenTelemetry GenAI attributes as Prometheus labels."""
+        return (("gen_ai_operation_name", "embeddings" if plan.route == "embeddings" else "chat"),
+                ("gen_ai_provider_name", GEN_AI_PROVIDER), ("gen_ai_request_model", self.catalogue.label(plan.model)))
+
+    def _account(self, plan, response, usage, failure=None):
+        """What the answer used and cost: log fields, /metrics and /usage counters."""
+        fields = response.log_fields
+        if failure:
+            fields["error"] = failure
+        duration = time.monotonic() - response.request.started
+        model = self.catalogue.label(plan.model)
+        gen_ai = self._gen_ai_labels(plan)
+        self.metrics.observe("gen_ai_client_operation_duration_seconds", duration,
+                             gen_ai + ((("error_type", "stream_error"),) if failure else ()))
+        if usage is None:
+            return
+        fields.update(input_tokens=usage["input"], cached_tokens=usage["cached"], output_tokens=usage["output"],
+                      reasoning_tokens=usage["reasoning"])
+        for kind in ("input", "cached", "output", "reasoning"):
+            if usage[kind]:
+                self.metrics.inc("coproxy_tokens_total", (("model", model), ("type", kind)), usage[kind])
+        for kind in ("input", "output"):
+            self.metrics.observe("gen_ai_client_token_usage", usage[kind], gen_ai + (("gen_ai_token_type", kind),))
+        credits = usage["nano_aiu"] / NANO_AIU_PER_CREDIT if usage["nano_aiu"] is not None else None
+        if credits is None:
+            credits = estimate_credits(usage, plan.info)
+            if credits is not None:
+                fields["credits_estimated"] = True
+        if credits is not None:
+            fields["credits"] = round(credits, 6)
+            self.metrics.inc("coproxy_ai_credits_total", (("model", model),), credits)
+
+# ------------------------------------------------------------------------------------------
+# 12. App and routes
+#     The route table, the checks every request passes (Host, Origin, CORS, API key), error
+#     envelopes in the caller's dialect, the access log, and handlers that parse, plan and
+#     hand plans to the gateway. Without an API key coproxy answers only requests addressed
+#     to this machine's loopback names (or --allowed-host) and from no web page it was not told
+#     to trust (--cors-origin): a page on any site could otherwise spend the user's plan, and
+#     with DNS rebinding read the answers.
+# ------------------------------------------------------------------------------------------
+
+#: error.code for each status the HTTP layer answers by itself (malformed or oversized input)
+PROTOCOL_ERROR_CODES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
+                        431: "headers_too_large", 500: "internal_error", 501: "not_implemented",
+                        505: "http_version_not_supported"}
+
+CORS_ALLOWED_HEADERS = ("authorization, content-type, content-encoding, x-api-key, anthropic-version, anthropic-beta, "
+                        "openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, "
+                        "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
+                        "x-stainless-retry-count, x-stainless-timeout")
+
+Route = collections.namedtuple("Route", "path surface dialect handlers public")
+
+
+class Guard:
+    """Who may use this coproxy: the checks every request but /healthz passes. Without an API key
+    only requests addressed to this machine's loopback names (or --allowed-host); from web pages
+    (requests with an Origin) only those of --cors-origin, which get CORS headers; with a key, the
+    key, compared in constant time."""
+
+    def __init__(self, config):
+        self.config = config
+        self.bound_host = None  # the address the server listens on, also a name of this machine
+
+    def check_host(self, request):
+        """Without an API key, only requests addressed to this machine: a web page that rebinds its
+        own name to 127.0.0.1 still sends that name as Host, and is refused here."""
+        if self.config.api_key:
+            return
+        value = request.header("host")
+        if value is None and request.version == "HTTP/1.0":
+            return
+        host = host_without_port(value or "")
+        if is_loopback_host(host) or host in self.config.allowed_hosts or host == self.bound_host:
+            return
+        raise ClientError(403, "requests addressed to %r are refused: without --api-key coproxy answers only its "
+                               "loopback names (127.0.0.1, localhost, [::1]); start it with --allowed-host %s if you "
+                               "reach it by that name" % (host[:100], host[:100] or "NAME"), code="host_not_allowed")
+
+    def check_origin(self, request, response):
+        """Requests from web pages (they carry Origin; CLIs and SDKs do not) only from --cors-origin
+        origins, which get CORS headers. True when this was a preflight, now to be answered 204."""
+        origin = request.header("origin")
+        if origin is None:
+            return False
+        origins = self.config.cors_origins
+        if not ("*" in origins or origin.strip().lower().rstrip("/") in origins):
+            raise ClientError(403, "requests from the web page at %s are refused; start coproxy with --cors-origin %s "
+                                   "to let pages from there use it" % (origin[:200], origin[:200]),
+                              code="origin_not_allowed")
+        response.extra_headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                                  ("Access-Control-Expose-Headers", "Retry-After, X-Coproxy-Models-Source, "
+                                                                    "X-Coproxy-Adjusted")]
+        if request.method != "OPTIONS" or request.header("access-control-request-method") is None:
+            return False
+        response.log_fields["route"] = "preflight"
+        response.extra_headers += [
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", request.header("access-control-request-headers") or CORS_ALLOWED_HEADERS),
+            ("Access-Control-Max-Age", "600")]
+        return True  # preflights carry no credentials, by the CORS rules: the real request needs the key
+
+    def check_api_key(self, request):
+        """Constant-time check of Authorization: Bearer K or x-api-key: K (when a key is set)."""
+        key = self.config.api_key
+        if not key:
+            return
+        import hmac  # loaded once, on the first request that has to be checked
+        expected = key.encode("utf-8")
+        authorization = request.header("authorization", "")
+        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        by_header = hmac.compare_digest(request.header("x-api-key", "").encode("latin-1"), expected)
+        by_bearer = hmac.compare_digest(bearer.encode("latin-1"), expected)
+        if not (by_header or by_bearer):
+            raise ClientError(401, "missing or wrong API key: send Authorization: Bearer <key> or "
+                                   "x-api-key: <key> (the key coproxy was started with)",
+                              code="invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
+
+
+class App:
+    """Routes, checks, envelopes and the access log; everything else is delegated: the catalogue
+    (models), the gateway (sending plans), the pool and hub (threads)."""
+
+    def __init__(self, config, store=None, client=None, auth=None):
+        self.config = config
+        self.store = store or TokenStore(config.state_dir)
+        self.client = client or UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout,
+                                               config.environ)
+        self.auth = auth or CopilotAuth(config, self.store, self.client)
+        self.pool = WorkerPool(config.max_concurrency + 16)
+        self.metrics = Metrics()
+        self.catalogue = Catalogue(config, self.auth, self.pool, self._auth_result)
+        self.gateway = Gateway(config, self.auth, self.client, self.pool, self.catalogue, self.metrics)
+        self.started_at = time.time()
+        self.auth_error = None
+        self.guard = Guard(config)
+        self._max_body = config.max_body_bytes
+        # Canonical paths, without /v1 (every route answers with and without the prefix); a path
+        # ending in / takes one more segment as its parameter.
+        self.routes = [
+            Route("/chat/completions", "chat", OPENAI, {"POST": self.handle_chat}, False),
+            Route("/responses", "responses", RESPONSES, {"POST": self.handle_responses}, False),
+            Route("/responses/compact", "responses", RESPONSES, {"POST": self.handle_compact}, False),
+            Route("/responses/", "responses", RESPONSES, {"GET": self.handle_response_get}, False),
+            Route("/embeddings", "embeddings", OPENAI, {"POST": self.handle_embeddings}, False),
+            Route("/messages", "messages", ANTHROPIC, {"POST": self.handle_messages}, False),
+            Route("/messages/count_tokens", "messages", ANTHROPIC, {"POST": self.handle_count_tokens}, False),
+            Route("/models", None, OPENAI, {"GET": self.handle_models}, False),
+            Route("/models/", None, OPENAI, {"GET": self.handle_model}, False),
+            Route("/usage", None, OPENAI, {"GET": self.handle_usage}, False),
+            Route("/metrics", None, OPENAI, {"GET": self.handle_metrics}, False),
+            Route("/healthz", None, OPENAI, {"GET": self.handle_health}, True),
+            Route("/health", None, OPENAI, {"GET": self.handle_health}, True),
+        ]
+
+    async def start(self):
+        await self.gateway.start()
+
+    def close(self):
+        self.gateway.close()
+        self.pool.shutdown(wait=False)
+        self.client.close()
+
+    def _auth_result(self, error):
+        self.auth_error = error
+
+    def find_route(self, path):
+        """(Route, parameter) for a request path, or (None, None)."""
+        canonical = path[3:] if path.startswith("/v1/") else path
+        for route in self.routes:
+            if route.path.endswith("/"):
+                if canonical.startswith(route.path) and "/" not in canonical[len(route.path):] \
+                        and len(canonical) > len(route.path) and not route.public:
+                    return route, urllib.parse.unquote(canonical[len(route.path):])
+            elif canonical == route.path and (not route.public or path == route.path):
+                return route, None
+        return None, None
+
+    def route_list(self):
+        return ", ".join(("" if r.public else "/v1") + (r.path + "{id}" if r.path.endswith("/") else r.path)
+                         for r in self.routes if r.surface is None or r.surface in self.config.api_surface)
+
+    # -- dispatch and the checks every request passes ------------------------------------------
+    def protocol_error_body(self, status, message):
+        return json_dumps(openai_error_body(message, error_type_for_status(status),
+                                            PROTOCOL_ERROR_CODES.get(status, "bad_request")))
+
+    async def dispatch(self, request, response):
+        route, param = self.find_route(request.path)
+        dialect = route.dialect if route is not None else OPENAI
+        response.log_fields["route"] = (route.path + "{id}" if route.path.endswith("/") else route.path) if route else "other"
+        try:
+            if request.method not in KNOWN_METHODS:
+                response.keep_alive = False  # we cannot know how this method frames its body
+                raise ClientError(501, "method %s is not implemented" % request.method, code="not_implemented")
+            if route is None or not route.public:
+                self.guard.check_host(request)
+                if self.guard.check_origin(request, response):
+                    return await response.send(204, [])
+            if route is None:
+                raise ClientError(404, "no such endpoint: %s %s (coproxy serves %s)" % (
+                    request.method, request.path, self.route_list()), code="unknown_url")
+            if route.surface is not None and route.surface not in self.config.api_surface:
+                raise ClientError(404, "%s is not enabled: start coproxy with --api-surface all (or a list that "
+                                       "includes %s)" % (request.path, route.surface), code="api_surface_disabled")
+            handler = route.handlers.get("GET" if request.method == "HEAD" else request.method)
+            allow = ", ".join(sorted(set(route.handlers) | ({"HEAD"} if "GET" in route.handlers else set())))
+            if request.method == "OPTIONS":
+                return await response.send(204, [("Allow", allow + ", OPTIONS")])
+            if handler is None:
+                raise ClientError(405, "%s does not accept %s (allowed: %s)" % (request.path, request.method, allow),
+                                  code="method_not_allowed", headers=[("Allow", allow)])
+            if not route.public:
+                self.guard.check_api_key(request)
+            await handler(request, response, param)
+        except ClientError as exc:
+            await self.send_error(response, exc, dialect)
+        except BadRequest as exc:  # from reading the body: answered in the route's dialect, then closed
+            response.keep_alive = False
+            await self.send_error(response, ClientError(exc.status, str(exc),
+                                                        code=PROTOCOL_ERROR_CODES.get(exc.status, "bad_request")), dialect)
+        except AuthError as exc:
+            self.auth_error = str(exc)
+            status = 502 if exc.code == "network" else 503
+            await self.send_error(response, ClientError(status, str(exc), kind="api_error", code=exc.code), dialect)
+        except UpstreamUnreachable as exc:
+            await self.send_error(response, ClientError(504 if exc.timeout else 502, str(exc), kind="api_error",
+                                                        code="upstream_timeout" if exc.timeout else "upstream_unreachable"),
+                                  dialect)
+        except (ClientDisconnected, _EndOfInput):
+            raise
+        except Exception:  # a bug: logged with its traceback, answered as an internal error, never shown
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            response.keep_alive = False
+            await self.send_error(response, ClientError(500, "internal error in coproxy; see its log",
+                                                        code="internal_error"), dialect)
+
+    async def send_error(self, response, exc, dialect=OPENAI):
+        """An error in the route's envelope; nothing if the answer has started."""
+        response.log_fields["error"] = exc.code or exc.kind
+        if response.started:
+            return
+        if exc.status >= 500 or exc.status == 429:
+            log.warning("answered %d %s: %s", exc.status, exc.code or exc.kind, exc)
+        await response.send(exc.status, JSON_HEADERS + list(exc.headers), dialect.envelope(exc))
+
+    async def send_json(self, response, payload, headers=()):
+        await response.send(200, JSON_HEADERS + list(headers), json_dumps(payload))
+
+    def log_exchange(self, request, response):
+        """After each exchange: the metrics, and one access-log line (text, or JSON fields)."""
+        fields = response.log_fields
+        status = response.status or 0
+        self.metrics.inc("coproxy_requests_total", (("route", fields.get("route", "other")), ("status", status),
+                                                    ("model", self.catalogue.label(fields.get("model"))
+                                                     if fields.get("model") else ""),
+                                                    ("initiator", fields.get("initiator", ""))))
+        if request.body:
+            self.metrics.inc("coproxy_request_bytes_total", (), len(request.body))
+        self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        duration = round((time.monotonic() - request.started) * 1000, 1)
+        shown = [(k, v) for k, v in fields.items() if k != "route"]
+        extra = "".join(" %s=%s" % (k, str(v).lower() if isinstance(v, bool) else "%g" % v if isinstance(v, float)
+                                    else v) for k, v in shown)
+        record = {"fields": dict(shown, method=request.method, path=request.path, status=status, duration_ms=duration)}
+        access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra, extra=record)
+
+    async def read_json(self, request):
+        """The request body as a JSON object, decompressed first when the client compressed it."""
+        raw = await request.read_body(self._max_body)
+        return parse_json_object(decode_body(raw, request.header("content-encoding"), self._max_body))
+
+    # -- proxied routes: parse, resolve, plan, send ------------------------------------------
+    async def handle_chat(self, request, response, _):
+        payload = await self.read_json(request)
+        parsed = validate_chat_request(payload, self.config.default_model)
+        model, info = await self.catalogue.resolve(payload["model"])
+        payload["model"] = model
+        await self.gateway.run(plan_chat(payload, parsed, model, info, self.catalogue.quirks(model), time.time()),
+                               request, response)
+
+    async def handle_messages(self, request, response, _):
+        payload = await self.read_json(request)
+        validate_anthropic_request(payload)
+        model, info = await self.catalogue.resolve(payload["model"])
+        payload["model"] = model
+        plan = plan_messages(payload, model, info, self.catalogue.quirks(model), time.time(),
+                             request.header("anthropic-version"), request.header("anthropic-beta"))
+        await self.gateway.run(plan, request, response)
 
     async def handle_count_tokens(self, request, response, _):
-        payload = parse_json_object(await request.read_body(self._max_body))
-        if not isinstance(payload.get("messages"), list):
-            raise ClientError(400, "messages: must be an array", param="messages")
-        await self.send_json(response, 200, {"input_tokens": estimate_input_tokens(payload)})
+        payload = await self.read_json(request)
+        check(payload, "messages", "array", required=True)
+        for index, message in enumerate(check_items(payload, "messages")):
+            check_parts(message.get("content"), "messages.%d.content" % index)
+        if isinstance(check(payload, "system", ("string", "array")), list):
+            check_parts(payload["system"], "system")
+        check_items(payload, "tools")
+        await self.send_json(response, {"input_tokens": estimate_input_tokens(payload)})
+
+    async def handle_responses(self, request, response, _):
+        payload = await self.read_json(request)
+        model, info = await self.catalogue.resolve(validate_responses_request(payload, self.config.default_model))
+        payload["model"] = model
+        await self.gateway.run(plan_responses(payload, model, info, self.catalogue.quirks(model), time.time()),
+                               request, response)
+
+    async def handle_compact(self, request, response, _):
+        payload = await self.read_json(request)
+        model, info = await self.catalogue.resolve(validate_responses_request(payload, self.config.default_model))
+        check(payload, "input", "array", required=True)
+        payload["model"] = model
+        await self.gateway.run(plan_compact(payload, model, info, self.catalogue.quirks(model), time.time()),
+                               request, response)
+
+    async def handle_response_get(self, request, response, response_id):
+        await self.gateway.run(plan_response_get(response_id), request, response)
+
+    async def handle_embeddings(self, request, response, _):
+        upstream_request, encoding = prepare_embeddings_request(await self.read_json(request))
+        model, info = await self.catalogue.resolve(upstream_request["model"])
+        upstream_request["model"] = model
+        await self.gateway.run(plan_embeddings(upstream_request, encoding, model, info), request, response)
+
+    # -- local routes -------------------------------------------------------------------------
+    async def handle_models(self, request, response, _):
+        models, source = await self.catalogue.current()
+        data = [copilot_model_to_openai(m) for m in models] + self.catalogue.aliases()
+        listing = {"object": "list", "data": data, "has_more": False}
+        if request.header("anthropic-version"):  # an Anthropic client (Claude Code's gateway discovery)
+            listing["data"] = [anthropic_model_entry(entry) for entry in data]
+            listing.update(first_id=data[0]["id"] if data else None, last_id=data[-1]["id"] if data else None)
+        await self.send_json(response, listing, [("X-Coproxy-Models-Source", source)])
+
+    async def handle_model(self, request, response, model_id):
+        models, source = await self.catalogue.current()
+        for alias in self.catalogue.aliases():
+            if alias["id"] == model_id:
+                return await self.send_json(response, alias)
+        for model in models:
+            if model["id"] == model_id:
+                return await self.send_json(response, copilot_model_to_openai(model),
+                                            [("X-Coproxy-Models-Source", source)])
+        raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists them)" % model_id,
+                          code="model_not_found", param="model")
+
+    def health(self):
+        token, _ = self.auth.github_token()
+        record = self.auth.current_record
+        return {"status": "ok", "version": __version__,
+                "auth": {"github_token": bool(token),
+                         "copilot_token": ("valid" if record and record["expires_at"] > time.time() else
+                                           "not yet fetched" if token else "missing"),
+                         "ready": bool(token) and self.auth_error is None, "error": self.auth_error},
+                "upstream": self.gateway.last_outcome or {"ok": None, "class": None,
+                                                          "message": "no request sent to Copilot yet", "at": None},
+                "uptime_seconds": int(time.time() - self.started_at)}
+
+    async def handle_health(self, request, response, _):
+        await self.send_json(response, self.health(), [("Cache-Control", "no-store")])
+
+    async def handle_metrics(self, request, response, _):
+        gauges = [("coproxy_active_streams", "Streams being relayed now.", "gauge", self.metrics.active_streams),
+                  ("coproxy_token_refreshes_total", "Copilot token exchanges.", "counter", self.auth.exchanges),
+                  ("coproxy_token_refresh_failures_total", "Copilot token exchanges that failed.", "counter",
+                   self.auth.exchange_failures),
+                  ("coproxy_upstream_connections_opened_total", "Connections opened to GitHub and Copilot.", "counter",
+                   self.client.connections_opened),
+                  ("coproxy_upstream_idle_connections", "Kept-alive upstream connections waiting for reuse.",
+                   "gauge", self.client.idle_connections()),
+                  ("coproxy_start_time_seconds", "When this coproxy started (unix time).", "gauge", self.started_at)]
+        await response.send(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                            self.metrics.render(gauges))
+
+    async def handle_usage(self, request, response, _):
+        payload = {"since_start": dict(self.metrics.since_start(), started_at=int(self.started_at)),
+                   "windows": self.gateway.windows}
+        try:
+            payload["copilot"] = summarize_quota(await self.pool.run(self.gateway.loop, self.auth.github_json,
+                                                                     "/copilot_internal/user"))
+        except (AuthError, UpstreamUnreachable) as exc:
+            payload["copilot"], payload["error"] = None, str(exc)
+        await self.send_json(response, payload, [("Cache-Control", "no-store")])
+
+
+def start_banner(config, url, script=None):
+    """What `serve` prints once listening: where it is, and exact lines to point clients at it
+    (``script``: this file as the user ran it)."""
+    base = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+    options = []
+    if config.state_dir != os.path.abspath(default_state_dir(environ=config.environ)):
+        options += ["--state-dir", config.state_dir]
+    host = base.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+    if host != DEFAULT_HOST:
+        options += ["--host", host]
+    port = int(base.rsplit(":", 1)[1])
+    if port != DEFAULT_PORT:
+        options += ["--port", str(port)]
+    if config.api_key:
+        options += ["--api-key", '"$GHCP_PROXY_API_KEY"']
+    if script is None:
+        ran = sys.argv[0] if sys.argv else ""
+        script = ran if os.path.basename(ran) == os.path.basename(__file__) else __file__
+    key = '"$GHCP_PROXY_API_KEY"' if config.api_key else "unused"
+    return "\n".join([
+        "listening on %s" % url,
+        "  OpenAI clients:     OPENAI_BASE_URL=%s/v1 OPENAI_API_KEY=%s" % (base, key),
+        "  Anthropic clients:  ANTHROPIC_BASE_URL=%s" % base,
+        "  Claude Code:        eval \"$(python3 %s claude-code%s)\" && claude" % (script, "".join(
+            " " + o for o in options)),
+        "  try it:             curl -s %s/v1/chat/completions -H 'Content-Type: application/json'%s "
+        "-d '{\"model\": \"gpt-4.1\", \"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}]}'" % (
+            base, " -H \"Authorization: Bearer $GHCP_PROXY_API_KEY\"" if config.api_key else "")])
 
 
 async def run_server(config, app=None, on_ready=None, stop_event=None, announce=True):
@@ -4522,6 +6245,7 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
             raise ConfigError("cannot listen on %s:%s: address already in use (another coproxy? "
                               "choose another --port)" % (config.host, config.port))
         raise ConfigError("cannot listen on %s:%s: %s" % (config.host, config.port, exc.strerror or exc))
+    app.guard.bound_host = server.host
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -4529,21 +6253,13 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
             loop.add_signal_handler(signum, stop_event.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # Windows, or not the main thread: Ctrl-C arrives as KeyboardInterrupt instead
-    host = server.host if ":" not in server.host else "[%s]" % server.host
+    url = "http://%s:%d" % (server.host if ":" not in server.host else "[%s]" % server.host, server.port)
     if on_ready is not None:
         on_ready(server)
-    if announce and config.log_format == "json":  # every stderr line stays one JSON object
-        url = "http://%s:%d" % (host, server.port)
-        sys.stderr.write(json.dumps({"ts": round(time.time(), 3), "level": "info", "message": "listening on " + url,
-                                     "url": url}) + "\n")
-        sys.stderr.flush()
+    if announce and config.log_format == "json":  # every stderr line stays one JSON object of one shape
+        logging.getLogger("coproxy.announce").info("listening on %s", url, extra={"fields": {"url": url}})
     elif announce:
-        base = "http://%s:%d" % ("127.0.0.1" if host in ("0.0.0.0", "[::]") else host, server.port)
-        sys.stderr.write("listening on http://%s:%d\n" % (host, server.port))
-        sys.stderr.write("  OpenAI clients:      OPENAI_BASE_URL=%s/v1\n"
-                         "  Anthropic clients:   ANTHROPIC_BASE_URL=%s   (Claude Code: eval \"$(python3 %s claude-code"
-                         "%s)\")\n" % (base, base, os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else
-                                        "coproxy.py", "" if server.port == DEFAULT_PORT else " --port %d" % server.port))
+        sys.stderr.write(start_banner(config, url) + "\n")
         sys.stderr.flush()
     try:
         await stop_event.wait()
@@ -4558,16 +6274,25 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
         app.close()
     return 0
 
-
 # ------------------------------------------------------------------------------------------
-# 11. CLI
+# 13. CLI
 #     argparse subcommands generated from OPTIONS (§4): shared options work before or after
 #     the subcommand. Each ``cmd_*`` returns an exit code; results go to stdout, diagnostics
-#     and prompts to stderr.
+#     and prompts to stderr. Every `serve` records itself in its state dir (a pid file that
+#     names the process, and a lock it holds), so `status` and `stop` find it and never
+#     signal a stranger; a command line coproxy writes never carries a secret.
 # ------------------------------------------------------------------------------------------
 
 class UsageError(CoproxyError):
     """The command line asks for something that cannot be done as given (exit 2)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one clear line for a usage error instead of the whole usage text."""
+
+    def error(self, message):
+        raise UsageError("%s (see: python3 coproxy.py %s--help)" % (message, self.prog.partition(" ")[2] + " "
+                                                                     if " " in self.prog else ""))
 
 
 def _flag_type(flag, convert):
@@ -4576,16 +6301,18 @@ def _flag_type(flag, convert):
         try:
             return convert(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError("%s: %s" % (flag, exc))
+            raise argparse.ArgumentTypeError("%s" % exc)
+    parse.__name__ = flag
     return parse
 
 
-def _add_options(parser, scope, only=None):
+def _add_options(parser, scope, only=None, hidden=False):
     for option in OPTIONS:
         if option.scope != scope or (only is not None and option.dest not in only):
             continue
-        shown_default = "" if option.default in (None, False) else " [default: %s]" % option.default
-        help_text = "%s (env %s)%s" % (option.help, option.env, shown_default)
+        shown_default = "" if option.default in (None, False) else " [default: %s]" % (
+            ",".join(sorted(option.default)) if isinstance(option.default, frozenset) else option.default)
+        help_text = argparse.SUPPRESS if hidden else "%s (env %s)%s" % (option.help, option.env, shown_default)
         flags = ("-d", option.flag) if option.dest == "detach" else (option.flag,)
         if option.type is bool:
             parser.add_argument(*flags, dest=option.dest, action="store_true", default=argparse.SUPPRESS,
@@ -4597,76 +6324,83 @@ def _add_options(parser, scope, only=None):
             parser.add_argument(option.flag, dest=option.dest, type=_flag_type(option.flag, option.type),
                                 metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
 
+
+COMMAND_HELP = {
+    "serve": "run the proxy server",
+    "auth": "log in, inspect or forget the GitHub login",
+    "models": "list the models Copilot offers you",
+    "usage": "show your Copilot plan, AI credits or premium requests, and limits",
+    "stop": "stop the coproxy serving from this state dir",
+    "status": "is a coproxy serving from this state dir? pid, address, uptime, auth, last upstream answer",
+    "service": "print a systemd user unit or a launchd plist",
+    "claude-code": "print the environment that points Claude Code at coproxy",
+}
+SHARED_NOTE = ("Options for every command (--state-dir, --github-token, --github-host, --ca-file, --log-level, "
+               "--log-format, --github-url, --github-api-url, --copilot-api-url, --editor-version, "
+               "--editor-plugin-version) are listed by `python3 coproxy.py --help`.")
+
+
 def build_parser(command=None):
     """The CLI. With ``command``, only that subcommand's parser is built: argparse spends ~0.4 ms
     per subparser (gettext lookups included), which ``serve`` would pay before listening."""
-    shared = argparse.ArgumentParser(add_help=False)
-    _add_options(shared, "shared")
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="coproxy", parents=[shared], formatter_class=formatter,
+    parser = ArgumentParser(
+        prog="coproxy", formatter_class=formatter, allow_abbrev=False,
         description="Your GitHub Copilot subscription as a local OpenAI- and Anthropic-compatible API.",
-        epilog="first run:  coproxy.py auth login && coproxy.py serve\n"
-               "then point clients at http://127.0.0.1:8080/v1 (any API key unless --api-key is set)")
+        epilog="first run:  python3 coproxy.py serve        (logs in with GitHub's device flow, then serves)\n"
+               "then:       point clients at http://127.0.0.1:8080/v1 (any API key unless --api-key is set)\n"
+               "more:       python3 coproxy.py COMMAND --help")
+    _add_options(parser, "shared")
     parser.add_argument("--version", action="version", version="coproxy " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
 
-    if command in (None, "serve"):
-        serve = commands.add_parser("serve", parents=[shared], formatter_class=formatter,
-                                    help="run the proxy server",
-                                    description="Serve the OpenAI API on HOST:PORT, backed by Copilot.")
+    def sub(name, parent=commands, **kwargs):
+        if command not in (None, name) and parent is commands:
+            return None
+        kwargs.setdefault("help", COMMAND_HELP.get(name))
+        kwargs.setdefault("description", kwargs["help"])
+        made = parent.add_parser(name, allow_abbrev=False, formatter_class=formatter, epilog=SHARED_NOTE, **kwargs)
+        _add_options(made, "shared", hidden=True)
+        return made
+
+    serve = sub("serve", description="Serve the OpenAI and Anthropic APIs on HOST:PORT, backed by Copilot.")
+    if serve:
         _add_options(serve, "serve")
-        serve.add_argument("--pid-file", help=argparse.SUPPRESS)  # set by `serve -d` for its background child
-
-    if command in (None, "auth"):
-        auth = commands.add_parser("auth", help="log in, inspect or forget the GitHub login",
-                                   description="Manage the GitHub login and the Copilot token.")
-        auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION")
-        login = auth_commands.add_parser("login", parents=[shared], help="log in with GitHub's device flow",
-                                         description="Show a code and a URL; approve on GitHub; the token is saved "
-                                                     "(0600) in the state directory.")
+    auth = sub("auth", description="Manage the GitHub login and the Copilot token.")
+    if auth:
+        auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION", parser_class=ArgumentParser)
+        login = sub("login", auth_commands, help="log in with GitHub's device flow",
+                    description="Show a code and a URL; approve on GitHub; the token is saved (0600) in the state "
+                                "directory.")
         login.add_argument("--no-browser", action="store_true", help="do not try to open a web browser")
-        auth_commands.add_parser("status", parents=[shared], help="show login, plan, token expiry and API base",
-                                 description="Exit status 0 when a Copilot token can be had, 1 otherwise.")
-        auth_commands.add_parser("logout", parents=[shared], help="delete the saved tokens",
-                                 description="Remove auth/github-access-token and auth/ghcp-token.json.")
-        auth_commands.add_parser("refresh", parents=[shared], help="fetch a new Copilot token now",
-                                 description="Exchange the GitHub token for a fresh Copilot token and save it.")
-
-    if command in (None, "models"):
-        models = commands.add_parser("models", parents=[shared], help="list the models Copilot offers you",
-                                     description="Table of id, vendor, context window, output limit, tools/vision.")
+        sub("status", auth_commands, help="show login, plan, token expiry and API base",
+            description="Exit status 0 when a Copilot token can be had, 1 otherwise.")
+        sub("logout", auth_commands, help="delete the saved tokens",
+            description="Remove auth/github-access-token and auth/ghcp-token.json.")
+        sub("refresh", auth_commands, help="fetch a new Copilot token now",
+            description="Exchange the GitHub token for a fresh Copilot token and save it.")
+    models = sub("models", description="Table of id, vendor, context window, output limit, tools/vision.")
+    if models:
         models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
         _add_options(models, "serve", only=("model_aliases",))
-
-    if command in (None, "stop"):
-        commands.add_parser("stop", parents=[shared], help="stop the background server started with serve -d",
-                            description="Send SIGTERM to the server in <state-dir>/coproxy.pid, wait for its graceful "
-                                        "drain, and report.")
-
-    if command in (None, "status"):
-        commands.add_parser("status", parents=[shared], help="is a background server running? pid, address, uptime, auth",
-                            description="Exit status 0 when the server in <state-dir>/coproxy.pid is running, 1 otherwise.")
-
-    if command in (None, "service"):
-        service = commands.add_parser("service", parents=[shared], help="print a systemd user unit or a launchd plist",
-                                      description="Print a service definition that runs `serve` for this Python and this "
-                                                  "file; see the README for installing it.")
-        service.add_argument("kind", choices=("systemd", "launchd"))
-        _add_options(service, "serve", only=("host", "port"))
-
-    if command in (None, "usage"):
-        usage = commands.add_parser("usage", parents=[shared], help="show your Copilot plan, premium requests and quotas",
-                                    description="Plan, premium requests used/remaining/entitlement, chat quota and the "
-                                                "reset date, from GitHub's copilot_internal/user.")
-        usage.add_argument("--json", action="store_true", help="print JSON (the same as GET /usage's copilot part)")
-
-    if command in (None, "claude-code"):
-        claude = commands.add_parser(
-            "claude-code", parents=[shared], formatter_class=formatter,
-            help="print the environment that points Claude Code at coproxy",
-            description="Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
-                        "your live Copilot catalog. Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`.")
+    sub("stop", description="Send SIGTERM to the coproxy recorded in <state-dir>/coproxy.pid (only if it is still "
+                            "that process), wait for its graceful drain, and report.")
+    sub("status", description="Exit status 0 when a coproxy is serving from this state dir, 1 otherwise.")
+    service = sub("service", description="Print a service definition that runs `serve` with this Python, this file "
+                                         "and every setting you give (flags and environment alike); secrets go to "
+                                         "<state-dir>/service.env (0600), never into the unit.")
+    if service:
+        service.add_argument("kind", nargs="?", choices=("systemd", "launchd"), help="systemd or launchd")
+        _add_options(service, "serve", only=[o.dest for o in OPTIONS if o.scope == "serve" and o.dest != "detach"])
+    usage = sub("usage", description="Plan, AI credits (token-billed plans) or premium requests (request-billed "
+                                     "plans), chat quota, reset date, and the session and weekly windows a running "
+                                     "coproxy has seen.")
+    if usage:
+        usage.add_argument("--json", action="store_true", help="print JSON (GET /usage's copilot part)")
+    claude = sub("claude-code", description=(
+        "Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
+        "your live Copilot catalog. Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`."))
+    if claude:
         _add_options(claude, "serve", only=("host", "port", "api_key"))
         claude.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
                             help="syntax of the lines printed [default: sh, for bash/zsh]")
@@ -4696,7 +6430,7 @@ def _session(config):
 
 def run_device_login(config, store, client, auth, open_browser=True):
     """The interactive part of ``auth login`` (also used by ``serve`` on a TTY)."""
-    flow = DeviceFlow(client, config.github_url)
+    flow = DeviceFlow(client, config)
     code = flow.start()
     uri = code.get("verification_uri_complete") or code["verification_uri"]
     _say("To log in, open %s and enter the code:  %s" % (code["verification_uri"], code["user_code"]))
@@ -4727,62 +6461,285 @@ def run_device_login(config, store, client, auth, open_browser=True):
     return token
 
 
-def cmd_serve(config, args):
+# -- the record of a running server: <state-dir>/coproxy.pid and coproxy.lock -------------------
+
+PID_FILE = "coproxy.pid"
+LOCK_FILE = "coproxy.lock"
+LOG_FILE = "coproxy.log"
+SERVICE_ENV_FILE = "service.env"
+
+
+def process_start_time(pid):
+    """When ``pid`` started, from /proc/PID/stat (clock ticks since boot); None without /proc. A
+    pid the kernel has reused for another program has another start time."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_pid_file(path):
+    """(pid, url, start time or None) from a pid file, or (None, None, None)."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            lines = handle.read().split()
+        return int(lines[0]), (lines[1] if len(lines) > 1 else None), \
+            (int(lines[2]) if len(lines) > 2 and lines[2].isdigit() else None)
+    except (OSError, ValueError, IndexError):
+        return None, None, None
+
+
+def _lock_held(path):
+    """True if another process holds the server lock at ``path``; None where there are no locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fd = open_private(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def process_alive(pid):
+    """True if ``pid`` is a live process (Windows: asked of the kernel; os.kill would kill it)."""
+    if os.name == "nt":
+        import ctypes
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_instance(config, quiet=False):
+    """(pid, url) of the coproxy serving from this state dir, or (None, None). It must hold the
+    state dir's lock and, where /proc tells, still be the process that wrote the pid file; a
+    pid file that fails either check is stale, is removed, and its pid is never signalled."""
+    path = os.path.join(config.state_dir, PID_FILE)
+    pid, url, started = read_pid_file(path)
+    if pid is None:
+        return None, None
+    held = _lock_held(os.path.join(config.state_dir, LOCK_FILE))
+    live = held if held is not None else process_alive(pid)
+    if live and started is not None and process_start_time(pid) not in (None, started):
+        live = False
+    if live:
+        return pid, url
+    if not quiet:
+        _say("removing a stale pid file (pid %d is no longer that coproxy): %s" % (pid, path))
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return None, None
+
+
+class InstanceRecord:
+    """This process's claim on its state dir while it serves: the lock (held until exit, gone
+    with the process however it ends) and the pid file (pid, address, start time)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.pid_path = os.path.join(config.state_dir, PID_FILE)
+        self._lock_fd = None
+
+    def claim(self):
+        pid, url = running_instance(self.config)
+        if pid is not None and pid != os.getpid():
+            raise CoproxyError("coproxy is already running for %s (pid %d, %s); `python3 coproxy.py stop%s` first, "
+                               "or use another --state-dir" % (self.config.state_dir, pid, url, _state_dir_flag(
+                                   self.config)))
+        try:
+            import fcntl
+        except ImportError:  # Windows: the pid file alone
+            return self
+        self._lock_fd = open_private(os.path.join(self.config.state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise CoproxyError("another coproxy is starting or running for %s" % self.config.state_dir)
+        return self
+
+    def write(self, url):
+        started = process_start_time(os.getpid())
+        write_file_atomic(self.pid_path, "%d\n%s\n%s\n" % (os.getpid(), url, "" if started is None else started))
+
+    def release(self):
+        if read_pid_file(self.pid_path)[0] == os.getpid():
+            try:
+                os.unlink(self.pid_path)
+            except OSError:
+                pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _state_dir_flag(config):
+    return "" if config.state_dir == os.path.abspath(default_state_dir(environ=config.environ)) else \
+        " --state-dir %s" % config.state_dir
+
+
+def settings_argv(config, scope=("shared", "serve")):
+    """(flags, secrets) that reproduce every setting of ``config`` that differs from its default,
+    whether it came from a flag or an environment variable: flags for the plain ones, and
+    {variable: value} for the secrets, which must never be on a command line."""
+    argv, secrets = ["--state-dir", config.state_dir], {}
+    for option, value in config.changed_settings():
+        if option.scope not in scope or option.dest == "state_dir":
+            continue
+        if option.dest in SECRET_OPTIONS:
+            secrets[option.env] = value
+        elif option.type is bool:
+            argv += [option.flag] if value else []
+        elif option.dest == "model_aliases":
+            for alias, target in sorted(value.items()):
+                argv += [option.flag, "%s=%s" % (alias, target)]
+        elif isinstance(option.type, Repeatable):
+            for item in value:
+                argv += [option.flag, item]
+        elif option.dest == "api_surface":
+            argv += [option.flag, ",".join(sorted(value))]
+        else:
+            argv += [option.flag, str(value).lower() if option.dest == "log_level" else str(value)]
+    return argv, secrets
+
+
+def warn_about_secret_flags(config):
+    for flag, variable in config.secret_flags:
+        log.warning("%s was given on the command line, where other users of this machine can read it (ps); "
+                    "set %s in the environment instead", flag, variable)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def require_key_for_public_bind(config, what="listen on"):
     if not is_loopback_host(config.host) and not config.api_key and not config.allow_unauthenticated:
-        raise UsageError("refusing to listen on %s without an API key: anyone who can reach it would use your "
-                         "Copilot subscription. Set --api-key (or GHCP_PROXY_API_KEY), or pass "
-                         "--allow-unauthenticated if you really mean it" % config.host)
+        raise UsageError("refusing to %s %s without an API key: anyone who can reach it would use your "
+                         "Copilot subscription. Set GHCP_PROXY_API_KEY (or --api-key), or pass "
+                         "--allow-unauthenticated if you really mean it" % (what, config.host))
+
+
+def cmd_serve(config, args):
+    warn_about_secret_flags(config)
+    require_key_for_public_bind(config)
     store = TokenStore(config.state_dir)
+    store.check_dirs()
     client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout, config.environ)
     auth = CopilotAuth(config, store, client)
-    token, source = auth.github_token()
-    if not token:
+    if not auth.github_token()[0]:
         if config.no_auto_login:
-            log.warning("not logged in; requests get 503 until `coproxy.py auth login` has run")
+            log.warning("not logged in; requests get 503 until `%s` has run", auth.login_command())
         elif _interactive():
             run_device_login(config, store, client, auth)
         else:
-            raise CoproxyError("not logged in to GitHub: run `python3 coproxy.py auth login` first, set "
-                               "GHCP_GITHUB_TOKEN, or pass --no-auto-login to start anyway")
+            raise CoproxyError("not logged in to GitHub: run `%s` first, set GHCP_GITHUB_TOKEN, or pass "
+                               "--no-auto-login to start anyway" % auth.login_command())
     if config.detach:
-        return start_detached(config, args)
+        return start_detached(config)
+    record = InstanceRecord(config).claim()
     try:  # process-wide, so set here by the command and not by App (embedders keep their own)
         threading.stack_size(WORKER_STACK_BYTES)
     except (ValueError, RuntimeError):  # a platform that does not allow it: keep its default
         pass
     app = App(config, store, client, auth)
-    pid_file = getattr(args, "pid_file", None)
 
-    def warm_up(server):
-        if pid_file:  # written only once listening, so `serve -d` knows the child is up
-            host = server.host if ":" not in server.host else "[%s]" % server.host
-            write_file_atomic(pid_file, "%d\nhttp://%s:%d\n" % (os.getpid(), host, server.port))
+    def on_ready(server):
+        host = server.host if ":" not in server.host else "[%s]" % server.host
+        record.write("http://%s:%d" % (host, server.port))  # once listening: `serve -d` waits for it
         if auth.github_token()[0]:  # fetch the Copilot token now, not on the first request
             def check():
                 try:
                     auth.copilot_token()
                 except (AuthError, UpstreamUnreachable) as exc:
-                    app.last_auth_error = str(exc)
+                    app.auth_error = str(exc)
                     log.error("%s", exc)
-            app.executor.submit(check)
+            app.pool.submit(check)
 
     try:
-        return asyncio.run(run_server(config, app, on_ready=warm_up))
+        return asyncio.run(run_server(config, app, on_ready=on_ready))
     except KeyboardInterrupt:  # Windows: no signal handlers in the loop
         return 0
     finally:
-        if pid_file and read_pid_file(pid_file)[0] == os.getpid():
-            os.unlink(pid_file)
+        record.release()
+
+
+def start_detached(config):
+    """serve -d: run this same configuration as a background process (a new process, not a fork,
+    so it also works on Windows), wait until it listens, and report where. Secrets go to the
+    child through its environment, never its command line."""
+    pid, url = running_instance(config)
+    if pid is not None:
+        raise CoproxyError("coproxy is already running (pid %d, %s); `python3 coproxy.py stop%s` first"
+                           % (pid, url, _state_dir_flag(config)))
+    pid_path = os.path.join(config.state_dir, PID_FILE)
+    log_path = os.path.join(config.state_dir, LOG_FILE)
+    flags, secrets = settings_argv(config)
+    argv = [sys.executable, os.path.abspath(__file__), "serve"] + flags + ["--no-auto-login"]
+    environ = dict(os.environ, **secrets)
+    environ.pop("COPROXY_DETACH", None)
+    try:
+        log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except OSError as exc:
+        raise CoproxyError("cannot open the log file %s (%s); it must be a plain file of yours" % (
+            log_path, "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc))
+    offset = os.fstat(log_fd).st_size  # a failure report shows this start's lines, not older ones
+    options = {"start_new_session": True} if os.name != "nt" else {
+        "creationflags": 0x00000008 | 0x00000200}  # DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP
+    import subprocess  # only here: the background child is the one place coproxy starts a process
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=environ,
+                                 close_fds=True, **options)
+    finally:
+        os.close(log_fd)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pid, url, _ = read_pid_file(pid_path)
+        if pid == child.pid:
+            print("coproxy is running in the background: pid %d, %s, log %s" % (pid, url, log_path))
+            return 0
+        if child.poll() is not None:
+            break
+        time.sleep(0.05)
+    with open(log_path, "rb") as handle:
+        handle.seek(offset)
+        tail = handle.read().decode("utf-8", "replace").strip().splitlines()[-8:]
+    if child.poll() is None:
+        child.terminate()
+    raise CoproxyError("the background server did not start; its log (%s) says:\n  %s" % (
+        log_path, "\n  ".join(tail) or "(nothing)"))
 
 
 def cmd_auth_login(config, args):
     if config.github_token:
         _say("note: a token from %s is set and will be used instead of the one saved here" %
-             config.github_token_source)
+             config.source_of("github_token"))
     with _session(config) as (store, client, auth):
         run_device_login(config, store, client, auth, open_browser=not args.no_browser)
         try:
-            login = auth.github_user().get("login", "?")
+            login = auth.github_json("/user").get("login", "?")
         except AuthError:
             login = "?"
         record = auth.copilot_token()
@@ -4795,10 +6752,10 @@ def cmd_auth_status(config, args):
         token, source = auth.github_token()
         print("state dir:      %s" % config.state_dir)
         if not token:
-            print("GitHub:         not logged in (run `python3 coproxy.py auth login`)")
+            print("GitHub:         not logged in (run `%s`)" % auth.login_command())
             return 1
         try:
-            login = auth.github_user().get("login", "?")
+            login = auth.github_json("/user").get("login", "?")
         except AuthError as exc:
             login = "unknown (%s)" % exc
         print("GitHub:         %s (token from %s)" % (login, source))
@@ -4808,7 +6765,7 @@ def cmd_auth_status(config, args):
             print("Copilot:        no token: %s" % exc)
             return 1
         try:
-            plan = auth.copilot_user().get("copilot_plan") or "?"
+            plan = auth.github_json("/copilot_internal/user").get("copilot_plan") or "?"
         except (AuthError, UpstreamUnreachable):
             plan = "?"
         remaining = record["expires_at"] - time.time()
@@ -4824,7 +6781,7 @@ def cmd_auth_logout(config, args):
     removed = store.clear()
     print("removed %s" % ", ".join(removed) if removed else "no saved login in %s" % store.auth_dir)
     if config.github_token:
-        _say("note: %s is still set and will keep being used" % config.github_token_source)
+        _say("note: %s is still set and will keep being used" % config.source_of("github_token"))
     return 0
 
 
@@ -4839,9 +6796,9 @@ def cmd_auth_refresh(config, args):
 def cmd_models(config, args):
     with _session(config) as (store, client, auth):
         entries = [copilot_model_to_openai(m) for m in auth.fetch_models()]
-        entries += [{"id": a, "object": "model", "owned_by": "coproxy-alias", "alias_of": t}
-                    for a, t in sorted(config.model_aliases.items())] if args.json else []
         if args.json:
+            entries += [{"id": a, "object": "model", "owned_by": "coproxy-alias", "alias_of": t}
+                        for a, t in sorted(config.model_aliases.items())]
             print(json.dumps({"object": "list", "data": entries}, indent=2))
             return 0
         rows = [("ID", "VENDOR", "CONTEXT", "OUTPUT", "TOOLS", "VISION")]
@@ -4857,108 +6814,35 @@ def cmd_models(config, args):
         return 0
 
 
-PID_FILE = "coproxy.pid"
-LOG_FILE = "coproxy.log"
-
-
-def read_pid_file(path):
-    """(pid, url) from a pid file (pid on line 1, address on line 2), or (None, None)."""
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            lines = handle.read().split()
-        return int(lines[0]), (lines[1] if len(lines) > 1 else None)
-    except (OSError, ValueError, IndexError):
-        return None, None
-
-
-def process_alive(pid):
-    """True if ``pid`` is a live coproxy (on Linux, /proc also confirms it is not a recycled pid)."""
-    if os.name == "nt":  # os.kill on Windows would terminate it, so ask the kernel instead
-        import ctypes
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            return b"coproxy" in handle.read()
-    except OSError:
-        return True  # no /proc (macOS): the pid is alive, trust the file
-
-
-def running_instance(config):
-    """(pid, url) of the background server of this state dir; a stale pid file is removed."""
-    path = os.path.join(config.state_dir, PID_FILE)
-    pid, url = read_pid_file(path)
+def ask_running_server(config, path):
+    """GET ``path`` from the coproxy serving from this state dir (with the API key if one is
+    configured); None when none runs or it does not answer."""
+    pid, url = running_instance(config, quiet=True)
     if pid is None:
-        return None, None
-    if process_alive(pid):
-        return pid, url
-    _say("removing a stale pid file (pid %d is gone): %s" % (pid, path))
+        return None
+    client = UpstreamClient(connect_timeout=3, read_timeout=5, environ={})
+    headers = {"Accept": "application/json"}
+    if config.api_key:
+        headers["Authorization"] = "Bearer " + config.api_key
     try:
-        os.unlink(path)
-    except OSError:
-        pass
-    return None, None
-
-
-def start_detached(config, args):
-    """serve -d: run this same command again as a background process (re-exec, so it also works on
-    Windows, where there is no fork), wait until it listens, and report where."""
-    pid, url = running_instance(config)
-    if pid is not None:
-        raise CoproxyError("coproxy is already running (pid %d, %s); `coproxy.py stop` first" % (pid, url))
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-    pid_path = os.path.join(config.state_dir, PID_FILE)
-    log_path = os.path.join(config.state_dir, LOG_FILE)
-    argv = [sys.executable, os.path.abspath(__file__)] + [a for a in args.argv if a not in ("-d", "--detach")]
-    argv += ["--no-auto-login", "--pid-file", pid_path]
-    environ = dict(os.environ)
-    environ.pop("COPROXY_DETACH", None)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    options = {"start_new_session": True} if os.name != "nt" else {
-        "creationflags": 0x00000008 | 0x00000200}  # DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP
-    import subprocess  # only here: the background child is the one place coproxy starts a process
-    try:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=environ,
-                                 close_fds=True, **options)
+        status, data, _, _ = client.request_json("GET", url + path, headers)
+        return data if status == 200 and isinstance(data, dict) else None
+    except UpstreamUnreachable:
+        return None
     finally:
-        os.close(log_fd)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        pid, url = read_pid_file(pid_path)
-        if pid == child.pid:
-            print("coproxy is running in the background: pid %d, %s, log %s" % (pid, url, log_path))
-            return 0
-        if child.poll() is not None:
-            break
-        time.sleep(0.05)
-    with open(log_path, "r", encoding="utf-8", errors="replace") as handle:
-        tail = handle.read()[-2000:].strip().splitlines()[-5:]
-    if child.poll() is None:
-        child.terminate()
-    raise CoproxyError("the background server did not start; last lines of %s:\n  %s" % (log_path, "\n  ".join(tail)))
+        client.close()
 
 
 def cmd_stop(config, args):
     pid, url = running_instance(config)
     if pid is None:
-        print("coproxy is not running (no live pid in %s)" % os.path.join(config.state_dir, PID_FILE))
+        print("coproxy is not running (no live coproxy recorded in %s)" % os.path.join(config.state_dir, PID_FILE))
         return 1
     os.kill(pid, signal.SIGTERM)  # graceful: in-flight requests get --shutdown-grace to finish
     deadline = time.monotonic() + config.shutdown_grace + 10
-    while time.monotonic() < deadline and process_alive(pid):
+    while time.monotonic() < deadline and running_instance(config, quiet=True)[0] == pid:
         time.sleep(0.05)
-    if process_alive(pid):
+    if running_instance(config, quiet=True)[0] == pid:
         print("coproxy (pid %d) has not stopped yet; check %s" % (pid, os.path.join(config.state_dir, LOG_FILE)))
         return 1
     print("stopped coproxy (pid %d, %s)" % (pid, url))
@@ -4972,58 +6856,87 @@ def cmd_status(config, args):
         return 1
     started = os.path.getmtime(os.path.join(config.state_dir, PID_FILE))
     print("running:  pid %d, %s, up %s" % (pid, url, format_duration(time.time() - started)))
-    client = UpstreamClient(connect_timeout=3, read_timeout=3, environ={})
-    try:
-        health = client.request_json("GET", url + "/healthz", {"Accept": "application/json"})[1] or {}
-        auth = health.get("auth") or {}
-        print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
-            auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
-    except (UpstreamUnreachable, AttributeError) as exc:
-        print("health:   /healthz did not answer (%s)" % exc)
+    health = ask_running_server(config, "/healthz")
+    if health is None:
+        print("health:   /healthz did not answer; see %s" % os.path.join(config.state_dir, LOG_FILE))
         return 1
-    finally:
-        client.close()
+    auth = health.get("auth") if isinstance(health.get("auth"), dict) else {}
+    print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
+        auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
+    upstream = health.get("upstream") if isinstance(health.get("upstream"), dict) else {}
+    if upstream.get("ok") is None:
+        print("upstream: no request sent to Copilot yet")
+    elif upstream.get("ok"):
+        print("upstream: the last request to Copilot succeeded")
+    else:
+        print("upstream: the last request to Copilot failed (%s): %s" % (upstream.get("class"), upstream.get("message")))
     return 0
 
 
-def _service_command(config):
-    argv = [sys.executable, os.path.abspath(__file__), "serve", "--no-auto-login", "--state-dir", config.state_dir]
-    if config.host != DEFAULT_HOST:
-        argv += ["--host", config.host]
-    if config.port != DEFAULT_PORT:
-        argv += ["--port", str(config.port)]
-    return argv
+def _quote_systemd(arg):
+    return '"%s"' % arg.replace("\\", "\\\\").replace('"', '\\"') if re.search(r'[\s"\\\'$%;]', arg) else arg
+
+
+def _env_line(name, value):
+    """NAME=value for an environment file read by systemd and by a POSIX shell alike."""
+    if "\n" in value or "'" in value or "\r" in value:
+        raise UsageError("%s holds a line break or a single quote, which no environment file can carry" % name)
+    return "%s=%s" % (name, value if re.match(r"^[A-Za-z0-9_@%+=:,./-]*$", value) else "'%s'" % value)
 
 
 def cmd_service(config, args):
-    argv = _service_command(config)
-    proxies = [(k, v) for k, v in sorted(os.environ.items())
-               if k.upper() in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "SSL_CERT_FILE") and v]
+    """Print a service definition for this exact configuration: every setting that differs from
+    its default (flags and environment variables alike), the proxy and TLS variables, and the
+    secrets in a 0600 environment file next to the tokens, never in the unit itself."""
+    if args.kind is None:
+        raise UsageError("service needs a kind: `python3 coproxy.py service systemd` (Linux) or "
+                         "`python3 coproxy.py service launchd` (macOS)")
+    require_key_for_public_bind(config, "serve a service on")
+    if not os.path.isdir(config.state_dir):
+        _say("creating the state directory %s (0700): the service needs it to exist" % config.state_dir)
+    secure_dir(config.state_dir)
+    flags, secrets = settings_argv(config)
+    argv = [sys.executable, os.path.abspath(__file__), "serve", "--no-auto-login"] + flags
+    plain_env = {}
+    for name, value in sorted(config.environ.items()):
+        if name.upper() in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR") and value:
+            if _URL_CREDENTIALS.search(value):
+                secrets[name] = value  # a proxy URL with user:password is a secret too
+            else:
+                plain_env[name] = value
+    env_path = os.path.join(config.state_dir, SERVICE_ENV_FILE)
+    if secrets:
+        write_file_atomic(env_path, "# secrets for the coproxy service (read by %s)\n" % args.kind +
+                          "".join(_env_line(k, v) + "\n" for k, v in sorted(secrets.items())))
+        _say("wrote %s (0600) with %s; the unit refers to it" % (env_path, ", ".join(sorted(secrets))))
     if args.kind == "systemd":
-        quote = lambda a: '"%s"' % a.replace("\\", "\\\\").replace('"', '\\"') if re.search(r'[\s"\\]', a) else a
         lines = ["# coproxy as a systemd user service. Install:",
-                 "#   python3 coproxy.py service systemd > ~/.config/systemd/user/coproxy.service",
+                 "#   python3 coproxy.py service systemd [your serve options] > ~/.config/systemd/user/coproxy.service",
                  "#   systemctl --user daemon-reload && systemctl --user enable --now coproxy",
                  "#   journalctl --user -u coproxy -f",
                  "[Unit]", "Description=coproxy: GitHub Copilot as a local OpenAI/Anthropic API",
                  "After=network-online.target", "Wants=network-online.target", "",
-                 "[Service]", "Type=simple", "ExecStart=" + " ".join(quote(a) for a in argv),
+                 "[Service]", "Type=simple", "ExecStart=" + " ".join(_quote_systemd(a) for a in argv),
                  "Restart=on-failure", "RestartSec=5", "KillSignal=SIGTERM",
                  "TimeoutStopSec=%d" % int(config.shutdown_grace + 5)]
-        lines += ["Environment=%s" % quote("%s=%s" % kv) for kv in proxies]
+        lines += ["Environment=%s" % _quote_systemd("%s=%s" % kv) for kv in sorted(plain_env.items())]
+        if secrets:
+            lines.append("EnvironmentFile=%s" % _quote_systemd(env_path))
         lines += ["# hardening: no new privileges, read-only system and home except the state directory",
                   "NoNewPrivileges=yes", "UMask=0077", "PrivateTmp=yes", "ProtectSystem=strict",
-                  "ProtectHome=read-only", "ReadWritePaths=%s" % quote(config.state_dir),
+                  "ProtectHome=read-only", "ReadWritePaths=%s" % _quote_systemd(config.state_dir),
                   "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictRealtime=yes",
                   "RestrictSUIDSGID=yes", "LockPersonality=yes", "SystemCallArchitectures=native", "",
                   "[Install]", "WantedBy=default.target"]
         print("\n".join(lines))
         return 0
     escape = lambda text: text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    if secrets:  # launchd has no environment file: a shell loads it, then becomes coproxy
+        argv = ["/bin/sh", "-c", 'set -a && . "$0" && set +a && exec "$@"', env_path] + argv
     log_path = os.path.join(config.state_dir, LOG_FILE)
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
              "<!-- coproxy as a launchd agent. Install:",
-             "       python3 coproxy.py service launchd > ~/Library/LaunchAgents/com.github.coproxy.plist",
+             "       python3 coproxy.py service launchd [your serve options] > ~/Library/LaunchAgents/com.github.coproxy.plist",
              "       launchctl load -w ~/Library/LaunchAgents/com.github.coproxy.plist -->",
              '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">',
              '<plist version="1.0">', "<dict>",
@@ -5034,21 +6947,27 @@ def cmd_service(config, args):
               "  <key>ProcessType</key><string>Background</string>",
               "  <key>StandardOutPath</key><string>%s</string>" % escape(log_path),
               "  <key>StandardErrorPath</key><string>%s</string>" % escape(log_path)]
-    if proxies:
+    if plain_env:
         lines.append("  <key>EnvironmentVariables</key><dict>")
-        lines += ["    <key>%s</key><string>%s</string>" % (escape(k), escape(v)) for k, v in proxies]
+        lines += ["    <key>%s</key><string>%s</string>" % (escape(k), escape(v)) for k, v in sorted(plain_env.items())]
         lines.append("  </dict>")
     lines += ["</dict>", "</plist>"]
     print("\n".join(lines))
     return 0
 
 
-def _describe_bucket(bucket, reset):
+def _describe_bucket(bucket, reset, unit):
     if bucket is None:
         return "not reported"
     if bucket["unlimited"]:
         return "unlimited"
-    text = "%s used of %s, %s left" % (bucket["used"], bucket["entitlement"], bucket["remaining"])
+    used = bucket["used"]
+    parts = ["%s used" % ("%g" % used if used is not None else "?")]
+    if bucket["entitlement"] is not None:
+        parts.append("of %g %s" % (bucket["entitlement"], unit))
+    if bucket["remaining"] is not None:
+        parts.append("%g left" % bucket["remaining"])
+    text = ", ".join([" ".join(parts[:2])] + parts[2:])
     if bucket.get("percent_remaining") is not None:
         text += " (%.1f%% left)" % bucket["percent_remaining"]
     if bucket.get("overage_count"):
@@ -5056,17 +6975,38 @@ def _describe_bucket(bucket, reset):
     return text + (", resets %s" % reset[:10] if reset else "")
 
 
+def _describe_window(window):
+    if not isinstance(window, dict):
+        return "not seen yet (a running coproxy reports it after a request)"
+    resets = window.get("resets_at")
+    return "%.1f%% left%s" % (window.get("percent_remaining") or 0, ", resets %s" % resets if resets else "")
+
+
 def cmd_usage(config, args):
     with _session(config) as (store, client, auth):
-        summary = summarize_quota(auth.copilot_user())
+        summary = summarize_quota(auth.github_json("/copilot_internal/user"))
+    served = ask_running_server(config, "/usage") or {}
+    windows = served.get("windows") if isinstance(served.get("windows"), dict) else {}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(dict(summary, windows=windows), indent=2))
         return 0
     print("account:           %s" % (summary["login"] or "?"))
-    print("plan:              %s (sku %s)" % (summary["plan"] or "?", summary["sku"] or "?"))
-    print("premium requests:  %s" % _describe_bucket(summary["premium_requests"], summary["reset_date"]))
-    print("chat:              %s" % _describe_bucket(summary["chat"], None))
-    print("completions:       %s" % _describe_bucket(summary["completions"], None))
+    print("plan:              %s (sku %s), billed by %s" % (summary["plan"] or "?", summary["sku"] or "?",
+                                                            "AI credits" if summary["billing"] == "tokens"
+                                                            else "premium requests"))
+    if summary["billing"] == "tokens":
+        print("AI credits:        %s" % _describe_bucket(summary["credits"], summary["reset_date"], "credits"))
+    else:
+        print("premium requests:  %s" % _describe_bucket(summary["premium_requests"], summary["reset_date"],
+                                                         "requests"))
+    print("chat:              %s" % _describe_bucket(summary["chat"], None, "messages"))
+    print("completions:       %s" % _describe_bucket(summary["completions"], None, "completions"))
+    print("5-hour session:    %s" % _describe_window(windows.get("session")))
+    print("weekly:            %s" % _describe_window(windows.get("weekly")))
+    since = served.get("since_start") if isinstance(served.get("since_start"), dict) else None
+    if since:
+        print("this coproxy:      %d requests, %g AI credits, %g premium requests since it started" % (
+            since.get("requests", 0), since.get("credits", 0), since.get("premium_requests", 0)))
     return 0
 
 
@@ -5080,9 +7020,9 @@ def claude_code_environment(config, model_ids, main_model=None):
     pairs = [("ANTHROPIC_BASE_URL", "http://%s:%d" % (host, config.port)),
              ("ANTHROPIC_AUTH_TOKEN", config.api_key or "coproxy"),
              ("ANTHROPIC_MODEL", main), ("ANTHROPIC_DEFAULT_OPUS_MODEL", opus),
-             ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet), ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku),
-             ("ANTHROPIC_SMALL_FAST_MODEL", haiku or main),
-             ("DISABLE_NON_ESSENTIAL_MODEL_CALLS", "1"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")]
+             ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet), ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku or main),
+             # the attribution line changes every turn and would defeat prompt caching
+             ("CLAUDE_CODE_ATTRIBUTION_HEADER", "0"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")]
     return [(name, value) for name, value in pairs if value]
 
 
@@ -5094,7 +7034,7 @@ def cmd_claude_code(config, args):
             _say("warning: cannot read your Copilot catalog (%s); using the built-in model list" % exc)
             models = FALLBACK_MODELS
     import shlex  # this command only
-    ids = [m["id"] for m in models if ((m.get("capabilities") or {}).get("type") or "chat") == "chat"]
+    ids = [m["id"] for m in models if (_dig(m, "capabilities").get("type") or "chat") == "chat"]
     for name, value in claude_code_environment(config, ids, args.model):
         if args.shell == "fish":
             print("set -gx %s %s" % (name, shlex.quote(value)))
@@ -5106,41 +7046,48 @@ def cmd_claude_code(config, args):
 
 
 COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, ("usage", None): cmd_usage,
-            ("stop", None): cmd_stop, ("status", None): cmd_status, ("service", None): cmd_service, ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
+            ("stop", None): cmd_stop, ("status", None): cmd_status, ("service", None): cmd_service,
+            ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
             ("auth", "logout"): cmd_auth_logout, ("auth", "refresh"): cmd_auth_refresh,
             ("models", None): cmd_models}
 
 
 # ------------------------------------------------------------------------------------------
-# 12. Entry
+# 14. Entry
 #     Parse, configure logging, dispatch. Domain errors become one ``coproxy: error:`` line
 #     and exit 1; usage errors exit 2; Ctrl-C exits 130. Tracebacks only at --log-level debug.
 # ------------------------------------------------------------------------------------------
 
+def setup_logging(config, command):
+    """One handler on stderr for the ``coproxy`` loggers: info for serve, warnings otherwise."""
+    level = config.log_level or ("INFO" if command == "serve" else "WARNING")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(json_lines=config.log_format == "json"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    logging.getLogger("coproxy.announce").setLevel(logging.INFO)  # "listening on": shown at any level
+    return level
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None)
-    args = parser.parse_args(argv)
-    args.argv = argv  # serve -d re-runs itself with these
-    command = (args.command, getattr(args, "auth_command", None))
-    if command not in COMMANDS:
-        parser.print_help(sys.stderr) if args.command is None else parser.parse_args(
-            [args.command, "--help"])
-        return 2
     debug = False
     try:
+        parser = build_parser(argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None)
+        args = parser.parse_args(argv)
+        command = (args.command, getattr(args, "auth_command", None))
+        if command not in COMMANDS:
+            if args.command is None:
+                parser.print_help(sys.stderr)
+            else:
+                build_parser(args.command).parse_args([args.command, "--help"])
+            return 2
         config = Config.resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
-        debug = config.log_level == "DEBUG"
-        level = config.log_level if args.command == "serve" or debug else "WARNING"
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonLogFormatter() if config.log_format == "json" else
-                             logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.handlers[:] = [handler]
-        log.setLevel(level)
-        log.propagate = False
+        debug = setup_logging(config, args.command) == "DEBUG"
         return COMMANDS[command](config, args)
     except UsageError as exc:
-        _say("coproxy: error: %s" % exc)
+        _say("coproxy: error: %s" % redact(exc))
         return 2
     except CoproxyError as exc:
         _say("coproxy: error: %s" % redact(exc))
@@ -5158,4 +7105,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
-

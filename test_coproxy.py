@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Tests for coproxy.py: ``python3 test_coproxy.py`` (add ``-v`` for names, ``-k PATTERN`` to pick).
+"""Tests for coproxy.py: ``python3 test_coproxy.py`` (``-v`` lists each test, ``-k PATTERN`` picks).
 
 Everything runs over real sockets on 127.0.0.1: the real coproxy server and, written here, a
-fake GitHub + Copilot upstream (plain HTTP and TLS, with a test CA embedded below) and a fake
-CONNECT proxy. Nothing reaches the network. Needs only the standard library; the optional
-checks with the official ``openai`` SDK run when it is importable (``.ci/run`` installs it in a
-throwaway venv). The last line printed is ``N passed, N failed, N skipped``.
+fake GitHub + Copilot upstream (plain HTTP and TLS, with a test CA embedded below), a fake
+CONNECT proxy and a raw scripted upstream for framing edge cases. Nothing reaches the network.
+Needs only the standard library; the optional checks with the official ``openai`` and
+``anthropic`` SDKs run when they are importable (``.ci/run`` installs them in a throwaway venv).
+The classes follow coproxy.py's sections, so a failure points at one. The last line printed is
+``N passed, N failed, N skipped``. ``python3 test_coproxy.py --bench`` prints the performance
+figures instead (Linux: it reads CPU and memory from /proc).
 """
 import ast
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import http.client
+import gzip
 import http.server
 import io
 import json
@@ -35,6 +40,7 @@ import tempfile
 import threading
 import time
 import unittest
+import zlib
 
 import coproxy
 
@@ -88,6 +94,8 @@ s3AUvRKWgp5Wo51ftO5hKUDzpzJaL6YXjze/O9HDgrSGc8jGUNNV5jBp
 
 CATALOG = [
     {"id": "gpt-4.1", "name": "GPT-4.1", "vendor": "Azure OpenAI", "object": "model",
+     "billing": {"token_prices": {"batch_size": 1000000, "default": {"input_price": 200, "cache_price": 50,
+                                                                      "output_price": 800}}},
      "capabilities": {"type": "chat", "family": "gpt-4.1",
                       "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 16384},
                       "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
@@ -95,7 +103,8 @@ CATALOG = [
      "supported_endpoints": ["/chat/completions", "/v1/messages"], "billing": {"multiplier": 1},
      "capabilities": {"type": "chat",
                       "limits": {"max_context_window_tokens": 200000, "max_output_tokens": 32000},
-                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True,
+                                   "reasoning_effort": ["low", "medium", "high"]}}},
     {"id": "gpt-4.1", "name": "GPT-4.1 (duplicate entry)", "vendor": "Azure OpenAI"},
     {"id": "claude-haiku-4.5", "name": "Claude Haiku 4.5", "vendor": "Anthropic", "supported_endpoints": ["/chat/completions"],
      "capabilities": {"type": "chat", "limits": {"max_output_tokens": 8000},
@@ -104,13 +113,32 @@ CATALOG = [
     {"id": "claude-opus-4.6", "name": "Claude Opus 4.6", "vendor": "Anthropic",
      "supported_endpoints": ["/chat/completions", "/v1/messages"], "capabilities": {"type": "chat"}},
     {"id": "gpt-5.1-codex", "name": "GPT-5.1-Codex", "vendor": "OpenAI", "supported_endpoints": ["/responses"],
-     "billing": {"multiplier": 1}, "capabilities": {"type": "chat", "supports": {"tool_calls": True, "vision": True}}},
+     "billing": {"multiplier": 1}, "capabilities": {"type": "chat", "supports": {
+         "tool_calls": True, "vision": True, "reasoning_effort": ["low", "medium", "high", "xhigh"]}}},
     {"id": "o3-mini", "name": "o3-mini", "vendor": "Azure OpenAI", "billing": {"multiplier": 0.33},
      "capabilities": {"type": "chat", "supports": {"tool_calls": True, "vision": False,
                                                    "reasoning_effort": ["low", "medium", "high"]}}},
+    {"id": "gpt-5-mini", "name": "GPT-5 mini", "vendor": "Azure OpenAI", "billing": {"multiplier": 0},
+     "capabilities": {"type": "chat", "supports": {"tool_calls": True, "vision": True}}},
     {"id": "text-embedding-3-small", "name": "Embedding", "vendor": "Azure OpenAI",
      "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512}}},
 ]
+CATALOG_IDS = ["gpt-4.1", "claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.6", "gpt-5.1-codex", "o3-mini",
+               "gpt-5-mini", "text-embedding-3-small"]
+#: /copilot_internal/user of a request-billed (annual) account and of a token-billed one
+REQUEST_BILLED_USER = {
+    "login": "octocat", "copilot_plan": "individual", "access_type_sku": "yearly_subscriber",
+    "quota_reset_date_utc": "2026-12-01T00:00:00Z", "quota_snapshots": {
+        "premium_interactions": {"entitlement": 300, "remaining": 135, "percent_remaining": 45.0,
+                                 "unlimited": False, "overage_count": 0, "overage_permitted": False},
+        "chat": {"entitlement": 0, "remaining": 0, "unlimited": True, "percent_remaining": 100.0}}}
+TOKEN_BILLED_USER = {
+    "login": "octocat", "copilot_plan": "individual_pro", "access_type_sku": "monthly_subscriber",
+    "token_based_billing": True, "quota_reset_date_utc": "2026-12-01T00:00:00Z", "quota_snapshots": {
+        "premium_interactions": {"entitlement": 1500, "remaining": 1377.5, "credits_used": 122.5,
+                                 "percent_remaining": 91.8, "unlimited": False, "token_based_billing": True},
+        "chat": {"entitlement": -1, "remaining": -1, "unlimited": False},
+        "completions": {"entitlement": -1, "remaining": -1, "unlimited": False}}}
 
 
 def sse(obj):
@@ -124,15 +152,35 @@ def chunk(content=None, finish=None, index=0, tool_calls=None, **extra):
         delta["content"] = content
     if tool_calls is not None:
         delta["tool_calls"] = tool_calls
-    body = {"id": "chatcmpl-up", "model": "gpt-4.1", "choices": [{"index": index, "delta": delta,
-                                                                   "finish_reason": finish}]}
+    body = {"id": "chatcmpl-up", "model": "gpt-4.1", "created": 1764500000,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
     body.update(extra)
     return sse(body)
 
 
 USAGE_CHUNK = sse({"id": "chatcmpl-up", "model": "gpt-4.1", "choices": [],
                    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+COST_CHUNK = sse({"id": "chatcmpl-up", "model": "gpt-4.1", "choices": [],
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+                  "copilot_usage": {"total_nano_aiu": 4500000000, "token_details": []}})
 DONE = b"data: [DONE]\n\n"
+
+
+def anthropic_event(name, data):
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+
+
+def sse_events(body):
+    """(event name, parsed data) pairs of an Anthropic- or Responses-style SSE body."""
+    return [(name, json.loads(data)) for name, data in coproxy.SSEDecoder().feed(body + b"\n\n")]
+
+
+def sse_data(body):
+    """The data: payloads of an SSE body, parsed as JSON where they are JSON."""
+    return [data if data == "[DONE]" else json.loads(data) for _, data in coproxy.SSEDecoder().feed(body + b"\n\n")]
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
 # ------------------------------------------------------------------------------------------
 # Fixtures: the fake upstream, the fake proxy, the proxy harness, HTTP helpers.
@@ -151,6 +199,7 @@ def wait_for(predicate, timeout=5.0):
 
 class FakeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: without this, a delayed ACK costs 40 ms
 
     def log_message(self, *args):
         pass
@@ -206,6 +255,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self, method):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
         path = self.path.split("?")[0]
         with self.fake.lock:
             self.fake.requests.append((method, path, {k.lower(): v for k, v in self.headers.items()}, body))
@@ -220,6 +271,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._dispatch("POST")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
 
 
 class FakeUpstream:
@@ -239,17 +293,15 @@ class FakeUpstream:
         self.poll_answers = []
         self.chat_script = None
         self.client_closed = threading.Event()
+        self.user = REQUEST_BILLED_USER
+        self.answer_headers = []     # added to every JSON answer of /chat/completions, /v1/messages, /responses
+        self.cost = None             # copilot_usage.total_nano_aiu put into those answers when set
         self.routes = {
             ("POST", "/login/device/code"): self.device_code,
             ("POST", "/login/oauth/access_token"): self.access_token,
             ("GET", "/user"): lambda h, b: h.send_json(200, {"login": "octocat", "id": 1}),
             ("GET", "/copilot_internal/v2/token"): self.token,
-            ("GET", "/copilot_internal/user"): lambda h, b: h.send_json(200, {
-                "login": "octocat", "copilot_plan": "individual", "access_type_sku": "monthly_subscriber",
-                "quota_reset_date_utc": "2026-12-01T00:00:00Z", "quota_snapshots": {
-                    "premium_interactions": {"entitlement": 300, "remaining": 135, "percent_remaining": 45.0,
-                                             "unlimited": False, "overage_count": 0, "overage_permitted": False},
-                    "chat": {"entitlement": 0, "remaining": 0, "unlimited": True, "percent_remaining": 100.0}}}),
+            ("GET", "/copilot_internal/user"): lambda h, b: h.send_json(200, self.user),
             ("GET", "/models"): lambda h, b: h.send_json(200, {"object": "list", "data": CATALOG}),
             ("POST", "/chat/completions"): self.chat,
             ("POST", "/v1/messages"): self.messages,
@@ -317,12 +369,18 @@ class FakeUpstream:
             "endpoints": {"api": self.url}})
 
     # -- Copilot -----------------------------------------------------------------------------
+    def answer(self, handler, body):
+        """A JSON answer with the scripted extras: cost and headers."""
+        if self.cost is not None:
+            body["copilot_usage"] = {"total_nano_aiu": self.cost, "token_details": []}
+        handler.send_json(200, body, self.answer_headers)
+
     def chat(self, handler, payload):
         if self.chat_script is not None:
             self.chat_script(handler, payload)
             return
         last = payload["messages"][-1].get("content")
-        handler.send_json(200, {"id": "chatcmpl-up", "model": payload["model"],
+        self.answer(handler, {"id": "chatcmpl-up", "model": payload["model"],
                                 "choices": [{"index": 0, "finish_reason": "stop",
                                              "message": {"role": "assistant", "content": "echo: %s" % last,
                                                          "padding": "xxxx"}}],
@@ -332,7 +390,7 @@ class FakeUpstream:
         if self.chat_script is not None:
             self.chat_script(handler, payload)
             return
-        handler.send_json(200, {"id": "msg_native", "type": "message", "role": "assistant", "model": payload["model"],
+        self.answer(handler, {"id": "msg_native", "type": "message", "role": "assistant", "model": payload["model"],
                                 "content": [{"type": "text", "text": "native: %d messages" % len(payload["messages"])}],
                                 "stop_reason": "end_turn", "stop_sequence": None,
                                 "usage": {"input_tokens": 9, "output_tokens": 3}})
@@ -347,8 +405,16 @@ class FakeUpstream:
         if self.chat_script is not None:
             self.chat_script(handler, payload)
             return
-        handler.send_json(200, {"id": "resp_1", "object": "response", "created_at": 1700000000, "status": "completed",
-                                "model": payload["model"], "output": [
+        if payload.get("context_management"):  # a compaction request: Copilot returns the compacted history
+            self.answer(handler, {"id": "resp_cmp", "object": "response", "created_at": 1700000001,
+                                  "status": "completed", "model": payload["model"], "output": [
+                                      {"id": "cmp_1", "type": "compaction", "encrypted_content": "ENC"},
+                                      {"type": "message", "role": "assistant", "content": [
+                                          {"type": "output_text", "text": "ok"}]}],
+                                  "usage": {"input_tokens": 900, "output_tokens": 40}})
+            return
+        self.answer(handler, {"id": "resp_1", "object": "response", "created_at": 1700000000, "status": "completed",
+                              "model": payload["model"], "output": [
                                     {"type": "reasoning", "id": "rs_1", "summary": []},
                                     {"type": "message", "role": "assistant", "content": [
                                         {"type": "output_text", "text": "codex says hi"}]}],
@@ -376,6 +442,7 @@ class FakeUpstream:
                     return
             handler.end_chunked()
         self.chat_script = script
+        return script
 
 
 class FakeConnectProxy:
@@ -428,6 +495,61 @@ class FakeConnectProxy:
         self.server.server_close()
 
 
+class ScriptedUpstream:
+    """A raw TCP upstream that answers each request with the next script: a list of bytes to
+    send (each its own segment), Events to wait for, and "close". For framing edge cases that
+    a well-behaved HTTP server never produces."""
+
+    def __init__(self, test):
+        self.scripts = queue.Queue()
+        self.heads = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                need = int(length.group(1)) if length else 0
+                while len(buf) < need:
+                    buf += conn.recv(65536)
+                buf = buf[need:]
+                self.heads.append(head)
+                for step in self.scripts.get(timeout=10):
+                    if step == "close":
+                        return
+                    if isinstance(step, threading.Event):
+                        step.wait(10)
+                    else:
+                        conn.sendall(step)
+
+    def close(self):
+        self.listener.close()
+
+
 class LogCapture(logging.Handler):
     """Collects coproxy's log lines so tests can check them (and that no token is in them)."""
 
@@ -437,6 +559,7 @@ class LogCapture(logging.Handler):
 
     def emit(self, record):
         self.lines.append(record.getMessage())
+
 
 
 LOGS = LogCapture()
@@ -589,12 +712,44 @@ def chat_body(content="hi", **extra):
     return body
 
 
-def sse_data(body):
-    """The data: payloads of an SSE body, parsed as JSON where they are JSON."""
-    out = []
-    for event in coproxy.SSEDecoder().feed(body + b"\n\n"):
-        out.append(event.data if event.data == "[DONE]" else json.loads(event.data))
-    return out
+def read_chunk(f):
+    """The next chunk of a chunked body from a buffered socket file (b"" for the last one)."""
+    size = int(f.readline().split(b";")[0], 16)
+    data = f.read(size)
+    f.readline()
+    return data
+
+
+def read_rest(f):
+    """Every remaining chunk of a chunked body, joined (returns after the last, empty chunk)."""
+    body = b""
+    while True:
+        piece = read_chunk(f)
+        if not piece:
+            return body
+        body += piece
+
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def post(path, body, extra=b""):
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (path.encode(), len(body), extra, body))
+
+
+def parse_metrics(text):
+    """Prometheus text back into {(name, frozenset(labels)): value}."""
+    values = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$', line)
+        assert match, line
+        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        values[(match.group(1), labels)] = float(match.group(3))
+    return values
 
 
 class ProxyTestCase(unittest.TestCase):
@@ -613,6 +768,7 @@ class ProxyTestCase(unittest.TestCase):
 
     def start_proxy(self, **overrides):
         overrides.setdefault("ping_seconds", 5)
+        overrides = dict(self.proxy_overrides, **overrides)
         state_dir = overrides.pop("state_dir", os.path.join(self.tmp, "state"))
         proxy = ProxyHarness(make_config(self.fake, state_dir, **overrides))
         self.addCleanup(proxy.stop)
@@ -636,7 +792,6 @@ class ProxyTestCase(unittest.TestCase):
         text = "\n".join(LOGS.lines)
         self.assertNotIn("ghu_testtoken", text)
         self.assertNotIn("tid=test", text)
-
 
 # ------------------------------------------------------------------------------------------
 # Tests, in coproxy.py's section order.
@@ -691,6 +846,27 @@ class TestUtilities(unittest.TestCase):
         self.assertEqual(coproxy.format_duration(845), "14m 05s")
         self.assertEqual(coproxy.format_duration(3720), "1h 02m")
 
+    def test_redact_removes_url_credentials_and_log_lines_cannot_be_forged(self):
+        self.assertEqual(coproxy.redact("proxy http://alice:s3cret@proxy.corp:3128 failed"),
+                         "proxy http://[redacted]@proxy.corp:3128 failed")
+        self.assertEqual(coproxy.escape_controls("gpt\r\nFAKE 200 line\x1b[31m"), "gpt\\x0d\\x0aFAKE 200 line\\x1b[31m")
+        formatter = coproxy.LogFormatter()
+        record = logging.LogRecord("coproxy.access", logging.INFO, __file__, 1, "POST /v1/x model=%s", ("a\nb",), None)
+        self.assertEqual(formatter.format(record).count("\n"), 0)
+        record.fields = {"status": 200, "credits": 0.5}
+        entry = json.loads(coproxy.LogFormatter(json_lines=True).format(record))
+        self.assertEqual((entry["status"], entry["credits"], entry["logger"], entry["message"]),
+                         (200, 0.5, "coproxy.access", "POST /v1/x model=a\\x0ab"))
+
+    def test_json_dumps_replaces_lone_surrogates(self):
+        payload = json.loads('{"text": "cut \\ud83d here", "ok": "\\ud83d\\ude00"}')
+        self.assertEqual(json.loads(coproxy.json_dumps(payload)), {"text": "cut \ufffd here", "ok": "\U0001f600"})
+
+    def test_host_without_port(self):
+        for value, host in (("127.0.0.1:8080", "127.0.0.1"), ("[::1]:80", "::1"), ("[::1]", "::1"),
+                            ("Example.COM", "example.com"), ("::1", "::1")):
+            self.assertEqual(coproxy.host_without_port(value), host)
+
 
 class TestConfig(unittest.TestCase):
     def test_precedence_flag_then_env_then_default(self):
@@ -703,9 +879,9 @@ class TestConfig(unittest.TestCase):
 
     def test_github_token_source_is_remembered(self):
         config = coproxy.Config.resolve({}, environ={"GHCP_GITHUB_TOKEN": " ghu_x \n"})
-        self.assertEqual((config.github_token, config.github_token_source), ("ghu_x", "GHCP_GITHUB_TOKEN"))
+        self.assertEqual((config.github_token, config.source_of("github_token")), ("ghu_x", "GHCP_GITHUB_TOKEN"))
         config = coproxy.Config.resolve({"github_token": "ghu_y"}, environ={"GHCP_GITHUB_TOKEN": "ghu_x"})
-        self.assertEqual((config.github_token, config.github_token_source), ("ghu_y", "--github-token"))
+        self.assertEqual((config.github_token, config.source_of("github_token")), ("ghu_y", "--github-token"))
 
     def test_bad_env_values_name_the_variable(self):
         for env in ({"COPROXY_PORT": "eighty"}, {"COPROXY_NO_AUTO_LOGIN": "maybe"},
@@ -745,6 +921,26 @@ class TestConfig(unittest.TestCase):
                          os.path.join(home, "Library", "Application Support", "coproxy"))
         self.assertEqual(coproxy.default_state_dir("win32", {"APPDATA": "C:\\\\AD"}),
                          os.path.join("C:\\\\AD", "coproxy", "config"))
+
+    def test_new_option_values_are_checked(self):
+        config = coproxy.Config.resolve({}, environ={"COPROXY_ALLOWED_HOSTS": "my-laptop.local:8080",
+                                                     "COPROXY_CORS_ORIGIN": "https://App.example/,vscode-file://vscode-app,null"})
+        self.assertEqual((config.allowed_hosts, config.cors_origins),
+                         (["my-laptop.local"], ["https://app.example", "vscode-file://vscode-app", "null"]))
+        for env in ({"COPROXY_CORS_ORIGIN": "not an origin"}, {"COPROXY_ALLOWED_HOSTS": "a b"},
+                    {"COPROXY_EDITOR_VERSION": "vscode 1.2"}, {"GHCP_PROXY_API_KEY": "s3cr\net"}):
+            with self.assertRaises(coproxy.ConfigError) as ctx:
+                coproxy.Config.resolve({}, environ=env)
+            self.assertIn(list(env)[0], str(ctx.exception))
+        self.assertNotIn("s3cr", str(ctx.exception))  # a secret's value is never echoed
+
+    def test_secret_flags_and_changed_settings(self):
+        config = coproxy.Config.resolve({"api_key": "k", "port": 9000, "model_aliases": [("a", "b")]},
+                                        environ={"GHCP_GITHUB_TOKEN": "ghu_x", "COPROXY_CA_FILE": ""})
+        self.assertEqual(config.secret_flags, [("--api-key", "GHCP_PROXY_API_KEY")])
+        self.assertEqual(sorted(o.dest for o, _ in config.changed_settings()),
+                         ["api_key", "github_token", "model_aliases", "port"])
+        self.assertEqual(config.user_agent, "GitHubCopilotChat/" + coproxy.DEFAULT_EDITOR_PLUGIN_VERSION.split("/")[1])
 
 
 @unittest.skipIf(os.name != "posix", "file modes are POSIX")
@@ -839,6 +1035,28 @@ class TestTokenStore(unittest.TestCase):
         self.assertEqual(len(self.store.clear()), 2)
         self.assertEqual(self.store.clear(), [])
 
+    def test_a_state_dir_others_can_write_is_refused_with_the_fix(self):
+        os.makedirs(self.store.state_dir)
+        os.chmod(self.store.state_dir, 0o775)
+        with self.assertRaises(coproxy.ConfigError) as ctx:
+            self.store.save_github_token("ghu_abc")
+        self.assertIn("chmod 700 %s" % self.store.state_dir, str(ctx.exception))
+        self.assertFalse(os.path.exists(self.store.github_token_path))
+        os.chmod(self.store.state_dir, 0o755)  # readable but not writable by others: tightened, and used
+        self.store.save_github_token("ghu_abc")
+        self.assertEqual(self.mode(self.store.state_dir), 0o700)
+
+    def test_symlinked_token_files_are_not_followed(self):
+        self.store.save_github_token("ghu_mine")
+        elsewhere = os.path.join(self.dir, "planted")
+        with open(elsewhere, "w") as f:
+            f.write("ghu_planted\n")
+        os.unlink(self.store.github_token_path)
+        os.symlink(elsewhere, self.store.github_token_path)
+        LOGS.lines = []
+        self.assertIsNone(coproxy.TokenStore(self.store.state_dir).load_github_token())
+        self.assertTrue(any("symbolic link" in line for line in LOGS.lines), LOGS.lines)
+
 
 class TestUpstreamClient(unittest.TestCase):
     def setUp(self):
@@ -906,60 +1124,32 @@ class TestUpstreamClient(unittest.TestCase):
         self.assertIsNone(coproxy.proxy_for("https://svc.internal/x", env))
         self.assertIsNone(coproxy.proxy_for("http://api.github.com/x", env))
 
+    def test_idle_connections_are_closed_by_a_timer_and_capped(self):
+        for name, value in (("IDLE_UPSTREAM_SECONDS", 0.15), ("IDLE_UPSTREAM_TOTAL", 2), ("MAX_KNOWN_ORIGINS", 3)):
+            self.addCleanup(setattr, coproxy, name, getattr(coproxy, name))
+            setattr(coproxy, name, value)
+        client = new_client(self)
+        others = [FakeUpstream() for _ in range(3)]
+        for fake in others:
+            self.addCleanup(fake.close)
+        for fake in [self.fake] + others:
+            self.assertEqual(client.request_json("GET", fake.url + "/user", {})[0], 200)
+        self.assertEqual(client.idle_connections(), 2)  # the global cap
+        self.assertLessEqual(len(client._targets), 3)
+        self.assertTrue(wait_for(lambda: client.idle_connections() == 0, 5))  # the reaper, not a new request
 
-class ScriptedUpstream:
-    """A raw TCP upstream that answers each request with the next script: a list of bytes to
-    send (each its own segment), Events to wait for, and "close". For framing edge cases that
-    a well-behaved HTTP server never produces."""
-
-    def __init__(self, test):
-        self.scripts = queue.Queue()
-        self.heads = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        test.addCleanup(self.close)
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, conn):
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = b""
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                need = int(length.group(1)) if length else 0
-                while len(buf) < need:
-                    buf += conn.recv(65536)
-                buf = buf[need:]
-                self.heads.append(head)
-                for step in self.scripts.get(timeout=10):
-                    if step == "close":
-                        return
-                    if isinstance(step, threading.Event):
-                        step.wait(10)
-                    else:
-                        conn.sendall(step)
-
-    def close(self):
-        self.listener.close()
+    def test_request_targets_cannot_split_a_request(self):
+        up = ScriptedUpstream(self)
+        up.scripts.put([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+        client = new_client(self)
+        evil = up.url + "/x HTTP/1.1\r\nHost: evil\r\n\r\nGET /poison?\u00e9 \t"
+        client.request("GET", evil, {}).read_all(10)
+        self.assertEqual(len(up.heads), 1)
+        self.assertTrue(up.heads[0].startswith(b"GET /x%20HTTP/1.1%0D%0AHost:%20evil%0D%0A%0D%0AGET%20/poison?%C3%A9%20%09 "
+                                               b"HTTP/1.1\r\n"), up.heads[0])
+        for bad in ("http://ho st/", "http://h\u00e9:x/", "ftp://h/", "http:///nohost", "http://[zz]/"):
+            with self.assertRaises(coproxy.UpstreamUnreachable):
+                client.request("GET", bad, {})
 
 
 class TestUpstreamFraming(unittest.TestCase):
@@ -1050,58 +1240,27 @@ class TestUpstreamFraming(unittest.TestCase):
         self.assertIn("line break", str(ctx.exception))
         self.assertEqual(self.up.accepted, 0)
 
-
-class TestWorkerPool(unittest.TestCase):
-    def test_results_errors_reuse_and_concurrency(self):
-        pool = coproxy.WorkerPool(8)
-        self.addCleanup(pool.shutdown)
-        self.assertEqual(pool.submit(lambda a, b=0: a + b, 2, b=3).result(5), 5)
-        with self.assertRaises(ZeroDivisionError):
-            pool.submit(lambda: 1 / 0).result(5)
-        for i in range(20):  # sequential jobs reuse the idle worker
-            self.assertEqual(pool.submit(lambda: i).result(5), i)
-        self.assertEqual(pool.workers, 1)
-        gate, running = threading.Event(), []
-        futures = [pool.submit(lambda: (running.append(1), gate.wait(5))) for _ in range(8)]
-        self.assertTrue(wait_for(lambda: len(running) == 8))  # all eight run at once
-        queued = pool.submit(lambda: "ninth")  # over the limit: waits for a free worker
-        self.assertFalse(queued.done())
-        gate.set()
-        self.assertEqual(queued.result(5), "ninth")
-        self.assertTrue(all(f.result(5)[1] for f in futures))
-        self.assertEqual(pool.workers, 8)
-
-    def test_run_resolves_an_asyncio_future(self):
-        pool = coproxy.WorkerPool(4)
-        self.addCleanup(pool.shutdown)
-
-        async def main():
-            loop = asyncio.get_running_loop()
-            threads = await asyncio.gather(*[pool.run(loop, threading.get_ident) for _ in range(4)])
-            with self.assertRaises(KeyError):
-                await pool.run(loop, {}.__getitem__, "missing")
-            return threads
-        threads = asyncio.run(main())
-        self.assertNotIn(threading.get_ident(), threads)  # ran in workers, not on the loop's thread
-        self.assertLessEqual(pool.workers, 4)
-
-    def test_idle_workers_exit_after_a_burst(self):
-        pool = coproxy.WorkerPool(16, idle_seconds=0.05)
-        self.addCleanup(pool.shutdown)
-        gate = threading.Event()
-        futures = [pool.submit(gate.wait, 5) for _ in range(10)]
-        self.assertTrue(wait_for(lambda: pool.workers == 10))
-        gate.set()
-        self.assertTrue(all(f.result(5) for f in futures))
-        self.assertTrue(wait_for(lambda: pool.workers == coproxy.MIN_WORKERS), pool.workers)
-        self.assertEqual(pool.submit(lambda: "still works").result(5), "still works")
-
-    def test_shutdown_refuses_new_work(self):
-        pool = coproxy.WorkerPool(2)
-        pool.submit(lambda: None).result(5)
-        pool.shutdown()
-        with self.assertRaises(RuntimeError):
-            pool.submit(lambda: None)
+    def test_pull_hands_over_what_arrived_without_blocking(self):
+        later = threading.Event()
+        response = self.request(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab", later,
+                                b"cd\r\n0\r\n\r\n")
+        response._sock.setblocking(False)
+        got, done = b"", False
+        while not done:
+            data, done = response.pull()
+            got += data
+            if got == b"ab":
+                later.set()
+        self.assertEqual(got, b"abcd")
+        cut = self.request(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nfour", "close")
+        cut._sock.setblocking(False)
+        got = b""
+        with self.assertRaises(coproxy.UpstreamCutShort):
+            for _ in range(500):
+                data, _ = cut.pull()
+                got += data
+                time.sleep(0.002)
+        self.assertEqual(got, b"four")  # the bytes before the cut are handed over first
 
 
 class TestUpstreamTLS(unittest.TestCase):
@@ -1138,6 +1297,75 @@ class TestUpstreamTLS(unittest.TestCase):
         bypass.request_json("GET", self.fake.url + "/user", {})
         self.assertEqual(len(proxy.targets), 1)
 
+    def test_new_connections_resume_the_tls_session(self):
+        client = new_client(self, ca_file=self.ca)
+        self.assertEqual(client.request_json("GET", self.fake.url + "/user", {})[0], 200)
+        client.close()
+        client._closed = False
+        response = client.request("GET", self.fake.url + "/user", {})
+        self.assertTrue(response._sock.session_reused)
+        response.read_all(1000)
+
+
+class TestImageFetcher(unittest.TestCase):
+    """Images given by URL: public addresses only, checked on every hop, fresh connections."""
+
+    def setUp(self):
+        self.fake, self.tmp = with_fake_upstream(self)
+        self.fake.routes[("GET", "/img.png")] = lambda h, b: h.send_body(200, PNG, "image/png")
+        self.fake.routes[("GET", "/to-other")] = lambda h, b: h.send_body(
+            302, b"", "text/plain", [("Location", "http://127.0.0.2:%d/img.png" % self.fake.port)])
+        self.client = new_client(self)
+
+    def test_what_is_public(self):
+        for address in ("127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                        "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fc00::5", "fd12::1",
+                        "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::127.0.0.1", "64:ff9b::a00:1",
+                        "2002:c0a8:101::1", "2001:db8::1", "not an address"):
+            self.assertFalse(coproxy.address_is_public(address), address)
+        for address in ("8.8.8.8", "140.82.112.3", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"):
+            self.assertTrue(coproxy.address_is_public(address), address)
+
+    def test_loopback_and_names_that_resolve_to_it_are_refused_before_connecting(self):
+        for url in (self.fake.url + "/img.png", "http://localhost:%d/img.png" % self.fake.port,
+                    "http://[::ffff:127.0.0.1]:%d/img.png" % self.fake.port):
+            with self.assertRaises(coproxy.ImageNotFetched) as ctx:
+                coproxy.ImageFetcher(self.client).fetch(url)
+            self.assertIn("non-public", str(ctx.exception))
+        self.assertEqual(self.fake.requests_to("/img.png"), [])
+
+    def test_every_redirect_hop_is_checked_and_the_pool_is_never_used(self):
+        fetcher = coproxy.ImageFetcher(self.client)
+        fetcher_allows = lambda address: address == "127.0.0.1"  # this test's "public internet"
+        original = coproxy.address_is_public
+        self.addCleanup(setattr, coproxy, "address_is_public", original)
+        coproxy.address_is_public = fetcher_allows
+        self.assertEqual(fetcher.fetch(self.fake.url + "/img.png"), ("image/png", PNG))
+        with self.assertRaises(coproxy.ImageNotFetched) as ctx:
+            fetcher.fetch(self.fake.url + "/to-other")
+        self.assertIn("127.0.0.2", str(ctx.exception))
+        self.assertEqual(len(self.fake.requests_to("/img.png")), 1)
+        self.assertEqual((self.client._pools, self.client.connections_opened), ({}, 0))
+        self.assertEqual(self.fake.requests_to("/img.png")[0][2].get("connection"), "close")
+
+    def test_allow_private_lifts_the_address_check_not_the_rest(self):
+        fetcher = coproxy.ImageFetcher(self.client, allow_private=True)
+        self.assertEqual(fetcher.fetch(self.fake.url + "/img.png")[1], PNG)
+        self.fake.routes[("GET", "/page")] = lambda h, b: h.send_body(200, b"<html>", "text/html")
+        for url, words in ((self.fake.url + "/page", "Content-Type text/html"), ("gopher://x/", "not a usable"),
+                           (self.fake.url + "/x\r\nEvil: 1", "HTTP 404")):
+            with self.assertRaises(coproxy.ImageNotFetched) as ctx:
+                fetcher.fetch(url)
+            self.assertIn(words, str(ctx.exception))
+        self.assertEqual(self.fake.requests_to("/x"), [])  # the CR/LF went out percent-encoded
+        slow = threading.Event()
+        self.addCleanup(slow.set)
+        self.fake.routes[("GET", "/slow.png")] = lambda h, b: (slow.wait(5), h.send_body(200, PNG, "image/png"))
+        started = time.monotonic()
+        with self.assertRaises(coproxy.ImageNotFetched):
+            fetcher.fetch(self.fake.url + "/slow.png", timeout=0.3)
+        self.assertLess(time.monotonic() - started, 2)
+
 
 class TestDeviceFlow(unittest.TestCase):
     def setUp(self):
@@ -1150,7 +1378,8 @@ class TestDeviceFlow(unittest.TestCase):
         def sleep(seconds):
             self.sleeps.append(seconds)
             self.now[0] += seconds
-        self.flow = coproxy.DeviceFlow(new_client(self), self.fake.url, sleep=sleep,
+        self.flow = coproxy.DeviceFlow(new_client(self), coproxy.Config.resolve({"github_url": self.fake.url}, {}),
+                                       sleep=sleep,
                                        clock=lambda: self.now[0])
 
     def run_flow(self, *answers):
@@ -1321,6 +1550,101 @@ class TestCopilotAuth(unittest.TestCase):
         override = self.make_auth(copilot_api_url="http://127.0.0.1:1/")
         self.assertEqual(override.api_base({"token": "t", "api_endpoint": "https://x"}), "http://127.0.0.1:1")
 
+    def test_login_hints_name_the_state_dir_and_the_variable(self):
+        auth = self.make_auth(github_token=None)
+        auth.config.github_token = None
+        with self.assertRaises(coproxy.AuthError) as ctx:
+            auth.copilot_token()
+        self.assertIn("auth login --state-dir %s" % self.tmp, str(ctx.exception))
+        self.fake.token_status, self.fake.token_body = 401, {"message": "Bad credentials"}
+        config = coproxy.Config.resolve({"github_url": self.fake.url, "github_api_url": self.fake.url,
+                                         "state_dir": self.tmp}, environ={"GHCP_GITHUB_TOKEN": "ghu_expired123456789"})
+        with self.assertRaises(coproxy.AuthError) as ctx:
+            coproxy.CopilotAuth(config, coproxy.TokenStore(self.tmp), new_client(self)).copilot_token()
+        self.assertIn("unset GHCP_GITHUB_TOKEN", str(ctx.exception))
+        self.assertNotIn("ghu_expired", str(ctx.exception))
+
+def translate(chain, dialect, *pieces, end=True):
+    """Upstream SSE bytes through a StreamTranslation; the client bytes, and the translation."""
+    translation = coproxy.StreamTranslation(chain, dialect)
+    out = b"".join(translation.feed(piece) for piece in pieces)
+    return out + (translation.end() if end else b""), translation
+
+
+class TestBodies(unittest.TestCase):
+    """Request bodies as clients compress them (Codex sends zstd or gzip)."""
+
+    def test_gzip_deflate_and_identity(self):
+        body = b'{"model":"m"}' * 100
+        self.assertEqual(coproxy.decode_body(gzip.compress(body), "gzip", 10000), body)
+        self.assertEqual(coproxy.decode_body(zlib.compress(body), "deflate", 10000), body)
+        raw_deflate = zlib.compressobj(wbits=-15)
+        self.assertEqual(coproxy.decode_body(raw_deflate.compress(body) + raw_deflate.flush(), "deflate", 10000), body)
+        self.assertEqual(coproxy.decode_body(body, None, 10), body)  # the body cap is the reader's job
+
+    def test_bombs_truncation_and_unknown_encodings(self):
+        bomb = gzip.compress(b"a" * (10 << 20))
+        for raw, encoding, status, code in ((bomb, "gzip", 413, "request_too_large"),
+                                            (gzip.compress(b"{}")[:-6], "gzip", 400, "invalid_encoding"),
+                                            (b"not gzip", "gzip", 400, "invalid_encoding"),
+                                            (b"{}", "br", 415, "unsupported_content_encoding")):
+            with self.assertRaises(coproxy.ClientError) as ctx:
+                coproxy.decode_body(raw, encoding, 1 << 20)
+            self.assertEqual((ctx.exception.status, ctx.exception.code), (status, code))
+
+    def test_zstd_names_codex_switch_where_python_lacks_it(self):
+        try:
+            from compression import zstd
+        except ImportError:
+            zstd = None
+        if zstd is None:
+            with self.assertRaises(coproxy.ClientError) as ctx:
+                coproxy.decode_body(b"\x28\xb5\x2f\xfd", "zstd", 100)
+            self.assertEqual(ctx.exception.status, 415)
+            self.assertIn("features.enable_request_compression=false", str(ctx.exception))
+        else:
+            self.assertEqual(coproxy.decode_body(zstd.compress(b"{}"), "zstd", 100), b"{}")
+
+
+class TestFieldChecks(unittest.TestCase):
+    """Every field coproxy reads has its type checked: a 400 naming it, never a crash later."""
+
+    def refused(self, check, payload, field):
+        with self.assertRaises(coproxy.ClientError) as ctx:
+            check(payload)
+        self.assertEqual(ctx.exception.status, 400)
+        self.assertIn(field, str(ctx.exception))
+
+    def test_chat(self):
+        ok = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        check = lambda p: coproxy.validate_chat_request(p)
+        for extra, field in (({"stream": "yes"}, "stream"), ({"tools": "none"}, "tools"), ({"n": [1]}, "n"),
+                             ({"n": True}, "n"), ({"max_tokens": "9"}, "max_tokens"),
+                             ({"stream_options": []}, "stream_options"), ({"tool_choice": 3}, "tool_choice"),
+                             ({"reasoning_effort": {}}, "reasoning_effort"), ({"tools": [{"function": "x"}]}, "tools[0].function"),
+                             ({"messages": [{"role": "user", "content": [{"type": {"a": 1}}]}]}, "messages[0].content[0].type"),
+                             ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+                             ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 3}]}]},
+                              "image_url"),
+                             ({"messages": "x"}, "messages"), ({"messages": [3]}, "messages[0]"), ({"model": 4}, "model")):
+            self.refused(check, dict(ok, **extra), field)
+        self.assertEqual(check(dict(ok, stream=True, n=2, stream_options={"include_usage": True})), ("m", True, True, False))
+        self.assertEqual(coproxy.validate_chat_request({"messages": ok["messages"]}, "dflt")[0], "dflt")
+
+    def test_anthropic_responses_and_embeddings(self):
+        ok = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+        for extra, field in (({"system": 5}, "system"), ({"tools": [{"name": 1}]}, "tools.0.name"),
+                             ({"thinking": {"budget_tokens": "x"}}, "thinking.budget_tokens"),
+                             ({"output_config": {"effort": 1}}, "output_config.effort"), ({"stream": 1}, "stream"),
+                             ({"max_tokens": True}, "max_tokens"), ({"stop_sequences": [1]}, "stop_sequences[0]"),
+                             ({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": [{}]}]}]},
+                              "type")):
+            self.refused(coproxy.validate_anthropic_request, dict(ok, **extra), field)
+        for payload, field in (({"model": "m", "input": 3}, "input"), ({"model": "m", "input": [{"type": 1}]}, "type"),
+                               ({"model": "m", "reasoning": {"effort": 2}}, "reasoning.effort"), ({}, "model")):
+            self.refused(coproxy.validate_responses_request, payload, field)
+        self.refused(coproxy.prepare_embeddings_request, {"model": "m", "input": "x", "dimensions": "2"}, "dimensions")
+
 
 class TestSSECodec(unittest.TestCase):
     TRANSCRIPT = (b": comment\r\ndata: {\"a\": 1}\r\n\r\nevent: message_start\ndata: line one\ndata: line two\n\n"
@@ -1334,7 +1658,7 @@ class TestSSECodec(unittest.TestCase):
         for piece in pieces:
             events.extend(decoder.feed(piece))
         events.extend(decoder.finish())
-        return [(e.event, e.data) for e in events]
+        return events
 
     def test_every_split_point(self):
         data = self.TRANSCRIPT
@@ -1358,52 +1682,8 @@ class TestSSECodec(unittest.TestCase):
         self.assertEqual(coproxy.encode_sse(b"{}"), b"data: {}\n\n")
         self.assertEqual(coproxy.encode_sse(b"{}", "ping"), b"event: ping\ndata: {}\n\n")
 
-
-class TestGeminiSchemas(ProxyTestCase):
-    """Gemini behind Copilot refuses type lists and non-string enums in tool schemas."""
-
-    SCHEMA = {"type": "object", "required": ["duration"], "properties": {
-        "duration": {"type": "integer", "enum": [60, 1440, 4320], "description": "Archive after"},
-        "since": {"type": ["number", "string"]},
-        "note": {"type": ["string", "null"], "enum": ["a", "b", None]},
-        "rows": {"type": "array", "items": {"type": ["object", "null"], "properties": {"on": {"enum": [True, False]}}}},
-        "choice": {"anyOf": [{"type": "integer", "enum": [1, 2]}, {"type": "string", "enum": ["x"]}]},
-        "mode": {"type": "string", "enum": ["fast", "slow"]}}}
-
-    def test_schema_rules(self):
-        original = copy.deepcopy(self.SCHEMA)
-        out = coproxy.gemini_schema(self.SCHEMA)
-        self.assertEqual(self.SCHEMA, original)  # a copy: the client's request is not edited in place
-        props = out["properties"]
-        self.assertEqual(props["duration"], {"type": "integer", "description": "Archive after. One of: 60, 1440, 4320."})
-        self.assertEqual(props["since"], {"type": "string", "description": "Any of these types: number, string."})
-        self.assertEqual(props["note"], {"type": "string", "nullable": True, "enum": ["a", "b"]})
-        self.assertEqual(props["rows"]["items"]["type"], "object")
-        self.assertTrue(props["rows"]["items"]["nullable"])
-        self.assertEqual(props["rows"]["items"]["properties"]["on"], {"type": "boolean", "description": "One of: true, false."})
-        self.assertEqual(props["choice"]["anyOf"][0], {"type": "integer", "description": "One of: 1, 2."})
-        self.assertEqual(props["mode"], self.SCHEMA["properties"]["mode"])
-        self.assertEqual(out["required"], ["duration"])
-
-    def test_only_gemini_requests_are_rewritten_on_chat_and_messages(self):
-        catalog = copy.deepcopy(CATALOG) + [{"id": "gemini-3.5-flash", "name": "Gemini 3.5 Flash", "vendor": "Google",
-                                             "capabilities": {"type": "chat", "supports": {"tool_calls": True}}}]
-        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
-        proxy = self.start_proxy()
-        tool = {"type": "function", "function": {"name": "archive", "parameters": self.SCHEMA}}
-        for model, rewritten in (("gemini-3.5-flash", True), ("gpt-4.1", False)):
-            status, _, body = self.request("POST", "/v1/chat/completions", {
-                "model": model, "tools": [tool], "messages": [{"role": "user", "content": "hi"}]}, port=proxy.port)
-            self.assertEqual(status, 200, body)
-            sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["tools"][0]["function"]["parameters"]
-            self.assertEqual(sent == coproxy.gemini_schema(self.SCHEMA), rewritten, model)
-            self.assertEqual(sent == self.SCHEMA, not rewritten, model)
-        status, _, body = self.request("POST", "/v1/messages", {
-            "model": "gemini-3.5-flash", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}],
-            "tools": [{"name": "archive", "input_schema": self.SCHEMA}]}, port=proxy.port)
-        self.assertEqual(status, 200, body)
-        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["tools"][0]["function"]["parameters"]
-        self.assertEqual(sent["properties"]["since"]["type"], "string")
+    def test_encode_keeps_multi_line_data_as_data(self):
+        self.assertEqual(coproxy.encode_sse(b"a\nb"), b"data: a\ndata: b\n\n")
 
 
 class TestTranslateOpenAI(unittest.TestCase):
@@ -1421,19 +1701,6 @@ class TestTranslateOpenAI(unittest.TestCase):
                                                      {"role": "user", "content": "more"}]))
         self.assertFalse(coproxy.messages_have_image([{"role": "user", "content": [{"type": "text", "text": "x"}]}]))
 
-    def test_prepare_validates_and_fills_model(self):
-        request = coproxy.prepare_chat_request({"messages": [{"role": "user", "content": "x"}]}, "gpt-4.1")
-        self.assertEqual(request.model, "gpt-4.1")
-        self.assertFalse(request.stream)
-        request = coproxy.prepare_chat_request({"model": "m", "stream": True, "n": 2,
-                                                "stream_options": {"include_usage": True},
-                                                "messages": [{"role": "user", "content": "x"}]})
-        self.assertEqual((request.stream, request.include_usage, request.merge_choices), (True, True, False))
-        for bad in ({"messages": []}, {"model": "m"}, {"model": "m", "messages": ["x"]},
-                    {"messages": [{"role": "user", "content": "x"}]}):
-            with self.assertRaises(coproxy.ClientError):
-                coproxy.prepare_chat_request(bad)
-
     def test_split_claude_choices_are_merged(self):
         data = {"id": "x", "model": "claude-sonnet-4.5", "choices": [
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Let me look."}},
@@ -1448,50 +1715,51 @@ class TestTranslateOpenAI(unittest.TestCase):
         self.assertEqual((out["object"], out["created"]), ("chat.completion", 1700000000))
         self.assertEqual(out["usage"], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
 
-    def feed(self, normalizer, *raw_events):
-        frames = []
-        for raw in raw_events:
-            for event in coproxy.SSEDecoder().feed(raw):
-                frames.extend(normalizer.feed(event.data))
-        return frames
+    def stream(self, include_usage, merge, *events):
+        out, translation = translate([coproxy.ChatNormalize("gpt-4.1", include_usage, merge, 1700000000)],
+                                     coproxy.OPENAI, *events)
+        return sse_data(out), translation
 
-    def test_stream_usage_only_when_asked(self):
-        events = [chunk("Hi", usage=None), chunk(None, "stop"), USAGE_CHUNK, DONE]
+    def test_stream_usage_only_when_asked_with_copilots_cost(self):
         for include in (False, True):
-            normalizer = coproxy.ChatStreamNormalizer("gpt-4.1", include, True, 1700000000)
-            frames = self.feed(normalizer, *events) + normalizer.finish()
-            data = sse_data(b"".join(frames))
+            data, translation = self.stream(include, True, chunk("Hi"), chunk(None, "stop"), COST_CHUNK, DONE)
             self.assertEqual(data[-1], "[DONE]")
             usage_chunks = [d for d in data[:-1] if d.get("usage")]
             self.assertEqual(len(usage_chunks), 1 if include else 0)
             if include:
-                self.assertEqual(usage_chunks[0]["choices"], [])
-                self.assertEqual(usage_chunks[0]["usage"]["total_tokens"], 7)
+                self.assertEqual((usage_chunks[0]["choices"], usage_chunks[0]["usage"]["total_tokens"]), ([], 7))
+                self.assertEqual(usage_chunks[0]["copilot_usage"]["total_nano_aiu"], 4500000000)
             for d in data[:-1]:
-                self.assertEqual(d["object"], "chat.completion.chunk")
-                self.assertEqual(d["created"], 1700000000)
+                self.assertEqual((d["object"], d["id"]), ("chat.completion.chunk", "chatcmpl-up"))
+            self.assertEqual(translation.source.usage, {"input": 5, "cached": 0, "output": 2, "reasoning": 0,
+                                                         "nano_aiu": 4500000000})
+
+    def test_plain_deltas_pass_as_they_are_and_the_rest_is_rewritten(self):
+        plain = b'data: {"choices":[{"index":0,"delta":{"content":"x \\"usage\\" is text"}}],"created":5,"id":"c1","model":"m"}\n\n'
+        out, _ = translate([coproxy.ChatNormalize("m", False, True, 7)], coproxy.OPENAI, chunk("first", id="c1"),
+                           plain, chunk(None, "stop", id="c1"), DONE)
+        frames = out.split(b"\n\n")
+        self.assertEqual(frames[1], b'data: {"object":"chat.completion.chunk",' + plain[7:-2])
+        data = sse_data(out)
+        self.assertEqual([d["choices"][0].get("finish_reason") for d in data[:-1] if d["choices"]], [None, None, "stop"])
+        self.assertEqual(data[1]["choices"][0]["delta"]["content"], 'x "usage" is text')
 
     def test_stream_split_choices_merged_with_one_finish(self):
-        normalizer = coproxy.ChatStreamNormalizer("claude", False, True, 1)
-        frames = self.feed(normalizer, chunk("Looking", index=0), chunk(None, "stop", index=0),
-                           chunk(None, index=1, tool_calls=[{"index": 0, "id": "t1", "type": "function",
-                                                             "function": {"name": "ls", "arguments": ""}}]),
-                           chunk(None, index=1, tool_calls=[{"index": 0, "function": {"arguments": "{}"}}]),
-                           chunk(None, "tool_calls", index=1), DONE)
-        data = sse_data(b"".join(frames + normalizer.finish()))
+        data, _ = self.stream(False, True, chunk("Looking", index=0), chunk(None, "stop", index=0),
+                              chunk(None, index=1, tool_calls=[{"index": 0, "id": "t1", "type": "function",
+                                                                "function": {"name": "ls", "arguments": ""}}]),
+                              chunk(None, index=1, tool_calls=[{"index": 0, "function": {"arguments": "{}"}}]),
+                              chunk(None, "tool_calls", index=1), DONE)
         finishes = [c["finish_reason"] for d in data[:-1] for c in d["choices"] if c.get("finish_reason")]
         self.assertEqual(finishes, ["tool_calls"])
         self.assertTrue(all(c["index"] == 0 for d in data[:-1] for c in d["choices"]))
 
-    def test_stream_error_chunk_and_truncation(self):
-        normalizer = coproxy.ChatStreamNormalizer("m", False, True, 1)
-        frames = self.feed(normalizer, chunk("a"), sse({"error": {"message": "boom", "code": "server_error"}}))
-        error = sse_data(b"".join(frames))[-1]["error"]
-        self.assertEqual((error["message"], error["code"]), ("boom", "server_error"))
-        self.assertEqual(normalizer.finish(), [])
-        normalizer = coproxy.ChatStreamNormalizer("m", False, True, 1)
-        self.feed(normalizer, chunk("a"))
-        self.assertIn("before the answer was complete", sse_data(b"".join(normalizer.finish()))[0]["error"]["message"])
+    def test_stream_error_chunk(self):
+        data, translation = self.stream(False, True, chunk("a"), sse({"error": {"message": "boom", "code": "server_error"}}),
+                                        chunk("never"))
+        self.assertEqual((data[-1]["error"]["message"], data[-1]["error"]["code"]), ("boom", "server_error"))
+        self.assertEqual(len(data), 2)
+        self.assertEqual(translation.failure, "boom")
 
     def test_upstream_error_unwrapping(self):
         message, fields = coproxy.upstream_error_message(
@@ -1503,15 +1771,6 @@ class TestTranslateOpenAI(unittest.TestCase):
                          "unauthorized: token expired")
         self.assertEqual(coproxy.upstream_error_message(b'{"message":"rate limit exceeded","code":"rate_limited"}')[0],
                          "rate limit exceeded")
-
-
-def anthropic_event(name, data):
-    return b"event: " + name.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
-
-
-def sse_events(body):
-    """(event name, parsed data) pairs of an Anthropic-style SSE body."""
-    return [(e.event, json.loads(e.data)) for e in coproxy.SSEDecoder().feed(body + b"\n\n")]
 
 
 class TestTranslateAnthropic(unittest.TestCase):
@@ -1593,6 +1852,8 @@ class TestTranslateAnthropic(unittest.TestCase):
                                  ({"type": "tool", "name": "read"}, {"type": "function", "function": {"name": "read"}})):
             self.assertEqual(coproxy.anthropic_to_openai_request(dict(payload, tool_choice=choice))["tool_choice"],
                              expected)
+        effort = coproxy.anthropic_to_openai_request(dict(payload, output_config={"effort": "high"}))
+        self.assertEqual(effort["reasoning_effort"], "high")
 
     def test_response_translation_reads_all_choices(self):
         data = {"id": "chatcmpl-1", "model": "claude-haiku-4.5", "choices": [
@@ -1626,13 +1887,9 @@ class TestTranslateAnthropic(unittest.TestCase):
             {"id": "1", "choices": [], "usage": {"prompt_tokens": 5120, "completion_tokens": 48,
                                                  "prompt_tokens_details": {"cached_tokens": 4096}}},
         ]
-        translator = coproxy.AnthropicStreamTranslator("claude-sonnet-4.5", estimated_input_tokens=77)
-        frames = []
-        for c in chunks:
-            frames.extend(translator.feed(json.dumps(c)))
-        frames.extend(translator.feed("[DONE]"))
-        frames.extend(translator.finish())
-        events = sse_events(b"".join(frames))
+        out, _ = translate([coproxy.ChatToAnthropic("claude-sonnet-4.5", estimated_input_tokens=77)], coproxy.ANTHROPIC,
+                           *[sse(c) for c in chunks] + [DONE])
+        events = sse_events(out)
         self.assertEqual([name for name, _ in events], [
             "message_start", "content_block_start", "content_block_delta", "content_block_delta",
             "content_block_delta", "content_block_stop", "content_block_start", "content_block_delta",
@@ -1651,13 +1908,24 @@ class TestTranslateAnthropic(unittest.TestCase):
                                                    "cache_read_input_tokens": 4096}})
 
     def test_stream_error_and_empty(self):
-        translator = coproxy.AnthropicStreamTranslator("m")
-        events = sse_events(b"".join(translator.feed(json.dumps({"error": {"message": "overloaded"}}))))
-        self.assertEqual(events, [("error", {"type": "error", "error": {"type": "api_error", "message": "overloaded"}})])
-        self.assertEqual(translator.finish(), [])
-        translator = coproxy.AnthropicStreamTranslator("m")
-        names = [n for n, _ in sse_events(b"".join(translator.finish()))]
-        self.assertEqual(names, ["message_start", "message_delta", "message_stop"])
+        out, _ = translate([coproxy.ChatToAnthropic("m")], coproxy.ANTHROPIC, sse({"error": {"message": "overloaded"}}))
+        self.assertEqual(sse_events(out), [("error", {"type": "error", "error": {"type": "api_error",
+                                                                                   "message": "overloaded"}})])
+        out, _ = translate([coproxy.ChatToAnthropic("m")], coproxy.ANTHROPIC, DONE)
+        self.assertEqual([n for n, _ in sse_events(out)], ["message_start", "message_delta", "message_stop"])
+
+    def test_claude_code_fields_copilot_refuses_are_taken_out(self):
+        payload = {"model": "m", "max_tokens": 5, "anthropic_beta": ["advisor-tool-2026-03-01"], "tools": [
+            {"name": "read", "input_schema": {}, "eager_input_streaming": True},
+            {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4.7"}],
+            "messages": [{"role": "user", "content": "x"}]}
+        removed = coproxy.clean_anthropic_request(payload)
+        self.assertEqual(removed, ["anthropic_beta", "tools[read].eager_input_streaming", "tools[advisor_20260301]"])
+        self.assertEqual(payload["tools"], [{"name": "read", "input_schema": {}}])
+        with self.assertRaises(coproxy.ClientError) as ctx:
+            coproxy.clean_anthropic_request({"tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+        self.assertEqual(ctx.exception.code, "web_search_not_supported")
+        self.assertIn("Copilot has no web search", str(ctx.exception))
 
     def test_token_estimate_errs_high(self):
         english = "The quick brown fox jumps over the lazy dog. " * 200     # ~2,000 tokens in o200k/cl100k
@@ -1672,6 +1940,1391 @@ class TestTranslateAnthropic(unittest.TestCase):
         image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 100000}}
         self.assertLess(coproxy.estimate_input_tokens({"messages": [{"role": "user", "content": [image]}]}), 2000)
 
+
+class TestTranslateResponses(unittest.TestCase):
+    def test_chat_request_to_responses(self):
+        payload = {"model": "gpt-5.1-codex", "stream": True, "max_tokens": 200, "temperature": 0.1,
+                   "reasoning_effort": "high", "tool_choice": {"type": "function", "function": {"name": "ls"}},
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"},
+                                                                              "strict": True}},
+                   "tools": [{"type": "function", "function": {"name": "ls", "description": "list",
+                                                               "parameters": {"type": "object"}}}],
+                   "messages": [
+                       {"role": "system", "content": "be terse"},
+                       {"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
+                       {"role": "assistant", "content": None, "tool_calls": [
+                           {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
+                       {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"}]}
+        out = coproxy.chat_to_responses_request(payload)
+        self.assertEqual(out["input"], [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be terse"}]},
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "what is this"},
+                {"type": "input_image", "image_url": "data:image/png;base64,AA", "detail": "auto"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "ls", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "a.txt"}])
+        self.assertEqual((out["max_output_tokens"], out["reasoning"], out["tool_choice"], out["store"], out["stream"]),
+                         (200, {"effort": "high"}, {"type": "function", "name": "ls"}, False, True))
+        self.assertEqual(out["tools"], [{"type": "function", "name": "ls", "description": "list",
+                                         "parameters": {"type": "object"}}])
+        self.assertEqual(out["text"], {"format": {"type": "json_schema", "name": "r", "schema": {"type": "object"},
+                                                  "strict": True}})
+        self.assertEqual(coproxy.responses_initiator(out), "agent")
+        self.assertTrue(coproxy.responses_have_image(out))
+
+    def test_responses_answer_to_chat(self):
+        data = {"id": "resp_9", "created_at": 1700000000, "status": "completed", "model": "gpt-5.1-codex", "output": [
+            {"type": "reasoning", "summary": []},
+            {"type": "message", "content": [{"type": "output_text", "text": "Running "}, {"type": "output_text", "text": "ls"}]},
+            {"type": "function_call", "call_id": "call_7", "name": "ls", "arguments": "{\"d\":1}"}],
+            "usage": {"input_tokens": 10, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 4},
+                      "output_tokens_details": {"reasoning_tokens": 2}}}
+        out = coproxy.responses_to_chat_response(data, "m", 1)
+        choice = out["choices"][0]
+        self.assertEqual(choice["message"]["content"], "Running ls")
+        self.assertEqual(choice["message"]["tool_calls"], [{"id": "call_7", "type": "function",
+                                                            "function": {"name": "ls", "arguments": "{\"d\":1}"}}])
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(out["usage"], {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                                        "prompt_tokens_details": {"cached_tokens": 4},
+                                        "completion_tokens_details": {"reasoning_tokens": 2}})
+        cut = coproxy.responses_to_chat_response({"status": "incomplete", "incomplete_details": {
+            "reason": "max_output_tokens"}, "output": []}, "m", 1)
+        self.assertEqual(cut["choices"][0]["finish_reason"], "length")
+
+    def test_responses_stream_to_chat_chunks(self):
+        events = [
+            ("response.created", {"type": "response.created", "response": {"id": "r"}}),
+            ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
+            ("response.output_item.added", {"type": "response.output_item.added", "output_index": 1,
+                                            "item": {"type": "function_call", "call_id": "call_2", "name": "ls"}}),
+            ("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta",
+                                                        "output_index": 1, "delta": "{}"}),
+            ("response.output_item.done", {"type": "response.output_item.done", "output_index": 1,
+                                           "item": {"type": "function_call", "call_id": "call_2", "name": "ls",
+                                                    "arguments": "{}"}}),
+            ("response.completed", {"type": "response.completed", "response": {"status": "completed", "usage": {
+                "input_tokens": 3, "output_tokens": 1}}}),
+        ]
+        out, _ = translate([coproxy.ResponsesToChat("gpt-5.1-codex", True, 1)], coproxy.OPENAI,
+                           *[anthropic_event(name, data) for name, data in events])
+        data = sse_data(out)
+        self.assertEqual(data[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        self.assertEqual(data[1]["choices"][0]["delta"], {"content": "Hi"})
+        self.assertEqual(data[2]["choices"][0]["delta"]["tool_calls"][0]["id"], "call_2")
+        self.assertEqual(data[3]["choices"][0]["delta"]["tool_calls"][0]["function"], {"arguments": "{}"})
+        self.assertEqual(data[4]["choices"][0]["finish_reason"], "tool_calls")  # no repeated arguments from .done
+        self.assertEqual(data[5]["usage"]["total_tokens"], 4)
+        self.assertEqual(data[6], "[DONE]")
+        self.assertEqual(len(data), 7)
+
+    def test_compaction_request_and_answer(self):
+        payload = {"model": "gpt-5.1-codex", "instructions": "be Codex", "stream": True, "tools": [],
+                   "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix it"}]},
+                             {"type": "function_call", "call_id": "c", "name": "sh", "arguments": "{}"},
+                             {"type": "compaction_trigger"}]}
+        request = coproxy.compact_request(payload)
+        self.assertEqual((request["store"], "stream" in request, request["instructions"], len(request["input"])),
+                         (False, False, "be Codex", 2))
+        self.assertEqual(request["context_management"][0]["type"], "compaction")
+        answer = coproxy.compaction_answer({"id": "r", "output": [{"type": "compaction", "encrypted_content": "E"},
+                                                                  {"type": "message", "role": "assistant"}]}, payload, 9)
+        self.assertEqual(answer["object"], "response.compaction")
+        self.assertEqual(answer["output"], [payload["input"][0], {"type": "compaction", "encrypted_content": "E"}])
+        unchanged = coproxy.compaction_answer({"output": []}, payload, 9)
+        self.assertEqual(unchanged["output"], payload["input"])
+
+    def test_embeddings_shapes(self):
+        request, encoding = coproxy.prepare_embeddings_request({"model": "e", "input": "one", "dimensions": 2,
+                                                                "encoding_format": "base64"})
+        self.assertEqual((request, encoding), ({"model": "e", "input": ["one"], "dimensions": 2}, "base64"))
+        for bad in ({"model": "e", "input": [1, 2]}, {"model": "e", "input": []}, {"input": "x"},
+                    {"model": "e", "input": "x", "encoding_format": "hex"}, {"model": "e", "input": "x", "dimensions": 0}):
+            with self.assertRaises(coproxy.ClientError):
+                coproxy.prepare_embeddings_request(bad)
+        out = coproxy.normalize_embeddings_response({"data": [{"embedding": [0.5, -1.25]}]}, "e", "base64")
+        raw = __import__("base64").b64decode(out["data"][0]["embedding"])
+        self.assertEqual(__import__("struct").unpack("<2f", raw), (0.5, -1.25))
+        self.assertEqual(out["usage"], {"prompt_tokens": 0, "total_tokens": 0})
+
+    def test_api_surface_values(self):
+        self.assertEqual(coproxy._api_surface("chat-responses"), frozenset(["chat", "responses"]))
+        self.assertEqual(coproxy._api_surface("chat, messages"), frozenset(["chat", "messages"]))
+        self.assertEqual(coproxy._api_surface("all"), frozenset(coproxy.API_SURFACES))
+        for bad in ("", "chat,nope"):
+            with self.assertRaises(ValueError):
+                coproxy._api_surface(bad)
+
+class TestStreamEnds(unittest.TestCase):
+    """One rule for every route and translation: a stream is normal only when its upstream sent its
+    own end marker; a clean early end and a cut are both an error event in the client's dialect."""
+
+    RESPONSES_DELTA = anthropic_event("response.output_text.delta", {"type": "response.output_text.delta", "delta": "x"})
+    RESPONSES_DONE = anthropic_event("response.completed", {"type": "response.completed", "response": {
+        "status": "completed", "usage": {"input_tokens": 1, "output_tokens": 1}}})
+    ANTHROPIC_START = anthropic_event("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 1}}})
+    ANTHROPIC_STOP = anthropic_event("message_stop", {"type": "message_stop"})
+
+    def cases(self):
+        """(name, chain factory, dialect, body before the end, end marker, normal end seen by the client)"""
+        return [
+            ("chat", lambda: [coproxy.ChatNormalize("m", False, True, 1)], coproxy.OPENAI, [chunk("x")],
+             [chunk(None, "stop"), DONE], b"data: [DONE]"),
+            ("chat from responses", lambda: [coproxy.ResponsesToChat("m", False, 1)], coproxy.OPENAI,
+             [self.RESPONSES_DELTA], [self.RESPONSES_DONE], b"data: [DONE]"),
+            ("messages native", lambda: [coproxy.anthropic_passthrough()], coproxy.ANTHROPIC, [self.ANTHROPIC_START],
+             [self.ANTHROPIC_STOP], b"event: message_stop"),
+            ("messages from chat", lambda: [coproxy.ChatToAnthropic("m")], coproxy.ANTHROPIC, [chunk("x")],
+             [chunk(None, "stop"), DONE], b"event: message_stop"),
+            ("messages from responses", lambda: [coproxy.ResponsesToChat("m", True, 1), coproxy.ChatToAnthropic("m")],
+             coproxy.ANTHROPIC, [self.RESPONSES_DELTA], [self.RESPONSES_DONE], b"event: message_stop"),
+            ("responses", lambda: [coproxy.responses_passthrough()], coproxy.RESPONSES, [self.RESPONSES_DELTA],
+             [self.RESPONSES_DONE], b"event: response.completed"),
+        ]
+
+    @staticmethod
+    def error_of(dialect, body):
+        events = coproxy.SSEDecoder().feed(body + b"\n\n")
+        name, data = events[-1]
+        data = json.loads(data)
+        return data["error"]["message"] if dialect is not coproxy.RESPONSES else data["message"], name
+
+    def test_each_route_ends_normally_only_after_its_end_marker(self):
+        for name, chain, dialect, body, end, normal in self.cases():
+            with self.subTest(name, ending="complete"):
+                out, translation = translate(chain(), dialect, *(body + end))
+                self.assertIn(normal, out)
+                self.assertIsNone(translation.failure)
+            with self.subTest(name, ending="clean but early"):
+                out, translation = translate(chain(), dialect, *body)
+                self.assertNotIn(normal, out)
+                message, event = self.error_of(dialect, out)
+                self.assertIn("before the answer was complete", message)
+                self.assertEqual(event, None if dialect is coproxy.OPENAI else "error")
+            with self.subTest(name, ending="cut"):
+                translation = coproxy.StreamTranslation(chain(), dialect)
+                out = b"".join(translation.feed(piece) for piece in body) + translation.fail("the connection was cut")
+                self.assertNotIn(normal, out)
+                self.assertEqual(self.error_of(dialect, out)[0], "the connection was cut")
+                self.assertEqual((translation.end(), translation.fail("again")), (b"", b""))  # one ending only
+
+
+class TestModelQuirks(unittest.TestCase):
+    def test_nearest_effort_on_the_scale(self):
+        for wanted, allowed, fitted in (("xhigh", ["low", "medium", "high"], "high"), ("max", ["medium"], "medium"),
+                                        ("minimal", ["low", "medium", "high"], "low"), ("medium", ["low", "high"], "high"),
+                                        ("high", ["high"], "high"), ("turbo", ["low"], None), ("low", [], None)):
+            self.assertEqual(coproxy.nearest_effort(wanted, allowed), fitted, (wanted, allowed))
+
+    def test_supported_values_are_read_from_refusals(self):
+        for message, values in (('output_config.effort "high" is not supported by model claude-opus-4.7; supported '
+                                 'values: [medium]', ["medium"]),
+                                ("Unsupported value: 'reasoning_effort' does not support 'xhigh' with this model. "
+                                 "Supported values are: 'minimal', 'low', 'medium', and 'high'.",
+                                 ["minimal", "low", "medium", "high"]),
+                                ("Unsupported value: 'xhigh' is not supported with the 'gpt-5-mini' model.", [])):
+            self.assertEqual(coproxy.supported_efforts_in(message), values)
+
+    def test_plans_fit_effort_and_max_tokens_to_the_model(self):
+        info = {"id": "o3-mini", "capabilities": {"supports": {"reasoning_effort": ["low", "medium", "high"]}}}
+        payload = {"model": "o3-mini", "max_tokens": 9, "reasoning_effort": "xhigh", "messages": [{"role": "user", "content": "x"}]}
+        plan = coproxy.plan_chat(payload, ("o3-mini", False, False, True), "o3-mini", info,
+                                 {"max_completion_tokens": True}, 1)
+        self.assertEqual((plan.payload["reasoning_effort"], plan.payload.get("max_tokens"), plan.payload["max_completion_tokens"]),
+                         ("high", None, 9))
+        self.assertEqual(plan.adjusted, ["max_tokens=max_completion_tokens", "reasoning_effort=xhigh->high"])
+        anthropic = {"model": "claude", "max_tokens": 9, "output_config": {"effort": "max"},
+                     "messages": [{"role": "user", "content": "x"}]}
+        plan = coproxy.plan_messages(anthropic, "claude", dict(info, supported_endpoints=["/v1/messages"]), {}, 1)
+        self.assertEqual((plan.payload["output_config"], plan.adjusted), ({"effort": "high"}, ["output_config.effort=max->high"]))
+        plan = coproxy.plan_responses({"model": "g", "reasoning": {"effort": "minimal"}, "input": "x"}, "g", info, {}, 1)
+        self.assertEqual(plan.payload["reasoning"]["effort"], "low")
+
+    def test_a_refusal_that_says_how_to_fix_revises_the_plan_once(self):
+        plan = coproxy.plan_chat({"model": "m", "reasoning_effort": "high", "max_tokens": 3, "messages": [
+            {"role": "user", "content": "x"}]}, ("m", False, False, True), "m", {}, {}, 1)
+        refusal = coproxy.ClientError(400, 'reasoning_effort "high" is not supported by model m; supported values: '
+                                           '[medium]', code="invalid_reasoning_effort")
+        self.assertEqual(coproxy.revise_after_refusal(plan, refusal, {}), {"efforts": ["medium"]})
+        self.assertEqual(plan.payload["reasoning_effort"], "medium")
+        self.assertIsNone(coproxy.revise_after_refusal(plan, refusal, {}))  # nothing more it could change
+        refusal = coproxy.ClientError(400, "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                           "Use 'max_completion_tokens' instead.", code="invalid_request_body")
+        self.assertEqual(coproxy.revise_after_refusal(plan, refusal, {}), {"max_completion_tokens": True})
+        self.assertIsNone(coproxy.revise_after_refusal(plan, coproxy.ClientError(400, "other"), {}))
+
+
+class TestUsageAndCost(unittest.TestCase):
+    def test_usage_of_each_api(self):
+        self.assertEqual(coproxy.usage_of_answer("/chat/completions", {
+            "usage": {"prompt_tokens": 10, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 6},
+                      "completion_tokens_details": {"reasoning_tokens": 2}},
+            "copilot_usage": {"total_nano_aiu": 1500000000}}),
+            {"input": 10, "cached": 6, "output": 4, "reasoning": 2, "nano_aiu": 1500000000})
+        self.assertEqual(coproxy.usage_of_answer("/v1/messages", {"usage": {
+            "input_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 7, "output_tokens": 9}}),
+            {"input": 110, "cached": 100, "output": 9, "reasoning": 0, "nano_aiu": None})
+        self.assertEqual(coproxy.usage_of_answer("/responses", {"usage": {"input_tokens": "x", "output_tokens": -1}}),
+                         {"input": 0, "cached": 0, "output": 0, "reasoning": 0, "nano_aiu": None})
+
+    def test_credits_estimated_from_catalogue_prices(self):
+        usage = {"input": 1000000, "cached": 400000, "output": 100000, "reasoning": 0, "nano_aiu": None}
+        flat = {"billing": {"token_prices": {"batch_size": 1000000, "input_price": 300, "cache_price": 30,
+                                             "output_price": 1500}}}
+        self.assertAlmostEqual(coproxy.estimate_credits(usage, flat), 0.6 * 300 + 0.4 * 30 + 0.1 * 1500)
+        tiers = {"billing": {"token_prices": {"batch_size": 1000000, "default": {
+            "input_price": 300, "output_price": 1500, "context_max": 200000}, "long_context": {
+            "input_price": 600, "output_price": 2250}}}}
+        self.assertAlmostEqual(coproxy.estimate_credits(usage, tiers), 1.0 * 600 + 0.1 * 2250)  # over context_max
+        camel = {"billing": {"tokenPrices": {"batchSize": 1000, "inputPrice": 1, "outputPrice": 2}}}
+        self.assertAlmostEqual(coproxy.estimate_credits(dict(usage, cached=0), camel), 1000 + 200)
+        self.assertIsNone(coproxy.estimate_credits(usage, {"billing": {"multiplier": 1}}))
+
+    def test_ratelimit_headers_and_quota_views(self):
+        self.assertEqual(coproxy.parse_ratelimit_header("ent=0&ov=0.0&ovPerm=false&rem=99.6&rst=2026-04-22T14%3A30%3A56Z"),
+                         {"percent_remaining": 99.6, "resets_at": "2026-04-22T14:30:56Z"})
+        self.assertIsNone(coproxy.parse_ratelimit_header("garbage"))
+        requests = coproxy.summarize_quota(REQUEST_BILLED_USER)
+        self.assertEqual((requests["billing"], requests["premium_requests"]["used"], requests["credits"]),
+                         ("requests", 165, None))
+        tokens = coproxy.summarize_quota(TOKEN_BILLED_USER)
+        self.assertEqual((tokens["billing"], tokens["credits"]["used"], tokens["credits"]["remaining"]),
+                         ("tokens", 122.5, 1377.5))
+        self.assertTrue(tokens["chat"]["unlimited"])
+        self.assertIsNone(tokens["premium_requests"])
+
+
+class TestUpstreamVerdicts(unittest.TestCase):
+    NOW = 1764500000
+
+    def verdict(self, status, body, headers=None):
+        return coproxy.client_error_from_upstream(status, json.dumps(body).encode(), headers or {}, self.NOW)
+
+    def test_session_and_weekly_limits_name_their_window_and_end(self):
+        verdict = self.verdict(429, {"error": {"message": "Sorry, you've exceeded your 5 hour session limits. Please "
+                                                          "retry after 2733 seconds.", "code": "user_global_rate_limited:pro"}})
+        self.assertEqual((verdict.window, verdict.wait, verdict.transient), ("5-hour session", 2733, False))
+        self.assertIn(("Retry-After", "2733"), verdict.error.headers)
+        ends = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.NOW + 2733))
+        self.assertIn("Copilot's 5-hour session limit is reached", str(verdict.error))
+        self.assertIn("It ends at %s" % ends, str(verdict.error))
+        weekly = self.verdict(429, {"error": {"message": "Sorry, you've exceeded your weekly rate limit.",
+                                              "code": "user_weekly_rate_limited"}}, {"retry-after": "86400"})
+        self.assertEqual((weekly.window, weekly.wait, weekly.error.code), ("weekly", 86400, "user_weekly_rate_limited"))
+        self.assertEqual(weekly.error.headers, [("Retry-After", "86400")])
+
+    def test_short_transient_errors_are_worth_one_retry(self):
+        self.assertTrue(self.verdict(429, {"error": {"message": "rate limit exceeded"}}, {"retry-after": "2"}).transient)
+        self.assertFalse(self.verdict(429, {"error": {"message": "rate limit exceeded"}}, {"retry-after": "60"}).transient)
+        self.assertFalse(self.verdict(429, {"error": {"message": "rate limit exceeded"}}).transient)
+        self.assertTrue(self.verdict(503, {"message": "upstream busy"}).transient)
+        self.assertFalse(self.verdict(500, {"message": "boom"}).transient)
+
+    def test_466_names_the_identity_options(self):
+        verdict = coproxy.client_error_from_upstream(466, b"bad request: the specified API version is no longer "
+                                                          b"supported. You may need to update your client to a newer "
+                                                          b"version.\n", {}, self.NOW, ("vscode/1.2", "copilot-chat/0.3"))
+        self.assertEqual((verdict.error.status, verdict.error.code), (466, "client_version_refused"))
+        for words in ("--editor-version", "--editor-plugin-version", "vscode/1.2", "no longer supported"):
+            self.assertIn(words, str(verdict.error))
+
+
+class TestGeminiSchemas(ProxyTestCase):
+    """Gemini behind Copilot refuses type lists and non-string enums in tool schemas."""
+
+    SCHEMA = {"type": "object", "required": ["duration"], "properties": {
+        "duration": {"type": "integer", "enum": [60, 1440, 4320], "description": "Archive after"},
+        "since": {"type": ["number", "string"]},
+        "note": {"type": ["string", "null"], "enum": ["a", "b", None]},
+        "rows": {"type": "array", "items": {"type": ["object", "null"], "properties": {"on": {"enum": [True, False]}}}},
+        "choice": {"anyOf": [{"type": "integer", "enum": [1, 2]}, {"type": "string", "enum": ["x"]}]},
+        "mode": {"type": "string", "enum": ["fast", "slow"]}}}
+
+    def test_schema_rules(self):
+        original = copy.deepcopy(self.SCHEMA)
+        out = coproxy.gemini_schema(self.SCHEMA)
+        self.assertEqual(self.SCHEMA, original)  # a copy: the client's request is not edited in place
+        props = out["properties"]
+        self.assertEqual(props["duration"], {"type": "integer", "description": "Archive after. One of: 60, 1440, 4320."})
+        self.assertEqual(props["since"], {"type": "string", "description": "Any of these types: number, string."})
+        self.assertEqual(props["note"], {"type": "string", "nullable": True, "enum": ["a", "b"]})
+        self.assertEqual(props["rows"]["items"]["type"], "object")
+        self.assertTrue(props["rows"]["items"]["nullable"])
+        self.assertEqual(props["rows"]["items"]["properties"]["on"], {"type": "boolean", "description": "One of: true, false."})
+        self.assertEqual(props["choice"]["anyOf"][0], {"type": "integer", "description": "One of: 1, 2."})
+        self.assertEqual(props["mode"], self.SCHEMA["properties"]["mode"])
+        self.assertEqual(out["required"], ["duration"])
+
+    def test_only_gemini_requests_are_rewritten_on_chat_and_messages(self):
+        catalog = copy.deepcopy(CATALOG) + [{"id": "gemini-3.5-flash", "name": "Gemini 3.5 Flash", "vendor": "Google",
+                                             "capabilities": {"type": "chat", "supports": {"tool_calls": True}}}]
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
+        proxy = self.start_proxy()
+        tool = {"type": "function", "function": {"name": "archive", "parameters": self.SCHEMA}}
+        for model, rewritten in (("gemini-3.5-flash", True), ("gpt-4.1", False)):
+            status, _, body = self.request("POST", "/v1/chat/completions", {
+                "model": model, "tools": [tool], "messages": [{"role": "user", "content": "hi"}]}, port=proxy.port)
+            self.assertEqual(status, 200, body)
+            sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["tools"][0]["function"]["parameters"]
+            self.assertEqual(sent == coproxy.gemini_schema(self.SCHEMA), rewritten, model)
+            self.assertEqual(sent == self.SCHEMA, not rewritten, model)
+        status, _, body = self.request("POST", "/v1/messages", {
+            "model": "gemini-3.5-flash", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "archive", "input_schema": self.SCHEMA}]}, port=proxy.port)
+        self.assertEqual(status, 200, body)
+        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["tools"][0]["function"]["parameters"]
+        self.assertEqual(sent["properties"]["since"]["type"], "string")
+
+class TestWorkerPool(unittest.TestCase):
+    def test_results_errors_reuse_and_concurrency(self):
+        pool = coproxy.WorkerPool(8)
+        self.addCleanup(pool.shutdown)
+        self.assertEqual(pool.submit(lambda a, b=0: a + b, 2, b=3).result(5), 5)
+        with self.assertRaises(ZeroDivisionError):
+            pool.submit(lambda: 1 / 0).result(5)
+        for i in range(20):  # sequential jobs reuse the idle worker
+            self.assertEqual(pool.submit(lambda: i).result(5), i)
+        self.assertEqual(pool.workers, 1)
+        gate, running = threading.Event(), []
+        futures = [pool.submit(lambda: (running.append(1), gate.wait(5))) for _ in range(8)]
+        self.assertTrue(wait_for(lambda: len(running) == 8))  # all eight run at once
+        queued = pool.submit(lambda: "ninth")  # over the limit: waits for a free worker
+        self.assertFalse(queued.done())
+        gate.set()
+        self.assertEqual(queued.result(5), "ninth")
+        self.assertTrue(all(f.result(5)[1] for f in futures))
+        self.assertEqual(pool.workers, 8)
+
+    def test_run_resolves_an_asyncio_future(self):
+        pool = coproxy.WorkerPool(4)
+        self.addCleanup(pool.shutdown)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            threads = await asyncio.gather(*[pool.run(loop, threading.get_ident) for _ in range(4)])
+            with self.assertRaises(KeyError):
+                await pool.run(loop, {}.__getitem__, "missing")
+            return threads
+        threads = asyncio.run(main())
+        self.assertNotIn(threading.get_ident(), threads)  # ran in workers, not on the loop's thread
+        self.assertLessEqual(pool.workers, 4)
+
+    def test_idle_workers_exit_after_a_burst(self):
+        pool = coproxy.WorkerPool(16, idle_seconds=0.05)
+        self.addCleanup(pool.shutdown)
+        gate = threading.Event()
+        futures = [pool.submit(gate.wait, 5) for _ in range(10)]
+        self.assertTrue(wait_for(lambda: pool.workers == 10))
+        gate.set()
+        self.assertTrue(all(f.result(5) for f in futures))
+        self.assertTrue(wait_for(lambda: pool.workers == coproxy.MIN_WORKERS), pool.workers)
+        self.assertEqual(pool.submit(lambda: "still works").result(5), "still works")
+
+    def test_shutdown_refuses_new_work(self):
+        pool = coproxy.WorkerPool(2)
+        pool.submit(lambda: None).result(5)
+        pool.shutdown()
+        with self.assertRaises(RuntimeError):
+            pool.submit(lambda: None)
+
+    def test_workers_are_named_and_shutdown_waits_for_them(self):
+        pool = coproxy.WorkerPool(4, name="coproxy-test")
+        gate, names = threading.Event(), []
+        futures = [pool.submit(lambda: (names.append(threading.current_thread().name), gate.wait(5))) for _ in range(3)]
+        self.assertTrue(wait_for(lambda: len(names) == 3))
+        self.assertEqual(sorted(names), ["coproxy-test-1", "coproxy-test-2", "coproxy-test-3"])
+        threading.Timer(0.1, gate.set).start()
+        pool.shutdown(wait=True)
+        self.assertTrue(all(f.done() for f in futures))
+        self.assertFalse(any(t.name.startswith("coproxy-test-") and t.name[-1].isdigit() for t in threading.enumerate()))
+
+
+class Sink:
+    """Collects what the StreamHub delivers for one stream (on the loop)."""
+
+    def __init__(self, loop):
+        self.data, self.error, self.ended = b"", None, loop.create_future()
+
+    def on_data(self, data):
+        self.data += data
+
+    def on_end(self, error):
+        self.error = error
+        self.ended.set_result(None)
+
+
+class TestStreamHub(unittest.TestCase):
+    """One thread reads every stream; the loop gets batches; pause, cancel and silence work."""
+
+    def setUp(self):
+        install_log_capture()
+        self.up = ScriptedUpstream(self)
+        self.client = new_client(self, read_timeout=10)
+        self.head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def open(self, *script):
+        self.up.scripts.put(list(script))
+        return self.client.request("POST", self.up.url + "/chat/completions", {}, b"{}")
+
+    def run_hub(self, body, read_timeout=10):
+        async def main():
+            loop = asyncio.get_running_loop()
+            hub = coproxy.StreamHub(loop, read_timeout)
+            try:
+                return await body(loop, hub)
+            finally:
+                hub.close()
+        return asyncio.run(main())
+
+    def test_many_streams_on_one_thread_with_their_ends(self):
+        async def body(loop, hub):
+            sinks = []
+            for i in range(20):
+                response = await loop.run_in_executor(None, self.open, self.head, b"3\r\nab%d\r\n" % (i % 10),
+                                                      b"2\r\nzz\r\n0\r\n\r\n")
+                sink = Sink(loop)
+                hub.attach(response, sink)
+                sinks.append(sink)
+            await asyncio.wait_for(asyncio.gather(*[s.ended for s in sinks]), 5)
+            return sinks, [t.name for t in threading.enumerate()].count("coproxy-stream-hub")
+        sinks, hub_threads = self.run_hub(body)
+        self.assertEqual([s.data for s in sinks], [b"ab%dzz" % (i % 10) for i in range(20)])
+        self.assertEqual([s.error for s in sinks], [None] * 20)
+        self.assertEqual(hub_threads, 1)
+        self.assertEqual(self.client.idle_connections(), self.client.connections_opened)  # all back in the pool
+
+    def test_pause_resume_cancel_and_silence(self):
+        gate, watch = threading.Event(), threading.Event()
+
+        async def body(loop, hub):
+            paused = Sink(loop)
+            stream = hub.attach(await loop.run_in_executor(None, self.open, self.head, b"1\r\na\r\n", gate,
+                                                           b"1\r\nb\r\n0\r\n\r\n"), paused)
+            await asyncio.wait_for(self._until(lambda: paused.data == b"a"), 5)
+            stream.pause()
+            gate.set()
+            await asyncio.sleep(0.1)
+            held = paused.data
+            stream.resume()
+            await asyncio.wait_for(paused.ended, 5)
+            cancelled = Sink(loop)
+            stream = hub.attach(await loop.run_in_executor(None, self.open, self.head, b"1\r\nc\r\n", watch), cancelled)
+            await asyncio.wait_for(self._until(lambda: cancelled.data == b"c"), 5)
+            stream.cancel()
+            silent = Sink(loop)
+            hub.read_timeout = 0.2
+            hub.attach(await loop.run_in_executor(None, self.open, self.head, b"1\r\nd\r\n", watch), silent)
+            await asyncio.wait_for(silent.ended, 5)
+            return held, paused, cancelled, silent
+        held, paused, cancelled, silent = self.run_hub(body)
+        watch.set()
+        self.assertEqual((held, paused.data, paused.error), (b"a", b"ab", None))
+        self.assertFalse(cancelled.ended.done())  # nothing is delivered after a cancel
+        self.assertIsInstance(silent.error, socket.timeout)
+
+    @staticmethod
+    async def _until(predicate):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+class TestRequestParsing(ProxyTestCase):
+    proxy_overrides = {"max_body_mb": 1.0 / 1024}  # 1 KiB
+
+    CASES = [
+        ("HTTP/2 request", b"GET /healthz HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n", 505),
+        ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+        ("bad version", b"GET /healthz FOO/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+        ("double space", b"GET  /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+        ("bad method chars", b"G@T /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+        ("unknown method", b"BREW /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
+        ("bad target", b"GET healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+        ("long request line", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414),
+        ("huge headers", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"b" * 40000 + b"\r\n\r\n", 431),
+        ("too many headers", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431),
+        ("obs-fold", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: 1\r\n  folded\r\n\r\n", 400),
+        ("space in name", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: 1\r\n\r\n", 400),
+        ("space before colon", b"GET /healthz HTTP/1.1\r\nHost : t\r\n\r\n", 400),
+        ("duplicate Host", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        ("TE and CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        ("conflicting CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                           b"Content-Length: 6\r\n\r\nhello", 400),
+        ("non-numeric CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5x\r\n\r\n", 400),
+        ("negative CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n", 400),
+        ("21-digit CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1" + b"0" * 20
+                        + b"\r\n\r\n", 400),
+        ("gzip TE", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        ("TE on 1.0", b"POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        ("CL over the cap", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 52428800\r\n\r\n", 413),
+        ("bad chunk size", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"zz\r\n", 400),
+        ("chunk without CRLF", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"2\r\nabXX", 400),
+        ("long chunk line", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"1;" + b"x" * 2000 + b"\r\n", 400),
+        ("chunked over the cap", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + b"200\r\n" + b"a" * 512 + b"\r\n" + b"200\r\n" + b"a" * 512 + b"\r\n"
+                                 + b"1\r\na\r\n0\r\n\r\n", 413),
+        ("control char in value", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x00b\r\n\r\n", 400),
+    ]
+
+    def test_malformed_requests_get_exact_status_json_and_close(self):
+        for name, data, status in self.CASES:
+            with self.subTest(name):
+                client = self.raw().send(data)
+                got, headers, body = client.response()
+                self.assertEqual(got, status)
+                self.assertEqual(headers.get("connection"), "close")
+                self.assertIn("message", json.loads(body)["error"])
+                self.assertTrue(client.closed_by_server())
+        # the server is unharmed
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+
+    def test_json_errors_in_the_body(self):
+        for body, fragment in ((b"{bad", "not valid JSON"), (b"[]", "JSON object"),
+                               (b'{"model":"m","messages":"x"}', "messages")):
+            status, _, data = self.request("POST", "/v1/chat/completions", body)
+            self.assertEqual(status, 400)
+            error = json.loads(data)["error"]
+            self.assertEqual(error["type"], "invalid_request_error")
+            self.assertIn(fragment, error["message"])
+
+    def test_a_body_that_stops_arriving_gets_408_and_a_slow_one_goes_through(self):
+        proxy = self.start_proxy(header_timeout=0.3)
+        payload = json.dumps(chat_body("slow but moving")).encode()
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(payload), payload[:5]))
+        status, headers, body = client.response()
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
+        self.assertIn("--header-timeout", json.loads(body)["error"]["message"])
+        self.assertTrue(client.closed_by_server())
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        for start in range(0, len(payload), len(payload) // 5 + 1):  # 0.15 s apart: over 0.3 s in all
+            time.sleep(0.15)
+            client.send(payload[start:start + len(payload) // 5 + 1])
+        status, _, body = client.response()
+        self.assertEqual(status, 200, body)
+
+    def test_an_internal_error_says_so_in_the_callers_dialect(self):
+        original = coproxy.plan_messages
+        self.addCleanup(setattr, coproxy, "plan_messages", original)
+        coproxy.plan_messages = lambda *a, **k: {}["a bug"]
+        status, _, body = self.request("POST", "/v1/messages", {"model": "claude-haiku-4.5", "max_tokens": 5,
+                                                                "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((status, json.loads(body)), (500, {"type": "error", "error": {
+            "type": "api_error", "message": "internal error in coproxy; see its log"}}))
+        self.assertTrue(any("unhandled error" in line for line in LOGS.lines))
+        original_chat = coproxy.plan_chat
+        self.addCleanup(setattr, coproxy, "plan_chat", original_chat)
+        coproxy.plan_chat = lambda *a, **k: {}["a bug"]
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body())
+        self.assertEqual((status, json.loads(body)["error"]["code"], json.loads(body)["error"]["type"]),
+                         (500, "internal_error", "api_error"))
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+
+
+class TestServerFraming(ProxyTestCase):
+    proxy_overrides = {"header_timeout": 0.3, "idle_timeout": 0.3}
+
+    def test_keep_alive_and_pipelining_in_order(self):
+        client = self.raw()
+        client.send(HEALTH + post("/v1/chat/completions", json.dumps(chat_body("one")).encode())
+                    + b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                    + post("/chat/completions", json.dumps(chat_body("two")).encode()))
+        statuses = []
+        for expected in ("status", "one", "object", "two"):
+            status, headers, body = client.response()
+            statuses.append(status)
+            self.assertIn(expected, body.decode())
+        self.assertEqual(statuses, [200, 200, 200, 200])
+        client.send(HEALTH)
+        self.assertEqual(client.response()[0], 200)
+
+    def test_one_byte_at_a_time(self):
+        client = self.raw()
+        for byte in post("/v1/chat/completions", json.dumps(chat_body("slow")).encode()):
+            client.sock.sendall(bytes([byte]))
+        status, _, body = client.response()
+        self.assertEqual(status, 200)
+        self.assertIn("echo: slow", body.decode())
+
+    def test_chunked_request_body(self):
+        payload = json.dumps(chat_body("chunky")).encode()
+        pieces = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in (payload[:10], payload[10:]))
+        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + pieces + b"0\r\nX-Trailer: 1\r\n\r\n" + HEALTH)
+        status, _, body = client.response()
+        self.assertEqual(status, 200)
+        self.assertIn("echo: chunky", body.decode())
+        self.assertEqual(client.response()[0], 200)
+
+    def test_expect_100_continue(self):
+        payload = json.dumps(chat_body("cont")).encode()
+        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(payload))
+        self.assertEqual(client.response()[0], 100)
+        client.send(payload)
+        status, _, body = client.response()
+        self.assertEqual(status, 200)
+        self.assertIn("echo: cont", body.decode())
+
+    def test_expect_100_continue_not_sent_when_rejected(self):
+        proxy = self.start_proxy(api_key="k")
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
+        self.assertEqual(client.response()[0], 401)
+        self.assertTrue(client.closed_by_server())
+
+    def test_head_and_errors(self):
+        client = self.raw().send(b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, headers, body = client.response(head_only=True)
+        self.assertEqual(status, 200)
+        self.assertGreater(int(headers["content-length"]), 10)
+        client.send(HEALTH)
+        self.assertEqual(client.response()[0], 200)  # nothing stray was sent after the HEAD answer
+        status, _, body = self.request("GET", "/v2/nothing")
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "unknown_url")
+        status, headers, body = self.request("GET", "/v1/chat/completions")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers["Allow"], "POST")
+        self.assertEqual(self.request("OPTIONS", "/v1/models")[0], 204)
+
+    def test_header_timeout_answers_408(self):
+        client = self.raw().send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        status, headers, body = client.response()
+        self.assertEqual(status, 408)
+        self.assertTrue(client.closed_by_server())
+
+    def test_idle_keep_alive_connection_is_closed_silently(self):
+        client = self.raw().send(HEALTH)
+        self.assertEqual(client.response()[0], 200)
+        self.assertEqual(client.file.read(1), b"")  # closed, no 408 for an idle connection
+
+    def test_http_1_0_closes_unless_keep_alive(self):
+        client = self.raw().send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        status, headers, _ = client.response()
+        self.assertEqual((status, headers.get("connection")), (200, "close"))
+        self.assertTrue(client.closed_by_server())
+        client = self.raw().send(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, _ = client.response()
+        self.assertEqual(headers.get("connection"), "keep-alive")
+        client.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        self.assertEqual(client.response()[0], 200)
+
+    def test_connection_close_is_honoured(self):
+        client = self.raw().send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        self.assertEqual(client.response()[1].get("connection"), "close")
+        self.assertTrue(client.closed_by_server())
+
+class TestEndToEnd(ProxyTestCase):
+    def chat(self, body=None, headers=None, port=None):
+        status, response_headers, data = self.request("POST", "/v1/chat/completions", body or chat_body(), headers,
+                                                       port=port)
+        return status, response_headers, json.loads(data)
+
+    def open_stream(self, body):
+        client = self.raw()
+        client.send(post("/v1/chat/completions", json.dumps(body).encode()))
+        status, headers, _ = client.response(head_only=True)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(headers["transfer-encoding"], "chunked")
+        return client
+
+    def test_non_stream_answer_is_a_complete_openai_response(self):
+        status, _, data = self.chat()
+        self.assertEqual(status, 200)
+        self.assertEqual(data["object"], "chat.completion")
+        self.assertIsInstance(data["created"], int)
+        self.assertEqual(data["choices"][0]["message"], {"role": "assistant", "content": "echo: hi"})
+        self.assertEqual(data["usage"]["total_tokens"], 5)
+        self.assertNoSecretsLogged()
+
+    def test_identity_initiator_and_vision_headers_upstream(self):
+        self.chat()
+        headers = self.fake.requests_to("/chat/completions")[-1][2]
+        self.assertTrue(headers["authorization"].startswith("Bearer tid=test1;"))
+        expected = {"copilot-integration-id": "vscode-chat", "editor-version": coproxy.DEFAULT_EDITOR_VERSION,
+                    "editor-plugin-version": coproxy.DEFAULT_EDITOR_PLUGIN_VERSION,
+                    "user-agent": "GitHubCopilotChat/" + coproxy.DEFAULT_EDITOR_PLUGIN_VERSION.split("/")[1],
+                    "openai-intent": "conversation-panel", "x-github-api-version": coproxy.COPILOT_CHAT_API_VERSION,
+                    "x-initiator": "user"}
+        for name, value in expected.items():
+            self.assertEqual(headers.get(name), value, name)
+        self.assertRegex(headers["x-request-id"], r"^[0-9a-f-]{36}$")
+        self.assertNotIn("copilot-vision-request", headers)
+        image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}
+        self.chat({"model": "gpt-4.1", "messages": [image, {"role": "assistant", "content": "a cat"},
+                                                     {"role": "tool", "tool_call_id": "1", "content": "x"}]})
+        headers = self.fake.requests_to("/chat/completions")[-1][2]
+        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
+
+    def test_default_model_and_tools_pass_through(self):
+        proxy = self.start_proxy(default_model="gpt-4.1")
+        tools = [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}]
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(200, {
+            "id": "c", "model": b["model"], "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}}]})
+        status, _, data = self.chat({"messages": [{"role": "user", "content": "x"}], "tools": tools,
+                                     "tool_choice": "auto"}, port=proxy.port)
+        self.assertEqual(status, 200)
+        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])
+        self.assertEqual((sent["model"], sent["tools"], sent["tool_choice"]), ("gpt-4.1", tools, "auto"))
+        self.assertEqual(data["choices"][0]["message"]["tool_calls"][0]["id"], "call_1")
+
+    def test_stream_chunks_arrive_as_they_are_sent(self):
+        gate = threading.Event()
+        self.fake.stream(chunk("Hel"), gate, chunk("lo"), chunk(None, "stop"), USAGE_CHUNK, DONE)
+        client = self.open_stream(chat_body(stream=True))
+        first = read_chunk(client.file)  # only possible if coproxy did not buffer: upstream is paused
+        self.assertFalse(gate.is_set())
+        self.assertEqual(sse_data(first)[0]["choices"][0]["delta"]["content"], "Hel")
+        gate.set()
+        rest = read_rest(client.file)
+        data = sse_data(first + rest)
+        self.assertEqual(data[-1], "[DONE]")
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "") for c in data[:-1] if c["choices"]),
+                         "Hello")
+        self.assertFalse(any("usage" in c for c in data[:-1]))
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in data[:-1]][-1], "stop")
+        client.send(HEALTH)  # the connection is still good for the next request
+        self.assertEqual(client.response()[0], 200)
+
+    def test_stream_include_usage(self):
+        self.fake.stream(chunk("x"), chunk(None, "stop"), USAGE_CHUNK, DONE)
+        _, _, body = self.request("POST", "/v1/chat/completions",
+                                  chat_body(stream=True, stream_options={"include_usage": True}))
+        data = sse_data(body)
+        self.assertEqual(data[-2]["usage"]["total_tokens"], 7)
+        self.assertEqual(data[-2]["choices"], [])
+
+    def test_keep_alive_pings_during_upstream_silence(self):
+        proxy = self.start_proxy(ping_seconds=0.05)
+        gate = threading.Event()
+        self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
+        client.response(head_only=True)
+        read_chunk(client.file)
+        self.assertEqual(read_chunk(client.file), b": ping\n\n")
+        self.assertEqual(read_chunk(client.file), b": ping\n\n")
+        gate.set()
+        tail = read_rest(client.file)
+        self.assertTrue(tail.endswith(b"data: [DONE]\n\n"))
+
+    def test_stream_to_an_http_1_0_client_is_close_delimited(self):
+        self.fake.stream(chunk("old"), chunk(None, "stop"), DONE)
+        body = json.dumps(chat_body(stream=True)).encode()
+        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        status, headers, data = client.response()  # no Content-Length, no chunking: read to the close
+        self.assertEqual((status, headers.get("connection")), (200, "close"))
+        self.assertNotIn("transfer-encoding", headers)
+        self.assertEqual(sse_data(data)[0]["choices"][0]["delta"]["content"], "old")
+        self.assertEqual(sse_data(data)[-1], "[DONE]")
+
+    def test_upstream_cut_mid_stream_becomes_an_error_event(self):
+        self.fake.stream(chunk("par"), "cut")
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
+        self.assertEqual(status, 200)
+        data = sse_data(body)
+        self.assertEqual(data[0]["choices"][0]["delta"]["content"], "par")
+        self.assertEqual(data[-1]["error"]["type"], "api_error")
+        self.assertIn("mid-stream", data[-1]["error"]["message"])
+
+    def test_client_disconnect_frees_the_upstream_connection(self):
+        self.fake.stream(chunk("a"), "watch")
+        client = self.open_stream(chat_body(stream=True))
+        read_chunk(client.file)
+        client.close()
+        self.assertTrue(self.fake.client_closed.wait(5), "upstream connection was not closed")
+        self.fake.chat_script = None
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        self.assertEqual(self.chat()[0], 200)
+
+    def test_a_client_that_leaves_a_whole_answer_cuts_its_upstream_call_short(self):
+        hung = threading.Event()
+        self.addCleanup(hung.set)
+
+        def hang(handler, payload):
+            if handler.wait_until_client_closes():
+                self.fake.client_closed.set()
+            handler.close_connection = True
+        self.fake.routes[("POST", "/chat/completions")] = hang
+        client = self.raw()
+        client.send(post("/v1/chat/completions", json.dumps(chat_body()).encode()))
+        self.assertTrue(wait_for(lambda: self.fake.requests_to("/chat/completions")))
+        client.close()
+        self.assertTrue(self.fake.client_closed.wait(5), "the upstream call went on after the client left")
+
+    def test_a_stream_cut_cleanly_before_its_end_is_an_error_not_a_finish(self):
+        self.fake.stream(chunk("half an ans"))  # the body ends cleanly: no finish_reason, no [DONE]
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
+        data = sse_data(body)
+        self.assertEqual((status, data[-1]["error"]["code"]), (200, "incomplete_stream"))
+        self.assertNotIn("[DONE]", data)
+        self.assertTrue(wait_for(lambda: any("error=Copilot closed the stream" in l for l in LOGS.lines)), LOGS.lines)
+
+    def test_upstream_errors_keep_status_and_message(self):
+        def rate_limited(handler, body):
+            handler.send_json(429, {"error": {"message": "rate limit exceeded", "code": "rate_limited"}},
+                              [("Retry-After", "17")])
+        self.fake.routes[("POST", "/chat/completions")] = rate_limited
+        status, headers, data = self.chat()
+        self.assertEqual((status, headers["Retry-After"]), (429, "17"))
+        self.assertEqual(data["error"], {"message": "rate limit exceeded", "type": "rate_limit_error",
+                                         "param": None, "code": "rate_limited"})
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(400, json.dumps({"error": {
+            "message": "The requested model is not supported.", "code": "model_not_supported", "param": "model",
+            "type": "invalid_request_error"}}))
+        status, _, data = self.chat()
+        self.assertEqual(status, 400)
+        self.assertEqual(data["error"]["message"], "The requested model is not supported.")
+        self.assertEqual((data["error"]["code"], data["error"]["param"]), ("model_not_supported", "model"))
+        catalog = copy.deepcopy(CATALOG)
+        catalog[4]["policy"] = {"state": "requires_consent", "terms": "Enable access to Claude Opus 4.6."}
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
+        proxy = self.start_proxy()
+        status, _, body = self.request("POST", "/v1/chat/completions", {"model": "claude-opus-4.6", "messages": [
+            {"role": "user", "content": "hi"}]}, port=proxy.port)
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (400, (
+            "The requested model is not supported: claude-opus-4.6 is not enabled for your account (policy: "
+            "requires_consent); enable it at https://github.com/settings/copilot/features or once in VS Code's "
+            "model picker")))
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(
+            500, "upstream exploded for Bearer tid=secretstuff;exp=1")
+        status, _, data = self.chat()
+        self.assertEqual(status, 500)
+        self.assertNotIn("secretstuff", data["error"]["message"])
+
+    def test_401_refreshes_the_token_and_retries_once(self):
+        calls = []
+
+        def first_401(handler, body):
+            calls.append(handler.headers["Authorization"])
+            if len(calls) == 1:
+                handler.send_text(401, "unauthorized: token expired")
+            else:
+                handler.send_json(200, {"id": "x", "choices": [{"index": 0, "finish_reason": "stop",
+                                                               "message": {"role": "assistant", "content": "ok"}}]})
+        self.fake.routes[("POST", "/chat/completions")] = first_401
+        status, _, data = self.chat()
+        self.assertEqual((status, data["choices"][0]["message"]["content"]), (200, "ok"))
+        self.assertEqual(self.fake.exchanges, 2)
+        self.assertNotEqual(calls[0], calls[1])
+
+    def test_single_flight_through_the_proxy(self):
+        gate = self.fake.exchange_gate = threading.Event()
+        fetches, fetch_models = [], self.proxy.app.auth.fetch_models
+        self.proxy.app.auth.fetch_models = lambda *a: (fetches.append(1), fetch_models(*a))[1]
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(self.chat()[0])) for _ in range(50)]
+        for t in threads:
+            t.start()
+        self.assertTrue(wait_for(lambda: self.fake.exchanges >= 1))
+        gate.set()
+        for t in threads:
+            t.join(15)
+        self.assertEqual(results, [200] * 50)
+        self.assertEqual(self.fake.exchanges, 1)
+        self.assertEqual(len(fetches), 1)  # one catalog refresh for 50 requests, not 50 queued threads
+
+    def test_concurrency_limit_queues_then_503(self):
+        proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.2)
+        gate = threading.Event()
+        self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
+        client.response(head_only=True)
+        read_chunk(client.file)  # the one slot is taken by this stream
+        status, headers, data = self.chat(port=proxy.port)
+        self.assertEqual((status, headers["Retry-After"]), (503, "1"))
+        self.assertEqual(data["error"]["code"], "overloaded")
+        proxy.app.config.queue_timeout = 5  # now a request waits for the slot instead of failing
+        waiting = []
+        second = threading.Thread(target=lambda: waiting.append(self.chat(port=proxy.port)[0]))
+        self.fake.chat_script = None
+        second.start()
+        second.join(0.3)
+        self.assertTrue(second.is_alive())  # queued behind the stream: no slot until it ends
+        gate.set()
+        second.join(5)
+        self.assertEqual(waiting, [200])
+
+    def test_api_key(self):
+        proxy = self.start_proxy(api_key="sekrit-key")
+        status, headers, data = self.chat(port=proxy.port)
+        self.assertEqual((status, data["error"]["code"]), (401, "invalid_api_key"))
+        self.assertEqual(self.chat(headers={"Authorization": "Bearer sekrit-key"}, port=proxy.port)[0], 200)
+        self.assertEqual(self.chat(headers={"x-api-key": "sekrit-key"}, port=proxy.port)[0], 200)
+        self.assertEqual(self.chat(headers={"Authorization": "Bearer wrong"}, port=proxy.port)[0], 401)
+        self.assertEqual(self.request("GET", "/v1/models", port=proxy.port)[0], 401)
+        self.assertEqual(self.request("GET", "/healthz", port=proxy.port)[0], 200)
+
+    def test_not_logged_in_gives_503_with_the_fix(self):
+        proxy = self.start_proxy(github_token=None, state_dir=os.path.join(self.tmp, "empty"))
+        proxy.config.github_token = None
+        status, _, data = self.chat(port=proxy.port)
+        self.assertEqual(status, 503)
+        self.assertIn("auth login", data["error"]["message"])
+        health = json.loads(self.request("GET", "/healthz", port=proxy.port)[2])
+        self.assertEqual(health["auth"]["ready"], False)
+        self.assertEqual(health["upstream"]["class"], "auth")
+
+    def test_models_list_get_and_fallback(self):
+        status, headers, body = self.request("GET", "/v1/models")
+        data = json.loads(body)
+        ids = [m["id"] for m in data["data"]]
+        self.assertEqual(ids, CATALOG_IDS)
+        self.assertEqual(data["data"][1]["vendor"], "Anthropic")
+        self.assertEqual(data["data"][1]["context_window"], 200000)
+        self.assertEqual(headers["X-Coproxy-Models-Source"], "copilot")
+        self.assertEqual(json.loads(self.request("GET", "/models")[2])["data"][0]["id"], "gpt-4.1")
+        self.assertEqual(len(self.fake.requests_to("/models")), 1)  # cached
+        status, _, body = self.request("GET", "/v1/models/claude-sonnet-4.5")
+        self.assertEqual((status, json.loads(body)["object"]), (200, "model"))
+        status, _, body = self.request("GET", "/v1/models/gpt-9")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "model_not_found"))
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_text(500, "down")
+        proxy = self.start_proxy()
+        status, headers, body = self.request("GET", "/v1/models", port=proxy.port)
+        self.assertEqual((status, headers["X-Coproxy-Models-Source"]), (200, "fallback"))
+        self.assertIn("gpt-4.1", [m["id"] for m in json.loads(body)["data"]])
+
+    def test_graceful_shutdown_finishes_in_flight_streams(self):
+        gate = threading.Event()
+        self.fake.stream(chunk("a"), gate, chunk("b"), chunk(None, "stop"), DONE)
+        idle = self.raw().send(HEALTH)
+        self.assertEqual(idle.response()[0], 200)
+        client = self.open_stream(chat_body(stream=True))
+        read_chunk(client.file)
+        stopper = threading.Thread(target=self.proxy.stop)
+        stopper.start()
+        self.assertEqual(idle.file.read(1), b"")  # the idle keep-alive connection is closed at once
+        gate.set()
+        body = read_rest(client.file)
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
+        stopper.join(10)
+        self.assertFalse(stopper.is_alive())
+
+    def test_healthz_says_what_copilot_last_answered(self):
+        health = json.loads(self.request("GET", "/healthz")[2])
+        self.assertEqual(health["upstream"]["ok"], None)
+        self.chat()
+        self.assertEqual(json.loads(self.request("GET", "/healthz")[2])["upstream"]["ok"], True)
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(401, "unauthorized: token expired")
+        self.chat()
+        upstream = json.loads(self.request("GET", "/healthz")[2])["upstream"]
+        self.assertEqual((upstream["ok"], upstream["class"]), (False, "http_401"))
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        proxy = self.start_proxy(copilot_api_url="http://127.0.0.1:%d" % port)
+        self.assertEqual(self.chat(port=proxy.port)[0], 502)
+        upstream = json.loads(self.request("GET", "/healthz", port=proxy.port)[2])["upstream"]
+        self.assertEqual((upstream["ok"], upstream["class"]), (False, "refused"))
+        self.assertIn("refused", upstream["message"])
+
+
+class TestEndToEndTLS(ProxyTestCase):
+    tls = True
+
+    def test_chat_and_stream_over_tls_with_ca_file(self):
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body())
+        self.assertEqual(status, 200)
+        self.fake.stream(chunk("t"), chunk(None, "stop"), DONE)
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
+        self.assertEqual(sse_data(body)[-1], "[DONE]")
+        self.assertEqual(self.proxy.app.client.connections_opened, 1)
+
+
+
+class TestTrust(ProxyTestCase):
+    """No web page and no DNS-rebound name can use the default (loopback, no key) setup."""
+
+    def raw_request(self, head, port=None, body=b""):
+        client = RawClient(port or self.proxy.port)
+        self.addCleanup(client.close)
+        client.send(head + b"\r\n" + body)
+        return client.response()
+
+    def test_only_loopback_names_and_allowed_hosts_without_a_key(self):
+        body = json.dumps(chat_body()).encode()
+        for host in (b"127.0.0.1", b"127.0.0.1:%d" % self.proxy.port, b"localhost:1", b"[::1]:8080", b"LOCALHOST"):
+            status, _, _ = self.raw_request(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
+                                            % (host, len(body)), body=body)
+            self.assertEqual(status, 200, host)
+        for path in (b"/v1/chat/completions", b"/v1/models", b"/usage", b"/nothing"):
+            status, _, answer = self.raw_request(b"GET %s HTTP/1.1\r\nHost: evil.example:8080\r\n" % path)
+            error = json.loads(answer)["error"]
+            self.assertEqual((status, error["code"]), (403, "host_not_allowed"), path)
+            self.assertIn("--allowed-host evil.example", error["message"])
+        self.assertEqual(self.raw_request(b"GET /healthz HTTP/1.1\r\nHost: evil.example\r\n")[0], 200)
+        named = self.start_proxy(allowed_hosts=["my-laptop.local"])
+        self.assertEqual(self.raw_request(b"GET /v1/models HTTP/1.1\r\nHost: my-laptop.local:80\r\n", named.port)[0], 200)
+        keyed = self.start_proxy(api_key="k")
+        self.assertEqual(self.raw_request(b"GET /v1/models HTTP/1.1\r\nHost: 192.168.1.9:8080\r\nAuthorization: "
+                                          b"Bearer k\r\n", keyed.port)[0], 200)
+        self.assertEqual(self.fake.requests_to("/chat/completions").__len__(), 5)
+
+    def test_web_pages_are_refused_unless_their_origin_is_allowed(self):
+        # what any page can send without a preflight: a "simple" POST with text/plain
+        body = json.dumps(chat_body()).encode()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n"
+                b"Content-Type: text/plain\r\nContent-Length: %d\r\n" % len(body))
+        status, headers, answer = self.raw_request(head, body=body)
+        error = json.loads(answer)["error"]
+        self.assertEqual((status, error["code"]), (403, "origin_not_allowed"))
+        self.assertIn("--cors-origin https://evil.example", error["message"])
+        self.assertNotIn("access-control-allow-origin", headers)
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        status, headers, _ = self.raw_request(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: "
+                                              b"https://evil.example\r\nAccess-Control-Request-Method: POST\r\n")
+        self.assertEqual((status, headers.get("access-control-allow-origin")), (403, None))
+        self.assertEqual(self.raw_request(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n")[0],
+                         200)
+        keyed = self.start_proxy(api_key="k")  # a key does not let unlisted pages in either
+        status, _, _ = self.raw_request(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n"
+                                        b"Authorization: Bearer k\r\n", keyed.port)
+        self.assertEqual(status, 403)
+        allowed = self.start_proxy(cors_origins=["https://app.example"])
+        status, headers, _ = self.raw_request(head.replace(b"evil", b"app"), allowed.port, body)
+        self.assertEqual((status, headers["access-control-allow-origin"]), (200, "https://app.example"))
+
+    def test_image_urls_of_this_machine_are_refused_without_telling_what_is_there(self):
+        self.fake.routes[("GET", "/img.png")] = lambda h, b: h.send_body(200, PNG, "image/png")
+        answers = []
+        for path in ("/img.png", "/missing.png"):
+            status, _, body = self.request("POST", "/v1/chat/completions", chat_body([
+                {"type": "image_url", "image_url": {"url": self.fake.url + path}}]))
+            error = json.loads(body)["error"]
+            self.assertEqual((status, error["code"]), (400, "image_fetch_failed"))
+            answers.append(error["message"].replace(path, "PATH"))
+        self.assertEqual(answers[0], answers[1])  # an image there or nothing: the same answer
+        self.assertNotIn("404", answers[1])
+        self.assertEqual(self.fake.requests_to("/img.png") + self.fake.requests_to("/chat/completions"), [])
+        self.assertTrue(any("non-public address" in line for line in LOGS.lines))
+
+    def test_a_smuggled_image_url_cannot_poison_a_later_answer(self):
+        proxy = self.start_proxy(image_fetch_allow_private=True)
+        poison = ("/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /poison HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.fake.routes[("GET", "/poison")] = lambda h, b: h.send_json(200, {"choices": [{"message": {
+            "content": "attacker's text"}}]})
+        self.request("POST", "/v1/chat/completions", chat_body([{"type": "image_url", "image_url": {
+            "url": self.fake.url + poison}}]), port=proxy.port)
+        self.assertEqual(self.fake.requests_to("/poison"), [])
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body("honest"), port=proxy.port)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], "echo: honest")
+
+    def test_a_client_cannot_forge_log_lines(self):
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_text(500, "down")  # names then go as given
+        proxy = self.start_proxy()
+        self.request("POST", "/v1/chat/completions", chat_body(model="gpt\r\n2026-01-01 INFO FAKE line"),
+                     port=proxy.port)
+        self.assertTrue(wait_for(lambda: any("FAKE" in line for line in LOGS.lines)))
+        formatter = coproxy.LogFormatter()
+        for line in LOGS.lines:
+            record = logging.LogRecord("coproxy", logging.INFO, __file__, 1, "%s", (line,), None)
+            self.assertNotIn("\n", formatter.format(record))
+        self.assertNoSecretsLogged()
+class TestImageURLs(ProxyTestCase):
+    """Images given by URL are fetched by coproxy and sent to Copilot as data, in every dialect.
+    (The fake image host is this machine, so these tests allow private addresses.)"""
+
+    proxy_overrides = {"image_fetch_allow_private": True}
+
+    def setUp(self):
+        super().setUp()
+        routes = self.fake.routes
+        routes[("GET", "/img.png")] = lambda h, b: h.send_body(200, PNG, "image/png")
+        routes[("GET", "/moved")] = lambda h, b: h.send_body(302, b"", "text/plain", [("Location", "/img.png")])
+        routes[("GET", "/page")] = lambda h, b: h.send_body(200, b"<html>", "text/html; charset=utf-8")
+        self.data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+    def sent(self, path):
+        request = self.fake.requests_to(path)[-1]
+        return json.loads(request[3]), request[2]
+
+    def test_chat_image_url_is_fetched_once_and_sent_inline(self):
+        body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": self.fake.url + "/moved?sig=s3cret", "detail": "low"}}]}]}
+        for _ in range(2):  # an agent resends the history: the second turn is served from the cache
+            status, _, answer = self.request("POST", "/v1/chat/completions", body)
+            self.assertEqual(status, 200, answer)
+            sent, headers = self.sent("/chat/completions")
+            self.assertEqual(sent["messages"][0]["content"][1]["image_url"], {"url": self.data_url, "detail": "low"})
+            self.assertEqual(headers["copilot-vision-request"], "true")
+        self.assertEqual((len(self.fake.requests_to("/moved")), len(self.fake.requests_to("/img.png"))), (1, 1))
+        self.assertEqual(self.fake.requests_to("/img.png")[0][2]["accept"], "image/*")
+
+    def test_anthropic_url_sources_become_base64_in_native_and_translated_calls(self):
+        image = {"type": "image", "source": {"type": "url", "url": self.fake.url + "/img.png"}}
+        messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, image]},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]}]
+        status, _, answer = self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 50,
+                                                                  "messages": messages})
+        self.assertEqual(status, 200, answer)
+        sent, _ = self.sent("/v1/messages")
+        inline = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
+        self.assertEqual(sent["messages"][0]["content"][1]["source"], inline)
+        self.assertEqual(sent["messages"][2]["content"][0]["content"][0]["source"], inline)
+        status, _, answer = self.request("POST", "/v1/messages", {"model": "claude-haiku-4.5", "max_tokens": 50,
+                                                                  "messages": messages[:1]})
+        self.assertEqual(status, 200, answer)
+        sent, _ = self.sent("/chat/completions")
+        self.assertEqual(sent["messages"][-1]["content"][1]["image_url"]["url"], self.data_url)
+
+    def test_responses_input_image_url_is_inlined(self):
+        status, _, answer = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": self.fake.url + "/img.png"}]}]})
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.sent("/responses")[0]["input"][0]["content"][0]["image_url"], self.data_url)
+
+    def test_images_that_cannot_be_had_fail_clearly_in_the_callers_dialect(self):
+        chat = lambda url: {"model": "gpt-4.1", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]}
+        status, _, body = self.request("POST", "/v1/chat/completions", chat(self.fake.url + "/gone?token=s3cret"))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"], error["type"]), (400, "image_fetch_failed", "invalid_request_error"))
+        self.assertIn("could not fetch the image at %s/gone?...: no image could be had from there" % self.fake.url,
+                      error["message"])
+        self.assertNotIn("s3cret", body.decode())
+        self.assertTrue(any("HTTP 404" in line for line in LOGS.lines))  # the detail is for the log only
+        status, _, body = self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 5, "messages": [
+            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": self.fake.url + "/page"}}]}]})
+        self.assertEqual((status, json.loads(body)["type"], json.loads(body)["error"]["type"]),
+                         (400, "error", "invalid_request_error"))
+        self.assertEqual(self.fake.requests_to("/chat/completions") + self.fake.requests_to("/v1/messages"), [])
+
+    def test_what_one_request_can_make_coproxy_fetch_is_bounded(self):
+        for name, value in (("MAX_IMAGES_PER_REQUEST", 3), ("MAX_IMAGE_BYTES_PER_REQUEST", 2 * len(PNG) + 10)):
+            self.addCleanup(setattr, coproxy, name, getattr(coproxy, name))
+            setattr(coproxy, name, value)
+        many = [{"type": "image_url", "image_url": {"url": self.fake.url + "/img.png?n=%d" % i}} for i in range(4)]
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(many))
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "too_many_images"))
+        self.assertEqual(self.fake.requests_to("/img.png"), [])
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(many[:3]))
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "image_fetch_failed"))  # over the bytes
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+
+    def test_fetches_run_inside_the_request_slot_four_at_a_time_and_stop_with_the_client(self):
+        gate, running, most = threading.Event(), [0], [0]
+        self.addCleanup(gate.set)
+        lock = threading.Lock()
+
+        def slow(handler, body):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            if handler.wait_until_client_closes(5 if not gate.is_set() else 0):
+                self.fake.client_closed.set()
+            with lock:
+                running[0] -= 1
+        self.fake.routes[("GET", "/slow.png")] = slow
+        images = [{"type": "image_url", "image_url": {"url": self.fake.url + "/slow.png?%d" % i}} for i in range(6)]
+        client = self.raw()
+        client.send(post("/v1/chat/completions", json.dumps(chat_body(images)).encode()))
+        self.assertTrue(wait_for(lambda: running[0] == 4))
+        self.assertEqual(most[0], 4)  # the server-wide limit
+        client.close()  # the client goes: its fetches are cut off
+        self.assertTrue(self.fake.client_closed.wait(5))
+        self.assertTrue(wait_for(lambda: running[0] == 0))
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+
+    def test_what_the_catalogue_says_a_model_cannot_take_is_refused_with_the_reason(self):
+        catalog = copy.deepcopy(CATALOG)
+        catalog[0]["capabilities"]["limits"]["vision"] = {
+            "max_prompt_images": 5, "max_prompt_image_size": 1000, "supported_media_types": ["image/jpeg", "image/png"]}
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
+        self.fake.routes[("GET", "/anim.gif")] = lambda h, b: h.send_body(200, b"GIF89a", "image/gif")
+        proxy = self.start_proxy()
+        for path, code, words in (("/img.png", "image_too_large", "is 1.0 KiB; gpt-4.1 accepts at most 1000 bytes"),
+                                  ("/anim.gif", "image_not_supported", "is image/gif; gpt-4.1 accepts image/jpeg, image/png")):
+            status, _, body = self.request("POST", "/v1/chat/completions", {"model": "gpt-4.1", "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": self.fake.url + path}}]}]},
+                port=proxy.port)
+            error = json.loads(body)["error"]
+            self.assertEqual((status, error["code"]), (400, code))
+            self.assertIn("the image at %s%s %s" % (self.fake.url, path, words), error["message"])
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+
+    def test_only_content_is_searched_never_tool_inputs_or_schemas(self):
+        image = lambda url: {"type": "image", "source": {"type": "url", "url": url}}
+        payload = {"tools": [{"name": "t", "input_schema": {"properties": {"x": image("https://schema/")}}}],
+                   "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "1", "name": "t",
+                                                                    "input": {"x": image("https://model-said/")}}]},
+                                {"role": "user", "content": [image("https://a/1.png"), image("ftp://b/2.png"),
+                                                             {"type": "tool_result", "content": [image("https://c/3")]}]}],
+                   "input": [{"type": "message", "content": [{"type": "input_image", "image_url": "http://d/4"},
+                                                             {"type": "input_image", "image_url": "data:,x"}]}]}
+        self.assertEqual(sorted(url for _, _, url in coproxy.remote_images(payload)),
+                         ["http://d/4", "https://a/1.png", "https://c/3"])
+
+    def test_no_image_fetch_sends_urls_on_untouched(self):
+        proxy = self.start_proxy(no_image_fetch=True)
+        url = self.fake.url + "/img.png"
+        status, _, answer = self.request("POST", "/v1/chat/completions", {"model": "gpt-4.1", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}, port=proxy.port)
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(self.sent("/chat/completions")[0]["messages"][0]["content"][0]["image_url"]["url"], url)
+        self.assertEqual(self.fake.requests_to("/img.png"), [])
+
+
+class TestOpenAISurface(ProxyTestCase):
+    def test_embeddings_float_base64_and_errors(self):
+        status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello"})
+        data = json.loads(body)
+        self.assertEqual((status, data["object"], data["data"][0]["embedding"]), (200, "list", [0.5, -1.25, 5.0]))
+        sent = json.loads(self.fake.requests_to("/embeddings")[-1][3])
+        self.assertEqual(sent, {"model": "text-embedding-3-small", "input": ["hello"]})
+        status, _, body = self.request("POST", "/embeddings", {"model": "text-embedding-3-small", "input": ["a", "bb"],
+                                                               "encoding_format": "base64", "dimensions": 2})
+        data = json.loads(body)
+        self.assertEqual(__import__("struct").unpack("<2f", __import__("base64").b64decode(data["data"][1]["embedding"])),
+                         (0.5, -1.25))
+        self.assertEqual(json.loads(self.fake.requests_to("/embeddings")[-1][3])["dimensions"], 2)
+        status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": [[1, 2]]})
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "token_arrays_not_supported"))
+
+    def test_responses_passthrough_stream_and_get(self):
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": "hi"})
+        self.assertEqual((status, json.loads(body)["output"][1]["content"][0]["text"]), (200, "codex says hi"))
+        gate = threading.Event()
+        self.fake.stream(sse({"type": "response.created", "response": {"id": "r"}}), gate,
+                         sse({"type": "response.output_text.delta", "delta": "yo"}),
+                         sse({"type": "response.completed", "response": {"id": "r", "status": "completed"}}))
+        client = self.raw()
+        client.send(post("/v1/responses", json.dumps({"model": "gpt-5.1-codex", "stream": True, "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]},
+            {"type": "function_call_output", "call_id": "c", "output": "ok"}]}).encode()))
+        client.response(head_only=True)
+        self.assertEqual(sse_data(read_chunk(client.file))[0]["type"], "response.created")
+        gate.set()
+        rest = read_rest(client.file)
+        self.assertEqual([d["type"] for d in sse_data(rest)], ["response.output_text.delta", "response.completed"])
+        headers = self.fake.requests_to("/responses")[-1][2]
+        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
+        self.fake.chat_script = None
+        status, _, body = self.request("GET", "/v1/responses/resp_1")
+        self.assertEqual((status, json.loads(body)["id"]), (200, "resp_1"))
+        self.assertEqual(self.request("GET", "/v1/responses/resp_404")[0], 404)
+
+    def test_api_surface_mounts_routes(self):
+        proxy = self.start_proxy(api_surface=coproxy._api_surface("chat"))
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x"}, port=proxy.port)
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (404, "api_surface_disabled"))
+        self.assertIn("--api-surface", error["message"])
+        self.assertEqual(self.request("POST", "/v1/embeddings", {"model": "x", "input": "x"}, port=proxy.port)[0], 404)
+        status, _, body = self.request("POST", "/v1/messages", {"model": "x"}, port=proxy.port)
+        self.assertEqual((status, json.loads(body)["type"]), (404, "error"))
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
+
+    def test_model_names_resolve_and_unknown_models_fail_early(self):
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4-5-20250929"))
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(self.fake.requests_to("/chat/completions")[-1][3])["model"], "claude-sonnet-4.5")
+        calls = len(self.fake.requests_to("/chat/completions"))
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-4.2"))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (404, "model_not_found"))
+        self.assertIn("gpt-4.1", error["message"])
+        self.assertEqual(len(self.fake.requests_to("/chat/completions")), calls)
+
+    def test_max_tokens_refusal_is_learnt_once(self):
+        def picky(handler, payload):
+            if "max_tokens" in payload:
+                handler.send_json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported "
+                                                             "with this model. Use 'max_completion_tokens' instead.",
+                                                  "code": "invalid_request_body"}})
+            else:
+                self.fake.chat(handler, payload)
+        self.fake.routes[("POST", "/chat/completions")] = picky
+        for _ in range(2):
+            status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="o3-mini", max_tokens=50))
+            self.assertEqual(status, 200)
+        sent = [json.loads(r[3]) for r in self.fake.requests_to("/chat/completions")]
+        self.assertEqual(["max_tokens" in s for s in sent], [True, False, False])
+        self.assertEqual(sent[-1]["max_completion_tokens"], 50)
+
+    def test_capability_checks_before_upstream(self):
+        image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(image, model="o3-mini"))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (400, "model_without_vision"))
+        self.assertIn("o3-mini", error["message"])
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        status, headers, _ = self.request("POST", "/v1/chat/completions", chat_body(model="o3-mini", reasoning_effort="max"))
+        self.assertEqual((status, headers["X-Coproxy-Adjusted"]), (200, "reasoning_effort=max->high"))
+        self.assertEqual(json.loads(self.fake.requests_to("/chat/completions")[-1][3])["reasoning_effort"], "high")
+        self.assertTrue(wait_for(lambda: any("adjusted=reasoning_effort=max->high" in l for l in LOGS.lines)))
+
+    def test_chat_for_a_responses_only_model(self):
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-5.1-codex", max_tokens=9))
+        answer = json.loads(body)
+        self.assertEqual((status, answer["choices"][0]["message"]["content"]), (200, "codex says hi"))
+        self.assertEqual(answer["usage"]["prompt_tokens_details"], {"cached_tokens": 8})
+        sent = json.loads(self.fake.requests_to("/responses")[-1][3])
+        self.assertEqual((sent["max_output_tokens"], sent["input"][0]["role"]), (9, "user"))
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        self.fake.stream(sse({"type": "response.output_text.delta", "delta": "str"}),
+                         sse({"type": "response.output_text.delta", "delta": "eam"}),
+                         sse({"type": "response.completed", "response": {"status": "completed"}}))
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-5.1-codex", stream=True))
+        data = sse_data(body)
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content") or "" for c in data[:-1]), "stream")
+        self.assertEqual((data[-2]["choices"][0]["finish_reason"], data[-1]), ("stop", "[DONE]"))
+
+    def test_usage_route_counters_and_premium_log(self):
+        self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5"))
+        self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5", messages=[
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "r",
+                                                                                      "tool_call_id": "t"}]))
+        # the access line is written just after the answer went out
+        self.assertTrue(wait_for(lambda: any("initiator=user" in line and "premium=1" in line for line in LOGS.lines)),
+                        LOGS.lines)
+        self.assertTrue(wait_for(lambda: any("initiator=agent" in line and "premium=0" in line for line in LOGS.lines)),
+                        LOGS.lines)
+        status, _, body = self.request("GET", "/usage")
+        data = json.loads(body)
+        self.assertEqual(status, 200)
+        self.assertEqual(data["copilot"]["premium_requests"]["used"], 165)
+        self.assertEqual(data["copilot"]["plan"], "individual")
+        self.assertEqual(data["since_start"]["by_initiator"], {"user": 1, "agent": 1})
+        self.assertEqual(data["since_start"]["models"]["claude-sonnet-4.5"]["requests"], 2)
+        self.assertEqual(data["since_start"]["premium_requests"], 1)
+        proxy = self.start_proxy(api_key="k")
+        self.assertEqual(self.request("GET", "/usage", port=proxy.port)[0], 401)
+
+    def test_unknown_urls_list_the_routes_from_the_table(self):
+        status, _, body = self.request("GET", "/v2/nothing")
+        message = json.loads(body)["error"]["message"]
+        for route in ("/v1/chat/completions", "/v1/responses", "/v1/responses/compact", "/v1/embeddings", "/v1/messages",
+                      "/v1/messages/count_tokens", "/v1/models", "/v1/models/{id}", "/v1/usage", "/v1/metrics", "/healthz"):
+            self.assertIn(route, message)
+        proxy = self.start_proxy(api_surface=coproxy._api_surface("chat"))
+        message = json.loads(self.request("GET", "/v2/nothing", port=proxy.port)[2])["error"]["message"]
+        self.assertNotIn("/v1/messages", message)
+
+    def test_anthropic_clients_get_anthropics_model_list(self):
+        _, _, body = self.request("GET", "/v1/models", headers={"anthropic-version": "2023-06-01"})
+        listing = json.loads(body)
+        self.assertEqual((listing["first_id"], listing["has_more"], listing["data"][1]["type"]),
+                         ("gpt-4.1", False, "model"))
+        self.assertEqual(listing["data"][1]["display_name"], "Claude Sonnet 4.5")
 
 class TestAnthropicEndToEnd(ProxyTestCase):
     def messages(self, body, headers=None, port=None, path="/v1/messages"):
@@ -1838,394 +3491,202 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         self.assertEqual(len(self.fake.requests), 0)  # answered locally
         self.assertEqual(self.messages({"model": "m"}, path="/v1/messages/count_tokens")[0], 400)
 
+    def test_a_translated_stream_that_ends_early_is_an_error_not_a_message_stop(self):
+        self.fake.stream(chunk("I was cut "))  # Copilot's body ends cleanly: no finish_reason, no [DONE]
+        status, _, body = self.messages(self.body("claude-haiku-4.5", stream=True))
+        names = [n for n, _ in sse_events(body)]
+        self.assertEqual((status, names[-1]), (200, "error"))
+        self.assertNotIn("message_stop", names)
 
-class TestClaudeCodeCommand(unittest.TestCase):
-    def test_environment_for_each_shell(self):
-        fake = FakeUpstream()
-        self.addCleanup(fake.close)
-        tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, tmp, True)
-        self.addCleanup(install_log_capture)
-        base = ["claude-code", "--state-dir", tmp, "--github-url", fake.url, "--github-api-url", fake.url,
-                "--github-token", "ghu_testtoken1234567890", "--port", "9123"]
-        outputs = {}
-        for shell in ("sh", "fish", "powershell"):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                self.assertEqual(coproxy.main(base + ["--shell", shell, "--api-key", "pa$$"]), 0)
-            outputs[shell] = out.getvalue()
-        sh = outputs["sh"]
-        self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:9123\n", sh)
-        self.assertIn("export ANTHROPIC_AUTH_TOKEN='pa$$'\n", sh)
-        self.assertIn("export ANTHROPIC_MODEL=claude-sonnet-4.5\n", sh)
-        self.assertIn("export ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4.6\n", sh)
-        self.assertIn("export ANTHROPIC_DEFAULT_HAIKU_MODEL=claude-haiku-4.5\n", sh)
-        self.assertIn("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n", sh)
-        self.assertIn("set -gx ANTHROPIC_AUTH_TOKEN 'pa$$'\n", outputs["fish"])
-        self.assertIn('$env:ANTHROPIC_AUTH_TOKEN = "pa`$`$"\n', outputs["powershell"])
-        self.assertNotIn("ghu_", sh)
-
-
-class TestTranslateResponses(unittest.TestCase):
-    def test_chat_request_to_responses(self):
-        payload = {"model": "gpt-5.1-codex", "stream": True, "max_tokens": 200, "temperature": 0.1,
-                   "reasoning_effort": "high", "tool_choice": {"type": "function", "function": {"name": "ls"}},
-                   "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"},
-                                                                              "strict": True}},
-                   "tools": [{"type": "function", "function": {"name": "ls", "description": "list",
-                                                               "parameters": {"type": "object"}}}],
-                   "messages": [
-                       {"role": "system", "content": "be terse"},
-                       {"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
-                       {"role": "assistant", "content": None, "tool_calls": [
-                           {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
-                       {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"}]}
-        out = coproxy.chat_to_responses_request(payload)
-        self.assertEqual(out["input"], [
-            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be terse"}]},
-            {"type": "message", "role": "user", "content": [
-                {"type": "input_text", "text": "what is this"},
-                {"type": "input_image", "image_url": "data:image/png;base64,AA", "detail": "auto"}]},
-            {"type": "function_call", "call_id": "call_1", "name": "ls", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": "call_1", "output": "a.txt"}])
-        self.assertEqual((out["max_output_tokens"], out["reasoning"], out["tool_choice"], out["store"], out["stream"]),
-                         (200, {"effort": "high"}, {"type": "function", "name": "ls"}, False, True))
-        self.assertEqual(out["tools"], [{"type": "function", "name": "ls", "description": "list",
-                                         "parameters": {"type": "object"}}])
-        self.assertEqual(out["text"], {"format": {"type": "json_schema", "name": "r", "schema": {"type": "object"},
-                                                  "strict": True}})
-        self.assertEqual(coproxy.responses_initiator(out), "agent")
-        self.assertTrue(coproxy.responses_have_image(out))
-
-    def test_responses_answer_to_chat(self):
-        data = {"id": "resp_9", "created_at": 1700000000, "status": "completed", "model": "gpt-5.1-codex", "output": [
-            {"type": "reasoning", "summary": []},
-            {"type": "message", "content": [{"type": "output_text", "text": "Running "}, {"type": "output_text", "text": "ls"}]},
-            {"type": "function_call", "call_id": "call_7", "name": "ls", "arguments": "{\"d\":1}"}],
-            "usage": {"input_tokens": 10, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 4},
-                      "output_tokens_details": {"reasoning_tokens": 2}}}
-        out = coproxy.responses_to_chat_response(data, "m", 1)
-        choice = out["choices"][0]
-        self.assertEqual(choice["message"]["content"], "Running ls")
-        self.assertEqual(choice["message"]["tool_calls"], [{"id": "call_7", "type": "function",
-                                                            "function": {"name": "ls", "arguments": "{\"d\":1}"}}])
-        self.assertEqual(choice["finish_reason"], "tool_calls")
-        self.assertEqual(out["usage"], {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
-                                        "prompt_tokens_details": {"cached_tokens": 4},
-                                        "completion_tokens_details": {"reasoning_tokens": 2}})
-        cut = coproxy.responses_to_chat_response({"status": "incomplete", "incomplete_details": {
-            "reason": "max_output_tokens"}, "output": []}, "m", 1)
-        self.assertEqual(cut["choices"][0]["finish_reason"], "length")
-
-    def test_responses_stream_to_chat_chunks(self):
-        events = [
-            ("response.created", {"type": "response.created", "response": {"id": "r"}}),
-            ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
-            ("response.output_item.added", {"type": "response.output_item.added", "output_index": 1,
-                                            "item": {"type": "function_call", "call_id": "call_2", "name": "ls"}}),
-            ("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta",
-                                                        "output_index": 1, "delta": "{}"}),
-            ("response.output_item.done", {"type": "response.output_item.done", "output_index": 1,
-                                           "item": {"type": "function_call", "call_id": "call_2", "name": "ls",
-                                                    "arguments": "{}"}}),
-            ("response.completed", {"type": "response.completed", "response": {"status": "completed", "usage": {
-                "input_tokens": 3, "output_tokens": 1}}}),
-        ]
-        stream = coproxy.ResponsesToChatStream("gpt-5.1-codex", True, 1)
-        frames = []
-        for name, data in events:
-            frames.extend(stream.feed_event(coproxy.SSEEvent(name, json.dumps(data))))
-        data = sse_data(b"".join(frames))
-        self.assertEqual(data[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
-        self.assertEqual(data[1]["choices"][0]["delta"], {"content": "Hi"})
-        self.assertEqual(data[2]["choices"][0]["delta"]["tool_calls"][0]["id"], "call_2")
-        self.assertEqual(data[3]["choices"][0]["delta"]["tool_calls"][0]["function"], {"arguments": "{}"})
-        self.assertEqual(data[4]["choices"][0]["finish_reason"], "tool_calls")  # no repeated arguments from .done
-        self.assertEqual(data[5]["usage"]["total_tokens"], 4)
-        self.assertEqual(data[6], "[DONE]")
-        self.assertEqual(stream.finish(), [])
-        broken = coproxy.ResponsesToChatStream("m", False, 1)
-        broken.feed_event(coproxy.SSEEvent(None, json.dumps({"type": "response.output_text.delta", "delta": "x"})))
-        self.assertIn("before the answer was complete", sse_data(b"".join(broken.finish()))[0]["error"]["message"])
-
-    def test_embeddings_shapes(self):
-        request, encoding = coproxy.prepare_embeddings_request({"model": "e", "input": "one", "dimensions": 2,
-                                                                "encoding_format": "base64"})
-        self.assertEqual((request, encoding), ({"model": "e", "input": ["one"], "dimensions": 2}, "base64"))
-        for bad in ({"model": "e", "input": [1, 2]}, {"model": "e", "input": []}, {"input": "x"},
-                    {"model": "e", "input": "x", "encoding_format": "hex"}, {"model": "e", "input": "x", "dimensions": 0}):
-            with self.assertRaises(coproxy.ClientError):
-                coproxy.prepare_embeddings_request(bad)
-        out = coproxy.normalize_embeddings_response({"data": [{"embedding": [0.5, -1.25]}]}, "e", "base64")
-        raw = __import__("base64").b64decode(out["data"][0]["embedding"])
-        self.assertEqual(__import__("struct").unpack("<2f", raw), (0.5, -1.25))
-        self.assertEqual(out["usage"], {"prompt_tokens": 0, "total_tokens": 0})
-
-    def test_api_surface_values(self):
-        self.assertEqual(coproxy._api_surface("chat-responses"), frozenset(["chat", "responses"]))
-        self.assertEqual(coproxy._api_surface("chat, messages"), frozenset(["chat", "messages"]))
-        self.assertEqual(coproxy._api_surface("all"), frozenset(coproxy.API_SURFACES))
-        for bad in ("", "chat,nope"):
-            with self.assertRaises(ValueError):
-                coproxy._api_surface(bad)
-
-    def test_quota_summary(self):
-        summary = coproxy.summarize_quota({"copilot_plan": "individual", "quota_reset_date": "2026-12-01",
-                                           "quota_snapshots": {"premium_interactions": {
-                                               "entitlement": 300, "remaining": -2, "unlimited": False}}})
-        self.assertEqual(summary["premium_requests"]["used"], 302)
-        self.assertIsNone(summary["chat"])
-        self.assertEqual(summary["reset_date"], "2026-12-01")
-
-
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
-
-
-class TestImageURLs(ProxyTestCase):
-    """Images given by URL are fetched by coproxy and sent to Copilot as data, in every dialect."""
-
-    def setUp(self):
-        super().setUp()
-        routes = self.fake.routes
-        routes[("GET", "/img.png")] = lambda h, b: h.send_body(200, PNG, "image/png")
-        routes[("GET", "/moved")] = lambda h, b: h.send_body(302, b"", "text/plain", [("Location", "/img.png")])
-        routes[("GET", "/page")] = lambda h, b: h.send_body(200, b"<html>", "text/html; charset=utf-8")
-        self.data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
-
-    def sent(self, path):
-        request = self.fake.requests_to(path)[-1]
-        return json.loads(request[3]), request[2]
-
-    def test_chat_image_url_is_fetched_once_and_sent_inline(self):
-        body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": self.fake.url + "/moved?sig=s3cret", "detail": "low"}}]}]}
-        for _ in range(2):  # an agent resends the history: the second turn is served from the cache
-            status, _, answer = self.request("POST", "/v1/chat/completions", body)
-            self.assertEqual(status, 200, answer)
-            sent, headers = self.sent("/chat/completions")
-            self.assertEqual(sent["messages"][0]["content"][1]["image_url"], {"url": self.data_url, "detail": "low"})
-            self.assertEqual(headers["copilot-vision-request"], "true")
-        self.assertEqual((len(self.fake.requests_to("/moved")), len(self.fake.requests_to("/img.png"))), (1, 1))
-        self.assertEqual(self.fake.requests_to("/img.png")[0][2]["accept"], "image/*")
-
-    def test_anthropic_url_sources_become_base64_in_native_and_translated_calls(self):
-        image = {"type": "image", "source": {"type": "url", "url": self.fake.url + "/img.png"}}
-        messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, image]},
-                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
-                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]}]
-        status, _, answer = self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 50,
-                                                                  "messages": messages})
-        self.assertEqual(status, 200, answer)
-        sent, _ = self.sent("/v1/messages")
-        inline = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()}
-        self.assertEqual(sent["messages"][0]["content"][1]["source"], inline)
-        self.assertEqual(sent["messages"][2]["content"][0]["content"][0]["source"], inline)
-        status, _, answer = self.request("POST", "/v1/messages", {"model": "claude-haiku-4.5", "max_tokens": 50,
-                                                                  "messages": messages[:1]})
-        self.assertEqual(status, 200, answer)
-        sent, _ = self.sent("/chat/completions")
-        self.assertEqual(sent["messages"][-1]["content"][1]["image_url"]["url"], self.data_url)
-
-    def test_responses_input_image_url_is_inlined(self):
-        status, _, answer = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": [
-            {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": self.fake.url + "/img.png"}]}]})
-        self.assertEqual(status, 200, answer)
-        self.assertEqual(self.sent("/responses")[0]["input"][0]["content"][0]["image_url"], self.data_url)
-
-    def test_images_that_cannot_be_had_fail_clearly_in_the_callers_dialect(self):
-        chat = lambda url: {"model": "gpt-4.1", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}]}]}
-        status, _, body = self.request("POST", "/v1/chat/completions", chat(self.fake.url + "/gone?token=s3cret"))
-        error = json.loads(body)["error"]
-        self.assertEqual((status, error["code"], error["type"]), (400, "image_fetch_failed", "invalid_request_error"))
-        self.assertIn("could not fetch the image at %s/gone?...: its server answered HTTP 404" % self.fake.url,
-                      error["message"])
-        self.assertNotIn("s3cret", body.decode())
-        status, _, body = self.request("POST", "/v1/chat/completions", chat(self.fake.url + "/page"))
-        self.assertIn("it is not an image (Content-Type text/html)", json.loads(body)["error"]["message"])
-        status, _, body = self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 5, "messages": [
-            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": self.fake.url + "/page"}}]}]})
-        self.assertEqual((status, json.loads(body)["type"], json.loads(body)["error"]["type"]),
-                         (400, "error", "invalid_request_error"))
-        self.assertEqual(self.fake.requests_to("/chat/completions") + self.fake.requests_to("/v1/messages"), [])
-
-    def test_what_the_catalogue_says_a_model_cannot_take_is_refused_with_the_reason(self):
-        catalog = copy.deepcopy(CATALOG)
-        catalog[0]["capabilities"]["limits"]["vision"] = {
-            "max_prompt_images": 5, "max_prompt_image_size": 1000, "supported_media_types": ["image/jpeg", "image/png"]}
-        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
-        self.fake.routes[("GET", "/anim.gif")] = lambda h, b: h.send_body(200, b"GIF89a", "image/gif")
-        proxy = self.start_proxy()
-        for path, code, words in (("/img.png", "image_too_large", "is 1.0 KiB; gpt-4.1 accepts at most 1000 bytes"),
-                                  ("/anim.gif", "image_not_supported", "is image/gif; gpt-4.1 accepts image/jpeg, image/png")):
-            status, _, body = self.request("POST", "/v1/chat/completions", {"model": "gpt-4.1", "messages": [
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": self.fake.url + path}}]}]},
-                port=proxy.port)
-            error = json.loads(body)["error"]
-            self.assertEqual((status, error["code"]), (400, code))
-            self.assertIn("the image at %s%s %s" % (self.fake.url, path, words), error["message"])
-        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
-
-    def test_only_content_is_searched_never_tool_inputs_or_schemas(self):
-        image = lambda url: {"type": "image", "source": {"type": "url", "url": url}}
-        payload = {"tools": [{"name": "t", "input_schema": {"properties": {"x": image("https://schema/")}}}],
-                   "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "1", "name": "t",
-                                                                    "input": {"x": image("https://model-said/")}}]},
-                                {"role": "user", "content": [image("https://a/1.png"), image("ftp://b/2.png"),
-                                                             {"type": "tool_result", "content": [image("https://c/3")]}]}],
-                   "input": [{"type": "message", "content": [{"type": "input_image", "image_url": "http://d/4"},
-                                                             {"type": "input_image", "image_url": "data:,x"}]}]}
-        self.assertEqual(sorted(url for _, _, url in coproxy.remote_images(payload)),
-                         ["http://d/4", "https://a/1.png", "https://c/3"])
-
-    def test_no_image_fetch_sends_urls_on_untouched(self):
-        proxy = self.start_proxy(no_image_fetch=True)
-        url = self.fake.url + "/img.png"
-        status, _, answer = self.request("POST", "/v1/chat/completions", {"model": "gpt-4.1", "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}, port=proxy.port)
-        self.assertEqual(status, 200, answer)
-        self.assertEqual(self.sent("/chat/completions")[0]["messages"][0]["content"][0]["image_url"]["url"], url)
-        self.assertEqual(self.fake.requests_to("/img.png"), [])
-
-
-class TestOpenAISurface(ProxyTestCase):
-    def test_embeddings_float_base64_and_errors(self):
-        status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello"})
-        data = json.loads(body)
-        self.assertEqual((status, data["object"], data["data"][0]["embedding"]), (200, "list", [0.5, -1.25, 5.0]))
-        sent = json.loads(self.fake.requests_to("/embeddings")[-1][3])
-        self.assertEqual(sent, {"model": "text-embedding-3-small", "input": ["hello"]})
-        status, _, body = self.request("POST", "/embeddings", {"model": "text-embedding-3-small", "input": ["a", "bb"],
-                                                               "encoding_format": "base64", "dimensions": 2})
-        data = json.loads(body)
-        self.assertEqual(__import__("struct").unpack("<2f", __import__("base64").b64decode(data["data"][1]["embedding"])),
-                         (0.5, -1.25))
-        self.assertEqual(json.loads(self.fake.requests_to("/embeddings")[-1][3])["dimensions"], 2)
-        status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": [[1, 2]]})
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "token_arrays_not_supported"))
-
-    def test_responses_passthrough_stream_and_get(self):
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": "hi"})
-        self.assertEqual((status, json.loads(body)["output"][1]["content"][0]["text"]), (200, "codex says hi"))
-        gate = threading.Event()
-        self.fake.stream(sse({"type": "response.created", "response": {"id": "r"}}), gate,
-                         sse({"type": "response.output_text.delta", "delta": "yo"}),
-                         sse({"type": "response.completed", "response": {"id": "r", "status": "completed"}}))
-        client = self.raw()
-        client.send(post("/v1/responses", json.dumps({"model": "gpt-5.1-codex", "stream": True, "input": [
-            {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]},
-            {"type": "function_call_output", "call_id": "c", "output": "ok"}]}).encode()))
-        client.response(head_only=True)
-        self.assertEqual(sse_data(read_chunk(client.file))[0]["type"], "response.created")
-        gate.set()
-        rest = read_rest(client.file)
-        self.assertEqual([d["type"] for d in sse_data(rest)], ["response.output_text.delta", "response.completed"])
-        headers = self.fake.requests_to("/responses")[-1][2]
-        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
-        self.fake.chat_script = None
-        status, _, body = self.request("GET", "/v1/responses/resp_1")
-        self.assertEqual((status, json.loads(body)["id"]), (200, "resp_1"))
-        self.assertEqual(self.request("GET", "/v1/responses/resp_404")[0], 404)
-
-    def test_api_surface_mounts_routes(self):
-        proxy = self.start_proxy(api_surface=coproxy._api_surface("chat"))
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x"}, port=proxy.port)
-        error = json.loads(body)["error"]
-        self.assertEqual((status, error["code"]), (404, "api_surface_disabled"))
-        self.assertIn("--api-surface", error["message"])
-        self.assertEqual(self.request("POST", "/v1/embeddings", {"model": "x", "input": "x"}, port=proxy.port)[0], 404)
-        status, _, body = self.request("POST", "/v1/messages", {"model": "x"}, port=proxy.port)
-        self.assertEqual((status, json.loads(body)["type"]), (404, "error"))
-        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
-
-    def test_model_names_resolve_and_unknown_models_fail_early(self):
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4-5-20250929"))
+    def test_what_copilot_refuses_from_claude_code_is_taken_out_or_explained(self):
+        tools = [{"name": "read", "input_schema": {"type": "object"}, "eager_input_streaming": True},
+                 {"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4.7"}]
+        status, _, _ = self.messages(self.body("claude-opus-4.6", tools=tools, anthropic_beta=["advisor-tool-2026-03-01"]),
+                                     headers={"anthropic-beta": "advisor-tool-2026-03-01,interleaved-thinking-2025-05-14"})
         self.assertEqual(status, 200)
-        self.assertEqual(json.loads(self.fake.requests_to("/chat/completions")[-1][3])["model"], "claude-sonnet-4.5")
-        calls = len(self.fake.requests_to("/chat/completions"))
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-4.2"))
-        error = json.loads(body)["error"]
-        self.assertEqual((status, error["code"]), (404, "model_not_found"))
-        self.assertIn("gpt-4.1", error["message"])
-        self.assertEqual(len(self.fake.requests_to("/chat/completions")), calls)
+        method, path, headers, raw = self.fake.requests_to("/v1/messages")[-1]
+        sent = json.loads(raw)
+        self.assertEqual((sent["tools"], "anthropic_beta" in sent), ([{"name": "read", "input_schema": {"type": "object"}}],
+                                                                     False))
+        self.assertEqual(headers["anthropic-beta"], "interleaved-thinking-2025-05-14")
+        self.assertTrue(any("removed from the request" in line and "eager_input_streaming" in line for line in LOGS.lines))
+        status, _, body = self.messages(self.body("claude-opus-4.6", tools=[{"type": "web_search_20250305",
+                                                                              "name": "web_search"}]))
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (400, "invalid_request_error"))
+        self.assertIn("Copilot has no web search", json.loads(body)["error"]["message"])
 
-    def test_max_tokens_refusal_is_learnt_once(self):
+
+class TestCodex(ProxyTestCase):
+    """Codex on the Responses API: compressed bodies, remote compaction, cut streams."""
+
+    def test_compressed_bodies(self):
+        body = json.dumps({"model": "gpt-5.1-codex", "input": "hi"}).encode()
+        for encoding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+            status, _, answer = self.request("POST", "/v1/responses", data, {"Content-Encoding": encoding,
+                                                                             "Content-Type": "application/json"})
+            self.assertEqual(status, 200, answer)
+        self.assertEqual(json.loads(self.fake.requests_to("/responses")[-1][3])["input"], "hi")
+        status, _, answer = self.request("POST", "/v1/responses", body, {"Content-Encoding": "br"})
+        self.assertEqual((status, json.loads(answer)["error"]["code"]), (415, "unsupported_content_encoding"))
+        proxy = self.start_proxy(max_body_mb=1.0 / 1024)
+        status, _, answer = self.request("POST", "/v1/responses", gzip.compress(b" " * 5000 + body),
+                                         {"Content-Encoding": "gzip"}, port=proxy.port)
+        self.assertEqual((status, json.loads(answer)["error"]["code"]), (413, "request_too_large"))
+
+    def test_remote_compaction(self):
+        payload = {"model": "gpt-5.1-codex", "instructions": "be Codex", "tools": [], "parallel_tool_calls": False,
+                   "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix it"}]},
+                             {"type": "function_call", "call_id": "c", "name": "sh", "arguments": "{}"},
+                             {"type": "function_call_output", "call_id": "c", "output": "done"}]}
+        status, _, body = self.request("POST", "/v1/responses/compact", payload)
+        answer = json.loads(body)
+        self.assertEqual((status, answer["object"]), (200, "response.compaction"))
+        self.assertEqual(answer["output"], [payload["input"][0], {"id": "cmp_1", "type": "compaction",
+                                                                  "encrypted_content": "ENC"}])
+        method, path, headers, raw = self.fake.requests_to("/responses")[-1]
+        sent = json.loads(raw)
+        self.assertEqual((sent["context_management"][0]["type"], sent["store"], sent["instructions"]),
+                         ("compaction", False, "be Codex"))
+        self.assertEqual((headers["x-initiator"], headers["x-interaction-type"]), ("agent", "conversation-compaction"))
+        proxy = self.start_proxy(api_surface=coproxy._api_surface("chat"))
+        self.assertEqual(self.request("POST", "/v1/responses/compact", payload, port=proxy.port)[0], 404)
+
+    def test_a_compaction_trigger_in_a_stream_goes_as_the_agents_compaction(self):
+        self.fake.stream(sse({"type": "response.output_item.done", "item": {"type": "compaction", "encrypted_content": "E"}}),
+                         sse({"type": "response.completed", "response": {"status": "completed"}}))
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "stream": True, "input": [
+            {"type": "message", "role": "user", "content": "hi"}, {"type": "compaction_trigger"}]})
+        self.assertEqual([e["type"] for e in sse_data(body)], ["response.output_item.done", "response.completed"])
+        headers = self.fake.requests_to("/responses")[-1][2]
+        self.assertEqual((headers["x-initiator"], headers["x-interaction-type"]), ("agent", "conversation-compaction"))
+
+    def test_a_responses_stream_without_completed_is_an_error(self):
+        for ending in ([], ["cut"]):
+            self.fake.stream(sse({"type": "response.output_text.delta", "delta": "x"}), *ending)
+            status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "stream": True, "input": "x"})
+            events = sse_events(body)
+            self.assertEqual((status, events[-1][0], events[-1][1]["type"]), (200, "error", "error"))
+            self.assertNotIn("response.completed", [e[1].get("type") for e in events])
+
+class TestCostAndLimits(ProxyTestCase):
+    """What Copilot costs, per request, and the limits a user runs into."""
+
+    def test_reported_cost_reaches_the_log_metrics_and_usage(self):
+        self.fake.cost = 12300000000  # 12.3 credits
+        self.request("POST", "/v1/chat/completions", chat_body())
+        self.fake.stream(chunk("x"), chunk(None, "stop"), COST_CHUNK, DONE)
+        self.request("POST", "/v1/chat/completions", chat_body(stream=True))
+        self.fake.stream(anthropic_event("message_start", {"type": "message_start", "message": {"usage": {
+            "input_tokens": 20, "cache_read_input_tokens": 100}}}),
+            anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {
+                "output_tokens": 8}, "copilot_usage": {"total_nano_aiu": 2000000000}}),
+            anthropic_event("message_stop", {"type": "message_stop"}))
+        self.request("POST", "/v1/messages", {"model": "claude-opus-4.6", "max_tokens": 5, "stream": True,
+                                              "messages": [{"role": "user", "content": "x"}]})
+        self.assertTrue(wait_for(lambda: sum("credits=" in line for line in LOGS.lines) >= 3), LOGS.lines)
+        lines = [line for line in LOGS.lines if "credits=" in line]
+        self.assertIn("credits=12.3", lines[0])
+        self.assertIn("input_tokens=3 cached_tokens=0 output_tokens=2", lines[0])
+        self.assertIn("credits=4.5", lines[1])
+        self.assertIn("input_tokens=120 cached_tokens=100 output_tokens=8", lines[2])
+        values = parse_metrics(self.request("GET", "/metrics")[2].decode())
+        self.assertAlmostEqual(values[("coproxy_ai_credits_total", frozenset([("model", "gpt-4.1")]))], 16.8)
+        self.assertEqual(values[("coproxy_tokens_total", frozenset([("model", "claude-opus-4.6"), ("type", "cached")]))], 100)
+        labels = frozenset([("gen_ai_operation_name", "chat"), ("gen_ai_provider_name", "github.copilot"),
+                            ("gen_ai_request_model", "gpt-4.1"), ("gen_ai_token_type", "input")])
+        self.assertEqual(values[("gen_ai_client_token_usage_count", labels)], 2)
+        first_chunk = [k for k in values if k[0] == "gen_ai_client_operation_time_to_first_chunk_seconds_count"]
+        self.assertEqual(sum(values[k] for k in first_chunk), 2)
+        since = json.loads(self.request("GET", "/usage")[2])["since_start"]
+        self.assertAlmostEqual(since["credits"], 18.8)
+        self.assertEqual(since["models"]["claude-opus-4.6"]["tokens"], {"input": 120, "cached": 100, "output": 8})
+
+    def test_cost_is_estimated_from_the_catalogues_prices_when_not_reported(self):
+        self.request("POST", "/v1/chat/completions", chat_body())  # 3 input, 2 output tokens of gpt-4.1
+        self.assertTrue(wait_for(lambda: any("credits_estimated=true" in line for line in LOGS.lines)), LOGS.lines)
+        line = [l for l in LOGS.lines if "credits_estimated" in l][0]
+        self.assertIn("credits=%g" % ((3 * 200 + 2 * 800) / 1e6), line)
+
+    def test_session_and_weekly_limits_are_answered_with_their_end_and_not_retried(self):
+        calls = []
+
+        def limited(handler, payload):
+            calls.append(1)
+            handler.send_json(429, {"error": {"message": "Sorry, you've exceeded your 5 hour session limits. Please "
+                                                         "retry after 2733 seconds.", "code": "user_global_rate_limited:pro"}})
+        self.fake.routes[("POST", "/chat/completions")] = limited
+        status, headers, body = self.request("POST", "/v1/chat/completions", chat_body())
+        error = json.loads(body)["error"]
+        self.assertEqual((status, headers["Retry-After"], error["type"]), (429, "2733", "rate_limit_error"))
+        self.assertIn("5-hour session limit is reached", error["message"])
+        self.assertEqual(len(calls), 1)
+        status, headers, body = self.request("POST", "/v1/messages", {"model": "claude-haiku-4.5", "max_tokens": 5,
+                                                                      "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((status, json.loads(body)["error"]["type"], headers["Retry-After"]), (429, "rate_limit_error", "2733"))
+        values = parse_metrics(self.request("GET", "/metrics")[2].decode())
+        self.assertEqual(values[("coproxy_limit_hits_total", frozenset([("window", "5-hour session")]))], 2)
+
+    def test_a_short_transient_429_or_503_is_retried_once(self):
+        answers, slept = [(429, [("Retry-After", "2")]), None, (503, [])], []
+
+        def flaky(handler, payload):
+            answer = answers.pop(0) if answers else None
+            if answer:
+                handler.send_json(answer[0], {"error": {"message": "busy"}}, answer[1])
+            else:
+                self.fake.chat(handler, payload)
+
+        async def no_sleep(seconds):
+            slept.append(seconds)
+        self.proxy.app.gateway.sleep = no_sleep
+        self.fake.routes[("POST", "/chat/completions")] = flaky
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body())[0], 200)  # 429, then fine
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body())[0], 200)  # 503, then fine
+        self.assertEqual(slept, [2, 1])
+        self.assertEqual(len(self.fake.requests_to("/chat/completions")), 4)
+        answers[:] = [(503, []), (503, [])]
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body())[0], 503)  # one retry, not two
+
+    def test_effort_refusals_are_retried_with_the_nearest_value_and_remembered(self):
         def picky(handler, payload):
-            if "max_tokens" in payload:
-                handler.send_json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported "
-                                                             "with this model. Use 'max_completion_tokens' instead.",
-                                                  "code": "invalid_request_body"}})
+            if payload.get("reasoning_effort") not in (None, "medium"):
+                handler.send_json(400, {"error": {"message": 'reasoning_effort "%s" is not supported by model gpt-5-mini;'
+                                                             ' supported values: [medium]' % payload["reasoning_effort"],
+                                                  "code": "invalid_reasoning_effort"}})
             else:
                 self.fake.chat(handler, payload)
         self.fake.routes[("POST", "/chat/completions")] = picky
         for _ in range(2):
-            status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="o3-mini", max_tokens=50))
-            self.assertEqual(status, 200)
-        sent = [json.loads(r[3]) for r in self.fake.requests_to("/chat/completions")]
-        self.assertEqual(["max_tokens" in s for s in sent], [True, False, False])
-        self.assertEqual(sent[-1]["max_completion_tokens"], 50)
+            status, headers, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-5-mini",
+                                                                                           reasoning_effort="high"))
+            self.assertEqual((status, headers["X-Coproxy-Adjusted"]), (200, "reasoning_effort=high->medium"), body)
+        sent = [json.loads(r[3])["reasoning_effort"] for r in self.fake.requests_to("/chat/completions")]
+        self.assertEqual(sent, ["high", "medium", "medium"])  # learnt after the first refusal
 
-    def test_capability_checks_before_upstream(self):
-        image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(image, model="o3-mini"))
+    def test_identity_options_and_the_466_refusal(self):
+        proxy = self.start_proxy(editor_version="vscode/1.999.0", editor_plugin_version="copilot-chat/0.99.1")
+        self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
+        headers = self.fake.requests_to("/chat/completions")[-1][2]
+        self.assertEqual((headers["editor-version"], headers["editor-plugin-version"], headers["user-agent"]),
+                         ("vscode/1.999.0", "copilot-chat/0.99.1", "GitHubCopilotChat/0.99.1"))
+        self.assertEqual(self.fake.requests_to("/copilot_internal/v2/token")[-1][2]["editor-version"], "vscode/1.999.0")
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(
+            466, "bad request: the specified API version is no longer supported. You may need to update your client "
+                 "to a newer version.\n")
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
         error = json.loads(body)["error"]
-        self.assertEqual((status, error["code"]), (400, "model_without_vision"))
-        self.assertIn("o3-mini", error["message"])
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="o3-mini", reasoning_effort="max"))
-        error = json.loads(body)["error"]
-        self.assertEqual((status, error["code"]), (400, "invalid_reasoning_effort"))
-        self.assertIn("low, medium, high", error["message"])
-        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        self.assertEqual((status, error["code"]), (466, "client_version_refused"))
+        self.assertIn("--editor-version and --editor-plugin-version (now vscode/1.999.0", error["message"])
 
-    def test_chat_for_a_responses_only_model(self):
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-5.1-codex", max_tokens=9))
-        answer = json.loads(body)
-        self.assertEqual((status, answer["choices"][0]["message"]["content"]), (200, "codex says hi"))
-        self.assertEqual(answer["usage"]["prompt_tokens_details"], {"cached_tokens": 8})
-        sent = json.loads(self.fake.requests_to("/responses")[-1][3])
-        self.assertEqual((sent["max_output_tokens"], sent["input"][0]["role"]), (9, "user"))
-        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
-        self.fake.stream(sse({"type": "response.output_text.delta", "delta": "str"}),
-                         sse({"type": "response.output_text.delta", "delta": "eam"}),
-                         sse({"type": "response.completed", "response": {"status": "completed"}}))
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="gpt-5.1-codex", stream=True))
-        data = sse_data(body)
-        self.assertEqual("".join(c["choices"][0]["delta"].get("content") or "" for c in data[:-1]), "stream")
-        self.assertEqual((data[-2]["choices"][0]["finish_reason"], data[-1]), ("stop", "[DONE]"))
-
-    def test_usage_route_counters_and_premium_log(self):
-        self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5"))
-        self.request("POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5", messages=[
-            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "r",
-                                                                                      "tool_call_id": "t"}]))
-        # the access line is written just after the answer went out
-        self.assertTrue(wait_for(lambda: any("initiator=user premium=1" in line for line in LOGS.lines)), LOGS.lines)
-        self.assertTrue(wait_for(lambda: any("initiator=agent premium=0" in line for line in LOGS.lines)), LOGS.lines)
-        status, _, body = self.request("GET", "/usage")
-        data = json.loads(body)
-        self.assertEqual(status, 200)
-        self.assertEqual(data["copilot"]["premium_requests"]["used"], 165)
-        self.assertEqual(data["copilot"]["plan"], "individual")
-        self.assertEqual(data["since_start"]["by_initiator"], {"user": 1, "agent": 1})
-        self.assertEqual(data["since_start"]["by_model"], {"claude-sonnet-4.5": 2})
-        self.assertEqual(data["since_start"]["premium_requests"], 1)
-        proxy = self.start_proxy(api_key="k")
-        self.assertEqual(self.request("GET", "/usage", port=proxy.port)[0], 401)
-
-
-def parse_metrics(text):
-    """Prometheus text back into {(name, frozenset(labels)): value}."""
-    values = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$', line)
-        assert match, line
-        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-        values[(match.group(1), labels)] = float(match.group(3))
-    return values
+    def test_usage_windows_seen_in_answers(self):
+        self.fake.answer_headers = [("x-usage-ratelimit-session", "ent=0&ov=0.0&ovPerm=false&rem=42.5&rst=2026-12-01T03%3A00%3A00Z"),
+                                    ("x-usage-ratelimit-weekly", "rem=88&rst=2026-12-07T00%3A00%3A00Z")]
+        self.fake.user = TOKEN_BILLED_USER
+        self.request("POST", "/v1/chat/completions", chat_body())
+        usage = json.loads(self.request("GET", "/usage")[2])
+        self.assertEqual(usage["windows"]["session"]["percent_remaining"], 42.5)
+        self.assertEqual(usage["windows"]["weekly"]["resets_at"], "2026-12-07T00:00:00Z")
+        self.assertEqual((usage["copilot"]["billing"], usage["copilot"]["credits"]["used"]), ("tokens", 122.5))
 
 
 class TestOperations(ProxyTestCase):
@@ -2236,7 +3697,7 @@ class TestOperations(ProxyTestCase):
             slept.append(seconds)
             now[0] += seconds
         proxy = self.start_proxy(rate_limit=10.0)
-        proxy.app.clock, proxy.app.sleep = (lambda: now[0]), fake_sleep
+        proxy.app.gateway.clock, proxy.app.gateway.sleep = (lambda: now[0]), fake_sleep
         self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
         now[0] += 4
         status, headers, body = self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
@@ -2245,7 +3706,7 @@ class TestOperations(ProxyTestCase):
         now[0] += 6
         self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
         waiting = self.start_proxy(rate_limit=10.0, wait=True)
-        waiting.app.clock, waiting.app.sleep = (lambda: now[0]), fake_sleep
+        waiting.app.gateway.clock, waiting.app.gateway.sleep = (lambda: now[0]), fake_sleep
         statuses = [self.request("POST", "/v1/chat/completions", chat_body(), port=waiting.port)[0] for _ in range(3)]
         self.assertEqual((statuses, slept), ([200, 200, 200], [10.0, 10.0]))
         self.assertEqual(len(self.fake.requests_to("/chat/completions")), 5)
@@ -2268,7 +3729,8 @@ class TestOperations(ProxyTestCase):
                                initiator="user"), 1)
         self.assertEqual(value("coproxy_requests_total", route="/chat/completions", status=404, model="", initiator=""), 1)
         self.assertEqual(value("coproxy_upstream_latency_seconds_count", route="/chat/completions"), 2)
-        self.assertEqual(value("coproxy_upstream_ttfb_seconds_count", route="/chat/completions"), 1)
+        self.assertEqual(value("gen_ai_client_operation_time_to_first_chunk_seconds_count", gen_ai_operation_name="chat",
+                               gen_ai_provider_name="github.copilot", gen_ai_request_model="claude-sonnet-4.5"), 1)
         self.assertEqual(value("coproxy_premium_requests_total", model="claude-sonnet-4.5"), 1)
         self.assertEqual((value("coproxy_active_streams"), value("coproxy_token_refreshes_total")), (0, 1))
         self.assertGreater(value("coproxy_response_bytes_total"), 100)
@@ -2279,7 +3741,7 @@ class TestOperations(ProxyTestCase):
         proxy = self.start_proxy(api_key="k", cors_origins=["https://app.example"])
         client = RawClient(proxy.port)
         self.addCleanup(client.close)
-        client.send(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example\r\n"
+        client.send(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example\r\n"
                     b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n")
         status, headers, _ = client.response()
         self.assertEqual(status, 204)
@@ -2292,10 +3754,10 @@ class TestOperations(ProxyTestCase):
         self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (200, "https://app.example"))
         status, headers, _ = self.request("POST", "/v1/chat/completions", chat_body(), {
             "Origin": "https://evil.example", "Authorization": "Bearer k"}, port=proxy.port)
-        self.assertIsNone(headers.get("Access-Control-Allow-Origin"))
+        self.assertEqual((status, headers.get("Access-Control-Allow-Origin")), (403, None))
         status, headers, _ = self.request("OPTIONS", "/v1/models", headers={"Origin": "https://app.example",
                                                                             "Access-Control-Request-Method": "GET"})
-        self.assertIsNone(headers.get("Access-Control-Allow-Origin"))  # off unless --cors-origin
+        self.assertEqual((status, headers.get("Access-Control-Allow-Origin")), (403, None))  # none unless --cors-origin
 
     def test_model_aliases_on_every_route(self):
         proxy = self.start_proxy(model_aliases={"gpt-4": "gpt-4.1", "fast": "claude-haiku-4.5"})
@@ -2312,649 +3774,192 @@ class TestOperations(ProxyTestCase):
                          "claude-haiku-4.5")
 
 
-@unittest.skipIf(os.name != "posix", "the daemon test uses POSIX signals")
-def thread_stack_sizes(pid):
-    """Sizes of the thread stacks in a Linux process: writable mappings right above a guard of a
-    page or a few (a malloc arena's reserve is also inaccessible, but megabytes long)."""
-    sizes, previous = [], None
-    with open("/proc/%d/maps" % pid) as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            start, end = (int(x, 16) for x in span.split("-"))
-            if (previous and previous[1] == start and previous[2] == "---p" and perms == "rw-p"
-                    and previous[1] - previous[0] <= 64 * 1024):
-                sizes.append(end - start)
-            previous = (start, end, perms)
-    return sizes
 
+class Mutator:
+    """Seeded mutations of a JSON document: values of another type, keys removed or added with
+    names coproxy reads, deep nesting, lone surrogates, control characters, and broken bytes."""
 
-def open_bytecode_files(pid):
-    """The process's open files that carried its code at the re-execution (should be none)."""
-    found = []
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        try:
-            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-        except OSError:
-            continue
-        if "coproxy-bytecode" in target:
-            found.append(target)
-    return found
+    FIELDS = ("model", "messages", "content", "role", "type", "text", "image_url", "url", "source", "stream",
+              "stream_options", "include_usage", "n", "tools", "function", "name", "parameters", "tool_choice",
+              "tool_calls", "arguments", "input", "output", "reasoning", "effort", "output_config", "thinking",
+              "budget_tokens", "max_tokens", "max_completion_tokens", "system", "tool_result", "tool_use_id",
+              "encoding_format", "dimensions", "metadata", "user_id", "response_format", "json_schema",
+              "reasoning_effort", "anthropic_beta", "eager_input_streaming", "context_management", "instructions")
+    VALUES = (None, True, False, 0, -1, 2 ** 70, 1e308, 0.5, "", "x", "\ud800", "\udfff tail", "a\x00\r\nb",
+              [], {}, [None], [1, 2], {"type": {}}, {"type": 7}, {"type": "image_url", "image_url": "http://[::1"},
+              {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}},
+              {"type": "image", "source": {"type": "url", "url": "https://[bad"}}, "data:image/png;base64,AA",
+              [{"role": {}}], [{"role": "user", "content": [{"type": "text"}]}], "high", "xhigh", "gpt-5.1-codex",
+              "claude-opus-4.6", "gemini-9", {"effort": ["max"]})
 
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
 
-class TestDaemon(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COPROXY_", "GHCP_"))}
-        self.addCleanup(self.cli, "stop")
+    def _places(self, node, out):
+        if isinstance(node, dict):
+            for key in list(node):
+                out.append((node, key))
+                self._places(node[key], out)
+        elif isinstance(node, list):
+            for index in range(len(node)):
+                out.append((node, index))
+                self._places(node[index], out)
+        return out
 
-    def cli(self, *argv):
-        return subprocess.run([sys.executable, COPROXY_PY] + list(argv) + ["--state-dir", self.tmp],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, env=self.env)
-
-    def test_start_status_refuse_second_stop(self):
-        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
-        self.assertEqual(started.returncode, 0, started.stderr)
-        match = re.search(r"pid (\d+), (http://127\.0\.0\.1:\d+), log (\S+)", started.stdout)
-        self.assertIsNotNone(match, started.stdout)
-        pid, url = int(match.group(1)), match.group(2)
-        with open(os.path.join(self.tmp, "coproxy.pid")) as f:
-            self.assertEqual(f.read().split(), [str(pid), url])
-        port = int(url.rsplit(":", 1)[1])
-        self.assertEqual(http_request(port, "GET", "/healthz")[0], 200)
-        status = self.cli("status")
-        self.assertEqual(status.returncode, 0)
-        self.assertIn("running:  pid %d, %s" % (pid, url), status.stdout)
-        self.assertIn("auth:     not ready: no GitHub login", status.stdout)
-        second = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
-        self.assertEqual(second.returncode, 1)
-        self.assertIn("already running (pid %d" % pid, second.stderr)
-        stopped = self.cli("stop")
-        self.assertEqual((stopped.returncode, stopped.stdout.strip()), (0, "stopped coproxy (pid %d, %s)" % (pid, url)))
-        self.assertFalse(os.path.exists(os.path.join(self.tmp, "coproxy.pid")))
-        self.assertEqual(self.cli("status").returncode, 1)
-        with open(os.path.join(self.tmp, "coproxy.log")) as f:
-            self.assertIn("listening on %s" % url, f.read())
-
-    def test_stale_pid_file_is_replaced(self):
-        gone = subprocess.Popen([sys.executable, "-c", "pass"])
-        gone.wait()
-        with open(os.path.join(self.tmp, "coproxy.pid"), "w") as f:
-            f.write("%d\nhttp://127.0.0.1:1\n" % gone.pid)
-        status = self.cli("status")
-        self.assertEqual((status.returncode, status.stdout.strip()), (1, "coproxy is not running"))
-        self.assertIn("stale pid file", status.stderr)
-        with open(os.path.join(self.tmp, "coproxy.pid"), "w") as f:
-            f.write("%d\nhttp://127.0.0.1:1\n" % gone.pid)
-        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
-        self.assertEqual(started.returncode, 0, started.stderr)
-        self.assertEqual(self.cli("stop").returncode, 0)
-
-    def test_service_files(self):
-        unit = self.cli("service", "systemd", "--port", "9001").stdout
-        self.assertIn("ExecStart=%s %s serve --no-auto-login --state-dir %s --port 9001" % (sys.executable, COPROXY_PY,
-                                                                                            self.tmp), unit)
-        for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=%s" % self.tmp, "[Install]"):
-            self.assertIn(option, unit)
-        plist = plistlib.loads(self.cli("service", "launchd").stdout.encode())
-        self.assertEqual(plist["ProgramArguments"][:3], [sys.executable, COPROXY_PY, "serve"])
-        self.assertTrue(plist["RunAtLoad"])
-
-    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc/<pid>/cmdline")
-    def test_serve_runs_from_its_compiled_code_in_the_same_process(self):
-        # serve re-executes itself (same pid) from bytecode so the script's parse tree is not kept
-        # for its whole life; interpreter flags survive, failures keep their exit status.
-        fake = FakeUpstream()
-        self.addCleanup(fake.close)
-        env = dict(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890")
-        process = subprocess.Popen(
-            [sys.executable, "-X", "utf8", COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp,
-             "--github-url", fake.url, "--github-api-url", fake.url], stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env=env)
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        line = process.stderr.readline()
-        port = int(re.search(r":(\d+)$", line.strip()).group(1))
-        with open("/proc/%d/cmdline" % process.pid, "rb") as f:
-            argv = f.read().decode().split("\0")
-        self.assertEqual(argv[0], sys.executable)
-        self.assertIn("-S", argv[:argv.index("-c")])
-        self.assertIn("-Xutf8", argv[:argv.index("-c")])
-        self.assertEqual(argv[argv.index("-c") + 3:], [COPROXY_PY, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp,
-                                                      "--github-url", fake.url, "--github-api-url", fake.url, ""])
-        status, _, body = http_request(port, "POST", "/v1/chat/completions", chat_body())
-        self.assertEqual(status, 200, body)
-        self.assertEqual(set(thread_stack_sizes(process.pid)), {coproxy.WORKER_STACK_BYTES})  # 1 MiB, not 8
-        self.assertEqual(open_bytecode_files(process.pid), [])  # the loader closed what it read
-        process.send_signal(signal.SIGTERM)
-        self.assertEqual(process.wait(10), 0)
-        self.assertIn("shutting down", process.stderr.read())
-        process.stderr.close()
-        busy = socket.socket()
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        self.addCleanup(busy.close)
-        failed = subprocess.run([sys.executable, COPROXY_PY, "serve", "--port", str(busy.getsockname()[1]),
-                                 "--state-dir", self.tmp, "--no-auto-login"], stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=30, env=self.env)
-        self.assertEqual(failed.returncode, 1)
-        self.assertIn("address already in use", failed.stderr)
-
-    @unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc/<pid>/cmdline")
-    def test_without_memfd_the_code_goes_through_an_unlinked_temporary_file(self):
-        # The macOS/BSD path, taken here by hiding os.memfd_create: nothing may be left in TMPDIR.
-        tmpdir = os.path.join(self.tmp, "tmpdir")
-        os.mkdir(tmpdir)
-        loader = ("import os, sys; del os.memfd_create; __file__ = %r; sys.argv[0] = __file__; "
-                  "exec(compile(open(__file__).read(), __file__, 'exec'))" % COPROXY_PY)
-        process = subprocess.Popen(
-            [sys.executable, "-c", loader, "serve", "--port", "0", "--state-dir", self.tmp, "--no-auto-login"],
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(self.env, TMPDIR=tmpdir))
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        line = process.stderr.readline()
-        while "listening on" not in line:
-            line = process.stderr.readline()
-        port = int(re.search(r":(\d+)$", line.strip()).group(1))
-        self.assertEqual(http_request(port, "GET", "/healthz")[0], 200)
-        with open("/proc/%d/cmdline" % process.pid, "rb") as f:
-            argv = f.read().decode().split("\0")
-        self.assertIn("-S", argv[:argv.index("-c")])
-        self.assertNotIn("memfd_create", argv[argv.index("-c") + 1])  # the loader, not the test's script
-        self.assertEqual(os.listdir(tmpdir), [])
-        self.assertEqual(open_bytecode_files(process.pid), [])
-        process.send_signal(signal.SIGTERM)
-        self.assertEqual(process.wait(10), 0)
-        process.stderr.close()
-
-    def test_json_access_log(self):
-        fake = FakeUpstream()
-        self.addCleanup(fake.close)
-        process = subprocess.Popen(
-            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp, "--log-format", "json",
-             "--github-url", fake.url, "--github-api-url", fake.url], stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env=dict(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        announced = json.loads(process.stderr.readline())
-        self.assertTrue(announced["message"].startswith("listening on http://127.0.0.1:"))
-        port = int(announced["url"].rsplit(":", 1)[1])
-        self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body())[0], 200)
-        process.send_signal(signal.SIGINT)
-        self.assertEqual(process.wait(10), 0)
-        records = [json.loads(line) for line in process.stderr.read().splitlines() if line.strip()]
-        process.stderr.close()
-        access = [r for r in records if r.get("path") == "/v1/chat/completions"]
-        self.assertEqual(len(access), 1)
-        self.assertEqual((access[0]["status"], access[0]["model"], access[0]["initiator"], access[0]["method"]),
-                         (200, "gpt-4.1", "user", "POST"))
-        self.assertIsInstance(access[0]["duration_ms"], float)
-        self.assertTrue(all({"ts", "level", "message"} <= set(r) for r in records))
-
-
-def read_chunk(f):
-    """The next chunk of a chunked body from a buffered socket file (b"" for the last one)."""
-    size = int(f.readline().split(b";")[0], 16)
-    data = f.read(size)
-    f.readline()
-    return data
-
-
-def read_rest(f):
-    """Every remaining chunk of a chunked body, joined (returns after the last, empty chunk)."""
-    body = b""
-    while True:
-        piece = read_chunk(f)
-        if not piece:
-            return body
-        body += piece
-
-
-HEALTH = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
-
-
-def post(path, body, extra=b""):
-    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (path.encode(), len(body), extra, body))
-
-
-class TestRequestParsing(ProxyTestCase):
-    proxy_overrides = {"max_body_mb": 1.0 / 1024}  # 1 KiB
-
-    CASES = [
-        ("HTTP/2 request", b"GET /healthz HTTP/2.0\r\nHost: t\r\n\r\n", 505),
-        ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n", 400),
-        ("bad version", b"GET /healthz FOO/1.1\r\nHost: t\r\n\r\n", 400),
-        ("double space", b"GET  /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400),
-        ("bad method chars", b"G@T /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400),
-        ("unknown method", b"BREW /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 501),
-        ("bad target", b"GET healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400),
-        ("long request line", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
-        ("huge headers", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 40000 + b"\r\n\r\n", 431),
-        ("too many headers", b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431),
-        ("obs-fold", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n  folded\r\n\r\n", 400),
-        ("space in name", b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: 1\r\n\r\n", 400),
-        ("space before colon", b"GET /healthz HTTP/1.1\r\nHost : t\r\n\r\n", 400),
-        ("duplicate Host", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-        ("TE and CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
-                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-        ("conflicting CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
-                           b"Content-Length: 6\r\n\r\nhello", 400),
-        ("non-numeric CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 5x\r\n\r\n", 400),
-        ("negative CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", 400),
-        ("21-digit CL", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1" + b"0" * 20
-                        + b"\r\n\r\n", 400),
-        ("gzip TE", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
-        ("TE on 1.0", b"POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
-        ("CL over the cap", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 52428800\r\n\r\n", 413),
-        ("bad chunk size", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                           b"zz\r\n", 400),
-        ("chunk without CRLF", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                               b"2\r\nabXX", 400),
-        ("long chunk line", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                            b"1;" + b"x" * 2000 + b"\r\n", 400),
-        ("chunked over the cap", b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                 + b"200\r\n" + b"a" * 512 + b"\r\n" + b"200\r\n" + b"a" * 512 + b"\r\n"
-                                 + b"1\r\na\r\n0\r\n\r\n", 413),
-        ("control char in value", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: a\x00b\r\n\r\n", 400),
-    ]
-
-    def test_malformed_requests_get_exact_status_json_and_close(self):
-        for name, data, status in self.CASES:
-            with self.subTest(name):
-                client = self.raw().send(data)
-                got, headers, body = client.response()
-                self.assertEqual(got, status)
-                self.assertEqual(headers.get("connection"), "close")
-                self.assertIn("message", json.loads(body)["error"])
-                self.assertTrue(client.closed_by_server())
-        # the server is unharmed
-        self.assertEqual(self.request("GET", "/healthz")[0], 200)
-
-    def test_json_errors_in_the_body(self):
-        for body, fragment in ((b"{bad", "not valid JSON"), (b"[]", "JSON object"),
-                               (b'{"model":"m","messages":"x"}', "messages")):
-            status, _, data = self.request("POST", "/v1/chat/completions", body)
-            self.assertEqual(status, 400)
-            error = json.loads(data)["error"]
-            self.assertEqual(error["type"], "invalid_request_error")
-            self.assertIn(fragment, error["message"])
-
-
-class TestServerFraming(ProxyTestCase):
-    proxy_overrides = {"header_timeout": 0.3, "idle_timeout": 0.3}
-
-    def test_keep_alive_and_pipelining_in_order(self):
-        client = self.raw()
-        client.send(HEALTH + post("/v1/chat/completions", json.dumps(chat_body("one")).encode())
-                    + b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n"
-                    + post("/chat/completions", json.dumps(chat_body("two")).encode()))
-        statuses = []
-        for expected in ("status", "one", "object", "two"):
-            status, headers, body = client.response()
-            statuses.append(status)
-            self.assertIn(expected, body.decode())
-        self.assertEqual(statuses, [200, 200, 200, 200])
-        client.send(HEALTH)
-        self.assertEqual(client.response()[0], 200)
-
-    def test_one_byte_at_a_time(self):
-        client = self.raw()
-        for byte in post("/v1/chat/completions", json.dumps(chat_body("slow")).encode()):
-            client.sock.sendall(bytes([byte]))
-        status, _, body = client.response()
-        self.assertEqual(status, 200)
-        self.assertIn("echo: slow", body.decode())
-
-    def test_chunked_request_body(self):
-        payload = json.dumps(chat_body("chunky")).encode()
-        pieces = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in (payload[:10], payload[10:]))
-        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                 + pieces + b"0\r\nX-Trailer: 1\r\n\r\n" + HEALTH)
-        status, _, body = client.response()
-        self.assertEqual(status, 200)
-        self.assertIn("echo: chunky", body.decode())
-        self.assertEqual(client.response()[0], 200)
-
-    def test_expect_100_continue(self):
-        payload = json.dumps(chat_body("cont")).encode()
-        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
-                                 b"Content-Length: %d\r\n\r\n" % len(payload))
-        self.assertEqual(client.response()[0], 100)
-        client.send(payload)
-        status, _, body = client.response()
-        self.assertEqual(status, 200)
-        self.assertIn("echo: cont", body.decode())
-
-    def test_expect_100_continue_not_sent_when_rejected(self):
-        proxy = self.start_proxy(api_key="k")
-        client = RawClient(proxy.port)
-        self.addCleanup(client.close)
-        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
-        self.assertEqual(client.response()[0], 401)
-        self.assertTrue(client.closed_by_server())
-
-    def test_head_and_errors(self):
-        client = self.raw().send(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, headers, body = client.response(head_only=True)
-        self.assertEqual(status, 200)
-        self.assertGreater(int(headers["content-length"]), 10)
-        client.send(HEALTH)
-        self.assertEqual(client.response()[0], 200)  # nothing stray was sent after the HEAD answer
-        status, _, body = self.request("GET", "/v2/nothing")
-        self.assertEqual(status, 404)
-        self.assertEqual(json.loads(body)["error"]["code"], "unknown_url")
-        status, headers, body = self.request("GET", "/v1/chat/completions")
-        self.assertEqual(status, 405)
-        self.assertEqual(headers["Allow"], "POST")
-        self.assertEqual(self.request("OPTIONS", "/v1/models")[0], 204)
-
-    def test_header_timeout_answers_408(self):
-        client = self.raw().send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
-        status, headers, body = client.response()
-        self.assertEqual(status, 408)
-        self.assertTrue(client.closed_by_server())
-
-    def test_idle_keep_alive_connection_is_closed_silently(self):
-        client = self.raw().send(HEALTH)
-        self.assertEqual(client.response()[0], 200)
-        self.assertEqual(client.file.read(1), b"")  # closed, no 408 for an idle connection
-
-    def test_http_1_0_closes_unless_keep_alive(self):
-        client = self.raw().send(b"GET /healthz HTTP/1.0\r\n\r\n")
-        status, headers, _ = client.response()
-        self.assertEqual((status, headers.get("connection")), (200, "close"))
-        self.assertTrue(client.closed_by_server())
-        client = self.raw().send(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        status, headers, _ = client.response()
-        self.assertEqual(headers.get("connection"), "keep-alive")
-        client.send(b"GET /healthz HTTP/1.0\r\n\r\n")
-        self.assertEqual(client.response()[0], 200)
-
-    def test_connection_close_is_honoured(self):
-        client = self.raw().send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        self.assertEqual(client.response()[1].get("connection"), "close")
-        self.assertTrue(client.closed_by_server())
-
-
-class TestEndToEnd(ProxyTestCase):
-    def chat(self, body=None, headers=None, port=None):
-        status, response_headers, data = self.request("POST", "/v1/chat/completions", body or chat_body(), headers,
-                                                       port=port)
-        return status, response_headers, json.loads(data)
-
-    def open_stream(self, body):
-        client = self.raw()
-        client.send(post("/v1/chat/completions", json.dumps(body).encode()))
-        status, headers, _ = client.response(head_only=True)
-        self.assertEqual(status, 200)
-        self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
-        self.assertEqual(headers["transfer-encoding"], "chunked")
-        return client
-
-    def test_non_stream_answer_is_a_complete_openai_response(self):
-        status, _, data = self.chat()
-        self.assertEqual(status, 200)
-        self.assertEqual(data["object"], "chat.completion")
-        self.assertIsInstance(data["created"], int)
-        self.assertEqual(data["choices"][0]["message"], {"role": "assistant", "content": "echo: hi"})
-        self.assertEqual(data["usage"]["total_tokens"], 5)
-        self.assertNoSecretsLogged()
-
-    def test_identity_initiator_and_vision_headers_upstream(self):
-        self.chat()
-        headers = self.fake.requests_to("/chat/completions")[-1][2]
-        self.assertTrue(headers["authorization"].startswith("Bearer tid=test1;"))
-        expected = {"copilot-integration-id": "vscode-chat", "editor-version": coproxy.EDITOR_VERSION,
-                    "editor-plugin-version": coproxy.EDITOR_PLUGIN_VERSION, "user-agent": coproxy.COPILOT_USER_AGENT,
-                    "openai-intent": "conversation-panel", "x-github-api-version": "2025-05-01", "x-initiator": "user"}
-        for name, value in expected.items():
-            self.assertEqual(headers.get(name), value, name)
-        self.assertRegex(headers["x-request-id"], r"^[0-9a-f-]{36}$")
-        self.assertNotIn("copilot-vision-request", headers)
-        image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}
-        self.chat({"model": "gpt-4.1", "messages": [image, {"role": "assistant", "content": "a cat"},
-                                                     {"role": "tool", "tool_call_id": "1", "content": "x"}]})
-        headers = self.fake.requests_to("/chat/completions")[-1][2]
-        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
-
-    def test_default_model_and_tools_pass_through(self):
-        proxy = self.start_proxy(default_model="gpt-4.1")
-        tools = [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}]
-        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(200, {
-            "id": "c", "model": b["model"], "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                "role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}}]})
-        status, _, data = self.chat({"messages": [{"role": "user", "content": "x"}], "tools": tools,
-                                     "tool_choice": "auto"}, port=proxy.port)
-        self.assertEqual(status, 200)
-        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])
-        self.assertEqual((sent["model"], sent["tools"], sent["tool_choice"]), ("gpt-4.1", tools, "auto"))
-        self.assertEqual(data["choices"][0]["message"]["tool_calls"][0]["id"], "call_1")
-
-    def test_stream_chunks_arrive_as_they_are_sent(self):
-        gate = threading.Event()
-        self.fake.stream(chunk("Hel"), gate, chunk("lo"), chunk(None, "stop"), USAGE_CHUNK, DONE)
-        client = self.open_stream(chat_body(stream=True))
-        first = read_chunk(client.file)  # only possible if coproxy did not buffer: upstream is paused
-        self.assertFalse(gate.is_set())
-        self.assertEqual(sse_data(first)[0]["choices"][0]["delta"]["content"], "Hel")
-        gate.set()
-        rest = read_rest(client.file)
-        data = sse_data(first + rest)
-        self.assertEqual(data[-1], "[DONE]")
-        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "") for c in data[:-1] if c["choices"]),
-                         "Hello")
-        self.assertFalse(any("usage" in c for c in data[:-1]))
-        self.assertEqual([c["choices"][0]["finish_reason"] for c in data[:-1]][-1], "stop")
-        client.send(HEALTH)  # the connection is still good for the next request
-        self.assertEqual(client.response()[0], 200)
-
-    def test_stream_include_usage(self):
-        self.fake.stream(chunk("x"), chunk(None, "stop"), USAGE_CHUNK, DONE)
-        _, _, body = self.request("POST", "/v1/chat/completions",
-                                  chat_body(stream=True, stream_options={"include_usage": True}))
-        data = sse_data(body)
-        self.assertEqual(data[-2]["usage"]["total_tokens"], 7)
-        self.assertEqual(data[-2]["choices"], [])
-
-    def test_keep_alive_pings_during_upstream_silence(self):
-        proxy = self.start_proxy(ping_seconds=0.05)
-        gate = threading.Event()
-        self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
-        client = RawClient(proxy.port)
-        self.addCleanup(client.close)
-        client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
-        client.response(head_only=True)
-        read_chunk(client.file)
-        self.assertEqual(read_chunk(client.file), b": ping\n\n")
-        self.assertEqual(read_chunk(client.file), b": ping\n\n")
-        gate.set()
-        tail = read_rest(client.file)
-        self.assertTrue(tail.endswith(b"data: [DONE]\n\n"))
-
-    def test_stream_to_an_http_1_0_client_is_close_delimited(self):
-        self.fake.stream(chunk("old"), chunk(None, "stop"), DONE)
-        body = json.dumps(chat_body(stream=True)).encode()
-        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        status, headers, data = client.response()  # no Content-Length, no chunking: read to the close
-        self.assertEqual((status, headers.get("connection")), (200, "close"))
-        self.assertNotIn("transfer-encoding", headers)
-        self.assertEqual(sse_data(data)[0]["choices"][0]["delta"]["content"], "old")
-        self.assertEqual(sse_data(data)[-1], "[DONE]")
-
-    def test_upstream_cut_mid_stream_becomes_an_error_event(self):
-        self.fake.stream(chunk("par"), "cut")
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
-        self.assertEqual(status, 200)
-        data = sse_data(body)
-        self.assertEqual(data[0]["choices"][0]["delta"]["content"], "par")
-        self.assertEqual(data[-1]["error"]["type"], "api_error")
-        self.assertIn("mid-stream", data[-1]["error"]["message"])
-
-    def test_client_disconnect_frees_the_upstream_connection(self):
-        self.fake.stream(chunk("a"), "watch")
-        client = self.open_stream(chat_body(stream=True))
-        read_chunk(client.file)
-        client.close()
-        self.assertTrue(self.fake.client_closed.wait(5), "upstream connection was not closed")
-        self.fake.chat_script = None
-        self.assertEqual(self.request("GET", "/healthz")[0], 200)
-        self.assertEqual(self.chat()[0], 200)
-
-    def test_upstream_errors_keep_status_and_message(self):
-        def rate_limited(handler, body):
-            handler.send_json(429, {"error": {"message": "rate limit exceeded", "code": "rate_limited"}},
-                              [("Retry-After", "17")])
-        self.fake.routes[("POST", "/chat/completions")] = rate_limited
-        status, headers, data = self.chat()
-        self.assertEqual((status, headers["Retry-After"]), (429, "17"))
-        self.assertEqual(data["error"], {"message": "rate limit exceeded", "type": "rate_limit_error",
-                                         "param": None, "code": "rate_limited"})
-        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(400, json.dumps({"error": {
-            "message": "The requested model is not supported.", "code": "model_not_supported", "param": "model",
-            "type": "invalid_request_error"}}))
-        status, _, data = self.chat()
-        self.assertEqual(status, 400)
-        self.assertEqual(data["error"]["message"], "The requested model is not supported.")
-        self.assertEqual((data["error"]["code"], data["error"]["param"]), ("model_not_supported", "model"))
-        catalog = copy.deepcopy(CATALOG)
-        catalog[4]["policy"] = {"state": "requires_consent", "terms": "Enable access to Claude Opus 4.6."}
-        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
-        proxy = self.start_proxy()
-        status, _, body = self.request("POST", "/v1/chat/completions", {"model": "claude-opus-4.6", "messages": [
-            {"role": "user", "content": "hi"}]}, port=proxy.port)
-        self.assertEqual((status, json.loads(body)["error"]["message"]), (400, (
-            "The requested model is not supported: claude-opus-4.6 is not enabled for your account (policy: "
-            "requires_consent); enable it at https://github.com/settings/copilot/features or once in VS Code's "
-            "model picker")))
-        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_text(
-            500, "upstream exploded for Bearer tid=secretstuff;exp=1")
-        status, _, data = self.chat()
-        self.assertEqual(status, 500)
-        self.assertNotIn("secretstuff", data["error"]["message"])
-
-    def test_401_refreshes_the_token_and_retries_once(self):
-        calls = []
-
-        def first_401(handler, body):
-            calls.append(handler.headers["Authorization"])
-            if len(calls) == 1:
-                handler.send_text(401, "unauthorized: token expired")
+    def mutate(self, document):
+        rng, doc = self.rng, copy.deepcopy(document)
+        for _ in range(rng.randint(1, 4)):
+            places = self._places(doc, [])
+            if not places:
+                break
+            container, key = rng.choice(places)
+            roll = rng.random()
+            if roll < 0.45:
+                container[key] = copy.deepcopy(rng.choice(self.VALUES))
+            elif roll < 0.6 and isinstance(container, dict):
+                del container[key]
+            elif roll < 0.7:
+                container[key] = [container[key]] if rng.random() < 0.5 else {rng.choice(self.FIELDS): container[key]}
+            elif isinstance(container, dict):
+                container[rng.choice(self.FIELDS)] = copy.deepcopy(rng.choice(self.VALUES))
             else:
-                handler.send_json(200, {"id": "x", "choices": [{"index": 0, "finish_reason": "stop",
-                                                               "message": {"role": "assistant", "content": "ok"}}]})
-        self.fake.routes[("POST", "/chat/completions")] = first_401
-        status, _, data = self.chat()
-        self.assertEqual((status, data["choices"][0]["message"]["content"]), (200, "ok"))
-        self.assertEqual(self.fake.exchanges, 2)
-        self.assertNotEqual(calls[0], calls[1])
-
-    def test_single_flight_through_the_proxy(self):
-        gate = self.fake.exchange_gate = threading.Event()
-        fetches, fetch_models = [], self.proxy.app.auth.fetch_models
-        self.proxy.app.auth.fetch_models = lambda *a: (fetches.append(1), fetch_models(*a))[1]
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(self.chat()[0])) for _ in range(50)]
-        for t in threads:
-            t.start()
-        self.assertTrue(wait_for(lambda: self.fake.exchanges >= 1))
-        gate.set()
-        for t in threads:
-            t.join(15)
-        self.assertEqual(results, [200] * 50)
-        self.assertEqual(self.fake.exchanges, 1)
-        self.assertEqual(len(fetches), 1)  # one catalog refresh for 50 requests, not 50 queued threads
-
-    def test_concurrency_limit_queues_then_503(self):
-        proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.2)
-        gate = threading.Event()
-        self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
-        client = RawClient(proxy.port)
-        self.addCleanup(client.close)
-        client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
-        client.response(head_only=True)
-        read_chunk(client.file)  # the one slot is taken by this stream
-        status, headers, data = self.chat(port=proxy.port)
-        self.assertEqual((status, headers["Retry-After"]), (503, "1"))
-        self.assertEqual(data["error"]["code"], "overloaded")
-        proxy.app.config.queue_timeout = 5  # now a request waits for the slot instead of failing
-        waiting = []
-        second = threading.Thread(target=lambda: waiting.append(self.chat(port=proxy.port)[0]))
-        self.fake.chat_script = None
-        second.start()
-        second.join(0.3)
-        self.assertTrue(second.is_alive())  # queued behind the stream: no slot until it ends
-        gate.set()
-        second.join(5)
-        self.assertEqual(waiting, [200])
-
-    def test_api_key(self):
-        proxy = self.start_proxy(api_key="sekrit-key")
-        status, headers, data = self.chat(port=proxy.port)
-        self.assertEqual((status, data["error"]["code"]), (401, "invalid_api_key"))
-        self.assertEqual(self.chat(headers={"Authorization": "Bearer sekrit-key"}, port=proxy.port)[0], 200)
-        self.assertEqual(self.chat(headers={"x-api-key": "sekrit-key"}, port=proxy.port)[0], 200)
-        self.assertEqual(self.chat(headers={"Authorization": "Bearer wrong"}, port=proxy.port)[0], 401)
-        self.assertEqual(self.request("GET", "/v1/models", port=proxy.port)[0], 401)
-        self.assertEqual(self.request("GET", "/healthz", port=proxy.port)[0], 200)
-
-    def test_not_logged_in_gives_503_with_the_fix(self):
-        proxy = self.start_proxy(github_token=None, state_dir=os.path.join(self.tmp, "empty"))
-        proxy.config.github_token = None
-        status, _, data = self.chat(port=proxy.port)
-        self.assertEqual(status, 503)
-        self.assertIn("auth login", data["error"]["message"])
-        health = json.loads(self.request("GET", "/healthz", port=proxy.port)[2])
-        self.assertEqual(health["auth"]["ready"], False)
-
-    def test_models_list_get_and_fallback(self):
-        status, headers, body = self.request("GET", "/v1/models")
-        data = json.loads(body)
-        ids = [m["id"] for m in data["data"]]
-        self.assertEqual(ids, ["gpt-4.1", "claude-sonnet-4.5", "claude-haiku-4.5", "claude-opus-4.6",
-                               "gpt-5.1-codex", "o3-mini", "text-embedding-3-small"])
-        self.assertEqual(data["data"][1]["vendor"], "Anthropic")
-        self.assertEqual(data["data"][1]["context_window"], 200000)
-        self.assertEqual(headers["X-Coproxy-Models-Source"], "copilot")
-        self.assertEqual(json.loads(self.request("GET", "/models")[2])["data"][0]["id"], "gpt-4.1")
-        self.assertEqual(len(self.fake.requests_to("/models")), 1)  # cached
-        status, _, body = self.request("GET", "/v1/models/claude-sonnet-4.5")
-        self.assertEqual((status, json.loads(body)["object"]), (200, "model"))
-        status, _, body = self.request("GET", "/v1/models/gpt-9")
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "model_not_found"))
-        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_text(500, "down")
-        proxy = self.start_proxy()
-        status, headers, body = self.request("GET", "/v1/models", port=proxy.port)
-        self.assertEqual((status, headers["X-Coproxy-Models-Source"]), (200, "fallback"))
-        self.assertIn("gpt-4.1", [m["id"] for m in json.loads(body)["data"]])
-
-    def test_graceful_shutdown_finishes_in_flight_streams(self):
-        gate = threading.Event()
-        self.fake.stream(chunk("a"), gate, chunk("b"), chunk(None, "stop"), DONE)
-        idle = self.raw().send(HEALTH)
-        self.assertEqual(idle.response()[0], 200)
-        client = self.open_stream(chat_body(stream=True))
-        read_chunk(client.file)
-        stopper = threading.Thread(target=self.proxy.stop)
-        stopper.start()
-        self.assertEqual(idle.file.read(1), b"")  # the idle keep-alive connection is closed at once
-        gate.set()
-        body = read_rest(client.file)
-        self.assertTrue(body.endswith(b"data: [DONE]\n\n"))
-        stopper.join(10)
-        self.assertFalse(stopper.is_alive())
+                container.append(copy.deepcopy(rng.choice(self.VALUES + tuple(container))))
+        raw = json.dumps(doc).encode()
+        roll = rng.random()
+        if roll < 0.03:
+            raw = b"[" * 400 + raw + b"]" * 400
+        elif roll < 0.06:
+            raw = raw[:rng.randint(0, len(raw))]
+        elif roll < 0.08:
+            raw = raw.replace(b'"', b"'", 1)
+        return raw
 
 
-class TestEndToEndTLS(ProxyTestCase):
-    tls = True
+FUZZ_SEEDS = {
+    "/v1/chat/completions": [
+        {"model": "gpt-4.1", "stream": False, "n": 1, "max_tokens": 5, "reasoning_effort": "high", "tool_choice": "auto",
+         "stream_options": {"include_usage": True}, "response_format": {"type": "json_object"},
+         "tools": [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}],
+         "messages": [{"role": "system", "content": "s"},
+                      {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": "c", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]},
+                      {"role": "tool", "tool_call_id": "c", "content": "x"}]}],
+    "/v1/messages": [
+        {"model": "claude-haiku-4.5", "max_tokens": 50, "system": [{"type": "text", "text": "s"}], "stream": False,
+         "tools": [{"name": "ls", "input_schema": {"type": "object"}}], "tool_choice": {"type": "auto"},
+         "thinking": {"type": "enabled", "budget_tokens": 2000}, "output_config": {"effort": "high"},
+         "metadata": {"user_id": "u"}, "stop_sequences": ["x"], "temperature": 0.5,
+         "messages": [{"role": "user", "content": [{"type": "text", "text": "t"}, {"type": "image", "source": {
+             "type": "base64", "media_type": "image/png", "data": "AA"}}]},
+                      {"role": "assistant", "content": [{"type": "thinking", "thinking": "x", "signature": "s"},
+                                                        {"type": "tool_use", "id": "t", "name": "ls", "input": {}}]},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+                          {"type": "text", "text": "r"}]}]}]}],
+    "/v1/responses": [
+        {"model": "gpt-5.1-codex", "stream": False, "reasoning": {"effort": "high"}, "instructions": "i",
+         "tools": [{"type": "function", "name": "f", "parameters": {}}],
+         "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"},
+                                                                   {"type": "input_image", "image_url": "data:,"}]},
+                   {"type": "function_call_output", "call_id": "c", "output": "o"}]}],
+    "/v1/embeddings": [{"model": "text-embedding-3-small", "input": ["a", "b"], "encoding_format": "base64",
+                        "dimensions": 2}],
+    "/v1/messages/count_tokens": [{"model": "claude", "system": "s", "tools": [{"name": "t", "input_schema": {}}],
+                                   "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}],
+}
+FUZZ_SEEDS["/v1/responses/compact"] = FUZZ_SEEDS["/v1/responses"]
+for _seed in list(FUZZ_SEEDS["/v1/chat/completions"]):
+    FUZZ_SEEDS["/v1/chat/completions"].append(dict(_seed, model="gpt-5.1-codex"))
+FUZZ_SEEDS["/v1/messages"] += [dict(FUZZ_SEEDS["/v1/messages"][0], model=m) for m in ("claude-opus-4.6", "gpt-5.1-codex")]
 
-    def test_chat_and_stream_over_tls_with_ca_file(self):
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body())
-        self.assertEqual(status, 200)
-        self.fake.stream(chunk("t"), chunk(None, "stop"), DONE)
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
-        self.assertEqual(sse_data(body)[-1], "[DONE]")
-        self.assertEqual(self.proxy.app.client.connections_opened, 1)
+
+def robust_upstream(fake):
+    """Copilot routes that answer every request well, whatever its body: a 5xx in the fuzz test
+    is then coproxy's own."""
+    def answer(kind):
+        def route(handler, payload):
+            stream = isinstance(payload, dict) and payload.get("stream") is True
+            if kind == "chat":
+                if stream:
+                    return fake.stream(chunk("x"), chunk(None, "stop"), USAGE_CHUNK, DONE)(handler, payload)
+                handler.send_json(200, {"id": "c", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": "ok"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+            elif kind == "messages":
+                if stream:
+                    return fake.stream(anthropic_event("message_start", {"type": "message_start", "message": {}}),
+                                       anthropic_event("message_stop", {"type": "message_stop"}))(handler, payload)
+                handler.send_json(200, {"id": "m", "type": "message", "content": [], "usage": {}})
+            elif kind == "responses":
+                if stream:
+                    return fake.stream(sse({"type": "response.completed", "response": {"status": "completed"}}))(
+                        handler, payload)
+                handler.send_json(200, {"id": "r", "object": "response", "status": "completed", "output": []})
+            else:
+                handler.send_json(200, {"data": [{"embedding": [0.5, 1.5]}], "usage": {"prompt_tokens": 1}})
+        return route
+    for path, kind in (("/chat/completions", "chat"), ("/v1/messages", "messages"), ("/responses", "responses"),
+                       ("/embeddings", "embeddings")):
+        fake.routes[("POST", path)] = answer(kind)
 
 
+class TestFuzz(ProxyTestCase):
+    """Seeded mutations of valid bodies on every route: never a 5xx, never a traceback."""
+
+    COUNT = 2000  # bodies per route: about a second each on this project's 2-core machines
+
+    def setUp(self):
+        super().setUp()
+        robust_upstream(self.fake)
+
+    def test_mutated_bodies_get_4xx_or_an_answer(self):
+        started, statuses, by_route = time.monotonic(), collections.Counter(), {}
+        for number, (path, seeds) in enumerate(sorted(FUZZ_SEEDS.items())):
+            mutator = Mutator(2026 + number)
+            conn = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=10)
+            self.addCleanup(conn.close)
+            for index in range(self.COUNT):
+                body = mutator.mutate(seeds[index % len(seeds)])
+                conn.request("POST", path, body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                data = response.read()
+                statuses[response.status] += 1
+                by_route.setdefault(path, collections.Counter())[response.status] += 1
+                self.assertLess(response.status, 500, (path, body[:300], data[:300]))
+                if response.status >= 400:
+                    self.assertIn(b'"message"', data)
+                if response.getheader("Connection") == "close":
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=10)
+                    self.addCleanup(conn.close)
+        self.assertFalse([line for line in LOGS.lines if "unhandled" in line or "Traceback" in line])
+        for path, counts in by_route.items():  # each route saw both answers and refusals
+            self.assertTrue(counts[200] and sum(v for k, v in counts.items() if k >= 400), (path, counts))
+        FUZZ_FIGURES.update(inputs=sum(statuses.values()), seconds=round(time.monotonic() - started, 1),
+                            statuses=dict(statuses))
+
+    def test_mutated_upstream_answers_give_200_or_502(self):
+        mutator, answers = Mutator(7), []
+        good = {"id": "c", "model": "gpt-4.1", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "ok", "tool_calls": [{"id": "t", "function": {"name": "f", "arguments": "{}"}}]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}}
+        stream_chunk = {"id": "c", "created": 1, "model": "m", "choices": [{"index": 0, "delta": {"content": "x", "tool_calls": [
+            {"index": 0, "id": "t", "function": {"name": "f", "arguments": "{"}}]}, "finish_reason": None}]}
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, p: (
+            h.send_body(200, answers.pop(0), "application/json") if not p.get("stream") else
+            self.fake.stream(b"data: " + answers.pop(0) + b"\n\n", chunk(None, "stop"), DONE)(h, p))
+        for index in range(300):
+            for model, route, body in (("gpt-4.1", "/v1/chat/completions", chat_body()),
+                                       ("claude-haiku-4.5", "/v1/messages", {"max_tokens": 5, "messages": [
+                                           {"role": "user", "content": "x"}]})):
+                stream = index % 2 == 1
+                answers.append(mutator.mutate(stream_chunk if stream else good))
+                status, _, data = self.request("POST", route, dict(body, model=model, stream=stream))
+                self.assertIn(status, (200, 502), data[:300])
+        self.assertFalse([line for line in LOGS.lines if "unhandled" in line or "Traceback" in line])
+
+
+FUZZ_FIGURES = {}
 class TestCLI(unittest.TestCase):
     def setUp(self):
         self.fake, self.tmp = with_fake_upstream(self)
@@ -2983,13 +3988,28 @@ class TestCLI(unittest.TestCase):
         result = self.run_process("--version")
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "coproxy " + coproxy.__version__))
 
-    def test_usage_errors_exit_2(self):
-        self.assertEqual(self.run_process("serve", "--port", "x").returncode, 2)
+    def test_usage_errors_exit_2_with_one_clear_line(self):
+        result = self.run_process("serve", "--port", "abc")
+        self.assertEqual((result.returncode, result.stderr.strip()), (2, "coproxy: error: argument --port: 'abc' is not a "
+                                                                          "port number (0-65535) (see: python3 coproxy.py "
+                                                                          "serve --help)"))
         self.assertEqual(self.run_process("frobnicate").returncode, 2)
         self.assertEqual(self.run_process().returncode, 2)
+        result = self.run_process("service")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("service needs a kind: `python3 coproxy.py service systemd` (Linux) or", result.stderr)
         result = self.run_process("serve", "--host", "0.0.0.0", "--state-dir", self.tmp)
         self.assertEqual(result.returncode, 2)
-        self.assertIn("--api-key", result.stderr)
+        self.assertIn("GHCP_PROXY_API_KEY", result.stderr)
+
+    def test_help_is_truthful_and_short(self):
+        top = self.run_process("--help").stdout
+        self.assertIn("default: info for serve, warning for the other commands", " ".join(top.split()))
+        self.assertIn("python3 coproxy.py serve", top)
+        for command in ("serve", "models", "usage", "status"):
+            text = self.run_process(command, "--help").stdout
+            self.assertNotIn("--github-api-url URL", text, command)  # shared options are listed once, at the top
+            self.assertIn("listed by `python3 coproxy.py --help`", " ".join(text.split()), command)
 
     def test_serve_without_login_and_without_tty_exits_1(self):
         result = self.run_process("serve", "--state-dir", self.tmp, "--port", "0")
@@ -3046,10 +4066,17 @@ class TestCLI(unittest.TestCase):
     def test_usage_command(self):
         code, out, _ = self.run_main("usage")
         self.assertEqual(code, 0)
-        self.assertIn("premium requests:  165 used of 300, 135 left (45.0% left), resets 2026-12-01", out)
+        self.assertIn("billed by premium requests", out)
+        self.assertIn("premium requests:  165 used of 300 requests, 135 left (45.0% left), resets 2026-12-01", out)
         self.assertIn("chat:              unlimited", out)
+        self.assertIn("5-hour session:    not seen yet", out)
         code, out, _ = self.run_main("usage", "--json")
         self.assertEqual(json.loads(out)["premium_requests"]["remaining"], 135)
+        self.fake.user = TOKEN_BILLED_USER
+        code, out, _ = self.run_main("usage")
+        self.assertIn("billed by AI credits", out)
+        self.assertIn("AI credits:        122.5 used of 1500 credits, 1377.5 left (91.8% left), resets 2026-12-01", out)
+        self.assertIn("completions:       unlimited", out)
 
     def test_models_table_and_json(self):
         code, out, _ = self.run_main("models")
@@ -3085,33 +4112,252 @@ class TestCLI(unittest.TestCase):
         self.assertEqual(process.wait(10), 0)
         rest = process.stderr.read()
         self.assertIn("POST /v1/chat/completions 200", rest)
+        self.assertIn("shutting down", rest)
         self.assertNotIn("ghu_testtoken", rest)
         self.assertNotIn("tid=test", rest)
         process.stderr.close()
         process.stdout.close()
 
+    def test_json_log_lines_all_have_one_shape(self):
+        fake = self.fake
+        fake.stream(chunk("cut sho"))
+        process = subprocess.Popen(
+            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp, "--log-format", "json",
+             "--github-url", fake.url, "--github-api-url", fake.url], stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env=dict(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        announced = json.loads(process.stderr.readline())
+        self.assertTrue(announced["message"].startswith("listening on http://127.0.0.1:"))
+        port = int(announced["url"].rsplit(":", 1)[1])
+        self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body(stream=True))[0], 200)
+        fake.chat_script = None
+        self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body(model="claude-sonnet-4.5"))[0], 200)
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(process.wait(10), 0)
+        records = [json.loads(line) for line in process.stderr.read().splitlines() if line.strip()]
+        process.stderr.close()
+        self.assertTrue(all(list(r)[:4] == ["ts", "level", "logger", "message"] for r in records + [announced]))
+        access = [r for r in records if r.get("path") == "/v1/chat/completions"]
+        self.assertEqual(len(access), 2)
+        self.assertEqual((access[0]["status"], access[0]["stream"], access[0]["error"]),
+                         (200, True, "Copilot closed the stream before the answer was complete"))
+        self.assertEqual((access[1]["premium"], access[1]["input_tokens"], access[1]["initiator"]), (1, 3, "user"))
+        self.assertIsInstance(access[1]["duration_ms"], float)
 
-class TestBenchJudging(unittest.TestCase):
-    """The bench's verdicts: medians, PASS/MISS per target, added-delay rows judged by the difference."""
+@unittest.skipIf(os.name != "posix", "the background server tests use POSIX signals and /proc")
+class TestDaemon(unittest.TestCase):
+    """serve -d, stop and status, as real processes."""
 
-    def test_percentile_and_pass_miss(self):
-        self.assertEqual((percentile([5, 1, 3], 50), percentile([1, 2, 3, 4], 100)), (3, 4))
-        self.assertNotEqual(percentile([], 50), percentile([], 50))  # NaN: no samples is never a pass
-        rows = [("req/s", 9000.0, 1500.0, ">=", 1400, "%.0f"), ("latency", 0.1, 0.7, "<=", 0.6, "%.2f"),
-                ("added delay", 0.05, 0.30, "<=", 0.3, "%.3f", 0.25), ("rss", None, None, "<=", 30, "%.1f")]
-        text, misses = format_bench(rows, 3)
-        verdicts = [line.rsplit(None, 1)[1] for line in text.splitlines()[2:-1]]
-        self.assertEqual((verdicts, misses), (["PASS", "MISS", "PASS", "MISS"], 2))
-        self.assertTrue(text.endswith("2 of 4 figures meet their target"))
-        self.assertIn("0.17x", text)
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COPROXY_", "GHCP_"))}
+        self.addCleanup(self.cli, "stop")
 
+    def cli(self, *argv, env=None):
+        return subprocess.run([sys.executable, COPROXY_PY] + list(argv) + ["--state-dir", self.tmp],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                              env=dict(self.env, **(env or {})))
+
+    def test_start_status_refuse_second_stop_and_no_secret_on_a_command_line(self):
+        fake = FakeUpstream()
+        self.addCleanup(fake.close)
+        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login", "--api-key", "s3cret-key",
+                           "--github-url", fake.url, "--github-api-url", fake.url,
+                           env={"GHCP_GITHUB_TOKEN": "ghu_envtoken1234567890"})
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.assertIn("--api-key was given on the command line", started.stderr)
+        match = re.search(r"pid (\d+), (http://127\.0\.0\.1:\d+), log (\S+)", started.stdout)
+        self.assertIsNotNone(match, started.stdout)
+        pid, url = int(match.group(1)), match.group(2)
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+        self.assertNotIn(b"s3cret-key", cmdline)
+        self.assertNotIn(b"ghu_envtoken", cmdline)
+        with open(os.path.join(self.tmp, "coproxy.pid")) as f:
+            self.assertEqual(f.read().split()[:2], [str(pid), url])
+        port = int(url.rsplit(":", 1)[1])
+        self.assertEqual(http_request(port, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret-key"})[0], 200)
+        status = self.cli("status", env={"GHCP_PROXY_API_KEY": "s3cret-key"})
+        self.assertEqual(status.returncode, 0)
+        self.assertIn("running:  pid %d, %s" % (pid, url), status.stdout)
+        self.assertTrue(wait_for(lambda: "auth:     ready" in self.cli("status").stdout), status.stdout)
+        self.assertIn("upstream: ", status.stdout)
+        second = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        self.assertEqual(second.returncode, 1)
+        self.assertIn("already running (pid %d" % pid, second.stderr)
+        stopped = self.cli("stop")
+        self.assertEqual((stopped.returncode, stopped.stdout.strip()), (0, "stopped coproxy (pid %d, %s)" % (pid, url)))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "coproxy.pid")))
+        self.assertEqual(self.cli("status").returncode, 1)
+
+    def test_stop_never_signals_a_process_that_is_not_this_coproxy(self):
+        stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        self.addCleanup(stranger.kill)
+        with open(os.path.join(self.tmp, "coproxy.pid"), "w") as f:  # a stale file naming a live pid
+            f.write("%d\nhttp://127.0.0.1:1\n%d\n" % (stranger.pid, 12345))
+        stopped = self.cli("stop")
+        self.assertEqual(stopped.returncode, 1)
+        self.assertIn("stale pid file", stopped.stderr)
+        self.assertIsNone(stranger.poll())  # still alive: never signalled
+        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.assertEqual(self.cli("stop").returncode, 0)
+
+    def test_a_foreground_serve_is_seen_by_status_and_stop(self):
+        process = subprocess.Popen([sys.executable, COPROXY_PY, "serve", "--port", "0", "--no-auto-login",
+                                    "--state-dir", self.tmp], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True, env=self.env)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        line = process.stderr.readline()
+        while "listening on" not in line:
+            self.assertTrue(line, "serve ended before listening")
+            line = process.stderr.readline()
+        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.tmp, "coproxy.pid"))))
+        self.assertIn("running:  pid %d" % process.pid, self.cli("status").stdout)
+        self.assertIn("already running", self.cli("serve", "--port", "0", "--no-auto-login").stderr)
+        self.assertEqual(self.cli("stop").returncode, 0)
+        self.assertEqual(process.wait(10), 0)
+        process.stderr.close()
+
+    def test_a_failed_start_shows_only_its_own_log_lines(self):
+        with open(os.path.join(self.tmp, "coproxy.log"), "w") as f:
+            f.write("an old line from yesterday\n")
+        os.chmod(os.path.join(self.tmp, "coproxy.log"), 0o600)
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        failed = self.cli("serve", "-d", "--port", str(busy.getsockname()[1]), "--no-auto-login")
+        self.assertEqual(failed.returncode, 1)
+        self.assertIn("address already in use", failed.stderr)
+        self.assertNotIn("yesterday", failed.stderr)
+
+    def test_state_dir_and_log_file_are_not_followed_elsewhere(self):
+        os.chmod(self.tmp, 0o777)
+        result = self.cli("status")
+        self.assertEqual(result.returncode, 1)
+        result = self.cli("serve", "--port", "0", "--no-auto-login")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("chmod 700 %s" % self.tmp, result.stderr)
+        os.chmod(self.tmp, 0o700)
+        target = os.path.join(self.tmp, "elsewhere")
+        os.symlink(target, os.path.join(self.tmp, "coproxy.log"))
+        result = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        self.assertEqual(result.returncode, 1)
+        self.assertFalse(os.path.exists(target))
+
+
+class TestService(unittest.TestCase):
+    """service systemd|launchd: the exact configuration, secrets only in a 0600 file."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.state = os.path.join(self.tmp, "state")
+        self.ca = os.path.join(self.tmp, "ca.pem")
+        with open(self.ca, "w") as f:
+            f.write(TEST_CA_PEM)
+
+    def run_main(self, argv, env):
+        out, err = io.StringIO(), io.StringIO()
+        original = os.environ.copy()
+        os.environ.clear()
+        os.environ.update(env)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = coproxy.main(argv)
+        finally:
+            os.environ.clear()
+            os.environ.update(original)
+            install_log_capture()
+        return code, out.getvalue(), err.getvalue()
+
+    def test_systemd_unit_carries_every_setting_and_no_secret(self):
+        env = {"HOME": self.tmp, "COPROXY_CA_FILE": self.ca, "HTTPS_PROXY": "http://bob:pr0xy-pass@proxy.corp:3128",
+               "NO_PROXY": "localhost", "GHCP_PROXY_API_KEY": "k3y-from-env"}
+        code, unit, err = self.run_main(["service", "systemd", "--state-dir", self.state, "--github-host", "acme.ghe.com",
+                                         "--port", "9001", "--host", "0.0.0.0", "--model-alias", "fast=gpt-4.1",
+                                         "--github-token", "ghu_flagtoken1234567890"], env)
+        self.assertEqual(code, 0, err)
+        execstart = [line for line in unit.splitlines() if line.startswith("ExecStart=")][0]
+        for part in ("serve --no-auto-login --state-dir %s" % self.state, "--github-host acme.ghe.com",
+                     "--ca-file %s" % self.ca, "--host 0.0.0.0", "--port 9001", "--model-alias fast=gpt-4.1"):
+            self.assertIn(part, execstart)
+        for secret in ("k3y-from-env", "ghu_flagtoken", "pr0xy-pass"):
+            self.assertNotIn(secret, unit)
+        env_file = os.path.join(self.state, "service.env")
+        self.assertIn("EnvironmentFile=%s" % env_file, unit)
+        self.assertIn("Environment=NO_PROXY=localhost", unit)
+        self.assertEqual(stat.S_IMODE(os.stat(env_file).st_mode), 0o600)
+        with open(env_file) as f:
+            self.assertEqual(sorted(l for l in f.read().splitlines() if not l.startswith("#")), [
+                "GHCP_GITHUB_TOKEN=ghu_flagtoken1234567890", "GHCP_PROXY_API_KEY=k3y-from-env",
+                "HTTPS_PROXY=http://bob:pr0xy-pass@proxy.corp:3128"])
+        self.assertEqual(stat.S_IMODE(os.stat(self.state).st_mode), 0o700)
+        self.assertIn("ReadWritePaths=%s" % self.state, unit)
+
+    def test_launchd_plist_loads_secrets_through_a_shell_and_refusals(self):
+        code, out, err = self.run_main(["service", "launchd", "--state-dir", self.state], {"HOME": self.tmp,
+                                                                                           "GHCP_PROXY_API_KEY": "k"})
+        self.assertEqual(code, 0, err)
+        plist = plistlib.loads(out.encode())
+        arguments = plist["ProgramArguments"]
+        self.assertEqual(arguments[:4], ["/bin/sh", "-c", 'set -a && . "$0" && set +a && exec "$@"',
+                                         os.path.join(self.state, "service.env")])
+        self.assertEqual(arguments[4:7], [sys.executable, COPROXY_PY, "serve"])
+        self.assertNotIn("k", arguments)
+        code, _, err = self.run_main(["service", "systemd", "--state-dir", self.state, "--host", "0.0.0.0"],
+                                     {"HOME": self.tmp})
+        self.assertEqual(code, 2)
+        self.assertIn("refusing to serve a service on 0.0.0.0 without an API key", err)
+
+
+class TestClaudeCodeCommand(unittest.TestCase):
+    def test_environment_for_each_shell(self):
+        fake = FakeUpstream()
+        self.addCleanup(fake.close)
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.addCleanup(install_log_capture)
+        base = ["claude-code", "--state-dir", tmp, "--github-url", fake.url, "--github-api-url", fake.url,
+                "--github-token", "ghu_testtoken1234567890", "--port", "9123"]
+        outputs = {}
+        for shell in ("sh", "fish", "powershell"):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(coproxy.main(base + ["--shell", shell, "--api-key", "pa$$"]), 0)
+            outputs[shell] = out.getvalue()
+        sh = outputs["sh"]
+        self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:9123\n", sh)
+        self.assertIn("export ANTHROPIC_AUTH_TOKEN='pa$$'\n", sh)
+        self.assertIn("export ANTHROPIC_MODEL=claude-sonnet-4.5\n", sh)
+        self.assertIn("export ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4.6\n", sh)
+        self.assertIn("export ANTHROPIC_DEFAULT_HAIKU_MODEL=claude-haiku-4.5\n", sh)
+        self.assertIn("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n", sh)
+        self.assertIn("export CLAUDE_CODE_ATTRIBUTION_HEADER=0\n", sh)
+        self.assertIn("set -gx ANTHROPIC_AUTH_TOKEN 'pa$$'\n", outputs["fish"])
+        self.assertIn('$env:ANTHROPIC_AUTH_TOKEN = "pa`$`$"\n', outputs["powershell"])
+        self.assertNotIn("ghu_", sh)
+
+    def test_start_banner_lines_work_when_pasted(self):
+        config = coproxy.Config.resolve({"state_dir": "/srv/coproxy", "api_key": "k", "host": "0.0.0.0"}, environ={})
+        banner = coproxy.start_banner(config, "http://0.0.0.0:9090", "coproxy.py")
+        self.assertIn('eval "$(python3 coproxy.py claude-code --state-dir /srv/coproxy --port 9090 '
+                      '--api-key "$GHCP_PROXY_API_KEY")" && claude', banner)
+        self.assertIn("curl -s http://127.0.0.1:9090/v1/chat/completions", banner)
+        self.assertIn('-H "Authorization: Bearer $GHCP_PROXY_API_KEY"', banner)
+        self.assertNotIn(" k ", banner)
+        plain = coproxy.start_banner(coproxy.Config.resolve({}, environ={}), "http://127.0.0.1:8080", "coproxy.py")
+        self.assertIn('eval "$(python3 coproxy.py claude-code)" && claude', plain)
 
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
-    STDLIB = {"_thread", "queue", "difflib", "struct", "subprocess", "ctypes", "argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "dataclasses", "email", "errno",
-              "functools", "hashlib", "hmac", "http", "json", "logging", "os", "re", "shlex", "signal",
-              "socket", "ssl", "stat", "sys", "threading", "time", "tempfile", "marshal", "urllib", "webbrowser"}
+    STDLIB = {"argparse", "asyncio", "base64", "collections", "compression", "concurrent", "contextlib", "ctypes",
+              "dataclasses", "difflib", "email", "errno", "fcntl", "functools", "hashlib", "hmac", "http", "ipaddress",
+              "json", "logging", "os", "queue", "re", "selectors", "shlex", "signal", "socket", "ssl", "stat", "struct",
+              "subprocess", "sys", "threading", "time", "urllib", "webbrowser", "zlib"}
 
     def test_grammar_parses_as_python_3_7(self):
         ast.parse(self.SOURCE, feature_version=(3, 7))
@@ -3137,7 +4383,7 @@ class TestPortability(unittest.TestCase):
         banners = re.findall(r"^# (\d+)\. (.+)$", self.SOURCE, re.M)
         listed = re.findall(r"^\s+(\d+)\. (.+)$", coproxy.__doc__, re.M)
         self.assertEqual(banners, listed)
-        self.assertEqual([int(n) for n, _ in banners], list(range(1, 13)))
+        self.assertEqual([int(n) for n, _ in banners], list(range(1, 15)))
 
     def test_readme_documents_every_option_and_subcommand(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
@@ -3152,10 +4398,39 @@ class TestPortability(unittest.TestCase):
             self.assertIn(line, readme)
 
     def test_import_has_no_side_effects(self):
-        result = subprocess.run([sys.executable, "-c", "import coproxy, logging, sys; "
-                                 "print(logging.getLogger('coproxy').handlers, 'argparse' in sys.argv)"],
-                                cwd=HERE, capture_output=True, text=True, timeout=20)
-        self.assertEqual(result.stdout.strip(), "[] False")
+        home = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, home, True)
+        probe = ("import sys, threading, logging; sys.argv = ['coproxy.py', 'serve', '-d']; import coproxy; "
+                 "print(len(logging.getLogger('coproxy').handlers), threading.active_count(), "
+                 "logging.getLogger().handlers == [])")
+        result = subprocess.run([sys.executable, "-c", probe], cwd=HERE, capture_output=True, text=True, timeout=20,
+                                env=dict(os.environ, HOME=home, XDG_STATE_HOME=os.path.join(home, "state")))
+        self.assertEqual((result.returncode, result.stdout.strip(), result.stderr), (0, "0 1 True", ""))
+        self.assertEqual(os.listdir(home), [])  # no state dir, no pid file, no log: nothing was started
+
+    def test_classes_and_functions_stay_small(self):
+        tree = ast.parse(self.SOURCE)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                self.assertLessEqual(node.end_lineno - node.lineno, 300, node.name)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self.assertLessEqual(node.end_lineno - node.lineno, 100, node.name)
+
+
+class TestBenchJudging(unittest.TestCase):
+    """The bench's verdicts: medians, PASS/MISS per target, added-delay rows judged by the difference."""
+
+    def test_percentile_and_pass_miss(self):
+        self.assertEqual((percentile([5, 1, 3], 50), percentile([1, 2, 3, 4], 100)), (3, 4))
+        self.assertNotEqual(percentile([], 50), percentile([], 50))  # NaN: no samples is never a pass
+        rows = [("req/s", 9000.0, 1500.0, ">=", 1400, "%.0f"), ("latency", 0.1, 0.7, "<=", 0.6, "%.2f"),
+                ("added delay", 0.05, 0.30, "<=", 0.3, "%.3f", 0.25), ("rss", None, None, "<=", 30, "%.1f"),
+                ("rss at start", None, 99.0, "info", None, "%.1f"), ("nan", None, float("nan"), "<=", 1, "%.1f")]
+        text, misses = format_bench(rows, 3)
+        verdicts = [line.rsplit(None, 1)[1] for line in text.splitlines()[2:-1]]
+        self.assertEqual((verdicts, misses), (["PASS", "MISS", "PASS", "MISS", "99.0", "MISS"], 3))
+        self.assertTrue(text.endswith("2 of 5 figures meet their target"))
+        self.assertIn("0.17x", text)
 
 
 @unittest.skipUnless(openai is not None, "the openai SDK is not installed (.ci/run installs it in a venv)")
@@ -3294,6 +4569,7 @@ class TestAnthropicSDK(ProxyTestCase):
                 model="claude-haiku-4.5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
 
 
+
 # ------------------------------------------------------------------------------------------
 # Benchmark: python3 test_coproxy.py --bench  (figures for issue "lightest proxy, measured").
 # A fast asyncio fake upstream (the threaded one above is correct but not fast), closed-loop
@@ -3303,6 +4579,15 @@ class TestAnthropicSDK(ProxyTestCase):
 BENCH_ANSWER = json.dumps({"id": "chatcmpl-bench", "model": "gpt-4.1", "choices": [{
     "index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello from the bench."}}],
     "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}}).encode()
+
+
+#: One streamed chunk as Copilot sends it for a GPT model (content-filter fields included); the
+#: content carries the upstream's send time, so clients can measure each chunk's delay.
+BENCH_CHUNK = (b'data: {"choices":[{"index":0,"content_filter_offsets":{"check_offset":3562,"start_offset":3562,'
+               b'"end_offset":3570},"content_filter_results":{"hate":{"filtered":false,"severity":"safe"},'
+               b'"self_harm":{"filtered":false,"severity":"safe"},"sexual":{"filtered":false,"severity":"safe"},'
+               b'"violence":{"filtered":false,"severity":"safe"}},"delta":{"content":"t%d"}}],"created":1764500000,'
+               b'"id":"chatcmpl-CYx8mQ2bench","model":"gpt-4.1-2025-04-14","system_fingerprint":"fp_bench"}\n\n')
 
 
 class BenchUpstream(asyncio.Protocol):
@@ -3348,7 +4633,7 @@ class BenchUpstream(asyncio.Protocol):
                 self.send(BENCH_ANSWER)
         elif path == b"/copilot_internal/v2/token":
             self.send(json.dumps({"token": "tid=bench;exp=9999999999", "expires_at": int(time.time()) + 3600,
-                                  "refresh_in": 3000, "endpoints": {"api": BenchUpstream.base_url}}).encode())
+                                  "refresh_in": 3000, "endpoints": {"api": self.base_url}}).encode())
         elif path == b"/models":
             self.send(json.dumps({"data": CATALOG}).encode())
         elif path == b"/__stats":
@@ -3360,7 +4645,7 @@ class BenchUpstream(asyncio.Protocol):
         write = self.transport.write
         write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(chunks):
-            event = b'data: {"id":"c","model":"gpt-4.1","choices":[{"index":0,"delta":{"content":"t%d"},"finish_reason":null}]}\n\n' % time.monotonic_ns()
+            event = BENCH_CHUNK % time.monotonic_ns()
             write(b"%x\r\n%s\r\n" % (len(event), event))
             await asyncio.sleep(interval)
             if self.transport.is_closing():
@@ -3371,20 +4656,77 @@ class BenchUpstream(asyncio.Protocol):
         write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
 
 
-def bench_upstream_process(port_queue):
+def bench_tls_context(tmp):
+    """The fake upstream's TLS server context (the test CA's leaf for 127.0.0.1)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert, key = os.path.join(tmp, "leaf.pem"), os.path.join(tmp, "leaf.key")
+    with open(cert, "w") as f:
+        f.write(TEST_LEAF_PEM)
+    with open(key, "w") as f:
+        f.write(TEST_LEAF_KEY)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def bench_upstream_process(port_queue, tmp):
+    """The fake upstream twice: plain HTTP and TLS (what real Copilot speaks); puts both ports."""
     async def main():
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(BenchUpstream, "127.0.0.1", 0, backlog=2048)
-        port = server.sockets[0].getsockname()[1]
-        BenchUpstream.base_url = "http://127.0.0.1:%d" % port
-        port_queue.put(port)
+        ports = []
+        for context in (None, bench_tls_context(tmp)):
+            holder = {}
+
+            def factory(holder=holder):
+                protocol = BenchUpstream()
+                protocol.base_url = holder["url"]
+                return protocol
+            server = await loop.create_server(factory, "127.0.0.1", 0, backlog=4096, ssl=context)
+            port = server.sockets[0].getsockname()[1]
+            holder["url"] = "%s://127.0.0.1:%d" % ("https" if context else "http", port)
+            ports.append(port)
+        port_queue.put(tuple(ports))
+        await asyncio.Event().wait()
+    asyncio.run(main())
+
+
+def bench_connect_proxy_process(port_queue):
+    """An HTTP proxy that only does CONNECT (as corporate proxies do for HTTPS), on asyncio."""
+    async def pipe(reader, writer):
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            host, port = head.split(b" ")[1].decode().rsplit(":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            writer.close()
+            return
+        for w in (writer, up_writer):
+            w.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
+        port_queue.put(server.sockets[0].getsockname()[1])
         await asyncio.Event().wait()
     asyncio.run(main())
 
 
 def bench_request(path, body=None, method="POST"):
     body = json.dumps(body).encode() if body is not None else b""
-    return (b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    return (b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (method.encode(), path.encode(), len(body), body))
 
 
@@ -3494,21 +4836,35 @@ class Bench:
         import multiprocessing
         self.mp = multiprocessing.get_context("fork")
         self.repetitions = repetitions
-        queue = self.mp.Queue()
-        self.upstream = self.mp.Process(target=bench_upstream_process, args=(queue,), daemon=True)
-        self.upstream.start()
-        self.upstream_port = queue.get(timeout=10)
         self.tmp = tempfile.mkdtemp(prefix="coproxy-bench-")
+        queue = self.mp.Queue()
+        self.upstream = self.mp.Process(target=bench_upstream_process, args=(queue, self.tmp), daemon=True)
+        self.upstream.start()
+        self.upstream_port, self.upstream_tls_port = queue.get(timeout=10)
+        self.connect_proxy = self.mp.Process(target=bench_connect_proxy_process, args=(queue,), daemon=True)
+        self.connect_proxy.start()
+        self.connect_proxy_port = queue.get(timeout=10)
+        self.ca_file = os.path.join(self.tmp, "ca.pem")
+        with open(self.ca_file, "w") as f:
+            f.write(TEST_CA_PEM)
         self.proxy = None
 
-    def launch(self):
-        """(process, port, seconds from launch to the first /healthz 200) of a new `serve`."""
-        url = "http://127.0.0.1:%d" % self.upstream_port
+    def launch(self, tls=False):
+        """(process, port, seconds from launch to the first /healthz 200) of a new `serve`; with
+        ``tls``, the upstream is the TLS one, reached through the CONNECT proxy (HTTPS_PROXY)."""
         env = dict(os.environ, GHCP_GITHUB_TOKEN="ghu_bench")
+        env = {k: v for k, v in env.items() if k.lower() not in ("https_proxy", "http_proxy", "no_proxy", "all_proxy")}
+        if tls:
+            url = "https://127.0.0.1:%d" % self.upstream_tls_port
+            env["HTTPS_PROXY"] = "http://127.0.0.1:%d" % self.connect_proxy_port
+            extra = ["--ca-file", self.ca_file, "--state-dir", os.path.join(self.tmp, "tls")] + os.environ.get("BENCH_SERVE_ARGS", "").split()
+        else:
+            url = "http://127.0.0.1:%d" % self.upstream_port
+            extra = ["--state-dir", self.tmp]
         started = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", self.tmp, "--github-url", url,
-             "--github-api-url", url],
+            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--github-url", url,
+             "--github-api-url", url] + extra,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         line = process.stderr.readline()
         port = int(re.search(r":(\d+)$", line.strip()).group(1))
@@ -3539,72 +4895,115 @@ class Bench:
             self.proxy.send_signal(signal.SIGTERM)
             self.proxy.wait(20)
         self.upstream.terminate()
+        self.connect_proxy.terminate()
         shutil.rmtree(self.tmp, True)
 
-    def cpu_seconds(self):
-        with open("/proc/%d/stat" % self.proxy.pid) as f:
+    def cpu_seconds(self, pid=None):
+        with open("/proc/%d/stat" % (pid or self.proxy.pid)) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def rss_mb(self):
-        with open("/proc/%d/status" % self.proxy.pid) as f:
-            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024.0
+    @staticmethod
+    def thread_cpu(pid):
+        """{thread id: (user + system) seconds} of every thread of ``pid`` (threads that ended
+        are counted in the process total only; the bench reads both)."""
+        out = {}
+        for tid in os.listdir("/proc/%d/task" % pid):
+            try:
+                with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
 
-    def upstream_connections(self):
-        return json.loads(http_request(self.upstream_port, "GET", "/__stats")[2])["connections"]
+    def tls_streams(self):
+        """The condition real Copilot streams arrive in: TLS through an HTTPS_PROXY tunnel, 50
+        simultaneous streams of 200 chunks, one chunk every 5 ms per stream. Returns (proxy CPU
+        seconds per 10,000 chunks, the event-loop thread's share of it, chunks received)."""
+        process, port, _ = self.launch(tls=True)
+        try:
+            request = self.stream_request(port, 1, 0)  # warm: token, catalogue, a few pooled tunnels
+            for _ in range(3):
+                self._one_stream(port, request)
+            results = []
+            for _ in range(self.repetitions):
+                request = self.stream_request(port, 200, 0.005)
+                before, threads_before = self.cpu_seconds(process.pid), self.thread_cpu(process.pid)
+                runs = self.run_workers(bench_streams, port, request, 50, 2)
+                total = self.cpu_seconds(process.pid) - before
+                loop = self.thread_cpu(process.pid).get(process.pid, 0) - threads_before.get(process.pid, 0)
+                chunks = sum(len(r[2]) for r in runs)
+                results.append((total / chunks * 10000, loop / max(total, 1e-9), chunks))
+            return sorted(results)[len(results) // 2]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(20)
 
-    def run_workers(self, target, port, request, total, workers, *extra):
-        queue = self.mp.Queue()
-        shares = [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
-        processes = [self.mp.Process(target=target, args=(port, request, n) + extra + (queue,))
-                     for n in shares if n]
-        for process in processes:
-            process.start()
-        results = [queue.get(timeout=300) for _ in processes]
-        for process in processes:
-            process.join(10)
-        return results
-
-    def throughput(self, port, clients, duration=2.0):
-        request = bench_request("/v1/chat/completions" if port == self.proxy_port else "/chat/completions",
-                                {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
-        results = self.run_workers(bench_closed_loop, port, request, clients, min(clients, 2), duration)
-        done = sum(r[0] for r in results)
-        latencies = [x for r in results for x in r[1]]
-        return done / duration, percentile(latencies, 50) * 1000
-
-    def stream_request(self, port, chunks, interval):
-        return bench_request("/v1/chat/completions" if port == self.proxy_port else "/chat/completions",
-                             {"model": "gpt-4.1", "stream": True, "bench_chunks": chunks, "bench_interval": interval,
-                              "messages": [{"role": "user", "content": "hi"}]})
-
-    def ttfb(self, port, samples=200):
-        request = self.stream_request(port, 1, 0)
-        return percentile([self._one_stream(port, request) for _ in range(samples)], 50) * 1000
-
-    def _one_stream(self, port, request):
-        sock = socket.create_connection(("127.0.0.1", port))
+    def tls_probe_connection(self):
+        """A kept-alive TLS connection to the fake upstream through the CONNECT proxy: the "direct" path."""
+        sock = socket.create_connection(("127.0.0.1", self.connect_proxy_port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        start = time.perf_counter()
-        sock.sendall(request)
-        first = None
-        buf = b""
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            buf += data
-            if first is None and b"data:" in buf:
-                first = time.perf_counter() - start
-            if buf.endswith(b"\r\n0\r\n\r\n"):
-                break
-        sock.close()
-        return first
+        sock.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % self.upstream_tls_port)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1024)
+        return ssl.create_default_context(cafile=self.ca_file).wrap_socket(sock, server_hostname="127.0.0.1")
 
-    def chunk_delays(self, port):
-        request = self.stream_request(port, 500, 0.002)
-        (firsts, done, delays), = self.run_workers(bench_streams, port, request, 1, 1)
-        return delays
+    def tls_many_streams(self):
+        """1,000 simultaneous TLS streams through the tunnel (30 chunks, 500 ms apart): (first chunk
+        p50 in s, completed, p50 ms of small non-stream requests sent meanwhile straight to the
+        upstream through the tunnel, and through coproxy; the two interleaved, 100 of each)."""
+        process, port, _ = self.launch(tls=True)
+        direct_conn = self.tls_probe_connection()
+        try:
+            self._one_stream(port, self.stream_request(port, 1, 0))
+            request = self.stream_request(port, 30, 0.5)
+            queue = self.mp.Queue()
+            processes = [self.mp.Process(target=bench_streams, args=(port, request, n, queue)) for n in (500, 500)]
+            for p in processes:
+                p.start()
+            time.sleep(2.0)  # let the streams open before probing
+            body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "probe"}]}
+            direct_probe, via_probe = bench_request("/chat/completions", body), bench_request("/v1/chat/completions", body)
+            direct, via = [], []
+            for _ in range(100):
+                start = time.perf_counter()
+                direct_conn.sendall(direct_probe)
+                buf = b""
+                while not _response_complete(buf):
+                    buf += direct_conn.recv(65536)
+                direct.append(time.perf_counter() - start)
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                start = time.perf_counter()
+                sock.sendall(via_probe)
+                buf = b""
+                while not _response_complete(buf):
+                    buf += sock.recv(65536)
+                via.append(time.perf_counter() - start)
+                sock.close()
+                time.sleep(0.05)
+            results = [queue.get(timeout=300) for _ in processes]
+            for p in processes:
+                p.join(10)
+            firsts = [f for r in results for f in r[0] if f is not None]
+            return (percentile(firsts, 50), sum(r[1] for r in results), percentile(direct, 50) * 1000,
+                    percentile(via, 50) * 1000)
+        finally:
+            direct_conn.close()
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+
+    def tls_rows(self):
+        """The figures of the path users have: TLS upstream through an HTTPS_PROXY tunnel."""
+        cpu, loop_share, chunks = self.tls_streams()
+        first, completed, direct, via = self.tls_many_streams()
+        return [("TLS+CONNECT: proxy CPU per 10,000 chunks, 50 streams (s)", None, cpu, "<=", 0.5, "%.3f"),
+                ("TLS+CONNECT: event loop's share of that CPU (%)", None, loop_share * 100, "info", None, "%.0f"),
+                ("TLS+CONNECT: 1,000 streams completed", None, completed, ">=", 1000, "%d"),
+                ("TLS+CONNECT: 1,000 streams, 1st chunk p50 (s)", None, first, "<=", 2.0, "%.2f"),
+                ("TLS+CONNECT: small request during 1,000 streams, p50 (ms)", direct, via, "<=", 1.5, "%.2f")]
 
     def run(self):
         rows = []
@@ -3693,8 +5092,8 @@ class Bench:
         rows.append(("1,000 concurrent streams: completed", many["direct"][0], many["via"][0], ">=", 1000, "%d"))
         rows.append(("1,000 concurrent streams: 1st chunk p50 (s)", many["direct"][1], many["via"][1], "<=", 1.0, "%.2f"))
         rows.append(("small request while 1,000 streams run, p50 (ms)", many["direct"][2], many["via"][2], "<=", 2.0, "%.2f"))
-        rows.append(("RSS at start (MB)", None, rss_start, "<=", 30, "%.1f"))
-        rows.append(("RSS after load (MB)", None, rss_after_load, "<=", 40, "%.1f"))
+        rows.append(("RSS at start (MB)", None, rss_start, "info", None, "%.1f"))
+        rows.append(("RSS growth after load (MB)", None, rss_after_load - rss_start, "<=", 10, "%.1f"))
         rows.append(("RSS with 1,000 streams, peak (MB)", None, many["via"][3], "<=", 150, "%.1f"))
         self.more_start_times(max(4, 2 * reps - 1))
         rows.append(("start to first /healthz 200 (ms), median of %d" % len(self.start_times), None,
@@ -3716,19 +5115,23 @@ class Bench:
 def format_bench(rows, repetitions):
     lines = ["coproxy %s benchmark, Python %s, %d cores, median of %d runs" % (
         coproxy.__version__, sys.version.split()[0], os.cpu_count(), repetitions),
-        "%-55s %12s %12s %8s %12s  %s" % ("figure", "direct", "via coproxy", "ratio", "target", "result")]
-    misses = 0
+        "%-58s %10s %12s %8s %12s  %s" % ("figure", "direct", "via coproxy", "ratio", "target", "result")]
+    misses = judged = 0
     for row in rows:
         name, direct, via, op, target, fmt = row[:6]
         ratio = "" if not direct or direct != direct or via is None else "%.2fx" % (via / direct)
         value = row[6] if len(row) > 6 else via   # added delay rows compare the difference
-        ok = value is not None and (value >= target if op == ">=" else value <= target)
-        misses += not ok
-        shown_target = "%s %s" % (op, target) + (" added" if len(row) > 6 else "")
-        lines.append("%-55s %12s %12s %8s %12s  %s" % (name, "—" if direct is None else fmt % direct,
+        if op == "info":  # reported, not judged
+            verdict, shown_target = "", ""
+        else:
+            judged += 1
+            ok = value is not None and value == value and (value >= target if op == ">=" else value <= target)
+            misses += not ok
+            verdict, shown_target = "PASS" if ok else "MISS", "%s %s" % (op, target) + (" added" if len(row) > 6 else "")
+        lines.append("%-58s %10s %12s %8s %12s  %s" % (name, "—" if direct is None else fmt % direct,
                                                        fmt % via if via is not None else "—", ratio, shown_target,
-                                                       "PASS" if ok else "MISS"))
-    lines.append("%d of %d figures meet their target" % (len(rows) - misses, len(rows)))
+                                                       verdict))
+    lines.append("%d of %d figures meet their target" % (judged - misses, judged))
     return "\n".join(lines), misses
 
 
@@ -3741,7 +5144,7 @@ def run_bench(argv):
         return 2
     bench = Bench(repetitions)
     try:
-        rows = bench.run()
+        rows = bench.tls_rows() if "--tls-only" in argv else bench.run() + bench.tls_rows()
     finally:
         bench.stop()
     text, misses = format_bench(rows, repetitions)
@@ -3767,11 +5170,18 @@ class CountingResult(unittest.TextTestResult):
         self.passes += 1
 
 
+class CountingRunner(unittest.TextTestRunner):
+    """unittest's runner with CountingResult; a class, so unittest.main passes -v on to it."""
+
+    resultclass = CountingResult
+
+
 def run_tests(argv):
-    runner = unittest.TextTestRunner(resultclass=CountingResult, verbosity=1)
-    program = unittest.main(argv=[sys.argv[0]] + argv, exit=False, testRunner=runner)
+    program = unittest.main(argv=[sys.argv[0]] + argv, exit=False, testRunner=CountingRunner)
     result = program.result
     failed = len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
+    if FUZZ_FIGURES:
+        print("fuzz: %(inputs)d mutated request bodies in %(seconds)ss, answers by status %(statuses)s" % FUZZ_FIGURES)
     print("%d passed, %d failed, %d skipped" % (result.passes, failed, len(result.skipped)))
     return 1 if failed or result.passes == 0 else 0
 
