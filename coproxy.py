@@ -103,8 +103,6 @@ __all__ = ["Config", "TokenStore", "UpstreamClient", "CopilotAuth", "DeviceFlow"
 #: Only tokens from this app can be exchanged at ``/copilot_internal/v2/token``.
 GITHUB_CLIENT_ID = "Iv1.b507a08c87ecfe98"
 GITHUB_SCOPE = "read:user"
-DEFAULT_GITHUB_URL = "https://github.com"
-DEFAULT_GITHUB_API_URL = "https://api.github.com"
 DEFAULT_COPILOT_API_URL = "https://api.githubcopilot.com"
 
 #: Identity headers: Copilot checks Editor-Version and Copilot-Integration-Id, refuses Go's
@@ -210,10 +208,9 @@ class ConfigError(CoproxyError):
 class AuthError(CoproxyError):
     """Not logged in, or GitHub refused to give us a Copilot token (the message says why)."""
 
-    def __init__(self, message, code="copilot_auth_failed", status=None):
+    def __init__(self, message, code="copilot_auth_failed"):
         super().__init__(message)
         self.code = code
-        self.status = status
 
 
 class UpstreamUnreachable(CoproxyError):
@@ -246,19 +243,12 @@ class BadRequest(Exception):
         self.status = status
 
 
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
 def error_type_for_status(status):
     """The OpenAI ``error.type`` that goes with an HTTP status."""
-    if status == 401:
-        return "authentication_error"
-    if status == 403:
-        return "permission_error"
-    if status == 404:
-        return "not_found_error"
-    if status == 429:
-        return "rate_limit_error"
-    if 400 <= status < 500:
-        return "invalid_request_error"
-    return "api_error"
+    return _ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "api_error")
 
 
 _SECRET_PATTERNS = re.compile(
@@ -468,17 +458,22 @@ def _number(convert, low, high=None, strict=False, what="a number"):
     return parse
 
 
+def _choice(*values):
+    """A converter for an option that takes one of ``values`` (in any case)."""
+    def parse(text):
+        value = str(text).strip().lower()
+        if value not in values:
+            raise ValueError("must be %s or %s" % (", ".join(values[:-1]), values[-1]))
+        return value
+    return parse
+
+
 _port = _number(int, 0, 65535, what="a port number (0-65535)")
 _positive_int = _number(int, 1, what="a whole number")
 _positive_float = _number(float, 0, strict=True)
 _non_negative_float = _number(float, 0)
-
-
-def _log_level(text):
-    value = str(text).strip().upper()
-    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("must be debug, info, warning or error")
-    return value
+_log_level = _choice("debug", "info", "warning", "error")
+_log_format = _choice("text", "json")
 
 
 class Repeatable:
@@ -519,13 +514,6 @@ def _product_version(text):
     value = str(text).strip()
     if not re.match(r"^[A-Za-z0-9._+-]+/[A-Za-z0-9._+-]+$", value):
         raise ValueError("expected NAME/VERSION such as vscode/1.140.0, got %r" % text)
-    return value
-
-
-def _log_format(text):
-    value = str(text).strip().lower()
-    if value not in ("text", "json"):
-        raise ValueError("must be text or json")
     return value
 
 
@@ -830,20 +818,16 @@ def write_file_atomic(path, text, posix=(os.name == "posix")):
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     if posix:
-        try:  # make the rename itself durable
+        with contextlib.suppress(OSError):  # make the rename itself durable
             dir_fd = os.open(directory, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except OSError:
-            pass
 
 
 def read_private_file(path, posix=(os.name == "posix")):
@@ -869,14 +853,8 @@ class TokenStore:
         self._dirs_checked = False
         #: (file identity, token) of the last read: the token is asked for on every request
         self._github_token_seen = (None, None)
-
-    @property
-    def github_token_path(self):
-        return os.path.join(self.auth_dir, GITHUB_TOKEN_FILE)
-
-    @property
-    def copilot_token_path(self):
-        return os.path.join(self.auth_dir, COPILOT_TOKEN_FILE)
+        self.github_token_path = os.path.join(self.auth_dir, GITHUB_TOKEN_FILE)
+        self.copilot_token_path = os.path.join(self.auth_dir, COPILOT_TOKEN_FILE)
 
     def check_dirs(self):
         """The state and auth dirs exist, are the user's and only the user's (ConfigError if not)."""
@@ -934,11 +912,9 @@ class TokenStore:
         except ValueError:
             log.warning("%s is corrupt; ignoring it", self.copilot_token_path)
             return None
-        if not isinstance(record, dict) or not isinstance(record.get("token"), str):
-            return None
-        if not isinstance(record.get("expires_at"), (int, float)):
-            return None
-        return record
+        usable = isinstance(record, dict) and isinstance(record.get("token"), str) and isinstance(
+            record.get("expires_at"), (int, float))
+        return record if usable else None
 
     def save_copilot_token(self, record):
         self.check_dirs()
@@ -948,11 +924,9 @@ class TokenStore:
         """Delete both files; returns the paths that existed."""
         removed = []
         for path in (self.github_token_path, self.copilot_token_path):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed.append(path)
-            except FileNotFoundError:
-                pass
         return removed
 
 # ------------------------------------------------------------------------------------------
@@ -1072,10 +1046,9 @@ class AbortHandle:
 
     @staticmethod
     def _shutdown(sock):
-        try:  # the plain-socket method: SSLSocket.shutdown would drop its SSL object under a reader
+        # the plain-socket method: SSLSocket.shutdown would drop its SSL object under a reader
+        with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class UpstreamCutShort(ConnectionError):
@@ -1337,13 +1310,6 @@ class UpstreamResponse:
         else:
             self._conn.close()
 
-    def abort(self):
-        """Close from another thread: wakes a reader blocked in read1 and never pools the socket."""
-        if self._abort is None:
-            self._abort = AbortHandle()
-            self._abort.attach(self._sock)
-        self._abort.abort()
-
 
 _UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|%(?![0-9A-Fa-f]{2})")
 _HOST_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]*[a-z0-9_])?\.?$")
@@ -1457,11 +1423,7 @@ def _send_request(conn, method, target, head_block, body):
 
 
 class UpstreamClient:
-    """Blocking HTTP/1.1 client for GitHub and Copilot, with a kept-alive pool per origin.
-
-    Idle connections are closed after IDLE_UPSTREAM_SECONDS by a reaper thread that runs only
-    while something is pooled, and the pool holds at most IDLE_UPSTREAM_CONNECTIONS per origin
-    and IDLE_UPSTREAM_TOTAL in all."""
+    """Blocking HTTP/1.1 client for GitHub and Copilot, with a kept-alive pool per origin (see §6)."""
 
     def __init__(self, ca_file=None, connect_timeout=DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
                  read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, environ=None):
@@ -1621,19 +1583,15 @@ class UpstreamClient:
                 _send_request(conn, method, "%s://%s%s" % (target.origin[0], target.host_header, target.path)
                               if conn.absolute_form else target.path, head_block, body)
                 return UpstreamResponse(conn, method, release, abort_handle)
-            except UpstreamUnreachable:
-                raise
-            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
-                if conn is not None:
-                    conn.close()
-                if reused and attempt == 0 and not (abort_handle and abort_handle.aborted):
-                    log.debug("pooled upstream connection was stale (%s); retrying once", exc.__class__.__name__)
-                    continue
-                raise network_error(exc, url)
             except (OSError, ValueError) as exc:
                 if conn is not None:
                     conn.close()
-                if abort_handle is not None and abort_handle.aborted:
+                aborted = abort_handle is not None and abort_handle.aborted
+                stale = isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
+                if stale and reused and attempt == 0 and not aborted:
+                    log.debug("pooled upstream connection was stale (%s); retrying once", exc.__class__.__name__)
+                    continue
+                if aborted:
                     raise UpstreamUnreachable("aborted", kind="aborted")
                 raise network_error(exc, url)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -1742,17 +1700,14 @@ class ImageFetcher:
                 raise
         raise ImageNotFetched("cannot connect to %s: %s" % (host, last))
 
-    def fetch(self, url, limit=None, abort=None, timeout=None):
+    def fetch(self, url, abort=None, timeout=None):
         """(media type, bytes) of the image at ``url``, or ImageNotFetched saying why (for the log)."""
-        limit = MAX_IMAGE_BYTES if limit is None else limit
         deadline = time.monotonic() + (IMAGE_FETCH_SECONDS if timeout is None else timeout)
         for _ in range(MAX_IMAGE_REDIRECTS + 1):
             try:
                 target = parse_target(url)
                 conn, literal = self._open(target, url, deadline, abort)
-            except UpstreamUnreachable as exc:
-                raise ImageNotFetched(str(exc))
-            except (OSError, ValueError) as exc:
+            except (UpstreamUnreachable, OSError, ValueError) as exc:
                 raise ImageNotFetched(str(network_error(exc, url)))
             headers = {"Accept": "image/*", "User-Agent": "coproxy/" + __version__, "Connection": "close"}
             block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
@@ -1772,11 +1727,8 @@ class ImageFetcher:
                 if response.status != 200 or not media_type.startswith("image/"):
                     response.close(reuse=False)
                     raise ImageNotFetched("HTTP %d, Content-Type %s" % (response.status, media_type or "missing"))
-                return media_type, response.read_all(limit, deadline)
-            except UpstreamUnreachable as exc:
-                conn.close()
-                raise ImageNotFetched(str(exc))
-            except (OSError, ValueError) as exc:
+                return media_type, response.read_all(MAX_IMAGE_BYTES, deadline)
+            except (UpstreamUnreachable, OSError, ValueError) as exc:
                 conn.close()
                 raise ImageNotFetched(str(network_error(exc, url)))
         raise ImageNotFetched("more than %d redirects" % MAX_IMAGE_REDIRECTS)
@@ -1950,7 +1902,7 @@ class CopilotAuth:
         self.store = store
         self.client = client
         self.clock = clock
-        self._record = None
+        self.record = None
         self._fingerprinted = (None, None)
         self._disk_checked = False
         self._refresh_lock = threading.Lock()
@@ -1982,11 +1934,6 @@ class CopilotAuth:
                             code="not_logged_in")
         return token
 
-    @property
-    def current_record(self):
-        """The Copilot token record in memory (None before the first exchange)."""
-        return self._record
-
     # -- the Copilot token -------------------------------------------------------------------
     def _fingerprint(self, github_token):
         """Short SHA-256 of the GitHub token, kept with the Copilot token to tell whose it is.
@@ -2011,21 +1958,21 @@ class CopilotAuth:
     def copilot_token(self, force=False):
         """A valid Copilot token record; exchanges a new one when needed (one thread at a time)."""
         github_token = self.require_github_token()
-        record = self._record
+        record = self.record
         if not force and self._usable(record, github_token):
             return record
         with self._refresh_lock:
-            record = self._record
+            record = self.record
             if not force and self._usable(record, github_token):
                 return record  # another thread refreshed while we waited
             if not force and not self._disk_checked:
                 self._disk_checked = True
                 disk = self.store.load_copilot_token()
                 if self._usable(disk, github_token):
-                    self._record = disk
+                    self.record = disk
                     return disk
             record = self._exchange(github_token)
-            self._record = record
+            self.record = record
             try:
                 self.store.save_copilot_token(record)
             except (OSError, ConfigError) as exc:
@@ -2035,23 +1982,17 @@ class CopilotAuth:
     def invalidate(self, token):
         """Forget ``token`` after Copilot answered 401 to it (a newer one is kept)."""
         with self._refresh_lock:
-            if self._record is not None and self._record.get("token") == token:
-                self._record = None
+            if self.record is not None and self.record.get("token") == token:
+                self.record = None
                 self._disk_checked = True
 
     def _exchange(self, github_token):
         self.exchanges += 1
-        try:
-            return self._exchange_once(github_token)
-        except AuthError:
-            self.exchange_failures += 1
-            raise
-
-    def _exchange_once(self, github_token):
         url = self.config.github_api_url + "/copilot_internal/v2/token"
         try:
             status, data, raw, _ = self.client.request_json("GET", url, github_headers(self.config, github_token))
         except UpstreamUnreachable as exc:
+            self.exchange_failures += 1
             raise AuthError("cannot get a Copilot token: %s" % exc, code="network")
         if status == 200 and isinstance(data, dict) and isinstance(data.get("token"), str):
             now = self.clock()
@@ -2068,6 +2009,7 @@ class CopilotAuth:
             log.info("copilot token obtained sku=%s expires_in=%s", data.get("sku", "?"),
                      format_duration(record["expires_at"] - now))
             return record
+        self.exchange_failures += 1
         raise self._exchange_error(status, data, raw, github_token)
 
     def _exchange_error(self, status, data, raw, github_token):
@@ -2083,27 +2025,27 @@ class CopilotAuth:
             else:
                 fix = "run `%s` again" % self.login_command()
             return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or revoked); %s"
-                             % (source, fix), code="github_token_invalid", status=401)
+                             % (source, fix), code="github_token_invalid")
         if github_token.startswith(("ghp_", "github_pat_")):
             return AuthError("the token from %s is a personal access token; GitHub only exchanges "
                              "tokens from a Copilot login for Copilot tokens. Run `%s` instead (HTTP %d)"
-                             % (source, self.login_command(), status), code="personal_access_token", status=status)
+                             % (source, self.login_command(), status), code="personal_access_token")
         if notification:
             hint = _EXCHANGE_HINTS.get(notification, "GitHub refused Copilot access")
             url = details.get("url") if isinstance(details, dict) else None
             return AuthError("%s (%s, HTTP %d)%s" % (hint, notification, status,
                                                        "; see " + url if isinstance(url, str) else ""),
-                             code=notification, status=status)
+                             code=notification)
         if status == 404:
             return AuthError("GitHub has no Copilot token for this account (404): the account has no "
                              "Copilot seat, or the token in %s does not come from a Copilot login "
                              "(gho_ tokens of other OAuth apps are refused); run `%s`"
-                             % (source, self.login_command()), code="no_copilot_access", status=404)
+                             % (source, self.login_command()), code="no_copilot_access")
         if status == 403 and "rate limit" in message.lower():
             return AuthError("GitHub API rate limit hit while getting a Copilot token: %s" % message,
-                             code="rate_limited", status=403)
+                             code="rate_limited")
         return AuthError("GitHub refused a Copilot token (HTTP %d): %s" % (status, message or "no details"),
-                         code="copilot_token_refused", status=status)
+                         code="copilot_token_refused")
 
     def _api_base_from(self, data):
         endpoints = data.get("endpoints")
@@ -2136,7 +2078,7 @@ class CopilotAuth:
             raise AuthError(str(exc), code="network")
         if status != 200 or not isinstance(data, dict):
             message, _ = upstream_error_message(raw)
-            raise AuthError("GitHub %s answered HTTP %d: %s" % (path, status, message), status=status)
+            raise AuthError("GitHub %s answered HTTP %d: %s" % (path, status, message))
         return data
 
     def fetch_models(self):
@@ -2267,6 +2209,12 @@ def check_items(container, key, where="", kinds="object"):
     return items
 
 
+def check_fields(container, where="", **kinds):
+    """check() each ``key=kinds`` of ``container`` in order (nothing when the container is None)."""
+    for key, kind in kinds.items():
+        check(container or {}, key, kind, where)
+
+
 def check_parts(content, where):
     """Message content: a string, or an array of parts that are objects with a string ``type``."""
     if content is None or isinstance(content, str):
@@ -2285,10 +2233,8 @@ def check_parts(content, where):
         check(part, "image_url", ("string", "object"), name + ".")
         if isinstance(part.get("image_url"), dict):
             check(part["image_url"], "url", "string", name + ".image_url.")
-        check(part, "source", "object", name + ".")
-        if isinstance(part.get("source"), dict):
-            for key in ("type", "url", "data", "media_type"):
-                check(part["source"], key, "string", name + ".source.")
+        check_fields(check(part, "source", "object", name + "."), name + ".source.", type="string", url="string",
+                     data="string", media_type="string")
         check(part, "input", "object", name + ".")
         if part.get("type") == "tool_result":
             check_parts(part.get("content"), name + ".content")
@@ -2369,14 +2315,13 @@ def openai_error_body(message, kind="api_error", code=None, param=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                          500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+#: Where Anthropic's error types differ from OpenAI's.
+_ANTHROPIC_ERROR_TYPES = {413: "request_too_large", 503: "overloaded_error", 529: "overloaded_error"}
 
 
 def anthropic_error_body(status, message):
     """``{"type": "error", "error": {"type", "message"}}``, Anthropic's envelope."""
-    kind = _ANTHROPIC_ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "api_error")
+    kind = _ANTHROPIC_ERROR_TYPES.get(status) or error_type_for_status(status)
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
@@ -2384,8 +2329,7 @@ class Dialect:
     """How one client API spells things on the wire: answers, stream items, a stream failure,
     a keep-alive ping and an error envelope. One instance per API (OPENAI, RESPONSES, ANTHROPIC)."""
 
-    def __init__(self, name, ping, stream_error, envelope):
-        self.name = name
+    def __init__(self, ping, stream_error, envelope):
         self.ping = ping
         self._stream_error = stream_error
         self._envelope = envelope
@@ -2404,13 +2348,13 @@ class Dialect:
         return json_dumps(self._envelope(error))
 
 
-OPENAI = Dialect("openai", b": ping\n\n",
+OPENAI = Dialect(b": ping\n\n",
                  lambda message, code: (None, openai_error_body(message, "api_error", code)),
                  lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
-RESPONSES = Dialect("responses", b": ping\n\n",
+RESPONSES = Dialect(b": ping\n\n",
                     lambda message, code: ("error", {"type": "error", "code": code, "message": message, "param": None}),
                     lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
-ANTHROPIC = Dialect("anthropic", encode_sse(b'{"type":"ping"}', "ping"),
+ANTHROPIC = Dialect(encode_sse(b'{"type":"ping"}', "ping"),
                     lambda message, code: ("error", anthropic_error_body(500, message)),
                     lambda e: anthropic_error_body(e.status, str(e)))
 
@@ -2599,21 +2543,15 @@ def client_error_from_upstream(status, raw, headers, now, identity=None):
 
 #: Served by /v1/models when Copilot cannot be reached (seed behaviour); shaped like /models.
 FALLBACK_MODELS = [
-    {"id": "gpt-4.1", "name": "GPT-4.1", "vendor": "Azure OpenAI",
-     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 16384},
-                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
-    {"id": "gpt-4o", "name": "GPT-4o", "vendor": "Azure OpenAI",
-     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 4096},
-                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
-    {"id": "gpt-5-mini", "name": "GPT-5 mini", "vendor": "Azure OpenAI",
-     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 264000, "max_output_tokens": 64000},
-                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
-    {"id": "claude-sonnet-4.5", "name": "Claude Sonnet 4.5", "vendor": "Anthropic",
-     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 200000, "max_output_tokens": 32000},
-                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
-    {"id": "gemini-2.5-pro", "name": "Gemini 2.5 Pro", "vendor": "Google",
-     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": 128000, "max_output_tokens": 64000},
-                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}},
+    {"id": model_id, "name": name, "vendor": vendor,
+     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": context, "max_output_tokens": output},
+                      "supports": {"tool_calls": True, "vision": True, "streaming": True}}}
+    for model_id, name, vendor, context, output in (
+        ("gpt-4.1", "GPT-4.1", "Azure OpenAI", 128000, 16384), ("gpt-4o", "GPT-4o", "Azure OpenAI", 128000, 4096),
+        ("gpt-5-mini", "GPT-5 mini", "Azure OpenAI", 264000, 64000),
+        ("claude-sonnet-4.5", "Claude Sonnet 4.5", "Anthropic", 200000, 32000),
+        ("gemini-2.5-pro", "Gemini 2.5 Pro", "Google", 128000, 64000))
+] + [
     {"id": "text-embedding-3-small", "name": "Embedding V3 small", "vendor": "Azure OpenAI",
      "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512}, "supports": {"dimensions": True}}},
 ]
@@ -2759,11 +2697,9 @@ _EFFORT_FIELDS = {"/chat/completions": ("reasoning_effort",), "/responses": ("re
 
 
 def get_effort(path, payload):
-    keys = _EFFORT_FIELDS.get(path)
-    node = payload
-    for key in keys or ():
-        node = node.get(key) if isinstance(node, dict) else None
-    return node if isinstance(node, str) else None
+    *parents, last = _EFFORT_FIELDS.get(path, (None,))
+    value = _dig(payload, *parents).get(last)
+    return value if isinstance(value, str) else None
 
 
 def set_effort(path, payload, value):
@@ -2829,14 +2765,12 @@ def gemini_schema(schema, depth=0):
     for key in _SCHEMA_CHILDREN:
         if isinstance(out.get(key), dict):
             out[key] = {name: gemini_schema(child, depth + 1) for name, child in out[key].items()}
-    for key in _SCHEMA_LISTS:
+    for key in _SCHEMA_LISTS + ("items",):  # "items" as a list: the old tuple form
         if isinstance(out.get(key), list):
             out[key] = [gemini_schema(child, depth + 1) for child in out[key]]
     for key in ("items", "additionalProperties", "not", "contains"):
         if isinstance(out.get(key), dict):
             out[key] = gemini_schema(out[key], depth + 1)
-        elif key == "items" and isinstance(out.get(key), list):
-            out[key] = [gemini_schema(child, depth + 1) for child in out[key]]
     return out
 
 
@@ -2865,10 +2799,8 @@ NANO_AIU_PER_CREDIT = 1e9
 
 
 def _count(node, *keys):
-    for key in keys[:-1]:
-        node = node.get(key) if isinstance(node, dict) else None
-    value = node.get(keys[-1]) if isinstance(node, dict) else None
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0
+    value = _dig(node, *keys[:-1]).get(keys[-1])
+    return value if _is_kind(value, "number") and value >= 0 else 0
 
 
 def _nano_aiu(copilot_usage):
@@ -2999,14 +2931,19 @@ def summarize_quota(user):
 _IMAGE_PART_TYPES = frozenset(["image_url", "image", "input_image"])
 
 
-def messages_have_image(messages):
-    """True if any message carries an image part (Copilot then needs Copilot-Vision-Request)."""
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") in _IMAGE_PART_TYPES:
-                    return True
+def has_image(payload, kinds=_IMAGE_PART_TYPES):
+    """True if a message (chat, Anthropic) or input item (Responses) carries an image part, tool results'
+    content included (Copilot then needs Copilot-Vision-Request)."""
+    def scan(parts):
+        for part in parts if isinstance(parts, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in kinds or (kind == "tool_result" and scan(part.get("content"))):
+                return True
+        return False
+    for key in ("messages", "input"):
+        for item in payload.get(key) if isinstance(payload.get(key), list) else ():
+            if isinstance(item, dict) and scan(item.get("content")):
+                return True
     return False
 
 
@@ -3031,10 +2968,9 @@ def validate_chat_request(payload, default_model=None):
         check_parts(message.get("content"), where + "content")
         check(message, "tool_call_id", "string", where)
         for call_index, call in enumerate(check_items(message, "tool_calls", where)):
-            function = check(call, "function", "object", "%stool_calls[%d]." % (where, call_index))
-            if function:
-                check(function, "name", "string", "%stool_calls[%d].function." % (where, call_index))
-                check(function, "arguments", "string", "%stool_calls[%d].function." % (where, call_index))
+            call_where = "%stool_calls[%d]." % (where, call_index)
+            check_fields(check(call, "function", "object", call_where), call_where + "function.", name="string",
+                         arguments="string")
     model = check(payload, "model", "string") or default_model
     if not model:
         raise ClientError(400, "'model' is required (or start coproxy with --default-model)",
@@ -3044,23 +2980,13 @@ def validate_chat_request(payload, default_model=None):
     options = check(payload, "stream_options", "object") or {}
     include_usage = bool(stream and check(options, "include_usage", "boolean", "stream_options."))
     n = check(payload, "n", "integer")
-    for key in ("max_tokens", "max_completion_tokens"):
-        check(payload, key, "integer")
-    for key in ("temperature", "top_p"):
-        check(payload, key, "number")
-    check(payload, "parallel_tool_calls", "boolean")
-    check(payload, "user", "string")
-    check(payload, "reasoning_effort", "string")
-    check(payload, "tool_choice", ("string", "object"))
-    fmt = check(payload, "response_format", "object")
-    if fmt:
-        check(fmt, "type", "string", "response_format.")
-        check(fmt, "json_schema", "object", "response_format.")
+    check_fields(payload, max_tokens="integer", max_completion_tokens="integer", temperature="number", top_p="number",
+                 parallel_tool_calls="boolean", user="string", reasoning_effort="string",
+                 tool_choice=("string", "object"))
+    check_fields(check(payload, "response_format", "object"), "response_format.", type="string", json_schema="object")
     for index, tool in enumerate(check_items(payload, "tools")):
-        function = check(tool, "function", "object", "tools[%d]." % index)
-        if function:
-            check(function, "name", "string", "tools[%d].function." % index)
-            check(function, "parameters", "object", "tools[%d].function." % index)
+        check_fields(check(tool, "function", "object", "tools[%d]." % index), "tools[%d].function." % index,
+                     name="string", parameters="object")
     return model, stream, include_usage, not (n is not None and n > 1)
 
 
@@ -3272,17 +3198,6 @@ def _text_of(blocks):
     return "\n\n".join(b.get("text", "") for b in blocks if b.get("type") == "text" and b.get("text"))
 
 
-def anthropic_messages_have_image(payload):
-    for message in payload.get("messages") or []:
-        for block in _blocks(message.get("content") if isinstance(message, dict) else None):
-            if block.get("type") == "image":
-                return True
-            if block.get("type") == "tool_result" and any(
-                    b.get("type") == "image" for b in _blocks(block.get("content"))):
-                return True
-    return False
-
-
 def anthropic_initiator(messages):
     """``user`` only when the last turn is the user's with real content; a turn that carries
     tool results (even with reminder text after them) is the agent's follow-up."""
@@ -3316,28 +3231,15 @@ def validate_anthropic_request(payload):
     system = check(payload, "system", ("string", "array"))
     if isinstance(system, list):
         check_parts(system, "system")
-    check(payload, "stream", "boolean")
-    for key in ("temperature", "top_p"):
-        check(payload, key, "number")
+    check_fields(payload, stream="boolean", temperature="number", top_p="number")
     check_items(payload, "stop_sequences", kinds="string")
-    metadata = check(payload, "metadata", "object")
-    if metadata:
-        check(metadata, "user_id", "string", "metadata.")
+    check_fields(check(payload, "metadata", "object"), "metadata.", user_id="string")
     for index, tool in enumerate(check_items(payload, "tools")):
-        for key in ("name", "type", "description"):
-            check(tool, key, "string", "tools.%d." % index)
-        check(tool, "input_schema", "object", "tools.%d." % index)
-    choice = check(payload, "tool_choice", "object")
-    if choice:
-        check(choice, "type", "string", "tool_choice.")
-        check(choice, "name", "string", "tool_choice.")
-    thinking = check(payload, "thinking", "object")
-    if thinking:
-        check(thinking, "type", "string", "thinking.")
-        check(thinking, "budget_tokens", "integer", "thinking.")
-    output_config = check(payload, "output_config", "object")
-    if output_config:
-        check(output_config, "effort", "string", "output_config.")
+        check_fields(tool, "tools.%d." % index, name="string", type="string", description="string",
+                     input_schema="object")
+    check_fields(check(payload, "tool_choice", "object"), "tool_choice.", type="string", name="string")
+    check_fields(check(payload, "thinking", "object"), "thinking.", type="string", budget_tokens="integer")
+    check_fields(check(payload, "output_config", "object"), "output_config.", effort="string")
 
 
 #: anthropic-beta values Copilot's /v1/messages is known to accept (VS Code filters the same way).
@@ -3441,12 +3343,8 @@ def anthropic_to_openai_request(payload, model_info=None):
     choice = payload.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
-        if kind == "auto":
-            request["tool_choice"] = "auto"
-        elif kind == "any":
-            request["tool_choice"] = "required"
-        elif kind == "none":
-            request["tool_choice"] = "none"
+        if kind in ("auto", "any", "none"):
+            request["tool_choice"] = "required" if kind == "any" else kind
         elif kind == "tool" and choice.get("name"):
             request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
         if choice.get("disable_parallel_tool_use") and "tools" in request:
@@ -3721,15 +3619,12 @@ def validate_responses_request(payload, default_model=None):
     if isinstance(check(payload, "input", ("string", "array")), list):
         for index, item in enumerate(check_items(payload, "input")):
             where = "input[%d]." % index
-            check(item, "type", "string", where)
-            check(item, "role", "string", where)
+            check_fields(item, where, type="string", role="string")
             check_parts(item.get("content"), where + "content")
             if isinstance(item.get("output"), list):
                 check_parts(item["output"], where + "output")
     check(payload, "stream", "boolean")
-    reasoning = check(payload, "reasoning", "object")
-    if reasoning:
-        check(reasoning, "effort", "string", "reasoning.")
+    check_fields(check(payload, "reasoning", "object"), "reasoning.", effort="string")
     check_items(payload, "tools")
     return model
 
@@ -3932,14 +3827,6 @@ def responses_initiator(payload):
                             "custom_tool_call_output") or last.get("role") == "assistant":
         return "agent"
     return "user"
-
-
-def responses_have_image(payload):
-    for item in payload.get("input") if isinstance(payload.get("input"), list) else []:
-        content = item.get("content") if isinstance(item, dict) else None
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in _IMAGE_PART_TYPES for p in content):
-            return True
-    return False
 
 
 #: Tokens of history above which Copilot compacts when coproxy asks it to (for Codex's
@@ -4176,7 +4063,7 @@ def plan_chat(payload, parsed, model, info, quirks, now):
     """POST /v1/chat/completions: as it is (normalised) to /chat/completions, or translated to
     /responses and back for models Copilot serves only there (e.g. gpt-5.x-codex)."""
     _, stream, include_usage, merge = parsed
-    vision = messages_have_image(payload["messages"])
+    vision = has_image(payload)
     check_vision(model, info, vision, "messages")
     if is_gemini(model, info):
         gemini_tools(payload)
@@ -4197,7 +4084,7 @@ def plan_messages(payload, model, info, quirks, now, anthropic_version=None, ant
     """POST /v1/messages: Copilot's own /v1/messages when the model has it (Claude), else
     translated to chat, or to chat and on to /responses (responses-only models), and back."""
     removed = clean_anthropic_request(payload)
-    vision = anthropic_messages_have_image(payload)
+    vision = has_image(payload, ("image",))
     check_vision(model, info, vision, "messages")
     stream = payload.get("stream") is True
     plan = Plan("messages", ANTHROPIC, model, info, "/v1/messages", stream=stream,
@@ -4232,7 +4119,7 @@ def plan_responses(payload, model, info, quirks, now):
     as the agent's compaction request."""
     items = payload.get("input") if isinstance(payload.get("input"), list) else []
     compaction = bool(items) and isinstance(items[-1], dict) and items[-1].get("type") == "compaction_trigger"
-    vision = responses_have_image(payload)
+    vision = has_image(payload)
     check_vision(model, info, vision, "input")
     plan = Plan("responses", RESPONSES, model, info, "/responses", payload=payload,
                 stream=payload.get("stream") is True, initiator=responses_initiator(payload), vision=vision,
@@ -4246,7 +4133,7 @@ def plan_compact(payload, model, info, quirks, now):
     """POST /v1/responses/compact (Codex's remote compaction): a compacting /responses call, as
     the agent's compaction request, answered in the shape Codex reads."""
     plan = Plan("compact", RESPONSES, model, info, "/responses", payload=compact_request(payload),
-                initiator="agent", vision=responses_have_image(payload), intent="conversation-agent",
+                initiator="agent", vision=has_image(payload), intent="conversation-agent",
                 interaction="conversation-compaction", effort_name="reasoning.effort", what="a response",
                 answer=lambda data: compaction_answer(data, payload, now))
     return fit_to_model(plan, quirks)
@@ -4387,15 +4274,10 @@ class WorkerPool(concurrent.futures.Executor):
         except BaseException as exc:  # delivered to whoever awaits the future
             error = exc
         if loop is None:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+            self._settle(future, result, error)
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits this any more
             loop.call_soon_threadsafe(self._settle, future, result, error)
-        except RuntimeError:  # the loop has closed: nobody awaits this any more
-            pass
 
     def shutdown(self, wait=True, **_):
         """No new jobs; idle workers leave now, busy ones after their job. With ``wait``, return
@@ -4476,20 +4358,14 @@ class StreamHub:
         self._command(stream, "add")
         return stream
 
-    @property
-    def streams(self):
-        return len(self._streams)
-
     def _command(self, stream, op):
         self._commands.append((stream, op))
         with self._lock:
             if self._thread is None and not self._closing:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-        try:
+        with contextlib.suppress(OSError):  # the wake-up pipe is full: the thread is awake anyway
             self._wake_writer.send(b"\0")
-        except (BlockingIOError, OSError):  # the wake-up pipe is full: the thread is awake anyway
-            pass
 
     def close(self):
         """Cancel every stream and let the thread leave."""
@@ -4513,11 +4389,9 @@ class StreamHub:
                 now = time.monotonic()
                 for key, _ in events:
                     if key.data is None:
-                        try:
+                        with contextlib.suppress(OSError):
                             while self._wake_reader.recv(4096):
                                 pass
-                        except (BlockingIOError, OSError):
-                            pass
                     elif not key.data.cancelled:
                         self._read(key.data, now)
                 if self._run_commands(now):
@@ -4570,10 +4444,8 @@ class StreamHub:
 
     def _unregister(self, stream):
         if stream.registered:
-            try:
+            with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(stream.response._sock)
-            except (KeyError, ValueError, OSError):
-                pass
             stream.registered = False
 
     def _read(self, stream, now):
@@ -4606,15 +4478,12 @@ class StreamHub:
             return
         with self._lock:
             self._pending.extend(self._ready)
-            if self._scheduled:  # the loop has not taken the last batch yet: these bytes join it
-                self._ready = []
-                return
+            schedule = not self._scheduled  # else the loop has not taken the last batch yet: these bytes join it
             self._scheduled = True
         self._ready = []
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop has closed
-            pass
+        if schedule:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self.loop.call_soon_threadsafe(self._deliver)
 
     # -- on the loop ------------------------------------------------------------------------
     def _deliver(self):
@@ -4655,14 +4524,12 @@ class _EndOfInput(Exception):
 class Request:
     """One parsed request head; the body is read on demand with ``await read_body()``."""
 
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "content_length",
+    __slots__ = ("method", "path", "version", "headers", "content_length",
                  "chunked", "keep_alive", "expect_continue", "body", "body_consumed", "connection", "started")
 
-    def __init__(self, method, target, path, query, version, headers):
+    def __init__(self, method, path, version, headers):
         self.method = method
-        self.target = target
         self.path = path
-        self.query = query
         self.version = version
         self.headers = headers
         self.content_length = 0
@@ -4688,9 +4555,6 @@ class Request:
     def on_disconnect(self, callback):
         """Call ``callback`` (on the loop) as soon as the client closes while it is answered."""
         self.connection.watch_for_disconnect(callback)
-
-    async def stop_watching(self):
-        await self.connection.stop_watching()
 
 
 def parse_request_head(head):
@@ -4721,9 +4585,9 @@ def parse_request_head(head):
             split = urllib.parse.urlsplit(target)
         except ValueError:
             raise BadRequest(400, "malformed request target")
-        path, query = split.path or "/", split.query
+        path = split.path or "/"
     elif target.startswith("/") or (target == "*" and method == "OPTIONS"):
-        path, _, query = target.partition("?")
+        path = target.partition("?")[0]
     else:
         raise BadRequest(400, "malformed request target")
     headers = {}
@@ -4744,14 +4608,11 @@ def parse_request_head(head):
             headers[name] += ", " + value
         else:
             headers[name] = value
-    request = Request(method, target, path, query, version, headers)
+    request = Request(method, path, version, headers)
     if version == "HTTP/1.1" and "host" not in headers:
         raise BadRequest(400, "HTTP/1.1 request without a Host header")
     connection = headers.get("connection", "").lower()
-    if version == "HTTP/1.1":
-        request.keep_alive = "close" not in connection
-    else:
-        request.keep_alive = "keep-alive" in connection
+    request.keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
     # Framing (RFC 9112 §6.1-6.3): both or conflicting lengths are how requests get smuggled.
     te = headers.get("transfer-encoding")
     cl = headers.get("content-length")
@@ -4801,10 +4662,7 @@ class Response:
             self.keep_alive = False
         lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown")),
                  "Date: " + self.conn.server.http_date(), "Server: coproxy/" + __version__]
-        for name, value in headers:
-            lines.append("%s: %s" % (name, value))
-        for name, value in self.extra_headers:
-            lines.append("%s: %s" % (name, value))
+        lines += ["%s: %s" % item for item in list(headers) + self.extra_headers]
         if content_length is not None:
             lines.append("Content-Length: %d" % content_length)
         elif self.chunked:
@@ -4848,11 +4706,6 @@ class Response:
         self.bytes_sent += len(data)
         self.conn.write_nowait(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
-    async def write(self, data):
-        """write_nowait, then wait while the client is slower than we are (backpressure)."""
-        self.write_nowait(data)
-        await self.conn.drain()
-
     def buffered(self):
         return self.conn.transport.get_write_buffer_size()
 
@@ -4865,11 +4718,8 @@ class Response:
             return
         self.finished = True
         if self.chunked:
-            await self.write_end()
-
-    async def write_end(self):
-        self.conn.write_nowait(b"0\r\n\r\n")
-        await self.conn.drain()
+            self.conn.write_nowait(b"0\r\n\r\n")
+            await self.conn.drain()
 
 
 class Connection:
@@ -4888,10 +4738,8 @@ class Connection:
         self.timed_out = None   # "head", "body" or "idle": what a timer cut short
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         peer = writer.get_extra_info("peername")
         self.peer = "%s:%s" % tuple(peer[:2]) if isinstance(peer, tuple) else str(peer)
 
@@ -5016,7 +4864,7 @@ class Connection:
             self._watcher = self.server.loop.create_task(self._watch())
 
     async def _watch(self):
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             while len(self.buf) < MAX_HEADER_BYTES * 4:
                 data = await self.reader.read(65536)
                 if not data:
@@ -5024,8 +4872,6 @@ class Connection:
                 self.buf += data
             else:
                 return  # a client pipelining this much can wait for the answer to end
-        except (ConnectionError, OSError):
-            pass
         self._mark_lost()
 
     def _mark_lost(self):
@@ -5043,10 +4889,8 @@ class Connection:
         watcher, self._watcher = self._watcher, None
         if watcher is not None and not watcher.done():
             watcher.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            except asyncio.CancelledError:
-                pass
 
     # -- writing --------------------------------------------------------------------------
     def write_nowait(self, data):
@@ -5111,11 +4955,9 @@ class Connection:
             log.exception("unhandled error answering %s %s", request.method, escape_controls(request.path))
             if not response.started:
                 response.keep_alive = False
-                try:
+                with contextlib.suppress(ConnectionError):
                     await response.send(500, [("Content-Type", "application/json")],
-                                        self.server.error_body(500, "internal error in coproxy; see its log"))
-                except ConnectionError:
-                    pass
+                                        self.server.app.protocol_error_body(500, "internal error in coproxy; see its log"))
             return False
         finally:
             if self._watcher is not None:
@@ -5130,12 +4972,10 @@ class Connection:
     async def _answer_bad_request(self, exc, response=None):
         response = response or Response(self, None)
         response.keep_alive = False
-        try:
+        with contextlib.suppress(ConnectionError):
             if not self.transport.is_closing():
                 await response.send(exc.status, [("Content-Type", "application/json")],
-                                    self.server.error_body(exc.status, str(exc)))
-        except ConnectionError:
-            pass
+                                    self.server.app.protocol_error_body(exc.status, str(exc)))
         log.debug("bad request from %s: %d %s", self.peer, exc.status, exc)
 
 
@@ -5155,9 +4995,6 @@ class Server:
         self._server = None
         self._connections = {}
         self._date = (0, "")
-
-    def error_body(self, status, message):
-        return self.app.protocol_error_body(status, message)
 
     def http_date(self):
         now = int(time.time())
@@ -5206,10 +5043,8 @@ class Server:
         if remaining:
             await asyncio.wait(remaining, timeout=2)
         if self._server is not None:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):  # asyncio.TimeoutError is the builtin only from 3.11
                 await asyncio.wait_for(self._server.wait_closed(), 2)
-            except asyncio.TimeoutError:  # asyncio.TimeoutError is the builtin only from 3.11
-                pass
 
 # ------------------------------------------------------------------------------------------
 # 11. Catalogue, gateway and stream relay
@@ -5342,7 +5177,6 @@ class Catalogue:
         self.auth = auth
         self.pool = pool
         self.on_auth_result = on_auth_result   # called with None (fine) or the AuthError message
-        self.loop = None
         self.models = None
         self.source = None
         self.by_id = {}
@@ -5732,11 +5566,8 @@ class Gateway:
             started = time.monotonic()
             try:
                 upstream, raw = await self.pool.run(self.loop, self._call, plan, abort)
-            except UpstreamUnreachable as exc:
-                self.outcome(False, exc.kind, str(exc))
-                raise
-            except AuthError as exc:
-                self.outcome(False, "auth", str(exc))
+            except (UpstreamUnreachable, AuthError) as exc:
+                self.outcome(False, "auth" if isinstance(exc, AuthError) else exc.kind, str(exc))
                 raise
             self.metrics.observe("coproxy_upstream_latency_seconds", time.monotonic() - started,
                                  (("route", plan.path),))
@@ -5872,10 +5703,7 @@ Route = collections.namedtuple("Route", "path surface dialect handlers public")
 
 
 class Guard:
-    """Who may use this coproxy: the checks every request but /healthz passes. Without an API key
-    only requests addressed to this machine's loopback names (or --allowed-host); from web pages
-    (requests with an Origin) only those of --cors-origin, which get CORS headers; with a key, the
-    key, compared in constant time."""
+    """Who may use this coproxy (see §12): the Host, Origin and API-key checks of every request but /healthz."""
 
     def __init__(self, config):
         self.config = config
@@ -6167,7 +5995,7 @@ class App:
 
     def health(self):
         token, _ = self.auth.github_token()
-        record = self.auth.current_record
+        record = self.auth.record
         return {"status": "ok", "version": __version__,
                 "auth": {"github_token": bool(token),
                          "copilot_token": ("valid" if record and record["expires_at"] > time.time() else
@@ -6251,10 +6079,9 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
+        # Windows, or not the main thread: Ctrl-C arrives as KeyboardInterrupt instead
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop_event.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # Windows, or not the main thread: Ctrl-C arrives as KeyboardInterrupt instead
     url = "http://%s:%d" % (server.host if ":" not in server.host else "[%s]" % server.host, server.port)
     if on_ready is not None:
         on_ready(server)
@@ -6269,10 +6096,8 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
     finally:
         await server.shutdown(config.shutdown_grace)
         for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signum)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
         app.close()
     return 0
 
@@ -6316,15 +6141,13 @@ def _add_options(parser, scope, only=None, hidden=False):
             ",".join(sorted(option.default)) if isinstance(option.default, frozenset) else option.default)
         help_text = argparse.SUPPRESS if hidden else "%s (env %s)%s" % (option.help, option.env, shown_default)
         flags = ("-d", option.flag) if option.dest == "detach" else (option.flag,)
+        common = dict(dest=option.dest, default=argparse.SUPPRESS, help=help_text)
         if option.type is bool:
-            parser.add_argument(*flags, dest=option.dest, action="store_true", default=argparse.SUPPRESS,
-                                help=help_text)
-        elif isinstance(option.type, Repeatable):
-            parser.add_argument(option.flag, dest=option.dest, type=_flag_type(option.flag, option.type.item),
-                                action="append", metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(*flags, action="store_true", **common)
         else:
-            parser.add_argument(option.flag, dest=option.dest, type=_flag_type(option.flag, option.type),
-                                metavar=option.metavar, default=argparse.SUPPRESS, help=help_text)
+            repeated = isinstance(option.type, Repeatable)
+            parser.add_argument(option.flag, type=_flag_type(option.flag, option.type.item if repeated else option.type),
+                                action="append" if repeated else "store", metavar=option.metavar, **common)
 
 
 COMMAND_HELP = {
@@ -6438,11 +6261,9 @@ def run_device_login(config, store, client, auth, open_browser=True):
     _say("To log in, open %s and enter the code:  %s" % (code["verification_uri"], code["user_code"]))
     tty = sys.stderr.isatty()
     if open_browser and _interactive():
-        try:
+        with contextlib.suppress(Exception):  # no browser is fine: the URL is on screen
             import webbrowser  # only here: it costs start-up time and memory every serve would pay
             webbrowser.open(uri)
-        except Exception:  # no browser is fine: the URL is on screen
-            pass
 
     def on_wait(remaining, interval):
         if tty:
@@ -6549,10 +6370,8 @@ def running_instance(config, quiet=False):
         return pid, url
     if not quiet:
         _say("removing a stale pid file (pid %d is no longer that coproxy): %s" % (pid, path))
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
     return None, None
 
 
@@ -6590,10 +6409,8 @@ class InstanceRecord:
 
     def release(self):
         if read_pid_file(self.pid_path)[0] == os.getpid():
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.pid_path)
-            except OSError:
-                pass
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -6625,7 +6442,7 @@ def settings_argv(config, scope=("shared", "serve")):
         elif option.dest == "api_surface":
             argv += [option.flag, ",".join(sorted(value))]
         else:
-            argv += [option.flag, str(value).lower() if option.dest == "log_level" else str(value)]
+            argv += [option.flag, str(value)]
     return argv, secrets
 
 
@@ -6662,10 +6479,9 @@ def cmd_serve(config, args):
     if config.detach:
         return start_detached(config)
     record = InstanceRecord(config).claim()
-    try:  # process-wide, so set here by the command and not by App (embedders keep their own)
+    # process-wide, so set here by the command and not by App (embedders keep their own)
+    with contextlib.suppress(ValueError, RuntimeError):
         threading.stack_size(WORKER_STACK_BYTES)
-    except (ValueError, RuntimeError):  # a platform that does not allow it: keep its default
-        pass
     app = App(config, store, client, auth)
 
     def on_ready(server):
@@ -7062,7 +6878,7 @@ COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, 
 
 def setup_logging(config, command):
     """One handler on stderr for the ``coproxy`` loggers: info for serve, warnings otherwise."""
-    level = config.log_level or ("INFO" if command == "serve" else "WARNING")
+    level = (config.log_level or ("info" if command == "serve" else "warning")).upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter(json_lines=config.log_format == "json"))
     log.handlers[:] = [handler]

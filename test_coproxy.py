@@ -902,8 +902,8 @@ class TestConfig(unittest.TestCase):
 
     def test_defaults_point_at_real_github(self):
         config = coproxy.Config.resolve({}, environ={})
-        self.assertEqual(config.github_url, coproxy.DEFAULT_GITHUB_URL)
-        self.assertEqual(config.github_api_url, coproxy.DEFAULT_GITHUB_API_URL)
+        self.assertEqual(config.github_url, "https://github.com")
+        self.assertEqual(config.github_api_url, "https://api.github.com")
         self.assertIsNone(config.copilot_api_url)
         self.assertEqual(config.host, "127.0.0.1")
 
@@ -1698,9 +1698,9 @@ class TestTranslateOpenAI(unittest.TestCase):
     def test_vision_anywhere_in_history(self):
         image = {"role": "user", "content": [{"type": "text", "text": "see"},
                                              {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}
-        self.assertTrue(coproxy.messages_have_image([image, {"role": "assistant", "content": "ok"},
-                                                     {"role": "user", "content": "more"}]))
-        self.assertFalse(coproxy.messages_have_image([{"role": "user", "content": [{"type": "text", "text": "x"}]}]))
+        self.assertTrue(coproxy.has_image({"messages": [image, {"role": "assistant", "content": "ok"},
+                                                        {"role": "user", "content": "more"}]}))
+        self.assertFalse(coproxy.has_image({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}))
 
     def test_split_claude_choices_are_merged(self):
         data = {"id": "x", "model": "claude-sonnet-4.5", "choices": [
@@ -1972,7 +1972,7 @@ class TestTranslateResponses(unittest.TestCase):
         self.assertEqual(out["text"], {"format": {"type": "json_schema", "name": "r", "schema": {"type": "object"},
                                                   "strict": True}})
         self.assertEqual(coproxy.responses_initiator(out), "agent")
-        self.assertTrue(coproxy.responses_have_image(out))
+        self.assertTrue(coproxy.has_image(out))
 
     def test_responses_answer_to_chat(self):
         data = {"id": "resp_9", "created_at": 1700000000, "status": "completed", "model": "gpt-5.1-codex", "output": [
@@ -4859,17 +4859,21 @@ class Bench:
         if tls:
             url = "https://127.0.0.1:%d" % self.upstream_tls_port
             env["HTTPS_PROXY"] = "http://127.0.0.1:%d" % self.connect_proxy_port
-            extra = ["--ca-file", self.ca_file, "--state-dir", os.path.join(self.tmp, "tls")] + os.environ.get("BENCH_SERVE_ARGS", "").split()
+            extra = ["--ca-file", self.ca_file] + os.environ.get("BENCH_SERVE_ARGS", "").split()
         else:
             url = "http://127.0.0.1:%d" % self.upstream_port
-            extra = ["--state-dir", self.tmp]
+            extra = []
+        extra += ["--state-dir", tempfile.mkdtemp(dir=self.tmp)]  # one serve per state dir
         started = time.perf_counter()
         process = subprocess.Popen(
             [sys.executable, COPROXY_PY, "serve", "--port", "0", "--github-url", url,
              "--github-api-url", url] + extra,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         line = process.stderr.readline()
-        port = int(re.search(r":(\d+)$", line.strip()).group(1))
+        found = re.search(r"listening on http://127.0.0.1:(\d+)$", line.strip())
+        if not found:
+            raise RuntimeError("serve did not start: %s%s" % (line, process.stderr.read()))
+        port = int(found.group(1))
         while True:  # a measurement, not a test: poll until the first 200
             try:
                 if http_request(port, "GET", "/healthz", timeout=1)[0] == 200:
@@ -4918,6 +4922,66 @@ class Bench:
                 continue
             out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return out
+
+    def rss_mb(self):
+        with open("/proc/%d/status" % self.proxy.pid) as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024.0
+
+    def upstream_connections(self):
+        return json.loads(http_request(self.upstream_port, "GET", "/__stats")[2])["connections"]
+
+    def run_workers(self, target, port, request, total, workers, *extra):
+        queue = self.mp.Queue()
+        shares = [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+        processes = [self.mp.Process(target=target, args=(port, request, n) + extra + (queue,))
+                     for n in shares if n]
+        for process in processes:
+            process.start()
+        results = [queue.get(timeout=300) for _ in processes]
+        for process in processes:
+            process.join(10)
+        return results
+
+    def throughput(self, port, clients, duration=2.0):
+        request = bench_request("/v1/chat/completions" if port == self.proxy_port else "/chat/completions",
+                                {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+        results = self.run_workers(bench_closed_loop, port, request, clients, min(clients, 2), duration)
+        done = sum(r[0] for r in results)
+        latencies = [x for r in results for x in r[1]]
+        return done / duration, percentile(latencies, 50) * 1000
+
+    def stream_request(self, port, chunks, interval):
+        return bench_request("/v1/chat/completions" if port == self.proxy_port else "/chat/completions",
+                             {"model": "gpt-4.1", "stream": True, "bench_chunks": chunks, "bench_interval": interval,
+                              "messages": [{"role": "user", "content": "hi"}]})
+
+    def ttfb(self, port, samples=200):
+        request = self.stream_request(port, 1, 0)
+        return percentile([self._one_stream(port, request) for _ in range(samples)], 50) * 1000
+
+    def _one_stream(self, port, request):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        sock.sendall(request)
+        first = None
+        buf = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buf += data
+            if first is None and b"data:" in buf:
+                first = time.perf_counter() - start
+            if buf.endswith(b"\r\n0\r\n\r\n"):
+                break
+        sock.close()
+        return first
+
+    def chunk_delays(self, port):
+        request = self.stream_request(port, 500, 0.002)
+        (firsts, done, delays), = self.run_workers(bench_streams, port, request, 1, 1)
+        return delays
 
     def tls_streams(self):
         """The condition real Copilot streams arrive in: TLS through an HTTPS_PROXY tunnel, 50
