@@ -165,6 +165,9 @@ IMAGE_CACHE_BYTES = 64 << 20               # fetched images kept: agents resend 
 IMAGE_CACHE_SECONDS = 600.0
 #: Body bytes of one stream the event loop has not written yet before its upstream read pauses.
 STREAM_HIGH_WATER_BYTES = 1 << 20
+#: A streaming client that takes none of those bytes for this long is disconnected: it would
+#: otherwise hold a concurrency slot and an upstream connection for as long as it likes.
+STALLED_CLIENT_SECONDS = 300.0
 #: Bytes asked of an upstream socket per read: TLS hands out at most one 16 KiB record per read.
 UPSTREAM_RECV_BYTES = 16 * 1024
 IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
@@ -254,7 +257,7 @@ def error_type_for_status(status):
 _SECRET_PATTERNS = re.compile(
     r"(gh[pousr]_[A-Za-z0-9_]{8,}|github_pat_[A-Za-z0-9_]{8,}|tid=[^\s\"',]+|"
     r"(?i:bearer|token)\s+[A-Za-z0-9._~+/=;:-]{12,})")
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,31}://)[^/\s]+@")  # up to the last @ of the authority
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -336,13 +339,17 @@ def http_date(timestamp):
                                                    t.tm_hour, t.tm_min, t.tm_sec)
 
 
+#: A string (an unterminated one runs to the end, so each byte is looked at once), or a bracket.
+_JSON_DEPTH_TOKENS = re.compile(rb'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)|[\[{]|[\]}]', re.S)
+
+
 def _json_depth_ok(raw):
     """False when brackets nest deeper than MAX_JSON_DEPTH (a cheap scan before json.loads, which
     would recurse until RecursionError; strings are skipped so their brackets do not count)."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
         return True
     depth = 0
-    for match in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', raw):
+    for match in _JSON_DEPTH_TOKENS.finditer(raw):
         token = match.group()
         if token in (b"[", b"{"):
             depth += 1
@@ -503,7 +510,7 @@ def _origin(text):
 
 def _host_name(text):
     """A host name or address as a Host header names it (a port, if given, is ignored)."""
-    value = host_without_port(text)
+    value = host_without_port(text).rstrip(".")  # "name." and "name" are the same host
     if not value or not re.match(r"^[a-z0-9._:-]+$", value):
         raise ValueError("expected a host name such as my-laptop.local or 192.168.1.5, got %r" % text)
     return value
@@ -979,7 +986,7 @@ def proxy_for(url, environ):
         port = p.port or 80
     except ValueError:
         p = port = None
-    if p is None or p.scheme not in ("http", "https") or not p.hostname:
+    if p is None or p.scheme != "http" or not p.hostname:  # https:// would send its password in clear
         raise ConfigError("proxy URL %s is not usable (only http:// proxies are supported)" % redact(proxy))
     auth = None
     if p.username is not None:
@@ -1618,8 +1625,10 @@ _NON_PUBLIC_NETWORKS = (
     "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20",
     "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")
-#: IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64, 6to4): judged by that address.
-_EMBEDDED_IPV4 = (("::ffff:0:0/96", 0), ("::/96", 0), ("64:ff9b::/96", 0), ("2002::/16", 80))
+#: IPv6 forms that carry an IPv4 address (mapped, SIIT-translated, compatible, NAT64, 6to4):
+#: judged by that address.
+_EMBEDDED_IPV4 = (("::ffff:0:0/96", 0), ("::ffff:0:0:0/96", 0), ("::/96", 0), ("64:ff9b::/96", 0),
+                  ("2002::/16", 80))
 
 
 @functools.lru_cache(maxsize=1)
@@ -3206,9 +3215,9 @@ def anthropic_initiator(messages):
     blocks = _blocks(messages[-1].get("content"))
     if any(b.get("type") == "tool_result" for b in blocks):
         return "agent"
-    if len(messages) == 1 and [b.get("type") for b in blocks] == ["text"] and blocks[0].get("text", "").strip() == "Warmup":
+    if len(messages) == 1 and [b.get("type") for b in blocks] == ["text"] and (blocks[0].get("text") or "").strip() == "Warmup":
         return "agent"  # Claude Code's start-up probe (2.0.28+): the tool's request, not the person's
-    if any((b.get("type") == "text" and b.get("text", "").strip()) or b.get("type") in ("image", "document")
+    if any((b.get("type") == "text" and (b.get("text") or "").strip()) or b.get("type") in ("image", "document")
            for b in blocks):
         return "user"
     return "agent"
@@ -3296,7 +3305,7 @@ def anthropic_to_openai_request(payload, model_info=None):
             out = {"role": "assistant", "content": _text_of(blocks) or None}
             thinking = [b for b in blocks if b.get("type") == "thinking"]
             if thinking:
-                out["reasoning_text"] = "".join(b.get("thinking", "") for b in thinking)
+                out["reasoning_text"] = "".join(b.get("thinking") or "" for b in thinking)
                 signature = next((b.get("signature") for b in thinking if b.get("signature")), None)
                 if signature:
                     out["reasoning_opaque"] = signature
@@ -3395,7 +3404,7 @@ def openai_to_anthropic_response(data, model):
                              "signature": message.get("reasoning_opaque") or ""})
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         if isinstance(content, str) and content:
             texts.append({"type": "text", "text": content})
         for call in message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []:
@@ -3591,9 +3600,9 @@ def estimate_input_tokens(payload):
             elif kind == "tool_use":
                 total += 10 + text_tokens(str(block.get("name", "")) + json.dumps(block.get("input") or {}))
             elif kind == "thinking":
-                total += text_tokens(block.get("thinking", ""))
+                total += text_tokens(block.get("thinking") or "")
             else:
-                total += text_tokens(block.get("text", "") if kind == "text" else json.dumps(block))
+                total += text_tokens((block.get("text") or "") if kind == "text" else json.dumps(block))
         return total
 
     total = 8 + content_tokens(payload.get("system") or "")
@@ -3650,7 +3659,7 @@ def chat_to_responses_request(payload):
                 parts = []
                 for part in content or []:
                     if part.get("type") == "text":
-                        parts.append({"type": "input_text", "text": part.get("text", "")})
+                        parts.append({"type": "input_text", "text": part.get("text") or ""})
                     elif part.get("type") == "image_url":
                         image = part["image_url"] if isinstance(part.get("image_url"), dict) else {"url": part.get("image_url")}
                         parts.append({"type": "input_image", "image_url": image.get("url"),
@@ -3941,15 +3950,15 @@ def remote_images(payload):
     return found
 
 
-def inline_image(node, kind, media_type, data):
-    """Replace the URL of an image found by remote_images with the image itself."""
-    encoded = base64.b64encode(data).decode("ascii")
+def inline_image(node, kind, media_type, encoded, data_url):
+    """Replace the URL of an image found by remote_images with the image itself (``encoded``:
+    its base64 text; ``data_url``: the same as a data: URL; both shared by every use of a URL)."""
     if kind == "image":
         node["source"] = {"type": "base64", "media_type": media_type, "data": encoded}
     elif kind == "input_image":
-        node["image_url"] = "data:%s;base64,%s" % (media_type, encoded)
+        node["image_url"] = data_url
     else:
-        node["image_url"] = dict(node["image_url"], url="data:%s;base64,%s" % (media_type, encoded))
+        node["image_url"] = dict(node["image_url"], url=data_url)
 
 
 def url_for_message(url):
@@ -3991,6 +4000,7 @@ class Plan:
     info: dict                       # the model's catalogue entry ({} when unknown)
     path: str                        # the Copilot path
     payload: dict = None             # the JSON body (None for a GET)
+    path_label: str = None           # the path for metric labels, without ids (a series per id grows forever)
     method: str = "POST"
     stream: bool = False
     initiator: str = "agent"         # X-Initiator: only a person's turn is "user"
@@ -4080,6 +4090,10 @@ def plan_chat(payload, parsed, model, info, quirks, now):
     return fit_to_model(plan, quirks)
 
 
+#: What a client's anthropic-version or anthropic-beta value may hold to be passed on.
+_HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
 def plan_messages(payload, model, info, quirks, now, anthropic_version=None, anthropic_beta=None):
     """POST /v1/messages: Copilot's own /v1/messages when the model has it (Claude), else
     translated to chat, or to chat and on to /responses (responses-only models), and back."""
@@ -4094,8 +4108,11 @@ def plan_messages(payload, model, info, quirks, now, anthropic_version=None, ant
     estimate = estimate_input_tokens(payload) if stream else 0
     if "/v1/messages" in endpoints:
         plan.payload, plan.intent = payload, "messages-proxy"
+        if anthropic_version is not None and not _HEADER_TOKEN.match(anthropic_version):
+            raise ClientError(400, "anthropic-version: not a version such as 2023-06-01", param="anthropic-version")
         plan.headers["anthropic-version"] = anthropic_version or "2023-06-01"
-        betas = [b.strip() for b in (anthropic_beta or "").split(",") if b.strip().startswith(SUPPORTED_ANTHROPIC_BETAS)]
+        betas = [b.strip() for b in (anthropic_beta or "").split(",")
+                 if b.strip().startswith(SUPPORTED_ANTHROPIC_BETAS) and _HEADER_TOKEN.match(b.strip())]
         if betas:
             plan.headers["anthropic-beta"] = ",".join(betas)
         plan.chain = lambda: [anthropic_passthrough()]
@@ -4147,8 +4164,10 @@ def plan_embeddings(request, encoding, model, info):
 
 def plan_response_get(response_id):
     """GET /v1/responses/{id}: a stored response, read from Copilot."""
+    if response_id in (".", ".."):  # quoted or not, a path segment that would climb
+        raise ClientError(404, "no response with the id %r" % response_id, code="not_found")
     return Plan("responses", RESPONSES, "-", {}, "/responses/" + urllib.parse.quote(response_id, safe=""),
-                method="GET")
+                method="GET", path_label="/responses/{id}")
 
 # ------------------------------------------------------------------------------------------
 # 9. Bridges between threads and the event loop
@@ -4884,6 +4903,11 @@ class Connection:
                 except Exception:  # a failing callback must not stop the others
                     log.exception("disconnect callback failed")
 
+    def abort(self):
+        """Drop the connection now, unsent bytes and all (a client that stopped reading)."""
+        self.transport.abort()
+        self._mark_lost()
+
     async def stop_watching(self):
         self._on_lost = []
         watcher, self._watcher = self._watcher, None
@@ -5304,24 +5328,44 @@ class ImageInliner:
                 raise failures[0]
             images.update(zip(wanted, (task.result() for task in tasks)))
         check_image_limits(images, plan.model, plan.info)
+        total = sum(len(images[url][1]) for _, _, url in found)  # each use of a URL is sent again
+        if total > MAX_IMAGE_BYTES_PER_REQUEST:
+            raise ClientError(400, "the request's images come to %s, counting every use of each URL; coproxy sends at "
+                                   "most %s of images per request" % (format_size(total),
+                                                                      format_size(MAX_IMAGE_BYTES_PER_REQUEST)),
+                              code="images_too_large")
+        prepared = {}
+        for url, (media_type, data) in images.items():
+            encoded = base64.b64encode(data).decode("ascii")
+            prepared[url] = (media_type, encoded, "data:%s;base64,%s" % (media_type, encoded))
         for node, kind, url in found:
-            inline_image(node, kind, *images[url])
+            inline_image(node, kind, *prepared[url])
         plan.vision = True
 
     async def _fetch(self, url, batch):
         async with self._slots:
             abort = AbortHandle()
             batch.aborts.append(abort)
+            loop = asyncio.get_running_loop()
+            # The deadline holds for every step, also a server that drips its answer byte by byte:
+            # the socket is shut down then. Only a name lookup cannot be cut short; the slot is
+            # given back a moment later all the same.
+            deadline = loop.call_later(IMAGE_FETCH_SECONDS, abort.abort)
             try:
                 if batch.stopped:
                     raise ImageNotFetched("the request was given up")
-                media_type, data = await self.pool.run(asyncio.get_running_loop(), self._fetch_blocking,
-                                                       url, batch, abort)
+                fetching = self.pool.run(loop, self._fetch_blocking, url, batch, abort)
+                try:
+                    media_type, data = await asyncio.wait_for(fetching, IMAGE_FETCH_SECONDS + 1)
+                except asyncio.TimeoutError:
+                    raise ImageNotFetched("no answer within %gs" % IMAGE_FETCH_SECONDS)
             except ImageNotFetched as exc:
                 log.debug("image %s not fetched: %s", url_for_message(url), exc)
                 raise ClientError(400, "could not fetch the image at %s: no image could be had from there (coproxy "
                                        "fetches public http(s) images only; --log-level debug says why)"
                                   % url_for_message(url), code="image_fetch_failed")
+            finally:
+                deadline.cancel()
         log.debug("fetched %s: %s, %d bytes", url_for_message(url), media_type, len(data))
         self._remember(url, (media_type, data, time.monotonic()))
         return media_type, data
@@ -5405,7 +5449,11 @@ class StreamRelay:
 
     async def _resume_when_drained(self):
         try:
-            await self.response.drain()
+            await asyncio.wait_for(self.response.drain(), STALLED_CLIENT_SECONDS)
+        except asyncio.TimeoutError:
+            self.request.connection.abort()  # -> client_left
+            self.response.log_fields["error"] = "client_stalled"
+            return
         except ClientDisconnected:
             self.client_left()
             return
@@ -5570,7 +5618,7 @@ class Gateway:
                 self.outcome(False, "auth" if isinstance(exc, AuthError) else exc.kind, str(exc))
                 raise
             self.metrics.observe("coproxy_upstream_latency_seconds", time.monotonic() - started,
-                                 (("route", plan.path),))
+                                 (("route", plan.path_label or plan.path),))
             if 200 <= upstream.status < 300:
                 self.outcome(True)
                 self._note_windows(upstream.headers)
@@ -5718,7 +5766,7 @@ class Guard:
         if value is None and request.version == "HTTP/1.0":
             return
         host = host_without_port(value or "")
-        if is_loopback_host(host) or host in self.config.allowed_hosts or host == self.bound_host:
+        if is_loopback_host(host) or host.rstrip(".") in self.config.allowed_hosts or host == self.bound_host:
             return
         raise ClientError(403, "requests addressed to %r are refused: without --api-key coproxy answers only its "
                                "loopback names (127.0.0.1, localhost, [::1]); start it with --allowed-host %s if you "
@@ -5726,9 +5774,16 @@ class Guard:
 
     def check_origin(self, request, response):
         """Requests from web pages (they carry Origin; CLIs and SDKs do not) only from --cors-origin
-        origins, which get CORS headers. True when this was a preflight, now to be answered 204."""
+        origins, which get CORS headers. True when this was a preflight, now to be answered 204.
+        A page's no-cors GET (an <img> pointed at /usage) has no Origin, but browsers mark it with
+        Sec-Fetch-Site; only "none" (typed into the address bar) and "same-origin" are let through."""
         origin = request.header("origin")
         if origin is None:
+            site = request.header("sec-fetch-site")
+            if site is not None and site not in ("none", "same-origin"):
+                raise ClientError(403, "requests a web page makes without an Origin (Sec-Fetch-Site: %s) are refused; "
+                                       "pages listed with --cors-origin must call coproxy with fetch() in cors mode"
+                                  % site[:40], code="origin_not_allowed")
             return False
         origins = self.config.cors_origins
         if not ("*" in origins or origin.strip().lower().rstrip("/") in origins):
@@ -6455,10 +6510,17 @@ def warn_about_secret_flags(config):
 # -- commands ---------------------------------------------------------------------------------
 
 def require_key_for_public_bind(config, what="listen on"):
-    if not is_loopback_host(config.host) and not config.api_key and not config.allow_unauthenticated:
-        raise UsageError("refusing to %s %s without an API key: anyone who can reach it would use your "
-                         "Copilot subscription. Set GHCP_PROXY_API_KEY (or --api-key), or pass "
-                         "--allow-unauthenticated if you really mean it" % (what, config.host))
+    """Settings that let others use the subscription need a key (or --allow-unauthenticated)."""
+    if config.api_key or config.allow_unauthenticated:
+        return
+    if not is_loopback_host(config.host):
+        problem = "refusing to %s %s without an API key: anyone who can reach it" % (what, config.host)
+    elif "*" in config.cors_origins:
+        problem = "refusing --cors-origin '*' without an API key: every web page you visit"
+    else:
+        return
+    raise UsageError("%s would use your Copilot subscription. Set GHCP_PROXY_API_KEY (or --api-key), or pass "
+                     "--allow-unauthenticated if you really mean it" % problem)
 
 
 def cmd_serve(config, args):
@@ -6718,8 +6780,8 @@ def cmd_service(config, args):
     plain_env = {}
     for name, value in sorted(config.environ.items()):
         if name.upper() in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR") and value:
-            if _URL_CREDENTIALS.search(value):
-                secrets[name] = value  # a proxy URL with user:password is a secret too
+            if "@" in value:
+                secrets[name] = value  # a proxy URL with user:password is a secret too (with a scheme or not)
             else:
                 plain_env[name] = value
     env_path = os.path.join(config.state_dir, SERVICE_ENV_FILE)
