@@ -71,6 +71,7 @@ if sys.version_info < (3, 8):  # pragma: no cover - exercised by CI on 3.6/3.7
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -79,6 +80,7 @@ import errno
 import functools
 import http
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -261,9 +263,19 @@ _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,31}://)[^/\s]+@")  # u
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+#: What every secret pattern starts with, looked for first in lowercased text: one cheap scan
+#: spares the full patterns for almost every log line.
+_SECRET_HINTS = re.compile(r"gh[pousr]_|github_pat_|tid=|bearer\s|token\s")
+
+
 def redact(text):
     """Replace tokens and the user:password of URLs with ``[redacted]``."""
-    return _URL_CREDENTIALS.sub(r"\1[redacted]@", _SECRET_PATTERNS.sub("[redacted]", str(text)))
+    text = str(text)
+    if _SECRET_HINTS.search(text.lower()):
+        text = _SECRET_PATTERNS.sub("[redacted]", text)
+    if "@" in text and "://" in text:
+        text = _URL_CREDENTIALS.sub(r"\1[redacted]@", text)
+    return text
 
 
 def escape_controls(text):
@@ -5126,13 +5138,14 @@ class Metrics:
         self.counters[(name, labels)] += value
 
     def observe(self, name, value, labels=()):
+        """Count ``value`` in its bucket (made cumulative when rendered), the count and the sum."""
         buckets = self.METRICS[name][2]
         histogram = self.histograms.get((name, labels))
         if histogram is None:
             histogram = self.histograms[(name, labels)] = [[0] * len(buckets), 0, 0.0]
-        for index, bound in enumerate(buckets):
-            if value <= bound:
-                histogram[0][index] += 1
+        index = bisect.bisect_left(buckets, value)
+        if index < len(buckets):
+            histogram[0][index] += 1
         histogram[1] += 1
         histogram[2] += value
 
@@ -5156,7 +5169,7 @@ class Metrics:
             for (metric, labels), (counts, count, total) in sorted(self.histograms.items()):
                 if metric != name:
                     continue
-                for bound, cumulative in zip(buckets, counts):
+                for bound, cumulative in zip(buckets, itertools.accumulate(counts)):
                     lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", format(bound, "g")),)), cumulative))
                 lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", "+Inf"),)), count))
                 lines.append("%s_sum%s %s" % (name, self._labels(labels), format(total, ".6f")))
@@ -5530,7 +5543,8 @@ class Gateway:
         self.sleep = asyncio.sleep
         self._next_upstream_at = 0.0
         self.last_outcome = None   # {"ok": bool, "class", "message", "at"} of the last Copilot exchange
-        self.windows = {}          # "session"/"weekly" -> {"percent_remaining", "resets_at"}
+        self.windows = {}          # "session"/"weekly" -> {"percent_remaining", "resets_at", "seen_at"}
+        self._window_headers = {}  # the header values they were read from
 
     async def start(self):
         """Create the loop-bound pieces (asyncio primitives must be born inside the running loop)."""
@@ -5649,9 +5663,16 @@ class Gateway:
 
     def _note_windows(self, headers):
         for name in ("session", "weekly"):
-            window = parse_ratelimit_header(headers.get("x-usage-ratelimit-" + name))
-            if window is not None:
-                self.windows[name] = dict(window, seen_at=int(time.time()))
+            raw = headers.get("x-usage-ratelimit-" + name)
+            if raw is None:
+                continue
+            if raw != self._window_headers.get(name):  # it changes seldom; parsing it costs
+                window = parse_ratelimit_header(raw)
+                if window is None:
+                    continue
+                self._window_headers[name] = raw
+                self.windows[name] = window
+            self.windows[name]["seen_at"] = int(time.time())
 
     # -- a whole request ------------------------------------------------------------------
     async def run(self, plan, request, response):
@@ -5682,8 +5703,10 @@ class Gateway:
                 body = raw if plan.answer is None else json_dumps(plan.answer(data))
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError, struct.error):
                 raise ClientError(502, "Copilot sent an answer that is not %s" % plan.what, code="bad_upstream_response")
-            self._account(plan, response, usage_of_answer(plan.path, data))
-            await response.send(200, JSON_HEADERS + headers, body)
+            try:
+                await response.send(200, JSON_HEADERS + headers, body)
+            finally:  # after the answer is on its way (and also when its client has gone: it was paid for)
+                self._account(plan, response, usage_of_answer(plan.path, data))
 
     def _count_request(self, plan, response):
         """Access-log fields, and the premium request a user turn costs on a request-billed plan."""

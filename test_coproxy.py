@@ -4464,8 +4464,8 @@ class TestClaudeCodeCommand(unittest.TestCase):
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
-    STDLIB = {"argparse", "asyncio", "base64", "collections", "concurrent", "contextlib", "ctypes",
-              "dataclasses", "difflib", "email", "errno", "fcntl", "functools", "hashlib", "hmac", "http", "importlib", "ipaddress",
+    STDLIB = {"argparse", "asyncio", "base64", "bisect", "collections", "concurrent", "contextlib", "ctypes",
+              "dataclasses", "difflib", "email", "errno", "fcntl", "functools", "hashlib", "hmac", "http", "importlib", "ipaddress", "itertools",
               "json", "logging", "os", "queue", "re", "selectors", "shlex", "signal", "socket", "ssl", "stat", "struct",
               "subprocess", "sys", "threading", "time", "urllib", "webbrowser", "zlib"}
 
