@@ -172,6 +172,8 @@ STREAM_HIGH_WATER_BYTES = 1 << 20
 STALLED_CLIENT_SECONDS = 300.0
 #: Bytes asked of an upstream socket per read: TLS hands out at most one 16 KiB record per read.
 UPSTREAM_RECV_BYTES = 16 * 1024
+#: Streams the event loop relays new bytes of before it looks at other clients again.
+HUB_STREAMS_PER_TURN = 64
 IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
 IDLE_UPSTREAM_TOTAL = 128                  # kept-alive connections in all
 IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is closed
@@ -4376,7 +4378,10 @@ class StreamHub:
         self._commands = collections.deque()
         self._lock = threading.Lock()
         self._ready = []        # the hub thread's own list, handed over in _publish
-        self._pending = []      # handed over, not yet taken by the loop
+        # Handed over, not yet taken by the loop: stream -> [pieces, ended, error], oldest first.
+        # What one stream gets while the loop is busy elsewhere waits as one entry, and reaches
+        # its client in one write.
+        self._pending = collections.OrderedDict()
         self._scheduled = False
         self._streams = set()
         self._thread = None
@@ -4508,7 +4513,15 @@ class StreamHub:
         if not self._ready:
             return
         with self._lock:
-            self._pending.extend(self._ready)
+            pending = self._pending
+            for stream, data, ended, error in self._ready:
+                entry = pending.get(stream)
+                if entry is None:
+                    pending[stream] = [[data], ended, error]
+                else:
+                    entry[0].append(data)
+                    if ended:
+                        entry[1], entry[2] = True, error
             schedule = not self._scheduled  # else the loop has not taken the last batch yet: these bytes join it
             self._scheduled = True
         self._ready = []
@@ -4519,12 +4532,17 @@ class StreamHub:
     # -- on the loop ------------------------------------------------------------------------
     def _deliver(self):
         with self._lock:
-            batch, self._pending = self._pending, []
-            self._scheduled = False
-        for stream, data, ended, error in batch:
+            pending = self._pending
+            batch = [pending.popitem(last=False) for _ in range(min(len(pending), HUB_STREAMS_PER_TURN))]
+            more = bool(pending)
+            self._scheduled = more  # while the rest waits, new bytes join it
+        if more:  # the rest after whatever else is ready: one long batch would hold every other client up
+            self.loop.call_soon(self._deliver)
+        for stream, (pieces, ended, error) in batch:
             if stream.cancelled:
                 continue
             try:
+                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 if data:
                     stream.sink.on_data(data)
                 if ended:
