@@ -4785,6 +4785,8 @@ class Connection:
         self._watcher = None
         self._on_lost = []
         self.timed_out = None   # "head", "body" or "idle": what a timer cut short
+        self.stalled = False    # dropped for taking none of an answer for STALLED_CLIENT_SECONDS
+        self._low_water = self.transport.get_write_buffer_limits()[0]
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -4954,8 +4956,17 @@ class Connection:
         self.transport.write(data)
 
     async def drain(self):
+        """Wait while the client is slower than we are. A client that takes nothing for
+        STALLED_CLIENT_SECONDS is dropped: it would hold its slot (and upstream) as long as it liked."""
         try:
-            await self.writer.drain()
+            if self.transport.get_write_buffer_size() <= self._low_water:
+                await self.writer.drain()  # not paused: returns at once, no timer needed
+            else:
+                await asyncio.wait_for(self.writer.drain(), STALLED_CLIENT_SECONDS)
+        except asyncio.TimeoutError:
+            self.stalled = True
+            self.abort()
+            raise ClientDisconnected("client stopped reading")
         except (ConnectionError, OSError):
             self._mark_lost()
             raise ClientDisconnected("client went away")
@@ -5444,6 +5455,7 @@ class StreamRelay:
         self.ping_seconds = gateway.config.ping_seconds
         self._ping_timer = None
         self._paused = False
+        self._resuming = None  # the task that waits for the client to catch up
 
     async def run(self, headers):
         metrics = self.gateway.metrics
@@ -5454,6 +5466,8 @@ class StreamRelay:
             self.request.on_disconnect(self.client_left)
             self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds, self._ping_due)
             await self.done
+            if self._resuming is not None:  # one drain at a time (Python 3.8 allows no more)
+                await self._resuming
             if not self.response.finished and not self.request.connection.lost:
                 await self.response.end()
         finally:
@@ -5476,15 +5490,11 @@ class StreamRelay:
         if not self._paused and self.response.buffered() > STREAM_HIGH_WATER_BYTES:
             self._paused = True
             self.stream.pause()
-            self.loop.create_task(self._resume_when_drained())
+            self._resuming = self.loop.create_task(self._resume_when_drained())
 
     async def _resume_when_drained(self):
         try:
-            await asyncio.wait_for(self.response.drain(), STALLED_CLIENT_SECONDS)
-        except asyncio.TimeoutError:
-            self.request.connection.abort()  # -> client_left
-            self.response.log_fields["error"] = "client_stalled"
-            return
+            await self.response.drain()  # a client that takes nothing for long is dropped there
         except ClientDisconnected:
             self.client_left()
             return
@@ -5518,11 +5528,14 @@ class StreamRelay:
         self._finish()
 
     def client_left(self):
-        """The client closed: stop reading the upstream (its connection is closed, not pooled)."""
+        """The client closed, or was dropped for not reading: stop reading the upstream (its
+        connection is closed, not pooled). Before the answer's end, that is the exchange's error."""
         if self.stream is not None:
             self.stream.cancel()
+        if not self.response.finished:
+            self.response.log_fields["error"] = ("client_stalled" if self.request.connection.stalled
+                                                 else "client_closed")
         if not self.done.done():
-            self.response.log_fields["error"] = "client_closed"
             self.done.set_result(None)
 
     def _finish(self):

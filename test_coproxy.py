@@ -2787,6 +2787,23 @@ class TestEndToEnd(ProxyTestCase):
         self.fake.chat_script = None
         self.assertEqual(self.chat()[0], 200)
 
+    def test_a_client_that_stops_reading_a_whole_answer_gives_its_slot_back(self):
+        self.addCleanup(setattr, coproxy, "STALLED_CLIENT_SECONDS", coproxy.STALLED_CLIENT_SECONDS)
+        coproxy.STALLED_CLIENT_SECONDS = 0.3
+        proxy = self.start_proxy(max_concurrency=1, queue_timeout=10)
+        big = {"id": "c", "object": "chat.completion", "model": "gpt-4.1", "choices": [{"index": 0, "finish_reason": "stop",
+               "message": {"role": "assistant", "content": "x" * (24 << 20)}}]}  # more than sockets buffer
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, p: h.send_json(200, big)
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(post("/v1/chat/completions", json.dumps(chat_body()).encode()))  # ... and reads nothing
+        self.assertTrue(wait_for(lambda: self.fake.requests_to("/chat/completions")))
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, p: h.send_json(200, dict(big, choices=[
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}]))
+        started = time.monotonic()  # the one slot is free again once that client is dropped, not in 10 s
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
+        self.assertLess(time.monotonic() - started, 5)
+
     def test_a_client_that_leaves_a_whole_answer_cuts_its_upstream_call_short(self):
         hung = threading.Event()
         self.addCleanup(hung.set)
