@@ -2185,11 +2185,10 @@ _KINDS = {"string": str, "boolean": bool, "object": dict, "array": list}
 
 
 def _is_kind(value, kind):
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, _KINDS[kind])
+    cls = _KINDS.get(kind)
+    if cls is not None:
+        return isinstance(value, cls)
+    return isinstance(value, (int, float) if kind == "number" else int) and not isinstance(value, bool)
 
 
 def _kinds_text(kinds):
@@ -2208,16 +2207,15 @@ def check(container, key, kinds, where="", required=False):
     """``container[key]`` if it is one of ``kinds`` ("string", "integer", "number", "boolean",
     "object", "array"; null counts as absent), else a 400 naming the field and what it must be."""
     value = container.get(key)
-    name = where + key
     if value is None:
         if required:
-            raise ClientError(400, "%s: field required" % name, param=name, code="missing_field")
+            raise ClientError(400, "%s%s: field required" % (where, key), param=where + key, code="missing_field")
         return None
+    if _is_kind(value, kinds) if isinstance(kinds, str) else any(_is_kind(value, kind) for kind in kinds):
+        return value
     kinds = (kinds,) if isinstance(kinds, str) else kinds
-    if not any(_is_kind(value, kind) for kind in kinds):
-        raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _kind_of(value)),
-                          param=name, code="invalid_type")
-    return value
+    raise ClientError(400, "%s%s must be %s, not %s" % (where, key, _kinds_text(kinds), _kind_of(value)),
+                      param=where + key, code="invalid_type")
 
 
 def check_items(container, key, where="", kinds="object"):
@@ -6020,7 +6018,10 @@ class App:
         shown = [(k, v) for k, v in fields.items() if k != "route"]
         extra = "".join(" %s=%s" % (k, str(v).lower() if isinstance(v, bool) else "%g" % v if isinstance(v, float)
                                     else v) for k, v in shown)
-        record = {"fields": dict(shown, method=request.method, path=request.path, status=status, duration_ms=duration)}
+        record = None
+        if self.config.log_format == "json":  # the fields as numbers and booleans; text lines have them already
+            record = {"fields": dict(shown, method=request.method, path=request.path, status=status,
+                                     duration_ms=duration)}
         access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra, extra=record)
 
     async def read_json(self, request):
