@@ -4870,6 +4870,22 @@ def _response_complete(buf):
     return terminator + 7 if terminator >= 0 else 0
 
 
+def bench_exchange(sock, request, port=None):
+    """Seconds for one request and its whole answer, on ``sock`` or on a new connection to ``port``."""
+    conn = sock or socket.create_connection(("127.0.0.1", port))
+    try:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start = time.perf_counter()
+        conn.sendall(request)
+        buf = b""
+        while not _response_complete(buf):
+            buf += conn.recv(65536)
+        return time.perf_counter() - start
+    finally:
+        if sock is None:
+            conn.close()
+
+
 def bench_closed_loop(port, request, connections, duration, result_queue):
     """``connections`` keep-alive connections, each sending the next request when the previous
     answer is complete; reports (completed, latencies in seconds)."""
@@ -5159,21 +5175,8 @@ class Bench:
             direct_probe, via_probe = bench_request("/chat/completions", body), bench_request("/v1/chat/completions", body)
             direct, via = [], []
             for _ in range(100):
-                start = time.perf_counter()
-                direct_conn.sendall(direct_probe)
-                buf = b""
-                while not _response_complete(buf):
-                    buf += direct_conn.recv(65536)
-                direct.append(time.perf_counter() - start)
-                sock = socket.create_connection(("127.0.0.1", port))
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                start = time.perf_counter()
-                sock.sendall(via_probe)
-                buf = b""
-                while not _response_complete(buf):
-                    buf += sock.recv(65536)
-                via.append(time.perf_counter() - start)
-                sock.close()
+                direct.append(bench_exchange(direct_conn, direct_probe))
+                via.append(bench_exchange(None, via_probe, port))
                 time.sleep(0.05)
             results = [queue.get(timeout=300) for _ in processes]
             for p in processes:
@@ -5265,15 +5268,7 @@ class Bench:
             probe = bench_request("/v1/chat/completions" if name == "via" else "/chat/completions",
                                   {"model": "gpt-4.1", "messages": [{"role": "user", "content": "probe"}]})
             for _ in range(20):
-                sock = socket.create_connection(("127.0.0.1", port))
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                start = time.perf_counter()
-                sock.sendall(probe)
-                buf = b""
-                while not _response_complete(buf):
-                    buf += sock.recv(65536)
-                small.append(time.perf_counter() - start)
-                sock.close()
+                small.append(bench_exchange(None, probe, port))
             results = [queue.get(timeout=300) for _ in processes]
             sampling.set()
             for process in processes:
