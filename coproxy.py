@@ -354,7 +354,7 @@ def http_date(timestamp):
 
 
 #: A string (an unterminated one runs to the end, so each byte is looked at once), or a bracket.
-_JSON_DEPTH_TOKENS = re.compile(rb'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)|[\[{]|[\]}]', re.S)
+_JSON_DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[\[{]|[\]}]', re.S)
 
 
 def _json_depth_ok(raw):
@@ -720,6 +720,12 @@ class Config:
     def source_of(self, dest, default="the default"):
         return self.sources.get(dest, default)
 
+    @property
+    def state_dir_option(self):
+        """" --state-dir DIR" when it is not the default one, for commands we tell the user to run."""
+        default = os.path.abspath(default_state_dir(environ=self.environ))
+        return "" if self.state_dir == default else " --state-dir %s" % self.state_dir
+
     @classmethod
     def resolve(cls, values=None, environ=None):
         """Build a Config from parsed flags (a dict; missing keys = not given) and environment."""
@@ -993,6 +999,11 @@ def proxy_for(url, environ):
     if _no_proxy_matches(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80),
                          no_proxy):
         return None
+    return parse_proxy(proxy)
+
+
+def parse_proxy(proxy):
+    """(host, port, Proxy-Authorization value or None) of a proxy URL; ConfigError if unusable."""
     if "://" not in proxy:
         proxy = "http://" + proxy
     try:
@@ -1264,6 +1275,11 @@ class UpstreamResponse:
             self.close()
         return data
 
+    @property
+    def socket(self):
+        """The connection's socket, for the StreamHub's selector (it reads it non-blocking)."""
+        return self._sock
+
     def pull(self):
         """(body bytes, finished) without blocking, for a socket in non-blocking mode: what has
         arrived, and whether the body is complete. Raises on a cut or broken answer. It stops once
@@ -1453,6 +1469,9 @@ class UpstreamClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.environ = dict(os.environ if environ is None else environ)
+        for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+            if self.environ.get(name):  # a bad one is a start-up error, not a failure of every request
+                parse_proxy(self.environ[name])
         self._pools = {}
         self._idle = 0
         self._targets = {}
@@ -1590,7 +1609,7 @@ class UpstreamClient:
             head_block += "Accept-Encoding: identity\r\n"
         release = functools.partial(self.release, target.origin)
         for attempt in (0, 1):
-            conn = self._acquire(target.origin)
+            conn = self._acquire(target.origin) if attempt == 0 else None  # a retry never trusts the pool again
             reused = conn is not None
             try:
                 if conn is None:
@@ -1713,9 +1732,11 @@ class ImageFetcher:
                 if scheme == "https":
                     if proxy:
                         _connect_tunnel(sock, "%s:%d" % (literal, port), proxy[2])
-                    sock = self.client.ssl_context.wrap_socket(sock, server_hostname=host)
-                    if abort is not None:
+                    sock = self.client.ssl_context.wrap_socket(sock, server_hostname=host,
+                                                               do_handshake_on_connect=False)
+                    if abort is not None:  # before the handshake: wrapping detached the plain socket
                         abort.attach(sock)
+                    sock.do_handshake()
                 absolute = bool(proxy) and scheme == "http"
                 return UpstreamConnection(sock, absolute, proxy[2] if absolute else None), literal
             except BaseException:
@@ -1945,10 +1966,7 @@ class CopilotAuth:
 
     def login_command(self):
         """The `auth login` command for this state dir, as the user would type it."""
-        command = "python3 coproxy.py auth login"
-        if self.config.state_dir != os.path.abspath(default_state_dir(environ=self.config.environ)):
-            command += " --state-dir %s" % self.config.state_dir
-        return command
+        return "python3 coproxy.py auth login" + self.config.state_dir_option
 
     def require_github_token(self):
         token, _ = self.github_token()
@@ -2173,9 +2191,11 @@ def decode_body(raw, encoding, limit):
             data = decoder.decompress(raw, max_length=limit + 1)
         except zstd.ZstdError:
             raise ClientError(400, "the request body is not valid zstd data", code="invalid_encoding")
-        if len(data) > limit or not decoder.eof:
+        if len(data) > limit:
             raise ClientError(413, "request body is larger than %d bytes once decompressed (--max-body-mb)" % limit,
                               code="request_too_large")
+        if not decoder.eof:
+            raise ClientError(400, "the zstd request body is truncated", code="invalid_encoding")
         return data
     raise ClientError(415, "Content-Encoding %r is not supported; send the body uncompressed, or as gzip, deflate "
                            "or zstd" % encoding[:40], code="unsupported_content_encoding")
@@ -2232,8 +2252,13 @@ def check_items(container, key, where="", kinds="object"):
 
 def check_fields(container, where="", **kinds):
     """check() each ``key=kinds`` of ``container`` in order (nothing when the container is None)."""
-    for key, kind in kinds.items():
-        check(container or {}, key, kind, where)
+    if container:
+        for key, kind in kinds.items():
+            check(container, key, kind, where)
+
+
+#: The fields of a content part that must be strings when present.
+_PART_STRINGS = ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data")
 
 
 def check_parts(content, where):
@@ -2248,17 +2273,19 @@ def check_parts(content, where):
         if not isinstance(part, dict):
             raise ClientError(400, "%s must be an object, not %s" % (name, _kind_of(part)), param=name,
                               code="invalid_type")
-        check(part, "type", "string", name + ".", required=True)
-        for key in ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data"):
-            check(part, key, "string", name + ".")
-        check(part, "image_url", ("string", "object"), name + ".")
+        prefix = name + "."
+        check(part, "type", "string", prefix, required=True)
+        for key in _PART_STRINGS:  # long histories have thousands of parts: check only what is not fine
+            if not isinstance(part.get(key, ""), str):
+                check(part, key, "string", prefix)
+        check(part, "image_url", ("string", "object"), prefix)
         if isinstance(part.get("image_url"), dict):
-            check(part["image_url"], "url", "string", name + ".image_url.")
-        check_fields(check(part, "source", "object", name + "."), name + ".source.", type="string", url="string",
+            check(part["image_url"], "url", "string", prefix + "image_url.")
+        check_fields(check(part, "source", "object", prefix), prefix + "source.", type="string", url="string",
                      data="string", media_type="string")
-        check(part, "input", "object", name + ".")
+        check(part, "input", "object", prefix)
         if part.get("type") == "tool_result":
-            check_parts(part.get("content"), name + ".content")
+            check_parts(part.get("content"), prefix + "content")
 
 
 # -- 8b. Server-sent events: items in, items out, one encoder per dialect ----------------------
@@ -2952,20 +2979,28 @@ def summarize_quota(user):
 _IMAGE_PART_TYPES = frozenset(["image_url", "image", "input_image"])
 
 
-def has_image(payload, kinds=_IMAGE_PART_TYPES):
-    """True if a message (chat, Anthropic) or input item (Responses) carries an image part, tool results'
-    content included (Copilot then needs Copilot-Vision-Request)."""
-    def scan(parts):
+def content_parts(payload):
+    """(part, type) for every part of a request's message content: chat and Anthropic messages'
+    ``content``, Responses items' ``content`` and ``output``, and tool results' content within
+    them. Only content, never tool definitions or a model's tool inputs: this runs on every
+    request, and walking whole agent conversations would cost as much as parsing them."""
+    def walk(parts):
         for part in parts if isinstance(parts, list) else ():
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in kinds or (kind == "tool_result" and scan(part.get("content"))):
-                return True
-        return False
+            if isinstance(part, dict):
+                if part.get("type") == "tool_result":
+                    yield from walk(part.get("content"))
+                else:
+                    yield part, part.get("type")
     for key in ("messages", "input"):
         for item in payload.get(key) if isinstance(payload.get(key), list) else ():
-            if isinstance(item, dict) and scan(item.get("content")):
-                return True
-    return False
+            if isinstance(item, dict):
+                yield from walk(item.get("content"))
+                yield from walk(item.get("output"))
+
+
+def has_image(payload, kinds=_IMAGE_PART_TYPES):
+    """True if the request's content carries an image part (Copilot then wants Copilot-Vision-Request)."""
+    return any(kind in kinds for _, kind in content_parts(payload))
 
 
 def chat_initiator(messages):
@@ -3081,7 +3116,24 @@ def chat_chunk_problem(chunk):
 _KEYS_TO_ACT_ON = ('"tool_calls"', '"usage"', '"copilot_usage"', '"error"', '"object"')
 
 
-class ChatNormalize(Translator):
+class ChatReader(Translator):
+    """A translator whose input is chat completion chunks."""
+
+    raw_usage = copilot_usage = None
+
+    def take_chat_usage(self, chunk):
+        """Usage and Copilot's cost out of a chat chunk: they may come in separate chunks, in
+        either order, so each is kept until the other arrives."""
+        usage, cost = chunk.pop("usage", None), chunk.pop("copilot_usage", None)
+        if isinstance(usage, dict):
+            self.raw_usage = usage
+        if isinstance(cost, dict):
+            self.copilot_usage = cost
+        if usage is not None or cost is not None:
+            self.usage = usage_from_chat(self.raw_usage, self.copilot_usage)
+
+
+class ChatNormalize(ChatReader):
     """Copilot chat chunks in, OpenAI chat.completion.chunk items out.
 
     What it fixes: chunks without ``object``/``created``/``id``; filter-result and metadata
@@ -3117,14 +3169,7 @@ class ChatNormalize(Translator):
         problem = chat_chunk_problem(chunk)
         if problem:
             return [problem]
-        usage = chunk.pop("usage", None)
-        if isinstance(usage, dict):
-            self.raw_usage = usage
-        copilot_usage = chunk.pop("copilot_usage", None)
-        if isinstance(copilot_usage, dict):
-            self.copilot_usage = copilot_usage
-        if usage is not None or copilot_usage is not None:
-            self.usage = usage_from_chat(self.raw_usage, self.copilot_usage)
+        self.take_chat_usage(chunk)
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
             return []
@@ -3175,6 +3220,7 @@ class ChatNormalize(Translator):
         value that happens to equal one only sends its chunk down the general path."""
         return (self._id_marker is not None and self._id_marker in data and data.count('"index"') == 1
                 and '"index":0' in data and '"created":' in data and '"model":' in data
+                and '"created":0' not in data and '"model":""' not in data  # the general path fills these in
                 and ('"finish_reason"' not in data or '"finish_reason":null' in data)
                 and not any(key in data for key in _KEYS_TO_ACT_ON) and data[:1] == "{")
 
@@ -3430,7 +3476,7 @@ def openai_to_anthropic_response(data, model):
             "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
 
 
-class ChatToAnthropic(Translator):
+class ChatToAnthropic(ChatReader):
     """OpenAI chat chunks in, Anthropic Messages stream items out, in Anthropic's exact order:
     message_start, then per block content_block_start/delta.../stop, then message_delta (with
     usage, held back until the upstream ends because Copilot sends usage last) and message_stop."""
@@ -3444,7 +3490,6 @@ class ChatToAnthropic(Translator):
         self.tool_blocks = {}
         self.raw_usage = None
         self.finish_reason = None
-        self.saw_tool = False
 
     def _item(self, data):
         return (data["type"], data)
@@ -3485,9 +3530,7 @@ class ChatToAnthropic(Translator):
         problem = chat_chunk_problem(chunk)
         if problem:
             return [problem]
-        if isinstance(chunk.get("usage"), dict):
-            self.raw_usage = chunk["usage"]
-            self.usage = usage_from_chat(chunk["usage"], chunk.get("copilot_usage"))
+        self.take_chat_usage(chunk)
         out = []
         for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
             if not isinstance(choice, dict):
@@ -3520,7 +3563,6 @@ class ChatToAnthropic(Translator):
                     out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
                                            "name": name, "input": {}}))
                     self.tool_blocks[key] = self.index
-                    self.saw_tool = True
                 if isinstance(function.get("arguments"), str) and function["arguments"]:
                     out.append(self._delta({"type": "input_json_delta", "partial_json": function["arguments"]},
                                            self.tool_blocks[key]))
@@ -3531,7 +3573,7 @@ class ChatToAnthropic(Translator):
 
     def end(self):
         out = self._start() + self._close()
-        stop_reason = "tool_use" if self.saw_tool else _STOP_REASONS.get(self.finish_reason, "end_turn")
+        stop_reason = "tool_use" if self.tool_blocks else _STOP_REASONS.get(self.finish_reason, "end_turn")
         usage = _anthropic_usage(self.raw_usage)
         if not self.raw_usage:
             usage["input_tokens"] = self.estimated_input_tokens
@@ -3598,7 +3640,7 @@ def estimate_input_tokens(payload):
     tool-definition overheads, then 10% on top."""
     def text_tokens(text):
         text = text if isinstance(text, str) else json.dumps(text)
-        ascii_chars = sum(1 for ch in text if ord(ch) < 128)
+        ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
         return (ascii_chars + 2) // 3 + (len(text) - ascii_chars)
 
     def content_tokens(content):
@@ -3930,35 +3972,21 @@ def normalize_embeddings_response(data, model, encoding):
 
 
 def remote_images(payload):
-    """[(part, kind, url)] for every image given by http(s) URL in a request's message content:
-    OpenAI chat ``image_url`` parts, Responses ``input_image`` parts (also in tool outputs),
-    Anthropic ``url`` image sources (also in tool results). Only content is looked at, never
-    tool definitions or a model's tool inputs, and only where messages keep it: this runs on
-    every request, and walking whole agent conversations would cost as much as parsing them."""
+    """[(part, kind, url)] for every image given by http(s) URL in a request's content (see
+    content_parts): OpenAI chat ``image_url`` parts, Responses ``input_image`` parts, Anthropic
+    ``url`` image sources."""
     found = []
-
-    def scan(parts):
-        for part in parts if isinstance(parts, list) else ():
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "tool_result":
-                scan(part.get("content"))
-                continue
-            if kind == "image_url":
-                url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
-            elif kind == "input_image":
-                url = part.get("image_url")
-            elif kind == "image" and isinstance(part.get("source"), dict) and part["source"].get("type") == "url":
-                url = part["source"].get("url")
-            else:
-                continue
-            if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
-                found.append((part, kind, url))
-
-    for key in ("messages", "input"):
-        for item in payload.get(key) if isinstance(payload.get(key), list) else ():
-            if isinstance(item, dict):
-                scan(item.get("content"))
-                scan(item.get("output"))
+    for part, kind in content_parts(payload):
+        if kind == "image_url":
+            url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+        elif kind == "input_image":
+            url = part.get("image_url")
+        elif kind == "image" and isinstance(part.get("source"), dict) and part["source"].get("type") == "url":
+            url = part["source"].get("url")
+        else:
+            continue
+        if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
+            found.append((part, kind, url))
     return found
 
 
@@ -4117,7 +4145,6 @@ def plan_messages(payload, model, info, quirks, now, anthropic_version=None, ant
                 initiator=anthropic_initiator(payload["messages"]), vision=vision, what="a message",
                 effort_name="output_config.effort", removed=removed)
     endpoints = info.get("supported_endpoints") if isinstance(info.get("supported_endpoints"), list) else []
-    estimate = estimate_input_tokens(payload) if stream else 0
     if "/v1/messages" in endpoints:
         plan.payload, plan.intent = payload, "messages-proxy"
         if anthropic_version is not None and not _HEADER_TOKEN.match(anthropic_version):
@@ -4130,11 +4157,13 @@ def plan_messages(payload, model, info, quirks, now, anthropic_version=None, ant
         plan.chain = lambda: [anthropic_passthrough()]
     elif endpoint_for(info, "/chat/completions") == "/responses":
         plan.path = "/responses"
+        estimate = estimate_input_tokens(payload) if stream else 0  # for message_start; native needs none
         plan.payload = chat_to_responses_request(anthropic_to_openai_request(payload, info))
         plan.answer = lambda data: openai_to_anthropic_response(responses_to_chat_response(data, model, now), model)
         plan.chain = lambda: [ResponsesToChat(model, True, now), ChatToAnthropic(model, estimate)]
     else:
         plan.path = "/chat/completions"
+        estimate = estimate_input_tokens(payload) if stream else 0
         plan.payload = anthropic_to_openai_request(payload, info)
         if is_gemini(model, info):
             gemini_tools(plan.payload)
@@ -4242,7 +4271,7 @@ class WorkerPool(concurrent.futures.Executor):
             with self._lock:
                 while not self._to_start and not self._shutdown:
                     self._start_wanted.wait()
-                if self._shutdown:
+                if not self._to_start:  # shut down, and every worker owed has been started
                     return
                 self._serial += 1
                 thread = threading.Thread(target=self._work, name="%s-%d" % (self.name, self._serial), daemon=True)
@@ -4289,8 +4318,6 @@ class WorkerPool(concurrent.futures.Executor):
                 self._run_job(*job)
                 del job
                 with self._lock:
-                    if self._shutdown:
-                        return
                     self._idle += 1
         finally:
             with self._lock:
@@ -4311,15 +4338,19 @@ class WorkerPool(concurrent.futures.Executor):
             loop.call_soon_threadsafe(self._settle, future, result, error)
 
     def shutdown(self, wait=True, **_):
-        """No new jobs; idle workers leave now, busy ones after their job. With ``wait``, return
+        """No new jobs; the queued ones still run, then the workers leave. With ``wait``, return
         only when every worker has left (threads are daemons, so an exit never waits on them)."""
         with self._lock:
             self._shutdown = True
-            threads = list(self._threads)
             self._start_wanted.notify_all()
-        for _ in threads:
+            starter, leaving = self._starter, len(self._threads) + self._to_start
+        for _ in range(leaving):  # behind the queued jobs, which the workers still run
             self._jobs.put(None)
         if wait:
+            if starter is not None and starter is not threading.current_thread():
+                starter.join()  # it starts the workers still owed, then leaves
+            with self._lock:
+                threads = list(self._threads)
             for thread in threads:
                 if thread is not threading.current_thread():
                     thread.join()
@@ -4329,30 +4360,31 @@ class HubStream:
     """One upstream answer being read by the StreamHub, and where its bytes go: ``sink`` has
     ``on_data(bytes)`` and ``on_end(error or None)``, both called on the event loop."""
 
-    __slots__ = ("hub", "response", "sink", "cancelled", "paused", "registered", "last_read")
+    __slots__ = ("hub", "response", "sink", "cancelled", "ended", "paused", "registered", "last_read")
 
     def __init__(self, hub, response, sink):
         self.hub = hub
         self.response = response
         self.sink = sink
         self.cancelled = False
+        self.ended = False      # its end was delivered: the hub is done with it
         self.paused = False
         self.registered = False
         self.last_read = time.monotonic()
 
     def pause(self):
         """Stop reading this upstream (the client is slow): TCP then slows the upstream down."""
-        self.hub._command(self, "pause")
+        self.hub.command(self, "pause")
 
     def resume(self):
-        self.hub._command(self, "resume")
+        self.hub.command(self, "resume")
 
     def cancel(self):
         """The client left or the answer is no longer wanted: the upstream connection is closed
         (never pooled) and nothing more is delivered."""
-        if not self.cancelled:
+        if not (self.cancelled or self.ended):
             self.cancelled = True
-            self.hub._command(self, "cancel")
+            self.hub.command(self, "cancel")
 
 
 class StreamHub:
@@ -4389,10 +4421,11 @@ class StreamHub:
     def attach(self, response, sink):
         """Start reading ``response``'s body (its head already read); returns its HubStream."""
         stream = HubStream(self, response, sink)
-        self._command(stream, "add")
+        self.command(stream, "add")
         return stream
 
-    def _command(self, stream, op):
+    def command(self, stream, op):
+        """Ask the hub thread to add, pause, resume or cancel ``stream`` (from the loop)."""
         self._commands.append((stream, op))
         with self._lock:
             if self._thread is None and not self._closing:
@@ -4410,7 +4443,7 @@ class StreamHub:
             self._selector.close()
             self._wake_reader.close()
         else:
-            self._command(None, "close")
+            self.command(None, "close")
             if thread is not threading.current_thread():
                 thread.join(5)
         self._wake_writer.close()
@@ -4435,7 +4468,7 @@ class StreamHub:
                 self._publish()
         finally:
             for stream in list(self._streams):
-                self._finish(stream, None, reuse=False)
+                self._finish(stream, None, reuse=False, deliver=False)  # nobody reads them any more
             self._selector.close()
             self._wake_reader.close()
 
@@ -4448,7 +4481,7 @@ class StreamHub:
             if op == "add":
                 self._streams.add(stream)
                 try:
-                    stream.response._sock.setblocking(False)
+                    stream.response.socket.setblocking(False)
                 except OSError as exc:
                     self._finish(stream, exc)
                     continue
@@ -4473,13 +4506,13 @@ class StreamHub:
 
     def _register(self, stream):
         if not stream.registered:
-            self._selector.register(stream.response._sock, selectors.EVENT_READ, stream)
+            self._selector.register(stream.response.socket, selectors.EVENT_READ, stream)
             stream.registered = True
 
     def _unregister(self, stream):
         if stream.registered:
             with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(stream.response._sock)
+                self._selector.unregister(stream.response.socket)
             stream.registered = False
 
     def _read(self, stream, now):
@@ -4544,6 +4577,7 @@ class StreamHub:
                 if data:
                     stream.sink.on_data(data)
                 if ended:
+                    stream.ended = True
                     stream.sink.on_end(error)
             except Exception:  # one stream's failure must not cost the others their bytes
                 log.exception("stream delivery failed")
@@ -5032,8 +5066,8 @@ class Connection:
             return False  # the unread body is still on the wire; we cannot find the next request
         return True
 
-    async def _answer_bad_request(self, exc, response=None):
-        response = response or Response(self, None)
+    async def _answer_bad_request(self, exc):
+        response = Response(self, None)
         response.keep_alive = False
         with contextlib.suppress(ConnectionError):
             if not self.transport.is_closing():
@@ -5250,7 +5284,7 @@ class Catalogue:
 
     async def current(self):
         """(models, source): Copilot's list ("copilot"), or the built-in one ("fallback")."""
-        if self.models is not None and time.monotonic() - self._fetched_at < min(self.config.models_ttl, 60):
+        if self.models is not None and time.monotonic() - self._fetched_at < self.config.models_ttl:
             return self.models, self.source
         if self._refresh is None:
             self._refresh = asyncio.get_running_loop().create_task(self._fetch())
@@ -5506,17 +5540,26 @@ class StreamRelay:
         self.last_data = self.loop.time()
         if self.first_chunk_at is None:
             self.first_chunk_at = time.monotonic()
-        out = self.translation.feed(data)
+        out = self._translate(self.translation.feed, data)
         if out:
             self._write(out)
         if self.translation.finished:  # a failure inside the stream ended it
             self._finish()
 
+    def _translate(self, step, *args):
+        """One translation step. Should it raise (a bug), the client gets the dialect's error
+        event and the stream ends, instead of pings for ever."""
+        try:
+            return step(*args)
+        except Exception:
+            log.exception("translating the stream for %s failed", self.plan.model)
+            return self.translation.fail("internal error in coproxy; see its log", "internal_error")
+
     def on_end(self, error):
         if self.done.done():
             return
         if error is None:
-            out = self.translation.end()
+            out = self._translate(self.translation.end)
         else:
             kind = "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__
             log.warning("upstream stream failed model=%s: %s", self.plan.model, kind)
@@ -5719,11 +5762,13 @@ class Gateway:
                 response.log_fields["adjusted"] = ", ".join(plan.adjusted)
             if plan.stream:
                 relay = StreamRelay(self, plan, request, response, upstream)
-                await relay.run(headers)
-                if relay.first_chunk_at is not None:
-                    self.metrics.observe("gen_ai_client_operation_time_to_first_chunk_seconds",
-                                         relay.first_chunk_at - request.started, self._gen_ai_labels(plan))
-                self._account(plan, response, relay.translation.source.usage, relay.translation.failure)
+                try:
+                    await relay.run(headers)
+                finally:  # also when its client went away at the end: what was relayed was paid for
+                    if relay.first_chunk_at is not None:
+                        self.metrics.observe("gen_ai_client_operation_time_to_first_chunk_seconds",
+                                             relay.first_chunk_at - request.started, self._gen_ai_labels(plan))
+                    self._account(plan, response, relay.translation.source.usage, relay.translation.failure)
                 return
             try:
                 data = json.loads(raw)
@@ -6146,9 +6191,7 @@ def start_banner(config, url, script=None):
     """What `serve` prints once listening: where it is, and exact lines to point clients at it
     (``script``: this file as the user ran it)."""
     base = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
-    options = []
-    if config.state_dir != os.path.abspath(default_state_dir(environ=config.environ)):
-        options += ["--state-dir", config.state_dir]
+    options = [config.state_dir_option.strip()] if config.state_dir_option else []
     host = base.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
     if host != DEFAULT_HOST:
         options += ["--host", host]
@@ -6468,6 +6511,8 @@ def running_instance(config, quiet=False):
     """(pid, url) of the coproxy serving from this state dir, or (None, None). It must hold the
     state dir's lock and, where /proc tells, still be the process that wrote the pid file; a
     pid file that fails either check is stale, is removed, and its pid is never signalled."""
+    if os.path.isdir(config.state_dir):
+        secure_dir(config.state_dir)  # a pid file is trusted no more than the token files beside it
     path = os.path.join(config.state_dir, PID_FILE)
     pid, url, started = read_pid_file(path)
     if pid is None:
@@ -6498,8 +6543,8 @@ class InstanceRecord:
         pid, url = running_instance(self.config)
         if pid is not None and pid != os.getpid():
             raise CoproxyError("coproxy is already running for %s (pid %d, %s); `python3 coproxy.py stop%s` first, "
-                               "or use another --state-dir" % (self.config.state_dir, pid, url, _state_dir_flag(
-                                   self.config)))
+                               "or use another --state-dir" % (self.config.state_dir, pid, url,
+                                                                self.config.state_dir_option))
         try:
             import fcntl
         except ImportError:  # Windows: the pid file alone
@@ -6524,11 +6569,6 @@ class InstanceRecord:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-
-def _state_dir_flag(config):
-    return "" if config.state_dir == os.path.abspath(default_state_dir(environ=config.environ)) else \
-        " --state-dir %s" % config.state_dir
 
 
 def settings_argv(config, scope=("shared", "serve")):
@@ -6628,7 +6668,7 @@ def start_detached(config):
     pid, url = running_instance(config)
     if pid is not None:
         raise CoproxyError("coproxy is already running (pid %d, %s); `python3 coproxy.py stop%s` first"
-                           % (pid, url, _state_dir_flag(config)))
+                           % (pid, url, config.state_dir_option))
     pid_path = os.path.join(config.state_dir, PID_FILE)
     log_path = os.path.join(config.state_dir, LOG_FILE)
     flags, secrets = settings_argv(config)
@@ -6749,12 +6789,14 @@ def cmd_models(config, args):
         return 0
 
 
-def ask_running_server(config, path):
-    """GET ``path`` from the coproxy serving from this state dir (with the API key if one is
-    configured); None when none runs or it does not answer."""
-    pid, url = running_instance(config, quiet=True)
-    if pid is None:
-        return None
+def ask_running_server(config, path, url=None):
+    """GET ``path`` from the coproxy serving from this state dir, at ``url`` when the caller has
+    looked it up already (with the API key if one is configured); None when none runs or it
+    does not answer."""
+    if url is None:
+        url = running_instance(config, quiet=True)[1]
+        if url is None:
+            return None
     client = UpstreamClient(connect_timeout=3, read_timeout=5, environ={})
     headers = {"Accept": "application/json"}
     if config.api_key:
@@ -6791,7 +6833,7 @@ def cmd_status(config, args):
         return 1
     started = os.path.getmtime(os.path.join(config.state_dir, PID_FILE))
     print("running:  pid %d, %s, up %s" % (pid, url, format_duration(time.time() - started)))
-    health = ask_running_server(config, "/healthz")
+    health = ask_running_server(config, "/healthz", url)
     if health is None:
         print("health:   /healthz did not answer; see %s" % os.path.join(config.state_dir, LOG_FILE))
         return 1
