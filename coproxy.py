@@ -2387,9 +2387,10 @@ class Dialect:
         event, data = item
         return encode_sse(data.encode("utf-8") if isinstance(data, str) else json_dumps(data), event)
 
-    def stream_error(self, message, code=None):
-        """The bytes of the one event that ends a failed stream."""
-        return self.encode(self._stream_error(message, code or "upstream_stream_error"))
+    def stream_error(self, message, code=None, sequence_number=0):
+        """The bytes of the one event that ends a failed stream (``sequence_number``: the next
+        one of the stream, which Responses events carry)."""
+        return self.encode(self._stream_error(message, code or "upstream_stream_error", sequence_number))
 
     def envelope(self, error):
         """The JSON body of an error answer (``error`` is a ClientError)."""
@@ -2397,13 +2398,14 @@ class Dialect:
 
 
 OPENAI = Dialect(b": ping\n\n",
-                 lambda message, code: (None, openai_error_body(message, "api_error", code)),
+                 lambda message, code, _: (None, openai_error_body(message, "api_error", code)),
                  lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
 RESPONSES = Dialect(b": ping\n\n",
-                    lambda message, code: ("error", {"type": "error", "code": code, "message": message, "param": None}),
+                    lambda message, code, sequence: ("error", {"type": "error", "code": code, "message": message,
+                                                               "param": None, "sequence_number": sequence}),
                     lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
 ANTHROPIC = Dialect(encode_sse(b'{"type":"ping"}', "ping"),
-                    lambda message, code: ("error", anthropic_error_body(500, message)),
+                    lambda message, code, _: ("error", anthropic_error_body(500, message)),
                     lambda e: anthropic_error_body(e.status, str(e)))
 
 
@@ -2451,7 +2453,7 @@ class StreamTranslation:
     def _fail(self, message, code=None):
         self.finished = True
         self.failure = message
-        return self.dialect.stream_error(message, code)
+        return self.dialect.stream_error(message, code, self.chain[-1].next_sequence_number)
 
     def feed(self, data):
         """Upstream body bytes → client bytes (b"" when nothing is complete yet)."""
@@ -2502,6 +2504,8 @@ class Translator:
 
     complete = False
     usage = None
+    #: the sequence_number the next Responses event would carry (Responses streams count them)
+    next_sequence_number = 0
 
     def end(self):
         return []
@@ -3606,6 +3610,7 @@ class Passthrough(Translator):
     def feed(self, event, data):
         if self.complete:
             return []
+        self.next_sequence_number += 1  # Responses streams number their events from 0
         kind = event_type(event, data)
         if kind in self.final:
             self.complete = True
@@ -3892,6 +3897,34 @@ def responses_initiator(payload):
     return "user"
 
 
+def as_output_items(items):
+    """Input items (a string, or items in the forms a request may use) as an answer's items: a
+    message's string content becomes parts (``output_text`` with its annotations for the
+    assistant's words, ``input_text`` for anyone else's), and an item without a type a message."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        item = dict(item, type=item.get("type") or "message")
+        if item["type"] == "message" and not isinstance(item.get("content"), list):
+            text = item.get("content") if isinstance(item.get("content"), str) else ""
+            item["content"] = [{"type": "output_text", "text": text, "annotations": []}
+                               if item.get("role") == "assistant" else {"type": "input_text", "text": text}]
+        out.append(item)
+    return out
+
+
+def responses_usage_object(usage):
+    """A Responses ``usage`` object, every count present, from the one usage shape of 8e."""
+    usage = usage or {"input": 0, "cached": 0, "output": 0, "reasoning": 0}
+    return {"input_tokens": usage["input"],
+            "input_tokens_details": {"cached_tokens": usage["cached"], "cache_write_tokens": 0},
+            "output_tokens": usage["output"], "output_tokens_details": {"reasoning_tokens": usage["reasoning"]},
+            "total_tokens": usage["input"] + usage["output"]}
+
+
 #: Tokens of history above which Copilot compacts when coproxy asks it to (for Codex's
 #: /responses/compact): low, because a client that asks for compaction wants it now.
 COMPACT_THRESHOLD_TOKENS = 1000
@@ -3916,17 +3949,15 @@ def compaction_answer(data, payload, now):
     compaction item from Copilot (a history too short to compact) the history stays as it was."""
     output = data.get("output") if isinstance(data.get("output"), list) else []
     compaction = [i for i in output if isinstance(i, dict) and i.get("type") in _COMPACTION_ITEMS]
-    history = payload.get("input") if isinstance(payload.get("input"), list) else []
+    history = as_output_items(payload.get("input"))
     if compaction:
-        kept = [i for i in history if isinstance(i, dict) and i.get("type", "message") == "message"
-                and i.get("role") == "user"]
-        output = kept + compaction[-1:]
+        output = [i for i in history if i["type"] == "message" and i.get("role") == "user"] + compaction[-1:]
     else:
         output = history
     created = data.get("created_at")
     return {"id": data.get("id") or "resp_" + random_id(), "object": "response.compaction",
             "created_at": int(created) if isinstance(created, (int, float)) else int(now),
-            "output": output, "usage": data.get("usage") if isinstance(data.get("usage"), dict) else {}}
+            "output": output, "usage": responses_usage_object(usage_from_responses(data.get("usage")))}
 
 
 # -- 8i. Embeddings, images by URL -----------------------------------------------------------
@@ -5846,6 +5877,11 @@ CORS_ALLOWED_HEADERS = ("authorization, content-type, content-encoding, x-api-ke
 
 Route = collections.namedtuple("Route", "path surface dialect handlers public")
 
+#: The answer to a Responses WebSocket attempt (Codex falls back to HTTP on a 426).
+WEBSOCKET_REFUSAL = ("coproxy serves the Responses API over HTTP + SSE, not WebSocket. For Codex, set "
+                     "supports_websockets = false in its [model_providers.<id>] table (the README's Codex recipe "
+                     "does) and it will not try again")
+
 
 class Guard:
     """Who may use this coproxy (see §12): the Host, Origin and API-key checks of every request but /healthz."""
@@ -5938,7 +5974,8 @@ class App:
         # ending in / takes one more segment as its parameter.
         self.routes = [
             Route("/chat/completions", "chat", OPENAI, {"POST": self.handle_chat}, False),
-            Route("/responses", "responses", RESPONSES, {"POST": self.handle_responses}, False),
+            Route("/responses", "responses", RESPONSES, {"POST": self.handle_responses,
+                                                         "GET": self.handle_responses_websocket}, False),
             Route("/responses/compact", "responses", RESPONSES, {"POST": self.handle_compact}, False),
             Route("/responses/", "responses", RESPONSES, {"GET": self.handle_response_get}, False),
             Route("/embeddings", "embeddings", OPENAI, {"POST": self.handle_embeddings}, False),
@@ -6108,6 +6145,15 @@ class App:
         payload["model"] = model
         await self.gateway.run(plan_responses(payload, model, info, self.catalogue.quirks(model), time.time()),
                                request, response)
+
+    async def handle_responses_websocket(self, request, response, _):
+        """Codex first tries Responses over a WebSocket (GET with Upgrade), and falls back to HTTP
+        + SSE on a 426; answered at once, so no attempt waits for anything."""
+        if "websocket" not in (request.header("upgrade") or "").lower():
+            raise ClientError(405, "GET /v1/responses is only a WebSocket attempt; send Responses requests as "
+                                   "POST", code="method_not_allowed", headers=[("Allow", "POST")])
+        response.keep_alive = False  # whatever the client meant to send next was WebSocket frames
+        raise ClientError(426, WEBSOCKET_REFUSAL, code="websocket_not_supported")
 
     async def handle_compact(self, request, response, _):
         payload = await self.read_json(request)

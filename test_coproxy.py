@@ -2141,6 +2141,14 @@ class TestTranslateResponses(unittest.TestCase):
         self.assertEqual(answer["output"], [payload["input"][0], {"type": "compaction", "encrypted_content": "E"}])
         unchanged = coproxy.compaction_answer({"output": []}, payload, 9)
         self.assertEqual(unchanged["output"], payload["input"])
+        self.assertEqual(unchanged["usage"]["input_tokens_details"], {"cached_tokens": 0, "cache_write_tokens": 0})
+        # nothing to compact: the client's items come back as valid items, never a string content
+        short = coproxy.compaction_answer({"output": []}, {"input": [{"role": "user", "content": "hi"}, {
+            "type": "message", "role": "assistant", "content": "hello"}]}, 9)
+        self.assertEqual(short["output"], [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hello",
+                                                                  "annotations": []}]}])
 
     def test_embeddings_shapes(self):
         request, encoding = coproxy.prepare_embeddings_request({"model": "e", "input": "one", "dimensions": 2,
@@ -2214,6 +2222,8 @@ class TestStreamEnds(unittest.TestCase):
                 out = b"".join(translation.feed(piece) for piece in body) + translation.fail("the connection was cut")
                 self.assertNotIn(normal, out)
                 self.assertEqual(self.error_of(dialect, out)[0], "the connection was cut")
+                if dialect is coproxy.RESPONSES:  # the error event is numbered after the events before it
+                    self.assertEqual(sse_events(out)[-1][1]["sequence_number"], len(body))
                 self.assertEqual((translation.end(), translation.fail("again")), (b"", b""))  # one ending only
 
 
@@ -3808,6 +3818,24 @@ class TestCodex(ProxyTestCase):
         self.assertEqual([e["type"] for e in sse_data(body)], ["response.output_item.done", "response.completed"])
         headers = self.fake.requests_to("/responses")[-1][2]
         self.assertEqual((headers["x-initiator"], headers["x-interaction-type"]), ("agent", "conversation-compaction"))
+
+    def test_a_websocket_attempt_gets_426_at_once(self):
+        client = self.raw()
+        started = time.monotonic()
+        client.send(b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"OpenAI-Beta: responses_websockets=2026-02-04\r\n\r\n")
+        status, _, body = client.response()
+        self.assertLess(time.monotonic() - started, 0.5)
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"]), (426, "websocket_not_supported"))
+        self.assertIn("supports_websockets = false", error["message"])
+        self.assertTrue(client.closed_by_server())
+        self.assertEqual(self.request("GET", "/v1/responses")[0], 405)
+        self.assertEqual(self.fake.requests_to("/responses"), [])
+        proxy = self.start_proxy(api_key="k")  # the key is checked first, as on every route
+        status, _, _ = self.request("GET", "/v1/responses", headers={"Upgrade": "websocket"}, port=proxy.port)
+        self.assertEqual(status, 401)
 
     def test_a_responses_stream_without_completed_is_an_error(self):
         for ending in ([], ["cut"]):
