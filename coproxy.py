@@ -250,6 +250,21 @@ class BadRequest(Exception):
         self.status = status
 
 
+class RetryOnce(Exception):
+    """Raised by a first attempt that failed in a way a second attempt can fix (see retry_once)."""
+
+
+def retry_once(attempt):
+    """``attempt(first=True)``; if that raises RetryOnce, ``attempt(first=False)`` once more. The
+    one retry rule of the file: a stale pooled connection, a 401 that a fresh token fixes. The
+    second attempt must not raise RetryOnce (it raises its real error instead)."""
+    try:
+        return attempt(True)
+    except RetryOnce as exc:
+        log.debug("retrying once: %s", exc)
+    return attempt(False)
+
+
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -964,9 +979,10 @@ class TokenStore:
 #    the stream hub (§9). Nothing a caller passes reaches the wire unchecked: header values
 #    with line breaks are refused, and request targets are percent-encoded (a CR/LF in a URL
 #    would split the request). Kept-alive connections to GitHub and Copilot are pooled per
-#    origin (LIFO; only after an answer read to the end; idle ones closed by a timer; a cap
-#    per origin and in all). One retry, only when a *pooled* connection proves stale before any
-#    response byte. HTTPS_PROXY/NO_PROXY through a CONNECT tunnel. Images given by URL use
+#    origin (LIFO; only after an answer read to the end, never after an exchange that failed or
+#    was aborted; idle ones closed by a timer; a cap per origin and in all). One retry (on a new
+#    connection) when a pooled connection, a TLS handshake or a proxy tunnel is hung up on
+#    before any response byte. HTTPS_PROXY/NO_PROXY through a CONNECT tunnel. Images given by URL use
 #    ImageFetcher: fresh connections, never the pool, public addresses only.
 # ------------------------------------------------------------------------------------------
 
@@ -1076,6 +1092,15 @@ class AbortHandle:
         if sock is not None:
             self._shutdown(sock)
 
+    def detach(self, sock):
+        """Let go of ``sock`` before it goes back to the pool; False if the call was aborted (then
+        the socket must be closed). Without this, a client that leaves just after its answer was
+        read would shut down a pooled socket, and the next request on it would fail."""
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+            return not self.aborted
+
     @staticmethod
     def _shutdown(sock):
         # the plain-socket method: SSLSocket.shutdown would drop its SSL object under a reader
@@ -1085,6 +1110,18 @@ class AbortHandle:
 
 class UpstreamCutShort(ConnectionError):
     """The upstream closed the connection before its answer was complete."""
+
+
+class TunnelClosed(ConnectionResetError):
+    """The HTTPS proxy hung up before answering CONNECT (retried once, like a stale connection)."""
+
+
+def hung_up_before_answer(exc):
+    """True for the errors of a peer that went away before saying anything: a reset, a closed
+    pipe, a TLS connection that ended without its close_notify ("EOF occurred in violation of
+    protocol"). Not a timeout (the request may be running) and not a cut-short answer."""
+    return isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError,
+                            ssl.SSLZeroReturnError)) and not isinstance(exc, UpstreamCutShort)
 
 
 _DECIMAL = re.compile(r"[0-9]+\Z")
@@ -1342,7 +1379,7 @@ class UpstreamResponse:
             return
         self.done = True
         if (reuse and self._release is not None and self._complete and not self.will_close and not self._buf
-                and not (self._abort is not None and self._abort.aborted)):
+                and self._failure is None and (self._abort is None or self._abort.detach(self._sock))):
             self._release(self._conn)
         else:
             self._conn.close()
@@ -1433,8 +1470,10 @@ def _connect_tunnel(sock, authority, proxy_auth):
     answer = b""
     while b"\r\n\r\n" not in answer and b"\n\n" not in answer:
         data = sock.recv(4096)  # the proxy says nothing after its head until we speak TLS
-        if not data or len(answer) > MAX_HEADER_BYTES:
-            raise OSError("Tunnel connection failed: the proxy closed the connection")
+        if not data:
+            raise TunnelClosed("Tunnel connection failed: the proxy closed the connection")
+        if len(answer) > MAX_HEADER_BYTES:
+            raise OSError("Tunnel connection failed: the proxy sent an oversized answer")
         answer += data
     status_line = answer.split(b"\n", 1)[0].decode("latin-1").strip()
     parts = status_line.split(None, 2)
@@ -1512,12 +1551,18 @@ class UpstreamClient:
                 self._targets.clear()
             self._targets[base] = target
 
-    def _connect(self, target, url):
-        scheme, host, port = target.origin
-        proxy = proxy_for(url, self.environ)
-        sock = socket.create_connection(proxy[:2] if proxy else (host, port), timeout=self.connect_timeout)
-        try:
+    def _dial(self, target, proxy):
+        """A TCP connection to the origin, or to its proxy."""
+        sock = socket.create_connection(proxy[:2] if proxy else target.origin[1:], timeout=self.connect_timeout)
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _secure(self, sock, target, proxy):
+        """The dialled socket made ready for requests: the CONNECT tunnel and TLS handshake for
+        HTTPS (closed on failure)."""
+        scheme, host, port = target.origin
+        try:
             if scheme == "https":
                 if proxy:
                     _connect_tunnel(sock, "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port), proxy[2])
@@ -1528,6 +1573,7 @@ class UpstreamClient:
             sock.settimeout(self.read_timeout)
         except BaseException:
             sock.close()
+            self._tls_sessions.pop(target.origin, None)  # a retry starts with a full handshake
             raise
         with self._lock:
             self.connections_opened += 1
@@ -1602,39 +1648,45 @@ class UpstreamClient:
     def request(self, method, url, headers, body=None, abort_handle=None):
         """Send one request and return once status and headers are in (body unread).
 
-        Raises UpstreamUnreachable for network/TLS/proxy failures (never for HTTP statuses)."""
+        Raises UpstreamUnreachable for network/TLS/proxy failures (never for HTTP statuses).
+        A connection that fails before any byte of the answer is tried once more on a new one
+        (Copilot saw nothing, or nothing it answered): a pooled connection the server had closed
+        or reset, a TLS handshake or a proxy tunnel the other side hung up on."""
         target = self.target(url)
         head_block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
         if "Accept-Encoding" not in headers:  # bodies are relayed as they come: no gzip, please
             head_block += "Accept-Encoding: identity\r\n"
+        request_target = ("%s://%s%s" % (target.origin[0], target.host_header, target.path), target.path)
         release = functools.partial(self.release, target.origin)
-        for attempt in (0, 1):
-            conn = self._acquire(target.origin) if attempt == 0 else None  # a retry never trusts the pool again
-            reused = conn is not None
+
+        def attempt(first):
+            conn = self._acquire(target.origin) if first else None  # a retry never trusts the pool again
+            stage = "pooled" if conn is not None else "dial"
             try:
                 if conn is None:
-                    conn = self._connect(target, url)
+                    proxy = proxy_for(url, self.environ)
+                    sock = self._dial(target, proxy)
+                    stage = "handshake"
+                    conn = self._secure(sock, target, proxy)
+                    stage = "fresh"
                     self._remember(url, target)
                 if abort_handle is not None:
                     abort_handle.attach(conn.sock)
                     if abort_handle.aborted:
                         conn.close()
                         raise UpstreamUnreachable("aborted", kind="aborted")
-                _send_request(conn, method, "%s://%s%s" % (target.origin[0], target.host_header, target.path)
-                              if conn.absolute_form else target.path, head_block, body)
+                _send_request(conn, method, request_target[0 if conn.absolute_form else 1], head_block, body)
                 return UpstreamResponse(conn, method, release, abort_handle)
             except (OSError, ValueError) as exc:
                 if conn is not None:
                     conn.close()
-                aborted = abort_handle is not None and abort_handle.aborted
-                stale = isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
-                if stale and reused and attempt == 0 and not aborted:
-                    log.debug("pooled upstream connection was stale (%s); retrying once", exc.__class__.__name__)
-                    continue
-                if aborted:
+                if abort_handle is not None and abort_handle.aborted:
                     raise UpstreamUnreachable("aborted", kind="aborted")
+                if first and stage in ("pooled", "handshake") and hung_up_before_answer(exc):
+                    raise RetryOnce("%s upstream connection failed before any answer (%s)"
+                                    % ("a pooled" if stage == "pooled" else "a new", exc.__class__.__name__))
                 raise network_error(exc, url)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return retry_once(attempt)
 
     def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES, abort_handle=None):
         """(status, parsed JSON or None, raw bytes, response) for a small JSON exchange."""
@@ -2124,25 +2176,25 @@ class CopilotAuth:
 
     def fetch_models(self):
         """Copilot's /models list (deduplicated), with one token refresh if Copilot says 401."""
-        for attempt in (0, 1):
+        def attempt(first):
             record = self.copilot_token()
             status, data, raw, _ = self.client.request_json(
                 "GET", self.api_base(record) + "/models", copilot_headers(self.config, record["token"],
                                                                           intent="model-access"))
-            if status == 401 and attempt == 0:
+            if status == 401 and first:
                 self.invalidate(record["token"])
-                continue
+                raise RetryOnce("Copilot /models answered 401; refreshing the Copilot token")
             if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
                 message, _ = upstream_error_message(raw)
                 raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, message),
                                           kind="http_%d" % status)
-            models, seen = [], set()
-            for model in data["data"]:
-                if isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"] not in seen:
-                    seen.add(model["id"])
-                    models.append(model)
-            return models
-        raise AssertionError("unreachable")  # pragma: no cover
+            return data["data"]
+        models, seen = [], set()
+        for model in retry_once(attempt):
+            if isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"] not in seen:
+                seen.add(model["id"])
+                models.append(model)
+        return models
 
 # ------------------------------------------------------------------------------------------
 # 8. Formats, translation and plans (pure)
@@ -5701,7 +5753,8 @@ class Gateway:
         """Send the plan with the identity headers; a 401 forces one token refresh and one retry.
         Returns (response, raw): raw is the body for errors and whole answers, None for a stream."""
         body = json_dumps(plan.payload) if plan.payload is not None else None
-        for attempt in (0, 1):
+
+        def attempt(first):
             record = self.auth.copilot_token()
             headers = copilot_headers(self.config, record["token"], plan.initiator, plan.vision, plan.intent,
                                       plan.interaction)
@@ -5709,17 +5762,17 @@ class Gateway:
                 headers["Accept"] = "text/event-stream"
             headers.update(plan.headers)
             response = self.client.request(plan.method, self.auth.api_base(record) + plan.path, headers, body, abort)
-            if response.status == 401 and attempt == 0:
+            if response.status == 401 and first:
                 response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
                 log.info("copilot answered 401; refreshing the Copilot token and retrying once")
                 self.auth.invalidate(record["token"])
-                continue
+                raise RetryOnce("copilot answered 401")
             if not 200 <= response.status < 300:
                 return response, response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
             if plan.stream:
                 return response, None
             return response, response.read_all(MAX_UPSTREAM_JSON_BYTES)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return retry_once(attempt)
 
     async def _send(self, plan, request):
         """The call, with one retry when Copilot refused something it said how to fix, or answered

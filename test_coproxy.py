@@ -36,6 +36,7 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -209,7 +210,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def handle(self):
         try:
             super().handle()
-        except ConnectionError:  # coproxy hung up first (a test of just that); nothing to report
+        except (ConnectionError, ssl.SSLError):  # coproxy hung up first (a test of just that); nothing to report
             pass
 
     @property
@@ -224,6 +225,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def end_headers(self):
+        if getattr(self, "last_on_connection", False):  # FakeUpstream.churn: "Connection: close"
+            self.send_header("Connection", "close")
+        super().end_headers()
 
     def send_json(self, status, obj, headers=()):
         self.send_body(status, obj if isinstance(obj, bytes) else json.dumps(obj).encode(), "application/json", headers)
@@ -342,6 +348,28 @@ class FakeUpstream:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def churn(self, path, seed):
+        """Make the route for ``path`` end kept-alive connections at random, as servers and
+        load balancers do: ``Connection: close`` after a few requests, a close after a short
+        idle time, or a reset (RST, no TLS close_notify) after it."""
+        route = self.routes[("POST", path)]
+        rng = random.Random(seed)
+        lock = threading.Lock()
+
+        def churning(handler, payload):
+            with lock:
+                if not hasattr(handler, "requests_left"):
+                    handler.requests_left = rng.randint(1, 6)
+                idle, reset = rng.uniform(0.001, 0.03), rng.random() < 0.3
+            handler.requests_left -= 1
+            handler.last_on_connection = handler.requests_left <= 0
+            route(handler, payload)
+            handler.wfile.flush()
+            if reset:
+                handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.connection.settimeout(idle)  # the wait for the next request: its end closes
+        self.routes[("POST", path)] = churning
+
     def requests_to(self, path):
         with self.lock:
             return [r for r in self.requests if r[1] == path]
@@ -459,6 +487,9 @@ class FakeConnectProxy:
     def __init__(self):
         self.targets = []
         self.auth_headers = []
+        #: how to fail the next tunnels, one per CONNECT: "before_answer" hangs up instead of
+        #: answering, "after_answer" answers 200 and then hangs up (in the TLS handshake)
+        self.drops = []
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -476,6 +507,11 @@ class FakeConnectProxy:
                     self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                     return
                 outer.targets.append(target)
+                drop = outer.drops.pop(0) if outer.drops else None
+                if drop == "after_answer":
+                    self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                if drop:
+                    return
                 host, port = target.rsplit(":", 1)
                 upstream = socket.create_connection((host, int(port)))
                 self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -1146,6 +1182,23 @@ class TestUpstreamClient(unittest.TestCase):
         self.assertEqual((status, data["login"]), (200, "again"))
         self.assertEqual(client.connections_opened, 3)  # the retry dialled, it did not take the other stale one
 
+    def test_a_client_leaving_after_its_answer_leaves_the_pooled_connection_alone(self):
+        client = new_client(self)
+        abort = coproxy.AbortHandle()
+        self.assertEqual(client.request_json("GET", self.fake.url + "/user", {}, abort_handle=abort)[0], 200)
+        abort.abort()  # the client left after its answer was read (the connection is pooled by now)
+        with client._lock:
+            conn = client._pools[("http", "127.0.0.1", self.fake.port)][0][0]
+        self.assertFalse(select.select([conn.sock], [], [], 0)[0])  # not shut down: nothing to read
+        self.assertEqual(client.request_json("GET", self.fake.url + "/user", {})[0], 200)
+        self.assertEqual(client.connections_opened, 1)
+        aborted = coproxy.AbortHandle()  # aborted while its answer is read: never pooled
+        response = client.request("GET", self.fake.url + "/user", {}, abort_handle=aborted)
+        aborted.abort()
+        with contextlib.suppress(coproxy.UpstreamUnreachable):  # the small answer may be in already
+            response.read_all(10000)
+        self.assertEqual(client.idle_connections(), 0)
+
     def test_no_retry_once_response_bytes_arrived(self):
         def half_answer(handler, body):
             handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
@@ -1364,6 +1417,40 @@ class TestUpstreamTLS(unittest.TestCase):
         bypass = new_client(self, ca_file=self.ca, environ=dict(env, NO_PROXY="127.0.0.1"))
         bypass.request_json("GET", self.fake.url + "/user", {})
         self.assertEqual(len(proxy.targets), 1)
+
+    def test_a_pooled_tls_connection_cut_without_close_notify_is_retried(self):
+        def answer_then_cut(handler, body):  # no TLS close_notify: the client reads "EOF occurred
+            handler.send_json(200, {"login": "first"})  # in violation of protocol"
+            handler.wfile.flush()
+            handler.close_connection = True
+            socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)
+        self.fake.routes[("GET", "/user")] = answer_then_cut
+        client = new_client(self, ca_file=self.ca)
+        self.assertEqual(client.request_json("GET", self.fake.url + "/user", {})[1]["login"], "first")
+        with client._lock:
+            conn = client._pools[("https", "127.0.0.1", self.fake.port)][0][0]
+        self.assertTrue(select.select([conn.sock], [], [], 5)[0])  # the cut has arrived
+        self.fake.routes[("GET", "/user")] = lambda h, b: h.send_json(200, {"login": "again"})
+        status, data, _, _ = client.request_json("GET", self.fake.url + "/user", {})
+        self.assertEqual((status, data["login"]), (200, "again"))
+        self.assertEqual(client.connections_opened, 2)
+
+    def test_a_tunnel_or_handshake_hung_up_on_is_retried_once(self):
+        proxy = FakeConnectProxy()
+        self.addCleanup(proxy.close)
+        client = new_client(self, ca_file=self.ca, environ={"HTTPS_PROXY": "http://127.0.0.1:%d" % proxy.port})
+        for drops in (["before_answer"], ["after_answer"]):
+            client.close()
+            client._closed = False
+            proxy.drops[:] = drops
+            status, data, _, _ = client.request_json("GET", self.fake.url + "/user", {})
+            self.assertEqual((status, data["login"]), (200, "octocat"), drops)
+            self.assertEqual(proxy.drops, [])
+        client.close()
+        client._closed = False
+        proxy.drops[:] = ["before_answer", "after_answer"]  # only once: the second failure is the answer
+        with self.assertRaises(coproxy.UpstreamUnreachable):
+            client.request_json("GET", self.fake.url + "/user", {})
 
     def test_new_connections_resume_the_tls_session(self):
         client = new_client(self, ca_file=self.ca)
@@ -3124,6 +3211,62 @@ class TestEndToEndTLS(ProxyTestCase):
         self.assertEqual(sse_data(body)[-1], "[DONE]")
         self.assertEqual(self.proxy.app.client.connections_opened, 1)
 
+
+
+class TestLoadWithChurn(ProxyTestCase):
+    """Many clients at once over TLS while the upstream drops kept-alive connections at random
+    and some clients leave mid-request: no request that stayed may see an error."""
+
+    tls = True
+
+    def _script(self, handler, payload):
+        if payload.get("stream"):
+            handler.start_chunked()
+            for piece in (chunk("a"), chunk("b"), chunk(None, "stop"), DONE):
+                handler.write_chunk(piece)
+            handler.end_chunked()
+        else:
+            self.fake.answer(handler, {"id": "c", "model": payload["model"], "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}]})
+
+    def test_no_client_sees_an_error_while_connections_churn_and_clients_leave(self):
+        self.fake.chat_script = self._script
+        self.fake.churn("/chat/completions", seed=19)
+        port = self.proxy.port
+        plain = post("/v1/chat/completions", json.dumps(chat_body()).encode())
+        streamed = post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode())
+        deadline = time.monotonic() + 1.5
+        errors, served = [], collections.Counter()
+
+        def client(number):
+            rng = random.Random(number)
+            while time.monotonic() < deadline:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as reader:
+                    while time.monotonic() < deadline:
+                        stream = rng.random() < 0.4
+                        sock.sendall(streamed if stream else plain)
+                        if rng.random() < 0.1:  # leaves mid-request: before or after the answer's head
+                            if rng.random() < 0.5:
+                                reader.readline()
+                            served["left"] += 1
+                            break
+                        status, _, body = read_response(reader)
+                        if status != 200 or (stream and sse_data(body)[-1] != "[DONE]"):
+                            errors.append((status, body[:300]))
+                        served["stream" if stream else "plain"] += 1
+                    else:
+                        sock.sendall(plain)  # and all leave at once at the end, answers unread
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(errors, [])
+        self.assertGreater(served["plain"] + served["stream"], 100, served)
+        for body in (chat_body(), chat_body(stream=True)):  # and right after they all left
+            status, _, answer = self.request("POST", "/v1/chat/completions", body)
+            self.assertEqual(status, 200, answer)
+        self.assertGreater(self.proxy.app.client.connections_opened, 10)  # the upstream did churn
 
 
 class TestTrust(ProxyTestCase):
