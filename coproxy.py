@@ -2670,6 +2670,9 @@ def _dig(node, *keys):
 
 def copilot_model_to_openai(model):
     """One Copilot /models entry in OpenAI's model shape, plus the extras clients find useful."""
+    if "alias_of" in model:  # a --model-alias (see Catalogue.listing), shown as one
+        return {"id": model["id"], "object": "model", "created": 0, "owned_by": "coproxy-alias",
+                "alias_of": model["alias_of"]}
     caps = _dig(model, "capabilities")
     limits, supports = _dig(caps, "limits"), _dig(caps, "supports")
     vendor = model.get("vendor") if isinstance(model.get("vendor"), str) else "GitHub Copilot"
@@ -2695,11 +2698,84 @@ def copilot_model_to_openai(model):
     return entry
 
 
-def anthropic_model_entry(entry):
-    """An OpenAI-shaped model entry with the fields Anthropic's model list has (type, display_name,
-    created_at), so Claude Code's gateway model discovery can read /v1/models too."""
-    return dict(entry, type="model", display_name=entry.get("name") or entry["id"],
-                created_at="1970-01-01T00:00:00Z")
+def _whole(value):
+    """``value`` if it is a non-negative integer (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _support(flag):
+    return {"supported": bool(flag)}
+
+
+#: Anthropic's created_at when a release date is unknown (its docs allow the epoch); Copilot's
+#: catalogue has no dates.
+UNKNOWN_RELEASE = "1970-01-01T00:00:00Z"
+_ANTHROPIC_LINES = ("haiku", "sonnet", "opus")
+
+
+def anthropic_model_info(model):
+    """A Copilot catalogue entry as the anthropic SDK's ``ModelInfo``: the fields Claude Code's
+    gateway discovery reads (id, display_name) and every key the SDK requires, capabilities as
+    its objects, filled from the catalogue's limits and supports (false where Copilot has no
+    such feature: batches, citations, server tools)."""
+    caps = _dig(model, "capabilities")
+    limits, supports = _dig(caps, "limits"), _dig(caps, "supports")
+    efforts = supports.get("reasoning_effort") if isinstance(supports.get("reasoning_effort"), list) else []
+    budget = bool(_whole(supports.get("max_thinking_budget")))
+    adaptive = supports.get("adaptive_thinking") is True
+    lowered = model["id"].lower()
+    line = next((name for name in _ANTHROPIC_LINES if name in lowered), None) if "claude" in lowered else None
+    name = model.get("name")
+    return {
+        "type": "model", "id": model["id"], "display_name": name if isinstance(name, str) and name else model["id"],
+        "created_at": UNKNOWN_RELEASE, "lifecycle": "active", "deprecated_at": None, "retires_at": None,
+        "line": line,
+        "max_input_tokens": _whole(limits.get("max_prompt_tokens")) or _whole(limits.get("max_context_window_tokens")),
+        "max_tokens": _whole(limits.get("max_output_tokens")),
+        "capabilities": {
+            "batch": _support(False), "citations": _support(False), "code_execution": _support(False),
+            "context_management": _support(False),
+            "effort": dict({level: _support(level in efforts) for level in ("low", "medium", "high", "max",
+                                                                          "xhigh")},
+                           supported=bool(efforts)),
+            "image_input": _support(supports.get("vision")), "pdf_input": _support(False),
+            "server_tools": {"supported": False, "code_execution": _support(False), "web_search": _support(False)},
+            "structured_outputs": _support(supports.get("structured_outputs")),
+            "thinking": {"supported": budget or adaptive, "types": {
+                "adaptive": _support(adaptive), "enabled": _support(budget), "disabled": _support(True),
+                "between_tools": _support(False)}}}}
+
+
+def _query_value(query, name):
+    values = query.get(name) or query.get(name + "[]")
+    return values[-1] if values else None
+
+
+def anthropic_model_page(items, query):
+    """Anthropic's list page over ``items`` (dicts with an ``id``), as its API pages: ``limit``
+    (1 to 1000, default 20) items after ``after_id`` or before ``before_id``; ``query`` is the
+    parsed query string. ``has_more`` says whether more lie that way."""
+    limit_text = _query_value(query, "limit")
+    limit = int(limit_text) if limit_text and limit_text.isdigit() else None if limit_text is None else 0
+    if limit is not None and not 1 <= limit <= 1000:
+        raise ClientError(400, "limit: must be an integer from 1 to 1000", param="limit")
+    limit = limit or 20
+    after, before = _query_value(query, "after_id"), _query_value(query, "before_id")
+    if after is not None and before is not None:
+        raise ClientError(400, "after_id and before_id cannot be used together", param="before_id")
+    ids = [item["id"] for item in items]
+    for name, cursor in (("after_id", after), ("before_id", before)):
+        if cursor is not None and cursor not in ids:
+            raise ClientError(400, "%s: no model with the id %r in the list" % (name, cursor[:200]), param=name)
+    if before is not None:
+        end = ids.index(before)
+        start = max(0, end - limit)
+        page, has_more = items[start:end], start > 0
+    else:
+        start = ids.index(after) + 1 if after is not None else 0
+        page, has_more = items[start:start + limit], start + limit < len(items)
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
 
 
 _DATE_SUFFIX = re.compile(r"-(?:20\d{6}|latest)$")
@@ -3145,6 +3221,7 @@ def normalize_chat_response(data, model, merge, now):
             message.pop("padding", None)
             message.setdefault("role", "assistant")
             message.setdefault("content", None)
+            message.setdefault("refusal", None)  # required by OpenAI's schema, null when none
         choice.setdefault("finish_reason", None)
         choice.setdefault("logprobs", None)
     data["choices"] = choices
@@ -3532,6 +3609,10 @@ def openai_to_anthropic_response(data, model):
             "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
 
 
+#: A thinking block as it opens: Anthropic's schema requires ``signature`` ("" until its delta).
+THINKING_BLOCK_START = {"type": "thinking", "thinking": "", "signature": ""}
+
+
 class ChatToAnthropic(ChatReader):
     """OpenAI chat chunks in, Anthropic Messages stream items out, in Anthropic's exact order:
     message_start, then per block content_block_start/delta.../stop, then message_delta (with
@@ -3596,11 +3677,11 @@ class ChatToAnthropic(ChatReader):
             reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
             if isinstance(reasoning, str) and reasoning:
                 if self.open_type != "thinking":
-                    out.extend(self._open({"type": "thinking", "thinking": ""}))
+                    out.extend(self._open(dict(THINKING_BLOCK_START)))
                 out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
             if isinstance(signature, str) and signature:
                 if self.open_type != "thinking":
-                    out.extend(self._open({"type": "thinking", "thinking": ""}))
+                    out.extend(self._open(dict(THINKING_BLOCK_START)))
                 out.append(self._delta({"type": "signature_delta", "signature": signature}))
                 out.extend(self._close())
             content = delta.get("content")
@@ -3854,7 +3935,7 @@ def responses_to_chat_response(data, model, now):
         elif item.get("type") == "function_call":
             calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
                           "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}})
-    message = {"role": "assistant", "content": "".join(texts) or None}
+    message = {"role": "assistant", "content": "".join(texts) or None, "refusal": None}
     if calls:
         message["tool_calls"] = calls
     created = data.get("created_at")
@@ -4688,12 +4769,13 @@ class _EndOfInput(Exception):
 class Request:
     """One parsed request head; the body is read on demand with ``await read_body()``."""
 
-    __slots__ = ("method", "path", "version", "headers", "content_length",
+    __slots__ = ("method", "path", "query", "version", "headers", "content_length",
                  "chunked", "keep_alive", "expect_continue", "body", "body_consumed", "connection", "started")
 
     def __init__(self, method, path, version, headers):
         self.method = method
         self.path = path
+        self.query = ""  # the query string, without "?"
         self.version = version
         self.headers = headers
         self.content_length = 0
@@ -4749,9 +4831,9 @@ def parse_request_head(head):
             split = urllib.parse.urlsplit(target)
         except ValueError:
             raise BadRequest(400, "malformed request target")
-        path = split.path or "/"
+        path, query = split.path or "/", split.query
     elif target.startswith("/") or (target == "*" and method == "OPTIONS"):
-        path = target.partition("?")[0]
+        path, _, query = target.partition("?")
     else:
         raise BadRequest(400, "malformed request target")
     headers = {}
@@ -4773,6 +4855,7 @@ def parse_request_head(head):
         else:
             headers[name] = value
     request = Request(method, path, version, headers)
+    request.query = query
     if version == "HTTP/1.1" and "host" not in headers:
         raise BadRequest(400, "HTTP/1.1 request without a Host header")
     connection = headers.get("connection", "").lower()
@@ -5407,9 +5490,15 @@ class Catalogue:
             return name, {}
         return model, self.by_id[model]
 
-    def aliases(self):
-        return [{"id": alias, "object": "model", "created": 0, "owned_by": "coproxy-alias", "alias_of": target}
-                for alias, target in sorted(self.config.model_aliases.items())]
+    async def listing(self):
+        """(entries, source): every model a client may name, as catalogue entries: Copilot's, then
+        each --model-alias as its target's entry under the alias's id (with ``alias_of``). The
+        OpenAI, Anthropic and Ollama model lists are all drawn from this one list."""
+        models, source = await self.current()
+        entries = list(models)
+        for alias, target in sorted(self.config.model_aliases.items()):
+            entries.append(dict(self.by_id.get(target) or {"name": alias}, id=alias, alias_of=target))
+        return entries, source
 
     def label(self, model):
         """The model as a metric label: catalogue ids and aliases only (label values stay bounded)."""
@@ -6077,6 +6166,8 @@ class App:
     async def dispatch(self, request, response):
         route, param = self.find_route(request.path)
         dialect = route.dialect if route is not None else OPENAI
+        if route is not None and route.surface is None and request.header("anthropic-version"):
+            dialect = ANTHROPIC  # a route every API shares (/models) answers errors in the caller's
         response.log_fields["route"] = (route.path + "{id}" if route.path.endswith("/") else route.path) if route else "other"
         try:
             if request.method not in KNOWN_METHODS:
@@ -6227,25 +6318,27 @@ class App:
 
     # -- local routes -------------------------------------------------------------------------
     async def handle_models(self, request, response, _):
-        models, source = await self.catalogue.current()
-        data = [copilot_model_to_openai(m) for m in models] + self.catalogue.aliases()
-        listing = {"object": "list", "data": data, "has_more": False}
+        entries, source = await self.catalogue.listing()
         if request.header("anthropic-version"):  # an Anthropic client (Claude Code's gateway discovery)
-            listing["data"] = [anthropic_model_entry(entry) for entry in data]
-            listing.update(first_id=data[0]["id"] if data else None, last_id=data[-1]["id"] if data else None)
+            chat = [e for e in entries if (_dig(e, "capabilities").get("type") or "chat") == "chat"]
+            query = urllib.parse.parse_qs(request.query, keep_blank_values=True)
+            listing = anthropic_model_page([anthropic_model_info(e) for e in chat], query)
+        else:
+            data = [copilot_model_to_openai(e) for e in entries]
+            listing = {"object": "list", "data": data, "has_more": False}
         await self.send_json(response, listing, [("X-Coproxy-Models-Source", source)])
 
     async def handle_model(self, request, response, model_id):
-        models, source = await self.catalogue.current()
-        for alias in self.catalogue.aliases():
-            if alias["id"] == model_id:
-                return await self.send_json(response, alias)
-        for model in models:
-            if model["id"] == model_id:
-                return await self.send_json(response, copilot_model_to_openai(model),
-                                            [("X-Coproxy-Models-Source", source)])
-        raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists them)" % model_id,
-                          code="model_not_found", param="model")
+        entries, source = await self.catalogue.listing()
+        ids = [e["id"] for e in entries]
+        anthropic = request.header("anthropic-version") is not None
+        model = resolve_model(model_id, ids) if anthropic else model_id  # claude-sonnet-4-5 too
+        entry = next((e for e in entries if e["id"] == model), None)
+        if entry is None:
+            raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists them)" % model_id,
+                              code="model_not_found", param="model")
+        shown = anthropic_model_info(entry) if anthropic else copilot_model_to_openai(entry)
+        await self.send_json(response, shown, [("X-Coproxy-Models-Source", source)])
 
     def health(self):
         token, _ = self.auth.github_token()
@@ -7098,7 +7191,9 @@ def claude_code_environment(config, model_ids, main_model=None):
              ("ANTHROPIC_MODEL", main), ("ANTHROPIC_DEFAULT_OPUS_MODEL", opus),
              ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet), ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku or main),
              # the attribution line changes every turn and would defeat prompt caching
-             ("CLAUDE_CODE_ATTRIBUTION_HEADER", "0"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")]
+             ("CLAUDE_CODE_ATTRIBUTION_HEADER", "0"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+             # /model then lists the catalogue's Claude models, read from GET /v1/models (2.1.126+)
+             ("CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY", "1")]
     return [(name, value) for name, value in pairs if value]
 
 

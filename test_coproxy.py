@@ -785,6 +785,7 @@ def read_rest(f):
 
 
 
+ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
@@ -2083,7 +2084,7 @@ class TestTranslateAnthropic(unittest.TestCase):
             "content_block_stop", "message_delta", "message_stop"])
         self.assertTrue(all(name == data["type"] for name, data in events))
         self.assertEqual(events[0][1]["message"]["usage"], {"input_tokens": 77, "output_tokens": 0})
-        self.assertEqual(events[1][1]["content_block"], {"type": "thinking", "thinking": ""})
+        self.assertEqual(events[1][1]["content_block"], {"type": "thinking", "thinking": "", "signature": ""})
         self.assertEqual(events[4][1]["delta"], {"type": "signature_delta", "signature": "SIG"})
         self.assertEqual(events[6][1], {"type": "content_block_start", "index": 1,
                                         "content_block": {"type": "text", "text": ""}})
@@ -2854,7 +2855,7 @@ class TestEndToEnd(ProxyTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(data["object"], "chat.completion")
         self.assertIsInstance(data["created"], int)
-        self.assertEqual(data["choices"][0]["message"], {"role": "assistant", "content": "echo: hi"})
+        self.assertEqual(data["choices"][0]["message"], {"role": "assistant", "content": "echo: hi", "refusal": None})
         self.assertEqual(data["usage"]["total_tokens"], 5)
         self.assertNoSecretsLogged()
 
@@ -3717,11 +3718,56 @@ class TestOpenAISurface(ProxyTestCase):
         self.assertNotIn("/v1/messages", message)
 
     def test_anthropic_clients_get_anthropics_model_list(self):
-        _, _, body = self.request("GET", "/v1/models", headers={"anthropic-version": "2023-06-01"})
+        started = time.monotonic()
+        status, headers, body = self.request("GET", "/v1/models?limit=1000", headers=ANTHROPIC_HEADERS)
         listing = json.loads(body)
-        self.assertEqual((listing["first_id"], listing["has_more"], listing["data"][1]["type"]),
-                         ("gpt-4.1", False, "model"))
-        self.assertEqual(listing["data"][1]["display_name"], "Claude Sonnet 4.5")
+        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"]
+        self.assertEqual((status, [m["id"] for m in listing["data"]]), (200, chat_ids))
+        self.assertEqual((listing["first_id"], listing["last_id"], listing["has_more"]),
+                         ("gpt-4.1", "gpt-5-mini", False))
+        sonnet = listing["data"][1]
+        self.assertEqual((sonnet["type"], sonnet["display_name"], sonnet["max_input_tokens"], sonnet["max_tokens"],
+                          sonnet["line"], sonnet["created_at"]),
+                         ("model", "Claude Sonnet 4.5", 200000, 32000, "sonnet", "1970-01-01T00:00:00Z"))
+        self.assertEqual(sonnet["capabilities"]["effort"]["high"], {"supported": True})
+        self.assertEqual(sonnet["capabilities"]["image_input"], {"supported": True})
+        self.assertTrue(listing["data"][2]["capabilities"]["thinking"]["types"]["enabled"]["supported"])
+        self.assertNotIn("object", sonnet)  # Anthropic's shape, not OpenAI's with extras
+        # answered from the cached catalogue: no second upstream call, and well under 3 s
+        self.request("GET", "/v1/models", headers=ANTHROPIC_HEADERS)
+        self.assertEqual(len(self.fake.requests_to("/models")), 1)
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_anthropic_model_list_pages_like_anthropics(self):
+        def page(query):
+            status, _, body = self.request("GET", "/v1/models" + query, headers=ANTHROPIC_HEADERS)
+            return status, json.loads(body)
+        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"]
+        _, first = page("?limit=3")
+        self.assertEqual(([m["id"] for m in first["data"]], first["has_more"], first["last_id"]),
+                         (chat_ids[:3], True, chat_ids[2]))
+        _, second = page("?limit=3&after_id=" + chat_ids[2])
+        self.assertEqual([m["id"] for m in second["data"]], chat_ids[3:6])
+        _, last = page("?limit=3&after_id=" + chat_ids[5])
+        self.assertEqual(([m["id"] for m in last["data"]], last["has_more"]), (chat_ids[6:], False))
+        _, back = page("?limit=2&before_id=" + chat_ids[3])
+        self.assertEqual(([m["id"] for m in back["data"]], back["has_more"], back["first_id"]),
+                         (chat_ids[1:3], True, chat_ids[1]))
+        _, default = page("")
+        self.assertEqual(len(default["data"]), len(chat_ids))  # fewer than the default 20
+        for query, param in (("?limit=0", "limit"), ("?limit=1001", "limit"), ("?limit=x", "limit"),
+                             ("?after_id=gpt-9", "after_id"), ("?after_id=a&before_id=b", "before_id")):
+            status, error = page(query)
+            self.assertEqual((status, error["type"], error["error"]["type"]), (400, "error", "invalid_request_error"),
+                             query)
+            self.assertIn(param, error["error"]["message"])
+        status, _, body = self.request("GET", "/v1/models/claude-sonnet-4-5-20250929", headers=ANTHROPIC_HEADERS)
+        self.assertEqual((status, json.loads(body)["id"], json.loads(body)["type"]), (200, "claude-sonnet-4.5", "model"))
+        status, _, body = self.request("GET", "/v1/models/gpt-9", headers=ANTHROPIC_HEADERS)
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (404, "not_found_error"))
+        proxy = self.start_proxy(api_key="k")
+        status, _, body = self.request("GET", "/v1/models", headers=ANTHROPIC_HEADERS, port=proxy.port)
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (401, "authentication_error"))
 
 class TestAnthropicEndToEnd(ProxyTestCase):
     def messages(self, body, headers=None, port=None, path="/v1/messages"):
@@ -4821,6 +4867,7 @@ class TestClaudeCodeCommand(unittest.TestCase):
         self.assertIn("export ANTHROPIC_DEFAULT_HAIKU_MODEL=claude-haiku-4.5\n", sh)
         self.assertIn("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n", sh)
         self.assertIn("export CLAUDE_CODE_ATTRIBUTION_HEADER=0\n", sh)
+        self.assertIn("export CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1\n", sh)
         self.assertIn("set -gx ANTHROPIC_AUTH_TOKEN 'pa$$'\n", outputs["fish"])
         self.assertIn('$env:ANTHROPIC_AUTH_TOKEN = "pa`$`$"\n', outputs["powershell"])
         self.assertNotIn("ghu_", sh)
