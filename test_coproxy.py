@@ -4411,7 +4411,9 @@ def robust_upstream(fake):
 class TestFuzz(ProxyTestCase):
     """Seeded mutations of valid bodies on every route: never a 5xx, never a traceback."""
 
-    COUNT = 2000  # bodies per route: about a second each on this project's 2-core machines
+    # Bodies per route: the full count (about a second each on this project's 2-core machines)
+    # when COPROXY_FUZZ=full, as .ci/run sets it; a tenth of it in the everyday run.
+    COUNT = 2000 if os.environ.get("COPROXY_FUZZ") == "full" else 200
 
     def setUp(self):
         super().setUp()
@@ -5140,10 +5142,14 @@ class BenchUpstream(asyncio.Protocol):
 
     stats = {"connections": 0}
     base_url = ""
+    #: with N > 0 (the soak), every connection ends after N answers: "Connection: close", as
+    #: servers and load balancers do, so that coproxy's pool and its retry are part of the run
+    close_after = 0
 
     def connection_made(self, transport):
         self.transport = transport
         self.buf = b""
+        self.answers_left = self.close_after
         BenchUpstream.stats["connections"] += 1
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -5163,9 +5169,17 @@ class BenchUpstream(asyncio.Protocol):
             self.buf = self.buf[end + 4 + length:]
             self.handle(head.split(b" ", 2)[1], body)
 
+    def last_answer(self):
+        """True when this answer ends the connection (close_after); then it says so."""
+        self.answers_left -= 1
+        return self.answers_left == 0
+
     def send(self, body, status=b"200 OK", ctype=b"application/json"):
-        self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
-                             % (status, ctype, len(body), body))
+        last = self.last_answer()
+        self.transport.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+                             % (status, ctype, len(body), b"Connection: close\r\n" if last else b"", body))
+        if last:
+            self.transport.close()
 
     def handle(self, path, body):
         if path == b"/chat/completions":
@@ -5187,7 +5201,9 @@ class BenchUpstream(asyncio.Protocol):
 
     async def stream(self, chunks, interval):
         write = self.transport.write
-        write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        last = self.last_answer()
+        write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n%s\r\n"
+              % (b"Connection: close\r\n" if last else b""))
         for _ in range(chunks):
             event = BENCH_CHUNK % time.monotonic_ns()
             write(b"%x\r\n%s\r\n" % (len(event), event))
@@ -5198,6 +5214,8 @@ class BenchUpstream(asyncio.Protocol):
                 b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
                 b"data: [DONE]\n\n")
         write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        if last:
+            self.transport.close()
 
 
 def bench_tls_context(tmp):
@@ -5212,8 +5230,10 @@ def bench_tls_context(tmp):
     return context
 
 
-def bench_upstream_process(port_queue, tmp):
+def bench_upstream_process(port_queue, tmp, close_after=0):
     """The fake upstream twice: plain HTTP and TLS (what real Copilot speaks); puts both ports."""
+    BenchUpstream.close_after = close_after
+
     async def main():
         loop = asyncio.get_running_loop()
         ports = []
@@ -5392,13 +5412,14 @@ def percentile(values, q):
 class Bench:
     """Runs every figure for 'direct' (to the fake upstream) and 'via' (through coproxy)."""
 
-    def __init__(self, repetitions):
+    def __init__(self, repetitions, close_after=0):
         import multiprocessing
         self.mp = multiprocessing.get_context("fork")
         self.repetitions = repetitions
         self.tmp = tempfile.mkdtemp(prefix="coproxy-bench-")
         queue = self.mp.Queue()
-        self.upstream = self.mp.Process(target=bench_upstream_process, args=(queue, self.tmp), daemon=True)
+        self.upstream = self.mp.Process(target=bench_upstream_process, args=(queue, self.tmp, close_after),
+                                        daemon=True)
         self.upstream.start()
         self.upstream_port, self.upstream_tls_port = queue.get(timeout=10)
         self.connect_proxy = self.mp.Process(target=bench_connect_proxy_process, args=(queue,), daemon=True)
@@ -5715,6 +5736,93 @@ class Bench:
         return rows
 
 
+def soak_client(port, stop, counts, lock, seed):
+    """One soak client until ``stop`` is set: kept-alive chat requests, streams (20 chunks 10 ms
+    apart) and, one time in ten, a client that leaves mid-request and comes back on a new
+    connection. Counts what it did; an error is a non-200 or a stream without its end."""
+    rng = random.Random(seed)
+    plain = bench_request("/v1/chat/completions", {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+    streamed = bench_request("/v1/chat/completions", {"model": "gpt-4.1", "stream": True, "bench_chunks": 20,
+                                                       "bench_interval": 0.01,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock, sock.makefile("rb") as reader:
+                while not stop.is_set():
+                    kind = "stream" if rng.random() < 0.3 else "chat"
+                    sock.sendall(streamed if kind == "stream" else plain)
+                    if rng.random() < 0.1:
+                        if rng.random() < 0.5:
+                            reader.readline()  # the answer's status line, then gone
+                        kind = "left"
+                    else:
+                        status, _, body = read_response(reader)
+                        if status != 200 or (kind == "stream" and not body.endswith(b"data: [DONE]\n\n")):
+                            kind = "error"
+                    with lock:
+                        counts[kind] += 1
+                    if kind == "left":
+                        break
+        except OSError:
+            with lock:
+                counts["error"] += 1
+
+
+def run_soak(duration, clients=8):
+    """`--bench --soak DURATION`: coproxy over TLS through the CONNECT proxy, with an upstream that
+    ends each kept-alive connection after 50 answers, under mixed load from ``clients`` clients.
+    Prints RSS and open descriptors of the server over time; returns the number of errors."""
+    bench = Bench(1, close_after=50)
+    stop, lock, counts = threading.Event(), threading.Lock(), collections.Counter()
+    try:
+        process, port, _ = bench.launch(tls=True)
+        bench.proxy = process
+        threads = [threading.Thread(target=soak_client, args=(port, stop, counts, lock, n), daemon=True)
+                   for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        interval = min(60.0, max(5.0, duration / 30))
+        started = time.monotonic()
+        samples = []
+        print("soak: %d clients for %s, a sample every %.0f s" % (clients, format_seconds(duration), interval))
+        print("%8s %8s %6s %9s %8s %6s %6s" % ("elapsed", "RSS MB", "fds", "chat", "streams", "left", "errors"))
+        while True:
+            elapsed = time.monotonic() - started
+            with lock:
+                row = (elapsed, bench.rss_mb(), len(os.listdir("/proc/%d/fd" % process.pid)),
+                       counts["chat"], counts["stream"], counts["left"], counts["error"])
+            samples.append(row)
+            print("%8s %8.1f %6d %9d %8d %6d %6d" % ((format_seconds(row[0]),) + row[1:]), flush=True)
+            if elapsed >= duration:
+                break
+            time.sleep(min(interval, duration - elapsed))
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        warm = samples[min(len(samples) - 1, max(1, len(samples) // 10))]  # after the first tenth
+        last = samples[-1]
+        print("soak: %d chat, %d streams, %d left mid-request, %d errors; after warm-up RSS %.1f -> %.1f MB, "
+              "descriptors %d -> %d; %d new upstream connections" % (
+                  last[3], last[4], last[5], counts["error"], warm[1], last[1], warm[2], last[2],
+                  bench.upstream_connections()))
+        return counts["error"]
+    finally:
+        stop.set()
+        bench.stop()
+
+
+def format_seconds(seconds):
+    return "%dm%02ds" % divmod(int(seconds), 60)
+
+
+def parse_duration(text):
+    """Seconds in "90", "90s", "10m" or "1h"."""
+    match = re.match(r"^(\d+(?:\.\d+)?)([smh]?)$", text)
+    if not match:
+        raise SystemExit("--soak takes a duration such as 30m, 90s or 1h, not %r" % text)
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
 def format_bench(rows, repetitions):
     lines = ["coproxy %s benchmark, Python %s, %d cores, median of %d runs" % (
         coproxy.__version__, sys.version.split()[0], os.cpu_count(), repetitions),
@@ -5745,6 +5853,10 @@ def run_bench(argv):
     if not sys.platform.startswith("linux"):
         print("the benchmark reads CPU and memory from /proc: Linux only")
         return 2
+    if "--soak" in argv:
+        following = argv[argv.index("--soak") + 1:]
+        duration = parse_duration(following[0]) if following and not following[0].startswith("-") else 1800
+        return 1 if run_soak(duration) else 0
     bench = Bench(repetitions)
     try:
         rows = bench.tls_rows() if "--tls-only" in argv else bench.run() + bench.tls_rows()
