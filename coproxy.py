@@ -653,6 +653,41 @@ OPTIONS = [
 OPTION_BY_DEST = {o.dest: o for o in OPTIONS}
 #: Options whose value is a secret: never on a command line coproxy writes, never logged.
 SECRET_OPTIONS = ("api_key", "github_token")
+#: More names for an option's variable, read only when the option's own variable is unset (so
+#: GHCP_PROXY_API_KEY, coproxy-rs's name, wins over COPROXY_API_KEY when both are set).
+#: COPROXY_API_KEY is the name every other setting's pattern suggests, and the one Codex's recipe
+#: uses: a user who exports it believes the server is keyed, so it must be.
+ENV_ALIASES = {"api_key": ("COPROXY_API_KEY",)}
+#: Variables with coproxy's prefixes that are read outside OPTIONS (none today): listed here so the
+#: start-up check for misspelled variables knows them.
+OTHER_VARIABLES = ()
+VARIABLE_PREFIXES = ("COPROXY_", "GHCP_")
+
+
+def known_variables():
+    """Every COPROXY_*/GHCP_* variable coproxy reads."""
+    names = [o.env for o in OPTIONS] + list(OTHER_VARIABLES)
+    return names + [alias for aliases in ENV_ALIASES.values() for alias in aliases]
+
+
+def unknown_variable_warnings(environ):
+    """One warning per COPROXY_*/GHCP_* variable coproxy does not read, naming the closest known
+    one: COPROXY_PROT=58104 is otherwise silently ignored, and the port is not what the user set."""
+    import difflib  # only when a variable needs it
+    known = known_variables()
+    # compared without the prefix, which every name shares and which would make any two look alike
+    by_stem = {}
+    for known_name in known:
+        by_stem.setdefault(known_name.split("_", 1)[1], known_name)
+    warnings = []
+    for name in sorted(environ):
+        if not name.upper().startswith(VARIABLE_PREFIXES) or name in known:
+            continue
+        close = [by_stem[stem] for stem in difflib.get_close_matches(name.upper().split("_", 1)[1], by_stem, n=1,
+                                                                     cutoff=0.6)]
+        warnings.append("%s is set but coproxy reads no such variable (%s)" % (
+            name, "did you mean %s?" % close[0] if close else "`python3 coproxy.py --help` lists them"))
+    return warnings
 
 
 def default_state_dir(platform=None, environ=None):
@@ -711,6 +746,9 @@ class Config:
     models_ttl: float = DEFAULT_MODELS_TTL_SECONDS
     #: where each setting came from: {dest: "--flag" or "ENV_VAR"} (defaults are absent)
     sources: dict = dataclasses.field(default_factory=dict)
+    #: what the user should hear about the settings (misspelled variables, conflicting ones);
+    #: logged as warnings once logging is set up
+    warnings: list = dataclasses.field(default_factory=list)
     environ: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -732,6 +770,13 @@ class Config:
         return [(OPTION_BY_DEST[d].flag, OPTION_BY_DEST[d].env) for d in SECRET_OPTIONS
                 if self.sources.get(d, "").startswith("--")]
 
+    @property
+    def api_key_variable(self):
+        """The variable to name where a command needs the API key: the one it was read from, or
+        the option's own when it came from a flag (the flag warning asks to move it there)."""
+        source = self.sources.get("api_key", "")
+        return source if source and not source.startswith("--") else OPTION_BY_DEST["api_key"].env
+
     def source_of(self, dest, default="the default"):
         return self.sources.get(dest, default)
 
@@ -748,16 +793,20 @@ class Config:
         environ = dict(os.environ if environ is None else environ)
         config = cls(environ=environ)
         for option in OPTIONS:
-            if option.dest in values and values[option.dest] is not None:
+            names = [n for n in (option.env,) + ENV_ALIASES.get(option.dest, ()) if environ.get(n, "") != ""]
+            flagged = option.dest in values and values[option.dest] is not None
+            if len({environ[n] for n in names}) > 1 and not flagged:
+                config.warnings.append("%s are set to different values; %s is used" % (" and ".join(names), names[0]))
+            if flagged:
                 value = values[option.dest]
                 source = option.flag
-            elif environ.get(option.env, "") != "":
-                source = option.env
+            elif names:
+                source = names[0]
                 try:
-                    value = (_parse_bool if option.type is bool else option.type)(environ[option.env])
+                    value = (_parse_bool if option.type is bool else option.type)(environ[source])
                 except ValueError as exc:
-                    shown = "[secret]" if option.dest in SECRET_OPTIONS else repr(environ[option.env])
-                    raise ConfigError("%s=%s is not valid: %s" % (option.env, shown, exc))
+                    shown = "[secret]" if option.dest in SECRET_OPTIONS else repr(environ[source])
+                    raise ConfigError("%s=%s is not valid: %s" % (source, shown, exc))
             else:
                 continue
             setattr(config, option.dest, value)
@@ -800,6 +849,7 @@ class Config:
             if b"-----BEGIN CERTIFICATE-----" not in pem:
                 raise ConfigError("--ca-file %s holds no PEM certificate (-----BEGIN CERTIFICATE-----)" % config.ca_file)
         config.state_dir = os.path.abspath(os.path.expanduser(config.state_dir or default_state_dir(environ=environ)))
+        config.warnings += unknown_variable_warnings(environ)
         return config
 
     def changed_settings(self):
@@ -807,6 +857,47 @@ class Config:
         alike: what a service file must carry to run this same configuration."""
         return [(option, getattr(self, option.dest)) for option in OPTIONS
                 if option.dest in self.sources and option.dest != "detach"]
+
+
+#: Variables that decide how coproxy reaches GitHub (proxies, trust): a command run elsewhere on
+#: behalf of this configuration (a service, the banner's claude-code line) must carry them too.
+CONNECTION_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def connection_environment(environ):
+    """({name: value}, {name: value}): the connection variables set in ``environ``, plain ones
+    and secret ones (a proxy URL with user:password, with a scheme or not)."""
+    plain, secret = {}, {}
+    for name, value in sorted(environ.items()):
+        if name.upper() in CONNECTION_VARIABLES and value:
+            (secret if "@" in value else plain)[name] = value
+    return plain, secret
+
+
+def settings_argv(config, scope=("shared", "serve")):
+    """(flags, secrets) that reproduce every setting of ``config`` that differs from its default,
+    whether it came from a flag or an environment variable: flags for the plain ones, and
+    {variable: value} for the secrets, which must never be on a command line."""
+    argv, secrets = ["--state-dir", config.state_dir], {}
+    for option, value in config.changed_settings():
+        if option.scope not in scope or option.dest == "state_dir":
+            continue
+        if option.dest in SECRET_OPTIONS:
+            secrets[option.env] = value
+        elif option.type is bool:
+            argv += [option.flag] if value else []
+        elif option.dest == "model_aliases":
+            for alias, target in sorted(value.items()):
+                argv += [option.flag, "%s=%s" % (alias, target)]
+        elif isinstance(option.type, Repeatable):
+            for item in value:
+                argv += [option.flag, item]
+        elif option.dest == "api_surface":
+            argv += [option.flag, ",".join(sorted(value))]
+        else:
+            argv += [option.flag, str(value)]
+    return argv, secrets
+
 
 # ------------------------------------------------------------------------------------------
 # 5. Token store
@@ -6379,32 +6470,58 @@ class App:
         await self.send_json(response, payload, [("Cache-Control", "no-store")])
 
 
+#: Settings the banner's claude-code line leaves out: how coproxy logs, and the GitHub token,
+#: a secret (claude-code asks the running coproxy first, which has it).
+_NOT_FOR_CLAUDE_CODE = ("log_level", "log_format", "github_token")
+
+
+def claude_code_command(config, url, script):
+    """The `claude-code` command line that reaches this server and, should it not answer, GitHub
+    the same way `serve` does: every shared setting given to serve (flags and variables alike,
+    as `service` carries them), --host/--port of ``url``, the key by its variable's name, and the
+    proxy and trust variables as a prefix (those holding a password are left to the shell)."""
+    flags, _ = settings_argv(config, scope=("shared",))
+    words = [] if config.state_dir_option == "" else flags[:2]
+    hidden = {OPTION_BY_DEST[dest].flag for dest in _NOT_FOR_CLAUDE_CODE}
+    index = 2
+    while index < len(flags):
+        value_follows = index + 1 < len(flags) and not flags[index + 1].startswith("--")
+        taken = flags[index:index + 2] if value_follows else flags[index:index + 1]
+        if taken[0] not in hidden:
+            words += taken
+        index += len(taken)
+    host = url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+    if host not in (DEFAULT_HOST, "0.0.0.0", "::"):
+        words += ["--host", host]
+    port = int(url.rsplit(":", 1)[1])
+    if port != DEFAULT_PORT:
+        words += ["--port", str(port)]
+    import shlex  # only for the banner
+    line = " ".join(shlex.quote(word) for word in words)
+    if config.api_key:
+        line += ' --api-key "$%s"' % config.api_key_variable
+    plain, _ = connection_environment(config.environ)
+    prefix = "".join("%s=%s " % (name, shlex.quote(value)) for name, value in sorted(plain.items()))
+    return "%spython3 %s claude-code%s" % (prefix, script, " " + line if line.strip() else "")
+
+
 def start_banner(config, url, script=None):
     """What `serve` prints once listening: where it is, and exact lines to point clients at it
     (``script``: this file as the user ran it)."""
     base = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
-    options = [config.state_dir_option.strip()] if config.state_dir_option else []
-    host = base.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
-    if host != DEFAULT_HOST:
-        options += ["--host", host]
-    port = int(base.rsplit(":", 1)[1])
-    if port != DEFAULT_PORT:
-        options += ["--port", str(port)]
-    if config.api_key:
-        options += ["--api-key", '"$GHCP_PROXY_API_KEY"']
     if script is None:
         ran = sys.argv[0] if sys.argv else ""
         script = ran if os.path.basename(ran) == os.path.basename(__file__) else __file__
-    key = '"$GHCP_PROXY_API_KEY"' if config.api_key else "unused"
+    variable = "$" + config.api_key_variable
+    key = '"%s"' % variable if config.api_key else "unused"
     return "\n".join([
         "listening on %s" % url,
         "  OpenAI clients:     OPENAI_BASE_URL=%s/v1 OPENAI_API_KEY=%s" % (base, key),
         "  Anthropic clients:  ANTHROPIC_BASE_URL=%s" % base,
-        "  Claude Code:        eval \"$(python3 %s claude-code%s)\" && claude" % (script, "".join(
-            " " + o for o in options)),
+        "  Claude Code:        eval \"$(%s)\" && claude" % claude_code_command(config, url, script),
         "  try it:             curl -s %s/v1/chat/completions -H 'Content-Type: application/json'%s "
         "-d '{\"model\": \"gpt-4.1\", \"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}]}'" % (
-            base, " -H \"Authorization: Bearer $GHCP_PROXY_API_KEY\"" if config.api_key else "")])
+            base, " -H \"Authorization: Bearer %s\"" % variable if config.api_key else "")])
 
 
 async def run_server(config, app=None, on_ready=None, stop_event=None, announce=True):
@@ -6478,13 +6595,18 @@ def _flag_type(flag, convert):
     return parse
 
 
-def _add_options(parser, scope, only=None, hidden=False):
+def _add_options(parser, scope, only=None, hidden=False, help_overrides=None):
+    """The options of ``scope`` (or ``only`` those) on ``parser``; ``help_overrides`` {dest: text}
+    for a command where an option means something else than for serve."""
     for option in OPTIONS:
         if option.scope != scope or (only is not None and option.dest not in only):
             continue
+        option = option._replace(help=(help_overrides or {}).get(option.dest, option.help))
         shown_default = "" if option.default in (None, False) else " [default: %s]" % (
             ",".join(sorted(option.default)) if isinstance(option.default, frozenset) else option.default)
-        help_text = argparse.SUPPRESS if hidden else "%s (env %s)%s" % (option.help, option.env, shown_default)
+        aliases = ENV_ALIASES.get(option.dest, ())
+        variables = option.env + "".join(", or %s when that is unset" % alias for alias in aliases)
+        help_text = argparse.SUPPRESS if hidden else "%s (env %s)%s" % (option.help, variables, shown_default)
         flags = ("-d", option.flag) if option.dest == "detach" else (option.flag,)
         common = dict(dest=option.dest, default=argparse.SUPPRESS, help=help_text)
         if option.type is bool:
@@ -6569,9 +6691,16 @@ def build_parser(command=None):
         usage.add_argument("--json", action="store_true", help="print JSON (GET /usage's copilot part)")
     claude = sub("claude-code", description=(
         "Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
-        "your live Copilot catalog. Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`."))
+        "your live Copilot catalog, asked of the running coproxy first, then of GitHub (exit 1\n"
+        "when neither answers). Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`\n"
+        "(serve's banner prints this line with the options your serve needs)."))
     if claude:
-        _add_options(claude, "serve", only=("host", "port", "api_key"))
+        _add_options(claude, "serve", only=("host", "port", "api_key"), help_overrides={
+            "host": "address where the coproxy for Claude Code listens, as given to serve: nothing is bound here. "
+                    "Without --host and --port, the coproxy serving from this state dir, if one is",
+            "port": "port where that coproxy listens, as given to serve",
+            "api_key": "the key that coproxy was started with; sent by Claude Code, and used to ask that coproxy "
+                       "for the model catalogue"})
         claude.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
                             help="syntax of the lines printed [default: sh, for bash/zsh]")
         claude.add_argument("--model", help="main model (default: the newest Sonnet in your catalog)")
@@ -6761,31 +6890,6 @@ class InstanceRecord:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-
-def settings_argv(config, scope=("shared", "serve")):
-    """(flags, secrets) that reproduce every setting of ``config`` that differs from its default,
-    whether it came from a flag or an environment variable: flags for the plain ones, and
-    {variable: value} for the secrets, which must never be on a command line."""
-    argv, secrets = ["--state-dir", config.state_dir], {}
-    for option, value in config.changed_settings():
-        if option.scope not in scope or option.dest == "state_dir":
-            continue
-        if option.dest in SECRET_OPTIONS:
-            secrets[option.env] = value
-        elif option.type is bool:
-            argv += [option.flag] if value else []
-        elif option.dest == "model_aliases":
-            for alias, target in sorted(value.items()):
-                argv += [option.flag, "%s=%s" % (alias, target)]
-        elif isinstance(option.type, Repeatable):
-            for item in value:
-                argv += [option.flag, item]
-        elif option.dest == "api_surface":
-            argv += [option.flag, ",".join(sorted(value))]
-        else:
-            argv += [option.flag, str(value)]
-    return argv, secrets
 
 
 def warn_about_secret_flags(config):
@@ -7066,13 +7170,8 @@ def cmd_service(config, args):
     secure_dir(config.state_dir)
     flags, secrets = settings_argv(config)
     argv = [sys.executable, os.path.abspath(__file__), "serve", "--no-auto-login"] + flags
-    plain_env = {}
-    for name, value in sorted(config.environ.items()):
-        if name.upper() in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR") and value:
-            if "@" in value:
-                secrets[name] = value  # a proxy URL with user:password is a secret too (with a scheme or not)
-            else:
-                plain_env[name] = value
+    plain_env, secret_env = connection_environment(config.environ)
+    secrets.update(secret_env)
     env_path = os.path.join(config.state_dir, SERVICE_ENV_FILE)
     if secrets:
         write_file_atomic(env_path, "# secrets for the coproxy service (read by %s)\n" % args.kind +
@@ -7179,14 +7278,17 @@ def cmd_usage(config, args):
     return 0
 
 
-def claude_code_environment(config, model_ids, main_model=None):
-    """(name, value) pairs that make Claude Code talk to coproxy, models from the live catalog."""
+def claude_code_environment(config, model_ids, main_model=None, base_url=None):
+    """(name, value) pairs that make Claude Code talk to coproxy at ``base_url`` (default: the
+    configured --host/--port), models from the live catalog."""
     opus, sonnet, haiku = (resolve_model(family, model_ids) for family in ("opus", "sonnet", "haiku"))
     main = (resolve_model(main_model, model_ids) or main_model) if main_model else (sonnet or opus or
                                                                                      (model_ids or [None])[0])
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    host = "[%s]" % host if ":" in host else host
-    pairs = [("ANTHROPIC_BASE_URL", "http://%s:%d" % (host, config.port)),
+    if base_url is None:
+        host = "[%s]" % config.host if ":" in config.host else config.host
+        base_url = "http://%s:%d" % (host, config.port)
+    base_url = base_url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+    pairs = [("ANTHROPIC_BASE_URL", base_url),
              ("ANTHROPIC_AUTH_TOKEN", config.api_key or "coproxy"),
              ("ANTHROPIC_MODEL", main), ("ANTHROPIC_DEFAULT_OPUS_MODEL", opus),
              ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet), ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku or main),
@@ -7197,16 +7299,57 @@ def claude_code_environment(config, model_ids, main_model=None):
     return [(name, value) for name, value in pairs if value]
 
 
+def claude_code_target(config):
+    """The coproxy Claude Code should use: --host/--port (or their variables) when given, else
+    the one serving from this state dir (it may have picked its port), else the default."""
+    if "host" not in config.sources and "port" not in config.sources:
+        url = running_instance(config, quiet=True)[1]
+        if url:
+            return url
+    host = "[%s]" % config.host if ":" in config.host else config.host
+    return "http://%s:%d" % (host, config.port)
+
+
+def catalogue_from_coproxy(config, url):
+    """(chat model ids, None) from the coproxy at ``url``, which knows the live catalogue, or
+    (None, why not). A coproxy serving its built-in fallback list does not know it either."""
+    client = UpstreamClient(connect_timeout=3, read_timeout=10, environ={})
+    headers = {"Accept": "application/json"}
+    if config.api_key:
+        headers["Authorization"] = "Bearer " + config.api_key
+    url = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+    try:
+        status, data, _, response = client.request_json("GET", url + "/v1/models", headers)
+    except UpstreamUnreachable as exc:
+        return None, "no coproxy answers at %s%s" % (url, "" if exc.kind == "refused" else " (%s)" % exc)
+    finally:
+        client.close()
+    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        message = _dig(data, "error").get("message") if isinstance(data, dict) else None
+        return None, "the coproxy at %s answered %d%s" % (url, status, ": %s" % message if message else "")
+    if response.header("x-coproxy-models-source") == "fallback":
+        return None, "the coproxy at %s cannot read the catalogue from GitHub either (its log says why)" % url
+    return [m["id"] for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)
+            and m.get("type", "chat") == "chat" and m.get("owned_by") != "coproxy-alias"], None
+
+
 def cmd_claude_code(config, args):
-    with _session(config) as (store, client, auth):
-        try:
-            models = auth.fetch_models()
-        except (AuthError, UpstreamUnreachable) as exc:
-            _say("warning: cannot read your Copilot catalog (%s); using the built-in model list" % exc)
-            models = FALLBACK_MODELS
+    """Models from the running coproxy, else from GitHub; with neither, no models at all: names
+    that may not exist on this account would only make Claude Code fail later, with 404s."""
+    url = claude_code_target(config)
+    ids, problem = catalogue_from_coproxy(config, url)
+    if ids is None:
+        with _session(config) as (store, client, auth):
+            try:
+                models = auth.fetch_models()
+            except (AuthError, UpstreamUnreachable) as exc:
+                raise CoproxyError("cannot learn your Copilot model catalogue, so no settings are printed: %s; and "
+                                   "GitHub: %s. Start coproxy (`python3 coproxy.py serve`), then run claude-code as its "
+                                   "banner prints it (the same --state-dir, --port, --ca-file ...)" % (problem, exc))
+        ids = [m["id"] for m in models if (_dig(m, "capabilities").get("type") or "chat") == "chat"]
+        _say("note: %s; the models are from GitHub. Start coproxy there before running claude" % problem)
     import shlex  # this command only
-    ids = [m["id"] for m in models if (_dig(m, "capabilities").get("type") or "chat") == "chat"]
-    for name, value in claude_code_environment(config, ids, args.model):
+    for name, value in claude_code_environment(config, ids, args.model, url):
         if args.shell == "fish":
             print("set -gx %s %s" % (name, shlex.quote(value)))
         elif args.shell == "powershell":
@@ -7256,6 +7399,8 @@ def main(argv=None):
             return 2
         config = Config.resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
         debug = setup_logging(config, args.command) == "DEBUG"
+        for warning in config.warnings:
+            log.warning("%s", warning)
         return COMMANDS[command](config, args)
     except UsageError as exc:
         _say("coproxy: error: %s" % redact(exc))

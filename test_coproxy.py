@@ -30,6 +30,7 @@ import queue
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -1008,6 +1009,32 @@ class TestConfig(unittest.TestCase):
         self.assertEqual(sorted(o.dest for o, _ in config.changed_settings()),
                          ["api_key", "github_token", "model_aliases", "port"])
         self.assertEqual(config.user_agent, "GitHubCopilotChat/" + coproxy.DEFAULT_EDITOR_PLUGIN_VERSION.split("/")[1])
+
+
+    def test_coproxy_api_key_is_read_and_the_older_name_wins(self):
+        config = coproxy.Config.resolve({}, environ={"COPROXY_API_KEY": "k-new"})
+        self.assertEqual((config.api_key, config.source_of("api_key"), config.api_key_variable),
+                         ("k-new", "COPROXY_API_KEY", "COPROXY_API_KEY"))
+        self.assertEqual(config.warnings, [])
+        config = coproxy.Config.resolve({}, environ={"COPROXY_API_KEY": "k-new", "GHCP_PROXY_API_KEY": "k-old"})
+        self.assertEqual((config.api_key, config.api_key_variable), ("k-old", "GHCP_PROXY_API_KEY"))
+        self.assertEqual(config.warnings, ["GHCP_PROXY_API_KEY and COPROXY_API_KEY are set to different values; "
+                                           "GHCP_PROXY_API_KEY is used"])
+        same = coproxy.Config.resolve({}, environ={"COPROXY_API_KEY": "k", "GHCP_PROXY_API_KEY": "k"})
+        self.assertEqual(same.warnings, [])
+        flagged = coproxy.Config.resolve({"api_key": "k-flag"}, environ={"COPROXY_API_KEY": "k-new"})
+        self.assertEqual((flagged.api_key, flagged.api_key_variable), ("k-flag", "GHCP_PROXY_API_KEY"))
+
+    def test_unknown_variables_are_named_with_the_closest_known_one(self):
+        config = coproxy.Config.resolve({}, environ={"COPROXY_PROT": "58104", "GHCP_PROXY_APIKEY": "x",
+                                                     "COPROXY_CORS_ORIGINS": "*", "COPROXY_ZZZZZZZZZZZZ": "1",
+                                                     "OTHER_PROT": "1", "COPROXY_PORT": "9000"})
+        self.assertEqual(config.warnings, [
+            "COPROXY_CORS_ORIGINS is set but coproxy reads no such variable (did you mean COPROXY_CORS_ORIGIN?)",
+            "COPROXY_PROT is set but coproxy reads no such variable (did you mean COPROXY_PORT?)",
+            "COPROXY_ZZZZZZZZZZZZ is set but coproxy reads no such variable (`python3 coproxy.py --help` lists them)",
+            "GHCP_PROXY_APIKEY is set but coproxy reads no such variable (did you mean GHCP_PROXY_API_KEY?)"])
+        self.assertNotIn("58104", " ".join(config.warnings))  # names only: a value may be a secret
 
 
 @unittest.skipIf(os.name != "posix", "file modes are POSIX")
@@ -4512,6 +4539,20 @@ class TestCLI(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn("refusing --cors-origin '*' without an API key: every web page you visit", result.stderr)
 
+    def test_a_misspelled_variable_is_warned_about_once_and_the_new_key_name_keys_serve(self):
+        result = subprocess.run([sys.executable, COPROXY_PY, "status", "--state-dir", self.tmp],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20,
+                                env=dict(self.env, COPROXY_PROT="58104"))
+        self.assertEqual(result.stderr.count("COPROXY_PROT is set but coproxy reads no such variable (did you mean "
+                                             "COPROXY_PORT?)"), 1, result.stderr)
+        text = " ".join(self.run_process("serve", "--help").stdout.split())
+        self.assertIn("(env GHCP_PROXY_API_KEY, or COPROXY_API_KEY when that is unset)", text)
+        config = make_config(self.fake, os.path.join(self.tmp, "keyed"), environ={"COPROXY_API_KEY": "n3w-key"})
+        proxy = ProxyHarness(config)
+        self.addCleanup(proxy.stop)
+        self.assertEqual(http_request(proxy.port, "GET", "/v1/models")[0], 401)
+        self.assertEqual(http_request(proxy.port, "GET", "/v1/models", headers={"x-api-key": "n3w-key"})[0], 200)
+
     def test_help_is_truthful_and_short(self):
         top = self.run_process("--help").stdout
         self.assertIn("default: info for serve, warning for the other commands", " ".join(top.split()))
@@ -4888,6 +4929,126 @@ class TestClaudeCodeCommand(unittest.TestCase):
                       coproxy.start_banner(lan, "http://192.168.1.5:8080", "coproxy.py"))
         plain = coproxy.start_banner(coproxy.Config.resolve({}, environ={}), "http://127.0.0.1:8080", "coproxy.py")
         self.assertIn('eval "$(python3 coproxy.py claude-code)" && claude', plain)
+
+class TestClaudeCodeCatalogue(unittest.TestCase):
+    """claude-code learns the catalogue from the running coproxy, then GitHub, else refuses; the
+    banner's line carries what serve was given and works when pasted into another shell."""
+
+    def setUp(self):
+        self.fake, self.tmp = with_fake_upstream(self)
+        self.addCleanup(install_log_capture)
+        self.closed = socket.socket()  # bound, never listening: connections to it are refused
+        self.closed.bind(("127.0.0.1", 0))
+        self.addCleanup(self.closed.close)
+        self.dead_url = "http://127.0.0.1:%d" % self.closed.getsockname()[1]
+
+    def claude_code(self, *argv, github=None):
+        args = ["claude-code", "--state-dir", os.path.join(self.tmp, "cli"), "--github-url", github or self.fake.url,
+                "--github-api-url", github or self.fake.url, "--github-token", "ghu_testtoken1234567890"] + list(argv)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = coproxy.main(args)
+        return code, dict(re.findall(r"^export (\w+)=(\S+)$", out.getvalue(), re.M)), err.getvalue()
+
+    def start_proxy(self, **overrides):
+        proxy = ProxyHarness(make_config(self.fake, os.path.join(self.tmp, "state"), **overrides))
+        self.addCleanup(proxy.stop)
+        return proxy
+
+    def test_the_running_coproxy_is_asked_first(self):
+        proxy = self.start_proxy(api_key="k3y")
+        code, env, err = self.claude_code("--port", str(proxy.port), "--api-key", "k3y", github=self.dead_url)
+        self.assertEqual(code, 0, err)
+        self.assertEqual((env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_MODEL"], env["ANTHROPIC_DEFAULT_OPUS_MODEL"]),
+                         ("http://127.0.0.1:%d" % proxy.port, "claude-sonnet-4.5", "claude-opus-4.6"))
+        self.assertEqual(err, "")
+        models = [r for r in self.fake.requests if r[1] == "/models"]
+        self.assertEqual(len(models), 1)  # the proxy's own fetch; the CLI never reached GitHub
+
+    def test_without_a_catalogue_nothing_is_printed_and_the_exit_is_1(self):
+        port = self.dead_url.rsplit(":", 1)[1]
+        code, env, err = self.claude_code("--port", port, github=self.dead_url)
+        self.assertEqual((code, env), (1, {}))
+        self.assertIn("cannot learn your Copilot model catalogue, so no settings are printed: no coproxy answers "
+                      "at %s; and GitHub: " % self.dead_url, err)
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(500, {"message": "down"})
+        proxy = self.start_proxy()  # it serves its built-in list, which may name models this account lacks
+        code, env, err = self.claude_code("--port", str(proxy.port), github=self.dead_url)
+        self.assertEqual((code, env), (1, {}))
+        self.assertIn("the coproxy at http://127.0.0.1:%d cannot read the catalogue from GitHub either" % proxy.port,
+                      err)
+
+    def test_github_when_no_coproxy_answers_and_a_wrong_key_is_named(self):
+        port = self.dead_url.rsplit(":", 1)[1]
+        code, env, err = self.claude_code("--port", port)
+        self.assertEqual((code, env["ANTHROPIC_MODEL"]), (0, "claude-sonnet-4.5"))
+        self.assertIn("note: no coproxy answers at %s; the models are from GitHub" % self.dead_url, err)
+        proxy = self.start_proxy(api_key="right")
+        code, env, err = self.claude_code("--port", str(proxy.port), "--api-key", "wrong")
+        self.assertEqual(code, 0)
+        self.assertIn("answered 401: missing or wrong API key", err)
+
+    def test_the_coproxy_of_this_state_dir_is_found_without_a_port(self):
+        proxy = self.start_proxy()
+        config = coproxy.Config.resolve({"state_dir": os.path.join(self.tmp, "cli")}, environ={})
+        os.makedirs(config.state_dir, mode=0o700)
+        record = coproxy.InstanceRecord(config).claim()
+        self.addCleanup(record.release)
+        record.write("http://127.0.0.1:%d" % proxy.port)
+        code, env, err = self.claude_code(github=self.dead_url)
+        self.assertEqual((code, env.get("ANTHROPIC_BASE_URL")), (0, "http://127.0.0.1:%d" % proxy.port), err)
+
+    def test_help_says_host_and_port_name_where_coproxy_listens(self):
+        with contextlib.redirect_stdout(io.StringIO()) as out, self.assertRaises(SystemExit):
+            coproxy.main(["claude-code", "--help"])
+        text = " ".join(out.getvalue().split())
+        self.assertIn("--host ADDR address where the coproxy for Claude Code listens, as given to serve: nothing is "
+                      "bound here", text)
+        self.assertIn("when neither answers", text)
+
+    @unittest.skipIf(os.name != "posix", "runs the banner's line in sh")
+    def test_the_banner_line_works_in_a_fresh_shell_behind_a_proxy(self):
+        fake = FakeUpstream(tls=True)
+        self.addCleanup(fake.close)
+        tunnel = FakeConnectProxy()
+        self.addCleanup(tunnel.close)
+        ca = os.path.join(self.tmp, "ca.pem")
+        with open(ca, "w") as f:
+            f.write(TEST_CA_PEM)
+        state = os.path.join(self.tmp, "served")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("COPROXY_", "GHCP_")) and "PROXY" not in k.upper()}
+        served_env = dict(env, HTTPS_PROXY="http://127.0.0.1:%d" % tunnel.port, COPROXY_API_KEY="b4nner-key",
+                          GHCP_GITHUB_TOKEN="ghu_testtoken1234567890")
+        process = subprocess.Popen([sys.executable, COPROXY_PY, "serve", "--port", "0", "--state-dir", state,
+                                    "--ca-file", ca, "--github-url", fake.url, "--github-api-url", fake.url],
+                                   stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=served_env)
+        self.addCleanup(process.wait, 10)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(process.stderr.close)
+        line = ""
+        while "Claude Code:" not in line:
+            line = process.stderr.readline()
+            self.assertTrue(line, "serve ended before its banner")
+        command = line.split("Claude Code:", 1)[1].strip()
+        for part in ("--state-dir %s" % state, "--ca-file %s" % ca, "--github-url %s" % fake.url,
+                     "HTTPS_PROXY=http://127.0.0.1:%d " % tunnel.port, '--api-key "$COPROXY_API_KEY"'):
+            self.assertIn(part, command)
+        self.assertNotIn("b4nner-key", command)
+        self.assertTrue(command.endswith("&& claude"))
+        # a new terminal: the key is exported there too, nothing else; `claude` is swapped for printenv
+        shell = command[:-len("claude")].replace("python3 ", shlex.quote(sys.executable) + " ", 1)
+        shell += " printenv ANTHROPIC_BASE_URL ANTHROPIC_AUTH_TOKEN ANTHROPIC_MODEL"
+        result = subprocess.run(["sh", "-c", shell], cwd=os.path.dirname(COPROXY_PY), capture_output=True, text=True,
+                                timeout=20, env=dict(env, COPROXY_API_KEY="b4nner-key"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        base_url, token, model = result.stdout.split()
+        self.assertEqual((token, model), ("b4nner-key", "claude-sonnet-4.5"))
+        status, _, body = http_request(int(base_url.rsplit(":", 1)[1]), "POST", "/v1/messages", json.dumps({
+            "model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"x-api-key": token, "anthropic-version": "2023-06-01", "Content-Type": "application/json"})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(http_request(int(base_url.rsplit(":", 1)[1]), "GET", "/v1/models")[0], 401)  # keyed
+
 
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
