@@ -1152,6 +1152,98 @@ class TestTokenStore(unittest.TestCase):
         self.assertTrue(any("symbolic link" in line for line in LOGS.lines), LOGS.lines)
 
 
+class TestHistory(unittest.TestCase):
+    """The request history files: per local day, 0600, summaries of past days, pruning."""
+
+    def setUp(self):
+        install_log_capture()
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.state = os.path.join(self.dir, "state")
+        self.now = time.mktime((2026, 12, 7, 15, 30, 0, 0, 0, -1))  # 15:30 local time
+
+    def history(self, keep_days=90):
+        history = coproxy.History(self.state, keep_days)
+        self.addCleanup(history.close)
+        return history
+
+    def record(self, hours_ago, model="gpt-4.1", credits=0.5, session=None, **extra):
+        record = {"t": self.now - hours_ago * 3600, "route": "/chat/completions", "status": 200, "model": model,
+                  "input": 10, "output": 2, "credits": credits, "ttfb_ms": 100.0 + hours_ago, "ms": 900.0}
+        if session:
+            record["session"] = session
+        record.update(extra)
+        return record
+
+    def test_records_go_to_their_days_files_0600_by_the_writer_thread(self):
+        history = self.history()
+        old = os.umask(0)
+        try:
+            for hours in (0, 1, 20, 40):
+                history.append(self.record(hours))
+            history.flush()
+        finally:
+            os.umask(old)
+        self.assertNotEqual(history._thread, threading.current_thread())
+        days = history.days()
+        self.assertEqual(days, sorted({coproxy.local_day(self.now - h * 3600) for h in (0, 1, 20, 40)}))
+        self.assertEqual(stat.S_IMODE(os.stat(history.dir).st_mode), 0o700)
+        for day in days:
+            self.assertEqual(stat.S_IMODE(os.stat(history.path(day)).st_mode), 0o600)
+        today = history.records(coproxy.local_day(self.now))
+        self.assertEqual([r["ttfb_ms"] for r in today], [100.0, 101.0])
+
+    def test_a_start_counts_each_record_once_from_summaries_and_the_last_24_hours(self):
+        history = self.history()
+        records = [self.record(h, model="claude-sonnet-4.5" if h % 2 else "gpt-4.1", session="s1" if h < 30 else "s2")
+                   for h in (0, 3, 14, 16, 20, 30, 50, 75)]
+        history.write(records)
+        ledger = coproxy.Ledger(clock=lambda: self.now)
+        self.assertEqual(history.load(ledger, self.now), 5)  # today's 2 and yesterday's 3 in the last 24 h
+        daily = {d["day"]: d["models"] for d in ledger.by_day(self.now)}
+        total = sum(t["requests"] for models in daily.values() for t in models.values())
+        self.assertEqual(total, len(records))
+        self.assertEqual(round(sum(t["credits"] for models in daily.values() for t in models.values()), 6), 4.0)
+        hourly = ledger.by_hour(self.now)
+        self.assertEqual((len(hourly), sum(t["requests"] for h in hourly for t in h["models"].values())), (24, 5))
+        self.assertEqual(ledger.by_route(self.now)["/chat/completions"]["requests"], 5)
+        sessions = {s["id"]: s for s in ledger.by_session()}
+        self.assertEqual((sessions["s1"]["requests"], sessions["s2"]["requests"]), (5, 3))
+        self.assertEqual(sessions["s1"]["models"], {"gpt-4.1": 4, "claude-sonnet-4.5": 1})
+        self.assertEqual(len(ledger.requests()), 5)
+        past = [d for d in history.days() if d < coproxy.local_day(self.now)]
+        self.assertTrue(past and all(os.path.exists(history.path(d, ".sum.json")) for d in past))
+        # a summary that no longer matches its records file (appended since) is counted again
+        history.write([self.record(75, credits=1.0)])
+        again = coproxy.Ledger(clock=lambda: self.now)
+        history.load(again, self.now)
+        self.assertEqual(sum(t["requests"] for d in again.by_day(self.now) for t in d["models"].values()), 9)
+
+    def test_old_days_are_removed_and_a_torn_line_is_skipped(self):
+        history = self.history(keep_days=3)
+        history.write([self.record(h) for h in (0, 24 * 5, 24 * 10)])
+        with open(history.path(coproxy.local_day(self.now)), "a") as handle:
+            handle.write('{"t": %s, "route": "/mess' % self.now)  # a crash mid-write
+        ledger = coproxy.Ledger(clock=lambda: self.now)
+        self.assertEqual(history.load(ledger, self.now), 1)
+        self.assertEqual(history.days(), [coproxy.local_day(self.now)])
+
+    def test_views_percentiles_and_since(self):
+        self.assertEqual(coproxy.percentiles([5, 1, 4, 2, 3, None]), {"p50": 3, "p90": 5, "p99": 5})
+        self.assertIsNone(coproxy.percentiles([None]))
+        self.assertEqual(coproxy.parse_since("24h", 100000.0), 100000.0 - 86400)
+        self.assertEqual(coproxy.parse_since("1765000000", 0), 1765000000.0)
+        self.assertIsNone(coproxy.parse_since(None, 0))
+        with self.assertRaises(ValueError):
+            coproxy.parse_since("yesterday", 0)
+        ledger = coproxy.Ledger(clock=lambda: self.now)
+        for hours in (0, 2, 5):
+            ledger.add(self.record(hours, session="s"), now=self.now)
+        self.assertEqual([r["ttfb_ms"] for r in ledger.requests(since=self.now - 3 * 3600)], [102.0, 100.0])
+        self.assertEqual(ledger.by_model(self.now)["gpt-4.1"]["requests"], 3)
+        self.assertEqual(len(ledger.by_hour(self.now, since=self.now - 3600)), 2)
+
+
 class TestUpstreamClient(unittest.TestCase):
     def setUp(self):
         install_log_capture()
@@ -4494,6 +4586,71 @@ class TestFuzz(ProxyTestCase):
 
 
 FUZZ_FIGURES = {}
+class TestDashboard(ProxyTestCase):
+    """History of proxied requests, /usage?by= views, /dashboard/data and the page at GET /."""
+
+    def wait_count(self, proxy, count):
+        self.assertTrue(wait_for(lambda: proxy.app.dashboard.ledger.count >= count), proxy.app.dashboard.ledger.count)
+
+    def data(self, proxy, headers=None):
+        status, _, body = self.request("GET", "/dashboard/data", headers=headers, port=proxy.port)
+        self.assertEqual(status, 200, body)
+        return json.loads(body)
+
+    def test_finished_requests_are_kept_without_their_text_and_survive_a_restart(self):
+        state = os.path.join(self.tmp, "kept")
+        proxy = self.start_proxy(state_dir=state, api_key="sekrit-key-123")
+        auth = {"Authorization": "Bearer sekrit-key-123", "User-Agent": "claude-cli/2.1.126 (external, cli)"}
+        session = dict(auth, **{"X-Claude-Code-Session-Id": "sess-1"})
+        self.request("POST", "/v1/chat/completions", chat_body("the secret prompt"), session, port=proxy.port)
+        self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 10,
+                                              "messages": [{"role": "user", "content": "hello"}]}, session,
+                     port=proxy.port)
+        self.request("POST", "/v1/chat/completions", chat_body(model="no-such-model"), auth, port=proxy.port)
+        self.request("GET", "/v1/models", headers=auth, port=proxy.port)  # not a model call: not kept
+        self.wait_count(proxy, 3)
+        status, _, body = self.request("GET", "/usage?by=request", headers=auth, port=proxy.port)
+        listed = json.loads(body)["data"]
+        self.assertEqual([(r["route"], r["status"]) for r in listed],
+                         [("/chat/completions", 404), ("/messages", 200), ("/chat/completions", 200)])
+        first = listed[-1]
+        self.assertEqual((first["model"], first["session"], first["client"], first["input"]),
+                         ("gpt-4.1", "sess-1", "claude-cli/2.1.126 (external, cli)", 3))
+        self.assertTrue(0 <= first["ttfb_ms"] <= first["ms"])
+        self.assertEqual(listed[0]["error"], "model_not_found")
+        proxy.stop()
+        files = [os.path.join(state, "history", n) for n in os.listdir(os.path.join(state, "history"))]
+        text = "".join(open(path).read() for path in files)
+        self.assertEqual(text.count("\n"), 3)
+        for secret in ("the secret prompt", "hello", "sekrit-key-123", "ghu_testtoken", "tid=test"):
+            self.assertNotIn(secret, text)
+        self.assertTrue(all(stat.S_IMODE(os.stat(path).st_mode) == 0o600 for path in files))
+        again = self.start_proxy(state_dir=state, api_key="sekrit-key-123")
+        data = self.data(again, auth)
+        self.assertEqual([r["route"] for r in data["requests"]], [r["route"] for r in listed])
+        self.assertEqual(data["sessions"][0]["id"], "sess-1")
+        self.assertEqual(data["sessions"][0]["requests"], 2)
+        hours = {m: t["requests"] for h in data["hourly"] for m, t in h["models"].items()}
+        self.assertEqual(hours, {"gpt-4.1": 1, "claude-sonnet-4.5": 1, "-": 1})
+        self.assertEqual(data["login"]["token_kind"], "GitHub App user token")
+        self.assertNotIn("ghu_testtoken", json.dumps(data))
+        self.assertNotIn("sekrit", json.dumps(data))
+
+    def test_no_history_keeps_this_run_only_and_views_check_their_parameters(self):
+        proxy = self.start_proxy(no_history=True)
+        self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
+        self.wait_count(proxy, 1)
+        proxy.app.close()
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "state", "history")))
+        for query, param in (("by=week", "by"), ("by=hour&since=yesterday", "since")):
+            status, _, body = self.request("GET", "/usage?" + query, port=proxy.port)
+            error = json.loads(body)["error"]
+            self.assertEqual((status, error["code"], error["param"]), (400, "invalid_query", param))
+        status, _, body = self.request("GET", "/usage?by=model&since=1h", port=proxy.port)
+        self.assertEqual(json.loads(body)["data"]["gpt-4.1"]["requests"], 1)
+        self.assertFalse(json.loads(body)["history"])
+
+
 class TestCLI(unittest.TestCase):
     def setUp(self):
         self.fake, self.tmp = with_fake_upstream(self)
