@@ -555,6 +555,32 @@ def _product_version(text):
     return value
 
 
+def _api_version(text):
+    """An X-GitHub-Api-Version value: a date such as 2026-08-01."""
+    value = str(text).strip()
+    if not re.match(r"^\d{4}-\d{2}-\d{2}$", value):
+        raise ValueError("expected a date such as %s, got %r" % (COPILOT_CHAT_API_VERSION, text))
+    return value
+
+
+def _integration_id(text):
+    """A Copilot-Integration-Id value such as vscode-chat or copilot-developer-cli."""
+    value = str(text).strip()
+    if not re.match(r"^[A-Za-z0-9._-]{1,64}$", value):
+        raise ValueError("expected a name such as copilot-developer-cli, got %r" % text)
+    return value
+
+
+def _github_login(text):
+    """A GitHub organisation or user name (letters, digits, single hyphens)."""
+    value = str(text).strip()
+    if not re.match(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$", value):
+        raise ValueError("expected an organisation name such as my-org, got %r" % text)
+    return value
+
+
+_auth_mode = _choice("auto", "exchange", "direct")
+
 Option = collections.namedtuple("Option", "flag dest env type default scope help metavar")
 
 #: scope "shared": accepted before or after any subcommand; "serve": only by ``serve`` (and the
@@ -565,6 +591,26 @@ OPTIONS = [
     Option("--github-token", "github_token", "GHCP_GITHUB_TOKEN", str, None, "shared",
            "GitHub OAuth token to use instead of the saved one (ghu_/gho_ from a Copilot login); "
            "prefer the variable: a flag shows in ps", "TOKEN"),
+    Option("--github-token-file", "github_token_file", "COPROXY_GITHUB_TOKEN_FILE", str, None, "shared",
+           "read the GitHub token from this file, again whenever it changes (a secret manager's or a "
+           "CI job's token); the file must be yours and private (chmod 600)", "FILE"),
+    Option("--auth-mode", "auth_mode", "COPROXY_AUTH_MODE", _auth_mode, "auto", "shared",
+           "auto (by the token's prefix: gho_/ghu_ exchanged, github_pat_ sent directly, ghs_ directly "
+           "then exchanged), exchange (always the Copilot token exchange) or direct (always the "
+           "GitHub token itself)", "MODE"),
+    Option("--integration-id", "integration_id", "COPROXY_INTEGRATION_ID", _integration_id, None, "shared",
+           "Copilot-Integration-Id to send (default: vscode-chat for exchanged tokens, "
+           "copilot-developer-cli for tokens sent directly)", "ID"),
+    Option("--github-app-id", "github_app_id", "COPROXY_GITHUB_APP_ID", _positive_int, None, "shared",
+           "mint organisation-billed tokens as this GitHub App (with --github-app-key-file and "
+           "--github-app-installation-id or --github-app-org)", "ID"),
+    Option("--github-app-key-file", "github_app_key_file", "COPROXY_GITHUB_APP_KEY_FILE", str, None, "shared",
+           "the GitHub App's private key (PEM, PKCS#1 or PKCS#8); must be yours and private (chmod 600)",
+           "FILE"),
+    Option("--github-app-installation-id", "github_app_installation_id", "COPROXY_GITHUB_APP_INSTALLATION_ID",
+           _positive_int, None, "shared", "the App's installation to mint tokens for", "ID"),
+    Option("--github-app-org", "github_app_org", "COPROXY_GITHUB_APP_ORG", _github_login, None, "shared",
+           "look the App's installation up by organisation instead of --github-app-installation-id", "ORG"),
     Option("--github-host", "github_host", "COPROXY_GITHUB_HOST", str, "github.com", "shared",
            "GitHub host; TENANT.ghe.com switches login, API and Copilot hosts (data residency)",
            "HOST"),
@@ -583,7 +629,11 @@ OPTIONS = [
            "GitHub REST base URL (default https://api.github.com or https://api.TENANT.ghe.com)",
            "URL"),
     Option("--copilot-api-url", "copilot_api_url", "COPROXY_COPILOT_API_URL", str, None, "shared",
-           "Copilot API base URL (default: endpoints.api from the Copilot token)", "URL"),
+           "Copilot API base URL (default: endpoints.api from the Copilot token; for tokens sent "
+           "directly https://api.githubcopilot.com or https://copilot-api.TENANT.ghe.com)", "URL"),
+    Option("--api-version", "api_version", "COPROXY_API_VERSION", _api_version, COPILOT_CHAT_API_VERSION,
+           "shared", "X-GitHub-Api-Version sent to the Copilot API (the Auto model needs 2026-08-01 or "
+           "newer)", "DATE"),
     Option("--editor-version", "editor_version", "COPROXY_EDITOR_VERSION", _product_version,
            DEFAULT_EDITOR_VERSION, "shared", "Editor-Version sent to GitHub and Copilot", "NAME/VER"),
     Option("--editor-plugin-version", "editor_plugin_version", "COPROXY_EDITOR_PLUGIN_VERSION", _product_version,
@@ -724,6 +774,14 @@ class Config:
     github_url: str = None
     github_api_url: str = None
     copilot_api_url: str = None
+    github_token_file: str = None
+    auth_mode: str = "auto"
+    integration_id: str = None
+    github_app_id: int = None
+    github_app_key_file: str = None
+    github_app_installation_id: int = None
+    github_app_org: str = None
+    api_version: str = COPILOT_CHAT_API_VERSION
     editor_version: str = DEFAULT_EDITOR_VERSION
     editor_plugin_version: str = DEFAULT_EDITOR_PLUGIN_VERSION
     host: str = DEFAULT_HOST
@@ -848,6 +906,8 @@ class Config:
                 if value is not None and not value.isprintable():
                     raise ConfigError("%s holds a line break or control character" % config.source_of(name))
                 setattr(config, name, value)
+        config._check_token_sources()
+        config._absolute_paths()
         config.model_aliases = dict(config.model_aliases or [])
         config.allowed_hosts = list(config.allowed_hosts or [])
         config.cors_origins = list(config.cors_origins or [])
@@ -862,6 +922,28 @@ class Config:
         config.state_dir = os.path.abspath(os.path.expanduser(config.state_dir or default_state_dir(environ=environ)))
         config.warnings += unknown_variable_warnings(environ)
         return config
+
+    def _check_token_sources(self):
+        """At most one explicit GitHub token source, and a GitHub App only with all it needs."""
+        given = [OPTION_BY_DEST[d].flag for d in ("github_token", "github_token_file", "github_app_id")
+                 if getattr(self, d) is not None]
+        if len(given) > 1:
+            raise ConfigError("%s and %s both give the GitHub token; keep one" % (given[0], given[1]))
+        app_parts = ("github_app_key_file", "github_app_installation_id", "github_app_org")
+        if self.github_app_id is None:
+            stray = [OPTION_BY_DEST[d].flag for d in app_parts if getattr(self, d) is not None]
+            if stray:
+                raise ConfigError("%s needs --github-app-id" % stray[0])
+            return
+        if not self.github_app_key_file:
+            raise ConfigError("--github-app-id needs --github-app-key-file (the App's private key, PEM)")
+        if (self.github_app_installation_id is None) == (self.github_app_org is None):
+            raise ConfigError("--github-app-id needs one of --github-app-installation-id and --github-app-org")
+
+    def _absolute_paths(self):
+        for name in ("github_token_file", "github_app_key_file"):
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(os.path.expanduser(getattr(self, name))))
 
     def changed_settings(self):
         """[(Option, value)] of every setting that differs from its default, flags and variables
@@ -988,6 +1070,66 @@ def read_private_file(path, posix=(os.name == "posix")):
         return handle.read().decode("utf-8")
 
 
+#: A token or key file is a few KiB; anything far larger is not one.
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+def read_owner_only_file(path, what, posix=(os.name == "posix")):
+    """Text of a secret the user keeps outside the state dir (a GitHub App key, a token file). The
+    state dir's rules apply: it must be the user's and no one else may read or write it (checked
+    on the open file, so a swap between check and read cannot slip through). ConfigError naming
+    the fix otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError("%s %s cannot be read: %s" % (what, path, exc.strerror or exc))
+    with os.fdopen(fd, "rb") as handle:
+        if posix:
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid():
+                raise ConfigError("refusing to use %s %s: it belongs to uid %d, not to you (uid %d)"
+                                  % (what, path, info.st_uid, os.getuid()))
+            mode = stat.S_IMODE(info.st_mode)
+            if mode & 0o077:
+                raise ConfigError("refusing to use %s %s: others can read or change it (mode %04o); "
+                                  "run: chmod 600 %s" % (what, path, mode, path))
+        data = handle.read(MAX_SECRET_FILE_BYTES + 1)
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError("%s %s is larger than %s: not a token or key" % (what, path,
+                                                                          format_size(MAX_SECRET_FILE_BYTES)))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("%s %s is not text" % (what, path))
+
+
+class WatchedFile:
+    """A small file read again only when its inode, size, mtime or mode change: cheap enough to
+    ask on every request, so a token rewritten by another process is used from the next request.
+    Timestamps are coarse (a few ms) and inodes get reused: a file written within the last
+    seconds could be rewritten without its identity changing, so such a file is not cached."""
+
+    def __init__(self, path, read, stat_file=os.stat):
+        self.path = path
+        self._read = read
+        self._stat = stat_file
+        self._seen = (None, None)   # (identity, value) of the last read
+
+    def value(self):
+        """What ``read`` made of the file, or None when it does not exist."""
+        try:
+            found = self._stat(self.path)
+        except OSError:
+            return None
+        identity = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_mode)
+        seen, value = self._seen
+        if identity != seen:
+            value = self._read()
+            fresh = time.time() - found.st_mtime < 2.0
+            self._seen = (None if fresh else identity, value)
+        return value
+
+
 class TokenStore:
     """The on-disk auth state: ``auth/github-access-token`` and ``auth/ghcp-token.json``."""
 
@@ -996,10 +1138,10 @@ class TokenStore:
         self.auth_dir = os.path.join(state_dir, "auth")
         self.posix = (os.name == "posix") if posix is None else posix
         self._dirs_checked = False
-        #: (file identity, token) of the last read: the token is asked for on every request
-        self._github_token_seen = (None, None)
         self.github_token_path = os.path.join(self.auth_dir, GITHUB_TOKEN_FILE)
         self.copilot_token_path = os.path.join(self.auth_dir, COPILOT_TOKEN_FILE)
+        #: the token is asked for on every request: read again only when the file changes
+        self._github_token = WatchedFile(self.github_token_path, self._read_github_token, os.lstat)
 
     def check_dirs(self):
         """The state and auth dirs exist, are the user's and only the user's (ConfigError if not)."""
@@ -1023,22 +1165,13 @@ class TokenStore:
             return None
 
     def load_github_token(self):
-        """The saved GitHub token, or None. The file is read again only when its inode, size, mtime
-        or mode change, so a login or logout by another process is still seen on the next request."""
-        try:
-            found = os.lstat(self.github_token_path)
-        except OSError:
-            return None
-        identity = (found.st_ino, found.st_size, found.st_mtime_ns, found.st_mode)
-        seen, token = self._github_token_seen
-        if identity != seen:
-            self.check_dirs()
-            token = (self._read(self.github_token_path) or "").strip() or None
-            # Timestamps are coarse (a few ms) and inodes get reused: a file written within the
-            # last seconds could be rewritten without its identity changing, so it is not cached.
-            fresh = time.time() - found.st_mtime < 2.0
-            self._github_token_seen = (None if fresh else identity, token)
-        return token
+        """The saved GitHub token, or None; a login or logout by another process is seen on the
+        next request (the file is read again when it changes)."""
+        return self._github_token.value()
+
+    def _read_github_token(self):
+        self.check_dirs()
+        return (self._read(self.github_token_path) or "").strip() or None
 
     def save_github_token(self, token):
         self.check_dirs()
@@ -2337,19 +2470,20 @@ def github_headers(config, token=None):
 
 
 def copilot_headers(config, copilot_token, initiator="user", vision=False, intent="conversation-panel",
-                    interaction=None):
-    """Headers for the Copilot API, as VS Code's Copilot Chat sends them (protocol notes §4)."""
+                    interaction=None, integration_id=None):
+    """Headers for the Copilot API, as VS Code's Copilot Chat sends them (protocol notes §4);
+    ``integration_id`` is the token record's (tokens sent directly need their own)."""
     request_id = random_uuid()
     headers = {
         "Authorization": "Bearer " + copilot_token,
         "Content-Type": "application/json",
         "Accept": "application/json",
-        "Copilot-Integration-Id": COPILOT_INTEGRATION_ID,
+        "Copilot-Integration-Id": integration_id or COPILOT_INTEGRATION_ID,
         "Editor-Version": config.editor_version,
         "Editor-Plugin-Version": config.editor_plugin_version,
         "User-Agent": config.user_agent,
         "OpenAI-Intent": intent,
-        "X-GitHub-Api-Version": COPILOT_CHAT_API_VERSION,
+        "X-GitHub-Api-Version": config.api_version,
         "X-Request-Id": request_id,
         "X-Initiator": initiator,
         "X-VSCode-User-Agent-Library-Version": "electron-fetch",
@@ -2474,42 +2608,462 @@ _EXCHANGE_HINTS = {
 }
 
 
+# -- Token kinds, direct mode and GitHub App tokens ---------------------------------------------
+
+#: What a GitHub token is, by its prefix, and how each kind reaches Copilot in --auth-mode auto
+#: (protocol notes §10.1-10.2): OAuth tokens of a Copilot login are exchanged; fine-grained PATs
+#: are sent directly (the exchange answers 403 to them); App installation tokens go directly
+#: first, as the Copilot CLI sends them, then through the exchange, as bifrost does.
+TOKEN_KINDS = (("github_pat_", "fine-grained-pat"), ("ghp_", "classic-pat"), ("ghs_", "app-installation"),
+               ("gho_", "oauth"), ("ghu_", "oauth"))
+#: The integration id the Copilot CLI sends with a GitHub token sent directly; PATs work with no other.
+DIRECT_INTEGRATION_ID = "copilot-developer-cli"
+
+
+def token_kind(token):
+    """fine-grained-pat, classic-pat, app-installation, oauth or unknown."""
+    for prefix, kind in TOKEN_KINDS:
+        if token.startswith(prefix):
+            return kind
+    return "unknown"
+
+
+def direct_api_base(config):
+    """The Copilot API host for a token sent directly (there is no exchange answer to name it):
+    the override, GHE.com's copilot-api.TENANT.ghe.com, GHES's enterprise host, or the default."""
+    if config.copilot_api_url:
+        return config.copilot_api_url
+    if config.github_host.endswith(".ghe.com"):
+        return "https://copilot-api." + config.github_host
+    if config.is_ghe:
+        return "https://api.enterprise.githubcopilot.com"
+    return DEFAULT_COPILOT_API_URL
+
+
+#: OID 1.2.840.113549.1.1.1 (rsaEncryption), DER-encoded, as PKCS#8 names an RSA key.
+_RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")
+#: DER DigestInfo prefix of a SHA-256 hash (RFC 8017 §9.2, note 1).
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def _der_element(data, offset):
+    """(tag, contents, offset after it) of the DER element at ``offset`` (ValueError if cut)."""
+    if offset + 2 > len(data):
+        raise ValueError("the key's DER data is cut short")
+    tag, length = data[offset], data[offset + 1]
+    offset += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or offset + count > len(data):
+            raise ValueError("the key's DER data has a bad length")
+        length = int.from_bytes(data[offset:offset + count], "big")
+        offset += count
+    if offset + length > len(data):
+        raise ValueError("the key's DER data is cut short")
+    return tag, data[offset:offset + length], offset + length
+
+
+def _der_items(contents):
+    """The (tag, contents) elements one after another in ``contents``."""
+    items, offset = [], 0
+    while offset < len(contents):
+        tag, value, offset = _der_element(contents, offset)
+        items.append((tag, value))
+    return items
+
+
+def _der_sequence(data):
+    """The (tag, contents) elements of the DER SEQUENCE that ``data`` starts with."""
+    tag, contents, _ = _der_element(data, 0)
+    if tag != 0x30:
+        raise ValueError("the key's DER data is not a SEQUENCE")
+    return _der_items(contents)
+
+
+def parse_rsa_private_key(pem):
+    """(n, e, d) of an RSA private key in PEM: PKCS#1 (BEGIN RSA PRIVATE KEY, what GitHub hands
+    out) or PKCS#8 (BEGIN PRIVATE KEY, what openssl pkey writes). ValueError saying what is wrong."""
+    match = re.search(r"-----BEGIN ((?:RSA |ENCRYPTED )?)PRIVATE KEY-----(.*?)-----END \1PRIVATE KEY-----", pem, re.S)
+    if not match:
+        raise ValueError("no PEM private key in it (-----BEGIN RSA PRIVATE KEY----- or -----BEGIN PRIVATE KEY-----)")
+    if match.group(1) == "ENCRYPTED " or "Proc-Type:" in match.group(2):
+        raise ValueError("the key is protected by a passphrase; write a plain copy with "
+                         "`openssl pkey -in KEY -out PLAIN` and keep it private")
+    try:
+        der = base64.b64decode("".join(match.group(2).split()), validate=True)
+    except ValueError:
+        raise ValueError("the PEM key is not valid base64")
+    items = _der_sequence(der)
+    if not match.group(1):  # PKCS#8: version, AlgorithmIdentifier, OCTET STRING holding PKCS#1
+        if len(items) < 3 or items[1][0] != 0x30 or items[2][0] != 0x04:
+            raise ValueError("the PKCS#8 key is malformed")
+        algorithm = _der_items(items[1][1])
+        if not algorithm or algorithm[0] != (0x06, _RSA_ENCRYPTION_OID):
+            raise ValueError("it is not an RSA key (GitHub App keys are RSA)")
+        items = _der_sequence(items[2][1])
+    if len(items) < 6 or any(tag != 0x02 for tag, _ in items[:6]):
+        raise ValueError("it is not an RSA private key")
+    _, n, e, d, p, q = (int.from_bytes(value, "big") for _, value in items[:6])
+    if n != p * q or n.bit_length() < 1024:
+        raise ValueError("the RSA key's numbers do not fit together")
+    return n, e, d
+
+
+def rs256_sign(key, message):
+    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 §8.2.1): EMSA-PKCS1-v1_5 encoding, then m^d mod n.
+    Deterministic, so RFC 7515 Appendix A.2 gives its exact expected output as a test."""
+    import hashlib  # here, not at the top: serve would load OpenSSL's digests before listening
+    n, _, d = key
+    size = (n.bit_length() + 7) // 8
+    digest_info = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    encoded = b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info
+    return pow(int.from_bytes(encoded, "big"), d, n).to_bytes(size, "big")
+
+
+def b64url(data):
+    """base64url without padding, as JWTs spell their parts."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def app_jwt(app_id, key, now):
+    """The GitHub App's JWT: iat a minute back (clock drift), exp under GitHub's 10-minute limit."""
+    def part(obj):
+        return b64url(json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+    signing_input = part({"alg": "RS256", "typ": "JWT"}) + "." + part(
+        {"iat": int(now) - 60, "exp": int(now) + 540, "iss": app_id})
+    return signing_input + "." + b64url(rs256_sign(key, signing_input.encode("ascii")))
+
+
+def parse_github_time(text):
+    """Unix time of GitHub's ``2026-12-07T12:00:00Z`` (None if it is not that)."""
+    import calendar  # only here
+    try:
+        return calendar.timegm(time.strptime(str(text)[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+#: Installation token permissions, newest form first: the organisation permission "Copilot
+#: Requests" (read), then the older repository permission copilot_requests (write).
+APP_PERMISSION_FORMS = (("organization_copilot_requests", "read"), ("copilot_requests", "write"))
+
+
+class GitHubApp:
+    """Organisation-billed installation tokens (``ghs_``) minted as a GitHub App: the App's JWT
+    signed here (RS256), the installation found by organisation when asked, the token minted
+    (newest permission form first) and minted again before its hour runs out, by one thread
+    while the others wait. The key is read once, at start, under the state dir's file rules."""
+
+    def __init__(self, config, client, clock=time.time):
+        self.config = config
+        self.client = client
+        self.clock = clock
+        self.app_id = config.github_app_id
+        text = read_owner_only_file(config.github_app_key_file, "the GitHub App key file")
+        try:
+            self.key = parse_rsa_private_key(text)
+        except ValueError as exc:
+            raise ConfigError("the GitHub App key file %s is not usable: %s" % (config.github_app_key_file, exc))
+        self.installation_id = config.github_app_installation_id
+        self.permission_form = None     # the form GitHub granted, e.g. "organization_copilot_requests=read"
+        self.record = None              # {"token", "expires_at"} of the current installation token
+        self.mints = 0
+        self._lock = threading.Lock()
+
+    @property
+    def source(self):
+        return "GitHub App %d" % self.app_id
+
+    def token(self, force=False):
+        """(token, expires_at) of a valid installation token, minted when needed."""
+        record = self.record
+        if not force and record and record["expires_at"] - self.clock() > TOKEN_REFRESH_MARGIN_SECONDS:
+            return record["token"], record["expires_at"]
+        with self._lock:
+            record = self.record
+            if force or not record or record["expires_at"] - self.clock() <= TOKEN_REFRESH_MARGIN_SECONDS:
+                record = self.record = self._mint()
+            return record["token"], record["expires_at"]
+
+    def forget(self, token):
+        """Mint anew next time: Copilot refused ``token`` (a newer one is kept)."""
+        with self._lock:
+            if self.record and self.record["token"] == token:
+                self.record = None
+
+    def _call(self, method, path, payload=None):
+        headers = dict(github_headers(self.config), Authorization="Bearer " + app_jwt(
+            self.app_id, self.key, self.clock()))
+        headers["Accept"] = "application/vnd.github+json"
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            return self.client.request_json(method, self.config.github_api_url + path, headers, payload)
+        except UpstreamUnreachable as exc:
+            raise AuthError("cannot reach GitHub to mint the App's token: %s" % exc, code="network")
+
+    def _installation(self):
+        if self.installation_id is None:
+            org = self.config.github_app_org
+            status, data, raw, _ = self._call("GET", "/orgs/%s/installation" % urllib.parse.quote(org))
+            if status != 200 or not isinstance(data, dict) or not isinstance(data.get("id"), int):
+                raise self._refusal(status, raw, "looking up its installation on %s" % org, lookup=True)
+            self.installation_id = data["id"]
+            log.info("GitHub App %d is installation %d on %s", self.app_id, self.installation_id, org)
+        return self.installation_id
+
+    def _mint(self):
+        self.mints += 1
+        path = "/app/installations/%d/access_tokens" % self._installation()
+        for number, (name, level) in enumerate(APP_PERMISSION_FORMS):
+            status, data, raw, _ = self._call("POST", path, {"permissions": {name: level}})
+            if status in (200, 201) and isinstance(data, dict) and isinstance(data.get("token"), str):
+                now = self.clock()
+                expires_at = parse_github_time(data.get("expires_at")) or int(now + 3600)
+                self.permission_form = "%s=%s" % (name, level)
+                log.info("GitHub App %d minted an installation token (%s) expires_in=%s", self.app_id,
+                         self.permission_form, format_duration(expires_at - now))
+                return {"token": data["token"], "expires_at": expires_at}
+            if status != 422 or number == len(APP_PERMISSION_FORMS) - 1:
+                raise self._refusal(status, raw, "minting an installation token")
+            log.info("GitHub refused the %s=%s permission form (422); trying the older %s=%s", name, level,
+                     *APP_PERMISSION_FORMS[number + 1])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refusal(self, status, raw, doing, lookup=False):
+        """AuthError saying which refusal this is and what to check."""
+        message, _ = upstream_error_message(raw)
+        what = "GitHub refused %s for GitHub App %d (HTTP %d: %s)" % (doing, self.app_id, status,
+                                                                     message or "no details")
+        if status == 401:
+            fix = ("the App's JWT was not accepted: check that --github-app-key-file is this App's private key, "
+                   "that --github-app-id %d is right, and this machine's clock (the JWT is valid 10 minutes)"
+                   % self.app_id)
+        elif status == 404 and lookup:
+            fix = ("the App is not installed on %s, or --github-app-id %d is not this App"
+                   % (self.config.github_app_org, self.app_id))
+        elif status == 404:
+            fix = ("no such App or installation: check --github-app-id %d and --github-app-installation-id %s"
+                   % (self.app_id, self.installation_id))
+        elif status == 422:
+            fix = ("installation %s was not granted the Copilot Requests permission (tried %s): give the App "
+                   "the organisation permission \"Copilot Requests\" (read-only) and have the organisation "
+                   "accept it" % (self.installation_id, " and ".join("%s=%s" % f for f in APP_PERMISSION_FORMS)))
+        else:
+            fix = "try again later"
+        return AuthError("%s; %s" % (what, fix), code="app_token_refused")
+
+
+#: Auto model (protocol notes §10.3, §10.9): Copilot picks a model for a session of ~24 h.
+AUTO_MODEL_ID = "auto"
+#: The version the legacy /models/session endpoint was seen with (the newer /auto wants 2026-08-01).
+LEGACY_AUTO_API_VERSION = "2025-07-16"
+#: An Auto session is renewed this long before it expires (VS Code renews 5 minutes early).
+AUTO_SESSION_MARGIN_SECONDS = 300
+
+
+def who_pays(kind, sku=None):
+    """Who Copilot bills for a token, as far as the token says."""
+    if kind == "app-installation":
+        return "organisation (GitHub App installation)"
+    if sku and ("business" in sku or "enterprise" in sku):
+        return "organisation (the account's %s seat)" % sku
+    return "user (%s)" % sku if sku else "user (the token's account)"
+
+
+def _org_has_not_enabled_apps(text):
+    lowered = text.lower()
+    return "not enabled" in lowered and ("app" in lowered or "installation" in lowered)
+
+
+def describe_credentials(record, app=None):
+    """What /healthz, `status` and `auth status` show about a token record: token kind, mode,
+    integration id, who pays and the expiry (None when unknown); never a token."""
+    if not record:
+        return {}
+    kind = record.get("kind") or "oauth"
+    expires = record["expires_at"] if record.get("expiry_known", True) else None
+    facts = {"token_kind": kind, "mode": record.get("mode", "exchange"),
+             "integration_id": record.get("integration_id") or COPILOT_INTEGRATION_ID,
+             "payer": who_pays(kind, record.get("sku")), "expires_at": expires}
+    if app is not None and app.permission_form:
+        facts["app_permission"] = app.permission_form
+    return facts
+
+
+def explain_refusal(error, model, facts, integration_option):
+    """A Copilot refusal caused by the token, its permissions or its integration id, told with
+    what to do about it; any other error as it is. ``facts``: CopilotAuth.describe();
+    ``integration_option``: the --integration-id given, if any."""
+    text = str(error)
+    lowered = text.lower()
+    integration = facts.get("integration_id") or integration_option or COPILOT_INTEGRATION_ID
+    chosen = ("--integration-id" if integration_option else
+              "chosen for %s tokens sent %s" % (facts.get("token_kind", "these"), facts.get("mode", "directly")))
+    if error.status == 400 and "personal access tokens are not supported" in lowered:
+        message, code = ("Copilot refused the fine-grained personal access token with Copilot-Integration-Id "
+                         "%s (%s): such tokens work only with copilot-developer-cli. Start coproxy with "
+                         "--integration-id copilot-developer-cli, or without --integration-id (--auth-mode "
+                         "auto picks it for github_pat_ tokens). Copilot said: %s"
+                         % (integration, chosen, text), "pat_integration_refused")
+    elif "copilot requests permission" in lowered:
+        message, code = ("the fine-grained personal access token lacks the \"Copilot Requests\" permission: on "
+                         "GitHub open Settings > Developer settings > Personal access tokens > Fine-grained "
+                         "tokens, edit the token, add Account permissions > \"Copilot Requests\", and save. "
+                         "Copilot said: %s" % text, "pat_missing_permission")
+    elif error.code == "model_not_available_for_integrator" or "not_available_for_integrator" in lowered:
+        message, code = ("Copilot limits the models each integration id may use, and %s is not available to "
+                         "%s (the Copilot-Integration-Id in use, %s). Pick another model from GET /v1/models, "
+                         "or start coproxy with another --integration-id (vscode-chat for an OAuth login, "
+                         "copilot-developer-cli for a personal access token). Copilot said: %s"
+                         % (model, integration, chosen, text), "model_not_available_for_integrator")
+    elif error.status == 403 and _org_has_not_enabled_apps(text):
+        message, code = ("the organisation has not enabled \"Copilot requests from GitHub App installations\": "
+                         "an organisation owner turns it on in the organisation's Copilot policies. The "
+                         "token was minted with the %s permission form. Copilot said: %s"
+                         % (facts.get("app_permission", "(unknown)"), text), "app_copilot_requests_disabled")
+    else:
+        return error
+    return ClientError(error.status, message, kind=error.kind, code=code, param=error.param,
+                       headers=error.headers)
+
+
+def exchange_error(status, data, raw, kind, source, login):
+    """AuthError for a refused token exchange: the cause and the fix. ``kind``: the GitHub
+    token's kind; ``source``: where it came from; ``login``: the `auth login` command."""
+    message, _ = upstream_error_message(raw)
+    details = data.get("error_details") if isinstance(data, dict) else None
+    notification = details.get("notification_id") if isinstance(details, dict) else None
+    if status == 401:
+        if source == "GHCP_GITHUB_TOKEN":  # a new login cannot win over the variable
+            fix = "unset GHCP_GITHUB_TOKEN (or put a valid token in it), then run `%s`" % login
+        elif source == "--github-token":
+            fix = "pass a valid token, or drop --github-token and run `%s`" % login
+        else:
+            fix = "run `%s` again" % login
+        return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or revoked); %s"
+                         % (source, fix), code="github_token_invalid")
+    if kind == "fine-grained-pat":
+        return AuthError("GitHub's token exchange refuses fine-grained personal access tokens (HTTP %d: %s); "
+                         "send the token directly with --auth-mode direct (--auth-mode auto, the default, "
+                         "already does for github_pat_ tokens)" % (status, message or "no details"),
+                         code="personal_access_token")
+    if kind == "classic-pat":
+        return AuthError("the token from %s is a classic personal access token; GitHub only exchanges "
+                         "tokens from a Copilot login for Copilot tokens. Run `%s` instead (HTTP %d)"
+                         % (source, login, status), code="personal_access_token")
+    if notification:
+        hint = _EXCHANGE_HINTS.get(notification, "GitHub refused Copilot access")
+        url = details.get("url") if isinstance(details, dict) else None
+        return AuthError("%s (%s, HTTP %d)%s" % (hint, notification, status,
+                                                   "; see " + url if isinstance(url, str) else ""),
+                         code=notification)
+    if status == 404:
+        return AuthError("GitHub has no Copilot token for this account (404): the account has no "
+                         "Copilot seat, or the token in %s does not come from a Copilot login "
+                         "(gho_ tokens of other OAuth apps are refused); run `%s`"
+                         % (source, login), code="no_copilot_access")
+    if status == 403 and "rate limit" in message.lower():
+        return AuthError("GitHub API rate limit hit while getting a Copilot token: %s" % message,
+                         code="rate_limited")
+    return AuthError("GitHub refused a Copilot token (HTTP %d): %s" % (status, message or "no details"),
+                     code="copilot_token_refused")
+
+
 class CopilotAuth:
-    """The GitHub token, the Copilot token derived from it, and the calls that need them."""
+    """The GitHub token (from a flag or variable, a token file, a GitHub App, or the saved login),
+    the way it reaches Copilot (exchanged for a Copilot token, or sent directly), the Auto
+    model's session, and the calls that need them."""
 
     def __init__(self, config, store, client, clock=time.time):
         self.config = config
         self.store = store
         self.client = client
         self.clock = clock
-        self.record = None
+        self.record = None           # the token record in use: exchanged, or built for a direct token
         self._fingerprinted = (None, None)
         self._disk_checked = False
         self._refresh_lock = threading.Lock()
         #: token exchanges performed, and how many failed (tests and /metrics read them)
         self.exchanges = 0
         self.exchange_failures = 0
+        self.app = GitHubApp(config, client, clock) if config.github_app_id else None
+        self._token_file = WatchedFile(config.github_token_file, self._read_token_file) \
+            if config.github_token_file else None
+        #: how App installation tokens reach Copilot once one call showed it ("direct"/"exchange")
+        self.app_token_path = None
+        self._direct_refusal = None  # what Copilot said when it refused an App token sent directly
+        self.auto = AutoModel(self)
 
     # -- the GitHub token --------------------------------------------------------------------
     def github_token(self):
-        """(token, where it came from) or (None, None); flag > GHCP_GITHUB_TOKEN > file."""
+        """(token, where it came from) or (None, None). In this order: --github-token or
+        GHCP_GITHUB_TOKEN, --github-token-file, the GitHub App, COPILOT_GITHUB_TOKEN (the Copilot
+        CLI's variable), the saved login. Never GITHUB_TOKEN: in CI that is a repository token
+        without Copilot. The App's token may be minted here (network)."""
         if self.config.github_token:
             return self.config.github_token, self.config.source_of("github_token")
+        if self._token_file is not None:
+            return self._token_file.value(), self.config.github_token_file
+        if self.app is not None:
+            return self.app.token()[0], self.app.source
+        token = self.config.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
+        if token:
+            return token, "COPILOT_GITHUB_TOKEN"
         token = self.store.load_github_token()
         if token:
             return token, self.store.github_token_path
         return None, None
+
+    def has_credentials(self):
+        """Whether a GitHub token can be had without a login, without minting one (no network)."""
+        config = self.config
+        return bool(config.github_token or config.github_token_file or self.app is not None
+                    or config.environ.get("COPILOT_GITHUB_TOKEN", "").strip() or self.store.load_github_token())
+
+    def _read_token_file(self):
+        try:
+            return read_owner_only_file(self.config.github_token_file, "the token file").strip() or None
+        except ConfigError as exc:
+            raise AuthError(str(exc), code="token_file_unusable")
 
     def login_command(self):
         """The `auth login` command for this state dir, as the user would type it."""
         return "python3 coproxy.py auth login" + self.config.state_dir_option
 
     def require_github_token(self):
-        token, _ = self.github_token()
-        if not token:
-            raise AuthError("not logged in to GitHub: run `%s` (or set GHCP_GITHUB_TOKEN)" % self.login_command(),
+        token, source = self.github_token()
+        if token:
+            return token
+        if self._token_file is not None:
+            raise AuthError("the token file %s is missing or empty (--github-token-file)" % source,
                             code="not_logged_in")
-        return token
+        raise AuthError("not logged in to GitHub: run `%s` (or set GHCP_GITHUB_TOKEN)" % self.login_command(),
+                        code="not_logged_in")
+
+    # -- how the token reaches Copilot ---------------------------------------------------------
+    def mode_for(self, token):
+        """"exchange" or "direct" for this token: --auth-mode, or in auto by the token's kind."""
+        if self.config.auth_mode != "auto":
+            return self.config.auth_mode
+        kind = token_kind(token)
+        if kind == "classic-pat":
+            raise AuthError("the token from %s is a classic personal access token (ghp_), which Copilot does not "
+                            "accept; run `%s`, or use a fine-grained token (github_pat_) with the \"Copilot "
+                            "Requests\" permission" % (self.github_token()[1], self.login_command()),
+                            code="personal_access_token")
+        if kind == "fine-grained-pat":
+            return "direct"  # the exchange answers 403 to PATs
+        if kind == "app-installation":
+            return self.app_token_path or "direct"
+        return "exchange"
+
+    def integration_id_for(self, mode, kind):
+        """--integration-id, else vscode-chat for exchanged and OAuth tokens (Copilot answers
+        model_not_available_for_integrator to others) and copilot-developer-cli for the rest."""
+        if self.config.integration_id:
+            return self.config.integration_id
+        return COPILOT_INTEGRATION_ID if mode == "exchange" or kind == "oauth" else DIRECT_INTEGRATION_ID
 
     # -- the Copilot token -------------------------------------------------------------------
     def _fingerprint(self, github_token):
@@ -2521,7 +3075,7 @@ class CopilotAuth:
         return self._fingerprinted[1]
 
     def _usable(self, record, github_token):
-        if not record:
+        if not record or record.get("mode") == "direct":
             return False
         owner = record.get("github_token_sha256")
         if owner and owner != self._fingerprint(github_token):
@@ -2533,8 +3087,17 @@ class CopilotAuth:
         return not (isinstance(refresh_at, (int, float)) and now >= refresh_at)
 
     def copilot_token(self, force=False):
-        """A valid Copilot token record; exchanges a new one when needed (one thread at a time)."""
+        """The token record to call Copilot with: ``token`` (the Authorization bearer), ``mode``,
+        ``kind``, ``integration_id``, ``expires_at``, ``api_endpoint``. An exchanged token is
+        exchanged again when needed (one thread at a time); a direct one is the GitHub token."""
+        if force and self.app is not None:
+            self.app.token(force=True)
         github_token = self.require_github_token()
+        if self.mode_for(github_token) == "direct":
+            record = self.record
+            if force or not record or record.get("mode") != "direct" or record["token"] != github_token:
+                record = self.record = self._direct_record(github_token)
+            return record
         record = self.record
         if not force and self._usable(record, github_token):
             return record
@@ -2556,12 +3119,48 @@ class CopilotAuth:
                 log.warning("could not save the Copilot token to %s: %s", self.store.copilot_token_path, exc)
             return record
 
+    def _direct_record(self, github_token):
+        """A record for a GitHub token sent as it is. Its expiry is the App token's, else unknown
+        (a day ahead, marked as a guess: Copilot's 401 says when it ends)."""
+        kind = token_kind(github_token)
+        app_token = self.app is not None and self.app.record and self.app.record["token"] == github_token
+        expires_at = self.app.record["expires_at"] if app_token else int(self.clock()) + 86400
+        return {"token": github_token, "mode": "direct", "kind": kind, "expires_at": expires_at,
+                "expiry_known": bool(app_token), "integration_id": self.integration_id_for("direct", kind),
+                "api_endpoint": direct_api_base(self.config)}
+
     def invalidate(self, token):
         """Forget ``token`` after Copilot answered 401 to it (a newer one is kept)."""
         with self._refresh_lock:
             if self.record is not None and self.record.get("token") == token:
                 self.record = None
                 self._disk_checked = True
+        if self.app is not None:
+            self.app.forget(token)
+
+    def retry_after_refusal(self, record, status, raw):
+        """Copilot refused ``record`` with 401/403: True when a second try with a new record can
+        work. An App token sent directly and refused goes through the exchange from then on (both
+        ways exist in the wild); a 401 means the token expired, so a fresh one is fetched."""
+        if (record.get("kind") == "app-installation" and record.get("mode") == "direct"
+                and self.config.auth_mode == "auto" and self.app_token_path is None):
+            message, _ = upstream_error_message(raw)
+            self._direct_refusal = "HTTP %d: %s" % (status, message or "no details")
+            self.app_token_path = "exchange"
+            log.warning("Copilot refused the App installation token sent directly (%s); using the token "
+                        "exchange for App tokens from now on", self._direct_refusal)
+            with self._refresh_lock:
+                self.record = None
+            return True
+        if status == 401:
+            self.invalidate(record["token"])
+            return True
+        return False
+
+    def worked(self, record):
+        """Copilot accepted ``record``: an App token's way in is settled."""
+        if self.app_token_path is None and record.get("kind") == "app-installation":
+            self.app_token_path = record.get("mode")
 
     def _exchange(self, github_token):
         self.exchanges += 1
@@ -2583,46 +3182,21 @@ class CopilotAuth:
             record["api_endpoint"] = self._api_base_from(data)
             record["github_host"] = self.config.github_host
             record["github_token_sha256"] = self._fingerprint(github_token)
+            kind = token_kind(github_token)
+            record.update(mode="exchange", kind=kind, integration_id=self.integration_id_for("exchange", kind))
             log.info("copilot token obtained sku=%s expires_in=%s", data.get("sku", "?"),
                      format_duration(record["expires_at"] - now))
             return record
         self.exchange_failures += 1
-        raise self._exchange_error(status, data, raw, github_token)
-
-    def _exchange_error(self, status, data, raw, github_token):
-        message, _ = upstream_error_message(raw)
-        details = data.get("error_details") if isinstance(data, dict) else None
-        notification = details.get("notification_id") if isinstance(details, dict) else None
-        source = self.github_token()[1] or "the saved login"
-        if status == 401:
-            if source == "GHCP_GITHUB_TOKEN":  # a new login cannot win over the variable
-                fix = "unset GHCP_GITHUB_TOKEN (or put a valid token in it), then run `%s`" % self.login_command()
-            elif source == "--github-token":
-                fix = "pass a valid token, or drop --github-token and run `%s`" % self.login_command()
-            else:
-                fix = "run `%s` again" % self.login_command()
-            return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or revoked); %s"
-                             % (source, fix), code="github_token_invalid")
-        if github_token.startswith(("ghp_", "github_pat_")):
-            return AuthError("the token from %s is a personal access token; GitHub only exchanges "
-                             "tokens from a Copilot login for Copilot tokens. Run `%s` instead (HTTP %d)"
-                             % (source, self.login_command(), status), code="personal_access_token")
-        if notification:
-            hint = _EXCHANGE_HINTS.get(notification, "GitHub refused Copilot access")
-            url = details.get("url") if isinstance(details, dict) else None
-            return AuthError("%s (%s, HTTP %d)%s" % (hint, notification, status,
-                                                       "; see " + url if isinstance(url, str) else ""),
-                             code=notification)
-        if status == 404:
-            return AuthError("GitHub has no Copilot token for this account (404): the account has no "
-                             "Copilot seat, or the token in %s does not come from a Copilot login "
-                             "(gho_ tokens of other OAuth apps are refused); run `%s`"
-                             % (source, self.login_command()), code="no_copilot_access")
-        if status == 403 and "rate limit" in message.lower():
-            return AuthError("GitHub API rate limit hit while getting a Copilot token: %s" % message,
-                             code="rate_limited")
-        return AuthError("GitHub refused a Copilot token (HTTP %d): %s" % (status, message or "no details"),
-                         code="copilot_token_refused")
+        error = exchange_error(status, data, raw, token_kind(github_token),
+                               self.github_token()[1] or "the saved login", self.login_command())
+        if token_kind(github_token) == "app-installation" and self._direct_refusal:
+            hint = (" The organisation has not enabled \"Copilot requests from GitHub App installations\": an "
+                    "owner turns it on in the organisation's Copilot policies."
+                    if _org_has_not_enabled_apps(self._direct_refusal) else "")
+            error = AuthError("Copilot refused the App installation token sent directly (%s), and the token "
+                              "exchange refused it too: %s.%s" % (self._direct_refusal, error, hint), code=error.code)
+        raise error
 
     def _api_base_from(self, data):
         endpoints = data.get("endpoints")
@@ -2643,6 +3217,11 @@ class CopilotAuth:
         record = record or self.copilot_token()
         return (record.get("api_endpoint") or self._api_base_from(record)).rstrip("/")
 
+    # -- what to tell the user ---------------------------------------------------------------
+    def describe(self, record=None):
+        """The credentials in use (see describe_credentials); {} before the first record."""
+        return describe_credentials(record or self.record, self.app)
+
     # -- calls that need the tokens ----------------------------------------------------------
     def github_json(self, path):
         """GET a GitHub REST path with the GitHub token: ``/user`` (the account's ``login``) or
@@ -2658,27 +3237,108 @@ class CopilotAuth:
             raise AuthError("GitHub %s answered HTTP %d: %s" % (path, status, message))
         return data
 
-    def fetch_models(self):
-        """Copilot's /models list (deduplicated), with one token refresh if Copilot says 401."""
+    def copilot_json(self, method, path, payload=None, intent="model-access", headers=None):
+        """(status, data, raw) of a small Copilot API call, with one new token after a refusal
+        that a new token can fix (see retry_after_refusal)."""
         def attempt(first):
             record = self.copilot_token()
-            status, data, raw, _ = self.client.request_json(
-                "GET", self.api_base(record) + "/models", copilot_headers(self.config, record["token"],
-                                                                          intent="model-access"))
-            if status == 401 and first:
-                self.invalidate(record["token"])
-                raise RetryOnce("Copilot /models answered 401; refreshing the Copilot token")
-            if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
-                message, _ = upstream_error_message(raw)
-                raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, message),
-                                          kind="http_%d" % status)
-            return data["data"]
+            sent = copilot_headers(self.config, record["token"], intent=intent,
+                                   integration_id=record.get("integration_id"))
+            sent.update(headers or {})
+            status, data, raw, _ = self.client.request_json(method, self.api_base(record) + path, sent, payload)
+            if status in (401, 403) and first and self.retry_after_refusal(record, status, raw):
+                raise RetryOnce("Copilot %s answered %d; trying a new token" % (path, status))
+            if 200 <= status < 300:
+                self.worked(record)
+            return status, data, raw
+        return retry_once(attempt)
+
+    def fetch_models(self):
+        """Copilot's /models list (deduplicated), with one token refresh if Copilot says 401."""
+        status, data, raw = self.copilot_json("GET", "/models")
+        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            message, _ = upstream_error_message(raw)
+            error = explain_refusal(ClientError(status, message or "no details"), "the model list",
+                                    self.describe(), self.config.integration_id)
+            raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, error),
+                                      kind="http_%d" % status)
         models, seen = [], set()
-        for model in retry_once(attempt):
+        for model in data["data"]:
             if isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"] not in seen:
                 seen.add(model["id"])
                 models.append(model)
         return models
+
+class AutoModel:
+    """The Auto model's session: the model Copilot picked and the session token to send with it
+    (``POST /auto``, or the older ``/models/session`` once /auto is refused), kept until shortly
+    before it expires and renewed by one thread while the others wait."""
+
+    def __init__(self, auth):
+        self.auth = auth
+        self.clock = auth.clock
+        self.current = None
+        self._lock = threading.Lock()
+        self.legacy = False   # /auto refused: the older /models/session is used
+        self.sessions = 0
+
+    def fresh(self):
+        """The Auto session when it needs no renewal (asked on the event loop: no I/O), else None."""
+        session = self.current
+        if session and session["expires_at"] - self.clock() > AUTO_SESSION_MARGIN_SECONDS:
+            return session
+        return None
+
+    def session(self):
+        """{"model", "entry", "token", "expires_at"}: ``entry`` is the picked model's catalogue
+        entry when Copilot sent it (the current endpoint does, the legacy one names only the id)."""
+        session = self.fresh()
+        if session:
+            return session
+        with self._lock:
+            session = self.fresh()
+            if not session:
+                session = self.current = self._new_session(self.current)
+            return session
+
+    def _new_session(self, old):
+        # Renewing sends the old session token, as VS Code does.
+        headers = {"Copilot-Session-Token": old["token"]} if old else {}
+        if not self.legacy:
+            status, data, raw = self.auth.copilot_json("POST", "/auto", {"prompt": ""}, headers=headers)
+            if status == 200 and isinstance(data, dict) and isinstance(data.get("session_token"), str):
+                return self._session_from(data, "/auto")
+            if status not in (400, 404, 405, 410):
+                raise self._error("/auto", status, raw)
+            message, _ = upstream_error_message(raw)
+            log.info("Copilot refused POST /auto (HTTP %d: %s); using the older /models/session", status, message)
+            self.legacy = True
+        headers["X-GitHub-Api-Version"] = LEGACY_AUTO_API_VERSION
+        status, data, raw = self.auth.copilot_json("POST", "/models/session", {"auto_mode": {"model_hints": ["auto"]}},
+                                              headers=headers)
+        if status == 200 and isinstance(data, dict) and isinstance(data.get("session_token"), str):
+            return self._session_from(data, "/models/session")
+        raise self._error("/models/session", status, raw)
+
+    def _session_from(self, data, path):
+        selected = data.get("selected_model")
+        entry = selected if isinstance(selected, dict) else None
+        model = entry.get("id") if entry else selected
+        if not isinstance(model, str) or not model:
+            raise ClientError(502, "Copilot's %s answer names no selected model" % path, code="auto_unavailable")
+        expires_at = data.get("expires_at")
+        now = self.clock()
+        if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool) or expires_at <= now:
+            expires_at = now + 3600
+        self.sessions += 1
+        log.info("auto model session: %s picked %s, for %s", path, model, format_duration(expires_at - now))
+        return {"model": model, "entry": entry, "token": data["session_token"], "expires_at": expires_at}
+
+    def _error(self, path, status, raw):
+        message, _ = upstream_error_message(raw)
+        return ClientError(502, "Copilot did not pick a model for \"auto\" (%s answered HTTP %d: %s); name a model "
+                                "instead (GET /v1/models lists them)" % (path, status, message or "no details"),
+                           code="auto_unavailable")
 
 # ------------------------------------------------------------------------------------------
 # 8. Formats, translation and plans (pure)
@@ -3145,6 +3805,23 @@ FALLBACK_MODELS = [
 ]
 
 
+#: The Auto model as /v1/models lists it (after Copilot's own models): a request for it goes to
+#: the model Copilot picks for the session (CopilotAuth.auto_session).
+AUTO_MODEL_ENTRY = {"id": AUTO_MODEL_ID, "name": "Auto (Copilot picks the model)", "vendor": "GitHub Copilot",
+                    "object": "model", "capabilities": {"type": "chat", "supports": {
+                        "tool_calls": True, "vision": True, "streaming": True}}}
+#: Where a resolved ``auto`` request carries its session in the chosen model's catalogue entry.
+AUTO_SESSION_KEY = "coproxy_auto_session"
+
+
+def auto_discount(info):
+    """The fraction the Auto model takes off (``billing.auto_discount``; 10 read as 10 %)."""
+    value = _dig(info, "billing").get("auto_discount")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 100:
+        return 0.0
+    return value / 100.0 if value >= 1 else float(value)
+
+
 def _dig(node, *keys):
     """node[k1][k2]... where each level is a dict; {} when any level is missing or not a dict."""
     for key in keys:
@@ -3541,7 +4218,7 @@ def estimate_credits(usage, info):
     input_price, output_price = _price(tier, "input_price", "inputPrice"), _price(tier, "output_price", "outputPrice")
     if input_price is None or output_price is None:
         return None
-    cache_price = _price(tier, "cache_price", "cachePrice")
+    cache_price = _price(tier, "cache_read_price", "cacheReadPrice", "cache_price", "cachePrice")
     cached = usage["cached"] if cache_price is not None else 0
     total = ((usage["input"] - cached) * input_price + cached * (cache_price or 0) + usage["output"] * output_price)
     return total / batch
@@ -5957,6 +6634,8 @@ class Catalogue:
                     return self.models, self.source
                 log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
                 models, source = FALLBACK_MODELS, "fallback"
+            if source == "copilot" and not any(m["id"] == AUTO_MODEL_ID for m in models):
+                models = models + [AUTO_MODEL_ENTRY]  # every listing built from the catalogue shows it
             self.models, self.source, self.by_id = models, source, {m["id"]: m for m in models}
             self._fetched_at = time.monotonic() if source == "copilot" else 0.0
             return models, source
@@ -5969,6 +6648,8 @@ class Catalogue:
         call, unless the catalogue is the fallback list (then Copilot decides)."""
         _, source = await self.current()
         name = self.config.model_aliases.get(name, name)
+        if name == AUTO_MODEL_ID:
+            return await self._resolve_auto()
         model = name if name in self.by_id else resolve_model(name, list(self.by_id))
         if model is None:
             if source == "copilot":
@@ -5985,6 +6666,18 @@ class Catalogue:
         for alias, target in sorted(self.config.model_aliases.items()):
             entries.append(dict(self.by_id.get(target) or {"name": alias}, id=alias, alias_of=target))
         return entries, source
+
+    async def _resolve_auto(self):
+        """The model Copilot picked for ``auto``, with its own catalogue entry (the plan routes by
+        that model's endpoints) and the session to send along."""
+        session = self.auth.auto.fresh()
+        if session is None:
+            session = await self.pool.run(asyncio.get_running_loop(), self.auth.auto.session)
+        model = session["model"]
+        entry = self.by_id.get(model) or session["entry"] or {}
+        # billing.auto_discount: on the chosen model's entry, else on an "auto" entry of Copilot's own
+        discount = auto_discount(entry) or auto_discount(self.by_id.get(AUTO_MODEL_ID))
+        return model, dict(entry, **{AUTO_SESSION_KEY: dict(session, discount=discount)})
 
     def label(self, model):
         """The model as a metric label: catalogue ids and aliases only (label values stay bounded)."""
@@ -6332,18 +7025,23 @@ class Gateway:
         def attempt(first):
             record = self.auth.copilot_token()
             headers = copilot_headers(self.config, record["token"], plan.initiator, plan.vision, plan.intent,
-                                      plan.interaction)
+                                      plan.interaction, record.get("integration_id"))
             if plan.stream:
                 headers["Accept"] = "text/event-stream"
+            auto = plan.info.get(AUTO_SESSION_KEY)
+            if auto:
+                headers["Copilot-Session-Token"] = auto["token"]
             headers.update(plan.headers)
             response = self.client.request(plan.method, self.auth.api_base(record) + plan.path, headers, body, abort)
-            if response.status == 401 and first:
-                response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
-                log.info("copilot answered 401; refreshing the Copilot token and retrying once")
-                self.auth.invalidate(record["token"])
-                raise RetryOnce("copilot answered 401")
+            if response.status in (401, 403) and first:
+                raw = response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
+                if self.auth.retry_after_refusal(record, response.status, raw):
+                    log.info("copilot answered %d; getting a new token and retrying once", response.status)
+                    raise RetryOnce("copilot answered %d" % response.status)
+                return response, raw
             if not 200 <= response.status < 300:
                 return response, response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
+            self.auth.worked(record)
             if plan.stream:
                 return response, None
             return response, response.read_all(MAX_UPSTREAM_JSON_BYTES)
@@ -6370,7 +7068,8 @@ class Gateway:
                 return upstream, raw
             verdict = client_error_from_upstream(upstream.status, raw, upstream.headers, time.time(),
                                                  (self.config.editor_version, self.config.editor_plugin_version))
-            error = with_policy_hint(verdict.error, plan.model, plan.info)
+            error = explain_refusal(with_policy_hint(verdict.error, plan.model, plan.info), plan.model,
+                                    self.auth.describe(), self.config.integration_id)
             self.outcome(False, "http_%d" % upstream.status, str(error))
             if verdict.window:
                 self.metrics.inc("coproxy_limit_hits_total", (("window", verdict.window),))
@@ -6443,7 +7142,8 @@ class Gateway:
 
     def _count_request(self, plan, response):
         """Access-log fields, and the premium request a user turn costs on a request-billed plan."""
-        response.log_fields.update(model=plan.model, stream=plan.stream, initiator=plan.initiator, upstream=plan.path)
+        model = ("%s->%s" % (AUTO_MODEL_ID, plan.model)) if AUTO_SESSION_KEY in plan.info else plan.model
+        response.log_fields.update(model=model, stream=plan.stream, initiator=plan.initiator, upstream=plan.path)
         multiplier = _dig(plan.info, "billing").get("multiplier")
         if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool):
             cost = multiplier if plan.initiator == "user" else 0
@@ -6479,6 +7179,8 @@ class Gateway:
             credits = estimate_credits(usage, plan.info)
             if credits is not None:
                 fields["credits_estimated"] = True
+                if AUTO_SESSION_KEY in plan.info:  # Copilot's own figure has the discount already
+                    credits *= 1.0 - plan.info[AUTO_SESSION_KEY]["discount"]
         if credits is not None:
             fields["credits"] = round(credits, 6)
             self.metrics.inc("coproxy_ai_credits_total", (("model", model),), credits)
@@ -6972,10 +7674,10 @@ class App:
         await self.send_json(response, shown, [("X-Coproxy-Models-Source", source)])
 
     def health(self):
-        token, _ = self.auth.github_token()
+        token = self.auth.has_credentials()
         record = self.auth.record
         return {"status": "ok", "version": __version__,
-                "auth": {"github_token": bool(token),
+                "auth": {"github_token": bool(token), "credentials": self.auth.describe(),
                          "copilot_token": ("valid" if record and record["expires_at"] > time.time() else
                                            "not yet fetched" if token else "missing"),
                          "ready": bool(token) and self.auth_error is None, "error": self.auth_error},
@@ -7463,7 +8165,7 @@ def cmd_serve(config, args):
     store.check_dirs()
     client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout, config.environ)
     auth = CopilotAuth(config, store, client)
-    if not auth.github_token()[0]:
+    if not auth.has_credentials():
         if config.no_auto_login:
             log.warning("not logged in; requests get 503 until `%s` has run", auth.login_command())
         elif _interactive():
@@ -7482,7 +8184,7 @@ def cmd_serve(config, args):
     def on_ready(server):
         host = server.host if ":" not in server.host else "[%s]" % server.host
         record.write("http://%s:%d" % (host, server.port))  # once listening: `serve -d` waits for it
-        if auth.github_token()[0]:  # fetch the Copilot token now, not on the first request
+        if auth.has_credentials():  # fetch the Copilot token now, not on the first request
             def check():
                 try:
                     auth.copilot_token()
@@ -7560,31 +8262,56 @@ def cmd_auth_login(config, args):
         return 0
 
 
+def credential_lines(facts):
+    """`auth status` and `status` lines about the credentials in use (never the token)."""
+    if not facts:
+        return []
+    mode = "exchanged for a Copilot token" if facts["mode"] == "exchange" else "sent to Copilot directly"
+    expires = facts.get("expires_at")
+    return ["token kind:     %s, %s" % (facts["token_kind"], mode),
+            "integration:    %s" % facts["integration_id"],
+            "billed to:      %s%s" % (facts["payer"], " (permission %s)" % facts["app_permission"]
+                                      if facts.get("app_permission") else ""),
+            "token expires:  %s" % ("in %s (%s)" % (format_duration(expires - time.time()), time.strftime(
+                "%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))) if expires else "not known (the token is used as it is)")]
+
+
 def cmd_auth_status(config, args):
     with _session(config) as (store, client, auth):
-        token, source = auth.github_token()
         print("state dir:      %s" % config.state_dir)
+        try:
+            token, source = auth.github_token()
+        except AuthError as exc:
+            print("GitHub:         no token: %s" % exc)
+            return 1
         if not token:
             print("GitHub:         not logged in (run `%s`)" % auth.login_command())
             return 1
-        try:
-            login = auth.github_json("/user").get("login", "?")
-        except AuthError as exc:
-            login = "unknown (%s)" % exc
+        if auth.app is not None:
+            login = "installation %s" % auth.app.installation_id
+        else:
+            try:
+                login = auth.github_json("/user").get("login", "?")
+            except AuthError as exc:
+                login = "unknown (%s)" % exc
         print("GitHub:         %s (token from %s)" % (login, source))
         try:
             record = auth.copilot_token()
+            if record.get("mode") == "direct":  # nothing was exchanged: ask Copilot whether it takes the token
+                models = auth.fetch_models()
         except (AuthError, UpstreamUnreachable) as exc:
-            print("Copilot:        no token: %s" % exc)
+            print("Copilot:        refused: %s" % exc)
             return 1
-        try:
-            plan = auth.github_json("/copilot_internal/user").get("copilot_plan") or "?"
-        except (AuthError, UpstreamUnreachable):
-            plan = "?"
-        remaining = record["expires_at"] - time.time()
-        print("Copilot plan:   %s (sku %s)" % (plan, record.get("sku", "?")))
-        print("Copilot token:  valid for %s (expires %s)" % (
-            format_duration(remaining), time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["expires_at"]))))
+        for line in credential_lines(auth.describe(record)):
+            print(line)
+        if record.get("mode") == "direct":
+            print("Copilot:        accepts the token (%d models)" % len(models))
+        else:
+            try:
+                plan = auth.github_json("/copilot_internal/user").get("copilot_plan") or "?"
+            except (AuthError, UpstreamUnreachable):
+                plan = "?"
+            print("Copilot plan:   %s (sku %s)" % (plan, record.get("sku", "?")))
         print("API base:       %s" % auth.api_base(record))
         return 0
 
@@ -7678,6 +8405,9 @@ def cmd_status(config, args):
     auth = health.get("auth") if isinstance(health.get("auth"), dict) else {}
     print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
         auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
+    facts = auth.get("credentials") if isinstance(auth.get("credentials"), dict) else {}
+    for line in credential_lines(facts) if facts.get("token_kind") else []:
+        print("          " + line)
     upstream = health.get("upstream") if isinstance(health.get("upstream"), dict) else {}
     if upstream.get("ok") is None:
         print("upstream: no request sent to Copilot yet")
