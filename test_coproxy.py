@@ -4326,10 +4326,10 @@ class TestOpenAISurface(ProxyTestCase):
         started = time.monotonic()
         status, headers, body = self.request("GET", "/v1/models?limit=1000", headers=ANTHROPIC_HEADERS)
         listing = json.loads(body)
-        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"]
+        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"] + ["auto"]
         self.assertEqual((status, [m["id"] for m in listing["data"]]), (200, chat_ids))
         self.assertEqual((listing["first_id"], listing["last_id"], listing["has_more"]),
-                         ("gpt-4.1", "gpt-5-mini", False))
+                         ("gpt-4.1", "auto", False))
         sonnet = listing["data"][1]
         self.assertEqual((sonnet["type"], sonnet["display_name"], sonnet["max_input_tokens"], sonnet["max_tokens"],
                           sonnet["line"], sonnet["created_at"]),
@@ -4347,7 +4347,7 @@ class TestOpenAISurface(ProxyTestCase):
         def page(query):
             status, _, body = self.request("GET", "/v1/models" + query, headers=ANTHROPIC_HEADERS)
             return status, json.loads(body)
-        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"]
+        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"] + ["auto"]
         _, first = page("?limit=3")
         self.assertEqual(([m["id"] for m in first["data"]], first["has_more"], first["last_id"]),
                          (chat_ids[:3], True, chat_ids[2]))
