@@ -4448,6 +4448,7 @@ class ChatNormalize(ChatReader):
         self.saw_done = False
         self._tool_index = {}
         self._id_marker = None  # '"id":"chatcmpl-..."', as this stream's chunks spell their id
+        self._model_marker = None  # '"model":"..."', likewise for the model
 
     def feed(self, event, data):
         if self.saw_done:
@@ -4470,10 +4471,16 @@ class ChatNormalize(ChatReader):
         if self.id is None:
             self.id = chunk.get("id") if isinstance(chunk.get("id"), str) and chunk["id"] else "chatcmpl-" + random_id()
             self._id_marker = '"id":%s' % json.dumps(self.id)
+            # One model name per answer: the one Copilot's first chunk names (often a dated
+            # snapshot, gpt-4.1-2025-04-14), as in a non-stream answer; every later chunk, the
+            # finish and usage chunks coproxy writes included, carries it.
+            if isinstance(chunk.get("model"), str) and chunk["model"]:
+                self.model = chunk["model"]
+            self._model_marker = '"model":%s' % json.dumps(self.model)
         chunk["id"] = self.id
         chunk["object"] = "chat.completion.chunk"
         chunk["created"] = chunk.get("created") or self.created
-        chunk["model"] = chunk.get("model") or self.model
+        chunk["model"] = self.model
         if not self.merge:
             for choice in choices:
                 if isinstance(choice, dict) and choice.get("finish_reason"):
@@ -4506,15 +4513,15 @@ class ChatNormalize(ChatReader):
 
     def _as_it_is(self, data):
         """True when the text of a chunk shows it needs nothing but "object": it names this
-        stream's id, has created and model, one choice 0, and none of the keys this translator
+        stream's id and model, has created, one choice 0, and none of the keys this translator
         acts on (finish_reason other than null, tool_calls, usage, copilot_usage, error, object).
         Most chunks are one text delta, and passing their text on instead of parsing and writing
         them again halves the proxy's CPU per streamed chunk. Keys are looked for as the text
         spells them ("key" with its quotes, as every JSON encoder writes an ASCII key); a string
         value that happens to equal one only sends its chunk down the general path."""
         return (self._id_marker is not None and self._id_marker in data and data.count('"index"') == 1
-                and '"index":0' in data and '"created":' in data and '"model":' in data
-                and '"created":0' not in data and '"model":""' not in data  # the general path fills these in
+                and '"index":0' in data and '"created":' in data and self._model_marker in data
+                and '"created":0' not in data  # the general path fills it in
                 and ('"finish_reason"' not in data or '"finish_reason":null' in data)
                 and not any(key in data for key in _KEYS_TO_ACT_ON) and data[:1] == "{")
 
@@ -4833,6 +4840,8 @@ class ChatToAnthropic(ChatReader):
         for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
             if not isinstance(choice, dict):
                 continue
+            if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
+                self.model = chunk["model"]  # the model Copilot names, as the non-stream answer has it
             out.extend(self._start(chunk.get("id")))
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
@@ -7413,6 +7422,21 @@ class Dashboard:
         await response.send(200, JSON_HEADERS + [("Cache-Control", "no-store")], json_dumps(payload))
 
 
+def unknown_path_error(request, dialect, route_list, port):
+    """404 for a path no route serves. For /v1/v1/... the client adds /v1 to a base URL that
+    already ends in it (Anthropic clients always add it, so their base URL must not have it): the
+    message says which base URL to use instead of listing the routes."""
+    if not request.path.startswith("/v1/v1/"):
+        return ClientError(404, "no such endpoint: %s %s (coproxy serves %s)" % (request.method, request.path,
+                                                                                 route_list), code="unknown_url")
+    host = (request.header("host") or "%s:%d" % (DEFAULT_HOST, port))[:100]
+    fix = ("ANTHROPIC_BASE_URL=http://%s (Anthropic clients add /v1 themselves)" % host if dialect is ANTHROPIC
+           else "http://%s/v1 as the base URL (OPENAI_BASE_URL), once" % host)
+    return ClientError(404, "%s %s has /v1 twice: the base URL ends in /v1 and the client adds another; drop the "
+                            "/v1 from the end of the base URL: %s" % (request.method, request.path[:200], fix),
+                       code="unknown_url")
+
+
 class App:
     """Routes, checks, envelopes and the access log; everything else is delegated: the catalogue
     (models), the gateway (sending plans), the pool and hub (threads)."""
@@ -7488,9 +7512,11 @@ class App:
 
     async def dispatch(self, request, response):
         route, param = self.find_route(request.path)
-        dialect = route.dialect if route is not None else OPENAI
-        if route is not None and route.surface is None and request.header("anthropic-version"):
-            dialect = ANTHROPIC  # a route every API shares (/models) answers errors in the caller's
+        # /v1/v1/...: a base URL ending in /v1, plus the client's own; answered as the route meant
+        meant = route or (self.find_route(request.path[3:])[0] if request.path.startswith("/v1/v1/") else None)
+        dialect = meant.dialect if meant is not None else OPENAI
+        if (meant is None or meant.surface is None) and request.header("anthropic-version"):
+            dialect = ANTHROPIC  # a route every API shares (/models), or none, answers in the caller's
         response.log_fields["route"] = (route.path + "{id}" if route.path.endswith("/") else route.path) if route else "other"
         try:
             if request.method not in KNOWN_METHODS:
@@ -7501,8 +7527,7 @@ class App:
                 if self.guard.check_origin(request, response):
                     return await response.send(204, [])
             if route is None:
-                raise ClientError(404, "no such endpoint: %s %s (coproxy serves %s)" % (
-                    request.method, request.path, self.route_list()), code="unknown_url")
+                raise unknown_path_error(request, dialect, self.route_list(), self.config.port)
             if route.surface is not None and route.surface not in self.config.api_surface:
                 raise ClientError(404, "%s is not enabled: start coproxy with --api-surface all (or a list that "
                                        "includes %s)" % (request.path, route.surface), code="api_surface_disabled")
@@ -7722,7 +7747,8 @@ def claude_code_command(config, url, script):
     """The `claude-code` command line that reaches this server and, should it not answer, GitHub
     the same way `serve` does: every shared setting given to serve (flags and variables alike,
     as `service` carries them), --host/--port of ``url``, the key by its variable's name, and the
-    proxy and trust variables as a prefix (those holding a password are left to the shell)."""
+    proxy variables as a prefix (one holding a password is left to the shell). SSL_CERT_FILE and
+    SSL_CERT_DIR are left out: set system-wide more often than not, they would only add noise."""
     flags, _ = settings_argv(config, scope=("shared",))
     words = [] if config.state_dir_option == "" else flags[:2]
     hidden = {OPTION_BY_DEST[dest].flag for dest in _NOT_FOR_CLAUDE_CODE}
@@ -7744,7 +7770,8 @@ def claude_code_command(config, url, script):
     if config.api_key:
         line += ' --api-key "$%s"' % config.api_key_variable
     plain, _ = connection_environment(config.environ)
-    prefix = "".join("%s=%s " % (name, shlex.quote(value)) for name, value in sorted(plain.items()))
+    prefix = "".join("%s=%s " % (name, shlex.quote(value)) for name, value in sorted(plain.items())
+                     if name.upper().endswith("_PROXY"))
     return "%spython3 %s claude-code%s" % (prefix, script, " " + line if line.strip() else "")
 
 
@@ -7821,7 +7848,31 @@ class UsageError(CoproxyError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one clear line for a usage error instead of the whole usage text."""
+    """argparse with one clear line for a usage error instead of the whole usage text, and what a
+    misspelled flag needs: the flags each (sub)command takes."""
+
+    def __init__(self, *args, **kwargs):
+        self.long_flags = []  # every --flag this parser takes, hidden ones included
+        self.commands = {}  # name: the parser of each subcommand built (see build_parser)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.long_flags += [flag for flag in action.option_strings if flag.startswith("--")]
+        return action
+
+    def unrecognized(self, args, extra):
+        """The UsageError for arguments no parser took: the closest flag of the subcommand they
+        were given to (argparse would blame the top-level parser, whose help lacks serve's flags)."""
+        names = [name for name in (args.command, getattr(args, "auth_command", None)) if name]
+        parser = self
+        for name in names:
+            parser = parser.commands.get(name, parser)
+        wrong = next((word for word in extra if word.startswith("-")), extra[0])
+        import difflib  # only for this message
+        close = difflib.get_close_matches(wrong.split("=", 1)[0].replace("_", "-"), parser.long_flags, n=1, cutoff=0.6)
+        return UsageError("unrecognized argument %s%s (see: python3 coproxy.py %s--help)" % (
+            wrong, "; did you mean %s?" % close[0] if close else "", "".join(name + " " for name in names)))
 
     def error(self, message):
         raise UsageError("%s (see: python3 coproxy.py %s--help)" % (message, self.prog.partition(" ")[2] + " "
@@ -7896,6 +7947,8 @@ def build_parser(command=None):
         kwargs.setdefault("help", COMMAND_HELP.get(name))
         kwargs.setdefault("description", kwargs["help"])
         made = parent.add_parser(name, allow_abbrev=False, formatter_class=formatter, epilog=SHARED_NOTE, **kwargs)
+        parent_parser = parser if parent is commands else auth
+        parent_parser.commands[name] = made
         _add_options(made, "shared", hidden=True)
         return made
 
@@ -8234,6 +8287,10 @@ def start_detached(config):
         pid, url, _ = read_pid_file(pid_path)
         if pid == child.pid:
             print("coproxy is running in the background: pid %d, %s, log %s" % (pid, url, log_path))
+            # the lines the foreground banner shows, for the clients; then how to check on it
+            print("\n".join(start_banner(config, url).splitlines()[1:]))
+            print("  status, stop:       python3 coproxy.py status%s, python3 coproxy.py stop%s" % (
+                config.state_dir_option, config.state_dir_option))
             return 0
         if child.poll() is not None:
             break
@@ -8462,8 +8519,19 @@ def cmd_service(config, args):
         lines += ["Environment=%s" % _quote_systemd("%s=%s" % kv) for kv in sorted(plain_env.items())]
         if secrets:
             lines.append("EnvironmentFile=%s" % _quote_systemd(env_path))
+        # PrivateTmp gives the service an empty /tmp and /var/tmp of its own: a file it needs there
+        # (this script, tried out from a download in /tmp, or the state dir or CA bundle) would vanish.
+        needed = [sys.executable, os.path.abspath(__file__), config.state_dir, config.ca_file] + [
+            config.environ.get(name) for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")]
+        in_tmp = sorted({path for path in needed if path and re.match(r"^/(var/)?tmp(/|$)", os.path.realpath(path))})
+        if in_tmp:
+            _say("note: %s %s under /tmp, which PrivateTmp=yes would hide from the service; the unit leaves "
+                 "PrivateTmp off. Move %s out of /tmp to keep it" % (", ".join(in_tmp), "is" if len(in_tmp) == 1
+                                                                      else "are", "it" if len(in_tmp) == 1 else "them"))
         lines += ["# hardening: no new privileges, read-only system and home except the state directory",
-                  "NoNewPrivileges=yes", "UMask=0077", "PrivateTmp=yes", "ProtectSystem=strict",
+                  "NoNewPrivileges=yes", "UMask=0077"]
+        lines += ["# PrivateTmp=yes left off: the service needs %s" % ", ".join(in_tmp)] if in_tmp else ["PrivateTmp=yes"]
+        lines += ["ProtectSystem=strict",
                   "ProtectHome=read-only", "ReadWritePaths=%s" % _quote_systemd(config.state_dir),
                   "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictRealtime=yes",
                   "RestrictSUIDSGID=yes", "LockPersonality=yes", "SystemCallArchitectures=native", "",
@@ -8525,6 +8593,10 @@ def _describe_window(window):
 def cmd_usage(config, args):
     with _session(config) as (store, client, auth):
         summary = summarize_quota(auth.github_json("/copilot_internal/user"))
+        if not summary["login"]:  # not every account's answer names it; /user does, as `auth status` shows
+            with contextlib.suppress(AuthError, UpstreamUnreachable):
+                login = auth.github_json("/user").get("login")
+                summary["login"] = login if isinstance(login, str) else None
     served = ask_running_server(config, "/usage") or {}
     windows = served.get("windows") if isinstance(served.get("windows"), dict) else {}
     if args.json:
@@ -8656,12 +8728,25 @@ def setup_logging(config, command):
     return level
 
 
+def _flush_stdout():
+    """Flush what the command printed. A reader that has gone (`models | head -c 5`) has what it
+    wanted: stdout then points at the null device, so no later write (the interpreter's own flush
+    at exit included) reports the closed pipe."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(Exception):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = False
     try:
         parser = build_parser(argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise parser.unrecognized(args, extra)
         command = (args.command, getattr(args, "auth_command", None))
         if command not in COMMANDS:
             if args.command is None:
@@ -8673,7 +8758,15 @@ def main(argv=None):
         debug = setup_logging(config, args.command) == "DEBUG"
         for warning in config.warnings:
             log.warning("%s", warning)
-        return COMMANDS[command](config, args)
+        code = COMMANDS[command](config, args)
+        _flush_stdout()
+        return code
+    except BrokenPipeError:  # mid-command: the output outgrew the pipe's buffer after its reader left
+        _flush_stdout()
+        return 0
+    except SystemExit:  # --help and --version print, then leave this way
+        _flush_stdout()
+        raise
     except UsageError as exc:
         _say("coproxy: error: %s" % redact(exc))
         return 2

@@ -2506,6 +2506,29 @@ class TestTranslateOpenAI(unittest.TestCase):
                                      coproxy.OPENAI, *events)
         return sse_data(out), translation
 
+    def test_one_model_name_per_answer_the_one_copilot_names(self):
+        dated = "gpt-4.1-2025-04-14"
+
+        def compact(**fields):  # as Copilot writes chunks: the pass-through path takes these
+            body = {"id": "chatcmpl-up", "model": dated, "created": 1764500000,
+                    "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+            body.update(fields)
+            return sse(json.dumps(body, separators=(",", ":")).encode())
+        usage = sse({"id": "chatcmpl-up", "model": "gpt-4.1", "choices": [],
+                     "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+        for merge in (False, True):
+            data, _ = self.stream(True, merge, compact(), compact(), compact(model="gpt-4.1"),
+                                  compact(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]), usage, DONE)
+            chunks = [d for d in data if d != "[DONE]"]
+            self.assertEqual({c["model"] for c in chunks}, {dated}, merge)
+            self.assertIn("usage", chunks[-1])
+        answer = coproxy.normalize_chat_response({"model": dated, "choices": []}, "gpt-4.1", True, 1700000000)
+        self.assertEqual(answer["model"], dated)  # the same rule without a stream
+        self.assertEqual(coproxy.normalize_chat_response({"choices": []}, "gpt-4.1", True, 0)["model"], "gpt-4.1")
+        out, _ = translate([coproxy.ChatToAnthropic("claude-sonnet-4.5")], coproxy.ANTHROPIC,
+                           chunk("hi", model="claude-sonnet-4.5-20250929"), chunk(None, "stop"), DONE)
+        self.assertEqual(sse_events(out)[0][1]["message"]["model"], "claude-sonnet-4.5-20250929")
+
     def test_stream_usage_only_when_asked_with_copilots_cost(self):
         for include in (False, True):
             data, translation = self.stream(include, True, chunk("Hi"), chunk(None, "stop"), COST_CHUNK, DONE)
@@ -2522,7 +2545,7 @@ class TestTranslateOpenAI(unittest.TestCase):
 
     def test_plain_deltas_pass_as_they_are_and_the_rest_is_rewritten(self):
         plain = b'data: {"choices":[{"index":0,"delta":{"content":"x \\"usage\\" is text"}}],"created":5,"id":"c1","model":"m"}\n\n'
-        out, _ = translate([coproxy.ChatNormalize("m", False, True, 7)], coproxy.OPENAI, chunk("first", id="c1"),
+        out, _ = translate([coproxy.ChatNormalize("m", False, True, 7)], coproxy.OPENAI, chunk("first", id="c1", model="m"),
                            plain, chunk(None, "stop", id="c1"), DONE)
         frames = out.split(b"\n\n")
         self.assertEqual(frames[1], b'data: {"object":"chat.completion.chunk",' + plain[7:-2])
@@ -4202,6 +4225,27 @@ class TestOpenAISurface(ProxyTestCase):
         status, _, body = self.request("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": [[1, 2]]})
         self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "token_arrays_not_supported"))
 
+    def test_a_doubled_v1_is_answered_in_the_callers_dialect_with_the_fix(self):
+        status, _, body = self.request("POST", "/v1/v1/messages", json.dumps({"model": "claude-sonnet-4.5",
+                                       "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                                       {"anthropic-version": "2023-06-01", "Content-Type": "application/json"})
+        data = json.loads(body)
+        self.assertEqual((status, data["type"], data["error"]["type"]), (404, "error", "not_found_error"))
+        self.assertEqual(data["error"]["message"], "POST /v1/v1/messages has /v1 twice: the base URL ends in /v1 and "
+                         "the client adds another; drop the /v1 from the end of the base URL: ANTHROPIC_BASE_URL="
+                         "http://127.0.0.1:%d (Anthropic clients add /v1 themselves)" % self.proxy.port)
+        status, _, body = self.request("POST", "/v1/v1/chat/completions", chat_body())
+        data = json.loads(body)
+        self.assertEqual((status, data["error"]["code"]), (404, "unknown_url"))
+        self.assertIn("has /v1 twice", data["error"]["message"])
+        self.assertIn("http://127.0.0.1:%d/v1 as the base URL (OPENAI_BASE_URL), once" % self.proxy.port,
+                      data["error"]["message"])
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        status, _, body = self.request("GET", "/v1/nowhere", headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual((status, json.loads(body)["type"]), (404, "error"))  # any unknown path, in its dialect
+        status, _, _ = self.request("POST", "/v1/v1/messages", b"{}", {"Host": "evil.example"})
+        self.assertEqual(status, 403)  # the checks come first, as on every route
+
     def test_responses_passthrough_stream_and_get(self):
         status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": "hi"})
         self.assertEqual((status, json.loads(body)["output"][1]["content"][0]["text"]), (200, "codex says hi"))
@@ -5326,6 +5370,48 @@ class TestCLI(unittest.TestCase):
         self.assertEqual(http_request(proxy.port, "GET", "/v1/models")[0], 401)
         self.assertEqual(http_request(proxy.port, "GET", "/v1/models", headers={"x-api-key": "n3w-key"})[0], 200)
 
+    def test_a_flag_typo_names_the_closest_flag_of_its_subcommand(self):
+        for argv, expected in ((["serve", "--prot", "8080"], "unrecognized argument --prot; did you mean --port? "
+                                                              "(see: python3 coproxy.py serve --help)"),
+                               (["serve", "--api_key=k"], "unrecognized argument --api_key=k; did you mean --api-key? "
+                                                          "(see: python3 coproxy.py serve --help)"),
+                               (["auth", "login", "--no-brower"], "did you mean --no-browser? (see: python3 coproxy.py "
+                                                                  "auth login --help)"),
+                               (["models", "--stat-dir", "x"], "did you mean --state-dir? (see: python3 coproxy.py "
+                                                               "models --help)"),
+                               (["status", "now"], "unrecognized argument now (see: python3 coproxy.py status --help)")):
+            code, out, err = self.run_main(*argv, token=False)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(expected, err, argv)
+
+    @unittest.skipIf(os.name != "posix", "closed pipes are POSIX")
+    def test_a_closed_pipe_ends_every_command_quietly(self):
+        env = {k: v for k, v in self.env.items() if k != "PYTHONUNBUFFERED"}
+        # buffered, the pipe breaks at the last flush (or the interpreter's at exit, after --help);
+        # unbuffered, at the first print, in the middle of the command
+        closed = socket.socket()  # bound, never listening: no coproxy answers there
+        closed.bind(("127.0.0.1", 0))
+        self.addCleanup(closed.close)
+        for argv, unbuffered in ((["models"], False), (["models"], True), (["--help"], False),
+                                 (["claude-code", "--port", str(closed.getsockname()[1])], True)):
+            process = subprocess.Popen([sys.executable, COPROXY_PY] + argv + [
+                "--state-dir", self.tmp, "--github-url", self.fake.url, "--github-api-url", self.fake.url],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=dict(env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890", **({"PYTHONUNBUFFERED": "1"}
+                                                                              if unbuffered else {})))
+            process.stdout.close()  # the reader is gone before the first byte is written
+            err = process.stderr.read()
+            process.stderr.close()
+            self.assertEqual(process.wait(20), 0, (argv, err))
+            self.assertEqual([line for line in err.splitlines() if not line.startswith("note: ")], [], argv)
+
+    def test_usage_names_the_account_as_auth_status_does(self):
+        self.fake.user = {k: v for k, v in REQUEST_BILLED_USER.items() if k != "login"}
+        code, out, _ = self.run_main("usage")
+        self.assertEqual(code, 0)
+        self.assertIn("account:           octocat\n", out)
+        self.assertEqual(json.loads(self.run_main("usage", "--json")[1])["login"], "octocat")
+
     def test_help_is_truthful_and_short(self):
         top = self.run_process("--help").stdout
         self.assertIn("default: info for serve, warning for the other commands", " ".join(top.split()))
@@ -5497,6 +5583,16 @@ class TestDaemon(unittest.TestCase):
         match = re.search(r"pid (\d+), (http://127\.0\.0\.1:\d+), log (\S+)", started.stdout)
         self.assertIsNotNone(match, started.stdout)
         pid, url = int(match.group(1)), match.group(2)
+        lines = started.stdout.splitlines()  # the client lines of the foreground banner, then status/stop
+        self.assertEqual([line.split(":")[0].strip() for line in lines[1:]],
+                         ["OpenAI clients", "Anthropic clients", "Claude Code", "try it", "status, stop"])
+        self.assertIn("ANTHROPIC_BASE_URL=%s" % url, lines[2])
+        self.assertIn('claude-code --state-dir %s --github-url %s --github-api-url %s --port %s --api-key '
+                      '"$GHCP_PROXY_API_KEY")" && claude' % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]),
+                      lines[3])
+        self.assertTrue(lines[5].endswith("python3 coproxy.py status --state-dir %s, python3 coproxy.py stop "
+                                          "--state-dir %s" % (self.tmp, self.tmp)), lines[5])
+        self.assertNotIn("s3cret-key", started.stdout)
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             cmdline = f.read()
         self.assertNotIn(b"s3cret-key", cmdline)
@@ -5631,6 +5727,26 @@ class TestService(unittest.TestCase):
                 "HTTPS_PROXY=http://bob:pr0xy-pass@proxy.corp:3128", "HTTP_PROXY=bob:pr0xy-pass@proxy.corp:3128"])
         self.assertEqual(stat.S_IMODE(os.stat(self.state).st_mode), 0o700)
         self.assertIn("ReadWritePaths=%s" % self.state, unit)
+
+    def test_private_tmp_is_left_off_when_the_service_needs_a_path_under_tmp(self):
+        in_tmp = tempfile.mkdtemp(dir="/tmp")
+        self.addCleanup(shutil.rmtree, in_tmp, True)
+        state = os.path.join(in_tmp, "state")
+        code, unit, err = self.run_main(["service", "systemd", "--state-dir", state], {"HOME": self.tmp})
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("\nPrivateTmp=yes\n", unit)
+        self.assertIn("# PrivateTmp=yes left off: the service needs ", unit)
+        self.assertIn(state, [line for line in unit.splitlines() if line.startswith("# PrivateTmp")][0])
+        self.assertIn("which PrivateTmp=yes would hide from the service", err)
+        needed = [sys.executable, COPROXY_PY, self.ca]
+        if any(re.match(r"^/(var/)?tmp(/|$)", os.path.realpath(path)) for path in needed):
+            return  # this checkout itself is under /tmp: there is no setup left that keeps PrivateTmp
+        outside = tempfile.mkdtemp(dir=os.path.dirname(COPROXY_PY), prefix=".service-test-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        code, unit, err = self.run_main(["service", "systemd", "--state-dir", os.path.join(outside, "state")],
+                                        {"HOME": self.tmp})
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("\nPrivateTmp=yes\n", unit)
 
     def test_api_key_given_as_a_flag_goes_to_the_environment_file(self):
         code, unit, err = self.run_main(["service", "systemd", "--state-dir", self.state, "--api-key", "fl4g-key"],
