@@ -2681,7 +2681,7 @@ def _der_sequence(data):
 
 
 def parse_rsa_private_key(pem):
-    """(n, e, d) of an RSA private key in PEM: PKCS#1 (BEGIN RSA PRIVATE KEY, what GitHub hands
+    """(n, e, d, p, q) of an RSA private key in PEM: PKCS#1 (BEGIN RSA PRIVATE KEY, what GitHub hands
     out) or PKCS#8 (BEGIN PRIVATE KEY, what openssl pkey writes). ValueError saying what is wrong."""
     match = re.search(r"-----BEGIN ((?:RSA |ENCRYPTED )?)PRIVATE KEY-----(.*?)-----END \1PRIVATE KEY-----", pem, re.S)
     if not match:
@@ -2706,18 +2706,21 @@ def parse_rsa_private_key(pem):
     _, n, e, d, p, q = (int.from_bytes(value, "big") for _, value in items[:6])
     if n != p * q or n.bit_length() < 1024:
         raise ValueError("the RSA key's numbers do not fit together")
-    return n, e, d
+    return n, e, d, p, q
 
 
 def rs256_sign(key, message):
     """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 §8.2.1): EMSA-PKCS1-v1_5 encoding, then m^d mod n.
     Deterministic, so RFC 7515 Appendix A.2 gives its exact expected output as a test."""
     import hashlib  # here, not at the top: serve would load OpenSSL's digests before listening
-    n, _, d = key
+    n, _, d, p, q = key
     size = (n.bit_length() + 7) // 8
     digest_info = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
-    encoded = b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info
-    return pow(int.from_bytes(encoded, "big"), d, n).to_bytes(size, "big")
+    encoded = int.from_bytes(b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info, "big")
+    # m^d mod n by the Chinese remainder theorem (RFC 8017 §5.1.2): two half-size pows, 3-4x faster
+    part_p, part_q = pow(encoded, d % (p - 1), p), pow(encoded, d % (q - 1), q)
+    signature = part_q + q * ((pow(q, -1, p) * (part_p - part_q)) % p)
+    return signature.to_bytes(size, "big")
 
 
 def b64url(data):
@@ -8464,7 +8467,7 @@ def cmd_status(config, args):
         auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
     facts = auth.get("credentials") if isinstance(auth.get("credentials"), dict) else {}
     for line in credential_lines(facts) if facts.get("token_kind") else []:
-        print("          " + line)
+        print(line)
     upstream = health.get("upstream") if isinstance(health.get("upstream"), dict) else {}
     if upstream.get("ok") is None:
         print("upstream: no request sent to Copilot yet")

@@ -391,6 +391,7 @@ class FakeUpstream:
         self.answer_headers = []     # added to every JSON answer of /chat/completions, /v1/messages, /responses
         self.cost = None             # copilot_usage.total_nano_aiu put into those answers when set
         self.app_tokens = set()      # installation tokens minted here (Copilot accepts them directly)
+        self.mints = 0
         self.app_direct_refusal = None  # (status, answer) Copilot gives to any ghs_ token sent directly
         self.grant_new_permission_form = True
         self.jwt_claims = []         # the claims of every App JWT that was accepted
@@ -541,7 +542,8 @@ class FakeUpstream:
             handler.send_json(422, {"message": "The permissions requested are not granted to this installation."})
             return
         with self.lock:
-            token = "ghs_minted%d_%s" % (len(self.app_tokens) + 1, "x" * 40)  # longer than 40 since 2026-04
+            self.mints += 1
+            token = "ghs_minted%d_%s" % (self.mints, "x" * 40)  # longer than 40 since 2026-04
             self.app_tokens.add(token)
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock() + 3600))
         handler.send_json(201, {"token": token, "expires_at": expires, "permissions": permissions,
@@ -2168,7 +2170,7 @@ class TestRS256(unittest.TestCase):
     def test_rfc_7515_appendix_a2_from_pkcs1_and_pkcs8(self):
         for pkcs8 in (False, True):
             key = coproxy.parse_rsa_private_key(rsa_key_pem(RFC7515_KEY, pkcs8))
-            self.assertEqual(key, (RFC7515_KEY["n"], RFC7515_KEY["e"], RFC7515_KEY["d"]))
+            self.assertEqual(key, tuple(RFC7515_KEY[name] for name in ("n", "e", "d", "p", "q")))
             self.assertEqual(coproxy.b64url(coproxy.rs256_sign(key, RFC7515_SIGNING_INPUT)), RFC7515_SIGNATURE)
 
     def test_app_jwt_claims_and_signature(self):
@@ -2231,6 +2233,10 @@ class TestGitHubApp(unittest.TestCase):
         auth.fetch_models()
         self.assertEqual(self.fake.requests_to("/models")[-1][2]["authorization"], "Bearer ghs_minted2_" + "x" * 40)
         self.assertEqual(len(self.fake.requests_to("/orgs/acme/installation")), 1)
+        self.fake.app_tokens.clear()  # Copilot no longer takes it (revoked): a 401, then a new token
+        auth.fetch_models()
+        self.assertEqual(self.fake.requests_to("/models")[-1][2]["authorization"], "Bearer ghs_minted3_" + "x" * 40)
+        self.assertEqual(auth.app.mints, 3)
         self.assertEqual(self.fake.exchanges, 0)
         text = "\n".join(LOGS.lines)
         self.assertNotIn("ghs_minted", text)
