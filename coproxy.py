@@ -28,7 +28,9 @@ environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROX
 
 Routes: ``/v1/chat/completions``, ``/v1/responses`` (and ``/compact``), ``/v1/embeddings``,
 ``/v1/messages`` (and ``/count_tokens``), ``/v1/models``, ``/usage``, ``/metrics``, ``/healthz``;
-each also without ``/v1``.
+each also without ``/v1``. Ollama's API on the same port: ``/`` and ``/api/*`` (chat, generate,
+embed, embeddings, show, tags, ps, version), for JetBrains AI Assistant and VS Code's Ollama
+provider.
 
 Security: binds 127.0.0.1 and, without ``--api-key``, answers only requests addressed to this
 machine's loopback names and no web page it was not told to trust (``--allowed-host``,
@@ -465,7 +467,7 @@ def _parse_bool(text):
     raise ValueError("expected true/false, got %r" % text)
 
 
-API_SURFACES = ("chat", "responses", "embeddings", "messages")
+API_SURFACES = ("chat", "responses", "embeddings", "messages", "ollama")
 #: The values coproxy-rs's --api-surface takes, kept so its users' scripts keep working.
 API_SURFACE_PRESETS = {"chat": ("chat",), "chat-responses": ("chat", "responses"),
                        "chat-embeddings": ("chat", "embeddings"), "all": API_SURFACES}
@@ -3350,7 +3352,7 @@ class AutoModel:
 #    8c error envelopes and what Copilot's errors mean, 8d the model catalogue (names, effort,
 #    schemas), 8e usage and cost, 8f chat, 8g Anthropic Messages, 8h Responses and compaction,
 #    8i embeddings, quota and images, 8j plans: what one request sends and how its answer is
-#    translated back.
+#    translated back, 8k Ollama's API (its requests planned as chat, its answers and streams).
 # ------------------------------------------------------------------------------------------
 
 # -- 8a. Request bodies and field checks ----------------------------------------------------
@@ -3572,19 +3574,30 @@ def anthropic_error_body(status, message):
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-class Dialect:
-    """How one client API spells things on the wire: answers, stream items, a stream failure,
-    a keep-alive ping and an error envelope. One instance per API (OPENAI, RESPONSES, ANTHROPIC)."""
+def encode_sse_item(item):
+    event, data = item
+    return encode_sse(data.encode("utf-8") if isinstance(data, str) else json_dumps(data), event)
 
-    def __init__(self, ping, stream_error, envelope):
+
+def encode_ndjson_item(item):
+    """One line of newline-delimited JSON (Ollama's streams): the item's data, then LF."""
+    data = item[1]
+    return (data.encode("utf-8") if isinstance(data, str) else json_dumps(data)) + b"\n"
+
+
+class Dialect:
+    """How one client API spells things on the wire: answers, stream items (``encode``, sent as
+    ``stream_type``), a stream failure, a keep-alive ping (None: the plan brings its own) and an
+    error envelope. One instance per API (OPENAI, RESPONSES, ANTHROPIC, OLLAMA)."""
+
+    def __init__(self, ping, stream_error, envelope, encode=encode_sse_item,
+                 stream_type="text/event-stream; charset=utf-8"):
         self.ping = ping
         self._stream_error = stream_error
         self._envelope = envelope
-
-    @staticmethod
-    def encode(item):
-        event, data = item
-        return encode_sse(data.encode("utf-8") if isinstance(data, str) else json_dumps(data), event)
+        self.encode = encode
+        self.stream_headers = [("Content-Type", stream_type), ("Cache-Control", "no-cache"),
+                               ("X-Accel-Buffering", "no")]
 
     def stream_error(self, message, code=None, sequence_number=0):
         """The bytes of the one event that ends a failed stream (``sequence_number``: the next
@@ -3606,6 +3619,11 @@ RESPONSES = Dialect(b": ping\n\n",
 ANTHROPIC = Dialect(encode_sse(b'{"type":"ping"}', "ping"),
                     lambda message, code, _: ("error", anthropic_error_body(500, message)),
                     lambda e: anthropic_error_body(e.status, str(e)))
+#: Ollama's API: NDJSON streams, ``{"error": "..."}`` for errors (a line of its own mid-stream),
+#: and no comment syntax for pings: its plans ping with an empty line of their answer's shape.
+OLLAMA = Dialect(None, lambda message, code, _: (None, {"error": message}),
+                 lambda e: {"error": str(e)}, encode=encode_ndjson_item,
+                 stream_type="application/x-ndjson")
 
 
 class StreamTranslation:
@@ -3884,30 +3902,33 @@ def anthropic_model_info(model):
     such feature: batches, citations, server tools)."""
     caps = _dig(model, "capabilities")
     limits, supports = _dig(caps, "limits"), _dig(caps, "supports")
-    efforts = supports.get("reasoning_effort") if isinstance(supports.get("reasoning_effort"), list) else []
+    efforts = supports.get("reasoning_effort")
+    efforts = efforts if isinstance(efforts, list) else []
     budget = bool(_whole(supports.get("max_thinking_budget")))
     adaptive = supports.get("adaptive_thinking") is True
     lowered = model["id"].lower()
-    line = next((name for name in _ANTHROPIC_LINES if name in lowered), None) if "claude" in lowered else None
-    name = model.get("name")
+    lines = [kind for kind in _ANTHROPIC_LINES if kind in lowered and "claude" in lowered]
+    name = model.get("name") if isinstance(model.get("name"), str) else None
+    context = _whole(limits.get("max_prompt_tokens")) or _whole(
+        limits.get("max_context_window_tokens"))
+    no = _support(False)
+    effort = {level: _support(level in efforts)
+              for level in ("low", "medium", "high", "max", "xhigh")}
     return {
-        "type": "model", "id": model["id"], "display_name": name if isinstance(name, str) and name else model["id"],
-        "created_at": UNKNOWN_RELEASE, "lifecycle": "active", "deprecated_at": None, "retires_at": None,
-        "line": line,
-        "max_input_tokens": _whole(limits.get("max_prompt_tokens")) or _whole(limits.get("max_context_window_tokens")),
-        "max_tokens": _whole(limits.get("max_output_tokens")),
+        "type": "model", "id": model["id"], "display_name": name or model["id"],
+        "created_at": UNKNOWN_RELEASE,
+        "lifecycle": "active", "deprecated_at": None, "retires_at": None,
+        "line": lines[0] if lines else None,
+        "max_input_tokens": context, "max_tokens": _whole(limits.get("max_output_tokens")),
         "capabilities": {
-            "batch": _support(False), "citations": _support(False), "code_execution": _support(False),
-            "context_management": _support(False),
-            "effort": dict({level: _support(level in efforts) for level in ("low", "medium", "high", "max",
-                                                                          "xhigh")},
-                           supported=bool(efforts)),
-            "image_input": _support(supports.get("vision")), "pdf_input": _support(False),
-            "server_tools": {"supported": False, "code_execution": _support(False), "web_search": _support(False)},
+            "batch": no, "citations": no, "code_execution": no, "context_management": no,
+            "effort": dict(effort, supported=bool(efforts)),
+            "image_input": _support(supports.get("vision")), "pdf_input": no,
+            "server_tools": {"supported": False, "code_execution": no, "web_search": no},
             "structured_outputs": _support(supports.get("structured_outputs")),
             "thinking": {"supported": budget or adaptive, "types": {
-                "adaptive": _support(adaptive), "enabled": _support(budget), "disabled": _support(True),
-                "between_tools": _support(False)}}}}
+                "adaptive": _support(adaptive), "enabled": _support(budget),
+                "disabled": _support(True), "between_tools": no}}}}
 
 
 def _query_value(query, name):
@@ -3920,7 +3941,7 @@ def anthropic_model_page(items, query):
     (1 to 1000, default 20) items after ``after_id`` or before ``before_id``; ``query`` is the
     parsed query string. ``has_more`` says whether more lie that way."""
     limit_text = _query_value(query, "limit")
-    limit = int(limit_text) if limit_text and limit_text.isdigit() else None if limit_text is None else 0
+    limit = None if limit_text is None else int(limit_text) if limit_text.isdigit() else 0
     if limit is not None and not 1 <= limit <= 1000:
         raise ClientError(400, "limit: must be an integer from 1 to 1000", param="limit")
     limit = limit or 20
@@ -3930,7 +3951,8 @@ def anthropic_model_page(items, query):
     ids = [item["id"] for item in items]
     for name, cursor in (("after_id", after), ("before_id", before)):
         if cursor is not None and cursor not in ids:
-            raise ClientError(400, "%s: no model with the id %r in the list" % (name, cursor[:200]), param=name)
+            raise ClientError(400, "%s: no model with the id %r in the list" % (name, cursor[:200]),
+                              param=name)
     if before is not None:
         end = ids.index(before)
         start = max(0, end - limit)
@@ -3942,6 +3964,13 @@ def anthropic_model_page(items, query):
             "last_id": page[-1]["id"] if page else None}
 
 
+def anthropic_model_list(entries, query):
+    """GET /v1/models for an Anthropic client: the chat models of the catalogue listing as
+    ``ModelInfo``, one page of them (``query``: the parsed query string)."""
+    chat = [e for e in entries if (_dig(e, "capabilities").get("type") or "chat") == "chat"]
+    return anthropic_model_page([anthropic_model_info(e) for e in chat], query)
+
+
 _DATE_SUFFIX = re.compile(r"-(?:20\d{6}|latest)$")
 
 
@@ -3950,12 +3979,23 @@ def _version_key(model_id):
     return [int(part) if part.isdigit() else -1 for part in re.split(r"[.-]", model_id)]
 
 
+def without_tag(name):
+    """A model name without its Ollama tag: ``gpt-4.1:latest`` -> ``gpt-4.1`` (Ollama clients
+    name models ``model:tag``; Copilot's ids have no colon)."""
+    base, colon, _ = name.rpartition(":")
+    return base if colon and base else name
+
+
 def resolve_model(name, ids):
     """The catalog id a client's model name means, or None.
 
     Handles Anthropic-style names (``claude-sonnet-4-5``, dated ``claude-sonnet-4-5-20250929``,
     ``claude-opus-4-6[1m]``) against Copilot's dotted ids (``claude-sonnet-4.5``), and the bare
-    families ``opus``/``sonnet``/``haiku`` (newest in the catalog)."""
+    families ``opus``/``sonnet``/``haiku`` (newest in the catalog). An Ollama tag is dropped
+    (``gpt-4.1:latest``)."""
+    if name in ids:
+        return name
+    name = without_tag(name)
     if name in ids:
         return name
     lowered = {i.lower(): i for i in ids}
@@ -5388,6 +5428,7 @@ class Plan:
     answer: object = None            # upstream JSON -> client JSON; None: the upstream answer as it is
     what: str = "JSON"               # what a valid answer is, for the 502 when it is not
     chain: object = None             # () -> the stream translators, upstream format first
+    ping: bytes = None               # the keep-alive bytes, when the dialect has none of its own
     effort_name: str = "reasoning_effort"  # the client's name for the effort field
     adjusted: list = dataclasses.field(default_factory=list)  # ["reasoning_effort=xhigh->high", ...]
     removed: list = dataclasses.field(default_factory=list)   # fields taken out (logged at debug)
@@ -5546,6 +5587,382 @@ def plan_response_get(response_id):
         raise ClientError(404, "no response with the id %r" % response_id, code="not_found")
     return Plan("responses", RESPONSES, "-", {}, "/responses/" + urllib.parse.quote(response_id, safe=""),
                 method="GET", path_label="/responses/{id}")
+
+
+# -- 8k. Ollama's API -----------------------------------------------------------------------
+# JetBrains AI Assistant, VS Code Copilot's "Ollama" provider, Open WebUI and AnythingLLM speak
+# Ollama's API. An /api/chat or /api/generate request becomes an OpenAI chat request that
+# plan_chat plans like any other, so the model's endpoint (chat completions or /responses) and
+# every quirk apply unchanged; the plan is then wrapped: its whole answer goes on through
+# ollama_answer, its stream chain ends in ChatToOllama, and its dialect is OLLAMA (NDJSON lines,
+# ``{"error": "..."}``). Names are catalogue ids with Ollama's ``:latest`` tag; what /api/show
+# tells about a model comes from its catalogue entry.
+
+#: What GET /api/version reports: VS Code's Ollama provider refuses servers older than 0.6.4.
+OLLAMA_VERSION = "0.13.0"
+#: Ollama's answer to GET /, which clients probe to see whether a server is there.
+OLLAMA_RUNNING = b"Ollama is running"
+#: Ollama's think levels (besides true and false), sent to Copilot as reasoning efforts ...
+OLLAMA_THINK_LEVELS = ("low", "medium", "high", "max")
+#: ... or, for models that take a thinking budget instead (Claude on chat completions), these.
+_THINK_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384, "max": 32000}
+_IMAGE_SIGNATURES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+                     (b"GIF8", "image/gif"), (b"RIFF", "image/webp"))
+
+
+def rfc3339(timestamp):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def model_thinks(supports):
+    """Whether a catalogue entry's ``supports`` says the model can reason before answering."""
+    budget = _whole(supports.get("max_thinking_budget"))
+    adaptive = supports.get("adaptive_thinking") is True
+    return bool(supports.get("reasoning_effort")) or bool(budget) or adaptive
+
+
+def ollama_capabilities(model):
+    """Ollama's capability names for a catalogue entry, as the catalogue says."""
+    caps = _dig(model, "capabilities")
+    supports = _dig(caps, "supports")
+    if caps.get("type") == "embeddings":
+        return ["embedding"]
+    return ["completion"] + [name for name, has in (("tools", supports.get("tool_calls")),
+                                                    ("vision", supports.get("vision")),
+                                                    ("thinking", model_thinks(supports))) if has]
+
+
+def _ollama_details(model):
+    family = _dig(model, "capabilities").get("family")
+    family = family if isinstance(family, str) and family else model["id"]
+    return {"parent_model": "", "format": "copilot", "family": family, "families": [family],
+            "parameter_size": "", "quantization_level": ""}
+
+
+def ollama_tag(model, modified_at):
+    """One entry of GET /api/tags: the catalogue id with Ollama's ``:latest`` tag, no size (the
+    model lives at Copilot), a digest that is stable for the id."""
+    import hashlib  # only for these digests
+    name = model["id"] + ":latest"
+    return {"name": name, "model": name, "modified_at": modified_at, "size": 0,
+            "digest": hashlib.sha256(model["id"].encode("utf-8")).hexdigest(),
+            "details": _ollama_details(model)}
+
+
+def ollama_show(model, modified_at):
+    """POST /api/show: details, ``capabilities`` and the ``model_info`` keys clients read
+    (``general.architecture``, ``general.basename``, ``<architecture>.context_length``)."""
+    limits = _dig(model, "capabilities", "limits")
+    details = _ollama_details(model)
+    info = {"general.architecture": details["family"], "general.basename": model["id"]}
+    prompt, output = _whole(limits.get("max_prompt_tokens")), _whole(limits.get("max_output_tokens"))
+    context = _whole(limits.get("max_context_window_tokens")) or (prompt or 0) + (output or 0)
+    if context:
+        info[details["family"] + ".context_length"] = context
+    return {"license": "", "modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
+            "details": details, "model_info": info, "capabilities": ollama_capabilities(model),
+            "modified_at": modified_at}
+
+
+def validate_ollama_request(payload, kind):
+    """Check the fields coproxy reads of an /api/chat (``kind`` "chat") or /api/generate request."""
+    check(payload, "model", "string", required=True)
+    if kind == "chat":
+        for index, message in enumerate(check_items(payload, "messages")):
+            where = "messages[%d]." % index
+            check(message, "role", "string", where, required=True)
+            check_fields(message, where, content="string", thinking="string", tool_name="string",
+                         tool_call_id="string")
+            check_items(message, "images", where, kinds="string")
+            for position, call in enumerate(check_items(message, "tool_calls", where)):
+                call_where = "%stool_calls[%d]." % (where, position)
+                check(call, "id", "string", call_where)
+                function = check(call, "function", "object", call_where, required=True)
+                check_fields(function, call_where + "function.", name="string", arguments="object")
+    else:
+        check_fields(payload, prompt="string", system="string", suffix="string")
+        check_items(payload, "images", kinds="string")
+    for index, tool in enumerate(check_items(payload, "tools")):
+        where = "tools[%d]." % index
+        check_fields(check(tool, "function", "object", where), where + "function.", name="string",
+                     parameters="object")
+    check(payload, "format", ("string", "object"))
+    check(payload, "stream", "boolean")
+    think = check(payload, "think", ("boolean", "string"))
+    if isinstance(think, str) and think not in OLLAMA_THINK_LEVELS:
+        raise ClientError(400, "think must be true, false or one of %s"
+                          % ", ".join(OLLAMA_THINK_LEVELS), param="think")
+    options = check(payload, "options", "object") or {}
+    check_fields(options, "options.", temperature="number", top_p="number", num_predict="integer",
+                 seed="integer", stop=("string", "array"))
+
+
+def ollama_image_part(encoded, where):
+    """A base64 image of an Ollama message as a chat image part (a data: URL, media type read
+    from the image's first bytes)."""
+    if encoded.startswith("data:"):
+        return {"type": "image_url", "image_url": {"url": encoded}}
+    try:
+        head = base64.b64decode(encoded[:16], validate=True)
+    except ValueError:
+        head = b""
+    media_type = next((kind for sign, kind in _IMAGE_SIGNATURES if head.startswith(sign)), None)
+    if media_type is None:
+        raise ClientError(400, "%s is not a base64 PNG, JPEG, GIF or WebP image" % where,
+                          param=where, code="invalid_image")
+    return {"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % (media_type, encoded)}}
+
+
+def _ollama_content(text, images, where):
+    if not images:
+        return text
+    return ([{"type": "text", "text": text}] if text else []) + [
+        ollama_image_part(image, "%s[%d]" % (where, index)) for index, image in enumerate(images)]
+
+
+def ollama_messages(payload, kind):
+    """The chat messages of an Ollama request. Ollama's tool calls may have no id and its tool
+    results name only the tool, so calls get ids and each result answers the first open call of
+    that name (or the first open call); a result that answers no call becomes the user's text."""
+    if kind == "generate":
+        system = payload.get("system")
+        prompt = _ollama_content(payload.get("prompt") or "", payload.get("images"), "images")
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+    out, open_calls = [], []
+    for index, message in enumerate(payload.get("messages") or []):
+        role, text = message["role"], message.get("content") or ""
+        if role == "assistant":
+            calls = []
+            for position, call in enumerate(message.get("tool_calls") or []):
+                function = call["function"]
+                arguments = json.dumps(function.get("arguments") or {})
+                calls.append({"id": call.get("id") or "call_%d_%d" % (index, position),
+                              "type": "function",
+                              "function": {"name": function.get("name") or "", "arguments": arguments}})
+            open_calls = [(call["id"], call["function"]["name"]) for call in calls]
+            out.append({"role": "assistant", "content": text or None})
+            if calls:
+                out[-1]["tool_calls"] = calls
+        elif role == "tool":
+            wanted = message.get("tool_call_id"), message.get("tool_name")
+            answered = (next((c for c in open_calls if c[0] == wanted[0]), None)
+                        or next((c for c in open_calls if c[1] == wanted[1]), None)
+                        or (open_calls[0] if open_calls else None))
+            if answered is None:
+                text = "Result of the %s tool: %s" % (wanted[1] or "a", text)
+                out.append({"role": "user", "content": text})
+                continue
+            open_calls.remove(answered)
+            out.append({"role": "tool", "tool_call_id": answered[0], "content": text})
+        else:
+            out.append({"role": role, "content": _ollama_content(text, message.get("images"),
+                                                                 "messages[%d].images" % index)})
+    return out
+
+
+def ollama_to_chat_request(payload, kind, model, info):
+    """An /api/chat or /api/generate request as an OpenAI chat request: options, tools, format
+    (``"json"`` or a JSON schema) and think (an effort, or a budget for models that take one)."""
+    stream = payload.get("stream") is not False  # Ollama streams unless told not to
+    request = {"model": model, "messages": ollama_messages(payload, kind), "stream": stream}
+    if stream:
+        request["stream_options"] = {"include_usage": True}
+    options = payload.get("options") or {}
+    for name in ("temperature", "top_p", "seed"):
+        if options.get(name) is not None:
+            request[name] = options[name]
+    if isinstance(options.get("num_predict"), int) and options["num_predict"] > 0:  # -1: no limit
+        request["max_tokens"] = options["num_predict"]
+    if options.get("stop"):
+        request["stop"] = [options["stop"]] if isinstance(options["stop"], str) else options["stop"]
+    if payload.get("tools"):
+        request["tools"] = payload["tools"]
+    fmt = payload.get("format")
+    if fmt == "json":
+        request["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        request["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": "response", "schema": fmt}}
+    think = payload.get("think")
+    level = think if isinstance(think, str) else "medium" if think is True else None
+    supports = _dig(info, "capabilities", "supports")
+    if level and supports.get("reasoning_effort"):
+        request["reasoning_effort"] = level  # fitted to what the model takes, as for every route
+    elif level and model_thinks(supports):
+        low = _whole(supports.get("min_thinking_budget")) or 1024
+        high = _whole(supports.get("max_thinking_budget")) or 32000
+        request["thinking_budget"] = max(low, min(_THINK_BUDGETS[level], high))
+    elif level and info:
+        raise ClientError(400, "%r does not support thinking" % model, param="think")
+    return request
+
+
+def _ollama_calls(calls):
+    out = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        out.append({"id": call.get("id") or "call_%d" % index, "function": {
+            "index": index, "name": function.get("name") or "",
+            "arguments": _parse_arguments(function.get("arguments"))}})
+    return out
+
+
+def ollama_object(name, kind, created_at, text="", thinking=None, calls=None):
+    """One object of an Ollama answer: the text under ``message`` (/api/chat) or ``response``
+    (/api/generate), with thinking and tool calls when there are any; not yet done."""
+    out = {"model": name, "created_at": created_at}
+    if kind == "chat":
+        out["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            out["message"]["thinking"] = thinking
+        if calls:
+            out["message"]["tool_calls"] = calls
+    else:
+        out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
+    out["done"] = False
+    return out
+
+
+def ollama_done(finish_reason, usage, total, first):
+    """The fields of Ollama's last object: why it ended, token counts and durations in ns
+    (``total``: seconds from the request to the end; ``first``: to the first token)."""
+    return {"done": True, "done_reason": "length" if finish_reason == "length" else "stop",
+            "total_duration": int(total * 1e9), "load_duration": 0,
+            "prompt_eval_count": _count(usage, "prompt_tokens"),
+            "prompt_eval_duration": int(first * 1e9),
+            "eval_count": _count(usage, "completion_tokens"),
+            "eval_duration": int(max(0.0, total - first) * 1e9)}
+
+
+def ollama_answer(data, name, kind, created_at, total):
+    """A whole chat completion as Ollama's one object (``"stream": false``)."""
+    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
+    choice = choices[0] if choices else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+    text, thinking = message.get("content"), message.get("reasoning_text")
+    out = ollama_object(name, kind, created_at, text if isinstance(text, str) else "",
+                        thinking if isinstance(thinking, str) else None,
+                        _ollama_calls([c for c in calls if isinstance(c, dict)]))
+    out.update(ollama_done(choice.get("finish_reason"), data.get("usage"), total, total))
+    return out
+
+
+class ChatToOllama(ChatReader):
+    """Chat completion chunks in, Ollama's stream objects out: one per text or thinking delta,
+    the tool calls whole in one object once their arguments are complete (Ollama sends them as
+    JSON objects, never in pieces), then the ``done`` object with the counts and durations
+    (``clock``/``started``: a monotonic clock and the request's arrival on it). Complete at
+    ``[DONE]``."""
+
+    def __init__(self, name, kind, created_at, started, clock):
+        self.name, self.kind, self.created_at = name, kind, created_at
+        self.started, self.clock = started, clock
+        self.first_at = None
+        self.calls = {}
+        self.finish_reason = None
+
+    def feed(self, event, data):
+        if data == "[DONE]":
+            self.complete = True
+            return []
+        chunk = parse_event_json(data)
+        if not isinstance(chunk, dict):
+            return [chunk] if chunk is not None else []
+        problem = chat_chunk_problem(chunk)
+        if problem:
+            return [problem]
+        self.take_chat_usage(chunk)
+        out = []
+        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
+            choice = choice if isinstance(choice, dict) else {}
+            delta = _dig(choice, "delta")
+            text = delta.get("content") if isinstance(delta.get("content"), str) else ""
+            thinking = delta.get("reasoning_text")
+            thinking = thinking if isinstance(thinking, str) else None
+            if text or thinking:
+                if self.first_at is None:
+                    self.first_at = self.clock()
+                line = ollama_object(self.name, self.kind, self.created_at, text, thinking)
+                out.append((None, line))
+            calls = delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []
+            for call in calls:
+                if not isinstance(call, dict):
+                    continue
+                function = _dig(call, "function")
+                index = call.get("index") if isinstance(call.get("index"), int) else 0
+                held = self.calls.setdefault(index, {"id": None,
+                                                     "function": {"name": "", "arguments": ""}})
+                held["id"] = call.get("id") or held["id"]
+                for key in ("name", "arguments"):
+                    if isinstance(function.get(key), str):
+                        held["function"][key] += function[key]
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return out
+
+    def end(self):
+        out = []
+        if self.calls:
+            calls = _ollama_calls([self.calls[index] for index in sorted(self.calls)])
+            out.append((None, ollama_object(self.name, self.kind, self.created_at, calls=calls)))
+        now = self.clock()
+        done = ollama_object(self.name, self.kind, self.created_at)
+        done.update(ollama_done(self.finish_reason, self.raw_usage, now - self.started,
+                                (self.first_at or now) - self.started))
+        return out + [(None, done)]
+
+
+def ollama_loaded(name, kind, created_at, unload):
+    """The answer to an /api/generate or /api/chat with nothing to say (Ollama loads or, with
+    ``keep_alive`` 0, unloads the model): done at once, no upstream call."""
+    out = ollama_object(name, kind, created_at)
+    out.update(done=True, done_reason="unload" if unload else "load")
+    return out
+
+
+def plan_ollama(payload, kind, name, model, info, quirks, now, started, clock):
+    """POST /api/chat or /api/generate: an OpenAI chat request planned by plan_chat, its answer
+    turned back into Ollama's (``name``: the model as the client named it, which Ollama echoes;
+    ``started`` on ``clock``: the request's arrival, for the durations)."""
+    chat = ollama_to_chat_request(payload, kind, model, info)
+    plan = plan_chat(chat, validate_chat_request(chat), model, info, quirks, now)
+    created_at = rfc3339(now)
+    chat_answer, chat_chain = plan.answer, plan.chain
+    plan.dialect, plan.effort_name = OLLAMA, "think"
+    plan.answer = lambda data: ollama_answer(chat_answer(data), name, kind, created_at,
+                                             clock() - started)
+    plan.chain = lambda: chat_chain() + [ChatToOllama(name, kind, created_at, started, clock)]
+    plan.ping = encode_ndjson_item((None, ollama_object(name, kind, created_at)))  # an empty delta
+    return plan
+
+
+def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
+    """POST /api/embed (``input``: a string or strings) or the older /api/embeddings
+    (``prompt``: one string) as an OpenAI embeddings call, answered in Ollama's shape."""
+    if legacy:
+        text = [check(payload, "prompt", "string", required=True)]
+    else:
+        text = check(payload, "input", ("string", "array"), required=True)
+    request, _ = prepare_embeddings_request({"model": model, "input": text,
+                                             "dimensions": check(payload, "dimensions", "integer")})
+    plan = plan_embeddings(request, "float", model, info)
+    plan.dialect = OLLAMA
+
+    def vectors(data):
+        answer = normalize_embeddings_response(data, model, "float")
+        return [item["embedding"] for item in answer["data"]]
+    if legacy:
+        plan.answer = lambda data: {"embedding": (vectors(data) or [[]])[0]}
+    else:
+        plan.answer = lambda data: {"model": name, "embeddings": vectors(data),
+                                    "total_duration": int((clock() - started) * 1e9),
+                                    "load_duration": 0,
+                                    "prompt_eval_count": _count(data, "usage", "prompt_tokens")}
+    return plan
 
 # ------------------------------------------------------------------------------------------
 # 9. Bridges between threads and the event loop
@@ -6495,8 +6912,6 @@ class Server:
 #    what it cost. The StreamRelay writes a stream to its client as the hub delivers it.
 # ------------------------------------------------------------------------------------------
 
-SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
-               ("X-Accel-Buffering", "no")]
 JSON_HEADERS = [("Content-Type", "application/json")]
 #: gen_ai.provider.name for Copilot: OpenTelemetry lists no value for it, and allows our own.
 GEN_AI_PROVIDER = "github.copilot"
@@ -6659,14 +7074,15 @@ class Catalogue:
         resolve_model understands; an unknown name is a 404 with close matches before any upstream
         call, unless the catalogue is the fallback list (then Copilot decides)."""
         _, source = await self.current()
-        name = self.config.model_aliases.get(name, name)
-        if name == AUTO_MODEL_ID:
+        aliases = self.config.model_aliases
+        name = aliases.get(name) or aliases.get(without_tag(name)) or name
+        if without_tag(name) == AUTO_MODEL_ID:  # auto:latest too (Ollama clients)
             return await self._resolve_auto()
         model = name if name in self.by_id else resolve_model(name, list(self.by_id))
         if model is None:
             if source == "copilot":
                 raise unknown_model_error(name, list(self.by_id))
-            return name, {}
+            return without_tag(name), {}
         return model, self.by_id[model]
 
     async def listing(self):
@@ -6848,6 +7264,7 @@ class StreamRelay:
         self.first_chunk_at = None
         self.last_data = self.loop.time()
         self.ping_seconds = gateway.config.ping_seconds
+        self.ping = plan.ping or plan.dialect.ping
         self._ping_timer = None
         self._paused = False
         self._resuming = None  # the task that waits for the client to catch up
@@ -6856,10 +7273,12 @@ class StreamRelay:
         metrics = self.gateway.metrics
         metrics.active_streams += 1
         try:
-            await self.response.start_stream(200, SSE_HEADERS + headers)
+            await self.response.start_stream(200, self.plan.dialect.stream_headers + headers)
             self.stream = self.gateway.hub.attach(self.upstream, self)
             self.request.on_disconnect(self.client_left)
-            self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds, self._ping_due)
+            if self.ping is not None:
+                self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds,
+                                                     self._ping_due)
             await self.done
             if self._resuming is not None:  # one drain at a time (Python 3.8 allows no more)
                 await self._resuming
@@ -6952,7 +7371,7 @@ class StreamRelay:
             return
         now = self.loop.time()
         if now - self.last_data >= self.ping_seconds:
-            self._write(self.plan.dialect.ping)  # upstream is thinking: keep the client's stream alive
+            self._write(self.ping)  # upstream is thinking: keep the client's stream alive
             self.last_data = now
         self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds, self._ping_due)
 
@@ -7219,6 +7638,26 @@ CORS_ALLOWED_HEADERS = ("authorization, content-type, content-encoding, x-api-ke
 
 Route = collections.namedtuple("Route", "path surface dialect handlers public")
 
+
+def route_takes_id(route):
+    """A route whose path ends in / takes one more path segment as its parameter (not / itself)."""
+    return route.path.endswith("/") and route.path != "/"
+
+
+def route_label(route):
+    return route.path + "{id}" if route_takes_id(route) else route.path
+
+
+def dialect_for(route, request):
+    """The dialect errors are answered in: the route's; the caller's on a route every API shares
+    (/models) or on none: Anthropic's when it sends anthropic-version; Ollama's for /api/ paths."""
+    if (route is None or route.surface is None) and request.header("anthropic-version"):
+        return ANTHROPIC
+    if route is None:
+        return OLLAMA if request.path.startswith("/api/") else OPENAI
+    return route.dialect
+
+
 #: The answer to a Responses WebSocket attempt (Codex falls back to HTTP on a 426).
 WEBSOCKET_REFUSAL = ("coproxy serves the Responses API over HTTP + SSE, not WebSocket. For Codex, set "
                      "supports_websockets = false in its [model_providers.<id>] table (the README's Codex recipe "
@@ -7440,6 +7879,80 @@ def unknown_path_error(request, dialect, route_list, port):
                        code="unknown_url")
 
 
+class OllamaRoutes:
+    """Ollama's API (8k) on coproxy's port: handlers the App mounts like its own, so they pass
+    the same checks, slots, pacing, accounting and access log as every other route."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def routes(self):
+        return [Route(path, "ollama", OLLAMA, {method: handler}, False) for path, method, handler in (
+            ("/api/version", "GET", self.version), ("/api/tags", "GET", self.tags), ("/api/ps", "GET", self.ps),
+            ("/api/show", "POST", self.show), ("/api/chat", "POST", self.chat),
+            ("/api/generate", "POST", self.generate), ("/api/embed", "POST", self.embed),
+            ("/api/embeddings", "POST", self.embeddings))]
+
+    async def version(self, request, response, _):
+        await self.app.send_json(response, {"version": OLLAMA_VERSION})
+
+    async def entries(self):
+        """The catalogue listing's chat and embeddings models (the ones Ollama clients can use)."""
+        entries, _ = await self.app.catalogue.listing()
+        return [e for e in entries
+                if (_dig(e, "capabilities").get("type") or "chat") in ("chat", "embeddings")]
+
+    async def tags(self, request, response, _):
+        modified_at = rfc3339(self.app.started_at)
+        tags = [ollama_tag(entry, modified_at) for entry in await self.entries()]
+        await self.app.send_json(response, {"models": tags})
+
+    async def ps(self, request, response, _):
+        await self.app.send_json(response, {"models": []})  # nothing runs here: Copilot does
+
+    async def model(self, payload):
+        """(name as sent, catalogue id, entry) of an Ollama request (``model``, or ``name`` as older
+        clients send it); aliases and tags resolve as on every route."""
+        if payload.get("model") is None and isinstance(payload.get("name"), str):
+            payload["model"] = payload["name"]
+        name = check(payload, "model", "string", required=True)
+        model, info = await self.app.catalogue.resolve(name)
+        return name, model, info
+
+    async def show(self, request, response, _):
+        _, model, _ = await self.model(await self.app.read_json(request))
+        entries = {e["id"]: e for e in await self.entries()}
+        entry = entries.get(model) or {"id": model}
+        await self.app.send_json(response, ollama_show(entry, rfc3339(self.app.started_at)))
+
+    async def chat(self, request, response, _, kind="chat"):
+        payload = await self.app.read_json(request)
+        name, model, info = await self.model(payload)
+        validate_ollama_request(payload, kind)
+        said = payload.get("messages") if kind == "chat" else (
+            payload.get("prompt") or payload.get("images"))
+        if not said:  # Ollama loads the model (or with keep_alive 0 unloads it) and answers at once
+            unload = payload.get("keep_alive") in (0, "0", "0s")
+            loaded = ollama_loaded(name, kind, rfc3339(time.time()), unload)
+            return await self.app.send_json(response, loaded)
+        plan = plan_ollama(payload, kind, name, model, info, self.app.catalogue.quirks(model),
+                           time.time(), request.started, time.monotonic)
+        await self.app.gateway.run(plan, request, response)
+
+    async def generate(self, request, response, _):
+        await self.chat(request, response, _, kind="generate")
+
+    async def embed(self, request, response, _, legacy=False):
+        payload = await self.app.read_json(request)
+        name, model, info = await self.model(payload)
+        plan = plan_ollama_embed(payload, legacy, name, model, info, request.started,
+                                 time.monotonic)
+        await self.app.gateway.run(plan, request, response)
+
+    async def embeddings(self, request, response, _):
+        await self.embed(request, response, _, legacy=True)
+
+
 class App:
     """Routes, checks, envelopes and the access log; everything else is delegated: the catalogue
     (models), the gateway (sending plans), the pool and hub (threads)."""
@@ -7475,9 +7988,10 @@ class App:
             Route("/usage", None, OPENAI, {"GET": self.handle_usage}, False),
             Route("/dashboard/data", None, OPENAI, {"GET": self.dashboard.handle_data}, False),
             Route("/metrics", None, OPENAI, {"GET": self.handle_metrics}, False),
+            Route("/", None, OLLAMA, {"GET": self.handle_root}, False),
             Route("/healthz", None, OPENAI, {"GET": self.handle_health}, True),
             Route("/health", None, OPENAI, {"GET": self.handle_health}, True),
-        ]
+        ] + OllamaRoutes(self).routes()
 
     async def start(self):
         await self.gateway.start()
@@ -7496,7 +8010,7 @@ class App:
         """(Route, parameter) for a request path, or (None, None)."""
         canonical = path[3:] if path.startswith("/v1/") else path
         for route in self.routes:
-            if route.path.endswith("/"):
+            if route_takes_id(route):
                 if canonical.startswith(route.path) and "/" not in canonical[len(route.path):] \
                         and len(canonical) > len(route.path) and not route.public:
                     return route, urllib.parse.unquote(canonical[len(route.path):])
@@ -7505,7 +8019,7 @@ class App:
         return None, None
 
     def route_list(self):
-        return ", ".join(("" if r.public else "/v1") + (r.path + "{id}" if r.path.endswith("/") else r.path)
+        return ", ".join(("" if r.public or r.dialect is OLLAMA else "/v1") + route_label(r)
                          for r in self.routes if r.surface is None or r.surface in self.config.api_surface)
 
     # -- dispatch and the checks every request passes ------------------------------------------
@@ -7517,10 +8031,8 @@ class App:
         route, param = self.find_route(request.path)
         # /v1/v1/...: a base URL ending in /v1, plus the client's own; answered as the route meant
         meant = route or (self.find_route(request.path[3:])[0] if request.path.startswith("/v1/v1/") else None)
-        dialect = meant.dialect if meant is not None else OPENAI
-        if (meant is None or meant.surface is None) and request.header("anthropic-version"):
-            dialect = ANTHROPIC  # a route every API shares (/models), or none, answers in the caller's
-        response.log_fields["route"] = (route.path + "{id}" if route.path.endswith("/") else route.path) if route else "other"
+        dialect = dialect_for(meant, request)
+        response.log_fields["route"] = route_label(route) if route else "other"
         try:
             if request.method not in KNOWN_METHODS:
                 response.keep_alive = False  # we cannot know how this method frames its body
@@ -7681,9 +8193,7 @@ class App:
     async def handle_models(self, request, response, _):
         entries, source = await self.catalogue.listing()
         if request.header("anthropic-version"):  # an Anthropic client (Claude Code's gateway discovery)
-            chat = [e for e in entries if (_dig(e, "capabilities").get("type") or "chat") == "chat"]
-            query = urllib.parse.parse_qs(request.query, keep_blank_values=True)
-            listing = anthropic_model_page([anthropic_model_info(e) for e in chat], query)
+            listing = anthropic_model_list(entries, urllib.parse.parse_qs(request.query, keep_blank_values=True))
         else:
             data = [copilot_model_to_openai(e) for e in entries]
             listing = {"object": "list", "data": data, "has_more": False}
@@ -7691,15 +8201,19 @@ class App:
 
     async def handle_model(self, request, response, model_id):
         entries, source = await self.catalogue.listing()
-        ids = [e["id"] for e in entries]
-        anthropic = request.header("anthropic-version") is not None
-        model = resolve_model(model_id, ids) if anthropic else model_id  # claude-sonnet-4-5 too
+        anthropic = request.header("anthropic-version") is not None  # then claude-sonnet-4-5 too
+        model = resolve_model(model_id, [e["id"] for e in entries]) if anthropic else model_id
         entry = next((e for e in entries if e["id"] == model), None)
         if entry is None:
             raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists them)" % model_id,
                               code="model_not_found", param="model")
         shown = anthropic_model_info(entry) if anthropic else copilot_model_to_openai(entry)
         await self.send_json(response, shown, [("X-Coproxy-Models-Source", source)])
+
+    async def handle_root(self, request, response, _):
+        """GET /: Ollama's probe answer ("Ollama is running"), which clients read to find a server.
+        (A browser's page, for requests that accept text/html, is the one other answer to add.)"""
+        await response.send(200, [("Content-Type", "text/plain; charset=utf-8")], OLLAMA_RUNNING)
 
     def health(self):
         token = self.auth.has_credentials()

@@ -3115,6 +3115,111 @@ class TestGeminiSchemas(ProxyTestCase):
         sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["tools"][0]["function"]["parameters"]
         self.assertEqual(sent["properties"]["since"]["type"], "string")
 
+class TestTranslateOllama(unittest.TestCase):
+    CLAUDE = CATALOG[3]  # claude-haiku-4.5: thinking budget, no effort list
+
+    def test_names_tags_and_what_show_says(self):
+        self.assertEqual(coproxy.resolve_model("gpt-4.1:latest", CATALOG_IDS), "gpt-4.1")
+        self.assertEqual(coproxy.resolve_model("claude-sonnet-4-5:latest", CATALOG_IDS), "claude-sonnet-4.5")
+        tag = coproxy.ollama_tag(CATALOG[1], "2026-12-01T00:00:00Z")
+        self.assertEqual((tag["name"], tag["model"], len(tag["digest"]), tag["details"]["family"]),
+                         ("claude-sonnet-4.5:latest", "claude-sonnet-4.5:latest", 64, "claude-sonnet-4.5"))
+        show = coproxy.ollama_show(CATALOG[0], "2026-12-01T00:00:00Z")
+        self.assertEqual(show["model_info"], {"general.architecture": "gpt-4.1", "general.basename": "gpt-4.1",
+                                              "gpt-4.1.context_length": 128000})
+        self.assertEqual(show["capabilities"], ["completion", "tools", "vision"])
+        self.assertEqual(coproxy.ollama_show(self.CLAUDE, "")["capabilities"],
+                         ["completion", "tools", "vision", "thinking"])
+        self.assertEqual(coproxy.ollama_show(CATALOG[6], "")["capabilities"], ["completion", "tools", "thinking"])
+        self.assertEqual(coproxy.ollama_show(CATALOG[-1], "")["capabilities"], ["embedding"])
+
+    def test_chat_request_translation(self):
+        png = base64.b64encode(PNG).decode()
+        payload = {"model": "gpt-4.1:latest", "messages": [
+            {"role": "system", "content": "terse"},
+            {"role": "user", "content": "what is this?", "images": [png]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "look", "arguments": {"x": 1}}},
+                {"function": {"name": "read", "arguments": {}}}]},
+            {"role": "tool", "content": "read it", "tool_name": "read"},
+            {"role": "tool", "content": "looked"},
+            {"role": "tool", "content": "stray", "tool_name": "ls"}],
+            "tools": [{"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}],
+            "options": {"temperature": 0.2, "top_p": 0.9, "num_predict": 50, "stop": "END", "seed": 7, "top_k": 3},
+            "format": {"type": "object"}, "stream": False}
+        coproxy.validate_ollama_request(payload, "chat")
+        request = coproxy.ollama_to_chat_request(payload, "chat", "gpt-4.1", CATALOG[0])
+        messages = request.pop("messages")
+        self.assertEqual(messages[1]["content"], [{"type": "text", "text": "what is this?"}, {
+            "type": "image_url", "image_url": {"url": "data:image/png;base64," + png}}])
+        self.assertEqual(messages[2]["tool_calls"][0], {"id": "call_2_0", "type": "function", "function": {
+            "name": "look", "arguments": '{"x": 1}'}})
+        self.assertEqual([(m["role"], m.get("tool_call_id"), m["content"]) for m in messages[3:]],
+                         [("tool", "call_2_1", "read it"), ("tool", "call_2_0", "looked"),
+                          ("user", None, "Result of the ls tool: stray")])
+        self.assertEqual(request, {"model": "gpt-4.1", "stream": False, "temperature": 0.2, "top_p": 0.9, "seed": 7,
+                                   "max_tokens": 50, "stop": ["END"], "tools": payload["tools"],
+                                   "response_format": {"type": "json_schema", "json_schema": {
+                                       "name": "response", "schema": {"type": "object"}}}})
+        generate = coproxy.ollama_to_chat_request({"model": "m", "prompt": "p", "system": "s", "format": "json"},
+                                                  "generate", "gpt-4.1", CATALOG[0])
+        self.assertEqual((generate["messages"], generate["response_format"], generate["stream_options"]),
+                         ([{"role": "system", "content": "s"}, {"role": "user", "content": "p"}],
+                          {"type": "json_object"}, {"include_usage": True}))
+
+    def test_think_becomes_an_effort_or_a_budget_or_a_400(self):
+        def sent(model_entry, think):
+            return coproxy.ollama_to_chat_request({"messages": [], "think": think}, "chat", model_entry["id"],
+                                                  model_entry)
+        self.assertEqual(sent(CATALOG[1], "high")["reasoning_effort"], "high")
+        self.assertEqual(sent(CATALOG[1], True)["reasoning_effort"], "medium")
+        self.assertEqual(sent(self.CLAUDE, "max")["thinking_budget"], 4000)   # its max_thinking_budget
+        self.assertEqual(sent(self.CLAUDE, "low")["thinking_budget"], 1024)
+        self.assertNotIn("reasoning_effort", sent(CATALOG[1], False))
+        with self.assertRaises(coproxy.ClientError) as ctx:
+            sent(CATALOG[0], True)
+        self.assertEqual((ctx.exception.status, ctx.exception.param), (400, "think"))
+        for bad, param in (({"model": "m", "think": "lots"}, "think"), ({"model": "m", "options": {"stop": 3}},
+                                                                         "options.stop"),
+                           ({"model": "m", "messages": [{"role": "user", "images": "x"}]}, "messages[0].images"),
+                           ({"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"function": {
+                               "name": "f", "arguments": "{}"}}]}]}, "messages[0].tool_calls[0].function.arguments")):
+            with self.assertRaises(coproxy.ClientError) as ctx:
+                coproxy.validate_ollama_request(bad, "chat")
+            self.assertEqual(ctx.exception.param, param)
+        with self.assertRaises(coproxy.ClientError) as ctx:
+            coproxy.ollama_image_part(base64.b64encode(b"not an image at all").decode(), "images[0]")
+        self.assertEqual(ctx.exception.code, "invalid_image")
+
+    def test_stream_objects_tool_calls_whole_and_done_with_durations(self):
+        ticks = iter([10.25, 11.0])
+        translator = coproxy.ChatToOllama("gpt-4.1:latest", "chat", "T", 10.0, lambda: next(ticks))
+        items, _ = translate([coproxy.ChatNormalize("gpt-4.1", True, True, 0), translator], coproxy.OLLAMA,
+                          sse({"id": "chatcmpl-up", "model": "gpt-4.1", "created": 1, "choices": [
+                              {"index": 0, "delta": {"reasoning_text": "hmm"}, "finish_reason": None}]}),
+                          chunk("Hi"),
+                          chunk(None, tool_calls=[{"index": 0, "id": "call_1", "type": "function",
+                                                   "function": {"name": "ls", "arguments": "{\"p\":"}}]),
+                          chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "1}"}}]),
+                          chunk(None, "tool_calls"), USAGE_CHUNK, DONE)
+        lines = [json.loads(line) for line in items.decode().splitlines()]
+        self.assertEqual([line["message"] for line in lines[:3]], [
+            {"role": "assistant", "content": "", "thinking": "hmm"}, {"role": "assistant", "content": "Hi"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "function": {"index": 0, "name": "ls", "arguments": {"p": 1}}}]}])
+        self.assertEqual(lines[-1], {"model": "gpt-4.1:latest", "created_at": "T",
+                                     "message": {"role": "assistant", "content": ""}, "done": True,
+                                     "done_reason": "stop", "total_duration": 1000000000, "load_duration": 0,
+                                     "prompt_eval_count": 5, "prompt_eval_duration": 250000000, "eval_count": 2,
+                                     "eval_duration": 750000000})
+        self.assertTrue(items.endswith(b"}\n"))
+        cut, _ = translate([coproxy.ChatNormalize("gpt-4.1", True, True, 0),
+                         coproxy.ChatToOllama("m", "generate", "T", 0.0, time.monotonic)], coproxy.OLLAMA,
+                        chunk("par"), end=True)
+        lines = [json.loads(line) for line in cut.decode().splitlines()]
+        self.assertEqual((lines[0]["response"], list(lines[-1])), ("par", ["error"]))
+
+
 class TestWorkerPool(unittest.TestCase):
     def test_results_errors_reuse_and_concurrency(self):
         pool = coproxy.WorkerPool(8)
@@ -5049,6 +5154,140 @@ class TestOperations(ProxyTestCase):
         self.assertEqual(json.loads(self.request("GET", "/v1/models/fast", port=proxy.port)[2])["alias_of"],
                          "claude-haiku-4.5")
 
+
+
+def ndjson(body):
+    """The objects of an NDJSON body (each line one JSON object)."""
+    return [json.loads(line) for line in body.decode().split("\n") if line]
+
+
+class TestOllamaAPI(ProxyTestCase):
+    def test_probe_version_tags_show_and_ps(self):
+        status, headers, body = self.request("GET", "/")
+        self.assertEqual((status, headers["Content-Type"], body), (200, "text/plain; charset=utf-8",
+                                                                   b"Ollama is running"))
+        self.assertEqual(self.raw().send(b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").response(head_only=True)[0],
+                         200)
+        version = json.loads(self.request("GET", "/api/version")[2])["version"]
+        self.assertGreaterEqual(tuple(map(int, version.split("."))), (0, 6, 4))
+        tags = json.loads(self.request("GET", "/api/tags")[2])["models"]
+        self.assertEqual([t["model"] for t in tags], [i + ":latest" for i in CATALOG_IDS + ["auto"]])
+        status, _, body = self.request("POST", "/api/show", {"model": "claude-sonnet-4.5:latest"},
+                                       headers={"Authorization": "Bearer "})  # VS Code's empty key
+        show = json.loads(body)
+        self.assertEqual((status, show["capabilities"], show["model_info"]["claude-sonnet-4.5.context_length"]),
+                         (200, ["completion", "tools", "vision", "thinking"], 200000))
+        self.assertEqual(json.loads(self.request("POST", "/api/show", {"name": "gpt-4.1"})[2])["details"]["family"],
+                         "gpt-4.1")
+        self.assertEqual(json.loads(self.request("GET", "/api/ps")[2]), {"models": []})
+        # VS Code's Ollama provider chats on /v1/chat/completions with the listed name, tag and all
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(model="gpt-4.1:latest"))[0], 200)
+        self.assertEqual(len(self.fake.requests_to("/models")), 1)
+        proxy = self.start_proxy(model_aliases={"fast": "claude-haiku-4.5"})
+        tags = json.loads(self.request("GET", "/api/tags", port=proxy.port)[2])["models"]
+        self.assertEqual(tags[-1]["model"], "fast:latest")
+        self.assertEqual(self.request("POST", "/api/chat", {"model": "fast:latest", "stream": False, "messages": [
+            {"role": "user", "content": "x"}]}, port=proxy.port)[0], 200)
+        self.assertEqual(json.loads(self.fake.requests_to("/chat/completions")[-1][3])["model"], "claude-haiku-4.5")
+
+    def test_chat_whole_and_streamed_with_the_usual_accounting(self):
+        status, headers, body = self.request("POST", "/api/chat", {"model": "gpt-4.1:latest", "stream": False,
+                                                                   "messages": [{"role": "user", "content": "hi"}]})
+        answer = json.loads(body)
+        self.assertEqual((status, headers["Content-Type"], answer["model"], answer["message"], answer["done"],
+                          answer["done_reason"], answer["prompt_eval_count"], answer["eval_count"]),
+                         (200, "application/json", "gpt-4.1:latest", {"role": "assistant", "content": "echo: hi"},
+                          True, "stop", 3, 2))
+        self.assertIsInstance(answer["total_duration"], int)
+        sent = self.fake.requests_to("/chat/completions")[-1]
+        self.assertEqual((sent[2]["x-initiator"], json.loads(sent[3])["model"]), ("user", "gpt-4.1"))
+        self.fake.stream(chunk("Hel"), chunk("lo"), chunk(None, "length"), COST_CHUNK, DONE)
+        status, headers, body = self.request("POST", "/api/generate", {"model": "gpt-4.1", "prompt": "hi"})
+        lines = ndjson(body)
+        self.assertEqual((status, headers["Content-Type"]), (200, "application/x-ndjson"))
+        self.assertEqual([line["response"] for line in lines], ["Hel", "lo", ""])
+        self.assertEqual([line["done"] for line in lines], [False, False, True])
+        self.assertEqual((lines[-1]["done_reason"], lines[-1]["eval_count"]), ("length", 2))
+        self.assertTrue(json.loads(self.fake.requests_to("/chat/completions")[-1][3])["stream"])
+        self.assertTrue(wait_for(lambda: any("POST /api/generate 200" in l and "credits=4.5" in l for l in LOGS.lines)))
+        credits = self.proxy.app.metrics.counters[("coproxy_ai_credits_total", (("model", "gpt-4.1"),))]
+        self.assertAlmostEqual(credits, 4.5 + 0.0022)  # as reported, plus the first answer's estimate
+        self.assertEqual(self.proxy.app.metrics.counters[("coproxy_requests_total", (
+            ("route", "/api/generate"), ("status", 200), ("model", "gpt-4.1"), ("initiator", "user")))], 1)
+        status, _, body = self.request("POST", "/api/generate", {"model": "gpt-4.1", "keep_alive": 0})
+        self.assertEqual((json.loads(body)["done_reason"], len(self.fake.requests_to("/chat/completions"))),
+                         ("unload", 2))
+
+    def test_responses_only_models_go_to_responses(self):
+        body = {"model": "gpt-5.1-codex:latest", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+        status, _, data = self.request("POST", "/api/chat", body)
+        self.assertEqual((status, json.loads(data)["message"]["content"]), (200, "codex says hi"))
+        self.fake.stream(sse({"type": "response.output_text.delta", "delta": "Hi"}),
+                         sse({"type": "response.output_item.added", "output_index": 1, "item": {
+                             "type": "function_call", "call_id": "call_9", "name": "ls"}}),
+                         sse({"type": "response.function_call_arguments.delta", "output_index": 1,
+                              "delta": "{\"d\": \".\"}"}),
+                         sse({"type": "response.completed", "response": {"status": "completed", "usage": {
+                             "input_tokens": 6, "output_tokens": 2}}}))
+        lines = ndjson(self.request("POST", "/api/chat", dict(body, stream=True))[2])
+        self.assertEqual(lines[1]["message"]["tool_calls"], [{"id": "call_9", "function": {
+            "index": 0, "name": "ls", "arguments": {"d": "."}}}])
+        self.assertEqual((lines[-1]["done"], lines[-1]["prompt_eval_count"]), (True, 6))
+        self.assertEqual(len(self.fake.requests_to("/responses")), 2)
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+
+    def test_embed_and_the_older_embeddings(self):
+        answer = json.loads(self.request("POST", "/api/embed", {"model": "text-embedding-3-small",
+                                                                "input": ["a", "bb"]})[2])
+        self.assertEqual((answer["embeddings"], answer["prompt_eval_count"]), ([[0.5, -1.25, 1.0], [0.5, -1.25, 2.0]], 4))
+        answer = json.loads(self.request("POST", "/api/embeddings", {"model": "text-embedding-3-small:latest",
+                                                                     "prompt": "abc"})[2])
+        self.assertEqual(answer, {"embedding": [0.5, -1.25, 3.0]})
+        self.assertEqual(json.loads(self.fake.requests_to("/embeddings")[-1][3])["input"], ["abc"])
+
+    def test_errors_are_ollamas_and_the_guard_still_applies(self):
+        def error(method, path, body=None, headers=None, port=None):
+            status, headers, data = self.request(method, path, body, headers, port)
+            self.assertEqual(list(json.loads(data)), ["error"], data)
+            return status, json.loads(data)["error"]
+        status, message = error("POST", "/api/chat", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(status, 404)
+        self.assertIn("gpt-9", message)
+        self.assertEqual(error("POST", "/api/chat", {"model": "gpt-4.1", "messages": "hi"})[0], 400)
+        self.assertEqual(error("POST", "/api/show", {})[0], 400)
+        self.assertEqual(error("GET", "/api/pull")[0], 404)
+        self.assertEqual(error("GET", "/api/chat")[0], 405)
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(
+            429, {"error": {"message": "slow down", "code": "rate_limited"}}, [("Retry-After", "30")])
+        self.assertEqual(error("POST", "/api/chat", {"model": "gpt-4.1", "messages": [
+            {"role": "user", "content": "x"}]}), (429, "slow down"))
+        self.assertEqual(error("GET", "/api/tags", headers={"Host": "evil.example"})[0], 403)
+        proxy = self.start_proxy(api_key="k")
+        self.assertEqual(error("GET", "/api/tags", headers={"Authorization": "Bearer "}, port=proxy.port)[0], 401)
+        self.assertEqual(self.request("GET", "/api/tags", headers={"Authorization": "Bearer k"}, port=proxy.port)[0],
+                         200)
+        proxy = self.start_proxy(api_surface=coproxy._api_surface("chat"))
+        self.assertEqual(error("GET", "/api/tags", port=proxy.port)[0], 404)
+
+    def test_a_cut_stream_ends_with_an_error_line_and_silence_with_empty_objects(self):
+        self.fake.stream(chunk("par"), "cut")
+        lines = ndjson(self.request("POST", "/api/chat", {"model": "gpt-4.1", "messages": [
+            {"role": "user", "content": "x"}]})[2])
+        self.assertEqual((lines[0]["message"]["content"], list(lines[-1])), ("par", ["error"]))
+        self.assertIn("mid-stream", lines[-1]["error"])
+        proxy = self.start_proxy(ping_seconds=0.05)
+        gate = threading.Event()
+        self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
+        client = RawClient(proxy.port)
+        self.addCleanup(client.close)
+        client.send(post("/api/chat", json.dumps({"model": "gpt-4.1", "messages": [
+            {"role": "user", "content": "x"}]}).encode()))
+        client.response(head_only=True)
+        read_chunk(client.file)
+        ping = json.loads(read_chunk(client.file))
+        self.assertEqual((ping["message"], ping["done"]), ({"role": "assistant", "content": ""}, False))
+        gate.set()
+        self.assertTrue(ndjson(read_rest(client.file))[-1]["done"])
 
 
 class Mutator:
