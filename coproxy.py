@@ -22,8 +22,8 @@ Quick start::
 
 Subcommands: ``serve [-d]``, ``stop``, ``status``, ``service systemd|launchd``, ``auth
 login|status|logout|refresh``, ``models``, ``usage``, ``claude-code``. Every flag has an
-environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` and
-``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
+environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` (or
+``COPROXY_API_KEY``) and ``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
 ``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows).
 
 Routes: ``/v1/chat/completions``, ``/v1/responses`` (and ``/compact``), ``/v1/embeddings``,
@@ -8724,8 +8724,8 @@ def require_key_for_public_bind(config, what="listen on"):
         problem = "refusing --cors-origin '*' without an API key: every web page you visit"
     else:
         return
-    raise UsageError("%s would use your Copilot subscription. Set GHCP_PROXY_API_KEY (or --api-key), or pass "
-                     "--allow-unauthenticated if you really mean it" % problem)
+    raise UsageError("%s would use your Copilot subscription. Set COPROXY_API_KEY or GHCP_PROXY_API_KEY (or "
+                     "--api-key), or pass --allow-unauthenticated if you really mean it" % problem)
 
 
 def cmd_serve(config, args):
@@ -9185,6 +9185,10 @@ def catalogue_from_coproxy(config, url):
         return None, "no coproxy answers at %s%s" % (url, "" if exc.kind == "refused" else " (%s)" % exc)
     finally:
         client.close()
+    if status == 401:  # Claude Code would get the same refusal on every request
+        raise CoproxyError("the coproxy at %s refuses the key given to claude-code (%s): give it the key serve was "
+                           "started with (--api-key, or COPROXY_API_KEY / GHCP_PROXY_API_KEY)" % (
+                               url, "none" if not config.api_key else config.source_of("api_key")))
     if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
         message = _dig(data, "error").get("message") if isinstance(data, dict) else None
         return None, "the coproxy at %s answered %d%s" % (url, status, ": %s" % message if message else "")

@@ -6112,15 +6112,18 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
         self.assertIn("the coproxy at http://127.0.0.1:%d cannot read the catalogue from GitHub either" % proxy.port,
                       err)
 
-    def test_github_when_no_coproxy_answers_and_a_wrong_key_is_named(self):
+    def test_github_when_no_coproxy_answers_and_a_wrong_key_is_refused(self):
         port = self.dead_url.rsplit(":", 1)[1]
         code, env, err = self.claude_code("--port", port)
         self.assertEqual((code, env["ANTHROPIC_MODEL"]), (0, "claude-sonnet-4.5"))
         self.assertIn("note: no coproxy answers at %s; the models are from GitHub" % self.dead_url, err)
         proxy = self.start_proxy(api_key="right")
-        code, env, err = self.claude_code("--port", str(proxy.port), "--api-key", "wrong")
-        self.assertEqual(code, 0)
-        self.assertIn("answered 401: missing or wrong API key", err)
+        for key in (["--api-key", "wrong"], []):  # the settings would fail on every request: none printed
+            code, env, err = self.claude_code("--port", str(proxy.port), *key)
+            self.assertEqual((code, env), (1, {}))
+            self.assertIn("the coproxy at http://127.0.0.1:%d refuses the key given to claude-code (%s): give it the "
+                          "key serve was started with" % (proxy.port, "--api-key" if key else "none"), err)
+            self.assertNotIn("wrong", err)
 
     def test_the_coproxy_of_this_state_dir_is_found_without_a_port(self):
         proxy = self.start_proxy()
