@@ -146,6 +146,10 @@ DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
 DEFAULT_HISTORY_DAYS = 90
 #: Seconds the /models catalogue is cached (VS Code refreshes at most every 10 minutes).
 DEFAULT_MODELS_TTL_SECONDS = 300.0
+#: Responses coproxy builds for translated models, kept for previous_response_id, GET and DELETE.
+RESPONSE_STORE_COUNT = 1000
+RESPONSE_STORE_BYTES = 64 << 20
+RESPONSE_STORE_SECONDS = 6 * 3600.0
 #: Seconds a request waits for a concurrency slot before 503.
 DEFAULT_QUEUE_TIMEOUT_SECONDS = 30.0
 
@@ -4690,6 +4694,17 @@ def clean_anthropic_request(payload):
     return removed
 
 
+def fit_thinking_budget(budget, info, max_tokens=None):
+    """A thinking budget within the model's catalogue bounds (at least its minimum, 1,024 when
+    unknown) and below its output limit and ``max_tokens`` (Claude wants room for the answer)."""
+    supports = _dig(info, "capabilities", "supports")
+    limits = _dig(info, "capabilities", "limits")
+    budget = max(budget, int(_count(supports, "min_thinking_budget") or 1024))
+    ceiling = [v for v in (supports.get("max_thinking_budget"), (max_tokens or 0) - 1,
+                           _count(limits, "max_output_tokens") - 1) if isinstance(v, int) and v > 0]
+    return min([budget] + ceiling)
+
+
 def anthropic_to_openai_request(payload, model_info=None):
     """An Anthropic Messages request as an OpenAI chat request for Copilot."""
     messages = []
@@ -4765,12 +4780,7 @@ def anthropic_to_openai_request(payload, model_info=None):
         request["reasoning_effort"] = effort
     thinking = payload.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled" and thinking.get("budget_tokens"):
-        supports = _dig(model_info, "capabilities", "supports")
-        limits = _dig(model_info, "capabilities", "limits")
-        budget = max(int(thinking["budget_tokens"]), int(_count(supports, "min_thinking_budget") or 1024))
-        ceiling = [v for v in (supports.get("max_thinking_budget"), (_count(limits, "max_output_tokens") or 0) - 1)
-                   if isinstance(v, int) and v > 0]
-        request["thinking_budget"] = min([budget] + ceiling)
+        request["thinking_budget"] = fit_thinking_budget(int(thinking["budget_tokens"]), model_info)
     return request
 
 
@@ -5033,13 +5043,27 @@ def validate_responses_request(payload, default_model=None):
     if isinstance(check(payload, "input", ("string", "array")), list):
         for index, item in enumerate(check_items(payload, "input")):
             where = "input[%d]." % index
-            check_fields(item, where, type="string", role="string")
+            check_fields(item, where, type="string", role="string", call_id="string", name="string",
+                         arguments="string", input="string", encrypted_content="string",
+                         output=("string", "array"))
             check_parts(item.get("content"), where + "content")
             if isinstance(item.get("output"), list):
                 check_parts(item["output"], where + "output")
-    check(payload, "stream", "boolean")
-    check_fields(check(payload, "reasoning", "object"), "reasoning.", effort="string")
-    check_items(payload, "tools")
+    check_fields(payload, stream="boolean", instructions=("string", "array"),
+                 tool_choice=("string", "object"), parallel_tool_calls="boolean",
+                 max_output_tokens="integer", temperature="number", top_p="number", store="boolean",
+                 previous_response_id="string", metadata="object", user="string")
+    check_items(payload, "include", kinds="string")
+    check_fields(check(payload, "reasoning", "object"), "reasoning.", effort="string",
+                 summary="string")
+    check_fields(check(payload, "text", "object"), "text.", format="object")
+    check_fields(_dig(payload, "text", "format"), "text.format.", type="string", name="string",
+                 schema="object")
+    for index, tool in enumerate(check_items(payload, "tools")):
+        check_fields(tool, "tools[%d]." % index, type="string", name="string", description="string",
+                     parameters="object", strict="boolean", format="object")
+    if isinstance(payload.get("tool_choice"), dict):
+        check_fields(payload["tool_choice"], "tool_choice.", type="string", name="string")
     return model
 
 
@@ -5306,6 +5330,721 @@ def compaction_answer(data, payload, now):
             "output": output, "usage": responses_usage_object(usage_from_responses(data.get("usage")))}
 
 
+# Responses for models Copilot serves only on /chat/completions or /v1/messages (Claude, Gemini,
+# gpt-4.1, ...): the request becomes a chat request (and, for Claude, an Anthropic one from
+# that), and the answer comes back through one ResponseBuilder, fed by a chat reader or an
+# Anthropic reader, whole or streamed. Custom tools (Codex's freeform apply_patch) travel as a
+# function with one string argument; Claude's thinking travels in a reasoning item's
+# ``encrypted_content`` (its text and signature, which a later turn must send back).
+
+#: Tool types OpenAI runs on its own side; no model behind chat completions or Messages has them.
+_CLIENT_TOOL_TYPES = ("function", "custom")
+#: The argument a custom tool's text travels in while it is a function.
+CUSTOM_TOOL_ARGUMENT = "input"
+#: Thinking budgets for a Responses ``reasoning.effort`` on Claude (fitted to the model's bounds).
+EFFORT_THINKING_BUDGETS = {"minimal": 1024, "low": 4096, "medium": 8192, "high": 16384,
+                           "xhigh": 24576, "max": 32000}
+_THINKING_PREFIX = "coproxy.thinking."
+
+
+def _string(node, key):
+    """``node[key]`` when it is a non-empty string, else None (upstream answers are not checked)."""
+    value = node.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def pack_thinking(text, signature):
+    """Claude's thinking block as a reasoning item's ``encrypted_content`` (opaque to clients)."""
+    packed = base64.urlsafe_b64encode(json_dumps({"thinking": text, "signature": signature}))
+    return _THINKING_PREFIX + packed.decode("ascii")
+
+
+def unpack_thinking(value):
+    """(thinking text, signature) from pack_thinking's form, or None for anything else."""
+    if not isinstance(value, str) or not value.startswith(_THINKING_PREFIX):
+        return None
+    try:
+        block = json.loads(base64.urlsafe_b64decode(value[len(_THINKING_PREFIX):].encode("ascii")))
+    except (ValueError, TypeError):
+        return None
+    if isinstance(block, dict) and isinstance(block.get("thinking"), str) and \
+            _string(block, "signature"):
+        return block["thinking"], block["signature"]
+    return None
+
+
+def responses_upstream(info, payload):
+    """The Copilot path for a Responses request: /responses where the catalogue lists it (or the
+    model is unknown to it: Copilot decides), else /v1/messages where listed (Claude) unless the
+    request wants structured output, which only chat completions take, else /chat/completions."""
+    endpoints = info.get("supported_endpoints")
+    endpoints = endpoints if isinstance(endpoints, list) else []
+    if not info or "/responses" in endpoints:
+        return "/responses"
+    structured = _dig(payload, "text", "format").get("type") in ("json_schema", "json_object")
+    if "/v1/messages" in endpoints and not (structured and "/chat/completions" in endpoints):
+        return "/v1/messages"
+    return "/chat/completions"
+
+
+def check_client_tools(payload, model, path):
+    """400 for hosted tools (web_search, file_search, code_interpreter, computer_use, mcp, ...):
+    OpenAI runs them on its side, and the model's Copilot endpoint has nothing of the kind."""
+    for index, tool in enumerate(payload.get("tools") or []):
+        kind = tool.get("type")
+        if kind not in _CLIENT_TOOL_TYPES:
+            raise ClientError(
+                400, "tools[%d]: %s is a hosted tool that only OpenAI's own Responses models "
+                     "run; %s is served through Copilot's %s, which has no hosted tools: remove "
+                     "it, or pick a model Copilot serves on /responses"
+                     % (index, kind, model, path),
+                param="tools[%d].type" % index, code="hosted_tool_not_supported")
+
+
+def custom_tool_names(payload):
+    return frozenset(t.get("name") for t in payload.get("tools") or [] if t.get("type") == "custom")
+
+
+def _chat_tool(tool):
+    """A Responses function or custom tool as a chat completions tool."""
+    if tool.get("type") == "function":
+        function = {"name": tool.get("name"), "description": tool.get("description") or "",
+                    "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
+        return {"type": "function", "function": function}
+    described = tool.get("description") or ""
+    fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+    if fmt.get("type") == "grammar" and _string(fmt, "definition"):
+        described += "\n\nThe input must follow this %s grammar:\n%s" % (fmt.get("syntax") or "",
+                                                                        fmt["definition"])
+    argument = {"type": "string", "description": "the tool's input as plain text"}
+    return {"type": "function", "function": {
+        "name": tool.get("name"), "description": described.strip(),
+        "parameters": {"type": "object", "properties": {CUSTOM_TOOL_ARGUMENT: argument},
+                       "required": [CUSTOM_TOOL_ARGUMENT], "additionalProperties": False}}}
+
+
+def _chat_parts(parts, where):
+    """Responses content parts (input_text, input_image, output_text, refusal) as chat parts."""
+    out = []
+    for index, part in enumerate(parts):
+        kind = part.get("type")
+        if kind in ("input_text", "output_text", "text", "summary_text"):
+            out.append({"type": "text", "text": part.get("text") or ""})
+        elif kind == "refusal":
+            out.append({"type": "text", "text": part.get("refusal") or ""})
+        elif kind == "input_image":
+            url = _string(part, "image_url")
+            if url is None:
+                raise ClientError(400, "%s[%d]: only images given by image_url (a URL or a data: "
+                                       "URL) can be sent to this model, not file ids"
+                                  % (where, index),
+                                  param="%s[%d]" % (where, index), code="unsupported_content")
+            image = {"url": url}
+            if isinstance(part.get("detail"), str):
+                image["detail"] = part["detail"]
+            out.append({"type": "image_url", "image_url": image})
+        else:
+            raise ClientError(400, "%s[%d]: %s parts can only be sent to models Copilot serves on "
+                                   "/responses" % (where, index, kind),
+                              param="%s[%d].type" % (where, index), code="unsupported_content")
+    return out
+
+
+def _joined_text(parts):
+    return "".join(p["text"] for p in parts if p["type"] == "text")
+
+
+def responses_to_chat_request(payload, history, keep_thinking):
+    """A Responses request as a chat completions request: ``instructions`` and system/developer
+    messages as system messages; a stored conversation (``history``: the items of the responses
+    before, for previous_response_id) then ``input``; function and custom tool calls as the
+    assistant's tool_calls, their outputs as tool messages (images in them follow as a user
+    message: chat tool messages hold text only); Claude's thinking, when ``keep_thinking``, as
+    Copilot's ``reasoning_text``/``reasoning_opaque`` on the assistant message it preceded."""
+    messages = []
+    instructions = payload.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    items = history + as_output_items(payload.get("input"))
+    assistant, thinking, tool_images = None, None, []
+    for index, item in enumerate(items):
+        kind, where = item.get("type"), "input[%d]" % (index - len(history))
+        if tool_images and kind not in ("function_call_output", "custom_tool_call_output"):
+            messages.append({"role": "user", "content": tool_images})
+            tool_images = []
+        said = kind == "message" and item.get("role") == "assistant"
+        if said or kind in ("function_call", "custom_tool_call"):
+            if assistant is None:
+                assistant = {"role": "assistant", "content": None}
+                if thinking:
+                    assistant["reasoning_text"], assistant["reasoning_opaque"] = thinking
+                messages.append(assistant)
+                thinking = None
+            if kind == "message":
+                text = _joined_text(_chat_parts(item["content"], where + ".content"))
+                if text:
+                    assistant["content"] = (assistant["content"] or "") + text
+            else:
+                arguments = item.get("arguments") if kind == "function_call" else json.dumps(
+                    {CUSTOM_TOOL_ARGUMENT: item.get("input") or ""})
+                function = {"name": item.get("name"), "arguments": arguments or "{}"}
+                assistant.setdefault("tool_calls", []).append(
+                    {"id": item.get("call_id"), "type": "function", "function": function})
+            continue
+        assistant = None
+        if kind == "reasoning":
+            thinking = unpack_thinking(item.get("encrypted_content")) if keep_thinking else None
+        elif kind == "message":
+            parts = _chat_parts(item["content"], where + ".content")
+            if item.get("role") in ("system", "developer"):
+                messages.append({"role": "system", "content": _joined_text(parts)})
+            else:
+                simple = all(p["type"] == "text" for p in parts)
+                messages.append({"role": "user",
+                                 "content": _joined_text(parts) if simple else parts})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            output = item.get("output")
+            parts = _chat_parts(output, where + ".output") if isinstance(output, list) else [
+                {"type": "text", "text": output if isinstance(output, str) else json.dumps(output)}]
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": _joined_text(parts)})
+            tool_images += [p for p in parts if p["type"] == "image_url"]
+        # other items (item references, native models' compaction items) have no chat form
+    if tool_images:
+        messages.append({"role": "user", "content": tool_images})
+    request = {"model": payload["model"], "messages": messages}
+    if payload.get("stream"):
+        request["stream"] = True
+        request["stream_options"] = {"include_usage": True}
+    if payload.get("max_output_tokens") is not None:
+        request["max_tokens"] = payload["max_output_tokens"]
+    for key in ("temperature", "top_p", "user"):
+        if payload.get(key) is not None:
+            request[key] = payload[key]
+    effort = _dig(payload, "reasoning").get("effort")
+    if isinstance(effort, str):
+        request["reasoning_effort"] = effort
+    tools = [_chat_tool(t) for t in payload.get("tools") or []]
+    if tools:
+        request["tools"] = tools
+        if isinstance(payload.get("parallel_tool_calls"), bool):
+            request["parallel_tool_calls"] = payload["parallel_tool_calls"]
+    choice = payload.get("tool_choice")
+    if choice in ("auto", "none", "required"):
+        request["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice.get("type") in _CLIENT_TOOL_TYPES and \
+            _string(choice, "name"):
+        request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        request["tool_choice"] = "required" if choice.get("mode") == "required" else "auto"
+    fmt = _dig(payload, "text", "format")
+    if fmt.get("type") == "json_schema":
+        schema = {"name": fmt.get("name") or "response", "schema": fmt.get("schema") or {}}
+        if isinstance(fmt.get("strict"), bool):
+            schema["strict"] = fmt["strict"]
+        request["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif fmt.get("type") == "json_object":
+        request["response_format"] = {"type": "json_object"}
+    return request
+
+
+def thinking_budget_for(effort, info, max_tokens):
+    """Claude's thinking budget for a reasoning effort, or None (no effort, "none", or no room)."""
+    wanted = EFFORT_THINKING_BUDGETS.get(effort)
+    if wanted is None or (max_tokens is not None and max_tokens <= 1024):
+        return None
+    return fit_thinking_budget(wanted, info, max_tokens)
+
+
+def _anthropic_image(part):
+    url = part["image_url"].get("url") or ""
+    match = re.match(r"data:([^;,]+);base64,(.*)$", url, re.S)
+    if match:
+        return {"type": "image", "source": {"type": "base64", "media_type": match.group(1),
+                                            "data": match.group(2)}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _anthropic_content(content):
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return [{"type": "text", "text": p["text"]} if p["type"] == "text" else _anthropic_image(p)
+            for p in content or [] if p["type"] != "text" or p.get("text")]
+
+
+def _mark_cache(blocks):
+    """A prompt-cache breakpoint on the last block that may carry one (never a thinking block)."""
+    for block in reversed(blocks):
+        if block.get("type") not in ("thinking", "redacted_thinking"):
+            block.setdefault("cache_control", {"type": "ephemeral"})
+            return
+
+
+def chat_to_anthropic_request(chat, info):
+    """A chat request (as responses_to_chat_request makes it) as an Anthropic Messages request,
+    for Claude on Copilot's /v1/messages: system messages into ``system``, turns of one role
+    merged (Messages alternates), tool results first in their user turn, thinking blocks with
+    their signatures, and prompt-cache breakpoints on the system prompt, the tools and the newest
+    turn (OpenAI clients expect caching without asking; Claude caches only where marked). The
+    chat request's ``reasoning_effort`` becomes a thinking budget."""
+    system, messages = [], []
+
+    def push(role, blocks):
+        if not blocks:
+            return
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": role, "content": blocks})
+    for message in chat["messages"]:
+        role = message["role"]
+        if role == "system":
+            system.extend(_anthropic_content(message["content"]))
+        elif role == "tool":
+            push("user", [{"type": "tool_result", "tool_use_id": message.get("tool_call_id"),
+                           "content": message.get("content") or ""}])
+        elif role == "assistant":
+            blocks = []
+            if message.get("reasoning_opaque"):
+                blocks.append({"type": "thinking", "thinking": message.get("reasoning_text") or "",
+                               "signature": message["reasoning_opaque"]})
+            blocks += _anthropic_content(message.get("content"))
+            blocks += [{"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+                        "input": _parse_arguments(call["function"]["arguments"])}
+                       for call in message.get("tool_calls", [])]
+            push("assistant", blocks)
+        else:
+            push("user", _anthropic_content(message["content"]))
+    limits = _dig(info, "capabilities", "limits")
+    # Copilot caps whole (non-stream) answers lower than streamed ones
+    whole = 0 if chat.get("stream") else _count(limits, "max_non_streaming_output_tokens")
+    request = {"model": chat["model"], "messages": messages, "max_tokens": chat.get("max_tokens")
+               or whole or _count(limits, "max_output_tokens") or 8192}
+    if system:
+        _mark_cache(system)
+        request["system"] = system
+    if messages:
+        _mark_cache(messages[-1]["content"])
+    if chat.get("stream"):
+        request["stream"] = True
+    for source, target in (("temperature", "temperature"), ("top_p", "top_p")):
+        if chat.get(source) is not None:
+            request[target] = chat[source]
+    if chat.get("user"):
+        request["metadata"] = {"user_id": chat["user"]}
+    if chat.get("tools"):
+        request["tools"] = [{"name": f["name"], "description": f.get("description") or "",
+                             "input_schema": f["parameters"]}
+                            for f in (t["function"] for t in chat["tools"])]
+        request["tools"][-1]["cache_control"] = {"type": "ephemeral"}
+        choice = chat.get("tool_choice", "auto")
+        if isinstance(choice, dict):
+            request["tool_choice"] = {"type": "tool", "name": choice["function"]["name"]}
+        else:
+            request["tool_choice"] = {"type": {"required": "any"}.get(choice, choice)}
+        if chat.get("parallel_tool_calls") is False and choice != "none":
+            request["tool_choice"]["disable_parallel_tool_use"] = True
+    forced = _dig(request, "tool_choice").get("type") in ("any", "tool")
+    thinking_budget = thinking_budget_for(chat.get("reasoning_effort"), info, request["max_tokens"])
+    if thinking_budget and not forced:  # Claude thinks only when it may pick its tool
+        request["thinking"] = {"type": "enabled", "budget_tokens": thinking_budget}
+        request.pop("temperature", None)  # thinking takes neither (Anthropic refuses them)
+        request.pop("top_p", None)
+    return request
+
+
+def response_skeleton(payload, model, now):
+    """A Response in progress for a translated request, its settings echoed as OpenAI does."""
+    get, reasoning = payload.get, _dig(payload, "reasoning")
+    return {"id": "resp_" + random_id(), "object": "response", "created_at": int(now),
+            "status": "in_progress", "background": False, "error": None, "incomplete_details": None,
+            "instructions": get("instructions"), "max_output_tokens": get("max_output_tokens"),
+            "model": model, "output": [],
+            "parallel_tool_calls": get("parallel_tool_calls") is not False,
+            "previous_response_id": get("previous_response_id"),
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+            "store": get("store") is not False, "temperature": get("temperature"),
+            "text": get("text") or {"format": {"type": "text"}},
+            "tool_choice": get("tool_choice") or "auto", "tools": get("tools") or [],
+            "top_p": get("top_p"), "truncation": get("truncation") or "disabled",
+            "usage": None, "user": get("user"), "metadata": get("metadata") or {}}
+
+
+class ResponseBuilder:
+    """One Response, built as its answer arrives, each step also spelled as the Responses stream
+    events that announce it, numbered by ``sequence_number`` from 0. A reader of the upstream's
+    format calls text(), reasoning(), signature(), call() and arguments() as the pieces come,
+    then finish(); each returns the events for that step. A whole answer is read with the same
+    calls and keeps only ``response``, so the two can never differ.
+
+    Items: a text or reasoning item closes when any other item begins (a signature closes its
+    reasoning); tool calls stay open until finish(), since chat streams may interleave the
+    argument pieces of parallel calls. A custom tool's call arrives as a function call with one
+    string argument and leaves as a ``custom_tool_call`` with that string as its input."""
+
+    def __init__(self, payload, model, now, on_done=None):
+        self.response = response_skeleton(payload, model, now)
+        summary = _dig(payload, "reasoning").get("summary")
+        self.summaries = summary in ("auto", "concise", "detailed")  # as OpenAI: only when asked
+        self.custom = custom_tool_names(payload)
+        self.on_done = on_done      # called with the finished response (the store keeps it)
+        self.sequence = 0
+        self.started = False
+        self.open = None            # output index of the text or reasoning item being written
+        self.calls = {}             # call id -> output index of a tool call not yet done
+        self.pieces = {}            # output index -> the text pieces of that item so far
+        self.signatures = {}        # output index -> the signature of a reasoning item
+
+    def _event(self, kind, **fields):
+        fields["type"] = kind
+        fields["sequence_number"] = self.sequence
+        self.sequence += 1
+        return (kind, fields)
+
+    def _add(self, item):
+        """Append an item to the output: its output_item.added event, the item as it starts."""
+        index = len(self.response["output"])
+        self.response["output"].append(item)
+        self.pieces[index] = []
+        added = dict(item, **{key: [] for key in ("content", "summary") if key in item})
+        return index, self._event("response.output_item.added", output_index=index, item=added)
+
+    def start(self):
+        if self.started:
+            return []
+        self.started = True
+        snapshot = dict(self.response, output=[])
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def _open_kind(self):
+        return self.response["output"][self.open]["type"] if self.open is not None else None
+
+    def text(self, delta):
+        out = self.start()
+        if self._open_kind() != "message":
+            out += self._close_open()
+            item = {"id": "msg_" + random_id(), "type": "message", "status": "in_progress",
+                    "role": "assistant", "content": []}
+            self.open, added = self._add(item)
+            part = {"type": "output_text", "text": "", "annotations": []}
+            out += [added, self._event("response.content_part.added", item_id=item["id"],
+                                       output_index=self.open, content_index=0, part=part)]
+        self.pieces[self.open].append(delta)
+        out.append(self._event("response.output_text.delta", output_index=self.open,
+                               content_index=0,
+                               item_id=self.response["output"][self.open]["id"], delta=delta,
+                               logprobs=[]))
+        return out
+
+    def reasoning(self, delta):
+        out = self.start()
+        if self._open_kind() != "reasoning" or self.open in self.signatures:
+            out += self._close_open()
+            item = {"id": "rs_" + random_id(), "type": "reasoning", "summary": []}
+            self.open, added = self._add(item)
+            out.append(added)
+            if self.summaries:
+                out.append(self._event("response.reasoning_summary_part.added", item_id=item["id"],
+                                       output_index=self.open, summary_index=0,
+                                       part={"type": "summary_text", "text": ""}))
+        self.pieces[self.open].append(delta)
+        if self.summaries and delta:
+            out.append(self._event("response.reasoning_summary_text.delta", output_index=self.open,
+                                   item_id=self.response["output"][self.open]["id"],
+                                   summary_index=0, delta=delta))
+        return out
+
+    def signature(self, signature):
+        """Claude's signature ends its thinking block: the reasoning item closes with both."""
+        out = self.reasoning("") if self._open_kind() != "reasoning" else []
+        self.signatures[self.open] = signature
+        return out + self._close_open()
+
+    def call(self, call_id, name):
+        out = self.start() + self._close_open()
+        if name in self.custom:
+            item = {"id": "ctc_" + random_id(), "type": "custom_tool_call", "call_id": call_id,
+                    "name": name, "input": ""}
+        else:
+            item = {"id": "fc_" + random_id(), "type": "function_call", "status": "in_progress",
+                    "call_id": call_id, "name": name, "arguments": ""}
+        self.calls[call_id], added = self._add(item)
+        return out + [added]
+
+    def arguments(self, call_id, delta):
+        index = self.calls.get(call_id)
+        if index is None or not delta:
+            return []
+        self.pieces[index].append(delta)
+        item = self.response["output"][index]
+        if item["type"] != "function_call":  # a custom call's input is known once its JSON is whole
+            return []
+        return [self._event("response.function_call_arguments.delta", item_id=item["id"],
+                            output_index=index, delta=delta)]
+
+    def _close_open(self):
+        if self.open is None:
+            return []
+        index, self.open = self.open, None
+        item = self.response["output"][index]
+        text = "".join(self.pieces[index])
+        out = []
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item["content"] = [part]
+            out.append(self._event("response.output_text.done", item_id=item["id"],
+                                   output_index=index, content_index=0, text=text, logprobs=[]))
+            out.append(self._event("response.content_part.done", item_id=item["id"],
+                                   output_index=index, content_index=0, part=part))
+            item["status"] = "completed"
+        else:
+            if self.summaries:
+                part = {"type": "summary_text", "text": text}
+                item["summary"] = [part]
+                out.append(self._event("response.reasoning_summary_text.done", item_id=item["id"],
+                                       output_index=index, summary_index=0, text=text))
+                out.append(self._event("response.reasoning_summary_part.done", item_id=item["id"],
+                                       output_index=index, summary_index=0, part=part))
+            if index in self.signatures:
+                item["encrypted_content"] = pack_thinking(text, self.signatures[index])
+        out.append(self._event("response.output_item.done", output_index=index, item=item))
+        return out
+
+    def _close_call(self, index):
+        item = self.response["output"][index]
+        text = "".join(self.pieces[index])
+        where = {"item_id": item["id"], "output_index": index}
+        if item["type"] == "function_call":
+            item.update(arguments=text or "{}", status="completed")
+            done = [self._event("response.function_call_arguments.done", name=item["name"],
+                                arguments=item["arguments"], **where)]
+        else:
+            value = _parse_arguments(text).get(CUSTOM_TOOL_ARGUMENT)
+            item["input"] = value if isinstance(value, str) else text
+            done = [self._event("response.custom_tool_call_input.delta", delta=item["input"],
+                                **where),
+                    self._event("response.custom_tool_call_input.done", input=item["input"],
+                                **where)]
+        return done + [self._event("response.output_item.done", output_index=index, item=item)]
+
+    def finish(self, incomplete_reason, usage):
+        """The last events: every open item done, then response.completed (or .incomplete with its
+        reason: max_output_tokens, content_filter), the response whole, with its usage."""
+        out = self.start() + self._close_open()
+        for index in sorted(self.calls.values()):
+            out += self._close_call(index)
+        self.calls = {}
+        response = self.response
+        response["usage"] = responses_usage_object(usage)
+        if incomplete_reason:
+            response.update(status="incomplete", incomplete_details={"reason": incomplete_reason})
+        else:
+            response["status"] = "completed"
+        if self.on_done is not None:
+            self.on_done(response)
+        out.append(self._event("response.incomplete" if incomplete_reason else "response.completed",
+                               response=response))
+        return out
+
+
+_CHAT_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+_ANTHROPIC_INCOMPLETE = {"max_tokens": "max_output_tokens", "refusal": "content_filter",
+                         "model_context_window_exceeded": "max_output_tokens"}
+
+
+class ChatToResponses(ChatReader):
+    """Chat completion chunks in, Responses events out (see ResponseBuilder): reasoning_text and
+    reasoning_opaque (Claude's thinking and signature), content, and tool calls of every choice
+    (Claude may put its calls in a second choice). Complete at ``[DONE]`` or a finish_reason."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        self.finish_reason = None
+        self.calls = {}  # (choice index, call index) -> the call's id
+
+    @property
+    def next_sequence_number(self):
+        return self.builder.sequence
+
+    def feed(self, event, data):
+        if data == "[DONE]":
+            self.complete = True
+            return []
+        chunk = parse_event_json(data)
+        if not isinstance(chunk, dict):
+            return [chunk] if chunk is not None else []
+        problem = chat_chunk_problem(chunk)
+        if problem:
+            return [problem]
+        self.take_chat_usage(chunk)
+        out = []
+        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
+            if isinstance(choice, dict):
+                out += self.read(choice, choice.get("delta"))
+        return out
+
+    def read(self, choice, delta):
+        """One choice's delta (or a whole answer's message) into the builder."""
+        builder = self.builder
+        delta = delta if isinstance(delta, dict) else {}
+        out = builder.start()
+        if _string(delta, "reasoning_text"):
+            out += builder.reasoning(delta["reasoning_text"])
+        if _string(delta, "reasoning_opaque"):
+            out += builder.signature(delta["reasoning_opaque"])
+        content = delta.get("content")
+        if isinstance(content, list):
+            content = "".join(_string(p, "text") or "" for p in content if isinstance(p, dict))
+        if isinstance(content, str) and content:
+            out += builder.text(content)
+        position = choice.get("index") if isinstance(choice.get("index"), int) else 0
+        for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []:
+            if not isinstance(call, dict):
+                continue
+            key = (position, call.get("index") if isinstance(call.get("index"), int) else 0)
+            function = _dig(call, "function")
+            call_id = _string(call, "id")
+            if key not in self.calls or (call_id and call_id != self.calls[key]):
+                self.calls[key] = call_id or "call_" + random_id(24)
+                out += builder.call(self.calls[key], _string(function, "name") or "")
+            if _string(function, "arguments"):
+                out += builder.arguments(self.calls[key], function["arguments"])
+        if choice.get("finish_reason"):
+            self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
+            self.complete = True
+        return out
+
+    def end(self):
+        return self.builder.finish(_CHAT_INCOMPLETE.get(self.finish_reason), self.usage)
+
+
+def chat_answer_to_response(data, builder):
+    """A whole chat completion as a Response."""
+    reader = ChatToResponses(builder)
+    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
+    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int)
+                         else 0):
+        message = dict(_dig(choice, "message"))
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):  # a whole answer's calls carry no index of their own
+            message["tool_calls"] = [dict(c, index=i) for i, c in enumerate(calls)
+                                     if isinstance(c, dict)]
+        reader.read(choice, message)
+    builder.finish(_CHAT_INCOMPLETE.get(reader.finish_reason),
+                   usage_from_chat(data.get("usage"), data.get("copilot_usage")))
+    return builder.response
+
+
+_ANTHROPIC_DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking",
+                           "signature_delta": "signature", "input_json_delta": "partial_json"}
+
+
+class AnthropicToResponses(Translator):
+    """Anthropic Messages events in, Responses events out (see ResponseBuilder): thinking blocks
+    with their signatures, text, tool_use blocks and their input JSON. Complete at message_stop;
+    an ``error`` event is the stream's failure."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        self.stop_reason = None
+        self.calls = {}  # content block index -> tool call id
+
+    @property
+    def next_sequence_number(self):
+        return self.builder.sequence
+
+    def feed(self, event, data):
+        data = parse_event_json(data)
+        if not isinstance(data, dict):
+            return [data] if data is not None else []
+        kind, builder = data.get("type") or event, self.builder
+        if kind in ("message_start", "message_delta"):
+            self.usage = merge_usage(self.usage, _anthropic_event_usage(data))
+            self.stop_reason = _dig(data, "delta").get("stop_reason") or self.stop_reason
+            return builder.start()
+        if kind == "content_block_start":
+            block = _dig(data, "content_block")
+            return self.read_block(data.get("index"), block, block.get("type") != "tool_use")
+        if kind == "content_block_delta":
+            delta = _dig(data, "delta")
+            piece = _ANTHROPIC_DELTA_FIELDS.get(delta.get("type"))
+            value = _string(delta, piece) if piece else None
+            if value is None:
+                return []
+            if piece == "text":
+                return builder.text(value)
+            if piece == "thinking":
+                return builder.reasoning(value)
+            if piece == "signature":
+                return builder.signature(value)
+            return builder.arguments(self.calls.get(data.get("index")), value)
+        if kind == "message_stop":
+            self.complete = True
+        elif kind == "error":
+            error = _dig(data, "error")
+            return [StreamError(_string(error, "message") or "Copilot reported an error mid-stream",
+                                _string(error, "type"))]
+        return []
+
+    def read_block(self, index, block, whole):
+        """A content block as it starts (``whole``: a whole answer's block, everything in it)."""
+        builder, kind = self.builder, block.get("type")
+        if kind == "tool_use":
+            call_id = self.calls[index] = _string(block, "id") or "toolu_" + random_id(24)
+            out = builder.call(call_id, _string(block, "name") or "")
+            if whole:
+                out += builder.arguments(call_id, json.dumps(block.get("input") or {}))
+            return out
+        if kind == "thinking":
+            out = builder.reasoning(_string(block, "thinking") or "")
+            if _string(block, "signature"):
+                out += builder.signature(block["signature"])
+            return out
+        if kind == "text" and _string(block, "text"):
+            return builder.text(block["text"])
+        return builder.start()
+
+    def end(self):
+        return self.builder.finish(_ANTHROPIC_INCOMPLETE.get(self.stop_reason), self.usage)
+
+
+def anthropic_answer_to_response(data, builder):
+    """A whole Anthropic message as a Response."""
+    reader = AnthropicToResponses(builder)
+    blocks = data.get("content") if isinstance(data.get("content"), list) else []
+    for index, block in enumerate(blocks):
+        if isinstance(block, dict):
+            reader.read_block(index, block, True)
+    builder.finish(_ANTHROPIC_INCOMPLETE.get(data.get("stop_reason")),
+                   usage_from_anthropic(data.get("usage"), data.get("copilot_usage")))
+    return builder.response
+
+
+#: What a translated model is asked for when Codex compacts its conversation (Copilot compacts
+#: only on /responses): a summary that lets the next turn carry on without the history.
+COMPACT_PROMPT = ("Summarise the conversation above for whoever continues it: the task and what "
+                  "the user wants, what has been done so far (files, commands and their results, "
+                  "decisions), the current state, and what is left to do. Write only the summary.")
+
+
+def summary_compaction_answer(response, payload, now):
+    """/responses/compact for a translated model: the user's messages, then the model's summary
+    of everything (as an assistant message), in Codex's ``response.compaction`` envelope."""
+    summary = "".join(part["text"] for item in response["output"] if item["type"] == "message"
+                      for part in item["content"])
+    kept = [i for i in as_output_items(payload.get("input"))
+            if i["type"] == "message" and i.get("role") == "user"]
+    text = "Summary of the conversation so far:\n\n" + summary
+    message = {"id": "msg_" + random_id(), "type": "message", "role": "assistant",
+               "status": "completed",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {"id": response["id"], "object": "response.compaction", "created_at": int(now),
+            "output": kept + [message], "usage": response["usage"]}
+
+
 # -- 8i. Embeddings, images by URL -----------------------------------------------------------
 
 def prepare_embeddings_request(payload):
@@ -5550,28 +6289,94 @@ def plan_messages(payload, model, info, quirks, now, anthropic_version=None, ant
     return fit_to_model(plan, quirks)
 
 
-def plan_responses(payload, model, info, quirks, now):
-    """POST /v1/responses: passed through; a history ending in Codex's compaction trigger goes
-    as the agent's compaction request."""
+def previous_response_not_found(response_id):
+    """OpenAI's answer to a previous_response_id it does not have (unknown, expired, deleted)."""
+    return ClientError(400, "Previous response with id '%s' not found." % response_id[:100],
+                       param="previous_response_id", code="previous_response_not_found")
+
+
+def is_claude(model, info):
+    vendor = info.get("vendor") if isinstance(info.get("vendor"), str) else ""
+    return model.lower().startswith("claude") or vendor.lower() == "anthropic"
+
+
+def plan_responses(payload, model, info, quirks, now, store=None):
+    """POST /v1/responses: passed through to /responses for the models Copilot serves there (a
+    history ending in Codex's compaction trigger goes as the agent's compaction request); for
+    the others translated to /v1/messages (Claude) or /chat/completions and back, the answer
+    built as a Response and kept in ``store`` (see ResponseStore) unless the client said
+    ``store: false``, so previous_response_id, GET and DELETE work."""
     items = payload.get("input") if isinstance(payload.get("input"), list) else []
     compaction = bool(items) and isinstance(items[-1], dict) and items[-1].get("type") == "compaction_trigger"
     vision = has_image(payload)
     check_vision(model, info, vision, "input")
-    plan = Plan("responses", RESPONSES, model, info, "/responses", payload=payload,
+    plan = Plan("responses", RESPONSES, model, info, responses_upstream(info, payload),
                 stream=payload.get("stream") is True, initiator=responses_initiator(payload), vision=vision,
-                effort_name="reasoning.effort", chain=lambda: [responses_passthrough()], what="a response")
-    if compaction:
-        plan.intent, plan.interaction = "conversation-agent", "conversation-compaction"
+                effort_name="reasoning.effort", what="a response")
+    if plan.path == "/responses":
+        plan.payload, plan.chain = payload, lambda: [responses_passthrough()]
+        if compaction:
+            plan.intent, plan.interaction = "conversation-agent", "conversation-compaction"
+        return fit_to_model(plan, quirks)
+    check_client_tools(payload, model, plan.path)
+    previous = payload.get("previous_response_id")
+    history = store.history(previous) if previous and store is not None else []
+    if previous and store is None:
+        raise previous_response_not_found(previous)
+    keep = None
+    if store is not None and payload.get("store") is not False:
+        own_input = as_output_items(payload.get("input"))
+
+        def keep(response):
+            store.put(response, own_input)
+    chat = responses_to_chat_request(payload, history, is_claude(model, info))
+
+    def builder():
+        return ResponseBuilder(payload, model, now, keep)
+    if plan.path == "/v1/messages":
+        plan.payload = chat_to_anthropic_request(chat, info)
+        plan.headers["anthropic-version"] = "2023-06-01"
+        if "thinking" in plan.payload:  # thinking between tool calls, as Claude Code has it
+            plan.headers["anthropic-beta"] = "interleaved-thinking-2025-05-14"
+        plan.answer = lambda data: anthropic_answer_to_response(data, builder())
+        plan.chain = lambda: [AnthropicToResponses(builder())]
+    else:
+        if is_claude(model, info) and chat.get("reasoning_effort"):
+            budget = thinking_budget_for(chat["reasoning_effort"], info, chat.get("max_tokens"))
+            if budget:
+                chat["thinking_budget"] = budget
+        if is_gemini(model, info):
+            gemini_tools(chat)
+        plan.payload = chat
+        plan.answer = lambda data: chat_answer_to_response(data, builder())
+        plan.chain = lambda: [ChatToResponses(builder())]
     return fit_to_model(plan, quirks)
 
 
 def plan_compact(payload, model, info, quirks, now):
-    """POST /v1/responses/compact (Codex's remote compaction): a compacting /responses call, as
-    the agent's compaction request, answered in the shape Codex reads."""
-    plan = Plan("compact", RESPONSES, model, info, "/responses", payload=compact_request(payload),
-                initiator="agent", vision=has_image(payload), intent="conversation-agent",
-                interaction="conversation-compaction", effort_name="reasoning.effort", what="a response",
-                answer=lambda data: compaction_answer(data, payload, now))
+    """POST /v1/responses/compact (Codex's remote compaction), as the agent's compaction request:
+    a compacting /responses call where Copilot serves the model there; for other models, the
+    model is asked for a summary of the conversation (see summary_compaction_answer). Either
+    way answered in the shape Codex reads."""
+    if responses_upstream(info, payload) == "/responses":
+        plan = Plan("compact", RESPONSES, model, info, "/responses",
+                    payload=compact_request(payload), vision=has_image(payload),
+                    effort_name="reasoning.effort", what="a response",
+                    answer=lambda data: compaction_answer(data, payload, now))
+    else:
+        ask = {"type": "message", "role": "user",
+               "content": [{"type": "input_text", "text": COMPACT_PROMPT}]}
+        request = {"model": model, "instructions": payload.get("instructions"), "store": False,
+                   "tools": [t for t in payload.get("tools") or []
+                             if t.get("type") in _CLIENT_TOOL_TYPES],
+                   "tool_choice": "none", "reasoning": payload.get("reasoning"),
+                   "input": as_output_items(payload.get("input")) + [ask]}
+        plan = plan_responses(request, model, info, quirks, now)
+        summarise = plan.answer
+        plan.route = "compact"
+        plan.answer = lambda data: summary_compaction_answer(summarise(data), payload, now)
+    plan.initiator, plan.intent = "agent", "conversation-agent"
+    plan.interaction = "conversation-compaction"
     return fit_to_model(plan, quirks)
 
 
@@ -5581,12 +6386,13 @@ def plan_embeddings(request, encoding, model, info):
                 answer=lambda data: normalize_embeddings_response(data, model, encoding), what="an embeddings list")
 
 
-def plan_response_get(response_id):
-    """GET /v1/responses/{id}: a stored response, read from Copilot."""
+def plan_response_get(response_id, method="GET"):
+    """GET (or HEAD) or DELETE /v1/responses/{id} of a response coproxy did not build: Copilot's."""
+    method = "DELETE" if method == "DELETE" else "GET"
     if response_id in (".", ".."):  # quoted or not, a path segment that would climb
         raise ClientError(404, "no response with the id %r" % response_id, code="not_found")
     return Plan("responses", RESPONSES, "-", {}, "/responses/" + urllib.parse.quote(response_id, safe=""),
-                method="GET", path_label="/responses/{id}")
+                method=method, path_label="/responses/{id}")
 
 
 # -- 8k. Ollama's API -----------------------------------------------------------------------
@@ -7119,6 +7925,75 @@ class Catalogue:
             self._quirks.setdefault(model, {}).update(lesson)
 
 
+class ResponseStore:
+    """The Responses coproxy built itself (for models it translates), kept in memory so that
+    previous_response_id, GET /v1/responses/{id} and DELETE work as on OpenAI. Each entry holds
+    a response, its own input items and the id it followed; a conversation is the chain of them.
+    Bounded three ways: RESPONSE_STORE_COUNT entries, RESPONSE_STORE_BYTES of JSON, and
+    RESPONSE_STORE_SECONDS since an entry was last used (the least recently used go first).
+    Touched only on the loop."""
+
+    def __init__(self, count=None, size=None, seconds=None, clock=time.monotonic):
+        self.count = count or RESPONSE_STORE_COUNT
+        self.size = size or RESPONSE_STORE_BYTES
+        self.seconds = seconds or RESPONSE_STORE_SECONDS
+        self.clock = clock
+        self.bytes = 0
+        self._entries = collections.OrderedDict()  # id -> (response, input items, bytes, last used)
+
+    def put(self, response, input_items):
+        size = len(json_dumps(response)) + len(json_dumps(input_items))
+        self.delete(response["id"])
+        if size > self.size:
+            return
+        self._entries[response["id"]] = (response, input_items, size, self.clock())
+        self.bytes += size
+        while len(self._entries) > self.count or self.bytes > self.size:
+            self.bytes -= self._entries.popitem(last=False)[1][2]
+
+    def get(self, response_id):
+        """The stored response, or None (never kept, expired or deleted)."""
+        entry = self._entries.get(response_id)
+        if entry is None:
+            return None
+        now = self.clock()
+        if now - entry[3] > self.seconds:
+            self.delete(response_id)
+            return None
+        self._entries[response_id] = entry[:3] + (now,)
+        self._entries.move_to_end(response_id)
+        return entry
+
+    def delete(self, response_id):
+        entry = self._entries.pop(response_id, None)
+        if entry is not None:
+            self.bytes -= entry[2]
+        return entry is not None
+
+    def answer(self, method, response_id):
+        """The answer to GET or DELETE /v1/responses/{id} when the response is kept here, else None."""
+        if method == "DELETE":
+            deleted = self.delete(response_id)
+            return {"id": response_id, "object": "response.deleted", "deleted": True} if deleted else None
+        entry = self.get(response_id)
+        return entry[0] if entry is not None else None
+
+    def history(self, response_id):
+        """The items of a conversation up to and including ``response_id`` (each response's input,
+        then its output), oldest first; 400 previous_response_not_found when any link is gone."""
+        chain = []
+        while response_id:
+            entry = self.get(response_id)
+            if entry is None or len(chain) > self.count:
+                raise previous_response_not_found(response_id)
+            chain.append(entry)
+            response_id = entry[0].get("previous_response_id")
+        items = []
+        for response, input_items, _, _ in reversed(chain):
+            items += input_items + response["output"]
+        return items
+
+
 class FetchBatch:
     """The image fetches of one request: what they may still take (bytes, shared by parallel
     fetches), and the means to stop them all when the client leaves or one of them fails."""
@@ -7658,10 +8533,19 @@ def dialect_for(route, request):
     return route.dialect
 
 
-#: The answer to a Responses WebSocket attempt (Codex falls back to HTTP on a 426).
-WEBSOCKET_REFUSAL = ("coproxy serves the Responses API over HTTP + SSE, not WebSocket. For Codex, set "
-                     "supports_websockets = false in its [model_providers.<id>] table (the README's Codex recipe "
-                     "does) and it will not try again")
+async def refuse_websocket(request, response, _):
+    """GET /v1/responses: Codex first tries Responses over a WebSocket (a GET with Upgrade) and
+    falls back to HTTP + SSE on a 426, answered at once so that no attempt waits for anything."""
+    if "websocket" not in (request.header("upgrade") or "").lower():
+        raise ClientError(405, "GET /v1/responses is only a WebSocket attempt; send Responses "
+                               "requests as POST", code="method_not_allowed", headers=[("Allow", "POST")])
+    response.keep_alive = False  # what the client meant to send next were WebSocket frames
+    raise ClientError(426, "coproxy serves the Responses API over HTTP + SSE, not WebSocket. For Codex, "
+                           "set supports_websockets = false in its [model_providers.<id>] table (the "
+                           "README's Codex recipe does) and it will not try again",
+                      code="websocket_not_supported")
+
+
 #: Routes whose requests go to the history (with anything else that reached a model).
 HISTORY_ROUTES = frozenset(["/chat/completions", "/responses", "/responses/compact", "/embeddings", "/messages"])
 #: Headers that name an agent's session: Claude Code sends the first on every request, Codex the second.
@@ -7723,7 +8607,7 @@ class Guard:
             return False
         response.log_fields["route"] = "preflight"
         response.extra_headers += [
-            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
             ("Access-Control-Allow-Headers", request.header("access-control-request-headers") or CORS_ALLOWED_HEADERS),
             ("Access-Control-Max-Age", "600")]
         return True  # preflights carry no credentials, by the CORS rules: the real request needs the key
@@ -7967,6 +8851,7 @@ class App:
         self.metrics = Metrics()
         self.catalogue = Catalogue(config, self.auth, self.pool, self._auth_result)
         self.gateway = Gateway(config, self.auth, self.client, self.pool, self.catalogue, self.metrics)
+        self.responses = ResponseStore()
         self.started_at = time.time()
         self.auth_error = None
         self.guard = Guard(config)
@@ -7976,10 +8861,11 @@ class App:
         # ending in / takes one more segment as its parameter.
         self.routes = [
             Route("/chat/completions", "chat", OPENAI, {"POST": self.handle_chat}, False),
-            Route("/responses", "responses", RESPONSES, {"POST": self.handle_responses,
-                                                         "GET": self.handle_responses_websocket}, False),
+            Route("/responses", "responses", RESPONSES,
+                  {"POST": self.handle_responses, "GET": refuse_websocket}, False),
             Route("/responses/compact", "responses", RESPONSES, {"POST": self.handle_compact}, False),
-            Route("/responses/", "responses", RESPONSES, {"GET": self.handle_response_get}, False),
+            Route("/responses/", "responses", RESPONSES,
+                  {"GET": self.handle_response_id, "DELETE": self.handle_response_id}, False),
             Route("/embeddings", "embeddings", OPENAI, {"POST": self.handle_embeddings}, False),
             Route("/messages", "messages", ANTHROPIC, {"POST": self.handle_messages}, False),
             Route("/messages/count_tokens", "messages", ANTHROPIC, {"POST": self.handle_count_tokens}, False),
@@ -8160,17 +9046,9 @@ class App:
         payload = await self.read_json(request)
         model, info = await self.resolve(response, validate_responses_request(payload, self.config.default_model))
         payload["model"] = model
-        await self.gateway.run(plan_responses(payload, model, info, self.catalogue.quirks(model), time.time()),
-                               request, response)
-
-    async def handle_responses_websocket(self, request, response, _):
-        """Codex first tries Responses over a WebSocket (GET with Upgrade), and falls back to HTTP
-        + SSE on a 426; answered at once, so no attempt waits for anything."""
-        if "websocket" not in (request.header("upgrade") or "").lower():
-            raise ClientError(405, "GET /v1/responses is only a WebSocket attempt; send Responses requests as "
-                                   "POST", code="method_not_allowed", headers=[("Allow", "POST")])
-        response.keep_alive = False  # whatever the client meant to send next was WebSocket frames
-        raise ClientError(426, WEBSOCKET_REFUSAL, code="websocket_not_supported")
+        plan = plan_responses(payload, model, info, self.catalogue.quirks(model), time.time(),
+                              self.responses)
+        await self.gateway.run(plan, request, response)
 
     async def handle_compact(self, request, response, _):
         payload = await self.read_json(request)
@@ -8180,8 +9058,11 @@ class App:
         await self.gateway.run(plan_compact(payload, model, info, self.catalogue.quirks(model), time.time()),
                                request, response)
 
-    async def handle_response_get(self, request, response, response_id):
-        await self.gateway.run(plan_response_get(response_id), request, response)
+    async def handle_response_id(self, request, response, response_id):
+        answer = self.responses.answer(request.method, response_id)  # GET, HEAD or DELETE
+        if answer is not None:
+            return await self.send_json(response, answer)
+        await self.gateway.run(plan_response_get(response_id, request.method), request, response)
 
     async def handle_embeddings(self, request, response, _):
         upstream_request, encoding = prepare_embeddings_request(await self.read_json(request))

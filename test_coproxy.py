@@ -340,7 +340,15 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         if route is None:
             self.send_json(404, {"message": "Not Found"})
             return
-        route(self, json.loads(body) if body[:1] in (b"{", b"[") else body)
+        payload = json.loads(body) if body[:1] in (b"{", b"[") else body
+        if path in ("/chat/completions", "/v1/messages", "/responses") and isinstance(payload, dict):
+            entry = next((m for m in CATALOG if m["id"] == payload.get("model")), None)
+            if entry is not None and path not in (entry.get("supported_endpoints") or ["/chat/completions"]):
+                # as Copilot: a model only on the endpoints its catalogue entry lists
+                self.send_json(400, {"error": {"message": 'model "%s" is not accessible via the %s endpoint' % (
+                    entry["id"], path), "code": "unsupported_api_for_model"}})
+                return
+        route(self, payload)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -2971,8 +2979,11 @@ class TestModelQuirks(unittest.TestCase):
                      "messages": [{"role": "user", "content": "x"}]}
         plan = coproxy.plan_messages(anthropic, "claude", dict(info, supported_endpoints=["/v1/messages"]), {}, 1)
         self.assertEqual((plan.payload["output_config"], plan.adjusted), ({"effort": "high"}, ["output_config.effort=max->high"]))
-        plan = coproxy.plan_responses({"model": "g", "reasoning": {"effort": "minimal"}, "input": "x"}, "g", info, {}, 1)
+        native = dict(info, supported_endpoints=["/responses"])
+        plan = coproxy.plan_responses({"model": "g", "reasoning": {"effort": "minimal"}, "input": "x"}, "g", native, {}, 1)
         self.assertEqual(plan.payload["reasoning"]["effort"], "low")
+        plan = coproxy.plan_responses({"model": "g", "reasoning": {"effort": "minimal"}, "input": "x"}, "g", info, {}, 1)
+        self.assertEqual((plan.path, plan.payload["reasoning_effort"]), ("/chat/completions", "low"))
 
     def test_a_refusal_that_says_how_to_fix_revises_the_plan_once(self):
         plan = coproxy.plan_chat({"model": "m", "reasoning_effort": "high", "max_tokens": 3, "messages": [
@@ -4793,6 +4804,282 @@ class TestCodex(ProxyTestCase):
             events = sse_events(body)
             self.assertEqual((status, events[-1][0], events[-1][1]["type"]), (200, "error", "error"))
             self.assertNotIn("response.completed", [e[1].get("type") for e in events])
+
+def claude_thinking_stream(*tail, text="Done.", tool=None):
+    """An Anthropic stream as Copilot's /v1/messages sends it: thinking with its signature, text,
+    optionally a tool_use block, then the end (``tail`` replaces the end, e.g. with "cut")."""
+    events = [anthropic_event("message_start", {"type": "message_start", "message": {
+                  "id": "msg_up", "type": "message", "role": "assistant", "content": [], "model": "claude-sonnet-4.5",
+                  "usage": {"input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 1}}}),
+              anthropic_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                  "type": "thinking", "thinking": "", "signature": ""}}),
+              anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                  "type": "thinking_delta", "thinking": "Need the file."}}),
+              anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                  "type": "signature_delta", "signature": "SIG-1"}}),
+              anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+              anthropic_event("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+                  "type": "text", "text": ""}}),
+              anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+                  "type": "text_delta", "text": text}}),
+              anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 1})]
+    if tool:
+        events += [anthropic_event("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {
+                       "type": "tool_use", "id": "toolu_1", "name": tool[0], "input": {}}}),
+                   anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {
+                       "type": "input_json_delta", "partial_json": tool[1][:5]}}),
+                   anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {
+                       "type": "input_json_delta", "partial_json": tool[1][5:]}}),
+                   anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 2})]
+    end = [anthropic_event("message_delta", {"type": "message_delta", "delta": {
+               "stop_reason": "tool_use" if tool else "end_turn"}, "usage": {"output_tokens": 30}}),
+           anthropic_event("message_stop", {"type": "message_stop"})]
+    return events + (list(tail) or end)
+
+
+class TestResponsesForEveryModel(ProxyTestCase):
+    """/v1/responses for models Copilot serves only on chat completions or Messages: translated
+    there and back, whole and streamed, with a response store for previous_response_id."""
+
+    APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Apply a patch.",
+                   "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}
+    SHELL = {"type": "function", "name": "shell", "description": "Run a command", "strict": False,
+             "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}
+
+    def sent(self, path):
+        return json.loads(self.fake.requests_to(path)[-1][3])
+
+    def stream_events(self, body):
+        status, _, raw = self.request("POST", "/v1/responses", dict(body, stream=True))
+        self.assertEqual(status, 200, raw)
+        events = sse_events(raw)
+        self.assertEqual([e[1]["sequence_number"] for e in events], list(range(len(events))))
+        for name, data in events:
+            self.assertEqual(name, data["type"])
+        return events
+
+    def test_non_stream_through_chat_with_get_and_delete(self):
+        status, _, body = self.request("POST", "/v1/responses", {
+            "model": "gpt-4.1", "instructions": "be brief", "input": "hello", "max_output_tokens": 50,
+            "temperature": 0.2, "metadata": {"k": "v"}, "text": {"format": {"type": "json_object"}}})
+        answer = json.loads(body)
+        self.assertEqual(status, 200, answer)
+        sent = self.sent("/chat/completions")
+        self.assertEqual(sent["messages"], [{"role": "system", "content": "be brief"},
+                                            {"role": "user", "content": "hello"}])
+        self.assertEqual((sent["max_tokens"], sent["temperature"], sent["response_format"]),
+                         (50, 0.2, {"type": "json_object"}))
+        self.assertTrue(answer["id"].startswith("resp_"))
+        self.assertEqual((answer["object"], answer["status"], answer["model"], answer["metadata"]),
+                         ("response", "completed", "gpt-4.1", {"k": "v"}))
+        message = answer["output"][0]
+        self.assertEqual((message["type"], message["role"], message["status"]), ("message", "assistant", "completed"))
+        self.assertEqual(message["content"], [{"type": "output_text", "text": "echo: hello", "annotations": []}])
+        self.assertEqual(answer["usage"], {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0,
+                                                                                      "cache_write_tokens": 0},
+                                           "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": 0},
+                                           "total_tokens": 5})
+        self.assertTrue(wait_for(lambda: any("upstream=/chat/completions" in l and "input_tokens=3" in l
+                                             for l in LOGS.lines)), LOGS.lines)
+        status, _, body = self.request("GET", "/v1/responses/" + answer["id"])
+        self.assertEqual((status, json.loads(body)), (200, answer))
+        status, _, body = self.request("DELETE", "/v1/responses/" + answer["id"])
+        self.assertEqual((status, json.loads(body)), (200, {"id": answer["id"], "object": "response.deleted",
+                                                            "deleted": True}))
+        self.assertEqual(self.request("GET", "/v1/responses/" + answer["id"])[0], 404)  # now asked of Copilot
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "again",
+                                                                 "previous_response_id": answer["id"]})
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["code"], error["param"]),
+                         (400, "previous_response_not_found", "previous_response_id"))
+
+    def test_stream_with_function_and_custom_tools_and_a_follow_up(self):
+        self.fake.stream(chunk("Let me look."),
+                         chunk(None, tool_calls=[{"index": 0, "id": "call_sh", "type": "function",
+                                                  "function": {"name": "shell", "arguments": ""}}]),
+                         chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "{\"cmd\":"}}]),
+                         chunk(None, tool_calls=[{"index": 1, "id": "call_ap", "type": "function",
+                                                  "function": {"name": "apply_patch", "arguments": "{\"input\":"}}]),
+                         chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "\"ls\"}"}}]),
+                         chunk(None, tool_calls=[{"index": 1, "function": {"arguments": "\"*** Begin\"}"}}]),
+                         chunk(None, "tool_calls"), USAGE_CHUNK, DONE)
+        events = self.stream_events({"model": "gpt-4.1", "input": "fix it", "tools": [self.SHELL, self.APPLY_PATCH],
+                                     "tool_choice": "auto", "parallel_tool_calls": True})
+        sent = self.sent("/chat/completions")
+        self.assertEqual([t["function"]["name"] for t in sent["tools"]], ["shell", "apply_patch"])
+        self.assertEqual(sent["tools"][1]["function"]["parameters"]["properties"]["input"]["type"], "string")
+        self.assertIn("start: /.+/", sent["tools"][1]["function"]["description"])
+        self.assertEqual((sent["tool_choice"], sent["parallel_tool_calls"], sent["stream_options"]),
+                         ("auto", True, {"include_usage": True}))
+        self.assertEqual([name for name, _ in events], [
+            "response.created", "response.in_progress",
+            "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+            "response.output_text.done", "response.content_part.done", "response.output_item.done",
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.done", "response.output_item.done",
+            "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done",
+            "response.output_item.done", "response.completed"])
+        final = events[-1][1]["response"]
+        self.assertEqual(final["status"], "completed")
+        call, custom = final["output"][1], final["output"][2]
+        self.assertEqual((call["type"], call["call_id"], call["name"], call["arguments"], call["status"]),
+                         ("function_call", "call_sh", "shell", '{"cmd":"ls"}', "completed"))
+        self.assertEqual((custom["type"], custom["call_id"], custom["name"], custom["input"]),
+                         ("custom_tool_call", "call_ap", "apply_patch", "*** Begin"))
+        self.assertEqual(final["usage"]["total_tokens"], 7)
+        self.assertEqual(events[0][1]["response"]["output"], [])
+        # the next turn: only the tool outputs, the rest comes from the stored response
+        self.fake.chat_script = None
+        status, _, body = self.request("POST", "/v1/responses", {
+            "model": "gpt-4.1", "previous_response_id": final["id"], "tools": [self.SHELL, self.APPLY_PATCH],
+            "input": [{"type": "function_call_output", "call_id": "call_sh", "output": "a.txt"},
+                      {"type": "custom_tool_call_output", "call_id": "call_ap", "output": [
+                          {"type": "input_text", "text": "patched"},
+                          {"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]})
+        self.assertEqual(status, 200, body)
+        messages = self.sent("/chat/completions")["messages"]
+        self.assertEqual(messages[:2], [{"role": "user", "content": "fix it"}, {
+            "role": "assistant", "content": "Let me look.", "tool_calls": [
+                {"id": "call_sh", "type": "function", "function": {"name": "shell", "arguments": '{"cmd":"ls"}'}},
+                {"id": "call_ap", "type": "function", "function": {"name": "apply_patch",
+                                                                    "arguments": '{"input": "*** Begin"}'}}]}])
+        self.assertEqual(messages[2:], [
+            {"role": "tool", "tool_call_id": "call_sh", "content": "a.txt"},
+            {"role": "tool", "tool_call_id": "call_ap", "content": "patched"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}])
+        headers = self.fake.requests_to("/chat/completions")[-1][2]
+        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
+
+    def test_claude_goes_to_messages_and_its_thinking_comes_back(self):
+        self.fake.stream(*claude_thinking_stream(tool=("shell", '{"cmd": "cat a.ts"}')))
+        events = self.stream_events({"model": "claude-sonnet-4.5", "instructions": "You are Codex.", "input": "read a.ts",
+                                     "tools": [self.SHELL], "reasoning": {"effort": "high", "summary": "auto"},
+                                     "store": False, "include": ["reasoning.encrypted_content"]})
+        method, path, headers, raw = self.fake.requests_to("/v1/messages")[-1]
+        sent = json.loads(raw)
+        self.assertEqual(sent["system"], [{"type": "text", "text": "You are Codex.", "cache_control": {"type": "ephemeral"}}])
+        self.assertEqual(sent["messages"], [{"role": "user", "content": [
+            {"type": "text", "text": "read a.ts", "cache_control": {"type": "ephemeral"}}]}])
+        self.assertEqual((sent["thinking"], sent["tools"][0]["name"], sent["tool_choice"]),
+                         ({"type": "enabled", "budget_tokens": 16384}, "shell", {"type": "auto"}))
+        self.assertGreater(sent["max_tokens"], 16384)
+        self.assertEqual((headers["anthropic-version"], headers["anthropic-beta"]),
+                         ("2023-06-01", "interleaved-thinking-2025-05-14"))
+        names = [name for name, _ in events]
+        self.assertEqual(names[2:8], ["response.output_item.added", "response.reasoning_summary_part.added",
+                                      "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+                                      "response.reasoning_summary_part.done", "response.output_item.done"])
+        final = events[-1][1]["response"]
+        reasoning, message, call = final["output"]
+        self.assertEqual(reasoning["summary"], [{"type": "summary_text", "text": "Need the file."}])
+        self.assertEqual(coproxy.unpack_thinking(reasoning["encrypted_content"]), ("Need the file.", "SIG-1"))
+        self.assertEqual((message["content"][0]["text"], call["arguments"]), ("Done.", '{"cmd": "cat a.ts"}'))
+        self.assertEqual((final["usage"]["input_tokens"], final["usage"]["input_tokens_details"]["cached_tokens"],
+                          final["usage"]["output_tokens"]), (120, 100, 30))
+        self.assertTrue(wait_for(lambda: any("upstream=/v1/messages" in l and "cached_tokens=100" in l
+                                             for l in LOGS.lines)), LOGS.lines)
+        # store: false, so the client sends the whole history back, thinking included
+        self.assertEqual(self.request("GET", "/v1/responses/" + final["id"])[0], 404)
+        self.fake.chat_script = None
+        history = [{"role": "user", "content": "read a.ts"}] + final["output"] + [
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "export {}"}]
+        status, _, body = self.request("POST", "/v1/responses", {"model": "claude-sonnet-4.5", "input": history,
+                                                                 "tools": [self.SHELL], "reasoning": {"effort": "high"}})
+        self.assertEqual(status, 200, body)
+        messages = self.sent("/v1/messages")["messages"]
+        self.assertEqual(messages[1], {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Need the file.", "signature": "SIG-1"}, {"type": "text", "text": "Done."},
+            {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {"cmd": "cat a.ts"}}]})
+        self.assertEqual(messages[2], {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "export {}",
+             "cache_control": {"type": "ephemeral"}}]})
+        answer = json.loads(body)
+        self.assertEqual(answer["output"][0]["content"][0]["text"], "native: 3 messages")
+        self.assertEqual(answer["usage"]["input_tokens"], 9)
+
+    def test_whole_claude_answers_with_thinking_and_incomplete_chat_answers(self):
+        self.fake.routes[("POST", "/v1/messages")] = lambda h, b: h.send_json(200, {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4.6",
+            "content": [{"type": "thinking", "thinking": "Hmm.", "signature": "S"}, {"type": "text", "text": "Hi"},
+                        {"type": "tool_use", "id": "toolu_9", "name": "apply_patch", "input": {"input": "*** P"}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 4, "output_tokens": 6}})
+        status, _, body = self.request("POST", "/v1/responses", {"model": "claude-opus-4.6", "input": "hi",
+                                                                 "tools": [self.APPLY_PATCH]})
+        answer = json.loads(body)
+        self.assertEqual([i["type"] for i in answer["output"]], ["reasoning", "message", "custom_tool_call"])
+        self.assertEqual((answer["output"][0]["summary"], answer["output"][2]["input"]), ([], "*** P"))
+        self.assertEqual(coproxy.unpack_thinking(answer["output"][0]["encrypted_content"]), ("Hmm.", "S"))
+        self.assertNotIn("thinking", self.sent("/v1/messages"))  # no effort asked, no thinking
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(200, {
+            "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "cut sh"}}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 9}})
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5-mini", "input": "x",
+                                                                 "max_output_tokens": 9})
+        answer = json.loads(body)
+        self.assertEqual((status, answer["status"], answer["incomplete_details"]),
+                         (200, "incomplete", {"reason": "max_output_tokens"}))
+        self.fake.routes[("POST", "/chat/completions")] = self.fake.chat
+        self.fake.stream(chunk("cut sh"), chunk(None, "length"), DONE)
+        events = self.stream_events({"model": "gpt-4.1", "input": "x"})
+        self.assertEqual((events[-1][0], events[-1][1]["response"]["status"]), ("response.incomplete", "incomplete"))
+
+    def test_refusals_before_any_upstream_call(self):
+        for tool in ("web_search", "file_search", "code_interpreter", "computer_use_preview", "mcp"):
+            status, _, body = self.request("POST", "/v1/responses", {"model": "claude-sonnet-4.5", "input": "x",
+                                                                     "tools": [self.SHELL, {"type": tool}]})
+            error = json.loads(body)["error"]
+            self.assertEqual((status, error["code"], error["param"]), (400, "hosted_tool_not_supported", "tools[1].type"))
+            self.assertIn(tool, error["message"])
+            self.assertIn("claude-sonnet-4.5", error["message"])
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x",
+                                                                 "previous_response_id": "resp_nope"})
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "previous_response_not_found"))
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": [{"role": "user", "content": [
+            {"type": "input_file", "file_id": "f"}]}]})
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "unsupported_content"))
+        self.assertEqual(self.fake.requests_to("/chat/completions") + self.fake.requests_to("/v1/messages"), [])
+        # a native model still goes to Copilot's /responses, hosted tools and all
+        status, _, _ = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": "x",
+                                                              "tools": [{"type": "web_search"}]})
+        self.assertEqual((status, self.sent("/responses")["tools"]), (200, [{"type": "web_search"}]))
+
+    def test_a_cut_stream_ends_with_a_numbered_error_event(self):
+        for upstream, model in ((claude_thinking_stream("cut"), "claude-sonnet-4.5"),
+                                ([chunk("partial"), "cut"], "gpt-4.1"), ([chunk("partial")], "gpt-4.1")):
+            self.fake.stream(*upstream)
+            events = self.stream_events({"model": model, "input": "x"})
+            self.assertEqual((events[-1][0], events[-1][1]["code"]),
+                             ("error", "upstream_cut" if "cut" in upstream else "incomplete_stream"))
+            self.assertNotIn("response.completed", [name for name, _ in events])
+        self.assertEqual(self.app_store_size(), 0)  # a cut answer is not kept
+
+    def app_store_size(self):
+        return len(self.proxy.app.responses._entries)
+
+    def test_compact_for_a_translated_model_summarises(self):
+        self.fake.routes[("POST", "/v1/messages")] = lambda h, b: h.send_json(200, {
+            "type": "message", "role": "assistant", "content": [{"type": "text", "text": "We fixed a.ts."}],
+            "stop_reason": "end_turn", "usage": {"input_tokens": 40, "output_tokens": 5}})
+        payload = {"model": "claude-sonnet-4.5", "instructions": "be Codex", "tools": [self.SHELL, {"type": "web_search"}],
+                   "input": [{"type": "message", "role": "user", "content": "fix a.ts"},
+                             {"type": "function_call", "call_id": "c", "name": "shell", "arguments": "{}"},
+                             {"type": "function_call_output", "call_id": "c", "output": "done"}]}
+        status, _, body = self.request("POST", "/v1/responses/compact", payload)
+        answer = json.loads(body)
+        self.assertEqual((status, answer["object"]), (200, "response.compaction"))
+        self.assertEqual(answer["output"][0], {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "fix a.ts"}]})
+        self.assertEqual(answer["output"][1]["content"][0]["text"],
+                         "Summary of the conversation so far:\n\nWe fixed a.ts.")
+        self.assertEqual(answer["usage"]["input_tokens"], 40)
+        method, path, headers, raw = self.fake.requests_to("/v1/messages")[-1]
+        sent = json.loads(raw)
+        self.assertIn("Summarise the conversation", sent["messages"][-1]["content"][-1]["text"])
+        self.assertEqual(([t["name"] for t in sent["tools"]], sent["tool_choice"]), (["shell"], {"type": "none"}))
+        self.assertEqual((headers["x-initiator"], headers["x-interaction-type"]), ("agent", "conversation-compaction"))
+        self.assertEqual(self.app_store_size(), 0)
+
 
 class TestCostAndLimits(ProxyTestCase):
     """What Copilot costs, per request, and the limits a user runs into."""
