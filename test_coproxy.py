@@ -822,6 +822,19 @@ def install_log_capture():
         logging.getLogger("asyncio").addHandler(LOGS)
 
 
+@contextlib.contextmanager
+def without_coproxy_variables():
+    """os.environ without COPROXY_*/GHCP_* variables (CI exports COPROXY_FUZZ, a developer may have
+    real ones) while coproxy.main runs in-process: it reads them, and warns about unknown ones."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(("COPROXY_", "GHCP_"))}
+    for name in saved:
+        del os.environ[name]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def with_fake_upstream(test, tls=False):
     """A FakeUpstream and a temp dir for this test, both gone when it ends; logs captured."""
     install_log_capture()
@@ -5856,7 +5869,7 @@ class TestCLI(unittest.TestCase):
         if token:
             args += ["--github-token", "ghu_testtoken1234567890"]
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), without_coproxy_variables():
             try:
                 code = coproxy.main(args)
             except SystemExit as exc:
@@ -6367,7 +6380,7 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
         args = ["claude-code", "--state-dir", os.path.join(self.tmp, "cli"), "--github-url", github or self.fake.url,
                 "--github-api-url", github or self.fake.url, "--github-token", "ghu_testtoken1234567890"] + list(argv)
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), without_coproxy_variables():
             code = coproxy.main(args)
         return code, dict(re.findall(r"^export (\w+)=(\S+)$", out.getvalue(), re.M)), err.getvalue()
 
