@@ -5697,6 +5697,14 @@ FUZZ_SEEDS = {
     "/v1/messages/count_tokens": [{"model": "claude", "system": "s", "tools": [{"name": "t", "input_schema": {}}],
                                    "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}],
 }
+FUZZ_SEEDS["/v1/responses"] += [dict(FUZZ_SEEDS["/v1/responses"][0], model=m, tools=[
+    {"type": "function", "name": "f", "parameters": {}}, {"type": "custom", "name": "apply_patch"}], input=[
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]},
+    {"type": "reasoning", "summary": [], "encrypted_content": coproxy.pack_thinking("t", "s")},
+    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+    {"type": "custom_tool_call", "call_id": "d", "name": "apply_patch", "input": "p"},
+    {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "o"}]}])
+    for m in ("gpt-4.1", "claude-sonnet-4.5")]
 FUZZ_SEEDS["/v1/responses/compact"] = FUZZ_SEEDS["/v1/responses"]
 for _seed in list(FUZZ_SEEDS["/v1/chat/completions"]):
     FUZZ_SEEDS["/v1/chat/completions"].append(dict(_seed, model="gpt-5.1-codex"))
@@ -6636,6 +6644,41 @@ class TestOpenAISDK(ProxyTestCase):
         deltas = [e.delta for e in self.client().responses.create(model="gpt-5.1-codex", input="hi", stream=True)
                   if e.type == "response.output_text.delta"]
         self.assertEqual("".join(deltas), "stream")
+
+    def test_responses_for_translated_models(self):
+        """The SDK's Responses calls (whole, streamed with a tool, previous_response_id) for models
+        Copilot serves on chat completions and on Messages; every answer and event is checked
+        against the SDK's own types in strict mode."""
+        events_type = importlib.import_module("pydantic").TypeAdapter(openai.types.responses.ResponseStreamEvent)
+        strict = openai.types.responses.Response.model_validate
+        shell = TestResponsesForEveryModel.SHELL
+        client = self.client()
+        self.addCleanup(client.close)
+        for model, stream in (("gpt-4.1", [chunk("Hi"), chunk(None, tool_calls=[
+                                  {"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "shell", "arguments": '{"cmd":"ls"}'}}]),
+                                   chunk(None, "tool_calls"), USAGE_CHUNK, DONE]),
+                              ("claude-sonnet-4.5", claude_thinking_stream(tool=("shell", '{"cmd": "ls"}')))):
+            with self.subTest(model):
+                self.fake.chat_script = None
+                first = client.responses.create(model=model, input="hi")
+                strict(first.model_dump(mode="json", exclude_unset=True), strict=True)
+                self.assertEqual(first.output_text, "echo: hi" if model == "gpt-4.1" else "native: 1 messages")
+                second = client.responses.create(model=model, input="and?", previous_response_id=first.id)
+                self.assertEqual(second.previous_response_id, first.id)
+                self.assertEqual(client.responses.retrieve(second.id).id, second.id)
+                self.fake.stream(*stream)
+                calls = []
+                for event in client.responses.create(model=model, input="go", tools=[shell], stream=True,
+                                                            reasoning={"effort": "low", "summary": "auto"}):
+                    events_type.validate_python(event.model_dump(mode="json", exclude_unset=True), strict=True)
+                    if event.type == "response.completed":
+                        strict(event.response.model_dump(mode="json", exclude_unset=True), strict=True)
+                        calls = [item for item in event.response.output if item.type == "function_call"]
+                self.assertEqual(json.loads(calls[0].arguments)["cmd"], "ls")
+        with self.assertRaises(openai.BadRequestError) as ctx:
+            client.responses.create(model="gpt-4.1", input="x", previous_response_id="resp_gone")
+        self.assertEqual(ctx.exception.code, "previous_response_not_found")
 
     def test_error_classes(self):
         self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(
