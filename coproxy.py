@@ -30,7 +30,7 @@ Routes: ``/v1/chat/completions``, ``/v1/responses`` (and ``/compact``), ``/v1/em
 ``/v1/messages`` (and ``/count_tokens``), ``/v1/models``, ``/usage``, ``/metrics``, ``/healthz``;
 each also without ``/v1``. Ollama's API on the same port: ``/`` and ``/api/*`` (chat, generate,
 embed, embeddings, show, tags, ps, version), for JetBrains AI Assistant and VS Code's Ollama
-provider.
+provider. ``GET /`` in a browser is a dashboard of ``/dashboard/data``.
 
 Security: binds 127.0.0.1 and, without ``--api-key``, answers only requests addressed to this
 machine's loopback names and no web page it was not told to trust (``--allowed-host``,
@@ -8629,6 +8629,482 @@ class Guard:
                               code="invalid_api_key", headers=[("WWW-Authenticate", "Bearer")])
 
 
+#: The dashboard: one document, its style and script inline (allowed by a nonce made for each
+#: answer), its charts drawn as SVG by the script, nothing loaded from anywhere. Everything it
+#: shows comes from /dashboard/data, fetched every 2 s with the key this tab was given; data is
+#: only ever put into the page as text (model names and user agents come from clients).
+DASHBOARD_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>coproxy</title>
+<style nonce="__NONCE__">
+:root { --bg: #f5f6f8; --card: #fff; --fg: #1c2230; --muted: #586174; --line: #d8dce4;
+  --ok: #1a7f37; --bad: #c62828; --warn: #9a5b00; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #0f1217; --card: #171b22; --fg: #e6e9ef; --muted: #9aa3b2; --line: #2d333e;
+    --ok: #4ac26b; --bad: #ff7070; --warn: #e3a33b; }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+header { display: flex; flex-wrap: wrap; gap: .3rem 1rem; align-items: baseline;
+  padding: .8rem 1rem; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.25rem; margin: 0; }
+h2 { font-size: 1rem; margin: 0 0 .6rem; }
+main { display: grid; gap: 1rem; padding: 1rem;
+  grid-template-columns: repeat(auto-fit, minmax(min(100%, 460px), 1fr)); }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  padding: .9rem; min-width: 0; }
+.wide { grid-column: 1 / -1; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .25rem .8rem; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.meter { height: 8px; background: var(--line); border-radius: 4px; overflow: hidden;
+  margin: .25rem 0 .7rem; }
+.meter > i { display: block; height: 100%; background: var(--ok); }
+.meter.low > i { background: var(--warn); }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line);
+  white-space: nowrap; }
+th { color: var(--muted); font-weight: 600; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.ok { color: var(--ok); } .bad { color: var(--bad); } .muted { color: var(--muted); }
+svg { width: 100%; height: auto; display: block; }
+svg text { fill: var(--muted); font-size: 11px; }
+svg line { stroke: var(--line); }
+.legend { display: flex; flex-wrap: wrap; gap: .2rem .9rem; margin: .5rem 0 0; padding: 0;
+  list-style: none; font-size: 12px; }
+.sw { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: .3rem; }
+input, select, button { font: inherit; color: inherit; background: var(--card);
+  border: 1px solid var(--line); border-radius: 6px; padding: .3rem .5rem; }
+button { cursor: pointer; }
+.tools { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; margin-bottom: .6rem; }
+.tools input[type=search] { flex: 1 1 12rem; min-width: 0; }
+#key-form { display: flex; flex-wrap: wrap; gap: .5rem; }
+#key-form input { flex: 1 1 14rem; }
+[hidden] { display: none !important; }
+</style>
+</head>
+<body>
+<header>
+  <h1>coproxy</h1>
+  <span id="state" class="muted">loading…</span>
+  <span id="live" class="muted"></span>
+</header>
+<main>
+  <section id="key" class="wide" hidden>
+    <h2>API key</h2>
+    <p>This coproxy was started with <code>--api-key</code>. Enter the key once: this tab keeps
+    it (sessionStorage) and sends it as a bearer header.</p>
+    <p id="key-error" class="bad" hidden></p>
+    <form id="key-form">
+      <input id="key-input" type="password" autocomplete="off" placeholder="API key" required>
+      <button type="submit">Open the dashboard</button>
+    </form>
+  </section>
+  <section id="status"><h2>Status</h2><dl id="status-list"></dl></section>
+  <section id="quota"><h2>Quota</h2><div id="quota-body"></div></section>
+  <section id="hours" class="wide">
+    <div class="tools"><h2>Last 24 hours, per hour</h2>
+      <select id="metric" aria-label="what the charts count">
+        <option value="credits">AI credits</option>
+        <option value="premium">premium requests</option>
+        <option value="tokens">tokens</option>
+        <option value="requests">requests</option>
+      </select></div>
+    <div id="chart-hours"></div>
+  </section>
+  <section id="days" class="wide"><h2>Last 30 days, per day</h2><div id="chart-days"></div>
+    <ul id="legend" class="legend"></ul></section>
+  <section id="latency"><h2>Latency per route (24 h)</h2><div class="scroll">
+    <table><thead><tr><th>route</th><th class="num">requests</th>
+      <th class="num">first byte p50 / p90 / p99</th><th class="num">total p50 / p90 / p99</th>
+    </tr></thead><tbody id="latency-rows"></tbody></table></div></section>
+  <section id="sessions"><h2>Agent sessions</h2><div class="scroll">
+    <table><thead><tr><th>session</th><th>client</th><th class="num">requests</th>
+      <th class="num">cost</th><th>models</th><th>first</th><th>last</th>
+    </tr></thead><tbody id="session-rows"></tbody></table></div></section>
+  <section id="requests" class="wide">
+    <div class="tools"><h2>Last requests</h2>
+      <input id="filter" type="search" placeholder="filter: model, route, client, status…"
+        aria-label="filter the requests">
+      <label><input id="errors-only" type="checkbox"> errors only</label>
+      <span id="shown" class="muted"></span></div>
+    <div class="scroll"><table><thead><tr><th>time</th><th>route</th><th>client</th>
+      <th>model</th><th class="num">status</th><th class="num">first byte</th>
+      <th class="num">total</th><th class="num">tokens in / out</th><th class="num">cost</th>
+      <th>adjusted</th><th>error</th></tr></thead><tbody id="request-rows"></tbody></table></div>
+  </section>
+</main>
+<noscript><p>The dashboard needs JavaScript; the same data is at /dashboard/data.</p></noscript>
+<script nonce="__NONCE__">
+"use strict";
+const KEY = "coproxy-api-key";
+const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
+  "#ff9da7", "#9c755f", "#8cd17d"];
+const SVG = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+const state = { data: null, count: -1, skew: 0, timer: null, resized: null, colors: {},
+  metric: null };
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const name in attrs) node.setAttribute(name, attrs[name]);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+function row(cells) {
+  const tr = el("tr");
+  for (const cell of cells) {
+    const td = cell instanceof Node ? cell : el("td", cell);
+    tr.appendChild(td.tagName === "TD" ? td : wrap(td));
+  }
+  return tr;
+}
+function wrap(node) { const td = el("td"); td.appendChild(node); return td; }
+function num(text) { return el("td", text, "num"); }
+function now() { return Date.now() / 1000 - state.skew; }
+function duration(seconds) {
+  seconds = Math.max(0, Math.floor(seconds));
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600);
+  const m = Math.floor(seconds % 3600 / 60), s = seconds % 60;
+  if (d) return d + "d " + h + "h";
+  if (h) return h + "h " + String(m).padStart(2, "0") + "m";
+  if (m) return m + "m " + String(s).padStart(2, "0") + "s";
+  return s + "s";
+}
+function ms(value) {
+  if (value === null || value === undefined) return "–";
+  return value < 1000 ? Math.round(value) + " ms" : (value / 1000).toFixed(1) + " s";
+}
+function amount(value) {
+  if (!value) return "0";
+  return value >= 100 ? value.toFixed(0) : value >= 1 ? value.toFixed(2) : value.toPrecision(2);
+}
+function when(t) {
+  const date = new Date(t * 1000), today = new Date(now() * 1000);
+  return date.toDateString() === today.toDateString() ? date.toLocaleTimeString()
+    : date.toLocaleDateString() + " " + date.toLocaleTimeString();
+}
+function countdown(until) {
+  if (!(until > now())) return el("span", new Date(until * 1000).toLocaleDateString());
+  const span = el("span", "in " + duration(until - now()));
+  span.dataset.until = until;
+  return span;
+}
+function billed() {
+  const quota = state.data && state.data.quota;
+  return quota && quota.billing === "requests" ? "premium" : "credits";
+}
+function cost(record) {
+  return billed() === "premium" ? amount(record.premium || 0) + " PR"
+    : amount(record.credits || 0) + (record.credits_estimated ? " cr*" : " cr");
+}
+function value(totals, metric) {
+  if (metric === "tokens") return (totals.input || 0) + (totals.output || 0);
+  return totals[metric] || 0;
+}
+function color(model) {
+  if (!(model in state.colors)) {
+    state.colors[model] = PALETTE[Object.keys(state.colors).length % PALETTE.length];
+  }
+  return state.colors[model];
+}
+
+// -- fetching: every 2 s, with the key this tab was given ------------------------------------
+function headers() {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+async function load() {
+  clearTimeout(state.timer);
+  let answer;
+  try {
+    answer = await fetch("/dashboard/data", { headers: headers(), cache: "no-store" });
+  } catch (error) {
+    $("live").textContent = "coproxy does not answer; retrying";
+    state.timer = setTimeout(load, 2000);
+    return;
+  }
+  if (answer.status === 401) {
+    const refused = sessionStorage.getItem(KEY) !== null;
+    sessionStorage.removeItem(KEY);
+    askKey(refused ? "coproxy refused that key." : "");
+    return;
+  }
+  if (!answer.ok) {
+    let message = "error " + answer.status;
+    try { message = (await answer.json()).error.message; } catch (error) { /* not JSON */ }
+    $("live").textContent = message;
+    state.timer = setTimeout(load, 5000);
+    return;
+  }
+  const data = await answer.json();
+  state.skew = Date.now() / 1000 - data.now;
+  state.data = data;
+  $("key").hidden = true;
+  render(data);
+  $("live").textContent = "live · updated " + new Date().toLocaleTimeString();
+  state.timer = setTimeout(load, 2000);
+}
+function askKey(message) {
+  $("key").hidden = false;
+  $("key-error").hidden = !message;
+  $("key-error").textContent = message;
+  $("state").textContent = "API key needed";
+  $("key-input").focus();
+}
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("key-input").value.trim());
+  $("key-input").value = "";
+  load();
+});
+
+// -- rendering --------------------------------------------------------------------------------
+function render(data) {
+  renderStatus(data);
+  renderQuota(data);
+  if (state.metric === null) {
+    state.metric = billed();
+    $("metric").value = state.metric;
+  }
+  if (data.count !== state.count) {
+    state.count = data.count;
+    renderCharts(data);
+    renderLatency(data);
+    renderSessions(data);
+    renderRequests();
+  }
+}
+function pairs(list, items) {
+  list.replaceChildren();
+  for (const [name, content] of items) {
+    list.appendChild(el("dt", name));
+    const dd = el("dd");
+    dd.append(content instanceof Node ? content : String(content));
+    list.appendChild(dd);
+  }
+}
+function renderStatus(data) {
+  const health = data.health, login = data.login, quota = data.quota;
+  const ready = health.auth.ready, upstream = health.upstream;
+  $("state").textContent = ready ? "ready" : "not ready: " + (health.auth.error || "no login");
+  $("state").className = ready ? "ok" : "bad";
+  const uptime = el("span", duration(health.uptime_seconds));
+  uptime.dataset.since = data.now - health.uptime_seconds;
+  const expiry = login.copilot_token_expires_at
+    ? countdown(login.copilot_token_expires_at) : "not fetched yet";
+  const outcome = upstream.ok === null ? el("span", upstream.message, "muted")
+    : upstream.ok ? el("span", "ok", "ok")
+    : el("span", (upstream.class || "error") + ": " + (upstream.message || ""), "bad");
+  const items = [["listening", data.url || "?"], ["version", health.version],
+    ["uptime", uptime],
+    ["login", (login.user || "?") + (login.token_kind ? " · " + login.token_kind : "")
+      + (login.token_source ? " (" + login.token_source + ")" : "")],
+    ["Copilot token", expiry], ["upstream", outcome]];
+  for (const [name, extra] of Object.entries(login.extra || {})) items.push([name, extra]);
+  if (quota) {
+    items.push(["plan", (quota.plan || "?") + " · billed by "
+      + (quota.billing === "tokens" ? "AI credits" : "premium requests")]);
+  } else if (data.quota_error) {
+    items.push(["plan", el("span", data.quota_error, "bad")]);
+  }
+  items.push(["history", data.history.enabled ? "kept " + data.history.days + " days"
+    : "off (this run only)"]);
+  pairs($("status-list"), items);
+}
+function meter(percent) {
+  const bar = el("div", null, "meter" + (percent < 20 ? " low" : ""));
+  const fill = el("i");
+  fill.style.width = Math.max(0, Math.min(100, percent)) + "%";
+  bar.appendChild(fill);
+  return bar;
+}
+function renderQuota(data) {
+  const body = $("quota-body"), quota = data.quota;
+  body.replaceChildren();
+  if (quota) {
+    const pool = quota.billing === "tokens" ? quota.credits : quota.premium_requests;
+    const unit = quota.billing === "tokens" ? "AI credits" : "premium requests";
+    const line = el("div");
+    if (!pool) line.textContent = unit + ": not reported";
+    else if (pool.unlimited) line.textContent = unit + ": unlimited";
+    else {
+      line.textContent = unit + ": " + amount(pool.remaining) + " left of "
+        + amount(pool.entitlement);
+    }
+    if (quota.reset_date) {
+      line.append(" · resets ", countdown(Date.parse(quota.reset_date) / 1000));
+    }
+    body.appendChild(line);
+    if (pool && !pool.unlimited && pool.percent_remaining !== null) {
+      body.appendChild(meter(pool.percent_remaining));
+    }
+  }
+  for (const [name, label] of [["session", "5-hour session"], ["weekly", "weekly"]]) {
+    const seen = data.windows[name];
+    const line = el("div", label + ": ");
+    if (!seen) {
+      line.append(el("span", "not seen yet (Copilot reports it with answers)", "muted"));
+      body.appendChild(line);
+      continue;
+    }
+    line.append(seen.percent_remaining.toFixed(1) + "% left");
+    if (seen.resets_at) line.append(" · resets ", countdown(Date.parse(seen.resets_at) / 1000));
+    body.append(line, meter(seen.percent_remaining));
+  }
+}
+function chart(place, buckets, label) {
+  // drawn at the width it is shown at, so that its text keeps its size on a phone
+  const width = Math.max(300, Math.round(place.clientWidth)), height = 190;
+  const left = 46, bottom = 22, top = 8;
+  const metric = state.metric;
+  const sums = buckets.map((b) => Object.values(b.models)
+    .reduce((sum, totals) => sum + value(totals, metric), 0));
+  const max = Math.max(...sums, 0) || 1;
+  const plot = svg("svg", { viewBox: "0 0 " + width + " " + height, role: "img",
+    "aria-label": label(buckets[0]) + " to " + label(buckets[buckets.length - 1]) });
+  const step = (width - left) / buckets.length, every = Math.ceil(44 / step);
+  for (const fraction of [0, 0.5, 1]) {
+    const y = top + (height - top - bottom) * (1 - fraction);
+    plot.appendChild(svg("line", { x1: left, x2: width, y1: y, y2: y }));
+    plot.appendChild(svg("text", { x: left - 4, y: y + 4, "text-anchor": "end" },
+      metric === "tokens" || metric === "requests" ? compact(max * fraction)
+        : amount(max * fraction)));
+  }
+  buckets.forEach((bucket, index) => {
+    let y = height - bottom;
+    const x = left + index * step + step * 0.15;
+    for (const model of Object.keys(bucket.models).sort()) {
+      const amountHere = value(bucket.models[model], metric);
+      if (!amountHere) continue;
+      const h = (height - top - bottom) * amountHere / max;
+      y -= h;
+      const bar = svg("rect", { x: x, y: y, width: step * 0.7, height: Math.max(h, 0.5),
+        fill: color(model), "data-model": model });
+      bar.appendChild(svg("title", {}, label(bucket) + " · " + model + ": "
+        + (metric === "tokens" || metric === "requests" ? amountHere : amount(amountHere))));
+      plot.appendChild(bar);
+    }
+    if (index % every === 0) {
+      plot.appendChild(svg("text", { x: left + index * step + step / 2, y: height - 6,
+        "text-anchor": "middle" }, label(bucket)));
+    }
+  });
+  return plot;
+}
+function compact(number) {
+  return number >= 1e6 ? (number / 1e6).toFixed(1) + "M" : number >= 1e3
+    ? (number / 1e3).toFixed(1) + "k" : String(Math.round(number));
+}
+function renderCharts(data) {
+  const hour = (b) => String(new Date(b.start * 1000).getHours()).padStart(2, "0") + ":00";
+  const day = (b) => b.day.slice(5);
+  for (const bucket of data.daily) for (const model of Object.keys(bucket.models)) color(model);
+  $("chart-hours").replaceChildren(chart($("chart-hours"), data.hourly, hour));
+  $("chart-days").replaceChildren(chart($("chart-days"), data.daily, day));
+  const legend = $("legend");
+  legend.replaceChildren();
+  for (const model of Object.keys(state.colors).sort()) {
+    const item = el("li"), swatch = el("span", null, "sw");
+    swatch.style.background = color(model);
+    item.append(swatch, model);
+    legend.appendChild(item);
+  }
+}
+function triple(p) { return p ? ms(p.p50) + " / " + ms(p.p90) + " / " + ms(p.p99) : "–"; }
+function renderLatency(data) {
+  const rows = $("latency-rows");
+  rows.replaceChildren();
+  for (const [route, entry] of Object.entries(data.latency)) {
+    rows.appendChild(row([route, num(entry.requests), num(triple(entry.ttfb_ms)),
+      num(triple(entry.ms))]));
+  }
+  if (!rows.children.length) rows.appendChild(row([el("td", "no requests yet", "muted")]));
+}
+function renderSessions(data) {
+  const rows = $("session-rows");
+  rows.replaceChildren();
+  for (const session of data.sessions) {
+    const id = el("td", session.id.length > 14 ? session.id.slice(0, 13) + "…" : session.id);
+    id.title = session.id;
+    const models = Object.entries(session.models).map(([m, n]) => m + " ×" + n).join(", ");
+    rows.appendChild(row([id, session.client || "", num(session.requests), num(cost(session)),
+      models, when(session.first), when(session.last)]));
+  }
+  if (!rows.children.length) {
+    rows.appendChild(row([el("td", "none yet (X-Claude-Code-Session-Id, session_id)", "muted")]));
+  }
+}
+function renderRequests() {
+  const data = state.data;
+  if (!data) return;
+  const rows = $("request-rows"), terms = $("filter").value.toLowerCase().split(/\s+/)
+    .filter(Boolean);
+  const errorsOnly = $("errors-only").checked;
+  rows.replaceChildren();
+  let shown = 0;
+  for (const r of data.requests) {
+    const failed = r.status >= 400 || !!r.error;
+    const model = (r.model || "–") + (r.requested ? " ← " + r.requested : "");
+    const cells = [when(r.t), r.route || "", r.client || "", model, String(r.status),
+      ms(r.ttfb_ms), ms(r.ms), (r.input || 0) + " / " + (r.output || 0), cost(r),
+      r.adjusted || "", r.error || ""];
+    const text = cells.join(" ").toLowerCase() + " " + (r.session || "").toLowerCase();
+    if ((errorsOnly && !failed) || !terms.every((term) => text.includes(term))) continue;
+    const tr = row(cells.slice(0, 4));
+    const status = num(r.status);
+    if (failed) status.className = "num bad";
+    tr.append(status, num(cells[5]), num(cells[6]), num(cells[7]), num(cells[8]),
+      el("td", cells[9]), el("td", cells[10], "bad"));
+    rows.appendChild(tr);
+    shown += 1;
+  }
+  $("shown").textContent = shown + " of " + data.requests.length;
+}
+$("filter").addEventListener("input", renderRequests);
+$("errors-only").addEventListener("change", renderRequests);
+window.addEventListener("resize", () => {
+  clearTimeout(state.resized);
+  state.resized = setTimeout(() => state.data && renderCharts(state.data), 150);
+});
+$("metric").addEventListener("change", () => {
+  state.metric = $("metric").value;
+  if (state.data) renderCharts(state.data);
+});
+setInterval(() => {
+  for (const node of document.querySelectorAll("[data-until]")) {
+    const left = Number(node.dataset.until) - now();
+    node.textContent = left > 0 ? "in " + duration(left) : "now";
+  }
+  for (const node of document.querySelectorAll("[data-since]")) {
+    node.textContent = duration(now() - Number(node.dataset.since));
+  }
+}, 1000);
+load();
+</script>
+</body>
+</html>
+"""
+
+#: What the page may do: its own inline style and script, fetch from coproxy, nothing else.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'nonce-{0}'; style-src 'nonce-{0}'; connect-src 'self'; "
+                 "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 class Dashboard:
     """The request history as the page at ``GET /``, ``/dashboard/data`` and ``/usage?by=``
     show it: a Ledger of what finished requests used and cost (fed after each exchange), the
@@ -8728,6 +9204,13 @@ class Dashboard:
                 "token_source": ("flag or environment" if source and not os.path.isabs(source) else
                                  "state dir" if source else None),
                 "copilot_token_expires_at": record.get("expires_at")}
+
+    async def handle_page(self, request, response):
+        nonce = base64.b64encode(os.urandom(18)).decode("ascii")
+        headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Security-Policy", DASHBOARD_CSP.format(nonce)),
+                   ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                   ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"), ("Vary", "Accept")]
+        await response.send(200, headers, DASHBOARD_PAGE.replace("__NONCE__", nonce).encode("utf-8"))
 
     async def handle_data(self, request, response, _):
         """Everything the dashboard page shows, in one JSON document (the page is a view of it)."""
@@ -8874,7 +9357,7 @@ class App:
             Route("/usage", None, OPENAI, {"GET": self.handle_usage}, False),
             Route("/dashboard/data", None, OPENAI, {"GET": self.dashboard.handle_data}, False),
             Route("/metrics", None, OPENAI, {"GET": self.handle_metrics}, False),
-            Route("/", None, OLLAMA, {"GET": self.handle_root}, False),
+            Route("/", None, OLLAMA, {"GET": self.handle_root}, True),
             Route("/healthz", None, OPENAI, {"GET": self.handle_health}, True),
             Route("/health", None, OPENAI, {"GET": self.handle_health}, True),
         ] + OllamaRoutes(self).routes()
@@ -9091,11 +9574,6 @@ class App:
         shown = anthropic_model_info(entry) if anthropic else copilot_model_to_openai(entry)
         await self.send_json(response, shown, [("X-Coproxy-Models-Source", source)])
 
-    async def handle_root(self, request, response, _):
-        """GET /: Ollama's probe answer ("Ollama is running"), which clients read to find a server.
-        (A browser's page, for requests that accept text/html, is the one other answer to add.)"""
-        await response.send(200, [("Content-Type", "text/plain; charset=utf-8")], OLLAMA_RUNNING)
-
     def health(self):
         token = self.auth.has_credentials()
         record = self.auth.record
@@ -9107,6 +9585,19 @@ class App:
                 "upstream": self.gateway.last_outcome or {"ok": None, "class": None,
                                                           "message": "no request sent to Copilot yet", "at": None},
                 "uptime_seconds": int(time.time() - self.started_at)}
+
+    async def handle_root(self, request, response, _):
+        """GET /: the dashboard for a browser (an Accept that asks for HTML), Ollama's probe
+        answer ("Ollama is running", which clients read to find a server) for the others. The
+        route is public so that the page loads without the API key (it holds no data;
+        /dashboard/data needs the key); the Host and Origin checks apply to both answers, and
+        the key to the probe's."""
+        self.guard.check_host(request)
+        self.guard.check_origin(request, response)
+        if "text/html" in request.header("accept", "").lower() and not self.config.no_dashboard:
+            return await self.dashboard.handle_page(request, response)
+        self.guard.check_api_key(request)
+        await response.send(200, [("Content-Type", "text/plain; charset=utf-8")], OLLAMA_RUNNING)
 
     async def handle_health(self, request, response, _):
         await self.send_json(response, self.health(), [("Cache-Control", "no-store")])

@@ -5,7 +5,9 @@ Everything runs over real sockets on 127.0.0.1: the real coproxy server and, wri
 fake GitHub + Copilot upstream (plain HTTP and TLS, with a test CA embedded below), a fake
 CONNECT proxy and a raw scripted upstream for framing edge cases. Nothing reaches the network.
 Needs only the standard library; the optional checks with the official ``openai`` and
-``anthropic`` SDKs run when they are importable (``.ci/run`` installs them in a throwaway venv).
+``anthropic`` SDKs run when they are importable (``.ci/run`` installs them in a throwaway venv),
+and the dashboard's test in headless Chromium when ``playwright`` and a ``chromium`` are there
+(``COPROXY_DASHBOARD_SCREENSHOTS=DIR`` saves its screenshots there: README's picture).
 The classes follow coproxy.py's sections, so a failure points at one. The last line printed is
 ``N passed, N failed, N skipped``. ``python3 test_coproxy.py --bench`` prints the performance
 figures instead (Linux: it reads CPU and memory from /proc).
@@ -57,6 +59,11 @@ try:
     import anthropic
 except ImportError:
     anthropic = None
+
+try:  # the dashboard's browser test (.ci/run installs playwright and chromium)
+    sync_playwright = importlib.import_module("playwright.sync_api").sync_playwright
+except ImportError:
+    sync_playwright = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COPROXY_PY = os.path.join(HERE, "coproxy.py")
@@ -5862,6 +5869,198 @@ class TestDashboard(ProxyTestCase):
         status, _, body = self.request("GET", "/usage?by=model&since=1h", port=proxy.port)
         self.assertEqual(json.loads(body)["data"]["gpt-4.1"]["requests"], 1)
         self.assertFalse(json.loads(body)["history"])
+
+    def get(self, path, headers, port):
+        client = RawClient(port)
+        self.addCleanup(client.close)
+        lines = "".join("%s: %s\r\n" % item for item in headers.items())
+        client.send(("GET %s HTTP/1.1\r\n%s\r\n" % (path, lines)).encode("latin-1"))
+        return client.response()
+
+    def test_get_root_is_the_page_for_browsers_with_a_fresh_nonce_and_the_probe_for_others(self):
+        browser = {"Host": "127.0.0.1", "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
+                   "Sec-Fetch-Site": "none"}
+        nonces = []
+        for _ in range(2):
+            status, headers, body = self.get("/", browser, self.proxy.port)
+            self.assertEqual((status, headers["content-type"]), (200, "text/html; charset=utf-8"))
+            policy = headers["content-security-policy"]
+            nonce = re.search(r"'nonce-([A-Za-z0-9+/=]+)'", policy).group(1)
+            nonces.append(nonce)
+            self.assertIn("default-src 'none'", policy)
+            self.assertNotIn("unsafe", policy)
+            page = body.decode("utf-8")
+            self.assertEqual(page.count('nonce="%s"' % nonce), 2)  # the one style and the one script
+            self.assertEqual(len(re.findall(r"<script|<style", page)), 2)
+            for outside in (" src=", "@import", "url(", "https://", "stylesheet"):
+                self.assertNotIn(outside, page)
+            self.assertEqual((headers["x-frame-options"], headers["cache-control"]), ("DENY", "no-store"))
+        self.assertNotEqual(nonces[0], nonces[1])
+        status, headers, body = self.get("/", {"Host": "127.0.0.1", "Accept": "*/*"}, self.proxy.port)
+        self.assertEqual((status, body), (200, b"Ollama is running"))
+        # the Host and Origin checks of every route apply to the page too
+        status, _, body = self.get("/", dict(browser, Host="evil.example"), self.proxy.port)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (403, "host_not_allowed"))
+        status, _, body = self.get("/", dict(browser, **{"Sec-Fetch-Site": "cross-site"}), self.proxy.port)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (403, "origin_not_allowed"))
+
+    def test_with_a_key_the_page_loads_but_its_data_needs_the_key_and_no_dashboard_turns_it_off(self):
+        keyed = self.start_proxy(api_key="k-123")
+        page = {"Host": "127.0.0.1", "Accept": "text/html"}
+        self.assertEqual(self.get("/", page, keyed.port)[0], 200)
+        status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1"}, keyed.port)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_api_key"))
+        status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1", "Authorization": "Bearer k-123"},
+                                   keyed.port)
+        self.assertEqual(status, 200)
+        self.assertNotIn("k-123", body.decode())
+        off = self.start_proxy(no_dashboard=True)
+        self.assertEqual(self.get("/", page, off.port)[2], b"Ollama is running")
+        status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1"}, off.port)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "dashboard_disabled"))
+
+
+def chromium_path():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@unittest.skipUnless(sync_playwright is not None and chromium_path(),
+                     "needs playwright and a chromium browser (.ci/run installs both)")
+class TestDashboardBrowser(ProxyTestCase):
+    """The dashboard in headless Chromium against the fake upstream: charts and tables show the
+    requests made, updates arrive live, the key prompt works, no console errors or CSP
+    violations, on a wide and a phone-sized window, light and dark."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.playwright = sync_playwright().start()
+        cls.browser = cls.playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"])
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.browser.close()
+        cls.playwright.stop()
+
+    def open(self, proxy, width=1280, height=900, scheme="light", allowed=()):
+        """A page in a fresh context; console errors and CSP violations are checked at cleanup."""
+        context = self.browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme)
+        self.addCleanup(context.close)
+        context.add_init_script("document.addEventListener('securitypolicyviolation', (e) => "
+                                "(window.cspViolations = window.cspViolations || []).push(e.violatedDirective));")
+        page = context.new_page()
+        problems = []
+        page.on("console", lambda message: problems.append(message.text) if message.type == "error"
+                and not any(a in message.text for a in allowed) else None)
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto("http://127.0.0.1:%d/" % proxy.port)
+
+        def check():
+            self.assertEqual((problems, page.evaluate("window.cspViolations || []")), ([], []))
+        self.addCleanup(check)
+        return page
+
+    def rows(self, page, selector="#request-rows tr"):
+        return page.locator(selector).count()
+
+    def wait_rows(self, page, count, timeout=5000):
+        """Until the request table has ``count`` rows (the page asks for data every 2 s)."""
+        try:
+            page.wait_for_function("(count) => document.querySelectorAll('#request-rows tr').length === count",
+                                   arg=count, timeout=timeout)
+        except Exception:
+            self.fail("the page shows %d requests, not %d (%s)" % (self.rows(page), count, page.text_content("#live")))
+
+    def seed_history(self, state):
+        """A month of an agent's requests (a few a day) so the day chart has something to draw."""
+        now = time.time()
+        records = []
+        for back in range(1, 30 * 24, 7):
+            records.append({"t": now - back * 3600, "route": "/messages", "status": 200,
+                            "model": ("claude-sonnet-4.5", "gpt-4.1", "gpt-5.1-codex")[back % 3],
+                            "initiator": "agent", "stream": True, "ttfb_ms": 300.0 + back % 500,
+                            "ms": 2000.0 + back * 37 % 9000, "input": 2000 + back * 13, "output": 300 + back,
+                            "credits": 0.05 + back % 11 / 40.0, "client": "claude-cli/2.1.126 (external, cli)",
+                            "session": "0e5f%04d-6a1b-4c3d-9e8f-seeded" % (back // 100)})
+        coproxy.History(state).write(records)
+
+    def test_requests_show_in_charts_and_tables_live_wide_and_narrow_light_and_dark(self):
+        state = os.path.join(self.tmp, "browser")
+        self.seed_history(state)
+        self.fake.user = TOKEN_BILLED_USER
+        self.fake.cost = 420000000  # 0.42 credits per answer
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3 * 3600))
+        self.fake.answer_headers = [("x-usage-ratelimit-session", "rem=62.5&rst=" + reset),
+                                    ("x-usage-ratelimit-weekly", "rem=88&rst=2026-12-14T00%3A00%3A00Z")]
+        proxy = self.start_proxy(state_dir=state)
+        seeded = proxy.app.dashboard.ledger.count  # the records of the last 24 hours, read at start
+        agent = {"X-Claude-Code-Session-Id": "browser-session-1", "User-Agent": "claude-cli/2.1.126 (external, cli)"}
+        message = {"model": "claude-sonnet-4.5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+        self.request("POST", "/v1/messages", message, agent, port=proxy.port)
+        self.request("POST", "/v1/chat/completions", chat_body(), {"User-Agent": "aider/0.86"}, port=proxy.port)
+        self.assertTrue(wait_for(lambda: proxy.app.dashboard.ledger.count == seeded + 2))
+        expected = seeded + 2
+        page = self.open(proxy)
+        self.wait_rows(page, expected)
+        self.assertEqual(page.text_content("#state"), "ready")
+        status = page.text_content("#status-list")
+        self.assertIn("GitHub App user token", status)
+        self.assertNotIn("ghu_", page.content())
+        self.assertIn("1378 left of 1500", page.text_content("#quota"))
+        self.assertIn("62.5% left", page.text_content("#quota"))
+        for model in ("gpt-4.1", "claude-sonnet-4.5"):
+            self.assertGreater(page.locator("#chart-hours rect[data-model='%s']" % model).count(), 0, model)
+        self.assertGreater(page.locator("#chart-days rect").count(), 20)
+        self.assertEqual(page.get_attribute("#session-rows tr:first-child td:first-child", "title"),
+                         "browser-session-1")
+        self.assertIn("/messages", page.text_content("#latency-rows"))
+        # live: a new request appears without a reload
+        haiku = dict(message, model="claude-haiku-4.5")
+        self.request("POST", "/v1/messages", haiku, agent, port=proxy.port)
+        self.wait_rows(page, expected + 1)
+        self.assertGreater(page.locator("#chart-hours rect[data-model='claude-haiku-4.5']").count(), 0)
+        page.fill("#filter", "haiku")
+        self.assertEqual(self.rows(page), 1)
+        page.fill("#filter", "")
+        self.assertEqual(page.evaluate("getComputedStyle(document.body).backgroundColor"), "rgb(245, 246, 248)")
+        page.screenshot(path=os.path.join(self.tmp, "dashboard-wide-light.png"), full_page=True)
+        narrow = self.open(proxy, width=390, height=844, scheme="dark")
+        narrow.wait_for_function("() => document.querySelectorAll('#request-rows tr').length > 0", timeout=5000)
+        self.assertEqual(narrow.evaluate("getComputedStyle(document.body).backgroundColor"), "rgb(15, 18, 23)")
+        self.assertLessEqual(narrow.evaluate("document.documentElement.scrollWidth"), 390)
+        shots = os.environ.get("COPROXY_DASHBOARD_SCREENSHOTS")  # a directory: README's picture
+        if shots:
+            wide = self.open(proxy, width=1280, height=900, scheme="dark")
+            wide.wait_for_function("() => document.querySelectorAll('#request-rows tr').length > 0", timeout=5000)
+            wide.screenshot(path=os.path.join(shots, "dashboard.png"), full_page=True)
+            narrow.screenshot(path=os.path.join(shots, "dashboard-phone.png"), full_page=False)
+
+    def test_the_key_is_asked_once_kept_in_the_tab_and_never_shown(self):
+        proxy = self.start_proxy(api_key="page-key-42")
+        self.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer page-key-42"},
+                     port=proxy.port)
+        self.assertTrue(wait_for(lambda: proxy.app.dashboard.ledger.count >= 1))
+        page = self.open(proxy, allowed=("status of 401",))  # the refused fetches, as Chromium logs them
+        page.wait_for_selector("#key-input", state="visible", timeout=5000)
+        page.fill("#key-input", "wrong-key")
+        page.click("#key-form button")
+        page.wait_for_function("() => document.getElementById('key-error').textContent.includes('refused')",
+                               timeout=5000)
+        page.fill("#key-input", "page-key-42")
+        page.click("#key-form button")
+        self.wait_rows(page, 1)
+        self.assertEqual(page.evaluate("sessionStorage.getItem('coproxy-api-key')"), "page-key-42")
+        self.assertNotIn("page-key-42", page.content())
+        self.assertNotIn("page-key-42", page.evaluate("document.body.innerText"))
+        page.reload()  # the tab keeps the key: no second prompt
+        self.wait_rows(page, 1)
+        self.assertTrue(page.locator("#key").is_hidden())
 
 
 class TestCLI(unittest.TestCase):
