@@ -9111,8 +9111,9 @@ class Dashboard:
     History files it survives restarts in, and the plan and quota from GitHub, cached a minute
     (the page asks every few seconds). ``health`` is the App's /healthz answer."""
 
-    def __init__(self, config, auth, gateway, pool, health):
+    def __init__(self, config, auth, gateway, pool, health, guard):
         self.config = config
+        self.guard = guard
         self.auth = auth
         self.gateway = gateway
         self.pool = pool
@@ -9204,6 +9205,19 @@ class Dashboard:
                 "token_source": ("flag or environment" if source and not os.path.isabs(source) else
                                  "state dir" if source else None),
                 "copilot_token_expires_at": record.get("expires_at")}
+
+    async def handle_root(self, request, response, _):
+        """GET /: the dashboard for a browser (an Accept that asks for HTML), Ollama's probe
+        answer ("Ollama is running", which clients read to find a server) for the others. The
+        route is public so that the page loads without the API key (it holds no data;
+        /dashboard/data needs the key); the Host and Origin checks apply to both answers, and
+        the key to the probe's."""
+        self.guard.check_host(request)
+        self.guard.check_origin(request, response)
+        if "text/html" in request.header("accept", "").lower() and not self.config.no_dashboard:
+            return await self.handle_page(request, response)
+        self.guard.check_api_key(request)
+        await response.send(200, [("Content-Type", "text/plain; charset=utf-8")], OLLAMA_RUNNING)
 
     async def handle_page(self, request, response):
         nonce = base64.b64encode(os.urandom(18)).decode("ascii")
@@ -9338,7 +9352,7 @@ class App:
         self.started_at = time.time()
         self.auth_error = None
         self.guard = Guard(config)
-        self.dashboard = Dashboard(config, self.auth, self.gateway, self.pool, self.health)
+        self.dashboard = Dashboard(config, self.auth, self.gateway, self.pool, self.health, self.guard)
         self._max_body = config.max_body_bytes
         # Canonical paths, without /v1 (every route answers with and without the prefix); a path
         # ending in / takes one more segment as its parameter.
@@ -9357,7 +9371,7 @@ class App:
             Route("/usage", None, OPENAI, {"GET": self.handle_usage}, False),
             Route("/dashboard/data", None, OPENAI, {"GET": self.dashboard.handle_data}, False),
             Route("/metrics", None, OPENAI, {"GET": self.handle_metrics}, False),
-            Route("/", None, OLLAMA, {"GET": self.handle_root}, True),
+            Route("/", None, OLLAMA, {"GET": self.dashboard.handle_root}, True),
             Route("/healthz", None, OPENAI, {"GET": self.handle_health}, True),
             Route("/health", None, OPENAI, {"GET": self.handle_health}, True),
         ] + OllamaRoutes(self).routes()
@@ -9585,19 +9599,6 @@ class App:
                 "upstream": self.gateway.last_outcome or {"ok": None, "class": None,
                                                           "message": "no request sent to Copilot yet", "at": None},
                 "uptime_seconds": int(time.time() - self.started_at)}
-
-    async def handle_root(self, request, response, _):
-        """GET /: the dashboard for a browser (an Accept that asks for HTML), Ollama's probe
-        answer ("Ollama is running", which clients read to find a server) for the others. The
-        route is public so that the page loads without the API key (it holds no data;
-        /dashboard/data needs the key); the Host and Origin checks apply to both answers, and
-        the key to the probe's."""
-        self.guard.check_host(request)
-        self.guard.check_origin(request, response)
-        if "text/html" in request.header("accept", "").lower() and not self.config.no_dashboard:
-            return await self.dashboard.handle_page(request, response)
-        self.guard.check_api_key(request)
-        await response.send(200, [("Content-Type", "text/plain; charset=utf-8")], OLLAMA_RUNNING)
 
     async def handle_health(self, request, response, _):
         await self.send_json(response, self.health(), [("Cache-Control", "no-store")])
