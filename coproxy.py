@@ -160,6 +160,16 @@ MAX_HEADER_BYTES = 32 * 1024               # 431 beyond (h11: 16 KiB, asyncio: 6
 MAX_HEADER_COUNT = 100                     # 431 beyond (http.client._MAXHEADERS)
 MAX_CHUNK_LINE_BYTES = 1024                # 400 beyond (bottle)
 MAX_JSON_DEPTH = 256                       # 400 beyond: nesting deeper than any real request
+#: 400 beyond: arrays, objects and comma-separated values in one request body. Each is a Python
+#: object that json.loads builds while holding the GIL (1M empty arrays: ~0.2 s, ~90 MB); a long
+#: agent conversation with its tool schemas has tens of thousands.
+MAX_JSON_VALUES = 500_000
+#: A compressed request body may inflate to at most this (or --max-body-mb if lower): 32 KB of
+#: gzip can hold 33 MB of "[]".
+MAX_DECOMPRESSED_BODY_BYTES = 16 << 20
+#: Bodies larger than this (and every compressed one) are decoded and parsed in a worker thread,
+#: not on the event loop that serves every other client.
+INLINE_PARSE_BYTES = 256 << 10
 MAX_UPSTREAM_ERROR_BODY_BYTES = 1 << 20    # error bodies we read from upstream
 MAX_UPSTREAM_JSON_BYTES = 64 << 20         # successful JSON answers (non-stream)
 #: Images given by URL are fetched (Copilot refuses most external URLs); these bound what one
@@ -376,31 +386,49 @@ def http_date(timestamp):
                                                    t.tm_hour, t.tm_min, t.tm_sec)
 
 
-#: A string (an unterminated one runs to the end, so each byte is looked at once), or a bracket.
+#: A string (an unterminated one runs to the end, so each byte is looked at once), or a bracket;
+#: the second pattern also finds the commas between values.
 _JSON_DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[\[{]|[\]}]', re.S)
+_JSON_VALUE_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[\[{]|[\]}]|,', re.S)
 
 
-def _json_depth_ok(raw):
-    """False when brackets nest deeper than MAX_JSON_DEPTH (a cheap scan before json.loads, which
-    would recurse until RecursionError; strings are skipped so their brackets do not count)."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
-        return True
-    depth = 0
-    for match in _JSON_DEPTH_TOKENS.finditer(raw):
+def json_cost_problem(raw):
+    """Why parsing ``raw`` would cost too much, or None: brackets nested deeper than
+    MAX_JSON_DEPTH (json.loads would recurse until RecursionError, and so would the translators),
+    or more than MAX_JSON_VALUES arrays, objects and values (json.loads would build them all).
+
+    Counting brackets and commas over the raw bytes is cheap and an upper bound (those inside
+    strings count too), so it settles the usual body; only one over a bound is scanned token by
+    token, strings skipped, and the scan stops at the bound: its work is bounded too."""
+    opens = raw.count(b"[") + raw.count(b"{")
+    values = opens + raw.count(b",")
+    if opens <= MAX_JSON_DEPTH and values <= MAX_JSON_VALUES:
+        return None
+    tokens = _JSON_VALUE_TOKENS if values > MAX_JSON_VALUES else _JSON_DEPTH_TOKENS
+    depth = values = 0
+    for match in tokens.finditer(raw):
         token = match.group()
         if token in (b"[", b"{"):
             depth += 1
+            values += 1
             if depth > MAX_JSON_DEPTH:
-                return False
+                return "nests deeper than %d levels" % MAX_JSON_DEPTH
         elif token in (b"]", b"}"):
             depth -= 1
-    return True
+        elif token == b",":
+            values += 1
+        else:
+            continue
+        if values > MAX_JSON_VALUES:
+            return "holds more than %d arrays, objects and values" % MAX_JSON_VALUES
+    return None
 
 
 def parse_json_object(raw, what="request body"):
     """Parse bytes as a JSON object or raise ``ClientError(400)`` saying what is wrong."""
-    if not _json_depth_ok(raw):
-        raise ClientError(400, "%s nests deeper than %d levels" % (what, MAX_JSON_DEPTH), code="invalid_json")
+    problem = json_cost_problem(raw)
+    if problem:
+        raise ClientError(400, "%s %s" % (what, problem), code="invalid_json")
     try:
         payload = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -3363,10 +3391,12 @@ class AutoModel:
 
 def decode_body(raw, encoding, limit):
     """A request body as sent before ``Content-Encoding`` (gzip, deflate; zstd where Python has
-    it), held to ``limit`` bytes while decoding: a small bomb cannot grow past the body cap."""
+    it), held while decoding to ``limit`` bytes or MAX_DECOMPRESSED_BODY_BYTES, whichever is
+    lower: a small bomb cannot grow past either."""
     encoding = (encoding or "identity").strip().lower()
     if encoding in ("identity", ""):
         return raw
+    limit = min(limit, MAX_DECOMPRESSED_BODY_BYTES)
     if encoding in ("gzip", "x-gzip", "deflate"):
         # gzip: wbits 16+15; deflate is zlib-wrapped per RFC 9110, but raw deflate is common too
         attempts = (31,) if encoding != "deflate" else (15, -15)
@@ -3377,7 +3407,8 @@ def decode_body(raw, encoding, limit):
             except zlib.error:
                 continue
             if len(data) > limit or decoder.unconsumed_tail:
-                raise ClientError(413, "request body is larger than %d bytes once decompressed (--max-body-mb)" % limit,
+                raise ClientError(413, "request body is larger than %d bytes once decompressed (the lower of "
+                                       "--max-body-mb and %d MiB)" % (limit, MAX_DECOMPRESSED_BODY_BYTES >> 20),
                                   code="request_too_large")
             if not decoder.eof:
                 raise ClientError(400, "the %s request body is truncated" % encoding, code="invalid_encoding")
@@ -3397,7 +3428,8 @@ def decode_body(raw, encoding, limit):
         except zstd.ZstdError:
             raise ClientError(400, "the request body is not valid zstd data", code="invalid_encoding")
         if len(data) > limit:
-            raise ClientError(413, "request body is larger than %d bytes once decompressed (--max-body-mb)" % limit,
+            raise ClientError(413, "request body is larger than %d bytes once decompressed (the lower of "
+                                       "--max-body-mb and %d MiB)" % (limit, MAX_DECOMPRESSED_BODY_BYTES >> 20),
                               code="request_too_large")
         if not decoder.eof:
             raise ClientError(400, "the zstd request body is truncated", code="invalid_encoding")
@@ -9499,9 +9531,17 @@ class App:
         access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra, extra=record)
 
     async def read_json(self, request):
-        """The request body as a JSON object, decompressed first when the client compressed it."""
+        """The request body as a JSON object, decompressed first when the client compressed it.
+        A large or compressed body is decoded and parsed in a worker: one hostile body must not
+        hold up every other client (json.loads of megabytes takes a tenth of a second and more)."""
         raw = await request.read_body(self._max_body)
-        return parse_json_object(decode_body(raw, request.header("content-encoding"), self._max_body))
+        encoding = request.header("content-encoding")
+        if len(raw) <= INLINE_PARSE_BYTES and encoding in (None, "", "identity"):
+            return parse_json_object(raw)
+        return await self.pool.run(asyncio.get_running_loop(), self._decode_and_parse, raw, encoding)
+
+    def _decode_and_parse(self, raw, encoding):
+        return parse_json_object(decode_body(raw, encoding, self._max_body))
 
     # -- proxied routes: parse, resolve, plan, send ------------------------------------------
     async def resolve(self, response, name):

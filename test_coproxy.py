@@ -1133,13 +1133,24 @@ class TestUtilities(unittest.TestCase):
         self.assertEqual((entry["status"], entry["credits"], entry["logger"], entry["message"]),
                          (200, 0.5, "coproxy.access", "POST /v1/x model=a\\x0ab"))
 
-    def test_the_json_depth_scan_is_linear_even_on_unterminated_strings(self):
+    def test_the_json_cost_scan_is_linear_even_on_unterminated_strings(self):
+        problem = coproxy.json_cost_problem
         started = time.perf_counter()
-        self.assertTrue(coproxy._json_depth_ok(b"[]" * 257 + b'"' + b'\\"' * 100000))  # 5 s each 40 KB when quadratic
+        self.assertIsNone(problem(b"[]" * 257 + b'"' + b'\\"' * 100000))  # 5 s each 40 KB when quadratic
         self.assertLess(time.perf_counter() - started, 1.0)
-        self.assertFalse(coproxy._json_depth_ok(b"[" * 300))
-        self.assertTrue(coproxy._json_depth_ok(b'["' + b"[" * 300 + b'"]'))  # brackets inside a string do not count
-        self.assertTrue(coproxy._json_depth_ok(b"[" * 200 + b'"a\\\n' + b"[" * 100))  # the string runs to the end
+        self.assertEqual(problem(b"[" * 300), "nests deeper than 256 levels")
+        self.assertIsNone(problem(b'["' + b"[" * 300 + b'"]'))  # brackets inside a string do not count
+        self.assertIsNone(problem(b"[" * 200 + b'"a\\\n' + b"[" * 100))  # the string runs to the end
+
+    def test_the_json_cost_scan_counts_values_and_stops_at_the_bound(self):
+        problem, bound = coproxy.json_cost_problem, coproxy.MAX_JSON_VALUES
+        self.assertIsNone(problem(b"[" + b"1," * (bound - 2) + b"1]"))
+        self.assertEqual(problem(b"[" + b"[]," * bound + b"[]]"), "holds more than %d arrays, objects and values" % bound)
+        self.assertIsNone(problem(b'["' + b"," * (2 * bound) + b'"]'))  # commas inside a string do not count
+        bomb = b"[" + b"[]," * (4 << 20) + b"[]]"  # 12 MiB, 4M arrays: the scan stops at the bound
+        started = time.perf_counter()
+        self.assertIsNotNone(problem(bomb))
+        self.assertLess(time.perf_counter() - started, 2.0)
 
     def test_json_dumps_replaces_lone_surrogates(self):
         payload = json.loads('{"text": "cut \\ud83d here", "ok": "\\ud83d\\ude00"}')
@@ -5595,6 +5606,59 @@ class TestOllamaAPI(ProxyTestCase):
         self.assertEqual((ping["message"], ping["done"]), ({"role": "assistant", "content": ""}, False))
         gate.set()
         self.assertTrue(ndjson(read_rest(client.file))[-1]["done"])
+
+
+class TestAbuse(ProxyTestCase):
+    """What one hostile local client can do, bounded: no stall of the others, no unbounded memory,
+    no burnt GitHub quota, no details for callers the API would refuse."""
+
+    def _healthz_latencies_while(self, attack):
+        """Max seconds /healthz took, polled on a kept-alive connection while ``attack`` runs."""
+        done = threading.Event()
+        results = []
+
+        def run():
+            try:
+                results.append(attack())
+            finally:
+                done.set()
+        client = self.raw()
+        client.send(HEALTH).response()
+        thread = threading.Thread(target=run)
+        thread.start()
+        worst = 0.0
+        while not done.is_set():
+            started = time.monotonic()
+            self.assertEqual(client.send(HEALTH).response()[0], 200)
+            worst = max(worst, time.monotonic() - started)
+            done.wait(0.01)
+        thread.join(10)
+        return worst, results
+
+    def test_a_small_gzip_bomb_stalls_no_other_client(self):
+        bomb = gzip.compress(b'{"model": "gpt-4.1", "messages": [' + b"[]," * (4 << 20) + b"[]]}", 9)  # 12 KB -> 12 MiB
+        self.assertLess(len(bomb), 64 << 10)
+
+        def attack():
+            answers = []
+            for _ in range(2):
+                client = RawClient(self.proxy.port, timeout=30)
+                client.send(post("/v1/chat/completions", bomb, b"Content-Encoding: gzip\r\n"))
+                answers.append(client.response())
+                client.close()
+            return answers
+        worst, (answers,) = self._healthz_latencies_while(attack)
+        self.assertLess(worst, 0.5)  # 3 s here (10-14 s at 33 MB) when the scan ran on the event loop
+        for status, _, body in answers:
+            self.assertEqual(status, 400, body[:300])
+            self.assertIn("more than 500000 arrays, objects and values", json.loads(body)["error"]["message"])
+
+    def test_a_compressed_body_has_its_own_lower_cap(self):
+        inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB < --max-body-mb
+        status, _, body = self.raw().send(post("/v1/chat/completions", gzip.compress(inflated),
+                                               b"Content-Encoding: gzip\r\n")).response()
+        self.assertEqual(status, 413, body[:300])
+        self.assertIn("once decompressed (the lower of --max-body-mb and 16 MiB)", json.loads(body)["error"]["message"])
 
 
 class Mutator:
