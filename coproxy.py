@@ -160,6 +160,13 @@ MAX_HEADER_BYTES = 32 * 1024               # 431 beyond (h11: 16 KiB, asyncio: 6
 MAX_HEADER_COUNT = 100                     # 431 beyond (http.client._MAXHEADERS)
 MAX_CHUNK_LINE_BYTES = 1024                # 400 beyond (bottle)
 MAX_JSON_DEPTH = 256                       # 400 beyond: nesting deeper than any real request
+#: Client connections at once: half the descriptors left after RESERVED_DESCRIPTORS (each may
+#: hold an upstream socket too), at most this. Past the cap, connections that have not sent a
+#: complete request head are closed to make room (oldest first), else the newcomer gets 503.
+MAX_CLIENT_CONNECTIONS = 10_000
+RESERVED_DESCRIPTORS = 64                  # log and state files, selectors, wake-up pairs
+#: "out of descriptors" and "connection cap reached" are logged at most this often
+RESOURCE_WARNING_SECONDS = 60.0
 #: 400 beyond: arrays, objects and comma-separated values in one request body. Each is a Python
 #: object that json.loads builds while holding the GIL (1M empty arrays: ~0.2 s, ~90 MB); a long
 #: agent conversation with its tool schemas has tens of thousands.
@@ -436,6 +443,27 @@ def parse_json_object(raw, what="request body"):
     if not isinstance(payload, dict):
         raise ClientError(400, "%s must be a JSON object" % what, code="invalid_json")
     return payload
+
+
+class ThrottledWarning:
+    """A warning logged at most once per ``interval`` seconds; the repeats in between are counted
+    and reported with the next one (a flood of accept errors must not fill the log)."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self._next_at = 0.0
+        self._repeats = 0
+
+    def warn(self, message, *args):
+        now = time.monotonic()
+        if now < self._next_at:
+            self._repeats += 1
+            return
+        self._next_at = now + self.interval
+        if self._repeats:
+            message += " (%d times since the last warning)" % (self._repeats + 1)
+            self._repeats = 0
+        log.warning(message, *args)
 
 
 def is_loopback_host(host):
@@ -7408,7 +7436,8 @@ class Connection:
         self.writer = writer
         self.transport = writer.transport
         self.buf = bytearray()
-        self.busy = False
+        self.exchanging = False  # a request is being answered (not to be shed at the cap)
+        self.waiting_since = server.loop.time()  # when it began waiting for its next request head
         self.lost = False
         self._watcher = None
         self._on_lost = []
@@ -7603,7 +7632,7 @@ class Connection:
     async def run(self):
         first = True
         while not (self.server.closing and not first):
-            self.busy = False
+            self.waiting_since = self.server.loop.time()
             if not self.buf:
                 timer = self._arm(self.server.header_timeout if first else self.server.idle_timeout,
                                   "head" if first else "idle")
@@ -7616,7 +7645,6 @@ class Connection:
                 finally:
                     timer.cancel()
             first = False
-            self.busy = True
             while self.buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore a stray CRLF between requests
                 del self.buf[:2]
             # A head that is already buffered (the usual case) needs no timer.
@@ -7640,6 +7668,7 @@ class Connection:
     async def _handle(self, request):
         """Run one exchange; True if the connection may carry another request."""
         response = Response(self, request)
+        self.exchanging = True
         try:
             await self.server.app.dispatch(request, response)
         except (ClientDisconnected, _EndOfInput):
@@ -7653,6 +7682,7 @@ class Connection:
                                         self.server.app.protocol_error_body(500, "internal error in coproxy; see its log"))
             return False
         finally:
+            self.exchanging = False
             if self._watcher is not None:
                 await self.stop_watching()
             self.server.app.log_exchange(request, response)
@@ -7672,6 +7702,35 @@ class Connection:
         log.debug("bad request from %s: %d %s", self.peer, exc.status, exc)
 
 
+def raise_descriptor_limit():
+    """Raise the soft limit on open descriptors to the hard one (the soft one is often 1,024, or
+    256 on macOS, with a far higher hard one); returns the limit in force, None where there is
+    no such limit (Windows)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    for target in (wanted, 1 << 16, 10240):  # macOS refuses more than kern.maxfilesperproc
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue
+        soft = target
+        break
+    return soft if soft != resource.RLIM_INFINITY else None
+
+
+def connection_cap(descriptors):
+    """Client connections served at once with ``descriptors`` (None: no limit)."""
+    if descriptors is None:
+        return MAX_CLIENT_CONNECTIONS
+    return max(16, min(MAX_CLIENT_CONNECTIONS, (descriptors - RESERVED_DESCRIPTORS) // 2))
+
+
 class Server:
     """Accepts connections, runs a Connection per socket, and shuts down gracefully."""
 
@@ -7688,6 +7747,10 @@ class Server:
         self._server = None
         self._connections = {}
         self._date = (0, "")
+        self.descriptor_limit = None
+        self.max_connections = None   # set at start from the descriptor limit (tests lower it)
+        self._out_of_descriptors = ThrottledWarning(RESOURCE_WARNING_SECONDS)
+        self._at_cap = ThrottledWarning(RESOURCE_WARNING_SECONDS)
 
     def http_date(self):
         now = int(time.time())
@@ -7698,11 +7761,49 @@ class Server:
     async def start(self, host, port):
         """Bind and start accepting; ``self.port`` holds the real port (``port=0`` allowed)."""
         self.loop = asyncio.get_running_loop()
+        self.descriptor_limit = raise_descriptor_limit()
+        if self.max_connections is None:
+            self.max_connections = connection_cap(self.descriptor_limit)
+        self.loop.set_exception_handler(self._on_loop_error)
         self._server = await asyncio.start_server(self._on_connection, host, port, backlog=1024)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
 
+    def _on_loop_error(self, loop, context):
+        """asyncio reports a failed accept() once per attempt, traceback and all: out of
+        descriptors, that is thousands of lines a second. One line a minute says it."""
+        error = context.get("exception")
+        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+            self._out_of_descriptors.warn(
+                "out of descriptors (limit %s, %d client connections): new connections wait; raise the "
+                "limit (ulimit -n, LimitNOFILE=) or find what holds them", self.descriptor_limit or "none",
+                len(self._connections))
+            return
+        loop.default_exception_handler(context)
+
+    def _make_room(self):
+        """At the connection cap: close the connection that has waited longest for a request head
+        (idle, or still sending one); False when every connection is in an exchange."""
+        waiting = [conn for conn in self._connections.values()
+                   if not conn.exchanging and not conn.transport.is_closing()]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda conn: conn.waiting_since)
+        self._at_cap.warn("at the connection cap (%d): closing connections that have not sent a request "
+                          "(the oldest first)", self.max_connections)
+        oldest.transport.abort()
+        return True
+
     async def _on_connection(self, reader, writer):
+        if len(self._connections) >= self.max_connections and not self._make_room():
+            self._at_cap.warn("at the connection cap (%d), every connection in an exchange: answering 503",
+                              self.max_connections)
+            body = self.app.protocol_error_body(
+                503, "coproxy is serving its most connections at once (%d); try again shortly" % self.max_connections)
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            writer.transport.close()
+            return
         conn = Connection(self, reader, writer)
         task = asyncio.current_task()
         self._connections[task] = conn
@@ -7724,9 +7825,9 @@ class Server:
         if self._server is not None:
             self._server.close()
         for conn in list(self._connections.values()):
-            if not conn.busy:
+            if not conn.exchanging:  # idle, or still sending a head: nothing of theirs is running
                 conn.transport.close()
-        busy = [task for task, conn in self._connections.items() if conn.busy]
+        busy = [task for task, conn in self._connections.items() if conn.exchanging]
         if busy:
             log.info("waiting up to %ss for %d in-flight request(s)", grace, len(busy))
             await asyncio.wait(busy, timeout=grace)

@@ -5653,6 +5653,35 @@ class TestAbuse(ProxyTestCase):
             self.assertEqual(status, 400, body[:300])
             self.assertIn("more than 500000 arrays, objects and values", json.loads(body)["error"]["message"])
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "descriptor limits as Linux has them")
+    def test_idle_connections_past_the_descriptor_limit_cannot_lock_out_a_client(self):
+        import resource
+        env = dict(os.environ, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890", GHCP_PROXY_API_KEY="k")
+        process = subprocess.Popen(
+            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--github-url", self.fake.url, "--github-api-url",
+             self.fake.url, "--state-dir", os.path.join(self.tmp, "limited")], stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        line = process.stderr.readline()
+        port = int(re.search(r"listening on http://127.0.0.1:(\d+)", line).group(1))
+        idle = []
+        for number in range(150):  # past the server's 128 descriptors: idle, or a head never finished
+            sock = socket.create_connection(("127.0.0.1", port))
+            self.addCleanup(sock.close)
+            if number % 2:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            idle.append(sock)
+        status, _, body = http_request(port, "POST", "/v1/chat/completions", chat_body(),
+                                       {"Authorization": "Bearer k"}, timeout=5)
+        self.assertEqual(status, 200, body[:300])
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(10), 0)
+        log = process.stderr.read()
+        self.assertNotIn("Traceback", log)
+        self.assertLessEqual(log.count("at the connection cap"), 1, log[-2000:])  # once a minute, not per accept
+
     def test_a_compressed_body_has_its_own_lower_cap(self):
         inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB < --max-body-mb
         status, _, body = self.raw().send(post("/v1/chat/completions", gzip.compress(inflated),
