@@ -150,6 +150,10 @@ DEFAULT_MODELS_TTL_SECONDS = 300.0
 RESPONSE_STORE_COUNT = 1000
 RESPONSE_STORE_BYTES = 64 << 20
 RESPONSE_STORE_SECONDS = 6 * 3600.0
+#: How long what a refusal taught about a model on one Copilot endpoint (an effort it takes,
+#: max_completion_tokens) is applied before it must be taught again: a refusal one request
+#: provoked must not shape every later request for good.
+QUIRK_TTL_SECONDS = 600.0
 #: Seconds a request waits for a concurrency slot before 503.
 DEFAULT_QUEUE_TIMEOUT_SECONDS = 30.0
 
@@ -6238,18 +6242,25 @@ _MAX_TOKENS_REFUSED = re.compile(r"max_tokens.{0,80}max_completion_tokens|unsupp
                                  re.I | re.S)
 
 
-def allowed_efforts(info, quirks):
-    """The effort values a model takes: what Copilot's refusals taught, else its catalogue list."""
-    learned = quirks.get("efforts")
+def allowed_efforts(info, learned):
+    """The effort values a model takes: its catalogue list narrowed to what Copilot's refusals
+    taught on this endpoint (values the catalogue does not list are not believed), the list
+    alone, or what was taught alone when the catalogue has no list."""
+    taught = learned.get("efforts")
     listed = _dig(info, "capabilities", "supports").get("reasoning_effort")
-    return learned or (listed if isinstance(listed, list) else None)
+    listed = listed if isinstance(listed, list) else None
+    if taught and listed:
+        return [value for value in taught if value in listed] or listed
+    return taught or listed
 
 
 def fit_to_model(plan, quirks):
     """Apply what is known about the model to the plan's upstream body: max_completion_tokens for
     models that refused max_tokens, and a reasoning effort the model takes (the nearest listed
-    value). Each change is recorded in ``plan.adjusted``."""
+    value). ``quirks`` maps a Copilot path to what refusals taught there (Catalogue.quirks).
+    Each change is recorded in ``plan.adjusted``."""
     payload = plan.payload
+    quirks = quirks.get(plan.path, {})
     if plan.path == "/chat/completions" and quirks.get("max_completion_tokens") and "max_tokens" in payload:
         payload["max_completion_tokens"] = payload.pop("max_tokens")
         plan.adjusted.append("max_tokens=max_completion_tokens")
@@ -6266,8 +6277,9 @@ def fit_to_model(plan, quirks):
 def revise_after_refusal(plan, error, quirks):
     """When Copilot refused a parameter it told us how to fix (max_tokens; an effort with its
     supported values), change the plan's body for one retry and return what to remember for the
-    model ({"max_completion_tokens": True} or {"efforts": [...]}); else None."""
+    model on this endpoint ({"max_completion_tokens": True} or {"efforts": [...]}); else None."""
     payload = plan.payload
+    quirks = quirks.get(plan.path, {})
     if payload is None or error.status != 400:
         return None
     if plan.path == "/chat/completions" and "max_tokens" in payload and _MAX_TOKENS_REFUSED.search(str(error)):
@@ -8051,11 +8063,20 @@ class Catalogue:
         return model if model and (model in self.by_id or model in self.config.model_aliases) else "other"
 
     def quirks(self, model):
-        return self._quirks.get(model, {})
+        """{Copilot path: what refusals taught} for ``model``, lessons older than QUIRK_TTL_SECONDS
+        left out. Keyed by endpoint as well: a model may take other values on another API."""
+        now = time.monotonic()
+        return {path: lesson for (name, path), (at, lesson) in self._quirks.items()
+                if name == model and now - at < QUIRK_TTL_SECONDS}
 
-    def learn(self, model, lesson):
-        if lesson:
-            self._quirks.setdefault(model, {}).update(lesson)
+    def learn(self, model, path, lesson):
+        """Remember ``lesson`` for ``model`` on ``path`` for QUIRK_TTL_SECONDS."""
+        if not lesson:
+            return
+        now = time.monotonic()
+        self._quirks = {key: entry for key, entry in self._quirks.items() if now - entry[0] < QUIRK_TTL_SECONDS}
+        known = self._quirks.get((model, path), (now, {}))[1]
+        self._quirks[(model, path)] = (now, dict(known, **lesson))
 
 
 class ResponseStore:
@@ -8515,7 +8536,7 @@ class Gateway:
             if not retried:
                 lesson = revise_after_refusal(plan, error, self.catalogue.quirks(plan.model))
                 if lesson is not None:
-                    self.catalogue.learn(plan.model, lesson)
+                    self.catalogue.learn(plan.model, plan.path, lesson)
                     log.info("model %s refused %s; retrying as %s", plan.model, error.code or "a parameter",
                              plan.adjusted[-1])
                     retried = True

@@ -3002,7 +3002,7 @@ class TestModelQuirks(unittest.TestCase):
         info = {"id": "o3-mini", "capabilities": {"supports": {"reasoning_effort": ["low", "medium", "high"]}}}
         payload = {"model": "o3-mini", "max_tokens": 9, "reasoning_effort": "xhigh", "messages": [{"role": "user", "content": "x"}]}
         plan = coproxy.plan_chat(payload, ("o3-mini", False, False, True), "o3-mini", info,
-                                 {"max_completion_tokens": True}, 1)
+                                 {"/chat/completions": {"max_completion_tokens": True}}, 1)
         self.assertEqual((plan.payload["reasoning_effort"], plan.payload.get("max_tokens"), plan.payload["max_completion_tokens"]),
                          ("high", None, 9))
         self.assertEqual(plan.adjusted, ["max_tokens=max_completion_tokens", "reasoning_effort=xhigh->high"])
@@ -3028,6 +3028,17 @@ class TestModelQuirks(unittest.TestCase):
                                            "Use 'max_completion_tokens' instead.", code="invalid_request_body")
         self.assertEqual(coproxy.revise_after_refusal(plan, refusal, {}), {"max_completion_tokens": True})
         self.assertIsNone(coproxy.revise_after_refusal(plan, coproxy.ClientError(400, "other"), {}))
+
+
+    def test_what_a_refusal_taught_is_narrowed_by_the_catalogue(self):
+        info = {"capabilities": {"supports": {"reasoning_effort": ["low", "medium", "high"]}}}
+        self.assertEqual(coproxy.allowed_efforts(info, {"efforts": ["low", "minimal"]}), ["low"])
+        self.assertEqual(coproxy.allowed_efforts(info, {"efforts": ["minimal"]}), ["low", "medium", "high"])
+        self.assertEqual(coproxy.allowed_efforts({}, {"efforts": ["minimal"]}), ["minimal"])
+        payload = {"model": "m", "reasoning_effort": "high", "messages": [{"role": "user", "content": "x"}]}
+        taught_elsewhere = {"/responses": {"efforts": ["low"]}}  # another endpoint's lesson does not apply
+        plan = coproxy.plan_chat(payload, ("m", False, False, True), "m", info, taught_elsewhere, 1)
+        self.assertEqual((plan.payload["reasoning_effort"], plan.adjusted), ("high", []))
 
 
 class TestUsageAndCost(unittest.TestCase):
@@ -5230,6 +5241,12 @@ class TestCostAndLimits(ProxyTestCase):
             self.assertEqual((status, headers["X-Coproxy-Adjusted"]), (200, "reasoning_effort=high->medium"), body)
         sent = [json.loads(r[3])["reasoning_effort"] for r in self.fake.requests_to("/chat/completions")]
         self.assertEqual(sent, ["high", "medium", "medium"])  # learnt after the first refusal
+        catalogue = self.proxy.app.catalogue
+        self.assertEqual(catalogue.quirks("gpt-5-mini"), {"/chat/completions": {"efforts": ["medium"]}})
+        self.assertEqual(catalogue.quirks("gpt-4.1"), {})  # one model's lesson, not every model's
+        self.addCleanup(setattr, coproxy, "QUIRK_TTL_SECONDS", coproxy.QUIRK_TTL_SECONDS)
+        coproxy.QUIRK_TTL_SECONDS = 0  # and lessons expire
+        self.assertEqual(catalogue.quirks("gpt-5-mini"), {})
 
     def test_identity_options_and_the_466_refusal(self):
         proxy = self.start_proxy(editor_version="vscode/1.999.0", editor_plugin_version="copilot-chat/0.99.1")
