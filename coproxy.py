@@ -154,6 +154,10 @@ RESPONSE_STORE_SECONDS = 6 * 3600.0
 #: max_completion_tokens) is applied before it must be taught again: a refusal one request
 #: provoked must not shape every later request for good.
 QUIRK_TTL_SECONDS = 600.0
+#: /usage asks GitHub for the account's quotas at most this often (a failure: every 5 s), and
+#: callers at the same moment share one call: any local client could spend the GitHub API quota.
+ACCOUNT_CACHE_SECONDS = 30.0
+ACCOUNT_RETRY_SECONDS = 5.0
 #: Seconds a request waits for a concurrency slot before 503.
 DEFAULT_QUEUE_TIMEOUT_SECONDS = 30.0
 
@@ -7736,11 +7740,20 @@ def raise_descriptor_limit():
     return soft if soft != resource.RLIM_INFINITY else None
 
 
+def accept_backlog(descriptors):
+    """The listen backlog, which is also how many connections asyncio accepts in one go before
+    any of them reaches our code (and so before the cap is checked): kept to an eighth of the
+    descriptors, so that a burst cannot run out of them first."""
+    return 1024 if descriptors is None else max(8, min(1024, descriptors // 8))
+
+
 def connection_cap(descriptors):
-    """Client connections served at once with ``descriptors`` (None: no limit)."""
+    """Client connections served at once with ``descriptors`` (None: no limit): what is left
+    after RESERVED_DESCRIPTORS and one accept burst, halved (each may hold an upstream socket)."""
     if descriptors is None:
         return MAX_CLIENT_CONNECTIONS
-    return max(16, min(MAX_CLIENT_CONNECTIONS, (descriptors - RESERVED_DESCRIPTORS) // 2))
+    spare = descriptors - RESERVED_DESCRIPTORS - accept_backlog(descriptors)
+    return max(8, min(MAX_CLIENT_CONNECTIONS, spare // 2))
 
 
 class Server:
@@ -7777,7 +7790,8 @@ class Server:
         if self.max_connections is None:
             self.max_connections = connection_cap(self.descriptor_limit)
         self.loop.set_exception_handler(self._on_loop_error)
-        self._server = await asyncio.start_server(self._on_connection, host, port, backlog=1024)
+        self._server = await asyncio.start_server(self._on_connection, host, port,
+                                                  backlog=accept_backlog(self.descriptor_limit))
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
 
@@ -7791,6 +7805,8 @@ class Server:
                 "limit (ulimit -n, LimitNOFILE=) or find what holds them", self.descriptor_limit or "none",
                 len(self._connections))
             return
+        if self.closing and isinstance(error, ValueError) and "file descriptor" in str(error):
+            return  # asyncio's accept retry after such an error, run after the socket closed
         loop.default_exception_handler(context)
 
     def _make_room(self):
@@ -9276,6 +9292,7 @@ class Dashboard:
         self.ledger = Ledger()
         self.history = None if config.no_history else History(config.state_dir, config.history_days)
         self._quota = (0.0, None, None)  # (fetched at, summarize_quota() or None, error or None)
+        self._quota_fetch = None         # the call in flight, shared by everyone who asks meanwhile
 
     def start(self):
         """Read the history back (measured: about 50 ms for 30 days of a heavy user)."""
@@ -9323,16 +9340,29 @@ class Dashboard:
         return {k: v for k, v in record.items() if v is not None and v != "" and v is not False}
 
     async def quota(self, max_age=0):
-        """(summarize_quota() or None, error or None) from GitHub, at most ``max_age`` seconds old."""
+        """(summarize_quota() or None, error or None) from GitHub, at most ``max_age`` seconds old,
+        but fetched no more often than every ACCOUNT_CACHE_SECONDS (after an error, every
+        ACCOUNT_RETRY_SECONDS), and once for everyone who asks meanwhile: any local client could
+        otherwise spend the account's GitHub API quota (50 requests to /usage, 50 calls)."""
         fetched_at, summary, error = self._quota
-        if time.monotonic() - fetched_at >= max_age or not fetched_at:
+        floor = ACCOUNT_RETRY_SECONDS if error else ACCOUNT_CACHE_SECONDS
+        if fetched_at and time.monotonic() - fetched_at < max(max_age, floor):
+            return summary, error
+        if self._quota_fetch is None:
+            self._quota_fetch = self.gateway.loop.create_task(self._fetch_quota())
+        return await asyncio.shield(self._quota_fetch)
+
+    async def _fetch_quota(self):
+        try:
             try:
                 summary, error = summarize_quota(await self.pool.run(
                     self.gateway.loop, self.auth.github_json, "/copilot_internal/user")), None
             except (AuthError, UpstreamUnreachable) as exc:
                 summary, error = None, str(exc)
             self._quota = (time.monotonic(), summary, error)
-        return summary, error
+            return summary, error
+        finally:
+            self._quota_fetch = None
 
     def usage_view(self, query):
         """GET /usage?by=hour|day|model|session|route|request[&since=]: the history, one view."""

@@ -5694,10 +5694,44 @@ class TestAbuse(ProxyTestCase):
                                        {"Authorization": "Bearer k"}, timeout=5)
         self.assertEqual(status, 200, body[:300])
         process.send_signal(signal.SIGTERM)
-        self.assertEqual(process.wait(10), 0)
-        log = process.stderr.read()
+        log = process.communicate(timeout=10)[1]
+        self.assertEqual(process.returncode, 0, log[-3000:])
         self.assertNotIn("Traceback", log)
         self.assertLessEqual(log.count("at the connection cap"), 1, log[-2000:])  # once a minute, not per accept
+        self.assertLessEqual(log.count("out of descriptors"), 1, log[-2000:])
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "descriptor limits as Linux has them")
+    def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(self):
+        import resource
+        result = subprocess.run([sys.executable, "-c", "import coproxy, resource; coproxy.raise_descriptor_limit(); "
+                                 "print(resource.getrlimit(resource.RLIMIT_NOFILE))"], capture_output=True, text=True,
+                                cwd=os.path.dirname(COPROXY_PY), timeout=20,
+                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 256)))
+        self.assertEqual(result.stdout.strip(), "(256, 256)", result.stderr)
+        self.assertEqual((coproxy.connection_cap(256), coproxy.connection_cap(1 << 20), coproxy.connection_cap(None)),
+                         (80, 10000, 10000))
+
+    def test_usage_asks_github_once_for_many_callers(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        original = self.fake.routes[("GET", "/copilot_internal/user")]
+
+        def slow_user(handler, body):  # every caller arrives while the first call is out
+            gate.wait(5)
+            original(handler, body)
+        self.fake.routes[("GET", "/copilot_internal/user")] = slow_user
+        results = []
+        threads = [threading.Thread(target=lambda method=method: results.append(self.request(method, "/usage")))
+                   for method in ["GET"] * 40 + ["HEAD"] * 10]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(wait_for(lambda: len(self.fake.requests_to("/copilot_internal/user")) >= 1))
+        gate.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual([status for status, _, _ in results], [200] * 50)
+        self.assertEqual(self.request("GET", "/usage")[0], 200)  # and one more, a moment later
+        self.assertEqual(len(self.fake.requests_to("/copilot_internal/user")), 1)
 
     def test_a_compressed_body_has_its_own_lower_cap(self):
         inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB < --max-body-mb
