@@ -3474,6 +3474,11 @@ def decode_body(raw, encoding, limit):
                            "or zstd" % encoding[:40], code="unsupported_content_encoding")
 
 
+def decode_json_body(raw, encoding, limit):
+    """decode_body, then parse_json_object: what a worker does with a large or compressed body."""
+    return parse_json_object(decode_body(raw, encoding, limit))
+
+
 _KINDS = {"string": str, "boolean": bool, "object": dict, "array": list}
 
 
@@ -9683,17 +9688,13 @@ class App:
         access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra, extra=record)
 
     async def read_json(self, request):
-        """The request body as a JSON object, decompressed first when the client compressed it.
-        A large or compressed body is decoded and parsed in a worker: one hostile body must not
-        hold up every other client (json.loads of megabytes takes a tenth of a second and more)."""
+        """The request body as a JSON object, decompressed first when the client compressed it;
+        a large or compressed one in a worker (one hostile body must not hold up the others)."""
         raw = await request.read_body(self._max_body)
         encoding = request.header("content-encoding")
         if len(raw) <= INLINE_PARSE_BYTES and encoding in (None, "", "identity"):
             return parse_json_object(raw)
-        return await self.pool.run(asyncio.get_running_loop(), self._decode_and_parse, raw, encoding)
-
-    def _decode_and_parse(self, raw, encoding):
-        return parse_json_object(decode_body(raw, encoding, self._max_body))
+        return await self.pool.run(self.gateway.loop, decode_json_body, raw, encoding, self._max_body)
 
     # -- proxied routes: parse, resolve, plan, send ------------------------------------------
     async def resolve(self, response, name):

@@ -6846,7 +6846,7 @@ class TestPortability(unittest.TestCase):
         SOURCE = _source.read()
     STDLIB = {"argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent", "contextlib", "ctypes",
               "dataclasses", "difflib", "email", "errno", "fcntl", "functools", "hashlib", "hmac", "http", "importlib", "ipaddress", "itertools",
-              "json", "logging", "os", "queue", "re", "selectors", "shlex", "signal", "socket", "ssl", "stat", "struct",
+              "json", "logging", "resource", "os", "queue", "re", "selectors", "shlex", "signal", "socket", "ssl", "stat", "struct",
               "subprocess", "sys", "threading", "time", "urllib", "webbrowser", "zlib"}
 
     def test_grammar_parses_as_python_3_7(self):
