@@ -9334,6 +9334,8 @@ class Dashboard:
                   "status": response.status or 0, "model": fields.get("model")}
         for field, name in HISTORY_FIELDS:
             record[name] = fields.get(field)
+        if "->" in (record["model"] or ""):  # the log's "auto->gpt-5.4": what was asked, what answered
+            record["requested"], record["model"] = record["model"].split("->", 1)
         if response.head_sent_at is not None:
             record["ttfb_ms"] = round((response.head_sent_at - request.started) * 1000, 1)
         record["ms"] = round((now - request.started) * 1000, 1)
@@ -9385,15 +9387,20 @@ class Dashboard:
                               param="by")
         return {"by": by, "since": since, "now": now, "history": self.history is not None, "data": views[by]()}
 
+    #: Facts of CopilotAuth.describe() the page shows as rows of their own, with their labels.
+    CREDENTIAL_ROWS = (("mode", "token mode"), ("payer", "billed to"), ("app_permission", "App permission"))
+
     def login_status(self):
-        """What the dashboard shows of the login: never a token, only what kind it is and when the
-        Copilot token expires."""
+        """What the dashboard shows of the login: never a token, only what kind it is, where it
+        came from and when the Copilot token expires; ``extra``: more rows (label -> text)."""
         token, source = self.auth.github_token()
+        facts = self.auth.describe()
         record = self.auth.record or {}
-        return {"logged_in": bool(token), "token_kind": github_token_kind(token),
+        return {"logged_in": bool(token), "token_kind": github_token_kind(token) or facts.get("token_kind"),
                 "token_source": ("flag or environment" if source and not os.path.isabs(source) else
                                  "state dir" if source else None),
-                "copilot_token_expires_at": record.get("expires_at")}
+                "copilot_token_expires_at": facts.get("expires_at", record.get("expires_at")),
+                "extra": {label: str(facts[name]) for name, label in self.CREDENTIAL_ROWS if facts.get(name)}}
 
     async def handle_root(self, request, response, _):
         """GET /: the dashboard for a browser (an Accept that asks for HTML), Ollama's probe

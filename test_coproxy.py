@@ -6003,7 +6003,10 @@ class TestDashboard(ProxyTestCase):
     def test_no_history_keeps_this_run_only_and_views_check_their_parameters(self):
         proxy = self.start_proxy(no_history=True)
         self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
-        self.wait_count(proxy, 1)
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="auto"), port=proxy.port)
+        self.wait_count(proxy, 2)
+        chosen = proxy.app.dashboard.ledger.requests()[0]  # what auto chose, and that auto was asked
+        self.assertEqual((status, chosen["requested"], chosen["model"]), (200, "auto", json.loads(body)["model"]))
         proxy.app.close()
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "state", "history")))
         for query, param in (("by=week", "by"), ("by=hour&since=yesterday", "since")):
@@ -6012,6 +6015,7 @@ class TestDashboard(ProxyTestCase):
             self.assertEqual((status, error["code"], error["param"]), (400, "invalid_query", param))
         status, _, body = self.request("GET", "/usage?by=model&since=1h", port=proxy.port)
         self.assertEqual(json.loads(body)["data"]["gpt-4.1"]["requests"], 1)
+        self.assertEqual(sum(t["requests"] for t in json.loads(body)["data"].values()), 2)
         self.assertFalse(json.loads(body)["history"])
 
     def get(self, path, headers, port):
