@@ -1042,6 +1042,9 @@ def settings_argv(config, scope=("shared", "serve")):
     whether it came from a flag or an environment variable: flags for the plain ones, and
     {variable: value} for the secrets, which must never be on a command line."""
     argv, secrets = ["--state-dir", config.state_dir], {}
+    copilot_cli_token = config.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
+    if copilot_cli_token:  # the Copilot CLI's variable is a token source of ours too
+        secrets["COPILOT_GITHUB_TOKEN"] = copilot_cli_token
     for option, value in config.changed_settings():
         if option.scope not in scope or option.dest == "state_dir":
             continue
@@ -10611,7 +10614,8 @@ def cmd_service(config, args):
             lines.append("EnvironmentFile=%s" % _quote_systemd(env_path))
         # PrivateTmp gives the service an empty /tmp and /var/tmp of its own: a file it needs there
         # (this script, tried out from a download in /tmp, or the state dir or CA bundle) would vanish.
-        needed = [sys.executable, os.path.abspath(__file__), config.state_dir, config.ca_file] + [
+        needed = [sys.executable, os.path.abspath(__file__), config.state_dir, config.ca_file,
+                  config.github_token_file, config.github_app_key_file] + [
             config.environ.get(name) for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")]
         in_tmp = sorted({path for path in needed if path and re.match(r"^/(var/)?tmp(/|$)", os.path.realpath(path))})
         if in_tmp:

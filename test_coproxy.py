@@ -6608,7 +6608,7 @@ class TestService(unittest.TestCase):
 
     def test_systemd_unit_carries_every_setting_and_no_secret(self):
         env = {"HOME": self.tmp, "COPROXY_CA_FILE": self.ca, "HTTPS_PROXY": "http://bob:pr0xy-pass@proxy.corp:3128",
-               "NO_PROXY": "localhost", "GHCP_PROXY_API_KEY": "k3y-from-env",
+               "NO_PROXY": "localhost", "GHCP_PROXY_API_KEY": "k3y-from-env", "COPILOT_GITHUB_TOKEN": "github_pat_11cli",
                "HTTP_PROXY": "bob:pr0xy-pass@proxy.corp:3128"}  # without a scheme: still a password
         code, unit, err = self.run_main(["service", "systemd", "--state-dir", self.state, "--github-host", "acme.ghe.com",
                                          "--port", "9001", "--host", "0.0.0.0", "--model-alias", "fast=gpt-4.1",
@@ -6618,7 +6618,7 @@ class TestService(unittest.TestCase):
         for part in ("serve --no-auto-login --state-dir %s" % self.state, "--github-host acme.ghe.com",
                      "--ca-file %s" % self.ca, "--host 0.0.0.0", "--port 9001", "--model-alias fast=gpt-4.1"):
             self.assertIn(part, execstart)
-        for secret in ("k3y-from-env", "ghu_flagtoken", "pr0xy-pass"):
+        for secret in ("k3y-from-env", "ghu_flagtoken", "pr0xy-pass", "github_pat_11cli"):
             self.assertNotIn(secret, unit)
         env_file = os.path.join(self.state, "service.env")
         self.assertIn("EnvironmentFile=%s" % env_file, unit)
@@ -6626,7 +6626,8 @@ class TestService(unittest.TestCase):
         self.assertEqual(stat.S_IMODE(os.stat(env_file).st_mode), 0o600)
         with open(env_file) as f:
             self.assertEqual(sorted(l for l in f.read().splitlines() if not l.startswith("#")), [
-                "GHCP_GITHUB_TOKEN=ghu_flagtoken1234567890", "GHCP_PROXY_API_KEY=k3y-from-env",
+                "COPILOT_GITHUB_TOKEN=github_pat_11cli", "GHCP_GITHUB_TOKEN=ghu_flagtoken1234567890",
+                "GHCP_PROXY_API_KEY=k3y-from-env",
                 "HTTPS_PROXY=http://bob:pr0xy-pass@proxy.corp:3128", "HTTP_PROXY=bob:pr0xy-pass@proxy.corp:3128"])
         self.assertEqual(stat.S_IMODE(os.stat(self.state).st_mode), 0o700)
         self.assertIn("ReadWritePaths=%s" % self.state, unit)
