@@ -661,26 +661,29 @@ OPTIONS = [
     Option("--github-token", "github_token", "GHCP_GITHUB_TOKEN", str, None, "shared",
            "GitHub OAuth token to use instead of the saved one (ghu_/gho_ from a Copilot login); "
            "prefer the variable: a flag shows in ps", "TOKEN"),
-    Option("--github-token-file", "github_token_file", "COPROXY_GITHUB_TOKEN_FILE", str, None, "shared",
-           "read the GitHub token from this file, again whenever it changes (a secret manager's or a "
-           "CI job's token); the file must be yours and private (chmod 600)", "FILE"),
-    Option("--auth-mode", "auth_mode", "COPROXY_AUTH_MODE", _auth_mode, "auto", "shared",
-           "auto (by the token's prefix: gho_/ghu_ exchanged, github_pat_ sent directly, ghs_ directly "
-           "then exchanged), exchange (always the Copilot token exchange) or direct (always the "
-           "GitHub token itself)", "MODE"),
-    Option("--integration-id", "integration_id", "COPROXY_INTEGRATION_ID", _integration_id, None, "shared",
-           "Copilot-Integration-Id to send (default: vscode-chat for exchanged tokens, "
-           "copilot-developer-cli for tokens sent directly)", "ID"),
-    Option("--github-app-id", "github_app_id", "COPROXY_GITHUB_APP_ID", _positive_int, None, "shared",
-           "mint organisation-billed tokens as this GitHub App (with --github-app-key-file and "
-           "--github-app-installation-id or --github-app-org)", "ID"),
-    Option("--github-app-key-file", "github_app_key_file", "COPROXY_GITHUB_APP_KEY_FILE", str, None, "shared",
-           "the GitHub App's private key (PEM, PKCS#1 or PKCS#8); must be yours and private (chmod 600)",
+    Option("--github-token-file", "github_token_file", "COPROXY_GITHUB_TOKEN_FILE", str, None,
+           "shared", "read the GitHub token from this file, again whenever it changes (a secret "
+           "manager's or a CI job's token); the file must be yours and private (chmod 600)",
            "FILE"),
-    Option("--github-app-installation-id", "github_app_installation_id", "COPROXY_GITHUB_APP_INSTALLATION_ID",
-           _positive_int, None, "shared", "the App's installation to mint tokens for", "ID"),
-    Option("--github-app-org", "github_app_org", "COPROXY_GITHUB_APP_ORG", _github_login, None, "shared",
-           "look the App's installation up by organisation instead of --github-app-installation-id", "ORG"),
+    Option("--auth-mode", "auth_mode", "COPROXY_AUTH_MODE", _auth_mode, "auto", "shared",
+           "auto (by the token's prefix: gho_/ghu_ exchanged, github_pat_ sent directly, ghs_ "
+           "directly then exchanged), exchange (always the Copilot token exchange) or direct "
+           "(always the GitHub token itself)", "MODE"),
+    Option("--integration-id", "integration_id", "COPROXY_INTEGRATION_ID", _integration_id, None,
+           "shared", "Copilot-Integration-Id to send (default: vscode-chat for exchanged tokens, "
+           "copilot-developer-cli for tokens sent directly)", "ID"),
+    Option("--github-app-id", "github_app_id", "COPROXY_GITHUB_APP_ID", _positive_int, None,
+           "shared", "mint organisation-billed tokens as this GitHub App (with "
+           "--github-app-key-file and --github-app-installation-id or --github-app-org)", "ID"),
+    Option("--github-app-key-file", "github_app_key_file", "COPROXY_GITHUB_APP_KEY_FILE", str,
+           None, "shared", "the GitHub App's private key (PEM, PKCS#1 or PKCS#8); must be yours "
+           "and private (chmod 600)", "FILE"),
+    Option("--github-app-installation-id", "github_app_installation_id",
+           "COPROXY_GITHUB_APP_INSTALLATION_ID", _positive_int, None, "shared",
+           "the App's installation to mint tokens for", "ID"),
+    Option("--github-app-org", "github_app_org", "COPROXY_GITHUB_APP_ORG", _github_login, None,
+           "shared", "look the App's installation up by organisation instead of "
+           "--github-app-installation-id", "ORG"),
     Option("--github-host", "github_host", "COPROXY_GITHUB_HOST", str, "github.com", "shared",
            "GitHub host; TENANT.ghe.com switches login, API and Copilot hosts (data residency)",
            "HOST"),
@@ -701,9 +704,9 @@ OPTIONS = [
     Option("--copilot-api-url", "copilot_api_url", "COPROXY_COPILOT_API_URL", str, None, "shared",
            "Copilot API base URL (default: endpoints.api from the Copilot token; for tokens sent "
            "directly https://api.githubcopilot.com or https://copilot-api.TENANT.ghe.com)", "URL"),
-    Option("--api-version", "api_version", "COPROXY_API_VERSION", _api_version, COPILOT_CHAT_API_VERSION,
-           "shared", "X-GitHub-Api-Version sent to the Copilot API (the Auto model needs 2026-08-01 or "
-           "newer)", "DATE"),
+    Option("--api-version", "api_version", "COPROXY_API_VERSION", _api_version,
+           COPILOT_CHAT_API_VERSION, "shared", "X-GitHub-Api-Version sent to the Copilot API (the "
+           "Auto model needs 2026-08-01 or newer)", "DATE"),
     Option("--editor-version", "editor_version", "COPROXY_EDITOR_VERSION", _product_version,
            DEFAULT_EDITOR_VERSION, "shared", "Editor-Version sent to GitHub and Copilot", "NAME/VER"),
     Option("--editor-plugin-version", "editor_plugin_version", "COPROXY_EDITOR_PLUGIN_VERSION", _product_version,
@@ -995,10 +998,10 @@ class Config:
 
     def _check_token_sources(self):
         """At most one explicit GitHub token source, and a GitHub App only with all it needs."""
-        given = [OPTION_BY_DEST[d].flag for d in ("github_token", "github_token_file", "github_app_id")
-                 if getattr(self, d) is not None]
+        sources = ("github_token", "github_token_file", "github_app_id")
+        given = [OPTION_BY_DEST[d].flag for d in sources if getattr(self, d) is not None]
         if len(given) > 1:
-            raise ConfigError("%s and %s both give the GitHub token; keep one" % (given[0], given[1]))
+            raise ConfigError("%s and %s both give the GitHub token; keep one" % tuple(given[:2]))
         app_parts = ("github_app_key_file", "github_app_installation_id", "github_app_org")
         if self.github_app_id is None:
             stray = [OPTION_BY_DEST[d].flag for d in app_parts if getattr(self, d) is not None]
@@ -1006,9 +1009,11 @@ class Config:
                 raise ConfigError("%s needs --github-app-id" % stray[0])
             return
         if not self.github_app_key_file:
-            raise ConfigError("--github-app-id needs --github-app-key-file (the App's private key, PEM)")
+            raise ConfigError("--github-app-id needs --github-app-key-file (the App's private key, "
+                              "PEM)")
         if (self.github_app_installation_id is None) == (self.github_app_org is None):
-            raise ConfigError("--github-app-id needs one of --github-app-installation-id and --github-app-org")
+            raise ConfigError("--github-app-id needs one of --github-app-installation-id and "
+                              "--github-app-org")
 
     def _absolute_paths(self):
         for name in ("github_token_file", "github_app_key_file"):
@@ -1164,12 +1169,12 @@ def read_owner_only_file(path, what, posix=(os.name == "posix")):
                                   % (what, path, info.st_uid, os.getuid()))
             mode = stat.S_IMODE(info.st_mode)
             if mode & 0o077:
-                raise ConfigError("refusing to use %s %s: others can read or change it (mode %04o); "
-                                  "run: chmod 600 %s" % (what, path, mode, path))
+                raise ConfigError("refusing to use %s %s: others can read or change it (mode "
+                                  "%04o); run: chmod 600 %s" % (what, path, mode, path))
         data = handle.read(MAX_SECRET_FILE_BYTES + 1)
     if len(data) > MAX_SECRET_FILE_BYTES:
-        raise ConfigError("%s %s is larger than %s: not a token or key" % (what, path,
-                                                                          format_size(MAX_SECRET_FILE_BYTES)))
+        raise ConfigError("%s %s is larger than %s: not a token or key"
+                          % (what, path, format_size(MAX_SECRET_FILE_BYTES)))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -2687,9 +2692,10 @@ _EXCHANGE_HINTS = {
 #: (protocol notes §10.1-10.2): OAuth tokens of a Copilot login are exchanged; fine-grained PATs
 #: are sent directly (the exchange answers 403 to them); App installation tokens go directly
 #: first, as the Copilot CLI sends them, then through the exchange, as bifrost does.
-TOKEN_KINDS = (("github_pat_", "fine-grained-pat"), ("ghp_", "classic-pat"), ("ghs_", "app-installation"),
-               ("gho_", "oauth"), ("ghu_", "oauth"))
-#: The integration id the Copilot CLI sends with a GitHub token sent directly; PATs work with no other.
+TOKEN_KINDS = (("github_pat_", "fine-grained-pat"), ("ghp_", "classic-pat"),
+               ("ghs_", "app-installation"), ("gho_", "oauth"), ("ghu_", "oauth"))
+#: The integration id the Copilot CLI sends with a GitHub token sent directly (PATs work with
+#: no other).
 DIRECT_INTEGRATION_ID = "copilot-developer-cli"
 
 
@@ -2754,11 +2760,14 @@ def _der_sequence(data):
 
 
 def parse_rsa_private_key(pem):
-    """(n, e, d, p, q) of an RSA private key in PEM: PKCS#1 (BEGIN RSA PRIVATE KEY, what GitHub hands
-    out) or PKCS#8 (BEGIN PRIVATE KEY, what openssl pkey writes). ValueError saying what is wrong."""
-    match = re.search(r"-----BEGIN ((?:RSA |ENCRYPTED )?)PRIVATE KEY-----(.*?)-----END \1PRIVATE KEY-----", pem, re.S)
+    """(n, e, d, p, q) of an RSA private key in PEM: PKCS#1 (BEGIN RSA PRIVATE KEY, what GitHub
+    hands out) or PKCS#8 (BEGIN PRIVATE KEY, what openssl pkey writes). ValueError saying what
+    is wrong."""
+    match = re.search(r"-----BEGIN ((?:RSA |ENCRYPTED )?)PRIVATE KEY-----(.*?)"
+                      r"-----END \1PRIVATE KEY-----", pem, re.S)
     if not match:
-        raise ValueError("no PEM private key in it (-----BEGIN RSA PRIVATE KEY----- or -----BEGIN PRIVATE KEY-----)")
+        raise ValueError("no PEM private key in it (-----BEGIN RSA PRIVATE KEY----- or "
+                         "-----BEGIN PRIVATE KEY-----)")
     if match.group(1) == "ENCRYPTED " or "Proc-Type:" in match.group(2):
         raise ValueError("the key is protected by a passphrase; write a plain copy with "
                          "`openssl pkey -in KEY -out PLAIN` and keep it private")
@@ -2789,7 +2798,8 @@ def rs256_sign(key, message):
     n, _, d, p, q = key
     size = (n.bit_length() + 7) // 8
     digest_info = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
-    encoded = int.from_bytes(b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info, "big")
+    padding = b"\xff" * (size - len(digest_info) - 3)
+    encoded = int.from_bytes(b"\x00\x01" + padding + b"\x00" + digest_info, "big")
     # m^d mod n by the Chinese remainder theorem (RFC 8017 §5.1.2): two half-size pows, 3-4x faster
     part_p, part_q = pow(encoded, d % (p - 1), p), pow(encoded, d % (q - 1), q)
     signature = part_q + q * ((pow(q, -1, p) * (part_p - part_q)) % p)
@@ -2839,9 +2849,11 @@ class GitHubApp:
         try:
             self.key = parse_rsa_private_key(text)
         except ValueError as exc:
-            raise ConfigError("the GitHub App key file %s is not usable: %s" % (config.github_app_key_file, exc))
+            raise ConfigError("the GitHub App key file %s is not usable: %s"
+                              % (config.github_app_key_file, exc))
         self.installation_id = config.github_app_installation_id
-        self.permission_form = None     # the form GitHub granted, e.g. "organization_copilot_requests=read"
+        #: the permission form GitHub granted, e.g. "organization_copilot_requests=read"
+        self.permission_form = None
         self.record = None              # {"token", "expires_at"} of the current installation token
         self.mints = 0
         self._lock = threading.Lock()
@@ -2853,13 +2865,16 @@ class GitHubApp:
     def token(self, force=False):
         """(token, expires_at) of a valid installation token, minted when needed."""
         record = self.record
-        if not force and record and record["expires_at"] - self.clock() > TOKEN_REFRESH_MARGIN_SECONDS:
+        if not force and self._fresh(record):
             return record["token"], record["expires_at"]
         with self._lock:
             record = self.record
-            if force or not record or record["expires_at"] - self.clock() <= TOKEN_REFRESH_MARGIN_SECONDS:
+            if force or not self._fresh(record):
                 record = self.record = self._mint()
             return record["token"], record["expires_at"]
+
+    def _fresh(self, record):
+        return bool(record) and record["expires_at"] - self.clock() > TOKEN_REFRESH_MARGIN_SECONDS
 
     def forget(self, token):
         """Mint anew next time: Copilot refused ``token`` (a newer one is kept)."""
@@ -2874,18 +2889,22 @@ class GitHubApp:
         if payload is not None:
             headers["Content-Type"] = "application/json"
         try:
-            return self.client.request_json(method, self.config.github_api_url + path, headers, payload)
+            return self.client.request_json(method, self.config.github_api_url + path, headers,
+                                            payload)
         except UpstreamUnreachable as exc:
             raise AuthError("cannot reach GitHub to mint the App's token: %s" % exc, code="network")
 
     def _installation(self):
         if self.installation_id is None:
             org = self.config.github_app_org
-            status, data, raw, _ = self._call("GET", "/orgs/%s/installation" % urllib.parse.quote(org))
+            path = "/orgs/%s/installation" % urllib.parse.quote(org)
+            status, data, raw, _ = self._call("GET", path)
             if status != 200 or not isinstance(data, dict) or not isinstance(data.get("id"), int):
-                raise self._refusal(status, raw, "looking up its installation on %s" % org, lookup=True)
+                raise self._refusal(status, raw, "looking up its installation on %s" % org,
+                                    lookup=True)
             self.installation_id = data["id"]
-            log.info("GitHub App %d is installation %d on %s", self.app_id, self.installation_id, org)
+            log.info("GitHub App %d is installation %d on %s", self.app_id, self.installation_id,
+                     org)
         return self.installation_id
 
     def _mint(self):
@@ -2893,17 +2912,18 @@ class GitHubApp:
         path = "/app/installations/%d/access_tokens" % self._installation()
         for number, (name, level) in enumerate(APP_PERMISSION_FORMS):
             status, data, raw, _ = self._call("POST", path, {"permissions": {name: level}})
-            if status in (200, 201) and isinstance(data, dict) and isinstance(data.get("token"), str):
+            minted = isinstance(data, dict) and isinstance(data.get("token"), str)
+            if status in (200, 201) and minted:
                 now = self.clock()
                 expires_at = parse_github_time(data.get("expires_at")) or int(now + 3600)
                 self.permission_form = "%s=%s" % (name, level)
-                log.info("GitHub App %d minted an installation token (%s) expires_in=%s", self.app_id,
-                         self.permission_form, format_duration(expires_at - now))
+                log.info("GitHub App %d minted an installation token (%s) expires_in=%s",
+                         self.app_id, self.permission_form, format_duration(expires_at - now))
                 return {"token": data["token"], "expires_at": expires_at}
             if status != 422 or number == len(APP_PERMISSION_FORMS) - 1:
                 raise self._refusal(status, raw, "minting an installation token")
-            log.info("GitHub refused the %s=%s permission form (422); trying the older %s=%s", name, level,
-                     *APP_PERMISSION_FORMS[number + 1])
+            log.info("GitHub refused the %s=%s permission form (422); trying the older %s=%s",
+                     name, level, *APP_PERMISSION_FORMS[number + 1])
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _refusal(self, status, raw, doing, lookup=False):
@@ -2912,19 +2932,20 @@ class GitHubApp:
         what = "GitHub refused %s for GitHub App %d (HTTP %d: %s)" % (doing, self.app_id, status,
                                                                      message or "no details")
         if status == 401:
-            fix = ("the App's JWT was not accepted: check that --github-app-key-file is this App's private key, "
-                   "that --github-app-id %d is right, and this machine's clock (the JWT is valid 10 minutes)"
-                   % self.app_id)
+            fix = ("the App's JWT was not accepted: check that --github-app-key-file is this App's "
+                   "private key, that --github-app-id %d is right, and this machine's clock (the "
+                   "JWT is valid 10 minutes)" % self.app_id)
         elif status == 404 and lookup:
             fix = ("the App is not installed on %s, or --github-app-id %d is not this App"
                    % (self.config.github_app_org, self.app_id))
         elif status == 404:
-            fix = ("no such App or installation: check --github-app-id %d and --github-app-installation-id %s"
-                   % (self.app_id, self.installation_id))
+            fix = ("no such App or installation: check --github-app-id %d and "
+                   "--github-app-installation-id %s" % (self.app_id, self.installation_id))
         elif status == 422:
-            fix = ("installation %s was not granted the Copilot Requests permission (tried %s): give the App "
-                   "the organisation permission \"Copilot Requests\" (read-only) and have the organisation "
-                   "accept it" % (self.installation_id, " and ".join("%s=%s" % f for f in APP_PERMISSION_FORMS)))
+            tried = " and ".join("%s=%s" % form for form in APP_PERMISSION_FORMS)
+            fix = ("installation %s was not granted the Copilot Requests permission (tried %s): "
+                   "give the App the organisation permission \"Copilot Requests\" (read-only) and "
+                   "have the organisation accept it" % (self.installation_id, tried))
         else:
             fix = "try again later"
         return AuthError("%s; %s" % (what, fix), code="app_token_refused")
@@ -2974,30 +2995,34 @@ def explain_refusal(error, model, facts, integration_option):
     text = str(error)
     lowered = text.lower()
     integration = facts.get("integration_id") or integration_option or COPILOT_INTEGRATION_ID
-    chosen = ("--integration-id" if integration_option else
-              "chosen for %s tokens sent %s" % (facts.get("token_kind", "these"), facts.get("mode", "directly")))
+    chosen = ("--integration-id" if integration_option else "chosen for %s tokens sent %s"
+              % (facts.get("token_kind", "these"), facts.get("mode", "directly")))
     if error.status == 400 and "personal access tokens are not supported" in lowered:
-        message, code = ("Copilot refused the fine-grained personal access token with Copilot-Integration-Id "
-                         "%s (%s): such tokens work only with copilot-developer-cli. Start coproxy with "
-                         "--integration-id copilot-developer-cli, or without --integration-id (--auth-mode "
-                         "auto picks it for github_pat_ tokens). Copilot said: %s"
-                         % (integration, chosen, text), "pat_integration_refused")
+        code = "pat_integration_refused"
+        message = ("Copilot refused the fine-grained personal access token with "
+                   "Copilot-Integration-Id %s (%s): such tokens work only with "
+                   "copilot-developer-cli. Start coproxy with --integration-id "
+                   "copilot-developer-cli, or without --integration-id (--auth-mode auto picks it "
+                   "for github_pat_ tokens). Copilot said: %s" % (integration, chosen, text))
     elif "copilot requests permission" in lowered:
-        message, code = ("the fine-grained personal access token lacks the \"Copilot Requests\" permission: on "
-                         "GitHub open Settings > Developer settings > Personal access tokens > Fine-grained "
-                         "tokens, edit the token, add Account permissions > \"Copilot Requests\", and save. "
-                         "Copilot said: %s" % text, "pat_missing_permission")
-    elif error.code == "model_not_available_for_integrator" or "not_available_for_integrator" in lowered:
-        message, code = ("Copilot limits the models each integration id may use, and %s is not available to "
-                         "%s (the Copilot-Integration-Id in use, %s). Pick another model from GET /v1/models, "
-                         "or start coproxy with another --integration-id (vscode-chat for an OAuth login, "
-                         "copilot-developer-cli for a personal access token). Copilot said: %s"
-                         % (model, integration, chosen, text), "model_not_available_for_integrator")
+        code = "pat_missing_permission"
+        message = ("the fine-grained personal access token lacks the \"Copilot Requests\" "
+                   "permission: on GitHub open Settings > Developer settings > Personal access "
+                   "tokens > Fine-grained tokens, edit the token, add Account permissions > "
+                   "\"Copilot Requests\", and save. Copilot said: %s" % text)
+    elif error.code == "model_not_available_for_integrator" or "for_integrator" in lowered:
+        code = "model_not_available_for_integrator"
+        message = ("Copilot limits the models each integration id may use, and %s is not "
+                   "available to %s (the Copilot-Integration-Id in use, %s). Pick another model "
+                   "from GET /v1/models, or start coproxy with another --integration-id "
+                   "(vscode-chat for an OAuth login, copilot-developer-cli for a personal access "
+                   "token). Copilot said: %s" % (model, integration, chosen, text))
     elif error.status == 403 and _org_has_not_enabled_apps(text):
-        message, code = ("the organisation has not enabled \"Copilot requests from GitHub App installations\": "
-                         "an organisation owner turns it on in the organisation's Copilot policies. The "
-                         "token was minted with the %s permission form. Copilot said: %s"
-                         % (facts.get("app_permission", "(unknown)"), text), "app_copilot_requests_disabled")
+        code = "app_copilot_requests_disabled"
+        message = ("the organisation has not enabled \"Copilot requests from GitHub App "
+                   "installations\": an organisation owner turns it on in the organisation's "
+                   "Copilot policies. The token was minted with the %s permission form. Copilot "
+                   "said: %s" % (facts.get("app_permission", "(unknown)"), text))
     else:
         return error
     return ClientError(error.status, message, kind=error.kind, code=code, param=error.param,
@@ -3017,17 +3042,18 @@ def exchange_error(status, data, raw, kind, source, login):
             fix = "pass a valid token, or drop --github-token and run `%s`" % login
         else:
             fix = "run `%s` again" % login
-        return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or revoked); %s"
-                         % (source, fix), code="github_token_invalid")
+        return AuthError("GitHub rejected the GitHub token from %s (401: it is invalid, expired or "
+                         "revoked); %s" % (source, fix), code="github_token_invalid")
     if kind == "fine-grained-pat":
-        return AuthError("GitHub's token exchange refuses fine-grained personal access tokens (HTTP %d: %s); "
-                         "send the token directly with --auth-mode direct (--auth-mode auto, the default, "
-                         "already does for github_pat_ tokens)" % (status, message or "no details"),
-                         code="personal_access_token")
+        return AuthError("GitHub's token exchange refuses fine-grained personal access tokens "
+                         "(HTTP %d: %s); send the token directly with --auth-mode direct "
+                         "(--auth-mode auto, the default, already does for github_pat_ tokens)"
+                         % (status, message or "no details"), code="personal_access_token")
     if kind == "classic-pat":
-        return AuthError("the token from %s is a classic personal access token; GitHub only exchanges "
-                         "tokens from a Copilot login for Copilot tokens. Run `%s` instead (HTTP %d)"
-                         % (source, login, status), code="personal_access_token")
+        return AuthError("the token from %s is a classic personal access token; GitHub only "
+                         "exchanges tokens from a Copilot login for Copilot tokens. Run `%s` "
+                         "instead (HTTP %d)" % (source, login, status),
+                         code="personal_access_token")
     if notification:
         hint = _EXCHANGE_HINTS.get(notification, "GitHub refused Copilot access")
         url = details.get("url") if isinstance(details, dict) else None
@@ -3042,8 +3068,8 @@ def exchange_error(status, data, raw, kind, source, login):
     if status == 403 and "rate limit" in message.lower():
         return AuthError("GitHub API rate limit hit while getting a Copilot token: %s" % message,
                          code="rate_limited")
-    return AuthError("GitHub refused a Copilot token (HTTP %d): %s" % (status, message or "no details"),
-                     code="copilot_token_refused")
+    return AuthError("GitHub refused a Copilot token (HTTP %d): %s"
+                     % (status, message or "no details"), code="copilot_token_refused")
 
 
 class CopilotAuth:
@@ -3056,7 +3082,7 @@ class CopilotAuth:
         self.store = store
         self.client = client
         self.clock = clock
-        self.record = None           # the token record in use: exchanged, or built for a direct token
+        self.record = None           # the token record in use: exchanged, or for a direct token
         self._fingerprinted = (None, None)
         self._disk_checked = False
         self._refresh_lock = threading.Lock()
@@ -3095,11 +3121,13 @@ class CopilotAuth:
         """Whether a GitHub token can be had without a login, without minting one (no network)."""
         config = self.config
         return bool(config.github_token or config.github_token_file or self.app is not None
-                    or config.environ.get("COPILOT_GITHUB_TOKEN", "").strip() or self.store.load_github_token())
+                    or config.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
+                    or self.store.load_github_token())
 
     def _read_token_file(self):
         try:
-            return read_owner_only_file(self.config.github_token_file, "the token file").strip() or None
+            text = read_owner_only_file(self.config.github_token_file, "the token file")
+            return text.strip() or None
         except ConfigError as exc:
             raise AuthError(str(exc), code="token_file_unusable")
 
@@ -3114,8 +3142,8 @@ class CopilotAuth:
         if self._token_file is not None:
             raise AuthError("the token file %s is missing or empty (--github-token-file)" % source,
                             code="not_logged_in")
-        raise AuthError("not logged in to GitHub: run `%s` (or set GHCP_GITHUB_TOKEN)" % self.login_command(),
-                        code="not_logged_in")
+        raise AuthError("not logged in to GitHub: run `%s` (or set GHCP_GITHUB_TOKEN)"
+                        % self.login_command(), code="not_logged_in")
 
     # -- how the token reaches Copilot ---------------------------------------------------------
     def mode_for(self, token):
@@ -3124,9 +3152,10 @@ class CopilotAuth:
             return self.config.auth_mode
         kind = token_kind(token)
         if kind == "classic-pat":
-            raise AuthError("the token from %s is a classic personal access token (ghp_), which Copilot does not "
-                            "accept; run `%s`, or use a fine-grained token (github_pat_) with the \"Copilot "
-                            "Requests\" permission" % (self.github_token()[1], self.login_command()),
+            raise AuthError("the token from %s is a classic personal access token (ghp_), which "
+                            "Copilot does not accept; run `%s`, or use a fine-grained token "
+                            "(github_pat_) with the \"Copilot Requests\" permission"
+                            % (self.github_token()[1], self.login_command()),
                             code="personal_access_token")
         if kind == "fine-grained-pat":
             return "direct"  # the exchange answers 403 to PATs
@@ -3139,7 +3168,9 @@ class CopilotAuth:
         model_not_available_for_integrator to others) and copilot-developer-cli for the rest."""
         if self.config.integration_id:
             return self.config.integration_id
-        return COPILOT_INTEGRATION_ID if mode == "exchange" or kind == "oauth" else DIRECT_INTEGRATION_ID
+        if mode == "exchange" or kind == "oauth":
+            return COPILOT_INTEGRATION_ID
+        return DIRECT_INTEGRATION_ID
 
     # -- the Copilot token -------------------------------------------------------------------
     def _fingerprint(self, github_token):
@@ -3171,7 +3202,8 @@ class CopilotAuth:
         github_token = self.require_github_token()
         if self.mode_for(github_token) == "direct":
             record = self.record
-            if force or not record or record.get("mode") != "direct" or record["token"] != github_token:
+            if force or not record or record.get("mode") != "direct" \
+                    or record["token"] != github_token:
                 record = self.record = self._direct_record(github_token)
             return record
         record = self.record
@@ -3199,11 +3231,12 @@ class CopilotAuth:
         """A record for a GitHub token sent as it is. Its expiry is the App token's, else unknown
         (a day ahead, marked as a guess: Copilot's 401 says when it ends)."""
         kind = token_kind(github_token)
-        app_token = self.app is not None and self.app.record and self.app.record["token"] == github_token
-        expires_at = self.app.record["expires_at"] if app_token else int(self.clock()) + 86400
+        minted = self.app.record if self.app is not None else None
+        app_token = bool(minted) and minted["token"] == github_token
+        expires_at = minted["expires_at"] if app_token else int(self.clock()) + 86400
         return {"token": github_token, "mode": "direct", "kind": kind, "expires_at": expires_at,
-                "expiry_known": bool(app_token), "integration_id": self.integration_id_for("direct", kind),
-                "api_endpoint": direct_api_base(self.config)}
+                "expiry_known": app_token, "api_endpoint": direct_api_base(self.config),
+                "integration_id": self.integration_id_for("direct", kind)}
 
     def invalidate(self, token):
         """Forget ``token`` after Copilot answered 401 to it (a newer one is kept)."""
@@ -3223,8 +3256,8 @@ class CopilotAuth:
             message, _ = upstream_error_message(raw)
             self._direct_refusal = "HTTP %d: %s" % (status, message or "no details")
             self.app_token_path = "exchange"
-            log.warning("Copilot refused the App installation token sent directly (%s); using the token "
-                        "exchange for App tokens from now on", self._direct_refusal)
+            log.warning("Copilot refused the App installation token sent directly (%s); using "
+                        "the token exchange for App tokens from now on", self._direct_refusal)
             with self._refresh_lock:
                 self.record = None
             return True
@@ -3259,7 +3292,8 @@ class CopilotAuth:
             record["github_host"] = self.config.github_host
             record["github_token_sha256"] = self._fingerprint(github_token)
             kind = token_kind(github_token)
-            record.update(mode="exchange", kind=kind, integration_id=self.integration_id_for("exchange", kind))
+            record.update(mode="exchange", kind=kind,
+                          integration_id=self.integration_id_for("exchange", kind))
             log.info("copilot token obtained sku=%s expires_in=%s", data.get("sku", "?"),
                      format_duration(record["expires_at"] - now))
             return record
@@ -3267,11 +3301,12 @@ class CopilotAuth:
         error = exchange_error(status, data, raw, token_kind(github_token),
                                self.github_token()[1] or "the saved login", self.login_command())
         if token_kind(github_token) == "app-installation" and self._direct_refusal:
-            hint = (" The organisation has not enabled \"Copilot requests from GitHub App installations\": an "
-                    "owner turns it on in the organisation's Copilot policies."
+            hint = (" The organisation has not enabled \"Copilot requests from GitHub App "
+                    "installations\": an owner turns it on in the organisation's Copilot policies."
                     if _org_has_not_enabled_apps(self._direct_refusal) else "")
-            error = AuthError("Copilot refused the App installation token sent directly (%s), and the token "
-                              "exchange refused it too: %s.%s" % (self._direct_refusal, error, hint), code=error.code)
+            error = AuthError("Copilot refused the App installation token sent directly (%s), and "
+                              "the token exchange refused it too: %s.%s"
+                              % (self._direct_refusal, error, hint), code=error.code)
         raise error
 
     def _api_base_from(self, data):
@@ -3321,7 +3356,8 @@ class CopilotAuth:
             sent = copilot_headers(self.config, record["token"], intent=intent,
                                    integration_id=record.get("integration_id"))
             sent.update(headers or {})
-            status, data, raw, _ = self.client.request_json(method, self.api_base(record) + path, sent, payload)
+            status, data, raw, _ = self.client.request_json(method, self.api_base(record) + path,
+                                                            sent, payload)
             if status in (401, 403) and first and self.retry_after_refusal(record, status, raw):
                 raise RetryOnce("Copilot %s answered %d; trying a new token" % (path, status))
             if 200 <= status < 300:
@@ -3359,7 +3395,8 @@ class AutoModel:
         self.sessions = 0
 
     def fresh(self):
-        """The Auto session when it needs no renewal (asked on the event loop: no I/O), else None."""
+        """The Auto session when it needs no renewal, else None (asked on the event loop: no
+        I/O)."""
         session = self.current
         if session and session["expires_at"] - self.clock() > AUTO_SESSION_MARGIN_SECONDS:
             return session
@@ -3381,17 +3418,20 @@ class AutoModel:
         # Renewing sends the old session token, as VS Code does.
         headers = {"Copilot-Session-Token": old["token"]} if old else {}
         if not self.legacy:
-            status, data, raw = self.auth.copilot_json("POST", "/auto", {"prompt": ""}, headers=headers)
-            if status == 200 and isinstance(data, dict) and isinstance(data.get("session_token"), str):
+            status, data, raw = self.auth.copilot_json("POST", "/auto", {"prompt": ""},
+                                                       headers=headers)
+            if status == 200 and isinstance(data, dict) and isinstance(data.get("session_token"),
+                                                                       str):
                 return self._session_from(data, "/auto")
             if status not in (400, 404, 405, 410):
                 raise self._error("/auto", status, raw)
             message, _ = upstream_error_message(raw)
-            log.info("Copilot refused POST /auto (HTTP %d: %s); using the older /models/session", status, message)
+            log.info("Copilot refused POST /auto (HTTP %d: %s); using the older /models/session",
+                     status, message)
             self.legacy = True
         headers["X-GitHub-Api-Version"] = LEGACY_AUTO_API_VERSION
-        status, data, raw = self.auth.copilot_json("POST", "/models/session", {"auto_mode": {"model_hints": ["auto"]}},
-                                              headers=headers)
+        status, data, raw = self.auth.copilot_json(
+            "POST", "/models/session", {"auto_mode": {"model_hints": ["auto"]}}, headers=headers)
         if status == 200 and isinstance(data, dict) and isinstance(data.get("session_token"), str):
             return self._session_from(data, "/models/session")
         raise self._error("/models/session", status, raw)
@@ -3401,20 +3441,24 @@ class AutoModel:
         entry = selected if isinstance(selected, dict) else None
         model = entry.get("id") if entry else selected
         if not isinstance(model, str) or not model:
-            raise ClientError(502, "Copilot's %s answer names no selected model" % path, code="auto_unavailable")
+            raise ClientError(502, "Copilot's %s answer names no selected model" % path,
+                              code="auto_unavailable")
         expires_at = data.get("expires_at")
         now = self.clock()
-        if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool) or expires_at <= now:
+        if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool) \
+                or expires_at <= now:
             expires_at = now + 3600
         self.sessions += 1
-        log.info("auto model session: %s picked %s, for %s", path, model, format_duration(expires_at - now))
-        return {"model": model, "entry": entry, "token": data["session_token"], "expires_at": expires_at}
+        log.info("auto model session: %s picked %s, for %s", path, model,
+                 format_duration(expires_at - now))
+        return {"model": model, "entry": entry, "token": data["session_token"],
+                "expires_at": expires_at}
 
     def _error(self, path, status, raw):
         message, _ = upstream_error_message(raw)
-        return ClientError(502, "Copilot did not pick a model for \"auto\" (%s answered HTTP %d: %s); name a model "
-                                "instead (GET /v1/models lists them)" % (path, status, message or "no details"),
-                           code="auto_unavailable")
+        return ClientError(502, "Copilot did not pick a model for \"auto\" (%s answered HTTP %d: "
+                                "%s); name a model instead (GET /v1/models lists them)"
+                                % (path, status, message or "no details"), code="auto_unavailable")
 
 # ------------------------------------------------------------------------------------------
 # 8. Formats, translation and plans (pure)
@@ -3907,10 +3951,11 @@ FALLBACK_MODELS = [
 
 
 #: The Auto model as /v1/models lists it (after Copilot's own models): a request for it goes to
-#: the model Copilot picks for the session (CopilotAuth.auto_session).
-AUTO_MODEL_ENTRY = {"id": AUTO_MODEL_ID, "name": "Auto (Copilot picks the model)", "vendor": "GitHub Copilot",
-                    "object": "model", "capabilities": {"type": "chat", "supports": {
-                        "tool_calls": True, "vision": True, "streaming": True}}}
+#: the model Copilot picks for the session (AutoModel in §7).
+AUTO_MODEL_ENTRY = {"id": AUTO_MODEL_ID, "name": "Auto (Copilot picks the model)",
+                    "vendor": "GitHub Copilot", "object": "model", "capabilities": {
+                        "type": "chat", "supports": {"tool_calls": True, "vision": True,
+                                                     "streaming": True}}}
 #: Where a resolved ``auto`` request carries its session in the chosen model's catalogue entry.
 AUTO_SESSION_KEY = "coproxy_auto_session"
 
@@ -8037,7 +8082,7 @@ class Catalogue:
                 log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
                 models, source = FALLBACK_MODELS, "fallback"
             if source == "copilot" and not any(m["id"] == AUTO_MODEL_ID for m in models):
-                models = models + [AUTO_MODEL_ENTRY]  # every listing built from the catalogue shows it
+                models = models + [AUTO_MODEL_ENTRY]  # so every list drawn from it shows auto
             self.models, self.source, self.by_id = models, source, {m["id"]: m for m in models}
             self._fetched_at = time.monotonic() if source == "copilot" else 0.0
             return models, source
@@ -8078,7 +8123,7 @@ class Catalogue:
             session = await self.pool.run(asyncio.get_running_loop(), self.auth.auto.session)
         model = session["model"]
         entry = self.by_id.get(model) or session["entry"] or {}
-        # billing.auto_discount: on the chosen model's entry, else on an "auto" entry of Copilot's own
+        # billing.auto_discount: on the chosen model's entry, else on Copilot's own "auto" entry
         discount = auto_discount(entry) or auto_discount(self.by_id.get(AUTO_MODEL_ID))
         return model, dict(entry, **{AUTO_SESSION_KEY: dict(session, discount=discount)})
 
@@ -8520,7 +8565,8 @@ class Gateway:
             if response.status in (401, 403) and first:
                 raw = response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
                 if self.auth.retry_after_refusal(record, response.status, raw):
-                    log.info("copilot answered %d; getting a new token and retrying once", response.status)
+                    log.info("copilot answered %d; getting a new token and retrying once",
+                             response.status)
                     raise RetryOnce("copilot answered %d" % response.status)
                 return response, raw
             if not 200 <= response.status < 300:
@@ -8552,8 +8598,9 @@ class Gateway:
                 return upstream, raw
             verdict = client_error_from_upstream(upstream.status, raw, upstream.headers, time.time(),
                                                  (self.config.editor_version, self.config.editor_plugin_version))
-            error = explain_refusal(with_policy_hint(verdict.error, plan.model, plan.info), plan.model,
-                                    self.auth.describe(), self.config.integration_id)
+            error = with_policy_hint(verdict.error, plan.model, plan.info)
+            error = explain_refusal(error, plan.model, self.auth.describe(),
+                                    self.config.integration_id)
             self.outcome(False, "http_%d" % upstream.status, str(error))
             if verdict.window:
                 self.metrics.inc("coproxy_limit_hits_total", (("window", verdict.window),))
@@ -8626,8 +8673,11 @@ class Gateway:
 
     def _count_request(self, plan, response):
         """Access-log fields, and the premium request a user turn costs on a request-billed plan."""
-        model = ("%s->%s" % (AUTO_MODEL_ID, plan.model)) if AUTO_SESSION_KEY in plan.info else plan.model
-        response.log_fields.update(model=model, stream=plan.stream, initiator=plan.initiator, upstream=plan.path)
+        model = plan.model
+        if AUTO_SESSION_KEY in plan.info:
+            model = "%s->%s" % (AUTO_MODEL_ID, plan.model)
+        response.log_fields.update(model=model, stream=plan.stream, initiator=plan.initiator,
+                                   upstream=plan.path)
         multiplier = _dig(plan.info, "billing").get("multiplier")
         if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool):
             cost = multiplier if plan.initiator == "user" else 0
@@ -10416,14 +10466,19 @@ def credential_lines(facts):
     """`auth status` and `status` lines about the credentials in use (never the token)."""
     if not facts:
         return []
-    mode = "exchanged for a Copilot token" if facts["mode"] == "exchange" else "sent to Copilot directly"
+    mode = "sent to Copilot directly"
+    if facts["mode"] == "exchange":
+        mode = "exchanged for a Copilot token"
     expires = facts.get("expires_at")
+    when = "not known (the token is used as it is)"
+    if expires:
+        when = "in %s (%s)" % (format_duration(expires - time.time()),
+                               time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires)))
+    permission = " (permission %s)" % facts["app_permission"] if facts.get("app_permission") else ""
     return ["token kind:     %s, %s" % (facts["token_kind"], mode),
             "integration:    %s" % facts["integration_id"],
-            "billed to:      %s%s" % (facts["payer"], " (permission %s)" % facts["app_permission"]
-                                      if facts.get("app_permission") else ""),
-            "token expires:  %s" % ("in %s (%s)" % (format_duration(expires - time.time()), time.strftime(
-                "%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))) if expires else "not known (the token is used as it is)")]
+            "billed to:      %s%s" % (facts["payer"], permission),
+            "token expires:  %s" % when]
 
 
 def cmd_auth_status(config, args):
@@ -10447,7 +10502,7 @@ def cmd_auth_status(config, args):
         print("GitHub:         %s (token from %s)" % (login, source))
         try:
             record = auth.copilot_token()
-            if record.get("mode") == "direct":  # nothing was exchanged: ask Copilot whether it takes the token
+            if record.get("mode") == "direct":  # nothing was exchanged: does Copilot take it?
                 models = auth.fetch_models()
         except (AuthError, UpstreamUnreachable) as exc:
             print("Copilot:        refused: %s" % exc)
