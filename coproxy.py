@@ -2707,6 +2707,16 @@ def token_kind(token):
     return "unknown"
 
 
+def integration_id_for(config, mode, kind):
+    """--integration-id, else vscode-chat for exchanged and OAuth tokens (Copilot answers
+    model_not_available_for_integrator to others) and copilot-developer-cli for the rest."""
+    if config.integration_id:
+        return config.integration_id
+    if mode == "exchange" or kind == "oauth":
+        return COPILOT_INTEGRATION_ID
+    return DIRECT_INTEGRATION_ID
+
+
 def direct_api_base(config):
     """The Copilot API host for a token sent directly (there is no exchange answer to name it):
     the override, GHE.com's copilot-api.TENANT.ghe.com, GHES's enterprise host, or the default."""
@@ -3163,15 +3173,6 @@ class CopilotAuth:
             return self.app_token_path or "direct"
         return "exchange"
 
-    def integration_id_for(self, mode, kind):
-        """--integration-id, else vscode-chat for exchanged and OAuth tokens (Copilot answers
-        model_not_available_for_integrator to others) and copilot-developer-cli for the rest."""
-        if self.config.integration_id:
-            return self.config.integration_id
-        if mode == "exchange" or kind == "oauth":
-            return COPILOT_INTEGRATION_ID
-        return DIRECT_INTEGRATION_ID
-
     # -- the Copilot token -------------------------------------------------------------------
     def _fingerprint(self, github_token):
         """Short SHA-256 of the GitHub token, kept with the Copilot token to tell whose it is.
@@ -3236,7 +3237,7 @@ class CopilotAuth:
         expires_at = minted["expires_at"] if app_token else int(self.clock()) + 86400
         return {"token": github_token, "mode": "direct", "kind": kind, "expires_at": expires_at,
                 "expiry_known": app_token, "api_endpoint": direct_api_base(self.config),
-                "integration_id": self.integration_id_for("direct", kind)}
+                "integration_id": integration_id_for(self.config, "direct", kind)}
 
     def invalidate(self, token):
         """Forget ``token`` after Copilot answered 401 to it (a newer one is kept)."""
@@ -3293,7 +3294,7 @@ class CopilotAuth:
             record["github_token_sha256"] = self._fingerprint(github_token)
             kind = token_kind(github_token)
             record.update(mode="exchange", kind=kind,
-                          integration_id=self.integration_id_for("exchange", kind))
+                          integration_id=integration_id_for(self.config, "exchange", kind))
             log.info("copilot token obtained sku=%s expires_in=%s", data.get("sku", "?"),
                      format_duration(record["expires_at"] - now))
             return record

@@ -159,46 +159,48 @@ def _jwk_int(text):
 #: The RSA key of RFC 7515 Appendix A.2 (a JWK there), its JWS signing input and the exact
 #: RS256 signature the RFC gives for it. The fake GitHub App is keyed with it too.
 RFC7515_KEY = {name: _jwk_int(value) for name, value in dict(
-    n="ofgWCuLjybRlzo0tZWJjNiuSfb4p4fAkd_wWJcyQoTbji9k0l8W26mPddxHmfHQp-Vaw-4qPCJrcS2mJPMEzP1Pt0Bm4d4QlL-yRT-SFd2lZS"
-      "-pCgNMsD1W_YpRPEwOWvG6b32690r2jZ47soMZo9wGzjb_7OMg0LOL-bSf63kpaSHSXndS5z5rexMdbBYUsLA9e-KXBdQOS-UTo7WTBEMa2R2C"
-      "apHg665xsmtdVMTBQY4uDZlxvb3qCo5ZwKh9kG4LT6_I5IhlJH7aGhyxXFvUK-DWNmoudF8NAco9_h9iaGNj8q2ethFkMLs91kzk2PAcDTW9gb"
-      "54h4FRWyuXpoQ",
+    n="ofgWCuLjybRlzo0tZWJjNiuSfb4p4fAkd_wWJcyQoTbji9k0l8W26mPddxHmfHQp-Vaw-4qPCJrcS2mJPMEzP1Pt0Bm"
+      "4d4QlL-yRT-SFd2lZS-pCgNMsD1W_YpRPEwOWvG6b32690r2jZ47soMZo9wGzjb_7OMg0LOL-bSf63kpaSHSXndS5z5"
+      "rexMdbBYUsLA9e-KXBdQOS-UTo7WTBEMa2R2CapHg665xsmtdVMTBQY4uDZlxvb3qCo5ZwKh9kG4LT6_I5IhlJH7aGh"
+      "yxXFvUK-DWNmoudF8NAco9_h9iaGNj8q2ethFkMLs91kzk2PAcDTW9gb54h4FRWyuXpoQ",
     e="AQAB",
-    d="Eq5xpGnNCivDflJsRQBXHx1hdR1k6Ulwe2JZD50LpXyWPEAeP88vLNO97IjlA7_GQ5sLKMgvfTeXZx9SE-7YwVol2NXOoAJe46sui395IW_G"
-      "O-pWJ1O0BkTGoVEn2bKVRUCgu-GjBVaYLU6f3l9kJfFNS3E0QbVdxzubSu3Mkqzjkn439X0M_V51gfpRLI9JYanrC4D4qAdGcopV_0ZHHzQlBj"
-      "udU2QvXt4ehNYTCBr6XCLQUShb1juUO1ZdiYoFaFQT5Tw8bGUl_x_jTj3ccPDVZFD9pIuhLhBOneufuBiB4cS98l2SR_RQyGWSeWjnczT0QU91p"
-      "1DhOVRuOopznQ",
-    p="4BzEEOtIpmVdVEZNCqS7baC4crd0pqnRH_5IB3jw3bcxGn6QLvnEtfdUdiYrqBdss1l58BQ3KhooKeQTa9AB0Hw_Py5PJdTJNPY8cQn7ouZ2K"
-      "KDcmnPGBY5t7yLc1QlQ5xHdwW1VhvKn-nXqhJTBgIPgtldC-KDV5z-y2XDwGUc",
-    q="uQPEfgmVtjL0Uyyx88GZFF1fOunH3-7cepKmtH4pxhtCoHqpWmT8YAmZxaewHgHAjLYsp1ZSe7zFYHj7C6ul7TjeLQeZD_YwD66t62wDmpe_H"
-      "lB-TnBA-njbglfIsRLtXlnDzQkv5dTltRJ11BKBBypeeF6689rjcJIDEz9RWdc",
-    dp="BwKfV3Akq5_MFZDFZCnW-wzl-CCo83WoZvnLQwCTeDv8uzluRSnm71I3QCLdhrqE2e9YkxvuxdBfpT_PI7Yz-FOKnu1R6HsJeDCjn12Sk3v"
-       "mAktV2zb34MCdy7cpdTh_YVr7tss2u6vneTwrA86rZtu5Mbr1C1XsmvkxHQAdYo0",
-    dq="h_96-mK1R_7glhsum81dZxjTnYynPbZpHziZjeeHcXYsXaaMwkOlODsWa7I9xXDoRwbKgB719rrmI2oKr6N3Do9U0ajaHF-NKJnwgjMd2w9"
-       "cjz3_-kyNlxAr2v4IKhGNpmM5iIgOS1VZnOZ68m6_pbLBSp3nssTdlqvd0tIiTHU",
-    qi="IYd7DHOhrWvxkwPQsRM2tOgrjbcrfvtQJipd-DlcxyVuuM9sQLdgjVk2oy26F0EmpScGLq2MowX7fhd_QJQ3ydy5cY7YIBi87w93IKLEdfn"
-       "bJtoOPLUW0ITrJReOgo1cq9SbsxYawBgfp_gh6A5603k2-ZQwVK0JKSHuLFkuQ3U").items()}
-RFC7515_SIGNING_INPUT = (b"eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9"
-                         b"pc19yb290Ijp0cnVlfQ")
+    d="Eq5xpGnNCivDflJsRQBXHx1hdR1k6Ulwe2JZD50LpXyWPEAeP88vLNO97IjlA7_GQ5sLKMgvfTeXZx9SE-7YwVol2NX"
+      "OoAJe46sui395IW_GO-pWJ1O0BkTGoVEn2bKVRUCgu-GjBVaYLU6f3l9kJfFNS3E0QbVdxzubSu3Mkqzjkn439X0M_V"
+      "51gfpRLI9JYanrC4D4qAdGcopV_0ZHHzQlBjudU2QvXt4ehNYTCBr6XCLQUShb1juUO1ZdiYoFaFQT5Tw8bGUl_x_jT"
+      "j3ccPDVZFD9pIuhLhBOneufuBiB4cS98l2SR_RQyGWSeWjnczT0QU91p1DhOVRuOopznQ",
+    p="4BzEEOtIpmVdVEZNCqS7baC4crd0pqnRH_5IB3jw3bcxGn6QLvnEtfdUdiYrqBdss1l58BQ3KhooKeQTa9AB0Hw_Py5"
+      "PJdTJNPY8cQn7ouZ2KKDcmnPGBY5t7yLc1QlQ5xHdwW1VhvKn-nXqhJTBgIPgtldC-KDV5z-y2XDwGUc",
+    q="uQPEfgmVtjL0Uyyx88GZFF1fOunH3-7cepKmtH4pxhtCoHqpWmT8YAmZxaewHgHAjLYsp1ZSe7zFYHj7C6ul7TjeLQe"
+      "ZD_YwD66t62wDmpe_HlB-TnBA-njbglfIsRLtXlnDzQkv5dTltRJ11BKBBypeeF6689rjcJIDEz9RWdc",
+    dp="BwKfV3Akq5_MFZDFZCnW-wzl-CCo83WoZvnLQwCTeDv8uzluRSnm71I3QCLdhrqE2e9YkxvuxdBfpT_PI7Yz-FOKnu"
+       "1R6HsJeDCjn12Sk3vmAktV2zb34MCdy7cpdTh_YVr7tss2u6vneTwrA86rZtu5Mbr1C1XsmvkxHQAdYo0",
+    dq="h_96-mK1R_7glhsum81dZxjTnYynPbZpHziZjeeHcXYsXaaMwkOlODsWa7I9xXDoRwbKgB719rrmI2oKr6N3Do9U0a"
+       "jaHF-NKJnwgjMd2w9cjz3_-kyNlxAr2v4IKhGNpmM5iIgOS1VZnOZ68m6_pbLBSp3nssTdlqvd0tIiTHU",
+    qi="IYd7DHOhrWvxkwPQsRM2tOgrjbcrfvtQJipd-DlcxyVuuM9sQLdgjVk2oy26F0EmpScGLq2MowX7fhd_QJQ3ydy5cY"
+       "7YIBi87w93IKLEdfnbJtoOPLUW0ITrJReOgo1cq9SbsxYawBgfp_gh6A5603k2-ZQwVK0JKSHuLFkuQ3U").items()}
+RFC7515_SIGNING_INPUT = (
+    b"eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmN"
+    b"vbS9pc19yb290Ijp0cnVlfQ")
 RFC7515_SIGNATURE = (
-    "cC4hiUPoj9Eetdgtv3hF80EGrhuB__dzERat0XF9g2VtQgr9PJbu3XOiZj5RZmh7AAuHIm4Bh-0Qc_lF5YKt_O8W2Fp5jujGbds9uJdbF9CUAr7t1"
-    "dnZcAcQjbKBYNX4BAynRFdiuB--f_nZLgrnbyTyWzO75vRK5h6xBArLIARNPvkSjtQBMHlb1L07Qe7K0GarZRmB_eSN9383LcOLn6_dO--xi12j"
-    "zDwusC-eOkHWEsqtFZESc6BfI7noOPqvhJ1phCnvWh6IeYI2w9QOYEUipUTI8np6LbgGY9Fs98rqVt5AXLIhWkWywlVmtVrBp0igcN_IoypGlUPQ"
-    "Ge77Rw")
+    "cC4hiUPoj9Eetdgtv3hF80EGrhuB__dzERat0XF9g2VtQgr9PJbu3XOiZj5RZmh7AAuHIm4Bh-0Qc_lF5YKt_O8W2Fp5"
+    "jujGbds9uJdbF9CUAr7t1dnZcAcQjbKBYNX4BAynRFdiuB--f_nZLgrnbyTyWzO75vRK5h6xBArLIARNPvkSjtQBMHlb"
+    "1L07Qe7K0GarZRmB_eSN9383LcOLn6_dO--xi12jzDwusC-eOkHWEsqtFZESc6BfI7noOPqvhJ1phCnvWh6IeYI2w9QO"
+    "YEUipUTI8np6LbgGY9Fs98rqVt5AXLIhWkWywlVmtVrBp0igcN_IoypGlUPQGe77Rw")
 
 
 def der(tag, contents):
     """One DER element (the test writes its own keys to check coproxy's parser)."""
     size = len(contents)
-    length = bytes([size]) if size < 0x80 else (bytes([0x80 | ((size.bit_length() + 7) // 8)])
-                                                + size.to_bytes((size.bit_length() + 7) // 8, "big"))
+    width = (size.bit_length() + 7) // 8
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | width]) + size.to_bytes(width, "big")
     return bytes([tag]) + length + contents
 
 
 def rsa_key_pem(key, pkcs8=False):
     """The key as PEM: PKCS#1 (BEGIN RSA PRIVATE KEY) or PKCS#8 (BEGIN PRIVATE KEY)."""
     numbers = [0] + [key[name] for name in ("n", "e", "d", "p", "q", "dp", "dq", "qi")]
-    body = der(0x30, b"".join(der(0x02, v.to_bytes(v.bit_length() // 8 + 1, "big")) for v in numbers))
+    integers = [der(0x02, v.to_bytes(v.bit_length() // 8 + 1, "big")) for v in numbers]
+    body = der(0x30, b"".join(integers))
     label = "RSA PRIVATE KEY"
     if pkcs8:
         algorithm = der(0x30, der(0x06, bytes.fromhex("2a864886f70d010101")) + der(0x05, b""))
@@ -368,8 +370,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
 
 #: Copilot API paths: the fake checks the bearer token and integration id on them as Copilot does.
-COPILOT_PATHS = frozenset(["/models", "/chat/completions", "/v1/messages", "/responses", "/embeddings", "/auto",
-                           "/models/session"])
+COPILOT_PATHS = frozenset(["/models", "/chat/completions", "/v1/messages", "/responses",
+                           "/embeddings", "/auto", "/models/session"])
 #: The GitHub App the fake GitHub knows: its id, its installation on the organisation "acme".
 FAKE_APP_ID, FAKE_INSTALLATION_ID = 4242, 77
 
@@ -377,7 +379,8 @@ FAKE_APP_ID, FAKE_INSTALLATION_ID = 4242, 77
 def emsa_pkcs1_sha256(message, size):
     """EMSA-PKCS1-v1_5 of SHA-256(message), written out here to check coproxy's signatures."""
     import hashlib
-    digest_info = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(message).digest()
+    prefix = bytes.fromhex("3031300d060960864801650304020105000420")
+    digest_info = prefix + hashlib.sha256(message).digest()
     return b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info
 
 
@@ -405,9 +408,9 @@ class FakeUpstream:
         self.user = REQUEST_BILLED_USER
         self.answer_headers = []     # added to every JSON answer of /chat/completions, /v1/messages, /responses
         self.cost = None             # copilot_usage.total_nano_aiu put into those answers when set
-        self.app_tokens = set()      # installation tokens minted here (Copilot accepts them directly)
+        self.app_tokens = set()      # installation tokens minted here (Copilot takes them)
         self.mints = 0
-        self.app_direct_refusal = None  # (status, answer) Copilot gives to any ghs_ token sent directly
+        self.app_direct_refusal = None  # (status, answer) to every ghs_ token sent directly
         self.grant_new_permission_form = True
         self.jwt_claims = []         # the claims of every App JWT that was accepted
         self.mint_gate = None        # an Event a mint waits for (single-flight tests)
@@ -518,11 +521,14 @@ class FakeUpstream:
         """Why the App JWT of this request is refused (GitHub's own words), or None: the RS256
         signature is checked against the App's public key, and the claims' times and issuer."""
         try:
-            header, claims, signature = handler.headers.get("Authorization", "")[len("Bearer "):].split(".")
+            jwt = handler.headers.get("Authorization", "")[len("Bearer "):]
+            header, claims, signature = jwt.split(".")
             size = (RFC7515_KEY["n"].bit_length() + 7) // 8
-            signed = pow(int.from_bytes(b64url_decode(signature), "big"), RFC7515_KEY["e"], RFC7515_KEY["n"])
-            good = signed.to_bytes(size, "big") == emsa_pkcs1_sha256((header + "." + claims).encode(), size)
-            alg, claims = json.loads(b64url_decode(header))["alg"], json.loads(b64url_decode(claims))
+            number = int.from_bytes(b64url_decode(signature), "big")
+            signed = pow(number, RFC7515_KEY["e"], RFC7515_KEY["n"]).to_bytes(size, "big")
+            good = signed == emsa_pkcs1_sha256((header + "." + claims).encode(), size)
+            alg = json.loads(b64url_decode(header))["alg"]
+            claims = json.loads(b64url_decode(claims))
         except (ValueError, KeyError):
             return "A JSON web token could not be decoded"
         if not good or alg != "RS256":
@@ -538,23 +544,28 @@ class FakeUpstream:
             self.jwt_claims.append(claims)
         return None
 
-    def installation(self, handler, body):
+    def refused_jwt(self, handler):
+        """True after answering a refused App JWT as GitHub does (401; 404: unknown App)."""
         refusal = self.app_jwt_refusal(handler)
         if refusal:
-            handler.send_json(404 if refusal == "Integration not found" else 401, {"message": refusal})
-            return
-        handler.send_json(200, {"id": FAKE_INSTALLATION_ID, "account": {"login": "acme"}, "app_id": FAKE_APP_ID})
+            status = 404 if refusal == "Integration not found" else 401
+            handler.send_json(status, {"message": refusal})
+        return refusal is not None
+
+    def installation(self, handler, body):
+        if not self.refused_jwt(handler):
+            handler.send_json(200, {"id": FAKE_INSTALLATION_ID, "account": {"login": "acme"},
+                                    "app_id": FAKE_APP_ID})
 
     def mint(self, handler, body):
-        refusal = self.app_jwt_refusal(handler)
-        if refusal:
-            handler.send_json(404 if refusal == "Integration not found" else 401, {"message": refusal})
+        if self.refused_jwt(handler):
             return
         if self.mint_gate is not None:
             self.mint_gate.wait(5)
         permissions = body.get("permissions", {})
         if "organization_copilot_requests" in permissions and not self.grant_new_permission_form:
-            handler.send_json(422, {"message": "The permissions requested are not granted to this installation."})
+            handler.send_json(422, {"message": "The permissions requested are not granted to this "
+                                               "installation."})
             return
         with self.lock:
             self.mints += 1
@@ -566,29 +577,34 @@ class FakeUpstream:
 
     # -- Copilot -----------------------------------------------------------------------------
     def copilot_refusal(self, path, headers):
-        """(status, answer) Copilot gives to this bearer token and integration id, or None: PATs only
-        with copilot-developer-cli and with their permission; App tokens only if minted here (and
-        accepted directly); a narrow model list for unknown integration ids (chat only)."""
+        """(status, answer) Copilot gives to this bearer token and integration id, or None: PATs
+        only with copilot-developer-cli and with their permission; App tokens only if minted here
+        (and accepted directly); a narrow model list for unknown integration ids (chat only)."""
         token = headers.get("Authorization", "")[len("Bearer "):]
         integration = headers.get("Copilot-Integration-Id")
         if token.startswith("github_pat_"):
             if integration != "copilot-developer-cli":
-                return 400, "bad request: Personal Access Tokens are not supported for this endpoint"
+                return 400, ("bad request: Personal Access Tokens are not supported for this "
+                             "endpoint")
             if "noperm" in token:
-                return 401, "unauthorized: Personal Access Token does not have Copilot Requests permission"
+                return 401, ("unauthorized: Personal Access Token does not have Copilot Requests "
+                             "permission")
         elif token.startswith("ghs_"):
             if self.app_direct_refusal is not None:
                 return self.app_direct_refusal
             if token not in self.app_tokens:
                 return 401, "unauthorized: token expired"
-        if path == "/chat/completions" and integration not in (None, "vscode-chat", "copilot-developer-cli"):
-            return 400, {"error": {"message": "The requested model is not supported for this integrator",
-                                   "code": "model_not_available_for_integrator"}}
+        known = (None, "vscode-chat", "copilot-developer-cli")
+        if path == "/chat/completions" and integration not in known:
+            message = "The requested model is not supported for this integrator"
+            code = "model_not_available_for_integrator"
+            return 400, {"error": {"code": code, "message": message}}
         return None
 
     def auto(self, handler, body):
-        if handler.headers.get("X-GitHub-Api-Version", "") < "2026-08-01" or self.auto_model is None:
-            handler.send_json(404, {"error": {"message": "invalid apiVersion", "code": "not_found"}})
+        version = handler.headers.get("X-GitHub-Api-Version", "")
+        if version < "2026-08-01" or self.auto_model is None:
+            handler.send_json(404, {"error": {"message": "invalid apiVersion"}})
             return
         with self.lock:
             self.auto_calls += 1
@@ -605,7 +621,8 @@ class FakeUpstream:
             self.auto_calls += 1
             number = self.auto_calls
         handler.send_json(200, {"available_models": CATALOG_IDS, "selected_model": "gpt-4.1",
-                                "expires_at": int(self.clock()) + 86400, "discounted_costs": {"gpt-4.1": 0.9},
+                                "expires_at": int(self.clock()) + 86400,
+                                "discounted_costs": {"gpt-4.1": 0.9},
                                 "session_token": "legacy-%d" % number})
 
     def answer(self, handler, body):
@@ -2102,9 +2119,10 @@ class TestTokenKinds(unittest.TestCase):
         self.fake.clock = lambda: self.now[0]
 
     def make_auth(self, token, **overrides):
-        overrides.setdefault("copilot_api_url", self.fake.url)  # direct mode's host, remapped to the fake
+        overrides.setdefault("copilot_api_url", self.fake.url)  # direct mode's host: the fake
         config = make_config(self.fake, self.tmp, github_token=token, **overrides)
-        return coproxy.CopilotAuth(config, coproxy.TokenStore(self.tmp), new_client(self), clock=lambda: self.now[0])
+        return coproxy.CopilotAuth(config, coproxy.TokenStore(self.tmp), new_client(self),
+                                   clock=lambda: self.now[0])
 
     def models_call(self):
         return self.fake.requests_to("/models")[-1][2]
@@ -2115,7 +2133,8 @@ class TestTokenKinds(unittest.TestCase):
         headers = self.models_call()
         self.assertEqual(headers["authorization"], "Bearer github_pat_11AAfinegrained")
         self.assertEqual(headers["copilot-integration-id"], "copilot-developer-cli")
-        self.assertEqual(self.fake.requests_to("/copilot_internal/v2/token"), [])  # a PAT never reaches the exchange
+        # a PAT never reaches the exchange
+        self.assertEqual(self.fake.requests_to("/copilot_internal/v2/token"), [])
         self.assertEqual(pat.describe()["mode"], "direct")
         self.assertEqual(pat.describe()["payer"], "user (the token's account)")
         self.assertIsNone(pat.describe()["expires_at"])
@@ -2143,10 +2162,11 @@ class TestTokenKinds(unittest.TestCase):
         exchanged.fetch_models()
         self.assertTrue(self.models_call()["authorization"].startswith("Bearer tid=test1"))
         self.assertEqual((exchanged.app_token_path, self.fake.exchanges), ("exchange", 1))
-        refusals = len(self.fake.requests_to("/models"))
+        calls = len(self.fake.requests_to("/models"))
         exchanged.fetch_models()
-        self.assertEqual(len(self.fake.requests_to("/models")), refusals + 1)  # no second direct try
-        self.assertTrue(any("refused the App installation token sent directly" in l for l in LOGS.lines))
+        self.assertEqual(len(self.fake.requests_to("/models")), calls + 1)  # no direct try again
+        logged = "\n".join(LOGS.lines)
+        self.assertIn("refused the App installation token sent directly", logged)
 
     def test_auth_mode_and_integration_id_override_the_rules(self):
         pat = self.make_auth("github_pat_11AAfinegrained", auth_mode="exchange")
@@ -2160,7 +2180,8 @@ class TestTokenKinds(unittest.TestCase):
         self.assertEqual(self.models_call()["authorization"], "Bearer ghu_testtoken1234567890")
         self.assertEqual(self.models_call()["copilot-integration-id"], "vscode-chat")
         self.assertEqual(self.fake.exchanges, 0)
-        chosen = self.make_auth("ghu_testtoken1234567890", integration_id="my-tool", api_version="2026-09-01")
+        chosen = self.make_auth("ghu_testtoken1234567890", integration_id="my-tool",
+                                api_version="2026-09-01")
         chosen.fetch_models()
         self.assertEqual(self.models_call()["copilot-integration-id"], "my-tool")
         self.assertEqual(self.models_call()["x-github-api-version"], "2026-09-01")
@@ -2171,27 +2192,30 @@ class TestTokenKinds(unittest.TestCase):
             return coproxy.direct_api_base(config)
         self.assertEqual(base(), "https://api.githubcopilot.com")
         self.assertEqual(base(github_host="acme.ghe.com"), "https://copilot-api.acme.ghe.com")
-        self.assertEqual(base(github_host="ghes.example.com"), "https://api.enterprise.githubcopilot.com")
+        self.assertEqual(base(github_host="ghes.example.com"),
+                         "https://api.enterprise.githubcopilot.com")
         self.assertEqual(base(copilot_api_url="http://127.0.0.1:9/"), "http://127.0.0.1:9")
 
     def test_token_sources_in_order_and_never_github_token(self):
         def auth(values, environ):
-            values = dict({"github_url": self.fake.url, "github_api_url": self.fake.url, "state_dir": self.tmp},
-                          **values)
+            values = dict({"github_url": self.fake.url, "github_api_url": self.fake.url,
+                           "state_dir": self.tmp}, **values)
             return coproxy.CopilotAuth(coproxy.Config.resolve(values, environ=environ),
                                        coproxy.TokenStore(self.tmp), new_client(self))
         coproxy.TokenStore(self.tmp).save_github_token("ghu_savedlogin123456")
-        self.assertEqual(auth({}, {"GITHUB_TOKEN": "ghs_repositorytoken1"}).github_token()[0], "ghu_savedlogin123456")
-        found = auth({}, {"COPILOT_GITHUB_TOKEN": "github_pat_11cli", "GITHUB_TOKEN": "x"}).github_token()
-        self.assertEqual(found, ("github_pat_11cli", "COPILOT_GITHUB_TOKEN"))
+        saved = auth({}, {"GITHUB_TOKEN": "ghs_repositorytoken1"}).github_token()[0]
+        self.assertEqual(saved, "ghu_savedlogin123456")
+        environ = {"COPILOT_GITHUB_TOKEN": "github_pat_11cli", "GITHUB_TOKEN": "x"}
+        self.assertEqual(auth({}, environ).github_token(),
+                         ("github_pat_11cli", "COPILOT_GITHUB_TOKEN"))
         path = os.path.join(self.tmp, "token")
         coproxy.write_file_atomic(path, "github_pat_11fromfile\n")
         from_file = auth({"github_token_file": path}, {"COPILOT_GITHUB_TOKEN": "github_pat_11cli"})
         self.assertEqual(from_file.github_token(), ("github_pat_11fromfile", path))
         coproxy.write_file_atomic(path, "github_pat_11rotated\n")  # a secret manager rotates it
         self.assertEqual(from_file.github_token()[0], "github_pat_11rotated")
-        self.assertEqual(auth({"github_token": "ghu_flag1234567890"}, {"COPILOT_GITHUB_TOKEN": "x"}).github_token()[0],
-                         "ghu_flag1234567890")
+        flag = auth({"github_token": "ghu_flag1234567890"}, {"COPILOT_GITHUB_TOKEN": "x"})
+        self.assertEqual(flag.github_token()[0], "ghu_flag1234567890")
         os.chmod(path, 0o644)
         with self.assertRaises(coproxy.AuthError) as ctx:
             from_file.github_token()
@@ -2210,30 +2234,37 @@ class TestRS256(unittest.TestCase):
         for pkcs8 in (False, True):
             key = coproxy.parse_rsa_private_key(rsa_key_pem(RFC7515_KEY, pkcs8))
             self.assertEqual(key, tuple(RFC7515_KEY[name] for name in ("n", "e", "d", "p", "q")))
-            self.assertEqual(coproxy.b64url(coproxy.rs256_sign(key, RFC7515_SIGNING_INPUT)), RFC7515_SIGNATURE)
+            signature = coproxy.rs256_sign(key, RFC7515_SIGNING_INPUT)
+            self.assertEqual(coproxy.b64url(signature), RFC7515_SIGNATURE)
 
     def test_app_jwt_claims_and_signature(self):
         key = coproxy.parse_rsa_private_key(rsa_key_pem(RFC7515_KEY))
         token = coproxy.app_jwt(4242, key, 1700000000)
         header, claims, signature = token.split(".")
         self.assertEqual(json.loads(b64url_decode(header)), {"alg": "RS256", "typ": "JWT"})
-        self.assertEqual(json.loads(b64url_decode(claims)), {"iat": 1699999940, "exp": 1700000540, "iss": 4242})
+        self.assertEqual(json.loads(b64url_decode(claims)),
+                         {"iat": 1699999940, "exp": 1700000540, "iss": 4242})
         size = RFC7515_KEY["n"].bit_length() // 8
-        signed = pow(int.from_bytes(b64url_decode(signature), "big"), RFC7515_KEY["e"], RFC7515_KEY["n"])
-        self.assertEqual(signed.to_bytes(size, "big"), emsa_pkcs1_sha256((header + "." + claims).encode(), size))
+        number = int.from_bytes(b64url_decode(signature), "big")
+        signed = pow(number, RFC7515_KEY["e"], RFC7515_KEY["n"]).to_bytes(size, "big")
+        self.assertEqual(signed, emsa_pkcs1_sha256((header + "." + claims).encode(), size))
 
     def test_unusable_keys_say_why(self):
         pem = rsa_key_pem(RFC7515_KEY)
+        pkcs8_without_key = "-----BEGIN PRIVATE KEY-----\nMAMCAQA=\n-----END PRIVATE KEY-----"
+        pkcs1_cut = "-----BEGIN RSA PRIVATE KEY-----\nMAUCAQACAQ==\n-----END RSA PRIVATE KEY-----"
         cases = [("hello", "no PEM private key"),
                  (pem.replace("RSA PRIVATE KEY", "ENCRYPTED PRIVATE KEY"), "passphrase"),
                  (pem.replace("MII", "M!I", 1), "not valid base64"),
                  (rsa_key_pem(dict(RFC7515_KEY, n=RFC7515_KEY["n"] + 2)), "do not fit together"),
-                 ("-----BEGIN PRIVATE KEY-----\nMAMCAQA=\n-----END PRIVATE KEY-----", "PKCS#8 key is malformed"),
-                 ("-----BEGIN RSA PRIVATE KEY-----\nMAUCAQACAQ==\n-----END RSA PRIVATE KEY-----", "cut short")]
+                 (pkcs8_without_key, "PKCS#8 key is malformed"), (pkcs1_cut, "cut short")]
         for text, reason in cases:
             with self.assertRaises(ValueError) as ctx:
                 coproxy.parse_rsa_private_key(text)
             self.assertIn(reason, str(ctx.exception), text[:40])
+
+
+MINT_PATH = "/app/installations/%d/access_tokens" % FAKE_INSTALLATION_ID
 
 
 class TestGitHubApp(unittest.TestCase):
@@ -2247,18 +2278,23 @@ class TestGitHubApp(unittest.TestCase):
         coproxy.write_file_atomic(self.key_file, rsa_key_pem(RFC7515_KEY, pkcs8=True))
 
     def make_auth(self, **overrides):
-        values = dict(github_token=None, github_app_id=FAKE_APP_ID, github_app_key_file=self.key_file,
-                      github_app_org="acme", copilot_api_url=self.fake.url)
+        values = dict(github_token=None, github_app_id=FAKE_APP_ID, github_app_org="acme",
+                      github_app_key_file=self.key_file, copilot_api_url=self.fake.url)
         values.update(overrides)
         config = make_config(self.fake, self.tmp, **values)
-        return coproxy.CopilotAuth(config, coproxy.TokenStore(self.tmp), new_client(self), clock=lambda: self.now[0])
+        return coproxy.CopilotAuth(config, coproxy.TokenStore(self.tmp), new_client(self),
+                                   clock=lambda: self.now[0])
+
+    def bearer(self):
+        return self.fake.requests_to("/models")[-1][2]["authorization"]
 
     def test_mints_uses_and_mints_again_before_the_hour_ends(self):
         auth = self.make_auth()
         self.assertEqual(len(auth.fetch_models()), len(CATALOG_IDS))
         self.assertEqual(len(self.fake.requests_to("/orgs/acme/installation")), 1)
-        mint = self.fake.requests_to("/app/installations/77/access_tokens")[0]
-        self.assertEqual(json.loads(mint[3]), {"permissions": {"organization_copilot_requests": "read"}})
+        mint = self.fake.requests_to(MINT_PATH)[0]
+        self.assertEqual(json.loads(mint[3]),
+                         {"permissions": {"organization_copilot_requests": "read"}})
         claims = self.fake.jwt_claims[0]
         self.assertEqual((claims["iss"], claims["exp"] - claims["iat"]), (FAKE_APP_ID, 600))
         headers = self.fake.requests_to("/models")[-1][2]
@@ -2268,13 +2304,13 @@ class TestGitHubApp(unittest.TestCase):
         self.assertEqual((facts["token_kind"], facts["mode"], facts["app_permission"]),
                          ("app-installation", "direct", "organization_copilot_requests=read"))
         self.assertAlmostEqual(facts["expires_at"], self.now[0] + 3600, delta=2)
-        self.now[0] += 3600 - 299  # inside the last five minutes: a new token, the installation id kept
+        self.now[0] += 3600 - 299  # in the last five minutes: a new token, same installation id
         auth.fetch_models()
-        self.assertEqual(self.fake.requests_to("/models")[-1][2]["authorization"], "Bearer ghs_minted2_" + "x" * 40)
+        self.assertEqual(self.bearer(), "Bearer ghs_minted2_" + "x" * 40)
         self.assertEqual(len(self.fake.requests_to("/orgs/acme/installation")), 1)
-        self.fake.app_tokens.clear()  # Copilot no longer takes it (revoked): a 401, then a new token
+        self.fake.app_tokens.clear()  # Copilot no longer takes it (revoked): 401, a new token
         auth.fetch_models()
-        self.assertEqual(self.fake.requests_to("/models")[-1][2]["authorization"], "Bearer ghs_minted3_" + "x" * 40)
+        self.assertEqual(self.bearer(), "Bearer ghs_minted3_" + "x" * 40)
         self.assertEqual(auth.app.mints, 3)
         self.assertEqual(self.fake.exchanges, 0)
         text = "\n".join(LOGS.lines)
@@ -2286,41 +2322,44 @@ class TestGitHubApp(unittest.TestCase):
         auth = self.make_auth(github_app_org=None, github_app_installation_id=FAKE_INSTALLATION_ID)
         gate = self.fake.mint_gate = threading.Event()
         results = []
-        threads = [threading.Thread(target=lambda: results.append(auth.github_token()[0])) for _ in range(20)]
+        threads = [threading.Thread(target=lambda: results.append(auth.github_token()[0]))
+                   for _ in range(20)]
         for thread in threads:
             thread.start()
-        self.assertTrue(wait_for(lambda: len(self.fake.requests_to("/app/installations/77/access_tokens")) == 1))
+        self.assertTrue(wait_for(lambda: len(self.fake.requests_to(MINT_PATH)) == 1))
         gate.set()
         for thread in threads:
             thread.join(10)
         self.assertEqual(len(set(results)), 1)
         self.assertEqual(len(results), 20)
-        forms = [json.loads(r[3]) for r in self.fake.requests_to("/app/installations/77/access_tokens")]
+        forms = [json.loads(r[3]) for r in self.fake.requests_to(MINT_PATH)]
         self.assertEqual(forms, [{"permissions": {"organization_copilot_requests": "read"}},
                                  {"permissions": {"copilot_requests": "write"}}])
-        self.assertEqual(auth.describe(auth.copilot_token())["app_permission"], "copilot_requests=write")
+        facts = auth.describe(auth.copilot_token())
+        self.assertEqual(facts["app_permission"], "copilot_requests=write")
 
     def test_refusals_say_what_to_check(self):
         def refusal(auth):
             with self.assertRaises(coproxy.AuthError) as ctx:
                 auth.copilot_token()
             return str(ctx.exception)
-        self.assertIn("not installed on other-org", refusal(self.make_auth(github_app_org="other-org")))
+        message = refusal(self.make_auth(github_app_org="other-org"))
+        self.assertIn("not installed on other-org", message)
         self.assertIn("Integration not found", refusal(self.make_auth(github_app_id=1)))
         message = refusal(self.make_auth(github_app_org=None, github_app_installation_id=78))
         self.assertIn("--github-app-installation-id 78", message)
-        self.fake.clock = lambda: self.now[0] - 3600  # this machine's clock is an hour ahead of GitHub's
+        self.fake.clock = lambda: self.now[0] - 3600  # this machine's clock is an hour ahead
         message = refusal(self.make_auth())
         self.assertIn("'Expiration time' claim ('exp') is too far in the future", message)
         self.fake.clock = lambda: self.now[0]
-        self.fake.routes[("POST", "/app/installations/77/access_tokens")] = lambda h, b: h.send_json(
-            422, {"message": "The permissions requested are not granted to this installation."})
+        refused = {"message": "The permissions requested are not granted to this installation."}
+        self.fake.routes[("POST", MINT_PATH)] = lambda h, b: h.send_json(422, refused)
         message = refusal(self.make_auth())
         self.assertIn("not granted the Copilot Requests permission", message)
         self.assertIn("organization_copilot_requests=read and copilot_requests=write", message)
-        self.assertEqual(len(self.fake.requests_to("/app/installations/77/access_tokens")), 2)
-        self.fake.routes[("POST", "/app/installations/77/access_tokens")] = lambda h, b: h.send_json(
-            401, {"message": "A JSON web token could not be decoded"})
+        self.assertEqual(len(self.fake.requests_to(MINT_PATH)), 2)
+        undecodable = {"message": "A JSON web token could not be decoded"}
+        self.fake.routes[("POST", MINT_PATH)] = lambda h, b: h.send_json(401, undecodable)
         message = refusal(self.make_auth())
         self.assertIn("HTTP 401", message)
         self.assertIn("clock", message)
@@ -2355,10 +2394,11 @@ class TestAutoSession(unittest.TestCase):
                                         clock=lambda: self.now[0])
 
     def test_single_flight_then_kept_then_renewed_with_the_old_token(self):
-        gate = self.fake.exchange_gate = threading.Event()  # the first caller waits inside the exchange
+        gate = self.fake.exchange_gate = threading.Event()  # the first caller waits in the exchange
         results = []
-        threads = [threading.Thread(target=lambda: results.append(self.auth.auto.session()["token"]))
-                   for _ in range(20)]
+        def ask():
+            results.append(self.auth.auto.session()["token"])
+        threads = [threading.Thread(target=ask) for _ in range(20)]
         for thread in threads:
             thread.start()
         self.assertTrue(wait_for(lambda: self.fake.exchanges == 1))
@@ -2377,14 +2417,18 @@ class TestAutoSession(unittest.TestCase):
         self.assertEqual(self.fake.requests_to("/auto")[1][2]["copilot-session-token"], "sess-1")
 
     def test_legacy_endpoint_when_auto_is_refused_and_errors(self):
-        self.fake.routes[("POST", "/auto")] = lambda h, b: h.send_json(404, {"message": "Not Found"})
+        not_found = {"message": "Not Found"}
+        self.fake.routes[("POST", "/auto")] = lambda h, b: h.send_json(404, not_found)
         session = self.auth.auto.session()
-        self.assertEqual((session["model"], session["token"], session["entry"]), ("gpt-4.1", "legacy-1", None))
-        self.assertEqual(self.fake.requests_to("/models/session")[0][2]["x-github-api-version"], "2025-07-16")
+        self.assertEqual((session["model"], session["token"], session["entry"]),
+                         ("gpt-4.1", "legacy-1", None))
+        legacy = self.fake.requests_to("/models/session")[0]
+        self.assertEqual(legacy[2]["x-github-api-version"], "2025-07-16")
         self.auth.auto.current = None
         self.auth.auto.session()
         self.assertEqual(len(self.fake.requests_to("/auto")), 1)  # not asked again
-        self.fake.routes[("POST", "/models/session")] = lambda h, b: h.send_json(500, {"message": "boom"})
+        boom = {"message": "boom"}
+        self.fake.routes[("POST", "/models/session")] = lambda h, b: h.send_json(500, boom)
         self.auth.auto.current = None
         with self.assertRaises(coproxy.ClientError) as ctx:
             self.auth.auto.session()
@@ -3066,11 +3110,13 @@ class TestUsageAndCost(unittest.TestCase):
         camel = {"billing": {"tokenPrices": {"batchSize": 1000, "inputPrice": 1, "outputPrice": 2}}}
         self.assertAlmostEqual(coproxy.estimate_credits(dict(usage, cached=0), camel), 1000 + 200)
         self.assertIsNone(coproxy.estimate_credits(usage, {"billing": {"multiplier": 1}}))
-        renamed = {"billing": {"token_prices": {"batch_size": 1000000, "default": {  # 2026-08-01's names
-            "input_price": 300, "cache_read_price": 30, "cache_write_price": 375, "output_price": 1500}},
-            "auto_discount": 0.1}}
-        self.assertAlmostEqual(coproxy.estimate_credits(usage, renamed), 0.6 * 300 + 0.4 * 30 + 0.1 * 1500)
-        self.assertEqual([coproxy.auto_discount(d) for d in (renamed, {"billing": {"auto_discount": 10}}, flat)],
+        renamed = {"billing": {"auto_discount": 0.1, "token_prices": {  # 2026-08-01's names
+            "batch_size": 1000000, "default": {"input_price": 300, "cache_read_price": 30,
+                                               "cache_write_price": 375, "output_price": 1500}}}}
+        self.assertAlmostEqual(coproxy.estimate_credits(usage, renamed),
+                               0.6 * 300 + 0.4 * 30 + 0.1 * 1500)
+        percent = {"billing": {"auto_discount": 10}}
+        self.assertEqual([coproxy.auto_discount(d) for d in (renamed, percent, flat)],
                          [0.1, 0.1, 0.0])
 
     def test_ratelimit_headers_and_quota_views(self):
@@ -5278,77 +5324,88 @@ class TestTokensEndToEnd(ProxyTestCase):
     """Tokens sent directly through the whole proxy, and the refusals that say what to do."""
 
     def chat(self, proxy, model="gpt-4.1"):
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model=model), port=proxy.port)
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model=model),
+                                       port=proxy.port)
         return status, json.loads(body)
 
+    def direct_proxy(self, **overrides):
+        return self.start_proxy(copilot_api_url=self.fake.url, **overrides)
+
     def test_a_fine_grained_pat_is_sent_directly(self):
-        proxy = self.start_proxy(github_token="github_pat_11AAfinegrained", copilot_api_url=self.fake.url)
+        proxy = self.direct_proxy(github_token="github_pat_11AAfinegrained")
         self.assertEqual(self.chat(proxy)[0], 200)
         headers = self.fake.requests_to("/chat/completions")[-1][2]
         self.assertEqual((headers["authorization"], headers["copilot-integration-id"]),
                          ("Bearer github_pat_11AAfinegrained", "copilot-developer-cli"))
         self.assertEqual(self.fake.requests_to("/copilot_internal/v2/token"), [])
-        credentials = json.loads(self.request("GET", "/healthz", port=proxy.port)[2])["auth"]["credentials"]
-        self.assertEqual(credentials, {"token_kind": "fine-grained-pat", "mode": "direct", "expires_at": None,
-                                       "integration_id": "copilot-developer-cli",
-                                       "payer": "user (the token's account)"})
+        health = json.loads(self.request("GET", "/healthz", port=proxy.port)[2])
+        self.assertEqual(health["auth"]["credentials"], {
+            "token_kind": "fine-grained-pat", "mode": "direct", "expires_at": None,
+            "integration_id": "copilot-developer-cli", "payer": "user (the token's account)"})
         self.assertNotIn("github_pat_11", "\n".join(LOGS.lines))
 
     def test_each_refusal_says_what_to_do(self):
-        proxy = self.start_proxy(github_token="github_pat_11AAfinegrained", copilot_api_url=self.fake.url,
-                                 integration_id="vscode-chat")
+        proxy = self.direct_proxy(github_token="github_pat_11AAfinegrained",
+                                  integration_id="vscode-chat")
         status, data = self.chat(proxy)
+        message = data["error"]["message"]
         self.assertEqual((status, data["error"]["code"]), (400, "pat_integration_refused"))
-        self.assertIn("--integration-id copilot-developer-cli", data["error"]["message"])
-        self.assertIn("Copilot-Integration-Id vscode-chat (--integration-id)", data["error"]["message"])
-        proxy = self.start_proxy(github_token="github_pat_11noperm", copilot_api_url=self.fake.url)
-        status, data = self.chat(proxy)
+        self.assertIn("--integration-id copilot-developer-cli", message)
+        self.assertIn("Copilot-Integration-Id vscode-chat (--integration-id)", message)
+        status, data = self.chat(self.direct_proxy(github_token="github_pat_11noperm"))
         self.assertEqual((status, data["error"]["code"]), (401, "pat_missing_permission"))
         self.assertIn('Account permissions > "Copilot Requests"', data["error"]["message"])
-        proxy = self.start_proxy(auth_mode="direct", integration_id="my-tool", copilot_api_url=self.fake.url)
-        status, data = self.chat(proxy)
-        self.assertEqual((status, data["error"]["code"]), (400, "model_not_available_for_integrator"))
-        self.assertIn("gpt-4.1 is not available to my-tool", data["error"]["message"])
-        self.assertIn("another --integration-id", data["error"]["message"])
+        status, data = self.chat(self.direct_proxy(auth_mode="direct", integration_id="my-tool"))
+        message = data["error"]["message"]
+        self.assertEqual((status, data["error"]["code"]),
+                         (400, "model_not_available_for_integrator"))
+        self.assertIn("gpt-4.1 is not available to my-tool", message)
+        self.assertIn("another --integration-id", message)
         self.assertNotIn("ghu_testtoken", json.dumps(data))
 
     def test_an_organisation_that_has_not_enabled_app_tokens_is_named(self):
         key_file = os.path.join(self.tmp, "app.pem")
         coproxy.write_file_atomic(key_file, rsa_key_pem(RFC7515_KEY))
         app = dict(github_token=None, github_app_id=FAKE_APP_ID, github_app_key_file=key_file,
-                   github_app_installation_id=FAKE_INSTALLATION_ID, copilot_api_url=self.fake.url)
-        refusal = "Copilot requests with GitHub App installation access tokens are not enabled for this organization"
+                   github_app_installation_id=FAKE_INSTALLATION_ID)
+        refusal = ("Copilot requests with GitHub App installation access tokens are not enabled "
+                   "for this organization")
         self.fake.app_direct_refusal = (403, refusal)
-        status, data = self.chat(self.start_proxy(auth_mode="direct", **app))
+        status, data = self.chat(self.direct_proxy(auth_mode="direct", **app))
+        message = data["error"]["message"]
         self.assertEqual((status, data["error"]["code"]), (403, "app_copilot_requests_disabled"))
-        self.assertIn('has not enabled "Copilot requests from GitHub App installations"', data["error"]["message"])
-        self.assertIn("organization_copilot_requests=read permission form", data["error"]["message"])
+        self.assertIn('has not enabled "Copilot requests from GitHub App installations"', message)
+        self.assertIn("organization_copilot_requests=read permission form", message)
         self.fake.token_status, self.fake.token_body = 403, {"message": "Forbidden"}
-        status, data = self.chat(self.start_proxy(**app))  # auto: directly, then the exchange, both refused
+        status, data = self.chat(self.direct_proxy(**app))  # auto: directly, then the exchange
+        message = data["error"]["message"]
         self.assertEqual(status, 503)
-        self.assertIn("sent directly (HTTP 403: %s), and the token exchange refused it too" % refusal,
-                      data["error"]["message"])
-        self.assertIn("an owner turns it on", data["error"]["message"])
+        self.assertIn("sent directly (HTTP 403: %s), and the token exchange refused it too"
+                      % refusal, message)
+        self.assertIn("an owner turns it on", message)
         self.assertNotIn("ghs_minted", "\n".join(LOGS.lines) + json.dumps(data))
 
     def test_auth_status_and_status_show_the_credentials_never_the_token(self):
         self.fake.app_tokens.add("ghs_fromthecli123456")
-        args = ["--state-dir", self.tmp, "--github-url", self.fake.url, "--github-api-url", self.fake.url,
-                "--copilot-api-url", self.fake.url, "auth", "status"]
+        args = ["--state-dir", self.tmp, "--github-url", self.fake.url, "--github-api-url",
+                self.fake.url, "--copilot-api-url", self.fake.url, "auth", "status"]
         with contextlib.redirect_stdout(io.StringIO()) as out:
             self.assertEqual(coproxy.main(args + ["--github-token", "ghs_fromthecli123456"]), 0)
         text = out.getvalue()
         for line in ("token kind:     app-installation, sent to Copilot directly",
-                     "integration:    copilot-developer-cli", "billed to:      organisation (GitHub App installation)",
-                     "token expires:  not known", "Copilot:        accepts the token (%d models)" % len(CATALOG_IDS)):
+                     "integration:    copilot-developer-cli",
+                     "billed to:      organisation (GitHub App installation)",
+                     "token expires:  not known",
+                     "Copilot:        accepts the token (%d models)" % len(CATALOG_IDS)):
             self.assertIn(line, text)
         self.assertNotIn("ghs_fromthecli", text)
         with contextlib.redirect_stdout(io.StringIO()) as out:
             self.assertEqual(coproxy.main(args + ["--github-token", "github_pat_11noperm"]), 1)
         self.assertIn("Copilot Requests", out.getvalue())
         self.assertNotIn("github_pat_11noperm", out.getvalue())
-        lines = coproxy.credential_lines({"token_kind": "oauth", "mode": "exchange", "integration_id": "vscode-chat",
-                                          "payer": "user (monthly_subscriber)", "expires_at": time.time() + 1500})
+        lines = coproxy.credential_lines({
+            "token_kind": "oauth", "mode": "exchange", "integration_id": "vscode-chat",
+            "payer": "user (monthly_subscriber)", "expires_at": time.time() + 1500})
         self.assertIn("token kind:     oauth, exchanged for a Copilot token", lines)
         self.assertTrue(lines[-1].startswith("token expires:  in 2"), lines)
 
@@ -5356,40 +5413,50 @@ class TestTokensEndToEnd(ProxyTestCase):
 class TestAutoModel(ProxyTestCase):
     """`auto`: Copilot picks the model; coproxy routes, logs and bills by the pick."""
 
+    def chat(self, model, proxy=None):
+        port = (proxy or self.proxy).port
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model=model),
+                                       port=port)
+        return status, json.loads(body)
+
     def test_auto_is_listed_resolves_and_routes_by_the_chosen_model(self):
         for headers in ({}, {"anthropic-version": "2023-06-01"}):
             listed = json.loads(self.request("GET", "/v1/models", headers=headers)[2])["data"]
             self.assertEqual(listed[-1]["id"], "auto")
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="auto"))
-        self.assertEqual((status, json.loads(body)["model"]), (200, "claude-sonnet-4.5"))
+        status, data = self.chat("auto")
+        self.assertEqual((status, data["model"]), (200, "claude-sonnet-4.5"))
         sent = self.fake.requests_to("/chat/completions")[-1]
-        self.assertEqual((json.loads(sent[3])["model"], sent[2]["copilot-session-token"]), ("claude-sonnet-4.5", "sess-1"))
-        status, _, body = self.request("POST", "/v1/messages", {"model": "auto", "max_tokens": 5,
-                                                                "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((json.loads(sent[3])["model"], sent[2]["copilot-session-token"]),
+                         ("claude-sonnet-4.5", "sess-1"))
+        status, _, body = self.request("POST", "/v1/messages", {
+            "model": "auto", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(status, 200)
         native = self.fake.requests_to("/v1/messages")[-1]  # claude-sonnet-4.5 lists /v1/messages
         self.assertEqual((json.loads(native[3])["model"], native[2]["copilot-session-token"]),
                          ("claude-sonnet-4.5", "sess-1"))
         self.assertEqual(self.fake.auto_calls, 1)
-        self.assertTrue(wait_for(lambda: sum("model=auto->claude-sonnet-4.5" in l for l in LOGS.lines) == 2),
-                        LOGS.lines)
+        logged = lambda: sum("model=auto->claude-sonnet-4.5" in line for line in LOGS.lines)
+        self.assertTrue(wait_for(lambda: logged() == 2), LOGS.lines)
         self.fake.auto_model = "gpt-5.1-codex"  # a model Copilot serves only on /responses
-        proxy = self.start_proxy()
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="auto"), port=proxy.port)
-        self.assertEqual(status, 200, body)
-        self.assertEqual(json.loads(self.fake.requests_to("/responses")[-1][3])["model"], "gpt-5.1-codex")
+        status, data = self.chat("auto", self.start_proxy())
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(self.fake.requests_to("/responses")[-1][3])["model"],
+                         "gpt-5.1-codex")
 
     def test_auto_bills_with_its_discount(self):
         catalog = copy.deepcopy(CATALOG)
-        catalog[0]["billing"] = {"auto_discount": 0.1, "token_prices": {"batch_size": 1000000, "default": {
-            "input_price": 200, "cache_read_price": 50, "output_price": 800}}}
-        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, {"object": "list", "data": catalog})
+        catalog[0]["billing"] = {"auto_discount": 0.1, "token_prices": {
+            "batch_size": 1000000,
+            "default": {"input_price": 200, "cache_read_price": 50, "output_price": 800}}}
+        listing = {"object": "list", "data": catalog}
+        self.fake.routes[("GET", "/models")] = lambda h, b: h.send_json(200, listing)
         self.fake.auto_model = "gpt-4.1"
         proxy = self.start_proxy()
         for model in ("gpt-4.1", "auto"):
-            self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(model=model), port=proxy.port)[0], 200)
-        self.assertTrue(wait_for(lambda: sum("credits_estimated=true" in l for l in LOGS.lines) == 2), LOGS.lines)
-        plain, auto = [l for l in LOGS.lines if "credits_estimated" in l]
+            self.assertEqual(self.chat(model, proxy)[0], 200)
+        estimated = lambda: [line for line in LOGS.lines if "credits_estimated=true" in line]
+        self.assertTrue(wait_for(lambda: len(estimated()) == 2), LOGS.lines)
+        plain, auto = estimated()
         full = (3 * 200 + 2 * 800) / 1e6
         self.assertIn("model=gpt-4.1 ", plain)
         self.assertIn("credits=%g" % full, plain)
@@ -5397,11 +5464,11 @@ class TestAutoModel(ProxyTestCase):
         self.assertIn("credits=%g" % round(full * 0.9, 6), auto)
 
     def test_a_refused_auto_session_is_a_clear_error(self):
-        self.fake.routes[("POST", "/auto")] = lambda h, b: h.send_json(500, {"message": "router down"})
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="auto"))
-        error = json.loads(body)["error"]
-        self.assertEqual((status, error["code"]), (502, "auto_unavailable"))
-        self.assertIn("router down", error["message"])
+        down = {"message": "router down"}
+        self.fake.routes[("POST", "/auto")] = lambda h, b: h.send_json(500, down)
+        status, data = self.chat("auto")
+        self.assertEqual((status, data["error"]["code"]), (502, "auto_unavailable"))
+        self.assertIn("router down", data["error"]["message"])
 
 
 class TestOperations(ProxyTestCase):
