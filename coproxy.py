@@ -5513,24 +5513,42 @@ def check_client_tools(payload, model, path):
     """400 for hosted tools (web_search, file_search, code_interpreter, computer_use, mcp, ...):
     OpenAI runs them on its side, and the model's Copilot endpoint has nothing of the kind."""
     for index, tool in enumerate(payload.get("tools") or []):
-        kind = tool.get("type")
-        if kind not in _CLIENT_TOOL_TYPES:
+        kinds = [tool.get("type")]
+        if kinds[0] == "namespace":
+            kinds = [t.get("type") if isinstance(t, dict) else None for t in tool.get("tools") or []]
+        hosted = [kind for kind in kinds if kind not in _CLIENT_TOOL_TYPES]
+        if hosted:
+            codex = " (Codex: web_search = \"disabled\")" if hosted[0] == "web_search" else ""
             raise ClientError(
                 400, "tools[%d]: %s is a hosted tool that only OpenAI's own Responses models "
                      "run; %s is served through Copilot's %s, which has no hosted tools: remove "
-                     "it, or pick a model Copilot serves on /responses"
-                     % (index, kind, model, path),
+                     "it%s, or pick a model Copilot serves on /responses"
+                     % (index, hosted[0], model, path, codex),
                 param="tools[%d].type" % index, code="hosted_tool_not_supported")
 
 
-def custom_tool_names(payload):
-    return frozenset(t.get("name") for t in payload.get("tools") or [] if t.get("type") == "custom")
+def client_tools(payload):
+    """{name the model sees: (tool, namespace or None)} for the function and custom tools of a
+    request. A namespace's tools (Codex groups some so) become tools of their own, named
+    ``<namespace>__<name>`` (function names allow no dots), their calls given back the namespace."""
+    tools = {}
+    for tool in payload.get("tools") or []:
+        if tool.get("type") == "namespace":
+            for inner in tool.get("tools") or []:
+                if isinstance(inner, dict) and inner.get("type") in _CLIENT_TOOL_TYPES:
+                    described = "\n\n".join(d for d in (tool.get("description"),
+                                                          inner.get("description")) if d)
+                    tools["%s__%s" % (tool.get("name"), inner.get("name"))] = (
+                        dict(inner, description=described), tool.get("name"))
+        elif tool.get("type") in _CLIENT_TOOL_TYPES:
+            tools[tool.get("name")] = (tool, None)
+    return tools
 
 
-def _chat_tool(tool):
-    """A Responses function or custom tool as a chat completions tool."""
+def _chat_tool(name, tool):
+    """A Responses function or custom tool as a chat completions tool called ``name``."""
     if tool.get("type") == "function":
-        function = {"name": tool.get("name"), "description": tool.get("description") or "",
+        function = {"name": name, "description": tool.get("description") or "",
                     "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
         if isinstance(tool.get("strict"), bool):
             function["strict"] = tool["strict"]
@@ -5542,7 +5560,7 @@ def _chat_tool(tool):
                                                                         fmt["definition"])
     argument = {"type": "string", "description": "the tool's input as plain text"}
     return {"type": "function", "function": {
-        "name": tool.get("name"), "description": described.strip(),
+        "name": name, "description": described.strip(),
         "parameters": {"type": "object", "properties": {CUSTOM_TOOL_ARGUMENT: argument},
                        "required": [CUSTOM_TOOL_ARGUMENT], "additionalProperties": False}}}
 
@@ -5611,7 +5629,10 @@ def responses_to_chat_request(payload, history, keep_thinking):
             else:
                 arguments = item.get("arguments") if kind == "function_call" else json.dumps(
                     {CUSTOM_TOOL_ARGUMENT: item.get("input") or ""})
-                function = {"name": item.get("name"), "arguments": arguments or "{}"}
+                name = item.get("name")
+                if _string(item, "namespace"):
+                    name = "%s__%s" % (item["namespace"], name)
+                function = {"name": name, "arguments": arguments or "{}"}
                 assistant.setdefault("tool_calls", []).append(
                     {"id": item.get("call_id"), "type": "function", "function": function})
             continue
@@ -5648,7 +5669,7 @@ def responses_to_chat_request(payload, history, keep_thinking):
     effort = _dig(payload, "reasoning").get("effort")
     if isinstance(effort, str):
         request["reasoning_effort"] = effort
-    tools = [_chat_tool(t) for t in payload.get("tools") or []]
+    tools = [_chat_tool(name, tool) for name, (tool, _) in client_tools(payload).items()]
     if tools:
         request["tools"] = tools
         if isinstance(payload.get("parallel_tool_calls"), bool):
@@ -5810,7 +5831,7 @@ class ResponseBuilder:
         self.response = response_skeleton(payload, model, now)
         summary = _dig(payload, "reasoning").get("summary")
         self.summaries = summary in ("auto", "concise", "detailed")  # as OpenAI: only when asked
-        self.custom = custom_tool_names(payload)
+        self.tools = client_tools(payload)
         self.on_done = on_done      # called with the finished response (the store keeps it)
         self.sequence = 0
         self.started = False
@@ -5887,12 +5908,17 @@ class ResponseBuilder:
 
     def call(self, call_id, name):
         out = self.start() + self._close_open()
-        if name in self.custom:
+        tool, namespace = self.tools.get(name, ({}, None))
+        if namespace:
+            name = tool.get("name")
+        if tool.get("type") == "custom":
             item = {"id": "ctc_" + random_id(), "type": "custom_tool_call", "call_id": call_id,
                     "name": name, "input": ""}
         else:
             item = {"id": "fc_" + random_id(), "type": "function_call", "status": "in_progress",
                     "call_id": call_id, "name": name, "arguments": ""}
+        if namespace:
+            item["namespace"] = namespace
         self.calls[call_id], added = self._add(item)
         return out + [added]
 

@@ -5039,6 +5039,29 @@ class TestResponsesForEveryModel(ProxyTestCase):
         headers = self.fake.requests_to("/chat/completions")[-1][2]
         self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
 
+    def test_namespaced_tools_as_codex_sends_them(self):
+        agents = {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [
+            {"type": "function", "name": "spawn_agent", "description": "Start one.", "strict": False,
+             "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}}]}
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(200, {
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{"id": "call_a", "type": "function", "function": {
+                    "name": "multi_agent_v1__spawn_agent", "arguments": '{"task": "t"}'}}]}}]})
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "go",
+                                                                 "tools": [self.SHELL, agents]})
+        call = json.loads(body)["output"][0]
+        self.assertEqual((status, call["name"], call["namespace"]), (200, "spawn_agent", "multi_agent_v1"))
+        sent = self.sent("/chat/completions")["tools"][1]["function"]
+        self.assertEqual((sent["name"], sent["description"]), ("multi_agent_v1__spawn_agent",
+                                                               "Sub-agents.\n\nStart one."))
+        self.request("POST", "/v1/responses", {"model": "gpt-4.1", "tools": [agents], "input": [
+            call, {"type": "function_call_output", "call_id": "call_a", "output": "started"}]})
+        self.assertEqual(self.sent("/chat/completions")["messages"][0]["tool_calls"][0]["function"]["name"],
+                         "multi_agent_v1__spawn_agent")
+        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x", "tools": [
+            {"type": "namespace", "name": "n", "tools": [{"type": "web_search"}]}]})
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "hosted_tool_not_supported"))
+
     def test_claude_goes_to_messages_and_its_thinking_comes_back(self):
         self.fake.stream(*claude_thinking_stream(tool=("shell", '{"cmd": "cat a.ts"}')))
         events = self.stream_events({"model": "claude-sonnet-4.5", "instructions": "You are Codex.", "input": "read a.ts",
@@ -5120,6 +5143,7 @@ class TestResponsesForEveryModel(ProxyTestCase):
             self.assertEqual((status, error["code"], error["param"]), (400, "hosted_tool_not_supported", "tools[1].type"))
             self.assertIn(tool, error["message"])
             self.assertIn("claude-sonnet-4.5", error["message"])
+            self.assertEqual('web_search = "disabled"' in error["message"], tool == "web_search")  # Codex's
         status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x",
                                                                  "previous_response_id": "resp_nope"})
         self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "previous_response_not_found"))
