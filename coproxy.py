@@ -5336,6 +5336,8 @@ class ResponsesToChat(Translator):
         out = []
         if not self.started:
             self.started = True
+            named = _dig(data, "response").get("model")  # response.created names the model that answers
+            self.model = named if isinstance(named, str) and named else self.model  # as ChatNormalize does
             out.append(self._chunk({"role": "assistant", "content": ""}))
         position = data.get("output_index") if isinstance(data.get("output_index"), (int, str)) else None
         if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):

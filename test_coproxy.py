@@ -2617,6 +2617,13 @@ class TestTranslateOpenAI(unittest.TestCase):
         out, _ = translate([coproxy.ChatToAnthropic("claude-sonnet-4.5")], coproxy.ANTHROPIC,
                            chunk("hi", model="claude-sonnet-4.5-20250929"), chunk(None, "stop"), DONE)
         self.assertEqual(sse_events(out)[0][1]["message"]["model"], "claude-sonnet-4.5-20250929")
+        out, _ = translate([coproxy.ResponsesToChat("gpt-5.1-codex", True, 0)], coproxy.OPENAI,
+                           sse({"type": "response.created", "response": {"id": "r", "model": "gpt-5.1-codex-1113"}}),
+                           sse({"type": "response.output_text.delta", "delta": "yo"}),
+                           sse({"type": "response.completed", "response": {"id": "r", "status": "completed", "usage": {
+                               "input_tokens": 1, "output_tokens": 1, "total_tokens": 2}}}))
+        chunks = [d for d in sse_data(out) if d != "[DONE]"]
+        self.assertEqual(({c["model"] for c in chunks}, "usage" in chunks[-1]), ({"gpt-5.1-codex-1113"}, True))
 
     def test_stream_usage_only_when_asked_with_copilots_cost(self):
         for include in (False, True):
