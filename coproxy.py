@@ -10476,10 +10476,24 @@ def start_detached(config):
         log_path, "\n  ".join(tail) or "(nothing)"))
 
 
-def cmd_auth_login(config, args):
+def token_source_before_login(config):
+    """What gives the GitHub token ahead of a saved login (a flag, a variable, a token file, a
+    GitHub App), for the notes of `auth login` and `auth logout`; None when nothing does."""
     if config.github_token:
-        _say("note: a token from %s is set and will be used instead of the one saved here" %
-             config.source_of("github_token"))
+        return config.source_of("github_token")
+    if config.github_token_file:
+        return "--github-token-file %s" % config.github_token_file
+    if config.github_app_id:
+        return "--github-app-id %d" % config.github_app_id
+    if config.environ.get("COPILOT_GITHUB_TOKEN", "").strip():
+        return "COPILOT_GITHUB_TOKEN"
+    return None
+
+
+def cmd_auth_login(config, args):
+    source = token_source_before_login(config)
+    if source:
+        _say("note: a token from %s is set and will be used instead of the one saved here" % source)
     with _session(config) as (store, client, auth):
         run_device_login(config, store, client, auth, open_browser=not args.no_browser)
         try:
@@ -10554,8 +10568,9 @@ def cmd_auth_logout(config, args):
     store = TokenStore(config.state_dir)
     removed = store.clear()
     print("removed %s" % ", ".join(removed) if removed else "no saved login in %s" % store.auth_dir)
-    if config.github_token:
-        _say("note: %s is still set and will keep being used" % config.source_of("github_token"))
+    source = token_source_before_login(config)
+    if source:
+        _say("note: %s is still set and will keep being used" % source)
     return 0
 
 

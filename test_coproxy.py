@@ -614,7 +614,7 @@ class FakeUpstream:
                                 "expires_at": int(self.clock()) + 86400, "hydra_scores": {}})
 
     def models_session(self, handler, body):
-        if body.get("auto_mode") != {"auto_mode": {"model_hints": ["auto"]}}["auto_mode"]:
+        if body.get("auto_mode") != {"model_hints": ["auto"]}:
             handler.send_json(400, {"message": "bad auto_mode"})
             return
         with self.lock:
@@ -2225,6 +2225,13 @@ class TestTokenKinds(unittest.TestCase):
             from_file.copilot_token()
         self.assertIn("the token file %s is missing or empty" % path, str(ctx.exception))
         self.assertTrue(from_file.has_credentials())
+        # what `auth login` and `auth logout` warn about: a source that wins over a saved login
+        def ahead(environ, **values):
+            config = coproxy.Config.resolve(dict(values, state_dir=self.tmp), environ=environ)
+            return coproxy.token_source_before_login(config)
+        self.assertIsNone(ahead({"GITHUB_TOKEN": "ghs_repositorytoken1"}))
+        self.assertEqual(ahead({"COPILOT_GITHUB_TOKEN": "x"}), "COPILOT_GITHUB_TOKEN")
+        self.assertEqual(ahead({}, github_token_file=path), "--github-token-file %s" % path)
 
 
 class TestRS256(unittest.TestCase):
@@ -5465,9 +5472,17 @@ class TestAutoModel(ProxyTestCase):
         native = self.fake.requests_to("/v1/messages")[-1]  # claude-sonnet-4.5 lists /v1/messages
         self.assertEqual((json.loads(native[3])["model"], native[2]["copilot-session-token"]),
                          ("claude-sonnet-4.5", "sess-1"))
+        tags = json.loads(self.request("GET", "/api/tags")[2])["models"]
+        self.assertIn("auto:latest", [tag["name"] for tag in tags])
+        ollama_chat = {"model": "auto:latest", "stream": False,
+                       "messages": [{"role": "user", "content": "x"}]}
+        status, _, body = self.request("POST", "/api/chat", ollama_chat)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(self.fake.requests_to("/v1/messages")[-1][3])["model"],
+                         "claude-sonnet-4.5")
         self.assertEqual(self.fake.auto_calls, 1)
         logged = lambda: sum("model=auto->claude-sonnet-4.5" in line for line in LOGS.lines)
-        self.assertTrue(wait_for(lambda: logged() == 2), LOGS.lines)
+        self.assertTrue(wait_for(lambda: logged() == 3), LOGS.lines)
         self.fake.auto_model = "gpt-5.1-codex"  # a model Copilot serves only on /responses
         status, data = self.chat("auto", self.start_proxy())
         self.assertEqual(status, 200, data)
@@ -6947,10 +6962,12 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
 class TestPortability(unittest.TestCase):
     with open(COPROXY_PY, encoding="utf-8") as _source:
         SOURCE = _source.read()
-    STDLIB = {"argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent", "contextlib", "ctypes",
-              "dataclasses", "difflib", "email", "errno", "fcntl", "functools", "hashlib", "hmac", "http", "importlib", "ipaddress", "itertools",
-              "json", "logging", "resource", "os", "queue", "re", "selectors", "shlex", "signal", "socket", "ssl", "stat", "struct",
-              "subprocess", "sys", "threading", "time", "urllib", "webbrowser", "zlib"}
+    STDLIB = {"argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent",
+              "contextlib", "ctypes", "dataclasses", "difflib", "email", "errno", "fcntl",
+              "functools", "hashlib", "hmac", "http", "importlib", "ipaddress", "itertools", "json",
+              "logging", "resource", "os", "queue", "re", "selectors", "shlex", "signal", "socket",
+              "ssl", "stat", "struct", "subprocess", "sys", "threading", "time", "urllib",
+              "webbrowser", "zlib"}
 
     def test_grammar_parses_as_python_3_7(self):
         ast.parse(self.SOURCE, feature_version=(3, 7))
