@@ -4,8 +4,9 @@
 Everything runs over real sockets on 127.0.0.1: the real coproxy server and, written here, a
 fake GitHub + Copilot upstream (plain HTTP and TLS, with a test CA embedded below), a fake
 CONNECT proxy and a raw scripted upstream for framing edge cases. Nothing reaches the network.
-Needs only the standard library; the optional checks with the official ``openai`` and
-``anthropic`` SDKs run when they are importable (``.ci/run`` installs them in a throwaway venv),
+Needs only the standard library; the optional checks with the official ``openai``,
+``anthropic`` and ``ollama`` clients run when they are importable (``.ci/run`` installs them in a
+throwaway venv), among them TestSchemas: every kind of answer against the SDKs' types, strict;
 and the dashboard's test in headless Chromium when ``playwright`` and a ``chromium`` are there
 (``COPROXY_DASHBOARD_SCREENSHOTS=DIR`` saves its screenshots there: README's picture).
 The classes follow coproxy.py's sections, so a failure points at one. The last line printed is
@@ -64,6 +65,11 @@ try:  # the dashboard's browser test (.ci/run installs playwright and chromium)
     sync_playwright = importlib.import_module("playwright.sync_api").sync_playwright
 except ImportError:
     sync_playwright = None
+
+try:  # the official Ollama client (by name: only openai, anthropic and httpx are imported plainly)
+    ollama = importlib.import_module("ollama")
+except ImportError:
+    ollama = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COPROXY_PY = os.path.join(HERE, "coproxy.py")
@@ -7221,6 +7227,277 @@ class TestAnthropicSDK(ProxyTestCase):
             self.client(port=proxy.port, api_key="wrong").messages.create(
                 model="claude-haiku-4.5", max_tokens=8, messages=[{"role": "user", "content": "x"}])
 
+
+
+@unittest.skipUnless(ollama is not None, "the ollama client is not installed (.ci/run installs it in a venv)")
+class TestOllamaSDK(ProxyTestCase):
+    def client(self):
+        client = ollama.Client(host="http://127.0.0.1:%d" % self.proxy.port)
+        self.addCleanup(client.close)
+        return client
+
+    def test_list_show_and_ps(self):
+        self.assertIn("claude-sonnet-4.5:latest", [m.model for m in self.client().list().models])
+        show = self.client().show("claude-sonnet-4.5:latest")
+        self.assertEqual((show.capabilities, show.modelinfo["claude-sonnet-4.5.context_length"]),
+                         (["completion", "tools", "vision", "thinking"], 200000))
+        self.assertEqual(self.client().ps().models, [])
+
+    def test_chat_whole_and_streamed_with_a_tool_round_trip(self):
+        answer = self.client().chat(model="gpt-4.1", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual((answer.message.content, answer.done_reason, answer.eval_count), ("echo: hi", "stop", 2))
+        self.fake.stream(*TOOL_STREAM)
+
+        def ls(p: int) -> str:
+            """List a directory.
+
+            Args:
+              p: which one
+            """
+            return "a b"
+        messages = [{"role": "user", "content": "what is there?"}]
+        parts = list(self.client().chat(model="gpt-4.1:latest", messages=messages, tools=[ls], stream=True))
+        self.assertEqual("".join(p.message.content or "" for p in parts), "Hi")
+        calls = [call for p in parts for call in p.message.tool_calls or []]
+        self.assertEqual([(c.function.name, dict(c.function.arguments)) for c in calls], [("ls", {"p": 1})])
+        self.assertTrue(parts[-1].done)
+        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])
+        self.assertEqual(sent["tools"][0]["function"]["parameters"]["properties"]["p"]["type"], "integer")
+        self.fake.chat_script = None
+        messages += [p.message for p in parts if p.message.tool_calls] + [
+            {"role": "tool", "content": "a b", "tool_name": "ls"}]
+        answer = self.client().chat(model="gpt-4.1", messages=messages, tools=[ls])
+        self.assertEqual(answer.message.content, "echo: a b")
+        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])["messages"]
+        self.assertEqual(sent[-1]["tool_call_id"], sent[-2]["tool_calls"][0]["id"])
+
+    def test_generate_embed_and_errors(self):
+        self.assertEqual(self.client().generate(model="gpt-4.1", prompt="yo").response, "echo: yo")
+        self.assertEqual(self.client().embed(model="text-embedding-3-small", input=["a", "bb"]).embeddings,
+                         [[0.5, -1.25, 1.0], [0.5, -1.25, 2.0]])
+        self.assertEqual(self.client().embeddings(model="text-embedding-3-small", prompt="abc").embedding,
+                         [0.5, -1.25, 3.0])
+        with self.assertRaises(ollama.ResponseError) as ctx:
+            self.client().chat(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(ctx.exception.status_code, 404)
+        self.assertIn("gpt-9", ctx.exception.error)
+        self.fake.stream(chunk("par"), "cut")
+        with self.assertRaises(ollama.ResponseError) as ctx:
+            list(self.client().chat(model="gpt-4.1", messages=[{"role": "user", "content": "x"}], stream=True))
+        self.assertIn("mid-stream", ctx.exception.error)
+
+
+def sdk_type(name):
+    """An SDK type (a pydantic model or a union) by its dotted name."""
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def strict(type_name, value):
+    """``value`` (a JSON-able object) validated by an SDK's own type in pydantic's strict mode:
+    no coercion (a number in a string, a missing required field, a wrong literal all fail)."""
+    pydantic = importlib.import_module("pydantic")
+    return pydantic.TypeAdapter(sdk_type(type_name)).validate_json(json.dumps(value), strict=True)
+
+
+def has_path(node, path):
+    """Whether every node ``path`` leads to exists ("choices.*.message.refusal": each choice's)."""
+    head, _, rest = path.partition(".")
+    if head == "*":
+        return isinstance(node, list) and all(has_path(item, rest) for item in node)
+    if not isinstance(node, dict) or head not in node:
+        return False
+    return has_path(node[head], rest) if rest else True
+
+
+def thinking_chunk(reasoning=None, opaque=None):
+    delta = {k: v for k, v in (("reasoning_text", reasoning), ("reasoning_opaque", opaque)) if v}
+    return sse({"id": "chatcmpl-up", "model": "claude-haiku-4.5", "created": 1764500000,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+
+TOOL_STREAM = (chunk("Hi"), chunk(None, tool_calls=[{"index": 0, "id": "call_1", "type": "function", "function": {
+    "name": "ls", "arguments": "{\"p\":"}}]), chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "1}"}}]),
+    chunk(None, "tool_calls"), USAGE_CHUNK, DONE)
+THINKING_STREAM = (thinking_chunk("let me see"), thinking_chunk(opaque="sig=="), chunk("Hi"), chunk(None, "stop"),
+                   USAGE_CHUNK, DONE)
+RESPONSES_STREAM = (sse({"type": "response.output_text.delta", "delta": "Hi"}),
+                    sse({"type": "response.output_item.added", "output_index": 1, "item": {
+                        "type": "function_call", "call_id": "call_9", "name": "ls"}}),
+                    sse({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": "{}"}),
+                    sse({"type": "response.completed", "response": {"status": "completed", "usage": {
+                        "input_tokens": 6, "output_tokens": 2}}}))
+NATIVE_STREAM = tuple(anthropic_event(name, data) for name, data in (
+    ("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4.6", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                       "usage": {"output_tokens": 3}}),
+    ("message_stop", {"type": "message_stop"})))
+OLLAMA_CHAT = {"model": "gpt-4.1:latest", "messages": [{"role": "user", "content": "hi"}]}
+MESSAGES_BODY = {"model": "claude-haiku-4.5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_HEADERS_KEYED = dict(ANTHROPIC_HEADERS, **{"x-api-key": "unused"})
+
+#: Every kind of answer coproxy gives, checked with the SDKs' own types in strict mode: one row per
+#: route, dialect and path (native or translated), whole and streamed, errors included. A row:
+#: name, method, path, body, request headers, the upstream's scripted stream (or None for its
+#: whole answers), then what to check: "answer" (the type of a whole answer), "items" (of each
+#: entry of its "data" list), "event" (of each stream event or NDJSON line), "error" (of an error
+#: answer or a stream's failure event), "required" (paths OpenAI's spec requires that the SDK lets
+#: be absent) and "status". A new translator adds its rows here.
+SCHEMA_CASES = [
+    dict(name="chat", method="POST", path="/v1/chat/completions", body=chat_body(),
+         answer="openai.types.chat.ChatCompletion", required=["choices.*.message.refusal"]),
+    dict(name="chat, responses-only model", method="POST", path="/v1/chat/completions",
+         body=chat_body(model="gpt-5.1-codex"), answer="openai.types.chat.ChatCompletion",
+         required=["choices.*.message.refusal"]),
+    dict(name="chat stream with a tool call", method="POST", path="/v1/chat/completions",
+         body=chat_body(stream=True, stream_options={"include_usage": True}), script=TOOL_STREAM,
+         event="openai.types.chat.ChatCompletionChunk"),
+    dict(name="chat stream, responses-only model", method="POST", path="/v1/chat/completions",
+         body=chat_body(model="gpt-5.1-codex", stream=True), script=RESPONSES_STREAM,
+         event="openai.types.chat.ChatCompletionChunk"),
+    dict(name="chat stream cut", method="POST", path="/v1/chat/completions", body=chat_body(stream=True),
+         script=(chunk("par"), "cut"), event="openai.types.chat.ChatCompletionChunk",
+         error="openai.types.shared.ErrorObject"),
+    dict(name="chat error", method="POST", path="/v1/chat/completions", body=chat_body(model="gpt-9"),
+         status=404, error="openai.types.shared.ErrorObject"),
+    dict(name="responses error", method="POST", path="/v1/responses", body={"model": "gpt-9", "input": "x"},
+         status=404, error="openai.types.shared.ErrorObject"),
+    dict(name="embeddings", method="POST", path="/v1/embeddings",
+         body={"model": "text-embedding-3-small", "input": ["a", "b"]}, answer="openai.types.CreateEmbeddingResponse"),
+    dict(name="OpenAI models", method="GET", path="/v1/models", items="openai.types.Model"),
+    dict(name="messages, translated", method="POST", path="/v1/messages", body=MESSAGES_BODY,
+         headers=ANTHROPIC_HEADERS, answer="anthropic.types.Message"),
+    dict(name="messages, native", method="POST", path="/v1/messages", body=dict(MESSAGES_BODY, model="claude-opus-4.6"),
+         headers=ANTHROPIC_HEADERS, answer="anthropic.types.Message"),
+    dict(name="messages, responses-only model", method="POST", path="/v1/messages",
+         body=dict(MESSAGES_BODY, model="gpt-5.1-codex"), headers=ANTHROPIC_HEADERS, answer="anthropic.types.Message"),
+    dict(name="messages stream, translated, thinking", method="POST", path="/v1/messages",
+         body=dict(MESSAGES_BODY, stream=True), headers=ANTHROPIC_HEADERS, script=THINKING_STREAM,
+         event="anthropic.types.RawMessageStreamEvent"),
+    dict(name="messages stream, translated, tool", method="POST", path="/v1/messages",
+         body=dict(MESSAGES_BODY, stream=True), headers=ANTHROPIC_HEADERS, script=TOOL_STREAM,
+         event="anthropic.types.RawMessageStreamEvent"),
+    dict(name="messages stream, native", method="POST", path="/v1/messages",
+         body=dict(MESSAGES_BODY, model="claude-opus-4.6", stream=True), headers=ANTHROPIC_HEADERS,
+         script=NATIVE_STREAM, event="anthropic.types.RawMessageStreamEvent"),
+    dict(name="messages stream, responses-only model", method="POST", path="/v1/messages",
+         body=dict(MESSAGES_BODY, model="gpt-5.1-codex", stream=True), headers=ANTHROPIC_HEADERS,
+         script=RESPONSES_STREAM, event="anthropic.types.RawMessageStreamEvent"),
+    dict(name="messages stream cut", method="POST", path="/v1/messages", body=dict(MESSAGES_BODY, stream=True),
+         headers=ANTHROPIC_HEADERS, script=(chunk("par"), "cut"), event="anthropic.types.RawMessageStreamEvent",
+         error="anthropic.types.ErrorResponse"),
+    dict(name="messages error", method="POST", path="/v1/messages", body=dict(MESSAGES_BODY, model="gpt-9"),
+         headers=ANTHROPIC_HEADERS, status=404, error="anthropic.types.ErrorResponse"),
+    dict(name="messages bad request", method="POST", path="/v1/messages", body={"model": "claude-haiku-4.5"},
+         headers=ANTHROPIC_HEADERS, status=400, error="anthropic.types.ErrorResponse"),
+    dict(name="count_tokens", method="POST", path="/v1/messages/count_tokens", body=MESSAGES_BODY,
+         headers=ANTHROPIC_HEADERS, answer="anthropic.types.MessageTokensCount"),
+    dict(name="Anthropic models", method="GET", path="/v1/models?limit=3", headers=ANTHROPIC_HEADERS,
+         items="anthropic.types.ModelInfo", required=["has_more", "first_id", "last_id"]),
+    dict(name="Anthropic model", method="GET", path="/v1/models/claude-sonnet-4-5", headers=ANTHROPIC_HEADERS,
+         answer="anthropic.types.ModelInfo"),
+    dict(name="Anthropic models error", method="GET", path="/v1/models?limit=0", headers=ANTHROPIC_HEADERS,
+         status=400, error="anthropic.types.ErrorResponse"),
+    dict(name="Ollama tags", method="GET", path="/api/tags", answer="ollama._types.ListResponse"),
+    dict(name="Ollama ps", method="GET", path="/api/ps", answer="ollama._types.ProcessResponse"),
+    dict(name="Ollama show", method="POST", path="/api/show", body={"model": "claude-sonnet-4.5"},
+         answer="ollama._types.ShowResponse", required=["capabilities", "model_info", "details.family"]),
+    dict(name="Ollama chat", method="POST", path="/api/chat", body=dict(OLLAMA_CHAT, stream=False),
+         answer="ollama._types.ChatResponse", required=["done_reason", "eval_count", "total_duration"]),
+    dict(name="Ollama chat, responses-only model", method="POST", path="/api/chat",
+         body=dict(OLLAMA_CHAT, model="gpt-5.1-codex", stream=False), answer="ollama._types.ChatResponse"),
+    dict(name="Ollama chat stream with a tool call", method="POST", path="/api/chat", body=OLLAMA_CHAT,
+         script=TOOL_STREAM, event="ollama._types.ChatResponse"),
+    dict(name="Ollama chat stream, responses-only model", method="POST", path="/api/chat",
+         body=dict(OLLAMA_CHAT, model="gpt-5.1-codex"), script=RESPONSES_STREAM, event="ollama._types.ChatResponse"),
+    dict(name="Ollama chat stream cut", method="POST", path="/api/chat", body=OLLAMA_CHAT, script=(chunk("p"), "cut"),
+         event="ollama._types.ChatResponse", error="ollama"),
+    dict(name="Ollama generate stream", method="POST", path="/api/generate", body={"model": "gpt-4.1", "prompt": "p"},
+         script=THINKING_STREAM, event="ollama._types.GenerateResponse"),
+    dict(name="Ollama embed", method="POST", path="/api/embed", body={"model": "text-embedding-3-small", "input": "a"},
+         answer="ollama._types.EmbedResponse"),
+    dict(name="Ollama embeddings", method="POST", path="/api/embeddings",
+         body={"model": "text-embedding-3-small", "prompt": "a"}, answer="ollama._types.EmbeddingsResponse"),
+    dict(name="Ollama error", method="POST", path="/api/chat", body=dict(OLLAMA_CHAT, model="gpt-9"), status=404,
+         error="ollama"),
+]
+
+
+def answer_parts(body, content_type):
+    """The JSON objects of an answer: one for JSON, one per SSE event (its name kept as
+    "_event"; [DONE] left out), one per NDJSON line."""
+    if content_type.startswith("text/event-stream"):
+        parts = []
+        for event, data in coproxy.SSEDecoder().feed(body + b"\n\n"):
+            if data != "[DONE]":
+                parts.append(dict(json.loads(data), _event=event))
+        return parts
+    if content_type.startswith("application/x-ndjson"):
+        return [json.loads(line) for line in body.decode().splitlines() if line]
+    return [json.loads(body)]
+
+
+@unittest.skipUnless(openai is not None and anthropic is not None and ollama is not None,
+                     "the openai, anthropic and ollama packages are not installed (.ci/run installs them)")
+class TestSchemas(ProxyTestCase):
+    """Every answer of SCHEMA_CASES validated by the official SDKs' types in strict mode."""
+
+    def check_error(self, type_name, part):
+        if type_name == "ollama":  # Ollama's envelope has no SDK type: {"error": "message"}
+            self.assertEqual((list(part), type(part["error"])), (["error"], str))
+        elif type_name.startswith("openai"):
+            strict(type_name, part["error"])   # the SDK types what is inside {"error": ...}
+        else:
+            strict(type_name, {k: v for k, v in part.items() if k != "_event"})
+
+    def check_case(self, case):
+        self.fake.chat_script = None
+        if case.get("script"):
+            self.fake.stream(*case["script"])
+        status, headers, body = self.request(case["method"], case["path"], case.get("body"), case.get("headers"))
+        self.assertEqual(status, case.get("status", 200), body[:300])
+        parts = answer_parts(body, headers.get("Content-Type", ""))
+        if case.get("error") and status != 200:
+            return self.check_error(case["error"], parts[0])
+        failed = [p for p in parts if p.get("_event") == "error" or set(p) <= {"error", "_event"}]
+        if case.get("error"):
+            self.assertEqual(len(failed), 1, "one failure event")
+            self.check_error(case["error"], failed[0])
+        else:
+            self.assertEqual(failed, [])
+        for part in parts:
+            if part in failed or part.get("_event") == "ping":  # the SDKs read pings apart
+                continue
+            part.pop("_event", None)
+            for path in case.get("required", ()):
+                self.assertTrue(has_path(part, path), path)
+            if case.get("items"):
+                for item in part["data"]:
+                    strict(case["items"], item)
+            else:
+                strict(case.get("answer") or case["event"], part)
+
+    def test_every_answer_validates_in_strict_mode(self):
+        for case in SCHEMA_CASES:
+            with self.subTest(case["name"]):
+                self.check_case(case)
+
+    def test_the_check_catches_what_it_is_for(self):
+        pydantic = importlib.import_module("pydantic")
+        with self.assertRaises(pydantic.ValidationError):  # a thinking block opened without its signature
+            strict("anthropic.types.RawMessageStreamEvent", {"type": "content_block_start", "index": 0,
+                                                             "content_block": {"type": "thinking", "thinking": ""}})
+        info = coproxy.anthropic_model_info(CATALOG[1])
+        del info["capabilities"]["effort"]["high"]
+        with self.assertRaises(pydantic.ValidationError):
+            strict("anthropic.types.ModelInfo", info)
+        self.assertFalse(has_path({"choices": [{"message": {"content": "x"}}]}, "choices.*.message.refusal"))
 
 
 # ------------------------------------------------------------------------------------------
