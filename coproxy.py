@@ -10026,6 +10026,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         self.long_flags = []  # every --flag this parser takes, hidden ones included
         self.commands = {}  # name: the parser of each subcommand built (see build_parser)
+        self.argv = []  # the command line, for messages about it (set by main)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
@@ -10033,20 +10034,29 @@ class ArgumentParser(argparse.ArgumentParser):
         self.long_flags += [flag for flag in action.option_strings if flag.startswith("--")]
         return action
 
-    def unrecognized(self, args, extra):
-        """The UsageError for arguments no parser took: the closest flag of the subcommand they
-        were given to (argparse would blame the top-level parser, whose help lacks serve's flags)."""
-        names = [name for name in (args.command, getattr(args, "auth_command", None)) if name]
+    def unrecognized(self, names, extra):
+        """The UsageError for arguments no parser took: the closest flag of the subcommand
+        ``names`` (["auth", "login"]) they were given to (argparse would blame the top-level
+        parser, whose help lacks serve's flags)."""
         parser = self
         for name in names:
             parser = parser.commands.get(name, parser)
         wrong = next((word for word in extra if word.startswith("-")), extra[0])
         import difflib  # only for this message
-        close = difflib.get_close_matches(wrong.split("=", 1)[0].replace("_", "-"), parser.long_flags, n=1, cutoff=0.6)
+        flag = wrong.split("=", 1)[0]
+        close = difflib.get_close_matches(flag.replace("_", "-"), parser.long_flags, n=1, cutoff=0.6)
+        hint = "" if not close else "; did you mean %s?" % close[0] if close[0] != flag else \
+            "; %s goes after the command: python3 coproxy.py %s%s" % (flag, " ".join(names), " " + flag)
         return UsageError("unrecognized argument %s%s (see: python3 coproxy.py %s--help)" % (
-            wrong, "; did you mean %s?" % close[0] if close else "", "".join(name + " " for name in names)))
+            wrong, hint, "".join(name + " " for name in names)))
 
     def error(self, message):
+        if message.startswith("argument COMMAND: invalid choice"):
+            # `--prot 8080 serve`: an unknown flag before the command made its value look like one
+            wrong = [word for word in self.argv if word.startswith("--") and word.split("=", 1)[0] not in
+                     self.long_flags]
+            if wrong:
+                raise self.unrecognized([word for word in self.argv if word in self.commands][:1], wrong)
         raise UsageError("%s (see: python3 coproxy.py %s--help)" % (message, self.prog.partition(" ")[2] + " "
                                                                      if " " in self.prog else ""))
 
@@ -10941,9 +10951,10 @@ def main(argv=None):
     debug = False
     try:
         parser = build_parser(argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None)
+        parser.argv = argv
         args, extra = parser.parse_known_args(argv)
         if extra:
-            raise parser.unrecognized(args, extra)
+            raise parser.unrecognized([n for n in (args.command, getattr(args, "auth_command", None)) if n], extra)
         command = (args.command, getattr(args, "auth_command", None))
         if command not in COMMANDS:
             if args.command is None:

@@ -6401,7 +6401,11 @@ class TestCLI(unittest.TestCase):
                                                                   "auth login --help)"),
                                (["models", "--stat-dir", "x"], "did you mean --state-dir? (see: python3 coproxy.py "
                                                                "models --help)"),
-                               (["status", "now"], "unrecognized argument now (see: python3 coproxy.py status --help)")):
+                               (["status", "now"], "unrecognized argument now (see: python3 coproxy.py status --help)"),
+                               (["--prot", "8080", "serve"], "unrecognized argument --prot; did you mean --port? "
+                                                             "(see: python3 coproxy.py serve --help)"),
+                               (["--port", "8080", "serve"], "unrecognized argument --port; --port goes after the "
+                                                             "command: python3 coproxy.py serve --port (see:")):
             code, out, err = self.run_main(*argv, token=False)
             self.assertEqual(code, 2, argv)
             self.assertIn(expected, err, argv)
