@@ -294,7 +294,7 @@ def retry_once(attempt):
     try:
         return attempt(True)
     except RetryOnce as exc:
-        log.debug("retrying once: %s", exc)
+        log.debug("retrying once: %s", str(exc))  # text: a kept record must not hold the frames
     return attempt(False)
 
 
@@ -2008,7 +2008,8 @@ class UpstreamResponse:
             except Exception as exc:
                 if not parts:
                     raise
-                self._failure = exc  # the bytes that came before the failure go first
+                self._failure = exc.with_traceback(None)  # the bytes that came before the failure go first
+                                                          # (no traceback: it would hold this frame)
                 return b"".join(parts), False
             if not data:
                 return b"".join(parts), data is not None
@@ -7049,11 +7050,15 @@ class WorkerPool(concurrent.futures.Executor):
             result = fn(*args, **kwargs)
         except BaseException as exc:  # delivered to whoever awaits the future
             error = exc
-        if loop is None:
-            self._settle(future, result, error)
-            return
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits this any more
-            loop.call_soon_threadsafe(self._settle, future, result, error)
+        try:
+            if loop is None:
+                self._settle(future, result, error)
+                return
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits this any more
+                loop.call_soon_threadsafe(self._settle, future, result, error)
+        finally:  # the error's traceback holds this frame (and the job's arguments, a whole request
+            future = result = error = None  # body): no way back to the error from here, else a
+            # cycle (error -> traceback -> frame -> future -> error) only the garbage collector frees
 
     def shutdown(self, wait=True, **_):
         """No new jobs; the queued ones still run, then the workers leave. With ``wait``, return
@@ -8649,7 +8654,10 @@ class Gateway:
                     continue
             log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, plan.model,
                         error.code, upstream.header("retry-after", "-"))
-            raise error
+            try:
+                raise error
+            finally:  # its traceback holds this frame (and the plan): no way back to the error from here
+                error = verdict = None
 
     def _note_windows(self, headers):
         for name in ("session", "weekly"):

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import copy
 import http.client
+import gc
 import gzip
 import http.server
 import importlib
@@ -47,6 +48,7 @@ import tempfile
 import threading
 import time
 import unittest
+import weakref
 import zlib
 
 import coproxy
@@ -5851,6 +5853,28 @@ class TestAbuse(ProxyTestCase):
         self.assertEqual([status for status, _, _ in results], [200] * 50)
         self.assertEqual(self.request("GET", "/usage")[0], 200)  # and one more, a moment later
         self.assertEqual(len(self.fake.requests_to("/copilot_internal/user")), 1)
+
+    def test_a_failed_upstream_call_frees_its_payload_without_the_garbage_collector(self):
+        plans = []
+        original = coproxy.plan_chat
+        self.addCleanup(setattr, coproxy, "plan_chat", original)
+        coproxy.plan_chat = lambda *args: plans.append(original(*args)) or plans[-1]
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(
+            400, {"error": {"message": "prompt too long", "code": "model_max_prompt_tokens_exceeded"}})
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body())[0], 400)  # token and catalogue in place
+        gc.collect()  # what earlier tests left; from here on only reference counts free anything
+        gc.disable()
+        self.addCleanup(gc.enable)
+        refs = []
+        for answer in ("refused", "unreachable"):
+            if answer == "unreachable":  # a hang-up before any answer: a network error in the worker
+                self.fake.routes[("POST", "/chat/completions")] = lambda h, b: (
+                    setattr(h, "close_connection", True), h.connection.shutdown(socket.SHUT_RDWR))
+            status, _, body = self.request("POST", "/v1/chat/completions", chat_body("x" * 100000))
+            self.assertEqual(status, 400 if answer == "refused" else 502, body[:300])
+            refs.append(weakref.ref(plans.pop()))
+        self.assertTrue(wait_for(lambda: all(ref() is None for ref in refs), 2),
+                        [gc.get_referrers(ref()) for ref in refs if ref() is not None][:1])
 
     def test_a_compressed_body_has_its_own_lower_cap(self):
         inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB < --max-body-mb
