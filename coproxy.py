@@ -9891,6 +9891,14 @@ class App:
                 "uptime_seconds": int(time.time() - self.started_at)}
 
     async def handle_health(self, request, response, _):
+        """Liveness for anyone (a container's health check sends no key); the login state and the
+        last errors only to callers the API itself would serve (its Host, Origin and key checks)."""
+        try:
+            self.guard.check_host(request)
+            self.guard.check_origin(request, response)
+            self.guard.check_api_key(request)
+        except ClientError:
+            return await self.send_json(response, {"status": "ok"}, [("Cache-Control", "no-store")])
         await self.send_json(response, self.health(), [("Cache-Control", "no-store")])
 
     async def handle_metrics(self, request, response, _):

@@ -5876,6 +5876,22 @@ class TestAbuse(ProxyTestCase):
         self.assertTrue(wait_for(lambda: all(ref() is None for ref in refs), 2),
                         [gc.get_referrers(ref()) for ref in refs if ref() is not None][:1])
 
+    def test_healthz_tells_details_only_to_callers_the_api_would_serve(self):
+        def health(port, headers):
+            status, _, body = http_request(port, "GET", "/healthz", headers=headers)
+            self.assertEqual(status, 200)
+            return json.loads(body)
+        bare = {"status": "ok"}
+        for headers in ({"Host": "rebound.example"}, {"Origin": "https://page.example"},
+                        {"Sec-Fetch-Site": "cross-site"}):
+            self.assertEqual(health(self.proxy.port, headers), bare, headers)
+        self.assertIn("auth", health(self.proxy.port, {}))
+        keyed = self.start_proxy(api_key="k")
+        self.assertEqual(health(keyed.port, {}), bare)
+        self.assertEqual(health(keyed.port, {"Authorization": "Bearer wrong"}), bare)
+        detailed = health(keyed.port, {"Authorization": "Bearer k"})
+        self.assertEqual((detailed["status"], detailed["auth"]["ready"]), ("ok", True))
+
     def test_a_compressed_body_has_its_own_lower_cap(self):
         inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB < --max-body-mb
         status, _, body = self.raw().send(post("/v1/chat/completions", gzip.compress(inflated),
