@@ -1042,6 +1042,9 @@ def connection_environment(environ):
     return plain, secret
 
 
+_URL_WITH_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+
+
 def settings_argv(config, scope=("shared", "serve")):
     """(flags, secrets) that reproduce every setting of ``config`` that differs from its default,
     whether it came from a flag or an environment variable: flags for the plain ones, and
@@ -1053,8 +1056,8 @@ def settings_argv(config, scope=("shared", "serve")):
     for option, value in config.changed_settings():
         if option.scope not in scope or option.dest == "state_dir":
             continue
-        if option.dest in SECRET_OPTIONS:
-            secrets[option.env] = value
+        if option.dest in SECRET_OPTIONS or (isinstance(value, str) and _URL_WITH_CREDENTIALS.match(value)):
+            secrets[option.env] = value  # a user:password in a URL is as secret as a key
         elif option.type is bool:
             argv += [option.flag] if value else []
         elif option.dest == "model_aliases":
@@ -10677,6 +10680,10 @@ def cmd_status(config, args):
     if health is None:
         print("health:   /healthz did not answer; see %s" % os.path.join(config.state_dir, LOG_FILE))
         return 1
+    if "auth" not in health:  # /healthz tells details only to callers with the server's API key
+        print("details:  this coproxy has an API key and none was given here (or another one): set "
+              "GHCP_PROXY_API_KEY to the server's key to see its login and upstream state")
+        return 0
     auth = health.get("auth") if isinstance(health.get("auth"), dict) else {}
     print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
         auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
@@ -10693,8 +10700,14 @@ def cmd_status(config, args):
     return 0
 
 
-def _quote_systemd(arg):
-    return '"%s"' % arg.replace("\\", "\\\\").replace('"', '\\"') if re.search(r'[\s"\\\'$%;]', arg) else arg
+def _quote_systemd(arg, command=False):
+    """One word of a unit file: ``%`` doubled (systemd expands specifiers such as %h everywhere),
+    ``$`` doubled in a ``command`` line (ExecStart= expands $VAR), quoted when it holds a space,
+    a quote, a backslash or a semicolon."""
+    arg = arg.replace("%", "%%")
+    if command:
+        arg = arg.replace("$", "$$")
+    return '"%s"' % arg.replace("\\", "\\\\").replace('"', '\\"') if re.search(r'[\s"\\\';]', arg) else arg
 
 
 def _env_line(name, value):
@@ -10731,7 +10744,7 @@ def cmd_service(config, args):
                  "#   journalctl --user -u coproxy -f",
                  "[Unit]", "Description=coproxy: GitHub Copilot as a local OpenAI/Anthropic API",
                  "After=network-online.target", "Wants=network-online.target", "",
-                 "[Service]", "Type=simple", "ExecStart=" + " ".join(_quote_systemd(a) for a in argv),
+                 "[Service]", "Type=simple", "ExecStart=" + " ".join(_quote_systemd(a, command=True) for a in argv),
                  "Restart=on-failure", "RestartSec=5", "KillSignal=SIGTERM",
                  "TimeoutStopSec=%d" % int(config.shutdown_grace + 5)]
         lines += ["Environment=%s" % _quote_systemd("%s=%s" % kv) for kv in sorted(plain_env.items())]

@@ -6673,10 +6673,12 @@ class TestDaemon(unittest.TestCase):
         status = self.cli("status", env={"GHCP_PROXY_API_KEY": "s3cret-key"})
         self.assertEqual(status.returncode, 0)
         self.assertIn("running:  pid %d, %s" % (pid, url), status.stdout)
-        self.assertTrue(wait_for(lambda: "auth:     ready" in self.cli("status").stdout), status.stdout)
+        keyed = {"GHCP_PROXY_API_KEY": "s3cret-key"}  # /healthz gives details only with the key
+        self.assertTrue(wait_for(lambda: "auth:     ready" in self.cli("status", env=keyed).stdout), status.stdout)
+        self.assertIn("set GHCP_PROXY_API_KEY to the server's key", self.cli("status").stdout)
         self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body(),
                                       headers={"Authorization": "Bearer s3cret-key"})[0], 200)
-        self.assertIn("upstream: the last request to Copilot succeeded", self.cli("status").stdout)
+        self.assertIn("upstream: the last request to Copilot succeeded", self.cli("status", env=keyed).stdout)
         second = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
         self.assertEqual(second.returncode, 1)
         self.assertIn("already running (pid %d" % pid, second.stderr)
@@ -6794,6 +6796,20 @@ class TestService(unittest.TestCase):
                 "HTTPS_PROXY=http://bob:pr0xy-pass@proxy.corp:3128", "HTTP_PROXY=bob:pr0xy-pass@proxy.corp:3128"])
         self.assertEqual(stat.S_IMODE(os.stat(self.state).st_mode), 0o700)
         self.assertIn("ReadWritePaths=%s" % self.state, unit)
+
+    def test_credentialled_urls_are_secrets_and_nothing_in_the_unit_is_expanded_by_systemd(self):
+        state = os.path.join(self.tmp, "st$HOME%h")
+        code, unit, err = self.run_main(["service", "systemd", "--state-dir", state,
+                                         "--github-api-url", "http://u:s3cret@127.0.0.1:9"], {"HOME": self.tmp})
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("s3cret", unit)
+        with open(os.path.join(state, "service.env")) as f:
+            self.assertIn("COPROXY_GITHUB_API_URL=http://u:s3cret@127.0.0.1:9", f.read().splitlines())
+        execstart = [line for line in unit.splitlines() if line.startswith("ExecStart=")][0]
+        self.assertIn("--state-dir %s" % state.replace("$", "$$").replace("%", "%%"), execstart)
+        self.assertIn("ReadWritePaths=%s" % state.replace("%", "%%"), unit)
+        settings = "\n".join(line for line in unit.splitlines() if not line.startswith("#"))
+        self.assertNotIn("$HOME%h", settings)  # every $ and % doubled: systemd would expand them
 
     def test_private_tmp_is_left_off_when_the_service_needs_a_path_under_tmp(self):
         in_tmp = tempfile.mkdtemp(dir="/tmp")
