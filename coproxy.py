@@ -8880,6 +8880,17 @@ class Guard:
             ("Access-Control-Max-Age", "600")]
         return True  # preflights carry no credentials, by the CORS rules: the real request needs the key
 
+    def admits(self, request, response):
+        """True when ``request`` passes all three checks (for a route that is open to all, such
+        as /healthz, but tells more to those the API would serve)."""
+        try:
+            self.check_host(request)
+            self.check_origin(request, response)
+            self.check_api_key(request)
+        except ClientError:
+            return False
+        return True
+
     def check_api_key(self, request):
         """Constant-time check of Authorization: Bearer K or x-api-key: K (when a key is set)."""
         key = self.config.api_key
@@ -9895,14 +9906,9 @@ class App:
 
     async def handle_health(self, request, response, _):
         """Liveness for anyone (a container's health check sends no key); the login state and the
-        last errors only to callers the API itself would serve (its Host, Origin and key checks)."""
-        try:
-            self.guard.check_host(request)
-            self.guard.check_origin(request, response)
-            self.guard.check_api_key(request)
-        except ClientError:
-            return await self.send_json(response, {"status": "ok"}, [("Cache-Control", "no-store")])
-        await self.send_json(response, self.health(), [("Cache-Control", "no-store")])
+        last errors only to callers the API itself would serve."""
+        body = self.health() if self.guard.admits(request, response) else {"status": "ok"}
+        await self.send_json(response, body, [("Cache-Control", "no-store")])
 
     async def handle_metrics(self, request, response, _):
         gauges = [("coproxy_active_streams", "Streams being relayed now.", "gauge", self.metrics.active_streams),
