@@ -1628,14 +1628,15 @@ class History:
             write_file_atomic(self.path(day, ".sum.json"), json.dumps(summary, separators=(",", ":")), self.posix)
         return summary
 
-    def load(self, ledger, now, days=HISTORY_CHART_DAYS):
+    def load(self, ledger, now, days=HISTORY_CHART_DAYS, prune=True):
         """Fill ``ledger`` with the last ``days`` days: today's records, past days' summaries,
         and the records of the last 24 hours (hours, latency, the last requests). Returns how
-        many records were read."""
+        many records were read. Only ``serve`` prunes: it knows --history-days."""
         secure_dir(self.state_dir, self.posix)
         if os.path.isdir(self.dir):
             secure_dir(self.dir, self.posix)
-        self.prune(now)
+        if prune:
+            self.prune(now)
         today, oldest = local_day(now), local_day(now - (days - 1) * 86400)
         horizon = now - HISTORY_HOURS * 3600
         read = 0
@@ -10189,10 +10190,12 @@ def build_parser(command=None):
         service.add_argument("kind", nargs="?", choices=("systemd", "launchd"), help="systemd or launchd")
         _add_options(service, "serve", only=[o.dest for o in OPTIONS if o.scope == "serve" and o.dest != "detach"])
     usage = sub("usage", description="Plan, AI credits (token-billed plans) or premium requests (request-billed "
-                                     "plans), chat quota, reset date, and the session and weekly windows a running "
-                                     "coproxy has seen.")
+                                     "plans), chat quota, reset date, the session and weekly windows a running "
+                                     "coproxy has seen, and from the history: the last 7 days as a chart, the top "
+                                     "models and sessions.")
     if usage:
-        usage.add_argument("--json", action="store_true", help="print JSON (GET /usage's copilot part)")
+        usage.add_argument("--json", action="store_true", help="print JSON (GET /usage's copilot part, and "
+                                                               "the last 7 days of history)")
     claude = sub("claude-code", description=(
         "Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
         "your live Copilot catalog, asked of the running coproxy first, then of GitHub (exit 1\n"
@@ -10828,6 +10831,53 @@ def _describe_window(window):
     return "%.1f%% left%s" % (window.get("percent_remaining") or 0, ", resets %s" % resets if resets else "")
 
 
+def text_bars(rows, width=32, encoding=None):
+    """[(label, value, note)] as lines of a bar chart, bars scaled to the largest value; eighths
+    of a block where the terminal (``encoding``: stdout's) can show them, # where it cannot."""
+    try:
+        "\u2588\u258f".encode(encoding or getattr(sys.stdout, "encoding", None) or "ascii")
+        full, parts = "\u2588", " \u258f\u258e\u258d\u258c\u258b\u258a\u2589"
+    except (UnicodeEncodeError, LookupError):
+        full, parts = "#", " "
+    top = max([value for _, value, _ in rows] + [0]) or 1
+    lines = []
+    for label, value, note in rows:
+        eighths = int(round(value / top * width * 8))
+        bar = full * (eighths // 8) + (parts[eighths % 8] if eighths % 8 and len(parts) > 1 else "")
+        lines.append("  %s  %s  %s" % (label, bar.ljust(width + 1), note))
+    return lines
+
+
+def history_lines(ledger, now, billing, days=7):
+    """``usage``'s history part: the cost per day of the last ``days`` days as a text chart, then
+    the top models and agent sessions of those days."""
+    metric, unit = ("credits", "AI credits") if billing == "tokens" else ("premium", "premium requests")
+    by_day = ledger.by_day(now, days)
+    rows = []
+    for day in by_day:
+        spent = sum(t[metric] for t in day["models"].values())
+        requests = sum(t["requests"] for t in day["models"].values())
+        label = time.strftime("%m-%d %a", time.strptime(day["day"], "%Y-%m-%d"))
+        rows.append((label, spent, "%8.2f  (%d requests)" % (spent, requests)))
+    lines = ["last %d days, %s per day:" % (days, unit)] + text_bars(rows)
+    since = now - days * 86400
+    models = sorted(ledger.by_model(now, since).items(), key=lambda item: (-item[1][metric], item[0]))
+    if models:
+        lines.append("top models:")
+        lines += ["  %-28s %9.2f  %6d requests, %s tokens" % (model, t[metric], t["requests"],
+                                                              "{:,}".format(t["input"] + t["output"]))
+                  for model, t in models[:5]]
+    sessions = sorted(ledger.by_session(since, limit=HISTORY_MAX_SESSIONS), key=lambda s: -s[metric])
+    if sessions:
+        lines.append("top sessions:")
+        lines += ["  %-14s %9.2f  %6d requests, %s to %s  %s" % (
+            session["id"][:14], session[metric], session["requests"],
+            time.strftime("%m-%d %H:%M", time.localtime(session["first"])),
+            time.strftime("%m-%d %H:%M", time.localtime(session["last"])), (session.get("client") or "")[:40])
+            for session in sessions[:5]]
+    return lines
+
+
 def cmd_usage(config, args):
     with _session(config) as (store, client, auth):
         summary = summarize_quota(auth.github_json("/copilot_internal/user"))
@@ -10837,8 +10887,12 @@ def cmd_usage(config, args):
                 summary["login"] = login if isinstance(login, str) else None
     served = ask_running_server(config, "/usage") or {}
     windows = served.get("windows") if isinstance(served.get("windows"), dict) else {}
+    history, ledger, now = History(config.state_dir), Ledger(), time.time()
+    history.load(ledger, now, days=7, prune=False)
     if args.json:
-        print(json.dumps(dict(summary, windows=windows), indent=2))
+        week = {"days": ledger.by_day(now, 7), "models": ledger.by_model(now, now - 7 * 86400),
+                "sessions": ledger.by_session(now - 7 * 86400)}
+        print(json.dumps(dict(summary, windows=windows, history=week), indent=2))
         return 0
     print("account:           %s" % (summary["login"] or "?"))
     print("plan:              %s (sku %s), billed by %s" % (summary["plan"] or "?", summary["sku"] or "?",
@@ -10857,6 +10911,10 @@ def cmd_usage(config, args):
     if since:
         print("this coproxy:      %d requests, %g AI credits, %g premium requests since it started" % (
             since.get("requests", 0), since.get("credits", 0), since.get("premium_requests", 0)))
+    if history.days():
+        print("\n".join(history_lines(ledger, now, summary["billing"])))
+    else:
+        print("history:           none yet in %s (serve keeps one unless --no-history)" % history.dir)
     return 0
 
 

@@ -6554,6 +6554,34 @@ class TestCLI(unittest.TestCase):
         self.assertIn("AI credits:        122.5 used of 1500 credits, 1377.5 left (91.8% left), resets 2026-12-01", out)
         self.assertIn("completions:       unlimited", out)
 
+    def test_usage_charts_the_last_7_days_and_names_top_models_and_sessions(self):
+        self.fake.user = TOKEN_BILLED_USER
+        code, out, _ = self.run_main("usage")
+        self.assertIn("history:           none yet in %s" % os.path.join(self.tmp, "history"), out)
+        now = time.time()
+        day = lambda back, model, credits, session: {"t": now - back * 86400, "route": "/messages", "status": 200,
+                                                    "model": model, "credits": credits, "input": 100, "output": 20,
+                                                    "session": session, "client": "claude-cli/2.1.126"}
+        coproxy.History(self.tmp).write([day(0, "claude-sonnet-4.5", 4.0, "sess-today"),
+                                         day(2, "gpt-4.1", 1.0, "sess-old"), day(2, "gpt-4.1", 1.0, "sess-old"),
+                                         day(10, "claude-opus-4.6", 50.0, "sess-gone")])
+        code, out, _ = self.run_main("usage")  # into a StringIO, which has no encoding: # for blocks
+        lines = out.splitlines()
+        start = lines.index("last 7 days, AI credits per day:")
+        bars = lines[start + 1:start + 8]
+        self.assertEqual(len(bars), 7)
+        self.assertEqual(bars[-1].split()[2:], ["#" * 32, "4.00", "(1", "requests)"])  # the largest: a full bar
+        self.assertEqual(bars[-3].split()[2:], ["#" * 16, "2.00", "(2", "requests)"])
+        self.assertEqual(bars[0].split()[2:], ["0.00", "(0", "requests)"])
+        top = lines[lines.index("top models:") + 1:lines.index("top sessions:")]
+        self.assertEqual([line.split()[0] for line in top], ["claude-sonnet-4.5", "gpt-4.1"])  # not the 10-day-old
+        self.assertIn("sess-today", lines[lines.index("top sessions:") + 1])
+        code, out, _ = self.run_main("usage", "--json")
+        week = json.loads(out)["history"]
+        self.assertEqual((len(week["days"]), sorted(week["models"])), (7, ["claude-sonnet-4.5", "gpt-4.1"]))
+        self.assertEqual([line.split()[1] for line in coproxy.text_bars([("a", 1.0, ""), ("b", 0.3, "")], 4, "utf-8")],
+                         ["\u2588" * 4, "\u2588\u258e"])  # 1.2 blocks of 4: one and a quarter (in eighths)
+
     def test_models_table_and_json(self):
         code, out, _ = self.run_main("models")
         self.assertEqual(code, 0)
