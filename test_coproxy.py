@@ -359,11 +359,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return
         payload = json.loads(body) if body[:1] in (b"{", b"[") else body
         if path in ("/chat/completions", "/v1/messages", "/responses") and isinstance(payload, dict):
-            entry = next((m for m in CATALOG if m["id"] == payload.get("model")), None)
-            if entry is not None and path not in (entry.get("supported_endpoints") or ["/chat/completions"]):
-                # as Copilot: a model only on the endpoints its catalogue entry lists
-                self.send_json(400, {"error": {"message": 'model "%s" is not accessible via the %s endpoint' % (
-                    entry["id"], path), "code": "unsupported_api_for_model"}})
+            # as Copilot: a model only on the endpoints its catalogue entry lists
+            entry = next((m for m in CATALOG if m["id"] == payload.get("model")), {})
+            if entry and path not in (entry.get("supported_endpoints") or ["/chat/completions"]):
+                message = 'model "%s" is not accessible via the %s endpoint' % (entry["id"], path)
+                self.send_json(400, {"error": {"message": message, "code": "unsupported_api_for_model"}})
                 return
         route(self, payload)
 
@@ -2962,14 +2962,16 @@ class TestTranslateResponses(unittest.TestCase):
         self.assertEqual(answer["output"], [payload["input"][0], {"type": "compaction", "encrypted_content": "E"}])
         unchanged = coproxy.compaction_answer({"output": []}, payload, 9)
         self.assertEqual(unchanged["output"], payload["input"])
-        self.assertEqual(unchanged["usage"]["input_tokens_details"], {"cached_tokens": 0, "cache_write_tokens": 0})
+        self.assertEqual(unchanged["usage"]["input_tokens_details"],
+                         {"cached_tokens": 0, "cache_write_tokens": 0})
         # nothing to compact: the client's items come back as valid items, never a string content
-        short = coproxy.compaction_answer({"output": []}, {"input": [{"role": "user", "content": "hi"}, {
-            "type": "message", "role": "assistant", "content": "hello"}]}, 9)
-        self.assertEqual(short["output"], [
-            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
-            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hello",
-                                                                  "annotations": []}]}])
+        short = coproxy.compaction_answer({"output": []}, {"input": [
+            {"role": "user", "content": "hi"},
+            {"type": "message", "role": "assistant", "content": "hello"}]}, 9)
+        self.assertEqual([item["content"] for item in short["output"]], [
+            [{"type": "input_text", "text": "hi"}],
+            [{"type": "output_text", "text": "hello", "annotations": []}]])
+        self.assertEqual([item["type"] for item in short["output"]], ["message", "message"])
 
     def test_embeddings_shapes(self):
         request, encoding = coproxy.prepare_embeddings_request({"model": "e", "input": "one", "dimensions": 2,
@@ -3043,7 +3045,7 @@ class TestStreamEnds(unittest.TestCase):
                 out = b"".join(translation.feed(piece) for piece in body) + translation.fail("the connection was cut")
                 self.assertNotIn(normal, out)
                 self.assertEqual(self.error_of(dialect, out)[0], "the connection was cut")
-                if dialect is coproxy.RESPONSES:  # the error event is numbered after the events before it
+                if dialect is coproxy.RESPONSES:  # the error event is numbered after the others
                     self.assertEqual(sse_events(out)[-1][1]["sequence_number"], len(body))
                 self.assertEqual((translation.end(), translation.fail("again")), (b"", b""))  # one ending only
 
@@ -3077,10 +3079,12 @@ class TestModelQuirks(unittest.TestCase):
         plan = coproxy.plan_messages(anthropic, "claude", dict(info, supported_endpoints=["/v1/messages"]), {}, 1)
         self.assertEqual((plan.payload["output_config"], plan.adjusted), ({"effort": "high"}, ["output_config.effort=max->high"]))
         native = dict(info, supported_endpoints=["/responses"])
-        plan = coproxy.plan_responses({"model": "g", "reasoning": {"effort": "minimal"}, "input": "x"}, "g", native, {}, 1)
+        request = {"model": "g", "reasoning": {"effort": "minimal"}, "input": "x"}
+        plan = coproxy.plan_responses(dict(request), "g", native, {}, 1)
         self.assertEqual(plan.payload["reasoning"]["effort"], "low")
-        plan = coproxy.plan_responses({"model": "g", "reasoning": {"effort": "minimal"}, "input": "x"}, "g", info, {}, 1)
-        self.assertEqual((plan.path, plan.payload["reasoning_effort"]), ("/chat/completions", "low"))
+        plan = coproxy.plan_responses(dict(request), "g", info, {}, 1)
+        self.assertEqual((plan.path, plan.payload["reasoning_effort"]),
+                         ("/chat/completions", "low"))
 
     def test_a_refusal_that_says_how_to_fix_revises_the_plan_once(self):
         plan = coproxy.plan_chat({"model": "m", "reasoning_effort": "high", "max_tokens": 3, "messages": [
@@ -4892,9 +4896,10 @@ class TestCodex(ProxyTestCase):
     def test_a_websocket_attempt_gets_426_at_once(self):
         client = self.raw()
         started = time.monotonic()
-        client.send(b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                    b"OpenAI-Beta: responses_websockets=2026-02-04\r\n\r\n")
+        client.send(b"GET /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"OpenAI-Beta: responses_websockets=2026-02-06\r\n\r\n")  # as Codex 0.171 sends it
         status, _, body = client.response()
         self.assertLess(time.monotonic() - started, 0.5)
         error = json.loads(body)["error"]
@@ -4904,7 +4909,8 @@ class TestCodex(ProxyTestCase):
         self.assertEqual(self.request("GET", "/v1/responses")[0], 405)
         self.assertEqual(self.fake.requests_to("/responses"), [])
         proxy = self.start_proxy(api_key="k")  # the key is checked first, as on every route
-        status, _, _ = self.request("GET", "/v1/responses", headers={"Upgrade": "websocket"}, port=proxy.port)
+        status, _, _ = self.request("GET", "/v1/responses", headers={"Upgrade": "websocket"},
+                                    port=proxy.port)
         self.assertEqual(status, 401)
 
     def test_a_responses_stream_without_completed_is_an_error(self):
@@ -4915,36 +4921,45 @@ class TestCodex(ProxyTestCase):
             self.assertEqual((status, events[-1][0], events[-1][1]["type"]), (200, "error", "error"))
             self.assertNotIn("response.completed", [e[1].get("type") for e in events])
 
+def anthropic_block(index, block, *deltas):
+    """The events of one Anthropic content block: its start, each delta, its stop."""
+    def event(kind, **fields):
+        return anthropic_event(kind, dict(fields, type=kind, index=index))
+    return ([event("content_block_start", content_block=block)]
+            + [event("content_block_delta", delta=delta) for delta in deltas]
+            + [event("content_block_stop")])
+
+
 def claude_thinking_stream(*tail, text="Done.", tool=None):
     """An Anthropic stream as Copilot's /v1/messages sends it: thinking with its signature, text,
-    optionally a tool_use block, then the end (``tail`` replaces the end, e.g. with "cut")."""
+    optionally a tool_use block (name, input JSON), then the end (``tail`` replaces it: "cut")."""
+    usage = {"input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 1}
     events = [anthropic_event("message_start", {"type": "message_start", "message": {
-                  "id": "msg_up", "type": "message", "role": "assistant", "content": [], "model": "claude-sonnet-4.5",
-                  "usage": {"input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 1}}}),
-              anthropic_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
-                  "type": "thinking", "thinking": "", "signature": ""}}),
-              anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
-                  "type": "thinking_delta", "thinking": "Need the file."}}),
-              anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
-                  "type": "signature_delta", "signature": "SIG-1"}}),
-              anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-              anthropic_event("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
-                  "type": "text", "text": ""}}),
-              anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
-                  "type": "text_delta", "text": text}}),
-              anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 1})]
+        "id": "msg_up", "type": "message", "role": "assistant", "content": [],
+        "model": "claude-sonnet-4.5", "usage": usage}})]
+    events += anthropic_block(0, {"type": "thinking", "thinking": "", "signature": ""},
+                              {"type": "thinking_delta", "thinking": "Need the file."},
+                              {"type": "signature_delta", "signature": "SIG-1"})
+    events += anthropic_block(1, {"type": "text", "text": ""}, {"type": "text_delta", "text": text})
     if tool:
-        events += [anthropic_event("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {
-                       "type": "tool_use", "id": "toolu_1", "name": tool[0], "input": {}}}),
-                   anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {
-                       "type": "input_json_delta", "partial_json": tool[1][:5]}}),
-                   anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {
-                       "type": "input_json_delta", "partial_json": tool[1][5:]}}),
-                   anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 2})]
-    end = [anthropic_event("message_delta", {"type": "message_delta", "delta": {
-               "stop_reason": "tool_use" if tool else "end_turn"}, "usage": {"output_tokens": 30}}),
+        use = {"type": "tool_use", "id": "toolu_1", "name": tool[0], "input": {}}
+        events += anthropic_block(2, use,
+                                  {"type": "input_json_delta", "partial_json": tool[1][:5]},
+                                  {"type": "input_json_delta", "partial_json": tool[1][5:]})
+    stop = {"stop_reason": "tool_use" if tool else "end_turn"}
+    end = [anthropic_event("message_delta", {"type": "message_delta", "delta": stop,
+                                             "usage": {"output_tokens": 30}}),
            anthropic_event("message_stop", {"type": "message_stop"})]
     return events + (list(tail) or end)
+
+
+def tool_call_chunk(index, call_id=None, name=None, arguments=""):
+    """A chat chunk with one tool call piece (the first piece of a call names it)."""
+    call = {"index": index, "function": {"arguments": arguments}}
+    if call_id:
+        call.update(id=call_id, type="function")
+        call["function"]["name"] = name
+    return chunk(None, tool_calls=[call])
 
 
 class TestResponsesForEveryModel(ProxyTestCase):
@@ -4959,6 +4974,10 @@ class TestResponsesForEveryModel(ProxyTestCase):
     def sent(self, path):
         return json.loads(self.fake.requests_to(path)[-1][3])
 
+    def respond(self, body):
+        status, _, answer = self.request("POST", "/v1/responses", body)
+        return status, json.loads(answer)
+
     def stream_events(self, body):
         status, _, raw = self.request("POST", "/v1/responses", dict(body, stream=True))
         self.assertEqual(status, 200, raw)
@@ -4968,11 +4987,14 @@ class TestResponsesForEveryModel(ProxyTestCase):
             self.assertEqual(name, data["type"])
         return events
 
+    def logged(self, *parts):
+        return wait_for(lambda: any(all(p in line for p in parts) for line in LOGS.lines))
+
     def test_non_stream_through_chat_with_get_and_delete(self):
-        status, _, body = self.request("POST", "/v1/responses", {
-            "model": "gpt-4.1", "instructions": "be brief", "input": "hello", "max_output_tokens": 50,
-            "temperature": 0.2, "metadata": {"k": "v"}, "text": {"format": {"type": "json_object"}}})
-        answer = json.loads(body)
+        status, answer = self.respond({
+            "model": "gpt-4.1", "instructions": "be brief", "input": "hello", "temperature": 0.2,
+            "max_output_tokens": 50, "metadata": {"k": "v"},
+            "text": {"format": {"type": "json_object"}}})
         self.assertEqual(status, 200, answer)
         sent = self.sent("/chat/completions")
         self.assertEqual(sent["messages"], [{"role": "system", "content": "be brief"},
@@ -4983,221 +5005,234 @@ class TestResponsesForEveryModel(ProxyTestCase):
         self.assertEqual((answer["object"], answer["status"], answer["model"], answer["metadata"]),
                          ("response", "completed", "gpt-4.1", {"k": "v"}))
         message = answer["output"][0]
-        self.assertEqual((message["type"], message["role"], message["status"]), ("message", "assistant", "completed"))
-        self.assertEqual(message["content"], [{"type": "output_text", "text": "echo: hello", "annotations": []}])
-        self.assertEqual(answer["usage"], {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0,
-                                                                                      "cache_write_tokens": 0},
-                                           "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": 0},
-                                           "total_tokens": 5})
-        self.assertTrue(wait_for(lambda: any("upstream=/chat/completions" in l and "input_tokens=3" in l
-                                             for l in LOGS.lines)), LOGS.lines)
+        self.assertEqual((message["type"], message["role"], message["status"]),
+                         ("message", "assistant", "completed"))
+        self.assertEqual(message["content"], [{"type": "output_text", "text": "echo: hello",
+                                               "annotations": []}])
+        self.assertEqual(answer["usage"], {
+            "input_tokens": 3, "output_tokens": 2, "total_tokens": 5,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0}})
+        self.assertTrue(self.logged("upstream=/chat/completions", "input_tokens=3"), LOGS.lines)
         status, _, body = self.request("GET", "/v1/responses/" + answer["id"])
         self.assertEqual((status, json.loads(body)), (200, answer))
         status, _, body = self.request("DELETE", "/v1/responses/" + answer["id"])
-        self.assertEqual((status, json.loads(body)), (200, {"id": answer["id"], "object": "response.deleted",
-                                                            "deleted": True}))
-        self.assertEqual(self.request("GET", "/v1/responses/" + answer["id"])[0], 404)  # now asked of Copilot
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "again",
-                                                                 "previous_response_id": answer["id"]})
-        error = json.loads(body)["error"]
-        self.assertEqual((status, error["code"], error["param"]),
+        self.assertEqual((status, json.loads(body)),
+                         (200, {"id": answer["id"], "object": "response.deleted", "deleted": True}))
+        self.assertEqual(self.request("GET", "/v1/responses/" + answer["id"])[0], 404)  # Copilot's
+        status, error = self.respond({"model": "gpt-4.1", "input": "again",
+                                      "previous_response_id": answer["id"]})
+        self.assertEqual((status, error["error"]["code"], error["error"]["param"]),
                          (400, "previous_response_not_found", "previous_response_id"))
 
     def test_stream_with_function_and_custom_tools_and_a_follow_up(self):
-        self.fake.stream(chunk("Let me look."),
-                         chunk(None, tool_calls=[{"index": 0, "id": "call_sh", "type": "function",
-                                                  "function": {"name": "shell", "arguments": ""}}]),
-                         chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "{\"cmd\":"}}]),
-                         chunk(None, tool_calls=[{"index": 1, "id": "call_ap", "type": "function",
-                                                  "function": {"name": "apply_patch", "arguments": "{\"input\":"}}]),
-                         chunk(None, tool_calls=[{"index": 0, "function": {"arguments": "\"ls\"}"}}]),
-                         chunk(None, tool_calls=[{"index": 1, "function": {"arguments": "\"*** Begin\"}"}}]),
+        self.fake.stream(chunk("Let me look."), tool_call_chunk(0, "call_sh", "shell"),
+                         tool_call_chunk(0, arguments='{"cmd":'),
+                         tool_call_chunk(1, "call_ap", "apply_patch", '{"input":'),
+                         tool_call_chunk(0, arguments='"ls"}'),
+                         tool_call_chunk(1, arguments='"*** Begin"}'),
                          chunk(None, "tool_calls"), USAGE_CHUNK, DONE)
-        events = self.stream_events({"model": "gpt-4.1", "input": "fix it", "tools": [self.SHELL, self.APPLY_PATCH],
-                                     "tool_choice": "auto", "parallel_tool_calls": True})
+        events = self.stream_events({"model": "gpt-4.1", "input": "fix it", "tool_choice": "auto",
+                                     "tools": [self.SHELL, self.APPLY_PATCH],
+                                     "parallel_tool_calls": True})
         sent = self.sent("/chat/completions")
-        self.assertEqual([t["function"]["name"] for t in sent["tools"]], ["shell", "apply_patch"])
-        self.assertEqual(sent["tools"][1]["function"]["parameters"]["properties"]["input"]["type"], "string")
-        self.assertIn("start: /.+/", sent["tools"][1]["function"]["description"])
+        functions = [tool["function"] for tool in sent["tools"]]
+        self.assertEqual([f["name"] for f in functions], ["shell", "apply_patch"])
+        self.assertEqual(functions[1]["parameters"]["properties"]["input"]["type"], "string")
+        self.assertIn("start: /.+/", functions[1]["description"])
         self.assertEqual((sent["tool_choice"], sent["parallel_tool_calls"], sent["stream_options"]),
                          ("auto", True, {"include_usage": True}))
-        self.assertEqual([name for name, _ in events], [
-            "response.created", "response.in_progress",
-            "response.output_item.added", "response.content_part.added", "response.output_text.delta",
-            "response.output_text.done", "response.content_part.done", "response.output_item.done",
-            "response.output_item.added", "response.function_call_arguments.delta",
-            "response.output_item.added", "response.function_call_arguments.delta",
-            "response.function_call_arguments.done", "response.output_item.done",
-            "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done",
-            "response.output_item.done", "response.completed"])
+        self.assertEqual([name[9:] for name, _ in events], [  # the names without "response."
+            "created", "in_progress", "output_item.added", "content_part.added",
+            "output_text.delta",
+            "output_text.done", "content_part.done", "output_item.done",
+            "output_item.added", "function_call_arguments.delta",
+            "output_item.added", "function_call_arguments.delta",
+            "function_call_arguments.done", "output_item.done",
+            "custom_tool_call_input.delta", "custom_tool_call_input.done", "output_item.done",
+            "completed"])
         final = events[-1][1]["response"]
-        self.assertEqual(final["status"], "completed")
+        self.assertEqual((final["status"], final["usage"]["total_tokens"]), ("completed", 7))
         call, custom = final["output"][1], final["output"][2]
-        self.assertEqual((call["type"], call["call_id"], call["name"], call["arguments"], call["status"]),
-                         ("function_call", "call_sh", "shell", '{"cmd":"ls"}', "completed"))
+        self.assertEqual((call["type"], call["call_id"], call["name"], call["arguments"]),
+                         ("function_call", "call_sh", "shell", '{"cmd":"ls"}'))
         self.assertEqual((custom["type"], custom["call_id"], custom["name"], custom["input"]),
                          ("custom_tool_call", "call_ap", "apply_patch", "*** Begin"))
-        self.assertEqual(final["usage"]["total_tokens"], 7)
         self.assertEqual(events[0][1]["response"]["output"], [])
         # the next turn: only the tool outputs, the rest comes from the stored response
         self.fake.chat_script = None
-        status, _, body = self.request("POST", "/v1/responses", {
-            "model": "gpt-4.1", "previous_response_id": final["id"], "tools": [self.SHELL, self.APPLY_PATCH],
+        image = {"type": "input_image", "image_url": "data:image/png;base64,AA"}
+        status, _ = self.respond({
+            "model": "gpt-4.1", "previous_response_id": final["id"],
+            "tools": [self.SHELL, self.APPLY_PATCH],
             "input": [{"type": "function_call_output", "call_id": "call_sh", "output": "a.txt"},
-                      {"type": "custom_tool_call_output", "call_id": "call_ap", "output": [
-                          {"type": "input_text", "text": "patched"},
-                          {"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]})
-        self.assertEqual(status, 200, body)
+                      {"type": "custom_tool_call_output", "call_id": "call_ap",
+                       "output": [{"type": "input_text", "text": "patched"}, image]}]})
+        self.assertEqual(status, 200)
         messages = self.sent("/chat/completions")["messages"]
-        self.assertEqual(messages[:2], [{"role": "user", "content": "fix it"}, {
-            "role": "assistant", "content": "Let me look.", "tool_calls": [
-                {"id": "call_sh", "type": "function", "function": {"name": "shell", "arguments": '{"cmd":"ls"}'}},
-                {"id": "call_ap", "type": "function", "function": {"name": "apply_patch",
-                                                                    "arguments": '{"input": "*** Begin"}'}}]}])
+        self.assertEqual(messages[0], {"role": "user", "content": "fix it"})
+        self.assertEqual(messages[1]["content"], "Let me look.")
+        self.assertEqual([(c["id"], c["function"]) for c in messages[1]["tool_calls"]], [
+            ("call_sh", {"name": "shell", "arguments": '{"cmd":"ls"}'}),
+            ("call_ap", {"name": "apply_patch", "arguments": '{"input": "*** Begin"}'})])
         self.assertEqual(messages[2:], [
             {"role": "tool", "tool_call_id": "call_sh", "content": "a.txt"},
             {"role": "tool", "tool_call_id": "call_ap", "content": "patched"},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}])
+            {"role": "user", "content": [{"type": "image_url",
+                                          "image_url": {"url": image["image_url"]}}]}])
         headers = self.fake.requests_to("/chat/completions")[-1][2]
-        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]), ("agent", "true"))
+        self.assertEqual((headers["x-initiator"], headers["copilot-vision-request"]),
+                         ("agent", "true"))
 
     def test_namespaced_tools_as_codex_sends_them(self):
-        agents = {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [
-            {"type": "function", "name": "spawn_agent", "description": "Start one.", "strict": False,
-             "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}}]}
+        spawn = {"type": "function", "name": "spawn_agent", "description": "Start one.",
+                 "strict": False, "parameters": {"type": "object", "properties": {}}}
+        agents = {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.",
+                  "tools": [spawn]}
+        flat = "multi_agent_v1__spawn_agent"
         self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(200, {
             "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                "role": "assistant", "content": None, "tool_calls": [{"id": "call_a", "type": "function", "function": {
-                    "name": "multi_agent_v1__spawn_agent", "arguments": '{"task": "t"}'}}]}}]})
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "go",
-                                                                 "tools": [self.SHELL, agents]})
-        call = json.loads(body)["output"][0]
-        self.assertEqual((status, call["name"], call["namespace"]), (200, "spawn_agent", "multi_agent_v1"))
+                "role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_a", "type": "function",
+                    "function": {"name": flat, "arguments": '{"task": "t"}'}}]}}]})
+        status, answer = self.respond({"model": "gpt-4.1", "input": "go",
+                                       "tools": [self.SHELL, agents]})
+        call = answer["output"][0]
+        self.assertEqual((status, call["name"], call["namespace"]),
+                         (200, "spawn_agent", "multi_agent_v1"))
         sent = self.sent("/chat/completions")["tools"][1]["function"]
-        self.assertEqual((sent["name"], sent["description"]), ("multi_agent_v1__spawn_agent",
-                                                               "Sub-agents.\n\nStart one."))
-        self.request("POST", "/v1/responses", {"model": "gpt-4.1", "tools": [agents], "input": [
+        self.assertEqual((sent["name"], sent["description"]), (flat, "Sub-agents.\n\nStart one."))
+        self.respond({"model": "gpt-4.1", "tools": [agents], "input": [
             call, {"type": "function_call_output", "call_id": "call_a", "output": "started"}]})
-        self.assertEqual(self.sent("/chat/completions")["messages"][0]["tool_calls"][0]["function"]["name"],
-                         "multi_agent_v1__spawn_agent")
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x", "tools": [
+        sent_call = self.sent("/chat/completions")["messages"][0]["tool_calls"][0]
+        self.assertEqual(sent_call["function"]["name"], flat)
+        status, answer = self.respond({"model": "gpt-4.1", "input": "x", "tools": [
             {"type": "namespace", "name": "n", "tools": [{"type": "web_search"}]}]})
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "hosted_tool_not_supported"))
+        self.assertEqual((status, answer["error"]["code"]), (400, "hosted_tool_not_supported"))
 
     def test_claude_goes_to_messages_and_its_thinking_comes_back(self):
         self.fake.stream(*claude_thinking_stream(tool=("shell", '{"cmd": "cat a.ts"}')))
-        events = self.stream_events({"model": "claude-sonnet-4.5", "instructions": "You are Codex.", "input": "read a.ts",
-                                     "tools": [self.SHELL], "reasoning": {"effort": "high", "summary": "auto"},
-                                     "store": False, "include": ["reasoning.encrypted_content"]})
+        events = self.stream_events({
+            "model": "claude-sonnet-4.5", "instructions": "You are Codex.", "input": "read a.ts",
+            "tools": [self.SHELL], "reasoning": {"effort": "high", "summary": "auto"},
+            "store": False, "include": ["reasoning.encrypted_content"]})
         method, path, headers, raw = self.fake.requests_to("/v1/messages")[-1]
         sent = json.loads(raw)
-        self.assertEqual(sent["system"], [{"type": "text", "text": "You are Codex.", "cache_control": {"type": "ephemeral"}}])
+        cached = {"cache_control": {"type": "ephemeral"}}
+        self.assertEqual(sent["system"], [dict(cached, type="text", text="You are Codex.")])
         self.assertEqual(sent["messages"], [{"role": "user", "content": [
-            {"type": "text", "text": "read a.ts", "cache_control": {"type": "ephemeral"}}]}])
+            dict(cached, type="text", text="read a.ts")]}])
         self.assertEqual((sent["thinking"], sent["tools"][0]["name"], sent["tool_choice"]),
                          ({"type": "enabled", "budget_tokens": 16384}, "shell", {"type": "auto"}))
         self.assertGreater(sent["max_tokens"], 16384)
         self.assertEqual((headers["anthropic-version"], headers["anthropic-beta"]),
                          ("2023-06-01", "interleaved-thinking-2025-05-14"))
-        names = [name for name, _ in events]
-        self.assertEqual(names[2:8], ["response.output_item.added", "response.reasoning_summary_part.added",
-                                      "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
-                                      "response.reasoning_summary_part.done", "response.output_item.done"])
+        self.assertEqual([name[9:] for name, _ in events[2:8]], [
+            "output_item.added", "reasoning_summary_part.added", "reasoning_summary_text.delta",
+            "reasoning_summary_text.done", "reasoning_summary_part.done", "output_item.done"])
         final = events[-1][1]["response"]
         reasoning, message, call = final["output"]
         self.assertEqual(reasoning["summary"], [{"type": "summary_text", "text": "Need the file."}])
-        self.assertEqual(coproxy.unpack_thinking(reasoning["encrypted_content"]), ("Need the file.", "SIG-1"))
-        self.assertEqual((message["content"][0]["text"], call["arguments"]), ("Done.", '{"cmd": "cat a.ts"}'))
-        self.assertEqual((final["usage"]["input_tokens"], final["usage"]["input_tokens_details"]["cached_tokens"],
-                          final["usage"]["output_tokens"]), (120, 100, 30))
-        self.assertTrue(wait_for(lambda: any("upstream=/v1/messages" in l and "cached_tokens=100" in l
-                                             for l in LOGS.lines)), LOGS.lines)
+        self.assertEqual(coproxy.unpack_thinking(reasoning["encrypted_content"]),
+                         ("Need the file.", "SIG-1"))
+        self.assertEqual((message["content"][0]["text"], call["arguments"]),
+                         ("Done.", '{"cmd": "cat a.ts"}'))
+        usage = final["usage"]
+        self.assertEqual((usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"],
+                          usage["output_tokens"]), (120, 100, 30))
+        self.assertTrue(self.logged("upstream=/v1/messages", "cached_tokens=100"), LOGS.lines)
         # store: false, so the client sends the whole history back, thinking included
         self.assertEqual(self.request("GET", "/v1/responses/" + final["id"])[0], 404)
         self.fake.chat_script = None
         history = [{"role": "user", "content": "read a.ts"}] + final["output"] + [
             {"type": "function_call_output", "call_id": call["call_id"], "output": "export {}"}]
-        status, _, body = self.request("POST", "/v1/responses", {"model": "claude-sonnet-4.5", "input": history,
-                                                                 "tools": [self.SHELL], "reasoning": {"effort": "high"}})
-        self.assertEqual(status, 200, body)
+        status, answer = self.respond({"model": "claude-sonnet-4.5", "input": history,
+                                       "tools": [self.SHELL], "reasoning": {"effort": "high"}})
+        self.assertEqual(status, 200, answer)
         messages = self.sent("/v1/messages")["messages"]
         self.assertEqual(messages[1], {"role": "assistant", "content": [
-            {"type": "thinking", "thinking": "Need the file.", "signature": "SIG-1"}, {"type": "text", "text": "Done."},
+            {"type": "thinking", "thinking": "Need the file.", "signature": "SIG-1"},
+            {"type": "text", "text": "Done."},
             {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {"cmd": "cat a.ts"}}]})
-        self.assertEqual(messages[2], {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "export {}",
-             "cache_control": {"type": "ephemeral"}}]})
-        answer = json.loads(body)
+        self.assertEqual(messages[2], {"role": "user", "content": [dict(
+            cached, type="tool_result", tool_use_id="toolu_1", content="export {}")]})
         self.assertEqual(answer["output"][0]["content"][0]["text"], "native: 3 messages")
         self.assertEqual(answer["usage"]["input_tokens"], 9)
 
     def test_whole_claude_answers_with_thinking_and_incomplete_chat_answers(self):
         self.fake.routes[("POST", "/v1/messages")] = lambda h, b: h.send_json(200, {
             "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4.6",
-            "content": [{"type": "thinking", "thinking": "Hmm.", "signature": "S"}, {"type": "text", "text": "Hi"},
-                        {"type": "tool_use", "id": "toolu_9", "name": "apply_patch", "input": {"input": "*** P"}}],
+            "content": [{"type": "thinking", "thinking": "Hmm.", "signature": "S"},
+                        {"type": "text", "text": "Hi"},
+                        {"type": "tool_use", "id": "toolu_9", "name": "apply_patch",
+                         "input": {"input": "*** P"}}],
             "stop_reason": "tool_use", "usage": {"input_tokens": 4, "output_tokens": 6}})
-        status, _, body = self.request("POST", "/v1/responses", {"model": "claude-opus-4.6", "input": "hi",
-                                                                 "tools": [self.APPLY_PATCH]})
-        answer = json.loads(body)
-        self.assertEqual([i["type"] for i in answer["output"]], ["reasoning", "message", "custom_tool_call"])
-        self.assertEqual((answer["output"][0]["summary"], answer["output"][2]["input"]), ([], "*** P"))
-        self.assertEqual(coproxy.unpack_thinking(answer["output"][0]["encrypted_content"]), ("Hmm.", "S"))
+        status, answer = self.respond({"model": "claude-opus-4.6", "input": "hi",
+                                       "tools": [self.APPLY_PATCH]})
+        output = answer["output"]
+        self.assertEqual([i["type"] for i in output], ["reasoning", "message", "custom_tool_call"])
+        self.assertEqual((output[0]["summary"], output[2]["input"]), ([], "*** P"))
+        self.assertEqual(coproxy.unpack_thinking(output[0]["encrypted_content"]), ("Hmm.", "S"))
         self.assertNotIn("thinking", self.sent("/v1/messages"))  # no effort asked, no thinking
         self.fake.routes[("POST", "/chat/completions")] = lambda h, b: h.send_json(200, {
-            "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "cut sh"}}],
+            "choices": [{"index": 0, "finish_reason": "length",
+                         "message": {"role": "assistant", "content": "cut sh"}}],
             "usage": {"prompt_tokens": 2, "completion_tokens": 9}})
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-5-mini", "input": "x",
-                                                                 "max_output_tokens": 9})
-        answer = json.loads(body)
+        status, answer = self.respond({"model": "gpt-5-mini", "input": "x", "max_output_tokens": 9})
         self.assertEqual((status, answer["status"], answer["incomplete_details"]),
                          (200, "incomplete", {"reason": "max_output_tokens"}))
         self.fake.routes[("POST", "/chat/completions")] = self.fake.chat
         self.fake.stream(chunk("cut sh"), chunk(None, "length"), DONE)
         events = self.stream_events({"model": "gpt-4.1", "input": "x"})
-        self.assertEqual((events[-1][0], events[-1][1]["response"]["status"]), ("response.incomplete", "incomplete"))
+        self.assertEqual((events[-1][0], events[-1][1]["response"]["status"]),
+                         ("response.incomplete", "incomplete"))
 
     def test_refusals_before_any_upstream_call(self):
-        for tool in ("web_search", "file_search", "code_interpreter", "computer_use_preview", "mcp"):
-            status, _, body = self.request("POST", "/v1/responses", {"model": "claude-sonnet-4.5", "input": "x",
-                                                                     "tools": [self.SHELL, {"type": tool}]})
-            error = json.loads(body)["error"]
-            self.assertEqual((status, error["code"], error["param"]), (400, "hosted_tool_not_supported", "tools[1].type"))
+        for tool in ("web_search", "file_search", "code_interpreter", "computer_use_preview",
+                     "mcp"):
+            status, answer = self.respond({"model": "claude-sonnet-4.5", "input": "x",
+                                           "tools": [self.SHELL, {"type": tool}]})
+            error = answer["error"]
+            self.assertEqual((status, error["code"], error["param"]),
+                             (400, "hosted_tool_not_supported", "tools[1].type"))
             self.assertIn(tool, error["message"])
             self.assertIn("claude-sonnet-4.5", error["message"])
-            self.assertEqual('web_search = "disabled"' in error["message"], tool == "web_search")  # Codex's
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "x",
-                                                                 "previous_response_id": "resp_nope"})
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "previous_response_not_found"))
-        status, _, body = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": [{"role": "user", "content": [
+            codex_setting = 'web_search = "disabled"' in error["message"]
+            self.assertEqual(codex_setting, tool == "web_search")
+        status, answer = self.respond({"model": "gpt-4.1", "input": "x",
+                                       "previous_response_id": "resp_no"})
+        self.assertEqual((status, answer["error"]["code"]), (400, "previous_response_not_found"))
+        status, answer = self.respond({"model": "gpt-4.1", "input": [{"role": "user", "content": [
             {"type": "input_file", "file_id": "f"}]}]})
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "unsupported_content"))
-        self.assertEqual(self.fake.requests_to("/chat/completions") + self.fake.requests_to("/v1/messages"), [])
+        self.assertEqual((status, answer["error"]["code"]), (400, "unsupported_content"))
+        self.assertEqual(self.fake.requests_to("/chat/completions"), [])
+        self.assertEqual(self.fake.requests_to("/v1/messages"), [])
         # a native model still goes to Copilot's /responses, hosted tools and all
-        status, _, _ = self.request("POST", "/v1/responses", {"model": "gpt-5.1-codex", "input": "x",
-                                                              "tools": [{"type": "web_search"}]})
-        self.assertEqual((status, self.sent("/responses")["tools"]), (200, [{"type": "web_search"}]))
+        hosted = [{"type": "web_search"}]
+        status, _ = self.respond({"model": "gpt-5.1-codex", "input": "x", "tools": hosted})
+        self.assertEqual((status, self.sent("/responses")["tools"]), (200, hosted))
 
     def test_a_cut_stream_ends_with_a_numbered_error_event(self):
         for upstream, model in ((claude_thinking_stream("cut"), "claude-sonnet-4.5"),
-                                ([chunk("partial"), "cut"], "gpt-4.1"), ([chunk("partial")], "gpt-4.1")):
+                                ([chunk("partial"), "cut"], "gpt-4.1"),
+                                ([chunk("partial")], "gpt-4.1")):
             self.fake.stream(*upstream)
             events = self.stream_events({"model": model, "input": "x"})
-            self.assertEqual((events[-1][0], events[-1][1]["code"]),
-                             ("error", "upstream_cut" if "cut" in upstream else "incomplete_stream"))
+            code = "upstream_cut" if "cut" in upstream else "incomplete_stream"
+            self.assertEqual((events[-1][0], events[-1][1]["code"]), ("error", code))
             self.assertNotIn("response.completed", [name for name, _ in events])
-        self.assertEqual(self.app_store_size(), 0)  # a cut answer is not kept
-
-    def app_store_size(self):
-        return len(self.proxy.app.responses._entries)
+        self.assertEqual(self.proxy.app.responses.bytes, 0)  # a cut answer is not kept
 
     def test_compact_for_a_translated_model_summarises(self):
         self.fake.routes[("POST", "/v1/messages")] = lambda h, b: h.send_json(200, {
-            "type": "message", "role": "assistant", "content": [{"type": "text", "text": "We fixed a.ts."}],
+            "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": "We fixed a.ts."}],
             "stop_reason": "end_turn", "usage": {"input_tokens": 40, "output_tokens": 5}})
-        payload = {"model": "claude-sonnet-4.5", "instructions": "be Codex", "tools": [self.SHELL, {"type": "web_search"}],
+        payload = {"model": "claude-sonnet-4.5", "instructions": "be Codex",
+                   "tools": [self.SHELL, {"type": "web_search"}],
                    "input": [{"type": "message", "role": "user", "content": "fix a.ts"},
-                             {"type": "function_call", "call_id": "c", "name": "shell", "arguments": "{}"},
+                             {"type": "function_call", "call_id": "c", "name": "shell",
+                              "arguments": "{}"},
                              {"type": "function_call_output", "call_id": "c", "output": "done"}]}
         status, _, body = self.request("POST", "/v1/responses/compact", payload)
         answer = json.loads(body)
@@ -5210,9 +5245,11 @@ class TestResponsesForEveryModel(ProxyTestCase):
         method, path, headers, raw = self.fake.requests_to("/v1/messages")[-1]
         sent = json.loads(raw)
         self.assertIn("Summarise the conversation", sent["messages"][-1]["content"][-1]["text"])
-        self.assertEqual(([t["name"] for t in sent["tools"]], sent["tool_choice"]), (["shell"], {"type": "none"}))
-        self.assertEqual((headers["x-initiator"], headers["x-interaction-type"]), ("agent", "conversation-compaction"))
-        self.assertEqual(self.app_store_size(), 0)
+        self.assertEqual(([t["name"] for t in sent["tools"]], sent["tool_choice"]),
+                         (["shell"], {"type": "none"}))
+        self.assertEqual((headers["x-initiator"], headers["x-interaction-type"]),
+                         ("agent", "conversation-compaction"))
+        self.assertEqual(self.proxy.app.responses.bytes, 0)
 
 
 class TestCostAndLimits(ProxyTestCase):
@@ -6007,14 +6044,15 @@ FUZZ_SEEDS = {
     "/v1/messages/count_tokens": [{"model": "claude", "system": "s", "tools": [{"name": "t", "input_schema": {}}],
                                    "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}],
 }
-FUZZ_SEEDS["/v1/responses"] += [dict(FUZZ_SEEDS["/v1/responses"][0], model=m, tools=[
-    {"type": "function", "name": "f", "parameters": {}}, {"type": "custom", "name": "apply_patch"}], input=[
-    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]},
-    {"type": "reasoning", "summary": [], "encrypted_content": coproxy.pack_thinking("t", "s")},
-    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
-    {"type": "custom_tool_call", "call_id": "d", "name": "apply_patch", "input": "p"},
-    {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "o"}]}])
-    for m in ("gpt-4.1", "claude-sonnet-4.5")]
+FUZZ_SEEDS["/v1/responses"] += [dict(
+    FUZZ_SEEDS["/v1/responses"][0], model=model,
+    tools=[{"type": "function", "name": "f", "parameters": {}}, {"type": "custom", "name": "apply_patch"}],
+    input=[{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x"}]},
+           {"type": "reasoning", "summary": [], "encrypted_content": coproxy.pack_thinking("t", "s")},
+           {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+           {"type": "custom_tool_call", "call_id": "d", "name": "apply_patch", "input": "p"},
+           {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "o"}]}])
+    for model in ("gpt-4.1", "claude-sonnet-4.5")]  # translated to chat and to Messages
 FUZZ_SEEDS["/v1/responses/compact"] = FUZZ_SEEDS["/v1/responses"]
 for _seed in list(FUZZ_SEEDS["/v1/chat/completions"]):
     FUZZ_SEEDS["/v1/chat/completions"].append(dict(_seed, model="gpt-5.1-codex"))
@@ -7209,31 +7247,35 @@ class TestOpenAISDK(ProxyTestCase):
         """The SDK's Responses calls (whole, streamed with a tool, previous_response_id) for models
         Copilot serves on chat completions and on Messages; every answer and event is checked
         against the SDK's own types in strict mode."""
-        events_type = importlib.import_module("pydantic").TypeAdapter(openai.types.responses.ResponseStreamEvent)
-        strict = openai.types.responses.Response.model_validate
-        shell = TestResponsesForEveryModel.SHELL
+        types = openai.types.responses
+        events_type = importlib.import_module("pydantic").TypeAdapter(types.ResponseStreamEvent)
+
+        def check(value, kind):
+            kind(value.model_dump(mode="json", exclude_unset=True), strict=True)
         client = self.client()
         self.addCleanup(client.close)
-        for model, stream in (("gpt-4.1", [chunk("Hi"), chunk(None, tool_calls=[
-                                  {"index": 0, "id": "call_1", "type": "function",
-                                   "function": {"name": "shell", "arguments": '{"cmd":"ls"}'}}]),
-                                   chunk(None, "tool_calls"), USAGE_CHUNK, DONE]),
-                              ("claude-sonnet-4.5", claude_thinking_stream(tool=("shell", '{"cmd": "ls"}')))):
+        chat_stream = [chunk("Hi"), tool_call_chunk(0, "call_1", "shell", '{"cmd":"ls"}'),
+                       chunk(None, "tool_calls"), USAGE_CHUNK, DONE]
+        for model, stream, text in (
+                ("gpt-4.1", chat_stream, "echo: hi"),
+                ("claude-sonnet-4.5", claude_thinking_stream(tool=("shell", '{"cmd": "ls"}')),
+                 "native: 1 messages")):
             with self.subTest(model):
                 self.fake.chat_script = None
                 first = client.responses.create(model=model, input="hi")
-                strict(first.model_dump(mode="json", exclude_unset=True), strict=True)
-                self.assertEqual(first.output_text, "echo: hi" if model == "gpt-4.1" else "native: 1 messages")
+                check(first, types.Response.model_validate)
+                self.assertEqual(first.output_text, text)
                 second = client.responses.create(model=model, input="and?", previous_response_id=first.id)
                 self.assertEqual(second.previous_response_id, first.id)
                 self.assertEqual(client.responses.retrieve(second.id).id, second.id)
                 self.fake.stream(*stream)
                 calls = []
-                for event in client.responses.create(model=model, input="go", tools=[shell], stream=True,
-                                                            reasoning={"effort": "low", "summary": "auto"}):
-                    events_type.validate_python(event.model_dump(mode="json", exclude_unset=True), strict=True)
+                for event in client.responses.create(
+                        model=model, input="go", tools=[TestResponsesForEveryModel.SHELL], stream=True,
+                        reasoning={"effort": "low", "summary": "auto"}):
+                    check(event, events_type.validate_python)
                     if event.type == "response.completed":
-                        strict(event.response.model_dump(mode="json", exclude_unset=True), strict=True)
+                        check(event.response, types.Response.model_validate)
                         calls = [item for item in event.response.output if item.type == "function_call"]
                 self.assertEqual(json.loads(calls[0].arguments)["cmd"], "ls")
         with self.assertRaises(openai.BadRequestError) as ctx:
