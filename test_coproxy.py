@@ -6057,6 +6057,18 @@ FUZZ_SEEDS["/v1/responses/compact"] = FUZZ_SEEDS["/v1/responses"]
 for _seed in list(FUZZ_SEEDS["/v1/chat/completions"]):
     FUZZ_SEEDS["/v1/chat/completions"].append(dict(_seed, model="gpt-5.1-codex"))
 FUZZ_SEEDS["/v1/messages"] += [dict(FUZZ_SEEDS["/v1/messages"][0], model=m) for m in ("claude-opus-4.6", "gpt-5.1-codex")]
+FUZZ_SEEDS["/api/chat"] = [
+    {"model": model, "stream": False, "think": "high", "format": {"type": "object"},
+     "options": {"temperature": 0.1, "top_p": 0.5, "num_predict": 9, "stop": ["x"], "seed": 1},
+     "tools": [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}],
+     "messages": [{"role": "system", "content": "s"},
+                  {"role": "user", "content": "hi", "images": [base64.b64encode(PNG[:24]).decode()]},
+                  {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "ls", "arguments": {}}}]},
+                  {"role": "tool", "content": "x", "tool_name": "ls"}]}
+    for model in ("claude-sonnet-4.5:latest", "gpt-5.1-codex")]
+FUZZ_SEEDS["/api/generate"] = [{"model": "gpt-4.1", "prompt": "p", "system": "s", "stream": False, "format": "json",
+                                "images": [base64.b64encode(PNG[:24]).decode()], "options": {"num_predict": 3}}]
+FUZZ_SEEDS["/api/embed"] = [{"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 2}]
 
 
 def robust_upstream(fake):
@@ -6113,8 +6125,8 @@ class TestFuzz(ProxyTestCase):
                 statuses[response.status] += 1
                 by_route.setdefault(path, collections.Counter())[response.status] += 1
                 self.assertLess(response.status, 500, (path, body[:300], data[:300]))
-                if response.status >= 400:
-                    self.assertIn(b'"message"', data)
+                if response.status >= 400:  # an envelope: OpenAI's or Anthropic's, or Ollama's {"error": "..."}
+                    self.assertIn(b'"message"' if not path.startswith("/api/") else b'{"error":"', data)
                 if response.getheader("Connection") == "close":
                     conn.close()
                     conn = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=10)
@@ -7501,6 +7513,7 @@ SCHEMA_CASES = [
     dict(name="embeddings", method="POST", path="/v1/embeddings",
          body={"model": "text-embedding-3-small", "input": ["a", "b"]}, answer="openai.types.CreateEmbeddingResponse"),
     dict(name="OpenAI models", method="GET", path="/v1/models", items="openai.types.Model"),
+    dict(name="OpenAI model", method="GET", path="/v1/models/claude-sonnet-4.5", answer="openai.types.Model"),
     dict(name="messages, translated", method="POST", path="/v1/messages", body=MESSAGES_BODY,
          headers=ANTHROPIC_HEADERS, answer="anthropic.types.Message"),
     dict(name="messages, native", method="POST", path="/v1/messages", body=dict(MESSAGES_BODY, model="claude-opus-4.6"),
