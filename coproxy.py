@@ -1045,16 +1045,17 @@ def connection_environment(environ):
 _URL_WITH_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
 
 
-def settings_argv(config, scope=("shared", "serve")):
-    """(flags, secrets) that reproduce every setting of ``config`` that differs from its default,
-    whether it came from a flag or an environment variable: flags for the plain ones, and
-    {variable: value} for the secrets, which must never be on a command line."""
+def settings_argv(config, scope=("shared", "serve"), leave_out=()):
+    """(flags, secrets) that reproduce every setting of ``config`` that differs from its default
+    (but those named in ``leave_out``), whether it came from a flag or an environment variable:
+    flags for the plain ones, and {variable: value} for the secrets, which must never be on a
+    command line."""
     argv, secrets = ["--state-dir", config.state_dir], {}
     copilot_cli_token = config.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
     if copilot_cli_token:  # the Copilot CLI's variable is a token source of ours too
         secrets["COPILOT_GITHUB_TOKEN"] = copilot_cli_token
     for option, value in config.changed_settings():
-        if option.scope not in scope or option.dest == "state_dir":
+        if option.scope not in scope or option.dest == "state_dir" or option.dest in leave_out:
             continue
         if option.dest in SECRET_OPTIONS or (isinstance(value, str) and _URL_WITH_CREDENTIALS.match(value)):
             secrets[option.env] = value  # a user:password in a URL is as secret as a key
@@ -9947,16 +9948,9 @@ def claude_code_command(config, url, script):
     as `service` carries them), --host/--port of ``url``, the key by its variable's name, and the
     proxy variables as a prefix (one holding a password is left to the shell). SSL_CERT_FILE and
     SSL_CERT_DIR are left out: set system-wide more often than not, they would only add noise."""
-    flags, _ = settings_argv(config, scope=("shared",))
-    words = [] if config.state_dir_option == "" else flags[:2]
-    hidden = {OPTION_BY_DEST[dest].flag for dest in _NOT_FOR_CLAUDE_CODE}
-    index = 2
-    while index < len(flags):
-        value_follows = index + 1 < len(flags) and not flags[index + 1].startswith("--")
-        taken = flags[index:index + 2] if value_follows else flags[index:index + 1]
-        if taken[0] not in hidden:
-            words += taken
-        index += len(taken)
+    words, _ = settings_argv(config, scope=("shared",), leave_out=_NOT_FOR_CLAUDE_CODE)
+    if config.state_dir_option == "":
+        words = words[2:]  # the default state dir goes without saying
     host = url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
     if host not in (DEFAULT_HOST, "0.0.0.0", "::"):
         words += ["--host", host]
