@@ -9976,10 +9976,12 @@ def start_banner(config, url, script=None):
         script = ran if os.path.basename(ran) == os.path.basename(__file__) else __file__
     variable = "$" + config.api_key_variable
     key = '"%s"' % variable if config.api_key else "unused"
+    ollama = ["  Ollama clients:     %s (JetBrains AI Assistant, VS Code's Ollama provider)" % base
+              ] if "ollama" in config.api_surface else []
     return "\n".join([
         "listening on %s" % url,
         "  OpenAI clients:     OPENAI_BASE_URL=%s/v1 OPENAI_API_KEY=%s" % (base, key),
-        "  Anthropic clients:  ANTHROPIC_BASE_URL=%s" % base,
+        "  Anthropic clients:  ANTHROPIC_BASE_URL=%s" % base] + ollama + [
         "  Claude Code:        eval \"$(%s)\" && claude" % claude_code_command(config, url, script),
         "  try it:             curl -s %s/v1/chat/completions -H 'Content-Type: application/json'%s "
         "-d '{\"model\": \"gpt-4.1\", \"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}]}'" % (

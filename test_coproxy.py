@@ -6972,6 +6972,7 @@ class TestClaudeCodeCommand(unittest.TestCase):
         self.assertIn('eval "$(python3 coproxy.py claude-code --state-dir /srv/coproxy --port 9090 '
                       '--api-key "$GHCP_PROXY_API_KEY")" && claude', banner)
         self.assertIn("curl -s http://127.0.0.1:9090/v1/chat/completions", banner)
+        self.assertIn("Ollama clients:     http://127.0.0.1:9090 (JetBrains", banner)
         self.assertIn('-H "Authorization: Bearer $GHCP_PROXY_API_KEY"', banner)
         self.assertNotIn("s3cret-banner", banner)
         lan = coproxy.Config.resolve({"api_key": "s3cret-banner", "host": "192.168.1.5"}, environ={})
