@@ -7492,6 +7492,10 @@ ANTHROPIC_HEADERS_KEYED = dict(ANTHROPIC_HEADERS, **{"x-api-key": "unused"})
 #: entry of its "data" list), "event" (of each stream event or NDJSON line), "error" (of an error
 #: answer or a stream's failure event), "required" (paths OpenAI's spec requires that the SDK lets
 #: be absent) and "status". A new translator adds its rows here.
+#: A Responses request with a function and a custom tool, and reasoning summaries asked for.
+RESPONSES_BODY = {"model": "gpt-4.1", "input": "hi", "reasoning": {"effort": "low", "summary": "auto"},
+                  "tools": [dict(TestResponsesForEveryModel.SHELL, name="ls"),
+                            TestResponsesForEveryModel.APPLY_PATCH]}
 SCHEMA_CASES = [
     dict(name="chat", method="POST", path="/v1/chat/completions", body=chat_body(),
          answer="openai.types.chat.ChatCompletion", required=["choices.*.message.refusal"]),
@@ -7511,6 +7515,24 @@ SCHEMA_CASES = [
          status=404, error="openai.types.shared.ErrorObject"),
     dict(name="responses error", method="POST", path="/v1/responses", body={"model": "gpt-9", "input": "x"},
          status=404, error="openai.types.shared.ErrorObject"),
+    dict(name="responses, translated to chat", method="POST", path="/v1/responses",
+         body=RESPONSES_BODY, answer="openai.types.responses.Response"),
+    dict(name="responses, translated to Messages", method="POST", path="/v1/responses",
+         body=dict(RESPONSES_BODY, model="claude-sonnet-4.5"), answer="openai.types.responses.Response"),
+    dict(name="responses stream, translated to chat, tool call", method="POST", path="/v1/responses",
+         body=dict(RESPONSES_BODY, stream=True), script=TOOL_STREAM,
+         event="openai.types.responses.ResponseStreamEvent"),
+    dict(name="responses stream, translated to Messages, thinking and a tool", method="POST",
+         path="/v1/responses", body=dict(RESPONSES_BODY, model="claude-sonnet-4.5", stream=True),
+         script=claude_thinking_stream(tool=("ls", '{"p": 1}')),
+         event="openai.types.responses.ResponseStreamEvent"),
+    dict(name="responses stream, translated, cut", method="POST", path="/v1/responses",
+         body=dict(RESPONSES_BODY, stream=True), script=(chunk("par"), "cut"),
+         event="openai.types.responses.ResponseStreamEvent",
+         error="openai.types.responses.ResponseErrorEvent"),
+    dict(name="responses, hosted tool refused", method="POST", path="/v1/responses",
+         body=dict(RESPONSES_BODY, tools=[{"type": "web_search"}]), status=400,
+         error="openai.types.shared.ErrorObject"),
     dict(name="embeddings", method="POST", path="/v1/embeddings",
          body={"model": "text-embedding-3-small", "input": ["a", "b"]}, answer="openai.types.CreateEmbeddingResponse"),
     dict(name="OpenAI models", method="GET", path="/v1/models", items="openai.types.Model"),
@@ -7595,7 +7617,7 @@ class TestSchemas(ProxyTestCase):
     def check_error(self, type_name, part):
         if type_name == "ollama":  # Ollama's envelope has no SDK type: {"error": "message"}
             self.assertEqual((list(part), type(part["error"])), (["error"], str))
-        elif type_name.startswith("openai"):
+        elif type_name.startswith("openai") and isinstance(part.get("error"), dict):
             strict(type_name, part["error"])   # the SDK types what is inside {"error": ...}
         else:
             strict(type_name, {k: v for k, v in part.items() if k != "_event"})
