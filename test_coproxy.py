@@ -8396,6 +8396,46 @@ def format_bench(rows, repetitions):
     return "\n".join(lines), misses
 
 
+def run_history_bench(per_day=5000, starts=5):
+    """`--bench --history`: a year of a heavy user's request history (``per_day`` records a day,
+    about 550 MB at 5,000), then the time a start takes to read back what the dashboard needs:
+    the first start (which writes each past day's summary once) and ``starts`` more."""
+    tmp = tempfile.mkdtemp()
+    try:
+        state = os.path.join(tmp, "state")
+        history = coproxy.History(state, keep_days=400)
+        rng, now, step = random.Random(7), time.time(), 86400.0 / per_day
+        models = ["claude-sonnet-4.5", "claude-opus-4.8", "gpt-5.4", "gpt-4.1", "gemini-2.5-pro", "claude-haiku-4.5"]
+        started, session, batch = time.perf_counter(), None, []
+        for index in range(366 * per_day):
+            if index % 150 == 0:  # an agent session every 150 requests
+                session = "%08x-4c2a-4b59-9a1c-2f0b7d9c1e11" % rng.getrandbits(32)
+            batch.append({"t": round(now - 366 * 86400 + index * step, 3), "route": "/messages", "status": 200,
+                          "model": rng.choice(models), "initiator": "agent" if index % 5 else "user",
+                          "stream": True, "ttfb_ms": round(rng.uniform(200, 2000), 1),
+                          "ms": round(rng.uniform(1000, 60000), 1), "input": rng.randint(1000, 150000),
+                          "cached": rng.randint(0, 100000), "output": rng.randint(10, 4000),
+                          "credits": round(rng.uniform(0.001, 0.3), 6),
+                          "client": "claude-cli/2.1.126 (external, cli)", "session": session})
+            if len(batch) == per_day:
+                history.write(batch)
+                batch = []
+        history.write(batch)
+        size = sum(os.path.getsize(os.path.join(history.dir, name)) for name in os.listdir(history.dir))
+        print("generated %d days of %d requests (%.0f MB) in %.0f s" % (len(history.days()), per_day, size / 1e6,
+                                                                         time.perf_counter() - started))
+        for label in ["first start (writes the summaries)"] + ["start"] * starts:
+            ledger = coproxy.Ledger()
+            started, cpu = time.perf_counter(), time.process_time()
+            read = coproxy.History(state, keep_days=400).load(ledger, time.time())
+            print("%-36s %6.1f ms (CPU %5.1f ms)  %d records of the last 24 h, %d days, %d sessions" % (
+                label, (time.perf_counter() - started) * 1000, (time.process_time() - cpu) * 1000, read,
+                len(ledger.daily), len(ledger.sessions)))
+    finally:
+        shutil.rmtree(tmp, True)
+    return 0
+
+
 def run_bench(argv):
     repetitions = 3
     if "--repetitions" in argv:
@@ -8403,6 +8443,8 @@ def run_bench(argv):
     if not sys.platform.startswith("linux"):
         print("the benchmark reads CPU and memory from /proc: Linux only")
         return 2
+    if "--history" in argv:
+        return run_history_bench()
     if "--soak" in argv:
         following = argv[argv.index("--soak") + 1:]
         duration = parse_duration(following[0]) if following and not following[0].startswith("-") else 1800
