@@ -6729,7 +6729,8 @@ class TestDaemon(unittest.TestCase):
         pid, url = int(match.group(1)), match.group(2)
         lines = started.stdout.splitlines()  # the client lines of the foreground banner, then status/stop
         self.assertEqual([line.split(":")[0].strip() for line in lines[1:]],
-                         ["OpenAI clients", "Anthropic clients", "Claude Code", "try it", "status, stop"])
+                         ["OpenAI clients", "Anthropic clients", "Ollama clients", "Claude Code", "try it",
+                          "status, stop"])
         self.assertIn("ANTHROPIC_BASE_URL=%s" % url, lines[2])
         self.assertIn('claude-code --state-dir %s --github-url %s --github-api-url %s --port %s --api-key '
                       '"$GHCP_PROXY_API_KEY")" && claude' % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]),
