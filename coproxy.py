@@ -1387,11 +1387,14 @@ class Ledger:
                 self._add_session(session_id, {
                     "requests": 1, "credits": record.get("credits") or 0, "premium": record.get("premium") or 0,
                     "models": {model: 1}, "first": t, "last": t, "client": record.get("client")})
-        if t >= (now or self.clock()) - HISTORY_HOURS * 3600:
+        now = self.clock() if now is None else now
+        if t >= now - HISTORY_HOURS * 3600:
             self._count(self._totals(self.hourly, int(t // 3600) * 3600, model), record)
             self.latency.append((t, record.get("route"), record.get("ttfb_ms"), record.get("ms")))
         self.recent.append(record)
         self.count += 1
+        if self.count % 1024 == 0:  # bounded even when no one looks at the views
+            self.trim(now)
 
     def _add_session(self, session_id, part):
         session = self.sessions.get(session_id)
@@ -1423,12 +1426,15 @@ class Ledger:
 
     # -- views: what /usage?by= and the dashboard answer ---------------------------------------
     def trim(self, now):
-        """Forget hours and latency samples older than 24 hours (days stay: they are few)."""
+        """Forget hours and latency samples older than 24 hours, and days older than the charts."""
         horizon = now - HISTORY_HOURS * 3600
         for hour in [h for h in self.hourly if h + 3600 <= horizon]:
             del self.hourly[hour]
         while self.latency and self.latency[0][0] < horizon:
             self.latency.popleft()
+        oldest = local_day(now - (HISTORY_CHART_DAYS + 1) * 86400)
+        for day in [d for d in self.daily if d < oldest]:
+            del self.daily[day]
 
     @staticmethod
     def _rounded(models):
@@ -9795,8 +9801,8 @@ class App:
         if request.body:
             self.metrics.inc("coproxy_request_bytes_total", (), len(request.body))
         self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
-        if "model" in fields or fields.get("route") in HISTORY_ROUTES:
-            self.dashboard.note(request, response)
+        if "model" in fields or (fields.get("route") in HISTORY_ROUTES and status not in (401, 403)):
+            self.dashboard.note(request, response)  # (refused callers leave nothing on disk)
         if not access_log.isEnabledFor(logging.INFO):
             return
         duration = round((time.monotonic() - request.started) * 1000, 1)

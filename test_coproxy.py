@@ -1493,6 +1493,13 @@ class TestHistory(unittest.TestCase):
         self.assertEqual([r["ttfb_ms"] for r in ledger.requests(since=self.now - 3 * 3600)], [102.0, 100.0])
         self.assertEqual(ledger.by_model(self.now)["gpt-4.1"]["requests"], 3)
         self.assertEqual(len(ledger.by_hour(self.now, since=self.now - 3600)), 2)
+        # a server nobody looks at keeps only what the views show
+        for index in range(2048):
+            ledger.add(self.record(48 + index / 100.0), now=self.now)
+        self.assertLessEqual((len(ledger.latency), len(ledger.hourly)), (3, 3))
+        ledger.add(self.record(24 * 40), now=self.now)
+        ledger.trim(self.now)
+        self.assertNotIn(coproxy.local_day(self.now - 24 * 40 * 3600), ledger.daily)
 
 
 class TestUpstreamClient(unittest.TestCase):
@@ -6175,6 +6182,8 @@ class TestDashboard(ProxyTestCase):
         proxy = self.start_proxy(state_dir=state, api_key="sekrit-key-123")
         auth = {"Authorization": "Bearer sekrit-key-123", "User-Agent": "claude-cli/2.1.126 (external, cli)"}
         session = dict(auth, **{"X-Claude-Code-Session-Id": "sess-1"})
+        self.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer wrong"},
+                     port=proxy.port)  # refused callers leave nothing on disk
         self.request("POST", "/v1/chat/completions", chat_body("the secret prompt"), session, port=proxy.port)
         self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 10,
                                               "messages": [{"role": "user", "content": "hello"}]}, session,
