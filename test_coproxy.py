@@ -6743,9 +6743,9 @@ class TestDaemon(unittest.TestCase):
         self.assertIn("ANTHROPIC_BASE_URL=%s" % url, lines[2])
         self.assertIn('claude-code --state-dir %s --github-url %s --github-api-url %s --port %s --api-key '
                       '"$GHCP_PROXY_API_KEY")" && claude' % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]),
-                      lines[3])
-        self.assertTrue(lines[5].endswith("python3 coproxy.py status --state-dir %s, python3 coproxy.py stop "
-                                          "--state-dir %s" % (self.tmp, self.tmp)), lines[5])
+                      lines[4])
+        self.assertTrue(lines[6].endswith("python3 coproxy.py status --state-dir %s, python3 coproxy.py stop "
+                                          "--state-dir %s" % (self.tmp, self.tmp)), lines[6])
         self.assertNotIn("s3cret-key", started.stdout)
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             cmdline = f.read()
