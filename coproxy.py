@@ -308,14 +308,14 @@ def error_type_for_status(status):
 
 _SECRET_PATTERNS = re.compile(
     r"(gh[pousr]_[A-Za-z0-9_]{8,}|github_pat_[A-Za-z0-9_]{8,}|tid=[^\s\"',]+|"
-    r"(?i:bearer|token)\s+[A-Za-z0-9._~+/=;:-]{12,})")
+    r"(?i:bearer|token)\s+[A-Za-z0-9._~+/=;:-]{12,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+)")
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,31}://)[^/\s]+@")  # up to the last @ of the authority
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 #: What every secret pattern starts with, looked for first in lowercased text: one cheap scan
 #: spares the full patterns for almost every log line.
-_SECRET_HINTS = re.compile(r"gh[pousr]_|github_pat_|tid=|bearer\s|token\s")
+_SECRET_HINTS = re.compile(r"gh[pousr]_|github_pat_|tid=|bearer\s|token\s|eyj")  # eyJ: a JWT
 
 
 def redact(text):
@@ -1161,13 +1161,15 @@ def read_owner_only_file(path, what, posix=(os.name == "posix")):
     state dir's rules apply: it must be the user's and no one else may read or write it (checked
     on the open file, so a swap between check and read cannot slip through). ConfigError naming
     the fix otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # non-blocking: a FIFO planted at the path must not hang the thread in open()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
         raise ConfigError("%s %s cannot be read: %s" % (what, path, exc.strerror or exc))
     with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("refusing to use %s %s: not a regular file" % (what, path))
         if posix:
-            info = os.fstat(fd)
             if info.st_uid != os.getuid():
                 raise ConfigError("refusing to use %s %s: it belongs to uid %d, not to you (uid %d)"
                                   % (what, path, info.st_uid, os.getuid()))
@@ -2826,7 +2828,7 @@ def rs256_sign(key, message):
     """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 §8.2.1): EMSA-PKCS1-v1_5 encoding, then m^d mod n.
     Deterministic, so RFC 7515 Appendix A.2 gives its exact expected output as a test."""
     import hashlib  # here, not at the top: serve would load OpenSSL's digests before listening
-    n, _, d, p, q = key
+    n, e, d, p, q = key
     size = (n.bit_length() + 7) // 8
     digest_info = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
     padding = b"\xff" * (size - len(digest_info) - 3)
@@ -2834,6 +2836,10 @@ def rs256_sign(key, message):
     # m^d mod n by the Chinese remainder theorem (RFC 8017 §5.1.2): two half-size pows, 3-4x faster
     part_p, part_q = pow(encoded, d % (p - 1), p), pow(encoded, d % (q - 1), q)
     signature = part_q + q * ((pow(q, -1, p) * (part_p - part_q)) % p)
+    # A CRT result with one faulty half (a flipped bit) gives away p by gcd(s^e - m, n): check
+    # it with the public exponent (0.1 ms) before the signature leaves the process.
+    if pow(signature, e, n) != encoded:
+        raise ConfigError("the GitHub App key gave an invalid signature: check the key file")
     return signature.to_bytes(size, "big")
 
 
@@ -3894,7 +3900,7 @@ TRANSIENT_RETRY_SECONDS = 5
 def parse_retry_after(value, now):
     """Seconds from a Retry-After value (delta-seconds or an HTTP date), or None."""
     value = (value or "").strip()
-    if value.isdigit():
+    if value.isdigit() and value.isascii():
         return int(value)
     try:
         import email.utils  # rare: only dated Retry-After values
@@ -4088,7 +4094,9 @@ def anthropic_model_page(items, query):
     (1 to 1000, default 20) items after ``after_id`` or before ``before_id``; ``query`` is the
     parsed query string. ``has_more`` says whether more lie that way."""
     limit_text = _query_value(query, "limit")
-    limit = None if limit_text is None else int(limit_text) if limit_text.isdigit() else 0
+    # ASCII digits only: str.isdigit() takes "²", which int() then refuses
+    digits = limit_text is not None and re.match(r"[0-9]{1,4}\Z", limit_text)
+    limit = None if limit_text is None else int(limit_text) if digits else 0
     if limit is not None and not 1 <= limit <= 1000:
         raise ClientError(400, "limit: must be an integer from 1 to 1000", param="limit")
     limit = limit or 20

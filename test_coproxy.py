@@ -1102,6 +1102,8 @@ class TestUtilities(unittest.TestCase):
                        "0123456789abcdef"):
             self.assertNotIn(secret, out)
         self.assertEqual(coproxy.redact("plain words stay"), "plain words stay")
+        jwt = "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOjQyfQ.c2lnbmF0dXJl"  # an App JWT or a session token
+        self.assertNotIn("eyJpc3MiOjQyfQ", coproxy.redact("minting with " + jwt))
 
     def test_loopback_detection(self):
         for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
@@ -2247,6 +2249,11 @@ class TestTokenKinds(unittest.TestCase):
         self.assertIsNone(ahead({"GITHUB_TOKEN": "ghs_repositorytoken1"}))
         self.assertEqual(ahead({"COPILOT_GITHUB_TOKEN": "x"}), "COPILOT_GITHUB_TOKEN")
         self.assertEqual(ahead({}, github_token_file=path), "--github-token-file %s" % path)
+        if hasattr(os, "mkfifo"):  # a FIFO planted at the path is refused at once, not waited on
+            os.mkfifo(path, 0o600)
+            with self.assertRaises(coproxy.AuthError) as ctx:
+                from_file.github_token()
+            self.assertIn("not a regular file", str(ctx.exception))
 
 
 class TestRS256(unittest.TestCase):
@@ -2284,6 +2291,14 @@ class TestRS256(unittest.TestCase):
             with self.assertRaises(ValueError) as ctx:
                 coproxy.parse_rsa_private_key(text)
             self.assertIn(reason, str(ctx.exception), text[:40])
+
+    def test_a_faulty_crt_half_is_caught_before_the_signature_leaves(self):
+        # A wrong q^-1-style fault: d that does not match e gives a signature that fails
+        # verification; it must raise, never return bytes from which the key can be factored.
+        key = tuple(RFC7515_KEY[name] for name in ("n", "e", "d", "p", "q"))
+        faulty = key[:2] + (key[2] + 2,) + key[3:]
+        with self.assertRaises(coproxy.ConfigError):
+            coproxy.rs256_sign(faulty, RFC7515_SIGNING_INPUT)
 
 
 MINT_PATH = "/app/installations/%d/access_tokens" % FAKE_INSTALLATION_ID
@@ -4648,6 +4663,7 @@ class TestOpenAISurface(ProxyTestCase):
         _, default = page("")
         self.assertEqual(len(default["data"]), len(chat_ids))  # fewer than the default 20
         for query, param in (("?limit=0", "limit"), ("?limit=1001", "limit"), ("?limit=x", "limit"),
+                             ("?limit=%C2%B2", "limit"), ("?limit=" + "9" * 5000, "limit"),
                              ("?after_id=gpt-9", "after_id"), ("?after_id=a&before_id=b", "before_id")):
             status, error = page(query)
             self.assertEqual((status, error["type"], error["error"]["type"]), (400, "error", "invalid_request_error"),
