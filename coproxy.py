@@ -6500,13 +6500,19 @@ def plan_responses(payload, model, info, quirks, now, store=None):
     plan = Plan("responses", RESPONSES, model, info, responses_upstream(info, payload),
                 stream=payload.get("stream") is True, initiator=responses_initiator(payload), vision=vision,
                 effort_name="reasoning.effort", what="a response")
+    previous = payload.get("previous_response_id")
     if plan.path == "/responses":
+        if previous and store is not None and store.get(previous) is not None:
+            # a conversation begun with a translated model: Copilot has never seen its responses,
+            # so they go along as input (Claude's thinking, only Claude can read, left out)
+            history = [i for i in store.history(previous) if i["type"] != "reasoning"]
+            payload["input"] = history + as_output_items(payload.get("input"))
+            del payload["previous_response_id"]
         plan.payload, plan.chain = payload, lambda: [responses_passthrough()]
         if compaction:
             plan.intent, plan.interaction = "conversation-agent", "conversation-compaction"
         return fit_to_model(plan, quirks)
     check_client_tools(payload, model, plan.path)
-    previous = payload.get("previous_response_id")
     history = store.history(previous) if previous and store is not None else []
     if previous and store is None:
         raise previous_response_not_found(previous)

@@ -5182,6 +5182,19 @@ class TestResponsesForEveryModel(ProxyTestCase):
         self.assertEqual(answer["output"][0]["content"][0]["text"], "native: 3 messages")
         self.assertEqual(answer["usage"]["input_tokens"], 9)
 
+    def test_a_conversation_can_move_on_to_a_native_model(self):
+        self.fake.stream(*claude_thinking_stream())
+        events = self.stream_events({"model": "claude-sonnet-4.5", "input": "start"})
+        first = events[-1][1]["response"]
+        self.fake.chat_script = None
+        status, _ = self.respond({"model": "gpt-5.1-codex", "input": "go on",
+                                  "previous_response_id": first["id"]})
+        sent = self.sent("/responses")
+        self.assertEqual((status, "previous_response_id" in sent), (200, False))
+        self.assertEqual([(i["type"], i.get("role")) for i in sent["input"]], [
+            ("message", "user"), ("message", "assistant"), ("message", "user")])  # no thinking
+        self.assertEqual(sent["input"][1]["content"][0]["text"], "Done.")
+
     def test_whole_claude_answers_with_thinking_and_incomplete_chat_answers(self):
         self.fake.routes[("POST", "/v1/messages")] = lambda h, b: h.send_json(200, {
             "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4.6",
