@@ -9331,7 +9331,7 @@ function renderCharts(data) {
   for (const model of Object.keys(state.colors).sort()) {
     const item = el("li"), swatch = el("span", null, "sw");
     swatch.style.background = color(model);
-    item.append(swatch, model);
+    item.append(swatch, model === "-" ? "no model (refused first)" : model);
     legend.appendChild(item);
   }
 }
