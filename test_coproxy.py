@@ -6765,16 +6765,17 @@ class TestDaemon(unittest.TestCase):
         match = re.search(r"pid (\d+), (http://127\.0\.0\.1:\d+), log (\S+)", started.stdout)
         self.assertIsNotNone(match, started.stdout)
         pid, url = int(match.group(1)), match.group(2)
-        lines = started.stdout.splitlines()  # the client lines of the foreground banner, then status/stop
-        self.assertEqual([line.split(":")[0].strip() for line in lines[1:]],
-                         ["OpenAI clients", "Anthropic clients", "Ollama clients", "Claude Code", "try it",
-                          "status, stop"])
-        self.assertIn("ANTHROPIC_BASE_URL=%s" % url, lines[2])
+        # the client lines of the foreground banner (whatever it lists), then status and stop
+        config = coproxy.Config.resolve({"state_dir": self.tmp, "api_key": "k", "github_url": fake.url,
+                                         "github_api_url": fake.url}, environ={})
+        banner = coproxy.start_banner(config, url, COPROXY_PY).splitlines()[1:]
+        lines = started.stdout.splitlines()
+        self.assertEqual(lines[1:-1], banner)
+        claude = [line for line in banner if line.strip().startswith("Claude Code:")][0]
         self.assertIn('claude-code --state-dir %s --github-url %s --github-api-url %s --port %s --api-key '
-                      '"$GHCP_PROXY_API_KEY")" && claude' % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]),
-                      lines[4])
-        self.assertTrue(lines[6].endswith("python3 coproxy.py status --state-dir %s, python3 coproxy.py stop "
-                                          "--state-dir %s" % (self.tmp, self.tmp)), lines[6])
+                      '"$GHCP_PROXY_API_KEY")" && claude' % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]), claude)
+        self.assertTrue(lines[-1].endswith("python3 coproxy.py status --state-dir %s, python3 coproxy.py stop "
+                                           "--state-dir %s" % (self.tmp, self.tmp)), lines[-1])
         self.assertNotIn("s3cret-key", started.stdout)
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             cmdline = f.read()
