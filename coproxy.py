@@ -5182,7 +5182,7 @@ def estimate_input_tokens(payload):
         total += 350  # the tool-use system prompt Anthropic adds
     return int(total * 1.1) + 1
 
-# -- 8h. OpenAI Responses: passthrough, chat <-> Responses, compaction -------------------------
+# -- 8h. OpenAI Responses: passthrough, chat <-> Responses, every model, compaction ------------
 
 def validate_responses_request(payload, default_model=None):
     """Check the fields of a Responses (or compact) request that coproxy reads; fills ``model``."""
@@ -7993,7 +7993,8 @@ class Server:
 # 11. Catalogue, gateway and stream relay
 #    The asyncio side of a proxied request, after the route has parsed and planned it.
 #    Metrics count what happened. The Catalogue owns Copilot's model list (cached, refreshed
-#    once however many ask) and what refusals taught about each model. The ImageInliner fetches
+#    once however many ask) and what refusals taught about each model. The ResponseStore keeps
+#    the Responses coproxy builds for translated models. The ImageInliner fetches
 #    images given by URL, within the request's budget. The Gateway sends a plan: concurrency
 #    slot, pacing, images, the call in a worker (one token refresh on 401), one retry after a
 #    refusal it can fix or a short transient error, then the answer whole or as a stream, and
