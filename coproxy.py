@@ -1586,7 +1586,7 @@ class History:
                 handle.write(("\n".join(lines) + "\n").encode("utf-8", "replace"))
             if self._last_day is not None and day > self._last_day:
                 self.summarize(self._last_day)
-                self.prune(time.time())
+                self.prune(max(record["t"] for record in records))
             self._last_day = max(day, self._last_day or day)
 
     def prune(self, now):

@@ -1413,7 +1413,8 @@ class TestHistory(unittest.TestCase):
         self.dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.state = os.path.join(self.dir, "state")
-        self.now = time.mktime((2026, 12, 7, 15, 30, 0, 0, 0, -1))  # 15:30 local time
+        today = time.localtime()
+        self.now = time.mktime((today.tm_year, today.tm_mon, today.tm_mday, 15, 30, 0, 0, 0, -1))  # 15:30 local
 
     def history(self, keep_days=90):
         history = coproxy.History(self.state, keep_days)
