@@ -5526,6 +5526,12 @@ def unpack_thinking(value):
     return None
 
 
+def is_claude_thinking(item):
+    """A reasoning item coproxy made of Claude's thinking (see pack_thinking)."""
+    return item.get("type") == "reasoning" and \
+        str(item.get("encrypted_content") or "").startswith(_THINKING_PREFIX)
+
+
 def responses_upstream(info, payload):
     """The Copilot path for a Responses request: /responses where the catalogue lists it (or the
     model is unknown to it: Copilot decides), else /v1/messages where listed (Claude) unless the
@@ -6502,10 +6508,15 @@ def plan_responses(payload, model, info, quirks, now, store=None):
                 effort_name="reasoning.effort", what="a response")
     previous = payload.get("previous_response_id")
     if plan.path == "/responses":
+        if any(is_claude_thinking(i) for i in items if isinstance(i, dict)):
+            # sent back by a client that switched models: only Claude can read Claude's thinking
+            payload["input"] = [i for i in items
+                                if not (isinstance(i, dict) and is_claude_thinking(i))]
         if previous and store is not None and store.get(previous) is not None:
             # a conversation begun with a translated model: Copilot has never seen its responses,
-            # so they go along as input (Claude's thinking, only Claude can read, left out)
-            history = [i for i in store.history(previous) if i["type"] != "reasoning"]
+            # so they go along as input, without the ids Copilot would look up
+            history = [{k: v for k, v in i.items() if k != "id"} for i in store.history(previous)
+                       if not is_claude_thinking(i)]
             payload["input"] = history + as_output_items(payload.get("input"))
             del payload["previous_response_id"]
         plan.payload, plan.chain = payload, lambda: [responses_passthrough()]

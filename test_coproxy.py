@@ -5195,6 +5195,12 @@ class TestResponsesForEveryModel(ProxyTestCase):
         self.assertEqual([(i["type"], i.get("role")) for i in sent["input"]], [
             ("message", "user"), ("message", "assistant"), ("message", "user")])  # no thinking
         self.assertEqual(sent["input"][1]["content"][0]["text"], "Done.")
+        self.assertNotIn("id", sent["input"][1])  # Copilot would look it up, and not find it
+        # a client that keeps the history itself (Codex) sends Claude's thinking back: left out too
+        self.respond({"model": "gpt-5.1-codex", "input": first["output"] + [
+            {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA-openai"}]})
+        self.assertEqual([i["type"] for i in self.sent("/responses")["input"]],
+                         ["message", "reasoning"])
 
     def test_whole_claude_answers_with_thinking_and_incomplete_chat_answers(self):
         self.fake.routes[("POST", "/v1/messages")] = lambda h, b: h.send_json(200, {
