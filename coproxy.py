@@ -1302,6 +1302,9 @@ HISTORY_CHART_DAYS = 30
 HISTORY_RECENT = 200
 #: Agent sessions kept in memory (the most recently active ones); the files keep them all.
 HISTORY_MAX_SESSIONS = 500
+#: Latency samples kept for the route percentiles (the newest; at most the last 24 hours): a
+#: busy day would otherwise keep millions (the soak: ~100 requests a second, ~0.5 GB a day).
+HISTORY_LATENCY_SAMPLES = 50_000
 #: Records waiting for the writer thread; beyond this (a disk that hangs) new ones are dropped.
 HISTORY_QUEUE_LIMIT = 10000
 #: What each total counts; a record's numbers have the same names.
@@ -1346,7 +1349,7 @@ class Ledger:
         self.hourly = {}    # hour start (unix seconds) -> {model: totals}
         self.daily = {}     # local day "YYYY-MM-DD" -> {model: totals}
         self.sessions = {}  # session id -> {"requests", "credits", "premium", "models", "first", "last", "client"}
-        self.latency = collections.deque()  # (t, route, ttfb_ms, ms) of the last 24 hours
+        self.latency = collections.deque(maxlen=HISTORY_LATENCY_SAMPLES)  # (t, route, ttfb_ms, ms), 24 h
         self.recent = collections.deque(maxlen=HISTORY_RECENT)
         self.count = 0      # records added: the page asks whether anything changed by it
 
