@@ -6988,6 +6988,21 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
 #    the proxy's CPU on a streamed answer.)
 # ------------------------------------------------------------------------------------------
 
+def limit_malloc_arenas():
+    """One malloc arena for the whole process, on glibc (elsewhere nothing happens). glibc gives
+    threads arenas of their own, and TLS buffers that one thread allocates and another frees kept
+    RSS growing: the soak with clients that leave mid-request grew 13 MB a minute, and stays flat
+    with one arena. Our threads mostly run under the GIL, so sharing an arena costs them little.
+    Process-wide: set by `serve`, not by App (an embedding program keeps its own)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-8, 1))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 class WorkerPool(concurrent.futures.Executor):
     """The dedicated thread pool for blocking work (never the loop's default executor, which
     asyncio uses for DNS).
@@ -10482,6 +10497,7 @@ def cmd_serve(config, args):
     # process-wide, so set here by the command and not by App (embedders keep their own)
     with contextlib.suppress(ValueError, RuntimeError):
         threading.stack_size(WORKER_STACK_BYTES)
+    limit_malloc_arenas()
     app = App(config, store, client, auth)
 
     def on_ready(server):

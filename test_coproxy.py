@@ -3369,6 +3369,13 @@ class TestTranslateOllama(unittest.TestCase):
 
 
 class TestWorkerPool(unittest.TestCase):
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "glibc's malloc")
+    def test_serve_can_limit_glibc_to_one_malloc_arena(self):
+        result = subprocess.run([sys.executable, "-c", "import coproxy; print(coproxy.limit_malloc_arenas())"],
+                                capture_output=True, text=True, cwd=os.path.dirname(COPROXY_PY), timeout=20)
+        libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else ""
+        self.assertEqual(result.stdout.strip(), "True" if libc.startswith("glibc") else "False", result.stderr)
     def test_results_errors_reuse_and_concurrency(self):
         pool = coproxy.WorkerPool(8)
         self.addCleanup(pool.shutdown)
