@@ -4031,6 +4031,9 @@ def copilot_model_to_openai(model):
     for key in ("supported_endpoints", "preview", "billing", "model_picker_enabled"):
         if key in model:
             entry[key] = model[key]
+    if isinstance(entry.get("supported_endpoints"), list):  # coproxy serves no WebSocket: VS Code
+        entry["supported_endpoints"] = [e for e in entry["supported_endpoints"]  # would try one
+                                        if not (isinstance(e, str) and e.startswith("ws:"))]
     if isinstance(model.get("policy"), dict):
         entry["policy_state"] = model["policy"].get("state")
     return entry

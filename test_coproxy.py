@@ -131,7 +131,8 @@ CATALOG = [
                                    "max_thinking_budget": 4000}}},
     {"id": "claude-opus-4.6", "name": "Claude Opus 4.6", "vendor": "Anthropic",
      "supported_endpoints": ["/chat/completions", "/v1/messages"], "capabilities": {"type": "chat"}},
-    {"id": "gpt-5.1-codex", "name": "GPT-5.1-Codex", "vendor": "OpenAI", "supported_endpoints": ["/responses"],
+    {"id": "gpt-5.1-codex", "name": "GPT-5.1-Codex", "vendor": "OpenAI",
+     "supported_endpoints": ["/responses", "ws:/responses"],
      "billing": {"multiplier": 1}, "capabilities": {"type": "chat", "supports": {
          "tool_calls": True, "vision": True, "reasoning_effort": ["low", "medium", "high", "xhigh"]}}},
     {"id": "o3-mini", "name": "o3-mini", "vendor": "Azure OpenAI", "billing": {"multiplier": 0.33},
@@ -4051,6 +4052,8 @@ class TestEndToEnd(ProxyTestCase):
         self.assertEqual(len(self.fake.requests_to("/models")), 1)  # cached
         status, _, body = self.request("GET", "/v1/models/claude-sonnet-4.5")
         self.assertEqual((status, json.loads(body)["object"]), (200, "model"))
+        codex = json.loads(self.request("GET", "/v1/models/gpt-5.1-codex")[2])
+        self.assertEqual(codex["supported_endpoints"], ["/responses"])  # no WebSocket here
         status, _, body = self.request("GET", "/v1/models/gpt-9")
         self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "model_not_found"))
         self.fake.routes[("GET", "/models")] = lambda h, b: h.send_text(500, "down")
