@@ -9850,7 +9850,9 @@ class App:
         self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
         if "model" in fields or (fields.get("route") in HISTORY_ROUTES and status not in (401, 403)):
             self.dashboard.note(request, response)  # (refused callers leave nothing on disk)
-        if not access_log.isEnabledFor(logging.INFO):
+        # an open dashboard asks every 2 s: its answered polls are logged at debug only
+        quiet = status == 200 and fields.get("route") == "/dashboard/data"
+        if not access_log.isEnabledFor(logging.DEBUG if quiet else logging.INFO):
             return
         duration = round((time.monotonic() - request.started) * 1000, 1)
         shown = [(k, v) for k, v in fields.items() if k != "route"]
@@ -9860,7 +9862,8 @@ class App:
         if self.config.log_format == "json":  # the fields as numbers and booleans; text lines have them already
             record = {"fields": dict(shown, method=request.method, path=request.path, status=status,
                                      duration_ms=duration)}
-        access_log.info("%s %s %s %.1fms%s", request.method, request.path, status or "-", duration, extra, extra=record)
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %s %.1fms%s", request.method, request.path,
+                       status or "-", duration, extra, extra=record)
 
     async def read_json(self, request):
         """The request body as a JSON object, decompressed first when the client compressed it;

@@ -6323,12 +6323,18 @@ class TestDashboard(ProxyTestCase):
         page = {"Host": "127.0.0.1", "Accept": "text/html"}
         self.assertEqual(self.get("/", page, keyed.port)[0], 200)
         self.assertEqual(self.get("/", {"Host": "127.0.0.1"}, keyed.port)[0], 401)  # Ollama's probe needs it
+        self.assertTrue(wait_for(lambda: len([r for r in LOGS.records if r.name == "coproxy.access"]) == 2))
+        LOGS.clear()  # the page and the probe are logged: from here on, only the data requests
         status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1"}, keyed.port)
         self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_api_key"))
         status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1", "Authorization": "Bearer k-123"},
                                    keyed.port)
         self.assertEqual(status, 200)
         self.assertNotIn("k-123", body.decode())
+        # an open page asks every 2 s: its answered polls are access-logged at debug, refusals at info
+        self.assertTrue(wait_for(lambda: len([r for r in LOGS.records if r.name == "coproxy.access"]) == 2))
+        levels = [(r.getMessage().split()[2], r.levelno) for r in LOGS.records if r.name == "coproxy.access"]
+        self.assertEqual(levels, [("401", logging.INFO), ("200", logging.DEBUG)])
         off = self.start_proxy(no_dashboard=True)
         self.assertEqual(self.get("/", page, off.port)[2], b"Ollama is running")
         status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1"}, off.port)
