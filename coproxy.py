@@ -9485,7 +9485,11 @@ class Dashboard:
             self.history.close()
 
     def note(self, request, response):
-        """One finished exchange: counted now, written to the history by its own thread."""
+        """One finished exchange, if it reached a model or a model route (callers the guard refused
+        leave nothing on disk): counted now, written to the history by its own thread."""
+        fields = response.log_fields
+        if "model" not in fields and (fields.get("route") not in HISTORY_ROUTES or response.status in (401, 403)):
+            return
         record = self.history_record(request, response)
         self.ledger.add(record)
         if self.history is not None:
@@ -9848,10 +9852,8 @@ class App:
         if request.body:
             self.metrics.inc("coproxy_request_bytes_total", (), len(request.body))
         self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
-        if "model" in fields or (fields.get("route") in HISTORY_ROUTES and status not in (401, 403)):
-            self.dashboard.note(request, response)  # (refused callers leave nothing on disk)
-        # an open dashboard asks every 2 s: its answered polls are logged at debug only
-        quiet = status == 200 and fields.get("route") == "/dashboard/data"
+        self.dashboard.note(request, response)
+        quiet = status == 200 and fields.get("route") == "/dashboard/data"  # an open page asks every 2 s
         if not access_log.isEnabledFor(logging.DEBUG if quiet else logging.INFO):
             return
         duration = round((time.monotonic() - request.started) * 1000, 1)
