@@ -6555,6 +6555,10 @@ def plan_responses(payload, model, info, quirks, now, store=None):
             budget = thinking_budget_for(chat["reasoning_effort"], info, chat.get("max_tokens"))
             if budget:
                 chat["thinking_budget"] = budget
+        listed = _dig(info, "capabilities", "supports").get("reasoning_effort")
+        if "reasoning_effort" in chat and not listed:
+            # Codex sends its effort to every model; chat models without one refuse the field
+            plan.removed.append("reasoning_effort=%s" % chat.pop("reasoning_effort"))
         if is_gemini(model, info):
             gemini_tools(chat)
         plan.payload = chat

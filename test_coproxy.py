@@ -5027,6 +5027,7 @@ class TestResponsesForEveryModel(ProxyTestCase):
     def test_non_stream_through_chat_with_get_and_delete(self):
         status, answer = self.respond({
             "model": "gpt-4.1", "instructions": "be brief", "input": "hello", "temperature": 0.2,
+            "reasoning": {"effort": "medium"},
             "max_output_tokens": 50, "metadata": {"k": "v"},
             "text": {"format": {"type": "json_object"}}})
         self.assertEqual(status, 200, answer)
@@ -5035,6 +5036,7 @@ class TestResponsesForEveryModel(ProxyTestCase):
                                             {"role": "user", "content": "hello"}])
         self.assertEqual((sent["max_tokens"], sent["temperature"], sent["response_format"]),
                          (50, 0.2, {"type": "json_object"}))
+        self.assertNotIn("reasoning_effort", sent)  # gpt-4.1 lists no effort: it would refuse one
         self.assertTrue(answer["id"].startswith("resp_"))
         self.assertEqual((answer["object"], answer["status"], answer["model"], answer["metadata"]),
                          ("response", "completed", "gpt-4.1", {"k": "v"}))
