@@ -771,8 +771,10 @@ OPTIONS = [
     Option("--upstream-timeout", "upstream_timeout", "COPROXY_UPSTREAM_TIMEOUT", _positive_float,
            DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, "serve",
            "longest upstream silence tolerated between bytes (never a total limit)", "SECONDS"),
-    Option("--history-days", "history_days", "COPROXY_HISTORY_DAYS", _positive_int, DEFAULT_HISTORY_DAYS, "serve",
-           "keep the request history (<state-dir>/history, no prompt or answer text) this many days", "DAYS"),
+    Option("--history-days", "history_days", "COPROXY_HISTORY_DAYS", _positive_int,
+           DEFAULT_HISTORY_DAYS, "serve",
+           "keep the request history (<state-dir>/history, no prompt or answer text) this many days",
+           "DAYS"),
     Option("--no-history", "no_history", "COPROXY_NO_HISTORY", bool, False, "serve",
            "keep no request history on disk (the dashboard then shows this run only)", None),
     Option("--no-dashboard", "no_dashboard", "COPROXY_NO_DASHBOARD", bool, False, "serve",
@@ -1308,7 +1310,8 @@ HISTORY_LATENCY_SAMPLES = 50_000
 #: Records waiting for the writer thread; beyond this (a disk that hangs) new ones are dropped.
 HISTORY_QUEUE_LIMIT = 10000
 #: What each total counts; a record's numbers have the same names.
-TOTAL_FIELDS = ("requests", "errors", "credits", "premium", "input", "cached", "output", "reasoning")
+TOTAL_FIELDS = ("requests", "errors", "credits", "premium", "input", "cached", "output",
+                "reasoning")
 
 
 def local_day(timestamp):
@@ -1335,7 +1338,8 @@ def parse_since(text, now):
             return now - float(text[:-1]) * units[text[-1]]
         return float(text)
     except ValueError:
-        raise ValueError("since must be unix seconds or an age such as 90m, 24h or 7d, got %r" % text[:40])
+        raise ValueError("since must be unix seconds or an age such as 90m, 24h or 7d, got %r"
+                         % text[:40])
 
 
 class Ledger:
@@ -1348,8 +1352,10 @@ class Ledger:
         self.clock = clock
         self.hourly = {}    # hour start (unix seconds) -> {model: totals}
         self.daily = {}     # local day "YYYY-MM-DD" -> {model: totals}
-        self.sessions = {}  # session id -> {"requests", "credits", "premium", "models", "first", "last", "client"}
-        self.latency = collections.deque(maxlen=HISTORY_LATENCY_SAMPLES)  # (t, route, ttfb_ms, ms), 24 h
+        # session id -> {"requests", "credits", "premium", "models", "first", "last", "client"}
+        self.sessions = {}
+        # (t, route, ttfb_ms, ms) of the last 24 hours
+        self.latency = collections.deque(maxlen=HISTORY_LATENCY_SAMPLES)
         self.recent = collections.deque(maxlen=HISTORY_RECENT)
         self.count = 0      # records added: the page asks whether anything changed by it
 
@@ -1386,12 +1392,14 @@ class Ledger:
                 session["credits"] += record.get("credits") or 0
                 session["premium"] += record.get("premium") or 0
                 session["models"][model] = session["models"].get(model, 0) + 1
-                session["first"], session["last"] = min(session["first"], t), max(session["last"], t)
+                session["first"] = min(session["first"], t)
+                session["last"] = max(session["last"], t)
                 session["client"] = record.get("client") or session["client"]
             elif session_id:
                 self._add_session(session_id, {
-                    "requests": 1, "credits": record.get("credits") or 0, "premium": record.get("premium") or 0,
-                    "models": {model: 1}, "first": t, "last": t, "client": record.get("client")})
+                    "requests": 1, "credits": record.get("credits") or 0,
+                    "premium": record.get("premium") or 0, "models": {model: 1}, "first": t,
+                    "last": t, "client": record.get("client")})
         now = self.clock() if now is None else now
         if t >= now - HISTORY_HOURS * 3600:
             self._count(self._totals(self.hourly, int(t // 3600) * 3600, model), record)
@@ -1405,15 +1413,16 @@ class Ledger:
         session = self.sessions.get(session_id)
         if session is None:
             if len(self.sessions) >= 2 * HISTORY_MAX_SESSIONS:  # trimmed in bulk: one sort per 500
-                kept = sorted(self.sessions.items(), key=lambda item: item[1]["last"])[-HISTORY_MAX_SESSIONS:]
-                self.sessions = dict(kept)
+                kept = sorted(self.sessions.items(), key=lambda item: item[1]["last"])
+                self.sessions = dict(kept[-HISTORY_MAX_SESSIONS:])
             self.sessions[session_id] = dict(part, models=dict(part["models"]))
             return
         for name in ("requests", "credits", "premium"):
             session[name] += part[name]
         for model, count in part["models"].items():
             session["models"][model] = session["models"].get(model, 0) + count
-        session["first"], session["last"] = min(session["first"], part["first"]), max(session["last"], part["last"])
+        session["first"] = min(session["first"], part["first"])
+        session["last"] = max(session["last"], part["last"])
         session["client"] = part.get("client") or session.get("client")
 
     def add_day(self, summary):
@@ -1426,7 +1435,7 @@ class Ledger:
             self._add_session(session_id, part)
 
     def summary(self, day):
-        """One day's totals and sessions, as a summary file keeps them (a ledger fed that day only)."""
+        """One day's totals and sessions as a summary file keeps them (of a ledger fed that day)."""
         return {"day": day, "models": self.daily.get(day, {}), "sessions": self.sessions}
 
     # -- views: what /usage?by= and the dashboard answer ---------------------------------------
@@ -1443,7 +1452,8 @@ class Ledger:
 
     @staticmethod
     def _rounded(models):
-        return {model: dict(totals, credits=round(totals["credits"], 6), premium=round(totals["premium"], 4))
+        return {model: dict(totals, credits=round(totals["credits"], 6),
+                            premium=round(totals["premium"], 4))
                 for model, totals in models.items()}
 
     def by_hour(self, now, since=None):
@@ -1483,7 +1493,7 @@ class Ledger:
         return chosen[:limit]
 
     def by_route(self, now, since=None):
-        """Per route over the last 24 hours: requests, and percentiles of time to first byte and total."""
+        """Per route over the last 24 hours: requests, percentiles of first byte and total time."""
         self.trim(now)
         routes = {}
         for t, route, ttfb, total in self.latency:
@@ -1491,7 +1501,8 @@ class Ledger:
                 entry = routes.setdefault(route or "other", ([], []))
                 entry[0].append(ttfb)
                 entry[1].append(total)
-        return {route: {"requests": len(totals), "ttfb_ms": percentiles(ttfbs), "ms": percentiles(totals)}
+        return {route: {"requests": len(totals), "ttfb_ms": percentiles(ttfbs),
+                        "ms": percentiles(totals)}
                 for route, (ttfbs, totals) in sorted(routes.items())}
 
     def requests(self, since=None, limit=HISTORY_RECENT):
@@ -1534,7 +1545,8 @@ class History:
     def append(self, record):
         """Queue one record for the writer thread (started on first use); never blocks."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._write_loop, name="coproxy-history", daemon=True)
+            self._thread = threading.Thread(target=self._write_loop, name="coproxy-history",
+                                            daemon=True)
             self._thread.start()
         try:
             self._queue.put_nowait(record)
@@ -1613,7 +1625,8 @@ class History:
             text = handle.read().decode("utf-8", "replace")
         lines = [line for line in text.split("\n") if line]
         if since is not None:
-            lines = [line for line in lines if not line.startswith('{"t":') or self._time(line) >= since]
+            lines = [line for line in lines
+                     if not line.startswith('{"t":') or self._time(line) >= since]
         try:  # one parse for the whole file is twice as fast as one per line
             parsed = json.loads("[" + ",".join(lines) + "]")
         except ValueError:
@@ -1646,7 +1659,8 @@ class History:
             ledger.add(record, now=0)
         summary = dict(ledger.summary(day), bytes=size)
         with contextlib.suppress(OSError):
-            write_file_atomic(self.path(day, ".sum.json"), json.dumps(summary, separators=(",", ":")), self.posix)
+            text = json.dumps(summary, separators=(",", ":"))
+            write_file_atomic(self.path(day, ".sum.json"), text, self.posix)
         return summary
 
     def load(self, ledger, now, days=HISTORY_CHART_DAYS, prune=True):
@@ -2546,7 +2560,8 @@ class ImageFetcher:
 #: What a GitHub token's prefix says it is (GitHub's token formats since 2021).
 GITHUB_TOKEN_KINDS = (("ghu_", "GitHub App user token"), ("gho_", "OAuth app token"),
                       ("github_pat_", "fine-grained personal access token"),
-                      ("ghp_", "classic personal access token"), ("ghs_", "GitHub App installation token"))
+                      ("ghp_", "classic personal access token"),
+                      ("ghs_", "GitHub App installation token"))
 
 
 def github_token_kind(token):
@@ -8883,15 +8898,17 @@ async def refuse_websocket(request, response, _):
 
 
 #: Routes whose requests go to the history (with anything else that reached a model).
-HISTORY_ROUTES = frozenset(["/chat/completions", "/responses", "/responses/compact", "/embeddings", "/messages"])
-#: Headers that name an agent's session: Claude Code sends the first on every request, Codex the second.
+HISTORY_ROUTES = frozenset(["/chat/completions", "/responses", "/responses/compact", "/embeddings",
+                            "/messages"])
+#: Headers that name an agent's session: Claude Code sends the first on every request, Codex
+#: the second (with conversation_id, the same value).
 SESSION_HEADERS = ("x-claude-code-session-id", "session_id")
 #: Log fields copied into a history record under these names (numbers and short codes only).
 HISTORY_FIELDS = (("requested", "requested"), ("initiator", "initiator"), ("stream", "stream"),
-                  ("input_tokens", "input"), ("cached_tokens", "cached"), ("output_tokens", "output"),
-                  ("reasoning_tokens", "reasoning"), ("credits", "credits"),
-                  ("credits_estimated", "credits_estimated"), ("premium", "premium"),
-                  ("adjusted", "adjusted"), ("error", "error"))
+                  ("input_tokens", "input"), ("cached_tokens", "cached"),
+                  ("output_tokens", "output"), ("reasoning_tokens", "reasoning"),
+                  ("credits", "credits"), ("credits_estimated", "credits_estimated"),
+                  ("premium", "premium"), ("adjusted", "adjusted"), ("error", "error"))
 #: Seconds the plan and quota the dashboard shows are kept before GitHub is asked again.
 QUOTA_CACHE_SECONDS = 60
 
@@ -9448,8 +9465,9 @@ load();
 """
 
 #: What the page may do: its own inline style and script, fetch from coproxy, nothing else.
-DASHBOARD_CSP = ("default-src 'none'; script-src 'nonce-{0}'; style-src 'nonce-{0}'; connect-src 'self'; "
-                 "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+DASHBOARD_CSP = ("default-src 'none'; script-src 'nonce-{0}'; style-src 'nonce-{0}'; "
+                 "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                 "frame-ancestors 'none'")
 
 
 class Dashboard:
@@ -9472,7 +9490,7 @@ class Dashboard:
         self._quota_fetch = None         # the call in flight, shared by everyone who asks meanwhile
 
     def start(self):
-        """Read the history back (30 days of a heavy user: about 40 ms of CPU, see --bench --history)."""
+        """Read the history back (30 days of a heavy user: ~40 ms of CPU; --bench --history)."""
         if self.history is None:
             return
         started = time.perf_counter()
@@ -9492,7 +9510,8 @@ class Dashboard:
         """One finished exchange, if it reached a model or a model route (callers the guard refused
         leave nothing on disk): counted now, written to the history by its own thread."""
         fields = response.log_fields
-        if "model" not in fields and (fields.get("route") not in HISTORY_ROUTES or response.status in (401, 403)):
+        if "model" not in fields and (fields.get("route") not in HISTORY_ROUTES
+                                      or response.status in (401, 403)):
             return
         record = self.history_record(request, response)
         self.ledger.add(record)
@@ -9506,11 +9525,12 @@ class Dashboard:
         an answer or a key; empty fields are left out."""
         fields = response.log_fields
         now = time.monotonic()
-        record = {"t": round(time.time() - (now - request.started), 3), "route": fields.get("route"),
-                  "status": response.status or 0, "model": fields.get("model")}
+        record = {"t": round(time.time() - (now - request.started), 3),
+                  "route": fields.get("route"), "status": response.status or 0,
+                  "model": fields.get("model")}
         for field, name in HISTORY_FIELDS:
             record[name] = fields.get(field)
-        if "->" in (record["model"] or ""):  # the log's "auto->gpt-5.4": what was asked, what answered
+        if "->" in (record["model"] or ""):  # the log's "auto->gpt-5.4": asked, then answered
             record["requested"], record["model"] = record["model"].split("->", 1)
         if response.head_sent_at is not None:
             record["ttfb_ms"] = round((response.head_sent_at - request.started) * 1000, 1)
@@ -9555,16 +9575,22 @@ class Dashboard:
             since = parse_since((query.get("since") or [None])[-1], now)
         except ValueError as exc:
             raise ClientError(400, str(exc), code="invalid_query", param="since")
-        views = {"hour": lambda: self.ledger.by_hour(now, since), "day": lambda: self.ledger.by_day(now, since=since),
-                 "model": lambda: self.ledger.by_model(now, since), "session": lambda: self.ledger.by_session(since),
-                 "route": lambda: self.ledger.by_route(now, since), "request": lambda: self.ledger.requests(since)}
+        ledger = self.ledger
+        views = {"hour": lambda: ledger.by_hour(now, since),
+                 "day": lambda: ledger.by_day(now, since=since),
+                 "model": lambda: ledger.by_model(now, since),
+                 "session": lambda: ledger.by_session(since),
+                 "route": lambda: ledger.by_route(now, since),
+                 "request": lambda: ledger.requests(since)}
         if by not in views:
-            raise ClientError(400, "by must be one of %s, got %r" % (", ".join(views), by[:40]), code="invalid_query",
-                              param="by")
-        return {"by": by, "since": since, "now": now, "history": self.history is not None, "data": views[by]()}
+            raise ClientError(400, "by must be one of %s, got %r" % (", ".join(views), by[:40]),
+                              code="invalid_query", param="by")
+        return {"by": by, "since": since, "now": now, "history": self.history is not None,
+                "data": views[by]()}
 
     #: Facts of CopilotAuth.describe() the page shows as rows of their own, with their labels.
-    CREDENTIAL_ROWS = (("mode", "token mode"), ("payer", "billed to"), ("app_permission", "App permission"))
+    CREDENTIAL_ROWS = (("mode", "token mode"), ("payer", "billed to"),
+                       ("app_permission", "App permission"))
 
     def login_status(self):
         """What the dashboard shows of the login: never a token, only what kind it is, where it
@@ -9572,11 +9598,13 @@ class Dashboard:
         token, source = self.auth.github_token()
         facts = self.auth.describe()
         record = self.auth.record or {}
-        return {"logged_in": bool(token), "token_kind": github_token_kind(token) or facts.get("token_kind"),
+        return {"logged_in": bool(token),
+                "token_kind": github_token_kind(token) or facts.get("token_kind"),
                 "token_source": ("flag or environment" if source and not os.path.isabs(source) else
                                  "state dir" if source else None),
                 "copilot_token_expires_at": facts.get("expires_at", record.get("expires_at")),
-                "extra": {label: str(facts[name]) for name, label in self.CREDENTIAL_ROWS if facts.get(name)}}
+                "extra": {label: str(facts[name])
+                          for name, label in self.CREDENTIAL_ROWS if facts.get(name)}}
 
     async def handle_root(self, request, response, _):
         """GET /: the dashboard for a browser (an Accept that asks for HTML), Ollama's probe
@@ -9593,28 +9621,32 @@ class Dashboard:
 
     async def handle_page(self, request, response):
         nonce = base64.b64encode(os.urandom(18)).decode("ascii")
-        headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Security-Policy", DASHBOARD_CSP.format(nonce)),
+        headers = [("Content-Type", "text/html; charset=utf-8"),
+                   ("Content-Security-Policy", DASHBOARD_CSP.format(nonce)),
                    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
                    ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"), ("Vary", "Accept")]
-        await response.send(200, headers, DASHBOARD_PAGE.replace("__NONCE__", nonce).encode("utf-8"))
+        page = DASHBOARD_PAGE.replace("__NONCE__", nonce)
+        await response.send(200, headers, page.encode("utf-8"))
 
     async def handle_data(self, request, response, _):
         """Everything the dashboard page shows, in one JSON document (the page is a view of it)."""
         if self.config.no_dashboard:
-            raise ClientError(404, "the dashboard is turned off (--no-dashboard); GET /usage?by=... still answers",
-                              code="dashboard_disabled")
+            raise ClientError(404, "the dashboard is turned off (--no-dashboard); "
+                                   "GET /usage?by=... still answers", code="dashboard_disabled")
         quota, quota_error = await self.quota(QUOTA_CACHE_SECONDS)
         now = time.time()
         ledger = self.ledger
         payload = {"now": now, "url": self.url, "health": self.health(),
                    "login": dict(self.login_status(), user=(quota or {}).get("login")),
                    "quota": quota, "quota_error": quota_error,
-                   "windows": self.gateway.windows, "history": {"enabled": self.history is not None,
-                                                               "days": self.config.history_days},
-                   "count": ledger.count, "hourly": ledger.by_hour(now), "daily": ledger.by_day(now),
-                   "latency": ledger.by_route(now), "sessions": ledger.by_session(limit=50),
-                   "requests": ledger.requests()}
-        await response.send(200, JSON_HEADERS + [("Cache-Control", "no-store")], json_dumps(payload))
+                   "windows": self.gateway.windows,
+                   "history": {"enabled": self.history is not None,
+                               "days": self.config.history_days},
+                   "count": ledger.count, "hourly": ledger.by_hour(now),
+                   "daily": ledger.by_day(now), "latency": ledger.by_route(now),
+                   "sessions": ledger.by_session(limit=50), "requests": ledger.requests()}
+        await response.send(200, JSON_HEADERS + [("Cache-Control", "no-store")],
+                            json_dumps(payload))
 
 
 def unknown_path_error(request, dialect, route_list, port):
@@ -10919,29 +10951,33 @@ def text_bars(rows, width=32, encoding=None):
 def history_lines(ledger, now, billing, days=7):
     """``usage``'s history part: the cost per day of the last ``days`` days as a text chart, then
     the top models and agent sessions of those days."""
-    metric, unit = ("credits", "AI credits") if billing == "tokens" else ("premium", "premium requests")
-    by_day = ledger.by_day(now, days)
+    metric, unit = ("credits", "AI credits") if billing == "tokens" else ("premium",
+                                                                          "premium requests")
     rows = []
-    for day in by_day:
+    for day in ledger.by_day(now, days):
         spent = sum(t[metric] for t in day["models"].values())
         requests = sum(t["requests"] for t in day["models"].values())
         label = time.strftime("%m-%d %a", time.strptime(day["day"], "%Y-%m-%d"))
         rows.append((label, spent, "%8.2f  (%d requests)" % (spent, requests)))
     lines = ["last %d days, %s per day:" % (days, unit)] + text_bars(rows)
     since = now - days * 86400
-    models = sorted(ledger.by_model(now, since).items(), key=lambda item: (-item[1][metric], item[0]))
+    models = sorted(ledger.by_model(now, since).items(),
+                    key=lambda item: (-item[1][metric], item[0]))
     if models:
         lines.append("top models:")
-        lines += ["  %-28s %9.2f  %6d requests, %s tokens" % (model, t[metric], t["requests"],
-                                                              "{:,}".format(t["input"] + t["output"]))
-                  for model, t in models[:5]]
-    sessions = sorted(ledger.by_session(since, limit=HISTORY_MAX_SESSIONS), key=lambda s: -s[metric])
+        lines += ["  %-28s %9.2f  %6d requests, %s tokens" % (
+            model, t[metric], t["requests"], "{:,}".format(t["input"] + t["output"]))
+            for model, t in models[:5]]
+    sessions = sorted(ledger.by_session(since, limit=HISTORY_MAX_SESSIONS),
+                      key=lambda session: -session[metric])
+
+    def minute(t):
+        return time.strftime("%m-%d %H:%M", time.localtime(t))
     if sessions:
         lines.append("top sessions:")
         lines += ["  %-14s %9.2f  %6d requests, %s to %s  %s" % (
-            session["id"][:14], session[metric], session["requests"],
-            time.strftime("%m-%d %H:%M", time.localtime(session["first"])),
-            time.strftime("%m-%d %H:%M", time.localtime(session["last"])), (session.get("client") or "")[:40])
+            session["id"][:14], session[metric], session["requests"], minute(session["first"]),
+            minute(session["last"]), (session.get("client") or "")[:40])
             for session in sessions[:5]]
     return lines
 
@@ -10982,7 +11018,8 @@ def cmd_usage(config, args):
     if history.days():
         print("\n".join(history_lines(ledger, now, summary["billing"])))
     else:
-        print("history:           none yet in %s (serve keeps one unless --no-history)" % history.dir)
+        print("history:           none yet in %s (serve keeps one unless --no-history)"
+              % history.dir)
     return 0
 
 
