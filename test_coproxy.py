@@ -7009,16 +7009,21 @@ class TestClaudeCodeCommand(unittest.TestCase):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp, True)
         self.addCleanup(install_log_capture)
+        closed = socket.socket()  # bound, never listening: no coproxy there, so GitHub's catalogue
+        closed.bind(("127.0.0.1", 0))
+        self.addCleanup(closed.close)
+        port = closed.getsockname()[1]
         base = ["claude-code", "--state-dir", tmp, "--github-url", fake.url, "--github-api-url", fake.url,
-                "--github-token", "ghu_testtoken1234567890", "--port", "9123"]
+                "--github-token", "ghu_testtoken1234567890", "--port", str(port)]
         outputs = {}
         for shell in ("sh", "fish", "powershell"):
             out = io.StringIO()
-            with contextlib.redirect_stdout(out):
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), \
+                    without_coproxy_variables():
                 self.assertEqual(coproxy.main(base + ["--shell", shell, "--api-key", "pa$$"]), 0)
             outputs[shell] = out.getvalue()
         sh = outputs["sh"]
-        self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:9123\n", sh)
+        self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:%d\n" % port, sh)
         self.assertIn("export ANTHROPIC_AUTH_TOKEN='pa$$'\n", sh)
         self.assertIn("export ANTHROPIC_MODEL=claude-sonnet-4.5\n", sh)
         self.assertIn("export ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4.6\n", sh)
