@@ -1414,21 +1414,24 @@ class TestHistory(unittest.TestCase):
         self.dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.state = os.path.join(self.dir, "state")
-        today = time.localtime()
-        self.now = time.mktime((today.tm_year, today.tm_mon, today.tm_mday, 15, 30, 0, 0, 0, -1))  # 15:30 local
+        today = time.localtime()  # 15:30 local time today
+        self.now = time.mktime((today.tm_year, today.tm_mon, today.tm_mday, 15, 30, 0, 0, 0, -1))
 
     def history(self, keep_days=90):
         history = coproxy.History(self.state, keep_days)
         self.addCleanup(history.close)
         return history
 
-    def record(self, hours_ago, model="gpt-4.1", credits=0.5, session=None, **extra):
-        record = {"t": self.now - hours_ago * 3600, "route": "/chat/completions", "status": 200, "model": model,
-                  "input": 10, "output": 2, "credits": credits, "ttfb_ms": 100.0 + hours_ago, "ms": 900.0}
+    def record(self, hours_ago, model="gpt-4.1", credits=0.5, session=None):
+        record = {"t": self.now - hours_ago * 3600, "route": "/chat/completions", "status": 200,
+                  "model": model, "input": 10, "output": 2, "credits": credits,
+                  "ttfb_ms": 100.0 + hours_ago, "ms": 900.0}
         if session:
             record["session"] = session
-        record.update(extra)
         return record
+
+    def totals(self, buckets, name="requests"):
+        return sum(t[name] for bucket in buckets for t in bucket["models"].values())
 
     def test_records_go_to_their_days_files_0600_by_the_writer_thread(self):
         history = self.history()
@@ -1441,7 +1444,8 @@ class TestHistory(unittest.TestCase):
             os.umask(old)
         self.assertNotEqual(history._thread, threading.current_thread())
         days = history.days()
-        self.assertEqual(days, sorted({coproxy.local_day(self.now - h * 3600) for h in (0, 1, 20, 40)}))
+        expected = {coproxy.local_day(self.now - h * 3600) for h in (0, 1, 20, 40)}
+        self.assertEqual(days, sorted(expected))
         self.assertEqual(stat.S_IMODE(os.stat(history.dir).st_mode), 0o700)
         for day in days:
             self.assertEqual(stat.S_IMODE(os.stat(history.path(day)).st_mode), 0o600)
@@ -1450,29 +1454,31 @@ class TestHistory(unittest.TestCase):
 
     def test_a_start_counts_each_record_once_from_summaries_and_the_last_24_hours(self):
         history = self.history()
-        records = [self.record(h, model="claude-sonnet-4.5" if h % 2 else "gpt-4.1", session="s1" if h < 30 else "s2")
+        records = [self.record(h, model="claude-sonnet-4.5" if h % 2 else "gpt-4.1",
+                               session="s1" if h < 30 else "s2")
                    for h in (0, 3, 14, 16, 20, 30, 50, 75)]
         history.write(records)
         ledger = coproxy.Ledger(clock=lambda: self.now)
-        self.assertEqual(history.load(ledger, self.now), 5)  # today's 2 and yesterday's 3 in the last 24 h
-        daily = {d["day"]: d["models"] for d in ledger.by_day(self.now)}
-        total = sum(t["requests"] for models in daily.values() for t in models.values())
-        self.assertEqual(total, len(records))
-        self.assertEqual(round(sum(t["credits"] for models in daily.values() for t in models.values()), 6), 4.0)
+        # the last 24 h: today's 3 (15:30, 12:30, 01:30) and yesterday's 2 (23:30, 19:30)
+        self.assertEqual(history.load(ledger, self.now), 5)
+        days = ledger.by_day(self.now)
+        self.assertEqual(self.totals(days), len(records))
+        self.assertEqual(round(self.totals(days, "credits"), 6), 4.0)
         hourly = ledger.by_hour(self.now)
-        self.assertEqual((len(hourly), sum(t["requests"] for h in hourly for t in h["models"].values())), (24, 5))
+        self.assertEqual((len(hourly), self.totals(hourly)), (24, 5))
         self.assertEqual(ledger.by_route(self.now)["/chat/completions"]["requests"], 5)
         sessions = {s["id"]: s for s in ledger.by_session()}
         self.assertEqual((sessions["s1"]["requests"], sessions["s2"]["requests"]), (5, 3))
         self.assertEqual(sessions["s1"]["models"], {"gpt-4.1": 4, "claude-sonnet-4.5": 1})
         self.assertEqual(len(ledger.requests()), 5)
         past = [d for d in history.days() if d < coproxy.local_day(self.now)]
-        self.assertTrue(past and all(os.path.exists(history.path(d, ".sum.json")) for d in past))
+        self.assertTrue(past)
+        self.assertTrue(all(os.path.exists(history.path(d, ".sum.json")) for d in past))
         # a summary that no longer matches its records file (appended since) is counted again
         history.write([self.record(75, credits=1.0)])
         again = coproxy.Ledger(clock=lambda: self.now)
         history.load(again, self.now)
-        self.assertEqual(sum(t["requests"] for d in again.by_day(self.now) for t in d["models"].values()), 9)
+        self.assertEqual(self.totals(again.by_day(self.now)), 9)
 
     def test_old_days_are_removed_and_a_torn_line_is_skipped(self):
         history = self.history(keep_days=3)
@@ -1494,16 +1500,23 @@ class TestHistory(unittest.TestCase):
         ledger = coproxy.Ledger(clock=lambda: self.now)
         for hours in (0, 2, 5):
             ledger.add(self.record(hours, session="s"), now=self.now)
-        self.assertEqual([r["ttfb_ms"] for r in ledger.requests(since=self.now - 3 * 3600)], [102.0, 100.0])
+        recent = ledger.requests(since=self.now - 3 * 3600)
+        self.assertEqual([r["ttfb_ms"] for r in recent], [102.0, 100.0])
         self.assertEqual(ledger.by_model(self.now)["gpt-4.1"]["requests"], 3)
         self.assertEqual(len(ledger.by_hour(self.now, since=self.now - 3600)), 2)
-        # a server nobody looks at keeps only what the views show
-        for index in range(2048):
-            ledger.add(self.record(48 + index / 100.0), now=self.now)
-        self.assertLessEqual((len(ledger.latency), len(ledger.hourly)), (3, 3))
-        ledger.add(self.record(24 * 40), now=self.now)
-        ledger.trim(self.now)
-        self.assertNotIn(coproxy.local_day(self.now - 24 * 40 * 3600), ledger.daily)
+
+    def test_a_ledger_nobody_looks_at_trims_itself(self):
+        ledger = coproxy.Ledger(clock=lambda: self.now)
+        for hours in (0, 2, 5, 24 * 29):
+            ledger.add(self.record(hours), now=self.now)
+        self.assertEqual((len(ledger.hourly), len(ledger.latency), len(ledger.daily)), (3, 3, 2))
+        later = self.now + 3 * 86400  # three days on; every 1,024th record trims
+        while ledger.count % 1024:
+            ledger.add(self.record(-72), now=later)
+        self.assertEqual(list(ledger.hourly), [int(later // 3600) * 3600])
+        self.assertEqual({t for t, _, _, _ in ledger.latency}, {later})
+        self.assertNotIn(coproxy.local_day(self.now - 24 * 29 * 3600), ledger.daily)
+        self.assertIn(coproxy.local_day(self.now), ledger.daily)
 
 
 class TestUpstreamClient(unittest.TestCase):
@@ -6218,38 +6231,48 @@ class TestDashboard(ProxyTestCase):
     """History of proxied requests, /usage?by= views, /dashboard/data and the page at GET /."""
 
     def wait_count(self, proxy, count):
-        self.assertTrue(wait_for(lambda: proxy.app.dashboard.ledger.count >= count), proxy.app.dashboard.ledger.count)
+        ledger = proxy.app.dashboard.ledger
+        self.assertTrue(wait_for(lambda: ledger.count >= count), ledger.count)
 
     def data(self, proxy, headers=None):
         status, _, body = self.request("GET", "/dashboard/data", headers=headers, port=proxy.port)
         self.assertEqual(status, 200, body)
         return json.loads(body)
 
+    def access_lines(self):
+        return [r for r in LOGS.records if r.name == "coproxy.access"]
+
     def test_finished_requests_are_kept_without_their_text_and_survive_a_restart(self):
         state = os.path.join(self.tmp, "kept")
         proxy = self.start_proxy(state_dir=state, api_key="sekrit-key-123")
-        auth = {"Authorization": "Bearer sekrit-key-123", "User-Agent": "claude-cli/2.1.126 (external, cli)"}
+        client = "claude-cli/2.1.126 (external, cli)"
+        auth = {"Authorization": "Bearer sekrit-key-123", "User-Agent": client}
         session = dict(auth, **{"X-Claude-Code-Session-Id": "sess-1"})
-        self.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer wrong"},
-                     port=proxy.port)  # refused callers leave nothing on disk
-        self.request("POST", "/v1/chat/completions", chat_body("the secret prompt"), session, port=proxy.port)
-        self.request("POST", "/v1/messages", {"model": "claude-sonnet-4.5", "max_tokens": 10,
-                                              "messages": [{"role": "user", "content": "hello"}]}, session,
-                     port=proxy.port)
-        self.request("POST", "/v1/chat/completions", chat_body(model="no-such-model"), auth, port=proxy.port)
-        self.request("GET", "/v1/models", headers=auth, port=proxy.port)  # not a model call: not kept
+        port = proxy.port
+        wrong = {"Authorization": "Bearer wrong"}  # refused callers leave nothing on disk
+        self.request("POST", "/v1/chat/completions", chat_body(), wrong, port=port)
+        secret = chat_body("the secret prompt")
+        self.request("POST", "/v1/chat/completions", secret, session, port=port)
+        message = {"model": "claude-sonnet-4.5", "max_tokens": 10,
+                   "messages": [{"role": "user", "content": "hello"}]}
+        self.request("POST", "/v1/messages", message, session, port=port)
+        unknown = chat_body(model="no-such-model")
+        self.request("POST", "/v1/chat/completions", unknown, auth, port=port)
+        self.request("GET", "/v1/models", headers=auth, port=port)  # not a model call: not kept
         self.wait_count(proxy, 3)
-        status, _, body = self.request("GET", "/usage?by=request", headers=auth, port=proxy.port)
+        status, _, body = self.request("GET", "/usage?by=request", headers=auth, port=port)
         listed = json.loads(body)["data"]
         self.assertEqual([(r["route"], r["status"]) for r in listed],
-                         [("/chat/completions", 404), ("/messages", 200), ("/chat/completions", 200)])
+                         [("/chat/completions", 404), ("/messages", 200),
+                          ("/chat/completions", 200)])
         first = listed[-1]
         self.assertEqual((first["model"], first["session"], first["client"], first["input"]),
-                         ("gpt-4.1", "sess-1", "claude-cli/2.1.126 (external, cli)", 3))
+                         ("gpt-4.1", "sess-1", client, 3))
         self.assertTrue(0 <= first["ttfb_ms"] <= first["ms"])
         self.assertEqual(listed[0]["error"], "model_not_found")
         proxy.stop()
-        files = [os.path.join(state, "history", n) for n in os.listdir(os.path.join(state, "history"))]
+        folder = os.path.join(state, "history")
+        files = [os.path.join(folder, name) for name in os.listdir(folder)]
         text = "".join(open(path).read() for path in files)
         self.assertEqual(text.count("\n"), 3)
         for secret in ("the secret prompt", "hello", "sekrit-key-123", "ghu_testtoken", "tid=test"):
@@ -6269,10 +6292,12 @@ class TestDashboard(ProxyTestCase):
     def test_no_history_keeps_this_run_only_and_views_check_their_parameters(self):
         proxy = self.start_proxy(no_history=True)
         self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
-        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="auto"), port=proxy.port)
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(model="auto"),
+                                       port=proxy.port)
         self.wait_count(proxy, 2)
-        chosen = proxy.app.dashboard.ledger.requests()[0]  # what auto chose, and that auto was asked
-        self.assertEqual((status, chosen["requested"], chosen["model"]), (200, "auto", json.loads(body)["model"]))
+        chosen = proxy.app.dashboard.ledger.requests()[0]  # what auto chose, and that it was asked
+        self.assertEqual((status, chosen["requested"], chosen["model"]),
+                         (200, "auto", json.loads(body)["model"]))
         proxy.app.close()
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "state", "history")))
         for query, param in (("by=week", "by"), ("by=hour&since=yesterday", "since")):
@@ -6280,9 +6305,10 @@ class TestDashboard(ProxyTestCase):
             error = json.loads(body)["error"]
             self.assertEqual((status, error["code"], error["param"]), (400, "invalid_query", param))
         status, _, body = self.request("GET", "/usage?by=model&since=1h", port=proxy.port)
-        self.assertEqual(json.loads(body)["data"]["gpt-4.1"]["requests"], 1)
-        self.assertEqual(sum(t["requests"] for t in json.loads(body)["data"].values()), 2)
-        self.assertFalse(json.loads(body)["history"])
+        view = json.loads(body)
+        self.assertEqual(view["data"]["gpt-4.1"]["requests"], 1)
+        self.assertEqual(sum(t["requests"] for t in view["data"].values()), 2)
+        self.assertFalse(view["history"])
 
     def get(self, path, headers, port):
         client = RawClient(port)
@@ -6294,9 +6320,10 @@ class TestDashboard(ProxyTestCase):
     def test_get_root_is_the_page_for_browsers_with_a_fresh_nonce_and_the_probe_for_others(self):
         browser = {"Host": "127.0.0.1", "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
                    "Sec-Fetch-Site": "none"}
+        port = self.proxy.port
         nonces = []
         for _ in range(2):
-            status, headers, body = self.get("/", browser, self.proxy.port)
+            status, headers, body = self.get("/", browser, port)
             self.assertEqual((status, headers["content-type"]), (200, "text/html; charset=utf-8"))
             policy = headers["content-security-policy"]
             nonce = re.search(r"'nonce-([A-Za-z0-9+/=]+)'", policy).group(1)
@@ -6304,41 +6331,45 @@ class TestDashboard(ProxyTestCase):
             self.assertIn("default-src 'none'", policy)
             self.assertNotIn("unsafe", policy)
             page = body.decode("utf-8")
-            self.assertEqual(page.count('nonce="%s"' % nonce), 2)  # the one style and the one script
+            self.assertEqual(page.count('nonce="%s"' % nonce), 2)  # the one style, the one script
             self.assertEqual(len(re.findall(r"<script|<style", page)), 2)
             for outside in (" src=", "@import", "url(", "https://", "stylesheet"):
                 self.assertNotIn(outside, page)
-            self.assertEqual((headers["x-frame-options"], headers["cache-control"]), ("DENY", "no-store"))
+            self.assertEqual((headers["x-frame-options"], headers["cache-control"]),
+                             ("DENY", "no-store"))
         self.assertNotEqual(nonces[0], nonces[1])
-        status, headers, body = self.get("/", {"Host": "127.0.0.1", "Accept": "*/*"}, self.proxy.port)
+        status, headers, body = self.get("/", {"Host": "127.0.0.1", "Accept": "*/*"}, port)
         self.assertEqual((status, body), (200, b"Ollama is running"))
-        # the Host and Origin checks of every route apply to the page too (errors in Ollama's shape)
-        status, _, body = self.get("/", dict(browser, Host="evil.example"), self.proxy.port)
+        # the Host and Origin checks of every route apply to the page (errors in Ollama's shape)
+        status, _, body = self.get("/", dict(browser, Host="evil.example"), port)
         self.assertEqual(status, 403)
         self.assertIn("--allowed-host", json.loads(body)["error"])
-        status, _, body = self.get("/", dict(browser, **{"Sec-Fetch-Site": "cross-site"}), self.proxy.port)
+        status, _, body = self.get("/", dict(browser, **{"Sec-Fetch-Site": "cross-site"}), port)
         self.assertEqual(status, 403)
         self.assertIn("Sec-Fetch-Site: cross-site", json.loads(body)["error"])
 
-    def test_with_a_key_the_page_loads_but_its_data_needs_the_key_and_no_dashboard_turns_it_off(self):
+    def test_with_a_key_the_page_loads_but_its_data_needs_the_key(self):
         keyed = self.start_proxy(api_key="k-123")
-        page = {"Host": "127.0.0.1", "Accept": "text/html"}
+        page, host = {"Host": "127.0.0.1", "Accept": "text/html"}, {"Host": "127.0.0.1"}
         self.assertEqual(self.get("/", page, keyed.port)[0], 200)
-        self.assertEqual(self.get("/", {"Host": "127.0.0.1"}, keyed.port)[0], 401)  # Ollama's probe needs it
-        self.assertTrue(wait_for(lambda: len([r for r in LOGS.records if r.name == "coproxy.access"]) == 2))
+        self.assertEqual(self.get("/", host, keyed.port)[0], 401)  # Ollama's probe needs it
+        self.assertTrue(wait_for(lambda: len(self.access_lines()) == 2))
         LOGS.clear()  # the page and the probe are logged: from here on, only the data requests
-        status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1"}, keyed.port)
+        status, _, body = self.get("/dashboard/data", host, keyed.port)
         self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_api_key"))
-        status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1", "Authorization": "Bearer k-123"},
+        status, _, body = self.get("/dashboard/data", dict(host, Authorization="Bearer k-123"),
                                    keyed.port)
         self.assertEqual(status, 200)
         self.assertNotIn("k-123", body.decode())
-        # an open page asks every 2 s: its answered polls are access-logged at debug, refusals at info
-        self.assertTrue(wait_for(lambda: len([r for r in LOGS.records if r.name == "coproxy.access"]) == 2))
-        levels = [(r.getMessage().split()[2], r.levelno) for r in LOGS.records if r.name == "coproxy.access"]
+        # an open page asks every 2 s: answered polls are access-logged at debug, refusals at info
+        self.assertTrue(wait_for(lambda: len(self.access_lines()) == 2))
+        levels = [(r.getMessage().split()[2], r.levelno) for r in self.access_lines()]
         self.assertEqual(levels, [("401", logging.INFO), ("200", logging.DEBUG)])
+
+    def test_no_dashboard_turns_the_page_and_its_data_off(self):
         off = self.start_proxy(no_dashboard=True)
-        self.assertEqual(self.get("/", page, off.port)[2], b"Ollama is running")
+        self.assertEqual(self.get("/", {"Host": "127.0.0.1", "Accept": "text/html"}, off.port)[2],
+                         b"Ollama is running")
         status, _, body = self.get("/dashboard/data", {"Host": "127.0.0.1"}, off.port)
         self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "dashboard_disabled"))
 
@@ -6349,6 +6380,11 @@ def chromium_path():
         if found:
             return found
     return None
+
+
+#: What a page's script reads back: the rows of the request table, its body's background.
+ROWS_SCRIPT = "() => document.querySelectorAll('#request-rows tr').length"
+BACKGROUND_SCRIPT = "getComputedStyle(document.body).backgroundColor"
 
 
 @unittest.skipUnless(sync_playwright is not None and chromium_path(),
@@ -6363,8 +6399,8 @@ class TestDashboardBrowser(ProxyTestCase):
         cls.playwright = sync_playwright().start()
         cls.browser = cls.playwright.chromium.launch(
             executable_path=chromium_path(), headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"])
 
     @classmethod
     def tearDownClass(cls):
@@ -6373,14 +6409,19 @@ class TestDashboardBrowser(ProxyTestCase):
 
     def open(self, proxy, width=1280, height=900, scheme="light", allowed=()):
         """A page in a fresh context; console errors and CSP violations are checked at cleanup."""
-        context = self.browser.new_context(viewport={"width": width, "height": height}, color_scheme=scheme)
+        context = self.browser.new_context(viewport={"width": width, "height": height},
+                                           color_scheme=scheme)
         self.addCleanup(context.close)
-        context.add_init_script("document.addEventListener('securitypolicyviolation', (e) => "
-                                "(window.cspViolations = window.cspViolations || []).push(e.violatedDirective));")
+        context.add_init_script(
+            "document.addEventListener('securitypolicyviolation', (e) => "
+            "(window.cspViolations = window.cspViolations || []).push(e.violatedDirective));")
         page = context.new_page()
         problems = []
-        page.on("console", lambda message: problems.append(message.text) if message.type == "error"
-                and not any(a in message.text for a in allowed) else None)
+
+        def console(message):
+            if message.type == "error" and not any(a in message.text for a in allowed):
+                problems.append(message.text)
+        page.on("console", console)
         page.on("pageerror", lambda error: problems.append(str(error)))
         page.goto("http://127.0.0.1:%d/" % proxy.port)
 
@@ -6389,28 +6430,30 @@ class TestDashboardBrowser(ProxyTestCase):
         self.addCleanup(check)
         return page
 
-    def rows(self, page, selector="#request-rows tr"):
-        return page.locator(selector).count()
+    def rows(self, page):
+        return page.evaluate(ROWS_SCRIPT)
 
-    def wait_rows(self, page, count, timeout=5000):
-        """Until the request table has ``count`` rows (the page asks for data every 2 s)."""
+    def wait_rows(self, page, count=None, timeout=5000):
+        """Until the request table has ``count`` rows, or any (the page asks every 2 s)."""
+        test = "(count) => (%s)() %s" % (ROWS_SCRIPT, "> 0" if count is None else "=== count")
         try:
-            page.wait_for_function("(count) => document.querySelectorAll('#request-rows tr').length === count",
-                                   arg=count, timeout=timeout)
+            page.wait_for_function(test, arg=count, timeout=timeout)
         except Exception:
-            self.fail("the page shows %d requests, not %d (%s)" % (self.rows(page), count, page.text_content("#live")))
+            self.fail("the page shows %d requests, not %s (%s)" % (
+                self.rows(page), count, page.text_content("#live")))
 
     def seed_history(self, state):
         """A month of an agent's requests (a few a day) so the day chart has something to draw."""
         now = time.time()
         records = []
         for back in range(1, 30 * 24, 7):
-            records.append({"t": now - back * 3600, "route": "/messages", "status": 200,
-                            "model": ("claude-sonnet-4.5", "gpt-4.1", "gpt-5.1-codex")[back % 3],
-                            "initiator": "agent", "stream": True, "ttfb_ms": 300.0 + back % 500,
-                            "ms": 2000.0 + back * 37 % 9000, "input": 2000 + back * 13, "output": 300 + back,
-                            "credits": 0.05 + back % 11 / 40.0, "client": "claude-cli/2.1.126 (external, cli)",
-                            "session": "0e5f%04d-6a1b-4c3d-9e8f-seeded" % (back // 100)})
+            records.append({
+                "t": now - back * 3600, "route": "/messages", "status": 200,
+                "model": ("claude-sonnet-4.5", "gpt-4.1", "gpt-5.1-codex")[back % 3],
+                "initiator": "agent", "stream": True, "ttfb_ms": 300.0 + back % 500,
+                "ms": 2000.0 + back * 37 % 9000, "input": 2000 + back * 13, "output": 300 + back,
+                "credits": 0.05 + back % 11 / 40.0, "client": "claude-cli/2.1.126 (external, cli)",
+                "session": "0e5f%04d-6a1b-4c3d-9e8f-seeded" % (back // 100)})
         coproxy.History(state).write(records)
 
     def test_requests_show_in_charts_and_tables_live_wide_and_narrow_light_and_dark(self):
@@ -6419,62 +6462,69 @@ class TestDashboardBrowser(ProxyTestCase):
         self.fake.user = TOKEN_BILLED_USER
         self.fake.cost = 420000000  # 0.42 credits per answer
         reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3 * 3600))
-        self.fake.answer_headers = [("x-usage-ratelimit-session", "rem=62.5&rst=" + reset),
-                                    ("x-usage-ratelimit-weekly", "rem=88&rst=2026-12-14T00%3A00%3A00Z")]
+        self.fake.answer_headers = [
+            ("x-usage-ratelimit-session", "rem=62.5&rst=" + reset),
+            ("x-usage-ratelimit-weekly", "rem=88&rst=2026-12-14T00%3A00%3A00Z")]
         proxy = self.start_proxy(state_dir=state)
-        seeded = proxy.app.dashboard.ledger.count  # the records of the last 24 hours, read at start
-        agent = {"X-Claude-Code-Session-Id": "browser-session-1", "User-Agent": "claude-cli/2.1.126 (external, cli)"}
-        message = {"model": "claude-sonnet-4.5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+        ledger = proxy.app.dashboard.ledger
+        seeded = ledger.count  # the records of the last 24 hours, read at start
+        agent = {"X-Claude-Code-Session-Id": "browser-session-1",
+                 "User-Agent": "claude-cli/2.1.126 (external, cli)"}
+        message = {"model": "claude-sonnet-4.5", "max_tokens": 50,
+                   "messages": [{"role": "user", "content": "hi"}]}
         self.request("POST", "/v1/messages", message, agent, port=proxy.port)
-        self.request("POST", "/v1/chat/completions", chat_body(), {"User-Agent": "aider/0.86"}, port=proxy.port)
-        self.assertTrue(wait_for(lambda: proxy.app.dashboard.ledger.count == seeded + 2))
-        expected = seeded + 2
+        self.request("POST", "/v1/chat/completions", chat_body(), {"User-Agent": "aider/0.86"},
+                     port=proxy.port)
+        self.assertTrue(wait_for(lambda: ledger.count == seeded + 2))
         page = self.open(proxy)
-        self.wait_rows(page, expected)
+        self.wait_rows(page, seeded + 2)
         self.assertEqual(page.text_content("#state"), "ready")
-        status = page.text_content("#status-list")
-        self.assertIn("GitHub App user token", status)
+        self.assertIn("GitHub App user token", page.text_content("#status-list"))
         self.assertNotIn("ghu_", page.content())
         self.assertIn("1378 left of 1500", page.text_content("#quota"))
         self.assertIn("62.5% left", page.text_content("#quota"))
         for model in ("gpt-4.1", "claude-sonnet-4.5"):
-            self.assertGreater(page.locator("#chart-hours rect[data-model='%s']" % model).count(), 0, model)
+            bars = page.locator("#chart-hours rect[data-model='%s']" % model)
+            self.assertGreater(bars.count(), 0, model)
         self.assertGreater(page.locator("#chart-days rect").count(), 20)
-        self.assertEqual(page.get_attribute("#session-rows tr:first-child td:first-child", "title"),
-                         "browser-session-1")
+        first_session = page.get_attribute("#session-rows tr:first-child td:first-child", "title")
+        self.assertEqual(first_session, "browser-session-1")
         self.assertIn("/messages", page.text_content("#latency-rows"))
         # live: a new request appears without a reload
-        haiku = dict(message, model="claude-haiku-4.5")
-        self.request("POST", "/v1/messages", haiku, agent, port=proxy.port)
-        self.wait_rows(page, expected + 1)
-        self.assertGreater(page.locator("#chart-hours rect[data-model='claude-haiku-4.5']").count(), 0)
+        self.request("POST", "/v1/messages", dict(message, model="claude-haiku-4.5"), agent,
+                     port=proxy.port)
+        self.wait_rows(page, seeded + 3)
+        haiku = page.locator("#chart-hours rect[data-model='claude-haiku-4.5']")
+        self.assertGreater(haiku.count(), 0)
         page.fill("#filter", "haiku")
         self.assertEqual(self.rows(page), 1)
         page.fill("#filter", "")
-        self.assertEqual(page.evaluate("getComputedStyle(document.body).backgroundColor"), "rgb(245, 246, 248)")
+        self.assertEqual(page.evaluate(BACKGROUND_SCRIPT), "rgb(245, 246, 248)")
         page.screenshot(path=os.path.join(self.tmp, "dashboard-wide-light.png"), full_page=True)
         narrow = self.open(proxy, width=390, height=844, scheme="dark")
-        narrow.wait_for_function("() => document.querySelectorAll('#request-rows tr').length > 0", timeout=5000)
-        self.assertEqual(narrow.evaluate("getComputedStyle(document.body).backgroundColor"), "rgb(15, 18, 23)")
+        self.wait_rows(narrow)
+        self.assertEqual(narrow.evaluate(BACKGROUND_SCRIPT), "rgb(15, 18, 23)")
         self.assertLessEqual(narrow.evaluate("document.documentElement.scrollWidth"), 390)
         shots = os.environ.get("COPROXY_DASHBOARD_SCREENSHOTS")  # a directory: README's picture
         if shots:
             wide = self.open(proxy, width=1280, height=900, scheme="dark")
-            wide.wait_for_function("() => document.querySelectorAll('#request-rows tr').length > 0", timeout=5000)
+            self.wait_rows(wide)
             wide.screenshot(path=os.path.join(shots, "dashboard.png"), full_page=True)
             narrow.screenshot(path=os.path.join(shots, "dashboard-phone.png"), full_page=False)
 
     def test_the_key_is_asked_once_kept_in_the_tab_and_never_shown(self):
         proxy = self.start_proxy(api_key="page-key-42")
-        self.request("POST", "/v1/chat/completions", chat_body(), {"Authorization": "Bearer page-key-42"},
-                     port=proxy.port)
+        self.request("POST", "/v1/chat/completions", chat_body(),
+                     {"Authorization": "Bearer page-key-42"}, port=proxy.port)
         self.assertTrue(wait_for(lambda: proxy.app.dashboard.ledger.count >= 1))
-        page = self.open(proxy, allowed=("status of 401",))  # the refused fetches, as Chromium logs them
+        # the refused fetches are logged by Chromium as errors: expected here
+        page = self.open(proxy, allowed=("status of 401",))
         page.wait_for_selector("#key-input", state="visible", timeout=5000)
         page.fill("#key-input", "wrong-key")
         page.click("#key-form button")
-        page.wait_for_function("() => document.getElementById('key-error').textContent.includes('refused')",
-                               timeout=5000)
+        page.wait_for_function(
+            "() => document.getElementById('key-error').textContent.includes('refused')",
+            timeout=5000)
         page.fill("#key-input", "page-key-42")
         page.click("#key-form button")
         self.wait_rows(page, 1)
@@ -6672,28 +6722,34 @@ class TestCLI(unittest.TestCase):
         code, out, _ = self.run_main("usage")
         self.assertIn("history:           none yet in %s" % os.path.join(self.tmp, "history"), out)
         now = time.time()
-        day = lambda back, model, credits, session: {"t": now - back * 86400, "route": "/messages", "status": 200,
-                                                    "model": model, "credits": credits, "input": 100, "output": 20,
-                                                    "session": session, "client": "claude-cli/2.1.126"}
-        coproxy.History(self.tmp).write([day(0, "claude-sonnet-4.5", 4.0, "sess-today"),
-                                         day(2, "gpt-4.1", 1.0, "sess-old"), day(2, "gpt-4.1", 1.0, "sess-old"),
-                                         day(10, "claude-opus-4.6", 50.0, "sess-gone")])
-        code, out, _ = self.run_main("usage")  # into a StringIO, which has no encoding: # for blocks
+
+        def day(back, model, credits, session):
+            return {"t": now - back * 86400, "route": "/messages", "status": 200, "model": model,
+                    "credits": credits, "input": 100, "output": 20, "session": session,
+                    "client": "claude-cli/2.1.126"}
+        coproxy.History(self.tmp).write([
+            day(0, "claude-sonnet-4.5", 4.0, "sess-today"), day(2, "gpt-4.1", 1.0, "sess-old"),
+            day(2, "gpt-4.1", 1.0, "sess-old"), day(10, "claude-opus-4.6", 50.0, "sess-gone")])
+        code, out, _ = self.run_main("usage")  # into a StringIO, which has no encoding: # blocks
         lines = out.splitlines()
         start = lines.index("last 7 days, AI credits per day:")
         bars = lines[start + 1:start + 8]
         self.assertEqual(len(bars), 7)
-        self.assertEqual(bars[-1].split()[2:], ["#" * 32, "4.00", "(1", "requests)"])  # the largest: a full bar
+        # the largest day has the full bar
+        self.assertEqual(bars[-1].split()[2:], ["#" * 32, "4.00", "(1", "requests)"])
         self.assertEqual(bars[-3].split()[2:], ["#" * 16, "2.00", "(2", "requests)"])
         self.assertEqual(bars[0].split()[2:], ["0.00", "(0", "requests)"])
         top = lines[lines.index("top models:") + 1:lines.index("top sessions:")]
-        self.assertEqual([line.split()[0] for line in top], ["claude-sonnet-4.5", "gpt-4.1"])  # not the 10-day-old
+        # not the 10-day-old opus
+        self.assertEqual([line.split()[0] for line in top], ["claude-sonnet-4.5", "gpt-4.1"])
         self.assertIn("sess-today", lines[lines.index("top sessions:") + 1])
         code, out, _ = self.run_main("usage", "--json")
         week = json.loads(out)["history"]
-        self.assertEqual((len(week["days"]), sorted(week["models"])), (7, ["claude-sonnet-4.5", "gpt-4.1"]))
-        self.assertEqual([line.split()[1] for line in coproxy.text_bars([("a", 1.0, ""), ("b", 0.3, "")], 4, "utf-8")],
-                         ["\u2588" * 4, "\u2588\u258e"])  # 1.2 blocks of 4: one and a quarter (in eighths)
+        self.assertEqual((len(week["days"]), sorted(week["models"])),
+                         (7, ["claude-sonnet-4.5", "gpt-4.1"]))
+        bars = coproxy.text_bars([("a", 1.0, ""), ("b", 0.3, "")], 4, "utf-8")
+        # 1.2 blocks of 4: one and a quarter (in eighths)
+        self.assertEqual([line.split()[1] for line in bars], ["\u2588" * 4, "\u2588\u258e"])
 
     def test_models_table_and_json(self):
         code, out, _ = self.run_main("models")
@@ -8475,32 +8531,37 @@ def run_history_bench(per_day=5000, starts=5):
         state = os.path.join(tmp, "state")
         history = coproxy.History(state, keep_days=400)
         rng, now, step = random.Random(7), time.time(), 86400.0 / per_day
-        models = ["claude-sonnet-4.5", "claude-opus-4.8", "gpt-5.4", "gpt-4.1", "gemini-2.5-pro", "claude-haiku-4.5"]
+        models = ["claude-sonnet-4.5", "claude-opus-4.8", "gpt-5.4", "gpt-4.1", "gemini-2.5-pro",
+                  "claude-haiku-4.5"]
         started, session, batch = time.perf_counter(), None, []
         for index in range(366 * per_day):
             if index % 150 == 0:  # an agent session every 150 requests
                 session = "%08x-4c2a-4b59-9a1c-2f0b7d9c1e11" % rng.getrandbits(32)
-            batch.append({"t": round(now - 366 * 86400 + index * step, 3), "route": "/messages", "status": 200,
-                          "model": rng.choice(models), "initiator": "agent" if index % 5 else "user",
-                          "stream": True, "ttfb_ms": round(rng.uniform(200, 2000), 1),
-                          "ms": round(rng.uniform(1000, 60000), 1), "input": rng.randint(1000, 150000),
-                          "cached": rng.randint(0, 100000), "output": rng.randint(10, 4000),
-                          "credits": round(rng.uniform(0.001, 0.3), 6),
-                          "client": "claude-cli/2.1.126 (external, cli)", "session": session})
+            batch.append({
+                "t": round(now - 366 * 86400 + index * step, 3), "route": "/messages",
+                "status": 200, "model": rng.choice(models),
+                "initiator": "agent" if index % 5 else "user", "stream": True,
+                "ttfb_ms": round(rng.uniform(200, 2000), 1),
+                "ms": round(rng.uniform(1000, 60000), 1),
+                "input": rng.randint(1000, 150000), "cached": rng.randint(0, 100000),
+                "output": rng.randint(10, 4000), "credits": round(rng.uniform(0.001, 0.3), 6),
+                "client": "claude-cli/2.1.126 (external, cli)", "session": session})
             if len(batch) == per_day:
                 history.write(batch)
                 batch = []
         history.write(batch)
-        size = sum(os.path.getsize(os.path.join(history.dir, name)) for name in os.listdir(history.dir))
-        print("generated %d days of %d requests (%.0f MB) in %.0f s" % (len(history.days()), per_day, size / 1e6,
-                                                                         time.perf_counter() - started))
+        size = sum(os.path.getsize(os.path.join(history.dir, name))
+                   for name in os.listdir(history.dir))
+        print("generated %d days of %d requests (%.0f MB) in %.0f s" % (
+            len(history.days()), per_day, size / 1e6, time.perf_counter() - started))
         for label in ["first start (writes the summaries)"] + ["start"] * starts:
             ledger = coproxy.Ledger()
             started, cpu = time.perf_counter(), time.process_time()
             read = coproxy.History(state, keep_days=400).load(ledger, time.time())
-            print("%-36s %6.1f ms (CPU %5.1f ms)  %d records of the last 24 h, %d days, %d sessions" % (
-                label, (time.perf_counter() - started) * 1000, (time.process_time() - cpu) * 1000, read,
-                len(ledger.daily), len(ledger.sessions)))
+            print("%-36s %6.1f ms (CPU %5.1f ms)  %d records of the last 24 h, %d days, "
+                  "%d sessions" % (label, (time.perf_counter() - started) * 1000,
+                                   (time.process_time() - cpu) * 1000, read, len(ledger.daily),
+                                   len(ledger.sessions)))
     finally:
         shutil.rmtree(tmp, True)
     return 0
