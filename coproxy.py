@@ -11064,8 +11064,9 @@ def claude_code_target(config):
 
 
 def catalogue_from_coproxy(config, url):
-    """(chat model ids, None) from the coproxy at ``url``, which knows the live catalogue, or
-    (None, why not). A coproxy serving its built-in fallback list does not know it either."""
+    """(chat model ids, its --model-alias names, None) from the coproxy at ``url``, which knows the
+    live catalogue, or (None, None, why not). A coproxy serving its built-in fallback list does not
+    know it either."""
     client = UpstreamClient(connect_timeout=3, read_timeout=10, environ={})
     headers = {"Accept": "application/json"}
     if config.api_key:
@@ -11074,7 +11075,7 @@ def catalogue_from_coproxy(config, url):
     try:
         status, data, _, response = client.request_json("GET", url + "/v1/models", headers)
     except UpstreamUnreachable as exc:
-        return None, "no coproxy answers at %s%s" % (url, "" if exc.kind == "refused" else " (%s)" % exc)
+        return None, None, "no coproxy answers at %s%s" % (url, "" if exc.kind == "refused" else " (%s)" % exc)
     finally:
         client.close()
     if status == 401:  # Claude Code would get the same refusal on every request
@@ -11083,18 +11084,19 @@ def catalogue_from_coproxy(config, url):
                                url, "none" if not config.api_key else config.source_of("api_key")))
     if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
         message = _dig(data, "error").get("message") if isinstance(data, dict) else None
-        return None, "the coproxy at %s answered %d%s" % (url, status, ": %s" % message if message else "")
+        return None, None, "the coproxy at %s answered %d%s" % (url, status, ": %s" % message if message else "")
     if response.header("x-coproxy-models-source") == "fallback":
-        return None, "the coproxy at %s cannot read the catalogue from GitHub either (its log says why)" % url
-    return [m["id"] for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)
-            and m.get("type", "chat") == "chat" and m.get("owned_by") != "coproxy-alias"], None
+        return None, None, "the coproxy at %s cannot read the catalogue from GitHub either (its log says why)" % url
+    entries = [m for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    return ([m["id"] for m in entries if m.get("type", "chat") == "chat" and m.get("owned_by") != "coproxy-alias"],
+            [m["id"] for m in entries if m.get("owned_by") == "coproxy-alias"], None)
 
 
 def cmd_claude_code(config, args):
     """Models from the running coproxy, else from GitHub; with neither, no models at all: names
     that may not exist on this account would only make Claude Code fail later, with 404s."""
     url = claude_code_target(config)
-    ids, problem = catalogue_from_coproxy(config, url)
+    ids, aliases, problem = catalogue_from_coproxy(config, url)
     if ids is None:
         with _session(config) as (store, client, auth):
             try:
@@ -11103,8 +11105,14 @@ def cmd_claude_code(config, args):
                 raise CoproxyError("cannot learn your Copilot model catalogue, so no settings are printed: %s; and "
                                    "GitHub: %s. Start coproxy (`python3 coproxy.py serve`), then run claude-code as its "
                                    "banner prints it (the same --state-dir, --port, --ca-file ...)" % (problem, exc))
-        ids = [m["id"] for m in models if (_dig(m, "capabilities").get("type") or "chat") == "chat"]
+        ids, aliases = [m["id"] for m in models if (_dig(m, "capabilities").get("type") or "chat") == "chat"], []
         _say("note: %s; the models are from GitHub. Start coproxy there before running claude" % problem)
+    if args.model and args.model not in aliases and resolve_model(args.model, ids) is None:
+        import difflib  # only for this message
+        close = difflib.get_close_matches(args.model, ids, n=3, cutoff=0.4)
+        raise CoproxyError("--model %s is not in your Copilot catalogue%s, so Claude Code would get 404s "
+                           "(`python3 coproxy.py models` lists the ids)" % (
+                               args.model, "; did you mean %s?" % ", ".join(close) if close else ""))
     import shlex  # this command only
     for name, value in claude_code_environment(config, ids, args.model, url):
         if args.shell == "fish":

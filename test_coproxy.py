@@ -7142,6 +7142,15 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
         models = [r for r in self.fake.requests if r[1] == "/models"]
         self.assertEqual(len(models), 1)  # the proxy's own fetch; the CLI never reached GitHub
 
+    def test_a_main_model_outside_the_catalogue_is_refused_and_aliases_are_known(self):
+        proxy = self.start_proxy(model_aliases={"fast": "gpt-4.1"})
+        code, env, err = self.claude_code("--port", str(proxy.port), "--model", "claude-sonet-4.5")
+        self.assertEqual((code, env), (1, {}))
+        self.assertIn("--model claude-sonet-4.5 is not in your Copilot catalogue; did you mean claude-sonnet-4.5", err)
+        for model, main in (("fast", "fast"), ("opus", "claude-opus-4.6"), ("claude-haiku-4-5", "claude-haiku-4.5")):
+            code, env, err = self.claude_code("--port", str(proxy.port), "--model", model)
+            self.assertEqual((code, env.get("ANTHROPIC_MODEL")), (0, main), err)
+
     def test_without_a_catalogue_nothing_is_printed_and_the_exit_is_1(self):
         port = self.dead_url.rsplit(":", 1)[1]
         code, env, err = self.claude_code("--port", port, github=self.dead_url)
