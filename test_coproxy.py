@@ -7237,6 +7237,7 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
             headers={"x-api-key": token, "anthropic-version": "2023-06-01", "Content-Type": "application/json"})
         self.assertEqual(status, 200, body)
         self.assertEqual(http_request(int(base_url.rsplit(":", 1)[1]), "GET", "/v1/models")[0], 401)  # keyed
+        self.assertEqual(set(tunnel.targets), {"127.0.0.1:%d" % fake.port})  # serve reached GitHub through it
 
 
 class TestPortability(unittest.TestCase):
