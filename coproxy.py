@@ -1334,9 +1334,10 @@ def parse_since(text, now):
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if text[-1:] in units:
-            return now - float(text[:-1]) * units[text[-1]]
-        return float(text)
+        since = (now - float(text[:-1]) * units[text[-1]]) if text[-1:] in units else float(text)
+        if not 0 <= since < 32503680000:  # up to the year 3000; not nan or inf (no day holds them)
+            raise ValueError
+        return since
     except ValueError:
         raise ValueError("since must be unix seconds or an age such as 90m, 24h or 7d, got %r"
                          % text[:40])
@@ -3179,6 +3180,14 @@ class CopilotAuth:
         if token:
             return token, self.store.github_token_path
         return None, None
+
+    def peek_github_token(self):
+        """(kind, where it came from) of the token github_token() would use, without minting an
+        App token (no network, no wait on a mint: the dashboard asks from the event loop)."""
+        if self.app is not None and not (self.config.github_token or self._token_file is not None):
+            return github_token_kind("ghs_"), self.app.source
+        token, source = self.github_token()
+        return github_token_kind(token), source
 
     def has_credentials(self):
         """Whether a GitHub token can be had without a login, without minting one (no network)."""
@@ -9603,11 +9612,10 @@ class Dashboard:
     def login_status(self):
         """What the dashboard shows of the login: never a token, only what kind it is, where it
         came from and when the Copilot token expires; ``extra``: more rows (label -> text)."""
-        token, source = self.auth.github_token()
+        kind, source = self.auth.peek_github_token()
         facts = self.auth.describe()
         record = self.auth.record or {}
-        return {"logged_in": bool(token),
-                "token_kind": github_token_kind(token) or facts.get("token_kind"),
+        return {"logged_in": bool(kind), "token_kind": kind or facts.get("token_kind"),
                 "token_source": ("flag or environment" if source and not os.path.isabs(source) else
                                  "state dir" if source else None),
                 "copilot_token_expires_at": facts.get("expires_at", record.get("expires_at")),

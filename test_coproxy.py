@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import plistlib
 import queue
 import random
@@ -2368,6 +2369,12 @@ class TestGitHubApp(unittest.TestCase):
         text = "\n".join(LOGS.lines)
         self.assertNotIn("ghs_minted", text)
         self.assertIn("minted an installation token", text)
+
+    def test_what_the_dashboard_reads_of_the_login_never_mints(self):
+        # the dashboard asks from the event loop: a mint there (network, RS256) would stall it
+        auth = self.make_auth()
+        self.assertEqual(auth.peek_github_token(), ("GitHub App installation token", auth.app.source))
+        self.assertEqual((auth.app.mints, len(self.fake.requests_to(MINT_PATH))), (0, 0))
 
     def test_older_permission_form_when_the_new_one_is_refused_and_single_flight(self):
         self.fake.grant_new_permission_form = False
@@ -6273,7 +6280,7 @@ class TestDashboard(ProxyTestCase):
         proxy.stop()
         folder = os.path.join(state, "history")
         files = [os.path.join(folder, name) for name in os.listdir(folder)]
-        text = "".join(open(path).read() for path in files)
+        text = "".join(pathlib.Path(path).read_text() for path in files)
         self.assertEqual(text.count("\n"), 3)
         for secret in ("the secret prompt", "hello", "sekrit-key-123", "ghu_testtoken", "tid=test"):
             self.assertNotIn(secret, text)
@@ -6300,7 +6307,9 @@ class TestDashboard(ProxyTestCase):
                          (200, "auto", json.loads(body)["model"]))
         proxy.app.close()
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "state", "history")))
-        for query, param in (("by=week", "by"), ("by=hour&since=yesterday", "since")):
+        for query, param in (("by=week", "by"), ("by=hour&since=yesterday", "since"),
+                             ("by=day&since=nan", "since"), ("by=model&since=inf", "since"),
+                             ("by=day&since=1e300", "since")):
             status, _, body = self.request("GET", "/usage?" + query, port=proxy.port)
             error = json.loads(body)["error"]
             self.assertEqual((status, error["code"], error["param"]), (400, "invalid_query", param))
