@@ -3181,14 +3181,6 @@ class CopilotAuth:
             return token, self.store.github_token_path
         return None, None
 
-    def peek_github_token(self):
-        """(kind, where it came from) of the token github_token() would use, without minting an
-        App token (no network, no wait on a mint: the dashboard asks from the event loop)."""
-        if self.app is not None and not (self.config.github_token or self._token_file is not None):
-            return github_token_kind("ghs_"), self.app.source
-        token, source = self.github_token()
-        return github_token_kind(token), source
-
     def has_credentials(self):
         """Whether a GitHub token can be had without a login, without minting one (no network)."""
         config = self.config
@@ -3444,6 +3436,17 @@ class CopilotAuth:
                 models.append(model)
         return models
 
+
+def peek_github_token(auth):
+    """(kind, where it came from) of the token ``auth.github_token()`` would use, without minting
+    an App token (no network, no wait on a mint: the dashboard asks from the event loop)."""
+    config = auth.config
+    if auth.app is not None and not (config.github_token or config.github_token_file):
+        return github_token_kind("ghs_"), auth.app.source
+    token, source = auth.github_token()
+    return github_token_kind(token), source
+
+
 class AutoModel:
     """The Auto model's session: the model Copilot picked and the session token to send with it
     (``POST /auto``, or the older ``/models/session`` once /auto is refused), kept until shortly
@@ -3582,6 +3585,7 @@ def decode_body(raw, encoding, limit):
         return data
     raise ClientError(415, "Content-Encoding %r is not supported; send the body uncompressed, or as gzip, deflate "
                            "or zstd" % encoding[:40], code="unsupported_content_encoding")
+
 
 
 def decode_json_body(raw, encoding, limit):
@@ -9612,7 +9616,7 @@ class Dashboard:
     def login_status(self):
         """What the dashboard shows of the login: never a token, only what kind it is, where it
         came from and when the Copilot token expires; ``extra``: more rows (label -> text)."""
-        kind, source = self.auth.peek_github_token()
+        kind, source = peek_github_token(self.auth)
         facts = self.auth.describe()
         record = self.auth.record or {}
         return {"logged_in": bool(kind), "token_kind": kind or facts.get("token_kind"),

@@ -2373,7 +2373,7 @@ class TestGitHubApp(unittest.TestCase):
     def test_what_the_dashboard_reads_of_the_login_never_mints(self):
         # the dashboard asks from the event loop: a mint there (network, RS256) would stall it
         auth = self.make_auth()
-        self.assertEqual(auth.peek_github_token(), ("GitHub App installation token", auth.app.source))
+        self.assertEqual(coproxy.peek_github_token(auth), ("GitHub App installation token", auth.app.source))
         self.assertEqual((auth.app.mints, len(self.fake.requests_to(MINT_PATH))), (0, 0))
 
     def test_older_permission_form_when_the_new_one_is_refused_and_single_flight(self):
