@@ -1858,13 +1858,16 @@ _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 class UpstreamConnection:
     """A socket to one origin, and how requests on it are addressed."""
 
-    __slots__ = ("sock", "absolute_form", "proxy_auth", "fresh")
+    __slots__ = ("sock", "absolute_form", "proxy_auth", "fresh", "answered")
 
     def __init__(self, sock, absolute_form=False, proxy_auth=None):
         self.sock = sock
         self.absolute_form = absolute_form  # plain HTTP through a proxy: the full URL as target
         self.proxy_auth = proxy_auth
         self.fresh = True   # not yet given back to the pool
+        #: a byte of the answer to the current request (a 1xx included) has arrived: the upstream
+        #: has seen the request, so a failure from here on is never retried (it would run twice)
+        self.answered = False
 
     def close(self):
         self.sock.close()
@@ -1887,6 +1890,7 @@ class UpstreamResponse:
         self._last_read = 0
         self.done = False
         self._complete = False
+        conn.answered = False
         while True:  # 1xx interim answers are skipped
             self.status, self.headers, self.will_close = self._read_head()
             if not 100 <= self.status < 200:
@@ -1924,11 +1928,19 @@ class UpstreamResponse:
                 break
             if len(buf) > MAX_HEADER_BYTES * 2:
                 raise ValueError("the upstream sent a response head larger than %d bytes" % (MAX_HEADER_BYTES * 2))
-            data = self._sock.recv(UPSTREAM_RECV_BYTES)
+            answered = self._conn.answered
+            try:
+                data = self._sock.recv(UPSTREAM_RECV_BYTES)
+            except OSError as exc:
+                if answered and hung_up_before_answer(exc):  # a reset after "HTTP/1.1 200 OK"
+                    raise UpstreamCutShort("the upstream hung up mid-answer (%s)"
+                                           % exc.__class__.__name__) from exc
+                raise
             if not data:
                 # Before any byte: a pooled connection the server had closed (retried once).
-                raise (ConnectionResetError if not buf else UpstreamCutShort)(
+                raise (UpstreamCutShort if answered else ConnectionResetError)(
                     "the upstream closed the connection without answering")
+            self._conn.answered = True
             buf += data
         del buf[:rest]
         lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
@@ -2410,7 +2422,9 @@ class UpstreamClient:
                     conn.close()
                 if abort_handle is not None and abort_handle.aborted:
                     raise UpstreamUnreachable("aborted", kind="aborted")
-                if first and stage in ("pooled", "handshake") and hung_up_before_answer(exc):
+                answered = conn is not None and conn.answered
+                if first and stage in ("pooled", "handshake") and not answered \
+                        and hung_up_before_answer(exc):
                     raise RetryOnce("%s upstream connection failed before any answer (%s)"
                                     % ("a pooled" if stage == "pooled" else "a new", exc.__class__.__name__))
                 raise network_error(exc, url)

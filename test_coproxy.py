@@ -1607,6 +1607,32 @@ class TestUpstreamClient(unittest.TestCase):
             client.request_json("POST", self.fake.url + "/chat/completions", {}, {"x": 1})
         self.assertEqual(len(self.fake.requests_to("/chat/completions")), 1)
 
+    def test_a_pooled_connection_that_began_answering_is_never_retried(self):
+        # A status line then a reset, or "100 Continue" then EOF: Copilot has the request, so
+        # sending it again would run (and bill) it twice.
+        def status_line_then_reset(handler, body):
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            handler.wfile.flush()
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.connection.close()
+            handler.close_connection = True
+
+        def continue_then_eof(handler, body):
+            handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            handler.wfile.flush()
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        for answer in (continue_then_eof, status_line_then_reset):
+            self.fake.requests.clear()
+            self.fake.routes[("POST", "/chat/completions")] = answer
+            client = new_client(self)
+            client.request_json("GET", self.fake.url + "/user", {})  # a pooled connection exists
+            with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+                client.request_json("POST", self.fake.url + "/chat/completions", {}, {"x": 1})
+            self.assertEqual(ctx.exception.kind, "cut", answer.__name__)
+            self.assertEqual(len(self.fake.requests_to("/chat/completions")), 1, answer.__name__)
+            self.assertEqual(client.connections_opened, 1, answer.__name__)
+
     def test_unreachable_host_names_the_cause(self):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
