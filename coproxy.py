@@ -1890,7 +1890,6 @@ class UpstreamResponse:
         self._last_read = 0
         self.done = False
         self._complete = False
-        conn.answered = False
         while True:  # 1xx interim answers are skipped
             self.status, self.headers, self.will_close = self._read_head()
             if not 100 <= self.status < 200:
@@ -2415,6 +2414,7 @@ class UpstreamClient:
                     if abort_handle.aborted:
                         conn.close()
                         raise UpstreamUnreachable("aborted", kind="aborted")
+                conn.answered = False  # (a pooled one: from its previous request)
                 _send_request(conn, method, request_target[0 if conn.absolute_form else 1], head_block, body)
                 return UpstreamResponse(conn, method, release, abort_handle)
             except (OSError, ValueError) as exc:
