@@ -659,8 +659,9 @@ OPTIONS = [
     Option("--state-dir", "state_dir", "COPROXY_STATE_DIR", str, None, "shared",
            "directory for token files, pid file and log (default: the platform's state directory)", "DIR"),
     Option("--github-token", "github_token", "GHCP_GITHUB_TOKEN", str, None, "shared",
-           "GitHub OAuth token to use instead of the saved one (ghu_/gho_ from a Copilot login); "
-           "prefer the variable: a flag shows in ps", "TOKEN"),
+           "GitHub token to use instead of the saved login (ghu_/gho_ from a Copilot login, a "
+           "fine-grained PAT github_pat_, an App installation token ghs_); prefer the variable: "
+           "a flag shows in ps", "TOKEN"),
     Option("--github-token-file", "github_token_file", "COPROXY_GITHUB_TOKEN_FILE", str, None,
            "shared", "read the GitHub token from this file, again whenever it changes (a secret "
            "manager's or a CI job's token); the file must be yours and private (chmod 600)",
@@ -738,7 +739,7 @@ OPTIONS = [
            "also fetch images from loopback, private and link-local addresses (intranet image hosts)", None),
     Option("--api-surface", "api_surface", "COPROXY_API_SURFACE", _api_surface, "all", "serve",
            "APIs to serve: chat, chat-responses, chat-embeddings, all, or a comma list of "
-           "chat,responses,embeddings,messages", "LIST"),
+           "chat,responses,embeddings,messages,ollama", "LIST"),
     Option("--default-model", "default_model", "COPROXY_DEFAULT_MODEL", str, None, "serve",
            "model used when a request names none", "MODEL"),
     Option("--model-alias", "model_aliases", "COPROXY_MODEL_ALIAS", Repeatable(_model_alias), None, "serve",
@@ -10263,9 +10264,10 @@ COMMAND_HELP = {
     "service": "print a systemd user unit or a launchd plist",
     "claude-code": "print the environment that points Claude Code at coproxy",
 }
-SHARED_NOTE = ("Options for every command (--state-dir, --github-token, --github-host, --ca-file, --log-level, "
-               "--log-format, --github-url, --github-api-url, --copilot-api-url, --editor-version, "
-               "--editor-plugin-version) are listed by `python3 coproxy.py --help`.")
+#: Every subcommand's help ends with this. It names a few shared options, not all: a full list
+#: here went stale whenever one was added.
+SHARED_NOTE = ("Options for every command, such as --state-dir, --github-token, --log-level and "
+               "--ca-file,\nare listed by `python3 coproxy.py --help`.")
 
 
 def build_parser(command=None):
