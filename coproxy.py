@@ -1306,8 +1306,8 @@ HISTORY_RECENT = 200
 #: Agent sessions kept in memory (the most recently active ones); the files keep them all.
 HISTORY_MAX_SESSIONS = 500
 #: Latency samples kept for the route percentiles (the newest; at most the last 24 hours): a
-#: busy day would otherwise keep millions (the soak: ~100 requests a second, ~0.5 GB a day).
-HISTORY_LATENCY_SAMPLES = 50_000
+#: busy day would otherwise keep millions (the soak: ~120 requests a second, 10 million a day).
+HISTORY_LATENCY_SAMPLES = 10_000
 #: Records waiting for the writer thread; beyond this (a disk that hangs) new ones are dropped.
 HISTORY_QUEUE_LIMIT = 10000
 #: What each total counts; a record's numbers have the same names.
