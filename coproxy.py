@@ -761,7 +761,8 @@ OPTIONS = [
            "seconds a request waits for a free slot at the concurrency limit (503 after)", "SECONDS"),
     Option("--ping-seconds", "ping_seconds", "COPROXY_PING_SECONDS", _positive_float,
            DEFAULT_PING_SECONDS, "serve",
-           "send an SSE keep-alive comment after this much upstream silence", "SECONDS"),
+           "send a keep-alive in an SSE stream (a comment, or Anthropic's ping event) after this "
+           "much upstream silence", "SECONDS"),
     Option("--header-timeout", "header_timeout", "COPROXY_HEADER_TIMEOUT", _positive_float,
            DEFAULT_HEADER_TIMEOUT_SECONDS, "serve",
            "seconds a client has to send a request head, and the longest silence inside a body (408 after)",
