@@ -149,6 +149,7 @@ DEFAULT_MODELS_TTL_SECONDS = 300.0
 #: Responses coproxy builds for translated models, kept for previous_response_id, GET and DELETE.
 RESPONSE_STORE_COUNT = 1000
 RESPONSE_STORE_BYTES = 64 << 20
+RESPONSE_STORE_ENTRY_SHARE = 16            # one entry: at most 1/16 of the store (4 MiB)
 RESPONSE_STORE_SECONDS = 6 * 3600.0
 #: How long what a refusal taught about a model on one Copilot endpoint (an effort it takes,
 #: max_completion_tokens) is applied before it must be taught again: a refusal one request
@@ -5691,18 +5692,21 @@ def _joined_text(parts):
     return "".join(p["text"] for p in parts if p["type"] == "text")
 
 
-def responses_to_chat_request(payload, history, keep_thinking):
+def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
     """A Responses request as a chat completions request: ``instructions`` and system/developer
     messages as system messages; a stored conversation (``history``: the items of the responses
     before, for previous_response_id) then ``input``; function and custom tool calls as the
     assistant's tool_calls, their outputs as tool messages (images in them follow as a user
     message: chat tool messages hold text only); Claude's thinking, when ``keep_thinking``, as
-    Copilot's ``reasoning_text``/``reasoning_opaque`` on the assistant message it preceded."""
+    Copilot's ``reasoning_text``/``reasoning_opaque`` on the assistant message it preceded.
+    ``own_items``: as_output_items of ``input`` when the caller has built them already."""
     messages = []
     instructions = payload.get("instructions")
     if isinstance(instructions, str) and instructions:
         messages.append({"role": "system", "content": instructions})
-    items = history + as_output_items(payload.get("input"))
+    if own_items is None:
+        own_items = as_output_items(payload.get("input"))
+    items = history + own_items
     assistant, thinking, tool_images = None, None, []
     for index, item in enumerate(items):
         kind, where = item.get("type"), "input[%d]" % (index - len(history))
@@ -6570,7 +6574,7 @@ def plan_responses(payload, model, info, quirks, now, store=None):
             # sent back by a client that switched models: only Claude can read Claude's thinking
             payload["input"] = [i for i in items
                                 if not (isinstance(i, dict) and is_claude_thinking(i))]
-        if previous and store is not None and store.get(previous) is not None:
+        if previous and store is not None and store.has(previous):
             # a conversation begun with a translated model: Copilot has never seen its responses,
             # so they go along as input, without the ids Copilot would look up
             history = [{k: v for k, v in i.items() if k != "id"} for i in store.history(previous)
@@ -6586,12 +6590,13 @@ def plan_responses(payload, model, info, quirks, now, store=None):
     if previous and store is None:
         raise previous_response_not_found(previous)
     keep = None
+    own_items = as_output_items(payload.get("input"))
     if store is not None and payload.get("store") is not False:
-        own_input = as_output_items(payload.get("input"))
+        own_input = json_dumps(own_items)  # now: image inlining changes the items' parts later
 
         def keep(response):
             store.put(response, own_input)
-    chat = responses_to_chat_request(payload, history, is_claude(model, info))
+    chat = responses_to_chat_request(payload, history, is_claude(model, info), own_items)
 
     def builder():
         return ResponseBuilder(payload, model, now, keep)
@@ -8309,9 +8314,15 @@ class ResponseStore:
     """The Responses coproxy built itself (for models it translates), kept in memory so that
     previous_response_id, GET /v1/responses/{id} and DELETE work as on OpenAI. Each entry holds
     a response, its own input items and the id it followed; a conversation is the chain of them.
-    Bounded three ways: RESPONSE_STORE_COUNT entries, RESPONSE_STORE_BYTES of JSON, and
-    RESPONSE_STORE_SECONDS since an entry was last used (the least recently used go first).
-    Touched only on the loop."""
+
+    An entry is kept as compact JSON bytes, decoded when used: its size is what it costs in
+    memory (parsed, a 720 KB list of empty objects takes ~70 MB), and nothing a later request
+    does to what it decoded (images inlined, items copied) can grow it after it was counted.
+    Bounded four ways: RESPONSE_STORE_COUNT entries, RESPONSE_STORE_BYTES in all, one entry at
+    most 1/RESPONSE_STORE_ENTRY_SHARE of that (a larger one is not kept), and
+    RESPONSE_STORE_SECONDS since an entry was last used (the least recently used go first;
+    expired ones are dropped on every put). Used on the loop and by workers planning large
+    requests: a lock guards it."""
 
     def __init__(self, count=None, size=None, seconds=None, clock=time.monotonic):
         self.count = count or RESPONSE_STORE_COUNT
@@ -8319,58 +8330,87 @@ class ResponseStore:
         self.seconds = seconds or RESPONSE_STORE_SECONDS
         self.clock = clock
         self.bytes = 0
-        self._entries = collections.OrderedDict()  # id -> (response, input items, bytes, last used)
+        self._lock = threading.Lock()
+        #: id -> (response JSON, input items JSON, previous response id, last used)
+        self._entries = collections.OrderedDict()
 
     def put(self, response, input_items):
-        size = len(json_dumps(response)) + len(json_dumps(input_items))
-        self.delete(response["id"])
-        if size > self.size:
-            return
-        self._entries[response["id"]] = (response, input_items, size, self.clock())
-        self.bytes += size
-        while len(self._entries) > self.count or self.bytes > self.size:
-            self.bytes -= self._entries.popitem(last=False)[1][2]
+        """Keep ``response`` and the input it answered (items, or their JSON bytes already
+        encoded: the planner encodes them before image inlining can touch them)."""
+        response_json = json_dumps(response)
+        input_json = input_items if isinstance(input_items, bytes) else json_dumps(input_items)
+        size = len(response_json) + len(input_json)
+        with self._lock:
+            self._delete(response["id"])
+            now = self.clock()
+            while self._entries:  # least recently used first: the expired ones lead
+                oldest = next(iter(self._entries.values()))
+                if now - oldest[3] <= self.seconds:
+                    break
+                self._drop_oldest()
+            if size > self.size // RESPONSE_STORE_ENTRY_SHARE:
+                return
+            self._entries[response["id"]] = (response_json, input_json,
+                                             response.get("previous_response_id"), now)
+            self.bytes += size
+            while len(self._entries) > self.count or self.bytes > self.size:
+                self._drop_oldest()
 
-    def get(self, response_id):
-        """The stored response, or None (never kept, expired or deleted)."""
+    def _drop_oldest(self):
+        entry = self._entries.popitem(last=False)[1]
+        self.bytes -= len(entry[0]) + len(entry[1])
+
+    def _delete(self, response_id):
+        entry = self._entries.pop(response_id, None)
+        if entry is not None:
+            self.bytes -= len(entry[0]) + len(entry[1])
+        return entry is not None
+
+    def _get(self, response_id):
+        """The entry (marked as used now), or None (never kept, expired or deleted); lock held."""
         entry = self._entries.get(response_id)
         if entry is None:
             return None
         now = self.clock()
         if now - entry[3] > self.seconds:
-            self.delete(response_id)
+            self._delete(response_id)
             return None
         self._entries[response_id] = entry[:3] + (now,)
         self._entries.move_to_end(response_id)
         return entry
 
+    def has(self, response_id):
+        with self._lock:
+            return self._get(response_id) is not None
+
     def delete(self, response_id):
-        entry = self._entries.pop(response_id, None)
-        if entry is not None:
-            self.bytes -= entry[2]
-        return entry is not None
+        with self._lock:
+            return self._delete(response_id)
 
     def answer(self, method, response_id):
         """The answer to GET or DELETE /v1/responses/{id} when the response is kept here, else None."""
         if method == "DELETE":
             deleted = self.delete(response_id)
             return {"id": response_id, "object": "response.deleted", "deleted": True} if deleted else None
-        entry = self.get(response_id)
-        return entry[0] if entry is not None else None
+        with self._lock:
+            entry = self._get(response_id)
+        return json.loads(entry[0]) if entry is not None else None
 
     def history(self, response_id):
         """The items of a conversation up to and including ``response_id`` (each response's input,
-        then its output), oldest first; 400 previous_response_not_found when any link is gone."""
+        then its output), oldest first, decoded afresh (the caller may change them); 400
+        previous_response_not_found when any link is gone."""
         chain = []
-        while response_id:
-            entry = self.get(response_id)
-            if entry is None or len(chain) > self.count:
-                raise previous_response_not_found(response_id)
-            chain.append(entry)
-            response_id = entry[0].get("previous_response_id")
+        with self._lock:
+            while response_id:
+                entry = self._get(response_id)
+                if entry is None or len(chain) > self.count:
+                    raise previous_response_not_found(response_id)
+                chain.append(entry)
+                response_id = entry[2]
         items = []
-        for response, input_items, _, _ in reversed(chain):
-            items += input_items + response["output"]
+        for response_json, input_json, _, _ in reversed(chain):
+            items += json.loads(input_json) + json.loads(response_json)["output"]
         return items
 
 

@@ -5353,6 +5353,42 @@ class TestResponsesForEveryModel(ProxyTestCase):
         self.assertEqual(self.proxy.app.responses.bytes, 0)
 
 
+    def test_the_store_holds_what_it_counted(self):
+        # Each entry is kept as its JSON bytes: a later turn that inlines images or copies the
+        # history cannot grow it; one entry larger than 1/16 of the store is not kept; expired
+        # entries go on the next put.
+        proxy = self.start_proxy(image_fetch_allow_private=True)
+        store = proxy.app.responses
+        self.fake.routes[("GET", "/img.png")] = lambda h, b: h.send_body(200, PNG, "image/png")
+        content = [{"type": "input_text", "text": "look"},
+                   {"type": "input_image", "image_url": self.fake.url + "/img.png"}]
+        body = {"model": "gpt-4.1", "input": [{"role": "user", "content": content}]}
+        status, _, raw = self.request("POST", "/v1/responses", body, port=proxy.port)
+        first = json.loads(raw)["id"]
+        counted = store.bytes
+        status, _, raw = self.request("POST", "/v1/responses", {
+            "model": "gpt-5.1-codex", "input": "and now?", "previous_response_id": first},
+            port=proxy.port)
+        self.assertEqual(status, 200, raw)
+        self.assertIn("data:image/png;base64,", self.fake.requests_to("/responses")[-1][3].decode())
+        self.assertEqual(store.bytes, counted)
+        kept = json.dumps(store.history(first)[0])  # the user's turn (the fake echoes images)
+        self.assertIn(self.fake.url + "/img.png", kept)
+        self.assertNotIn("data:image", kept)
+        huge = "x" * (store.size // 16)
+        status, _, raw = self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": huge},
+                                      port=proxy.port)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.request("GET", "/v1/responses/" + json.loads(raw)["id"],
+                                      port=proxy.port)[0], 404)
+        self.assertEqual(store.bytes, counted)
+        now = [time.monotonic()]
+        store.clock = lambda: now[0]
+        now[0] += store.seconds + 1  # the first entry has expired
+        self.request("POST", "/v1/responses", {"model": "gpt-4.1", "input": "hi"}, port=proxy.port)
+        self.assertEqual(len(store._entries), 1)
+        self.assertLess(store.bytes, counted)
+
 class TestCostAndLimits(ProxyTestCase):
     """What Copilot costs, per request, and the limits a user runs into."""
 
