@@ -183,9 +183,14 @@ MAX_JSON_VALUES = 500_000
 #: A compressed request body may inflate to at most this (or --max-body-mb if lower): 32 KB of
 #: gzip can hold 33 MB of "[]".
 MAX_DECOMPRESSED_BODY_BYTES = 16 << 20
-#: Bodies larger than this (and every compressed one) are decoded and parsed in a worker thread,
-#: not on the event loop that serves every other client.
+#: Bodies larger than this (and every compressed one) are decoded, parsed, checked and planned
+#: in a worker thread, not on the event loop that serves every other client.
 INLINE_PARSE_BYTES = 256 << 10
+#: So is a smaller body with more arrays, objects and commas than this: checking and planning
+#: cost ~20 us per item, and 60 KB of `{},` hold 20,000 items.
+INLINE_PARSE_VALUES = 4000
+#: 400 beyond: items in a Responses `input`. A long Codex session sends a few thousand.
+MAX_INPUT_ITEMS = 20_000
 MAX_UPSTREAM_ERROR_BODY_BYTES = 1 << 20    # error bodies we read from upstream
 MAX_UPSTREAM_JSON_BYTES = 64 << 20         # successful JSON answers (non-stream)
 #: Images given by URL are fetched (Copilot refuses most external URLs); these bound what one
@@ -5243,6 +5248,16 @@ def estimate_input_tokens(payload):
 
 # -- 8h. OpenAI Responses: passthrough, chat <-> Responses, every model, compaction ------------
 
+def count_tokens_of_request(payload):
+    """POST /v1/messages/count_tokens: the fields the estimate reads checked, then the estimate."""
+    check(payload, "messages", "array", required=True)
+    for index, message in enumerate(check_items(payload, "messages")):
+        check_parts(message.get("content"), "messages.%d.content" % index)
+    if isinstance(check(payload, "system", ("string", "array")), list):
+        check_parts(payload["system"], "system")
+    check_items(payload, "tools")
+    return estimate_input_tokens(payload)
+
 def validate_responses_request(payload, default_model=None):
     """Check the fields of a Responses (or compact) request that coproxy reads; fills ``model``."""
     model = check(payload, "model", "string") or default_model
@@ -5251,6 +5266,10 @@ def validate_responses_request(payload, default_model=None):
                           code="model_required")
     payload["model"] = model
     if isinstance(check(payload, "input", ("string", "array")), list):
+        if len(payload["input"]) > MAX_INPUT_ITEMS:
+            raise ClientError(400, "input holds %d items; at most %d are taken (a long agent session "
+                              "sends a few thousand)" % (len(payload["input"]), MAX_INPUT_ITEMS),
+                              param="input", code="too_many_items")
         for index, item in enumerate(check_items(payload, "input")):
             where = "input[%d]." % index
             check_fields(item, where, type="string", role="string", call_id="string", name="string",
@@ -6591,6 +6610,9 @@ def plan_responses(payload, model, info, quirks, now, store=None):
         raise previous_response_not_found(previous)
     keep = None
     own_items = as_output_items(payload.get("input"))
+    if not own_items and not history:  # Copilot would be sent "messages": [] and fail the turn
+        raise ClientError(400, "input must be a non-empty string or array of items for %s" % model,
+                          param="input", code="missing_field")
     if store is not None and payload.get("store") is not False:
         own_input = json_dumps(own_items)  # now: image inlining changes the items' parts later
 
@@ -9981,12 +10003,30 @@ class App:
 
     async def read_json(self, request):
         """The request body as a JSON object, decompressed first when the client compressed it;
-        a large or compressed one in a worker (one hostile body must not hold up the others)."""
+        a heavy one (see ``heavy``) in a worker (one hostile body must not hold up the others)."""
         raw = await request.read_body(self._max_body)
-        encoding = request.header("content-encoding")
-        if len(raw) <= INLINE_PARSE_BYTES and encoding in (None, "", "identity"):
+        if not self.heavy(request):
             return parse_json_object(raw)
-        return await self.pool.run(self.gateway.loop, decode_json_body, raw, encoding, self._max_body)
+        return await self.pool.run(self.gateway.loop, decode_json_body, raw,
+                                   request.header("content-encoding"), self._max_body)
+
+    @staticmethod
+    def heavy(request):
+        """Whether the work on this request's body (parsing, checking, planning) belongs in a
+        worker: a compressed body, one over INLINE_PARSE_BYTES, or one with more than
+        INLINE_PARSE_VALUES arrays, objects and commas (counted over the bytes: cheap)."""
+        raw = request.body or b""
+        if request.header("content-encoding") not in (None, "", "identity"):
+            return True
+        return len(raw) > INLINE_PARSE_BYTES or \
+            raw.count(b"[") + raw.count(b"{") + raw.count(b",") > INLINE_PARSE_VALUES
+
+    async def off_loop(self, request, fn, *args):
+        """``fn(*args)``: checking or planning a request, on the loop for a light body, in a
+        worker for a heavy one (the same rule for every route)."""
+        if not self.heavy(request):
+            return fn(*args)
+        return await self.pool.run(self.gateway.loop, fn, *args)
 
     # -- proxied routes: parse, resolve, plan, send ------------------------------------------
     async def resolve(self, response, name):
@@ -9999,46 +10039,46 @@ class App:
 
     async def handle_chat(self, request, response, _):
         payload = await self.read_json(request)
-        parsed = validate_chat_request(payload, self.config.default_model)
+        parsed = await self.off_loop(request, validate_chat_request, payload, self.config.default_model)
         model, info = await self.resolve(response, payload["model"])
         payload["model"] = model
-        await self.gateway.run(plan_chat(payload, parsed, model, info, self.catalogue.quirks(model), time.time()),
-                               request, response)
+        plan = await self.off_loop(request, plan_chat, payload, parsed, model, info,
+                                   self.catalogue.quirks(model), time.time())
+        await self.gateway.run(plan, request, response)
 
     async def handle_messages(self, request, response, _):
         payload = await self.read_json(request)
-        validate_anthropic_request(payload)
+        await self.off_loop(request, validate_anthropic_request, payload)
         model, info = await self.resolve(response, payload["model"])
         payload["model"] = model
-        plan = plan_messages(payload, model, info, self.catalogue.quirks(model), time.time(),
-                             request.header("anthropic-version"), request.header("anthropic-beta"))
+        plan = await self.off_loop(request, plan_messages, payload, model, info,
+                                   self.catalogue.quirks(model), time.time(),
+                                   request.header("anthropic-version"), request.header("anthropic-beta"))
         await self.gateway.run(plan, request, response)
 
     async def handle_count_tokens(self, request, response, _):
         payload = await self.read_json(request)
-        check(payload, "messages", "array", required=True)
-        for index, message in enumerate(check_items(payload, "messages")):
-            check_parts(message.get("content"), "messages.%d.content" % index)
-        if isinstance(check(payload, "system", ("string", "array")), list):
-            check_parts(payload["system"], "system")
-        check_items(payload, "tools")
-        await self.send_json(response, {"input_tokens": estimate_input_tokens(payload)})
+        tokens = await self.off_loop(request, count_tokens_of_request, payload)
+        await self.send_json(response, {"input_tokens": tokens})
 
     async def handle_responses(self, request, response, _):
         payload = await self.read_json(request)
-        model, info = await self.resolve(response, validate_responses_request(payload, self.config.default_model))
+        name = await self.off_loop(request, validate_responses_request, payload, self.config.default_model)
+        model, info = await self.resolve(response, name)
         payload["model"] = model
-        plan = plan_responses(payload, model, info, self.catalogue.quirks(model), time.time(),
-                              self.responses)
+        plan = await self.off_loop(request, plan_responses, payload, model, info,
+                                   self.catalogue.quirks(model), time.time(), self.responses)
         await self.gateway.run(plan, request, response)
 
     async def handle_compact(self, request, response, _):
         payload = await self.read_json(request)
-        model, info = await self.resolve(response, validate_responses_request(payload, self.config.default_model))
+        name = await self.off_loop(request, validate_responses_request, payload, self.config.default_model)
+        model, info = await self.resolve(response, name)
         check(payload, "input", "array", required=True)
         payload["model"] = model
-        await self.gateway.run(plan_compact(payload, model, info, self.catalogue.quirks(model), time.time()),
-                               request, response)
+        plan = await self.off_loop(request, plan_compact, payload, model, info,
+                                   self.catalogue.quirks(model), time.time())
+        await self.gateway.run(plan, request, response)
 
     async def handle_response_id(self, request, response, response_id):
         answer = self.responses.answer(request.method, response_id)  # GET, HEAD or DELETE

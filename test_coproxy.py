@@ -5070,6 +5070,14 @@ class TestResponsesForEveryModel(ProxyTestCase):
     def logged(self, *parts):
         return wait_for(lambda: any(all(p in line for p in parts) for line in LOGS.lines))
 
+    def test_an_empty_input_for_a_translated_model_is_a_local_400(self):
+        for model in ("gpt-4.1", "claude-sonnet-4.5"):
+            for empty in (None, []):
+                status, answer = self.respond({"model": model, "input": empty})
+                self.assertEqual((status, answer["error"]["param"]), (400, "input"), answer)
+                self.assertIn("input must be a non-empty", answer["error"]["message"])
+        self.assertEqual(self.fake.requests_to("/chat/completions") + self.fake.requests_to("/v1/messages"), [])
+
     def test_non_stream_through_chat_with_get_and_delete(self):
         status, answer = self.respond({
             "model": "gpt-4.1", "instructions": "be brief", "input": "hello", "temperature": 0.2,
@@ -5964,6 +5972,31 @@ class TestAbuse(ProxyTestCase):
         for status, _, body in answers:
             self.assertEqual(status, 400, body[:300])
             self.assertIn("more than 500000 arrays, objects and values", json.loads(body)["error"]["message"])
+
+    def test_checking_and_planning_large_requests_stalls_no_other_client(self):
+        # Parsing, checking and planning of a heavy body run in a worker on every route; a
+        # Responses input past 20,000 items is refused before any of it.
+        parts = [{"type": "input_text", "text": "x"}] * 8
+        heavy = json.dumps({"model": "gpt-4.1", "store": False,
+                            "input": [{"role": "user", "content": parts}] * 15000}).encode()
+        too_many = json.dumps({"model": "gpt-4.1", "input": [{}] * 20001}).encode()
+
+        def attack():
+            answers = []
+            for body in (heavy, too_many, heavy):
+                client = RawClient(self.proxy.port, timeout=30)
+                client.send(post("/v1/responses", body))
+                answers.append(client.response())
+                client.close()
+            return answers
+        worst, (answers,) = self._healthz_latencies_while(attack)
+        # 0.3-0.45 s when checking and planning ran on the loop; 0.05-0.11 s now (json.loads in the
+        # worker still holds the GIL while it parses)
+        self.assertLess(worst, 0.25)
+        self.assertEqual([status for status, _, _ in answers], [200, 400, 200], answers[1][2][:300])
+        error = json.loads(answers[1][2])["error"]
+        self.assertEqual((error["param"], error["code"]), ("input", "too_many_items"))
+        self.assertIn("input holds 20001 items; at most 20000", error["message"])
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "descriptor limits as Linux has them")
     def test_idle_connections_past_the_descriptor_limit_cannot_lock_out_a_client(self):
