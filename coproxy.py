@@ -3672,7 +3672,7 @@ def check_fields(container, where="", **kinds):
 
 
 #: The fields of a content part that must be strings when present.
-_PART_STRINGS = ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data")
+_PART_STRINGS = ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data", "refusal")
 
 
 def check_parts(content, where):
@@ -5288,8 +5288,13 @@ def validate_responses_request(payload, default_model=None):
     check_fields(check(payload, "text", "object"), "text.", format="object")
     check_fields(_dig(payload, "text", "format"), "text.format.", type="string", name="string",
                  schema="object")
-    for index, tool in enumerate(check_items(payload, "tools")):
-        check_fields(tool, "tools[%d]." % index, type="string", name="string", description="string",
+    tools = [("tools[%d]." % index, tool) for index, tool in enumerate(check_items(payload, "tools"))]
+    for where, tool in tools:
+        if tool.get("type") == "namespace":  # Codex groups tools so: they are read like the others
+            tools += [("%stools[%d]." % (where, index), inner)
+                      for index, inner in enumerate(check_items(tool, "tools", where))]
+    for where, tool in tools:
+        check_fields(tool, where, type="string", name="string", description="string",
                      parameters="object", strict="boolean", format="object")
     if isinstance(payload.get("tool_choice"), dict):
         check_fields(payload["tool_choice"], "tool_choice.", type="string", name="string")

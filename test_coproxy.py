@@ -5070,6 +5070,21 @@ class TestResponsesForEveryModel(ProxyTestCase):
     def logged(self, *parts):
         return wait_for(lambda: any(all(p in line for p in parts) for line in LOGS.lines))
 
+    def test_namespace_tools_and_refusal_parts_of_the_wrong_type_are_400s(self):
+        refusal = [{"type": "message", "role": "assistant",
+                    "content": [{"type": "refusal", "refusal": 1}]}]
+        cases = [("/v1/responses", {"tools": [{"type": "namespace", "name": "ns", "tools": 1}]},
+                  "tools[0].tools"),
+                 ("/v1/responses", {"tools": [{"type": "namespace", "name": "ns", "tools": [
+                     {"type": "function", "name": "f", "description": 5}]}]},
+                  "tools[0].tools[0].description"),
+                 ("/v1/responses", {"input": refusal}, "input[0].content[0].refusal"),
+                 ("/v1/responses/compact", {"input": refusal}, "input[0].content[0].refusal")]
+        for model in ("gpt-4.1", "claude-sonnet-4.5"):
+            for path, fields, param in cases:
+                status, _, raw = self.request("POST", path, dict({"model": model, "input": "hi"}, **fields))
+                self.assertEqual((status, json.loads(raw)["error"]["param"]), (400, param), raw)
+
     def test_an_empty_input_for_a_translated_model_is_a_local_400(self):
         for model in ("gpt-4.1", "claude-sonnet-4.5"):
             for empty in (None, []):
