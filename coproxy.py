@@ -3610,6 +3610,15 @@ def decode_body(raw, encoding, limit):
 
 
 
+def heavy_body(raw, encoding):
+    """Whether the work on a request body (parsing, checking, planning) belongs in a worker
+    thread: a compressed body, one over INLINE_PARSE_BYTES, or one with more than
+    INLINE_PARSE_VALUES arrays, objects and commas (counted over the bytes: cheap)."""
+    raw = raw or b""
+    return encoding not in (None, "", "identity") or len(raw) > INLINE_PARSE_BYTES or \
+        raw.count(b"[") + raw.count(b"{") + raw.count(b",") > INLINE_PARSE_VALUES
+
+
 def decode_json_body(raw, encoding, limit):
     """decode_body, then parse_json_object: what a worker does with a large or compressed body."""
     return parse_json_object(decode_body(raw, encoding, limit))
@@ -10007,31 +10016,19 @@ class App:
                        status or "-", duration, extra, extra=record)
 
     async def read_json(self, request):
-        """The request body as a JSON object, decompressed first when the client compressed it;
-        a heavy one (see ``heavy``) in a worker (one hostile body must not hold up the others)."""
-        raw = await request.read_body(self._max_body)
-        if not self.heavy(request):
-            return parse_json_object(raw)
-        return await self.pool.run(self.gateway.loop, decode_json_body, raw,
-                                   request.header("content-encoding"), self._max_body)
+        """The request body as a JSON object, decompressed (a heavy one in a worker: see work)."""
+        raw, encoding = await request.read_body(self._max_body), request.header("content-encoding")
+        return await self.work(request, decode_json_body, raw, encoding, self._max_body)
 
-    @staticmethod
-    def heavy(request):
-        """Whether the work on this request's body (parsing, checking, planning) belongs in a
-        worker: a compressed body, one over INLINE_PARSE_BYTES, or one with more than
-        INLINE_PARSE_VALUES arrays, objects and commas (counted over the bytes: cheap)."""
-        raw = request.body or b""
-        if request.header("content-encoding") not in (None, "", "identity"):
-            return True
-        return len(raw) > INLINE_PARSE_BYTES or \
-            raw.count(b"[") + raw.count(b"{") + raw.count(b",") > INLINE_PARSE_VALUES
-
-    async def off_loop(self, request, fn, *args):
-        """``fn(*args)``: checking or planning a request, on the loop for a light body, in a
-        worker for a heavy one (the same rule for every route)."""
-        if not self.heavy(request):
+    async def work(self, request, fn, *args):
+        """``fn(*args)``: parsing, checking, planning; in a worker for a heavy body (heavy_body)."""
+        if not heavy_body(request.body, request.header("content-encoding")):
             return fn(*args)
         return await self.pool.run(self.gateway.loop, fn, *args)
+
+    async def run_plan(self, request, response, planner, *args):
+        """``planner(*args)`` made through ``work``, then sent (Gateway.run)."""
+        await self.gateway.run(await self.work(request, planner, *args), request, response)
 
     # -- proxied routes: parse, resolve, plan, send ------------------------------------------
     async def resolve(self, response, name):
@@ -10044,46 +10041,41 @@ class App:
 
     async def handle_chat(self, request, response, _):
         payload = await self.read_json(request)
-        parsed = await self.off_loop(request, validate_chat_request, payload, self.config.default_model)
+        parsed = await self.work(request, validate_chat_request, payload, self.config.default_model)
         model, info = await self.resolve(response, payload["model"])
         payload["model"] = model
-        plan = await self.off_loop(request, plan_chat, payload, parsed, model, info,
-                                   self.catalogue.quirks(model), time.time())
-        await self.gateway.run(plan, request, response)
+        await self.run_plan(request, response, plan_chat, payload, parsed, model, info,
+                            self.catalogue.quirks(model), time.time())
 
     async def handle_messages(self, request, response, _):
         payload = await self.read_json(request)
-        await self.off_loop(request, validate_anthropic_request, payload)
+        await self.work(request, validate_anthropic_request, payload)
         model, info = await self.resolve(response, payload["model"])
         payload["model"] = model
-        plan = await self.off_loop(request, plan_messages, payload, model, info,
-                                   self.catalogue.quirks(model), time.time(),
-                                   request.header("anthropic-version"), request.header("anthropic-beta"))
-        await self.gateway.run(plan, request, response)
+        await self.run_plan(request, response, plan_messages, payload, model, info,
+                            self.catalogue.quirks(model), time.time(),
+                            request.header("anthropic-version"), request.header("anthropic-beta"))
 
     async def handle_count_tokens(self, request, response, _):
-        payload = await self.read_json(request)
-        tokens = await self.off_loop(request, count_tokens_of_request, payload)
+        tokens = await self.work(request, count_tokens_of_request, await self.read_json(request))
         await self.send_json(response, {"input_tokens": tokens})
 
     async def handle_responses(self, request, response, _):
         payload = await self.read_json(request)
-        name = await self.off_loop(request, validate_responses_request, payload, self.config.default_model)
-        model, info = await self.resolve(response, name)
+        model, info = await self.resolve(response, await self.work(
+            request, validate_responses_request, payload, self.config.default_model))
         payload["model"] = model
-        plan = await self.off_loop(request, plan_responses, payload, model, info,
-                                   self.catalogue.quirks(model), time.time(), self.responses)
-        await self.gateway.run(plan, request, response)
+        await self.run_plan(request, response, plan_responses, payload, model, info,
+                            self.catalogue.quirks(model), time.time(), self.responses)
 
     async def handle_compact(self, request, response, _):
         payload = await self.read_json(request)
-        name = await self.off_loop(request, validate_responses_request, payload, self.config.default_model)
-        model, info = await self.resolve(response, name)
+        model, info = await self.resolve(response, await self.work(
+            request, validate_responses_request, payload, self.config.default_model))
         check(payload, "input", "array", required=True)
         payload["model"] = model
-        plan = await self.off_loop(request, plan_compact, payload, model, info,
-                                   self.catalogue.quirks(model), time.time())
-        await self.gateway.run(plan, request, response)
+        await self.run_plan(request, response, plan_compact, payload, model, info,
+                            self.catalogue.quirks(model), time.time())
 
     async def handle_response_id(self, request, response, response_id):
         answer = self.responses.answer(request.method, response_id)  # GET, HEAD or DELETE
