@@ -4531,8 +4531,12 @@ def summarize_quota(user):
         isinstance(s, dict) and ("credits_used" in s or s.get("token_based_billing")) for s in snapshots.values())
     pool = bucket("premium_interactions")
     reset = user.get("quota_reset_date_utc") or user.get("quota_reset_date")
-    if not reset and isinstance(_dig(snapshots, "premium_interactions").get("quota_reset_at"), (int, float)):
-        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshots["premium_interactions"]["quota_reset_at"]))
+    reset_at = _dig(snapshots, "premium_interactions").get("quota_reset_at")
+    if not reset and isinstance(reset_at, (int, float)):
+        try:
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset_at))
+        except (OverflowError, OSError, ValueError):  # past year 9999, or NaN: the reset is unknown
+            reset = None
     return {"login": user.get("login"), "plan": user.get("copilot_plan"), "sku": user.get("access_type_sku"),
             "billing": "tokens" if token_billed else "requests",
             "credits": pool if token_billed else None, "premium_requests": None if token_billed else pool,

@@ -4671,6 +4671,18 @@ class TestOpenAISurface(ProxyTestCase):
         proxy = self.start_proxy(api_key="k")
         self.assertEqual(self.request("GET", "/usage", port=proxy.port)[0], 401)
 
+    def test_usage_survives_a_reset_time_past_year_9999(self):
+        user = copy.deepcopy(REQUEST_BILLED_USER)
+        del user["quota_reset_date_utc"]
+        user["quota_snapshots"]["premium_interactions"]["quota_reset_at"] = 1e300
+        self.fake.user = user
+        for _ in range(2):  # the answer is cached: GitHub is asked once
+            status, _, body = self.request("GET", "/usage")
+            self.assertEqual(status, 200, body[:300])
+            copilot = json.loads(body)["copilot"]
+            self.assertEqual((copilot["reset_date"], copilot["premium_requests"]["used"]), (None, 165))
+        self.assertEqual(len(self.fake.requests_to("/copilot_internal/user")), 1)
+
     def test_unknown_urls_list_the_routes_from_the_table(self):
         status, _, body = self.request("GET", "/v2/nothing")
         message = json.loads(body)["error"]["message"]
