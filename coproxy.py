@@ -173,6 +173,11 @@ MAX_JSON_DEPTH = 256                       # 400 beyond: nesting deeper than any
 #: hold an upstream socket too), at most this. Past the cap, connections that have not sent a
 #: complete request head are closed to make room (oldest first), else the newcomer gets 503.
 MAX_CLIENT_CONNECTIONS = 10_000
+#: Request bodies being received at once may come to at most this, or BODIES_IN_FLIGHT times the
+#: body cap if lower (8 x 32 MB = 256 MiB); past it a request gets 503 with Retry-After. Without
+#: it, a dozen clients each trickling a 31 MB body held ~400 MB for the 120 s body timeout.
+MAX_BODY_BYTES_IN_FLIGHT = 256 << 20
+BODIES_IN_FLIGHT = 8
 RESERVED_DESCRIPTORS = 64                  # log and state files, selectors, wake-up pairs
 #: "out of descriptors" and "connection cap reached" are logged at most this often
 RESOURCE_WARNING_SECONDS = 60.0
@@ -7707,6 +7712,7 @@ class Connection:
         self.transport = writer.transport
         self.buf = bytearray()
         self.exchanging = False  # a request is being answered (not to be shed at the cap)
+        self.receiving_since = None  # when it began waiting for a body (shed at the cap after idle ones)
         self.waiting_since = server.loop.time()  # when it began waiting for its next request head
         self.lost = False
         self._watcher = None
@@ -7806,8 +7812,11 @@ class Connection:
             del self.buf[:request.content_length]
             return body
         total = self._arm(self.server.body_timeout, "body_total")
+        budget = self.server.body_budget(limit)
+        self.receiving_since = self.server.loop.time()
         try:
             if not request.chunked:
+                budget.take(request.content_length)
                 return await self._read_exactly(request.content_length)
             body = bytearray()
             while True:
@@ -7821,6 +7830,7 @@ class Connection:
                 if len(body) + size > limit:
                     raise BadRequest(413, "chunked request body larger than the %d-byte limit "
                                           "(--max-body-mb)" % limit)
+                budget.take(size)
                 body += await self._read_exactly(size)
                 if await self._read_exactly(2) != b"\r\n":
                     raise BadRequest(400, "chunk not followed by CRLF")
@@ -7830,6 +7840,8 @@ class Connection:
             raise BadRequest(431, "too many trailer fields")
         finally:
             total.cancel()
+            budget.release()
+            self.receiving_since = None
 
     # -- noticing a client that leaves while we answer ----------------------------------------
     def watch_for_disconnect(self, callback):
@@ -8010,6 +8022,33 @@ def connection_cap(descriptors):
     return max(8, min(MAX_CLIENT_CONNECTIONS, spare // 2))
 
 
+class BodyBudget:
+    """What one request body holds of the server's budget for bodies being received: taken as
+    the body's size becomes known (its Content-Length, or chunk by chunk), given back when the
+    body is in or has failed. Past the budget: 503 with Retry-After, in the route's dialect."""
+
+    def __init__(self, server, cap):
+        self.server = server
+        self.cap = cap
+        self.held = 0
+
+    def take(self, size):
+        server = self.server
+        if server.body_bytes_in_flight + size > self.cap:
+            server._over_body_budget.warn(
+                "request bodies being received come to %s: answering 503 to more (a client sending "
+                "many large bodies slowly?)", format_size(server.body_bytes_in_flight))
+            raise ClientError(503, "coproxy is receiving %s of request bodies at once, its most; "
+                                   "try again shortly" % format_size(self.cap),
+                              code="overloaded", headers=[("Retry-After", "2")])
+        server.body_bytes_in_flight += size
+        self.held += size
+
+    def release(self):
+        self.server.body_bytes_in_flight -= self.held
+        self.held = 0
+
+
 class Server:
     """Accepts connections, runs a Connection per socket, and shuts down gracefully."""
 
@@ -8030,6 +8069,14 @@ class Server:
         self.max_connections = None   # set at start from the descriptor limit (tests lower it)
         self._out_of_descriptors = ThrottledWarning(RESOURCE_WARNING_SECONDS)
         self._at_cap = ThrottledWarning(RESOURCE_WARNING_SECONDS)
+        self.max_body_bytes_in_flight = None  # None: see MAX_BODY_BYTES_IN_FLIGHT (tests lower it)
+        self.body_bytes_in_flight = 0
+        self._over_body_budget = ThrottledWarning(RESOURCE_WARNING_SECONDS)
+
+    def body_budget(self, limit):
+        """A BodyBudget for one body that may be ``limit`` bytes (--max-body-mb)."""
+        cap = self.max_body_bytes_in_flight or min(MAX_BODY_BYTES_IN_FLIGHT, BODIES_IN_FLIGHT * limit)
+        return BodyBudget(self, cap)
 
     def http_date(self):
         now = int(time.time())
@@ -8065,15 +8112,20 @@ class Server:
 
     def _make_room(self):
         """At the connection cap: close the connection that has waited longest for a request head
-        (idle, or still sending one); False when every connection is in an exchange."""
-        waiting = [conn for conn in self._connections.values()
-                   if not conn.exchanging and not conn.transport.is_closing()]
-        if not waiting:
+        (idle, or still sending one), else the one that has been sending its body longest
+        (nothing of theirs runs yet); False when every connection is in an exchange past that."""
+        open_ones = [conn for conn in self._connections.values() if not conn.transport.is_closing()]
+        waiting = [conn for conn in open_ones if not conn.exchanging]
+        receiving = [conn for conn in open_ones if conn.receiving_since is not None]
+        if waiting:
+            shed = min(waiting, key=lambda conn: conn.waiting_since)
+        elif receiving:
+            shed = min(receiving, key=lambda conn: conn.receiving_since)
+        else:
             return False
-        oldest = min(waiting, key=lambda conn: conn.waiting_since)
-        self._at_cap.warn("at the connection cap (%d): closing connections that have not sent a request "
+        self._at_cap.warn("at the connection cap (%d): closing connections that have not sent a whole request "
                           "(the oldest first)", self.max_connections)
-        oldest.transport.abort()
+        shed.transport.abort()
         return True
 
     async def _on_connection(self, reader, writer):

@@ -6025,6 +6025,39 @@ class TestAbuse(ProxyTestCase):
         self.assertEqual((error["param"], error["code"]), ("input", "too_many_items"))
         self.assertIn("input holds 20001 items; at most 20000", error["message"])
 
+    def test_bodies_in_flight_share_one_budget_and_slow_ones_are_shed_at_the_cap(self):
+        server = self.proxy.server
+        server.max_body_bytes_in_flight = 3 << 20
+        size = 2 << 20
+        body = json.dumps(chat_body("hi")).encode()
+        body += b" " * (size - len(body))
+        slow = RawClient(self.proxy.port)
+        self.addCleanup(slow.close)
+        whole = post("/v1/chat/completions", body)
+        slow.send(whole[:len(whole) - size + 65536])  # the head and 64 KiB of the body
+        self.assertTrue(wait_for(lambda: server.body_bytes_in_flight == size))
+        second = RawClient(self.proxy.port)
+        self.addCleanup(second.close)
+        second.send(post("/v1/messages", body)[:-size].replace(b"Host:", b"anthropic-version: 2023-06-01\r\nHost:"))
+        status, headers, answer = second.response()
+        self.assertEqual((status, headers.get("retry-after")), (503, "2"), answer[:300])
+        error = json.loads(answer)["error"]
+        self.assertEqual(error["type"], "overloaded_error")  # in the caller's dialect
+        self.assertIn("request bodies at once", error["message"])
+        slow.send(whole[len(whole) - size + 65536:])
+        self.assertEqual(slow.response()[0], 200)
+        self.assertEqual(server.body_bytes_in_flight, 0)
+        # At the connection cap, one still sending its body is closed to make room for a newcomer.
+        slow.close()
+        trickling = RawClient(self.proxy.port)
+        self.addCleanup(trickling.close)
+        trickling.send(whole[:len(whole) - size + 1024])
+        self.assertTrue(wait_for(lambda: server.body_bytes_in_flight == size and len(server._connections) == 1))
+        server.max_connections = 1
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        self.assertTrue(trickling.closed_by_server())
+        self.assertTrue(wait_for(lambda: server.body_bytes_in_flight == 0))
+
     @unittest.skipUnless(sys.platform.startswith("linux"), "descriptor limits as Linux has them")
     def test_idle_connections_past_the_descriptor_limit_cannot_lock_out_a_client(self):
         import resource
