@@ -9784,6 +9784,10 @@ class Dashboard:
         self.guard.check_origin(request, response)
         if "text/html" in request.header("accept", "").lower() and not self.config.no_dashboard:
             return await self.handle_page(request, response)
+        if "ollama" not in self.config.api_surface:  # no probe answer for an API that is not served
+            raise ClientError(404, "/ is Ollama's probe, and the Ollama API is not enabled: start "
+                                   "coproxy with --api-surface all (or a list that includes ollama)",
+                              code="api_surface_disabled")
         self.guard.check_api_key(request)
         await response.send(200, [("Content-Type", "text/plain; charset=utf-8")], OLLAMA_RUNNING)
 
@@ -10236,16 +10240,20 @@ def claude_code_command(config, url, script):
     plain, _ = connection_environment(config.environ)
     prefix = "".join("%s=%s " % (name, shlex.quote(value)) for name, value in sorted(plain.items())
                      if name.upper().endswith("_PROXY"))
-    return "%spython3 %s claude-code%s" % (prefix, script, " " + line if line.strip() else "")
+    return "%spython3 %s claude-code%s" % (prefix, shlex.quote(script), " " + line if line.strip() else "")
+
+
+def script_as_run():
+    """This file as the user ran it (a relative path stays relative), for printed command lines."""
+    ran = sys.argv[0] if sys.argv else ""
+    return ran if os.path.basename(ran) == os.path.basename(__file__) else __file__
 
 
 def start_banner(config, url, script=None):
     """What `serve` prints once listening: where it is, and exact lines to point clients at it
     (``script``: this file as the user ran it)."""
     base = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
-    if script is None:
-        ran = sys.argv[0] if sys.argv else ""
-        script = ran if os.path.basename(ran) == os.path.basename(__file__) else __file__
+    script = script or script_as_run()
     variable = "$" + config.api_key_variable
     key = '"%s"' % variable if config.api_key else "unused"
     ollama = ["  Ollama clients:     %s (JetBrains AI Assistant, VS Code's Ollama provider)" % base
@@ -10769,8 +10777,10 @@ def start_detached(config):
             print("coproxy is running in the background: pid %d, %s, log %s" % (pid, url, log_path))
             # the lines the foreground banner shows, for the clients; then how to check on it
             print("\n".join(start_banner(config, url).splitlines()[1:]))
-            print("  status, stop:       python3 coproxy.py status%s, python3 coproxy.py stop%s" % (
-                config.state_dir_option, config.state_dir_option))
+            import shlex  # only for these lines
+            script = shlex.quote(script_as_run())  # the same path as the Claude Code line's
+            print("  status, stop:       python3 %s status%s, python3 %s stop%s" % (
+                script, config.state_dir_option, script, config.state_dir_option))
             return 0
         if child.poll() is not None:
             break
@@ -10960,7 +10970,7 @@ def cmd_status(config, args):
         print("health:   /healthz did not answer; see %s" % os.path.join(config.state_dir, LOG_FILE))
         return 1
     if "auth" not in health:  # /healthz tells details only to callers with the server's API key
-        print("details:  this coproxy has an API key and none was given here (or another one): set "
+        print("details: this coproxy has an API key and none was given here (or another one): set "
               "GHCP_PROXY_API_KEY to the server's key to see its login and upstream state")
         return 0
     auth = health.get("auth") if isinstance(health.get("auth"), dict) else {}

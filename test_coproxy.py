@@ -8,7 +8,7 @@ Needs only the standard library; the optional checks with the official ``openai`
 ``anthropic`` and ``ollama`` clients run when they are importable (``.ci/run`` installs them in a
 throwaway venv), among them TestSchemas: every kind of answer against the SDKs' types, strict;
 and the dashboard's test in headless Chromium when ``playwright`` and a ``chromium`` are there
-(``COPROXY_DASHBOARD_SCREENSHOTS=DIR`` saves its screenshots there: README's picture).
+(``TEST_COPROXY_SCREENSHOTS=DIR`` saves its screenshots there: README's picture).
 The classes follow coproxy.py's sections, so a failure points at one. The last line printed is
 ``N passed, N failed, N skipped``. ``python3 test_coproxy.py --bench`` prints the performance
 figures instead (Linux: it reads CPU and memory from /proc).
@@ -858,8 +858,8 @@ def install_log_capture():
 
 @contextlib.contextmanager
 def without_coproxy_variables():
-    """os.environ without COPROXY_*/GHCP_* variables (CI exports COPROXY_FUZZ, a developer may have
-    real ones) while coproxy.main runs in-process: it reads them, and warns about unknown ones."""
+    """os.environ without COPROXY_*/GHCP_* variables (a developer may have real ones) while
+    coproxy.main runs in-process: it reads them, and warns about unknown ones."""
     saved = {k: v for k, v in os.environ.items() if k.startswith(("COPROXY_", "GHCP_"))}
     for name in saved:
         del os.environ[name]
@@ -5933,6 +5933,8 @@ class TestOllamaAPI(ProxyTestCase):
                          200)
         proxy = self.start_proxy(api_surface=coproxy._api_surface("chat"))
         self.assertEqual(error("GET", "/api/tags", port=proxy.port)[0], 404)
+        # no "Ollama is running" probe answer either, or a client would find a server and fail
+        self.assertEqual(error("GET", "/", port=proxy.port)[0], 404)
 
     def test_a_cut_stream_ends_with_an_error_line_and_silence_with_empty_objects(self):
         self.fake.stream(chunk("par"), "cut")
@@ -6069,8 +6071,10 @@ class TestAbuse(ProxyTestCase):
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
         self.addCleanup(process.stderr.close)
         self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
-        line = process.stderr.readline()
-        port = int(re.search(r"listening on http://127.0.0.1:(\d+)", line).group(1))
+        line = ""
+        while "listening on" not in line and line is not None:  # warnings may come first
+            line = process.stderr.readline() or None
+        port = int(re.search(r"listening on http://127.0.0.1:(\d+)", line or "").group(1))
         idle = []
         for number in range(150):  # past the server's 128 descriptors: idle, or a head never finished
             sock = socket.create_connection(("127.0.0.1", port))
@@ -6334,8 +6338,8 @@ class TestFuzz(ProxyTestCase):
     """Seeded mutations of valid bodies on every route: never a 5xx, never a traceback."""
 
     # Bodies per route: the full count (about a second each on this project's 2-core machines)
-    # when COPROXY_FUZZ=full, as .ci/run sets it; a tenth of it in the everyday run.
-    COUNT = 2000 if os.environ.get("COPROXY_FUZZ") == "full" else 200
+    # when TEST_COPROXY_FUZZ=full, as .ci/run sets it; a tenth of it in the everyday run.
+    COUNT = 2000 if os.environ.get("TEST_COPROXY_FUZZ") == "full" else 200
 
     def setUp(self):
         super().setUp()
@@ -6669,7 +6673,7 @@ class TestDashboardBrowser(ProxyTestCase):
         self.wait_rows(narrow)
         self.assertEqual(narrow.evaluate(BACKGROUND_SCRIPT), "rgb(15, 18, 23)")
         self.assertLessEqual(narrow.evaluate("document.documentElement.scrollWidth"), 390)
-        shots = os.environ.get("COPROXY_DASHBOARD_SCREENSHOTS")  # a directory: README's picture
+        shots = os.environ.get("TEST_COPROXY_SCREENSHOTS")  # a directory: README's picture
         if shots:
             wide = self.open(proxy, width=1280, height=900, scheme="dark")
             self.wait_rows(wide)
@@ -7019,8 +7023,9 @@ class TestDaemon(unittest.TestCase):
         claude = [line for line in banner if line.strip().startswith("Claude Code:")][0]
         self.assertIn('claude-code --state-dir %s --github-url %s --github-api-url %s --port %s --api-key '
                       '"$GHCP_PROXY_API_KEY")" && claude' % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]), claude)
-        self.assertTrue(lines[-1].endswith("python3 coproxy.py status --state-dir %s, python3 coproxy.py stop "
-                                           "--state-dir %s" % (self.tmp, self.tmp)), lines[-1])
+        script = claude.split("python3 ", 1)[1].split(" ", 1)[0]  # status/stop name the same file
+        self.assertTrue(lines[-1].endswith("python3 %s status --state-dir %s, python3 %s stop --state-dir %s"
+                                           % (script, self.tmp, script, self.tmp)), lines[-1])
         self.assertNotIn("s3cret-key", started.stdout)
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             cmdline = f.read()
