@@ -9896,16 +9896,16 @@ class OllamaRoutes:
     async def chat(self, request, response, _, kind="chat"):
         payload = await self.app.read_json(request)
         name, model, info = await self.model(payload)
-        validate_ollama_request(payload, kind)
+        await self.app.work(request, validate_ollama_request, payload, kind)
         said = payload.get("messages") if kind == "chat" else (
             payload.get("prompt") or payload.get("images"))
         if not said:  # Ollama loads the model (or with keep_alive 0 unloads it) and answers at once
             unload = payload.get("keep_alive") in (0, "0", "0s")
             loaded = ollama_loaded(name, kind, rfc3339(time.time()), unload)
             return await self.app.send_json(response, loaded)
-        plan = plan_ollama(payload, kind, name, model, info, self.app.catalogue.quirks(model),
-                           time.time(), request.started, time.monotonic)
-        await self.app.gateway.run(plan, request, response)
+        await self.app.run_plan(request, response, plan_ollama, payload, kind, name, model, info,
+                                self.app.catalogue.quirks(model), time.time(), request.started,
+                                time.monotonic)
 
     async def generate(self, request, response, _):
         await self.chat(request, response, _, kind="generate")
@@ -9913,9 +9913,8 @@ class OllamaRoutes:
     async def embed(self, request, response, _, legacy=False):
         payload = await self.app.read_json(request)
         name, model, info = await self.model(payload)
-        plan = plan_ollama_embed(payload, legacy, name, model, info, request.started,
-                                 time.monotonic)
-        await self.app.gateway.run(plan, request, response)
+        await self.app.run_plan(request, response, plan_ollama_embed, payload, legacy, name, model,
+                                info, request.started, time.monotonic)
 
     async def embeddings(self, request, response, _):
         await self.embed(request, response, _, legacy=True)
