@@ -4179,14 +4179,18 @@ class TestLoadWithChurn(ProxyTestCase):
         port = self.proxy.port
         plain = post("/v1/chat/completions", json.dumps(chat_body()).encode())
         streamed = post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode())
-        deadline = time.monotonic() + 1.5
+        # a count of answers, not a time: a loaded machine (CI under -X dev) takes longer, not fewer
+        deadline, wanted = time.monotonic() + 30, 150
         errors, served = [], collections.Counter()
+
+        def going():
+            return served["plain"] + served["stream"] < wanted and time.monotonic() < deadline
 
         def client(number):
             rng = random.Random(number)
-            while time.monotonic() < deadline:
+            while going():
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as reader:
-                    while time.monotonic() < deadline:
+                    while going():
                         stream = rng.random() < 0.4
                         sock.sendall(streamed if stream else plain)
                         if rng.random() < 0.1:  # leaves mid-request: before or after the answer's head
@@ -4204,9 +4208,9 @@ class TestLoadWithChurn(ProxyTestCase):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(30)
+            thread.join(40)
         self.assertEqual(errors, [])
-        self.assertGreater(served["plain"] + served["stream"], 100, served)
+        self.assertGreaterEqual(served["plain"] + served["stream"], wanted, served)
         for body in (chat_body(), chat_body(stream=True)):  # and right after they all left
             status, _, answer = self.request("POST", "/v1/chat/completions", body)
             self.assertEqual(status, 200, answer)
@@ -4844,8 +4848,12 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         self.addCleanup(client.close)
         client.send(post("/v1/messages", json.dumps(self.body("claude-opus-4.6", stream=True)).encode()))
         client.response(head_only=True)
-        self.assertEqual(sse_events(read_chunk(client.file))[0][0], "message_start")
-        self.assertEqual(read_chunk(client.file), b'event: ping\ndata: {"type":"ping"}\n\n')
+        ping = b'event: ping\ndata: {"type":"ping"}\n\n'
+        first = read_chunk(client.file)
+        while first == ping:  # a slow machine may ping before the upstream's first event arrives
+            first = read_chunk(client.file)
+        self.assertEqual(sse_events(first)[0][0], "message_start")
+        self.assertEqual(read_chunk(client.file), ping)  # the upstream is silent: pings keep it alive
         gate.set()
         body = read_rest(client.file)
         names = [n for n, _ in sse_events(body) if n != "ping"]
