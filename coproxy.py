@@ -628,36 +628,27 @@ def _host_name(text):
     return value
 
 
-def _product_version(text):
-    """``name/version`` as a header value: no spaces or control characters."""
-    value = str(text).strip()
-    if not re.match(r"^[A-Za-z0-9._+-]+/[A-Za-z0-9._+-]+$", value):
-        raise ValueError("expected NAME/VERSION such as vscode/1.140.0, got %r" % text)
-    return value
+def _matching(pattern, expected):
+    """A converter for an option whose value must match ``pattern`` (stripped); ``expected``
+    names a good value for the error."""
+    def parse(text):
+        value = str(text).strip()
+        if not re.match(pattern, value):
+            raise ValueError("expected %s, got %r" % (expected, text))
+        return value
+    return parse
 
 
-def _api_version(text):
-    """An X-GitHub-Api-Version value: a date such as 2026-08-01."""
-    value = str(text).strip()
-    if not re.match(r"^\d{4}-\d{2}-\d{2}$", value):
-        raise ValueError("expected a date such as %s, got %r" % (COPILOT_CHAT_API_VERSION, text))
-    return value
-
-
-def _integration_id(text):
-    """A Copilot-Integration-Id value such as vscode-chat or copilot-developer-cli."""
-    value = str(text).strip()
-    if not re.match(r"^[A-Za-z0-9._-]{1,64}$", value):
-        raise ValueError("expected a name such as copilot-developer-cli, got %r" % text)
-    return value
-
-
-def _github_login(text):
-    """A GitHub organisation or user name (letters, digits, single hyphens)."""
-    value = str(text).strip()
-    if not re.match(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$", value):
-        raise ValueError("expected an organisation name such as my-org, got %r" % text)
-    return value
+#: ``name/version`` as a header value: no spaces or control characters.
+_product_version = _matching(r"^[A-Za-z0-9._+-]+/[A-Za-z0-9._+-]+$",
+                             "NAME/VERSION such as vscode/1.140.0")
+#: An X-GitHub-Api-Version value.
+_api_version = _matching(r"^\d{4}-\d{2}-\d{2}$", "a date such as %s" % COPILOT_CHAT_API_VERSION)
+#: A Copilot-Integration-Id value.
+_integration_id = _matching(r"^[A-Za-z0-9._-]{1,64}$", "a name such as copilot-developer-cli")
+#: A GitHub organisation or user name (letters, digits, single hyphens).
+_github_login = _matching(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$",
+                          "an organisation name such as my-org")
 
 
 _auth_mode = _choice("auto", "exchange", "direct")
