@@ -4844,13 +4844,16 @@ def _text_of(blocks):
 
 def anthropic_initiator(messages):
     """``user`` only when the last turn is the user's with real content; a turn that carries
-    tool results (even with reminder text after them) is the agent's follow-up."""
-    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+    tool results (even with reminder text after them) is the agent's follow-up. System-role
+    messages after it do not count: Claude Code 2.1 appends its attachments (the list of agent
+    types, reminders) as one after the person's prompt for some models, Haiku among them."""
+    turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+    if not turns or not isinstance(turns[-1], dict) or turns[-1].get("role") != "user":
         return "agent"
-    blocks = _blocks(messages[-1].get("content"))
+    blocks = _blocks(turns[-1].get("content"))
     if any(b.get("type") == "tool_result" for b in blocks):
         return "agent"
-    if len(messages) == 1 and [b.get("type") for b in blocks] == ["text"] and (blocks[0].get("text") or "").strip() == "Warmup":
+    if len(turns) == 1 and [b.get("type") for b in blocks] == ["text"] and (blocks[0].get("text") or "").strip() == "Warmup":
         return "agent"  # Claude Code's start-up probe (2.0.28+): the tool's request, not the person's
     if any((b.get("type") == "text" and (b.get("text") or "").strip()) or b.get("type") in ("image", "document")
            for b in blocks):

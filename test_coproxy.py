@@ -4820,6 +4820,24 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         self.assertEqual(headers["x-initiator"], "agent")
         self.assertEqual(json.loads(raw)["messages"][-1], {"role": "tool", "tool_call_id": "toolu_7", "content": "a.txt"})
 
+    def test_a_prompt_followed_by_claude_codes_system_attachment_is_the_users_turn(self):
+        # Claude Code 2.1.197 with Haiku: the prompt, then a system-role message listing agent types
+        attachment = {"role": "system", "content": "Available agent types for the Agent tool: ..."}
+        prompt = {"role": "user", "content": [{"type": "text", "text": "say hi"}]}
+        tool_turn = [{"role": "user", "content": "list files"},
+                     {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ls",
+                                                        "input": {}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                                   "content": "a.txt"}]}]
+        for messages, initiator in (([prompt, attachment], "user"), (tool_turn + [attachment], "agent"),
+                                    ([attachment], "agent")):
+            for model in ("claude-haiku-4.5", "claude-sonnet-4.5"):  # translated, native
+                status, _, body = self.messages(self.body(model, messages=messages))
+                self.assertEqual(status, 200, body)
+                path = "/v1/messages" if model == "claude-sonnet-4.5" else "/chat/completions"
+                headers = self.fake.requests_to(path)[-1][2]
+                self.assertEqual(headers["x-initiator"], initiator, (model, messages))
+
     def test_native_path_non_stream_with_headers(self):
         status, _, data = self.messages(self.body("claude-opus-4-6"), headers={
             "anthropic-beta": "interleaved-thinking-2025-05-14,some-unknown-beta-2030-01-01",
