@@ -11227,7 +11227,10 @@ def claude_code_environment(config, model_ids, main_model=None, base_url=None):
              ("ANTHROPIC_MODEL", main), ("ANTHROPIC_DEFAULT_OPUS_MODEL", opus),
              ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet), ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku or main),
              # the attribution line changes every turn and would defeat prompt caching
-             ("CLAUDE_CODE_ATTRIBUTION_HEADER", "0"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+             ("CLAUDE_CODE_ATTRIBUTION_HEADER", "0"),
+             # no telemetry or error reports to Anthropic; not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC,
+             # which also turns the model discovery below off (seen in Claude Code 2.1.197)
+             ("DISABLE_TELEMETRY", "1"), ("DISABLE_ERROR_REPORTING", "1"),
              # /model then lists the catalogue's Claude models, read from GET /v1/models (2.1.126+)
              ("CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY", "1")]
     return [(name, value) for name, value in pairs if value]

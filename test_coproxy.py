@@ -7295,7 +7295,10 @@ class TestClaudeCodeCommand(unittest.TestCase):
         self.assertIn("export ANTHROPIC_MODEL=claude-sonnet-4.5\n", sh)
         self.assertIn("export ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4.6\n", sh)
         self.assertIn("export ANTHROPIC_DEFAULT_HAIKU_MODEL=claude-haiku-4.5\n", sh)
-        self.assertIn("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1\n", sh)
+        # CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC would turn the model discovery off
+        self.assertNotIn("NONESSENTIAL", sh)
+        self.assertIn("export DISABLE_TELEMETRY=1\n", sh)
+        self.assertIn("export DISABLE_ERROR_REPORTING=1\n", sh)
         self.assertIn("export CLAUDE_CODE_ATTRIBUTION_HEADER=0\n", sh)
         self.assertIn("export CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1\n", sh)
         self.assertIn("set -gx ANTHROPIC_AUTH_TOKEN 'pa$$'\n", outputs["fish"])
