@@ -6547,15 +6547,26 @@ def plan_chat(payload, parsed, model, info, quirks, now):
 _HEADER_TOKEN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
-def plan_messages(payload, model, info, quirks, now, anthropic_version=None, anthropic_beta=None):
+#: The anthropic-beta Claude Code puts on its agent loop's requests (the person's turns and tool
+#: follow-ups) and leaves off its own side work, such as the session title it asks Haiku for.
+CLAUDE_CODE_LOOP_BETA = "claude-code-20250219"
+
+
+def plan_messages(payload, model, info, quirks, now, header=lambda name: None):
     """POST /v1/messages: Copilot's own /v1/messages when the model has it (Claude), else
-    translated to chat, or to chat and on to /responses (responses-only models), and back."""
+    translated to chat, or to chat and on to /responses (responses-only models), and back.
+    ``header(name)``: the client's header of that (lower-case) name, or None."""
+    anthropic_version, anthropic_beta = header("anthropic-version"), header("anthropic-beta")
     removed = clean_anthropic_request(payload)
     vision = has_image(payload, ("image",))
     check_vision(model, info, vision, "messages")
     stream = payload.get("stream") is True
+    initiator = anthropic_initiator(payload["messages"])
+    betas = [b.strip() for b in (anthropic_beta or "").split(",")]
+    if header("x-claude-code-session-id") is not None and CLAUDE_CODE_LOOP_BETA not in betas:
+        initiator = "agent"  # Claude Code's side work: no person's turn, so no premium request
     plan = Plan("messages", ANTHROPIC, model, info, "/v1/messages", stream=stream,
-                initiator=anthropic_initiator(payload["messages"]), vision=vision, what="a message",
+                initiator=initiator, vision=vision, what="a message",
                 effort_name="output_config.effort", removed=removed)
     endpoints = info.get("supported_endpoints") if isinstance(info.get("supported_endpoints"), list) else []
     if "/v1/messages" in endpoints:
@@ -6563,10 +6574,9 @@ def plan_messages(payload, model, info, quirks, now, anthropic_version=None, ant
         if anthropic_version is not None and not _HEADER_TOKEN.match(anthropic_version):
             raise ClientError(400, "anthropic-version: not a version such as 2023-06-01", param="anthropic-version")
         plan.headers["anthropic-version"] = anthropic_version or "2023-06-01"
-        betas = [b.strip() for b in (anthropic_beta or "").split(",")
-                 if b.strip().startswith(SUPPORTED_ANTHROPIC_BETAS) and _HEADER_TOKEN.match(b.strip())]
-        if betas:
-            plan.headers["anthropic-beta"] = ",".join(betas)
+        passed_on = [b for b in betas if b.startswith(SUPPORTED_ANTHROPIC_BETAS) and _HEADER_TOKEN.match(b)]
+        if passed_on:
+            plan.headers["anthropic-beta"] = ",".join(passed_on)
         plan.chain = lambda: [anthropic_passthrough()]
     elif endpoint_for(info, "/chat/completions") == "/responses":
         plan.path = "/responses"
@@ -10122,8 +10132,7 @@ class App:
         model, info = await self.resolve(response, payload["model"])
         payload["model"] = model
         await self.run_plan(request, response, plan_messages, payload, model, info,
-                            self.catalogue.quirks(model), time.time(),
-                            request.header("anthropic-version"), request.header("anthropic-beta"))
+                            self.catalogue.quirks(model), time.time(), request.header)
 
     async def handle_count_tokens(self, request, response, _):
         tokens = await self.work(request, count_tokens_of_request, await self.read_json(request))

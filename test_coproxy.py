@@ -4820,6 +4820,23 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         self.assertEqual(headers["x-initiator"], "agent")
         self.assertEqual(json.loads(raw)["messages"][-1], {"role": "tool", "tool_call_id": "toolu_7", "content": "a.txt"})
 
+    def test_claude_codes_side_work_is_the_agents(self):
+        # Claude Code 2.1.197 marks its agent loop with the claude-code beta and asks for a session
+        # title without it; a client that is not Claude Code sends neither header
+        session = {"X-Claude-Code-Session-Id": "34bf9a21-0af2-4663-af4e-6b7510a1b3ca"}
+        loop_betas = "claude-code-20250219,interleaved-thinking-2025-05-14"
+        cases = ((dict(session, **{"anthropic-beta": loop_betas}), "user"),
+                 (dict(session, **{"anthropic-beta": "interleaved-thinking-2025-05-14"}), "agent"),
+                 (session, "agent"), ({"anthropic-beta": "interleaved-thinking-2025-05-14"}, "user"),
+                 ({}, "user"))
+        for headers, initiator in cases:
+            for model in ("claude-haiku-4.5", "claude-sonnet-4.5"):  # translated, native
+                status, _, body = self.messages(self.body(model), headers)
+                self.assertEqual(status, 200, body)
+                path = "/v1/messages" if model == "claude-sonnet-4.5" else "/chat/completions"
+                sent = self.fake.requests_to(path)[-1][2]
+                self.assertEqual(sent["x-initiator"], initiator, (model, headers))
+
     def test_a_prompt_followed_by_claude_codes_system_attachment_is_the_users_turn(self):
         # Claude Code 2.1.197 with Haiku: the prompt, then a system-role message listing agent types
         attachment = {"role": "system", "content": "Available agent types for the Agent tool: ..."}
