@@ -4886,7 +4886,10 @@ def validate_anthropic_request(payload):
                      input_schema="object")
     check_fields(check(payload, "tool_choice", "object"), "tool_choice.", type="string", name="string")
     check_fields(check(payload, "thinking", "object"), "thinking.", type="string", budget_tokens="integer")
-    check_fields(check(payload, "output_config", "object"), "output_config.", effort="string")
+    check_fields(check(payload, "output_config", "object"), "output_config.", effort="string",
+                 format="object")
+    check_fields(_dig(payload, "output_config").get("format"), "output_config.format.",
+                 type="string", schema="object")
 
 
 #: anthropic-beta values Copilot's /v1/messages is known to accept (VS Code filters the same way).
@@ -5010,6 +5013,11 @@ def anthropic_to_openai_request(payload, model_info=None):
     effort = _dig(payload, "output_config").get("effort")
     if isinstance(effort, str):
         request["reasoning_effort"] = effort
+    answer_format = _dig(payload, "output_config", "format")
+    if answer_format.get("type") == "json_schema" and isinstance(answer_format.get("schema"), dict):
+        # structured output (Claude Code asks for its session titles so); chat's name is required
+        schema = {"name": "response", "schema": answer_format["schema"]}
+        request["response_format"] = {"type": "json_schema", "json_schema": schema}
     thinking = payload.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled" and thinking.get("budget_tokens"):
         request["thinking_budget"] = fit_thinking_budget(int(thinking["budget_tokens"]), model_info)

@@ -4820,6 +4820,27 @@ class TestAnthropicEndToEnd(ProxyTestCase):
         self.assertEqual(headers["x-initiator"], "agent")
         self.assertEqual(json.loads(raw)["messages"][-1], {"role": "tool", "tool_call_id": "toolu_7", "content": "a.txt"})
 
+    def test_structured_output_reaches_translated_models(self):
+        # Claude Code 2.1.197 asks for its session title this way
+        schema = {"type": "object", "properties": {"title": {"type": "string"}},
+                  "required": ["title"], "additionalProperties": False}
+        config = {"effort": "high", "format": {"type": "json_schema", "schema": schema}}
+        status, _, body = self.messages(self.body("claude-haiku-4.5", output_config=config))
+        self.assertEqual(status, 200, body)
+        sent = json.loads(self.fake.requests_to("/chat/completions")[-1][3])
+        wanted = {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+        self.assertEqual(sent["response_format"], wanted)
+        status, _, body = self.messages(self.body("gpt-5.1-codex", output_config=config))
+        self.assertEqual(status, 200, body)
+        sent = json.loads(self.fake.requests_to("/responses")[-1][3])
+        text_format = sent["text"]["format"]
+        self.assertEqual((text_format["type"], text_format["schema"]), ("json_schema", schema))
+        status, _, body = self.messages(self.body("claude-haiku-4.5", output_config={"format": {
+            "type": "json_schema", "schema": "{}"}}))
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["type"]), (400, "invalid_request_error"))
+        self.assertIn("output_config.format.schema", error["message"])
+
     def test_claude_codes_side_work_is_the_agents(self):
         # Claude Code 2.1.197 marks its agent loop with the claude-code beta and asks for a session
         # title without it; a client that is not Claude Code sends neither header
