@@ -4122,6 +4122,15 @@ UNKNOWN_RELEASE = "1970-01-01T00:00:00Z"
 _ANTHROPIC_LINES = ("haiku", "sonnet", "opus")
 
 
+def anthropic_model_id(model_id):
+    """A Claude id as Anthropic spells it (claude-sonnet-4.5 -> claude-sonnet-4-5); other ids as
+    they are. Claude Code reads a dotted id as an older model (Sonnet 4, with a "retired" warning
+    on every run, seen in 2.1.197); coproxy resolves either spelling to the catalogue's id."""
+    if not model_id.startswith("claude-"):
+        return model_id
+    return re.sub(r"(?<=\d)\.(?=\d)", "-", model_id)
+
+
 def anthropic_model_info(model):
     """A Copilot catalogue entry as the anthropic SDK's ``ModelInfo``: the fields Claude Code's
     gateway discovery reads (id, display_name) and every key the SDK requires, capabilities as
@@ -4142,7 +4151,7 @@ def anthropic_model_info(model):
     effort = {level: _support(level in efforts)
               for level in ("low", "medium", "high", "max", "xhigh")}
     return {
-        "type": "model", "id": model["id"], "display_name": name or model["id"],
+        "type": "model", "id": anthropic_model_id(model["id"]), "display_name": name or model["id"],
         "created_at": UNKNOWN_RELEASE,
         "lifecycle": "active", "deprecated_at": None, "retires_at": None,
         "line": lines[0] if lines else None,
@@ -11239,6 +11248,8 @@ def claude_code_environment(config, model_ids, main_model=None, base_url=None):
         host = "[%s]" % config.host if ":" in config.host else config.host
         base_url = "http://%s:%d" % (host, config.port)
     base_url = base_url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+    # Anthropic's spelling, which Claude Code reads right (see anthropic_model_id)
+    opus, sonnet, haiku, main = (anthropic_model_id(m) if m else m for m in (opus, sonnet, haiku, main))
     pairs = [("ANTHROPIC_BASE_URL", base_url),
              ("ANTHROPIC_AUTH_TOKEN", config.api_key or "coproxy"),
              ("ANTHROPIC_MODEL", main), ("ANTHROPIC_DEFAULT_OPUS_MODEL", opus),

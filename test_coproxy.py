@@ -1032,6 +1032,11 @@ ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
+def anthropic_spelling(model_id):
+    """claude-sonnet-4.5 as Anthropic's list spells it: claude-sonnet-4-5 (others unchanged)."""
+    return model_id.replace(".", "-") if model_id.startswith("claude-") else model_id
+
+
 def post(path, body, extra=b""):
     return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
             % (path.encode(), len(body), extra, body))
@@ -4709,7 +4714,7 @@ class TestOpenAISurface(ProxyTestCase):
         started = time.monotonic()
         status, headers, body = self.request("GET", "/v1/models?limit=1000", headers=ANTHROPIC_HEADERS)
         listing = json.loads(body)
-        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"] + ["auto"]
+        chat_ids = [anthropic_spelling(i) for i in CATALOG_IDS if i != "text-embedding-3-small"] + ["auto"]
         self.assertEqual((status, [m["id"] for m in listing["data"]]), (200, chat_ids))
         self.assertEqual((listing["first_id"], listing["last_id"], listing["has_more"]),
                          ("gpt-4.1", "auto", False))
@@ -4730,7 +4735,7 @@ class TestOpenAISurface(ProxyTestCase):
         def page(query):
             status, _, body = self.request("GET", "/v1/models" + query, headers=ANTHROPIC_HEADERS)
             return status, json.loads(body)
-        chat_ids = [i for i in CATALOG_IDS if i != "text-embedding-3-small"] + ["auto"]
+        chat_ids = [anthropic_spelling(i) for i in CATALOG_IDS if i != "text-embedding-3-small"] + ["auto"]
         _, first = page("?limit=3")
         self.assertEqual(([m["id"] for m in first["data"]], first["has_more"], first["last_id"]),
                          (chat_ids[:3], True, chat_ids[2]))
@@ -4751,7 +4756,7 @@ class TestOpenAISurface(ProxyTestCase):
                              query)
             self.assertIn(param, error["error"]["message"])
         status, _, body = self.request("GET", "/v1/models/claude-sonnet-4-5-20250929", headers=ANTHROPIC_HEADERS)
-        self.assertEqual((status, json.loads(body)["id"], json.loads(body)["type"]), (200, "claude-sonnet-4.5", "model"))
+        self.assertEqual((status, json.loads(body)["id"], json.loads(body)["type"]), (200, "claude-sonnet-4-5", "model"))
         status, _, body = self.request("GET", "/v1/models/gpt-9", headers=ANTHROPIC_HEADERS)
         self.assertEqual((status, json.loads(body)["error"]["type"]), (404, "not_found_error"))
         proxy = self.start_proxy(api_key="k")
@@ -7330,9 +7335,9 @@ class TestClaudeCodeCommand(unittest.TestCase):
         sh = outputs["sh"]
         self.assertIn("export ANTHROPIC_BASE_URL=http://127.0.0.1:%d\n" % port, sh)
         self.assertIn("export ANTHROPIC_AUTH_TOKEN='pa$$'\n", sh)
-        self.assertIn("export ANTHROPIC_MODEL=claude-sonnet-4.5\n", sh)
-        self.assertIn("export ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4.6\n", sh)
-        self.assertIn("export ANTHROPIC_DEFAULT_HAIKU_MODEL=claude-haiku-4.5\n", sh)
+        self.assertIn("export ANTHROPIC_MODEL=claude-sonnet-4-5\n", sh)  # as Claude Code reads it
+        self.assertIn("export ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4-6\n", sh)
+        self.assertIn("export ANTHROPIC_DEFAULT_HAIKU_MODEL=claude-haiku-4-5\n", sh)
         # CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC would turn the model discovery off
         self.assertNotIn("NONESSENTIAL", sh)
         self.assertIn("export DISABLE_TELEMETRY=1\n", sh)
@@ -7389,7 +7394,7 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
         code, env, err = self.claude_code("--port", str(proxy.port), "--api-key", "k3y", github=self.dead_url)
         self.assertEqual(code, 0, err)
         self.assertEqual((env["ANTHROPIC_BASE_URL"], env["ANTHROPIC_MODEL"], env["ANTHROPIC_DEFAULT_OPUS_MODEL"]),
-                         ("http://127.0.0.1:%d" % proxy.port, "claude-sonnet-4.5", "claude-opus-4.6"))
+                         ("http://127.0.0.1:%d" % proxy.port, "claude-sonnet-4-5", "claude-opus-4-6"))
         self.assertEqual(err, "")
         models = [r for r in self.fake.requests if r[1] == "/models"]
         self.assertEqual(len(models), 1)  # the proxy's own fetch; the CLI never reached GitHub
@@ -7399,7 +7404,7 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
         code, env, err = self.claude_code("--port", str(proxy.port), "--model", "claude-sonet-4.5")
         self.assertEqual((code, env), (1, {}))
         self.assertIn("--model claude-sonet-4.5 is not in your Copilot catalogue; did you mean claude-sonnet-4.5", err)
-        for model, main in (("fast", "fast"), ("opus", "claude-opus-4.6"), ("claude-haiku-4-5", "claude-haiku-4.5")):
+        for model, main in (("fast", "fast"), ("opus", "claude-opus-4-6"), ("claude-haiku-4.5", "claude-haiku-4-5")):
             code, env, err = self.claude_code("--port", str(proxy.port), "--model", model)
             self.assertEqual((code, env.get("ANTHROPIC_MODEL")), (0, main), err)
 
@@ -7419,7 +7424,7 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
     def test_github_when_no_coproxy_answers_and_a_wrong_key_is_refused(self):
         port = self.dead_url.rsplit(":", 1)[1]
         code, env, err = self.claude_code("--port", port)
-        self.assertEqual((code, env["ANTHROPIC_MODEL"]), (0, "claude-sonnet-4.5"))
+        self.assertEqual((code, env["ANTHROPIC_MODEL"]), (0, "claude-sonnet-4-5"))
         self.assertIn("note: no coproxy answers at %s; the models are from GitHub" % self.dead_url, err)
         proxy = self.start_proxy(api_key="right")
         for key in (["--api-key", "wrong"], []):  # the settings would fail on every request: none printed
@@ -7483,7 +7488,7 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
                                 timeout=20, env=dict(env, COPROXY_API_KEY="b4nner-key"))
         self.assertEqual(result.returncode, 0, result.stderr)
         base_url, token, model = result.stdout.split()
-        self.assertEqual((token, model), ("b4nner-key", "claude-sonnet-4.5"))
+        self.assertEqual((token, model), ("b4nner-key", "claude-sonnet-4-5"))  # Anthropic's spelling
         status, _, body = http_request(int(base_url.rsplit(":", 1)[1]), "POST", "/v1/messages", json.dumps({
             "model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}).encode(),
             headers={"x-api-key": token, "anthropic-version": "2023-06-01", "Content-Type": "application/json"})
