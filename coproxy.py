@@ -4711,6 +4711,22 @@ class ChatReader(Translator):
         if usage is not None or cost is not None:
             self.usage = usage_from_chat(self.raw_usage, self.copilot_usage)
 
+    def open_chunk(self, data):
+        """A chat stream's data line as (chunk, None), or (None, items to emit instead): none for
+        the end marker, the parse error for a line that is not JSON, the upstream's error for an
+        error chunk. Usage and Copilot's cost are taken out of the chunk on the way."""
+        if data == "[DONE]":
+            self.complete = True
+            return None, []
+        chunk = parse_event_json(data)
+        if not isinstance(chunk, dict):
+            return None, ([chunk] if chunk is not None else [])
+        problem = chat_chunk_problem(chunk)
+        if problem:
+            return None, [problem]
+        self.take_chat_usage(chunk)
+        return chunk, None
+
 
 class ChatNormalize(ChatReader):
     """Copilot chat chunks in, OpenAI chat.completion.chunk items out.
@@ -4743,13 +4759,9 @@ class ChatNormalize(ChatReader):
             return []
         if self._as_it_is(data):
             return [(None, '{"object":"chat.completion.chunk",' + data[1:])]
-        chunk = parse_event_json(data)
-        if not isinstance(chunk, dict):
-            return [chunk] if chunk is not None else []
-        problem = chat_chunk_problem(chunk)
-        if problem:
-            return [problem]
-        self.take_chat_usage(chunk)
+        chunk, instead = self.open_chunk(data)
+        if chunk is None:
+            return instead
         choices = chunk.get("choices")
         if not isinstance(choices, list) or not choices:
             return []
@@ -5128,16 +5140,9 @@ class ChatToAnthropic(ChatReader):
                            "delta": delta})
 
     def feed(self, event, data):
-        if data == "[DONE]":
-            self.complete = True
-            return []
-        chunk = parse_event_json(data)
-        if not isinstance(chunk, dict):
-            return [chunk] if chunk is not None else []
-        problem = chat_chunk_problem(chunk)
-        if problem:
-            return [problem]
-        self.take_chat_usage(chunk)
+        chunk, instead = self.open_chunk(data)
+        if chunk is None:
+            return instead
         out = []
         for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
             if not isinstance(choice, dict):
@@ -6175,16 +6180,9 @@ class ChatToResponses(ChatReader):
         return self.builder.sequence
 
     def feed(self, event, data):
-        if data == "[DONE]":
-            self.complete = True
-            return []
-        chunk = parse_event_json(data)
-        if not isinstance(chunk, dict):
-            return [chunk] if chunk is not None else []
-        problem = chat_chunk_problem(chunk)
-        if problem:
-            return [problem]
-        self.take_chat_usage(chunk)
+        chunk, instead = self.open_chunk(data)
+        if chunk is None:
+            return instead
         out = []
         for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
             if isinstance(choice, dict):
@@ -7014,16 +7012,9 @@ class ChatToOllama(ChatReader):
         self.finish_reason = None
 
     def feed(self, event, data):
-        if data == "[DONE]":
-            self.complete = True
-            return []
-        chunk = parse_event_json(data)
-        if not isinstance(chunk, dict):
-            return [chunk] if chunk is not None else []
-        problem = chat_chunk_problem(chunk)
-        if problem:
-            return [problem]
-        self.take_chat_usage(chunk)
+        chunk, instead = self.open_chunk(data)
+        if chunk is None:
+            return instead
         out = []
         for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
             choice = choice if isinstance(choice, dict) else {}
