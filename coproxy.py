@@ -925,6 +925,11 @@ class Config:
         source = self.sources.get("api_key", "")
         return source if source and not source.startswith("--") else OPTION_BY_DEST["api_key"].env
 
+    @property
+    def copilot_cli_token(self):
+        """COPILOT_GITHUB_TOKEN (the Copilot CLI's variable), a token source of ours too."""
+        return self.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
+
     def source_of(self, dest, default="the default"):
         return self.sources.get(dest, default)
 
@@ -1057,9 +1062,8 @@ def settings_argv(config, scope=("shared", "serve"), leave_out=()):
     flags for the plain ones, and {variable: value} for the secrets, which must never be on a
     command line."""
     argv, secrets = ["--state-dir", config.state_dir], {}
-    copilot_cli_token = config.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
-    if copilot_cli_token:  # the Copilot CLI's variable is a token source of ours too
-        secrets["COPILOT_GITHUB_TOKEN"] = copilot_cli_token
+    if config.copilot_cli_token:  # the Copilot CLI's variable is a token source of ours too
+        secrets["COPILOT_GITHUB_TOKEN"] = config.copilot_cli_token
     for option, value in config.changed_settings():
         if option.scope not in scope or option.dest == "state_dir" or option.dest in leave_out:
             continue
@@ -1542,6 +1546,7 @@ class History:
         self._thread = None
         self._last_day = None  # the day of the last record written: a new day summarizes it
         self._failed = None    # the last write error, logged once
+        self._dirs_checked = False  # secure_dir once per run, not per batch (as TokenStore)
 
     def path(self, day, suffix=".jsonl"):
         return os.path.join(self.dir, day + suffix)
@@ -1606,8 +1611,10 @@ class History:
                 json.dumps(record, separators=(",", ":"), ensure_ascii=False))
         if not by_day:
             return
-        secure_dir(self.state_dir, self.posix)
-        secure_dir(self.dir, self.posix)
+        if not self._dirs_checked:
+            secure_dir(self.state_dir, self.posix)
+            secure_dir(self.dir, self.posix)
+            self._dirs_checked = True
         for day, lines in sorted(by_day.items()):
             fd = open_private(self.path(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             with os.fdopen(fd, "ab") as handle:
@@ -3196,7 +3203,7 @@ class CopilotAuth:
             return self._token_file.value(), self.config.github_token_file
         if self.app is not None:
             return self.app.token()[0], self.app.source
-        token = self.config.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
+        token = self.config.copilot_cli_token
         if token:
             return token, "COPILOT_GITHUB_TOKEN"
         token = self.store.load_github_token()
@@ -3208,7 +3215,7 @@ class CopilotAuth:
         """Whether a GitHub token can be had without a login, without minting one (no network)."""
         config = self.config
         return bool(config.github_token or config.github_token_file or self.app is not None
-                    or config.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
+                    or config.copilot_cli_token
                     or self.store.load_github_token())
 
     def _read_token_file(self):
@@ -4072,6 +4079,12 @@ def _dig(node, *keys):
     for key in keys:
         node = node.get(key) if isinstance(node, dict) else None
     return node if isinstance(node, dict) else {}
+
+
+def _index(node):
+    """A stream part's ``index`` (a choice's, a tool call's): 0 when absent or not an integer."""
+    value = node.get("index")
+    return value if isinstance(value, int) else 0
 
 
 def copilot_model_to_openai(model):
@@ -6200,14 +6213,14 @@ class ChatToResponses(ChatReader):
             out += builder.signature(delta["reasoning_opaque"])
         content = delta.get("content")
         if isinstance(content, list):
-            content = "".join(_string(p, "text") or "" for p in content if isinstance(p, dict))
+            content = _plain_text(content)
         if isinstance(content, str) and content:
             out += builder.text(content)
-        position = choice.get("index") if isinstance(choice.get("index"), int) else 0
+        position = _index(choice)
         for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []:
             if not isinstance(call, dict):
                 continue
-            key = (position, call.get("index") if isinstance(call.get("index"), int) else 0)
+            key = (position, _index(call))
             function = _dig(call, "function")
             call_id = _string(call, "id")
             if key not in self.calls or (call_id and call_id != self.calls[key]):
@@ -6947,7 +6960,7 @@ def ollama_to_chat_request(payload, kind, model, info):
 def _ollama_calls(calls):
     out = []
     for index, call in enumerate(calls):
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = _dig(call, "function")
         out.append({"id": call.get("id") or "call_%d" % index, "function": {
             "index": index, "name": function.get("name") or "",
             "arguments": _parse_arguments(function.get("arguments"))}})
@@ -6987,11 +7000,11 @@ def ollama_answer(data, name, kind, created_at, total):
     """A whole chat completion as Ollama's one object (``"stream": false``)."""
     choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
     choice = choices[0] if choices else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    message = _dig(choice, "message")
     calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
-    text, thinking = message.get("content"), message.get("reasoning_text")
+    text = message.get("content")
     out = ollama_object(name, kind, created_at, text if isinstance(text, str) else "",
-                        thinking if isinstance(thinking, str) else None,
+                        _string(message, "reasoning_text"),
                         _ollama_calls([c for c in calls if isinstance(c, dict)]))
     out.update(ollama_done(choice.get("finish_reason"), data.get("usage"), total, total))
     return out
@@ -7020,8 +7033,7 @@ class ChatToOllama(ChatReader):
             choice = choice if isinstance(choice, dict) else {}
             delta = _dig(choice, "delta")
             text = delta.get("content") if isinstance(delta.get("content"), str) else ""
-            thinking = delta.get("reasoning_text")
-            thinking = thinking if isinstance(thinking, str) else None
+            thinking = _string(delta, "reasoning_text")
             if text or thinking:
                 if self.first_at is None:
                     self.first_at = self.clock()
@@ -7032,7 +7044,7 @@ class ChatToOllama(ChatReader):
                 if not isinstance(call, dict):
                     continue
                 function = _dig(call, "function")
-                index = call.get("index") if isinstance(call.get("index"), int) else 0
+                index = _index(call)
                 held = self.calls.setdefault(index, {"id": None,
                                                      "function": {"name": "", "arguments": ""}})
                 held["id"] = call.get("id") or held["id"]
@@ -10829,7 +10841,7 @@ def token_source_before_login(config):
         return "--github-token-file %s" % config.github_token_file
     if config.github_app_id:
         return "--github-app-id %d" % config.github_app_id
-    if config.environ.get("COPILOT_GITHUB_TOKEN", "").strip():
+    if config.copilot_cli_token:
         return "COPILOT_GITHUB_TOKEN"
     return None
 
