@@ -6104,9 +6104,10 @@ class TestAbuse(ProxyTestCase):
                 thread.join(30)
             return [answers.get(index) for index in range(len(threads))]
         worst, (answers,) = self._healthz_latencies_while(attack)
-        # ~0.3 s with checking and planning on the loop, or in workers side by side (contending
-        # for the GIL); 0.03-0.07 s one at a time
-        self.assertLess(worst, 0.15)
+        # 0.27-0.43 s with checking and planning on the loop, or in workers side by side
+        # (contending for the GIL); 0.03-0.07 s one at a time, and up to 0.155 s on Python 3.8
+        # under -X dev in CI, which a 0.15 s bound failed once
+        self.assertLess(worst, 0.25)
         self.assertEqual([status for status, _, _ in answers], [400] + [200] * 7, answers[0][2][:300])
         error = json.loads(answers[0][2])["error"]
         self.assertEqual((error["param"], error["code"]), ("input", "too_many_items"))
