@@ -841,63 +841,42 @@ def default_state_dir(platform=None, environ=None):
     return os.path.join(base, "coproxy")
 
 
-@dataclasses.dataclass
+#: Settings with no flag or variable (tests and embedding programs set them on a Config).
+HIDDEN_SETTINGS = {"body_timeout": DEFAULT_BODY_TIMEOUT_SECONDS,
+                   "connect_timeout": DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
+                   "models_ttl": DEFAULT_MODELS_TTL_SECONDS}
+
+
 class Config:
-    """Every setting of one coproxy run, resolved from flags, environment and defaults."""
-    state_dir: str = ""
-    github_token: str = None
-    github_host: str = "github.com"
-    ca_file: str = None
-    log_level: str = None
-    log_format: str = "text"
-    github_url: str = None
-    github_api_url: str = None
-    copilot_api_url: str = None
-    github_token_file: str = None
-    auth_mode: str = "auto"
-    integration_id: str = None
-    github_app_id: int = None
-    github_app_key_file: str = None
-    github_app_installation_id: int = None
-    github_app_org: str = None
-    api_version: str = COPILOT_CHAT_API_VERSION
-    editor_version: str = DEFAULT_EDITOR_VERSION
-    editor_plugin_version: str = DEFAULT_EDITOR_PLUGIN_VERSION
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    api_key: str = None
-    allow_unauthenticated: bool = False
-    allowed_hosts: list = dataclasses.field(default_factory=list)
-    cors_origins: list = dataclasses.field(default_factory=list)
-    no_auto_login: bool = False
-    no_image_fetch: bool = False
-    image_fetch_allow_private: bool = False
-    api_surface: frozenset = frozenset(API_SURFACES)
-    default_model: str = None
-    model_aliases: dict = dataclasses.field(default_factory=dict)
-    rate_limit: float = 0.0
-    wait: bool = False
-    detach: bool = False
-    max_body_mb: float = DEFAULT_MAX_BODY_MB
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
-    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_SECONDS
-    ping_seconds: float = DEFAULT_PING_SECONDS
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS
-    upstream_timeout: float = DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
-    history_days: int = DEFAULT_HISTORY_DAYS
-    no_history: bool = False
-    no_dashboard: bool = False
-    body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS
-    connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS
-    models_ttl: float = DEFAULT_MODELS_TTL_SECONDS
-    #: where each setting came from: {dest: "--flag" or "ENV_VAR"} (defaults are absent)
-    sources: dict = dataclasses.field(default_factory=dict)
-    #: what the user should hear about the settings (misspelled variables, conflicting ones);
-    #: logged as warnings once logging is set up
-    warnings: list = dataclasses.field(default_factory=list)
-    environ: dict = dataclasses.field(default_factory=dict, repr=False)
+    """Every setting of one coproxy run, resolved from flags, environment and defaults.
+
+    One attribute per OPTIONS row (named by its ``dest``) and per HIDDEN_SETTINGS entry. The
+    defaults live in those two tables only, so the help text, the CLI and a bare ``Config()``
+    cannot disagree. Besides: ``sources`` ({dest: "--flag" or "ENV_VAR"}, defaults absent),
+    ``warnings`` (what the user should hear about the settings, logged once logging is set up)
+    and ``environ`` (the environment it was read from). No repr: it holds secrets."""
+
+    def __init__(self, environ=None, **settings):
+        for option in OPTIONS:
+            value = option.default
+            if isinstance(value, str) and option.type is not str:
+                value = option.type(value)  # "all" -> the surfaces it names
+            setattr(self, option.dest, value)
+        self.__dict__.update(HIDDEN_SETTINGS)
+        self.sources = {}
+        self.warnings = []
+        self.environ = dict(environ or {})
+        for name, value in settings.items():
+            if not hasattr(self, name):
+                raise TypeError("Config has no setting %r" % name)
+            setattr(self, name, value)
+        self._collections()
+
+    def _collections(self):
+        """Repeatable options arrive as None or lists of items; aliases are looked up by name."""
+        self.model_aliases = dict(self.model_aliases or [])
+        self.allowed_hosts = list(self.allowed_hosts or [])
+        self.cors_origins = list(self.cors_origins or [])
 
     @property
     def max_body_bytes(self):
@@ -992,9 +971,7 @@ class Config:
                 setattr(config, name, value)
         config._check_token_sources()
         config._absolute_paths()
-        config.model_aliases = dict(config.model_aliases or [])
-        config.allowed_hosts = list(config.allowed_hosts or [])
-        config.cors_origins = list(config.cors_origins or [])
+        config._collections()
         if config.ca_file:
             try:
                 with open(config.ca_file, "rb") as handle:
