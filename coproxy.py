@@ -49,13 +49,14 @@ Sections (each uses only those above it; ``grep -n '^# [0-9]*\\. ' coproxy.py``)
    5. Token store and history
    6. Upstream HTTP client (blocking)
    7. GitHub and Copilot auth (blocking)
-   8. Formats, translation and plans (pure)
-   9. Bridges between threads and the event loop
-  10. HTTP/1.1 server (asyncio)
-  11. Catalogue, gateway and stream relay
-  12. App and routes
-  13. CLI
-  14. Entry
+   8. Requests (pure)
+   9. Answers and plans (pure)
+  10. Bridges between threads and the event loop
+  11. HTTP/1.1 server (asyncio)
+  12. Catalogue, gateway and stream relay
+  13. App and routes
+  14. CLI
+  15. Entry
 """
 
 # ------------------------------------------------------------------------------------------
@@ -1691,7 +1692,7 @@ class History:
 #    A small HTTP/1.1 client of our own over socket and ssl.create_default_context() (which
 #    honours SSL_CERT_FILE; --ca-file adds a bundle): one sendall per request, a one-pass head
 #    parser, chunked bodies handed on as fast as they arrive, and a non-blocking ``pull`` for
-#    the stream hub (§9). Nothing a caller passes reaches the wire unchecked: header values
+#    the stream hub (§10). Nothing a caller passes reaches the wire unchecked: header values
 #    with line breaks are refused, and request targets are percent-encoded (a CR/LF in a URL
 #    would split the request). Kept-alive connections to GitHub and Copilot are pooled per
 #    origin (LIFO; only after an answer read to the end, never after an exchange that failed or
@@ -3534,16 +3535,18 @@ class AutoModel:
                                 % (path, status, message or "no details"), code="auto_unavailable")
 
 # ------------------------------------------------------------------------------------------
-# 8. Formats, translation and plans (pure)
-#    Dicts in, dicts out; bytes in, items out. No I/O, no clock (callers pass ``now``), no
-#    globals. 8a request bodies and field checks, 8b SSE items and the three client dialects,
-#    8c error envelopes and what Copilot's errors mean, 8d the model catalogue (names, effort,
-#    schemas), 8e usage and cost, 8f chat, 8g Anthropic Messages, 8h Responses and compaction,
-#    8i embeddings, quota and images, 8j plans: what one request sends and how its answer is
-#    translated back, 8k Ollama's API (its requests planned as chat, its answers and streams).
+# 8. Requests (pure)
+#    What a client sends, up to the body Copilot is sent: bodies decoded and checked, the
+#    model catalogue (names, effort, schemas), and each dialect's request validated and turned
+#    into the shape its upstream endpoint takes. Dicts in, dicts out: no I/O, no clock, no
+#    globals. Split from the answers (§9) so a reader following a request meets only this;
+#    the validators here are what the translators (and §9) may rely on.
 # ------------------------------------------------------------------------------------------
 
 # -- 8a. Request bodies and field checks ----------------------------------------------------
+
+# ------------------------------------------------------------------------------------------
+
 
 def decode_body(raw, encoding, limit):
     """A request body as sent before ``Content-Encoding`` (gzip, deflate; zstd where Python has
@@ -3696,326 +3699,7 @@ def check_parts(content, where):
             check_parts(part.get("content"), prefix + "content")
 
 
-# -- 8b. Server-sent events: items in, items out, one encoder per dialect ----------------------
-# Upstream SSE is decoded once into items ``(event, data)``: ``event`` is the SSE event name or
-# None, ``data`` the text of the event or, once a translator has built it, a dict. Translators
-# (8f-8h) map items to items; StreamError is the one special item, a failure for the client's
-# dialect to spell. The dialect's encoder writes the wire bytes at the very end.
-
-class SSEDecoder:
-    """Incremental SSE parser (WHATWG rules): LF, CR or CRLF line ends, multi-line ``data:``,
-    comments, and UTF-8 characters split across reads (data is decoded per whole event)."""
-
-    def __init__(self):
-        self._pending = b""
-        self._data = []
-        self._event = None
-
-    def feed(self, chunk):
-        """Bytes in, complete events out: a list of (event name or None, data text)."""
-        buf = self._pending + chunk if self._pending else chunk
-        held = b""
-        if buf.endswith(b"\r"):  # may be the first half of a CRLF split across reads
-            buf, held = buf[:-1], b"\r"
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = buf.split(b"\n")
-        self._pending = lines.pop() + held
-        events = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    events.append((self._event, b"\n".join(self._data).decode("utf-8", "replace")))
-                self._data = []
-                self._event = None
-            elif line[:1] == b":":
-                continue
-            else:
-                field, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if field == b"data":
-                    self._data.append(value)
-                elif field == b"event":
-                    self._event = value.decode("utf-8", "replace")
-        return events
-
-    def finish(self):
-        """Events still pending when the stream ends without a final blank line."""
-        events = self.feed(b"\n\n") if (self._pending.strip(b"\r") or self._data) else []
-        self._pending = b""
-        return events
-
-
-def encode_sse(data, event=None):
-    """One SSE frame of bytes ``data`` (each of its lines its own ``data:`` line)."""
-    if b"\n" in data or b"\r" in data:
-        data = b"\ndata: ".join(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"))
-    if event:
-        return b"event: " + event.encode("utf-8") + b"\ndata: " + data + b"\n\n"
-    return b"data: " + data + b"\n\n"
-
-
-class StreamError:
-    """An item that ends a stream with a failure, spelled by the client's dialect."""
-
-    __slots__ = ("message", "code")
-
-    def __init__(self, message, code=None):
-        self.message = message
-        self.code = code
-
-
-def openai_error_body(message, kind="api_error", code=None, param=None):
-    """``{"error": {"message", "type", "param", "code"}}``, OpenAI's envelope."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-#: Where Anthropic's error types differ from OpenAI's.
-_ANTHROPIC_ERROR_TYPES = {413: "request_too_large", 503: "overloaded_error", 529: "overloaded_error"}
-
-
-def anthropic_error_body(status, message):
-    """``{"type": "error", "error": {"type", "message"}}``, Anthropic's envelope."""
-    kind = _ANTHROPIC_ERROR_TYPES.get(status) or error_type_for_status(status)
-    return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def encode_sse_item(item):
-    event, data = item
-    return encode_sse(data.encode("utf-8") if isinstance(data, str) else json_dumps(data), event)
-
-
-def encode_ndjson_item(item):
-    """One line of newline-delimited JSON (Ollama's streams): the item's data, then LF."""
-    data = item[1]
-    return (data.encode("utf-8") if isinstance(data, str) else json_dumps(data)) + b"\n"
-
-
-class Dialect:
-    """How one client API spells things on the wire: answers, stream items (``encode``, sent as
-    ``stream_type``), a stream failure, a keep-alive ping (None: the plan brings its own) and an
-    error envelope. One instance per API (OPENAI, RESPONSES, ANTHROPIC, OLLAMA)."""
-
-    def __init__(self, ping, stream_error, envelope, encode=encode_sse_item,
-                 stream_type="text/event-stream; charset=utf-8"):
-        self.ping = ping
-        self._stream_error = stream_error
-        self._envelope = envelope
-        self.encode = encode
-        self.stream_headers = [("Content-Type", stream_type), ("Cache-Control", "no-cache"),
-                               ("X-Accel-Buffering", "no")]
-
-    def stream_error(self, message, code=None, sequence_number=0):
-        """The bytes of the one event that ends a failed stream (``sequence_number``: the next
-        one of the stream, which Responses events carry)."""
-        return self.encode(self._stream_error(message, code or "upstream_stream_error", sequence_number))
-
-    def envelope(self, error):
-        """The JSON body of an error answer (``error`` is a ClientError)."""
-        return json_dumps(self._envelope(error))
-
-
-OPENAI = Dialect(b": ping\n\n",
-                 lambda message, code, _: (None, openai_error_body(message, "api_error", code)),
-                 lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
-RESPONSES = Dialect(b": ping\n\n",
-                    lambda message, code, sequence: ("error", {"type": "error", "code": code, "message": message,
-                                                               "param": None, "sequence_number": sequence}),
-                    lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
-ANTHROPIC = Dialect(encode_sse(b'{"type":"ping"}', "ping"),
-                    lambda message, code, _: ("error", anthropic_error_body(500, message)),
-                    lambda e: anthropic_error_body(e.status, str(e)))
-#: Ollama's API: NDJSON streams, ``{"error": "..."}`` for errors (a line of its own mid-stream),
-#: and no comment syntax for pings: its plans ping with an empty line of their answer's shape.
-OLLAMA = Dialect(None, lambda message, code, _: (None, {"error": message}),
-                 lambda e: {"error": str(e)}, encode=encode_ndjson_item,
-                 stream_type="application/x-ndjson")
-
-
-class StreamTranslation:
-    """Upstream SSE bytes in, the client's wire bytes out: decode once, map the items through
-    ``chain`` (translators, each turning one format's items into the next one's), encode in the
-    client's ``dialect``. The end rule lives here, the same for every route: each stage must have
-    seen its input's own end marker (``[DONE]``/a finish, ``message_stop``, ``response.completed``),
-    else the client gets the dialect's error event and no normal end."""
-
-    INCOMPLETE = "Copilot closed the stream before the answer was complete"
-
-    def __init__(self, chain, dialect):
-        self.chain = chain
-        self.dialect = dialect
-        self.decoder = SSEDecoder()
-        self.finished = False   # an end (normal or failed) has been written
-        self.failure = None     # the message of a failed end
-
-    @property
-    def source(self):
-        """The first translator: the one that read the upstream's own items (usage lives there)."""
-        return self.chain[0]
-
-    def _run(self, items, start=0):
-        for mapper in self.chain[start:]:
-            out = []
-            for item in items:
-                if isinstance(item, StreamError):
-                    out.append(item)
-                else:
-                    out.extend(mapper.feed(item[0], item[1]))
-            items = out
-        return items
-
-    def _encode(self, items):
-        out = []
-        for item in items:
-            if isinstance(item, StreamError):
-                out.append(self._fail(item.message, item.code))
-                break
-            out.append(self.dialect.encode(item))
-        return b"".join(out)
-
-    def _fail(self, message, code=None):
-        self.finished = True
-        self.failure = message
-        return self.dialect.stream_error(message, code, self.chain[-1].next_sequence_number)
-
-    def feed(self, data):
-        """Upstream body bytes → client bytes (b"" when nothing is complete yet)."""
-        if self.finished:
-            return b""
-        events = self.decoder.feed(data)
-        if not events:
-            return b""
-        if len(self.chain) == 1:  # the usual case, without _run's generality
-            feed, items = self.chain[0].feed, []
-            for event, text in events:
-                items.extend(feed(event, text))
-            return self._encode(items)
-        return self._encode(self._run(events))
-
-    def end(self):
-        """The upstream body ended cleanly: the translators' closing items, or the failure."""
-        if self.finished:
-            return b""
-        out = [self._encode(self._run(self.decoder.finish()))]
-        items = []  # the closing items of the stages before, entering this one
-        for index, mapper in enumerate(self.chain):
-            if self.finished:
-                return b"".join(out)
-            fed = []
-            for item in items:
-                fed.extend([item] if isinstance(item, StreamError) else mapper.feed(item[0], item[1]))
-            failed = any(isinstance(item, StreamError) for item in fed)
-            if not (mapper.complete or failed):
-                out.append(self._encode(self._run(fed, index + 1)))
-                if not self.finished:
-                    out.append(self._fail(self.INCOMPLETE, "incomplete_stream"))
-                return b"".join(out)
-            items = fed if failed else fed + mapper.end()
-        out.append(self._encode(items))
-        self.finished = True
-        return b"".join(out)
-
-    def fail(self, message, code=None):
-        """The upstream broke (cut, timeout): one error event, unless the stream already ended."""
-        return b"" if self.finished else self._fail(message, code)
-
-
-class Translator:
-    """Base of the stream translators: ``feed(event, data)`` → items, ``end()`` → the closing
-    items once the upstream ended cleanly; ``complete`` once its input's end marker was seen;
-    ``usage`` what the upstream said the answer cost (see 8e)."""
-
-    complete = False
-    usage = None
-    #: the sequence_number the next Responses event would carry (Responses streams count them)
-    next_sequence_number = 0
-
-    def end(self):
-        return []
-
-
-def parse_event_json(data):
-    """An event's data as a dict: None for non-objects, StreamError for malformed JSON."""
-    if isinstance(data, dict):
-        return data
-    try:
-        value = json.loads(data)
-    except (ValueError, RecursionError):
-        return StreamError("Copilot sent a malformed stream event", "bad_upstream_event")
-    return value if isinstance(value, dict) else None
-
-# -- 8c. Error envelopes and what Copilot's errors mean --------------------------------------
-
-_RETRY_AFTER_IN_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) ?(second|minute|hour)", re.I)
-#: Waits this short are worth one automatic retry of a transient 429/503 (longer ones are not).
-TRANSIENT_RETRY_SECONDS = 5
-
-
-def parse_retry_after(value, now):
-    """Seconds from a Retry-After value (delta-seconds or an HTTP date), or None."""
-    value = (value or "").strip()
-    if value.isdigit() and value.isascii():
-        return int(value)
-    try:
-        import email.utils  # rare: only dated Retry-After values
-        return max(0, int(email.utils.parsedate_to_datetime(value).timestamp() - now))
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-UpstreamVerdict = collections.namedtuple("UpstreamVerdict", "error window wait transient")
-
-
-def client_error_from_upstream(status, raw, headers, now, identity=None):
-    """What a non-2xx Copilot answer means for our client: UpstreamVerdict(error, window, wait,
-    transient). ``error`` keeps the upstream status, message, code and retry-after; a 5-hour
-    session or weekly limit names its ``window`` and when it ends (the wait is often only in the
-    message text); a 466 names the identity options; ``transient`` marks a short plain 429/503
-    worth one retry. ``identity`` is (editor version, plugin version) for the 466 message."""
-    message, fields = upstream_error_message(raw)
-    if not message:
-        message = "Copilot answered HTTP %d %s" % (status, REASONS.get(status, ""))
-    kind = fields.get("type") if isinstance(fields.get("type"), str) and fields.get("type") else None
-    if kind in (None, "error", ""):
-        kind = error_type_for_status(status)
-    code = fields.get("code") if isinstance(fields.get("code"), (str, int)) and fields.get("code") != "" else None
-    param = fields.get("param") if isinstance(fields.get("param"), str) and fields.get("param") else None
-    headers = headers or {}
-    wait = parse_retry_after(headers.get("retry-after"), now)
-    match = _RETRY_AFTER_IN_TEXT.search(message)
-    if wait is None and match:
-        wait = int(float(match.group(1)) * {"second": 1, "minute": 60, "hour": 3600}[match.group(2).lower()])
-    window = None
-    text = (message + " " + str(code or "")).lower()
-    if status == 429 and ("weekly" in text):
-        window = "weekly"
-    elif status == 429 and ("session limit" in text or "user_global_rate_limited" in text):
-        window = "5-hour session"
-    passed = [(name.title() if name == "retry-after" else name, headers[name])
-              for name in ("retry-after", "x-ratelimit-exceeded") if headers.get(name)]
-    if window:
-        if wait is not None and not headers.get("retry-after"):
-            passed.insert(0, ("Retry-After", str(wait)))
-        ends = (" It ends at %s (in %s)." % (time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(now + wait)),
-                                             format_duration(wait)) if wait is not None else "")
-        message = "Copilot's %s limit is reached: %s%s Requests are not retried automatically." % (
-            window, message.rstrip(), ends)
-        code = code or ("user_weekly_rate_limited" if window == "weekly" else "user_global_rate_limited")
-    elif status == 466:
-        editor, plugin = identity or (DEFAULT_EDITOR_VERSION, DEFAULT_EDITOR_PLUGIN_VERSION)
-        message = ("Copilot refused this client version (HTTP 466: %s). Start coproxy with a newer "
-                   "--editor-version and --editor-plugin-version (now %s and %s), or update coproxy"
-                   % (message.rstrip(". "), editor, plugin))
-        code = "client_version_refused"
-    error = ClientError(status, message, kind=kind, code=code, param=param, headers=passed)
-    transient = window is None and (
-        (status == 429 and wait is not None and wait <= TRANSIENT_RETRY_SECONDS) or
-        (status == 503 and (wait is None or wait <= TRANSIENT_RETRY_SECONDS)))
-    return UpstreamVerdict(error, window, wait, transient)
-
-
-# -- 8d. The model catalogue: names, effort, capabilities, schemas ----------------------------
+# -- 8b. The model catalogue: names, effort, capabilities, schemas --------------------------
 
 #: Served by /v1/models when Copilot cannot be reached (seed behaviour); shaped like /models.
 FALLBACK_MODELS = [
@@ -4039,6 +3723,7 @@ AUTO_MODEL_ENTRY = {"id": AUTO_MODEL_ID, "name": "Auto (Copilot picks the model)
                     "vendor": "GitHub Copilot", "object": "model", "capabilities": {
                         "type": "chat", "supports": {"tool_calls": True, "vision": True,
                                                      "streaming": True}}}
+
 #: Where a resolved ``auto`` request carries its session in the chosen model's catalogue entry.
 AUTO_SESSION_KEY = "coproxy_auto_session"
 
@@ -4062,6 +3747,11 @@ def _index(node):
     """A stream part's ``index`` (a choice's, a tool call's): 0 when absent or not an integer."""
     value = node.get("index")
     return value if isinstance(value, int) else 0
+
+
+def _count(node, *keys):
+    value = _dig(node, *keys[:-1]).get(keys[-1])
+    return value if _is_kind(value, "number") and value >= 0 else 0
 
 
 def copilot_model_to_openai(model):
@@ -4109,6 +3799,7 @@ def _support(flag):
 #: Anthropic's created_at when a release date is unknown (its docs allow the epoch); Copilot's
 #: catalogue has no dates.
 UNKNOWN_RELEASE = "1970-01-01T00:00:00Z"
+
 _ANTHROPIC_LINES = ("haiku", "sonnet", "opus")
 
 
@@ -4323,6 +4014,7 @@ def set_effort(path, payload, value):
 
 
 _SCHEMA_CHILDREN = ("properties", "patternProperties", "$defs", "definitions")
+
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
@@ -4402,147 +4094,7 @@ def endpoint_for(info, wanted):
     return wanted
 
 
-# -- 8e. Usage and cost --------------------------------------------------------------------
-# One shape for what an answer used, whatever its API: input (prompt tokens, cached included),
-# cached, output, reasoning, and nano_aiu (Copilot's own price of the answer in nano AI credits,
-# ``copilot_usage.total_nano_aiu``; 1 credit = 1e9 nano-AIU = US$0.01), None when not reported.
-
-NANO_AIU_PER_CREDIT = 1e9
-
-
-def _count(node, *keys):
-    value = _dig(node, *keys[:-1]).get(keys[-1])
-    return value if _is_kind(value, "number") and value >= 0 else 0
-
-
-def _nano_aiu(copilot_usage):
-    value = copilot_usage.get("total_nano_aiu") if isinstance(copilot_usage, dict) else None
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
-
-
-def usage_from_chat(usage, copilot_usage=None):
-    return {"input": _count(usage, "prompt_tokens"), "cached": _count(usage, "prompt_tokens_details", "cached_tokens"),
-            "output": _count(usage, "completion_tokens"),
-            "reasoning": _count(usage, "completion_tokens_details", "reasoning_tokens"),
-            "nano_aiu": _nano_aiu(copilot_usage)}
-
-
-def usage_from_responses(usage, copilot_usage=None):
-    return {"input": _count(usage, "input_tokens"), "cached": _count(usage, "input_tokens_details", "cached_tokens"),
-            "output": _count(usage, "output_tokens"),
-            "reasoning": _count(usage, "output_tokens_details", "reasoning_tokens"),
-            "nano_aiu": _nano_aiu(copilot_usage)}
-
-
-def usage_from_anthropic(usage, copilot_usage=None):
-    cached = _count(usage, "cache_read_input_tokens")
-    return {"input": _count(usage, "input_tokens") + cached + _count(usage, "cache_creation_input_tokens"),
-            "cached": cached, "output": _count(usage, "output_tokens"),
-            "reasoning": _count(usage, "output_tokens_details", "thinking_tokens"),
-            "nano_aiu": _nano_aiu(copilot_usage)}
-
-
-def merge_usage(old, new):
-    """Two reports of one answer (Anthropic streams give input at the start, output at the end)."""
-    if old is None:
-        return new
-    merged = {key: max(old[key], new[key]) for key in ("input", "cached", "output", "reasoning")}
-    merged["nano_aiu"] = new["nano_aiu"] if new["nano_aiu"] is not None else old["nano_aiu"]
-    return merged
-
-
-def usage_of_answer(path, data):
-    """The usage of a whole (non-stream) upstream answer, by the API it came from."""
-    if not isinstance(data, dict):
-        return None
-    if path == "/responses":
-        return usage_from_responses(data.get("usage"), data.get("copilot_usage"))
-    if path == "/v1/messages":
-        return usage_from_anthropic(data.get("usage"), data.get("copilot_usage"))
-    if path in ("/chat/completions", "/embeddings"):
-        return usage_from_chat(data.get("usage"), data.get("copilot_usage"))
-    return None
-
-
-def _price(prices, *names):
-    for name in names:
-        value = prices.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def estimate_credits(usage, info):
-    """AI credits of an answer from the token counts and the model's catalogue prices
-    (``billing.token_prices``: credits per ``batch_size`` tokens; a ``long_context`` tier applies
-    above the default tier's ``context_max``), or None when the catalogue has no prices."""
-    billing = _dig(info, "billing")
-    prices = billing.get("token_prices") if isinstance(billing.get("token_prices"), dict) else _dig(billing, "tokenPrices")
-    if not prices:
-        return None
-    batch = _price(prices, "batch_size", "batchSize") or 1000000
-    tier = _dig(prices, "default") or prices
-    long_tier = _dig(prices, "long_context") or _dig(prices, "longContext")
-    ceiling = _price(tier, "context_max", "contextMax", "max_prompt_tokens")
-    if long_tier and ceiling and usage["input"] > ceiling:
-        tier = long_tier
-    input_price, output_price = _price(tier, "input_price", "inputPrice"), _price(tier, "output_price", "outputPrice")
-    if input_price is None or output_price is None:
-        return None
-    cache_price = _price(tier, "cache_read_price", "cacheReadPrice", "cache_price", "cachePrice")
-    cached = usage["cached"] if cache_price is not None else 0
-    total = ((usage["input"] - cached) * input_price + cached * (cache_price or 0) + usage["output"] * output_price)
-    return total / batch
-
-
-def parse_ratelimit_header(value):
-    """``x-usage-ratelimit-session: ent=0&ov=0.0&ovPerm=false&rem=99.6&rst=2026-04-22T14%3A30%3A56Z``
-    → {"percent_remaining": 99.6, "resets_at": "2026-04-22T14:30:56Z"}; None when unreadable."""
-    fields = dict(urllib.parse.parse_qsl(value or ""))
-    try:
-        remaining = float(fields["rem"])
-    except (KeyError, ValueError):
-        return None
-    return {"percent_remaining": remaining, "resets_at": fields.get("rst")}
-
-
-def summarize_quota(user):
-    """Plan and quotas from /copilot_internal/user, in one flat shape. Token-billed accounts
-    (``token_based_billing``, or ``credits_used`` on a snapshot) get the AI-credit pool as
-    ``credits``; request-billed ones keep ``premium_requests``; -1 means unlimited."""
-    snapshots = user.get("quota_snapshots") if isinstance(user.get("quota_snapshots"), dict) else {}
-
-    def bucket(name):
-        snap = snapshots.get(name)
-        if not isinstance(snap, dict):
-            return None
-        entitlement, remaining = snap.get("entitlement"), snap.get("remaining")
-        unlimited = bool(snap.get("unlimited")) or entitlement == -1 or remaining == -1
-        used = snap.get("credits_used")
-        if not isinstance(used, (int, float)) and not unlimited and isinstance(entitlement, (int, float)) \
-                and isinstance(remaining, (int, float)):
-            used = entitlement - remaining
-        return {"unlimited": unlimited, "entitlement": None if unlimited else entitlement,
-                "remaining": None if unlimited else remaining, "used": used if isinstance(used, (int, float)) else None,
-                "percent_remaining": snap.get("percent_remaining"), "overage_count": snap.get("overage_count", 0),
-                "overage_permitted": snap.get("overage_permitted", False)}
-
-    token_billed = bool(user.get("token_based_billing")) or any(
-        isinstance(s, dict) and ("credits_used" in s or s.get("token_based_billing")) for s in snapshots.values())
-    pool = bucket("premium_interactions")
-    reset = user.get("quota_reset_date_utc") or user.get("quota_reset_date")
-    reset_at = _dig(snapshots, "premium_interactions").get("quota_reset_at")
-    if not reset and isinstance(reset_at, (int, float)):
-        try:
-            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset_at))
-        except (OverflowError, OSError, ValueError):  # past year 9999, or NaN: the reset is unknown
-            reset = None
-    return {"login": user.get("login"), "plan": user.get("copilot_plan"), "sku": user.get("access_type_sku"),
-            "billing": "tokens" if token_billed else "requests",
-            "credits": pool if token_billed else None, "premium_requests": None if token_billed else pool,
-            "chat": bucket("chat"), "completions": bucket("completions"), "reset_date": reset}
-
-# -- 8f. OpenAI chat completions -----------------------------------------------------------
+# -- 8c. OpenAI chat completions requests ---------------------------------------------------
 
 _IMAGE_PART_TYPES = frozenset(["image_url", "image", "input_image"])
 
@@ -4614,224 +4166,7 @@ def validate_chat_request(payload, default_model=None):
     return model, stream, include_usage, not (n is not None and n > 1)
 
 
-def _merge_finish(current, new):
-    """Finish reason of choices merged into one: a tool call wins over everything else."""
-    if current == "tool_calls" or new == "tool_calls":
-        return "tool_calls"
-    return current or new
-
-
-def merge_choices(choices):
-    """Claude via Copilot may put text in choices[0] and tool calls in choices[1]; one choice."""
-    merged = dict(choices[0])
-    message = dict(merged.get("message") if isinstance(merged.get("message"), dict) else {"role": "assistant"})
-    texts, tool_calls, finish = [], [], None
-    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
-        part = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        if isinstance(part.get("content"), str) and part["content"]:
-            texts.append(part["content"])
-        if isinstance(part.get("tool_calls"), list):
-            tool_calls.extend(part["tool_calls"])
-        for key, value in part.items():
-            if key not in ("content", "tool_calls") and value is not None and message.get(key) is None:
-                message[key] = value
-        finish = _merge_finish(finish, choice.get("finish_reason"))
-    message["content"] = "".join(texts) if texts else None
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    merged.update(message=message, index=0, finish_reason=finish)
-    return merged
-
-
-def normalize_chat_response(data, model, merge, now):
-    """A complete OpenAI chat.completion from what Copilot returned."""
-    if not isinstance(data, dict):
-        raise ValueError("answer is not a JSON object")
-    choices = [c for c in (data.get("choices") if isinstance(data.get("choices"), list) else []) if isinstance(c, dict)]
-    if merge and len(choices) > 1:
-        choices = [merge_choices(choices)]
-    for position, choice in enumerate(choices):
-        choice.setdefault("index", position)
-        message = choice.get("message")
-        if isinstance(message, dict):
-            message.pop("padding", None)
-            message.setdefault("role", "assistant")
-            message.setdefault("content", None)
-            message.setdefault("refusal", None)  # required by OpenAI's schema, null when none
-        choice.setdefault("finish_reason", None)
-        choice.setdefault("logprobs", None)
-    data["choices"] = choices
-    data["id"] = data.get("id") or "chatcmpl-" + random_id()
-    data["object"] = "chat.completion"
-    data["created"] = data.get("created") or int(now)
-    data["model"] = data.get("model") or model
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        usage = data["usage"] = {}
-    usage.setdefault("prompt_tokens", 0)
-    usage.setdefault("completion_tokens", 0)
-    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
-    return data
-
-
-def chat_chunk_problem(chunk):
-    """A StreamError for an error Copilot reports inside a chat stream, else None."""
-    if chunk.get("error") and not chunk.get("choices"):
-        message, fields = upstream_error_message(json.dumps(chunk))
-        return StreamError(message or "Copilot reported an error mid-stream", fields.get("code"))
-    return None
-
-
-_KEYS_TO_ACT_ON = ('"tool_calls"', '"usage"', '"copilot_usage"', '"error"', '"object"')
-
-
-class ChatReader(Translator):
-    """A translator whose input is chat completion chunks."""
-
-    raw_usage = copilot_usage = None
-
-    def take_chat_usage(self, chunk):
-        """Usage and Copilot's cost out of a chat chunk: they may come in separate chunks, in
-        either order, so each is kept until the other arrives."""
-        usage, cost = chunk.pop("usage", None), chunk.pop("copilot_usage", None)
-        if isinstance(usage, dict):
-            self.raw_usage = usage
-        if isinstance(cost, dict):
-            self.copilot_usage = cost
-        if usage is not None or cost is not None:
-            self.usage = usage_from_chat(self.raw_usage, self.copilot_usage)
-
-    def open_chunk(self, data):
-        """A chat stream's data line as (chunk, None), or (None, items to emit instead): none for
-        the end marker, the parse error for a line that is not JSON, the upstream's error for an
-        error chunk. Usage and Copilot's cost are taken out of the chunk on the way."""
-        if data == "[DONE]":
-            self.complete = True
-            return None, []
-        chunk = parse_event_json(data)
-        if not isinstance(chunk, dict):
-            return None, ([chunk] if chunk is not None else [])
-        problem = chat_chunk_problem(chunk)
-        if problem:
-            return None, [problem]
-        self.take_chat_usage(chunk)
-        return chunk, None
-
-
-class ChatNormalize(ChatReader):
-    """Copilot chat chunks in, OpenAI chat.completion.chunk items out.
-
-    What it fixes: chunks without ``object``/``created``/``id``; filter-result and metadata
-    chunks with no choices (dropped); usage (sent once, as its own final chunk, only when the
-    client asked with stream_options.include_usage, with Copilot's cost beside it); Claude's
-    split choices (merged into index 0, tool-call indexes renumbered, one finish_reason at the
-    end); an error object in the stream (a StreamError). Complete at ``[DONE]`` or a finish."""
-
-    def __init__(self, model, include_usage, merge, now):
-        self.model = model
-        self.include_usage = include_usage
-        self.merge = merge
-        self.created = int(now)
-        self.id = None
-        self.raw_usage = None
-        self.copilot_usage = None
-        self.finish_reason = None
-        self.saw_done = False
-        self._tool_index = {}
-        self._id_marker = None  # '"id":"chatcmpl-..."', as this stream's chunks spell their id
-        self._model_marker = None  # '"model":"..."', likewise for the model
-
-    def feed(self, event, data):
-        if self.saw_done:
-            return []
-        if data == "[DONE]":
-            self.saw_done = self.complete = True
-            return []
-        if self._as_it_is(data):
-            return [(None, '{"object":"chat.completion.chunk",' + data[1:])]
-        chunk, instead = self.open_chunk(data)
-        if chunk is None:
-            return instead
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices:
-            return []
-        if self.id is None:
-            self.id = chunk.get("id") if isinstance(chunk.get("id"), str) and chunk["id"] else "chatcmpl-" + random_id()
-            self._id_marker = '"id":%s' % json.dumps(self.id)
-            # One model name per answer: the one Copilot's first chunk names (often a dated
-            # snapshot, gpt-4.1-2025-04-14), as in a non-stream answer; every later chunk, the
-            # finish and usage chunks coproxy writes included, carries it.
-            if isinstance(chunk.get("model"), str) and chunk["model"]:
-                self.model = chunk["model"]
-            self._model_marker = '"model":%s' % json.dumps(self.model)
-        chunk["id"] = self.id
-        chunk["object"] = "chat.completion.chunk"
-        chunk["created"] = chunk.get("created") or self.created
-        chunk["model"] = self.model
-        if not self.merge:
-            for choice in choices:
-                if isinstance(choice, dict) and choice.get("finish_reason"):
-                    self.finish_reason = choice["finish_reason"]
-                    self.complete = True
-            return [(None, chunk)]
-        kept = []
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            finish = choice.get("finish_reason")
-            delta = choice.get("delta")
-            source_index = choice.get("index") if isinstance(choice.get("index"), int) else 0
-            choice["index"] = 0
-            if finish:
-                self.finish_reason = _merge_finish(self.finish_reason, finish)
-                self.complete = True
-                choice["finish_reason"] = None
-            if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
-                for call in delta["tool_calls"]:
-                    if isinstance(call, dict):
-                        key = (source_index, call.get("index") if isinstance(call.get("index"), int) else 0)
-                        call["index"] = self._tool_index.setdefault(key, len(self._tool_index))
-            if delta or not finish:
-                kept.append(choice)
-        if not kept:
-            return []
-        chunk["choices"] = kept
-        return [(None, chunk)]
-
-    def _as_it_is(self, data):
-        """True when the text of a chunk shows it needs nothing but "object": it names this
-        stream's id and model, has created, one choice 0, and none of the keys this translator
-        acts on (finish_reason other than null, tool_calls, usage, copilot_usage, error, object).
-        Most chunks are one text delta, and passing their text on instead of parsing and writing
-        them again halves the proxy's CPU per streamed chunk. Keys are looked for as the text
-        spells them ("key" with its quotes, as every JSON encoder writes an ASCII key); a string
-        value that happens to equal one only sends its chunk down the general path."""
-        return (self._id_marker is not None and self._id_marker in data and data.count('"index"') == 1
-                and '"index":0' in data and '"created":' in data and self._model_marker in data
-                and '"created":0' not in data  # the general path fills it in
-                and ('"finish_reason"' not in data or '"finish_reason":null' in data)
-                and not any(key in data for key in _KEYS_TO_ACT_ON) and data[:1] == "{")
-
-    def _chunk(self, choices, **extra):
-        chunk = {"id": self.id or "chatcmpl-" + random_id(), "object": "chat.completion.chunk",
-                 "created": self.created, "model": self.model, "choices": choices}
-        chunk.update(extra)
-        return (None, chunk)
-
-    def end(self):
-        items = []
-        if self.merge and self.finish_reason:
-            items.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason, "logprobs": None}]))
-        if self.include_usage and self.raw_usage is not None:
-            extra = {"usage": self.raw_usage}
-            if self.copilot_usage is not None:
-                extra["copilot_usage"] = self.copilot_usage
-            items.append(self._chunk([], **extra))
-        items.append((None, "[DONE]"))
-        return items
-
-
-# -- 8g. Anthropic Messages <-> OpenAI chat ------------------------------------------------
+# -- 8d. Anthropic Messages requests -> OpenAI chat -----------------------------------------
 
 def _blocks(content):
     """Anthropic content as a list of blocks (a plain string is one text block)."""
@@ -5035,204 +4370,12 @@ def anthropic_to_openai_request(payload, model_info=None):
     return request
 
 
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                 "function_call": "tool_use", "content_filter": "end_turn"}
-
-
-def _anthropic_usage(usage):
-    cached = _count(usage, "prompt_tokens_details", "cached_tokens")
-    out = {"input_tokens": max(0, _count(usage, "prompt_tokens") - cached),
-           "output_tokens": _count(usage, "completion_tokens")}
-    if cached:
-        out["cache_read_input_tokens"] = cached
-    return out
-
-
 def _parse_arguments(text):
     try:
         value = json.loads(text) if isinstance(text, str) and text else {}
     except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def openai_to_anthropic_response(data, model):
-    """A Copilot chat completion as an Anthropic message (all choices read: Claude splits them)."""
-    thinking, texts, tools, finish = [], [], [], None
-    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
-    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        if message.get("reasoning_text") or message.get("reasoning_opaque"):
-            thinking.append({"type": "thinking", "thinking": message.get("reasoning_text") or "",
-                             "signature": message.get("reasoning_opaque") or ""})
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-        if isinstance(content, str) and content:
-            texts.append({"type": "text", "text": content})
-        for call in message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []:
-            function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
-            tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
-                          "name": function.get("name"), "input": _parse_arguments(function.get("arguments"))})
-        finish = _merge_finish(finish, choice.get("finish_reason"))
-    stop_reason = "tool_use" if tools else _STOP_REASONS.get(finish, "end_turn" if finish else None)
-    return {"id": data.get("id") or "msg_" + random_id(), "type": "message", "role": "assistant",
-            "model": data.get("model") or model, "content": thinking + texts + tools,
-            "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
-
-
-#: A thinking block as it opens: Anthropic's schema requires ``signature`` ("" until its delta).
-THINKING_BLOCK_START = {"type": "thinking", "thinking": "", "signature": ""}
-
-
-class ChatToAnthropic(ChatReader):
-    """OpenAI chat chunks in, Anthropic Messages stream items out, in Anthropic's exact order:
-    message_start, then per block content_block_start/delta.../stop, then message_delta (with
-    usage, held back until the upstream ends because Copilot sends usage last) and message_stop."""
-
-    def __init__(self, model, estimated_input_tokens=0):
-        self.model = model
-        self.estimated_input_tokens = estimated_input_tokens
-        self.started = False
-        self.index = -1
-        self.open_type = None
-        self.tool_blocks = {}
-        self.raw_usage = None
-        self.finish_reason = None
-
-    def _item(self, data):
-        return (data["type"], data)
-
-    def _start(self, chunk_id=None):
-        if self.started:
-            return []
-        self.started = True
-        return [self._item({"type": "message_start", "message": {
-            "id": "msg_" + (chunk_id if isinstance(chunk_id, str) and chunk_id else random_id()), "type": "message",
-            "role": "assistant", "content": [], "model": self.model, "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.estimated_input_tokens, "output_tokens": 0}}})]
-
-    def _close(self):
-        if self.open_type is None:
-            return []
-        self.open_type = None
-        return [self._item({"type": "content_block_stop", "index": self.index})]
-
-    def _open(self, block):
-        out = self._close()
-        self.index += 1
-        self.open_type = block["type"]
-        out.append(self._item({"type": "content_block_start", "index": self.index, "content_block": block}))
-        return out
-
-    def _delta(self, delta, index=None):
-        return self._item({"type": "content_block_delta", "index": self.index if index is None else index,
-                           "delta": delta})
-
-    def feed(self, event, data):
-        chunk, instead = self.open_chunk(data)
-        if chunk is None:
-            return instead
-        out = []
-        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
-            if not isinstance(choice, dict):
-                continue
-            if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
-                self.model = chunk["model"]  # the model Copilot names, as the non-stream answer has it
-            out.extend(self._start(chunk.get("id")))
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-            reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
-            if isinstance(reasoning, str) and reasoning:
-                if self.open_type != "thinking":
-                    out.extend(self._open(dict(THINKING_BLOCK_START)))
-                out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
-            if isinstance(signature, str) and signature:
-                if self.open_type != "thinking":
-                    out.extend(self._open(dict(THINKING_BLOCK_START)))
-                out.append(self._delta({"type": "signature_delta", "signature": signature}))
-                out.extend(self._close())
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                if self.open_type != "text":
-                    out.extend(self._open({"type": "text", "text": ""}))
-                out.append(self._delta({"type": "text_delta", "text": content}))
-            for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []:
-                if not isinstance(call, dict):
-                    continue
-                key = (choice.get("index") if isinstance(choice.get("index"), int) else 0,
-                       call.get("index") if isinstance(call.get("index"), int) else 0)
-                function = call.get("function") if isinstance(call.get("function"), dict) else {}
-                if key not in self.tool_blocks or call.get("id"):
-                    name = function.get("name") if isinstance(function.get("name"), str) else ""
-                    out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
-                                           "name": name, "input": {}}))
-                    self.tool_blocks[key] = self.index
-                if isinstance(function.get("arguments"), str) and function["arguments"]:
-                    out.append(self._delta({"type": "input_json_delta", "partial_json": function["arguments"]},
-                                           self.tool_blocks[key]))
-            if choice.get("finish_reason"):
-                self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
-                self.complete = True
-        return out
-
-    def end(self):
-        out = self._start() + self._close()
-        stop_reason = "tool_use" if self.tool_blocks else _STOP_REASONS.get(self.finish_reason, "end_turn")
-        usage = _anthropic_usage(self.raw_usage)
-        if not self.raw_usage:
-            usage["input_tokens"] = self.estimated_input_tokens
-        out.append(self._item({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                               "usage": usage}))
-        out.append(self._item({"type": "message_stop"}))
-        return out
-
-
-def event_type(event, data):
-    """An event's type: its SSE event name, else the ``type`` field at the start of its JSON."""
-    if event:
-        return event
-    if isinstance(data, dict):
-        return data.get("type")
-    match = re.search(r'"type"\s*:\s*"([^"]+)"', data[:200])
-    return match.group(1) if match else None
-
-
-class Passthrough(Translator):
-    """Copilot's own events for a client of the same API, passed on as they come (re-framed one
-    event per frame, so a ping never lands inside one). Complete at one of ``final`` events; the
-    usage is read from the few events that carry it."""
-
-    def __init__(self, final, usage_events, read_usage):
-        self.final = final
-        self.usage_events = usage_events
-        self.read_usage = read_usage
-
-    def feed(self, event, data):
-        if self.complete:
-            return []
-        self.next_sequence_number += 1  # Responses streams number their events from 0
-        kind = event_type(event, data)
-        if kind in self.final:
-            self.complete = True
-        if kind in self.usage_events:
-            parsed = parse_event_json(data)
-            if isinstance(parsed, dict):
-                self.usage = merge_usage(self.usage, self.read_usage(parsed))
-        return [(event, data)]
-
-
-def _anthropic_event_usage(data):
-    usage = _dig(data, "message", "usage") if data.get("type") == "message_start" else data.get("usage")
-    return usage_from_anthropic(usage, data.get("copilot_usage"))
-
-
-def _responses_event_usage(data):
-    return usage_from_responses(_dig(data, "response").get("usage"),
-                                data.get("copilot_usage") or _dig(data, "response").get("copilot_usage"))
-
-
-def anthropic_passthrough():
-    return Passthrough(("message_stop", "error"), ("message_start", "message_delta"), _anthropic_event_usage)
 
 
 def estimate_input_tokens(payload):
@@ -5275,7 +4418,8 @@ def estimate_input_tokens(payload):
         total += 350  # the tool-use system prompt Anthropic adds
     return int(total * 1.1) + 1
 
-# -- 8h. OpenAI Responses: passthrough, chat <-> Responses, every model, compaction ------------
+
+# -- 8e. OpenAI Responses requests: chat <-> Responses, history, tools, Claude --------------
 
 def count_tokens_of_request(payload):
     """POST /v1/messages/count_tokens: the fields the estimate reads checked, then the estimate."""
@@ -5400,125 +4544,6 @@ def chat_to_responses_request(payload):
     return request
 
 
-def _responses_usage(usage):
-    """A Responses usage object as chat-completions usage."""
-    out = {"prompt_tokens": _count(usage, "input_tokens"), "completion_tokens": _count(usage, "output_tokens")}
-    out["total_tokens"] = _count(usage, "total_tokens") or out["prompt_tokens"] + out["completion_tokens"]
-    cached = _count(usage, "input_tokens_details", "cached_tokens")
-    if cached:
-        out["prompt_tokens_details"] = {"cached_tokens": cached}
-    reasoning = _count(usage, "output_tokens_details", "reasoning_tokens")
-    if reasoning:
-        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
-    return out
-
-
-def _responses_finish(response, saw_tool):
-    if saw_tool:
-        return "tool_calls"
-    if response.get("status") == "incomplete":
-        return "length" if _dig(response, "incomplete_details").get("reason") == "max_output_tokens" else "content_filter"
-    return "stop"
-
-
-def responses_to_chat_response(data, model, now):
-    """A Responses answer as an OpenAI chat.completion."""
-    texts, calls = [], []
-    for item in data.get("output") if isinstance(data.get("output"), list) else []:
-        if not isinstance(item, dict):
-            continue
-        if item.get("type") == "message":
-            for part in item.get("content") if isinstance(item.get("content"), list) else []:
-                text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
-                if isinstance(text, str):
-                    texts.append(text)
-        elif item.get("type") == "function_call":
-            calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
-                          "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}})
-    message = {"role": "assistant", "content": "".join(texts) or None, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
-    created = data.get("created_at")
-    return {"id": "chatcmpl-" + str(data.get("id") or random_id()), "object": "chat.completion",
-            "created": int(created) if isinstance(created, (int, float)) else int(now),
-            "model": data.get("model") or model,
-            "choices": [{"index": 0, "message": message, "finish_reason": _responses_finish(data, bool(calls)),
-                         "logprobs": None}],
-            "usage": _responses_usage(data.get("usage"))}
-
-
-class ResponsesToChat(Translator):
-    """Responses stream events in, OpenAI chat.completion.chunk items out (ending with a finish
-    chunk, the usage chunk when asked, and ``[DONE]`` at response.completed)."""
-
-    def __init__(self, model, include_usage, now):
-        self.model = model
-        self.include_usage = include_usage
-        self.created = int(now)
-        self.id = "chatcmpl-" + random_id()
-        self.started = False
-        self.tools = {}
-        self.arguments_seen = set()
-
-    def _chunk(self, delta, finish=None):
-        return (None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
-
-    def _tool_delta(self, position, **call):
-        return self._chunk({"tool_calls": [dict(call, index=self.tools[position])]})
-
-    def feed(self, event, data):
-        if self.complete:
-            return []
-        data = parse_event_json(data)
-        if not isinstance(data, dict):
-            return [data] if data is not None else []
-        kind = data.get("type") or event
-        out = []
-        if not self.started:
-            self.started = True
-            named = _dig(data, "response").get("model")  # response.created names the model that answers
-            self.model = named if isinstance(named, str) and named else self.model  # as ChatNormalize does
-            out.append(self._chunk({"role": "assistant", "content": ""}))
-        position = data.get("output_index") if isinstance(data.get("output_index"), (int, str)) else None
-        if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
-            out.append(self._chunk({"content": data["delta"]}))
-        elif kind in ("response.output_item.added", "response.output_item.done"):
-            item = _dig(data, "item")
-            if item.get("type") == "function_call":
-                if position not in self.tools:
-                    self.tools[position] = len(self.tools)
-                    out.append(self._tool_delta(position, id=item.get("call_id"), type="function",
-                                                function={"name": item.get("name"), "arguments": ""}))
-                arguments = item.get("arguments")
-                if kind == "response.output_item.done" and position not in self.arguments_seen and \
-                        isinstance(arguments, str) and arguments:
-                    out.append(self._tool_delta(position, function={"arguments": arguments}))
-        elif kind == "response.function_call_arguments.delta" and isinstance(data.get("delta"), str):
-            if position in self.tools:
-                self.arguments_seen.add(position)
-                out.append(self._tool_delta(position, function={"arguments": data["delta"]}))
-        elif kind in ("response.completed", "response.incomplete"):
-            response = _dig(data, "response")
-            self.complete = True
-            self.usage = _responses_event_usage(data)
-            out.append(self._chunk({}, _responses_finish(response, bool(self.tools))))
-            if self.include_usage:
-                out.append((None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                   "model": self.model, "choices": [], "usage": _responses_usage(response.get("usage"))}))
-            out.append((None, "[DONE]"))
-        elif kind in ("response.failed", "error"):
-            error = _dig(data, "response", "error") or _dig(data, "error") or data
-            message = error.get("message") if isinstance(error.get("message"), str) else None
-            out.append(StreamError(message or "Copilot reported an error mid-stream", error.get("code")))
-        return out
-
-
-def responses_passthrough():
-    return Passthrough(("response.completed", "response.failed", "response.incomplete", "error"),
-                       ("response.completed", "response.failed", "response.incomplete"), _responses_event_usage)
-
-
 def responses_initiator(payload):
     """``agent`` when the newest input item is a tool output, the assistant's, or a compaction
     trigger; else ``user``."""
@@ -5551,19 +4576,9 @@ def as_output_items(items):
     return out
 
 
-def responses_usage_object(usage):
-    """A Responses ``usage`` object, every count present, from the one usage shape of 8e."""
-    usage = usage or {"input": 0, "cached": 0, "output": 0, "reasoning": 0}
-    return {"input_tokens": usage["input"],
-            "input_tokens_details": {"cached_tokens": usage["cached"], "cache_write_tokens": 0},
-            "output_tokens": usage["output"], "output_tokens_details": {"reasoning_tokens": usage["reasoning"]},
-            "total_tokens": usage["input"] + usage["output"]}
-
-
 #: Tokens of history above which Copilot compacts when coproxy asks it to (for Codex's
 #: /responses/compact): low, because a client that asks for compaction wants it now.
 COMPACT_THRESHOLD_TOKENS = 1000
-_COMPACTION_ITEMS = ("compaction", "compaction_summary")
 
 
 def compact_request(payload):
@@ -5578,23 +4593,6 @@ def compact_request(payload):
     return request
 
 
-def compaction_answer(data, payload, now):
-    """What Codex expects back from /responses/compact: the new history in ``output`` (the user's
-    messages, then the compaction item), in a ``response.compaction`` envelope. Without a
-    compaction item from Copilot (a history too short to compact) the history stays as it was."""
-    output = data.get("output") if isinstance(data.get("output"), list) else []
-    compaction = [i for i in output if isinstance(i, dict) and i.get("type") in _COMPACTION_ITEMS]
-    history = as_output_items(payload.get("input"))
-    if compaction:
-        output = [i for i in history if i["type"] == "message" and i.get("role") == "user"] + compaction[-1:]
-    else:
-        output = history
-    created = data.get("created_at")
-    return {"id": data.get("id") or "resp_" + random_id(), "object": "response.compaction",
-            "created_at": int(created) if isinstance(created, (int, float)) else int(now),
-            "output": output, "usage": responses_usage_object(usage_from_responses(data.get("usage")))}
-
-
 # Responses for models Copilot serves only on /chat/completions or /v1/messages (Claude, Gemini,
 # gpt-4.1, ...): the request becomes a chat request (and, for Claude, an Anthropic one from
 # that), and the answer comes back through one ResponseBuilder, fed by a chat reader or an
@@ -5604,11 +4602,14 @@ def compaction_answer(data, payload, now):
 
 #: Tool types OpenAI runs on its own side; no model behind chat completions or Messages has them.
 _CLIENT_TOOL_TYPES = ("function", "custom")
+
 #: The argument a custom tool's text travels in while it is a function.
 CUSTOM_TOOL_ARGUMENT = "input"
+
 #: Thinking budgets for a Responses ``reasoning.effort`` on Claude (fitted to the model's bounds).
 EFFORT_THINKING_BUDGETS = {"minimal": 1024, "low": 4096, "medium": 8192, "high": 16384,
                            "xhigh": 24576, "max": 32000}
+
 _THINKING_PREFIX = "coproxy.thinking."
 
 
@@ -5950,6 +4951,1274 @@ def chat_to_anthropic_request(chat, info):
     return request
 
 
+# -- 8f. Embeddings requests, images by URL -------------------------------------------------
+
+def prepare_embeddings_request(payload):
+    """(Copilot request, encoding_format) for an OpenAI embeddings request."""
+    model = check(payload, "model", "string")
+    if not model:
+        raise ClientError(400, "'model' is required", param="model", code="model_required")
+    text = payload.get("input")
+    if isinstance(text, str):
+        text = [text]
+    if not isinstance(text, list) or not text:
+        raise ClientError(400, "'input' must be a string or a non-empty array of strings", param="input")
+    if not all(isinstance(t, str) for t in text):
+        raise ClientError(400, "'input' must hold strings: Copilot does not take token arrays", param="input",
+                          code="token_arrays_not_supported")
+    encoding = payload.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ClientError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+    request = {"model": model, "input": text}
+    dimensions = check(payload, "dimensions", "integer")
+    if dimensions is not None:
+        if dimensions < 1:
+            raise ClientError(400, "'dimensions' must be a positive integer", param="dimensions")
+        request["dimensions"] = dimensions
+    return request, encoding
+
+
+def remote_images(payload):
+    """[(part, kind, url)] for every image given by http(s) URL in a request's content (see
+    content_parts): OpenAI chat ``image_url`` parts, Responses ``input_image`` parts, Anthropic
+    ``url`` image sources."""
+    found = []
+    for part, kind in content_parts(payload):
+        if kind == "image_url":
+            url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+        elif kind == "input_image":
+            url = part.get("image_url")
+        elif kind == "image" and isinstance(part.get("source"), dict) and part["source"].get("type") == "url":
+            url = part["source"].get("url")
+        else:
+            continue
+        if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
+            found.append((part, kind, url))
+    return found
+
+
+def inline_image(node, kind, media_type, encoded, data_url):
+    """Replace the URL of an image found by remote_images with the image itself (``encoded``:
+    its base64 text; ``data_url``: the same as a data: URL; both shared by every use of a URL)."""
+    if kind == "image":
+        node["source"] = {"type": "base64", "media_type": media_type, "data": encoded}
+    elif kind == "input_image":
+        node["image_url"] = data_url
+    else:
+        node["image_url"] = dict(node["image_url"], url=data_url)
+
+
+def url_for_message(url):
+    """``scheme://host:port/path`` of a URL for a message: credentials (user info, signed queries)
+    left out, and never more than 200 characters."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        shown = "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path) + ("?..." if parts.query else "")
+    except ValueError:
+        shown = "a malformed URL"
+    return shown if len(shown) <= 200 else shown[:197] + "..."
+
+
+def check_image_limits(images, model, info):
+    """400 for fetched images the model's catalogue ``limits.vision`` says it cannot take."""
+    limits = _dig(info, "capabilities", "limits", "vision")
+    types, largest = limits.get("supported_media_types"), limits.get("max_prompt_image_size")
+    for url, (media_type, data) in images.items():
+        if isinstance(types, list) and types and media_type not in types:
+            raise ClientError(400, "the image at %s is %s; %s accepts %s" % (
+                url_for_message(url), media_type, model, ", ".join(map(str, types))), code="image_not_supported")
+        if isinstance(largest, int) and 0 < largest < len(data):
+            raise ClientError(400, "the image at %s is %s; %s accepts at most %s per image" % (
+                url_for_message(url), format_size(len(data)), model, format_size(largest)), code="image_too_large")
+
+
+# -- 8g. Ollama's API: requests -------------------------------------------------------------
+# JetBrains AI Assistant, VS Code Copilot's "Ollama" provider, Open WebUI and AnythingLLM speak
+# Ollama's API. An /api/chat or /api/generate request becomes an OpenAI chat request here, and
+# plan_ollama (9i) plans it like any other chat request.
+
+#: Ollama's think levels (besides true and false), sent to Copilot as reasoning efforts ...
+OLLAMA_THINK_LEVELS = ("low", "medium", "high", "max")
+
+#: ... or, for models that take a thinking budget instead (Claude on chat completions), these.
+_THINK_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384, "max": 32000}
+
+_IMAGE_SIGNATURES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+                     (b"GIF8", "image/gif"), (b"RIFF", "image/webp"))
+
+
+def model_thinks(supports):
+    """Whether a catalogue entry's ``supports`` says the model can reason before answering."""
+    budget = _whole(supports.get("max_thinking_budget"))
+    adaptive = supports.get("adaptive_thinking") is True
+    return bool(supports.get("reasoning_effort")) or bool(budget) or adaptive
+
+
+def validate_ollama_request(payload, kind):
+    """Check the fields coproxy reads of an /api/chat (``kind`` "chat") or /api/generate request."""
+    check(payload, "model", "string", required=True)
+    if kind == "chat":
+        for index, message in enumerate(check_items(payload, "messages")):
+            where = "messages[%d]." % index
+            check(message, "role", "string", where, required=True)
+            check_fields(message, where, content="string", thinking="string", tool_name="string",
+                         tool_call_id="string")
+            check_items(message, "images", where, kinds="string")
+            for position, call in enumerate(check_items(message, "tool_calls", where)):
+                call_where = "%stool_calls[%d]." % (where, position)
+                check(call, "id", "string", call_where)
+                function = check(call, "function", "object", call_where, required=True)
+                check_fields(function, call_where + "function.", name="string", arguments="object")
+    else:
+        check_fields(payload, prompt="string", system="string", suffix="string")
+        check_items(payload, "images", kinds="string")
+    for index, tool in enumerate(check_items(payload, "tools")):
+        where = "tools[%d]." % index
+        check_fields(check(tool, "function", "object", where), where + "function.", name="string",
+                     parameters="object")
+    check(payload, "format", ("string", "object"))
+    check(payload, "stream", "boolean")
+    think = check(payload, "think", ("boolean", "string"))
+    if isinstance(think, str) and think not in OLLAMA_THINK_LEVELS:
+        raise ClientError(400, "think must be true, false or one of %s"
+                          % ", ".join(OLLAMA_THINK_LEVELS), param="think")
+    options = check(payload, "options", "object") or {}
+    check_fields(options, "options.", temperature="number", top_p="number", num_predict="integer",
+                 seed="integer", stop=("string", "array"))
+
+
+def ollama_image_part(encoded, where):
+    """A base64 image of an Ollama message as a chat image part (a data: URL, media type read
+    from the image's first bytes)."""
+    if encoded.startswith("data:"):
+        return {"type": "image_url", "image_url": {"url": encoded}}
+    try:
+        head = base64.b64decode(encoded[:16], validate=True)
+    except ValueError:
+        head = b""
+    media_type = next((kind for sign, kind in _IMAGE_SIGNATURES if head.startswith(sign)), None)
+    if media_type is None:
+        raise ClientError(400, "%s is not a base64 PNG, JPEG, GIF or WebP image" % where,
+                          param=where, code="invalid_image")
+    return {"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % (media_type, encoded)}}
+
+
+def _ollama_content(text, images, where):
+    if not images:
+        return text
+    return ([{"type": "text", "text": text}] if text else []) + [
+        ollama_image_part(image, "%s[%d]" % (where, index)) for index, image in enumerate(images)]
+
+
+def ollama_messages(payload, kind):
+    """The chat messages of an Ollama request. Ollama's tool calls may have no id and its tool
+    results name only the tool, so calls get ids and each result answers the first open call of
+    that name (or the first open call); a result that answers no call becomes the user's text."""
+    if kind == "generate":
+        system = payload.get("system")
+        prompt = _ollama_content(payload.get("prompt") or "", payload.get("images"), "images")
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+    out, open_calls = [], []
+    for index, message in enumerate(payload.get("messages") or []):
+        role, text = message["role"], message.get("content") or ""
+        if role == "assistant":
+            calls = []
+            for position, call in enumerate(message.get("tool_calls") or []):
+                function = call["function"]
+                arguments = json.dumps(function.get("arguments") or {})
+                calls.append({"id": call.get("id") or "call_%d_%d" % (index, position),
+                              "type": "function",
+                              "function": {"name": function.get("name") or "", "arguments": arguments}})
+            open_calls = [(call["id"], call["function"]["name"]) for call in calls]
+            out.append({"role": "assistant", "content": text or None})
+            if calls:
+                out[-1]["tool_calls"] = calls
+        elif role == "tool":
+            wanted = message.get("tool_call_id"), message.get("tool_name")
+            answered = (next((c for c in open_calls if c[0] == wanted[0]), None)
+                        or next((c for c in open_calls if c[1] == wanted[1]), None)
+                        or (open_calls[0] if open_calls else None))
+            if answered is None:
+                text = "Result of the %s tool: %s" % (wanted[1] or "a", text)
+                out.append({"role": "user", "content": text})
+                continue
+            open_calls.remove(answered)
+            out.append({"role": "tool", "tool_call_id": answered[0], "content": text})
+        else:
+            out.append({"role": role, "content": _ollama_content(text, message.get("images"),
+                                                                 "messages[%d].images" % index)})
+    return out
+
+
+def ollama_to_chat_request(payload, kind, model, info):
+    """An /api/chat or /api/generate request as an OpenAI chat request: options, tools, format
+    (``"json"`` or a JSON schema) and think (an effort, or a budget for models that take one)."""
+    stream = payload.get("stream") is not False  # Ollama streams unless told not to
+    request = {"model": model, "messages": ollama_messages(payload, kind), "stream": stream}
+    if stream:
+        request["stream_options"] = {"include_usage": True}
+    options = payload.get("options") or {}
+    for name in ("temperature", "top_p", "seed"):
+        if options.get(name) is not None:
+            request[name] = options[name]
+    if isinstance(options.get("num_predict"), int) and options["num_predict"] > 0:  # -1: no limit
+        request["max_tokens"] = options["num_predict"]
+    if options.get("stop"):
+        request["stop"] = [options["stop"]] if isinstance(options["stop"], str) else options["stop"]
+    if payload.get("tools"):
+        request["tools"] = payload["tools"]
+    fmt = payload.get("format")
+    if fmt == "json":
+        request["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        request["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": "response", "schema": fmt}}
+    think = payload.get("think")
+    level = think if isinstance(think, str) else "medium" if think is True else None
+    supports = _dig(info, "capabilities", "supports")
+    if level and supports.get("reasoning_effort"):
+        request["reasoning_effort"] = level  # fitted to what the model takes, as for every route
+    elif level and model_thinks(supports):
+        low = _whole(supports.get("min_thinking_budget")) or 1024
+        high = _whole(supports.get("max_thinking_budget")) or 32000
+        request["thinking_budget"] = max(low, min(_THINK_BUDGETS[level], high))
+    elif level and info:
+        raise ClientError(400, "%r does not support thinking" % model, param="think")
+    return request
+
+
+# ------------------------------------------------------------------------------------------
+# 9. Answers and plans (pure)
+#    What comes back, up to what the client reads: SSE items and the client dialects, Copilot's
+#    errors, usage and cost, and the translators (whole answers and streams) from each upstream
+#    shape back to the caller's. The plans at the end join both halves: one value per request
+#    saying what §8 sends and which translator of this section brings the answer back.
+#    Like §8: dicts or bytes in, items out; no I/O, no clock (callers pass ``now``).
+# ------------------------------------------------------------------------------------------
+
+# -- 9a. Server-sent events: items in, items out, one encoder per dialect -------------------
+# Upstream SSE is decoded once into items ``(event, data)``: ``event`` is the SSE event name or
+# None, ``data`` the text of the event or, once a translator has built it, a dict. Translators
+# (9d-9f) map items to items; StreamError is the one special item, a failure for the client's
+# dialect to spell. The dialect's encoder writes the wire bytes at the very end.
+
+class SSEDecoder:
+    """Incremental SSE parser (WHATWG rules): LF, CR or CRLF line ends, multi-line ``data:``,
+    comments, and UTF-8 characters split across reads (data is decoded per whole event)."""
+
+    def __init__(self):
+        self._pending = b""
+        self._data = []
+        self._event = None
+
+    def feed(self, chunk):
+        """Bytes in, complete events out: a list of (event name or None, data text)."""
+        buf = self._pending + chunk if self._pending else chunk
+        held = b""
+        if buf.endswith(b"\r"):  # may be the first half of a CRLF split across reads
+            buf, held = buf[:-1], b"\r"
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = buf.split(b"\n")
+        self._pending = lines.pop() + held
+        events = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append((self._event, b"\n".join(self._data).decode("utf-8", "replace")))
+                self._data = []
+                self._event = None
+            elif line[:1] == b":":
+                continue
+            else:
+                field, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if field == b"data":
+                    self._data.append(value)
+                elif field == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+    def finish(self):
+        """Events still pending when the stream ends without a final blank line."""
+        events = self.feed(b"\n\n") if (self._pending.strip(b"\r") or self._data) else []
+        self._pending = b""
+        return events
+
+
+def encode_sse(data, event=None):
+    """One SSE frame of bytes ``data`` (each of its lines its own ``data:`` line)."""
+    if b"\n" in data or b"\r" in data:
+        data = b"\ndata: ".join(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"))
+    if event:
+        return b"event: " + event.encode("utf-8") + b"\ndata: " + data + b"\n\n"
+    return b"data: " + data + b"\n\n"
+
+
+class StreamError:
+    """An item that ends a stream with a failure, spelled by the client's dialect."""
+
+    __slots__ = ("message", "code")
+
+    def __init__(self, message, code=None):
+        self.message = message
+        self.code = code
+
+
+def openai_error_body(message, kind="api_error", code=None, param=None):
+    """``{"error": {"message", "type", "param", "code"}}``, OpenAI's envelope."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+#: Where Anthropic's error types differ from OpenAI's.
+_ANTHROPIC_ERROR_TYPES = {413: "request_too_large", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(status, message):
+    """``{"type": "error", "error": {"type", "message"}}``, Anthropic's envelope."""
+    kind = _ANTHROPIC_ERROR_TYPES.get(status) or error_type_for_status(status)
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def encode_sse_item(item):
+    event, data = item
+    return encode_sse(data.encode("utf-8") if isinstance(data, str) else json_dumps(data), event)
+
+
+def encode_ndjson_item(item):
+    """One line of newline-delimited JSON (Ollama's streams): the item's data, then LF."""
+    data = item[1]
+    return (data.encode("utf-8") if isinstance(data, str) else json_dumps(data)) + b"\n"
+
+
+class Dialect:
+    """How one client API spells things on the wire: answers, stream items (``encode``, sent as
+    ``stream_type``), a stream failure, a keep-alive ping (None: the plan brings its own) and an
+    error envelope. One instance per API (OPENAI, RESPONSES, ANTHROPIC, OLLAMA)."""
+
+    def __init__(self, ping, stream_error, envelope, encode=encode_sse_item,
+                 stream_type="text/event-stream; charset=utf-8"):
+        self.ping = ping
+        self._stream_error = stream_error
+        self._envelope = envelope
+        self.encode = encode
+        self.stream_headers = [("Content-Type", stream_type), ("Cache-Control", "no-cache"),
+                               ("X-Accel-Buffering", "no")]
+
+    def stream_error(self, message, code=None, sequence_number=0):
+        """The bytes of the one event that ends a failed stream (``sequence_number``: the next
+        one of the stream, which Responses events carry)."""
+        return self.encode(self._stream_error(message, code or "upstream_stream_error", sequence_number))
+
+    def envelope(self, error):
+        """The JSON body of an error answer (``error`` is a ClientError)."""
+        return json_dumps(self._envelope(error))
+
+
+OPENAI = Dialect(b": ping\n\n",
+                 lambda message, code, _: (None, openai_error_body(message, "api_error", code)),
+                 lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
+
+RESPONSES = Dialect(b": ping\n\n",
+                    lambda message, code, sequence: ("error", {"type": "error", "code": code, "message": message,
+                                                               "param": None, "sequence_number": sequence}),
+                    lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
+
+ANTHROPIC = Dialect(encode_sse(b'{"type":"ping"}', "ping"),
+                    lambda message, code, _: ("error", anthropic_error_body(500, message)),
+                    lambda e: anthropic_error_body(e.status, str(e)))
+
+#: Ollama's API: NDJSON streams, ``{"error": "..."}`` for errors (a line of its own mid-stream),
+#: and no comment syntax for pings: its plans ping with an empty line of their answer's shape.
+OLLAMA = Dialect(None, lambda message, code, _: (None, {"error": message}),
+                 lambda e: {"error": str(e)}, encode=encode_ndjson_item,
+                 stream_type="application/x-ndjson")
+
+
+class StreamTranslation:
+    """Upstream SSE bytes in, the client's wire bytes out: decode once, map the items through
+    ``chain`` (translators, each turning one format's items into the next one's), encode in the
+    client's ``dialect``. The end rule lives here, the same for every route: each stage must have
+    seen its input's own end marker (``[DONE]``/a finish, ``message_stop``, ``response.completed``),
+    else the client gets the dialect's error event and no normal end."""
+
+    INCOMPLETE = "Copilot closed the stream before the answer was complete"
+
+    def __init__(self, chain, dialect):
+        self.chain = chain
+        self.dialect = dialect
+        self.decoder = SSEDecoder()
+        self.finished = False   # an end (normal or failed) has been written
+        self.failure = None     # the message of a failed end
+
+    @property
+    def source(self):
+        """The first translator: the one that read the upstream's own items (usage lives there)."""
+        return self.chain[0]
+
+    def _run(self, items, start=0):
+        for mapper in self.chain[start:]:
+            out = []
+            for item in items:
+                if isinstance(item, StreamError):
+                    out.append(item)
+                else:
+                    out.extend(mapper.feed(item[0], item[1]))
+            items = out
+        return items
+
+    def _encode(self, items):
+        out = []
+        for item in items:
+            if isinstance(item, StreamError):
+                out.append(self._fail(item.message, item.code))
+                break
+            out.append(self.dialect.encode(item))
+        return b"".join(out)
+
+    def _fail(self, message, code=None):
+        self.finished = True
+        self.failure = message
+        return self.dialect.stream_error(message, code, self.chain[-1].next_sequence_number)
+
+    def feed(self, data):
+        """Upstream body bytes → client bytes (b"" when nothing is complete yet)."""
+        if self.finished:
+            return b""
+        events = self.decoder.feed(data)
+        if not events:
+            return b""
+        if len(self.chain) == 1:  # the usual case, without _run's generality
+            feed, items = self.chain[0].feed, []
+            for event, text in events:
+                items.extend(feed(event, text))
+            return self._encode(items)
+        return self._encode(self._run(events))
+
+    def end(self):
+        """The upstream body ended cleanly: the translators' closing items, or the failure."""
+        if self.finished:
+            return b""
+        out = [self._encode(self._run(self.decoder.finish()))]
+        items = []  # the closing items of the stages before, entering this one
+        for index, mapper in enumerate(self.chain):
+            if self.finished:
+                return b"".join(out)
+            fed = []
+            for item in items:
+                fed.extend([item] if isinstance(item, StreamError) else mapper.feed(item[0], item[1]))
+            failed = any(isinstance(item, StreamError) for item in fed)
+            if not (mapper.complete or failed):
+                out.append(self._encode(self._run(fed, index + 1)))
+                if not self.finished:
+                    out.append(self._fail(self.INCOMPLETE, "incomplete_stream"))
+                return b"".join(out)
+            items = fed if failed else fed + mapper.end()
+        out.append(self._encode(items))
+        self.finished = True
+        return b"".join(out)
+
+    def fail(self, message, code=None):
+        """The upstream broke (cut, timeout): one error event, unless the stream already ended."""
+        return b"" if self.finished else self._fail(message, code)
+
+
+class Translator:
+    """Base of the stream translators: ``feed(event, data)`` → items, ``end()`` → the closing
+    items once the upstream ended cleanly; ``complete`` once its input's end marker was seen;
+    ``usage`` what the upstream said the answer cost (see 9c)."""
+
+    complete = False
+    usage = None
+    #: the sequence_number the next Responses event would carry (Responses streams count them)
+    next_sequence_number = 0
+
+    def end(self):
+        return []
+
+
+def parse_event_json(data):
+    """An event's data as a dict: None for non-objects, StreamError for malformed JSON."""
+    if isinstance(data, dict):
+        return data
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return StreamError("Copilot sent a malformed stream event", "bad_upstream_event")
+    return value if isinstance(value, dict) else None
+
+
+# -- 9b. Error envelopes and what Copilot's errors mean -------------------------------------
+
+_RETRY_AFTER_IN_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) ?(second|minute|hour)", re.I)
+
+#: Waits this short are worth one automatic retry of a transient 429/503 (longer ones are not).
+TRANSIENT_RETRY_SECONDS = 5
+
+
+def parse_retry_after(value, now):
+    """Seconds from a Retry-After value (delta-seconds or an HTTP date), or None."""
+    value = (value or "").strip()
+    if value.isdigit() and value.isascii():
+        return int(value)
+    try:
+        import email.utils  # rare: only dated Retry-After values
+        return max(0, int(email.utils.parsedate_to_datetime(value).timestamp() - now))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+UpstreamVerdict = collections.namedtuple("UpstreamVerdict", "error window wait transient")
+
+
+def client_error_from_upstream(status, raw, headers, now, identity=None):
+    """What a non-2xx Copilot answer means for our client: UpstreamVerdict(error, window, wait,
+    transient). ``error`` keeps the upstream status, message, code and retry-after; a 5-hour
+    session or weekly limit names its ``window`` and when it ends (the wait is often only in the
+    message text); a 466 names the identity options; ``transient`` marks a short plain 429/503
+    worth one retry. ``identity`` is (editor version, plugin version) for the 466 message."""
+    message, fields = upstream_error_message(raw)
+    if not message:
+        message = "Copilot answered HTTP %d %s" % (status, REASONS.get(status, ""))
+    kind = fields.get("type") if isinstance(fields.get("type"), str) and fields.get("type") else None
+    if kind in (None, "error", ""):
+        kind = error_type_for_status(status)
+    code = fields.get("code") if isinstance(fields.get("code"), (str, int)) and fields.get("code") != "" else None
+    param = fields.get("param") if isinstance(fields.get("param"), str) and fields.get("param") else None
+    headers = headers or {}
+    wait = parse_retry_after(headers.get("retry-after"), now)
+    match = _RETRY_AFTER_IN_TEXT.search(message)
+    if wait is None and match:
+        wait = int(float(match.group(1)) * {"second": 1, "minute": 60, "hour": 3600}[match.group(2).lower()])
+    window = None
+    text = (message + " " + str(code or "")).lower()
+    if status == 429 and ("weekly" in text):
+        window = "weekly"
+    elif status == 429 and ("session limit" in text or "user_global_rate_limited" in text):
+        window = "5-hour session"
+    passed = [(name.title() if name == "retry-after" else name, headers[name])
+              for name in ("retry-after", "x-ratelimit-exceeded") if headers.get(name)]
+    if window:
+        if wait is not None and not headers.get("retry-after"):
+            passed.insert(0, ("Retry-After", str(wait)))
+        ends = (" It ends at %s (in %s)." % (time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(now + wait)),
+                                             format_duration(wait)) if wait is not None else "")
+        message = "Copilot's %s limit is reached: %s%s Requests are not retried automatically." % (
+            window, message.rstrip(), ends)
+        code = code or ("user_weekly_rate_limited" if window == "weekly" else "user_global_rate_limited")
+    elif status == 466:
+        editor, plugin = identity or (DEFAULT_EDITOR_VERSION, DEFAULT_EDITOR_PLUGIN_VERSION)
+        message = ("Copilot refused this client version (HTTP 466: %s). Start coproxy with a newer "
+                   "--editor-version and --editor-plugin-version (now %s and %s), or update coproxy"
+                   % (message.rstrip(". "), editor, plugin))
+        code = "client_version_refused"
+    error = ClientError(status, message, kind=kind, code=code, param=param, headers=passed)
+    transient = window is None and (
+        (status == 429 and wait is not None and wait <= TRANSIENT_RETRY_SECONDS) or
+        (status == 503 and (wait is None or wait <= TRANSIENT_RETRY_SECONDS)))
+    return UpstreamVerdict(error, window, wait, transient)
+
+
+# -- 9c. Usage and cost ---------------------------------------------------------------------
+# One shape for what an answer used, whatever its API: input (prompt tokens, cached included),
+# cached, output, reasoning, and nano_aiu (Copilot's own price of the answer in nano AI credits,
+# ``copilot_usage.total_nano_aiu``; 1 credit = 1e9 nano-AIU = US$0.01), None when not reported.
+
+NANO_AIU_PER_CREDIT = 1e9
+
+
+def _nano_aiu(copilot_usage):
+    value = copilot_usage.get("total_nano_aiu") if isinstance(copilot_usage, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_from_chat(usage, copilot_usage=None):
+    return {"input": _count(usage, "prompt_tokens"), "cached": _count(usage, "prompt_tokens_details", "cached_tokens"),
+            "output": _count(usage, "completion_tokens"),
+            "reasoning": _count(usage, "completion_tokens_details", "reasoning_tokens"),
+            "nano_aiu": _nano_aiu(copilot_usage)}
+
+
+def usage_from_responses(usage, copilot_usage=None):
+    return {"input": _count(usage, "input_tokens"), "cached": _count(usage, "input_tokens_details", "cached_tokens"),
+            "output": _count(usage, "output_tokens"),
+            "reasoning": _count(usage, "output_tokens_details", "reasoning_tokens"),
+            "nano_aiu": _nano_aiu(copilot_usage)}
+
+
+def usage_from_anthropic(usage, copilot_usage=None):
+    cached = _count(usage, "cache_read_input_tokens")
+    return {"input": _count(usage, "input_tokens") + cached + _count(usage, "cache_creation_input_tokens"),
+            "cached": cached, "output": _count(usage, "output_tokens"),
+            "reasoning": _count(usage, "output_tokens_details", "thinking_tokens"),
+            "nano_aiu": _nano_aiu(copilot_usage)}
+
+
+def merge_usage(old, new):
+    """Two reports of one answer (Anthropic streams give input at the start, output at the end)."""
+    if old is None:
+        return new
+    merged = {key: max(old[key], new[key]) for key in ("input", "cached", "output", "reasoning")}
+    merged["nano_aiu"] = new["nano_aiu"] if new["nano_aiu"] is not None else old["nano_aiu"]
+    return merged
+
+
+def usage_of_answer(path, data):
+    """The usage of a whole (non-stream) upstream answer, by the API it came from."""
+    if not isinstance(data, dict):
+        return None
+    if path == "/responses":
+        return usage_from_responses(data.get("usage"), data.get("copilot_usage"))
+    if path == "/v1/messages":
+        return usage_from_anthropic(data.get("usage"), data.get("copilot_usage"))
+    if path in ("/chat/completions", "/embeddings"):
+        return usage_from_chat(data.get("usage"), data.get("copilot_usage"))
+    return None
+
+
+def _price(prices, *names):
+    for name in names:
+        value = prices.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def estimate_credits(usage, info):
+    """AI credits of an answer from the token counts and the model's catalogue prices
+    (``billing.token_prices``: credits per ``batch_size`` tokens; a ``long_context`` tier applies
+    above the default tier's ``context_max``), or None when the catalogue has no prices."""
+    billing = _dig(info, "billing")
+    prices = billing.get("token_prices") if isinstance(billing.get("token_prices"), dict) else _dig(billing, "tokenPrices")
+    if not prices:
+        return None
+    batch = _price(prices, "batch_size", "batchSize") or 1000000
+    tier = _dig(prices, "default") or prices
+    long_tier = _dig(prices, "long_context") or _dig(prices, "longContext")
+    ceiling = _price(tier, "context_max", "contextMax", "max_prompt_tokens")
+    if long_tier and ceiling and usage["input"] > ceiling:
+        tier = long_tier
+    input_price, output_price = _price(tier, "input_price", "inputPrice"), _price(tier, "output_price", "outputPrice")
+    if input_price is None or output_price is None:
+        return None
+    cache_price = _price(tier, "cache_read_price", "cacheReadPrice", "cache_price", "cachePrice")
+    cached = usage["cached"] if cache_price is not None else 0
+    total = ((usage["input"] - cached) * input_price + cached * (cache_price or 0) + usage["output"] * output_price)
+    return total / batch
+
+
+def parse_ratelimit_header(value):
+    """``x-usage-ratelimit-session: ent=0&ov=0.0&ovPerm=false&rem=99.6&rst=2026-04-22T14%3A30%3A56Z``
+    → {"percent_remaining": 99.6, "resets_at": "2026-04-22T14:30:56Z"}; None when unreadable."""
+    fields = dict(urllib.parse.parse_qsl(value or ""))
+    try:
+        remaining = float(fields["rem"])
+    except (KeyError, ValueError):
+        return None
+    return {"percent_remaining": remaining, "resets_at": fields.get("rst")}
+
+
+def summarize_quota(user):
+    """Plan and quotas from /copilot_internal/user, in one flat shape. Token-billed accounts
+    (``token_based_billing``, or ``credits_used`` on a snapshot) get the AI-credit pool as
+    ``credits``; request-billed ones keep ``premium_requests``; -1 means unlimited."""
+    snapshots = user.get("quota_snapshots") if isinstance(user.get("quota_snapshots"), dict) else {}
+
+    def bucket(name):
+        snap = snapshots.get(name)
+        if not isinstance(snap, dict):
+            return None
+        entitlement, remaining = snap.get("entitlement"), snap.get("remaining")
+        unlimited = bool(snap.get("unlimited")) or entitlement == -1 or remaining == -1
+        used = snap.get("credits_used")
+        if not isinstance(used, (int, float)) and not unlimited and isinstance(entitlement, (int, float)) \
+                and isinstance(remaining, (int, float)):
+            used = entitlement - remaining
+        return {"unlimited": unlimited, "entitlement": None if unlimited else entitlement,
+                "remaining": None if unlimited else remaining, "used": used if isinstance(used, (int, float)) else None,
+                "percent_remaining": snap.get("percent_remaining"), "overage_count": snap.get("overage_count", 0),
+                "overage_permitted": snap.get("overage_permitted", False)}
+
+    token_billed = bool(user.get("token_based_billing")) or any(
+        isinstance(s, dict) and ("credits_used" in s or s.get("token_based_billing")) for s in snapshots.values())
+    pool = bucket("premium_interactions")
+    reset = user.get("quota_reset_date_utc") or user.get("quota_reset_date")
+    reset_at = _dig(snapshots, "premium_interactions").get("quota_reset_at")
+    if not reset and isinstance(reset_at, (int, float)):
+        try:
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset_at))
+        except (OverflowError, OSError, ValueError):  # past year 9999, or NaN: the reset is unknown
+            reset = None
+    return {"login": user.get("login"), "plan": user.get("copilot_plan"), "sku": user.get("access_type_sku"),
+            "billing": "tokens" if token_billed else "requests",
+            "credits": pool if token_billed else None, "premium_requests": None if token_billed else pool,
+            "chat": bucket("chat"), "completions": bucket("completions"), "reset_date": reset}
+
+
+# -- 9d. OpenAI chat completions answers ----------------------------------------------------
+
+def _merge_finish(current, new):
+    """Finish reason of choices merged into one: a tool call wins over everything else."""
+    if current == "tool_calls" or new == "tool_calls":
+        return "tool_calls"
+    return current or new
+
+
+def merge_choices(choices):
+    """Claude via Copilot may put text in choices[0] and tool calls in choices[1]; one choice."""
+    merged = dict(choices[0])
+    message = dict(merged.get("message") if isinstance(merged.get("message"), dict) else {"role": "assistant"})
+    texts, tool_calls, finish = [], [], None
+    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
+        part = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        if isinstance(part.get("content"), str) and part["content"]:
+            texts.append(part["content"])
+        if isinstance(part.get("tool_calls"), list):
+            tool_calls.extend(part["tool_calls"])
+        for key, value in part.items():
+            if key not in ("content", "tool_calls") and value is not None and message.get(key) is None:
+                message[key] = value
+        finish = _merge_finish(finish, choice.get("finish_reason"))
+    message["content"] = "".join(texts) if texts else None
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    merged.update(message=message, index=0, finish_reason=finish)
+    return merged
+
+
+def normalize_chat_response(data, model, merge, now):
+    """A complete OpenAI chat.completion from what Copilot returned."""
+    if not isinstance(data, dict):
+        raise ValueError("answer is not a JSON object")
+    choices = [c for c in (data.get("choices") if isinstance(data.get("choices"), list) else []) if isinstance(c, dict)]
+    if merge and len(choices) > 1:
+        choices = [merge_choices(choices)]
+    for position, choice in enumerate(choices):
+        choice.setdefault("index", position)
+        message = choice.get("message")
+        if isinstance(message, dict):
+            message.pop("padding", None)
+            message.setdefault("role", "assistant")
+            message.setdefault("content", None)
+            message.setdefault("refusal", None)  # required by OpenAI's schema, null when none
+        choice.setdefault("finish_reason", None)
+        choice.setdefault("logprobs", None)
+    data["choices"] = choices
+    data["id"] = data.get("id") or "chatcmpl-" + random_id()
+    data["object"] = "chat.completion"
+    data["created"] = data.get("created") or int(now)
+    data["model"] = data.get("model") or model
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = data["usage"] = {}
+    usage.setdefault("prompt_tokens", 0)
+    usage.setdefault("completion_tokens", 0)
+    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
+    return data
+
+
+def chat_chunk_problem(chunk):
+    """A StreamError for an error Copilot reports inside a chat stream, else None."""
+    if chunk.get("error") and not chunk.get("choices"):
+        message, fields = upstream_error_message(json.dumps(chunk))
+        return StreamError(message or "Copilot reported an error mid-stream", fields.get("code"))
+    return None
+
+
+_KEYS_TO_ACT_ON = ('"tool_calls"', '"usage"', '"copilot_usage"', '"error"', '"object"')
+
+
+class ChatReader(Translator):
+    """A translator whose input is chat completion chunks."""
+
+    raw_usage = copilot_usage = None
+
+    def take_chat_usage(self, chunk):
+        """Usage and Copilot's cost out of a chat chunk: they may come in separate chunks, in
+        either order, so each is kept until the other arrives."""
+        usage, cost = chunk.pop("usage", None), chunk.pop("copilot_usage", None)
+        if isinstance(usage, dict):
+            self.raw_usage = usage
+        if isinstance(cost, dict):
+            self.copilot_usage = cost
+        if usage is not None or cost is not None:
+            self.usage = usage_from_chat(self.raw_usage, self.copilot_usage)
+
+    def open_chunk(self, data):
+        """A chat stream's data line as (chunk, None), or (None, items to emit instead): none for
+        the end marker, the parse error for a line that is not JSON, the upstream's error for an
+        error chunk. Usage and Copilot's cost are taken out of the chunk on the way."""
+        if data == "[DONE]":
+            self.complete = True
+            return None, []
+        chunk = parse_event_json(data)
+        if not isinstance(chunk, dict):
+            return None, ([chunk] if chunk is not None else [])
+        problem = chat_chunk_problem(chunk)
+        if problem:
+            return None, [problem]
+        self.take_chat_usage(chunk)
+        return chunk, None
+
+
+class ChatNormalize(ChatReader):
+    """Copilot chat chunks in, OpenAI chat.completion.chunk items out.
+
+    What it fixes: chunks without ``object``/``created``/``id``; filter-result and metadata
+    chunks with no choices (dropped); usage (sent once, as its own final chunk, only when the
+    client asked with stream_options.include_usage, with Copilot's cost beside it); Claude's
+    split choices (merged into index 0, tool-call indexes renumbered, one finish_reason at the
+    end); an error object in the stream (a StreamError). Complete at ``[DONE]`` or a finish."""
+
+    def __init__(self, model, include_usage, merge, now):
+        self.model = model
+        self.include_usage = include_usage
+        self.merge = merge
+        self.created = int(now)
+        self.id = None
+        self.raw_usage = None
+        self.copilot_usage = None
+        self.finish_reason = None
+        self.saw_done = False
+        self._tool_index = {}
+        self._id_marker = None  # '"id":"chatcmpl-..."', as this stream's chunks spell their id
+        self._model_marker = None  # '"model":"..."', likewise for the model
+
+    def feed(self, event, data):
+        if self.saw_done:
+            return []
+        if data == "[DONE]":
+            self.saw_done = self.complete = True
+            return []
+        if self._as_it_is(data):
+            return [(None, '{"object":"chat.completion.chunk",' + data[1:])]
+        chunk, instead = self.open_chunk(data)
+        if chunk is None:
+            return instead
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return []
+        if self.id is None:
+            self.id = chunk.get("id") if isinstance(chunk.get("id"), str) and chunk["id"] else "chatcmpl-" + random_id()
+            self._id_marker = '"id":%s' % json.dumps(self.id)
+            # One model name per answer: the one Copilot's first chunk names (often a dated
+            # snapshot, gpt-4.1-2025-04-14), as in a non-stream answer; every later chunk, the
+            # finish and usage chunks coproxy writes included, carries it.
+            if isinstance(chunk.get("model"), str) and chunk["model"]:
+                self.model = chunk["model"]
+            self._model_marker = '"model":%s' % json.dumps(self.model)
+        chunk["id"] = self.id
+        chunk["object"] = "chat.completion.chunk"
+        chunk["created"] = chunk.get("created") or self.created
+        chunk["model"] = self.model
+        if not self.merge:
+            for choice in choices:
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+                    self.complete = True
+            return [(None, chunk)]
+        kept = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            finish = choice.get("finish_reason")
+            delta = choice.get("delta")
+            source_index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+            choice["index"] = 0
+            if finish:
+                self.finish_reason = _merge_finish(self.finish_reason, finish)
+                self.complete = True
+                choice["finish_reason"] = None
+            if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
+                for call in delta["tool_calls"]:
+                    if isinstance(call, dict):
+                        key = (source_index, call.get("index") if isinstance(call.get("index"), int) else 0)
+                        call["index"] = self._tool_index.setdefault(key, len(self._tool_index))
+            if delta or not finish:
+                kept.append(choice)
+        if not kept:
+            return []
+        chunk["choices"] = kept
+        return [(None, chunk)]
+
+    def _as_it_is(self, data):
+        """True when the text of a chunk shows it needs nothing but "object": it names this
+        stream's id and model, has created, one choice 0, and none of the keys this translator
+        acts on (finish_reason other than null, tool_calls, usage, copilot_usage, error, object).
+        Most chunks are one text delta, and passing their text on instead of parsing and writing
+        them again halves the proxy's CPU per streamed chunk. Keys are looked for as the text
+        spells them ("key" with its quotes, as every JSON encoder writes an ASCII key); a string
+        value that happens to equal one only sends its chunk down the general path."""
+        return (self._id_marker is not None and self._id_marker in data and data.count('"index"') == 1
+                and '"index":0' in data and '"created":' in data and self._model_marker in data
+                and '"created":0' not in data  # the general path fills it in
+                and ('"finish_reason"' not in data or '"finish_reason":null' in data)
+                and not any(key in data for key in _KEYS_TO_ACT_ON) and data[:1] == "{")
+
+    def _chunk(self, choices, **extra):
+        chunk = {"id": self.id or "chatcmpl-" + random_id(), "object": "chat.completion.chunk",
+                 "created": self.created, "model": self.model, "choices": choices}
+        chunk.update(extra)
+        return (None, chunk)
+
+    def end(self):
+        items = []
+        if self.merge and self.finish_reason:
+            items.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason, "logprobs": None}]))
+        if self.include_usage and self.raw_usage is not None:
+            extra = {"usage": self.raw_usage}
+            if self.copilot_usage is not None:
+                extra["copilot_usage"] = self.copilot_usage
+            items.append(self._chunk([], **extra))
+        items.append((None, "[DONE]"))
+        return items
+
+
+# -- 9e. Anthropic Messages answers <- OpenAI chat ------------------------------------------
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                 "function_call": "tool_use", "content_filter": "end_turn"}
+
+
+def _anthropic_usage(usage):
+    cached = _count(usage, "prompt_tokens_details", "cached_tokens")
+    out = {"input_tokens": max(0, _count(usage, "prompt_tokens") - cached),
+           "output_tokens": _count(usage, "completion_tokens")}
+    if cached:
+        out["cache_read_input_tokens"] = cached
+    return out
+
+
+def openai_to_anthropic_response(data, model):
+    """A Copilot chat completion as an Anthropic message (all choices read: Claude splits them)."""
+    thinking, texts, tools, finish = [], [], [], None
+    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
+    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        if message.get("reasoning_text") or message.get("reasoning_opaque"):
+            thinking.append({"type": "thinking", "thinking": message.get("reasoning_text") or "",
+                             "signature": message.get("reasoning_opaque") or ""})
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        if isinstance(content, str) and content:
+            texts.append({"type": "text", "text": content})
+        for call in message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []:
+            function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
+            tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
+                          "name": function.get("name"), "input": _parse_arguments(function.get("arguments"))})
+        finish = _merge_finish(finish, choice.get("finish_reason"))
+    stop_reason = "tool_use" if tools else _STOP_REASONS.get(finish, "end_turn" if finish else None)
+    return {"id": data.get("id") or "msg_" + random_id(), "type": "message", "role": "assistant",
+            "model": data.get("model") or model, "content": thinking + texts + tools,
+            "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
+
+
+#: A thinking block as it opens: Anthropic's schema requires ``signature`` ("" until its delta).
+THINKING_BLOCK_START = {"type": "thinking", "thinking": "", "signature": ""}
+
+
+class ChatToAnthropic(ChatReader):
+    """OpenAI chat chunks in, Anthropic Messages stream items out, in Anthropic's exact order:
+    message_start, then per block content_block_start/delta.../stop, then message_delta (with
+    usage, held back until the upstream ends because Copilot sends usage last) and message_stop."""
+
+    def __init__(self, model, estimated_input_tokens=0):
+        self.model = model
+        self.estimated_input_tokens = estimated_input_tokens
+        self.started = False
+        self.index = -1
+        self.open_type = None
+        self.tool_blocks = {}
+        self.raw_usage = None
+        self.finish_reason = None
+
+    def _item(self, data):
+        return (data["type"], data)
+
+    def _start(self, chunk_id=None):
+        if self.started:
+            return []
+        self.started = True
+        return [self._item({"type": "message_start", "message": {
+            "id": "msg_" + (chunk_id if isinstance(chunk_id, str) and chunk_id else random_id()), "type": "message",
+            "role": "assistant", "content": [], "model": self.model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.estimated_input_tokens, "output_tokens": 0}}})]
+
+    def _close(self):
+        if self.open_type is None:
+            return []
+        self.open_type = None
+        return [self._item({"type": "content_block_stop", "index": self.index})]
+
+    def _open(self, block):
+        out = self._close()
+        self.index += 1
+        self.open_type = block["type"]
+        out.append(self._item({"type": "content_block_start", "index": self.index, "content_block": block}))
+        return out
+
+    def _delta(self, delta, index=None):
+        return self._item({"type": "content_block_delta", "index": self.index if index is None else index,
+                           "delta": delta})
+
+    def feed(self, event, data):
+        chunk, instead = self.open_chunk(data)
+        if chunk is None:
+            return instead
+        out = []
+        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
+            if not isinstance(choice, dict):
+                continue
+            if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
+                self.model = chunk["model"]  # the model Copilot names, as the non-stream answer has it
+            out.extend(self._start(chunk.get("id")))
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
+            if isinstance(reasoning, str) and reasoning:
+                if self.open_type != "thinking":
+                    out.extend(self._open(dict(THINKING_BLOCK_START)))
+                out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
+            if isinstance(signature, str) and signature:
+                if self.open_type != "thinking":
+                    out.extend(self._open(dict(THINKING_BLOCK_START)))
+                out.append(self._delta({"type": "signature_delta", "signature": signature}))
+                out.extend(self._close())
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                if self.open_type != "text":
+                    out.extend(self._open({"type": "text", "text": ""}))
+                out.append(self._delta({"type": "text_delta", "text": content}))
+            for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []:
+                if not isinstance(call, dict):
+                    continue
+                key = (choice.get("index") if isinstance(choice.get("index"), int) else 0,
+                       call.get("index") if isinstance(call.get("index"), int) else 0)
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                if key not in self.tool_blocks or call.get("id"):
+                    name = function.get("name") if isinstance(function.get("name"), str) else ""
+                    out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
+                                           "name": name, "input": {}}))
+                    self.tool_blocks[key] = self.index
+                if isinstance(function.get("arguments"), str) and function["arguments"]:
+                    out.append(self._delta({"type": "input_json_delta", "partial_json": function["arguments"]},
+                                           self.tool_blocks[key]))
+            if choice.get("finish_reason"):
+                self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
+                self.complete = True
+        return out
+
+    def end(self):
+        out = self._start() + self._close()
+        stop_reason = "tool_use" if self.tool_blocks else _STOP_REASONS.get(self.finish_reason, "end_turn")
+        usage = _anthropic_usage(self.raw_usage)
+        if not self.raw_usage:
+            usage["input_tokens"] = self.estimated_input_tokens
+        out.append(self._item({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                               "usage": usage}))
+        out.append(self._item({"type": "message_stop"}))
+        return out
+
+
+def event_type(event, data):
+    """An event's type: its SSE event name, else the ``type`` field at the start of its JSON."""
+    if event:
+        return event
+    if isinstance(data, dict):
+        return data.get("type")
+    match = re.search(r'"type"\s*:\s*"([^"]+)"', data[:200])
+    return match.group(1) if match else None
+
+
+class Passthrough(Translator):
+    """Copilot's own events for a client of the same API, passed on as they come (re-framed one
+    event per frame, so a ping never lands inside one). Complete at one of ``final`` events; the
+    usage is read from the few events that carry it."""
+
+    def __init__(self, final, usage_events, read_usage):
+        self.final = final
+        self.usage_events = usage_events
+        self.read_usage = read_usage
+
+    def feed(self, event, data):
+        if self.complete:
+            return []
+        self.next_sequence_number += 1  # Responses streams number their events from 0
+        kind = event_type(event, data)
+        if kind in self.final:
+            self.complete = True
+        if kind in self.usage_events:
+            parsed = parse_event_json(data)
+            if isinstance(parsed, dict):
+                self.usage = merge_usage(self.usage, self.read_usage(parsed))
+        return [(event, data)]
+
+
+def _anthropic_event_usage(data):
+    usage = _dig(data, "message", "usage") if data.get("type") == "message_start" else data.get("usage")
+    return usage_from_anthropic(usage, data.get("copilot_usage"))
+
+
+def _responses_event_usage(data):
+    return usage_from_responses(_dig(data, "response").get("usage"),
+                                data.get("copilot_usage") or _dig(data, "response").get("copilot_usage"))
+
+
+def anthropic_passthrough():
+    return Passthrough(("message_stop", "error"), ("message_start", "message_delta"), _anthropic_event_usage)
+
+
+# -- 9f. OpenAI Responses answers: passthrough, chat <-> Responses, compaction --------------
+
+def _responses_usage(usage):
+    """A Responses usage object as chat-completions usage."""
+    out = {"prompt_tokens": _count(usage, "input_tokens"), "completion_tokens": _count(usage, "output_tokens")}
+    out["total_tokens"] = _count(usage, "total_tokens") or out["prompt_tokens"] + out["completion_tokens"]
+    cached = _count(usage, "input_tokens_details", "cached_tokens")
+    if cached:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    reasoning = _count(usage, "output_tokens_details", "reasoning_tokens")
+    if reasoning:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
+
+
+def _responses_finish(response, saw_tool):
+    if saw_tool:
+        return "tool_calls"
+    if response.get("status") == "incomplete":
+        return "length" if _dig(response, "incomplete_details").get("reason") == "max_output_tokens" else "content_filter"
+    return "stop"
+
+
+def responses_to_chat_response(data, model, now):
+    """A Responses answer as an OpenAI chat.completion."""
+    texts, calls = [], []
+    for item in data.get("output") if isinstance(data.get("output"), list) else []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            for part in item.get("content") if isinstance(item.get("content"), list) else []:
+                text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    texts.append(text)
+        elif item.get("type") == "function_call":
+            calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
+                          "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}})
+    message = {"role": "assistant", "content": "".join(texts) or None, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    created = data.get("created_at")
+    return {"id": "chatcmpl-" + str(data.get("id") or random_id()), "object": "chat.completion",
+            "created": int(created) if isinstance(created, (int, float)) else int(now),
+            "model": data.get("model") or model,
+            "choices": [{"index": 0, "message": message, "finish_reason": _responses_finish(data, bool(calls)),
+                         "logprobs": None}],
+            "usage": _responses_usage(data.get("usage"))}
+
+
+class ResponsesToChat(Translator):
+    """Responses stream events in, OpenAI chat.completion.chunk items out (ending with a finish
+    chunk, the usage chunk when asked, and ``[DONE]`` at response.completed)."""
+
+    def __init__(self, model, include_usage, now):
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(now)
+        self.id = "chatcmpl-" + random_id()
+        self.started = False
+        self.tools = {}
+        self.arguments_seen = set()
+
+    def _chunk(self, delta, finish=None):
+        return (None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    def _tool_delta(self, position, **call):
+        return self._chunk({"tool_calls": [dict(call, index=self.tools[position])]})
+
+    def feed(self, event, data):
+        if self.complete:
+            return []
+        data = parse_event_json(data)
+        if not isinstance(data, dict):
+            return [data] if data is not None else []
+        kind = data.get("type") or event
+        out = []
+        if not self.started:
+            self.started = True
+            named = _dig(data, "response").get("model")  # response.created names the model that answers
+            self.model = named if isinstance(named, str) and named else self.model  # as ChatNormalize does
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        position = data.get("output_index") if isinstance(data.get("output_index"), (int, str)) else None
+        if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
+            out.append(self._chunk({"content": data["delta"]}))
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            item = _dig(data, "item")
+            if item.get("type") == "function_call":
+                if position not in self.tools:
+                    self.tools[position] = len(self.tools)
+                    out.append(self._tool_delta(position, id=item.get("call_id"), type="function",
+                                                function={"name": item.get("name"), "arguments": ""}))
+                arguments = item.get("arguments")
+                if kind == "response.output_item.done" and position not in self.arguments_seen and \
+                        isinstance(arguments, str) and arguments:
+                    out.append(self._tool_delta(position, function={"arguments": arguments}))
+        elif kind == "response.function_call_arguments.delta" and isinstance(data.get("delta"), str):
+            if position in self.tools:
+                self.arguments_seen.add(position)
+                out.append(self._tool_delta(position, function={"arguments": data["delta"]}))
+        elif kind in ("response.completed", "response.incomplete"):
+            response = _dig(data, "response")
+            self.complete = True
+            self.usage = _responses_event_usage(data)
+            out.append(self._chunk({}, _responses_finish(response, bool(self.tools))))
+            if self.include_usage:
+                out.append((None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                   "model": self.model, "choices": [], "usage": _responses_usage(response.get("usage"))}))
+            out.append((None, "[DONE]"))
+        elif kind in ("response.failed", "error"):
+            error = _dig(data, "response", "error") or _dig(data, "error") or data
+            message = error.get("message") if isinstance(error.get("message"), str) else None
+            out.append(StreamError(message or "Copilot reported an error mid-stream", error.get("code")))
+        return out
+
+
+def responses_passthrough():
+    return Passthrough(("response.completed", "response.failed", "response.incomplete", "error"),
+                       ("response.completed", "response.failed", "response.incomplete"), _responses_event_usage)
+
+
+def responses_usage_object(usage):
+    """A Responses ``usage`` object, every count present, from the one usage shape of 9c."""
+    usage = usage or {"input": 0, "cached": 0, "output": 0, "reasoning": 0}
+    return {"input_tokens": usage["input"],
+            "input_tokens_details": {"cached_tokens": usage["cached"], "cache_write_tokens": 0},
+            "output_tokens": usage["output"], "output_tokens_details": {"reasoning_tokens": usage["reasoning"]},
+            "total_tokens": usage["input"] + usage["output"]}
+
+_COMPACTION_ITEMS = ("compaction", "compaction_summary")
+
+
+def compaction_answer(data, payload, now):
+    """What Codex expects back from /responses/compact: the new history in ``output`` (the user's
+    messages, then the compaction item), in a ``response.compaction`` envelope. Without a
+    compaction item from Copilot (a history too short to compact) the history stays as it was."""
+    output = data.get("output") if isinstance(data.get("output"), list) else []
+    compaction = [i for i in output if isinstance(i, dict) and i.get("type") in _COMPACTION_ITEMS]
+    history = as_output_items(payload.get("input"))
+    if compaction:
+        output = [i for i in history if i["type"] == "message" and i.get("role") == "user"] + compaction[-1:]
+    else:
+        output = history
+    created = data.get("created_at")
+    return {"id": data.get("id") or "resp_" + random_id(), "object": "response.compaction",
+            "created_at": int(created) if isinstance(created, (int, float)) else int(now),
+            "output": output, "usage": responses_usage_object(usage_from_responses(data.get("usage")))}
+
+
 def response_skeleton(payload, model, now):
     """A Response in progress for a translated request, its settings echoed as OpenAI does."""
     get, reasoning = payload.get, _dig(payload, "reasoning")
@@ -6151,6 +6420,7 @@ class ResponseBuilder:
 
 
 _CHAT_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
 _ANTHROPIC_INCOMPLETE = {"max_tokens": "max_output_tokens", "refusal": "content_filter",
                          "model_context_window_exceeded": "max_output_tokens"}
 
@@ -6338,32 +6608,7 @@ def summary_compaction_answer(response, payload, now):
             "output": kept + [message], "usage": response["usage"]}
 
 
-# -- 8i. Embeddings, images by URL -----------------------------------------------------------
-
-def prepare_embeddings_request(payload):
-    """(Copilot request, encoding_format) for an OpenAI embeddings request."""
-    model = check(payload, "model", "string")
-    if not model:
-        raise ClientError(400, "'model' is required", param="model", code="model_required")
-    text = payload.get("input")
-    if isinstance(text, str):
-        text = [text]
-    if not isinstance(text, list) or not text:
-        raise ClientError(400, "'input' must be a string or a non-empty array of strings", param="input")
-    if not all(isinstance(t, str) for t in text):
-        raise ClientError(400, "'input' must hold strings: Copilot does not take token arrays", param="input",
-                          code="token_arrays_not_supported")
-    encoding = payload.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise ClientError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
-    request = {"model": model, "input": text}
-    dimensions = check(payload, "dimensions", "integer")
-    if dimensions is not None:
-        if dimensions < 1:
-            raise ClientError(400, "'dimensions' must be a positive integer", param="dimensions")
-        request["dimensions"] = dimensions
-    return request, encoding
-
+# -- 9g. Embeddings answers -----------------------------------------------------------------
 
 def normalize_embeddings_response(data, model, encoding):
     """OpenAI's embeddings list; base64 is made here (little-endian float32, as OpenAI sends it)."""
@@ -6380,65 +6625,12 @@ def normalize_embeddings_response(data, model, encoding):
             "usage": {"prompt_tokens": prompt, "total_tokens": _count(data, "usage", "total_tokens") or prompt}}
 
 
-def remote_images(payload):
-    """[(part, kind, url)] for every image given by http(s) URL in a request's content (see
-    content_parts): OpenAI chat ``image_url`` parts, Responses ``input_image`` parts, Anthropic
-    ``url`` image sources."""
-    found = []
-    for part, kind in content_parts(payload):
-        if kind == "image_url":
-            url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
-        elif kind == "input_image":
-            url = part.get("image_url")
-        elif kind == "image" and isinstance(part.get("source"), dict) and part["source"].get("type") == "url":
-            url = part["source"].get("url")
-        else:
-            continue
-        if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
-            found.append((part, kind, url))
-    return found
-
-
-def inline_image(node, kind, media_type, encoded, data_url):
-    """Replace the URL of an image found by remote_images with the image itself (``encoded``:
-    its base64 text; ``data_url``: the same as a data: URL; both shared by every use of a URL)."""
-    if kind == "image":
-        node["source"] = {"type": "base64", "media_type": media_type, "data": encoded}
-    elif kind == "input_image":
-        node["image_url"] = data_url
-    else:
-        node["image_url"] = dict(node["image_url"], url=data_url)
-
-
-def url_for_message(url):
-    """``scheme://host:port/path`` of a URL for a message: credentials (user info, signed queries)
-    left out, and never more than 200 characters."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        shown = "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path) + ("?..." if parts.query else "")
-    except ValueError:
-        shown = "a malformed URL"
-    return shown if len(shown) <= 200 else shown[:197] + "..."
-
-
-def check_image_limits(images, model, info):
-    """400 for fetched images the model's catalogue ``limits.vision`` says it cannot take."""
-    limits = _dig(info, "capabilities", "limits", "vision")
-    types, largest = limits.get("supported_media_types"), limits.get("max_prompt_image_size")
-    for url, (media_type, data) in images.items():
-        if isinstance(types, list) and types and media_type not in types:
-            raise ClientError(400, "the image at %s is %s; %s accepts %s" % (
-                url_for_message(url), media_type, model, ", ".join(map(str, types))), code="image_not_supported")
-        if isinstance(largest, int) and 0 < largest < len(data):
-            raise ClientError(400, "the image at %s is %s; %s accepts at most %s per image" % (
-                url_for_message(url), format_size(len(data)), model, format_size(largest)), code="image_too_large")
-
-# -- 8j. Plans: what one request sends and how its answer comes back -------------------------
+# -- 9h. Plans: what one request sends and how its answer comes back ------------------------
 # A route parses and checks the client's body, the catalogue resolves the model, then one
 # planner below decides everything else as a value: the Copilot path and body, the identity
 # headers, and how the answer (whole or streamed) is translated back. Every model quirk is one
 # branch here: responses-only models, Gemini schemas, max_tokens renamed, reasoning effort fitted
-# to the model, Claude Code's fields Copilot refuses. The gateway (§11) only sends plans.
+# to the model, Claude Code's fields Copilot refuses. The gateway (§12) only sends plans.
 
 @dataclasses.dataclass
 class Plan:
@@ -6725,36 +6917,22 @@ def plan_response_get(response_id, method="GET"):
                 method=method, path_label="/responses/{id}")
 
 
-# -- 8k. Ollama's API -----------------------------------------------------------------------
-# JetBrains AI Assistant, VS Code Copilot's "Ollama" provider, Open WebUI and AnythingLLM speak
-# Ollama's API. An /api/chat or /api/generate request becomes an OpenAI chat request that
-# plan_chat plans like any other, so the model's endpoint (chat completions or /responses) and
-# every quirk apply unchanged; the plan is then wrapped: its whole answer goes on through
-# ollama_answer, its stream chain ends in ChatToOllama, and its dialect is OLLAMA (NDJSON lines,
-# ``{"error": "..."}``). Names are catalogue ids with Ollama's ``:latest`` tag; what /api/show
-# tells about a model comes from its catalogue entry.
+# -- 9i. Ollama's API: answers and plans ----------------------------------------------------
+# An Ollama request (8g) is planned by plan_chat, so the model's endpoint (chat completions or
+# /responses) and every quirk apply unchanged; the plan is then wrapped: its whole answer goes
+# on through ollama_answer, its stream chain ends in ChatToOllama, and its dialect is OLLAMA
+# (NDJSON lines, ``{"error": "..."}``). Names are catalogue ids with Ollama's ``:latest``
+# tag; what /api/show tells about a model comes from its catalogue entry.
 
 #: What GET /api/version reports: VS Code's Ollama provider refuses servers older than 0.6.4.
 OLLAMA_VERSION = "0.13.0"
+
 #: Ollama's answer to GET /, which clients probe to see whether a server is there.
 OLLAMA_RUNNING = b"Ollama is running"
-#: Ollama's think levels (besides true and false), sent to Copilot as reasoning efforts ...
-OLLAMA_THINK_LEVELS = ("low", "medium", "high", "max")
-#: ... or, for models that take a thinking budget instead (Claude on chat completions), these.
-_THINK_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384, "max": 32000}
-_IMAGE_SIGNATURES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
-                     (b"GIF8", "image/gif"), (b"RIFF", "image/webp"))
 
 
 def rfc3339(timestamp):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-def model_thinks(supports):
-    """Whether a catalogue entry's ``supports`` says the model can reason before answering."""
-    budget = _whole(supports.get("max_thinking_budget"))
-    adaptive = supports.get("adaptive_thinking") is True
-    return bool(supports.get("reasoning_effort")) or bool(budget) or adaptive
 
 
 def ollama_capabilities(model):
@@ -6798,140 +6976,6 @@ def ollama_show(model, modified_at):
     return {"license": "", "modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
             "details": details, "model_info": info, "capabilities": ollama_capabilities(model),
             "modified_at": modified_at}
-
-
-def validate_ollama_request(payload, kind):
-    """Check the fields coproxy reads of an /api/chat (``kind`` "chat") or /api/generate request."""
-    check(payload, "model", "string", required=True)
-    if kind == "chat":
-        for index, message in enumerate(check_items(payload, "messages")):
-            where = "messages[%d]." % index
-            check(message, "role", "string", where, required=True)
-            check_fields(message, where, content="string", thinking="string", tool_name="string",
-                         tool_call_id="string")
-            check_items(message, "images", where, kinds="string")
-            for position, call in enumerate(check_items(message, "tool_calls", where)):
-                call_where = "%stool_calls[%d]." % (where, position)
-                check(call, "id", "string", call_where)
-                function = check(call, "function", "object", call_where, required=True)
-                check_fields(function, call_where + "function.", name="string", arguments="object")
-    else:
-        check_fields(payload, prompt="string", system="string", suffix="string")
-        check_items(payload, "images", kinds="string")
-    for index, tool in enumerate(check_items(payload, "tools")):
-        where = "tools[%d]." % index
-        check_fields(check(tool, "function", "object", where), where + "function.", name="string",
-                     parameters="object")
-    check(payload, "format", ("string", "object"))
-    check(payload, "stream", "boolean")
-    think = check(payload, "think", ("boolean", "string"))
-    if isinstance(think, str) and think not in OLLAMA_THINK_LEVELS:
-        raise ClientError(400, "think must be true, false or one of %s"
-                          % ", ".join(OLLAMA_THINK_LEVELS), param="think")
-    options = check(payload, "options", "object") or {}
-    check_fields(options, "options.", temperature="number", top_p="number", num_predict="integer",
-                 seed="integer", stop=("string", "array"))
-
-
-def ollama_image_part(encoded, where):
-    """A base64 image of an Ollama message as a chat image part (a data: URL, media type read
-    from the image's first bytes)."""
-    if encoded.startswith("data:"):
-        return {"type": "image_url", "image_url": {"url": encoded}}
-    try:
-        head = base64.b64decode(encoded[:16], validate=True)
-    except ValueError:
-        head = b""
-    media_type = next((kind for sign, kind in _IMAGE_SIGNATURES if head.startswith(sign)), None)
-    if media_type is None:
-        raise ClientError(400, "%s is not a base64 PNG, JPEG, GIF or WebP image" % where,
-                          param=where, code="invalid_image")
-    return {"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % (media_type, encoded)}}
-
-
-def _ollama_content(text, images, where):
-    if not images:
-        return text
-    return ([{"type": "text", "text": text}] if text else []) + [
-        ollama_image_part(image, "%s[%d]" % (where, index)) for index, image in enumerate(images)]
-
-
-def ollama_messages(payload, kind):
-    """The chat messages of an Ollama request. Ollama's tool calls may have no id and its tool
-    results name only the tool, so calls get ids and each result answers the first open call of
-    that name (or the first open call); a result that answers no call becomes the user's text."""
-    if kind == "generate":
-        system = payload.get("system")
-        prompt = _ollama_content(payload.get("prompt") or "", payload.get("images"), "images")
-        return ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
-    out, open_calls = [], []
-    for index, message in enumerate(payload.get("messages") or []):
-        role, text = message["role"], message.get("content") or ""
-        if role == "assistant":
-            calls = []
-            for position, call in enumerate(message.get("tool_calls") or []):
-                function = call["function"]
-                arguments = json.dumps(function.get("arguments") or {})
-                calls.append({"id": call.get("id") or "call_%d_%d" % (index, position),
-                              "type": "function",
-                              "function": {"name": function.get("name") or "", "arguments": arguments}})
-            open_calls = [(call["id"], call["function"]["name"]) for call in calls]
-            out.append({"role": "assistant", "content": text or None})
-            if calls:
-                out[-1]["tool_calls"] = calls
-        elif role == "tool":
-            wanted = message.get("tool_call_id"), message.get("tool_name")
-            answered = (next((c for c in open_calls if c[0] == wanted[0]), None)
-                        or next((c for c in open_calls if c[1] == wanted[1]), None)
-                        or (open_calls[0] if open_calls else None))
-            if answered is None:
-                text = "Result of the %s tool: %s" % (wanted[1] or "a", text)
-                out.append({"role": "user", "content": text})
-                continue
-            open_calls.remove(answered)
-            out.append({"role": "tool", "tool_call_id": answered[0], "content": text})
-        else:
-            out.append({"role": role, "content": _ollama_content(text, message.get("images"),
-                                                                 "messages[%d].images" % index)})
-    return out
-
-
-def ollama_to_chat_request(payload, kind, model, info):
-    """An /api/chat or /api/generate request as an OpenAI chat request: options, tools, format
-    (``"json"`` or a JSON schema) and think (an effort, or a budget for models that take one)."""
-    stream = payload.get("stream") is not False  # Ollama streams unless told not to
-    request = {"model": model, "messages": ollama_messages(payload, kind), "stream": stream}
-    if stream:
-        request["stream_options"] = {"include_usage": True}
-    options = payload.get("options") or {}
-    for name in ("temperature", "top_p", "seed"):
-        if options.get(name) is not None:
-            request[name] = options[name]
-    if isinstance(options.get("num_predict"), int) and options["num_predict"] > 0:  # -1: no limit
-        request["max_tokens"] = options["num_predict"]
-    if options.get("stop"):
-        request["stop"] = [options["stop"]] if isinstance(options["stop"], str) else options["stop"]
-    if payload.get("tools"):
-        request["tools"] = payload["tools"]
-    fmt = payload.get("format")
-    if fmt == "json":
-        request["response_format"] = {"type": "json_object"}
-    elif isinstance(fmt, dict):
-        request["response_format"] = {"type": "json_schema",
-                                      "json_schema": {"name": "response", "schema": fmt}}
-    think = payload.get("think")
-    level = think if isinstance(think, str) else "medium" if think is True else None
-    supports = _dig(info, "capabilities", "supports")
-    if level and supports.get("reasoning_effort"):
-        request["reasoning_effort"] = level  # fitted to what the model takes, as for every route
-    elif level and model_thinks(supports):
-        low = _whole(supports.get("min_thinking_budget")) or 1024
-        high = _whole(supports.get("max_thinking_budget")) or 32000
-        request["thinking_budget"] = max(low, min(_THINK_BUDGETS[level], high))
-    elif level and info:
-        raise ClientError(400, "%r does not support thinking" % model, param="think")
-    return request
 
 
 def _ollama_calls(calls):
@@ -7092,9 +7136,10 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
                                     "prompt_eval_count": _count(data, "usage", "prompt_tokens")}
     return plan
 
+
 # ------------------------------------------------------------------------------------------
-# 9. Bridges between threads and the event loop
-#    The only two places where the blocking world (§5-7) and the asyncio world (§10-12) meet.
+# 10. Bridges between threads and the event loop
+#    The only two places where the blocking world (§5-7) and the asyncio world (§11-13) meet.
 #    WorkerPool runs one blocking call per job (a request up to its answer's head, a token
 #    exchange, an image fetch) and resolves the loop's future. StreamHub reads every streamed
 #    answer at once on one thread: a selector over non-blocking upstream sockets, and one
@@ -7496,7 +7541,7 @@ class StreamHub:
                 stream.cancel()
 
 # ------------------------------------------------------------------------------------------
-# 10. HTTP/1.1 server (asyncio)
+# 11. HTTP/1.1 server (asyncio)
 #    A strict, small HTTP/1.1 server on asyncio streams. Per connection: a byte buffer we
 #    parse ourselves (so 414 and 431 are told apart and pipelined requests stay queued in
 #    order); a timer for the head and for each silence inside a body (408), one for idle
@@ -8192,7 +8237,7 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
 # ------------------------------------------------------------------------------------------
-# 11. Catalogue, gateway and stream relay
+# 12. Catalogue, gateway and stream relay
 #    The asyncio side of a proxied request, after the route has parsed and planned it.
 #    Metrics count what happened. The Catalogue owns Copilot's model list (cached, refreshed
 #    once however many ask) and what refusals taught about each model. The ResponseStore keeps
@@ -9029,7 +9074,7 @@ class Gateway:
             self.metrics.inc("coproxy_ai_credits_total", (("model", model),), credits)
 
 # ------------------------------------------------------------------------------------------
-# 12. App and routes
+# 13. App and routes
 #     The route table, the checks every request passes (Host, Origin, CORS, API key), error
 #     envelopes in the caller's dialect, the access log, and handlers that parse, plan and
 #     hand plans to the gateway. Without an API key coproxy answers only requests addressed
@@ -9100,7 +9145,7 @@ QUOTA_CACHE_SECONDS = 60
 
 
 class Guard:
-    """Who may use this coproxy (see §12): the Host, Origin and API-key checks of every request but /healthz."""
+    """Who may use this coproxy (see §13): the Host, Origin and API-key checks of every request but /healthz."""
 
     def __init__(self, config):
         self.config = config
@@ -9854,7 +9899,7 @@ def unknown_path_error(request, dialect, route_list, port):
 
 
 class OllamaRoutes:
-    """Ollama's API (8k) on coproxy's port: handlers the App mounts like its own, so they pass
+    """Ollama's API (8g, 9i) on coproxy's port: handlers the App mounts like its own, so they pass
     the same checks, slots, pacing, accounting and access log as every other route."""
 
     def __init__(self, app):
@@ -10324,7 +10369,7 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
     return 0
 
 # ------------------------------------------------------------------------------------------
-# 13. CLI
+# 14. CLI
 #     argparse subcommands generated from OPTIONS (§4): shared options work before or after
 #     the subcommand. Each ``cmd_*`` returns an exit code; results go to stdout, diagnostics
 #     and prompts to stderr. Every `serve` records itself in its state dir (a pid file that
@@ -11324,7 +11369,7 @@ COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, 
 
 
 # ------------------------------------------------------------------------------------------
-# 14. Entry
+# 15. Entry
 #     Parse, configure logging, dispatch. Domain errors become one ``coproxy: error:`` line
 #     and exit 1; usage errors exit 2; Ctrl-C exits 130. Tracebacks only at --log-level debug.
 # ------------------------------------------------------------------------------------------
