@@ -7574,22 +7574,6 @@ class TestPortability(unittest.TestCase):
                 self.assertLessEqual(node.end_lineno - node.lineno, 100, node.name)
 
 
-class TestBenchJudging(unittest.TestCase):
-    """The bench's verdicts: medians, PASS/MISS per target, added-delay rows judged by the difference."""
-
-    def test_percentile_and_pass_miss(self):
-        self.assertEqual((percentile([5, 1, 3], 50), percentile([1, 2, 3, 4], 100)), (3, 4))
-        self.assertTrue(math.isnan(percentile([], 50)))  # no samples is never a pass
-        rows = [("req/s", 9000.0, 1500.0, ">=", 1400, "%.0f"), ("latency", 0.1, 0.7, "<=", 0.6, "%.2f"),
-                ("added delay", 0.05, 0.30, "<=", 0.3, "%.3f", 0.25), ("rss", None, None, "<=", 30, "%.1f"),
-                ("rss at start", None, 99.0, "info", None, "%.1f"), ("nan", None, float("nan"), "<=", 1, "%.1f")]
-        text, misses = format_bench(rows, 3)
-        verdicts = [line.rsplit(None, 1)[1] for line in text.splitlines()[2:-1]]
-        self.assertEqual((verdicts, misses), (["PASS", "MISS", "PASS", "MISS", "99.0", "MISS"], 3))
-        self.assertTrue(text.endswith("2 of 5 figures meet their target"))
-        self.assertIn("0.17x", text)
-
-
 @unittest.skipUnless(openai is not None, "the openai SDK is not installed (.ci/run installs it in a venv)")
 class TestOpenAISDK(ProxyTestCase):
     def client(self, **kwargs):
@@ -7877,7 +7861,6 @@ NATIVE_STREAM = tuple(anthropic_event(name, data) for name, data in (
     ("message_stop", {"type": "message_stop"})))
 OLLAMA_CHAT = {"model": "gpt-4.1:latest", "messages": [{"role": "user", "content": "hi"}]}
 MESSAGES_BODY = {"model": "claude-haiku-4.5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_HEADERS_KEYED = dict(ANTHROPIC_HEADERS, **{"x-api-key": "unused"})
 
 #: Every kind of answer coproxy gives, checked with the SDKs' own types in strict mode: one row per
 #: route, dialect and path (native or translated), whole and streamed, errors included. A row:
@@ -8064,6 +8047,7 @@ class TestSchemas(ProxyTestCase):
 # Benchmark: python3 test_coproxy.py --bench  (figures for issue "lightest proxy, measured").
 # A fast asyncio fake upstream (the threaded one above is correct but not fast), closed-loop
 # load from separate processes, coproxy as a real `serve` subprocess; CPU and RSS from /proc.
+# Everything here serves only --bench, except TestBenchJudging at the end (the verdicts).
 # ------------------------------------------------------------------------------------------
 
 BENCH_ANSWER = json.dumps({"id": "chatcmpl-bench", "model": "gpt-4.1", "choices": [{
@@ -8860,6 +8844,22 @@ def run_bench(argv):
                                capture_output=True, text=True).stdout.strip()
     print("reference: this interpreter with asyncio and ssl imported (no coproxy) has %.1f MB RSS" % float(reference))
     return 0
+
+
+class TestBenchJudging(unittest.TestCase):
+    """The bench's verdicts: medians, PASS/MISS per target, added-delay rows judged by the difference."""
+
+    def test_percentile_and_pass_miss(self):
+        self.assertEqual((percentile([5, 1, 3], 50), percentile([1, 2, 3, 4], 100)), (3, 4))
+        self.assertTrue(math.isnan(percentile([], 50)))  # no samples is never a pass
+        rows = [("req/s", 9000.0, 1500.0, ">=", 1400, "%.0f"), ("latency", 0.1, 0.7, "<=", 0.6, "%.2f"),
+                ("added delay", 0.05, 0.30, "<=", 0.3, "%.3f", 0.25), ("rss", None, None, "<=", 30, "%.1f"),
+                ("rss at start", None, 99.0, "info", None, "%.1f"), ("nan", None, float("nan"), "<=", 1, "%.1f")]
+        text, misses = format_bench(rows, 3)
+        verdicts = [line.rsplit(None, 1)[1] for line in text.splitlines()[2:-1]]
+        self.assertEqual((verdicts, misses), (["PASS", "MISS", "PASS", "MISS", "99.0", "MISS"], 3))
+        self.assertTrue(text.endswith("2 of 5 figures meet their target"))
+        self.assertIn("0.17x", text)
 
 
 # ------------------------------------------------------------------------------------------
