@@ -388,6 +388,15 @@ def json_dumps(obj):
         return _LONE_SURROGATE.sub("\ufffd", text).encode("utf-8")
 
 
+def get_typed(node, key, kind, default=None):
+    """``node[key]`` when it is a ``kind`` (a type or a tuple of types), else ``default``.
+    JSON from clients and from Copilot may hold any type anywhere; this is the one way this file
+    reads a field it cannot trust, so a wrong type reads as absent instead of failing later.
+    A ``node`` that is not a dict reads as empty."""
+    value = node.get(key) if isinstance(node, dict) else None
+    return value if isinstance(value, kind) else default
+
+
 def random_id(digits=32):
     """``digits`` random hex digits, for the ids of answers we build (``chatcmpl-...``, ``msg_...``)."""
     return os.urandom((digits + 1) // 2).hex()[:digits]
@@ -3761,7 +3770,7 @@ def copilot_model_to_openai(model):
                 "alias_of": model["alias_of"]}
     caps = _dig(model, "capabilities")
     limits, supports = _dig(caps, "limits"), _dig(caps, "supports")
-    vendor = model.get("vendor") if isinstance(model.get("vendor"), str) else "GitHub Copilot"
+    vendor = get_typed(model, "vendor", str, "GitHub Copilot")
     entry = {
         "id": model["id"], "object": "model", "created": 0,
         "owned_by": re.sub(r"[^a-z0-9]+", "-", vendor.lower()).strip("-"),
@@ -3825,7 +3834,7 @@ def anthropic_model_info(model):
     adaptive = supports.get("adaptive_thinking") is True
     lowered = model["id"].lower()
     lines = [kind for kind in _ANTHROPIC_LINES if kind in lowered and "claude" in lowered]
-    name = model.get("name") if isinstance(model.get("name"), str) else None
+    name = get_typed(model, "name", str)
     context = _whole(limits.get("max_prompt_tokens")) or _whole(
         limits.get("max_context_window_tokens"))
     no = _support(False)
@@ -4062,7 +4071,7 @@ def gemini_schema(schema, depth=0):
             del out["enum"]
             notes.append("One of: %s." % ", ".join(json.dumps(v) for v in values))
     if notes:
-        described = out.get("description").strip() if isinstance(out.get("description"), str) else ""
+        described = get_typed(out, "description", str, "").strip()
         if described and described[-1] not in ".!?:":
             described += "."
         out["description"] = " ".join(([described] if described else []) + notes)
@@ -4080,7 +4089,7 @@ def gemini_schema(schema, depth=0):
 
 def gemini_tools(payload):
     """Make the function tools' parameter schemas of a chat request acceptable to Gemini."""
-    for tool in payload.get("tools") if isinstance(payload.get("tools"), list) else []:
+    for tool in get_typed(payload, "tools", list, []):
         function = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(function, dict) and isinstance(function.get("parameters"), dict):
             function["parameters"] = gemini_schema(function["parameters"])
@@ -4112,7 +4121,7 @@ def content_parts(payload):
                 else:
                     yield part, part.get("type")
     for key in ("messages", "input"):
-        for item in payload.get(key) if isinstance(payload.get(key), list) else ():
+        for item in get_typed(payload, key, list, ()):
             if isinstance(item, dict):
                 yield from walk(item.get("content"))
                 yield from walk(item.get("output"))
@@ -4176,7 +4185,7 @@ def _blocks(content):
 
 
 def _image_part(block):
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    source = get_typed(block, "source", dict, {})
     if source.get("type") == "base64":
         url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
     else:
@@ -4252,10 +4261,10 @@ def clean_anthropic_request(payload):
     if "anthropic_beta" in payload:
         del payload["anthropic_beta"]
         removed.append("anthropic_beta")
-    tools = payload.get("tools") if isinstance(payload.get("tools"), list) else []
+    tools = get_typed(payload, "tools", list, [])
     kept = []
     for tool in tools:
-        kind = tool.get("type") if isinstance(tool.get("type"), str) else ""
+        kind = get_typed(tool, "type", str, "")
         if kind.startswith("web_search"):
             raise ClientError(400, "tools: Copilot has no web search, so the %s tool cannot be served; remove it "
                                    "(Claude Code: deny the WebSearch tool in your permissions)" % kind,
@@ -4411,7 +4420,7 @@ def estimate_input_tokens(payload):
     for message in payload.get("messages") or []:
         if isinstance(message, dict):
             total += 7 + content_tokens(message.get("content"))
-    tools = payload.get("tools") if isinstance(payload.get("tools"), list) else []
+    tools = get_typed(payload, "tools", list, [])
     for tool in tools:
         total += 30 + text_tokens(json.dumps(tool, separators=(",", ":")))
     if tools:
@@ -4499,7 +4508,7 @@ def chat_to_responses_request(payload):
                     elif part.get("type") == "image_url":
                         image = part["image_url"] if isinstance(part.get("image_url"), dict) else {"url": part.get("image_url")}
                         parts.append({"type": "input_image", "image_url": image.get("url"),
-                                      "detail": image.get("detail") if isinstance(image.get("detail"), str) else "auto"})
+                                      "detail": get_typed(image, "detail", str, "auto")})
             items.append({"type": "message", "role": "user", "content": parts})
         elif role == "assistant":
             text = _plain_text(content)
@@ -4569,7 +4578,7 @@ def as_output_items(items):
             continue
         item = dict(item, type=item.get("type") or "message")
         if item["type"] == "message" and not isinstance(item.get("content"), list):
-            text = item.get("content") if isinstance(item.get("content"), str) else ""
+            text = get_typed(item, "content", str, "")
             item["content"] = [{"type": "output_text", "text": text, "annotations": []}
                                if item.get("role") == "assistant" else {"type": "input_text", "text": text}]
         out.append(item)
@@ -4704,7 +4713,7 @@ def _chat_tool(name, tool):
             function["strict"] = tool["strict"]
         return {"type": "function", "function": function}
     described = tool.get("description") or ""
-    fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+    fmt = get_typed(tool, "format", dict, {})
     if fmt.get("type") == "grammar" and _string(fmt, "definition"):
         described += "\n\nThe input must follow this %s grammar:\n%s" % (fmt.get("syntax") or "",
                                                                         fmt["definition"])
@@ -4985,7 +4994,7 @@ def remote_images(payload):
     found = []
     for part, kind in content_parts(payload):
         if kind == "image_url":
-            url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+            url = get_typed(part, "image_url", dict, {}).get("url")
         elif kind == "input_image":
             url = part.get("image_url")
         elif kind == "image" and isinstance(part.get("source"), dict) and part["source"].get("type") == "url":
@@ -5482,11 +5491,11 @@ def client_error_from_upstream(status, raw, headers, now, identity=None):
     message, fields = upstream_error_message(raw)
     if not message:
         message = "Copilot answered HTTP %d %s" % (status, REASONS.get(status, ""))
-    kind = fields.get("type") if isinstance(fields.get("type"), str) and fields.get("type") else None
+    kind = get_typed(fields, "type", str) or None
     if kind in (None, "error", ""):
         kind = error_type_for_status(status)
     code = fields.get("code") if isinstance(fields.get("code"), (str, int)) and fields.get("code") != "" else None
-    param = fields.get("param") if isinstance(fields.get("param"), str) and fields.get("param") else None
+    param = get_typed(fields, "param", str) or None
     headers = headers or {}
     wait = parse_retry_after(headers.get("retry-after"), now)
     match = _RETRY_AFTER_IN_TEXT.search(message)
@@ -5591,7 +5600,7 @@ def estimate_credits(usage, info):
     (``billing.token_prices``: credits per ``batch_size`` tokens; a ``long_context`` tier applies
     above the default tier's ``context_max``), or None when the catalogue has no prices."""
     billing = _dig(info, "billing")
-    prices = billing.get("token_prices") if isinstance(billing.get("token_prices"), dict) else _dig(billing, "tokenPrices")
+    prices = get_typed(billing, "token_prices", dict, _dig(billing, "tokenPrices"))
     if not prices:
         return None
     batch = _price(prices, "batch_size", "batchSize") or 1000000
@@ -5624,7 +5633,7 @@ def summarize_quota(user):
     """Plan and quotas from /copilot_internal/user, in one flat shape. Token-billed accounts
     (``token_based_billing``, or ``credits_used`` on a snapshot) get the AI-credit pool as
     ``credits``; request-billed ones keep ``premium_requests``; -1 means unlimited."""
-    snapshots = user.get("quota_snapshots") if isinstance(user.get("quota_snapshots"), dict) else {}
+    snapshots = get_typed(user, "quota_snapshots", dict, {})
 
     def bucket(name):
         snap = snapshots.get(name)
@@ -5669,10 +5678,10 @@ def _merge_finish(current, new):
 def merge_choices(choices):
     """Claude via Copilot may put text in choices[0] and tool calls in choices[1]; one choice."""
     merged = dict(choices[0])
-    message = dict(merged.get("message") if isinstance(merged.get("message"), dict) else {"role": "assistant"})
+    message = dict(get_typed(merged, "message", dict, {"role": "assistant"}))
     texts, tool_calls, finish = [], [], None
-    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
-        part = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    for choice in sorted(choices, key=_index):
+        part = get_typed(choice, "message", dict, {})
         if isinstance(part.get("content"), str) and part["content"]:
             texts.append(part["content"])
         if isinstance(part.get("tool_calls"), list):
@@ -5692,7 +5701,7 @@ def normalize_chat_response(data, model, merge, now):
     """A complete OpenAI chat.completion from what Copilot returned."""
     if not isinstance(data, dict):
         raise ValueError("answer is not a JSON object")
-    choices = [c for c in (data.get("choices") if isinstance(data.get("choices"), list) else []) if isinstance(c, dict)]
+    choices = [c for c in get_typed(data, "choices", list, []) if isinstance(c, dict)]
     if merge and len(choices) > 1:
         choices = [merge_choices(choices)]
     for position, choice in enumerate(choices):
@@ -5801,7 +5810,7 @@ class ChatNormalize(ChatReader):
         if not isinstance(choices, list) or not choices:
             return []
         if self.id is None:
-            self.id = chunk.get("id") if isinstance(chunk.get("id"), str) and chunk["id"] else "chatcmpl-" + random_id()
+            self.id = get_typed(chunk, "id", str) or "chatcmpl-" + random_id()
             self._id_marker = '"id":%s' % json.dumps(self.id)
             # One model name per answer: the one Copilot's first chunk names (often a dated
             # snapshot, gpt-4.1-2025-04-14), as in a non-stream answer; every later chunk, the
@@ -5825,7 +5834,7 @@ class ChatNormalize(ChatReader):
                 continue
             finish = choice.get("finish_reason")
             delta = choice.get("delta")
-            source_index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+            source_index = _index(choice)
             choice["index"] = 0
             if finish:
                 self.finish_reason = _merge_finish(self.finish_reason, finish)
@@ -5834,7 +5843,7 @@ class ChatNormalize(ChatReader):
             if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
                 for call in delta["tool_calls"]:
                     if isinstance(call, dict):
-                        key = (source_index, call.get("index") if isinstance(call.get("index"), int) else 0)
+                        key = (source_index, _index(call))
                         call["index"] = self._tool_index.setdefault(key, len(self._tool_index))
             if delta or not finish:
                 kept.append(choice)
@@ -5895,8 +5904,8 @@ def openai_to_anthropic_response(data, model):
     """A Copilot chat completion as an Anthropic message (all choices read: Claude splits them)."""
     thinking, texts, tools, finish = [], [], [], None
     choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
-    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0):
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    for choice in sorted(choices, key=_index):
+        message = get_typed(choice, "message", dict, {})
         if message.get("reasoning_text") or message.get("reasoning_opaque"):
             thinking.append({"type": "thinking", "thinking": message.get("reasoning_text") or "",
                              "signature": message.get("reasoning_opaque") or ""})
@@ -5905,8 +5914,8 @@ def openai_to_anthropic_response(data, model):
             content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         if isinstance(content, str) and content:
             texts.append({"type": "text", "text": content})
-        for call in message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []:
-            function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
+        for call in get_typed(message, "tool_calls", list, []):
+            function = get_typed(call, "function", dict, {})
             tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
                           "name": function.get("name"), "input": _parse_arguments(function.get("arguments"))})
         finish = _merge_finish(finish, choice.get("finish_reason"))
@@ -5969,13 +5978,13 @@ class ChatToAnthropic(ChatReader):
         if chunk is None:
             return instead
         out = []
-        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
+        for choice in get_typed(chunk, "choices", list, []):
             if not isinstance(choice, dict):
                 continue
             if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
                 self.model = chunk["model"]  # the model Copilot names, as the non-stream answer has it
             out.extend(self._start(chunk.get("id")))
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta = get_typed(choice, "delta", dict, {})
             reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
             if isinstance(reasoning, str) and reasoning:
                 if self.open_type != "thinking":
@@ -5991,14 +6000,13 @@ class ChatToAnthropic(ChatReader):
                 if self.open_type != "text":
                     out.extend(self._open({"type": "text", "text": ""}))
                 out.append(self._delta({"type": "text_delta", "text": content}))
-            for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []:
+            for call in get_typed(delta, "tool_calls", list, []):
                 if not isinstance(call, dict):
                     continue
-                key = (choice.get("index") if isinstance(choice.get("index"), int) else 0,
-                       call.get("index") if isinstance(call.get("index"), int) else 0)
-                function = call.get("function") if isinstance(call.get("function"), dict) else {}
+                key = (_index(choice), _index(call))
+                function = get_typed(call, "function", dict, {})
                 if key not in self.tool_blocks or call.get("id"):
-                    name = function.get("name") if isinstance(function.get("name"), str) else ""
+                    name = get_typed(function, "name", str, "")
                     out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
                                            "name": name, "input": {}}))
                     self.tool_blocks[key] = self.index
@@ -6096,11 +6104,11 @@ def _responses_finish(response, saw_tool):
 def responses_to_chat_response(data, model, now):
     """A Responses answer as an OpenAI chat.completion."""
     texts, calls = [], []
-    for item in data.get("output") if isinstance(data.get("output"), list) else []:
+    for item in get_typed(data, "output", list, []):
         if not isinstance(item, dict):
             continue
         if item.get("type") == "message":
-            for part in item.get("content") if isinstance(item.get("content"), list) else []:
+            for part in get_typed(item, "content", list, []):
                 text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
                 if isinstance(text, str):
                     texts.append(text)
@@ -6152,7 +6160,7 @@ class ResponsesToChat(Translator):
             named = _dig(data, "response").get("model")  # response.created names the model that answers
             self.model = named if isinstance(named, str) and named else self.model  # as ChatNormalize does
             out.append(self._chunk({"role": "assistant", "content": ""}))
-        position = data.get("output_index") if isinstance(data.get("output_index"), (int, str)) else None
+        position = get_typed(data, "output_index", (int, str))
         if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
             out.append(self._chunk({"content": data["delta"]}))
         elif kind in ("response.output_item.added", "response.output_item.done"):
@@ -6181,7 +6189,7 @@ class ResponsesToChat(Translator):
             out.append((None, "[DONE]"))
         elif kind in ("response.failed", "error"):
             error = _dig(data, "response", "error") or _dig(data, "error") or data
-            message = error.get("message") if isinstance(error.get("message"), str) else None
+            message = get_typed(error, "message", str)
             out.append(StreamError(message or "Copilot reported an error mid-stream", error.get("code")))
         return out
 
@@ -6206,7 +6214,7 @@ def compaction_answer(data, payload, now):
     """What Codex expects back from /responses/compact: the new history in ``output`` (the user's
     messages, then the compaction item), in a ``response.compaction`` envelope. Without a
     compaction item from Copilot (a history too short to compact) the history stays as it was."""
-    output = data.get("output") if isinstance(data.get("output"), list) else []
+    output = get_typed(data, "output", list, [])
     compaction = [i for i in output if isinstance(i, dict) and i.get("type") in _COMPACTION_ITEMS]
     history = as_output_items(payload.get("input"))
     if compaction:
@@ -6444,7 +6452,7 @@ class ChatToResponses(ChatReader):
         if chunk is None:
             return instead
         out = []
-        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
+        for choice in get_typed(chunk, "choices", list, []):
             if isinstance(choice, dict):
                 out += self.read(choice, choice.get("delta"))
         return out
@@ -6464,7 +6472,7 @@ class ChatToResponses(ChatReader):
         if isinstance(content, str) and content:
             out += builder.text(content)
         position = _index(choice)
-        for call in delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []:
+        for call in get_typed(delta, "tool_calls", list, []):
             if not isinstance(call, dict):
                 continue
             key = (position, _index(call))
@@ -6577,7 +6585,7 @@ class AnthropicToResponses(Translator):
 def anthropic_answer_to_response(data, builder):
     """A whole Anthropic message as a Response."""
     reader = AnthropicToResponses(builder)
-    blocks = data.get("content") if isinstance(data.get("content"), list) else []
+    blocks = get_typed(data, "content", list, [])
     for index, block in enumerate(blocks):
         if isinstance(block, dict):
             reader.read_block(index, block, True)
@@ -6613,7 +6621,7 @@ def summary_compaction_answer(response, payload, now):
 def normalize_embeddings_response(data, model, encoding):
     """OpenAI's embeddings list; base64 is made here (little-endian float32, as OpenAI sends it)."""
     items = []
-    for index, item in enumerate(data.get("data") if isinstance(data.get("data"), list) else []):
+    for index, item in enumerate(get_typed(data, "data", list, [])):
         if not isinstance(item, dict):
             continue
         vector = item.get("embedding")
@@ -6765,7 +6773,7 @@ def plan_messages(payload, model, info, quirks, now, header=lambda name: None):
     plan = Plan("messages", ANTHROPIC, model, info, "/v1/messages", stream=stream,
                 initiator=initiator, vision=vision, what="a message",
                 effort_name="output_config.effort", removed=removed)
-    endpoints = info.get("supported_endpoints") if isinstance(info.get("supported_endpoints"), list) else []
+    endpoints = get_typed(info, "supported_endpoints", list, [])
     if "/v1/messages" in endpoints:
         plan.payload, plan.intent = payload, "messages-proxy"
         if anthropic_version is not None and not _HEADER_TOKEN.match(anthropic_version):
@@ -6799,7 +6807,7 @@ def previous_response_not_found(response_id):
 
 
 def is_claude(model, info):
-    vendor = info.get("vendor") if isinstance(info.get("vendor"), str) else ""
+    vendor = get_typed(info, "vendor", str, "")
     return model.lower().startswith("claude") or vendor.lower() == "anthropic"
 
 
@@ -6809,7 +6817,7 @@ def plan_responses(payload, model, info, quirks, now, store=None):
     the others translated to /v1/messages (Claude) or /chat/completions and back, the answer
     built as a Response and kept in ``store`` (see ResponseStore) unless the client said
     ``store: false``, so previous_response_id, GET and DELETE work."""
-    items = payload.get("input") if isinstance(payload.get("input"), list) else []
+    items = get_typed(payload, "input", list, [])
     compaction = bool(items) and isinstance(items[-1], dict) and items[-1].get("type") == "compaction_trigger"
     vision = has_image(payload)
     check_vision(model, info, vision, "input")
@@ -7022,7 +7030,7 @@ def ollama_answer(data, name, kind, created_at, total):
     choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
     choice = choices[0] if choices else {}
     message = _dig(choice, "message")
-    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+    calls = get_typed(message, "tool_calls", list, [])
     text = message.get("content")
     out = ollama_object(name, kind, created_at, text if isinstance(text, str) else "",
                         _string(message, "reasoning_text"),
@@ -7050,17 +7058,17 @@ class ChatToOllama(ChatReader):
         if chunk is None:
             return instead
         out = []
-        for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else []:
+        for choice in get_typed(chunk, "choices", list, []):
             choice = choice if isinstance(choice, dict) else {}
             delta = _dig(choice, "delta")
-            text = delta.get("content") if isinstance(delta.get("content"), str) else ""
+            text = get_typed(delta, "content", str, "")
             thinking = _string(delta, "reasoning_text")
             if text or thinking:
                 if self.first_at is None:
                     self.first_at = self.clock()
                 line = ollama_object(self.name, self.kind, self.created_at, text, thinking)
                 out.append((None, line))
-            calls = delta.get("tool_calls") if isinstance(delta.get("tool_calls"), list) else []
+            calls = get_typed(delta, "tool_calls", list, [])
             for call in calls:
                 if not isinstance(call, dict):
                     continue
@@ -11033,13 +11041,13 @@ def cmd_status(config, args):
         print("details: this coproxy has an API key and none was given here (or another one): set "
               "GHCP_PROXY_API_KEY to the server's key to see its login and upstream state")
         return 0
-    auth = health.get("auth") if isinstance(health.get("auth"), dict) else {}
+    auth = get_typed(health, "auth", dict, {})
     print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
         auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
-    facts = auth.get("credentials") if isinstance(auth.get("credentials"), dict) else {}
+    facts = get_typed(auth, "credentials", dict, {})
     for line in credential_lines(facts) if facts.get("token_kind") else []:
         print(line)
-    upstream = health.get("upstream") if isinstance(health.get("upstream"), dict) else {}
+    upstream = get_typed(health, "upstream", dict, {})
     if upstream.get("ok") is None:
         print("upstream: no request sent to Copilot yet")
     elif upstream.get("ok"):
@@ -11230,7 +11238,7 @@ def cmd_usage(config, args):
                 login = auth.github_json("/user").get("login")
                 summary["login"] = login if isinstance(login, str) else None
     served = ask_running_server(config, "/usage") or {}
-    windows = served.get("windows") if isinstance(served.get("windows"), dict) else {}
+    windows = get_typed(served, "windows", dict, {})
     history, ledger, now = History(config.state_dir), Ledger(), time.time()
     history.load(ledger, now, days=7, prune=False)
     if args.json:
@@ -11251,7 +11259,7 @@ def cmd_usage(config, args):
     print("completions:       %s" % _describe_bucket(summary["completions"], None, "completions"))
     print("5-hour session:    %s" % _describe_window(windows.get("session")))
     print("weekly:            %s" % _describe_window(windows.get("weekly")))
-    since = served.get("since_start") if isinstance(served.get("since_start"), dict) else None
+    since = get_typed(served, "since_start", dict)
     if since:
         print("this coproxy:      %d requests, %g AI credits, %g premium requests since it started" % (
             since.get("requests", 0), since.get("credits", 0), since.get("premium_requests", 0)))
