@@ -4136,7 +4136,7 @@ def chat_initiator(messages):
     """``agent`` when the last message is the assistant's or a tool result, else ``user``.
 
     Copilot bills a user turn (a premium request, or its tokens); tool loops are follow-ups."""
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("assistant", "tool"):
+    if messages[-1].get("role") in ("assistant", "tool"):  # validate_chat_request: non-empty
         return "agent"
     return "user"
 
@@ -4178,14 +4178,15 @@ def validate_chat_request(payload, default_model=None):
 # -- 8d. Anthropic Messages requests -> OpenAI chat -----------------------------------------
 
 def _blocks(content):
-    """Anthropic content as a list of blocks (a plain string is one text block)."""
+    """Anthropic content as a list of blocks (a plain string is one text block). check_parts
+    has made it a string, a list of objects or None."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
-    return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+    return content or []
 
 
 def _image_part(block):
-    source = get_typed(block, "source", dict, {})
+    source = block.get("source") or {}
     if source.get("type") == "base64":
         url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
     else:
@@ -4202,8 +4203,8 @@ def anthropic_initiator(messages):
     tool results (even with reminder text after them) is the agent's follow-up. System-role
     messages after it do not count: Claude Code 2.1 appends its attachments (the list of agent
     types, reminders) as one after the person's prompt for some models, Haiku among them."""
-    turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
-    if not turns or not isinstance(turns[-1], dict) or turns[-1].get("role") != "user":
+    turns = [m for m in messages if m.get("role") != "system"]
+    if not turns or turns[-1].get("role") != "user":
         return "agent"
     blocks = _blocks(turns[-1].get("content"))
     if any(b.get("type") == "tool_result" for b in blocks):
@@ -4261,10 +4262,10 @@ def clean_anthropic_request(payload):
     if "anthropic_beta" in payload:
         del payload["anthropic_beta"]
         removed.append("anthropic_beta")
-    tools = get_typed(payload, "tools", list, [])
+    tools = payload.get("tools") or []
     kept = []
     for tool in tools:
-        kind = get_typed(tool, "type", str, "")
+        kind = tool.get("type") or ""
         if kind.startswith("web_search"):
             raise ClientError(400, "tools: Copilot has no web search, so the %s tool cannot be served; remove it "
                                    "(Claude Code: deny the WebSearch tool in your permissions)" % kind,
@@ -4306,8 +4307,7 @@ def anthropic_to_openai_request(payload, model_info=None):
         role = message.get("role")
         blocks = _blocks(message.get("content"))
         if role == "system":  # Claude Code 2.1 sends these inside messages
-            text = message["content"] if isinstance(message.get("content"), str) else _text_of(blocks)
-            messages.append({"role": "system", "content": text})
+            messages.append({"role": "system", "content": _text_of(blocks)})
         elif role == "assistant":
             out = {"role": "assistant", "content": _text_of(blocks) or None}
             thinking = [b for b in blocks if b.get("type") == "thinking"]
@@ -4328,7 +4328,7 @@ def anthropic_to_openai_request(payload, model_info=None):
             for block in blocks:
                 if block.get("type") == "tool_result":
                     inner = _blocks(block.get("content"))
-                    text = block["content"] if isinstance(block.get("content"), str) else _text_of(inner)
+                    text = _text_of(inner)
                     if block.get("is_error"):
                         text = "Error: " + text
                     messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
@@ -4347,17 +4347,17 @@ def anthropic_to_openai_request(payload, model_info=None):
     for source, target in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
         if payload.get(source) is not None:
             request[target] = payload[source]
-    metadata = payload.get("metadata")
-    if isinstance(metadata, dict) and metadata.get("user_id"):
-        request["user"] = metadata["user_id"]
+    user = _dig(payload, "metadata").get("user_id")
+    if user:
+        request["user"] = user
     tools = payload.get("tools")
-    if isinstance(tools, list) and tools:
+    if tools:
         request["tools"] = [{"type": "function", "function": {
             "name": t.get("name"), "description": t.get("description", ""),
             "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
-            for t in tools if isinstance(t, dict) and t.get("name")]
+            for t in tools if t.get("name")]
     choice = payload.get("tool_choice")
-    if isinstance(choice, dict):
+    if choice:
         kind = choice.get("type")
         if kind in ("auto", "any", "none"):
             request["tool_choice"] = "required" if kind == "any" else kind
@@ -4366,16 +4366,16 @@ def anthropic_to_openai_request(payload, model_info=None):
         if choice.get("disable_parallel_tool_use") and "tools" in request:
             request["parallel_tool_calls"] = False
     effort = _dig(payload, "output_config").get("effort")
-    if isinstance(effort, str):
+    if effort is not None:
         request["reasoning_effort"] = effort
     answer_format = _dig(payload, "output_config", "format")
-    if answer_format.get("type") == "json_schema" and isinstance(answer_format.get("schema"), dict):
+    if answer_format.get("type") == "json_schema" and answer_format.get("schema") is not None:
         # structured output (Claude Code asks for its session titles so); chat's name is required
         schema = {"name": "response", "schema": answer_format["schema"]}
         request["response_format"] = {"type": "json_schema", "json_schema": schema}
-    thinking = payload.get("thinking")
-    if isinstance(thinking, dict) and thinking.get("type") == "enabled" and thinking.get("budget_tokens"):
-        request["thinking_budget"] = fit_thinking_budget(int(thinking["budget_tokens"]), model_info)
+    thinking = payload.get("thinking") or {}
+    if thinking.get("type") == "enabled" and thinking.get("budget_tokens"):
+        request["thinking_budget"] = fit_thinking_budget(thinking["budget_tokens"], model_info)
     return request
 
 
@@ -4417,10 +4417,9 @@ def estimate_input_tokens(payload):
         return total
 
     total = 8 + content_tokens(payload.get("system") or "")
-    for message in payload.get("messages") or []:
-        if isinstance(message, dict):
-            total += 7 + content_tokens(message.get("content"))
-    tools = get_typed(payload, "tools", list, [])
+    for message in payload["messages"]:
+        total += 7 + content_tokens(message.get("content"))
+    tools = payload.get("tools") or []
     for tool in tools:
         total += 30 + text_tokens(json.dumps(tool, separators=(",", ":")))
     if tools:
@@ -4506,7 +4505,8 @@ def chat_to_responses_request(payload):
                     if part.get("type") == "text":
                         parts.append({"type": "input_text", "text": part.get("text") or ""})
                     elif part.get("type") == "image_url":
-                        image = part["image_url"] if isinstance(part.get("image_url"), dict) else {"url": part.get("image_url")}
+                        image = part.get("image_url")  # a URL, or an object with one
+                        image = image if isinstance(image, dict) else {"url": image}
                         parts.append({"type": "input_image", "image_url": image.get("url"),
                                       "detail": get_typed(image, "detail", str, "auto")})
             items.append({"type": "message", "role": "user", "content": parts})
@@ -4532,7 +4532,7 @@ def chat_to_responses_request(payload):
             request[key] = payload[key]
     if payload.get("reasoning_effort"):
         request["reasoning"] = {"effort": payload["reasoning_effort"]}
-    tools = [t.get("function") for t in payload.get("tools") or [] if isinstance(t.get("function"), dict)]
+    tools = [t["function"] for t in payload.get("tools") or [] if t.get("function") is not None]
     if tools:
         request["tools"] = [dict({"type": "function", "name": f.get("name"), "description": f.get("description", ""),
                                   "parameters": f.get("parameters") or {"type": "object", "properties": {}}},
@@ -4542,13 +4542,13 @@ def chat_to_responses_request(payload):
         request["tool_choice"] = choice
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         request["tool_choice"] = {"type": "function", "name": choice["function"].get("name")}
-    fmt = payload.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+    fmt = payload.get("response_format") or {}
+    if fmt.get("type") == "json_schema" and fmt.get("json_schema") is not None:
         schema = fmt["json_schema"]
         request["text"] = {"format": dict({"type": "json_schema", "name": schema.get("name", "response"),
                                            "schema": schema.get("schema", {})},
                                           **({"strict": schema["strict"]} if "strict" in schema else {}))}
-    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+    elif fmt.get("type") == "json_object":
         request["text"] = {"format": {"type": "json_object"}}
     return request
 
@@ -4557,7 +4557,7 @@ def responses_initiator(payload):
     """``agent`` when the newest input item is a tool output, the assistant's, or a compaction
     trigger; else ``user``."""
     items = payload.get("input")
-    if not isinstance(items, list) or not items or not isinstance(items[-1], dict):
+    if not isinstance(items, list) or not items:  # a string is the user's
         return "user"
     last = items[-1]
     if last.get("type") in ("function_call_output", "function_call", "reasoning", "compaction_trigger",
@@ -4573,9 +4573,7 @@ def as_output_items(items):
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
     out = []
-    for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict):
-            continue
+    for item in items or []:  # validate_responses_request: objects
         item = dict(item, type=item.get("type") or "message")
         if item["type"] == "message" and not isinstance(item.get("content"), list):
             text = get_typed(item, "content", str, "")
@@ -4595,8 +4593,7 @@ def compact_request(payload):
     /responses request that compacts: Copilot has no compact endpoint, but compacts a history
     inside /responses when ``context_management`` asks for it."""
     request = {k: v for k, v in payload.items() if k not in ("stream", "service_tier", "store", "background")}
-    request["input"] = [i for i in payload.get("input") or [] if not (isinstance(i, dict) and
-                                                                   i.get("type") == "compaction_trigger")]
+    request["input"] = [i for i in payload["input"] if i.get("type") != "compaction_trigger"]
     request["store"] = False
     request["context_management"] = [{"type": "compaction", "compact_threshold": COMPACT_THRESHOLD_TOKENS}]
     return request
@@ -4674,7 +4671,7 @@ def check_client_tools(payload, model, path):
     for index, tool in enumerate(payload.get("tools") or []):
         kinds = [tool.get("type")]
         if kinds[0] == "namespace":
-            kinds = [t.get("type") if isinstance(t, dict) else None for t in tool.get("tools") or []]
+            kinds = [t.get("type") for t in tool.get("tools") or []]
         hosted = [kind for kind in kinds if kind not in _CLIENT_TOOL_TYPES]
         if hosted:
             codex = " (Codex: web_search = \"disabled\")" if hosted[0] == "web_search" else ""
@@ -4694,7 +4691,7 @@ def client_tools(payload):
     for tool in payload.get("tools") or []:
         if tool.get("type") == "namespace":
             for inner in tool.get("tools") or []:
-                if isinstance(inner, dict) and inner.get("type") in _CLIENT_TOOL_TYPES:
+                if inner.get("type") in _CLIENT_TOOL_TYPES:
                     described = "\n\n".join(d for d in (tool.get("description"),
                                                           inner.get("description")) if d)
                     tools["%s__%s" % (tool.get("name"), inner.get("name"))] = (
@@ -4709,11 +4706,11 @@ def _chat_tool(name, tool):
     if tool.get("type") == "function":
         function = {"name": name, "description": tool.get("description") or "",
                     "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
-        if isinstance(tool.get("strict"), bool):
+        if tool.get("strict") is not None:
             function["strict"] = tool["strict"]
         return {"type": "function", "function": function}
     described = tool.get("description") or ""
-    fmt = get_typed(tool, "format", dict, {})
+    fmt = tool.get("format") or {}
     if fmt.get("type") == "grammar" and _string(fmt, "definition"):
         described += "\n\nThe input must follow this %s grammar:\n%s" % (fmt.get("syntax") or "",
                                                                         fmt["definition"])
@@ -4829,18 +4826,18 @@ def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
         if payload.get(key) is not None:
             request[key] = payload[key]
     effort = _dig(payload, "reasoning").get("effort")
-    if isinstance(effort, str):
+    if effort is not None:
         request["reasoning_effort"] = effort
     tools = [_chat_tool(name, tool) for name, (tool, _) in client_tools(payload).items()]
     if tools:
         request["tools"] = tools
-        if isinstance(payload.get("parallel_tool_calls"), bool):
+        if payload.get("parallel_tool_calls") is not None:
             request["parallel_tool_calls"] = payload["parallel_tool_calls"]
     choice = payload.get("tool_choice")
     if choice in ("auto", "none", "required"):
         request["tool_choice"] = choice
     elif isinstance(choice, dict) and choice.get("type") in _CLIENT_TOOL_TYPES and \
-            _string(choice, "name"):
+            choice.get("name"):
         request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         request["tool_choice"] = "required" if choice.get("mode") == "required" else "auto"
@@ -5171,7 +5168,7 @@ def ollama_to_chat_request(payload, kind, model, info):
     for name in ("temperature", "top_p", "seed"):
         if options.get(name) is not None:
             request[name] = options[name]
-    if isinstance(options.get("num_predict"), int) and options["num_predict"] > 0:  # -1: no limit
+    if (options.get("num_predict") or 0) > 0:  # -1: no limit
         request["max_tokens"] = options["num_predict"]
     if options.get("stop"):
         request["stop"] = [options["stop"]] if isinstance(options["stop"], str) else options["stop"]
@@ -6818,7 +6815,7 @@ def plan_responses(payload, model, info, quirks, now, store=None):
     built as a Response and kept in ``store`` (see ResponseStore) unless the client said
     ``store: false``, so previous_response_id, GET and DELETE work."""
     items = get_typed(payload, "input", list, [])
-    compaction = bool(items) and isinstance(items[-1], dict) and items[-1].get("type") == "compaction_trigger"
+    compaction = bool(items) and items[-1].get("type") == "compaction_trigger"
     vision = has_image(payload)
     check_vision(model, info, vision, "input")
     plan = Plan("responses", RESPONSES, model, info, responses_upstream(info, payload),
@@ -6826,10 +6823,9 @@ def plan_responses(payload, model, info, quirks, now, store=None):
                 effort_name="reasoning.effort", what="a response")
     previous = payload.get("previous_response_id")
     if plan.path == "/responses":
-        if any(is_claude_thinking(i) for i in items if isinstance(i, dict)):
+        if any(is_claude_thinking(i) for i in items):
             # sent back by a client that switched models: only Claude can read Claude's thinking
-            payload["input"] = [i for i in items
-                                if not (isinstance(i, dict) and is_claude_thinking(i))]
+            payload["input"] = [i for i in items if not is_claude_thinking(i)]
         if previous and store is not None and store.has(previous):
             # a conversation begun with a translated model: Copilot has never seen its responses,
             # so they go along as input, without the ids Copilot would look up
