@@ -23,8 +23,9 @@ Quick start::
 Subcommands: ``serve [-d]``, ``stop``, ``status``, ``service systemd|launchd``, ``auth
 login|status|logout|refresh``, ``models``, ``usage``, ``claude-code``. Every flag has an
 environment variable (``--help`` lists them): ``GHCP_GITHUB_TOKEN``, ``GHCP_PROXY_API_KEY`` (or
-``COPROXY_API_KEY``) and ``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default: ``$XDG_STATE_HOME/coproxy``,
-``~/Library/Application Support/coproxy`` on macOS, ``%APPDATA%\\coproxy\\config`` on Windows).
+``COPROXY_API_KEY``) and ``COPROXY_*`` for the rest. State lives in ``--state-dir`` (default:
+``$XDG_STATE_HOME/coproxy``, ``~/Library/Application Support/coproxy`` on macOS,
+``%APPDATA%\\coproxy\\config`` on Windows).
 
 Routes: ``/v1/chat/completions``, ``/v1/responses`` (and ``/compact``), ``/v1/embeddings``,
 ``/v1/messages`` (and ``/count_tokens``), ``/v1/models``, ``/usage``, ``/metrics``, ``/healthz``;
@@ -223,7 +224,7 @@ IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
 IDLE_UPSTREAM_TOTAL = 128                  # kept-alive connections in all
 IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is closed
 MAX_KNOWN_ORIGINS = 256                    # parsed base URLs remembered
-IDLE_WORKER_SECONDS = 60.0                 # an idle worker thread beyond the first few exits after this
+IDLE_WORKER_SECONDS = 60.0                 # an idle worker beyond MIN_WORKERS exits after this
 MIN_WORKERS = 4
 #: Stack reserved per worker thread by `serve`: workers only do I/O, shallow JSON and TLS
 #: (client JSON is parsed on the loop), and with hundreds of blocking calls in flight 8 MiB
@@ -234,7 +235,8 @@ KNOWN_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPT
                            "CONNECT"])
 _TOKEN_CHARS = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")   # RFC 9110 §5.6.2 token
 REASONS = {s.value: s.phrase for s in http.HTTPStatus}
-REASONS.update({466: "Client Version Not Supported", 499: "Client Closed Request", 529: "Overloaded"})
+REASONS.update({466: "Client Version Not Supported", 499: "Client Closed Request",
+                529: "Overloaded"})
 
 # ------------------------------------------------------------------------------------------
 # 3. Errors and small utilities
@@ -310,18 +312,22 @@ def retry_once(attempt):
     return attempt(False)
 
 
-_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}
 
 
 def error_type_for_status(status):
     """The OpenAI ``error.type`` that goes with an HTTP status."""
-    return _ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "api_error")
+    if status in _ERROR_TYPES:
+        return _ERROR_TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
 _SECRET_PATTERNS = re.compile(
     r"(gh[pousr]_[A-Za-z0-9_]{8,}|github_pat_[A-Za-z0-9_]{8,}|tid=[^\s\"',]+|"
     r"(?i:bearer|token)\s+[A-Za-z0-9._~+/=;:-]{12,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+)")
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,31}://)[^/\s]+@")  # up to the last @ of the authority
+# Greedy up to the last @ of the authority: a password may itself hold an @.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{0,31}://)[^/\s]+@")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -349,13 +355,16 @@ def escape_controls(text):
 class LogFormatter(logging.Formatter):
     """Text log lines (``TIME LEVEL message key=value...``) or, with ``json=True``, one JSON object
     per line, always ``ts``, ``level``, ``logger``, ``message`` and then the record's ``fields``
-    (an access line's numbers stay numbers). Messages are redacted and control characters escaped."""
+    (an access line's numbers stay numbers). Messages are redacted and control characters
+    escaped."""
 
     def __init__(self, json_lines=False):
         super().__init__("%(asctime)s %(levelname)s %(message)s")
         self.json_lines = json_lines
 
     def format(self, record):
+        """One record as one line. A traceback is kept only for errors (a warning's would be
+        noise); in JSON only its last line, the exception, so that a record stays one line."""
         message = escape_controls(redact(record.getMessage()))
         fields = getattr(record, "fields", None)
         error = None
@@ -364,8 +373,8 @@ class LogFormatter(logging.Formatter):
         if not self.json_lines:
             line = "%s %s %s" % (self.formatTime(record), record.levelname, message)
             return line + ("\n" + error if error else "")
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "message": message}
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "message": message}
         if isinstance(fields, dict):
             entry.update(fields)
         if error:
@@ -374,7 +383,8 @@ class LogFormatter(logging.Formatter):
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # built once: json.dumps builds one a call
+# Built once: json.dumps with these arguments builds a new encoder on every call.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def json_dumps(obj):
@@ -398,12 +408,12 @@ def get_typed(node, key, kind, default=None):
 
 
 def random_id(digits=32):
-    """``digits`` random hex digits, for the ids of answers we build (``chatcmpl-...``, ``msg_...``)."""
+    """``digits`` random hex digits, for the ids of the answers we build (``chatcmpl-...``)."""
     return os.urandom((digits + 1) // 2).hex()[:digits]
 
 
 def random_uuid():
-    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` but without that module's import."""
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` without importing uuid."""
     raw = bytearray(os.urandom(16))
     raw[6] = raw[6] & 0x0F | 0x40
     raw[8] = raw[8] & 0x3F | 0x80
@@ -418,8 +428,9 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 def http_date(timestamp):
     """``Sun, 06 Nov 1994 08:49:37 GMT`` (RFC 9110 §5.6.7), in English whatever the locale."""
     t = time.gmtime(timestamp)
-    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (_WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
-                                                   t.tm_hour, t.tm_min, t.tm_sec)
+    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (
+        _WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+        t.tm_hour, t.tm_min, t.tm_sec)
 
 
 #: A string (an unterminated one runs to the end, so each byte is looked at once), or a bracket;
@@ -548,6 +559,8 @@ def open_private(path, flags, mode=0o600):
 # ------------------------------------------------------------------------------------------
 
 def _parse_bool(text):
+    """A boolean option's variable: the spellings people use in shell profiles and unit files;
+    set but empty counts as false (``COPROXY_DETACH=`` switches it off)."""
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -570,7 +583,8 @@ def _api_surface(text):
     parts = frozenset(p.strip() for p in text.split(",") if p.strip())
     unknown = parts - set(API_SURFACES)
     if unknown or not parts:
-        raise ValueError("use %s, or a comma list of %s" % ("/".join(API_SURFACE_PRESETS), ",".join(API_SURFACES)))
+        raise ValueError("use %s, or a comma list of %s"
+                         % ("/".join(API_SURFACE_PRESETS), ",".join(API_SURFACES)))
     return parts
 
 
@@ -582,7 +596,8 @@ def _number(convert, low, high=None, strict=False, what="a number"):
         except ValueError:
             raise ValueError("%r is not %s" % (text, what))
         if (value <= low if strict else value < low) or (high is not None and value > high):
-            raise ValueError("must be %s %s%s" % (">" if strict else ">=", low, "" if high is None else " and <= %s" % high))
+            ceiling = "" if high is None else " and <= %s" % high
+            raise ValueError("must be %s %s%s" % (">" if strict else ">=", low, ceiling))
         return value
     return parse
 
@@ -616,6 +631,8 @@ class Repeatable:
 
 
 def _model_alias(text):
+    """``FROM=TO`` as a (from, to) pair, kept as given: FROM is looked up as the client spells
+    the model (also without an Ollama ``:tag``), and TO is resolved like any model name."""
     name, sep, target = text.partition("=")
     if not sep or not name.strip() or not target.strip():
         raise ValueError("expected FROM=TO, got %r" % text)
@@ -634,7 +651,8 @@ def _host_name(text):
     """A host name or address as a Host header names it (a port, if given, is ignored)."""
     value = host_without_port(text).rstrip(".")  # "name." and "name" are the same host
     if not value or not re.match(r"^[a-z0-9._:-]+$", value):
-        raise ValueError("expected a host name such as my-laptop.local or 192.168.1.5, got %r" % text)
+        raise ValueError("expected a host name such as my-laptop.local or 192.168.1.5, got %r"
+                         % text)
     return value
 
 
@@ -669,7 +687,8 @@ Option = collections.namedtuple("Option", "flag dest env type default scope help
 #: commands that print how to reach a server: ``service``, ``claude-code``).
 OPTIONS = [
     Option("--state-dir", "state_dir", "COPROXY_STATE_DIR", str, None, "shared",
-           "directory for token files, pid file and log (default: the platform's state directory)", "DIR"),
+           "directory for token files, pid file and log (default: the platform's state "
+           "directory)", "DIR"),
     Option("--github-token", "github_token", "GHCP_GITHUB_TOKEN", str, None, "shared",
            "GitHub token to use instead of the saved login (ghu_/gho_ from a Copilot login, a "
            "fine-grained PAT github_pat_, an App installation token ghs_); prefer the variable: "
@@ -704,8 +723,8 @@ OPTIONS = [
            "extra PEM bundle of trusted CAs (corporate TLS inspection); SSL_CERT_FILE also works",
            "FILE"),
     Option("--log-level", "log_level", "COPROXY_LOG_LEVEL", _log_level, None, "shared",
-           "debug, info, warning or error (default: info for serve, warning for the other commands)",
-           "LEVEL"),
+           "debug, info, warning or error (default: info for serve, warning for the other "
+           "commands)", "LEVEL"),
     Option("--log-format", "log_format", "COPROXY_LOG_FORMAT", _log_format, "text", "shared",
            "text, or json for one JSON object per log line", "FORMAT"),
     Option("--github-url", "github_url", "COPROXY_GITHUB_URL", str, None, "shared",
@@ -721,24 +740,28 @@ OPTIONS = [
            COPILOT_CHAT_API_VERSION, "shared", "X-GitHub-Api-Version sent to the Copilot API (the "
            "Auto model needs 2026-08-01 or newer)", "DATE"),
     Option("--editor-version", "editor_version", "COPROXY_EDITOR_VERSION", _product_version,
-           DEFAULT_EDITOR_VERSION, "shared", "Editor-Version sent to GitHub and Copilot", "NAME/VER"),
-    Option("--editor-plugin-version", "editor_plugin_version", "COPROXY_EDITOR_PLUGIN_VERSION", _product_version,
-           DEFAULT_EDITOR_PLUGIN_VERSION, "shared",
-           "Editor-Plugin-Version sent to GitHub and Copilot (the User-Agent follows it)", "NAME/VER"),
+           DEFAULT_EDITOR_VERSION, "shared", "Editor-Version sent to GitHub and Copilot",
+           "NAME/VER"),
+    Option("--editor-plugin-version", "editor_plugin_version", "COPROXY_EDITOR_PLUGIN_VERSION",
+           _product_version, DEFAULT_EDITOR_PLUGIN_VERSION, "shared",
+           "Editor-Plugin-Version sent to GitHub and Copilot (the User-Agent follows it)",
+           "NAME/VER"),
     Option("--host", "host", "COPROXY_HOST", str, DEFAULT_HOST, "serve",
            "address to bind; anything but loopback requires --api-key", "ADDR"),
     Option("--port", "port", "COPROXY_PORT", _port, DEFAULT_PORT, "serve",
            "port to bind (0 picks a free one; the real port is printed)", "PORT"),
     Option("--api-key", "api_key", "GHCP_PROXY_API_KEY", str, None, "serve",
-           "require this key from clients (Authorization: Bearer KEY or x-api-key: KEY); prefer the "
-           "variable: a flag shows in ps", "KEY"),
+           "require this key from clients (Authorization: Bearer KEY or x-api-key: KEY); prefer "
+           "the variable: a flag shows in ps", "KEY"),
     Option("--allow-unauthenticated", "allow_unauthenticated", "COPROXY_ALLOW_UNAUTHENTICATED",
            bool, False, "serve", "allow a non-loopback --host without --api-key (not advised)",
            None),
-    Option("--allowed-host", "allowed_hosts", "COPROXY_ALLOWED_HOSTS", Repeatable(_host_name), None, "serve",
+    Option("--allowed-host", "allowed_hosts", "COPROXY_ALLOWED_HOSTS", Repeatable(_host_name),
+           None, "serve",
            "without --api-key, also answer requests addressed to this host name (Host header; "
            "loopback names always work; repeatable; env: comma list)", "NAME"),
-    Option("--cors-origin", "cors_origins", "COPROXY_CORS_ORIGIN", Repeatable(_origin), None, "serve",
+    Option("--cors-origin", "cors_origins", "COPROXY_CORS_ORIGIN", Repeatable(_origin), None,
+           "serve",
            "let web pages from this origin call coproxy (repeatable; * for any); requests from "
            "other pages are refused", "ORIGIN"),
     Option("--no-auto-login", "no_auto_login", "COPROXY_NO_AUTO_LOGIN", bool, False, "serve",
@@ -746,39 +769,44 @@ OPTIONS = [
     Option("--no-image-fetch", "no_image_fetch", "COPROXY_NO_IMAGE_FETCH", bool, False, "serve",
            "send image URLs on as they are instead of fetching them and sending the image itself "
            "(Copilot refuses most external image URLs)", None),
-    Option("--image-fetch-allow-private", "image_fetch_allow_private", "COPROXY_IMAGE_FETCH_ALLOW_PRIVATE",
-           bool, False, "serve",
-           "also fetch images from loopback, private and link-local addresses (intranet image hosts)", None),
+    Option("--image-fetch-allow-private", "image_fetch_allow_private",
+           "COPROXY_IMAGE_FETCH_ALLOW_PRIVATE", bool, False, "serve",
+           "also fetch images from loopback, private and link-local addresses (intranet image "
+           "hosts)", None),
     Option("--api-surface", "api_surface", "COPROXY_API_SURFACE", _api_surface, "all", "serve",
            "APIs to serve: chat, chat-responses, chat-embeddings, all, or a comma list of "
            "chat,responses,embeddings,messages,ollama", "LIST"),
     Option("--default-model", "default_model", "COPROXY_DEFAULT_MODEL", str, None, "serve",
            "model used when a request names none", "MODEL"),
-    Option("--model-alias", "model_aliases", "COPROXY_MODEL_ALIAS", Repeatable(_model_alias), None, "serve",
-           "FROM=TO: requests for FROM go to TO on every route (repeatable; env: comma list)", "FROM=TO"),
+    Option("--model-alias", "model_aliases", "COPROXY_MODEL_ALIAS", Repeatable(_model_alias),
+           None, "serve",
+           "FROM=TO: requests for FROM go to TO on every route (repeatable; env: comma list)",
+           "FROM=TO"),
     Option("--rate-limit", "rate_limit", "COPROXY_RATE_LIMIT", _non_negative_float, 0.0, "serve",
-           "at least this many seconds between requests sent to Copilot (0: off); excess get 429", "SECONDS"),
+           "at least this many seconds between requests sent to Copilot (0: off); excess get 429",
+           "SECONDS"),
     Option("--wait", "wait", "COPROXY_WAIT", bool, False, "serve",
            "with --rate-limit, queue requests until their turn instead of answering 429", None),
     Option("--detach", "detach", "COPROXY_DETACH", bool, False, "serve",
            "-d: run in the background, writing <state-dir>/coproxy.pid and coproxy.log", None),
     Option("--max-body-mb", "max_body_mb", "COPROXY_MAX_BODY_MB", _positive_float,
-           DEFAULT_MAX_BODY_MB, "serve", "largest request body accepted, in MiB, also after decompression (413 beyond)",
-           "MB"),
+           DEFAULT_MAX_BODY_MB, "serve",
+           "largest request body accepted, in MiB, also after decompression (413 beyond)", "MB"),
     Option("--max-concurrency", "max_concurrency", "COPROXY_MAX_CONCURRENCY", _positive_int,
            DEFAULT_MAX_CONCURRENCY, "serve",
            "concurrent proxied requests and streams; excess requests wait, then get 503", "N"),
     Option("--queue-timeout", "queue_timeout", "COPROXY_QUEUE_TIMEOUT", _positive_float,
            DEFAULT_QUEUE_TIMEOUT_SECONDS, "serve",
-           "seconds a request waits for a free slot at the concurrency limit (503 after)", "SECONDS"),
+           "seconds a request waits for a free slot at the concurrency limit (503 after)",
+           "SECONDS"),
     Option("--ping-seconds", "ping_seconds", "COPROXY_PING_SECONDS", _positive_float,
            DEFAULT_PING_SECONDS, "serve",
            "send a keep-alive in an SSE stream (a comment, or Anthropic's ping event) after this "
            "much upstream silence", "SECONDS"),
     Option("--header-timeout", "header_timeout", "COPROXY_HEADER_TIMEOUT", _positive_float,
            DEFAULT_HEADER_TIMEOUT_SECONDS, "serve",
-           "seconds a client has to send a request head, and the longest silence inside a body (408 after)",
-           "SECONDS"),
+           "seconds a client has to send a request head, and the longest silence inside a body "
+           "(408 after)", "SECONDS"),
     Option("--idle-timeout", "idle_timeout", "COPROXY_IDLE_TIMEOUT", _positive_float,
            DEFAULT_IDLE_TIMEOUT_SECONDS, "serve",
            "seconds an idle keep-alive connection is kept open", "SECONDS"),
@@ -787,8 +815,8 @@ OPTIONS = [
            "longest upstream silence tolerated between bytes (never a total limit)", "SECONDS"),
     Option("--history-days", "history_days", "COPROXY_HISTORY_DAYS", _positive_int,
            DEFAULT_HISTORY_DAYS, "serve",
-           "keep the request history (<state-dir>/history, no prompt or answer text) this many days",
-           "DAYS"),
+           "keep the request history (<state-dir>/history, no prompt or answer text) this many "
+           "days", "DAYS"),
     Option("--no-history", "no_history", "COPROXY_NO_HISTORY", bool, False, "serve",
            "keep no request history on disk (the dashboard then shows this run only)", None),
     Option("--no-dashboard", "no_dashboard", "COPROXY_NO_DASHBOARD", bool, False, "serve",
@@ -805,23 +833,18 @@ SECRET_OPTIONS = ("api_key", "github_token")
 #: COPROXY_API_KEY is the name every other setting's pattern suggests, and the one Codex's recipe
 #: uses: a user who exports it believes the server is keyed, so it must be.
 ENV_ALIASES = {"api_key": ("COPROXY_API_KEY",)}
-#: Variables with coproxy's prefixes that are read outside OPTIONS (none today): listed here so the
-#: start-up check for misspelled variables knows them.
-OTHER_VARIABLES = ()
+#: Every variable coproxy reads with its own prefixes is an option's or an alias's: a variable
+#: read elsewhere must be added here, or start-up calls it a misspelling.
 VARIABLE_PREFIXES = ("COPROXY_", "GHCP_")
-
-
-def known_variables():
-    """Every COPROXY_*/GHCP_* variable coproxy reads."""
-    names = [o.env for o in OPTIONS] + list(OTHER_VARIABLES)
-    return names + [alias for aliases in ENV_ALIASES.values() for alias in aliases]
 
 
 def unknown_variable_warnings(environ):
     """One warning per COPROXY_*/GHCP_* variable coproxy does not read, naming the closest known
-    one: COPROXY_PROT=58104 is otherwise silently ignored, and the port is not what the user set."""
+    one: COPROXY_PROT=58104 is otherwise silently ignored, and the port is not what the user
+    set."""
     import difflib  # only when a variable needs it
-    known = known_variables()
+    known = [o.env for o in OPTIONS]
+    known += [alias for aliases in ENV_ALIASES.values() for alias in aliases]
     # compared without the prefix, which every name shares and which would make any two look alike
     by_stem = {}
     for known_name in known:
@@ -830,10 +853,11 @@ def unknown_variable_warnings(environ):
     for name in sorted(environ):
         if not name.upper().startswith(VARIABLE_PREFIXES) or name in known:
             continue
-        close = [by_stem[stem] for stem in difflib.get_close_matches(name.upper().split("_", 1)[1], by_stem, n=1,
-                                                                     cutoff=0.6)]
-        warnings.append("%s is set but coproxy reads no such variable (%s)" % (
-            name, "did you mean %s?" % close[0] if close else "`python3 coproxy.py --help` lists them"))
+        stem = name.upper().split("_", 1)[1]
+        close = difflib.get_close_matches(stem, by_stem, n=1, cutoff=0.6)
+        hint = ("did you mean %s?" % by_stem[close[0]] if close
+                else "`python3 coproxy.py --help` lists them")
+        warnings.append("%s is set but coproxy reads no such variable (%s)" % (name, hint))
     return warnings
 
 
@@ -890,10 +914,13 @@ class Config:
 
     @property
     def max_body_bytes(self):
+        # The option is in MiB and may be fractional (tests and small devices use 0.5).
         return int(self.max_body_mb * 1024 * 1024)
 
     @property
     def is_ghe(self):
+        """True for any host but github.com (a GHE.com tenant, a GHES server): the Copilot API
+        is then not the public one."""
         return self.github_host.lower() != "github.com"
 
     @property
@@ -924,21 +951,29 @@ class Config:
 
     @property
     def state_dir_option(self):
-        """" --state-dir DIR" when it is not the default one, for commands we tell the user to run."""
+        """" --state-dir DIR" unless it is the default one, for commands we tell the user to
+        run."""
         default = os.path.abspath(default_state_dir(environ=self.environ))
         return "" if self.state_dir == default else " --state-dir %s" % self.state_dir
 
     @classmethod
     def resolve(cls, values=None, environ=None):
-        """Build a Config from parsed flags (a dict; missing keys = not given) and environment."""
+        """Build a Config from parsed flags (a dict; missing keys = not given) and environment.
+
+        Precedence is flag > variable (then its aliases) > default. The values are then checked
+        together (URLs, secrets, token sources, the CA file), so that a bad setting stops the
+        command at once, naming the flag or variable it came from, instead of failing a request
+        later."""
         values = dict(values or {})
         environ = dict(os.environ if environ is None else environ)
         config = cls(environ=environ)
         for option in OPTIONS:
-            names = [n for n in (option.env,) + ENV_ALIASES.get(option.dest, ()) if environ.get(n, "") != ""]
+            names = [n for n in (option.env,) + ENV_ALIASES.get(option.dest, ())
+                     if environ.get(n, "") != ""]
             flagged = option.dest in values and values[option.dest] is not None
             if len({environ[n] for n in names}) > 1 and not flagged:
-                config.warnings.append("%s are set to different values; %s is used" % (" and ".join(names), names[0]))
+                config.warnings.append("%s are set to different values; %s is used"
+                                       % (" and ".join(names), names[0]))
             if flagged:
                 value = values[option.dest]
                 source = option.flag
@@ -970,14 +1005,16 @@ class Config:
                 except ValueError:
                     parsed = None
                 if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-                    raise ConfigError("%s must be an http(s) URL, got %r" % (OPTION_BY_DEST[name].env, redact(url)))
+                    raise ConfigError("%s must be an http(s) URL, got %r"
+                                      % (OPTION_BY_DEST[name].env, redact(url)))
                 setattr(config, name, url.rstrip("/"))
         for name in SECRET_OPTIONS:
             value = getattr(config, name)
             if value is not None:
                 value = value.strip() or None
                 if value is not None and not value.isprintable():
-                    raise ConfigError("%s holds a line break or control character" % config.source_of(name))
+                    raise ConfigError("%s holds a line break or control character"
+                                      % config.source_of(name))
                 setattr(config, name, value)
         config._check_token_sources()
         config._absolute_paths()
@@ -987,10 +1024,15 @@ class Config:
                 with open(config.ca_file, "rb") as handle:
                     pem = handle.read()
             except OSError as exc:
-                raise ConfigError("--ca-file %s cannot be read: %s" % (config.ca_file, exc.strerror or exc))
+                raise ConfigError("--ca-file %s cannot be read: %s"
+                                  % (config.ca_file, exc.strerror or exc))
+            # Checked at start-up: a wrong file (a DER certificate, a key) stops the command
+            # naming the file, instead of failing every request later.
             if b"-----BEGIN CERTIFICATE-----" not in pem:
-                raise ConfigError("--ca-file %s holds no PEM certificate (-----BEGIN CERTIFICATE-----)" % config.ca_file)
-        config.state_dir = os.path.abspath(os.path.expanduser(config.state_dir or default_state_dir(environ=environ)))
+                raise ConfigError("--ca-file %s holds no PEM certificate "
+                                  "(-----BEGIN CERTIFICATE-----)" % config.ca_file)
+        state_dir = config.state_dir or default_state_dir(environ=environ)
+        config.state_dir = os.path.abspath(os.path.expanduser(state_dir))
         config.warnings += unknown_variable_warnings(environ)
         return config
 
@@ -1054,8 +1096,10 @@ def settings_argv(config, scope=("shared", "serve"), leave_out=()):
     for option, value in config.changed_settings():
         if option.scope not in scope or option.dest == "state_dir" or option.dest in leave_out:
             continue
-        if option.dest in SECRET_OPTIONS or (isinstance(value, str) and _URL_WITH_CREDENTIALS.match(value)):
-            secrets[option.env] = value  # a user:password in a URL is as secret as a key
+        # A user:password in a URL is as secret as a key.
+        if option.dest in SECRET_OPTIONS or (isinstance(value, str)
+                                             and _URL_WITH_CREDENTIALS.match(value)):
+            secrets[option.env] = value
         elif option.type is bool:
             argv += [option.flag] if value else []
         elif option.dest == "model_aliases":
