@@ -1143,12 +1143,14 @@ def secure_dir(path, posix=(os.name == "posix")):
         if not stat.S_ISDIR(info.st_mode):
             raise ConfigError("%s is not a directory" % path)
         if info.st_uid != os.getuid():
-            raise ConfigError("refusing to use %s: it belongs to uid %d, not to you (uid %d); use a directory "
-                              "of your own with --state-dir" % (path, info.st_uid, os.getuid()))
+            raise ConfigError("refusing to use %s: it belongs to uid %d, not to you (uid %d); use "
+                              "a directory of your own with --state-dir"
+                              % (path, info.st_uid, os.getuid()))
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o022:
-            raise ConfigError("refusing to use %s: others can write to it (mode %04o), so its files could have "
-                              "been replaced; check them, then run: chmod 700 %s" % (path, mode, path))
+            raise ConfigError("refusing to use %s: others can write to it (mode %04o), so its "
+                              "files could have been replaced; check them, then run: chmod 700 %s"
+                              % (path, mode, path))
         if mode & 0o077:
             os.fchmod(fd, 0o700)
     finally:
@@ -1269,7 +1271,8 @@ class TokenStore:
         self._github_token = WatchedFile(self.github_token_path, self._read_github_token, os.lstat)
 
     def check_dirs(self):
-        """The state and auth dirs exist, are the user's and only the user's (ConfigError if not)."""
+        """The state and auth dirs exist, are the user's and only the user's (ConfigError if
+        not). Checked once per run: the token is read on every request."""
         if not self._dirs_checked:
             for path in (self.state_dir, self.auth_dir):
                 secure_dir(path, self.posix)
@@ -1282,7 +1285,10 @@ class TokenStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc.__class__.__name__
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW's answer: say it plainly
+                why = "it is a symbolic link"
+            else:
+                why = exc.strerror or exc.__class__.__name__
             log.warning("cannot read %s (%s); treating it as absent", path, why)
             return None
         except UnicodeDecodeError:
@@ -1315,13 +1321,14 @@ class TokenStore:
         except ValueError:
             log.warning("%s is corrupt; ignoring it", self.copilot_token_path)
             return None
-        usable = isinstance(record, dict) and isinstance(record.get("token"), str) and isinstance(
-            record.get("expires_at"), (int, float))
+        usable = (isinstance(record, dict) and isinstance(record.get("token"), str)
+                  and isinstance(record.get("expires_at"), (int, float)))
         return record if usable else None
 
     def save_copilot_token(self, record):
         self.check_dirs()
-        write_file_atomic(self.copilot_token_path, json.dumps(record, indent=2, sort_keys=True) + "\n", self.posix)
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        write_file_atomic(self.copilot_token_path, text, self.posix)
 
     def clear(self):
         """Delete both files; returns the paths that existed."""
@@ -1435,7 +1442,9 @@ class Ledger:
             self._count(self._totals(self.daily, self._local_day(t), model), failed, amounts)
             session_id = record.get("session")
             session = self.sessions.get(session_id) if session_id else None
-            if session is not None:  # the common case, in place: a start adds thousands
+            # An existing session is counted in place, not through _add_session's merge of a
+            # part: a start adds thousands of records (bench --history measures it).
+            if session is not None:
                 session["requests"] += 1
                 session["credits"] += record.get("credits") or 0
                 session["premium"] += record.get("premium") or 0
@@ -1615,6 +1624,10 @@ class History:
             self._thread = None
 
     def _write_loop(self):
+        """The writer thread: takes what is queued (up to 1,000 records) as one batch, so that
+        a burst costs one open and write per day file, not one per request. A write error is
+        logged when it changes, not per batch (a full disk would flood the log). Ends at the
+        None that close() queues, after writing what came before it."""
         while True:
             batch = [self._queue.get()]
             while len(batch) < 1000:
