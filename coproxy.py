@@ -519,6 +519,17 @@ def is_loopback_host(host):
     return packed[0] == 127 if len(packed) == 4 else packed == bytes(15) + b"\x01"
 
 
+def http_url(host, port):
+    """``http://host:port``, an IPv6 address in brackets."""
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+def local_url(url):
+    """``url`` with a wildcard address (0.0.0.0, ::) as 127.0.0.1: where a client on this
+    machine reaches a server that listens on every address."""
+    return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+
+
 def host_without_port(value):
     """``example.com`` of a Host header ``example.com:8080``; ``::1`` of ``[::1]:8080``."""
     value = value.strip().lower()
@@ -2640,23 +2651,6 @@ class ImageFetcher:
 #    ``endpoints.api``; the account and model-list calls. Sleep and clock are injectable.
 # ------------------------------------------------------------------------------------------
 
-#: What a GitHub token's prefix says it is (GitHub's token formats since 2021).
-GITHUB_TOKEN_KINDS = (("ghu_", "GitHub App user token"), ("gho_", "OAuth app token"),
-                      ("github_pat_", "fine-grained personal access token"),
-                      ("ghp_", "classic personal access token"),
-                      ("ghs_", "GitHub App installation token"))
-
-
-def github_token_kind(token):
-    """The kind of a GitHub token, read from its prefix (the token itself is never shown)."""
-    if not token:
-        return None
-    for prefix, kind in GITHUB_TOKEN_KINDS:
-        if token.startswith(prefix):
-            return kind
-    return "token of an unknown kind"
-
-
 def github_headers(config, token=None):
     """Headers for github.com / api.github.com calls: VS Code-like identity, GitHub token."""
     headers = {
@@ -2671,8 +2665,8 @@ def github_headers(config, token=None):
     return headers
 
 
-def copilot_headers(config, copilot_token, initiator="user", vision=False, intent="conversation-panel",
-                    interaction=None, integration_id=None):
+def copilot_headers(config, copilot_token, initiator="user", vision=False,
+                    intent="conversation-panel", interaction=None, integration_id=None):
     """Headers for the Copilot API, as VS Code's Copilot Chat sends them (protocol notes §4);
     ``integration_id`` is the token record's (tokens sent directly need their own)."""
     request_id = random_uuid()
@@ -2732,24 +2726,27 @@ class DeviceFlow:
         self.clock = clock
 
     def _post(self, path, payload):
-        return self.client.request_json("POST", self.github_url + path,
-                                        dict(github_headers(self.config), **{"Content-Type": "application/json"}),
-                                        payload)
+        headers = dict(github_headers(self.config), **{"Content-Type": "application/json"})
+        return self.client.request_json("POST", self.github_url + path, headers, payload)
 
     def start(self):
-        """Ask for a code: dict with device_code, user_code, verification_uri, expires_in, interval."""
-        status, data, raw, _ = self._post("/login/device/code", {"client_id": GITHUB_CLIENT_ID, "scope": GITHUB_SCOPE})
+        """Ask for a code: dict with device_code, user_code, verification_uri, expires_in,
+        interval."""
+        status, data, raw, _ = self._post("/login/device/code",
+                                          {"client_id": GITHUB_CLIENT_ID, "scope": GITHUB_SCOPE})
         if status != 200 or not isinstance(data, dict) or not data.get("device_code"):
             message, _ = upstream_error_message(raw)
-            raise AuthError("GitHub refused to start the device flow (HTTP %d): %s" % (status, message),
-                            code="device_flow_failed")
+            raise AuthError("GitHub refused to start the device flow (HTTP %d): %s"
+                            % (status, message), code="device_flow_failed")
         data.setdefault("verification_uri", self.github_url + "/login/device")
         data["interval"] = max(1, int(data.get("interval") or 5))
         data["expires_in"] = int(data.get("expires_in") or 900)
         return data
 
     def poll(self, code, on_wait=None):
-        """Poll until the user approves; returns the GitHub token or raises AuthError."""
+        """Poll until the user approves; returns the GitHub token or raises AuthError. A few
+        network failures in a row are waited out (a laptop changing networks while its user
+        types the code); five end the login."""
         interval = code["interval"]
         deadline = self.clock() + code["expires_in"]
         network_failures = 0
@@ -2768,7 +2765,8 @@ class DeviceFlow:
             except UpstreamUnreachable as exc:
                 network_failures += 1
                 if network_failures >= 5:
-                    raise AuthError("lost contact with GitHub while waiting: %s" % exc, code="network")
+                    raise AuthError("lost contact with GitHub while waiting: %s" % exc,
+                                    code="network")
                 log.warning("polling GitHub failed (%s); trying again", exc)
                 continue
             network_failures = 0
@@ -2789,9 +2787,11 @@ class DeviceFlow:
                 raise AuthError("the device code expired before it was approved; run "
                                 "`coproxy.py auth login` again", code="expired_token")
             if error == "access_denied":
-                raise AuthError("authorization was denied on GitHub (access_denied)", code="access_denied")
+                raise AuthError("authorization was denied on GitHub (access_denied)",
+                                code="access_denied")
             description = data.get("error_description") or "no access_token in the answer"
-            raise AuthError("GitHub ended the device flow: %s (%s)" % (error or "unknown", redact(description)),
+            raise AuthError("GitHub ended the device flow: %s (%s)"
+                            % (error or "unknown", redact(description)),
                             code=error or "device_flow_failed")
 
 
@@ -2812,23 +2812,35 @@ _EXCHANGE_HINTS = {
 
 # -- Token kinds, direct mode and GitHub App tokens ---------------------------------------------
 
-#: What a GitHub token is, by its prefix, and how each kind reaches Copilot in --auth-mode auto
-#: (protocol notes §10.1-10.2): OAuth tokens of a Copilot login are exchanged; fine-grained PATs
-#: are sent directly (the exchange answers 403 to them); App installation tokens go directly
-#: first, as the Copilot CLI sends them, then through the exchange, as bifrost does.
-TOKEN_KINDS = (("github_pat_", "fine-grained-pat"), ("ghp_", "classic-pat"),
-               ("ghs_", "app-installation"), ("gho_", "oauth"), ("ghu_", "oauth"))
+#: What a GitHub token is, by its prefix (GitHub's token formats since 2021): (prefix, kind,
+#: what a person reads). How each kind reaches Copilot in --auth-mode auto (protocol notes
+#: §10.1-10.2): OAuth tokens of a Copilot login are exchanged; fine-grained PATs are sent
+#: directly (the exchange answers 403 to them); App installation tokens go directly first, as
+#: the Copilot CLI sends them, then through the exchange, as bifrost does.
+TOKEN_KINDS = (("github_pat_", "fine-grained-pat", "fine-grained personal access token"),
+               ("ghp_", "classic-pat", "classic personal access token"),
+               ("ghs_", "app-installation", "GitHub App installation token"),
+               ("gho_", "oauth", "OAuth app token"),
+               ("ghu_", "oauth", "GitHub App user token"))
+_UNKNOWN_TOKEN_KIND = ("", "unknown", "token of an unknown kind")
 #: The integration id the Copilot CLI sends with a GitHub token sent directly (PATs work with
 #: no other).
 DIRECT_INTEGRATION_ID = "copilot-developer-cli"
 
 
+def _token_kind_row(token):
+    return next((row for row in TOKEN_KINDS if token.startswith(row[0])), _UNKNOWN_TOKEN_KIND)
+
+
 def token_kind(token):
     """fine-grained-pat, classic-pat, app-installation, oauth or unknown."""
-    for prefix, kind in TOKEN_KINDS:
-        if token.startswith(prefix):
-            return kind
-    return "unknown"
+    return _token_kind_row(token)[1]
+
+
+def github_token_kind(token):
+    """The kind of a GitHub token as `status` and the dashboard name it (None without one):
+    read from its prefix, so the token itself is never shown."""
+    return _token_kind_row(token)[2] if token else None
 
 
 def integration_id_for(config, mode, kind):
@@ -2850,6 +2862,23 @@ def direct_api_base(config):
         return "https://copilot-api." + config.github_host
     if config.is_ghe:
         return "https://api.enterprise.githubcopilot.com"
+    return DEFAULT_COPILOT_API_URL
+
+
+def exchanged_api_base(config, data):
+    """The Copilot API host an exchange answer names: ``endpoints.api``, else the token's own
+    ``proxy-ep=proxy.HOST`` field (older answers), whose API host is ``api.HOST``."""
+    endpoints = data.get("endpoints")
+    if isinstance(endpoints, dict) and isinstance(endpoints.get("api"), str):
+        return endpoints["api"].rstrip("/")
+    match = re.search(r"(?:^|;)proxy-ep=([^;:]+)", data.get("token", ""))
+    if match:
+        host = match.group(1)
+        if host.startswith("proxy."):
+            host = "api." + host[len("proxy."):]
+        return "https://" + host
+    if config.is_ghe:
+        return "https://copilot-api." + config.github_host
     return DEFAULT_COPILOT_API_URL
 
 
@@ -2979,6 +3008,8 @@ class GitHubApp:
     while the others wait. The key is read once, at start, under the state dir's file rules."""
 
     def __init__(self, config, client, clock=time.time):
+        """Reads and parses the key at once: a key file that is not the user's own, not private
+        or not an RSA key stops the start naming the file, instead of failing a request."""
         self.config = config
         self.client = client
         self.clock = clock
@@ -3046,6 +3077,9 @@ class GitHubApp:
         return self.installation_id
 
     def _mint(self):
+        """A new installation token. The newest permission form is asked for first; GitHub
+        answers 422 to a form the installation was not granted, and installations made before
+        the organisation permission existed hold only the older one, so 422 tries the next."""
         self.mints += 1
         path = "/app/installations/%d/access_tokens" % self._installation()
         for number, (name, level) in enumerate(APP_PERMISSION_FORMS):
@@ -3167,9 +3201,23 @@ def explain_refusal(error, model, facts, integration_option):
                        headers=error.headers)
 
 
-def exchange_error(status, data, raw, kind, source, login):
+def exchange_error(status, data, raw, kind, source, login, direct_refusal=None):
     """AuthError for a refused token exchange: the cause and the fix. ``kind``: the GitHub
-    token's kind; ``source``: where it came from; ``login``: the `auth login` command."""
+    token's kind; ``source``: where it came from; ``login``: the `auth login` command;
+    ``direct_refusal``: what Copilot said to the same App token sent directly, if it was (both
+    ways failed then, and the user must hear of both)."""
+    error = _exchange_refusal(status, data, raw, kind, source, login)
+    if kind != "app-installation" or not direct_refusal:
+        return error
+    hint = (" The organisation has not enabled \"Copilot requests from GitHub App "
+            "installations\": an owner turns it on in the organisation's Copilot policies."
+            if _org_has_not_enabled_apps(direct_refusal) else "")
+    return AuthError("Copilot refused the App installation token sent directly (%s), and the "
+                     "token exchange refused it too: %s.%s" % (direct_refusal, error, hint),
+                     code=error.code)
+
+
+def _exchange_refusal(status, data, raw, kind, source, login):
     message, _ = upstream_error_message(raw)
     details = data.get("error_details") if isinstance(data, dict) else None
     notification = details.get("notification_id") if isinstance(details, dict) else None
@@ -3216,6 +3264,9 @@ class CopilotAuth:
     model's session, and the calls that need them."""
 
     def __init__(self, config, store, client, clock=time.time):
+        """Nothing goes over the network here: tokens are found, exchanged or minted on first
+        use, so `status` and a server started before the login work (the App's key file is
+        read, to fail early)."""
         self.config = config
         self.store = store
         self.client = client
@@ -3228,8 +3279,8 @@ class CopilotAuth:
         self.exchanges = 0
         self.exchange_failures = 0
         self.app = GitHubApp(config, client, clock) if config.github_app_id else None
-        self._token_file = WatchedFile(config.github_token_file, self._read_token_file) \
-            if config.github_token_file else None
+        self._token_file = (WatchedFile(config.github_token_file, self._read_token_file)
+                            if config.github_token_file else None)
         #: how App installation tokens reach Copilot once one call showed it ("direct"/"exchange")
         self.app_token_path = None
         self._direct_refusal = None  # what Copilot said when it refused an App token sent directly
@@ -3306,8 +3357,9 @@ class CopilotAuth:
         """Short SHA-256 of the GitHub token, kept with the Copilot token to tell whose it is.
         Checked on every request, so the last answer is remembered."""
         if self._fingerprinted[0] != github_token:
-            import hashlib  # here, not at the top: serve would load OpenSSL's digests before listening
-            self._fingerprinted = (github_token, hashlib.sha256(github_token.encode("utf-8")).hexdigest()[:16])
+            import hashlib  # here, not at the top: serve would load OpenSSL's digests first
+            digest = hashlib.sha256(github_token.encode("utf-8")).hexdigest()
+            self._fingerprinted = (github_token, digest[:16])
         return self._fingerprinted[1]
 
     def _usable(self, record, github_token):
@@ -3331,8 +3383,8 @@ class CopilotAuth:
         github_token = self.require_github_token()
         if self.mode_for(github_token) == "direct":
             record = self.record
-            if force or not record or record.get("mode") != "direct" \
-                    or record["token"] != github_token:
+            if (force or not record or record.get("mode") != "direct"
+                    or record["token"] != github_token):
                 record = self.record = self._direct_record(github_token)
             return record
         record = self.record
@@ -3353,7 +3405,8 @@ class CopilotAuth:
             try:
                 self.store.save_copilot_token(record)
             except (OSError, ConfigError) as exc:
-                log.warning("could not save the Copilot token to %s: %s", self.store.copilot_token_path, exc)
+                log.warning("could not save the Copilot token to %s: %s",
+                            self.store.copilot_token_path, exc)
             return record
 
     def _direct_record(self, github_token):
@@ -3401,10 +3454,15 @@ class CopilotAuth:
             self.app_token_path = record.get("mode")
 
     def _exchange(self, github_token):
+        """Trade the GitHub token for a Copilot token record. Besides Copilot's answer, the
+        record keeps when to refresh (``refresh_in``), the API base, and a fingerprint of the
+        GitHub token: a record cached on disk is never used with another account's token. A
+        refusal is an AuthError that names the cause and the fix (exchange_error)."""
         self.exchanges += 1
         url = self.config.github_api_url + "/copilot_internal/v2/token"
         try:
-            status, data, raw, _ = self.client.request_json("GET", url, github_headers(self.config, github_token))
+            status, data, raw, _ = self.client.request_json(
+                "GET", url, github_headers(self.config, github_token))
         except UpstreamUnreachable as exc:
             self.exchange_failures += 1
             raise AuthError("cannot get a Copilot token: %s" % exc, code="network")
@@ -3412,12 +3470,14 @@ class CopilotAuth:
             now = self.clock()
             record = dict(data)
             expires_at = data.get("expires_at")
-            record["expires_at"] = int(expires_at) if isinstance(expires_at, (int, float)) else int(now + 1500)
+            # Without an expiry, 25 minutes: the usual refresh_in of a token that lives 30.
+            known = isinstance(expires_at, (int, float))
+            record["expires_at"] = int(expires_at) if known else int(now + 1500)
             refresh_in = data.get("refresh_in")
             if isinstance(refresh_in, (int, float)) and refresh_in > 0:
                 record["refresh_at"] = int(now + refresh_in)
             record["obtained_at"] = int(now)
-            record["api_endpoint"] = self._api_base_from(data)
+            record["api_endpoint"] = exchanged_api_base(self.config, data)
             record["github_host"] = self.config.github_host
             record["github_token_sha256"] = self._fingerprint(github_token)
             kind = token_kind(github_token)
@@ -3427,35 +3487,18 @@ class CopilotAuth:
                      format_duration(record["expires_at"] - now))
             return record
         self.exchange_failures += 1
-        error = exchange_error(status, data, raw, token_kind(github_token),
-                               self.github_token()[1] or "the saved login", self.login_command())
-        if token_kind(github_token) == "app-installation" and self._direct_refusal:
-            hint = (" The organisation has not enabled \"Copilot requests from GitHub App "
-                    "installations\": an owner turns it on in the organisation's Copilot policies."
-                    if _org_has_not_enabled_apps(self._direct_refusal) else "")
-            error = AuthError("Copilot refused the App installation token sent directly (%s), and "
-                              "the token exchange refused it too: %s.%s"
-                              % (self._direct_refusal, error, hint), code=error.code)
-        raise error
+        raise exchange_error(status, data, raw, token_kind(github_token),
+                             self.github_token()[1] or "the saved login", self.login_command(),
+                             self._direct_refusal)
 
-    def _api_base_from(self, data):
-        endpoints = data.get("endpoints")
-        if isinstance(endpoints, dict) and isinstance(endpoints.get("api"), str):
-            return endpoints["api"].rstrip("/")
-        match = re.search(r"(?:^|;)proxy-ep=([^;:]+)", data.get("token", ""))
-        if match:
-            host = match.group(1)
-            return "https://" + (("api." + host[len("proxy."):]) if host.startswith("proxy.") else host)
-        if self.config.is_ghe:
-            return "https://copilot-api." + self.config.github_host
-        return DEFAULT_COPILOT_API_URL
+
 
     def api_base(self, record=None):
         """Base URL of the Copilot API: the override, else what the token says."""
         if self.config.copilot_api_url:
             return self.config.copilot_api_url
         record = record or self.copilot_token()
-        return (record.get("api_endpoint") or self._api_base_from(record)).rstrip("/")
+        return (record.get("api_endpoint") or exchanged_api_base(self.config, record)).rstrip("/")
 
     # -- what to tell the user ---------------------------------------------------------------
     def describe(self, record=None):
@@ -3468,8 +3511,8 @@ class CopilotAuth:
         ``/copilot_internal/user`` (plan, quotas and endpoints of the Copilot account)."""
         token = self.require_github_token()
         try:
-            status, data, raw, _ = self.client.request_json("GET", self.config.github_api_url + path,
-                                                            github_headers(self.config, token))
+            status, data, raw, _ = self.client.request_json(
+                "GET", self.config.github_api_url + path, github_headers(self.config, token))
         except UpstreamUnreachable as exc:
             raise AuthError(str(exc), code="network")
         if status != 200 or not isinstance(data, dict):
@@ -3503,9 +3546,11 @@ class CopilotAuth:
                                     self.describe(), self.config.integration_id)
             raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, error),
                                       kind="http_%d" % status)
+        # The first entry of an id wins: the catalogue and /v1/models list each id once.
         models, seen = [], set()
         for model in data["data"]:
-            if isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"] not in seen:
+            if (isinstance(model, dict) and isinstance(model.get("id"), str)
+                    and model["id"] not in seen):
                 seen.add(model["id"])
                 models.append(model)
         return models
@@ -3555,7 +3600,9 @@ class AutoModel:
             return session
 
     def _new_session(self, old):
-        # Renewing sends the old session token, as VS Code does.
+        """A new Auto session (renewing ``old``: its token is sent, as VS Code does). POST /auto
+        first; a Copilot that does not know it (400, 404, 405, 410) is asked at the older
+        /models/session from then on."""
         headers = {"Copilot-Session-Token": old["token"]} if old else {}
         if not self.legacy:
             status, data, raw = self.auth.copilot_json("POST", "/auto", {"prompt": ""},
@@ -3577,6 +3624,9 @@ class AutoModel:
         raise self._error("/models/session", status, raw)
 
     def _session_from(self, data, path):
+        """The session of an /auto or /models/session answer: /auto names the picked model by
+        its catalogue entry, the legacy endpoint by its id. An expiry missing or past is taken
+        as an hour, so that a bad answer costs one call an hour, not one per request."""
         selected = data.get("selected_model")
         entry = selected if isinstance(selected, dict) else None
         model = entry.get("id") if entry else selected
@@ -3585,8 +3635,8 @@ class AutoModel:
                               code="auto_unavailable")
         expires_at = data.get("expires_at")
         now = self.clock()
-        if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool) \
-                or expires_at <= now:
+        if (not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool)
+                or expires_at <= now):
             expires_at = now + 3600
         self.sessions += 1
         log.info("auto model session: %s picked %s, for %s", path, model,
@@ -10373,7 +10423,7 @@ def script_as_run():
 def start_banner(config, url, script=None):
     """What `serve` prints once listening: where it is, and exact lines to point clients at it
     (``script``: this file as the user ran it)."""
-    base = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+    base = local_url(url)
     script = script or script_as_run()
     variable = "$" + config.api_key_variable
     key = '"%s"' % variable if config.api_key else "unused"
@@ -10409,7 +10459,7 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
         # Windows, or not the main thread: Ctrl-C arrives as KeyboardInterrupt instead
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signum, stop_event.set)
-    url = "http://%s:%d" % (server.host if ":" not in server.host else "[%s]" % server.host, server.port)
+    url = http_url(server.host, server.port)
     app.dashboard.url = url
     if on_ready is not None:
         on_ready(server)
@@ -10467,25 +10517,34 @@ class ArgumentParser(argparse.ArgumentParser):
         wrong = next((word for word in extra if word.startswith("-")), extra[0])
         import difflib  # only for this message
         flag = wrong.split("=", 1)[0]
-        close = difflib.get_close_matches(flag.replace("_", "-"), parser.long_flags, n=1, cutoff=0.6)
-        hint = "" if not close else "; did you mean %s?" % close[0] if close[0] != flag else \
-            "; %s goes after the command: python3 coproxy.py %s%s" % (flag, " ".join(names), " " + flag)
+        close = difflib.get_close_matches(flag.replace("_", "-"), parser.long_flags, n=1,
+                                          cutoff=0.6)
+        if not close:
+            hint = ""
+        elif close[0] != flag:
+            hint = "; did you mean %s?" % close[0]
+        else:  # a flag of the command given before it, where the top-level parser looks
+            hint = "; %s goes after the command: python3 coproxy.py %s %s" % (
+                flag, " ".join(names), flag)
         return UsageError("unrecognized argument %s%s (see: python3 coproxy.py %s--help)" % (
             wrong, hint, "".join(name + " " for name in names)))
 
     def error(self, message):
         if message.startswith("argument COMMAND: invalid choice"):
             # `--prot 8080 serve`: an unknown flag before the command made its value look like one
-            wrong = [word for word in self.argv if word.startswith("--") and word.split("=", 1)[0] not in
-                     self.long_flags]
+            wrong = [word for word in self.argv if word.startswith("--")
+                     and word.split("=", 1)[0] not in self.long_flags]
             if wrong:
-                raise self.unrecognized([word for word in self.argv if word in self.commands][:1], wrong)
-        raise UsageError("%s (see: python3 coproxy.py %s--help)" % (message, self.prog.partition(" ")[2] + " "
-                                                                     if " " in self.prog else ""))
+                command = [word for word in self.argv if word in self.commands][:1]
+                raise self.unrecognized(command, wrong)
+        # "coproxy auth login" -> "auth login ": the help to point at is the subcommand's
+        command = self.prog.partition(" ")[2] + " " if " " in self.prog else ""
+        raise UsageError("%s (see: python3 coproxy.py %s--help)" % (message, command))
 
 
 def _flag_type(flag, convert):
-    """An argparse type: ``convert``, with its ValueError shown as a usage error naming the flag."""
+    """An argparse type: ``convert``, with its ValueError shown as a usage error naming the
+    flag (argparse names a type by its __name__)."""
     def parse(text):
         try:
             return convert(text)
@@ -10503,18 +10562,22 @@ def _add_options(parser, scope, only=None, hidden=False, help_overrides=None):
             continue
         option = option._replace(help=(help_overrides or {}).get(option.dest, option.help))
         shown_default = "" if option.default in (None, False) else " [default: %s]" % (
-            ",".join(sorted(option.default)) if isinstance(option.default, frozenset) else option.default)
+            option.default)
         aliases = ENV_ALIASES.get(option.dest, ())
         variables = option.env + "".join(", or %s when that is unset" % alias for alias in aliases)
-        help_text = argparse.SUPPRESS if hidden else "%s (env %s)%s" % (option.help, variables, shown_default)
+        help_text = (argparse.SUPPRESS if hidden
+                     else "%s (env %s)%s" % (option.help, variables, shown_default))
         flags = ("-d", option.flag) if option.dest == "detach" else (option.flag,)
+        # SUPPRESS: a flag not given leaves no attribute, so Config.resolve can tell it from a
+        # flag given with its default value (a flag beats the environment only when given).
         common = dict(dest=option.dest, default=argparse.SUPPRESS, help=help_text)
         if option.type is bool:
             parser.add_argument(*flags, action="store_true", **common)
         else:
             repeated = isinstance(option.type, Repeatable)
-            parser.add_argument(option.flag, type=_flag_type(option.flag, option.type.item if repeated else option.type),
-                                action="append" if repeated else "store", metavar=option.metavar, **common)
+            convert = _flag_type(option.flag, option.type.item if repeated else option.type)
+            parser.add_argument(option.flag, type=convert, metavar=option.metavar,
+                                action="append" if repeated else "store", **common)
 
 
 COMMAND_HELP = {
@@ -10523,7 +10586,8 @@ COMMAND_HELP = {
     "models": "list the models Copilot offers you",
     "usage": "show your Copilot plan, AI credits or premium requests, and limits",
     "stop": "stop the coproxy serving from this state dir",
-    "status": "is a coproxy serving from this state dir? pid, address, uptime, auth, last upstream answer",
+    "status": "is a coproxy serving from this state dir? pid, address, uptime, auth, last "
+              "upstream answer",
     "service": "print a systemd user unit or a launchd plist",
     "claude-code": "print the environment that points Claude Code at coproxy",
 }
@@ -10539,76 +10603,97 @@ def build_parser(command=None):
     formatter = argparse.RawDescriptionHelpFormatter
     parser = ArgumentParser(
         prog="coproxy", formatter_class=formatter, allow_abbrev=False,
-        description="Your GitHub Copilot subscription as a local OpenAI- and Anthropic-compatible API.",
-        epilog="first run:  python3 coproxy.py serve        (logs in with GitHub's device flow, then serves)\n"
-               "then:       point clients at http://127.0.0.1:8080/v1 (any API key unless --api-key is set)\n"
+        description="Your GitHub Copilot subscription as a local OpenAI- and Anthropic-compatible "
+                    "API.",
+        epilog="first run:  python3 coproxy.py serve        (logs in with GitHub's device flow, "
+               "then serves)\n"
+               "then:       point clients at http://127.0.0.1:8080/v1 (any API key unless "
+               "--api-key is set)\n"
                "more:       python3 coproxy.py COMMAND --help")
     _add_options(parser, "shared")
     parser.add_argument("--version", action="version", version="coproxy " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
 
     def sub(name, parent=commands, **kwargs):
+        """The parser of subcommand ``name`` (None when another command is being built); it
+        takes the shared options too, hidden from its help, so they work after the command."""
         if command not in (None, name) and parent is commands:
             return None
         kwargs.setdefault("help", COMMAND_HELP.get(name))
         kwargs.setdefault("description", kwargs["help"])
-        made = parent.add_parser(name, allow_abbrev=False, formatter_class=formatter, epilog=SHARED_NOTE, **kwargs)
+        made = parent.add_parser(name, allow_abbrev=False, formatter_class=formatter,
+                                 epilog=SHARED_NOTE, **kwargs)
         parent_parser = parser if parent is commands else auth
         parent_parser.commands[name] = made
         _add_options(made, "shared", hidden=True)
         return made
 
-    serve = sub("serve", description="Serve the OpenAI and Anthropic APIs on HOST:PORT, backed by Copilot.")
+    serve = sub("serve", description="Serve the OpenAI and Anthropic APIs on HOST:PORT, backed "
+                                     "by Copilot.")
     if serve:
         _add_options(serve, "serve")
     auth = sub("auth", description="Manage the GitHub login and the Copilot token.")
     if auth:
-        auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION", parser_class=ArgumentParser)
+        auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION",
+                                            parser_class=ArgumentParser)
         login = sub("login", auth_commands, help="log in with GitHub's device flow",
-                    description="Show a code and a URL; approve on GitHub; the token is saved (0600) in the state "
-                                "directory.")
-        login.add_argument("--no-browser", action="store_true", help="do not try to open a web browser")
+                    description="Show a code and a URL; approve on GitHub; the token is saved "
+                                "(0600) in the state directory.")
+        login.add_argument("--no-browser", action="store_true",
+                           help="do not try to open a web browser")
         sub("status", auth_commands, help="show login, plan, token expiry and API base",
             description="Exit status 0 when a Copilot token can be had, 1 otherwise.")
         sub("logout", auth_commands, help="delete the saved tokens",
             description="Remove auth/github-access-token and auth/ghcp-token.json.")
         sub("refresh", auth_commands, help="fetch a new Copilot token now",
             description="Exchange the GitHub token for a fresh Copilot token and save it.")
-    models = sub("models", description="Table of id, vendor, context window, output limit, tools/vision.")
+    models = sub("models", description="Table of id, vendor, context window, output limit, "
+                                       "tools/vision.")
     if models:
-        models.add_argument("--json", action="store_true", help="print OpenAI-shaped JSON instead of a table")
+        models.add_argument("--json", action="store_true",
+                            help="print OpenAI-shaped JSON instead of a table")
         _add_options(models, "serve", only=("model_aliases",))
-    sub("stop", description="Send SIGTERM to the coproxy recorded in <state-dir>/coproxy.pid (only if it is still "
-                            "that process), wait for its graceful drain, and report.")
-    sub("status", description="Exit status 0 when a coproxy is serving from this state dir, 1 otherwise.")
-    service = sub("service", description="Print a service definition that runs `serve` with this Python, this file "
-                                         "and every setting you give (flags and environment alike); secrets go to "
-                                         "<state-dir>/service.env (0600), never into the unit.")
+    sub("stop", description="Send SIGTERM to the coproxy recorded in <state-dir>/coproxy.pid "
+                            "(only if it is still that process), wait for its graceful drain, "
+                            "and report.")
+    sub("status", description="Exit status 0 when a coproxy is serving from this state dir, 1 "
+                              "otherwise.")
+    service = sub("service", description=(
+        "Print a service definition that runs `serve` with this Python, this file and every "
+        "setting you give (flags and environment alike); secrets go to "
+        "<state-dir>/service.env (0600), never into the unit."))
     if service:
-        service.add_argument("kind", nargs="?", choices=("systemd", "launchd"), help="systemd or launchd")
-        _add_options(service, "serve", only=[o.dest for o in OPTIONS if o.scope == "serve" and o.dest != "detach"])
-    usage = sub("usage", description="Plan, AI credits (token-billed plans) or premium requests (request-billed "
-                                     "plans), chat quota, reset date, the session and weekly windows a running "
-                                     "coproxy has seen, and from the history: the last 7 days as a chart, the top "
-                                     "models and sessions.")
+        service.add_argument("kind", nargs="?", choices=("systemd", "launchd"),
+                             help="systemd or launchd")
+        # every serve option but --detach: a service manager runs the server in the foreground
+        _add_options(service, "serve", only=[o.dest for o in OPTIONS
+                                             if o.scope == "serve" and o.dest != "detach"])
+    usage = sub("usage", description=(
+        "Plan, AI credits (token-billed plans) or premium requests (request-billed plans), chat "
+        "quota, reset date, the session and weekly windows a running coproxy has seen, and from "
+        "the history: the last 7 days as a chart, the top models and sessions."))
     if usage:
-        usage.add_argument("--json", action="store_true", help="print JSON (GET /usage's copilot part, and "
-                                                               "the last 7 days of history)")
+        usage.add_argument("--json", action="store_true",
+                           help="print JSON (GET /usage's copilot part, and the last 7 days of "
+                                "history)")
     claude = sub("claude-code", description=(
         "Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
         "your live Copilot catalog, asked of the running coproxy first, then of GitHub (exit 1\n"
-        "when neither answers). Use:  eval \"$(python3 coproxy.py claude-code)\"  then run `claude`\n"
+        "when neither answers). Use:  eval \"$(python3 coproxy.py claude-code)\"  then run "
+        "`claude`\n"
         "(serve's banner prints this line with the options your serve needs)."))
     if claude:
         _add_options(claude, "serve", only=("host", "port", "api_key"), help_overrides={
-            "host": "address where the coproxy for Claude Code listens, as given to serve: nothing is bound here. "
-                    "Without --host and --port, the coproxy serving from this state dir, if one is",
+            "host": "address where the coproxy for Claude Code listens, as given to serve: "
+                    "nothing is bound here. Without --host and --port, the coproxy serving from "
+                    "this state dir, if one is",
             "port": "port where that coproxy listens, as given to serve",
-            "api_key": "the key that coproxy was started with; sent by Claude Code, and used to ask that coproxy "
-                       "for the model catalogue"})
+            "api_key": "the key that coproxy was started with; sent by Claude Code, and used to "
+                       "ask that coproxy for the model catalogue"})
         claude.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh",
                             help="syntax of the lines printed [default: sh, for bash/zsh]")
-        claude.add_argument("--model", help="main model (default: the newest Sonnet in your catalog)")
+        claude.add_argument("--model",
+                            help="main model (default: the newest Sonnet in your catalog)")
     return parser
 
 
@@ -10625,7 +10710,8 @@ def _interactive():
 def _session(config):
     """Token store, upstream client and auth for one CLI command; pooled sockets closed after."""
     store = TokenStore(config.state_dir)
-    client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout, config.environ)
+    client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout,
+                            config.environ)
     try:
         yield store, client, CopilotAuth(config, store, client)
     finally:
@@ -10637,7 +10723,8 @@ def run_device_login(config, store, client, auth, open_browser=True):
     flow = DeviceFlow(client, config)
     code = flow.start()
     uri = code.get("verification_uri_complete") or code["verification_uri"]
-    _say("To log in, open %s and enter the code:  %s" % (code["verification_uri"], code["user_code"]))
+    _say("To log in, open %s and enter the code:  %s"
+         % (code["verification_uri"], code["user_code"]))
     tty = sys.stderr.isatty()
     if open_browser and _interactive():
         with contextlib.suppress(Exception):  # no browser is fine: the URL is on screen
@@ -10686,8 +10773,9 @@ def read_pid_file(path):
     try:
         with open(path, "r", encoding="utf-8") as handle:
             lines = handle.read().split()
-        return int(lines[0]), (lines[1] if len(lines) > 1 else None), \
-            (int(lines[2]) if len(lines) > 2 and lines[2].isdigit() else None)
+        url = lines[1] if len(lines) > 1 else None
+        started = int(lines[2]) if len(lines) > 2 and lines[2].isdigit() else None
+        return int(lines[0]), url, started
     except (OSError, ValueError, IndexError):
         return None, None, None
 
@@ -10717,7 +10805,8 @@ def process_alive(pid):
     """True if ``pid`` is a live process (Windows: asked of the kernel; os.kill would kill it)."""
     if os.name == "nt":
         import ctypes
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        query_limited_information = 0x1000  # the least right that reads an exit code
+        handle = ctypes.windll.kernel32.OpenProcess(query_limited_information, False, pid)
         if not handle:
             return False
         code = ctypes.c_ulong()
@@ -10766,27 +10855,33 @@ class InstanceRecord:
         self._lock_fd = None
 
     def claim(self):
+        """Take the state dir for this process, or CoproxyError naming who has it. The pid
+        file is checked first for a clear message; the lock then settles a race between two
+        starts, which both passed that check."""
         pid, url = running_instance(self.config)
         if pid is not None and pid != os.getpid():
-            raise CoproxyError("coproxy is already running for %s (pid %d, %s); `python3 coproxy.py stop%s` first, "
-                               "or use another --state-dir" % (self.config.state_dir, pid, url,
-                                                                self.config.state_dir_option))
+            raise CoproxyError("coproxy is already running for %s (pid %d, %s); `python3 "
+                               "coproxy.py stop%s` first, or use another --state-dir"
+                               % (self.config.state_dir, pid, url, self.config.state_dir_option))
         try:
             import fcntl
         except ImportError:  # Windows: the pid file alone
             return self
-        self._lock_fd = open_private(os.path.join(self.config.state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
+        self._lock_fd = open_private(os.path.join(self.config.state_dir, LOCK_FILE),
+                                     os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise CoproxyError("another coproxy is starting or running for %s" % self.config.state_dir)
+            raise CoproxyError("another coproxy is starting or running for %s"
+                               % self.config.state_dir)
         return self
 
     def write(self, url):
         started = process_start_time(os.getpid())
-        write_file_atomic(self.pid_path, "%d\n%s\n%s\n" % (os.getpid(), url, "" if started is None else started))
+        write_file_atomic(self.pid_path, "%d\n%s\n%s\n"
+                          % (os.getpid(), url, "" if started is None else started))
 
     def release(self):
         if read_pid_file(self.pid_path)[0] == os.getpid():
@@ -10799,8 +10894,8 @@ class InstanceRecord:
 
 def warn_about_secret_flags(config):
     for flag, variable in config.secret_flags:
-        log.warning("%s was given on the command line, where other users of this machine can read it (ps); "
-                    "set %s in the environment instead", flag, variable)
+        log.warning("%s was given on the command line, where other users of this machine can "
+                    "read it (ps); set %s in the environment instead", flag, variable)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -10810,21 +10905,28 @@ def require_key_for_public_bind(config, what="listen on"):
     if config.api_key or config.allow_unauthenticated:
         return
     if not is_loopback_host(config.host):
-        problem = "refusing to %s %s without an API key: anyone who can reach it" % (what, config.host)
+        problem = ("refusing to %s %s without an API key: anyone who can reach it"
+                   % (what, config.host))
     elif "*" in config.cors_origins:
         problem = "refusing --cors-origin '*' without an API key: every web page you visit"
     else:
         return
-    raise UsageError("%s would use your Copilot subscription. Set COPROXY_API_KEY or GHCP_PROXY_API_KEY (or "
-                     "--api-key), or pass --allow-unauthenticated if you really mean it" % problem)
+    raise UsageError("%s would use your Copilot subscription. Set COPROXY_API_KEY or "
+                     "GHCP_PROXY_API_KEY (or --api-key), or pass --allow-unauthenticated if you "
+                     "really mean it" % problem)
 
 
 def cmd_serve(config, args):
+    """Check the settings, log in if needed (on a terminal), claim the state dir, and serve
+    until a signal. Settings, credentials and the state dir are checked before the port is
+    bound: a refusal is a one-line error, not a server that half starts. ``-d`` hands over to
+    start_detached once they pass."""
     warn_about_secret_flags(config)
     require_key_for_public_bind(config)
     store = TokenStore(config.state_dir)
     store.check_dirs()
-    client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout, config.environ)
+    client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout,
+                            config.environ)
     auth = CopilotAuth(config, store, client)
     if not auth.has_credentials():
         if config.no_auto_login:
@@ -10832,8 +10934,8 @@ def cmd_serve(config, args):
         elif _interactive():
             run_device_login(config, store, client, auth)
         else:
-            raise CoproxyError("not logged in to GitHub: run `%s` first, set GHCP_GITHUB_TOKEN, or pass "
-                               "--no-auto-login to start anyway" % auth.login_command())
+            raise CoproxyError("not logged in to GitHub: run `%s` first, set GHCP_GITHUB_TOKEN, "
+                               "or pass --no-auto-login to start anyway" % auth.login_command())
     if config.detach:
         return start_detached(config)
     record = InstanceRecord(config).claim()
@@ -10844,8 +10946,8 @@ def cmd_serve(config, args):
     app = App(config, store, client, auth)
 
     def on_ready(server):
-        host = server.host if ":" not in server.host else "[%s]" % server.host
-        record.write("http://%s:%d" % (host, server.port))  # once listening: `serve -d` waits for it
+        # written once listening: `serve -d` waits for this file to name the child
+        record.write(http_url(server.host, server.port))
         if auth.has_credentials():  # fetch the Copilot token now, not on the first request
             def check():
                 try:
@@ -10869,8 +10971,8 @@ def start_detached(config):
     child through its environment, never its command line."""
     pid, url = running_instance(config)
     if pid is not None:
-        raise CoproxyError("coproxy is already running (pid %d, %s); `python3 coproxy.py stop%s` first"
-                           % (pid, url, config.state_dir_option))
+        raise CoproxyError("coproxy is already running (pid %d, %s); `python3 coproxy.py stop%s` "
+                           "first" % (pid, url, config.state_dir_option))
     pid_path = os.path.join(config.state_dir, PID_FILE)
     log_path = os.path.join(config.state_dir, LOG_FILE)
     flags, secrets = settings_argv(config)
@@ -10880,15 +10982,19 @@ def start_detached(config):
     try:
         log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     except OSError as exc:
-        raise CoproxyError("cannot open the log file %s (%s); it must be a plain file of yours" % (
-            log_path, "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc))
+        why = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+        raise CoproxyError("cannot open the log file %s (%s); it must be a plain file of yours"
+                           % (log_path, why))
     offset = os.fstat(log_fd).st_size  # a failure report shows this start's lines, not older ones
-    options = {"start_new_session": True} if os.name != "nt" else {
-        "creationflags": 0x00000008 | 0x00000200}  # DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP
+    if os.name == "nt":
+        detached_process, create_new_process_group = 0x00000008, 0x00000200
+        options = {"creationflags": detached_process | create_new_process_group}
+    else:  # its own session: a Ctrl-C or hang-up of this terminal does not reach the server
+        options = {"start_new_session": True}
     import subprocess  # only here: the background child is the one place coproxy starts a process
     try:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=environ,
-                                 close_fds=True, **options)
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                 env=environ, close_fds=True, **options)
     finally:
         os.close(log_fd)
     deadline = time.monotonic() + 15
@@ -10911,8 +11017,8 @@ def start_detached(config):
         tail = handle.read().decode("utf-8", "replace").strip().splitlines()[-8:]
     if child.poll() is None:
         child.terminate()
-    raise CoproxyError("the background server did not start; its log (%s) says:\n  %s" % (
-        log_path, "\n  ".join(tail) or "(nothing)"))
+    raise CoproxyError("the background server did not start; its log (%s) says:\n  %s"
+                       % (log_path, "\n  ".join(tail) or "(nothing)"))
 
 
 def token_source_before_login(config):
@@ -10940,7 +11046,8 @@ def cmd_auth_login(config, args):
         except AuthError:
             login = "?"
         record = auth.copilot_token()
-        print("logged in as %s; Copilot token valid for %s" % (login, format_duration(record["expires_at"] - time.time())))
+        print("logged in as %s; Copilot token valid for %s"
+              % (login, format_duration(record["expires_at"] - time.time())))
         return 0
 
 
@@ -10964,6 +11071,8 @@ def credential_lines(facts):
 
 
 def cmd_auth_status(config, args):
+    """Exit 0 only when Copilot would take the credentials: an exchanged token proves it by
+    the exchange, a token sent directly only by an answer from Copilot (its model list)."""
     with _session(config) as (store, client, auth):
         print("state dir:      %s" % config.state_dir)
         try:
@@ -11022,6 +11131,8 @@ def cmd_auth_refresh(config, args):
 
 
 def cmd_models(config, args):
+    """Copilot's model list as this account sees it (it differs by plan and policy), with the
+    --model-alias names a server with the same options would answer to."""
     with _session(config) as (store, client, auth):
         entries = [copilot_model_to_openai(m) for m in auth.fetch_models()]
         if args.json:
@@ -11031,9 +11142,11 @@ def cmd_models(config, args):
             return 0
         rows = [("ID", "VENDOR", "CONTEXT", "OUTPUT", "TOOLS", "VISION")]
         for entry in entries:
+            capabilities = entry["capabilities"]
             rows.append((entry["id"], entry["vendor"], str(entry["context_window"] or "-"),
-                         str(entry["max_output_tokens"] or "-"), "yes" if entry["capabilities"]["tool_calls"] else "no",
-                         "yes" if entry["capabilities"]["vision"] else "no"))
+                         str(entry["max_output_tokens"] or "-"),
+                         "yes" if capabilities["tool_calls"] else "no",
+                         "yes" if capabilities["vision"] else "no"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -11064,22 +11177,29 @@ def ask_running_server(config, path, url=None):
 
 
 def cmd_stop(config, args):
+    """SIGTERM to the recorded server, then wait for its drain (the grace period and 10 s for
+    the rest). Only a pid that passes running_instance's checks is signalled: a stale pid file
+    may name a process that is not ours."""
     pid, url = running_instance(config)
     if pid is None:
-        print("coproxy is not running (no live coproxy recorded in %s)" % os.path.join(config.state_dir, PID_FILE))
+        print("coproxy is not running (no live coproxy recorded in %s)"
+              % os.path.join(config.state_dir, PID_FILE))
         return 1
     os.kill(pid, signal.SIGTERM)  # graceful: in-flight requests get --shutdown-grace to finish
     deadline = time.monotonic() + config.shutdown_grace + 10
     while time.monotonic() < deadline and running_instance(config, quiet=True)[0] == pid:
         time.sleep(0.05)
     if running_instance(config, quiet=True)[0] == pid:
-        print("coproxy (pid %d) has not stopped yet; check %s" % (pid, os.path.join(config.state_dir, LOG_FILE)))
+        print("coproxy (pid %d) has not stopped yet; check %s"
+              % (pid, os.path.join(config.state_dir, LOG_FILE)))
         return 1
     print("stopped coproxy (pid %d, %s)" % (pid, url))
     return 0
 
 
 def cmd_status(config, args):
+    """What a running server says about itself (/healthz), for a person: exit 1 when none
+    runs or it does not answer."""
     pid, url = running_instance(config)
     if pid is None:
         print("coproxy is not running")
@@ -11088,15 +11208,20 @@ def cmd_status(config, args):
     print("running:  pid %d, %s, up %s" % (pid, url, format_duration(time.time() - started)))
     health = ask_running_server(config, "/healthz", url)
     if health is None:
-        print("health:   /healthz did not answer; see %s" % os.path.join(config.state_dir, LOG_FILE))
+        print("health:   /healthz did not answer; see %s"
+              % os.path.join(config.state_dir, LOG_FILE))
         return 1
     if "auth" not in health:  # /healthz tells details only to callers with the server's API key
         print("details: this coproxy has an API key and none was given here (or another one): set "
               "GHCP_PROXY_API_KEY to the server's key to see its login and upstream state")
         return 0
     auth = get_typed(health, "auth", dict, {})
-    print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
-        auth.get("error") or ("no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))))
+    if auth.get("ready"):
+        state = "ready"
+    else:
+        state = "not ready: %s" % (auth.get("error") or (
+            "no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))
+    print("auth:     %s" % state)
     facts = get_typed(auth, "credentials", dict, {})
     for line in credential_lines(facts) if facts.get("token_kind") else []:
         print(line)
@@ -11106,7 +11231,8 @@ def cmd_status(config, args):
     elif upstream.get("ok"):
         print("upstream: the last request to Copilot succeeded")
     else:
-        print("upstream: the last request to Copilot failed (%s): %s" % (upstream.get("class"), upstream.get("message")))
+        print("upstream: the last request to Copilot failed (%s): %s"
+              % (upstream.get("class"), upstream.get("message")))
     return 0
 
 
@@ -11117,14 +11243,18 @@ def _quote_systemd(arg, command=False):
     arg = arg.replace("%", "%%")
     if command:
         arg = arg.replace("$", "$$")
-    return '"%s"' % arg.replace("\\", "\\\\").replace('"', '\\"') if re.search(r'[\s"\\\';]', arg) else arg
+    if not re.search(r'[\s"\\\';]', arg):
+        return arg
+    return '"%s"' % arg.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _env_line(name, value):
     """NAME=value for an environment file read by systemd and by a POSIX shell alike."""
     if "\n" in value or "'" in value or "\r" in value:
-        raise UsageError("%s holds a line break or a single quote, which no environment file can carry" % name)
-    return "%s=%s" % (name, value if re.match(r"^[A-Za-z0-9_@%+=:,./-]*$", value) else "'%s'" % value)
+        raise UsageError("%s holds a line break or a single quote, which no environment file "
+                         "can carry" % name)
+    plain = re.match(r"^[A-Za-z0-9_@%+=:,./-]*$", value)
+    return "%s=%s" % (name, value if plain else "'%s'" % value)
 
 
 def cmd_service(config, args):
@@ -11136,61 +11266,86 @@ def cmd_service(config, args):
                          "`python3 coproxy.py service launchd` (macOS)")
     require_key_for_public_bind(config, "serve a service on")
     if not os.path.isdir(config.state_dir):
-        _say("creating the state directory %s (0700): the service needs it to exist" % config.state_dir)
+        _say("creating the state directory %s (0700): the service needs it to exist"
+             % config.state_dir)
     secure_dir(config.state_dir)
     flags, secrets = settings_argv(config)
     argv = [sys.executable, os.path.abspath(__file__), "serve", "--no-auto-login"] + flags
     plain_env, secret_env = connection_environment(config.environ)
     secrets.update(secret_env)
-    env_path = os.path.join(config.state_dir, SERVICE_ENV_FILE)
+    env_path = None
     if secrets:
-        write_file_atomic(env_path, "# secrets for the coproxy service (read by %s)\n" % args.kind +
-                          "".join(_env_line(k, v) + "\n" for k, v in sorted(secrets.items())))
-        _say("wrote %s (0600) with %s; the unit refers to it" % (env_path, ", ".join(sorted(secrets))))
-    if args.kind == "systemd":
-        lines = ["# coproxy as a systemd user service. Install:",
-                 "#   python3 coproxy.py service systemd [your serve options] > ~/.config/systemd/user/coproxy.service",
-                 "#   systemctl --user daemon-reload && systemctl --user enable --now coproxy",
-                 "#   journalctl --user -u coproxy -f",
-                 "[Unit]", "Description=coproxy: GitHub Copilot as a local OpenAI/Anthropic API",
-                 "After=network-online.target", "Wants=network-online.target", "",
-                 "[Service]", "Type=simple", "ExecStart=" + " ".join(_quote_systemd(a, command=True) for a in argv),
-                 "Restart=on-failure", "RestartSec=5", "KillSignal=SIGTERM",
-                 "TimeoutStopSec=%d" % int(config.shutdown_grace + 5)]
-        lines += ["Environment=%s" % _quote_systemd("%s=%s" % kv) for kv in sorted(plain_env.items())]
-        if secrets:
-            lines.append("EnvironmentFile=%s" % _quote_systemd(env_path))
-        # PrivateTmp gives the service an empty /tmp and /var/tmp of its own: a file it needs there
-        # (this script, tried out from a download in /tmp, or the state dir or CA bundle) would vanish.
-        needed = [sys.executable, os.path.abspath(__file__), config.state_dir, config.ca_file,
-                  config.github_token_file, config.github_app_key_file] + [
-            config.environ.get(name) for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")]
-        in_tmp = sorted({path for path in needed if path and re.match(r"^/(var/)?tmp(/|$)", os.path.realpath(path))})
-        if in_tmp:
-            _say("note: %s %s under /tmp, which PrivateTmp=yes would hide from the service; the unit leaves "
-                 "PrivateTmp off. Move %s out of /tmp to keep it" % (", ".join(in_tmp), "is" if len(in_tmp) == 1
-                                                                      else "are", "it" if len(in_tmp) == 1 else "them"))
-        lines += ["# hardening: no new privileges, read-only system and home except the state directory",
-                  "NoNewPrivileges=yes", "UMask=0077"]
-        lines += ["# PrivateTmp=yes left off: the service needs %s" % ", ".join(in_tmp)] if in_tmp else ["PrivateTmp=yes"]
-        lines += ["ProtectSystem=strict",
-                  "ProtectHome=read-only", "ReadWritePaths=%s" % _quote_systemd(config.state_dir),
-                  "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictRealtime=yes",
-                  "RestrictSUIDSGID=yes", "LockPersonality=yes", "SystemCallArchitectures=native", "",
-                  "[Install]", "WantedBy=default.target"]
-        print("\n".join(lines))
-        return 0
-    escape = lambda text: text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    if secrets:  # launchd has no environment file: a shell loads it, then becomes coproxy
+        env_path = os.path.join(config.state_dir, SERVICE_ENV_FILE)
+        write_file_atomic(env_path, "# secrets for the coproxy service (read by %s)\n" % args.kind
+                          + "".join(_env_line(k, v) + "\n" for k, v in sorted(secrets.items())))
+        _say("wrote %s (0600) with %s; the unit refers to it"
+             % (env_path, ", ".join(sorted(secrets))))
+    render = systemd_unit if args.kind == "systemd" else launchd_plist
+    print("\n".join(render(config, argv, plain_env, env_path)))
+    return 0
+
+
+def systemd_unit(config, argv, plain_env, env_path=None):
+    """The lines of a systemd user unit that runs ``argv``: ``plain_env`` in Environment=
+    lines, the secrets through EnvironmentFile= ``env_path``, and the sandboxing a user service
+    can have (the server needs no more than its state dir and the network)."""
+    lines = ["# coproxy as a systemd user service. Install:",
+             "#   python3 coproxy.py service systemd [your serve options]"
+             " > ~/.config/systemd/user/coproxy.service",
+             "#   systemctl --user daemon-reload && systemctl --user enable --now coproxy",
+             "#   journalctl --user -u coproxy -f",
+             "[Unit]", "Description=coproxy: GitHub Copilot as a local OpenAI/Anthropic API",
+             "After=network-online.target", "Wants=network-online.target", "",
+             "[Service]", "Type=simple",
+             "ExecStart=" + " ".join(_quote_systemd(a, command=True) for a in argv),
+             "Restart=on-failure", "RestartSec=5", "KillSignal=SIGTERM",
+             "TimeoutStopSec=%d" % int(config.shutdown_grace + 5)]
+    lines += ["Environment=%s" % _quote_systemd("%s=%s" % kv) for kv in sorted(plain_env.items())]
+    if env_path:
+        lines.append("EnvironmentFile=%s" % _quote_systemd(env_path))
+    # PrivateTmp gives the service an empty /tmp and /var/tmp of its own: a file it needs there
+    # (this script, tried out from a download in /tmp, or the state dir or CA bundle) would vanish.
+    needed = [sys.executable, os.path.abspath(__file__), config.state_dir, config.ca_file,
+              config.github_token_file, config.github_app_key_file] + [
+        config.environ.get(name) for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")]
+    in_tmp = sorted({path for path in needed
+                     if path and re.match(r"^/(var/)?tmp(/|$)", os.path.realpath(path))})
+    if in_tmp:
+        one = len(in_tmp) == 1
+        _say("note: %s %s under /tmp, which PrivateTmp=yes would hide from the service; the unit "
+             "leaves PrivateTmp off. Move %s out of /tmp to keep it"
+             % (", ".join(in_tmp), "is" if one else "are", "it" if one else "them"))
+        private_tmp = ["# PrivateTmp=yes left off: the service needs %s" % ", ".join(in_tmp)]
+    else:
+        private_tmp = ["PrivateTmp=yes"]
+    lines += ["# hardening: no new privileges, read-only system and home except the state "
+              "directory", "NoNewPrivileges=yes", "UMask=0077"] + private_tmp
+    lines += ["ProtectSystem=strict",
+              "ProtectHome=read-only", "ReadWritePaths=%s" % _quote_systemd(config.state_dir),
+              "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictRealtime=yes",
+              "RestrictSUIDSGID=yes", "LockPersonality=yes", "SystemCallArchitectures=native", "",
+              "[Install]", "WantedBy=default.target"]
+    return lines
+
+
+def launchd_plist(config, argv, plain_env, env_path=None):
+    """The lines of a launchd agent's plist that runs ``argv``. launchd has no environment
+    file: with secrets, a shell loads ``env_path`` and then becomes coproxy (exec)."""
+    def escape(text):  # XML's three, as a plist string needs them
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    if env_path:
         argv = ["/bin/sh", "-c", 'set -a && . "$0" && set +a && exec "$@"', env_path] + argv
     log_path = os.path.join(config.state_dir, LOG_FILE)
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
              "<!-- coproxy as a launchd agent. Install:",
-             "       python3 coproxy.py service launchd [your serve options] > ~/Library/LaunchAgents/com.github.coproxy.plist",
+             "       python3 coproxy.py service launchd [your serve options]"
+             " > ~/Library/LaunchAgents/com.github.coproxy.plist",
              "       launchctl load -w ~/Library/LaunchAgents/com.github.coproxy.plist -->",
-             '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">',
+             '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN"'
+             ' "http://www.apple.com/DTDs/PropertyList-1.0.dtd">',
              '<plist version="1.0">', "<dict>",
-             "  <key>Label</key><string>com.github.coproxy</string>", "  <key>ProgramArguments</key>", "  <array>"]
+             "  <key>Label</key><string>com.github.coproxy</string>",
+             "  <key>ProgramArguments</key>", "  <array>"]
     lines += ["    <string>%s</string>" % escape(a) for a in argv]
     lines += ["  </array>", "  <key>RunAtLoad</key><true/>",
               "  <key>KeepAlive</key><dict><key>SuccessfulExit</key><false/></dict>",
@@ -11199,14 +11354,16 @@ def cmd_service(config, args):
               "  <key>StandardErrorPath</key><string>%s</string>" % escape(log_path)]
     if plain_env:
         lines.append("  <key>EnvironmentVariables</key><dict>")
-        lines += ["    <key>%s</key><string>%s</string>" % (escape(k), escape(v)) for k, v in sorted(plain_env.items())]
+        lines += ["    <key>%s</key><string>%s</string>" % (escape(k), escape(v))
+                  for k, v in sorted(plain_env.items())]
         lines.append("  </dict>")
     lines += ["</dict>", "</plist>"]
-    print("\n".join(lines))
-    return 0
+    return lines
 
 
 def _describe_bucket(bucket, reset, unit):
+    """One quota of summarize_quota as `usage` prints it: ``12 used of 300 requests, 288 left
+    (96.0% left), resets 2026-12-31``; any part GitHub did not report is left out."""
     if bucket is None:
         return "not reported"
     if bucket["unlimited"]:
@@ -11229,7 +11386,8 @@ def _describe_window(window):
     if not isinstance(window, dict):
         return "not seen yet (a running coproxy reports it after a request)"
     resets = window.get("resets_at")
-    return "%.1f%% left%s" % (window.get("percent_remaining") or 0, ", resets %s" % resets if resets else "")
+    return "%.1f%% left%s" % (window.get("percent_remaining") or 0,
+                              ", resets %s" % resets if resets else "")
 
 
 def text_bars(rows, width=32, encoding=None):
@@ -11284,9 +11442,12 @@ def history_lines(ledger, now, billing, days=7):
 
 
 def cmd_usage(config, args):
+    """The account's quotas from GitHub, the rate-limit windows only a running coproxy has
+    seen (in Copilot's answers), and the history read from disk: it works with no server."""
     with _session(config) as (store, client, auth):
         summary = summarize_quota(auth.github_json("/copilot_internal/user"))
-        if not summary["login"]:  # not every account's answer names it; /user does, as `auth status` shows
+        # not every account's answer names the login; /user does, as `auth status` shows
+        if not summary["login"]:
             with contextlib.suppress(AuthError, UpstreamUnreachable):
                 login = auth.github_json("/user").get("login")
                 summary["login"] = login if isinstance(login, str) else None
@@ -11300,22 +11461,25 @@ def cmd_usage(config, args):
         print(json.dumps(dict(summary, windows=windows, history=week), indent=2))
         return 0
     print("account:           %s" % (summary["login"] or "?"))
-    print("plan:              %s (sku %s), billed by %s" % (summary["plan"] or "?", summary["sku"] or "?",
-                                                            "AI credits" if summary["billing"] == "tokens"
-                                                            else "premium requests"))
-    if summary["billing"] == "tokens":
-        print("AI credits:        %s" % _describe_bucket(summary["credits"], summary["reset_date"], "credits"))
+    tokens = summary["billing"] == "tokens"
+    print("plan:              %s (sku %s), billed by %s"
+          % (summary["plan"] or "?", summary["sku"] or "?",
+             "AI credits" if tokens else "premium requests"))
+    if tokens:
+        print("AI credits:        %s"
+              % _describe_bucket(summary["credits"], summary["reset_date"], "credits"))
     else:
-        print("premium requests:  %s" % _describe_bucket(summary["premium_requests"], summary["reset_date"],
-                                                         "requests"))
+        print("premium requests:  %s"
+              % _describe_bucket(summary["premium_requests"], summary["reset_date"], "requests"))
     print("chat:              %s" % _describe_bucket(summary["chat"], None, "messages"))
     print("completions:       %s" % _describe_bucket(summary["completions"], None, "completions"))
     print("5-hour session:    %s" % _describe_window(windows.get("session")))
     print("weekly:            %s" % _describe_window(windows.get("weekly")))
     since = get_typed(served, "since_start", dict)
     if since:
-        print("this coproxy:      %d requests, %g AI credits, %g premium requests since it started" % (
-            since.get("requests", 0), since.get("credits", 0), since.get("premium_requests", 0)))
+        print("this coproxy:      %d requests, %g AI credits, %g premium requests since it "
+              "started" % (since.get("requests", 0), since.get("credits", 0),
+                           since.get("premium_requests", 0)))
     if history.days():
         print("\n".join(history_lines(ledger, now, summary["billing"])))
     else:
@@ -11324,26 +11488,29 @@ def cmd_usage(config, args):
     return 0
 
 
-def claude_code_environment(config, model_ids, main_model=None, base_url=None):
-    """(name, value) pairs that make Claude Code talk to coproxy at ``base_url`` (default: the
-    configured --host/--port), models from the live catalog."""
-    opus, sonnet, haiku = (resolve_model(family, model_ids) for family in ("opus", "sonnet", "haiku"))
-    main = (resolve_model(main_model, model_ids) or main_model) if main_model else (sonnet or opus or
-                                                                                     (model_ids or [None])[0])
-    if base_url is None:
-        host = "[%s]" % config.host if ":" in config.host else config.host
-        base_url = "http://%s:%d" % (host, config.port)
-    base_url = base_url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+def claude_code_environment(config, model_ids, main_model, base_url):
+    """(name, value) pairs that make Claude Code talk to the coproxy at ``base_url``, models
+    from the live catalog: the main one asked for (else the newest Sonnet), and the newest of
+    each family for Claude Code's opus/sonnet/haiku choices."""
+    opus, sonnet, haiku = (resolve_model(family, model_ids)
+                           for family in ("opus", "sonnet", "haiku"))
+    if main_model:
+        main = resolve_model(main_model, model_ids) or main_model
+    else:
+        main = sonnet or opus or (model_ids or [None])[0]
     # Anthropic's spelling, which Claude Code reads right (see anthropic_model_id)
-    opus, sonnet, haiku, main = (anthropic_model_id(m) if m else m for m in (opus, sonnet, haiku, main))
-    pairs = [("ANTHROPIC_BASE_URL", base_url),
+    opus, sonnet, haiku, main = (anthropic_model_id(m) if m else m
+                                 for m in (opus, sonnet, haiku, main))
+    pairs = [("ANTHROPIC_BASE_URL", local_url(base_url)),
              ("ANTHROPIC_AUTH_TOKEN", config.api_key or "coproxy"),
              ("ANTHROPIC_MODEL", main), ("ANTHROPIC_DEFAULT_OPUS_MODEL", opus),
-             ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet), ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku or main),
+             ("ANTHROPIC_DEFAULT_SONNET_MODEL", sonnet),
+             ("ANTHROPIC_DEFAULT_HAIKU_MODEL", haiku or main),
              # the attribution line changes every turn and would defeat prompt caching
              ("CLAUDE_CODE_ATTRIBUTION_HEADER", "0"),
-             # no telemetry or error reports to Anthropic; not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC,
-             # which also turns the model discovery below off (seen in Claude Code 2.1.197)
+             # no telemetry or error reports to Anthropic; not
+             # CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC, which also turns the model discovery
+             # below off (seen in Claude Code 2.1.197)
              ("DISABLE_TELEMETRY", "1"), ("DISABLE_ERROR_REPORTING", "1"),
              # /model then lists the catalogue's Claude models, read from GET /v1/models (2.1.126+)
              ("CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY", "1")]
@@ -11357,8 +11524,7 @@ def claude_code_target(config):
         url = running_instance(config, quiet=True)[1]
         if url:
             return url
-    host = "[%s]" % config.host if ":" in config.host else config.host
-    return "http://%s:%d" % (host, config.port)
+    return http_url(config.host, config.port)
 
 
 def catalogue_from_coproxy(config, url):
@@ -11369,25 +11535,31 @@ def catalogue_from_coproxy(config, url):
     headers = {"Accept": "application/json"}
     if config.api_key:
         headers["Authorization"] = "Bearer " + config.api_key
-    url = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+    url = local_url(url)
     try:
         status, data, _, response = client.request_json("GET", url + "/v1/models", headers)
     except UpstreamUnreachable as exc:
-        return None, None, "no coproxy answers at %s%s" % (url, "" if exc.kind == "refused" else " (%s)" % exc)
+        detail = "" if exc.kind == "refused" else " (%s)" % exc
+        return None, None, "no coproxy answers at %s%s" % (url, detail)
     finally:
         client.close()
     if status == 401:  # Claude Code would get the same refusal on every request
-        raise CoproxyError("the coproxy at %s refuses the key given to claude-code (%s): give it the key serve was "
-                           "started with (--api-key, or COPROXY_API_KEY / GHCP_PROXY_API_KEY)" % (
-                               url, "none" if not config.api_key else config.source_of("api_key")))
+        given = "none" if not config.api_key else config.source_of("api_key")
+        raise CoproxyError("the coproxy at %s refuses the key given to claude-code (%s): give it "
+                           "the key serve was started with (--api-key, or COPROXY_API_KEY / "
+                           "GHCP_PROXY_API_KEY)" % (url, given))
     if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
         message = _dig(data, "error").get("message") if isinstance(data, dict) else None
-        return None, None, "the coproxy at %s answered %d%s" % (url, status, ": %s" % message if message else "")
+        return None, None, "the coproxy at %s answered %d%s" % (
+            url, status, ": %s" % message if message else "")
     if response.header("x-coproxy-models-source") == "fallback":
-        return None, None, "the coproxy at %s cannot read the catalogue from GitHub either (its log says why)" % url
+        return None, None, ("the coproxy at %s cannot read the catalogue from GitHub either (its "
+                            "log says why)" % url)
     entries = [m for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
-    return ([m["id"] for m in entries if m.get("type", "chat") == "chat" and m.get("owned_by") != "coproxy-alias"],
-            [m["id"] for m in entries if m.get("owned_by") == "coproxy-alias"], None)
+    aliases = [m["id"] for m in entries if m.get("owned_by") == "coproxy-alias"]
+    chat = [m["id"] for m in entries
+            if m.get("type", "chat") == "chat" and m.get("owned_by") != "coproxy-alias"]
+    return chat, aliases, None
 
 
 def cmd_claude_code(config, args):
@@ -11400,29 +11572,38 @@ def cmd_claude_code(config, args):
             try:
                 models = auth.fetch_models()
             except (AuthError, UpstreamUnreachable) as exc:
-                raise CoproxyError("cannot learn your Copilot model catalogue, so no settings are printed: %s; and "
-                                   "GitHub: %s. Start coproxy (`python3 coproxy.py serve`), then run claude-code as its "
-                                   "banner prints it (the same --state-dir, --port, --ca-file ...)" % (problem, exc))
-        ids, aliases = [m["id"] for m in models if (_dig(m, "capabilities").get("type") or "chat") == "chat"], []
-        _say("note: %s; the models are from GitHub. Start coproxy there before running claude" % problem)
+                raise CoproxyError("cannot learn your Copilot model catalogue, so no settings are "
+                                   "printed: %s; and GitHub: %s. Start coproxy (`python3 "
+                                   "coproxy.py serve`), then run claude-code as its banner prints "
+                                   "it (the same --state-dir, --port, --ca-file ...)"
+                                   % (problem, exc))
+        ids = [m["id"] for m in models
+               if (_dig(m, "capabilities").get("type") or "chat") == "chat"]
+        aliases = []
+        _say("note: %s; the models are from GitHub. Start coproxy there before running claude"
+             % problem)
     if args.model and args.model not in aliases and resolve_model(args.model, ids) is None:
         import difflib  # only for this message
         close = difflib.get_close_matches(args.model, ids, n=3, cutoff=0.4)
-        raise CoproxyError("--model %s is not in your Copilot catalogue%s, so Claude Code would get 404s "
-                           "(`python3 coproxy.py models` lists the ids)" % (
-                               args.model, "; did you mean %s?" % ", ".join(close) if close else ""))
+        hint = "; did you mean %s?" % ", ".join(close) if close else ""
+        raise CoproxyError("--model %s is not in your Copilot catalogue%s, so Claude Code would "
+                           "get 404s (`python3 coproxy.py models` lists the ids)"
+                           % (args.model, hint))
     import shlex  # this command only
     for name, value in claude_code_environment(config, ids, args.model, url):
         if args.shell == "fish":
             print("set -gx %s %s" % (name, shlex.quote(value)))
         elif args.shell == "powershell":
-            print('$env:%s = "%s"' % (name, value.replace("`", "``").replace('"', '`"').replace("$", "`$")))
+            # PowerShell's escape character is the backtick; "$" would expand a variable
+            quoted = value.replace("`", "``").replace('"', '`"').replace("$", "`$")
+            print('$env:%s = "%s"' % (name, quoted))
         else:
             print("export %s=%s" % (name, shlex.quote(value)))
     return 0
 
 
-COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code, ("usage", None): cmd_usage,
+COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code,
+            ("usage", None): cmd_usage,
             ("stop", None): cmd_stop, ("status", None): cmd_status, ("service", None): cmd_service,
             ("auth", "login"): cmd_auth_login, ("auth", "status"): cmd_auth_status,
             ("auth", "logout"): cmd_auth_logout, ("auth", "refresh"): cmd_auth_refresh,
@@ -11443,7 +11624,8 @@ def setup_logging(config, command):
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
-    logging.getLogger("coproxy.announce").setLevel(logging.INFO)  # "listening on": shown at any level
+    # "listening on" is shown at any level: a server quiet at warning still says where it is
+    logging.getLogger("coproxy.announce").setLevel(logging.INFO)
     return level
 
 
@@ -11459,29 +11641,36 @@ def _flush_stdout():
 
 
 def main(argv=None):
+    """The command line: exit 0 on success, 1 on an error of ours (one ``coproxy: error:``
+    line, redacted), 2 on a usage error, 130 on Ctrl-C. An unexpected exception is one line
+    too, unless --log-level debug asks for the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = False
     try:
-        parser = build_parser(argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None)
+        # Only the named command's parser is built when the first word names one (see
+        # build_parser); a shared flag before the command builds them all.
+        first = argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None
+        parser = build_parser(first)
         parser.argv = argv
         args, extra = parser.parse_known_args(argv)
-        if extra:
-            raise parser.unrecognized([n for n in (args.command, getattr(args, "auth_command", None)) if n], extra)
         command = (args.command, getattr(args, "auth_command", None))
+        if extra:
+            raise parser.unrecognized([name for name in command if name], extra)
         if command not in COMMANDS:
             if args.command is None:
                 parser.print_help(sys.stderr)
             else:
                 build_parser(args.command).parse_args([args.command, "--help"])
             return 2
-        config = Config.resolve({o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)})
+        config = Config.resolve({o.dest: getattr(args, o.dest) for o in OPTIONS
+                                 if hasattr(args, o.dest)})
         debug = setup_logging(config, args.command) == "DEBUG"
         for warning in config.warnings:
             log.warning("%s", warning)
         code = COMMANDS[command](config, args)
         _flush_stdout()
         return code
-    except BrokenPipeError:  # mid-command: the output outgrew the pipe's buffer after its reader left
+    except BrokenPipeError:  # mid-command: the output outgrew the pipe's buffer, its reader gone
         _flush_stdout()
         return 0
     except SystemExit:  # --help and --version print, then leave this way

@@ -2171,11 +2171,11 @@ class TestCopilotAuth(unittest.TestCase):
         self.assertIn("auth login", str(ctx.exception))
 
     def test_api_base_fallbacks(self):
-        self.assertEqual(self.auth._api_base_from({"token": "tid=1;proxy-ep=proxy.business.githubcopilot.com;x=1"}),
+        self.assertEqual(coproxy.exchanged_api_base(self.auth.config, {"token": "tid=1;proxy-ep=proxy.business.githubcopilot.com;x=1"}),
                          "https://api.business.githubcopilot.com")
-        self.assertEqual(self.auth._api_base_from({"token": "tid=1"}), "https://api.githubcopilot.com")
+        self.assertEqual(coproxy.exchanged_api_base(self.auth.config, {"token": "tid=1"}), "https://api.githubcopilot.com")
         ghe = self.make_auth(github_host="acme.ghe.com")
-        self.assertEqual(ghe._api_base_from({"token": "tid=1"}), "https://copilot-api.acme.ghe.com")
+        self.assertEqual(coproxy.exchanged_api_base(ghe.config, {"token": "tid=1"}), "https://copilot-api.acme.ghe.com")
         override = self.make_auth(copilot_api_url="http://127.0.0.1:1/")
         self.assertEqual(override.api_base({"token": "t", "api_endpoint": "https://x"}), "http://127.0.0.1:1")
 
