@@ -1775,8 +1775,8 @@ class History:
 #    origin (LIFO; only after an answer read to the end, never after an exchange that failed or
 #    was aborted; idle ones closed by a timer; a cap per origin and in all). One retry (on a new
 #    connection) when a pooled connection, a TLS handshake or a proxy tunnel is hung up on
-#    before any response byte. HTTPS_PROXY/NO_PROXY through a CONNECT tunnel. Images given by URL use
-#    ImageFetcher: fresh connections, never the pool, public addresses only.
+#    before any response byte. HTTPS_PROXY/NO_PROXY through a CONNECT tunnel. Images given by
+#    URL use ImageFetcher: fresh connections, never the pool, public addresses only.
 # ------------------------------------------------------------------------------------------
 
 def _no_proxy_matches(host, port, no_proxy):
@@ -1788,7 +1788,10 @@ def _no_proxy_matches(host, port, no_proxy):
             continue
         if entry == "*":
             return True
-        entry_host, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry.count(":") == 1:  # host:port (an IPv6 address has more colons and no port)
+            entry_host, _, entry_port = entry.rpartition(":")
+        else:
+            entry_host, entry_port = entry, ""
         if entry_port and entry_port != str(port):
             continue
         entry_host = entry_host.lstrip(".").strip("[]")
@@ -1800,13 +1803,14 @@ def _no_proxy_matches(host, port, no_proxy):
 def proxy_for(url, environ):
     """(host, port, Proxy-Authorization value or None) of the proxy for ``url``, or None."""
     parts = urllib.parse.urlsplit(url)
-    names = ("https_proxy", "HTTPS_PROXY") if parts.scheme == "https" else ("http_proxy", "HTTP_PROXY")
+    https = parts.scheme == "https"
+    # the lower-case spelling wins when both are set, as in curl
+    names = ("https_proxy", "HTTPS_PROXY") if https else ("http_proxy", "HTTP_PROXY")
     proxy = next((environ[n] for n in names if environ.get(n)), None)
     if not proxy:
         return None
     no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
-    if _no_proxy_matches(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80),
-                         no_proxy):
+    if _no_proxy_matches(parts.hostname or "", parts.port or (443 if https else 80), no_proxy):
         return None
     return parse_proxy(proxy)
 
@@ -1820,8 +1824,9 @@ def parse_proxy(proxy):
         port = p.port or 80
     except ValueError:
         p = port = None
-    if p is None or p.scheme != "http" or not p.hostname:  # https:// would send its password in clear
-        raise ConfigError("proxy URL %s is not usable (only http:// proxies are supported)" % redact(proxy))
+    if p is None or p.scheme != "http" or not p.hostname:
+        raise ConfigError("proxy URL %s is not usable (only http:// proxies are supported)"
+                          % redact(proxy))
     auth = None
     if p.username is not None:
         creds = "%s:%s" % (urllib.parse.unquote(p.username), urllib.parse.unquote(p.password or ""))
@@ -1840,24 +1845,26 @@ def network_error(exc, url):
     if isinstance(exc, UpstreamUnreachable):
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return UpstreamUnreachable("TLS certificate of %s could not be verified (%s); behind a TLS-inspecting proxy, "
-                                   "pass its CA bundle with --ca-file or SSL_CERT_FILE" % (host, exc.verify_message),
-                                   kind="tls")
+        return UpstreamUnreachable("TLS certificate of %s could not be verified (%s); behind a "
+                                   "TLS-inspecting proxy, pass its CA bundle with --ca-file or "
+                                   "SSL_CERT_FILE" % (host, exc.verify_message), kind="tls")
     if isinstance(exc, ssl.SSLError):
         return UpstreamUnreachable("TLS error talking to %s: %s" % (host, exc), kind="tls")
     if isinstance(exc, socket.gaierror):
-        return UpstreamUnreachable("cannot resolve %s (%s); check your network or HTTPS_PROXY" % (host, exc.strerror),
-                                   kind="dns")
+        return UpstreamUnreachable("cannot resolve %s (%s); check your network or HTTPS_PROXY"
+                                   % (host, exc.strerror), kind="dns")
     if isinstance(exc, socket.timeout):
         return UpstreamUnreachable("timed out talking to %s" % host, timeout=True)
     if isinstance(exc, ConnectionRefusedError):
-        return UpstreamUnreachable("connection to %s refused; check your network or HTTPS_PROXY" % host,
-                                   kind="refused")
+        return UpstreamUnreachable("connection to %s refused; check your network or HTTPS_PROXY"
+                                   % host, kind="refused")
     if isinstance(exc, OSError) and "Tunnel connection failed" in str(exc):
-        return UpstreamUnreachable("the HTTPS proxy refused the tunnel to %s (%s)" % (host, exc), kind="proxy")
+        return UpstreamUnreachable("the HTTPS proxy refused the tunnel to %s (%s)" % (host, exc),
+                                   kind="proxy")
     if isinstance(exc, UpstreamCutShort):
         return UpstreamUnreachable("%s closed the connection mid-answer" % host, kind="cut")
-    return UpstreamUnreachable("cannot reach %s: %s" % (host, exc.__class__.__name__ + (": %s" % exc if str(exc) else "")))
+    detail = exc.__class__.__name__ + (": %s" % exc if str(exc) else "")
+    return UpstreamUnreachable("cannot reach %s: %s" % (host, detail))
 
 
 class AbortHandle:
@@ -1913,8 +1920,9 @@ def hung_up_before_answer(exc):
     """True for the errors of a peer that went away before saying anything: a reset, a closed
     pipe, a TLS connection that ended without its close_notify ("EOF occurred in violation of
     protocol"). Not a timeout (the request may be running) and not a cut-short answer."""
-    return isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError,
-                            ssl.SSLZeroReturnError)) and not isinstance(exc, UpstreamCutShort)
+    # UpstreamCutShort is a ConnectionError but none of these, so a cut answer is never counted
+    return isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                            ssl.SSLEOFError, ssl.SSLZeroReturnError))
 
 
 _DECIMAL = re.compile(r"[0-9]+\Z")
@@ -1947,6 +1955,9 @@ class UpstreamResponse:
     when the answer was read to its end; without it the connection is closed."""
 
     def __init__(self, conn, method, release=None, abort_handle=None):
+        """Reads the head (blocking) and works out how the body is framed: chunked, a length,
+        none (HEAD, 204, 304), or until the server closes, in which case the connection can
+        never go back to the pool."""
         self._conn = conn
         self._sock = conn.sock
         self._release = release
@@ -1985,14 +1996,17 @@ class UpstreamResponse:
         """(status, headers with lower-case names, will_close) of the next answer on the socket."""
         buf = self._buf
         while True:
-            ends = [(end, end + size) for end, size in ((buf.find(b"\r\n\r\n"), 4), (buf.find(b"\n\n"), 2))
-                    if end >= 0]  # the first blank line; bare LF line ends are tolerated, as http.client does
+            # the first blank line; bare LF line ends are tolerated, as http.client does
+            ends = [(end, end + size)
+                    for end, size in ((buf.find(b"\r\n\r\n"), 4), (buf.find(b"\n\n"), 2))
+                    if end >= 0]
             if ends:
                 end, rest = min(ends)
                 head = bytes(buf[:end])
                 break
             if len(buf) > MAX_HEADER_BYTES * 2:
-                raise ValueError("the upstream sent a response head larger than %d bytes" % (MAX_HEADER_BYTES * 2))
+                raise ValueError("the upstream sent a response head larger than %d bytes"
+                                 % (MAX_HEADER_BYTES * 2))
             answered = self._conn.answered
             try:
                 data = self._sock.recv(UPSTREAM_RECV_BYTES)
@@ -2010,8 +2024,10 @@ class UpstreamResponse:
         del buf[:rest]
         lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
         parts = lines[0].split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
-            raise ValueError("the upstream answered with a malformed status line %r" % lines[0][:80])
+        if (len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3
+                or not parts[1].isdigit()):
+            raise ValueError("the upstream answered with a malformed status line %r"
+                             % lines[0][:80])
         if len(lines) > MAX_HEADER_COUNT + 1:
             raise ValueError("the upstream sent more than %d header lines" % MAX_HEADER_COUNT)
         headers = {}
@@ -2062,14 +2078,16 @@ class UpstreamResponse:
             end = buf.find(b"\n")
             if end < 0:
                 if len(buf) > MAX_CHUNK_LINE_BYTES:
-                    raise ValueError("the upstream sent a chunk-size line longer than %d bytes" % MAX_CHUNK_LINE_BYTES)
+                    raise ValueError("the upstream sent a chunk-size line longer than %d bytes"
+                                     % MAX_CHUNK_LINE_BYTES)
                 break
             line = bytes(buf[:end]).strip()
             del buf[:end + 1]
             if self._need_crlf:  # the line end that closes a chunk's data
                 self._need_crlf = False
                 if line:
-                    raise ValueError("the upstream's chunked framing is broken (no CRLF after a chunk)")
+                    raise ValueError("the upstream's chunked framing is broken (no CRLF after a "
+                                     "chunk)")
             elif self._in_trailers:
                 self._complete = not line
             else:
@@ -2133,8 +2151,9 @@ class UpstreamResponse:
             except Exception as exc:
                 if not parts:
                     raise
-                self._failure = exc.with_traceback(None)  # the bytes that came before the failure go first
-                                                          # (no traceback: it would hold this frame)
+                # The bytes that came before the failure go first; the failure is raised by the
+                # next pull. No traceback: it would hold this frame (and the body) alive.
+                self._failure = exc.with_traceback(None)
                 return b"".join(parts), False
             if not data:
                 return b"".join(parts), data is not None
@@ -2143,6 +2162,7 @@ class UpstreamResponse:
                 return b"".join(parts), self._complete
 
     def _drained(self):
+        # TLS knows what it holds decrypted; a plain socket's short read means it had no more
         pending = getattr(self._sock, "pending", None)
         return pending() == 0 if pending is not None else self._last_read < UPSTREAM_RECV_BYTES
 
@@ -2153,8 +2173,8 @@ class UpstreamResponse:
         try:
             if self.length is not None and self.length > limit:
                 self.close(reuse=False)
-                raise UpstreamUnreachable("upstream answer of %d bytes is larger than %d" % (self.length, limit),
-                                          kind="too_large")
+                raise UpstreamUnreachable("upstream answer of %d bytes is larger than %d"
+                                          % (self.length, limit), kind="too_large")
             parts = []
             total = 0
             while True:
@@ -2169,22 +2189,27 @@ class UpstreamResponse:
                 total += len(data)
                 if total > limit:
                     self.close(reuse=False)
-                    raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit, kind="too_large")
+                    raise UpstreamUnreachable("upstream answer larger than %d bytes" % limit,
+                                              kind="too_large")
                 parts.append(data)
         except (OSError, ValueError) as exc:
             self.close(reuse=False)
             if self._abort is not None and self._abort.aborted:
                 raise UpstreamUnreachable("aborted", kind="aborted")
-            raise UpstreamUnreachable("upstream connection failed mid-answer: %s" % exc.__class__.__name__,
+            raise UpstreamUnreachable("upstream connection failed mid-answer: %s"
+                                      % exc.__class__.__name__,
                                       timeout=isinstance(exc, socket.timeout), kind="cut")
 
     def close(self, reuse=True):
-        """Give the connection back if the answer was fully read and reuse is allowed, else close it."""
+        """Give the connection back if the answer was fully read and reuse is allowed, else
+        close it: a connection with unread bytes, a failure or an abort behind it would hand the
+        next request someone else's answer or a dead socket."""
         if self.done:
             return
         self.done = True
-        if (reuse and self._release is not None and self._complete and not self.will_close and not self._buf
-                and self._failure is None and (self._abort is None or self._abort.detach(self._sock))):
+        if (reuse and self._release is not None and self._complete and not self.will_close
+                and not self._buf and self._failure is None
+                and (self._abort is None or self._abort.detach(self._sock))):
             self._release(self._conn)
         else:
             self._conn.close()
@@ -2207,7 +2232,8 @@ def safe_request_target(path):
         raise UpstreamUnreachable("not a usable URL (it contains a lone surrogate)", kind="bad_url")
     out = []
     for index, byte in enumerate(raw):
-        if 0x21 <= byte <= 0x7e and not (byte == 0x25 and not re.match(rb"%[0-9A-Fa-f]{2}", raw[index:index + 3])):
+        stray_percent = byte == 0x25 and not re.match(rb"%[0-9A-Fa-f]{2}", raw[index:index + 3])
+        if 0x21 <= byte <= 0x7e and not stray_percent:
             out.append(chr(byte))
         else:
             out.append("%%%02X" % byte)
@@ -2218,7 +2244,8 @@ def _split_url(url):
     """(scheme://authority, path and query) of a URL, split by hand: urllib.parse quietly drops
     CR, LF and tabs, and the path must reach safe_request_target as the caller gave it."""
     scheme, sep, rest = url.partition("://")
-    cut = min([i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0] or [len(rest)])
+    cut = min([i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+              or [len(rest)])
     path = rest[cut:].split("#", 1)[0]
     return scheme + sep + rest[:cut], ("/" + path if path[:1] == "?" else path) or "/"
 
@@ -2232,8 +2259,8 @@ def parse_target(url):
         port = parts.port
     except ValueError:
         parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or "@" in base \
-            or not base.isprintable() or " " in base:
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or "@" in base or not base.isprintable() or " " in base):
         raise UpstreamUnreachable("not a usable http(s) URL", kind="bad_url")
     host = parts.hostname
     if ":" in host:
@@ -2242,12 +2269,13 @@ def parse_target(url):
         except (OSError, ValueError):
             raise UpstreamUnreachable("not a usable http(s) URL (bad IPv6 address)", kind="bad_url")
     else:
-        if not host.isascii():
-            try:
+        try:
+            if not host.isascii():
                 host = host.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise UpstreamUnreachable("not a usable http(s) URL (bad host name)", kind="bad_url")
-        if not _HOST_NAME.match(host):
+            usable = bool(_HOST_NAME.match(host))
+        except UnicodeError:
+            usable = False
+        if not usable:
             raise UpstreamUnreachable("not a usable http(s) URL (bad host name)", kind="bad_url")
     default = 443 if parts.scheme == "https" else 80
     port = port or default
@@ -2261,8 +2289,8 @@ def _check_header_values(headers):
     character) or cannot be sent as latin-1."""
     for value in headers.values():
         if not (value.isprintable() and (value.isascii() or max(map(ord, value)) < 256)):
-            raise UpstreamUnreachable("refusing to send a header value that contains a line break or control "
-                                      "character", kind="bad_header")
+            raise UpstreamUnreachable("refusing to send a header value that contains a line "
+                                      "break or control character", kind="bad_header")
     return "".join(["%s: %s\r\n" % item for item in headers.items()])
 
 
@@ -2304,17 +2332,21 @@ def _send_request(conn, method, target, head_block, body):
 
 
 class UpstreamClient:
-    """Blocking HTTP/1.1 client for GitHub and Copilot, with a kept-alive pool per origin (see §6)."""
+    """Blocking HTTP/1.1 client for GitHub and Copilot, with a kept-alive pool per origin (see
+    §6). Safe to share between threads: the pool, the known origins and the TLS sessions are
+    guarded by one lock, held only for bookkeeping, never across I/O."""
 
     def __init__(self, ca_file=None, connect_timeout=DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
                  read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, environ=None):
+        """``environ`` is read for the proxy variables (a copy: later changes do not count). A
+        proxy URL that cannot be used is a ConfigError here, at start, not on every request."""
         self.ca_file = ca_file
         self._ssl_context = None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.environ = dict(os.environ if environ is None else environ)
         for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-            if self.environ.get(name):  # a bad one is a start-up error, not a failure of every request
+            if self.environ.get(name):
                 parse_proxy(self.environ[name])
         self._pools = {}
         self._idle = 0
@@ -2329,7 +2361,8 @@ class UpstreamClient:
 
     @property
     def ssl_context(self):
-        """Built on first HTTPS use: loading the trust store costs ~2 MB and tens of milliseconds."""
+        """Built on first HTTPS use: loading the trust store costs ~2 MB and tens of
+        milliseconds."""
         with self._lock:
             if self._ssl_context is None:
                 context = ssl.create_default_context()
@@ -2337,8 +2370,8 @@ class UpstreamClient:
                     try:
                         context.load_verify_locations(cafile=self.ca_file)
                     except (OSError, ssl.SSLError) as exc:
-                        raise UpstreamUnreachable("--ca-file %s is not a usable PEM bundle: %s" % (self.ca_file, exc),
-                                                  kind="tls")
+                        raise UpstreamUnreachable("--ca-file %s is not a usable PEM bundle: %s"
+                                                  % (self.ca_file, exc), kind="tls")
                 self._ssl_context = context
             return self._ssl_context
 
@@ -2347,7 +2380,9 @@ class UpstreamClient:
         every request; the cache is bounded)."""
         base, path = _split_url(url)
         known = self._targets.get(base)
-        return parse_target(url) if known is None else known._replace(path=safe_request_target(path))
+        if known is None:
+            return parse_target(url)
+        return known._replace(path=safe_request_target(path))
 
     def _remember(self, url, target):
         base = _split_url(url)[0]
@@ -2358,7 +2393,10 @@ class UpstreamClient:
 
     def _dial(self, target, proxy):
         """A TCP connection to the origin, or to its proxy."""
-        sock = socket.create_connection(proxy[:2] if proxy else target.origin[1:], timeout=self.connect_timeout)
+        sock = socket.create_connection(proxy[:2] if proxy else target.origin[1:],
+                                        timeout=self.connect_timeout)
+        # a request goes out in one or two sendall calls: Nagle's algorithm would only delay
+        # the second one
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
@@ -2370,7 +2408,8 @@ class UpstreamClient:
         try:
             if scheme == "https":
                 if proxy:
-                    _connect_tunnel(sock, "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port), proxy[2])
+                    authority = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+                    _connect_tunnel(sock, authority, proxy[2])
                 # Resuming the last TLS session of this origin skips the certificate checks on
                 # both sides: most of a handshake's cost when many streams open at once.
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=host,
@@ -2386,6 +2425,8 @@ class UpstreamClient:
         return UpstreamConnection(sock, absolute_form, proxy[2] if absolute_form else None)
 
     def _acquire(self, origin):
+        """The most recently pooled connection to ``origin`` (LIFO: the warmest one, and the
+        idle ones at the bottom age out), or None; one idle too long is closed on the way."""
         with self._lock:
             pool = self._pools.get(origin)
             while pool:
@@ -2420,7 +2461,8 @@ class UpstreamClient:
                     pool.append((conn, time.monotonic()))
                     self._idle += 1
                     if self._reaper is None:
-                        self._reaper = threading.Thread(target=self._reap, name="coproxy-pool-reaper", daemon=True)
+                        self._reaper = threading.Thread(target=self._reap, daemon=True,
+                                                        name="coproxy-pool-reaper")
                         self._reaper.start()
                     return
         conn.close()
@@ -2432,9 +2474,11 @@ class UpstreamClient:
                 self._reaper_wake.wait(IDLE_UPSTREAM_SECONDS / 3)
                 now = time.monotonic()
                 for origin, pool in list(self._pools.items()):
-                    expired = [conn for conn, since in pool if now - since >= IDLE_UPSTREAM_SECONDS]
+                    expired = [conn for conn, since in pool
+                               if now - since >= IDLE_UPSTREAM_SECONDS]
                     if expired:
-                        pool[:] = [(conn, since) for conn, since in pool if now - since < IDLE_UPSTREAM_SECONDS]
+                        pool[:] = [(conn, since) for conn, since in pool
+                                   if now - since < IDLE_UPSTREAM_SECONDS]
                         self._idle -= len(expired)
                         for conn in expired:
                             conn.close()
@@ -2466,11 +2510,16 @@ class UpstreamClient:
         head_block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
         if "Accept-Encoding" not in headers:  # bodies are relayed as they come: no gzip, please
             head_block += "Accept-Encoding: identity\r\n"
-        request_target = ("%s://%s%s" % (target.origin[0], target.host_header, target.path), target.path)
+        # (absolute form for a plain-HTTP proxy, origin form otherwise)
+        request_target = ("%s://%s%s" % (target.origin[0], target.host_header, target.path),
+                          target.path)
         release = functools.partial(self.release, target.origin)
 
         def attempt(first):
-            conn = self._acquire(target.origin) if first else None  # a retry never trusts the pool again
+            """One try; ``stage`` records how far it got, because only a failure while on a
+            pooled connection or in the handshake/tunnel, before any answer byte, is safe to
+            retry (see retry_once)."""
+            conn = self._acquire(target.origin) if first else None  # a retry: a new connection
             stage = "pooled" if conn is not None else "dial"
             try:
                 if conn is None:
@@ -2486,7 +2535,8 @@ class UpstreamClient:
                         conn.close()
                         raise UpstreamUnreachable("aborted", kind="aborted")
                 conn.answered = False  # (a pooled one: from its previous request)
-                _send_request(conn, method, request_target[0 if conn.absolute_form else 1], head_block, body)
+                _send_request(conn, method, request_target[0 if conn.absolute_form else 1],
+                              head_block, body)
                 return UpstreamResponse(conn, method, release, abort_handle)
             except (OSError, ValueError) as exc:
                 if conn is not None:
@@ -2494,14 +2544,16 @@ class UpstreamClient:
                 if abort_handle is not None and abort_handle.aborted:
                     raise UpstreamUnreachable("aborted", kind="aborted")
                 answered = conn is not None and conn.answered
-                if first and stage in ("pooled", "handshake") and not answered \
-                        and hung_up_before_answer(exc):
+                if (first and stage in ("pooled", "handshake") and not answered
+                        and hung_up_before_answer(exc)):
                     raise RetryOnce("%s upstream connection failed before any answer (%s)"
-                                    % ("a pooled" if stage == "pooled" else "a new", exc.__class__.__name__))
+                                    % ("a pooled" if stage == "pooled" else "a new",
+                                       exc.__class__.__name__))
                 raise network_error(exc, url)
         return retry_once(attempt)
 
-    def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES, abort_handle=None):
+    def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES,
+                     abort_handle=None):
         """(status, parsed JSON or None, raw bytes, response) for a small JSON exchange."""
         body = json_dumps(payload) if payload is not None else None
         response = self.request(method, url, headers, body, abort_handle)
@@ -2519,8 +2571,8 @@ class UpstreamClient:
 #: request must not make coproxy reach the user's own machine, LAN, cloud metadata or routers.
 _NON_PUBLIC_NETWORKS = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
-    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20",
     "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")
 #: IPv6 forms that carry an IPv4 address (mapped, SIIT-translated, compatible, NAT64, 6to4):
@@ -2548,8 +2600,10 @@ def address_is_public(text):
     if address.version == 6:
         for network, shift in embedding:
             if address in network:
-                return address_is_public(str(ipaddress.IPv4Address((int(address) >> shift) & 0xFFFFFFFF)))
-    return not any(address in network for network in non_public if network.version == address.version)
+                inner = ipaddress.IPv4Address((int(address) >> shift) & 0xFFFFFFFF)
+                return address_is_public(str(inner))
+    return not any(address in network for network in non_public
+                   if network.version == address.version)
 
 
 class ImageNotFetched(Exception):
@@ -2567,6 +2621,9 @@ class ImageFetcher:
         self.allow_private = allow_private
 
     def _addresses(self, host, port):
+        """Every address ``host`` resolves to; all must be public (unless allowed otherwise):
+        checking only the one connected to would let a name that also resolves to a private
+        address reach it on a later fetch."""
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
@@ -2575,10 +2632,14 @@ class ImageFetcher:
         if not self.allow_private:
             hidden = [a for _, a in addresses if not address_is_public(a)]
             if hidden:
-                raise ImageNotFetched("%s resolves to a non-public address (%s)" % (host, hidden[0]))
+                raise ImageNotFetched("%s resolves to a non-public address (%s)"
+                                      % (host, hidden[0]))
         return addresses
 
     def _open(self, target, url, deadline, abort):
+        """A new connection to the first address of ``target`` that answers, by the address
+        itself (also through a proxy's CONNECT): resolving again could give another, unchecked
+        one. Returns (connection, the address as a URL host)."""
         scheme, host, port = target.origin
         addresses = self._addresses(host, port)
         proxy = proxy_for(url, self.client.environ)
@@ -2587,7 +2648,8 @@ class ImageFetcher:
             literal = "[%s]" % address if family == socket.AF_INET6 else address
             timeout = max(0.01, min(self.client.connect_timeout, deadline - time.monotonic()))
             try:
-                sock = socket.create_connection(proxy[:2] if proxy else (address, port), timeout=timeout)
+                sock = socket.create_connection(proxy[:2] if proxy else (address, port),
+                                                timeout=timeout)
             except OSError as exc:
                 last = exc
                 continue
@@ -2599,7 +2661,8 @@ class ImageFetcher:
                         _connect_tunnel(sock, "%s:%d" % (literal, port), proxy[2])
                     sock = self.client.ssl_context.wrap_socket(sock, server_hostname=host,
                                                                do_handshake_on_connect=False)
-                    if abort is not None:  # before the handshake: wrapping detached the plain socket
+                    # before the handshake: wrapping detached the plain socket attached above
+                    if abort is not None:
                         abort.attach(sock)
                     sock.do_handshake()
                 absolute = bool(proxy) and scheme == "http"
@@ -2610,7 +2673,8 @@ class ImageFetcher:
         raise ImageNotFetched("cannot connect to %s: %s" % (host, last))
 
     def fetch(self, url, abort=None, timeout=None):
-        """(media type, bytes) of the image at ``url``, or ImageNotFetched saying why (for the log)."""
+        """(media type, bytes) of the image at ``url``, or ImageNotFetched saying why (for the
+        log). Redirects are followed by hand, each hop checked as the first."""
         deadline = time.monotonic() + (IMAGE_FETCH_SECONDS if timeout is None else timeout)
         for _ in range(MAX_IMAGE_REDIRECTS + 1):
             try:
@@ -2618,9 +2682,12 @@ class ImageFetcher:
                 conn, literal = self._open(target, url, deadline, abort)
             except (UpstreamUnreachable, OSError, ValueError) as exc:
                 raise ImageNotFetched(str(network_error(exc, url)))
-            headers = {"Accept": "image/*", "User-Agent": "coproxy/" + __version__, "Connection": "close"}
+            headers = {"Accept": "image/*", "User-Agent": "coproxy/" + __version__,
+                       "Connection": "close"}
             block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
-            where = ("http://%s:%d%s" % (literal, target.port, target.path)) if conn.absolute_form else target.path
+            where = target.path
+            if conn.absolute_form:  # a plain-HTTP proxy is told the checked address, not the name
+                where = "http://%s:%d%s" % (literal, target.port, target.path)
             try:
                 conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
                 _send_request(conn, "GET", where, block, None)
@@ -2635,7 +2702,8 @@ class ImageFetcher:
                 media_type = (response.header("content-type") or "").split(";")[0].strip().lower()
                 if response.status != 200 or not media_type.startswith("image/"):
                     response.close(reuse=False)
-                    raise ImageNotFetched("HTTP %d, Content-Type %s" % (response.status, media_type or "missing"))
+                    raise ImageNotFetched("HTTP %d, Content-Type %s"
+                                          % (response.status, media_type or "missing"))
                 return media_type, response.read_all(MAX_IMAGE_BYTES, deadline)
             except (UpstreamUnreachable, OSError, ValueError) as exc:
                 conn.close()
