@@ -7,6 +7,8 @@
 # ------------------------------------------------------------------------------------------
 # 1. Header
 #    What coproxy is, how to run it, and the table of contents: the docstring is the manual.
+#    After it, the reader's map: how a request flows, a reading order, the words the file
+#    uses, the threads and what each owns.
 # ------------------------------------------------------------------------------------------
 """coproxy: your GitHub Copilot subscription as a local OpenAI- and Anthropic-compatible API.
 
@@ -59,6 +61,69 @@ Sections (each uses only those above it; ``grep -n '^# [0-9]*\\. ' coproxy.py``)
   14. CLI
   15. Entry
 """
+
+# ------------------------------------------------------------------------------------------
+# Reader's map
+#
+# One request, top to bottom (section numbers in brackets):
+#
+#   client --HTTP/1.1--> Server/Connection [11]  parse the head, cap and time the body
+#                          |
+#                          v
+#                        App._handle [13]  route, Guard (Host, Origin, API key), envelope
+#                          |  handler: read_json -> validate_* -> Catalogue.resolve -> plan_*
+#                          |  (pure functions of [8] and [9]; a heavy body runs them in a
+#                          |   worker, one at a time: App.work)
+#                          v
+#                        Gateway.run [12]  slot, pace, inline images, send
+#                          |  WorkerPool thread [10]: UpstreamClient.request [6] with the
+#                          |  Copilot token of CopilotAuth [7]; one retry on a stale pooled
+#                          |  connection or a 401, one after a refusal the plan can fix or
+#                          |  a short 429/503
+#                          v
+#               whole answer: plan.answer(data) -> Response.send
+#               stream:       StreamHub thread [10] reads every upstream socket --batches-->
+#                             StreamRelay [12] on the loop: translate, ping, backpressure
+#                          |
+#                          v
+#                        Gateway._account [12]: metrics, access log, history file [5]
+#
+# Reading order: the constants of [2] and the errors of [3]; then a Plan (end of [9]) and one
+# planner, plan_chat; then Gateway.run and StreamRelay [12]; then whichever side you need:
+# the wire ([6], [11]), the formats ([8], [9]), login and tokens ([5], [7]), the CLI ([14]).
+#
+# Glossary
+#   plan        everything one request sends upstream (method, path, payload, headers) and
+#               how its answer comes back (answer(), chain(), dialect): class Plan [9].
+#   planner     plan_chat, plan_messages, plan_responses, ...: request in, Plan out, pure.
+#   chain       the translators a streamed answer goes through, upstream format first
+#               (e.g. ChatReader -> ChatToAnthropic); StreamTranslation runs it.
+#   translator  one step of a chain: items in, items out; it also counts usage.
+#   dialect     how a client wants its stream and errors framed: OPENAI, ANTHROPIC,
+#               RESPONSES, OLLAMA (SSE or NDJSON, the error envelope, the keep-alive ping).
+#   catalogue   Copilot's model list (cached) and the quirks refusals taught per model+path.
+#   quirks      what a refusal taught (an effort level, a max-tokens field), for 10 minutes.
+#   slot        one of --max-concurrency places a request holds while Copilot works on it.
+#   pacing      --rate-limit: the gap between requests sent to Copilot.
+#   hub         the StreamHub: one thread that reads every streamed upstream answer.
+#   relay       the StreamRelay: one coroutine per stream that writes it to its client.
+#   guard       the checks every request passes before any route (Guard [13]).
+#   pool        two meanings: the WorkerPool of threads [10], and the kept-alive upstream
+#               connections of the UpstreamClient [6]; each says which.
+#
+# Threads, and what each owns
+#   event loop (main thread)   every client socket, the App, the Gateway's slots and the
+#                              relays; never waits on the network, a lock or a large file.
+#   coproxy-worker-N           one blocking job each: an upstream request up to its answer's
+#                              head, a token exchange, an image fetch, a heavy body's parsing.
+#   coproxy-stream-hub         every streamed upstream socket once its head is read; hands
+#                              bytes to the loop in batches; returns clean connections to the pool.
+#   coproxy-pool-reaper        closes kept-alive upstream connections left idle too long [6].
+#   coproxy-history            appends finished requests to <state-dir>/history (History [5]).
+#   A token refresh runs on whichever worker asks first; the others wait for it (CopilotAuth
+#   [7]). Threads share data only through the loop (call_soon_threadsafe) or a lock they name.
+#
+# States of a stream: see StreamRelay's docstring [12].
 
 # ------------------------------------------------------------------------------------------
 # 2. Imports, guard, constants
