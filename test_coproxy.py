@@ -6157,6 +6157,22 @@ class TestAbuse(ProxyTestCase):
         self.assertTrue(trickling.closed_by_server())
         self.assertTrue(wait_for(lambda: server.body_bytes_in_flight == 0))
 
+    def connect_past_a_full_backlog(self, port):
+        """A connection to a server whose accept queue may be full: the kernel drops a SYN it
+        has no room for and sends it again only a second later (3-8 s a test), so a connect not
+        done in 20 ms starts over on a new socket (meanwhile the server empties its queue)."""
+        deadline = time.monotonic() + 10
+        while True:
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            _, writable, _ = select.select([], [sock], [], 0.02)
+            if writable and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                sock.setblocking(True)
+                return sock
+            sock.close()
+            self.assertLess(time.monotonic(), deadline, "the server accepts no connection")
+
     @unittest.skipUnless(sys.platform.startswith("linux"), "descriptor limits as Linux has them")
     def test_idle_connections_past_the_descriptor_limit_cannot_lock_out_a_client(self):
         import resource
@@ -6174,7 +6190,7 @@ class TestAbuse(ProxyTestCase):
         port = int(re.search(r"listening on http://127.0.0.1:(\d+)", line or "").group(1))
         idle = []
         for number in range(150):  # past the server's 128 descriptors: idle, or a head never finished
-            sock = socket.create_connection(("127.0.0.1", port))
+            sock = self.connect_past_a_full_backlog(port)
             self.addCleanup(sock.close)
             if number % 2:
                 sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
