@@ -868,16 +868,38 @@ def install_log_capture():
 
 
 @contextlib.contextmanager
-def without_coproxy_variables():
-    """os.environ without COPROXY_*/GHCP_* variables (a developer may have real ones) while
-    coproxy.main runs in-process: it reads them, and warns about unknown ones."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith(("COPROXY_", "GHCP_"))}
+def without_coproxy_variables(**instead):
+    """os.environ without COPROXY_*/GHCP_* variables (a developer may have real ones), and with
+    those ``instead``, while coproxy.main runs in-process: it reads them, and warns about
+    unknown ones."""
+    saved = {k: v for k, v in os.environ.items()
+             if k.startswith(("COPROXY_", "GHCP_")) or k == "COPILOT_GITHUB_TOKEN" or k in instead}
     for name in saved:
         del os.environ[name]
+    os.environ.update(instead)
     try:
         yield
     finally:
+        for name in instead:
+            os.environ.pop(name, None)
         os.environ.update(saved)
+
+
+def main_in_process(argv, env=None):
+    """``python3 coproxy.py ARGV`` as coproxy.main in this process (a spawned interpreter costs
+    0.3 s of CPU, most of it compiling coproxy.py), its variables only ``env``, its output
+    captured, help at the 80 columns a pipe gets: a CompletedProcess, as subprocess.run gives.
+    For commands that cannot serve here: those that do run as processes."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                without_coproxy_variables(COLUMNS="80", **(env or {})):
+            code = coproxy.main(list(argv))
+    except SystemExit as exc:  # --help, --version and argparse's own errors
+        code = exc.code
+    finally:
+        install_log_capture()  # main set up its own handler, on the captured stderr
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def with_fake_upstream(test, tls=False):
@@ -6839,13 +6861,8 @@ class TestCLI(unittest.TestCase):
                              "--github-api-url", self.fake.url]
         if token:
             args += ["--github-token", "ghu_testtoken1234567890"]
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), without_coproxy_variables():
-            try:
-                code = coproxy.main(args)
-            except SystemExit as exc:
-                code = exc.code
-        return code, out.getvalue(), err.getvalue()
+        result = main_in_process(args)
+        return result.returncode, result.stdout, result.stderr
 
     def run_process(self, *argv, timeout=20):
         return subprocess.run([sys.executable, COPROXY_PY] + list(argv), stdin=subprocess.DEVNULL,
@@ -6856,29 +6873,30 @@ class TestCLI(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "coproxy " + coproxy.__version__))
 
     def test_usage_errors_exit_2_with_one_clear_line(self):
-        result = self.run_process("serve", "--port", "abc")
-        self.assertEqual((result.returncode, result.stderr.strip()), (2, "coproxy: error: argument --port: 'abc' is not a "
-                                                                          "port number (0-65535) (see: python3 coproxy.py "
-                                                                          "serve --help)"))
-        self.assertEqual(self.run_process("frobnicate").returncode, 2)
-        self.assertEqual(self.run_process().returncode, 2)
-        result = self.run_process("service")
+        result = self.run_process("serve", "--port", "abc")  # a process: its exit code, all it says
+        self.assertEqual((result.returncode, result.stderr.strip()), (
+            2, "coproxy: error: argument --port: 'abc' is not a port number (0-65535) (see: "
+               "python3 coproxy.py serve --help)"))
+        # The rest in-process; the serves have no login, so a refusal that went would exit 1.
+        self.assertEqual(main_in_process(["frobnicate"]).returncode, 2)
+        self.assertEqual(main_in_process([]).returncode, 2)
+        result = main_in_process(["service"])
         self.assertEqual(result.returncode, 2)
-        self.assertIn("service needs a kind: `python3 coproxy.py service systemd` (Linux) or", result.stderr)
-        result = self.run_process("serve", "--host", "0.0.0.0", "--state-dir", self.tmp)
+        self.assertIn("service needs a kind: `python3 coproxy.py service systemd` (Linux) or",
+                      result.stderr)
+        result = main_in_process(["serve", "--host", "0.0.0.0", "--state-dir", self.tmp])
         self.assertEqual(result.returncode, 2)
         self.assertIn("GHCP_PROXY_API_KEY", result.stderr)
-        result = self.run_process("serve", "--cors-origin", "*", "--state-dir", self.tmp)
+        result = main_in_process(["serve", "--cors-origin", "*", "--state-dir", self.tmp])
         self.assertEqual(result.returncode, 2)
-        self.assertIn("refusing --cors-origin '*' without an API key: every web page you visit", result.stderr)
+        self.assertIn("refusing --cors-origin '*' without an API key: every web page you visit",
+                      result.stderr)
 
     def test_a_misspelled_variable_is_warned_about_once_and_the_new_key_name_keys_serve(self):
-        result = subprocess.run([sys.executable, COPROXY_PY, "status", "--state-dir", self.tmp],
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20,
-                                env=dict(self.env, COPROXY_PROT="58104"))
-        self.assertEqual(result.stderr.count("COPROXY_PROT is set but coproxy reads no such variable (did you mean "
-                                             "COPROXY_PORT?)"), 1, result.stderr)
-        text = " ".join(self.run_process("serve", "--help").stdout.split())
+        result = main_in_process(["status", "--state-dir", self.tmp], env={"COPROXY_PROT": "58104"})
+        self.assertEqual(result.stderr.count("COPROXY_PROT is set but coproxy reads no such variable "
+                                             "(did you mean COPROXY_PORT?)"), 1, result.stderr)
+        text = " ".join(main_in_process(["serve", "--help"]).stdout.split())
         self.assertIn("(env GHCP_PROXY_API_KEY, or COPROXY_API_KEY when that is unset)", text)
         config = make_config(self.fake, os.path.join(self.tmp, "keyed"), environ={"COPROXY_API_KEY": "n3w-key"})
         proxy = ProxyHarness(config)
@@ -6912,18 +6930,23 @@ class TestCLI(unittest.TestCase):
         closed = socket.socket()  # bound, never listening: no coproxy answers there
         closed.bind(("127.0.0.1", 0))
         self.addCleanup(closed.close)
+        processes = []
         for argv, unbuffered in ((["models"], False), (["models"], True), (["--help"], False),
                                  (["claude-code", "--port", str(closed.getsockname()[1])], True)):
             process = subprocess.Popen([sys.executable, COPROXY_PY] + argv + [
-                "--state-dir", self.tmp, "--github-url", self.fake.url, "--github-api-url", self.fake.url],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env=dict(env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890", **({"PYTHONUNBUFFERED": "1"}
-                                                                              if unbuffered else {})))
+                "--state-dir", self.tmp, "--github-url", self.fake.url, "--github-api-url",
+                self.fake.url], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
+                env=dict(env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890",
+                         **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})))
             process.stdout.close()  # the reader is gone before the first byte is written
+            processes.append((argv, process))  # side by side: one costs 0.3 s of a core
+        for argv, process in processes:
             err = process.stderr.read()
             process.stderr.close()
             self.assertEqual(process.wait(20), 0, (argv, err))
-            self.assertEqual([line for line in err.splitlines() if not line.startswith("note: ")], [], argv)
+            self.assertEqual([line for line in err.splitlines() if not line.startswith("note: ")],
+                             [], argv)
 
     def test_usage_names_the_account_as_auth_status_does(self):
         self.fake.user = {k: v for k, v in REQUEST_BILLED_USER.items() if k != "login"}
@@ -6933,11 +6956,11 @@ class TestCLI(unittest.TestCase):
         self.assertEqual(json.loads(self.run_main("usage", "--json")[1])["login"], "octocat")
 
     def test_help_is_truthful_and_short(self):
-        top = self.run_process("--help").stdout
+        top = main_in_process(["--help"]).stdout
         self.assertIn("default: info for serve, warning for the other commands", " ".join(top.split()))
         self.assertIn("python3 coproxy.py serve", top)
         for command in ("serve", "models", "usage", "status"):
-            text = self.run_process(command, "--help").stdout
+            text = main_in_process([command, "--help"]).stdout
             self.assertNotIn("--github-api-url URL", text, command)  # shared options are listed once, at the top
             self.assertIn("listed by `python3 coproxy.py --help`", " ".join(text.split()), command)
 
@@ -7118,12 +7141,17 @@ class TestDaemon(unittest.TestCase):
         self.tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("COPROXY_", "GHCP_"))}
-        self.addCleanup(self.cli, "stop")
+        self.addCleanup(self.command, "stop")
 
     def cli(self, *argv, env=None):
+        """A command as its own process: each serve (a server, or its refusal to start one)."""
         return subprocess.run([sys.executable, COPROXY_PY] + list(argv) + ["--state-dir", self.tmp],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
                               env=dict(self.env, **(env or {})))
+
+    def command(self, *argv, env=None):
+        """status and stop, in-process: they only read the pid file, ask and signal."""
+        return main_in_process(list(argv) + ["--state-dir", self.tmp], env)
 
     def test_start_status_refuse_second_stop_and_no_secret_on_a_command_line(self):
         fake = FakeUpstream()
@@ -7161,22 +7189,22 @@ class TestDaemon(unittest.TestCase):
             self.assertEqual(f.read().split()[:2], [str(pid), url])
         port = int(url.rsplit(":", 1)[1])
         self.assertEqual(http_request(port, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret-key"})[0], 200)
-        status = self.cli("status", env={"GHCP_PROXY_API_KEY": "s3cret-key"})
+        status = self.command("status", env={"GHCP_PROXY_API_KEY": "s3cret-key"})
         self.assertEqual(status.returncode, 0)
         self.assertIn("running:  pid %d, %s" % (pid, url), status.stdout)
         keyed = {"GHCP_PROXY_API_KEY": "s3cret-key"}  # /healthz gives details only with the key
-        self.assertTrue(wait_for(lambda: "auth:     ready" in self.cli("status", env=keyed).stdout), status.stdout)
-        self.assertIn("set GHCP_PROXY_API_KEY to the server's key", self.cli("status").stdout)
+        self.assertTrue(wait_for(lambda: "auth:     ready" in self.command("status", env=keyed).stdout), status.stdout)
+        self.assertIn("set GHCP_PROXY_API_KEY to the server's key", self.command("status").stdout)
         self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body(),
                                       headers={"Authorization": "Bearer s3cret-key"})[0], 200)
-        self.assertIn("upstream: the last request to Copilot succeeded", self.cli("status", env=keyed).stdout)
+        self.assertIn("upstream: the last request to Copilot succeeded", self.command("status", env=keyed).stdout)
         second = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
         self.assertEqual(second.returncode, 1)
         self.assertIn("already running (pid %d" % pid, second.stderr)
-        stopped = self.cli("stop")
+        stopped = self.command("stop")
         self.assertEqual((stopped.returncode, stopped.stdout.strip()), (0, "stopped coproxy (pid %d, %s)" % (pid, url)))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "coproxy.pid")))
-        self.assertEqual(self.cli("status").returncode, 1)
+        self.assertEqual(self.command("status").returncode, 1)
 
     def test_stop_never_signals_a_process_that_is_not_this_coproxy(self):
         stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -7184,13 +7212,13 @@ class TestDaemon(unittest.TestCase):
         self.addCleanup(stranger.kill)
         with open(os.path.join(self.tmp, "coproxy.pid"), "w") as f:  # a stale file naming a live pid
             f.write("%d\nhttp://127.0.0.1:1\n%d\n" % (stranger.pid, 12345))
-        stopped = self.cli("stop")
+        stopped = self.command("stop")
         self.assertEqual(stopped.returncode, 1)
         self.assertIn("stale pid file", stopped.stderr)
         self.assertIsNone(stranger.poll())  # still alive: never signalled
         started = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
         self.assertEqual(started.returncode, 0, started.stderr)
-        self.assertEqual(self.cli("stop").returncode, 0)
+        self.assertEqual(self.command("stop").returncode, 0)
 
     def test_a_foreground_serve_is_seen_by_status_and_stop(self):
         process = subprocess.Popen([sys.executable, COPROXY_PY, "serve", "--port", "0", "--no-auto-login",
@@ -7202,9 +7230,9 @@ class TestDaemon(unittest.TestCase):
             self.assertTrue(line, "serve ended before listening")
             line = process.stderr.readline()
         self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.tmp, "coproxy.pid"))))
-        self.assertIn("running:  pid %d" % process.pid, self.cli("status").stdout)
+        self.assertIn("running:  pid %d" % process.pid, self.command("status").stdout)
         self.assertIn("already running", self.cli("serve", "--port", "0", "--no-auto-login").stderr)
-        self.assertEqual(self.cli("stop").returncode, 0)
+        self.assertEqual(self.command("stop").returncode, 0)
         self.assertEqual(process.wait(10), 0)
         process.stderr.close()
 
@@ -7223,7 +7251,7 @@ class TestDaemon(unittest.TestCase):
 
     def test_state_dir_and_log_file_are_not_followed_elsewhere(self):
         os.chmod(self.tmp, 0o777)
-        result = self.cli("status")
+        result = self.command("status")
         self.assertEqual(result.returncode, 1)
         self.assertIn("chmod 700 %s" % self.tmp, result.stderr)  # refused, not merely "not running"
         result = self.cli("serve", "--port", "0", "--no-auto-login")
