@@ -8246,8 +8246,11 @@ def bench_upstream_process(port_queue, tmp, close_after=0):
     asyncio.run(main())
 
 
-def bench_connect_proxy_process(port_queue):
-    """An HTTP proxy that only does CONNECT (as corporate proxies do for HTTPS), on asyncio."""
+def bench_connect_proxy_process(port_queue, upstream_port):
+    """An HTTP proxy that only does CONNECT (as corporate proxies do for HTTPS), on asyncio.
+    Whatever host a CONNECT names, the tunnel goes to the fake TLS upstream on loopback: the
+    bench never dials out, and a proxy under test that calls api.github.com (--versus) reaches
+    the same upstream as coproxy does."""
     async def pipe(reader, writer):
         try:
             while True:
@@ -8264,8 +8267,9 @@ def bench_connect_proxy_process(port_queue):
     async def handle(reader, writer):
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            host, port = head.split(b" ")[1].decode().rsplit(":", 1)
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            if not head.startswith(b"CONNECT "):
+                raise ValueError("not a CONNECT")
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             writer.close()
             return
@@ -8415,7 +8419,8 @@ class Bench:
                                         daemon=True)
         self.upstream.start()
         self.upstream_port, self.upstream_tls_port = queue.get(timeout=10)
-        self.connect_proxy = self.mp.Process(target=bench_connect_proxy_process, args=(queue,), daemon=True)
+        self.connect_proxy = self.mp.Process(target=bench_connect_proxy_process,
+                                             args=(queue, self.upstream_tls_port), daemon=True)
         self.connect_proxy.start()
         self.connect_proxy_port = queue.get(timeout=10)
         self.ca_file = os.path.join(self.tmp, "ca.pem")
@@ -8729,6 +8734,104 @@ class Bench:
         return rows
 
 
+def listening_pid(port):
+    """The pid of the local process listening on TCP ``port`` (from /proc), or None: the bench
+    reads another proxy's CPU by the port it was given, whatever started that proxy."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [line.split() for line in f.read().splitlines()[1:]]
+        except OSError:
+            continue
+        sockets.update("socket:[%s]" % row[9] for row in rows
+                       if row[3] == "0A" and int(row[1].rsplit(":", 1)[1], 16) == port)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir("/proc/%s/fd" % pid)
+            if any(os.readlink("/proc/%s/fd/%s" % (pid, fd)) in sockets for fd in fds):
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+#: The four figures of `--bench --versus`: (name, what is better, goal for coproxy / other).
+VERSUS_FIGURES = [("CPU per non-stream request, 16 clients (ms)", "lower", 0.5),
+                  ("non-stream requests/s, 64 clients", "higher", 1.5),
+                  ("p50 latency, 1 client (ms)", "lower", 0.5),
+                  ("1,000 streams opened at once, 1st chunk p50 (s)", "lower", 0.5)]
+
+
+def versus_figures(bench, port, pid):
+    """One round of the four VERSUS_FIGURES for the proxy on ``port`` (process ``pid``)."""
+    chat = bench_request("/v1/chat/completions",
+                         {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})
+    before = bench.cpu_seconds(pid)
+    results = bench.run_workers(bench_closed_loop, port, chat, 16, 2, 2.0)
+    cpu_ms = (bench.cpu_seconds(pid) - before) / max(1, sum(r[0] for r in results)) * 1000
+    results = bench.run_workers(bench_closed_loop, port, chat, 64, 2, 2.0)
+    per_second = sum(r[0] for r in results) / 2.0
+    (_, latencies), = bench.run_workers(bench_closed_loop, port, chat, 1, 1, 2.0)
+    streams = bench_request("/v1/chat/completions", {
+        "model": "gpt-4.1", "stream": True, "bench_chunks": 30, "bench_interval": 0.5,
+        "messages": [{"role": "user", "content": "hi"}]})
+    results = bench.run_workers(bench_streams, port, streams, 1000, 2)
+    firsts = [first for r in results for first in r[0] if first is not None]
+    if sum(r[1] for r in results) < 1000:
+        print("versus: only %d of 1,000 streams on port %d completed" % (
+            sum(r[1] for r in results), port), flush=True)
+    return [cpu_ms, per_second, percentile(latencies, 50) * 1000, percentile(firsts, 50)]
+
+
+def run_versus(bench, url, timeout=600):
+    """`--bench --versus URL`: coproxy (over TLS, through the CONNECT proxy) against another,
+    already-running proxy at URL, the four VERSUS_FIGURES interleaved round by round (the medians
+    and their ratios are printed). The bench prints where its CONNECT proxy and CA are, then
+    waits for URL to answer /v1/models: start the other proxy with HTTPS_PROXY at that proxy;
+    every host it dials reaches the fake TLS upstream, whose certificate is for 127.0.0.1."""
+    other_port = int(re.match(r"^http://127\.0\.0\.1:(\d+)/?$", url).group(1))
+    print("versus: HTTPS_PROXY=http://127.0.0.1:%d CA=%s UPSTREAM=https://127.0.0.1:%d; "
+          "waiting for %s" % (bench.connect_proxy_port, bench.ca_file, bench.upstream_tls_port,
+                              url), flush=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_request(other_port, "GET", "/v1/models", timeout=5)[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("versus: %s did not answer /v1/models in %d s" % (url, timeout))
+        time.sleep(0.2)
+    bench.proxy, port, _ = bench.launch(tls=True)
+    targets = [("coproxy", port, bench.proxy.pid), ("other", other_port, listening_pid(other_port))]
+    if targets[1][2] is None:
+        raise SystemExit("versus: no process of this user listens on port %d" % other_port)
+    for _, target_port, _ in targets:  # warm: tokens, catalogue, pooled tunnels
+        bench.run_workers(bench_closed_loop, target_port, bench_request(
+            "/v1/chat/completions", {"model": "gpt-4.1", "messages": [{"role": "user", "content": "w"}]}),
+            16, 2, 1.0)
+    rounds = {name: [] for name, _, _ in targets}
+    for _ in range(bench.repetitions):
+        for name, target_port, pid in targets:
+            rounds[name].append(versus_figures(bench, target_port, pid))
+            print("versus: %s %s" % (name, " ".join("%.3f" % x for x in rounds[name][-1])),
+                  flush=True)
+    print("%-50s %10s %10s %8s %8s" % ("figure (median of %d rounds)" % bench.repetitions,
+                                       "coproxy", "other", "ratio", "goal"))
+    misses = 0
+    for index, (name, better, goal) in enumerate(VERSUS_FIGURES):
+        ours = percentile([r[index] for r in rounds["coproxy"]], 50)
+        theirs = percentile([r[index] for r in rounds["other"]], 50)
+        ratio = ours / theirs if theirs else float("nan")
+        met = ratio <= goal if better == "lower" else ratio >= goal
+        misses += not met
+        print("%-50s %10.3f %10.3f %8.2f %8s  %s" % (name, ours, theirs, ratio, (
+            "<= " if better == "lower" else ">= ") + str(goal), "PASS" if met else "MISS"))
+    return misses
+
+
 def soak_client(port, stop, counts, lock, seed):
     """One soak client until ``stop`` is set: kept-alive chat requests, streams (20 chunks 10 ms
     apart) and, one time in ten, a client that leaves mid-request and comes back on a new
@@ -8898,6 +9001,11 @@ def run_bench(argv):
         duration = parse_duration(following[0]) if following and not following[0].startswith("-") else 1800
         return 1 if run_soak(duration) else 0
     bench = Bench(repetitions)
+    if "--versus" in argv:
+        try:
+            return 1 if run_versus(bench, argv[argv.index("--versus") + 1]) else 0
+        finally:
+            bench.stop()
     try:
         rows = bench.tls_rows() if "--tls-only" in argv else bench.run() + bench.tls_rows()
     finally:
