@@ -1431,6 +1431,8 @@ HISTORY_MAX_SESSIONS = 500
 HISTORY_LATENCY_SAMPLES = 10_000
 #: Records waiting for the writer thread; beyond this (a disk that hangs) new ones are dropped.
 HISTORY_QUEUE_LIMIT = 10000
+#: the history writer rests this long after each batch, so that records gather (see History)
+HISTORY_WRITE_SECONDS = 0.5
 #: What each total counts; a record's numbers have the same names.
 TOTAL_FIELDS = ("requests", "errors", "credits", "premium", "input", "cached", "output",
                 "reasoning")
@@ -1660,6 +1662,7 @@ class History:
         self.dropped = 0
         self._queue = queue.Queue(HISTORY_QUEUE_LIMIT)
         self._thread = None
+        self._hurry = threading.Event()  # flush and close cut the writer's rest short
         self._last_day = None  # the day of the last record written: a new day summarizes it
         self._failed = None    # the last write error, logged once
         self._dirs_checked = False  # secure_dir once per run, not per batch (as TokenStore)
@@ -1690,12 +1693,14 @@ class History:
     def flush(self):
         """Wait until every queued record is written (tests, and close)."""
         if self._thread is not None:
+            self._hurry.set()
             self._queue.join()
 
     def close(self, timeout=5.0):
         if self._thread is not None:
             with contextlib.suppress(queue.Full):
                 self._queue.put(None, timeout=timeout)
+            self._hurry.set()
             self._thread.join(timeout)
             self._thread = None
 
@@ -1722,6 +1727,11 @@ class History:
                     self._queue.task_done()
             if None in batch:
                 return
+            # Rest before taking the next batch. A writer blocked in get() is woken by every
+            # put: a thread wake-up on the loop for each request (~9 % of the loop's time with
+            # one client). Resting, it takes what gathered meanwhile in one go.
+            self._hurry.wait(HISTORY_WRITE_SECONDS)
+            self._hurry.clear()
 
     def write(self, records):
         """Append records to their days' files; when a new day begins, summarize the last one."""
