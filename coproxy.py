@@ -4546,75 +4546,99 @@ def fit_thinking_budget(budget, info, max_tokens=None):
     return min([budget] + ceiling)
 
 
+def _anthropic_turn_as_chat(message):
+    """One Anthropic message as the chat messages it becomes (none, one, or several for a user
+    turn that carries tool results). System-role messages stay system messages: Claude Code 2.1
+    sends some inside ``messages``."""
+    role, blocks = message.get("role"), _blocks(message.get("content"))
+    if role == "system":
+        return [{"role": "system", "content": _text_of(blocks)}]
+    if role == "assistant":
+        return [_anthropic_assistant_as_chat(blocks)]
+    return _anthropic_user_as_chat(blocks)
+
+
+def _anthropic_assistant_as_chat(blocks):
+    """The assistant's turn: its text, its thinking as Copilot's ``reasoning_text`` and
+    ``reasoning_opaque`` (the signature Claude needs to see again), its tool_use blocks as
+    tool_calls."""
+    out = {"role": "assistant", "content": _text_of(blocks) or None}
+    thinking = [b for b in blocks if b.get("type") == "thinking"]
+    if thinking:
+        out["reasoning_text"] = "".join(b.get("thinking") or "" for b in thinking)
+        signature = next((b.get("signature") for b in thinking if b.get("signature")), None)
+        if signature:
+            out["reasoning_opaque"] = signature
+    calls = [{"id": b.get("id"), "type": "function",
+              "function": {"name": b.get("name"), "arguments": json.dumps(b.get("input") or {})}}
+             for b in blocks if b.get("type") == "tool_use"]
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _anthropic_user_as_chat(blocks):
+    """The user's turn: tool results first, as tool messages (they answer the previous
+    assistant turn, and OpenAI wants them right after it), then text and images as one user
+    message. Images inside tool results join that message: a chat tool message holds text."""
+    messages, images = [], []
+    for block in blocks:
+        if block.get("type") == "tool_result":
+            inner = _blocks(block.get("content"))
+            text = ("Error: " if block.get("is_error") else "") + _text_of(inner)
+            messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                             "content": text})
+            images.extend(_image_part(b) for b in inner if b.get("type") == "image")
+    rest = [b for b in blocks if b.get("type") in ("text", "image")]
+    if images or any(b.get("type") == "image" for b in rest):
+        parts = [{"type": "text", "text": b["text"]} if b["type"] == "text" else _image_part(b)
+                 for b in rest if b.get("type") == "image" or b.get("text")]
+        messages.append({"role": "user", "content": images + parts})
+    elif _text_of(rest):
+        messages.append({"role": "user", "content": _text_of(rest)})
+    return messages
+
+
+def _anthropic_tools_as_chat(payload):
+    """Anthropic's ``tools`` and ``tool_choice`` as chat's ``tools``, ``tool_choice`` and
+    ``parallel_tool_calls`` (``any`` is chat's ``required``; a named tool a named function)."""
+    fields = {}
+    if payload.get("tools"):
+        fields["tools"] = [{"type": "function", "function": {
+            "name": t.get("name"), "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
+            for t in payload["tools"] if t.get("name")]
+    choice = payload.get("tool_choice") or {}
+    kind = choice.get("type")
+    if kind in ("auto", "any", "none"):
+        fields["tool_choice"] = "required" if kind == "any" else kind
+    elif kind == "tool" and choice.get("name"):
+        fields["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    if choice.get("disable_parallel_tool_use") and "tools" in fields:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
 def anthropic_to_openai_request(payload, model_info=None):
-    """An Anthropic Messages request as an OpenAI chat request for Copilot."""
-    messages = []
-    system = payload.get("system")
-    system_text = system if isinstance(system, str) else _text_of(_blocks(system))
-    if system_text:
-        messages.append({"role": "system", "content": system_text})
+    """An Anthropic Messages request (checked by validate_anthropic_request) as an OpenAI chat
+    request for Copilot: the system prompt and each turn as chat messages, then the settings
+    that have a chat spelling; a thinking budget is fitted to ``model_info``'s bounds."""
+    system = _text_of(_blocks(payload.get("system")))
+    messages = [{"role": "system", "content": system}] if system else []
     for message in payload["messages"]:
-        role = message.get("role")
-        blocks = _blocks(message.get("content"))
-        if role == "system":  # Claude Code 2.1 sends these inside messages
-            messages.append({"role": "system", "content": _text_of(blocks)})
-        elif role == "assistant":
-            out = {"role": "assistant", "content": _text_of(blocks) or None}
-            thinking = [b for b in blocks if b.get("type") == "thinking"]
-            if thinking:
-                out["reasoning_text"] = "".join(b.get("thinking") or "" for b in thinking)
-                signature = next((b.get("signature") for b in thinking if b.get("signature")), None)
-                if signature:
-                    out["reasoning_opaque"] = signature
-            calls = [{"id": b.get("id"), "type": "function",
-                      "function": {"name": b.get("name"), "arguments": json.dumps(b.get("input") or {})}}
-                     for b in blocks if b.get("type") == "tool_use"]
-            if calls:
-                out["tool_calls"] = calls
-            messages.append(out)
-        else:
-            # Tool results answer the previous assistant turn, so they go first (OpenAI order).
-            images = []
-            for block in blocks:
-                if block.get("type") == "tool_result":
-                    inner = _blocks(block.get("content"))
-                    text = _text_of(inner)
-                    if block.get("is_error"):
-                        text = "Error: " + text
-                    messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
-                    images.extend(_image_part(b) for b in inner if b.get("type") == "image")
-            rest = [b for b in blocks if b.get("type") in ("text", "image")]
-            if any(b.get("type") == "image" for b in rest) or images:
-                parts = [{"type": "text", "text": b["text"]} if b["type"] == "text" else _image_part(b)
-                         for b in rest if b.get("type") == "image" or b.get("text")]
-                messages.append({"role": "user", "content": images + parts})
-            elif rest and _text_of(rest):
-                messages.append({"role": "user", "content": _text_of(rest)})
+        messages += _anthropic_turn_as_chat(message)
     request = {"model": payload["model"], "messages": messages, "max_tokens": payload["max_tokens"]}
     if payload.get("stream"):
         request["stream"] = True
         request["stream_options"] = {"include_usage": True}
-    for source, target in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
+    for source, target in (("temperature", "temperature"), ("top_p", "top_p"),
+                           ("stop_sequences", "stop")):
         if payload.get(source) is not None:
             request[target] = payload[source]
     user = _dig(payload, "metadata").get("user_id")
     if user:
         request["user"] = user
-    tools = payload.get("tools")
-    if tools:
-        request["tools"] = [{"type": "function", "function": {
-            "name": t.get("name"), "description": t.get("description", ""),
-            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
-            for t in tools if t.get("name")]
-    choice = payload.get("tool_choice")
-    if choice:
-        kind = choice.get("type")
-        if kind in ("auto", "any", "none"):
-            request["tool_choice"] = "required" if kind == "any" else kind
-        elif kind == "tool" and choice.get("name"):
-            request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
-        if choice.get("disable_parallel_tool_use") and "tools" in request:
-            request["parallel_tool_calls"] = False
+    request.update(_anthropic_tools_as_chat(payload))
     effort = _dig(payload, "output_config").get("effort")
     if effort is not None:
         request["reasoning_effort"] = effort
@@ -4738,39 +4762,59 @@ def _plain_text(content):
     return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and isinstance(p.get("text"), str))
 
 
+def _user_parts_as_input(content):
+    """A user message's content as Responses input parts (text and images; chat's other part
+    types have no Responses form)."""
+    if isinstance(content, str):
+        return [{"type": "input_text", "text": content}]
+    parts = []
+    for part in content or []:
+        if part.get("type") == "text":
+            parts.append({"type": "input_text", "text": part.get("text") or ""})
+        elif part.get("type") == "image_url":
+            image = part.get("image_url")  # a URL, or an object with one
+            image = image if isinstance(image, dict) else {"url": image}
+            parts.append({"type": "input_image", "image_url": image.get("url"),
+                          "detail": get_typed(image, "detail", str, "auto")})
+    return parts
+
+
+def _chat_message_as_items(message):
+    """One chat message as Responses input items: system and developer text as a developer
+    message, the assistant's text and each of its tool calls as items of their own, a tool
+    message as a function_call_output."""
+    role, content = message.get("role"), message.get("content")
+    if role in ("system", "developer"):
+        return [{"type": "message", "role": "developer",
+                 "content": [{"type": "input_text", "text": _plain_text(content)}]}]
+    if role == "user":
+        return [{"type": "message", "role": "user", "content": _user_parts_as_input(content)}]
+    if role == "tool":
+        return [{"type": "function_call_output", "call_id": message.get("tool_call_id"),
+                 "output": _plain_text(content)}]
+    if role != "assistant":
+        return []
+    text = _plain_text(content)
+    items = [{"type": "message", "role": "assistant",
+              "content": [{"type": "output_text", "text": text}]}] if text else []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        items.append({"type": "function_call", "call_id": call.get("id"),
+                      "name": function.get("name"),
+                      "arguments": function.get("arguments") or "{}"})
+    return items
+
+
+def _with_strict(fields, source):
+    """``fields`` plus ``source``'s ``strict`` when it has one (both APIs spell it so)."""
+    return dict(fields, strict=source["strict"]) if "strict" in source else fields
+
+
 def chat_to_responses_request(payload):
-    """An OpenAI chat request as a Responses request (for models Copilot serves only there)."""
-    items = []
-    for message in payload["messages"]:
-        role, content = message.get("role"), message.get("content")
-        if role in ("system", "developer"):
-            items.append({"type": "message", "role": "developer",
-                          "content": [{"type": "input_text", "text": _plain_text(content)}]})
-        elif role == "user":
-            if isinstance(content, str):
-                parts = [{"type": "input_text", "text": content}]
-            else:
-                parts = []
-                for part in content or []:
-                    if part.get("type") == "text":
-                        parts.append({"type": "input_text", "text": part.get("text") or ""})
-                    elif part.get("type") == "image_url":
-                        image = part.get("image_url")  # a URL, or an object with one
-                        image = image if isinstance(image, dict) else {"url": image}
-                        parts.append({"type": "input_image", "image_url": image.get("url"),
-                                      "detail": get_typed(image, "detail", str, "auto")})
-            items.append({"type": "message", "role": "user", "content": parts})
-        elif role == "assistant":
-            text = _plain_text(content)
-            if text:
-                items.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
-            for call in message.get("tool_calls") or []:
-                function = call.get("function") or {}
-                items.append({"type": "function_call", "call_id": call.get("id"), "name": function.get("name"),
-                              "arguments": function.get("arguments") or "{}"})
-        elif role == "tool":
-            items.append({"type": "function_call_output", "call_id": message.get("tool_call_id"),
-                          "output": _plain_text(content)})
+    """An OpenAI chat request as a Responses request (for models Copilot serves only there):
+    the messages as input items, then the settings, tools, tool choice and answer format in
+    Responses' spelling."""
+    items = [item for message in payload["messages"] for item in _chat_message_as_items(message)]
     request = {"model": payload["model"], "input": items, "store": False}
     if payload.get("stream"):
         request["stream"] = True
@@ -4784,9 +4828,10 @@ def chat_to_responses_request(payload):
         request["reasoning"] = {"effort": payload["reasoning_effort"]}
     tools = [t["function"] for t in payload.get("tools") or [] if t.get("function") is not None]
     if tools:
-        request["tools"] = [dict({"type": "function", "name": f.get("name"), "description": f.get("description", ""),
-                                  "parameters": f.get("parameters") or {"type": "object", "properties": {}}},
-                                 **({"strict": f["strict"]} if "strict" in f else {})) for f in tools]
+        request["tools"] = [_with_strict(
+            {"type": "function", "name": f.get("name"), "description": f.get("description", ""),
+             "parameters": f.get("parameters") or {"type": "object", "properties": {}}}, f)
+            for f in tools]
     choice = payload.get("tool_choice")
     if isinstance(choice, str):
         request["tool_choice"] = choice
@@ -4795,9 +4840,9 @@ def chat_to_responses_request(payload):
     fmt = payload.get("response_format") or {}
     if fmt.get("type") == "json_schema" and fmt.get("json_schema") is not None:
         schema = fmt["json_schema"]
-        request["text"] = {"format": dict({"type": "json_schema", "name": schema.get("name", "response"),
-                                           "schema": schema.get("schema", {})},
-                                          **({"strict": schema["strict"]} if "strict" in schema else {}))}
+        request["text"] = {"format": _with_strict(
+            {"type": "json_schema", "name": schema.get("name", "response"),
+             "schema": schema.get("schema", {})}, schema)}
     elif fmt.get("type") == "json_object":
         request["text"] = {"format": {"type": "json_object"}}
     return request
@@ -5002,29 +5047,60 @@ def _joined_text(parts):
     return "".join(p["text"] for p in parts if p["type"] == "text")
 
 
-def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
-    """A Responses request as a chat completions request: ``instructions`` and system/developer
-    messages as system messages; a stored conversation (``history``: the items of the responses
-    before, for previous_response_id) then ``input``; function and custom tool calls as the
-    assistant's tool_calls, their outputs as tool messages (images in them follow as a user
-    message: chat tool messages hold text only); Claude's thinking, when ``keep_thinking``, as
-    Copilot's ``reasoning_text``/``reasoning_opaque`` on the assistant message it preceded.
-    ``own_items``: as_output_items of ``input`` when the caller has built them already."""
-    messages = []
-    instructions = payload.get("instructions")
-    if isinstance(instructions, str) and instructions:
-        messages.append({"role": "system", "content": instructions})
-    if own_items is None:
-        own_items = as_output_items(payload.get("input"))
-    items = history + own_items
-    assistant, thinking, tool_images = None, None, []
+_TOOL_CALLS = ("function_call", "custom_tool_call")
+_TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+
+
+def _tool_call_as_chat(item):
+    """A function or custom tool call item as a chat tool call: a custom tool's text in its one
+    argument, a namespaced tool under the name client_tools gave it."""
+    if item.get("type") == "function_call":
+        arguments = item.get("arguments")
+    else:
+        arguments = json.dumps({CUSTOM_TOOL_ARGUMENT: item.get("input") or ""})
+    name = item.get("name")
+    if _string(item, "namespace"):
+        name = "%s__%s" % (item["namespace"], name)
+    return {"id": item.get("call_id"), "type": "function",
+            "function": {"name": name, "arguments": arguments or "{}"}}
+
+
+def _tool_output_as_chat(item, where):
+    """(tool message, its image parts) for a tool output item: chat tool messages hold text
+    only, so the images travel on in a user message after the outputs."""
+    output = item.get("output")
+    if isinstance(output, list):
+        parts = _chat_parts(output, where)
+    else:
+        text = output if isinstance(output, str) else json.dumps(output)
+        parts = [{"type": "text", "text": text}]
+    message = {"role": "tool", "tool_call_id": item.get("call_id"), "content": _joined_text(parts)}
+    return message, [p for p in parts if p["type"] == "image_url"]
+
+
+def _input_message_as_chat(item, where):
+    """A message item that is not the assistant's: system and developer ones as system text,
+    anyone else's as the user's (plain text when it has no images)."""
+    parts = _chat_parts(item["content"], where)
+    if item.get("role") in ("system", "developer"):
+        return {"role": "system", "content": _joined_text(parts)}
+    simple = all(p["type"] == "text" for p in parts)
+    return {"role": "user", "content": _joined_text(parts) if simple else parts}
+
+
+def _responses_items_as_chat(items, first_own, keep_thinking):
+    """Responses items as chat messages; ``first_own`` is the index of the request's own first
+    item (those before are a stored history), for the names in errors. An assistant message
+    and the tool calls after it make one assistant message (chat has one per turn); Claude's
+    thinking (a reasoning item, used when ``keep_thinking``) goes on the assistant message that
+    follows it; images from tool outputs follow as one user message once the outputs end."""
+    messages, assistant, thinking, tool_images = [], None, None, []
     for index, item in enumerate(items):
-        kind, where = item.get("type"), "input[%d]" % (index - len(history))
-        if tool_images and kind not in ("function_call_output", "custom_tool_call_output"):
+        kind, where = item.get("type"), "input[%d]" % (index - first_own)
+        if tool_images and kind not in _TOOL_OUTPUTS:
             messages.append({"role": "user", "content": tool_images})
             tool_images = []
-        said = kind == "message" and item.get("role") == "assistant"
-        if said or kind in ("function_call", "custom_tool_call"):
+        if kind in _TOOL_CALLS or (kind == "message" and item.get("role") == "assistant"):
             if assistant is None:
                 assistant = {"role": "assistant", "content": None}
                 if thinking:
@@ -5036,36 +5112,61 @@ def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
                 if text:
                     assistant["content"] = (assistant["content"] or "") + text
             else:
-                arguments = item.get("arguments") if kind == "function_call" else json.dumps(
-                    {CUSTOM_TOOL_ARGUMENT: item.get("input") or ""})
-                name = item.get("name")
-                if _string(item, "namespace"):
-                    name = "%s__%s" % (item["namespace"], name)
-                function = {"name": name, "arguments": arguments or "{}"}
-                assistant.setdefault("tool_calls", []).append(
-                    {"id": item.get("call_id"), "type": "function", "function": function})
+                assistant.setdefault("tool_calls", []).append(_tool_call_as_chat(item))
             continue
         assistant = None
         if kind == "reasoning":
             thinking = unpack_thinking(item.get("encrypted_content")) if keep_thinking else None
         elif kind == "message":
-            parts = _chat_parts(item["content"], where + ".content")
-            if item.get("role") in ("system", "developer"):
-                messages.append({"role": "system", "content": _joined_text(parts)})
-            else:
-                simple = all(p["type"] == "text" for p in parts)
-                messages.append({"role": "user",
-                                 "content": _joined_text(parts) if simple else parts})
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            output = item.get("output")
-            parts = _chat_parts(output, where + ".output") if isinstance(output, list) else [
-                {"type": "text", "text": output if isinstance(output, str) else json.dumps(output)}]
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                             "content": _joined_text(parts)})
-            tool_images += [p for p in parts if p["type"] == "image_url"]
+            messages.append(_input_message_as_chat(item, where + ".content"))
+        elif kind in _TOOL_OUTPUTS:
+            message, images = _tool_output_as_chat(item, where + ".output")
+            messages.append(message)
+            tool_images += images
         # other items (item references, native models' compaction items) have no chat form
     if tool_images:
         messages.append({"role": "user", "content": tool_images})
+    return messages
+
+
+def _responses_tool_choice_as_chat(choice):
+    """A Responses ``tool_choice`` in chat's spelling, or None when it has none (hosted tools)."""
+    if choice in ("auto", "none", "required"):
+        return choice
+    if not isinstance(choice, dict):
+        return None
+    if choice.get("type") in _CLIENT_TOOL_TYPES and choice.get("name"):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    if choice.get("type") == "allowed_tools":
+        return "required" if choice.get("mode") == "required" else "auto"
+    return None
+
+
+def _responses_format_as_chat(fmt):
+    """A Responses ``text.format`` as chat's ``response_format``, or None for plain text."""
+    if fmt.get("type") == "json_schema":
+        schema = {"name": fmt.get("name") or "response", "schema": fmt.get("schema") or {}}
+        if isinstance(fmt.get("strict"), bool):
+            schema["strict"] = fmt["strict"]
+        return {"type": "json_schema", "json_schema": schema}
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
+    """A Responses request as a chat completions request: ``instructions`` as a system message;
+    a stored conversation (``history``: the items of the responses before, for
+    previous_response_id) then ``input`` (see _responses_items_as_chat); then the settings that
+    have a chat spelling, tools as chat functions (see _chat_tool).
+    ``own_items``: as_output_items of ``input`` when the caller has built them already."""
+    instructions = payload.get("instructions")
+    messages = []
+    if isinstance(instructions, str) and instructions:  # it may also be an array of items
+        messages.append({"role": "system", "content": instructions})
+    if own_items is None:
+        own_items = as_output_items(payload.get("input"))
+    messages += _responses_items_as_chat(history + own_items, len(history), keep_thinking)
     request = {"model": payload["model"], "messages": messages}
     if payload.get("stream"):
         request["stream"] = True
@@ -5083,22 +5184,12 @@ def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
         request["tools"] = tools
         if payload.get("parallel_tool_calls") is not None:
             request["parallel_tool_calls"] = payload["parallel_tool_calls"]
-    choice = payload.get("tool_choice")
-    if choice in ("auto", "none", "required"):
+    choice = _responses_tool_choice_as_chat(payload.get("tool_choice"))
+    if choice is not None:
         request["tool_choice"] = choice
-    elif isinstance(choice, dict) and choice.get("type") in _CLIENT_TOOL_TYPES and \
-            choice.get("name"):
-        request["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
-    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        request["tool_choice"] = "required" if choice.get("mode") == "required" else "auto"
-    fmt = _dig(payload, "text", "format")
-    if fmt.get("type") == "json_schema":
-        schema = {"name": fmt.get("name") or "response", "schema": fmt.get("schema") or {}}
-        if isinstance(fmt.get("strict"), bool):
-            schema["strict"] = fmt["strict"]
-        request["response_format"] = {"type": "json_schema", "json_schema": schema}
-    elif fmt.get("type") == "json_object":
-        request["response_format"] = {"type": "json_object"}
+    answer_format = _responses_format_as_chat(_dig(payload, "text", "format"))
+    if answer_format is not None:
+        request["response_format"] = answer_format
     return request
 
 
