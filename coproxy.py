@@ -10737,6 +10737,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
+        """argparse's, also noting each long flag for unrecognized()'s did-you-mean."""
         action = super().add_argument(*args, **kwargs)
         self.long_flags += [flag for flag in action.option_strings if flag.startswith("--")]
         return action
@@ -10764,6 +10765,8 @@ class ArgumentParser(argparse.ArgumentParser):
             wrong, hint, "".join(name + " " for name in names)))
 
     def error(self, message):
+        """argparse's usage error as one line and exit 2 (through UsageError), pointing at the
+        command's --help instead of printing the whole usage text."""
         if message.startswith("argument COMMAND: invalid choice"):
             # `--prot 8080 serve`: an unknown flag before the command made its value look like one
             wrong = [word for word in self.argv if word.startswith("--")
@@ -10932,11 +10935,15 @@ def build_parser(command=None):
 
 
 def _say(text):
+    """A line for the person at the terminal, on stderr: stdout carries only a command's
+    result (`models --json | jq` must stay JSON)."""
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
 def _interactive():
+    """True when a person can answer: stdin and stderr are terminals. A service, a pipe or a
+    CI job would otherwise wait on a device-flow code no one sees."""
     return sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
 
 
@@ -11113,11 +11120,14 @@ class InstanceRecord:
         return self
 
     def write(self, url):
+        """The pid file, once listening: pid, URL and this process's start time, by which a
+        reader tells this process from another that has been given the same pid since."""
         started = process_start_time(os.getpid())
         write_file_atomic(self.pid_path, "%d\n%s\n%s\n"
                           % (os.getpid(), url, "" if started is None else started))
 
     def release(self):
+        """At exit: the pid file goes only while it still names this process."""
         if read_pid_file(self.pid_path)[0] == os.getpid():
             with contextlib.suppress(OSError):
                 os.unlink(self.pid_path)
@@ -11270,6 +11280,8 @@ def token_source_before_login(config):
 
 
 def cmd_auth_login(config, args):
+    """The device flow, then a Copilot token as proof that the login gives access. A token
+    given some other way still wins over the saved login, so the user hears of it first."""
     source = token_source_before_login(config)
     if source:
         _say("note: a token from %s is set and will be used instead of the one saved here" % source)
@@ -11347,6 +11359,8 @@ def cmd_auth_status(config, args):
 
 
 def cmd_auth_logout(config, args):
+    """Deletes the saved tokens only: a token from a flag, variable or file is the user's to
+    unset, so they are told that it still applies."""
     store = TokenStore(config.state_dir)
     removed = store.clear()
     print("removed %s" % ", ".join(removed) if removed else "no saved login in %s" % store.auth_dir)
@@ -11357,6 +11371,8 @@ def cmd_auth_logout(config, args):
 
 
 def cmd_auth_refresh(config, args):
+    """A new Copilot token now, whatever the cached one's expiry: a cached token keeps what
+    the account had when it was minted (its sku, its API endpoint) until it expires."""
     with _session(config) as (store, client, auth):
         record = auth.copilot_token(force=True)
         print("new Copilot token valid for %s; API base %s" % (
@@ -11397,15 +11413,24 @@ def ask_running_server(config, path, url=None):
         url = running_instance(config, quiet=True)[1]
         if url is None:
             return None
-    client = UpstreamClient(connect_timeout=3, read_timeout=5, environ={})
+    try:
+        status, data, _ = get_from_coproxy(config, url + path)
+    except UpstreamUnreachable:
+        return None
+    return data if status == 200 and isinstance(data, dict) else None
+
+
+def get_from_coproxy(config, url, read_timeout=5):
+    """(status, JSON, response) of a GET to a coproxy on this machine, with the API key when
+    one is configured. Its own short-lived client: no proxy (the server is local, whatever
+    HTTPS_PROXY says) and short timeouts (a command must not hang on a wedged server)."""
+    client = UpstreamClient(connect_timeout=3, read_timeout=read_timeout, environ={})
     headers = {"Accept": "application/json"}
     if config.api_key:
         headers["Authorization"] = "Bearer " + config.api_key
     try:
-        status, data, _, _ = client.request_json("GET", url + path, headers)
-        return data if status == 200 and isinstance(data, dict) else None
-    except UpstreamUnreachable:
-        return None
+        status, data, _, response = client.request_json("GET", url, headers)
+        return status, data, response
     finally:
         client.close()
 
@@ -11617,6 +11642,8 @@ def _describe_bucket(bucket, reset, unit):
 
 
 def _describe_window(window):
+    """A rate-limit window (5-hour session, weekly) as a running server last saw it in
+    Copilot's answers; GitHub's account API does not report them."""
     if not isinstance(window, dict):
         return "not seen yet (a running coproxy reports it after a request)"
     resets = window.get("resets_at")
@@ -11765,18 +11792,12 @@ def catalogue_from_coproxy(config, url):
     """(chat model ids, its --model-alias names, None) from the coproxy at ``url``, which knows the
     live catalogue, or (None, None, why not). A coproxy serving its built-in fallback list does not
     know it either."""
-    client = UpstreamClient(connect_timeout=3, read_timeout=10, environ={})
-    headers = {"Accept": "application/json"}
-    if config.api_key:
-        headers["Authorization"] = "Bearer " + config.api_key
     url = local_url(url)
     try:
-        status, data, _, response = client.request_json("GET", url + "/v1/models", headers)
+        status, data, response = get_from_coproxy(config, url + "/v1/models", read_timeout=10)
     except UpstreamUnreachable as exc:
         detail = "" if exc.kind == "refused" else " (%s)" % exc
         return None, None, "no coproxy answers at %s%s" % (url, detail)
-    finally:
-        client.close()
     if status == 401:  # Claude Code would get the same refusal on every request
         given = "none" if not config.api_key else config.source_of("api_key")
         raise CoproxyError("the coproxy at %s refuses the key given to claude-code (%s): give it "
@@ -11836,6 +11857,7 @@ def cmd_claude_code(config, args):
     return 0
 
 
+#: (command, auth action) -> what runs it; each returns the exit code.
 COMMANDS = {("serve", None): cmd_serve, ("claude-code", None): cmd_claude_code,
             ("usage", None): cmd_usage,
             ("stop", None): cmd_stop, ("status", None): cmd_status, ("service", None): cmd_service,
