@@ -1203,15 +1203,17 @@ def settings_argv(config, scope=("shared", "serve"), leave_out=()):
 #    same rules: what each finished request used and cost, never its text. No network here.
 # ------------------------------------------------------------------------------------------
 
+#: File owners, modes and directory fsyncs are POSIX notions; elsewhere they are skipped.
+_POSIX = os.name == "posix"
 GITHUB_TOKEN_FILE = "github-access-token"
 COPILOT_TOKEN_FILE = "ghcp-token.json"
 
 
-def secure_dir(path, posix=(os.name == "posix")):
+def secure_dir(path):
     """Create ``path`` (0700) if needed and make sure only its owner, the user, can write to it;
     a dir others can merely read is tightened to 0700. Raises ConfigError naming the fix."""
     os.makedirs(path, mode=0o700, exist_ok=True)
-    if not posix:
+    if not _POSIX:
         return
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -1233,7 +1235,7 @@ def secure_dir(path, posix=(os.name == "posix")):
         os.close(fd)
 
 
-def write_file_atomic(path, text, posix=(os.name == "posix")):
+def write_file_atomic(path, text):
     """Write ``text`` to ``path`` as a 0600 file that never exists half-written: a temp file in the
     same directory (created 0600 by os.open, so no umask window), fsync, rename, fsync the dir."""
     directory = os.path.dirname(path) or "."
@@ -1249,7 +1251,7 @@ def write_file_atomic(path, text, posix=(os.name == "posix")):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if posix:
+    if _POSIX:
         with contextlib.suppress(OSError):  # make the rename itself durable
             dir_fd = os.open(directory, os.O_RDONLY)
             try:
@@ -1258,12 +1260,12 @@ def write_file_atomic(path, text, posix=(os.name == "posix")):
                 os.close(dir_fd)
 
 
-def read_private_file(path, posix=(os.name == "posix")):
+def read_private_file(path):
     """Text of a file of ours, or None if absent. A symlink is refused (OSError), and a file others
     can read is tightened to 0600 through its open descriptor, with a warning."""
     fd = open_private(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as handle:
-        if posix:
+        if _POSIX:
             mode = stat.S_IMODE(os.fstat(fd).st_mode)
             if mode & 0o077:
                 log.warning("%s was readable by others (mode %o); setting it to 0600", path, mode)
@@ -1275,7 +1277,7 @@ def read_private_file(path, posix=(os.name == "posix")):
 MAX_SECRET_FILE_BYTES = 64 * 1024
 
 
-def read_owner_only_file(path, what, posix=(os.name == "posix")):
+def read_owner_only_file(path, what):
     """Text of a secret the user keeps outside the state dir (a GitHub App key, a token file). The
     state dir's rules apply: it must be the user's and no one else may read or write it (checked
     on the open file, so a swap between check and read cannot slip through). ConfigError naming
@@ -1288,7 +1290,7 @@ def read_owner_only_file(path, what, posix=(os.name == "posix")):
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ConfigError("refusing to use %s %s: not a regular file" % (what, path))
-        if posix:
+        if _POSIX:
             if info.st_uid != os.getuid():
                 raise ConfigError("refusing to use %s %s: it belongs to uid %d, not to you (uid %d)"
                                   % (what, path, info.st_uid, os.getuid()))
@@ -1336,10 +1338,9 @@ class WatchedFile:
 class TokenStore:
     """The on-disk auth state: ``auth/github-access-token`` and ``auth/ghcp-token.json``."""
 
-    def __init__(self, state_dir, posix=None):
+    def __init__(self, state_dir):
         self.state_dir = state_dir
         self.auth_dir = os.path.join(state_dir, "auth")
-        self.posix = (os.name == "posix") if posix is None else posix
         self._dirs_checked = False
         self.github_token_path = os.path.join(self.auth_dir, GITHUB_TOKEN_FILE)
         self.copilot_token_path = os.path.join(self.auth_dir, COPILOT_TOKEN_FILE)
@@ -1351,13 +1352,13 @@ class TokenStore:
         not). Checked once per run: the token is read on every request."""
         if not self._dirs_checked:
             for path in (self.state_dir, self.auth_dir):
-                secure_dir(path, self.posix)
+                secure_dir(path)
             self._dirs_checked = True
 
     def _read(self, path):
         """File text, or None if absent or unusable (with a warning saying why)."""
         try:
-            return read_private_file(path, self.posix)
+            return read_private_file(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -1382,7 +1383,7 @@ class TokenStore:
 
     def save_github_token(self, token):
         self.check_dirs()
-        write_file_atomic(self.github_token_path, token.strip() + "\n", self.posix)
+        write_file_atomic(self.github_token_path, token.strip() + "\n")
 
     def load_copilot_token(self):
         """The cached Copilot token record, or None if absent, corrupt or missing fields."""
@@ -1404,7 +1405,7 @@ class TokenStore:
     def save_copilot_token(self, record):
         self.check_dirs()
         text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        write_file_atomic(self.copilot_token_path, text, self.posix)
+        write_file_atomic(self.copilot_token_path, text)
 
     def clear(self):
         """Delete both files; returns the paths that existed."""
@@ -1654,11 +1655,10 @@ class History:
     of a heavy user load in milliseconds. Records are written by a thread of its own, in
     batches: a request never waits for the disk. Files older than ``keep_days`` are removed."""
 
-    def __init__(self, state_dir, keep_days=90, posix=None):
+    def __init__(self, state_dir, keep_days=90):
         self.state_dir = state_dir
         self.dir = os.path.join(state_dir, HISTORY_DIR)
         self.keep_days = keep_days
-        self.posix = (os.name == "posix") if posix is None else posix
         self.dropped = 0
         self._queue = queue.Queue(HISTORY_QUEUE_LIMIT)
         self._thread = None
@@ -1742,8 +1742,8 @@ class History:
         if not by_day:
             return
         if not self._dirs_checked:
-            secure_dir(self.state_dir, self.posix)
-            secure_dir(self.dir, self.posix)
+            secure_dir(self.state_dir)
+            secure_dir(self.dir)
             self._dirs_checked = True
         for day, lines in sorted(by_day.items()):
             fd = open_private(self.path(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -1801,7 +1801,7 @@ class History:
         except FileNotFoundError:
             return {"day": day, "models": {}, "sessions": {}}
         with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
-            saved = json.loads(read_private_file(self.path(day, ".sum.json"), self.posix))
+            saved = json.loads(read_private_file(self.path(day, ".sum.json")))
             if isinstance(saved, dict) and saved.get("bytes") == size and saved.get("day") == day:
                 return saved
         ledger = Ledger()
@@ -1810,16 +1810,16 @@ class History:
         summary = dict(ledger.summary(day), bytes=size)
         with contextlib.suppress(OSError):
             text = json.dumps(summary, separators=(",", ":"))
-            write_file_atomic(self.path(day, ".sum.json"), text, self.posix)
+            write_file_atomic(self.path(day, ".sum.json"), text)
         return summary
 
     def load(self, ledger, now, days=HISTORY_CHART_DAYS, prune=True):
         """Fill ``ledger`` with the last ``days`` days: today's records, past days' summaries,
         and the records of the last 24 hours (hours, latency, the last requests). Returns how
         many records were read. Only ``serve`` prunes: it knows --history-days."""
-        secure_dir(self.state_dir, self.posix)
+        secure_dir(self.state_dir)
         if os.path.isdir(self.dir):
-            secure_dir(self.dir, self.posix)
+            secure_dir(self.dir)
         if prune:
             self.prune(now)
         today, oldest = local_day(now), local_day(now - (days - 1) * 86400)
