@@ -757,6 +757,9 @@ _github_login = _matching(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$",
 
 _auth_mode = _choice("auto", "exchange", "direct")
 
+#: One row per setting: its flag, the Config attribute (dest), its variable, the converter
+#: (``bool``: a switch that takes no value), the default, where it is accepted (scope, below),
+#: the help text and the value's name in --help.
 Option = collections.namedtuple("Option", "flag dest env type default scope help metavar")
 
 #: scope "shared": accepted before or after any subcommand; "serve": only by ``serve`` (and the
@@ -1178,10 +1181,10 @@ def settings_argv(config, scope=("shared", "serve"), leave_out=()):
             secrets[option.env] = value
         elif option.type is bool:
             argv += [option.flag] if value else []
-        elif option.dest == "model_aliases":
+        elif option.dest == "model_aliases":  # a dict by now: back to FROM=TO, one flag each
             for alias, target in sorted(value.items()):
                 argv += [option.flag, "%s=%s" % (alias, target)]
-        elif isinstance(option.type, Repeatable):
+        elif isinstance(option.type, Repeatable):  # the flag once per item
             for item in value:
                 argv += [option.flag, item]
         elif option.dest == "api_surface":
@@ -2893,11 +2896,12 @@ class DeviceFlow:
         interval = code["interval"]
         deadline = self.clock() + code["expires_in"]
         network_failures = 0
+        expired = AuthError("the device code expired before it was approved; run "
+                            "`coproxy.py auth login` again", code="expired_token")
         while True:
             remaining = deadline - self.clock()
             if remaining <= 0:
-                raise AuthError("the device code expired before it was approved; run "
-                                "`coproxy.py auth login` again", code="expired_token")
+                raise expired
             if on_wait:
                 on_wait(remaining, interval)
             self.sleep(min(interval, max(remaining, 0.01)))
@@ -2927,8 +2931,7 @@ class DeviceFlow:
                     interval = max(interval, int(data["interval"]))
                 continue
             if error == "expired_token":
-                raise AuthError("the device code expired before it was approved; run "
-                                "`coproxy.py auth login` again", code="expired_token")
+                raise expired
             if error == "access_denied":
                 raise AuthError("authorization was denied on GitHub (access_denied)",
                                 code="access_denied")
@@ -3361,6 +3364,8 @@ def exchange_error(status, data, raw, kind, source, login, direct_refusal=None):
 
 
 def _exchange_refusal(status, data, raw, kind, source, login):
+    """The refusal told by what is most specific: a 401 (the token itself), a kind of token
+    the exchange never takes, GitHub's notification id, then the status alone."""
     message, _ = upstream_error_message(raw)
     details = data.get("error_details") if isinstance(data, dict) else None
     notification = details.get("notification_id") if isinstance(details, dict) else None
@@ -11033,6 +11038,8 @@ def _lock_held(path):
         return False
     except OSError:
         return None
+    # A shared lock is refused only while a server holds its exclusive one; taken and
+    # dropped at once, it never stands in a starting server's way for long.
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
@@ -11055,10 +11062,10 @@ def process_alive(pid):
         ctypes.windll.kernel32.CloseHandle(handle)
         return code.value == 259  # STILL_ACTIVE
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the pid exists
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, as another user's process
         return True
     return True
 
@@ -11220,9 +11227,11 @@ def start_detached(config):
     pid_path = os.path.join(config.state_dir, PID_FILE)
     log_path = os.path.join(config.state_dir, LOG_FILE)
     flags, secrets = settings_argv(config)
+    # --no-auto-login: the child has no terminal to show a device code on (cmd_serve logged
+    # in, if it had to, before coming here)
     argv = [sys.executable, os.path.abspath(__file__), "serve"] + flags + ["--no-auto-login"]
     environ = dict(os.environ, **secrets)
-    environ.pop("COPROXY_DETACH", None)
+    environ.pop("COPROXY_DETACH", None)  # or the child would detach again, and again
     try:
         log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     except OSError as exc:
@@ -11241,6 +11250,9 @@ def start_detached(config):
                                  env=environ, close_fds=True, **options)
     finally:
         os.close(log_fd)
+    # The pid file names the child once it listens (see cmd_serve's on_ready); a child that
+    # exits first failed, and its log says why. 15 s is far more than a start takes, even on
+    # a loaded machine (the first Copilot token is fetched after listening).
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         pid, url, _ = read_pid_file(pid_path)
