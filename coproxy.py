@@ -635,8 +635,8 @@ def open_private(path, flags, mode=0o600):
 # ------------------------------------------------------------------------------------------
 
 def _parse_bool(text):
-    """A boolean option's variable: the spellings people use in shell profiles and unit files;
-    set but empty counts as false (``COPROXY_DETACH=`` switches it off)."""
+    """A boolean option's variable, in the spellings people use in shell profiles and unit
+    files (a variable set to nothing counts as unset: see Config.resolve)."""
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -993,7 +993,7 @@ class Config:
 
     @property
     def max_body_bytes(self):
-        # The option is in MiB and may be fractional (tests and small devices use 0.5).
+        # The option is in MiB and may be a fraction (tests use 1 KiB).
         return int(self.max_body_mb * 1024 * 1024)
 
     @property
@@ -2164,8 +2164,8 @@ class UpstreamResponse:
             if self._need_crlf:  # the line end that closes a chunk's data
                 self._need_crlf = False
                 if line:
-                    raise ValueError("the upstream's chunked framing is broken (no CRLF after a "
-                                     "chunk)")
+                    raise ValueError("the upstream's chunked framing is broken "
+                                     "(no CRLF after a chunk)")
             elif self._in_trailers:
                 self._complete = not line
             else:
@@ -2412,7 +2412,7 @@ def _send_request(conn, method, target, head_block, body):
 class UpstreamClient:
     """Blocking HTTP/1.1 client for GitHub and Copilot, with a kept-alive pool per origin (see
     §6). Safe to share between threads: the pool, the known origins and the TLS sessions are
-    guarded by one lock, held only for bookkeeping, never across I/O."""
+    guarded by one lock, held for bookkeeping, never across a network read or write."""
 
     def __init__(self, ca_file=None, connect_timeout=DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS,
                  read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, environ=None):
@@ -2699,9 +2699,8 @@ class ImageFetcher:
         self.allow_private = allow_private
 
     def _addresses(self, host, port):
-        """Every address ``host`` resolves to; all must be public (unless allowed otherwise):
-        checking only the one connected to would let a name that also resolves to a private
-        address reach it on a later fetch."""
+        """Every address ``host`` resolves to; all must be public (unless allowed otherwise),
+        since _open may connect to any of them."""
         try:
             found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as exc:
@@ -10803,8 +10802,8 @@ def _add_options(parser, scope, only=None, hidden=False, help_overrides=None):
         if option.scope != scope or (only is not None and option.dest not in only):
             continue
         option = option._replace(help=(help_overrides or {}).get(option.dest, option.help))
-        shown_default = "" if option.default in (None, False) else " [default: %s]" % (
-            option.default)
+        shown_default = ("" if option.default in (None, False)
+                         else " [default: %s]" % option.default)
         aliases = ENV_ALIASES.get(option.dest, ())
         variables = option.env + "".join(", or %s when that is unset" % alias for alias in aliases)
         help_text = (argparse.SUPPRESS if hidden
