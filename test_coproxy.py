@@ -2014,7 +2014,7 @@ class TestImageFetcher(unittest.TestCase):
         self.fake.routes[("GET", "/slow.png")] = lambda h, b: (slow.wait(5), h.send_body(200, PNG, "image/png"))
         started = time.monotonic()
         with self.assertRaises(coproxy.ImageNotFetched):
-            fetcher.fetch(self.fake.url + "/slow.png", timeout=0.3)
+            fetcher.fetch(self.fake.url + "/slow.png", timeout=0.1)
         self.assertLess(time.monotonic() - started, 2)
 
 
@@ -3690,7 +3690,7 @@ class TestRequestParsing(ProxyTestCase):
             self.assertIn(fragment, error["message"])
 
     def test_a_body_that_stops_arriving_gets_408_and_a_slow_one_goes_through(self):
-        proxy = self.start_proxy(header_timeout=0.3)
+        proxy = self.start_proxy(header_timeout=0.05)  # waited out: short
         payload = json.dumps(chat_body("slow but moving")).encode()
         client = RawClient(proxy.port)
         self.addCleanup(client.close)
@@ -3700,12 +3700,15 @@ class TestRequestParsing(ProxyTestCase):
         self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
         self.assertIn("--header-timeout", json.loads(body)["error"]["message"])
         self.assertTrue(client.closed_by_server())
+        proxy = self.start_proxy(header_timeout=0.2)
         client = RawClient(proxy.port)
         self.addCleanup(client.close)
-        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(payload))
-        for start in range(0, len(payload), len(payload) // 5 + 1):  # 0.15 s apart: over 0.3 s in all
-            time.sleep(0.15)
-            client.send(payload[start:start + len(payload) // 5 + 1])
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(payload))
+        step = len(payload) // 4 + 1
+        for start in range(0, len(payload), step):  # 0.075 s apart: 0.3 s in all, over the 0.2 s
+            time.sleep(0.075)
+            client.send(payload[start:start + step])
         status, _, body = client.response()
         self.assertEqual(status, 200, body)
 
@@ -3796,13 +3799,17 @@ class TestServerFraming(ProxyTestCase):
         self.assertEqual(self.request("OPTIONS", "/v1/models")[0], 204)
 
     def test_header_timeout_answers_408(self):
-        client = self.raw().send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        proxy = self.start_proxy(header_timeout=0.05)  # waited out: short
+        client = RawClient(proxy.port).send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        self.addCleanup(client.close)
         status, headers, body = client.response()
         self.assertEqual(status, 408)
         self.assertTrue(client.closed_by_server())
 
     def test_idle_keep_alive_connection_is_closed_silently(self):
-        client = self.raw().send(HEALTH)
+        proxy = self.start_proxy(idle_timeout=0.05)  # waited out: short
+        client = RawClient(proxy.port).send(HEALTH)
+        self.addCleanup(client.close)
         self.assertEqual(client.response()[0], 200)
         self.assertEqual(client.file.read(1), b"")  # closed, no 408 for an idle connection
 
@@ -4090,7 +4097,7 @@ class TestEndToEnd(ProxyTestCase):
         self.assertEqual(len(fetches), 1)  # one catalog refresh for 50 requests, not 50 queued threads
 
     def test_concurrency_limit_queues_then_503(self):
-        proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.2)
+        proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.05)  # waited out: short
         gate = threading.Event()
         self.fake.stream(chunk("a"), gate, chunk(None, "stop"), DONE)
         client = RawClient(proxy.port)
@@ -4474,7 +4481,7 @@ class TestImageURLs(ProxyTestCase):
         self.assertEqual(len(self.fake.requests_to("/img.png")), 3)
 
     def test_image_fetches_hold_the_requests_concurrency_slot(self):
-        proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.2)
+        proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.05)  # waited out: short
         gate = threading.Event()
         self.addCleanup(gate.set)
         self.fake.routes[("GET", "/slow.png")] = lambda h, b: (gate.wait(5), h.send_body(200, PNG, "image/png"))
@@ -4490,7 +4497,7 @@ class TestImageURLs(ProxyTestCase):
 
     def test_an_image_server_that_drips_its_answer_is_cut_off_at_the_deadline(self):
         self.addCleanup(setattr, coproxy, "IMAGE_FETCH_SECONDS", coproxy.IMAGE_FETCH_SECONDS)
-        coproxy.IMAGE_FETCH_SECONDS = 0.5
+        coproxy.IMAGE_FETCH_SECONDS = 0.2  # waited out, so short; a byte every 0.02 s meanwhile
         released = threading.Event()
         self.addCleanup(released.set)
 
@@ -6300,7 +6307,7 @@ class TestAbuse(ProxyTestCase):
 
     def test_a_compressed_body_has_its_own_lower_cap(self):
         inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB < --max-body-mb
-        status, _, body = self.raw().send(post("/v1/chat/completions", gzip.compress(inflated),
+        status, _, body = self.raw().send(post("/v1/chat/completions", gzip.compress(inflated, 1),
                                                b"Content-Encoding: gzip\r\n")).response()
         self.assertEqual(status, 413, body[:300])
         self.assertIn("once decompressed (the lower of --max-body-mb and 16 MiB)", json.loads(body)["error"]["message"])
@@ -7004,8 +7011,11 @@ class TestCLI(unittest.TestCase):
             "device_code": "d", "user_code": "WXYZ-0000", "verification_uri": "https://github.com/login/device",
             "expires_in": 60, "interval": 1})
         self.fake.poll_answers = [(200, {"access_token": "ghu_fromdeviceflow123"})]
+        waits, flow = [], coproxy.DeviceFlow  # GitHub's interval is honoured, not waited out here
+        self.addCleanup(setattr, coproxy, "DeviceFlow", flow)
+        coproxy.DeviceFlow = lambda client, config: flow(client, config, sleep=waits.append)
         code, out, err = self.run_main("auth", "login", "--no-browser", token=False)
-        self.assertEqual(code, 0, err)
+        self.assertEqual((code, waits), (0, [1]), err)
         self.assertIn("WXYZ-0000", err)
         self.assertIn("logged in as octocat", out)
         store = coproxy.TokenStore(self.tmp)
