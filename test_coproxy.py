@@ -3959,9 +3959,14 @@ class TestEndToEnd(ProxyTestCase):
 
     def test_a_client_that_stops_reading_a_stream_is_let_go(self):
         self.addCleanup(setattr, coproxy, "STALLED_CLIENT_SECONDS", coproxy.STALLED_CLIENT_SECONDS)
-        coproxy.STALLED_CLIENT_SECONDS = 0.3
-        self.fake.stream(*[chunk("x" * 65536)] * 600 + [chunk(None, "stop"), DONE])  # more than sockets buffer
-        client = self.open_stream(chat_body(stream=True))  # ... and then reads nothing
+        coproxy.STALLED_CLIENT_SECONDS = 0.1  # waited out: short
+        # 10 MB: more than the sockets between can hold (coproxy's send buffer grows to 4 MB),
+        # with this client's receive buffer held small (it could grow to 32 MB)
+        self.fake.stream(*[chunk("x" * 65536)] * 160 + [chunk(None, "stop"), DONE])
+        client = self.raw()
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
+        self.assertEqual(client.response(head_only=True)[0], 200)  # ... and then reads nothing
         self.assertTrue(wait_for(lambda: any("error=client_stalled" in line for line in LOGS.lines), 10))
         self.assertTrue(wait_for(lambda: self.proxy.app.metrics.active_streams == 0))
         client.close()
@@ -3970,12 +3975,14 @@ class TestEndToEnd(ProxyTestCase):
 
     def test_a_client_that_stops_reading_a_whole_answer_gives_its_slot_back(self):
         self.addCleanup(setattr, coproxy, "STALLED_CLIENT_SECONDS", coproxy.STALLED_CLIENT_SECONDS)
-        coproxy.STALLED_CLIENT_SECONDS = 0.3
+        coproxy.STALLED_CLIENT_SECONDS = 0.1  # waited out: short
         proxy = self.start_proxy(max_concurrency=1, queue_timeout=10)
-        big = {"id": "c", "object": "chat.completion", "model": "gpt-4.1", "choices": [{"index": 0, "finish_reason": "stop",
-               "message": {"role": "assistant", "content": "x" * (24 << 20)}}]}  # more than sockets buffer
+        big = {"id": "c", "object": "chat.completion", "model": "gpt-4.1", "choices": [{
+            "index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "x" * (10 << 20)}}]}  # as in the test above
         self.fake.routes[("POST", "/chat/completions")] = lambda h, p: h.send_json(200, big)
         client = RawClient(proxy.port)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         self.addCleanup(client.close)
         client.send(post("/v1/chat/completions", json.dumps(chat_body()).encode()))  # ... and reads nothing
         self.assertTrue(wait_for(lambda: self.fake.requests_to("/chat/completions")))
