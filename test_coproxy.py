@@ -6883,7 +6883,7 @@ class TestCLI(unittest.TestCase):
                               capture_output=True, text=True, timeout=timeout, env=self.env)
 
     def test_version(self):
-        result = self.run_process("--version")
+        result = main_in_process(["--version"])
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "coproxy " + coproxy.__version__))
 
     def test_usage_errors_exit_2_with_one_clear_line(self):
@@ -7161,13 +7161,15 @@ class TestDaemon(unittest.TestCase):
         self.addCleanup(self.command, "stop")
 
     def cli(self, *argv, env=None):
-        """A command as its own process: each serve (a server, or its refusal to start one)."""
+        """A command as its own process: the first serve -d, and each serve that would stay in
+        the foreground if its refusal went (a timeout then, not a suite that hangs)."""
         return subprocess.run([sys.executable, COPROXY_PY] + list(argv) + ["--state-dir", self.tmp],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
                               env=dict(self.env, **(env or {})))
 
     def command(self, *argv, env=None):
-        """status and stop, in-process: they only read the pid file, ask and signal."""
+        """status, stop and the other serve -d in-process: they read the pid file, ask, signal
+        or start the background server (its own process still) and return."""
         return main_in_process(list(argv) + ["--state-dir", self.tmp], env)
 
     def test_start_status_refuse_second_stop_and_no_secret_on_a_command_line(self):
@@ -7215,7 +7217,7 @@ class TestDaemon(unittest.TestCase):
         self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body(),
                                       headers={"Authorization": "Bearer s3cret-key"})[0], 200)
         self.assertIn("upstream: the last request to Copilot succeeded", self.command("status", env=keyed).stdout)
-        second = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        second = self.command("serve", "-d", "--port", "0", "--no-auto-login")
         self.assertEqual(second.returncode, 1)
         self.assertIn("already running (pid %d" % pid, second.stderr)
         stopped = self.command("stop")
@@ -7233,7 +7235,7 @@ class TestDaemon(unittest.TestCase):
         self.assertEqual(stopped.returncode, 1)
         self.assertIn("stale pid file", stopped.stderr)
         self.assertIsNone(stranger.poll())  # still alive: never signalled
-        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        started = self.command("serve", "-d", "--port", "0", "--no-auto-login")
         self.assertEqual(started.returncode, 0, started.stderr)
         self.assertEqual(self.command("stop").returncode, 0)
 
@@ -7261,7 +7263,7 @@ class TestDaemon(unittest.TestCase):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         self.addCleanup(busy.close)
-        failed = self.cli("serve", "-d", "--port", str(busy.getsockname()[1]), "--no-auto-login")
+        failed = self.command("serve", "-d", "--port", str(busy.getsockname()[1]), "--no-auto-login")
         self.assertEqual(failed.returncode, 1)
         self.assertIn("address already in use", failed.stderr)
         self.assertNotIn("yesterday", failed.stderr)
@@ -7277,7 +7279,7 @@ class TestDaemon(unittest.TestCase):
         os.chmod(self.tmp, 0o700)
         target = os.path.join(self.tmp, "elsewhere")
         os.symlink(target, os.path.join(self.tmp, "coproxy.log"))
-        result = self.cli("serve", "-d", "--port", "0", "--no-auto-login")
+        result = self.command("serve", "-d", "--port", "0", "--no-auto-login")
         self.assertEqual(result.returncode, 1)
         self.assertFalse(os.path.exists(target))
 
@@ -7641,10 +7643,14 @@ class TestPortability(unittest.TestCase):
         self.assertLessEqual(top.count("\n"), 52)  # what it is, the two commands, a smoke test, pick a client
 
     def test_verbose_runs_print_test_names(self):
-        run = subprocess.run([sys.executable, os.path.join(HERE, "test_coproxy.py"), "-v", "-k", "test_format_size"],
-                             capture_output=True, text=True, timeout=60)
-        self.assertIn("test_format_size (", run.stderr)
-        self.assertEqual(run.stdout.strip().splitlines()[-1], "1 passed, 0 failed, 0 skipped")
+        # The runner in-process (a new interpreter compiles both files: 0.5 s); .ci/run reads
+        # the last line of the real command's output
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_tests(["-v", "-k", "test_format_size"])
+        self.assertIn("test_format_size (", err.getvalue())
+        self.assertEqual((code, out.getvalue().strip().splitlines()[-1]),
+                         (0, "1 passed, 0 failed, 0 skipped"))
 
     def test_import_has_no_side_effects(self):
         home = tempfile.mkdtemp()
@@ -9082,7 +9088,8 @@ class CountingRunner(unittest.TextTestRunner):
 
 
 def run_tests(argv):
-    program = unittest.main(argv=[sys.argv[0]] + argv, exit=False, testRunner=CountingRunner)
+    program = unittest.main(module=sys.modules[__name__], argv=[sys.argv[0]] + argv, exit=False,
+                            testRunner=CountingRunner)
     result = program.result
     failed = len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
     if FUZZ_FIGURES:
