@@ -1047,73 +1047,89 @@ class Config:
         environ = dict(os.environ if environ is None else environ)
         config = cls(environ=environ)
         for option in OPTIONS:
-            names = [n for n in (option.env,) + ENV_ALIASES.get(option.dest, ())
-                     if environ.get(n, "") != ""]
-            flagged = option.dest in values and values[option.dest] is not None
-            if len({environ[n] for n in names}) > 1 and not flagged:
-                config.warnings.append("%s are set to different values; %s is used"
-                                       % (" and ".join(names), names[0]))
-            if flagged:
-                value = values[option.dest]
-                source = option.flag
-            elif names:
-                source = names[0]
-                try:
-                    value = (_parse_bool if option.type is bool else option.type)(environ[source])
-                except ValueError as exc:
-                    shown = "[secret]" if option.dest in SECRET_OPTIONS else repr(environ[source])
-                    raise ConfigError("%s=%s is not valid: %s" % (source, shown, exc))
-            else:
-                continue
-            setattr(config, option.dest, value)
-            config.sources[option.dest] = source
-        config.github_host = config.github_host.strip().lower().rstrip("/") or "github.com"
-        if "://" in config.github_host or "/" in config.github_host:
+            config._take(option, values, environ)
+        config._check_urls()
+        config._check_secrets()
+        config._check_token_sources()
+        config._absolute_paths()
+        config._collections()
+        config._check_ca_file()
+        config.warnings += unknown_variable_warnings(environ)
+        return config
+
+    def _take(self, option, values, environ):
+        """Set ``option`` from its flag, else from the first of its variables that is set (with
+        a warning when they disagree), and note where it came from; a default goes unnoted."""
+        names = [n for n in (option.env,) + ENV_ALIASES.get(option.dest, ())
+                 if environ.get(n, "") != ""]
+        flagged = option.dest in values and values[option.dest] is not None
+        if len({environ[n] for n in names}) > 1 and not flagged:
+            self.warnings.append("%s are set to different values; %s is used"
+                                 % (" and ".join(names), names[0]))
+        if flagged:
+            value, source = values[option.dest], option.flag
+        elif names:
+            source = names[0]
+            try:
+                value = (_parse_bool if option.type is bool else option.type)(environ[source])
+            except ValueError as exc:
+                shown = "[secret]" if option.dest in SECRET_OPTIONS else repr(environ[source])
+                raise ConfigError("%s=%s is not valid: %s" % (source, shown, exc))
+        else:
+            return
+        setattr(self, option.dest, value)
+        self.sources[option.dest] = source
+
+    def _check_urls(self):
+        """--github-host is a host name, and the device-flow and REST URLs follow it unless
+        given one by one; every URL is http(s) with a host, kept without a trailing slash."""
+        self.github_host = self.github_host.strip().lower().rstrip("/") or "github.com"
+        if "://" in self.github_host or "/" in self.github_host:
             raise ConfigError("--github-host takes a host name such as TENANT.ghe.com, not a URL")
-        # The device flow and REST hosts follow --github-host unless overridden one by one.
-        if config.github_url is None:
-            config.github_url = "https://" + config.github_host
-        if config.github_api_url is None:
-            config.github_api_url = "https://api." + config.github_host
+        if self.github_url is None:
+            self.github_url = "https://" + self.github_host
+        if self.github_api_url is None:
+            self.github_api_url = "https://api." + self.github_host
         for name in ("github_url", "github_api_url", "copilot_api_url"):
-            url = getattr(config, name)
-            if url is not None:
-                try:
-                    parsed = urllib.parse.urlsplit(url)
-                    parsed.port  # a port that is not a number raises here
-                except ValueError:
-                    parsed = None
-                if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
-                    raise ConfigError("%s must be an http(s) URL, got %r"
-                                      % (OPTION_BY_DEST[name].env, redact(url)))
-                setattr(config, name, url.rstrip("/"))
+            url = getattr(self, name)
+            if url is None:
+                continue
+            try:
+                parsed = urllib.parse.urlsplit(url)
+                parsed.port  # a port that is not a number raises here
+            except ValueError:
+                parsed = None
+            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ConfigError("%s must be an http(s) URL, got %r"
+                                  % (OPTION_BY_DEST[name].env, redact(url)))
+            setattr(self, name, url.rstrip("/"))
+
+    def _check_secrets(self):
+        """A key or token stripped (blank is unset) and printable: a line break in one would
+        split the header it is sent in."""
         for name in SECRET_OPTIONS:
-            value = getattr(config, name)
+            value = getattr(self, name)
             if value is not None:
                 value = value.strip() or None
                 if value is not None and not value.isprintable():
                     raise ConfigError("%s holds a line break or control character"
-                                      % config.source_of(name))
-                setattr(config, name, value)
-        config._check_token_sources()
-        config._absolute_paths()
-        config._collections()
-        if config.ca_file:
-            try:
-                with open(config.ca_file, "rb") as handle:
-                    pem = handle.read()
-            except OSError as exc:
-                raise ConfigError("--ca-file %s cannot be read: %s"
-                                  % (config.ca_file, exc.strerror or exc))
-            # Checked at start-up: a wrong file (a DER certificate, a key) stops the command
-            # naming the file, instead of failing every request later.
-            if b"-----BEGIN CERTIFICATE-----" not in pem:
-                raise ConfigError("--ca-file %s holds no PEM certificate "
-                                  "(-----BEGIN CERTIFICATE-----)" % config.ca_file)
-        state_dir = config.state_dir or default_state_dir(environ=environ)
-        config.state_dir = os.path.abspath(os.path.expanduser(state_dir))
-        config.warnings += unknown_variable_warnings(environ)
-        return config
+                                      % self.source_of(name))
+                setattr(self, name, value)
+
+    def _check_ca_file(self):
+        """Checked at start-up: a wrong file (a DER certificate, a key) stops the command naming
+        the file, instead of failing every request later."""
+        if not self.ca_file:
+            return
+        try:
+            with open(self.ca_file, "rb") as handle:
+                pem = handle.read()
+        except OSError as exc:
+            raise ConfigError("--ca-file %s cannot be read: %s"
+                              % (self.ca_file, exc.strerror or exc))
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise ConfigError("--ca-file %s holds no PEM certificate "
+                              "(-----BEGIN CERTIFICATE-----)" % self.ca_file)
 
     def _check_token_sources(self):
         """At most one explicit GitHub token source, and a GitHub App only with all it needs."""
@@ -1135,6 +1151,10 @@ class Config:
                               "--github-app-org")
 
     def _absolute_paths(self):
+        """Paths made absolute now: they are handed on to a background server and written
+        into service files, which may run from another directory."""
+        state_dir = self.state_dir or default_state_dir(environ=self.environ)
+        self.state_dir = os.path.abspath(os.path.expanduser(state_dir))
         for name in ("github_token_file", "github_app_key_file"):
             if getattr(self, name):
                 setattr(self, name, os.path.abspath(os.path.expanduser(getattr(self, name))))
