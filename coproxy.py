@@ -10841,16 +10841,45 @@ def _add_options(parser, scope, only=None, hidden=False, help_overrides=None):
                                 action="append" if repeated else "store", **common)
 
 
+#: (the line in the command list, the description atop its --help) of each command; argparse
+#: prints the description as written (RawDescriptionHelpFormatter), line breaks included.
 COMMAND_HELP = {
-    "serve": "run the proxy server",
-    "auth": "log in, inspect or forget the GitHub login",
-    "models": "list the models Copilot offers you",
-    "usage": "show your Copilot plan, AI credits or premium requests, and limits",
-    "stop": "stop the coproxy serving from this state dir",
-    "status": "is a coproxy serving from this state dir? pid, address, uptime, auth, last "
-              "upstream answer",
-    "service": "print a systemd user unit or a launchd plist",
-    "claude-code": "print the environment that points Claude Code at coproxy",
+    "serve": ("run the proxy server",
+              "Serve the OpenAI and Anthropic APIs on HOST:PORT, backed by Copilot."),
+    "auth": ("log in, inspect or forget the GitHub login",
+             "Manage the GitHub login and the Copilot token."),
+    "auth login": ("log in with GitHub's device flow",
+                   "Show a code and a URL; approve on GitHub; the token is saved (0600) in the "
+                   "state directory."),
+    "auth status": ("show login, plan, token expiry and API base",
+                    "Exit status 0 when a Copilot token can be had, 1 otherwise."),
+    "auth logout": ("delete the saved tokens",
+                    "Remove auth/github-access-token and auth/ghcp-token.json."),
+    "auth refresh": ("fetch a new Copilot token now",
+                     "Exchange the GitHub token for a fresh Copilot token and save it."),
+    "models": ("list the models Copilot offers you",
+               "Table of id, vendor, context window, output limit, tools/vision."),
+    "stop": ("stop the coproxy serving from this state dir",
+             "Send SIGTERM to the coproxy recorded in <state-dir>/coproxy.pid (only if it is "
+             "still that process), wait for its graceful drain, and report."),
+    "status": ("is a coproxy serving from this state dir? pid, address, uptime, auth, last "
+               "upstream answer",
+               "Exit status 0 when a coproxy is serving from this state dir, 1 otherwise."),
+    "service": ("print a systemd user unit or a launchd plist",
+                "Print a service definition that runs `serve` with this Python, this file and "
+                "every setting you give (flags and environment alike); secrets go to "
+                "<state-dir>/service.env (0600), never into the unit."),
+    "usage": ("show your Copilot plan, AI credits or premium requests, and limits",
+              "Plan, AI credits (token-billed plans) or premium requests (request-billed "
+              "plans), chat quota, reset date, the session and weekly windows a running coproxy "
+              "has seen, and from the history: the last 7 days as a chart, the top models and "
+              "sessions."),
+    "claude-code": (
+        "print the environment that points Claude Code at coproxy",
+        "Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices "
+        "from\nyour live Copilot catalog, asked of the running coproxy first, then of GitHub "
+        "(exit 1\nwhen neither answers). Use:  eval \"$(python3 coproxy.py claude-code)\"  then "
+        "run `claude`\n(serve's banner prints this line with the options your serve needs)."),
 }
 #: Every subcommand's help ends with this. It names a few shared options, not all: a full list
 #: here went stale whenever one was added.
@@ -10875,74 +10904,50 @@ def build_parser(command=None):
     parser.add_argument("--version", action="version", version="coproxy " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
 
-    def sub(name, parent=commands, **kwargs):
+    def sub(name, parent=commands):
         """The parser of subcommand ``name`` (None when another command is being built); it
         takes the shared options too, hidden from its help, so they work after the command."""
         if command not in (None, name) and parent is commands:
             return None
-        kwargs.setdefault("help", COMMAND_HELP.get(name))
-        kwargs.setdefault("description", kwargs["help"])
-        made = parent.add_parser(name, allow_abbrev=False, formatter_class=formatter,
-                                 epilog=SHARED_NOTE, **kwargs)
         parent_parser = parser if parent is commands else auth
+        help_line, description = COMMAND_HELP[name if parent is commands else "auth " + name]
+        made = parent.add_parser(name, allow_abbrev=False, formatter_class=formatter,
+                                 epilog=SHARED_NOTE, help=help_line, description=description)
         parent_parser.commands[name] = made
         _add_options(made, "shared", hidden=True)
         return made
 
-    serve = sub("serve", description="Serve the OpenAI and Anthropic APIs on HOST:PORT, backed "
-                                     "by Copilot.")
+    serve = sub("serve")
     if serve:
         _add_options(serve, "serve")
-    auth = sub("auth", description="Manage the GitHub login and the Copilot token.")
+    auth = sub("auth")
     if auth:
         auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION",
                                             parser_class=ArgumentParser)
-        login = sub("login", auth_commands, help="log in with GitHub's device flow",
-                    description="Show a code and a URL; approve on GitHub; the token is saved "
-                                "(0600) in the state directory.")
-        login.add_argument("--no-browser", action="store_true",
-                           help="do not try to open a web browser")
-        sub("status", auth_commands, help="show login, plan, token expiry and API base",
-            description="Exit status 0 when a Copilot token can be had, 1 otherwise.")
-        sub("logout", auth_commands, help="delete the saved tokens",
-            description="Remove auth/github-access-token and auth/ghcp-token.json.")
-        sub("refresh", auth_commands, help="fetch a new Copilot token now",
-            description="Exchange the GitHub token for a fresh Copilot token and save it.")
-    models = sub("models", description="Table of id, vendor, context window, output limit, "
-                                       "tools/vision.")
+        sub("login", auth_commands).add_argument("--no-browser", action="store_true",
+                                                 help="do not try to open a web browser")
+        for action in ("status", "logout", "refresh"):
+            sub(action, auth_commands)
+    models = sub("models")
     if models:
         models.add_argument("--json", action="store_true",
                             help="print OpenAI-shaped JSON instead of a table")
         _add_options(models, "serve", only=("model_aliases",))
-    sub("stop", description="Send SIGTERM to the coproxy recorded in <state-dir>/coproxy.pid "
-                            "(only if it is still that process), wait for its graceful drain, "
-                            "and report.")
-    sub("status", description="Exit status 0 when a coproxy is serving from this state dir, 1 "
-                              "otherwise.")
-    service = sub("service", description=(
-        "Print a service definition that runs `serve` with this Python, this file and every "
-        "setting you give (flags and environment alike); secrets go to "
-        "<state-dir>/service.env (0600), never into the unit."))
+    sub("stop")
+    sub("status")
+    service = sub("service")
     if service:
         service.add_argument("kind", nargs="?", choices=("systemd", "launchd"),
                              help="systemd or launchd")
         # every serve option but --detach: a service manager runs the server in the foreground
         _add_options(service, "serve", only=[o.dest for o in OPTIONS
                                              if o.scope == "serve" and o.dest != "detach"])
-    usage = sub("usage", description=(
-        "Plan, AI credits (token-billed plans) or premium requests (request-billed plans), chat "
-        "quota, reset date, the session and weekly windows a running coproxy has seen, and from "
-        "the history: the last 7 days as a chart, the top models and sessions."))
+    usage = sub("usage")
     if usage:
         usage.add_argument("--json", action="store_true",
                            help="print JSON (GET /usage's copilot part, and the last 7 days of "
                                 "history)")
-    claude = sub("claude-code", description=(
-        "Print ANTHROPIC_* settings for Claude Code: base URL, auth token, and model choices from\n"
-        "your live Copilot catalog, asked of the running coproxy first, then of GitHub (exit 1\n"
-        "when neither answers). Use:  eval \"$(python3 coproxy.py claude-code)\"  then run "
-        "`claude`\n"
-        "(serve's banner prints this line with the options your serve needs)."))
+    claude = sub("claude-code")
     if claude:
         _add_options(claude, "serve", only=("host", "port", "api_key"), help_overrides={
             "host": "address where the coproxy for Claude Code listens, as given to serve: "
