@@ -6,12 +6,49 @@ fake GitHub + Copilot upstream (plain HTTP and TLS, with a test CA embedded belo
 CONNECT proxy and a raw scripted upstream for framing edge cases. Nothing reaches the network.
 Needs only the standard library; the optional checks with the official ``openai``,
 ``anthropic`` and ``ollama`` clients run when they are importable (``.ci/run`` installs them in a
-throwaway venv), among them TestSchemas: every kind of answer against the SDKs' types, strict;
-and the dashboard's test in headless Chromium when ``playwright`` and a ``chromium`` are there
-(``TEST_COPROXY_SCREENSHOTS=DIR`` saves its screenshots there: README's picture).
-The classes follow coproxy.py's sections, so a failure points at one. The last line printed is
-``N passed, N failed, N skipped``. ``python3 test_coproxy.py --bench`` prints the performance
-figures instead (Linux: it reads CPU and memory from /proc).
+throwaway venv), and the dashboard's test in headless Chromium when ``playwright`` and a
+``chromium`` are there. The everyday run takes about 15 s on 2 cores; keep it so (await events,
+shorten a timer through its option rather than wait it out, spawn an interpreter only for what
+needs a process: one costs 0.3 s of CPU). The last line printed is ``N passed, N failed, N
+skipped``. Variables: ``TEST_COPROXY_FUZZ=full`` gives the fuzz tests their full counts (.ci/run
+sets it); ``TEST_COPROXY_SCREENSHOTS=DIR`` keeps the browser test's screenshots (README's
+picture). ``python3 test_coproxy.py --bench`` prints the performance figures instead (Linux:
+CPU and memory from /proc); its code is the marked section at the end of this file.
+
+Where each feature is tested (classes in coproxy.py's section order, so a failure points at one):
+  options, variables, state files, history .. TestConfig, TestTokenStore, TestHistory
+  redaction, JSON bounds, bodies, field types TestUtilities, TestBodies, TestFieldChecks
+  upstream client: pool, retries, framing .... TestUpstreamClient, TestUpstreamFraming
+  TLS, CA file, HTTPS proxies (CONNECT) ...... TestUpstreamTLS, TestEndToEndTLS
+  image URLs (public addresses only) ......... TestImageFetcher, TestImageURLs, TestTrust
+  GitHub login, Copilot token, token kinds ... TestDeviceFlow, TestCopilotAuth, TestTokenKinds,
+                                               TestTokensEndToEnd
+  GitHub App (organisation billing) .......... TestRS256, TestGitHubApp
+  the auto model ............................. TestAutoSession, TestAutoModel
+  Chat Completions <-> Messages, streams ..... TestSSECodec, TestTranslateOpenAI,
+                                               TestTranslateAnthropic, TestStreamEnds
+  Responses for every model, Codex ........... TestTranslateResponses, TestResponsesForEveryModel,
+                                               TestCodex
+  fitting requests to each model ............. TestModelQuirks, TestGeminiSchemas
+  usage, cost, credits, upstream limits ...... TestUsageAndCost, TestUpstreamVerdicts,
+                                               TestCostAndLimits
+  Ollama API ................................. TestTranslateOllama, TestOllamaAPI
+  worker threads, the stream hub ............. TestWorkerPool, TestStreamHub
+  our HTTP/1.1 server ........................ TestRequestParsing, TestServerFraming
+  OpenAI routes end to end ................... TestEndToEnd, TestOpenAISurface
+  Anthropic routes end to end ................ TestAnthropicEndToEnd
+  Host/Origin/key guard, CORS, aliases ....... TestTrust, TestOperations
+  rate limit, metrics ........................ TestOperations
+  load, churned connections, leaving clients . TestLoadWithChurn
+  hostile clients, fuzzed bodies and answers . TestAbuse, TestFuzz
+  dashboard and /usage views ................. TestDashboard, TestDashboardBrowser
+  commands, exit codes, help ................. TestCLI
+  serve -d, status, stop; service units ...... TestDaemon, TestService
+  claude-code and the start banner ........... TestClaudeCodeCommand, TestClaudeCodeCatalogue
+  Python versions, stdlib only, size limits .. TestPortability
+  the official SDKs, answers' schemas ........ TestOpenAISDK, TestAnthropicSDK, TestOllamaSDK,
+                                               TestSchemas
+  the benchmark's verdicts ................... TestBenchJudging
 """
 import ast
 import asyncio
