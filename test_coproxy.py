@@ -17,7 +17,8 @@ CPU and memory from /proc); its code is the marked section at the end of this fi
 
 Where each feature is tested (classes in coproxy.py's section order, so a failure points at one):
   options, variables, state files, history .. TestConfig, TestTokenStore, TestHistory
-  redaction, JSON bounds, bodies, field types TestUtilities, TestBodies, TestFieldChecks
+  redaction, JSON bounds, compressed bodies . TestUtilities, TestBodies
+  field types checked (400, never a crash) .. TestFieldChecks
   upstream client: pool, retries, framing .... TestUpstreamClient, TestUpstreamFraming
   TLS, CA file, HTTPS proxies (CONNECT) ...... TestUpstreamTLS, TestEndToEndTLS
   image URLs (public addresses only) ......... TestImageFetcher, TestImageURLs, TestTrust
