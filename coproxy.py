@@ -288,7 +288,6 @@ HUB_STREAMS_PER_TURN = 64
 IDLE_UPSTREAM_CONNECTIONS = 64             # kept-alive connections per origin
 IDLE_UPSTREAM_TOTAL = 128                  # kept-alive connections in all
 IDLE_UPSTREAM_SECONDS = 90.0               # an idle pooled connection older than this is closed
-MAX_KNOWN_ORIGINS = 256                    # parsed base URLs remembered
 IDLE_WORKER_SECONDS = 60.0                 # an idle worker beyond MIN_WORKERS exits after this
 MIN_WORKERS = 4
 #: Stack reserved per worker thread by `serve`: workers only do I/O, shallow JSON and TLS
@@ -448,15 +447,13 @@ class LogFormatter(logging.Formatter):
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# Built once: json.dumps with these arguments builds a new encoder on every call.
-_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def json_dumps(obj):
     """Compact JSON as UTF-8 bytes (the form every answer and upstream body uses). A lone
     surrogate (``"\\ud800"`` parses, but is no character) becomes U+FFFD: text cut in the middle
     of a character by a client is a client's slip worth forgiving, not a reason to fail a turn."""
-    text = _JSON_ENCODER.encode(obj)
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -2448,7 +2445,6 @@ class UpstreamClient:
                 parse_proxy(self.environ[name])
         self._pools = {}
         self._idle = 0
-        self._targets = {}
         self._tls_sessions = {}  # origin -> the last TLS session, for resumption
         self._lock = threading.Lock()
         self._reaper_wake = threading.Condition(self._lock)
@@ -2472,22 +2468,6 @@ class UpstreamClient:
                                                   % (self.ca_file, exc), kind="tls")
                 self._ssl_context = context
             return self._ssl_context
-
-    def target(self, url):
-        """parse_target, remembered per scheme://authority (the same few base URLs come back on
-        every request; the cache is bounded)."""
-        base, path = _split_url(url)
-        known = self._targets.get(base)
-        if known is None:
-            return parse_target(url)
-        return known._replace(path=safe_request_target(path))
-
-    def _remember(self, url, target):
-        base = _split_url(url)[0]
-        with self._lock:
-            if len(self._targets) >= MAX_KNOWN_ORIGINS:
-                self._targets.clear()
-            self._targets[base] = target
 
     def _dial(self, target, proxy):
         """A TCP connection to the origin, or to its proxy."""
@@ -2604,7 +2584,7 @@ class UpstreamClient:
         A connection that fails before any byte of the answer is tried once more on a new one
         (Copilot saw nothing, or nothing it answered): a pooled connection the server had closed
         or reset, a TLS handshake or a proxy tunnel the other side hung up on."""
-        target = self.target(url)
+        target = parse_target(url)
         head_block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
         if "Accept-Encoding" not in headers:  # bodies are relayed as they come: no gzip, please
             head_block += "Accept-Encoding: identity\r\n"
@@ -2626,7 +2606,6 @@ class UpstreamClient:
                     stage = "handshake"
                     conn = self._secure(sock, target, proxy)
                     stage = "fresh"
-                    self._remember(url, target)
                 if abort_handle is not None:
                     abort_handle.attach(conn.sock)
                     if abort_handle.aborted:
@@ -7574,8 +7553,9 @@ class WorkerPool(concurrent.futures.Executor):
                 return  # queued until a worker is free
             self._to_start += 1
             self._start_wanted.notify()
-            if self._starter is None:  # once per pool; the starter waits for our lock, never we for it
-                self._starter = threading.Thread(target=self._start_workers, name=self.name + "-starter", daemon=True)
+            if self._starter is None:  # once per pool; it waits for our lock, never we for its
+                self._starter = threading.Thread(target=self._start_workers, daemon=True,
+                                                 name=self.name + "-starter")
                 self._starter.start()
 
     def _start_workers(self):
@@ -7586,7 +7566,8 @@ class WorkerPool(concurrent.futures.Executor):
                 if not self._to_start:  # shut down, and every worker owed has been started
                     return
                 self._serial += 1
-                thread = threading.Thread(target=self._work, name="%s-%d" % (self.name, self._serial), daemon=True)
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name="%s-%d" % (self.name, self._serial))
                 self._threads.add(thread)
                 self._to_start -= 1
             thread.start()
@@ -7657,11 +7638,12 @@ class WorkerPool(concurrent.futures.Executor):
             if loop is None:
                 self._settle(future, result, error)
                 return
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits this any more
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits this
                 loop.call_soon_threadsafe(self._settle, future, result, error)
-        finally:  # the error's traceback holds this frame (and the job's arguments, a whole request
-            future = result = error = None  # body): no way back to the error from here, else a
-            # cycle (error -> traceback -> frame -> future -> error) only the garbage collector frees
+        finally:  # the error's traceback holds this frame (and the job's arguments, a whole
+            # request body): no way back to the error from here, else a cycle (error ->
+            # traceback -> frame -> future -> error) only the garbage collector frees
+            future = result = error = None
 
     def shutdown(self, wait=True, **_):
         """No new jobs; the queued ones still run, then the workers leave. With ``wait``, return
@@ -7931,8 +7913,8 @@ class _EndOfInput(Exception):
 class Request:
     """One parsed request head; the body is read on demand with ``await read_body()``."""
 
-    __slots__ = ("method", "path", "query", "version", "headers", "content_length",
-                 "chunked", "keep_alive", "expect_continue", "body", "body_consumed", "connection", "started")
+    __slots__ = ("method", "path", "query", "version", "headers", "content_length", "chunked",
+                 "keep_alive", "expect_continue", "body", "body_consumed", "connection", "started")
 
     def __init__(self, method, path, version, headers):
         self.method = method
@@ -8021,7 +8003,8 @@ def parse_request_head(head):
     if version == "HTTP/1.1" and "host" not in headers:
         raise BadRequest(400, "HTTP/1.1 request without a Host header")
     connection = headers.get("connection", "").lower()
-    request.keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    request.keep_alive = ("close" not in connection if version == "HTTP/1.1"
+                          else "keep-alive" in connection)
     # Framing (RFC 9112 §6.1-6.3): both or conflicting lengths are how requests get smuggled.
     te = headers.get("transfer-encoding")
     cl = headers.get("content-length")
@@ -8049,8 +8032,8 @@ class Response:
     """Writes one answer: ``send()`` a whole body, or ``start_stream()``, ``write()``/
     ``write_nowait()`` and ``end()`` for a streamed one."""
 
-    __slots__ = ("conn", "request", "status", "started", "finished", "chunked", "keep_alive", "bytes_sent",
-                 "log_fields", "extra_headers", "head_sent_at")
+    __slots__ = ("conn", "request", "status", "started", "finished", "chunked", "keep_alive",
+                 "bytes_sent", "log_fields", "extra_headers", "head_sent_at")
 
     def __init__(self, conn, request):
         self.conn = conn
@@ -8072,7 +8055,7 @@ class Response:
         if self.conn.server.closing:
             self.keep_alive = False
         lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown")),
-                 "Date: " + self.conn.server.http_date(), "Server: coproxy/" + __version__]
+                 "Date: " + http_date(time.time()), "Server: coproxy/" + __version__]
         lines += ["%s: %s" % item for item in list(headers) + self.extra_headers]
         if content_length is not None:
             lines.append("Content-Length: %d" % content_length)
@@ -8143,7 +8126,8 @@ class Connection:
         self.transport = writer.transport
         self.buf = bytearray()
         self.exchanging = False  # a request is being answered (not to be shed at the cap)
-        self.receiving_since = None  # when it began waiting for a body (shed at the cap after idle ones)
+        #: when it began waiting for a body (shed at the cap, after idle ones)
+        self.receiving_since = None
         self.waiting_since = server.loop.time()  # when it began waiting for its next request head
         self.lost = False
         self._watcher = None
@@ -8187,7 +8171,8 @@ class Connection:
                 return head
             searched = max(0, len(self.buf) - 3)
             line_end = self.buf.find(b"\r\n")
-            if (line_end < 0 and len(self.buf) > MAX_REQUEST_LINE_BYTES) or line_end > MAX_REQUEST_LINE_BYTES:
+            if ((line_end < 0 and len(self.buf) > MAX_REQUEST_LINE_BYTES)
+                    or line_end > MAX_REQUEST_LINE_BYTES):
                 raise BadRequest(414, "request line longer than %d bytes" % MAX_REQUEST_LINE_BYTES)
             if len(self.buf) > MAX_REQUEST_LINE_BYTES + MAX_HEADER_BYTES:
                 raise BadRequest(431, "request headers larger than %d bytes" % MAX_HEADER_BYTES)
@@ -8238,7 +8223,8 @@ class Connection:
             return b""
         if request.expect_continue and request.version == "HTTP/1.1" and not self.buf:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if not request.chunked and len(self.buf) >= request.content_length:  # all here: no timer, no wait
+        # all here: no timer, no wait
+        if not request.chunked and len(self.buf) >= request.content_length:
             body = bytes(self.buf[:request.content_length])
             del self.buf[:request.content_length]
             return body
@@ -8253,7 +8239,8 @@ class Connection:
             while True:
                 line = await self._read_line(MAX_CHUNK_LINE_BYTES, "chunk-size line")
                 size_text = line.split(b";", 1)[0].strip()
-                if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+                if (not size_text or len(size_text) > 16
+                        or size_text.strip(b"0123456789abcdefABCDEF")):
                     raise BadRequest(400, "malformed chunk size")
                 size = int(size_text, 16)
                 if size == 0:
@@ -8327,7 +8314,8 @@ class Connection:
 
     async def drain(self):
         """Wait while the client is slower than we are. A client that takes nothing for
-        STALLED_CLIENT_SECONDS is dropped: it would hold its slot (and upstream) as long as it liked."""
+        STALLED_CLIENT_SECONDS is dropped: it would hold its slot (and upstream) as long as it
+        liked."""
         try:
             if self.transport.get_write_buffer_size() <= self._low_water:
                 await self.writer.drain()  # not paused: returns at once, no timer needed
@@ -8353,7 +8341,8 @@ class Connection:
                     await self._fill()
                 except (_EndOfInput, ConnectionError, OSError):
                     if self.timed_out == "head":
-                        await self._answer_bad_request(BadRequest(408, "request not received in time"))
+                        await self._answer_bad_request(
+                            BadRequest(408, "request not received in time"))
                     return
                 finally:
                     timer.cancel()
@@ -8361,7 +8350,8 @@ class Connection:
             while self.buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore a stray CRLF between requests
                 del self.buf[:2]
             # A head that is already buffered (the usual case) needs no timer.
-            timer = None if b"\r\n\r\n" in self.buf else self._arm(self.server.header_timeout, "head")
+            timer = (None if b"\r\n\r\n" in self.buf
+                     else self._arm(self.server.header_timeout, "head"))
             try:
                 request = parse_request_head(await self._read_head())
                 request.connection = self
@@ -8387,12 +8377,14 @@ class Connection:
         except (ClientDisconnected, _EndOfInput):
             return False
         except Exception:  # the app answers its own errors; this is the last line of defence
-            log.exception("unhandled error answering %s %s", request.method, escape_controls(request.path))
+            log.exception("unhandled error answering %s %s", request.method,
+                          escape_controls(request.path))
             if not response.started:
                 response.keep_alive = False
                 with contextlib.suppress(ConnectionError):
                     await response.send(500, [("Content-Type", "application/json")],
-                                        self.server.app.protocol_error_body(500, "internal error in coproxy; see its log"))
+                                        self.server.app.protocol_error_body(
+                                            500, "internal error in coproxy; see its log"))
             return False
         finally:
             self.exchanging = False
@@ -8484,7 +8476,8 @@ class Server:
     """Accepts connections, runs a Connection per socket, and shuts down gracefully."""
 
     def __init__(self, app, header_timeout=DEFAULT_HEADER_TIMEOUT_SECONDS,
-                 idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS, body_timeout=DEFAULT_BODY_TIMEOUT_SECONDS):
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS,
+                 body_timeout=DEFAULT_BODY_TIMEOUT_SECONDS):
         self.app = app
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -8495,7 +8488,6 @@ class Server:
         self.host = None
         self._server = None
         self._connections = {}
-        self._date = (0, "")
         self.descriptor_limit = None
         self.max_connections = None   # set at start from the descriptor limit (tests lower it)
         self._out_of_descriptors = ThrottledWarning(RESOURCE_WARNING_SECONDS)
@@ -8506,14 +8498,9 @@ class Server:
 
     def body_budget(self, limit):
         """A BodyBudget for one body that may be ``limit`` bytes (--max-body-mb)."""
-        cap = self.max_body_bytes_in_flight or min(MAX_BODY_BYTES_IN_FLIGHT, BODIES_IN_FLIGHT * limit)
+        cap = (self.max_body_bytes_in_flight
+               or min(MAX_BODY_BYTES_IN_FLIGHT, BODIES_IN_FLIGHT * limit))
         return BodyBudget(self, cap)
-
-    def http_date(self):
-        now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, http_date(now))
-        return self._date[1]
 
     async def start(self, host, port):
         """Bind and start accepting; ``self.port`` holds the real port (``port=0`` allowed)."""
@@ -8533,9 +8520,9 @@ class Server:
         error = context.get("exception")
         if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
             self._out_of_descriptors.warn(
-                "out of descriptors (limit %s, %d client connections): new connections wait; raise the "
-                "limit (ulimit -n, LimitNOFILE=) or find what holds them", self.descriptor_limit or "none",
-                len(self._connections))
+                "out of descriptors (limit %s, %d client connections): new connections wait; "
+                "raise the limit (ulimit -n, LimitNOFILE=) or find what holds them",
+                self.descriptor_limit or "none", len(self._connections))
             return
         if self.closing and isinstance(error, ValueError) and "file descriptor" in str(error):
             return  # asyncio's accept retry after such an error, run after the socket closed
@@ -8554,19 +8541,21 @@ class Server:
             shed = min(receiving, key=lambda conn: conn.receiving_since)
         else:
             return False
-        self._at_cap.warn("at the connection cap (%d): closing connections that have not sent a whole request "
-                          "(the oldest first)", self.max_connections)
+        self._at_cap.warn("at the connection cap (%d): closing connections that have not sent a "
+                          "whole request (the oldest first)", self.max_connections)
         shed.transport.abort()
         return True
 
     async def _on_connection(self, reader, writer):
         if len(self._connections) >= self.max_connections and not self._make_room():
-            self._at_cap.warn("at the connection cap (%d), every connection in an exchange: answering 503",
-                              self.max_connections)
+            self._at_cap.warn("at the connection cap (%d), every connection in an exchange: "
+                              "answering 503", self.max_connections)
             body = self.app.protocol_error_body(
-                503, "coproxy is serving its most connections at once (%d); try again shortly" % self.max_connections)
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                503, "coproxy is serving its most connections at once (%d); try again shortly"
+                % self.max_connections)
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
             writer.transport.close()
             return
         conn = Connection(self, reader, writer)
@@ -8602,7 +8591,8 @@ class Server:
         if remaining:
             await asyncio.wait(remaining, timeout=2)
         if self._server is not None:
-            with contextlib.suppress(asyncio.TimeoutError):  # asyncio.TimeoutError is the builtin only from 3.11
+            # (asyncio.TimeoutError is the builtin one only from 3.11)
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
 # ------------------------------------------------------------------------------------------
@@ -8620,8 +8610,11 @@ class Server:
 JSON_HEADERS = [("Content-Type", "application/json")]
 #: gen_ai.provider.name for Copilot: OpenTelemetry lists no value for it, and allows our own.
 GEN_AI_PROVIDER = "github.copilot"
-_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
-_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                     40.96, 81.92)
+_TOKEN_BUCKETS = tuple(4 ** n for n in range(14))  # 1, 4, 16 ... 67,108,864
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0)
 
 
 class Metrics:
@@ -8630,25 +8623,34 @@ class Metrics:
     so dashboards built for other LLM gateways read them as they are. Touched only on the loop;
     label values are bounded (routes, statuses, catalogue ids, token types)."""
 
+    #: name -> (kind, help text, histogram buckets or None)
     METRICS = {
-        "coproxy_requests_total": ("counter", "Requests answered, by route, status, model and initiator.", None),
-        "coproxy_request_bytes_total": ("counter", "Request body bytes received from clients.", None),
-        "coproxy_response_bytes_total": ("counter", "Response body bytes sent to clients.", None),
-        "coproxy_premium_requests_total": ("counter", "Premium requests spent on request-billed plans "
-                                                      "(the model's multiplier per user turn).", None),
-        "coproxy_ai_credits_total": ("counter", "AI credits spent, as Copilot reported them (or estimated from "
-                                                "the catalogue's token prices), by model.", None),
-        "coproxy_tokens_total": ("counter", "Tokens by model and type (input includes cached).", None),
-        "coproxy_limit_hits_total": ("counter", "Copilot 429s for a usage window (5-hour session, weekly).", None),
-        "coproxy_upstream_latency_seconds": ("histogram", "Time from a request's arrival to Copilot's answer "
-                                                          "headers.", (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                                                                       2.5, 5.0, 10.0, 30.0, 60.0, 120.0)),
-        "gen_ai_client_operation_duration_seconds": ("histogram", "Duration of a model call, request to last "
-                                                                  "byte.", _DURATION_BUCKETS),
-        "gen_ai_client_operation_time_to_first_chunk_seconds": ("histogram", "Time from a streamed request's "
-                                                                             "arrival to its first chunk.",
-                                                                _DURATION_BUCKETS),
-        "gen_ai_client_token_usage": ("histogram", "Tokens per model call by type (input, output).", _TOKEN_BUCKETS),
+        "coproxy_requests_total": (
+            "counter", "Requests answered, by route, status, model and initiator.", None),
+        "coproxy_request_bytes_total": (
+            "counter", "Request body bytes received from clients.", None),
+        "coproxy_response_bytes_total": (
+            "counter", "Response body bytes sent to clients.", None),
+        "coproxy_premium_requests_total": (
+            "counter", "Premium requests spent on request-billed plans (the model's multiplier "
+                       "per user turn).", None),
+        "coproxy_ai_credits_total": (
+            "counter", "AI credits spent, as Copilot reported them (or estimated from the "
+                       "catalogue's token prices), by model.", None),
+        "coproxy_tokens_total": (
+            "counter", "Tokens by model and type (input includes cached).", None),
+        "coproxy_limit_hits_total": (
+            "counter", "Copilot 429s for a usage window (5-hour session, weekly).", None),
+        "coproxy_upstream_latency_seconds": (
+            "histogram", "Time from a request's arrival to Copilot's answer headers.",
+            _LATENCY_BUCKETS),
+        "gen_ai_client_operation_duration_seconds": (
+            "histogram", "Duration of a model call, request to last byte.", _DURATION_BUCKETS),
+        "gen_ai_client_operation_time_to_first_chunk_seconds": (
+            "histogram", "Time from a streamed request's arrival to its first chunk.",
+            _DURATION_BUCKETS),
+        "gen_ai_client_token_usage": (
+            "histogram", "Tokens per model call by type (input, output).", _TOKEN_BUCKETS),
     }
 
     def __init__(self):
@@ -8675,29 +8677,35 @@ class Metrics:
     def _labels(pairs):
         if not pairs:
             return ""
-        return "{%s}" % ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " "))
-                                 for k, v in pairs)
+        return "{%s}" % ",".join(
+            '%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " "))
+            for k, v in pairs)
 
     def render(self, gauges):
-        """The exposition text; ``gauges`` are (name, help, kind, value) read at scrape time."""
+        """The exposition text; ``gauges`` are (name, help, kind, value) read at scrape time.
+        Histogram buckets are kept per bucket and made cumulative here (le="..."), as the
+        format wants."""
         lines = []
+        labelled = self._labels
         for name, (kind, text, buckets) in sorted(self.METRICS.items()):
             lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
             if kind == "counter":
                 for (metric, labels), value in sorted(self.counters.items()):
                     if metric == name:
-                        lines.append("%s%s %s" % (name, self._labels(labels), format(value, ".10g")))
+                        lines.append("%s%s %s" % (name, labelled(labels), format(value, ".10g")))
                 continue
             for (metric, labels), (counts, count, total) in sorted(self.histograms.items()):
                 if metric != name:
                     continue
                 for bound, cumulative in zip(buckets, itertools.accumulate(counts)):
-                    lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", format(bound, "g")),)), cumulative))
-                lines.append("%s_bucket%s %d" % (name, self._labels(labels + (("le", "+Inf"),)), count))
-                lines.append("%s_sum%s %s" % (name, self._labels(labels), format(total, ".6f")))
-                lines.append("%s_count%s %d" % (name, self._labels(labels), count))
+                    le = labels + (("le", format(bound, "g")),)
+                    lines.append("%s_bucket%s %d" % (name, labelled(le), cumulative))
+                lines.append("%s_bucket%s %d" % (name, labelled(labels + (("le", "+Inf"),)), count))
+                lines.append("%s_sum%s %s" % (name, labelled(labels), format(total, ".6f")))
+                lines.append("%s_count%s %d" % (name, labelled(labels), count))
         for name, text, kind, value in gauges:
-            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind), "%s %s" % (name, format(value, ".15g"))]
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind),
+                      "%s %s" % (name, format(value, ".15g"))]
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def since_start(self):
@@ -8716,12 +8724,14 @@ class Metrics:
                 premium += value
             elif name == "coproxy_ai_credits_total":
                 credits += value
-                model_entry(labels["model"])["credits"] = round(model_entry(labels["model"])["credits"] + value, 6)
+                entry = model_entry(labels["model"])
+                entry["credits"] = round(entry["credits"] + value, 6)
             elif name == "coproxy_tokens_total":
                 tokens = model_entry(labels["model"])["tokens"]
                 tokens[labels["type"]] = tokens.get(labels["type"], 0) + value
         return {"requests": sum(by_initiator.values()), "by_initiator": dict(by_initiator),
-                "premium_requests": round(premium, 2), "credits": round(credits, 6), "models": models}
+                "premium_requests": round(premium, 2), "credits": round(credits, 6),
+                "models": models}
 
 
 class Catalogue:
@@ -8761,7 +8771,8 @@ class Catalogue:
                 if isinstance(exc, AuthError):
                     self.on_auth_result(str(exc))
                 if self.models is not None and self.source == "copilot":
-                    log.warning("refreshing the model list failed (%s); serving the cached one", exc)
+                    log.warning("refreshing the model list failed (%s); serving the cached one",
+                                exc)
                     self._fetched_at = time.monotonic()
                     return self.models, self.source
                 log.warning("model list unavailable (%s); serving the built-in fallback list", exc)
@@ -8797,7 +8808,8 @@ class Catalogue:
         models, source = await self.current()
         entries = list(models)
         for alias, target in sorted(self.config.model_aliases.items()):
-            entries.append(dict(self.by_id.get(target) or {"name": alias}, id=alias, alias_of=target))
+            entries.append(dict(self.by_id.get(target) or {"name": alias}, id=alias,
+                                alias_of=target))
         return entries, source
 
     async def _resolve_auto(self):
@@ -8813,8 +8825,10 @@ class Catalogue:
         return model, dict(entry, **{AUTO_SESSION_KEY: dict(session, discount=discount)})
 
     def label(self, model):
-        """The model as a metric label: catalogue ids and aliases only (label values stay bounded)."""
-        return model if model and (model in self.by_id or model in self.config.model_aliases) else "other"
+        """The model as a metric label: catalogue ids and aliases only (label values stay
+        bounded)."""
+        known = model in self.by_id or model in self.config.model_aliases
+        return model if model and known else "other"
 
     def quirks(self, model):
         """{Copilot path: what refusals taught} for ``model``, lessons older than QUIRK_TTL_SECONDS
@@ -8828,7 +8842,8 @@ class Catalogue:
         if not lesson:
             return
         now = time.monotonic()
-        self._quirks = {key: entry for key, entry in self._quirks.items() if now - entry[0] < QUIRK_TTL_SECONDS}
+        self._quirks = {key: entry for key, entry in self._quirks.items()
+                        if now - entry[0] < QUIRK_TTL_SECONDS}
         known = self._quirks.get((model, path), (now, {}))[1]
         self._quirks[(model, path)] = (now, dict(known, **lesson))
 
@@ -8911,10 +8926,13 @@ class ResponseStore:
             return self._delete(response_id)
 
     def answer(self, method, response_id):
-        """The answer to GET or DELETE /v1/responses/{id} when the response is kept here, else None."""
+        """The answer to GET or DELETE /v1/responses/{id} when the response is kept here, else
+        None."""
         if method == "DELETE":
             deleted = self.delete(response_id)
-            return {"id": response_id, "object": "response.deleted", "deleted": True} if deleted else None
+            if not deleted:
+                return None
+            return {"id": response_id, "object": "response.deleted", "deleted": True}
         with self._lock:
             entry = self._get(response_id)
         return json.loads(entry[0]) if entry is not None else None
@@ -8981,8 +8999,9 @@ class ImageInliner:
         images = {url: self._cached(url) for url in urls}
         wanted = [url for url, image in images.items() if image is None]
         if len(wanted) > MAX_IMAGES_PER_REQUEST:
-            raise ClientError(400, "the request gives %d images by URL; coproxy fetches at most %d per request (send "
-                                   "the others as base64)" % (len(wanted), MAX_IMAGES_PER_REQUEST),
+            raise ClientError(400, "the request gives %d images by URL; coproxy fetches at most %d "
+                                   "per request (send the others as base64)"
+                                   % (len(wanted), MAX_IMAGES_PER_REQUEST),
                               code="too_many_images")
         if wanted:
             if self._slots is None:
@@ -9001,9 +9020,9 @@ class ImageInliner:
         check_image_limits(images, plan.model, plan.info)
         total = sum(len(images[url][1]) for _, _, url in found)  # each use of a URL is sent again
         if total > MAX_IMAGE_BYTES_PER_REQUEST:
-            raise ClientError(400, "the request's images come to %s, counting every use of each URL; coproxy sends at "
-                                   "most %s of images per request" % (format_size(total),
-                                                                      format_size(MAX_IMAGE_BYTES_PER_REQUEST)),
+            raise ClientError(400, "the request's images come to %s, counting every use of each "
+                                   "URL; coproxy sends at most %s of images per request"
+                                   % (format_size(total), format_size(MAX_IMAGE_BYTES_PER_REQUEST)),
                               code="images_too_large")
         prepared = {}
         for url, (media_type, data) in images.items():
@@ -9032,9 +9051,10 @@ class ImageInliner:
                     raise ImageNotFetched("no answer within %gs" % IMAGE_FETCH_SECONDS)
             except ImageNotFetched as exc:
                 log.debug("image %s not fetched: %s", url_for_message(url), exc)
-                raise ClientError(400, "could not fetch the image at %s: no image could be had from there (coproxy "
-                                       "fetches public http(s) images only; --log-level debug says why)"
-                                  % url_for_message(url), code="image_fetch_failed")
+                raise ClientError(400, "could not fetch the image at %s: no image could be had "
+                                       "from there (coproxy fetches public http(s) images only; "
+                                       "--log-level debug says why)" % url_for_message(url),
+                                  code="image_fetch_failed")
             finally:
                 deadline.cancel()
         log.debug("fetched %s: %s, %d bytes", url_for_message(url), media_type, len(data))
@@ -9214,12 +9234,15 @@ class Gateway:
         self.clock = time.monotonic
         self.sleep = asyncio.sleep
         self._next_upstream_at = 0.0
-        self.last_outcome = None   # {"ok": bool, "class", "message", "at"} of the last Copilot exchange
-        self.windows = {}          # "session"/"weekly" -> {"percent_remaining", "resets_at", "seen_at"}
+        #: {"ok": bool, "class", "message", "at"} of the last Copilot exchange
+        self.last_outcome = None
+        #: "session"/"weekly" -> {"percent_remaining", "resets_at", "seen_at"}
+        self.windows = {}
         self._window_headers = {}  # the header values they were read from
 
     async def start(self):
-        """Create the loop-bound pieces (asyncio primitives must be born inside the running loop)."""
+        """Create the loop-bound pieces (asyncio primitives must be born inside the running
+        loop)."""
         self.loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.config.max_concurrency)
         self.hub = StreamHub(self.loop, self.config.upstream_timeout)
@@ -9238,8 +9261,8 @@ class Gateway:
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.config.queue_timeout)
             except asyncio.TimeoutError:
-                raise ClientError(503, "coproxy is at its concurrency limit (--max-concurrency %d); "
-                                       "try again shortly" % self.config.max_concurrency,
+                raise ClientError(503, "coproxy is at its concurrency limit (--max-concurrency "
+                                       "%d); try again shortly" % self.config.max_concurrency,
                                   code="overloaded", headers=[("Retry-After", "1")])
         else:
             await self._slots.acquire()
@@ -9249,7 +9272,8 @@ class Gateway:
             self._slots.release()
 
     async def pace(self):
-        """--rate-limit: one upstream request per interval; the excess waits (--wait) or gets 429."""
+        """--rate-limit: one upstream request per interval; the excess waits (--wait) or gets
+        429."""
         gap = self.config.rate_limit
         if not gap:
             return
@@ -9259,9 +9283,10 @@ class Gateway:
             return
         delay = self._next_upstream_at - now
         if not self.config.wait:
-            raise ClientError(429, "coproxy's own rate limit: one request to Copilot every %gs (--rate-limit); "
-                                   "retry in %.1fs, or start coproxy with --wait to queue instead" % (gap, delay),
-                              code="rate_limited", headers=[("Retry-After", str(max(1, int(delay + 0.999))))])
+            raise ClientError(429, "coproxy's own rate limit: one request to Copilot every "
+                                   "%gs (--rate-limit); retry in %.1fs, or start coproxy with "
+                                   "--wait to queue instead" % (gap, delay), code="rate_limited",
+                              headers=[("Retry-After", str(max(1, int(delay + 0.999))))])
         self._next_upstream_at += gap  # this request's turn is reserved before it sleeps
         await self.sleep(delay)
 
@@ -9273,15 +9298,16 @@ class Gateway:
 
         def attempt(first):
             record = self.auth.copilot_token()
-            headers = copilot_headers(self.config, record["token"], plan.initiator, plan.vision, plan.intent,
-                                      plan.interaction, record.get("integration_id"))
+            headers = copilot_headers(self.config, record["token"], plan.initiator, plan.vision,
+                                      plan.intent, plan.interaction, record.get("integration_id"))
             if plan.stream:
                 headers["Accept"] = "text/event-stream"
             auto = plan.info.get(AUTO_SESSION_KEY)
             if auto:
                 headers["Copilot-Session-Token"] = auto["token"]
             headers.update(plan.headers)
-            response = self.client.request(plan.method, self.auth.api_base(record) + plan.path, headers, body, abort)
+            response = self.client.request(plan.method, self.auth.api_base(record) + plan.path,
+                                           headers, body, abort)
             if response.status in (401, 403) and first:
                 raw = response.read_all(MAX_UPSTREAM_ERROR_BODY_BYTES)
                 if self.auth.retry_after_refusal(record, response.status, raw):
@@ -9316,8 +9342,9 @@ class Gateway:
                 self.outcome(True)
                 self._note_windows(upstream.headers)
                 return upstream, raw
-            verdict = client_error_from_upstream(upstream.status, raw, upstream.headers, time.time(),
-                                                 (self.config.editor_version, self.config.editor_plugin_version))
+            verdict = client_error_from_upstream(
+                upstream.status, raw, upstream.headers, time.time(),
+                (self.config.editor_version, self.config.editor_plugin_version))
             error = with_policy_hint(verdict.error, plan.model, plan.info)
             error = explain_refusal(error, plan.model, self.auth.describe(),
                                     self.config.integration_id)
@@ -9328,8 +9355,8 @@ class Gateway:
                 lesson = revise_after_refusal(plan, error, self.catalogue.quirks(plan.model))
                 if lesson is not None:
                     self.catalogue.learn(plan.model, plan.path, lesson)
-                    log.info("model %s refused %s; retrying as %s", plan.model, error.code or "a parameter",
-                             plan.adjusted[-1])
+                    log.info("model %s refused %s; retrying as %s", plan.model,
+                             error.code or "a parameter", plan.adjusted[-1])
                     retried = True
                     continue
                 if verdict.transient:
@@ -9338,11 +9365,11 @@ class Gateway:
                     await self.sleep(wait)
                     retried = True
                     continue
-            log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status, plan.model,
-                        error.code, upstream.header("retry-after", "-"))
+            log.warning("upstream status=%d model=%s code=%s retry_after=%s", upstream.status,
+                        plan.model, error.code, upstream.header("retry-after", "-"))
             try:
                 raise error
-            finally:  # its traceback holds this frame (and the plan): no way back to the error from here
+            finally:  # its traceback holds this frame (and the plan): no way back to it from here
                 error = verdict = None
 
     def _note_windows(self, headers):
@@ -9367,7 +9394,8 @@ class Gateway:
             if not self.config.no_image_fetch:
                 await self.images.inline(plan, request)
             if plan.removed:
-                log.debug("removed from the request for %s: %s", plan.model, ", ".join(plan.removed))
+                log.debug("removed from the request for %s: %s", plan.model,
+                          ", ".join(plan.removed))
             upstream, raw = await self._send(plan, request)
             headers = [("X-Coproxy-Adjusted", ", ".join(plan.adjusted))] if plan.adjusted else []
             if plan.adjusted:
@@ -9379,8 +9407,10 @@ class Gateway:
                 finally:  # also when its client went away at the end: what was relayed was paid for
                     if relay.first_chunk_at is not None:
                         self.metrics.observe("gen_ai_client_operation_time_to_first_chunk_seconds",
-                                             relay.first_chunk_at - request.started, self._gen_ai_labels(plan))
-                    self._account(plan, response, relay.translation.source.usage, relay.translation.failure)
+                                             relay.first_chunk_at - request.started,
+                                             self._gen_ai_labels(plan))
+                    self._account(plan, response, relay.translation.source.usage,
+                                  relay.translation.failure)
                 return
             try:
                 data = json.loads(raw)
@@ -9388,10 +9418,11 @@ class Gateway:
                     raise ValueError("not an object")
                 body = raw if plan.answer is None else json_dumps(plan.answer(data))
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError, struct.error):
-                raise ClientError(502, "Copilot sent an answer that is not %s" % plan.what, code="bad_upstream_response")
+                raise ClientError(502, "Copilot sent an answer that is not %s" % plan.what,
+                                  code="bad_upstream_response")
             try:
                 await response.send(200, JSON_HEADERS + headers, body)
-            finally:  # after the answer is on its way (and also when its client has gone: it was paid for)
+            finally:  # once the answer is on its way (also if its client has gone: it was paid)
                 self._account(plan, response, usage_of_answer(plan.path, data))
 
     def _count_request(self, plan, response):
@@ -9405,12 +9436,14 @@ class Gateway:
         if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool):
             cost = multiplier if plan.initiator == "user" else 0
             response.log_fields["premium"] = cost
-            self.metrics.inc("coproxy_premium_requests_total", (("model", self.catalogue.label(plan.model)),), cost)
+            self.metrics.inc("coproxy_premium_requests_total",
+                             (("model", self.catalogue.label(plan.model)),), cost)
 
     def _gen_ai_labels(self, plan):
         """OpenTelemetry GenAI attributes as Prometheus labels."""
         return (("gen_ai_operation_name", "embeddings" if plan.route == "embeddings" else "chat"),
-                ("gen_ai_provider_name", GEN_AI_PROVIDER), ("gen_ai_request_model", self.catalogue.label(plan.model)))
+                ("gen_ai_provider_name", GEN_AI_PROVIDER),
+                ("gen_ai_request_model", self.catalogue.label(plan.model)))
 
     def _account(self, plan, response, usage, failure=None):
         """What the answer used and cost: log fields, /metrics and /usage counters."""
@@ -9424,14 +9457,18 @@ class Gateway:
                              gen_ai + ((("error_type", "stream_error"),) if failure else ()))
         if usage is None:
             return
-        fields.update(input_tokens=usage["input"], cached_tokens=usage["cached"], output_tokens=usage["output"],
-                      reasoning_tokens=usage["reasoning"])
+        fields.update(input_tokens=usage["input"], cached_tokens=usage["cached"],
+                      output_tokens=usage["output"], reasoning_tokens=usage["reasoning"])
         for kind in ("input", "cached", "output", "reasoning"):
             if usage[kind]:
-                self.metrics.inc("coproxy_tokens_total", (("model", model), ("type", kind)), usage[kind])
+                self.metrics.inc("coproxy_tokens_total", (("model", model), ("type", kind)),
+                                 usage[kind])
         for kind in ("input", "output"):
-            self.metrics.observe("gen_ai_client_token_usage", usage[kind], gen_ai + (("gen_ai_token_type", kind),))
-        credits = usage["nano_aiu"] / NANO_AIU_PER_CREDIT if usage["nano_aiu"] is not None else None
+            self.metrics.observe("gen_ai_client_token_usage", usage[kind],
+                                 gen_ai + (("gen_ai_token_type", kind),))
+        credits = None
+        if usage["nano_aiu"] is not None:
+            credits = usage["nano_aiu"] / NANO_AIU_PER_CREDIT
         if credits is None:
             credits = estimate_credits(usage, plan.info)
             if credits is not None:
