@@ -7496,6 +7496,43 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
 #    the proxy's CPU on a streamed answer.)
 # ------------------------------------------------------------------------------------------
 
+# -- Performance machinery: each piece that exists only to be faster or lighter -------------
+# Where it lives and the figure it buys. Figures: `python3 test_coproxy.py --bench` (its
+# --versus URL and --soak modes), on 2 shared cores; "A/B" means interleaved rounds against
+# the same code without the piece, medians of 3. Everything not listed is there for
+# correctness. A piece whose figure is gone goes too: this round removed UpstreamClient's
+# parsed-URL cache (4 us a request), the Server's per-second Date header cache (3.5 us) and a
+# module-level JSON encoder (1.2 us a call): each under 1 % of a request's CPU, below noise.
+#
+#   limit_malloc_arenas (here)     soak RSS with leaving clients: +13 MB a minute -> flat
+#   WorkerPool (here): its own     1,000 streams opened at once, 1st chunk p50: 1.66 s vs
+#     starter thread, idle         2.18 s with concurrent.futures.ThreadPoolExecutor and
+#     workers first                run_in_executor (A/B); a loop->worker->loop hop 44 us vs
+#                                  73 us (serial), 10 vs 27 us (16 at once)
+#   WorkerPool.run_alone (here)    /healthz while 24 heavy bodies are parsed: a few ms, not 2 s
+#   StreamHub (here): one reader   CPU per 10,000 streamed chunks (TLS, 50 streams) 1.21 s ->
+#     thread, batched hand-over    0.51 s; 1,000 streams' 1st chunk 1.75-2.54 s -> 1.02-1.13 s
+#   kept-alive upstream            new upstream connections per 100 sequential requests: 0
+#     connections (UpstreamClient  (a TLS handshake through the tunnel is ~4 ms of wall time
+#     pool, LIFO, reaper) [6]      and ~1 ms of CPU)
+#   TLS session resumption         per new upstream connection with an RSA-2048 chain of two
+#     (UpstreamClient._secure) [6] (as Copilot's): client CPU 1.0-1.1 ms -> 0.71 ms (none with
+#                                  the bench's EC test certificate)
+#   fresh catalogue on the loop,   no thread hop per request for the model list (44-75 us);
+#     one refresh for all [12]     1,000 streams opening at once make one fetch, not 1,000
+#   Gateway._note_windows [12]     parsing Copilot's two x-usage-ratelimit-* headers again
+#                                  only when they change: 36 us an answer
+#   App.work [13]: small bodies    a thread hop per request (as WorkerPool above); heavy ones
+#     parsed on the loop           go to a worker so that no client waits on the loop
+#   Response.send [11]: head and   one send() per answer, not two (~40 us each on loopback)
+#     body in one write
+#   History writer rests [5]       no thread wake-up per request: CPU per non-stream request
+#                                  at 16 clients 0.67-0.88x of before (A/B)
+#   Ledger._local_day [5]          local_day per quarter hour, not per record: a start reads
+#                                  the last 24 hours of history (thousands of records)
+#   ssl_context on first use [6]   start: ~2 MB and tens of milliseconds less without HTTPS
+# --------------------------------------------------------------------------------------------
+
 def limit_malloc_arenas():
     """One malloc arena for the whole process, on glibc (elsewhere nothing happens). glibc gives
     threads arenas of their own, and TLS buffers that one thread allocates and another frees kept
@@ -8681,6 +8718,23 @@ class Metrics:
             '%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " "))
             for k, v in pairs)
 
+    def gauges(self, auth, client, started_at):
+        """The values /metrics reads at scrape time, as render() takes them: (name, help, kind,
+        value) of streams, token exchanges and upstream connections."""
+        return [("coproxy_active_streams", "Streams being relayed now.", "gauge",
+                 self.active_streams),
+                ("coproxy_token_refreshes_total", "Copilot token exchanges.", "counter",
+                 auth.exchanges),
+                ("coproxy_token_refresh_failures_total", "Copilot token exchanges that failed.",
+                 "counter", auth.exchange_failures),
+                ("coproxy_upstream_connections_opened_total",
+                 "Connections opened to GitHub and Copilot.", "counter", client.connections_opened),
+                ("coproxy_upstream_idle_connections",
+                 "Kept-alive upstream connections waiting for reuse.", "gauge",
+                 client.idle_connections()),
+                ("coproxy_start_time_seconds", "When this coproxy started (unix time).", "gauge",
+                 started_at)]
+
     def render(self, gauges):
         """The exposition text; ``gauges`` are (name, help, kind, value) read at scrape time.
         Histogram buckets are kept per bucket and made cumulative here (le="..."), as the
@@ -9490,14 +9544,15 @@ class Gateway:
 # ------------------------------------------------------------------------------------------
 
 #: error.code for each status the HTTP layer answers by itself (malformed or oversized input)
-PROTOCOL_ERROR_CODES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 414: "uri_too_long",
-                        431: "headers_too_large", 500: "internal_error", 501: "not_implemented",
-                        505: "http_version_not_supported"}
+PROTOCOL_ERROR_CODES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large",
+                        414: "uri_too_long", 431: "headers_too_large", 500: "internal_error",
+                        501: "not_implemented", 505: "http_version_not_supported"}
 
-CORS_ALLOWED_HEADERS = ("authorization, content-type, content-encoding, x-api-key, anthropic-version, anthropic-beta, "
-                        "openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, "
-                        "x-stainless-package-version, x-stainless-runtime, x-stainless-runtime-version, "
-                        "x-stainless-retry-count, x-stainless-timeout")
+CORS_ALLOWED_HEADERS = ("authorization, content-type, content-encoding, x-api-key, "
+                        "anthropic-version, anthropic-beta, openai-organization, openai-project, "
+                        "x-stainless-arch, x-stainless-lang, x-stainless-os, "
+                        "x-stainless-package-version, x-stainless-runtime, "
+                        "x-stainless-runtime-version, x-stainless-retry-count, x-stainless-timeout")
 
 Route = collections.namedtuple("Route", "path surface dialect handlers public")
 
@@ -9526,11 +9581,12 @@ async def refuse_websocket(request, response, _):
     falls back to HTTP + SSE on a 426, answered at once so that no attempt waits for anything."""
     if "websocket" not in (request.header("upgrade") or "").lower():
         raise ClientError(405, "GET /v1/responses is only a WebSocket attempt; send Responses "
-                               "requests as POST", code="method_not_allowed", headers=[("Allow", "POST")])
+                               "requests as POST", code="method_not_allowed",
+                          headers=[("Allow", "POST")])
     response.keep_alive = False  # what the client meant to send next were WebSocket frames
-    raise ClientError(426, "coproxy serves the Responses API over HTTP + SSE, not WebSocket. For Codex, "
-                           "set supports_websockets = false in its [model_providers.<id>] table (the "
-                           "README's Codex recipe does) and it will not try again",
+    raise ClientError(426, "coproxy serves the Responses API over HTTP + SSE, not WebSocket. For "
+                           "Codex, set supports_websockets = false in its [model_providers.<id>] "
+                           "table (the README's Codex recipe does) and it will not try again",
                       code="websocket_not_supported")
 
 
@@ -9551,7 +9607,8 @@ QUOTA_CACHE_SECONDS = 60
 
 
 class Guard:
-    """Who may use this coproxy (see §13): the Host, Origin and API-key checks of every request but /healthz."""
+    """Who may use this coproxy (see §13): the Host, Origin and API-key checks of every request
+    but /healthz."""
 
     def __init__(self, config):
         self.config = config
@@ -9566,41 +9623,50 @@ class Guard:
         if value is None and request.version == "HTTP/1.0":
             return
         host = host_without_port(value or "")
-        if is_loopback_host(host) or host.rstrip(".") in self.config.allowed_hosts or host == self.bound_host:
+        if (is_loopback_host(host) or host.rstrip(".") in self.config.allowed_hosts
+                or host == self.bound_host):
             return
-        raise ClientError(403, "requests addressed to %r are refused: without --api-key coproxy answers only its "
-                               "loopback names (127.0.0.1, localhost, [::1]); start it with --allowed-host %s if you "
-                               "reach it by that name" % (host[:100], host[:100] or "NAME"), code="host_not_allowed")
+        raise ClientError(403, "requests addressed to %r are refused: without --api-key "
+                               "coproxy answers only its loopback names (127.0.0.1, localhost, "
+                               "[::1]); start it with --allowed-host %s if you reach it by that "
+                               "name"
+                               % (host[:100], host[:100] or "NAME"), code="host_not_allowed")
 
     def check_origin(self, request, response):
         """Requests from web pages (they carry Origin; CLIs and SDKs do not) only from --cors-origin
         origins, which get CORS headers. True when this was a preflight, now to be answered 204.
         A page's no-cors GET (an <img> pointed at /usage) has no Origin, but browsers mark it with
-        Sec-Fetch-Site; only "none" (typed into the address bar) and "same-origin" are let through."""
+        Sec-Fetch-Site; only "none" (typed into the address bar) and "same-origin" are let
+        through."""
         origin = request.header("origin")
         if origin is None:
             site = request.header("sec-fetch-site")
             if site is not None and site not in ("none", "same-origin"):
-                raise ClientError(403, "requests a web page makes without an Origin (Sec-Fetch-Site: %s) are refused; "
-                                       "pages listed with --cors-origin must call coproxy with fetch() in cors mode"
+                raise ClientError(403, "requests a web page makes without an Origin "
+                                       "(Sec-Fetch-Site: %s) are refused; pages listed with "
+                                       "--cors-origin must call coproxy with fetch() in cors mode"
                                   % site[:40], code="origin_not_allowed")
             return False
         origins = self.config.cors_origins
         if not ("*" in origins or origin.strip().lower().rstrip("/") in origins):
-            raise ClientError(403, "requests from the web page at %s are refused; start coproxy with --cors-origin %s "
-                                   "to let pages from there use it" % (origin[:200], origin[:200]),
+            raise ClientError(403, "requests from the web page at %s are refused; start coproxy "
+                                   "with --cors-origin %s to let pages from there use it"
+                                   % (origin[:200], origin[:200]),
                               code="origin_not_allowed")
-        response.extra_headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                                  ("Access-Control-Expose-Headers", "Retry-After, X-Coproxy-Models-Source, "
-                                                                    "X-Coproxy-Adjusted")]
+        response.extra_headers = [
+            ("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+            ("Access-Control-Expose-Headers",
+             "Retry-After, X-Coproxy-Models-Source, X-Coproxy-Adjusted")]
         if request.method != "OPTIONS" or request.header("access-control-request-method") is None:
             return False
         response.log_fields["route"] = "preflight"
         response.extra_headers += [
             ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-            ("Access-Control-Allow-Headers", request.header("access-control-request-headers") or CORS_ALLOWED_HEADERS),
+            ("Access-Control-Allow-Headers",
+             request.header("access-control-request-headers") or CORS_ALLOWED_HEADERS),
             ("Access-Control-Max-Age", "600")]
-        return True  # preflights carry no credentials, by the CORS rules: the real request needs the key
+        # preflights carry no credentials, by the CORS rules: the real request needs the key
+        return True
 
     def admits(self, request, response):
         """True when ``request`` passes all three checks (for a route that is open to all, such
@@ -10253,8 +10319,9 @@ class Dashboard:
         if "text/html" in request.header("accept", "").lower() and not self.config.no_dashboard:
             return await self.handle_page(request, response)
         if "ollama" not in self.config.api_surface:  # no probe answer for an API that is not served
-            raise ClientError(404, "/ is Ollama's probe, and the Ollama API is not enabled: start "
-                                   "coproxy with --api-surface all (or a list that includes ollama)",
+            raise ClientError(404, "/ is Ollama's probe, and the Ollama API is not enabled: "
+                                   "start coproxy with --api-surface all (or a list that includes "
+                                   "ollama)",
                               code="api_surface_disabled")
         self.guard.check_api_key(request)
         await response.send(200, [("Content-Type", "text/plain; charset=utf-8")], OLLAMA_RUNNING)
@@ -10294,14 +10361,16 @@ def unknown_path_error(request, dialect, route_list, port):
     already ends in it (Anthropic clients always add it, so their base URL must not have it): the
     message says which base URL to use instead of listing the routes."""
     if not request.path.startswith("/v1/v1/"):
-        return ClientError(404, "no such endpoint: %s %s (coproxy serves %s)" % (request.method, request.path,
-                                                                                 route_list), code="unknown_url")
+        return ClientError(404, "no such endpoint: %s %s (coproxy serves %s)"
+                           % (request.method, request.path, route_list), code="unknown_url")
     host = (request.header("host") or "%s:%d" % (DEFAULT_HOST, port))[:100]
-    fix = ("ANTHROPIC_BASE_URL=http://%s (Anthropic clients add /v1 themselves)" % host if dialect is ANTHROPIC
-           else "http://%s/v1 as the base URL (OPENAI_BASE_URL), once" % host)
-    return ClientError(404, "%s %s has /v1 twice: the base URL ends in /v1 and the client adds another; drop the "
-                            "/v1 from the end of the base URL: %s" % (request.method, request.path[:200], fix),
-                       code="unknown_url")
+    if dialect is ANTHROPIC:
+        fix = "ANTHROPIC_BASE_URL=http://%s (Anthropic clients add /v1 themselves)" % host
+    else:
+        fix = "http://%s/v1 as the base URL (OPENAI_BASE_URL), once" % host
+    return ClientError(404, "%s %s has /v1 twice: the base URL ends in /v1 and the client adds "
+                            "another; drop the /v1 from the end of the base URL: %s"
+                            % (request.method, request.path[:200], fix), code="unknown_url")
 
 
 class OllamaRoutes:
@@ -10312,9 +10381,11 @@ class OllamaRoutes:
         self.app = app
 
     def routes(self):
-        return [Route(path, "ollama", OLLAMA, {method: handler}, False) for path, method, handler in (
-            ("/api/version", "GET", self.version), ("/api/tags", "GET", self.tags), ("/api/ps", "GET", self.ps),
-            ("/api/show", "POST", self.show), ("/api/chat", "POST", self.chat),
+        return [Route(path, "ollama", OLLAMA, {method: handler}, False)
+                for path, method, handler in (
+            ("/api/version", "GET", self.version), ("/api/tags", "GET", self.tags),
+            ("/api/ps", "GET", self.ps), ("/api/show", "POST", self.show),
+            ("/api/chat", "POST", self.chat),
             ("/api/generate", "POST", self.generate), ("/api/embed", "POST", self.embed),
             ("/api/embeddings", "POST", self.embeddings))]
 
@@ -10377,25 +10448,70 @@ class OllamaRoutes:
         await self.embed(request, response, _, legacy=True)
 
 
+class ExchangeLog:
+    """What every finished exchange leaves behind: the request metrics, the dashboard's ledger
+    and history (Dashboard.note), and one access-log line. Called by the server's Connection
+    after each exchange, errors and refusals included."""
+
+    def __init__(self, config, metrics, catalogue, dashboard):
+        self.config = config
+        self.metrics = metrics
+        self.catalogue = catalogue
+        self.dashboard = dashboard
+
+    def __call__(self, request, response):
+        """Record one exchange. The access line is text with key=value fields, or with
+        --log-format json the fields as JSON numbers and booleans."""
+        fields = response.log_fields
+        status = response.status or 0
+        model = self.catalogue.label(fields.get("model")) if fields.get("model") else ""
+        self.metrics.inc("coproxy_requests_total", (
+            ("route", fields.get("route", "other")), ("status", status), ("model", model),
+            ("initiator", fields.get("initiator", ""))))
+        if request.body:
+            self.metrics.inc("coproxy_request_bytes_total", (), len(request.body))
+        self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
+        self.dashboard.note(request, response)
+        # an open dashboard page asks every 2 s: its polls are debug lines
+        quiet = status == 200 and fields.get("route") == "/dashboard/data"
+        if not access_log.isEnabledFor(logging.DEBUG if quiet else logging.INFO):
+            return
+        duration = round((time.monotonic() - request.started) * 1000, 1)
+        shown = [(k, v) for k, v in fields.items() if k != "route"]
+        extra = "".join(" %s=%s" % (k, str(v).lower() if isinstance(v, bool)
+                                    else "%g" % v if isinstance(v, float) else v)
+                        for k, v in shown)
+        record = None
+        if self.config.log_format == "json":  # numbers and booleans; text lines have them already
+            record = {"fields": dict(shown, method=request.method, path=request.path,
+                                     status=status, duration_ms=duration)}
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %s %.1fms%s",
+                       request.method, request.path, status or "-", duration, extra, extra=record)
+
+
 class App:
-    """Routes, checks, envelopes and the access log; everything else is delegated: the catalogue
-    (models), the gateway (sending plans), the pool and hub (threads)."""
+    """Routes, checks and envelopes; everything else is delegated: the catalogue (models), the
+    gateway (sending plans), the pool and hub (threads), the ExchangeLog (metrics, history and
+    the access log of each exchange)."""
 
     def __init__(self, config, store=None, client=None, auth=None):
         self.config = config
         self.store = store or TokenStore(config.state_dir)
-        self.client = client or UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout,
-                                               config.environ)
+        self.client = client or UpstreamClient(config.ca_file, config.connect_timeout,
+                                               config.upstream_timeout, config.environ)
         self.auth = auth or CopilotAuth(config, self.store, self.client)
         self.pool = WorkerPool(config.max_concurrency + 16)
         self.metrics = Metrics()
         self.catalogue = Catalogue(config, self.auth, self.pool, self._auth_result)
-        self.gateway = Gateway(config, self.auth, self.client, self.pool, self.catalogue, self.metrics)
+        self.gateway = Gateway(config, self.auth, self.client, self.pool, self.catalogue,
+                               self.metrics)
         self.responses = ResponseStore()
         self.started_at = time.time()
         self.auth_error = None
         self.guard = Guard(config)
-        self.dashboard = Dashboard(config, self.auth, self.gateway, self.pool, self.health, self.guard)
+        self.dashboard = Dashboard(config, self.auth, self.gateway, self.pool, self.health,
+                                   self.guard)
+        self.log_exchange = ExchangeLog(config, self.metrics, self.catalogue, self.dashboard)
         self._max_body = config.max_body_bytes
         # Canonical paths, without /v1 (every route answers with and without the prefix); a path
         # ending in / takes one more segment as its parameter.
@@ -10403,12 +10519,14 @@ class App:
             Route("/chat/completions", "chat", OPENAI, {"POST": self.handle_chat}, False),
             Route("/responses", "responses", RESPONSES,
                   {"POST": self.handle_responses, "GET": refuse_websocket}, False),
-            Route("/responses/compact", "responses", RESPONSES, {"POST": self.handle_compact}, False),
+            Route("/responses/compact", "responses", RESPONSES, {"POST": self.handle_compact},
+                  False),
             Route("/responses/", "responses", RESPONSES,
                   {"GET": self.handle_response_id, "DELETE": self.handle_response_id}, False),
             Route("/embeddings", "embeddings", OPENAI, {"POST": self.handle_embeddings}, False),
             Route("/messages", "messages", ANTHROPIC, {"POST": self.handle_messages}, False),
-            Route("/messages/count_tokens", "messages", ANTHROPIC, {"POST": self.handle_count_tokens}, False),
+            Route("/messages/count_tokens", "messages", ANTHROPIC,
+                  {"POST": self.handle_count_tokens}, False),
             Route("/models", None, OPENAI, {"GET": self.handle_models}, False),
             Route("/models/", None, OPENAI, {"GET": self.handle_model}, False),
             Route("/usage", None, OPENAI, {"GET": self.handle_usage}, False),
@@ -10446,7 +10564,8 @@ class App:
 
     def route_list(self):
         return ", ".join(("" if r.public or r.dialect is OLLAMA else "/v1") + route_label(r)
-                         for r in self.routes if r.surface is None or r.surface in self.config.api_surface)
+                         for r in self.routes
+                         if r.surface is None or r.surface in self.config.api_surface)
 
     # -- dispatch and the checks every request passes ------------------------------------------
     def protocol_error_body(self, status, message):
@@ -10454,15 +10573,22 @@ class App:
                                             PROTOCOL_ERROR_CODES.get(status, "bad_request")))
 
     async def dispatch(self, request, response):
+        """Answer one request: find its route, pass the Guard's checks (Host and Origin before
+        anything is said about routes, the key before the handler), run the handler, and turn
+        every failure into an error envelope in the route's dialect (a traceback only in the
+        log). Public routes (/healthz, the dashboard page) skip the Guard."""
         route, param = self.find_route(request.path)
         # /v1/v1/...: a base URL ending in /v1, plus the client's own; answered as the route meant
-        meant = route or (self.find_route(request.path[3:])[0] if request.path.startswith("/v1/v1/") else None)
+        meant = route
+        if meant is None and request.path.startswith("/v1/v1/"):
+            meant = self.find_route(request.path[3:])[0]
         dialect = dialect_for(meant, request)
         response.log_fields["route"] = route_label(route) if route else "other"
         try:
             if request.method not in KNOWN_METHODS:
                 response.keep_alive = False  # we cannot know how this method frames its body
-                raise ClientError(501, "method %s is not implemented" % request.method, code="not_implemented")
+                raise ClientError(501, "method %s is not implemented" % request.method,
+                                  code="not_implemented")
             if route is None or not route.public:
                 self.guard.check_host(request)
                 if self.guard.check_origin(request, response):
@@ -10470,39 +10596,45 @@ class App:
             if route is None:
                 raise unknown_path_error(request, dialect, self.route_list(), self.config.port)
             if route.surface is not None and route.surface not in self.config.api_surface:
-                raise ClientError(404, "%s is not enabled: start coproxy with --api-surface all (or a list that "
-                                       "includes %s)" % (request.path, route.surface), code="api_surface_disabled")
+                raise ClientError(404, "%s is not enabled: start coproxy with --api-surface all "
+                                       "(or a list that includes %s)"
+                                       % (request.path, route.surface),
+                                  code="api_surface_disabled")
             handler = route.handlers.get("GET" if request.method == "HEAD" else request.method)
-            allow = ", ".join(sorted(set(route.handlers) | ({"HEAD"} if "GET" in route.handlers else set())))
+            methods = set(route.handlers) | ({"HEAD"} if "GET" in route.handlers else set())
+            allow = ", ".join(sorted(methods))
             if request.method == "OPTIONS":
                 return await response.send(204, [("Allow", allow + ", OPTIONS")])
             if handler is None:
-                raise ClientError(405, "%s does not accept %s (allowed: %s)" % (request.path, request.method, allow),
+                raise ClientError(405, "%s does not accept %s (allowed: %s)"
+                                  % (request.path, request.method, allow),
                                   code="method_not_allowed", headers=[("Allow", allow)])
             if not route.public:
                 self.guard.check_api_key(request)
             await handler(request, response, param)
         except ClientError as exc:
             await self.send_error(response, exc, dialect)
-        except BadRequest as exc:  # from reading the body: answered in the route's dialect, then closed
+        except BadRequest as exc:  # from reading the body: in the route's dialect, then closed
             response.keep_alive = False
-            await self.send_error(response, ClientError(exc.status, str(exc),
-                                                        code=PROTOCOL_ERROR_CODES.get(exc.status, "bad_request")), dialect)
+            code = PROTOCOL_ERROR_CODES.get(exc.status, "bad_request")
+            await self.send_error(response, ClientError(exc.status, str(exc), code=code), dialect)
         except AuthError as exc:
             self.auth_error = str(exc)
             status = 502 if exc.code == "network" else 503
-            await self.send_error(response, ClientError(status, str(exc), kind="api_error", code=exc.code), dialect)
+            await self.send_error(response, ClientError(status, str(exc), kind="api_error",
+                                                        code=exc.code), dialect)
         except UpstreamUnreachable as exc:
-            await self.send_error(response, ClientError(504 if exc.timeout else 502, str(exc), kind="api_error",
-                                                        code="upstream_timeout" if exc.timeout else "upstream_unreachable"),
-                                  dialect)
+            status, code = ((504, "upstream_timeout") if exc.timeout
+                            else (502, "upstream_unreachable"))
+            await self.send_error(response, ClientError(status, str(exc), kind="api_error",
+                                                        code=code), dialect)
         except (ClientDisconnected, _EndOfInput):
             raise
-        except Exception:  # a bug: logged with its traceback, answered as an internal error, never shown
+        except Exception:  # a bug: logged with its traceback, answered as an internal error
             log.exception("unhandled error answering %s %s", request.method, request.path)
             response.keep_alive = False
-            await self.send_error(response, ClientError(500, "internal error in coproxy; see its log",
-                                                        code="internal_error"), dialect)
+            await self.send_error(response, ClientError(
+                500, "internal error in coproxy; see its log", code="internal_error"), dialect)
 
     async def send_error(self, response, exc, dialect=OPENAI):
         """An error in the route's envelope; nothing if the answer has started."""
@@ -10515,32 +10647,6 @@ class App:
 
     async def send_json(self, response, payload, headers=()):
         await response.send(200, JSON_HEADERS + list(headers), json_dumps(payload))
-
-    def log_exchange(self, request, response):
-        """After each exchange: the metrics, and one access-log line (text, or JSON fields)."""
-        fields = response.log_fields
-        status = response.status or 0
-        self.metrics.inc("coproxy_requests_total", (("route", fields.get("route", "other")), ("status", status),
-                                                    ("model", self.catalogue.label(fields.get("model"))
-                                                     if fields.get("model") else ""),
-                                                    ("initiator", fields.get("initiator", ""))))
-        if request.body:
-            self.metrics.inc("coproxy_request_bytes_total", (), len(request.body))
-        self.metrics.inc("coproxy_response_bytes_total", (), response.bytes_sent)
-        self.dashboard.note(request, response)
-        quiet = status == 200 and fields.get("route") == "/dashboard/data"  # an open page asks every 2 s
-        if not access_log.isEnabledFor(logging.DEBUG if quiet else logging.INFO):
-            return
-        duration = round((time.monotonic() - request.started) * 1000, 1)
-        shown = [(k, v) for k, v in fields.items() if k != "route"]
-        extra = "".join(" %s=%s" % (k, str(v).lower() if isinstance(v, bool) else "%g" % v if isinstance(v, float)
-                                    else v) for k, v in shown)
-        record = None
-        if self.config.log_format == "json":  # the fields as numbers and booleans; text lines have them already
-            record = {"fields": dict(shown, method=request.method, path=request.path, status=status,
-                                     duration_ms=duration)}
-        access_log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %s %.1fms%s", request.method, request.path,
-                       status or "-", duration, extra, extra=record)
 
     async def read_json(self, request):
         """The request body as a JSON object, decompressed (a heavy one in a worker: see work)."""
@@ -10613,13 +10719,15 @@ class App:
         upstream_request, encoding = prepare_embeddings_request(await self.read_json(request))
         model, info = await self.resolve(response, upstream_request["model"])
         upstream_request["model"] = model
-        await self.gateway.run(plan_embeddings(upstream_request, encoding, model, info), request, response)
+        await self.gateway.run(plan_embeddings(upstream_request, encoding, model, info), request,
+                               response)
 
     # -- local routes -------------------------------------------------------------------------
     async def handle_models(self, request, response, _):
         entries, source = await self.catalogue.listing()
-        if request.header("anthropic-version"):  # an Anthropic client (Claude Code's gateway discovery)
-            listing = anthropic_model_list(entries, urllib.parse.parse_qs(request.query, keep_blank_values=True))
+        if request.header("anthropic-version"):  # an Anthropic client (Claude Code's discovery)
+            query = urllib.parse.parse_qs(request.query, keep_blank_values=True)
+            listing = anthropic_model_list(entries, query)
         else:
             data = [copilot_model_to_openai(e) for e in entries]
             listing = {"object": "list", "data": data, "has_more": False}
@@ -10631,21 +10739,26 @@ class App:
         model = resolve_model(model_id, [e["id"] for e in entries]) if anthropic else model_id
         entry = next((e for e in entries if e["id"] == model), None)
         if entry is None:
-            raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists them)" % model_id,
-                              code="model_not_found", param="model")
+            raise ClientError(404, "model %r is not in the Copilot catalog (GET /v1/models lists "
+                                   "them)" % model_id, code="model_not_found", param="model")
         shown = anthropic_model_info(entry) if anthropic else copilot_model_to_openai(entry)
         await self.send_json(response, shown, [("X-Coproxy-Models-Source", source)])
 
     def health(self):
+        """/healthz for callers the Guard admits: login state, the last errors, uptime."""
         token = self.auth.has_credentials()
         record = self.auth.record
+        if record and record["expires_at"] > time.time():
+            copilot_token = "valid"
+        else:
+            copilot_token = "not yet fetched" if token else "missing"
+        never = {"ok": None, "class": None, "message": "no request sent to Copilot yet", "at": None}
         return {"status": "ok", "version": __version__,
                 "auth": {"github_token": bool(token), "credentials": self.auth.describe(),
-                         "copilot_token": ("valid" if record and record["expires_at"] > time.time() else
-                                           "not yet fetched" if token else "missing"),
-                         "ready": bool(token) and self.auth_error is None, "error": self.auth_error},
-                "upstream": self.gateway.last_outcome or {"ok": None, "class": None,
-                                                          "message": "no request sent to Copilot yet", "at": None},
+                         "copilot_token": copilot_token,
+                         "ready": bool(token) and self.auth_error is None,
+                         "error": self.auth_error},
+                "upstream": self.gateway.last_outcome or never,
                 "uptime_seconds": int(time.time() - self.started_at)}
 
     async def handle_health(self, request, response, _):
@@ -10655,22 +10768,15 @@ class App:
         await self.send_json(response, body, [("Cache-Control", "no-store")])
 
     async def handle_metrics(self, request, response, _):
-        gauges = [("coproxy_active_streams", "Streams being relayed now.", "gauge", self.metrics.active_streams),
-                  ("coproxy_token_refreshes_total", "Copilot token exchanges.", "counter", self.auth.exchanges),
-                  ("coproxy_token_refresh_failures_total", "Copilot token exchanges that failed.", "counter",
-                   self.auth.exchange_failures),
-                  ("coproxy_upstream_connections_opened_total", "Connections opened to GitHub and Copilot.", "counter",
-                   self.client.connections_opened),
-                  ("coproxy_upstream_idle_connections", "Kept-alive upstream connections waiting for reuse.",
-                   "gauge", self.client.idle_connections()),
-                  ("coproxy_start_time_seconds", "When this coproxy started (unix time).", "gauge", self.started_at)]
+        gauges = self.metrics.gauges(self.auth, self.client, self.started_at)
         await response.send(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                             self.metrics.render(gauges))
 
     async def handle_usage(self, request, response, _):
         query = urllib.parse.parse_qs(request.query)
         if "by" in query:
-            return await self.send_json(response, self.dashboard.usage_view(query), [("Cache-Control", "no-store")])
+            return await self.send_json(response, self.dashboard.usage_view(query),
+                                        [("Cache-Control", "no-store")])
         payload = {"since_start": dict(self.metrics.since_start(), started_at=int(self.started_at)),
                    "windows": self.gateway.windows}
         payload["copilot"], error = await self.dashboard.quota()
@@ -10706,7 +10812,8 @@ def claude_code_command(config, url, script):
     plain, _ = connection_environment(config.environ)
     prefix = "".join("%s=%s " % (name, shlex.quote(value)) for name, value in sorted(plain.items())
                      if name.upper().endswith("_PROXY"))
-    return "%spython3 %s claude-code%s" % (prefix, shlex.quote(script), " " + line if line.strip() else "")
+    return "%spython3 %s claude-code%s" % (prefix, shlex.quote(script),
+                                           " " + line if line.strip() else "")
 
 
 def script_as_run():
@@ -10729,8 +10836,9 @@ def start_banner(config, url, script=None):
         "  OpenAI clients:     OPENAI_BASE_URL=%s/v1 OPENAI_API_KEY=%s" % (base, key),
         "  Anthropic clients:  ANTHROPIC_BASE_URL=%s" % base] + ollama + [
         "  Claude Code:        eval \"$(%s)\" && claude" % claude_code_command(config, url, script),
-        "  try it:             curl -s %s/v1/chat/completions -H 'Content-Type: application/json'%s "
-        "-d '{\"model\": \"gpt-4.1\", \"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}]}'" % (
+        "  try it:             curl -s %s/v1/chat/completions "
+        "-H 'Content-Type: application/json'%s -d '{\"model\": \"gpt-4.1\", "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}]}'" % (
             base, " -H \"Authorization: Bearer %s\"" % variable if config.api_key else "")])
 
 
@@ -10746,7 +10854,8 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError("cannot listen on %s:%s: address already in use (another coproxy? "
                               "choose another --port)" % (config.host, config.port))
-        raise ConfigError("cannot listen on %s:%s: %s" % (config.host, config.port, exc.strerror or exc))
+        raise ConfigError("cannot listen on %s:%s: %s"
+                          % (config.host, config.port, exc.strerror or exc))
     app.guard.bound_host = server.host
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -10758,8 +10867,9 @@ async def run_server(config, app=None, on_ready=None, stop_event=None, announce=
     app.dashboard.url = url
     if on_ready is not None:
         on_ready(server)
-    if announce and config.log_format == "json":  # every stderr line stays one JSON object of one shape
-        logging.getLogger("coproxy.announce").info("listening on %s", url, extra={"fields": {"url": url}})
+    if announce and config.log_format == "json":  # every stderr line: one JSON object, one shape
+        logging.getLogger("coproxy.announce").info("listening on %s", url,
+                                                   extra={"fields": {"url": url}})
     elif announce:
         sys.stderr.write(start_banner(config, url) + "\n")
         sys.stderr.flush()
