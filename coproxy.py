@@ -11512,7 +11512,7 @@ def cmd_auth_status(config, args):
         if not token:
             print("GitHub:         not logged in (run `%s`)" % auth.login_command())
             return 1
-        if auth.app is not None:
+        if auth.app is not None:  # an installation token is no user's: GET /user refuses it
             login = "installation %s" % auth.app.installation_id
         else:
             try:
