@@ -7579,6 +7579,9 @@ class WorkerPool(concurrent.futures.Executor):
             return len(self._threads) + self._to_start
 
     def _enqueue(self, job):
+        """Queue a job. An idle worker takes it (counted off ``_idle`` here, so that two jobs
+        never count on one worker); else, below ``max_workers``, the starter thread owes one
+        more worker; at the cap the job waits in the queue for the first free worker."""
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -7641,6 +7644,8 @@ class WorkerPool(concurrent.futures.Executor):
                 future.set_result(result)
 
     def _work(self):
+        """A worker's life: take jobs until shutdown's None, or until it has been idle for
+        ``idle_seconds`` while others are idle too (down to MIN_WORKERS)."""
         try:
             while True:
                 try:
@@ -7664,6 +7669,8 @@ class WorkerPool(concurrent.futures.Executor):
                 self._threads.discard(threading.current_thread())
 
     def _run_job(self, future, loop, fn, args, kwargs):
+        """Run one job and settle its future: a concurrent one here, an asyncio one on its
+        loop (call_soon_threadsafe: futures of a loop are touched only on the loop)."""
         if loop is None and not future.set_running_or_notify_cancel():
             return
         result = error = None
@@ -8086,6 +8093,9 @@ class Response:
         self.head_sent_at = None  # time.monotonic() of the status line: the time to first byte
 
     def _head(self, status, headers, content_length=None):
+        """The status line and headers as bytes; marks the answer started. Adds Date,
+        Server, the CORS headers kept for every answer, the framing (Content-Length or chunked)
+        and the connection's fate (close while shutting down or when the client asked)."""
         self.status = status
         self.started = True
         self.head_sent_at = time.monotonic()
@@ -8157,6 +8167,8 @@ class Connection:
     """One client socket: reads requests, hands them to the app, decides about keep-alive."""
 
     def __init__(self, server, reader, writer):
+        """Wrap one accepted socket. TCP_NODELAY: a stream's small chunks go out at once,
+        where Nagle would hold each back until the client acknowledged the one before."""
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -8199,6 +8211,9 @@ class Connection:
             self.reader.feed_eof()
 
     async def _read_head(self):
+        """The bytes of the next request head (up to the blank line), reading more as
+        needed; 414 or 431 as soon as the request line or the head is too long, without reading
+        the rest."""
         searched = 0
         while True:
             index = self.buf.find(b"\r\n\r\n", searched)
@@ -8368,6 +8383,9 @@ class Connection:
 
     # -- the request loop ---------------------------------------------------------------------
     async def run(self):
+        """Serve requests on this connection until it closes: wait for a head (the header
+        timeout for the first, the idle timeout between requests, 408 when a head stops
+        arriving), parse it, answer it, and go on while keep-alive allows."""
         first = True
         while not (self.server.closing and not first):
             self.waiting_since = self.server.loop.time()
@@ -8515,6 +8533,9 @@ class Server:
     def __init__(self, app, header_timeout=DEFAULT_HEADER_TIMEOUT_SECONDS,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT_SECONDS,
                  body_timeout=DEFAULT_BODY_TIMEOUT_SECONDS):
+        """``app`` answers requests; the timeouts are --header-timeout, --idle-timeout
+        and --body-timeout. The connection cap and the body budget are set when it starts
+        (they follow the descriptor limit)."""
         self.app = app
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -8584,6 +8605,8 @@ class Server:
         return True
 
     async def _on_connection(self, reader, writer):
+        """One accepted client: at the connection cap, make room by shedding one that has
+        not sent a whole request, else answer 503 at once; then run its Connection to the end."""
         if len(self._connections) >= self.max_connections and not self._make_room():
             self._at_cap.warn("at the connection cap (%d), every connection in an exchange: "
                               "answering 503", self.max_connections)
@@ -8816,6 +8839,8 @@ class Catalogue:
         return await asyncio.shield(self._refresh)
 
     async def _fetch(self):
+        """Fetch Copilot's list in a worker; on failure keep serving the cached list, or the
+        built-in fallback when there is none. Tells the App whether auth worked (for /healthz)."""
         try:
             try:
                 models = await self.pool.run(asyncio.get_running_loop(), self.auth.fetch_models)
@@ -9046,6 +9071,10 @@ class ImageInliner:
         self._cache_bytes = 0
 
     async def inline(self, plan, request):
+        """Replace every image given by URL in ``plan``'s payload with its data: cached
+        ones at once, the others fetched side by side (at most IMAGE_FETCHES_AT_ONCE; the first
+        failure stops the rest), then the request's limits on count and total size, counting
+        every use of a URL. 400 with the reason when any step fails."""
         found = remote_images(plan.payload) if plan.payload is not None else []
         if not found:
             return
@@ -9087,6 +9116,8 @@ class ImageInliner:
         plan.vision = True
 
     async def _fetch(self, url, batch):
+        """One image in a worker, within IMAGE_FETCH_SECONDS (the deadline shuts the
+        socket down, so a server dripping bytes cannot hold a worker), then cached."""
         async with self._slots:
             abort = AbortHandle()
             batch.aborts.append(abort)
@@ -9274,6 +9305,7 @@ class Gateway:
     ``x-usage-ratelimit-*`` headers (for /usage)."""
 
     def __init__(self, config, auth, client, pool, catalogue, metrics):
+        """Pieces bound to the event loop (slots, hub) are made in start()."""
         self.config = config
         self.auth = auth
         self.client = client
@@ -9351,6 +9383,8 @@ class Gateway:
         body = json_dumps(plan.payload) if plan.payload is not None else None
 
         def attempt(first):
+            """One try with the current token; a 401/403 that a new token may fix raises
+            RetryOnce (retry_once then calls again with ``first`` false)."""
             record = self.auth.copilot_token()
             headers = copilot_headers(self.config, record["token"], plan.initiator, plan.vision,
                                       plan.intent, plan.interaction, record.get("integration_id"))
@@ -10495,6 +10529,9 @@ class App:
     the access log of each exchange)."""
 
     def __init__(self, config, store=None, client=None, auth=None):
+        """Build the app's parts; ``store``, ``client`` and ``auth`` can be given (tests,
+        embedders). The route table maps canonical paths (each also answered with /v1) to
+        handlers per method; the Ollama routes join it when that surface is on."""
         self.config = config
         self.store = store or TokenStore(config.state_dir)
         self.client = client or UpstreamClient(config.ca_file, config.connect_timeout,
