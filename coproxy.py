@@ -2024,6 +2024,35 @@ _DECIMAL = re.compile(r"[0-9]+\Z")
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
+def parse_response_head(head):
+    """(status, headers with lower-case names, will_close) of a response head, the bytes before
+    its blank line: ValueError for a malformed status line or too many header lines. Repeated
+    headers are joined with ", " (RFC 9110 §5.3) and obsolete line folding is undone."""
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    parts = lines[0].split(None, 2)
+    if (len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3
+            or not parts[1].isdigit()):
+        raise ValueError("the upstream answered with a malformed status line %r" % lines[0][:80])
+    if len(lines) > MAX_HEADER_COUNT + 1:
+        raise ValueError("the upstream sent more than %d header lines" % MAX_HEADER_COUNT)
+    headers = {}
+    name = None
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t") and name:  # obsolete line folding
+            headers[name] += " " + line.strip()
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            name = None
+            continue
+        name = name.strip().lower()
+        value = value.strip()
+        headers[name] = headers[name] + ", " + value if name in headers else value
+    tokens = headers.get("connection", "").lower()
+    will_close = "close" in tokens or (parts[0] == "HTTP/1.0" and "keep-alive" not in tokens)
+    return int(parts[1]), headers, will_close
+
+
 class UpstreamConnection:
     """A socket to one origin, and how requests on it are addressed."""
 
@@ -2088,7 +2117,9 @@ class UpstreamResponse:
             self.will_close = True
 
     def _read_head(self):
-        """(status, headers with lower-case names, will_close) of the next answer on the socket."""
+        """parse_response_head of the next answer's head, received from the socket until its
+        blank line. Whether any byte has come (``answered``) decides what a hang-up means: a
+        pooled connection closed before it (retried once) or an answer cut short."""
         buf = self._buf
         while True:
             # the first blank line; bare LF line ends are tolerated, as http.client does
@@ -2117,30 +2148,7 @@ class UpstreamResponse:
             self._conn.answered = True
             buf += data
         del buf[:rest]
-        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
-        parts = lines[0].split(None, 2)
-        if (len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3
-                or not parts[1].isdigit()):
-            raise ValueError("the upstream answered with a malformed status line %r"
-                             % lines[0][:80])
-        if len(lines) > MAX_HEADER_COUNT + 1:
-            raise ValueError("the upstream sent more than %d header lines" % MAX_HEADER_COUNT)
-        headers = {}
-        name = None
-        for line in lines[1:]:
-            if line[:1] in (" ", "\t") and name:  # obsolete line folding
-                headers[name] += " " + line.strip()
-                continue
-            name, colon, value = line.partition(":")
-            if not colon:
-                name = None
-                continue
-            name = name.strip().lower()
-            value = value.strip()
-            headers[name] = headers[name] + ", " + value if name in headers else value
-        tokens = headers.get("connection", "").lower()
-        will_close = "close" in tokens or (parts[0] == "HTTP/1.0" and "keep-alive" not in tokens)
-        return int(parts[1]), headers, will_close
+        return parse_response_head(head)
 
     def header(self, name, default=None):
         return self.headers.get(name.lower(), default)
