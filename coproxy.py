@@ -11899,8 +11899,11 @@ def text_bars(rows, width=32, encoding=None):
 def history_lines(ledger, now, billing, days=7):
     """``usage``'s history part: the cost per day of the last ``days`` days as a text chart, then
     the top models and agent sessions of those days."""
-    metric, unit = ("credits", "AI credits") if billing == "tokens" else ("premium",
-                                                                          "premium requests")
+    # what the plan bills by: AI credits (token-billed plans) or premium requests
+    if billing == "tokens":
+        metric, unit = "credits", "AI credits"
+    else:
+        metric, unit = "premium", "premium requests"
     rows = []
     for day in ledger.by_day(now, days):
         spent = sum(t[metric] for t in day["models"].values())
@@ -12049,6 +12052,8 @@ def cmd_claude_code(config, args):
     """Models from the running coproxy, else from GitHub; with neither, no models at all: names
     that may not exist on this account would only make Claude Code fail later, with 404s."""
     url = claude_code_target(config)
+    # The running coproxy knows the live catalogue and its --model-alias names; GitHub knows
+    # only the catalogue, so falling back to it is said (the note below).
     ids, aliases, problem = catalogue_from_coproxy(config, url)
     if ids is None:
         with _session(config) as (store, client, auth):
