@@ -2051,7 +2051,8 @@ class TestImageFetcher(unittest.TestCase):
         fetcher = coproxy.ImageFetcher(self.client, allow_private=True)
         self.assertEqual(fetcher.fetch(self.fake.url + "/img.png")[1], PNG)
         self.fake.routes[("GET", "/page")] = lambda h, b: h.send_body(200, b"<html>", "text/html")
-        for url, words in ((self.fake.url + "/page", "Content-Type text/html"), ("gopher://x/", "not a usable"),
+        for url, words in ((self.fake.url + "/page", "Content-Type text/html"),
+                           ("gopher://x/", "not a usable"),
                            (self.fake.url + "/x\r\nEvil: 1", "HTTP 404")):
             with self.assertRaises(coproxy.ImageNotFetched) as ctx:
                 fetcher.fetch(url)
@@ -2059,7 +2060,8 @@ class TestImageFetcher(unittest.TestCase):
         self.assertEqual(self.fake.requests_to("/x"), [])  # the CR/LF went out percent-encoded
         slow = threading.Event()
         self.addCleanup(slow.set)
-        self.fake.routes[("GET", "/slow.png")] = lambda h, b: (slow.wait(5), h.send_body(200, PNG, "image/png"))
+        self.fake.routes[("GET", "/slow.png")] = lambda h, b: (slow.wait(5),
+                                                               h.send_body(200, PNG, "image/png"))
         started = time.monotonic()
         with self.assertRaises(coproxy.ImageNotFetched):
             fetcher.fetch(self.fake.url + "/slow.png", timeout=0.1)
@@ -3742,8 +3744,8 @@ class TestRequestParsing(ProxyTestCase):
         payload = json.dumps(chat_body("slow but moving")).encode()
         client = RawClient(proxy.port)
         self.addCleanup(client.close)
-        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(payload), payload[:5]))
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload[:5]))
         status, headers, body = client.response()
         self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
         self.assertIn("--header-timeout", json.loads(body)["error"]["message"])
@@ -4015,7 +4017,8 @@ class TestEndToEnd(ProxyTestCase):
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.send(post("/v1/chat/completions", json.dumps(chat_body(stream=True)).encode()))
         self.assertEqual(client.response(head_only=True)[0], 200)  # ... and then reads nothing
-        self.assertTrue(wait_for(lambda: any("error=client_stalled" in line for line in LOGS.lines), 10))
+        self.assertTrue(wait_for(
+            lambda: any("error=client_stalled" in line for line in LOGS.lines), 10))
         self.assertTrue(wait_for(lambda: self.proxy.app.metrics.active_streams == 0))
         client.close()
         self.fake.chat_script = None
@@ -4032,12 +4035,16 @@ class TestEndToEnd(ProxyTestCase):
         client = RawClient(proxy.port)
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         self.addCleanup(client.close)
-        client.send(post("/v1/chat/completions", json.dumps(chat_body()).encode()))  # ... and reads nothing
+        # ... and reads nothing
+        client.send(post("/v1/chat/completions", json.dumps(chat_body()).encode()))
         self.assertTrue(wait_for(lambda: self.fake.requests_to("/chat/completions")))
-        self.fake.routes[("POST", "/chat/completions")] = lambda h, p: h.send_json(200, dict(big, choices=[
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}]))
-        started = time.monotonic()  # the one slot is free again once that client is dropped, not in 10 s
-        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
+        small = dict(big, choices=[{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "ok"}}])
+        self.fake.routes[("POST", "/chat/completions")] = lambda h, p: h.send_json(200, small)
+        # the one slot is free again once that client is dropped, not in 10 s
+        started = time.monotonic()
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(),
+                                      port=proxy.port)[0], 200)
         self.assertLess(time.monotonic() - started, 5)
 
     def test_a_client_that_leaves_a_whole_answer_cuts_its_upstream_call_short(self):
@@ -4539,14 +4546,16 @@ class TestImageURLs(ProxyTestCase):
         proxy = self.start_proxy(max_concurrency=1, queue_timeout=0.05)  # waited out: short
         gate = threading.Event()
         self.addCleanup(gate.set)
-        self.fake.routes[("GET", "/slow.png")] = lambda h, b: (gate.wait(5), h.send_body(200, PNG, "image/png"))
+        self.fake.routes[("GET", "/slow.png")] = lambda h, b: (gate.wait(5),
+                                                               h.send_body(200, PNG, "image/png"))
         client = RawClient(proxy.port)
         self.addCleanup(client.close)
         client.send(post("/v1/chat/completions", json.dumps(chat_body([
             {"type": "image_url", "image_url": {"url": self.fake.url + "/slow.png"}}])).encode()))
         self.assertTrue(wait_for(lambda: self.fake.requests_to("/slow.png")))
         status, _, body = self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (503, "overloaded"))  # the fetch holds the slot
+        # the fetch holds the slot
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (503, "overloaded"))
         gate.set()
         self.assertEqual(client.response()[0], 200)
 
@@ -6262,8 +6271,9 @@ class TestAbuse(ProxyTestCase):
         import resource
         env = dict(os.environ, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890", GHCP_PROXY_API_KEY="k")
         process = subprocess.Popen(
-            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--github-url", self.fake.url, "--github-api-url",
-             self.fake.url, "--state-dir", os.path.join(self.tmp, "limited")], stdin=subprocess.DEVNULL,
+            [sys.executable, COPROXY_PY, "serve", "--port", "0", "--github-url", self.fake.url,
+             "--github-api-url", self.fake.url, "--state-dir", os.path.join(self.tmp, "limited")],
+            stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, env=env,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
         self.addCleanup(process.stderr.close)
@@ -6273,7 +6283,7 @@ class TestAbuse(ProxyTestCase):
             line = process.stderr.readline() or None
         port = int(re.search(r"listening on http://127.0.0.1:(\d+)", line or "").group(1))
         idle = []
-        for number in range(150):  # past the server's 128 descriptors: idle, or a head never finished
+        for number in range(150):  # past its 128 descriptors: idle, or a head never finished
             sock = self.connect_past_a_full_backlog(port)
             self.addCleanup(sock.close)
             if number % 2:
@@ -6286,7 +6296,8 @@ class TestAbuse(ProxyTestCase):
         log = process.communicate(timeout=10)[1]
         self.assertEqual(process.returncode, 0, log[-3000:])
         self.assertNotIn("Traceback", log)
-        self.assertLessEqual(log.count("at the connection cap"), 1, log[-2000:])  # once a minute, not per accept
+        # once a minute, not per accept
+        self.assertLessEqual(log.count("at the connection cap"), 1, log[-2000:])
         self.assertLessEqual(log.count("out of descriptors"), 1, log[-2000:])
 
     @unittest.skipUnless(sys.platform.startswith("linux"), "descriptor limits as Linux has them")
@@ -6361,11 +6372,13 @@ class TestAbuse(ProxyTestCase):
         self.assertEqual((detailed["status"], detailed["auth"]["ready"]), ("ok", True))
 
     def test_a_compressed_body_has_its_own_lower_cap(self):
-        inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'  # 20 MiB < --max-body-mb
+        # 20 MiB, under --max-body-mb
+        inflated = b'{"model": "gpt-4.1", "messages": [], "pad": "' + b"x" * (20 << 20) + b'"}'
         status, _, body = self.raw().send(post("/v1/chat/completions", gzip.compress(inflated, 1),
                                                b"Content-Encoding: gzip\r\n")).response()
         self.assertEqual(status, 413, body[:300])
-        self.assertIn("once decompressed (the lower of --max-body-mb and 16 MiB)", json.loads(body)["error"]["message"])
+        self.assertIn("once decompressed (the lower of --max-body-mb and 16 MiB)",
+                      json.loads(body)["error"]["message"])
 
 
 class Mutator:
@@ -6566,35 +6579,43 @@ class TestFuzz(ProxyTestCase):
                 statuses[response.status] += 1
                 by_route.setdefault(path, collections.Counter())[response.status] += 1
                 self.assertLess(response.status, 500, (path, body[:300], data[:300]))
-                if response.status >= 400:  # an envelope: OpenAI's or Anthropic's, or Ollama's {"error": "..."}
-                    self.assertIn(b'"message"' if not path.startswith("/api/") else b'{"error":"', data)
+                # an envelope: OpenAI's or Anthropic's, or Ollama's {"error": "..."}
+                if response.status >= 400:
+                    self.assertIn(b'{"error":"' if path.startswith("/api/") else b'"message"', data)
                 if response.getheader("Connection") == "close":
                     conn.close()
                     conn = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=10)
                     self.addCleanup(conn.close)
         self.assertEqual(LOGS.failures(), [])
         for path, counts in by_route.items():  # each route saw both answers and refusals
-            self.assertTrue(counts[200] and sum(v for k, v in counts.items() if k >= 400), (path, counts))
-        FUZZ_FIGURES.update(inputs=sum(statuses.values()), seconds=round(time.monotonic() - started, 1),
-                            statuses=dict(statuses))
+            refused = sum(v for k, v in counts.items() if k >= 400)
+            self.assertTrue(counts[200] and refused, (path, counts))
+        FUZZ_FIGURES.update(inputs=sum(statuses.values()), statuses=dict(statuses),
+                            seconds=round(time.monotonic() - started, 1))
 
     def test_mutated_upstream_answers_give_200_or_502(self):
         mutator, answers = Mutator(7), []
-        good = {"id": "c", "model": "gpt-4.1", "choices": [{"index": 0, "finish_reason": "stop", "message": {
-            "role": "assistant", "content": "ok", "tool_calls": [{"id": "t", "function": {"name": "f", "arguments": "{}"}}]}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}}
-        stream_chunk = {"id": "c", "created": 1, "model": "m", "choices": [{"index": 0, "delta": {"content": "x", "tool_calls": [
-            {"index": 0, "id": "t", "function": {"name": "f", "arguments": "{"}}]}, "finish_reason": None}]}
+        call = {"id": "t", "function": {"name": "f", "arguments": "{}"}}
+        good = {"id": "c", "model": "gpt-4.1", "choices": [{
+            "index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "ok", "tool_calls": [call]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                      "prompt_tokens_details": {"cached_tokens": 0}}}
+        stream_chunk = {"id": "c", "created": 1, "model": "m", "choices": [{
+            "index": 0, "delta": {"content": "x", "tool_calls": [
+                {"index": 0, "id": "t", "function": {"name": "f", "arguments": "{"}}]},
+            "finish_reason": None}]}
         self.fake.routes[("POST", "/chat/completions")] = lambda h, p: (
             h.send_body(200, answers.pop(0), "application/json") if not p.get("stream") else
             self.fake.stream(b"data: " + answers.pop(0) + b"\n\n", chunk(None, "stop"), DONE)(h, p))
         for index in range(self.UPSTREAM_ANSWERS):
+            messages = {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
             for model, route, body in (("gpt-4.1", "/v1/chat/completions", chat_body()),
-                                       ("claude-haiku-4.5", "/v1/messages", {"max_tokens": 5, "messages": [
-                                           {"role": "user", "content": "x"}]})):
+                                       ("claude-haiku-4.5", "/v1/messages", messages)):
                 stream = index % 2 == 1
                 answers.append(mutator.mutate(stream_chunk if stream else good))
-                status, _, data = self.request("POST", route, dict(body, model=model, stream=stream))
+                status, _, data = self.request("POST", route,
+                                               dict(body, model=model, stream=stream))
                 self.assertIn(status, (200, 502), data[:300])
         self.assertEqual(LOGS.failures(), [])
 
@@ -6932,7 +6953,8 @@ class TestCLI(unittest.TestCase):
 
     def test_version(self):
         result = main_in_process(["--version"])
-        self.assertEqual((result.returncode, result.stdout.strip()), (0, "coproxy " + coproxy.__version__))
+        self.assertEqual((result.returncode, result.stdout.strip()),
+                         (0, "coproxy " + coproxy.__version__))
 
     def test_usage_errors_exit_2_with_one_clear_line(self):
         result = self.run_process("serve", "--port", "abc")  # a process: its exit code, all it says
@@ -6956,15 +6978,18 @@ class TestCLI(unittest.TestCase):
 
     def test_a_misspelled_variable_is_warned_about_once_and_the_new_key_name_keys_serve(self):
         result = main_in_process(["status", "--state-dir", self.tmp], env={"COPROXY_PROT": "58104"})
-        self.assertEqual(result.stderr.count("COPROXY_PROT is set but coproxy reads no such variable "
-                                             "(did you mean COPROXY_PORT?)"), 1, result.stderr)
+        warning = ("COPROXY_PROT is set but coproxy reads no such variable (did you mean "
+                   "COPROXY_PORT?)")
+        self.assertEqual(result.stderr.count(warning), 1, result.stderr)
         text = " ".join(main_in_process(["serve", "--help"]).stdout.split())
         self.assertIn("(env GHCP_PROXY_API_KEY, or COPROXY_API_KEY when that is unset)", text)
-        config = make_config(self.fake, os.path.join(self.tmp, "keyed"), environ={"COPROXY_API_KEY": "n3w-key"})
+        config = make_config(self.fake, os.path.join(self.tmp, "keyed"),
+                             environ={"COPROXY_API_KEY": "n3w-key"})
         proxy = ProxyHarness(config)
         self.addCleanup(proxy.stop)
         self.assertEqual(http_request(proxy.port, "GET", "/v1/models")[0], 401)
-        self.assertEqual(http_request(proxy.port, "GET", "/v1/models", headers={"x-api-key": "n3w-key"})[0], 200)
+        self.assertEqual(http_request(proxy.port, "GET", "/v1/models",
+                                      headers={"x-api-key": "n3w-key"})[0], 200)
 
     def test_a_flag_typo_names_the_closest_flag_of_its_subcommand(self):
         for argv, expected in ((["serve", "--prot", "8080"], "unrecognized argument --prot; did you mean --port? "
@@ -7019,11 +7044,13 @@ class TestCLI(unittest.TestCase):
 
     def test_help_is_truthful_and_short(self):
         top = main_in_process(["--help"]).stdout
-        self.assertIn("default: info for serve, warning for the other commands", " ".join(top.split()))
+        self.assertIn("default: info for serve, warning for the other commands",
+                      " ".join(top.split()))
         self.assertIn("python3 coproxy.py serve", top)
         for command in ("serve", "models", "usage", "status"):
             text = main_in_process([command, "--help"]).stdout
-            self.assertNotIn("--github-api-url URL", text, command)  # shared options are listed once, at the top
+            # shared options are listed once, at the top
+            self.assertNotIn("--github-api-url URL", text, command)
             self.assertIn("listed by `python3 coproxy.py --help`", " ".join(text.split()), command)
 
     def test_serve_without_login_and_without_tty_exits_1(self):
@@ -7063,8 +7090,8 @@ class TestCLI(unittest.TestCase):
 
     def test_login_logout(self):
         self.fake.routes[("POST", "/login/device/code")] = lambda h, b: h.send_json(200, {
-            "device_code": "d", "user_code": "WXYZ-0000", "verification_uri": "https://github.com/login/device",
-            "expires_in": 60, "interval": 1})
+            "device_code": "d", "user_code": "WXYZ-0000",
+            "verification_uri": "https://github.com/login/device", "expires_in": 60, "interval": 1})
         self.fake.poll_answers = [(200, {"access_token": "ghu_fromdeviceflow123"})]
         waits, flow = [], coproxy.DeviceFlow  # GitHub's interval is honoured, not waited out here
         self.addCleanup(setattr, coproxy, "DeviceFlow", flow)
@@ -7223,9 +7250,10 @@ class TestDaemon(unittest.TestCase):
     def test_start_status_refuse_second_stop_and_no_secret_on_a_command_line(self):
         fake = FakeUpstream()
         self.addCleanup(fake.close)
-        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login", "--api-key", "s3cret-key",
-                           "--github-token", "ghu_flagtoken1234567890", "--github-url", fake.url,
-                           "--github-api-url", fake.url, env={"GHCP_GITHUB_TOKEN": "ghu_envtoken1234567890"})
+        started = self.cli("serve", "-d", "--port", "0", "--no-auto-login", "--api-key",
+                           "s3cret-key", "--github-token", "ghu_flagtoken1234567890",
+                           "--github-url", fake.url, "--github-api-url", fake.url,
+                           env={"GHCP_GITHUB_TOKEN": "ghu_envtoken1234567890"})
         self.assertEqual(started.returncode, 0, started.stderr)
         self.assertIn("--api-key was given on the command line", started.stderr)
         self.assertIn("set GHCP_GITHUB_TOKEN in the environment instead", started.stderr)
@@ -7233,17 +7261,20 @@ class TestDaemon(unittest.TestCase):
         self.assertIsNotNone(match, started.stdout)
         pid, url = int(match.group(1)), match.group(2)
         # the client lines of the foreground banner (whatever it lists), then status and stop
-        config = coproxy.Config.resolve({"state_dir": self.tmp, "api_key": "k", "github_url": fake.url,
-                                         "github_api_url": fake.url}, environ={})
+        config = coproxy.Config.resolve({"state_dir": self.tmp, "api_key": "k",
+                                         "github_url": fake.url, "github_api_url": fake.url},
+                                        environ={})
         banner = coproxy.start_banner(config, url, COPROXY_PY).splitlines()[1:]
         lines = started.stdout.splitlines()
         self.assertEqual(lines[1:-1], banner)
         claude = [line for line in banner if line.strip().startswith("Claude Code:")][0]
-        self.assertIn('claude-code --state-dir %s --github-url %s --github-api-url %s --port %s --api-key '
-                      '"$GHCP_PROXY_API_KEY")" && claude' % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]), claude)
+        self.assertIn('claude-code --state-dir %s --github-url %s --github-api-url %s --port %s '
+                      '--api-key "$GHCP_PROXY_API_KEY")" && claude'
+                      % (self.tmp, fake.url, fake.url, url.rsplit(":", 1)[1]), claude)
         script = claude.split("python3 ", 1)[1].split(" ", 1)[0]  # status/stop name the same file
-        self.assertTrue(lines[-1].endswith("python3 %s status --state-dir %s, python3 %s stop --state-dir %s"
-                                           % (script, self.tmp, script, self.tmp)), lines[-1])
+        self.assertTrue(lines[-1].endswith(
+            "python3 %s status --state-dir %s, python3 %s stop --state-dir %s"
+            % (script, self.tmp, script, self.tmp)), lines[-1])
         self.assertNotIn("s3cret-key", started.stdout)
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             cmdline = f.read()
@@ -7251,25 +7282,30 @@ class TestDaemon(unittest.TestCase):
         self.assertNotIn(b"ghu_envtoken", cmdline)
         self.assertNotIn(b"ghu_flagtoken", cmdline)
         argv = cmdline.split(b"\0")
-        self.assertEqual((argv[1].endswith(b"coproxy.py"), argv[2]), (True, b"serve"))  # itself, no re-execution
+        # itself, no re-execution
+        self.assertEqual((argv[1].endswith(b"coproxy.py"), argv[2]), (True, b"serve"))
         with open(os.path.join(self.tmp, "coproxy.pid")) as f:
             self.assertEqual(f.read().split()[:2], [str(pid), url])
         port = int(url.rsplit(":", 1)[1])
-        self.assertEqual(http_request(port, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret-key"})[0], 200)
-        status = self.command("status", env={"GHCP_PROXY_API_KEY": "s3cret-key"})
+        keyed = {"GHCP_PROXY_API_KEY": "s3cret-key"}  # /healthz gives details only with the key
+        bearer = {"Authorization": "Bearer s3cret-key"}
+        self.assertEqual(http_request(port, "GET", "/v1/models", headers=bearer)[0], 200)
+        status = self.command("status", env=keyed)
         self.assertEqual(status.returncode, 0)
         self.assertIn("running:  pid %d, %s" % (pid, url), status.stdout)
-        keyed = {"GHCP_PROXY_API_KEY": "s3cret-key"}  # /healthz gives details only with the key
-        self.assertTrue(wait_for(lambda: "auth:     ready" in self.command("status", env=keyed).stdout), status.stdout)
+        self.assertTrue(wait_for(
+            lambda: "auth:     ready" in self.command("status", env=keyed).stdout), status.stdout)
         self.assertIn("set GHCP_PROXY_API_KEY to the server's key", self.command("status").stdout)
         self.assertEqual(http_request(port, "POST", "/v1/chat/completions", chat_body(),
-                                      headers={"Authorization": "Bearer s3cret-key"})[0], 200)
-        self.assertIn("upstream: the last request to Copilot succeeded", self.command("status", env=keyed).stdout)
+                                      headers=bearer)[0], 200)
+        self.assertIn("upstream: the last request to Copilot succeeded",
+                      self.command("status", env=keyed).stdout)
         second = self.command("serve", "-d", "--port", "0", "--no-auto-login")
         self.assertEqual(second.returncode, 1)
         self.assertIn("already running (pid %d" % pid, second.stderr)
         stopped = self.command("stop")
-        self.assertEqual((stopped.returncode, stopped.stdout.strip()), (0, "stopped coproxy (pid %d, %s)" % (pid, url)))
+        self.assertEqual((stopped.returncode, stopped.stdout.strip()),
+                         (0, "stopped coproxy (pid %d, %s)" % (pid, url)))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "coproxy.pid")))
         self.assertEqual(self.command("status").returncode, 1)
 
@@ -7288,9 +7324,10 @@ class TestDaemon(unittest.TestCase):
         self.assertEqual(self.command("stop").returncode, 0)
 
     def test_a_foreground_serve_is_seen_by_status_and_stop(self):
-        process = subprocess.Popen([sys.executable, COPROXY_PY, "serve", "--port", "0", "--no-auto-login",
-                                    "--state-dir", self.tmp], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True, env=self.env)
+        process = subprocess.Popen([sys.executable, COPROXY_PY, "serve", "--port", "0",
+                                    "--no-auto-login", "--state-dir", self.tmp],
+                                   stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env=self.env)
         self.addCleanup(lambda: process.poll() is None and process.kill())
         line = process.stderr.readline()
         while "listening on" not in line:
@@ -7311,7 +7348,8 @@ class TestDaemon(unittest.TestCase):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         self.addCleanup(busy.close)
-        failed = self.command("serve", "-d", "--port", str(busy.getsockname()[1]), "--no-auto-login")
+        failed = self.command("serve", "-d", "--port", str(busy.getsockname()[1]),
+                              "--no-auto-login")
         self.assertEqual(failed.returncode, 1)
         self.assertIn("address already in use", failed.stderr)
         self.assertNotIn("yesterday", failed.stderr)
@@ -9100,14 +9138,18 @@ def run_bench(argv):
 
 
 class TestBenchJudging(unittest.TestCase):
-    """The bench's verdicts: medians, PASS/MISS per target, added-delay rows judged by the difference."""
+    """The bench's verdicts: medians, PASS/MISS per target, added-delay rows judged by the
+    difference."""
 
     def test_percentile_and_pass_miss(self):
         self.assertEqual((percentile([5, 1, 3], 50), percentile([1, 2, 3, 4], 100)), (3, 4))
         self.assertTrue(math.isnan(percentile([], 50)))  # no samples is never a pass
-        rows = [("req/s", 9000.0, 1500.0, ">=", 1400, "%.0f"), ("latency", 0.1, 0.7, "<=", 0.6, "%.2f"),
-                ("added delay", 0.05, 0.30, "<=", 0.3, "%.3f", 0.25), ("rss", None, None, "<=", 30, "%.1f"),
-                ("rss at start", None, 99.0, "info", None, "%.1f"), ("nan", None, float("nan"), "<=", 1, "%.1f")]
+        rows = [("req/s", 9000.0, 1500.0, ">=", 1400, "%.0f"),
+                ("latency", 0.1, 0.7, "<=", 0.6, "%.2f"),
+                ("added delay", 0.05, 0.30, "<=", 0.3, "%.3f", 0.25),
+                ("rss", None, None, "<=", 30, "%.1f"),
+                ("rss at start", None, 99.0, "info", None, "%.1f"),
+                ("nan", None, float("nan"), "<=", 1, "%.1f")]
         text, misses = format_bench(rows, 3)
         verdicts = [line.rsplit(None, 1)[1] for line in text.splitlines()[2:-1]]
         self.assertEqual((verdicts, misses), (["PASS", "MISS", "PASS", "MISS", "99.0", "MISS"], 3))
@@ -9136,12 +9178,16 @@ class CountingRunner(unittest.TextTestRunner):
 
 
 def run_tests(argv):
+    """unittest's command line on this module (run as a script or imported: TestPortability
+    runs it in-process), then the summary line."""
     program = unittest.main(module=sys.modules[__name__], argv=[sys.argv[0]] + argv, exit=False,
                             testRunner=CountingRunner)
     result = program.result
-    failed = len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
+    failed = (len(result.failures) + len(result.errors)
+              + len(getattr(result, "unexpectedSuccesses", [])))
     if FUZZ_FIGURES:
-        print("fuzz: %(inputs)d mutated request bodies in %(seconds)ss, answers by status %(statuses)s" % FUZZ_FIGURES)
+        print("fuzz: %(inputs)d mutated request bodies in %(seconds)ss, answers by status "
+              "%(statuses)s" % FUZZ_FIGURES)
     print("%d passed, %d failed, %d skipped" % (result.passes, failed, len(result.skipped)))
     return 1 if failed or result.passes == 0 else 0
 
