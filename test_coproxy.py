@@ -3740,7 +3740,9 @@ class TestRequestParsing(ProxyTestCase):
             self.assertIn(fragment, error["message"])
 
     def test_a_body_that_stops_arriving_gets_408_and_a_slow_one_goes_through(self):
-        proxy = self.start_proxy(header_timeout=0.05)  # waited out: short
+        # Short, as it is waited out; long enough that the head, sent with the first bytes of
+        # the body, is always read before its own timer (which answers in other words) fires.
+        proxy = self.start_proxy(header_timeout=0.2)
         payload = json.dumps(chat_body("slow but moving")).encode()
         client = RawClient(proxy.port)
         self.addCleanup(client.close)
@@ -3750,14 +3752,13 @@ class TestRequestParsing(ProxyTestCase):
         self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
         self.assertIn("--header-timeout", json.loads(body)["error"]["message"])
         self.assertTrue(client.closed_by_server())
-        proxy = self.start_proxy(header_timeout=0.2)
         client = RawClient(proxy.port)
         self.addCleanup(client.close)
         client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                     b"Content-Length: %d\r\n\r\n" % len(payload))
-        step = len(payload) // 4 + 1
-        for start in range(0, len(payload), step):  # 0.075 s apart: 0.3 s in all, over the 0.2 s
-            time.sleep(0.075)
+        step = len(payload) // 6 + 1
+        for start in range(0, len(payload), step):  # 0.05 s apart: 0.3 s in all, over the 0.2 s
+            time.sleep(0.05)
             client.send(payload[start:start + step])
         status, _, body = client.response()
         self.assertEqual(status, 200, body)
