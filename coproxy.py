@@ -7520,6 +7520,9 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
 #   WorkerPool.run_alone (here)    /healthz while 24 heavy bodies are parsed: a few ms, not 2 s
 #   StreamHub (here): one reader   CPU per 10,000 streamed chunks (TLS, 50 streams) 1.21 s ->
 #     thread, batched hand-over    0.51 s; 1,000 streams' 1st chunk 1.75-2.54 s -> 1.02-1.13 s
+#   StreamRelay._relay [12]: each  the loop's CPU per chunk (TLS, 50 streams): about 5 us less
+#     batch written inside the     than waking the relay's coroutine per batch, a quarter of
+#     hub's hand-over              the loop's share (A/B)
 #   kept-alive upstream            new upstream connections per 100 sequential requests: 0
 #     connections (UpstreamClient  (a TLS handshake through the tunnel is ~4 ms of wall time
 #     pool, LIFO, reaper) [6]      and ~1 ms of CPU)
@@ -7717,34 +7720,41 @@ class WorkerPool(concurrent.futures.Executor):
 
 
 class HubStream:
-    """One upstream answer being read by the StreamHub, and where its bytes go: ``sink`` has
-    ``on_data(bytes)`` and ``on_end(error or None)``, both called on the event loop."""
+    """One upstream answer the StreamHub reads, and who gets its bytes: ``receive(data, ended,
+    error)``, called on the loop with each batch (``ended`` with the last one, ``error`` saying
+    why the answer did not end cleanly). Its owner pauses and resumes the reading (backpressure),
+    and closes the stream when it is done with it.
 
-    __slots__ = ("hub", "response", "sink", "cancelled", "ended", "paused", "registered", "last_read")
+    Each field below has one writer. ``receive`` (the loop): None once closed. ``ended`` (the
+    loop): the end was delivered, so the hub is done with the answer (its connection pooled or
+    closed). ``paused`` (the hub thread): out of the selector and exempt from the silence limit."""
 
-    def __init__(self, hub, response, sink):
+    __slots__ = ("hub", "response", "receive", "ended", "paused", "last_read")
+
+    def __init__(self, hub, response, receive):
         self.hub = hub
         self.response = response
-        self.sink = sink
-        self.cancelled = False
-        self.ended = False      # its end was delivered: the hub is done with it
+        self.receive = receive
+        self.ended = False
         self.paused = False
-        self.registered = False
-        self.last_read = time.monotonic()
+        self.last_read = time.monotonic()  # the hub thread's: when bytes last came
 
     def pause(self):
         """Stop reading this upstream (the client is slow): TCP then slows the upstream down."""
-        self.hub.command(self, "pause")
+        if not self.ended:
+            self.hub.command(self, "pause")
 
     def resume(self):
-        self.hub.command(self, "resume")
+        if not self.ended:
+            self.hub.command(self, "resume")
 
-    def cancel(self):
-        """The client left or the answer is no longer wanted: the upstream connection is closed
-        (never pooled) and nothing more is delivered."""
-        if not (self.cancelled or self.ended):
-            self.cancelled = True
-            self.hub.command(self, "cancel")
+    def close(self):
+        """Nothing more is delivered. Unless the end came, the hub closes the upstream connection
+        (never pooled: the answer was not read to its end)."""
+        if self.receive is not None:
+            self.receive = None
+            if not self.ended:
+                self.hub.command(self, "cancel")
 
 
 class StreamHub:
@@ -7753,10 +7763,15 @@ class StreamHub:
     The thread waits in a selector over the non-blocking upstream sockets; each wake-up it pulls
     what every ready socket has (TLS records included: ``pull`` drains the SSL buffer too), then
     schedules one call on the loop for the whole batch, and none while the loop has not taken the
-    previous one (bytes that arrive meanwhile join it). A finished answer's connection goes back
-    to its pool from this thread. ``read_timeout`` is the longest silence tolerated per stream."""
+    previous one (bytes that arrive meanwhile join it); on the loop, that call gives each stream
+    its bytes. A finished answer's connection goes back to its pool from this thread.
+    ``read_timeout`` is the longest silence tolerated per stream.
 
-    def __init__(self, loop, read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, name="coproxy-stream-hub"):
+    The loop reaches the thread only through ``command`` (a queue, and a byte on a wake-up
+    socket); the thread reaches the loop only through ``_pending`` and one scheduled call."""
+
+    def __init__(self, loop, read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS,
+                 name="coproxy-stream-hub"):
         self.loop = loop
         self.read_timeout = read_timeout
         self.name = name
@@ -7772,15 +7787,16 @@ class StreamHub:
         # What one stream gets while the loop is busy elsewhere waits as one entry, and reaches
         # its client in one write.
         self._pending = collections.OrderedDict()
-        self._scheduled = False
-        self._streams = set()
+        self._scheduled = False  # a _deliver is due on the loop: new bytes just join _pending
+        self._streams = set()    # the hub thread's: the streams it has not ended
         self._thread = None
         self._closing = False
         self._next_timeout_check = 0.0
 
-    def attach(self, response, sink):
-        """Start reading ``response``'s body (its head already read); returns its HubStream."""
-        stream = HubStream(self, response, sink)
+    def attach(self, response, receive):
+        """Start reading ``response``'s body (its head already read) for ``receive`` (see
+        HubStream); returns its HubStream."""
+        stream = HubStream(self, response, receive)
         self.command(stream, "add")
         return stream
 
@@ -7810,30 +7826,37 @@ class StreamHub:
 
     # -- the hub thread -----------------------------------------------------------------------
     def _run(self):
+        """The thread: wait for sockets or commands; apply the commands, then read what is ready
+        (so that no byte is read after a pause or a cancel); enforce the silence limit (once a
+        second); hand this wake-up's bytes over in one go."""
         try:
             while True:
-                events = self._selector.select(1.0 if self._streams else None)
-                now = time.monotonic()
-                for key, _ in events:
-                    if key.data is None:
+                ready = []
+                for key, _ in self._selector.select(1.0 if self._streams else None):
+                    if key.data is not None:
+                        ready.append(key.data)
+                    else:  # the wake-up bytes, taken before the commands they announce
                         with contextlib.suppress(OSError):
                             while self._wake_reader.recv(4096):
                                 pass
-                    elif not key.data.cancelled:
-                        self._read(key.data, now)
+                now = time.monotonic()
                 if self._run_commands(now):
                     return
+                for stream in ready:
+                    if stream in self._streams and not stream.paused:
+                        self._read(stream, now)
                 if now >= self._next_timeout_check:
                     self._check_timeouts(now)
                 self._publish()
         finally:
-            for stream in list(self._streams):
-                self._finish(stream, None, reuse=False, deliver=False)  # nobody reads them any more
+            for stream in list(self._streams):  # nobody reads them any more
+                self._finish(stream, None, reuse=False, deliver=False)
             self._selector.close()
             self._wake_reader.close()
 
     def _run_commands(self, now):
-        """Apply what the loop asked; True when the hub is to stop."""
+        """Apply what the loop asked; True when the hub is to stop. A stream is in the selector
+        exactly while it is in ``_streams`` and not paused."""
         while self._commands:
             stream, op = self._commands.popleft()
             if op == "close":
@@ -7847,38 +7870,34 @@ class StreamHub:
                     continue
                 stream.last_read = now
                 self._read(stream, now)  # bytes may already sit in our buffer or the SSL object's
-                if stream in self._streams and not stream.paused:
+                if stream in self._streams:
                     self._register(stream)
             elif stream not in self._streams:
-                continue
+                continue  # ended already: nothing to pause, resume or cancel
             elif op == "cancel":
                 self._finish(stream, None, reuse=False, deliver=False)
-            elif op == "pause":
+            elif op == "pause" and not stream.paused:
                 stream.paused = True
                 self._unregister(stream)
-            elif op == "resume":
+            elif op == "resume" and stream.paused:
                 stream.paused = False
-                stream.last_read = now
+                stream.last_read = now  # the silence limit counts from the resume
                 self._read(stream, now)
                 if stream in self._streams:
                     self._register(stream)
         return False
 
     def _register(self, stream):
-        if not stream.registered:
-            self._selector.register(stream.response.socket, selectors.EVENT_READ, stream)
-            stream.registered = True
+        self._selector.register(stream.response.socket, selectors.EVENT_READ, stream)
 
     def _unregister(self, stream):
-        if stream.registered:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(stream.response.socket)
-            stream.registered = False
+        with contextlib.suppress(KeyError, ValueError, OSError):  # not registered (paused, new)
+            self._selector.unregister(stream.response.socket)
 
     def _read(self, stream, now):
         try:
             data, done = stream.response.pull()
-        except Exception as exc:  # cut, broken framing, TLS failure: the stream's end, told to the loop
+        except Exception as exc:  # cut, broken framing, TLS failure: the stream's end, for the loop
             self._finish(stream, exc)
             return
         if data:
@@ -7888,6 +7907,8 @@ class StreamHub:
             self._finish(stream, None)
 
     def _finish(self, stream, error, reuse=True, deliver=True):
+        """The end of a stream for the hub: its connection back to the pool (only after a clean
+        end, and with ``reuse``) or closed; the loop told unless nobody waits for it (a cancel)."""
         self._unregister(stream)
         self._streams.discard(stream)
         stream.response.close(reuse=reuse and error is None)
@@ -7898,9 +7919,11 @@ class StreamHub:
         self._next_timeout_check = now + 1.0
         for stream in list(self._streams):
             if not stream.paused and now - stream.last_read > self.read_timeout:
-                self._finish(stream, socket.timeout("no upstream data for %ds" % self.read_timeout))
+                error = socket.timeout("no upstream data for %ds" % self.read_timeout)
+                self._finish(stream, error)
 
     def _publish(self):
+        """Hand this wake-up's bytes and ends to the loop: at most one scheduled call waiting."""
         if not self._ready:
             return
         with self._lock:
@@ -7913,7 +7936,7 @@ class StreamHub:
                     entry[0].append(data)
                     if ended:
                         entry[1], entry[2] = True, error
-            schedule = not self._scheduled  # else the loop has not taken the last batch yet: these bytes join it
+            schedule = not self._scheduled  # else the loop has not taken the last batch: join it
             self._scheduled = True
         self._ready = []
         if schedule:
@@ -7922,26 +7945,26 @@ class StreamHub:
 
     # -- on the loop ------------------------------------------------------------------------
     def _deliver(self):
+        """Give up to HUB_STREAMS_PER_TURN streams their batches, the rest after whatever else is
+        ready: one long batch would hold every other client up."""
         with self._lock:
             pending = self._pending
-            batch = [pending.popitem(last=False) for _ in range(min(len(pending), HUB_STREAMS_PER_TURN))]
+            count = min(len(pending), HUB_STREAMS_PER_TURN)
+            batch = [pending.popitem(last=False) for _ in range(count)]
             more = bool(pending)
             self._scheduled = more  # while the rest waits, new bytes join it
-        if more:  # the rest after whatever else is ready: one long batch would hold every other client up
+        if more:
             self.loop.call_soon(self._deliver)
         for stream, (pieces, ended, error) in batch:
-            if stream.cancelled:
-                continue
+            if stream.receive is None:
+                continue  # closed: nobody wants these bytes
+            if ended:
+                stream.ended = True  # before receive, which may close the stream
             try:
-                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                if data:
-                    stream.sink.on_data(data)
-                if ended:
-                    stream.ended = True
-                    stream.sink.on_end(error)
+                stream.receive(pieces[0] if len(pieces) == 1 else b"".join(pieces), ended, error)
             except Exception:  # one stream's failure must not cost the others their bytes
                 log.exception("stream delivery failed")
-                stream.cancel()
+                stream.close()
 
 # ------------------------------------------------------------------------------------------
 # 11. HTTP/1.1 server (asyncio)
@@ -9197,10 +9220,69 @@ class ImageInliner:
             self._cache_bytes -= len(data)
 
 
+class Wakeup:
+    """What a coroutine waits on between events: ``wait(deadline)`` returns at the next
+    ``wake()``, or once the loop's clock reaches ``deadline``. One loop timer, armed again only
+    once it has fired: the deadline moves on with every batch of a stream, and a timer per wait
+    would cost a heap push and a cancel each. A timer that fires early makes a wait end early."""
+
+    __slots__ = ("loop", "_waiter", "_timer")
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._waiter = None
+        self._timer = None
+
+    async def wait(self, deadline=None):
+        if deadline is not None:
+            timer = self._timer
+            if timer is None or not self.loop.time() < timer.when() <= deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = self.loop.call_at(deadline, self.wake)
+        self._waiter = self.loop.create_future()
+        await self._waiter
+
+    def wake(self):
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class StreamRelay:
-    """Writes one streamed answer to its client as the StreamHub delivers it: the translation in
-    the client's dialect, keep-alive pings during upstream silence, backpressure from a slow
-    client (the hub stops reading that upstream), and one ending: normal, failed or abandoned."""
+    """Writes one streamed answer to its client, in the client's dialect, as the StreamHub reads
+    it. The states of a stream:
+
+        opened → relaying ⇄ paused → ended: normal | failed | upstream cut | timed out
+                                            | client left
+
+    opened     the 200 head goes out; the hub starts reading the upstream body.
+    relaying   each batch the hub hands over is translated and written; after --ping-seconds of
+               upstream silence, the dialect's ping keeps the client's connection alive.
+    paused     more than STREAM_HIGH_WATER_BYTES wait for the client: the hub stops reading this
+               upstream (TCP then slows Copilot down) until the client has taken them.
+    ended      normal: the body ended and every translator saw its end marker; the dialect's
+                 closing events and the body's end go out; the upstream connection is pooled.
+               failed: the body ended without its end marker (incomplete_stream), Copilot sent
+                 an error inside the stream, or a translator raised (internal_error): one error
+                 event in the client's dialect, then the body's end.
+               upstream cut: the upstream connection or its framing broke: the error event
+                 upstream_cut, "the connection to Copilot failed mid-stream (ErrorClass)".
+               timed out: no upstream byte for --upstream-timeout: the same, "(timeout)".
+               client left: the client closed (logged as error=client_closed), or took nothing
+                 for STALLED_CLIENT_SECONDS and was dropped (error=client_stalled).
+
+    ``run`` is the stream's life, one coroutine from the head to the ending, and its one
+    ``finally`` cleans up after every ending: unless the hub ended the upstream answer, it is
+    cancelled there, its connection closed (never pooled). The bytes themselves do not pass
+    through ``run``: ``_relay`` translates and writes each batch inside the hub's hand-over,
+    and wakes ``run`` only for what needs it (the end, a full buffer): waking a coroutine for
+    every batch cost the loop about 5 µs more per chunk, a quarter more of its CPU (50 TLS
+    streams, a chunk every 5 ms each)."""
 
     def __init__(self, gateway, plan, request, response, upstream):
         self.gateway = gateway
@@ -9210,74 +9292,80 @@ class StreamRelay:
         self.upstream = upstream
         self.translation = StreamTranslation(plan.chain(), plan.dialect)
         self.loop = asyncio.get_running_loop()
-        self.done = self.loop.create_future()
-        self.stream = None
-        self.first_chunk_at = None
-        self.last_data = self.loop.time()
-        self.ping_seconds = gateway.config.ping_seconds
-        self.ping = plan.ping or plan.dialect.ping
-        self._ping_timer = None
-        self._paused = False
-        self._resuming = None  # the task that waits for the client to catch up
+        self.wakeup = Wakeup(self.loop)
+        self.first_chunk_at = None  # time.monotonic() of the first upstream bytes (a metric)
+        self.last_data = None       # loop.time() of the last upstream bytes (or ping)
 
     async def run(self, headers):
+        """The stream from its head to its ending (see the class docstring); returns normally
+        also when the client left, with the access log's error field saying so."""
         metrics = self.gateway.metrics
         metrics.active_streams += 1
+        stream = None
         try:
             await self.response.start_stream(200, self.plan.dialect.stream_headers + headers)
-            self.stream = self.gateway.hub.attach(self.upstream, self)
-            self.request.on_disconnect(self.client_left)
-            if self.ping is not None:
-                self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds,
-                                                     self._ping_due)
-            await self.done
-            if self._resuming is not None:  # one drain at a time (Python 3.8 allows no more)
-                await self._resuming
-            if not self.response.finished and not self.request.connection.lost:
-                await self.response.end()
+            self.last_data = self.loop.time()
+            stream = self.gateway.hub.attach(self.upstream, self._relay)
+            self.request.on_disconnect(self.wakeup.wake)
+            self.request.on_disconnect(stream.close)  # the upstream closed now, not after a drain
+            try:
+                await self._supervise(stream)
+            except ClientDisconnected:
+                connection = self.request.connection
+                self.response.log_fields["error"] = ("client_stalled" if connection.stalled
+                                                     else "client_closed")
+                return
+            await self.response.end()
         finally:
             metrics.active_streams -= 1
-            if self._ping_timer is not None:
-                self._ping_timer.cancel()
-            if not self.done.done():
-                self.done.set_result(None)
-            if self.stream is not None:
-                self.stream.cancel()
+            self.wakeup.close()
+            if stream is not None:
+                stream.close()
             else:  # the client left before the stream began: the upstream answer is not read
                 self.upstream.close(reuse=False)
 
-    def _write(self, data):
-        try:
-            self.response.write_nowait(data)
-        except ClientDisconnected:
-            self.client_left()
-            return
-        if not self._paused and self.response.buffered() > STREAM_HIGH_WATER_BYTES:
-            self._paused = True
-            self.stream.pause()
-            self._resuming = self.loop.create_task(self._resume_when_drained())
+    async def _supervise(self, stream):
+        """Relaying ⇄ paused, until the translation has ended and the client has taken the
+        bytes, or until the client leaves (ClientDisconnected). The upstream answer's end, clean
+        or not, always ends the translation; so does a failure inside it. Wakes for a full
+        buffer, the end, the client leaving, and the ping deadline."""
+        loop, response, connection = self.loop, self.response, self.request.connection
+        ping = self.plan.ping or self.plan.dialect.ping
+        ping_seconds = self.gateway.config.ping_seconds
+        while not connection.lost:
+            if response.buffered() > STREAM_HIGH_WATER_BYTES:  # paused until the client catches up
+                stream.pause()
+                await response.drain()  # a client that takes nothing for long is dropped there
+                stream.resume()
+            elif self.translation.finished:
+                return
+            elif ping is None:
+                await self.wakeup.wait()
+            elif loop.time() < self.last_data + ping_seconds:
+                await self.wakeup.wait(self.last_data + ping_seconds)
+            else:  # the upstream is thinking: keep the client's stream alive
+                response.write_nowait(ping)
+                self.last_data = loop.time()
+        raise ClientDisconnected("client went away")
 
-    async def _resume_when_drained(self):
+    def _relay(self, data, ended, error):
+        """Relaying: one batch from the hub (``ended`` with the last), translated and written,
+        on the loop inside the hub's hand-over."""
+        translation = self.translation
+        out = b""
+        if data:
+            self.last_data = self.loop.time()
+            if self.first_chunk_at is None:
+                self.first_chunk_at = time.monotonic()
+            out = self._translate(translation.feed, data)
+        if ended:
+            out += self._ending(error)
         try:
-            await self.response.drain()  # a client that takes nothing for long is dropped there
+            self.response.write_nowait(out)
         except ClientDisconnected:
-            self.client_left()
-            return
-        self._paused = False
-        if not self.done.done():
-            self.stream.resume()
-
-    def on_data(self, data):
-        if self.done.done():
-            return
-        self.last_data = self.loop.time()
-        if self.first_chunk_at is None:
-            self.first_chunk_at = time.monotonic()
-        out = self._translate(self.translation.feed, data)
-        if out:
-            self._write(out)
-        if self.translation.finished:  # a failure inside the stream ended it
-            self._finish()
+            return  # which wakes run, through the connection's on_disconnect
+        if translation.finished or self.response.buffered() > STREAM_HIGH_WATER_BYTES:
+            self.wakeup.wake()
 
     def _translate(self, step, *args):
         """One translation step. Should it raise (a bug), the client gets the dialect's error
@@ -9288,43 +9376,14 @@ class StreamRelay:
             log.exception("translating the stream for %s failed", self.plan.model)
             return self.translation.fail("internal error in coproxy; see its log", "internal_error")
 
-    def on_end(self, error):
-        if self.done.done():
-            return
+    def _ending(self, error):
+        """The client bytes of the upstream answer's end: clean (``error`` None) or broken."""
         if error is None:
-            out = self._translate(self.translation.end)
-        else:
-            kind = "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__
-            log.warning("upstream stream failed model=%s: %s", self.plan.model, kind)
-            out = self.translation.fail("the connection to Copilot failed mid-stream (%s)" % kind, "upstream_cut")
-        if out:
-            self._write(out)
-        self._finish()
-
-    def client_left(self):
-        """The client closed, or was dropped for not reading: stop reading the upstream (its
-        connection is closed, not pooled). Before the answer's end, that is the exchange's error."""
-        if self.stream is not None:
-            self.stream.cancel()
-        if not self.response.finished:
-            self.response.log_fields["error"] = ("client_stalled" if self.request.connection.stalled
-                                                 else "client_closed")
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def _finish(self):
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def _ping_due(self):
-        self._ping_timer = None
-        if self.done.done():
-            return
-        now = self.loop.time()
-        if now - self.last_data >= self.ping_seconds:
-            self._write(self.ping)  # upstream is thinking: keep the client's stream alive
-            self.last_data = now
-        self._ping_timer = self.loop.call_at(self.last_data + self.ping_seconds, self._ping_due)
+            return self._translate(self.translation.end)
+        kind = "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__
+        log.warning("upstream stream failed model=%s: %s", self.plan.model, kind)
+        return self.translation.fail("the connection to Copilot failed mid-stream (%s)" % kind,
+                                     "upstream_cut")
 
 
 class Gateway:

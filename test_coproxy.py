@@ -3595,12 +3595,11 @@ class Sink:
     def __init__(self, loop):
         self.data, self.error, self.ended = b"", None, loop.create_future()
 
-    def on_data(self, data):
+    def receive(self, data, ended, error):
         self.data += data
-
-    def on_end(self, error):
-        self.error = error
-        self.ended.set_result(None)
+        if ended:
+            self.error = error
+            self.ended.set_result(None)
 
 
 class TestStreamHub(unittest.TestCase):
@@ -3630,10 +3629,11 @@ class TestStreamHub(unittest.TestCase):
         async def body(loop, hub):
             sinks = []
             for i in range(20):
-                response = await loop.run_in_executor(None, self.open, self.head, b"3\r\nab%d\r\n" % (i % 10),
+                response = await loop.run_in_executor(None, self.open, self.head,
+                                                      b"3\r\nab%d\r\n" % (i % 10),
                                                       b"2\r\nzz\r\n0\r\n\r\n")
                 sink = Sink(loop)
-                hub.attach(response, sink)
+                hub.attach(response, sink.receive)
                 sinks.append(sink)
             await asyncio.wait_for(asyncio.gather(*[s.ended for s in sinks]), 5)
             return sinks, [t.name for t in threading.enumerate()].count("coproxy-stream-hub")
@@ -3641,15 +3641,18 @@ class TestStreamHub(unittest.TestCase):
         self.assertEqual([s.data for s in sinks], [b"ab%dzz" % (i % 10) for i in range(20)])
         self.assertEqual([s.error for s in sinks], [None] * 20)
         self.assertEqual(hub_threads, 1)
-        self.assertEqual(self.client.idle_connections(), self.client.connections_opened)  # all back in the pool
+        # all back in the pool
+        self.assertEqual(self.client.idle_connections(), self.client.connections_opened)
 
     def test_pause_resume_cancel_and_silence(self):
         gate, watch = threading.Event(), threading.Event()
 
         async def body(loop, hub):
+            async def attach(sink, *script):
+                response = await loop.run_in_executor(None, self.open, self.head, *script)
+                return hub.attach(response, sink.receive)
             paused = Sink(loop)
-            stream = hub.attach(await loop.run_in_executor(None, self.open, self.head, b"1\r\na\r\n", gate,
-                                                           b"1\r\nb\r\n0\r\n\r\n"), paused)
+            stream = await attach(paused, b"1\r\na\r\n", gate, b"1\r\nb\r\n0\r\n\r\n")
             await asyncio.wait_for(self._until(lambda: paused.data == b"a"), 5)
             stream.pause()
             gate.set()
@@ -3658,12 +3661,12 @@ class TestStreamHub(unittest.TestCase):
             stream.resume()
             await asyncio.wait_for(paused.ended, 5)
             cancelled = Sink(loop)
-            stream = hub.attach(await loop.run_in_executor(None, self.open, self.head, b"1\r\nc\r\n", watch), cancelled)
+            stream = await attach(cancelled, b"1\r\nc\r\n", watch)
             await asyncio.wait_for(self._until(lambda: cancelled.data == b"c"), 5)
-            stream.cancel()
+            stream.close()
             silent = Sink(loop)
             hub.read_timeout = 0.2
-            hub.attach(await loop.run_in_executor(None, self.open, self.head, b"1\r\nd\r\n", watch), silent)
+            await attach(silent, b"1\r\nd\r\n", watch)
             await asyncio.wait_for(silent.ended, 5)
             return held, paused, cancelled, silent
         held, paused, cancelled, silent = self.run_hub(body)
