@@ -7770,6 +7770,10 @@ class StreamHub:
     The loop reaches the thread only through ``command`` (a queue, and a byte on a wake-up
     socket); the thread reaches the loop only through ``_pending`` and one scheduled call."""
 
+    #: How often the thread looks for silent streams (so the longest it waits in select while
+    #: any is open): the limit is minutes, a second is exact enough; a test takes less.
+    SILENCE_CHECK_SECONDS = 1.0
+
     def __init__(self, loop, read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS,
                  name="coproxy-stream-hub"):
         self.loop = loop
@@ -7832,7 +7836,8 @@ class StreamHub:
         try:
             while True:
                 ready = []
-                for key, _ in self._selector.select(1.0 if self._streams else None):
+                wait = self.SILENCE_CHECK_SECONDS if self._streams else None
+                for key, _ in self._selector.select(wait):
                     if key.data is not None:
                         ready.append(key.data)
                     else:  # the wake-up bytes, taken before the commands they announce
@@ -7916,7 +7921,7 @@ class StreamHub:
             self._ready.append((stream, b"", True, error))
 
     def _check_timeouts(self, now):
-        self._next_timeout_check = now + 1.0
+        self._next_timeout_check = now + self.SILENCE_CHECK_SECONDS
         for stream in list(self._streams):
             if not stream.paused and now - stream.last_read > self.read_timeout:
                 error = socket.timeout("no upstream data for %ds" % self.read_timeout)

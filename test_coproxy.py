@@ -3619,6 +3619,7 @@ class TestStreamHub(unittest.TestCase):
         async def main():
             loop = asyncio.get_running_loop()
             hub = coproxy.StreamHub(loop, read_timeout)
+            hub.SILENCE_CHECK_SECONDS = 0.05  # the silence test waits for a check, not a second
             try:
                 return await body(loop, hub)
             finally:
