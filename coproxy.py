@@ -3836,35 +3836,44 @@ def decode_body(raw, encoding, limit):
             except zlib.error:
                 continue
             if len(data) > limit or decoder.unconsumed_tail:
-                raise ClientError(413, "request body is larger than %d bytes once decompressed (the lower of "
-                                       "--max-body-mb and %d MiB)" % (limit, MAX_DECOMPRESSED_BODY_BYTES >> 20),
-                                  code="request_too_large")
+                raise _too_large_decompressed(limit)
             if not decoder.eof:
-                raise ClientError(400, "the %s request body is truncated" % encoding, code="invalid_encoding")
+                raise ClientError(400, "the %s request body is truncated" % encoding,
+                                  code="invalid_encoding")
             return data
-        raise ClientError(400, "the request body is not valid %s data" % encoding, code="invalid_encoding")
+        raise ClientError(400, "the request body is not valid %s data" % encoding,
+                          code="invalid_encoding")
     if encoding == "zstd":
-        try:  # compression.zstd is standard library from 3.14 on; imported by name so that stdlib-only
-            zstd = importlib.import_module("compression.zstd")  # checks run on older Pythons accept it
+        # compression.zstd is standard library from 3.14 on; imported by name so that the
+        # stdlib-only checks, which run on older Pythons, accept it
+        try:
+            zstd = importlib.import_module("compression.zstd")
         except ImportError:
-            raise ClientError(415, "zstd request bodies need Python 3.14+ (this is %d.%d); run coproxy on a newer "
-                                   "Python, or turn request compression off in the client (Codex: "
-                                   "-c features.enable_request_compression=false)" % sys.version_info[:2],
+            raise ClientError(415, "zstd request bodies need Python 3.14+ (this is %d.%d); run "
+                                   "coproxy on a newer Python, or turn request compression off in "
+                                   "the client (Codex: -c features.enable_request_compression="
+                                   "false)" % sys.version_info[:2],
                               code="unsupported_content_encoding")
         decoder = zstd.ZstdDecompressor()
         try:
             data = decoder.decompress(raw, max_length=limit + 1)
         except zstd.ZstdError:
-            raise ClientError(400, "the request body is not valid zstd data", code="invalid_encoding")
+            raise ClientError(400, "the request body is not valid zstd data",
+                              code="invalid_encoding")
         if len(data) > limit:
-            raise ClientError(413, "request body is larger than %d bytes once decompressed (the lower of "
-                                       "--max-body-mb and %d MiB)" % (limit, MAX_DECOMPRESSED_BODY_BYTES >> 20),
-                              code="request_too_large")
+            raise _too_large_decompressed(limit)
         if not decoder.eof:
             raise ClientError(400, "the zstd request body is truncated", code="invalid_encoding")
         return data
-    raise ClientError(415, "Content-Encoding %r is not supported; send the body uncompressed, or as gzip, deflate "
-                           "or zstd" % encoding[:40], code="unsupported_content_encoding")
+    raise ClientError(415, "Content-Encoding %r is not supported; send the body uncompressed, or "
+                           "as gzip, deflate or zstd" % encoding[:40],
+                      code="unsupported_content_encoding")
+
+
+def _too_large_decompressed(limit):
+    return ClientError(413, "request body is larger than %d bytes once decompressed (the lower "
+                            "of --max-body-mb and %d MiB)"
+                       % (limit, MAX_DECOMPRESSED_BODY_BYTES >> 20), code="request_too_large")
 
 
 
@@ -3873,8 +3882,9 @@ def heavy_body(raw, encoding):
     thread: a compressed body, one over INLINE_PARSE_BYTES, or one with more than
     INLINE_PARSE_VALUES arrays, objects and commas (counted over the bytes: cheap)."""
     raw = raw or b""
-    return encoding not in (None, "", "identity") or len(raw) > INLINE_PARSE_BYTES or \
-        raw.count(b"[") + raw.count(b"{") + raw.count(b",") > INLINE_PARSE_VALUES
+    values = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    return (encoding not in (None, "", "identity") or len(raw) > INLINE_PARSE_BYTES
+            or values > INLINE_PARSE_VALUES)
 
 
 def decode_json_body(raw, encoding, limit):
@@ -3889,7 +3899,8 @@ def _is_kind(value, kind):
     cls = _KINDS.get(kind)
     if cls is not None:
         return isinstance(value, cls)
-    return isinstance(value, (int, float) if kind == "number" else int) and not isinstance(value, bool)
+    number = isinstance(value, (int, float) if kind == "number" else int)
+    return number and not isinstance(value, bool)  # JSON's true is no number
 
 
 def _kinds_text(kinds):
@@ -3910,12 +3921,17 @@ def check(container, key, kinds, where="", required=False):
     value = container.get(key)
     if value is None:
         if required:
-            raise ClientError(400, "%s%s: field required" % (where, key), param=where + key, code="missing_field")
+            raise ClientError(400, "%s%s: field required" % (where, key), param=where + key,
+                              code="missing_field")
         return None
-    if _is_kind(value, kinds) if isinstance(kinds, str) else any(_is_kind(value, kind) for kind in kinds):
+    if isinstance(kinds, str):  # the common case, without a generator: this runs per field
+        if _is_kind(value, kinds):
+            return value
+        kinds = (kinds,)
+    elif any(_is_kind(value, kind) for kind in kinds):
         return value
-    kinds = (kinds,) if isinstance(kinds, str) else kinds
-    raise ClientError(400, "%s%s must be %s, not %s" % (where, key, _kinds_text(kinds), _kind_of(value)),
+    raise ClientError(400, "%s%s must be %s, not %s"
+                      % (where, key, _kinds_text(kinds), _kind_of(value)),
                       param=where + key, code="invalid_type")
 
 
@@ -3926,7 +3942,8 @@ def check_items(container, key, where="", kinds="object"):
     for index, item in enumerate(items):
         if not any(_is_kind(item, kind) for kind in kinds):
             name = "%s%s[%d]" % (where, key, index)
-            raise ClientError(400, "%s must be %s, not %s" % (name, _kinds_text(kinds), _kind_of(item)),
+            raise ClientError(400, "%s must be %s, not %s"
+                              % (name, _kinds_text(kinds), _kind_of(item)),
                               param=name, code="invalid_type")
     return items
 
@@ -3939,7 +3956,8 @@ def check_fields(container, where="", **kinds):
 
 
 #: The fields of a content part that must be strings when present.
-_PART_STRINGS = ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data", "refusal")
+_PART_STRINGS = ("text", "thinking", "signature", "tool_use_id", "id", "name", "url", "data",
+                 "refusal")
 
 
 def check_parts(content, where):
@@ -3947,23 +3965,24 @@ def check_parts(content, where):
     if content is None or isinstance(content, str):
         return
     if not isinstance(content, list):
-        raise ClientError(400, "%s must be a string or an array of parts, not %s" % (where, _kind_of(content)),
-                          param=where, code="invalid_type")
+        raise ClientError(400, "%s must be a string or an array of parts, not %s"
+                          % (where, _kind_of(content)), param=where, code="invalid_type")
     for index, part in enumerate(content):
         name = "%s[%d]" % (where, index)
         if not isinstance(part, dict):
-            raise ClientError(400, "%s must be an object, not %s" % (name, _kind_of(part)), param=name,
-                              code="invalid_type")
+            raise ClientError(400, "%s must be an object, not %s" % (name, _kind_of(part)),
+                              param=name, code="invalid_type")
         prefix = name + "."
         check(part, "type", "string", prefix, required=True)
-        for key in _PART_STRINGS:  # long histories have thousands of parts: check only what is not fine
+        # long histories have thousands of parts: check() only what is not fine
+        for key in _PART_STRINGS:
             if not isinstance(part.get(key, ""), str):
                 check(part, key, "string", prefix)
         check(part, "image_url", ("string", "object"), prefix)
         if isinstance(part.get("image_url"), dict):
             check(part["image_url"], "url", "string", prefix + "image_url.")
-        check_fields(check(part, "source", "object", prefix), prefix + "source.", type="string", url="string",
-                     data="string", media_type="string")
+        check_fields(check(part, "source", "object", prefix), prefix + "source.", type="string",
+                     url="string", data="string", media_type="string")
         check(part, "input", "object", prefix)
         if part.get("type") == "tool_result":
             check_parts(part.get("content"), prefix + "content")
@@ -3974,16 +3993,20 @@ def check_parts(content, where):
 #: Served by /v1/models when Copilot cannot be reached (seed behaviour); shaped like /models.
 FALLBACK_MODELS = [
     {"id": model_id, "name": name, "vendor": vendor,
-     "capabilities": {"type": "chat", "limits": {"max_context_window_tokens": context, "max_output_tokens": output},
+     "capabilities": {"type": "chat",
+                      "limits": {"max_context_window_tokens": context, "max_output_tokens": output},
                       "supports": {"tool_calls": True, "vision": True, "streaming": True}}}
     for model_id, name, vendor, context, output in (
-        ("gpt-4.1", "GPT-4.1", "Azure OpenAI", 128000, 16384), ("gpt-4o", "GPT-4o", "Azure OpenAI", 128000, 4096),
+        ("gpt-4.1", "GPT-4.1", "Azure OpenAI", 128000, 16384),
+        ("gpt-4o", "GPT-4o", "Azure OpenAI", 128000, 4096),
+
         ("gpt-5-mini", "GPT-5 mini", "Azure OpenAI", 264000, 64000),
         ("claude-sonnet-4.5", "Claude Sonnet 4.5", "Anthropic", 200000, 32000),
         ("gemini-2.5-pro", "Gemini 2.5 Pro", "Google", 128000, 64000))
 ] + [
     {"id": "text-embedding-3-small", "name": "Embedding V3 small", "vendor": "Azure OpenAI",
-     "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512}, "supports": {"dimensions": True}}},
+     "capabilities": {"type": "embeddings", "limits": {"max_inputs": 512},
+                      "supports": {"dimensions": True}}},
 ]
 
 
@@ -4042,7 +4065,8 @@ def copilot_model_to_openai(model):
         "max_output_tokens": limits.get("max_output_tokens"),
         "capabilities": {"tool_calls": bool(supports.get("tool_calls")),
                          "vision": bool(supports.get("vision")),
-                         "streaming": bool(supports.get("streaming", caps.get("type", "chat") == "chat")),
+                         "streaming": bool(supports.get("streaming",
+                                                        caps.get("type", "chat") == "chat")),
                          "structured_outputs": bool(supports.get("structured_outputs")),
                          "reasoning_effort": supports.get("reasoning_effort")},
     }
@@ -4213,8 +4237,8 @@ def unknown_model_error(name, ids):
     close = difflib.get_close_matches(name.lower(), [i.lower() for i in ids], n=4, cutoff=0.4)
     by_lower = {i.lower(): i for i in ids}
     hint = "; did you mean %s?" % ", ".join(by_lower[c] for c in close) if close else ""
-    return ClientError(404, "model %r is not in your Copilot catalog%s (GET /v1/models lists them)" % (name, hint),
-                       code="model_not_found", param="model")
+    return ClientError(404, "model %r is not in your Copilot catalog%s (GET /v1/models lists them)"
+                       % (name, hint), code="model_not_found", param="model")
 
 
 def with_policy_hint(error, model, info):
@@ -4223,17 +4247,18 @@ def with_policy_hint(error, model, info):
     state = _dig(info, "policy").get("state")
     if error.code != "model_not_supported" or state in (None, "enabled"):
         return error
-    return ClientError(error.status, "%s: %s is not enabled for your account (policy: %s); enable it at "
-                       "https://github.com/settings/copilot/features or once in VS Code's model picker"
-                       % (str(error).rstrip(". "), model, state), kind=error.kind, code=error.code,
+    return ClientError(error.status, "%s: %s is not enabled for your account (policy: %s); enable "
+                       "it at https://github.com/settings/copilot/features or once in VS Code's "
+                       "model picker" % (str(error).rstrip(". "), model, state),
+                       kind=error.kind, code=error.code,
                        param=error.param, headers=error.headers)
 
 
 def check_vision(model, info, vision, param):
     """400 before any upstream call when images go to a model the catalogue says cannot see."""
     if vision and _dig(info, "capabilities", "supports").get("vision") is False:
-        raise ClientError(400, "model %s does not accept images; pick one with vision (see GET /v1/models)"
-                          % model, code="model_without_vision", param=param)
+        raise ClientError(400, "model %s does not accept images; pick one with vision (see GET "
+                               "/v1/models)" % model, code="model_without_vision", param=param)
 
 
 #: Reasoning effort values from least to most; a value a model does not list is moved to the
@@ -4261,7 +4286,8 @@ def supported_efforts_in(message):
 def is_effort_refusal(error):
     text = str(error).lower()
     return error.status == 400 and (error.code == "invalid_reasoning_effort" or (
-        error.code in ("unsupported_value", "invalid_request_body") and ("effort" in text or "reasoning" in text)))
+        error.code in ("unsupported_value", "invalid_request_body")
+        and ("effort" in text or "reasoning" in text)))
 
 
 #: Where each upstream API keeps the reasoning effort, and the name clients of that API know.
@@ -4289,14 +4315,16 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
 def is_gemini(model, info=None):
-    vendor = info.get("vendor") if isinstance(info, dict) else None
-    return model.lower().startswith("gemini") or (isinstance(vendor, str) and vendor.lower() == "google")
+    vendor = get_typed(info, "vendor", str, "")
+    return model.lower().startswith("gemini") or vendor.lower() == "google"
 
 
 def _json_type(values):
-    """The one JSON Schema type all of ``values`` have (bool before int: True is an int), or None."""
+    """The one JSON Schema type all of ``values`` have (bool before int: True is an int), or
+    None."""
     for name, kinds in (("boolean", bool), ("integer", int), ("number", (int, float))):
-        if all(isinstance(v, kinds) and (name == "boolean" or not isinstance(v, bool)) for v in values):
+        if all(isinstance(v, kinds) and (name == "boolean" or not isinstance(v, bool))
+               for v in values):
             return name
     return None
 
@@ -4357,9 +4385,10 @@ def gemini_tools(payload):
 
 
 def endpoint_for(info, wanted):
-    """Copilot path to use for a model: ``wanted`` unless the catalog says it only has /responses."""
-    endpoints = info.get("supported_endpoints")
-    if isinstance(endpoints, list) and endpoints and wanted not in endpoints and "/responses" in endpoints:
+    """Copilot path to use for a model: ``wanted`` unless the catalog says it only has
+    /responses."""
+    endpoints = get_typed(info, "supported_endpoints", list, [])
+    if endpoints and wanted not in endpoints and "/responses" in endpoints:
         return "/responses"
     return wanted
 
@@ -4389,7 +4418,8 @@ def content_parts(payload):
 
 
 def has_image(payload, kinds=_IMAGE_PART_TYPES):
-    """True if the request's content carries an image part (Copilot then wants Copilot-Vision-Request)."""
+    """True if the request's content carries an image part (Copilot then wants
+    Copilot-Vision-Request)."""
     return any(kind in kinds for _, kind in content_parts(payload))
 
 
@@ -4402,12 +4432,23 @@ def chat_initiator(messages):
     return "user"
 
 
+def _model_or_default(payload, default_model):
+    """The request's ``model``, else the configured default (stored in the payload), else 400."""
+    model = check(payload, "model", "string") or default_model
+    if not model:
+        raise ClientError(400, "'model' is required (or start coproxy with --default-model)",
+                          param="model", code="model_required")
+    payload["model"] = model
+    return model
+
+
 def validate_chat_request(payload, default_model=None):
     """Check every field of an OpenAI chat request that coproxy reads or rewrites; fills ``model``
     from the default. Returns (model name, stream, include_usage, merge choices)."""
     messages = check(payload, "messages", "array", required=True)
     if not messages:
-        raise ClientError(400, "messages must be a non-empty array", param="messages", code="invalid_messages")
+        raise ClientError(400, "messages must be a non-empty array", param="messages",
+                          code="invalid_messages")
     for index, message in enumerate(check_items(payload, "messages")):
         where = "messages[%d]." % index
         check(message, "role", "string", where, required=True)
@@ -4415,23 +4456,22 @@ def validate_chat_request(payload, default_model=None):
         check(message, "tool_call_id", "string", where)
         for call_index, call in enumerate(check_items(message, "tool_calls", where)):
             call_where = "%stool_calls[%d]." % (where, call_index)
-            check_fields(check(call, "function", "object", call_where), call_where + "function.", name="string",
-                         arguments="string")
-    model = check(payload, "model", "string") or default_model
-    if not model:
-        raise ClientError(400, "'model' is required (or start coproxy with --default-model)",
-                          param="model", code="model_required")
-    payload["model"] = model
+            check_fields(check(call, "function", "object", call_where), call_where + "function.",
+                         name="string", arguments="string")
+    model = _model_or_default(payload, default_model)
     stream = check(payload, "stream", "boolean") is True
     options = check(payload, "stream_options", "object") or {}
     include_usage = bool(stream and check(options, "include_usage", "boolean", "stream_options."))
     n = check(payload, "n", "integer")
-    check_fields(payload, max_tokens="integer", max_completion_tokens="integer", temperature="number", top_p="number",
-                 parallel_tool_calls="boolean", user="string", reasoning_effort="string",
+    check_fields(payload, max_tokens="integer", max_completion_tokens="integer",
+                 temperature="number", top_p="number", parallel_tool_calls="boolean",
+                 user="string", reasoning_effort="string",
                  tool_choice=("string", "object"))
-    check_fields(check(payload, "response_format", "object"), "response_format.", type="string", json_schema="object")
+    check_fields(check(payload, "response_format", "object"), "response_format.", type="string",
+                 json_schema="object")
     for index, tool in enumerate(check_items(payload, "tools")):
-        check_fields(check(tool, "function", "object", "tools[%d]." % index), "tools[%d].function." % index,
+        check_fields(check(tool, "function", "object", "tools[%d]." % index),
+                     "tools[%d].function." % index,
                      name="string", parameters="object")
     return model, stream, include_usage, not (n is not None and n > 1)
 
@@ -4456,7 +4496,8 @@ def _image_part(block):
 
 
 def _text_of(blocks):
-    return "\n\n".join(b.get("text", "") for b in blocks if b.get("type") == "text" and b.get("text"))
+    return "\n\n".join(b.get("text", "") for b in blocks if b.get("type") == "text"
+                       and b.get("text"))
 
 
 def anthropic_initiator(messages):
@@ -4470,9 +4511,13 @@ def anthropic_initiator(messages):
     blocks = _blocks(turns[-1].get("content"))
     if any(b.get("type") == "tool_result" for b in blocks):
         return "agent"
-    if len(turns) == 1 and [b.get("type") for b in blocks] == ["text"] and (blocks[0].get("text") or "").strip() == "Warmup":
-        return "agent"  # Claude Code's start-up probe (2.0.28+): the tool's request, not the person's
-    if any((b.get("type") == "text" and (b.get("text") or "").strip()) or b.get("type") in ("image", "document")
+    alone = len(turns) == 1 and [b.get("type") for b in blocks] == ["text"]
+    if alone and (blocks[0].get("text") or "").strip() == "Warmup":
+        # Claude Code's start-up probe (2.0.28+): the tool's request, not the person's
+        return "agent"
+
+    if any((b.get("type") == "text" and (b.get("text") or "").strip())
+           or b.get("type") in ("image", "document")
            for b in blocks):
         return "user"
     return "agent"
@@ -4485,12 +4530,13 @@ def validate_anthropic_request(payload):
         raise ClientError(400, "messages: must be a non-empty array", param="messages")
     for index, message in enumerate(check_items(payload, "messages")):
         if message.get("role") not in ("user", "assistant", "system"):
-            raise ClientError(400, "messages.%d: role must be 'user' or 'assistant'" % index, param="messages")
+            raise ClientError(400, "messages.%d: role must be 'user' or 'assistant'" % index,
+                              param="messages")
         check_parts(message.get("content"), "messages.%d.content" % index)
     check(payload, "model", "string", required=True)
     if not payload["model"]:
         raise ClientError(400, "model: field required", param="model")
-    if not isinstance(payload.get("max_tokens"), int) or isinstance(payload.get("max_tokens"), bool):
+    if not _is_kind(payload.get("max_tokens"), "integer"):
         raise ClientError(400, "max_tokens: field required (an integer)", param="max_tokens")
     system = check(payload, "system", ("string", "array"))
     if isinstance(system, list):
@@ -4501,8 +4547,10 @@ def validate_anthropic_request(payload):
     for index, tool in enumerate(check_items(payload, "tools")):
         check_fields(tool, "tools.%d." % index, name="string", type="string", description="string",
                      input_schema="object")
-    check_fields(check(payload, "tool_choice", "object"), "tool_choice.", type="string", name="string")
-    check_fields(check(payload, "thinking", "object"), "thinking.", type="string", budget_tokens="integer")
+    check_fields(check(payload, "tool_choice", "object"), "tool_choice.", type="string",
+                 name="string")
+    check_fields(check(payload, "thinking", "object"), "thinking.", type="string",
+                 budget_tokens="integer")
     check_fields(check(payload, "output_config", "object"), "output_config.", effort="string",
                  format="object")
     check_fields(_dig(payload, "output_config").get("format"), "output_config.format.",
@@ -4528,8 +4576,9 @@ def clean_anthropic_request(payload):
     for tool in tools:
         kind = tool.get("type") or ""
         if kind.startswith("web_search"):
-            raise ClientError(400, "tools: Copilot has no web search, so the %s tool cannot be served; remove it "
-                                   "(Claude Code: deny the WebSearch tool in your permissions)" % kind,
+            raise ClientError(400, "tools: Copilot has no web search, so the %s tool cannot be "
+                                   "served; remove it (Claude Code: deny the WebSearch tool in "
+                                   "your permissions)" % kind,
                               param="tools", code="web_search_not_supported")
         if kind.startswith("advisor_"):
             removed.append("tools[%s]" % kind)
@@ -4686,6 +4735,7 @@ def estimate_input_tokens(payload):
         return (ascii_chars + 2) // 3 + (len(text) - ascii_chars)
 
     def content_tokens(content):
+        """Tokens of one message's content, block by block (see the rates above)."""
         total = 0
         for block in _blocks(content):
             kind = block.get("type")
@@ -4694,11 +4744,13 @@ def estimate_input_tokens(payload):
             elif kind == "tool_result":
                 total += 10 + content_tokens(block.get("content"))
             elif kind == "tool_use":
-                total += 10 + text_tokens(str(block.get("name", "")) + json.dumps(block.get("input") or {}))
+                called = str(block.get("name", "")) + json.dumps(block.get("input") or {})
+                total += 10 + text_tokens(called)
             elif kind == "thinking":
                 total += text_tokens(block.get("thinking") or "")
             else:
-                total += text_tokens((block.get("text") or "") if kind == "text" else json.dumps(block))
+                total += text_tokens((block.get("text") or "") if kind == "text"
+                                     else json.dumps(block))
         return total
 
     total = 8 + content_tokens(payload.get("system") or "")
@@ -4726,15 +4778,12 @@ def count_tokens_of_request(payload):
 
 def validate_responses_request(payload, default_model=None):
     """Check the fields of a Responses (or compact) request that coproxy reads; fills ``model``."""
-    model = check(payload, "model", "string") or default_model
-    if not model:
-        raise ClientError(400, "'model' is required (or start coproxy with --default-model)", param="model",
-                          code="model_required")
-    payload["model"] = model
+    model = _model_or_default(payload, default_model)
     if isinstance(check(payload, "input", ("string", "array")), list):
         if len(payload["input"]) > MAX_INPUT_ITEMS:
-            raise ClientError(400, "input holds %d items; at most %d are taken (a long agent session "
-                              "sends a few thousand)" % (len(payload["input"]), MAX_INPUT_ITEMS),
+            raise ClientError(400, "input holds %d items; at most %d are taken (a long agent "
+                                   "session sends a few thousand)"
+                              % (len(payload["input"]), MAX_INPUT_ITEMS),
                               param="input", code="too_many_items")
         for index, item in enumerate(check_items(payload, "input")):
             where = "input[%d]." % index
@@ -4754,7 +4803,8 @@ def validate_responses_request(payload, default_model=None):
     check_fields(check(payload, "text", "object"), "text.", format="object")
     check_fields(_dig(payload, "text", "format"), "text.format.", type="string", name="string",
                  schema="object")
-    tools = [("tools[%d]." % index, tool) for index, tool in enumerate(check_items(payload, "tools"))]
+    tools = [("tools[%d]." % index, tool)
+             for index, tool in enumerate(check_items(payload, "tools"))]
     for where, tool in tools:
         if tool.get("type") == "namespace":  # Codex groups tools so: they are read like the others
             tools += [("%stools[%d]." % (where, index), inner)
@@ -4770,7 +4820,8 @@ def validate_responses_request(payload, default_model=None):
 def _plain_text(content):
     if isinstance(content, str):
         return content
-    return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict)
+                   and isinstance(p.get("text"), str))
 
 
 def _user_parts_as_input(content):
@@ -4866,8 +4917,9 @@ def responses_initiator(payload):
     if not isinstance(items, list) or not items:  # a string is the user's
         return "user"
     last = items[-1]
-    if last.get("type") in ("function_call_output", "function_call", "reasoning", "compaction_trigger",
-                            "custom_tool_call_output") or last.get("role") == "assistant":
+    follow_up = ("function_call_output", "function_call", "reasoning", "compaction_trigger",
+                 "custom_tool_call_output")
+    if last.get("type") in follow_up or last.get("role") == "assistant":
         return "agent"
     return "user"
 
@@ -4883,8 +4935,10 @@ def as_output_items(items):
         item = dict(item, type=item.get("type") or "message")
         if item["type"] == "message" and not isinstance(item.get("content"), list):
             text = get_typed(item, "content", str, "")
-            item["content"] = [{"type": "output_text", "text": text, "annotations": []}
-                               if item.get("role") == "assistant" else {"type": "input_text", "text": text}]
+            if item.get("role") == "assistant":
+                item["content"] = [{"type": "output_text", "text": text, "annotations": []}]
+            else:
+                item["content"] = [{"type": "input_text", "text": text}]
         out.append(item)
     return out
 
@@ -4898,10 +4952,12 @@ def compact_request(payload):
     """Codex's POST /responses/compact body (model, input, instructions, tools, ...) as a Copilot
     /responses request that compacts: Copilot has no compact endpoint, but compacts a history
     inside /responses when ``context_management`` asks for it."""
-    request = {k: v for k, v in payload.items() if k not in ("stream", "service_tier", "store", "background")}
+    request = {k: v for k, v in payload.items()
+               if k not in ("stream", "service_tier", "store", "background")}
     request["input"] = [i for i in payload["input"] if i.get("type") != "compaction_trigger"]
     request["store"] = False
-    request["context_management"] = [{"type": "compaction", "compact_threshold": COMPACT_THRESHOLD_TOKENS}]
+    request["context_management"] = [{"type": "compaction",
+                                      "compact_threshold": COMPACT_THRESHOLD_TOKENS}]
     return request
 
 
@@ -4945,16 +5001,15 @@ def unpack_thinking(value):
         block = json.loads(base64.urlsafe_b64decode(value[len(_THINKING_PREFIX):].encode("ascii")))
     except (ValueError, TypeError):
         return None
-    if isinstance(block, dict) and isinstance(block.get("thinking"), str) and \
-            _string(block, "signature"):
+    if get_typed(block, "thinking", str) is not None and _string(block, "signature"):
         return block["thinking"], block["signature"]
     return None
 
 
 def is_claude_thinking(item):
     """A reasoning item coproxy made of Claude's thinking (see pack_thinking)."""
-    return item.get("type") == "reasoning" and \
-        str(item.get("encrypted_content") or "").startswith(_THINKING_PREFIX)
+    return (item.get("type") == "reasoning"
+            and str(item.get("encrypted_content") or "").startswith(_THINKING_PREFIX))
 
 
 def responses_upstream(info, payload):
@@ -5320,13 +5375,15 @@ def prepare_embeddings_request(payload):
     if isinstance(text, str):
         text = [text]
     if not isinstance(text, list) or not text:
-        raise ClientError(400, "'input' must be a string or a non-empty array of strings", param="input")
+        raise ClientError(400, "'input' must be a string or a non-empty array of strings",
+                          param="input")
     if not all(isinstance(t, str) for t in text):
-        raise ClientError(400, "'input' must hold strings: Copilot does not take token arrays", param="input",
-                          code="token_arrays_not_supported")
+        raise ClientError(400, "'input' must hold strings: Copilot does not take token arrays",
+                          param="input", code="token_arrays_not_supported")
     encoding = payload.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
-        raise ClientError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+        raise ClientError(400, "encoding_format must be 'float' or 'base64'",
+                          param="encoding_format")
     request = {"model": model, "input": text}
     dimensions = check(payload, "dimensions", "integer")
     if dimensions is not None:
@@ -5346,7 +5403,7 @@ def remote_images(payload):
             url = get_typed(part, "image_url", dict, {}).get("url")
         elif kind == "input_image":
             url = part.get("image_url")
-        elif kind == "image" and isinstance(part.get("source"), dict) and part["source"].get("type") == "url":
+        elif kind == "image" and _dig(part, "source").get("type") == "url":
             url = part["source"].get("url")
         else:
             continue
@@ -5371,7 +5428,8 @@ def url_for_message(url):
     left out, and never more than 200 characters."""
     try:
         parts = urllib.parse.urlsplit(url)
-        shown = "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path) + ("?..." if parts.query else "")
+        shown = "%s://%s%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
+                                 "?..." if parts.query else "")
     except ValueError:
         shown = "a malformed URL"
     return shown if len(shown) <= 200 else shown[:197] + "..."
@@ -5384,10 +5442,12 @@ def check_image_limits(images, model, info):
     for url, (media_type, data) in images.items():
         if isinstance(types, list) and types and media_type not in types:
             raise ClientError(400, "the image at %s is %s; %s accepts %s" % (
-                url_for_message(url), media_type, model, ", ".join(map(str, types))), code="image_not_supported")
+                url_for_message(url), media_type, model, ", ".join(map(str, types))),
+                code="image_not_supported")
         if isinstance(largest, int) and 0 < largest < len(data):
             raise ClientError(400, "the image at %s is %s; %s accepts at most %s per image" % (
-                url_for_message(url), format_size(len(data)), model, format_size(largest)), code="image_too_large")
+                url_for_message(url), format_size(len(data)), model, format_size(largest)),
+                code="image_too_large")
 
 
 # -- 8g. Ollama's API: requests -------------------------------------------------------------
@@ -5487,7 +5547,8 @@ def ollama_messages(payload, kind):
                 arguments = json.dumps(function.get("arguments") or {})
                 calls.append({"id": call.get("id") or "call_%d_%d" % (index, position),
                               "type": "function",
-                              "function": {"name": function.get("name") or "", "arguments": arguments}})
+                              "function": {"name": function.get("name") or "",
+                                           "arguments": arguments}})
             open_calls = [(call["id"], call["function"]["name"]) for call in calls]
             out.append({"role": "assistant", "content": text or None})
             if calls:
@@ -5631,7 +5692,8 @@ def openai_error_body(message, kind="api_error", code=None, param=None):
 
 
 #: Where Anthropic's error types differ from OpenAI's.
-_ANTHROPIC_ERROR_TYPES = {413: "request_too_large", 503: "overloaded_error", 529: "overloaded_error"}
+_ANTHROPIC_ERROR_TYPES = {413: "request_too_large", 503: "overloaded_error",
+                          529: "overloaded_error"}
 
 
 def anthropic_error_body(status, message):
@@ -5668,7 +5730,8 @@ class Dialect:
     def stream_error(self, message, code=None, sequence_number=0):
         """The bytes of the one event that ends a failed stream (``sequence_number``: the next
         one of the stream, which Responses events carry)."""
-        return self.encode(self._stream_error(message, code or "upstream_stream_error", sequence_number))
+        return self.encode(self._stream_error(message, code or "upstream_stream_error",
+                                              sequence_number))
 
     def envelope(self, error):
         """The JSON body of an error answer (``error`` is a ClientError)."""
@@ -5680,8 +5743,9 @@ OPENAI = Dialect(b": ping\n\n",
                  lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
 
 RESPONSES = Dialect(b": ping\n\n",
-                    lambda message, code, sequence: ("error", {"type": "error", "code": code, "message": message,
-                                                               "param": None, "sequence_number": sequence}),
+                    lambda message, code, sequence: ("error", {
+                        "type": "error", "code": code, "message": message, "param": None,
+                        "sequence_number": sequence}),
                     lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
 
 ANTHROPIC = Dialect(encode_sse(b'{"type":"ping"}', "ping"),
@@ -5766,7 +5830,8 @@ class StreamTranslation:
                 return b"".join(out)
             fed = []
             for item in items:
-                fed.extend([item] if isinstance(item, StreamError) else mapper.feed(item[0], item[1]))
+                fed.extend([item] if isinstance(item, StreamError)
+                           else mapper.feed(item[0], item[1]))
             failed = any(isinstance(item, StreamError) for item in fed)
             if not (mapper.complete or failed):
                 out.append(self._encode(self._run(fed, index + 1)))
@@ -5843,13 +5908,15 @@ def client_error_from_upstream(status, raw, headers, now, identity=None):
     kind = get_typed(fields, "type", str) or None
     if kind in (None, "error", ""):
         kind = error_type_for_status(status)
-    code = fields.get("code") if isinstance(fields.get("code"), (str, int)) and fields.get("code") != "" else None
+    code = get_typed(fields, "code", (str, int))
+    code = None if code == "" else code
     param = get_typed(fields, "param", str) or None
     headers = headers or {}
     wait = parse_retry_after(headers.get("retry-after"), now)
     match = _RETRY_AFTER_IN_TEXT.search(message)
     if wait is None and match:
-        wait = int(float(match.group(1)) * {"second": 1, "minute": 60, "hour": 3600}[match.group(2).lower()])
+        unit = {"second": 1, "minute": 60, "hour": 3600}[match.group(2).lower()]
+        wait = int(float(match.group(1)) * unit)
     window = None
     text = (message + " " + str(code or "")).lower()
     if status == 429 and ("weekly" in text):
@@ -5861,11 +5928,14 @@ def client_error_from_upstream(status, raw, headers, now, identity=None):
     if window:
         if wait is not None and not headers.get("retry-after"):
             passed.insert(0, ("Retry-After", str(wait)))
-        ends = (" It ends at %s (in %s)." % (time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(now + wait)),
-                                             format_duration(wait)) if wait is not None else "")
+        ends = ""
+        if wait is not None:
+            at = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(now + wait))
+            ends = " It ends at %s (in %s)." % (at, format_duration(wait))
         message = "Copilot's %s limit is reached: %s%s Requests are not retried automatically." % (
             window, message.rstrip(), ends)
-        code = code or ("user_weekly_rate_limited" if window == "weekly" else "user_global_rate_limited")
+        code = code or ("user_weekly_rate_limited" if window == "weekly"
+                        else "user_global_rate_limited")
     elif status == 466:
         editor, plugin = identity or (DEFAULT_EDITOR_VERSION, DEFAULT_EDITOR_PLUGIN_VERSION)
         message = ("Copilot refused this client version (HTTP 466: %s). Start coproxy with a newer "
@@ -5888,19 +5958,21 @@ NANO_AIU_PER_CREDIT = 1e9
 
 
 def _nano_aiu(copilot_usage):
-    value = copilot_usage.get("total_nano_aiu") if isinstance(copilot_usage, dict) else None
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+    value = get_typed(copilot_usage, "total_nano_aiu", (int, float))
+    return value if _is_kind(value, "number") and value >= 0 else None
 
 
 def usage_from_chat(usage, copilot_usage=None):
-    return {"input": _count(usage, "prompt_tokens"), "cached": _count(usage, "prompt_tokens_details", "cached_tokens"),
+    return {"input": _count(usage, "prompt_tokens"),
+            "cached": _count(usage, "prompt_tokens_details", "cached_tokens"),
             "output": _count(usage, "completion_tokens"),
             "reasoning": _count(usage, "completion_tokens_details", "reasoning_tokens"),
             "nano_aiu": _nano_aiu(copilot_usage)}
 
 
 def usage_from_responses(usage, copilot_usage=None):
-    return {"input": _count(usage, "input_tokens"), "cached": _count(usage, "input_tokens_details", "cached_tokens"),
+    return {"input": _count(usage, "input_tokens"),
+            "cached": _count(usage, "input_tokens_details", "cached_tokens"),
             "output": _count(usage, "output_tokens"),
             "reasoning": _count(usage, "output_tokens_details", "reasoning_tokens"),
             "nano_aiu": _nano_aiu(copilot_usage)}
@@ -5908,7 +5980,8 @@ def usage_from_responses(usage, copilot_usage=None):
 
 def usage_from_anthropic(usage, copilot_usage=None):
     cached = _count(usage, "cache_read_input_tokens")
-    return {"input": _count(usage, "input_tokens") + cached + _count(usage, "cache_creation_input_tokens"),
+    written = _count(usage, "cache_creation_input_tokens")
+    return {"input": _count(usage, "input_tokens") + cached + written,
             "cached": cached, "output": _count(usage, "output_tokens"),
             "reasoning": _count(usage, "output_tokens_details", "thinking_tokens"),
             "nano_aiu": _nano_aiu(copilot_usage)}
@@ -5958,18 +6031,21 @@ def estimate_credits(usage, info):
     ceiling = _price(tier, "context_max", "contextMax", "max_prompt_tokens")
     if long_tier and ceiling and usage["input"] > ceiling:
         tier = long_tier
-    input_price, output_price = _price(tier, "input_price", "inputPrice"), _price(tier, "output_price", "outputPrice")
+    input_price = _price(tier, "input_price", "inputPrice")
+    output_price = _price(tier, "output_price", "outputPrice")
     if input_price is None or output_price is None:
         return None
     cache_price = _price(tier, "cache_read_price", "cacheReadPrice", "cache_price", "cachePrice")
     cached = usage["cached"] if cache_price is not None else 0
-    total = ((usage["input"] - cached) * input_price + cached * (cache_price or 0) + usage["output"] * output_price)
+    total = ((usage["input"] - cached) * input_price + cached * (cache_price or 0)
+             + usage["output"] * output_price)
     return total / batch
 
 
 def parse_ratelimit_header(value):
-    """``x-usage-ratelimit-session: ent=0&ov=0.0&ovPerm=false&rem=99.6&rst=2026-04-22T14%3A30%3A56Z``
-    → {"percent_remaining": 99.6, "resets_at": "2026-04-22T14:30:56Z"}; None when unreadable."""
+    """``x-usage-ratelimit-session:
+    ent=0&ov=0.0&ovPerm=false&rem=99.6&rst=2026-04-22T14%3A30%3A56Z`` →
+    {"percent_remaining": 99.6, "resets_at": "2026-04-22T14:30:56Z"}; None when unreadable."""
     fields = dict(urllib.parse.parse_qsl(value or ""))
     try:
         remaining = float(fields["rem"])
@@ -5985,22 +6061,27 @@ def summarize_quota(user):
     snapshots = get_typed(user, "quota_snapshots", dict, {})
 
     def bucket(name):
+        """One quota snapshot in a fixed shape; ``used`` worked out from entitlement and
+        remaining when GitHub leaves it out (request-billed plans do)."""
         snap = snapshots.get(name)
         if not isinstance(snap, dict):
             return None
         entitlement, remaining = snap.get("entitlement"), snap.get("remaining")
         unlimited = bool(snap.get("unlimited")) or entitlement == -1 or remaining == -1
         used = snap.get("credits_used")
-        if not isinstance(used, (int, float)) and not unlimited and isinstance(entitlement, (int, float)) \
-                and isinstance(remaining, (int, float)):
+        numbers = all(isinstance(v, (int, float)) for v in (entitlement, remaining))
+        if not isinstance(used, (int, float)) and not unlimited and numbers:
             used = entitlement - remaining
         return {"unlimited": unlimited, "entitlement": None if unlimited else entitlement,
-                "remaining": None if unlimited else remaining, "used": used if isinstance(used, (int, float)) else None,
-                "percent_remaining": snap.get("percent_remaining"), "overage_count": snap.get("overage_count", 0),
+                "remaining": None if unlimited else remaining,
+                "used": used if isinstance(used, (int, float)) else None,
+                "percent_remaining": snap.get("percent_remaining"),
+                "overage_count": snap.get("overage_count", 0),
                 "overage_permitted": snap.get("overage_permitted", False)}
 
     token_billed = bool(user.get("token_based_billing")) or any(
-        isinstance(s, dict) and ("credits_used" in s or s.get("token_based_billing")) for s in snapshots.values())
+        isinstance(s, dict) and ("credits_used" in s or s.get("token_based_billing"))
+        for s in snapshots.values())
     pool = bucket("premium_interactions")
     reset = user.get("quota_reset_date_utc") or user.get("quota_reset_date")
     reset_at = _dig(snapshots, "premium_interactions").get("quota_reset_at")
@@ -6009,9 +6090,11 @@ def summarize_quota(user):
             reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset_at))
         except (OverflowError, OSError, ValueError):  # past year 9999, or NaN: the reset is unknown
             reset = None
-    return {"login": user.get("login"), "plan": user.get("copilot_plan"), "sku": user.get("access_type_sku"),
+    return {"login": user.get("login"), "plan": user.get("copilot_plan"),
+            "sku": user.get("access_type_sku"),
             "billing": "tokens" if token_billed else "requests",
-            "credits": pool if token_billed else None, "premium_requests": None if token_billed else pool,
+            "credits": pool if token_billed else None,
+            "premium_requests": None if token_billed else pool,
             "chat": bucket("chat"), "completions": bucket("completions"), "reset_date": reset}
 
 
@@ -6036,7 +6119,8 @@ def merge_choices(choices):
         if isinstance(part.get("tool_calls"), list):
             tool_calls.extend(part["tool_calls"])
         for key, value in part.items():
-            if key not in ("content", "tool_calls") and value is not None and message.get(key) is None:
+            taken = key in ("content", "tool_calls") or message.get(key) is not None
+            if value is not None and not taken:
                 message[key] = value
         finish = _merge_finish(finish, choice.get("finish_reason"))
     message["content"] = "".join(texts) if texts else None
@@ -6145,6 +6229,9 @@ class ChatNormalize(ChatReader):
         self._model_marker = None  # '"model":"..."', likewise for the model
 
     def feed(self, event, data):
+        """One chunk made whole (id, object, created, model) or dropped. A chunk that needs
+        only ``object`` goes on as text, unparsed (see _as_it_is): most of a long answer's
+        chunks, and parsing them was most of the cost of a stream."""
         if self.saw_done:
             return []
         if data == "[DONE]":
@@ -6177,6 +6264,16 @@ class ChatNormalize(ChatReader):
                     self.finish_reason = choice["finish_reason"]
                     self.complete = True
             return [(None, chunk)]
+        kept = self._merged(choices)
+        if not kept:
+            return []
+        chunk["choices"] = kept
+        return [(None, chunk)]
+
+    def _merged(self, choices):
+        """A chunk's choices folded into choice 0 (Claude on Copilot splits one answer over
+        several): tool calls renumbered across them, finish reasons held back for end(), and
+        choices left with nothing to say dropped."""
         kept = []
         for choice in choices:
             if not isinstance(choice, dict):
@@ -6196,10 +6293,7 @@ class ChatNormalize(ChatReader):
                         call["index"] = self._tool_index.setdefault(key, len(self._tool_index))
             if delta or not finish:
                 kept.append(choice)
-        if not kept:
-            return []
-        chunk["choices"] = kept
-        return [(None, chunk)]
+        return kept
 
     def _as_it_is(self, data):
         """True when the text of a chunk shows it needs nothing but "object": it names this
@@ -6209,7 +6303,8 @@ class ChatNormalize(ChatReader):
         them again halves the proxy's CPU per streamed chunk. Keys are looked for as the text
         spells them ("key" with its quotes, as every JSON encoder writes an ASCII key); a string
         value that happens to equal one only sends its chunk down the general path."""
-        return (self._id_marker is not None and self._id_marker in data and data.count('"index"') == 1
+        return (self._id_marker is not None and self._id_marker in data
+                and data.count('"index"') == 1
                 and '"index":0' in data and '"created":' in data and self._model_marker in data
                 and '"created":0' not in data  # the general path fills it in
                 and ('"finish_reason"' not in data or '"finish_reason":null' in data)
@@ -6224,7 +6319,8 @@ class ChatNormalize(ChatReader):
     def end(self):
         items = []
         if self.merge and self.finish_reason:
-            items.append(self._chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason, "logprobs": None}]))
+            items.append(self._chunk([{"index": 0, "delta": {},
+                                       "finish_reason": self.finish_reason, "logprobs": None}]))
         if self.include_usage and self.raw_usage is not None:
             extra = {"usage": self.raw_usage}
             if self.copilot_usage is not None:
@@ -6260,18 +6356,21 @@ def openai_to_anthropic_response(data, model):
                              "signature": message.get("reasoning_opaque") or ""})
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            content = "".join(p["text"] for p in content if isinstance(p, dict)
+                              and isinstance(p.get("text"), str))
         if isinstance(content, str) and content:
             texts.append({"type": "text", "text": content})
         for call in get_typed(message, "tool_calls", list, []):
             function = get_typed(call, "function", dict, {})
             tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
-                          "name": function.get("name"), "input": _parse_arguments(function.get("arguments"))})
+                          "name": function.get("name"),
+                          "input": _parse_arguments(function.get("arguments"))})
         finish = _merge_finish(finish, choice.get("finish_reason"))
     stop_reason = "tool_use" if tools else _STOP_REASONS.get(finish, "end_turn" if finish else None)
     return {"id": data.get("id") or "msg_" + random_id(), "type": "message", "role": "assistant",
             "model": data.get("model") or model, "content": thinking + texts + tools,
-            "stop_reason": stop_reason, "stop_sequence": None, "usage": _anthropic_usage(data.get("usage"))}
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": _anthropic_usage(data.get("usage"))}
 
 
 #: A thinking block as it opens: Anthropic's schema requires ``signature`` ("" until its delta).
@@ -6301,8 +6400,9 @@ class ChatToAnthropic(ChatReader):
             return []
         self.started = True
         return [self._item({"type": "message_start", "message": {
-            "id": "msg_" + (chunk_id if isinstance(chunk_id, str) and chunk_id else random_id()), "type": "message",
-            "role": "assistant", "content": [], "model": self.model, "stop_reason": None, "stop_sequence": None,
+            "id": "msg_" + (chunk_id if isinstance(chunk_id, str) and chunk_id else random_id()),
+            "type": "message", "role": "assistant", "content": [], "model": self.model,
+            "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": self.estimated_input_tokens, "output_tokens": 0}}})]
 
     def _close(self):
@@ -6315,14 +6415,18 @@ class ChatToAnthropic(ChatReader):
         out = self._close()
         self.index += 1
         self.open_type = block["type"]
-        out.append(self._item({"type": "content_block_start", "index": self.index, "content_block": block}))
+        out.append(self._item({"type": "content_block_start", "index": self.index,
+                               "content_block": block}))
         return out
 
     def _delta(self, delta, index=None):
-        return self._item({"type": "content_block_delta", "index": self.index if index is None else index,
-                           "delta": delta})
+        return self._item({"type": "content_block_delta",
+                           "index": self.index if index is None else index, "delta": delta})
 
     def feed(self, event, data):
+        """A chat chunk's pieces as Anthropic blocks: thinking (and its signature, which closes
+        the block), text, and tool calls (see _tool_use). A new kind of piece closes the open
+        block and opens its own: Anthropic's blocks do not interleave."""
         chunk, instead = self.open_chunk(data)
         if chunk is None:
             return instead
@@ -6330,8 +6434,8 @@ class ChatToAnthropic(ChatReader):
         for choice in get_typed(chunk, "choices", list, []):
             if not isinstance(choice, dict):
                 continue
-            if not self.started and isinstance(chunk.get("model"), str) and chunk["model"]:
-                self.model = chunk["model"]  # the model Copilot names, as the non-stream answer has it
+            if not self.started:  # the model Copilot names, as the non-stream answer has it
+                self.model = _string(chunk, "model") or self.model
             out.extend(self._start(chunk.get("id")))
             delta = get_typed(choice, "delta", dict, {})
             reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
@@ -6350,30 +6454,41 @@ class ChatToAnthropic(ChatReader):
                     out.extend(self._open({"type": "text", "text": ""}))
                 out.append(self._delta({"type": "text_delta", "text": content}))
             for call in get_typed(delta, "tool_calls", list, []):
-                if not isinstance(call, dict):
-                    continue
-                key = (_index(choice), _index(call))
-                function = get_typed(call, "function", dict, {})
-                if key not in self.tool_blocks or call.get("id"):
-                    name = get_typed(function, "name", str, "")
-                    out.extend(self._open({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
-                                           "name": name, "input": {}}))
-                    self.tool_blocks[key] = self.index
-                if isinstance(function.get("arguments"), str) and function["arguments"]:
-                    out.append(self._delta({"type": "input_json_delta", "partial_json": function["arguments"]},
-                                           self.tool_blocks[key]))
+                if isinstance(call, dict):
+                    out.extend(self._tool_use((_index(choice), _index(call)), call))
             if choice.get("finish_reason"):
                 self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
                 self.complete = True
         return out
 
+    def _tool_use(self, key, call):
+        """A tool call piece: a tool_use block when the call is new (or names its id again),
+        its arguments as input_json_delta on that call's block (``key``: choice and call
+        index), which need not be the open one."""
+        out = []
+        function = get_typed(call, "function", dict, {})
+        if key not in self.tool_blocks or call.get("id"):
+            name = get_typed(function, "name", str, "")
+            block_id = call.get("id") or "toolu_" + random_id(24)
+            out.extend(self._open({"type": "tool_use", "id": block_id, "name": name, "input": {}}))
+            self.tool_blocks[key] = self.index
+        if _string(function, "arguments"):
+            out.append(self._delta({"type": "input_json_delta",
+                                    "partial_json": function["arguments"]},
+                                   self.tool_blocks[key]))
+        return out
+
     def end(self):
         out = self._start() + self._close()
-        stop_reason = "tool_use" if self.tool_blocks else _STOP_REASONS.get(self.finish_reason, "end_turn")
+        if self.tool_blocks:
+            stop_reason = "tool_use"
+        else:  # str(): Copilot's finish_reason is unchecked and may be any JSON
+            stop_reason = _STOP_REASONS.get(str(self.finish_reason), "end_turn")
         usage = _anthropic_usage(self.raw_usage)
         if not self.raw_usage:
             usage["input_tokens"] = self.estimated_input_tokens
-        out.append(self._item({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+        out.append(self._item({"type": "message_delta",
+                               "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                "usage": usage}))
         out.append(self._item({"type": "message_stop"}))
         return out
@@ -6414,25 +6529,32 @@ class Passthrough(Translator):
 
 
 def _anthropic_event_usage(data):
-    usage = _dig(data, "message", "usage") if data.get("type") == "message_start" else data.get("usage")
+    if data.get("type") == "message_start":
+        usage = _dig(data, "message", "usage")
+    else:
+        usage = data.get("usage")
     return usage_from_anthropic(usage, data.get("copilot_usage"))
 
 
 def _responses_event_usage(data):
     return usage_from_responses(_dig(data, "response").get("usage"),
-                                data.get("copilot_usage") or _dig(data, "response").get("copilot_usage"))
+                                data.get("copilot_usage")
+                                or _dig(data, "response").get("copilot_usage"))
 
 
 def anthropic_passthrough():
-    return Passthrough(("message_stop", "error"), ("message_start", "message_delta"), _anthropic_event_usage)
+    return Passthrough(("message_stop", "error"), ("message_start", "message_delta"),
+                       _anthropic_event_usage)
 
 
 # -- 9f. OpenAI Responses answers: passthrough, chat <-> Responses, compaction --------------
 
 def _responses_usage(usage):
     """A Responses usage object as chat-completions usage."""
-    out = {"prompt_tokens": _count(usage, "input_tokens"), "completion_tokens": _count(usage, "output_tokens")}
-    out["total_tokens"] = _count(usage, "total_tokens") or out["prompt_tokens"] + out["completion_tokens"]
+    out = {"prompt_tokens": _count(usage, "input_tokens"),
+           "completion_tokens": _count(usage, "output_tokens")}
+    out["total_tokens"] = (_count(usage, "total_tokens")
+                           or out["prompt_tokens"] + out["completion_tokens"])
     cached = _count(usage, "input_tokens_details", "cached_tokens")
     if cached:
         out["prompt_tokens_details"] = {"cached_tokens": cached}
@@ -6446,7 +6568,8 @@ def _responses_finish(response, saw_tool):
     if saw_tool:
         return "tool_calls"
     if response.get("status") == "incomplete":
-        return "length" if _dig(response, "incomplete_details").get("reason") == "max_output_tokens" else "content_filter"
+        reason = _dig(response, "incomplete_details").get("reason")
+        return "length" if reason == "max_output_tokens" else "content_filter"
     return "stop"
 
 
@@ -6463,7 +6586,8 @@ def responses_to_chat_response(data, model, now):
                     texts.append(text)
         elif item.get("type") == "function_call":
             calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
-                          "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}})
+                          "function": {"name": item.get("name"),
+                                       "arguments": item.get("arguments") or "{}"}})
     message = {"role": "assistant", "content": "".join(texts) or None, "refusal": None}
     if calls:
         message["tool_calls"] = calls
@@ -6471,8 +6595,8 @@ def responses_to_chat_response(data, model, now):
     return {"id": "chatcmpl-" + str(data.get("id") or random_id()), "object": "chat.completion",
             "created": int(created) if isinstance(created, (int, float)) else int(now),
             "model": data.get("model") or model,
-            "choices": [{"index": 0, "message": message, "finish_reason": _responses_finish(data, bool(calls)),
-                         "logprobs": None}],
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": _responses_finish(data, bool(calls)), "logprobs": None}],
             "usage": _responses_usage(data.get("usage"))}
 
 
@@ -6490,13 +6614,18 @@ class ResponsesToChat(Translator):
         self.arguments_seen = set()
 
     def _chunk(self, delta, finish=None):
-        return (None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+        return (None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                       "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                         "finish_reason": finish,
+                                                         "logprobs": None}]})
 
     def _tool_delta(self, position, **call):
         return self._chunk({"tool_calls": [dict(call, index=self.tools[position])]})
 
     def feed(self, event, data):
+        """One Responses event as chat chunks: the first opens the assistant's message, text
+        and function call pieces become deltas, the end a finish chunk; events chat has no
+        form for (reasoning, item bookkeeping) say nothing."""
         if self.complete:
             return []
         data = parse_event_json(data)
@@ -6506,8 +6635,9 @@ class ResponsesToChat(Translator):
         out = []
         if not self.started:
             self.started = True
-            named = _dig(data, "response").get("model")  # response.created names the model that answers
-            self.model = named if isinstance(named, str) and named else self.model  # as ChatNormalize does
+            # response.created names the model that answers: the chunks say it, as
+            # ChatNormalize's do
+            self.model = _string(_dig(data, "response"), "model") or self.model
             out.append(self._chunk({"role": "assistant", "content": ""}))
         position = get_typed(data, "output_index", (int, str))
         if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
@@ -6515,37 +6645,51 @@ class ResponsesToChat(Translator):
         elif kind in ("response.output_item.added", "response.output_item.done"):
             item = _dig(data, "item")
             if item.get("type") == "function_call":
-                if position not in self.tools:
-                    self.tools[position] = len(self.tools)
-                    out.append(self._tool_delta(position, id=item.get("call_id"), type="function",
-                                                function={"name": item.get("name"), "arguments": ""}))
-                arguments = item.get("arguments")
-                if kind == "response.output_item.done" and position not in self.arguments_seen and \
-                        isinstance(arguments, str) and arguments:
-                    out.append(self._tool_delta(position, function={"arguments": arguments}))
-        elif kind == "response.function_call_arguments.delta" and isinstance(data.get("delta"), str):
+                out += self._call(position, item, kind == "response.output_item.done")
+        elif (kind == "response.function_call_arguments.delta"
+              and isinstance(data.get("delta"), str)):
             if position in self.tools:
                 self.arguments_seen.add(position)
                 out.append(self._tool_delta(position, function={"arguments": data["delta"]}))
         elif kind in ("response.completed", "response.incomplete"):
-            response = _dig(data, "response")
-            self.complete = True
-            self.usage = _responses_event_usage(data)
-            out.append(self._chunk({}, _responses_finish(response, bool(self.tools))))
-            if self.include_usage:
-                out.append((None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                   "model": self.model, "choices": [], "usage": _responses_usage(response.get("usage"))}))
-            out.append((None, "[DONE]"))
+            out += self._finish(data)
         elif kind in ("response.failed", "error"):
             error = _dig(data, "response", "error") or _dig(data, "error") or data
             message = get_typed(error, "message", str)
-            out.append(StreamError(message or "Copilot reported an error mid-stream", error.get("code")))
+            out.append(StreamError(message or "Copilot reported an error mid-stream",
+                                   error.get("code")))
+        return out
+
+    def _call(self, position, item, done):
+        """A function_call item: its first sight opens a tool call (id and name, no arguments
+        yet); when it is ``done`` its arguments go out unless their deltas already did."""
+        out = []
+        if position not in self.tools:
+            self.tools[position] = len(self.tools)
+            out.append(self._tool_delta(position, id=item.get("call_id"), type="function",
+                                        function={"name": item.get("name"), "arguments": ""}))
+        if done and position not in self.arguments_seen and _string(item, "arguments"):
+            out.append(self._tool_delta(position, function={"arguments": item["arguments"]}))
+        return out
+
+    def _finish(self, data):
+        """The answer's end: the finish chunk, the usage chunk when the client asked, [DONE]."""
+        response = _dig(data, "response")
+        self.complete = True
+        self.usage = _responses_event_usage(data)
+        out = [self._chunk({}, _responses_finish(response, bool(self.tools)))]
+        if self.include_usage:
+            out.append((None, {"id": self.id, "object": "chat.completion.chunk",
+                               "created": self.created, "model": self.model, "choices": [],
+                               "usage": _responses_usage(response.get("usage"))}))
+        out.append((None, "[DONE]"))
         return out
 
 
 def responses_passthrough():
     return Passthrough(("response.completed", "response.failed", "response.incomplete", "error"),
-                       ("response.completed", "response.failed", "response.incomplete"), _responses_event_usage)
+                       ("response.completed", "response.failed", "response.incomplete"),
+                       _responses_event_usage)
 
 
 def responses_usage_object(usage):
@@ -6553,7 +6697,8 @@ def responses_usage_object(usage):
     usage = usage or {"input": 0, "cached": 0, "output": 0, "reasoning": 0}
     return {"input_tokens": usage["input"],
             "input_tokens_details": {"cached_tokens": usage["cached"], "cache_write_tokens": 0},
-            "output_tokens": usage["output"], "output_tokens_details": {"reasoning_tokens": usage["reasoning"]},
+            "output_tokens": usage["output"],
+            "output_tokens_details": {"reasoning_tokens": usage["reasoning"]},
             "total_tokens": usage["input"] + usage["output"]}
 
 _COMPACTION_ITEMS = ("compaction", "compaction_summary")
@@ -6567,13 +6712,15 @@ def compaction_answer(data, payload, now):
     compaction = [i for i in output if isinstance(i, dict) and i.get("type") in _COMPACTION_ITEMS]
     history = as_output_items(payload.get("input"))
     if compaction:
-        output = [i for i in history if i["type"] == "message" and i.get("role") == "user"] + compaction[-1:]
+        said = [i for i in history if i["type"] == "message" and i.get("role") == "user"]
+        output = said + compaction[-1:]
     else:
         output = history
     created = data.get("created_at")
     return {"id": data.get("id") or "resp_" + random_id(), "object": "response.compaction",
             "created_at": int(created) if isinstance(created, (int, float)) else int(now),
-            "output": output, "usage": responses_usage_object(usage_from_responses(data.get("usage")))}
+            "output": output,
+            "usage": responses_usage_object(usage_from_responses(data.get("usage")))}
 
 
 def response_skeleton(payload, model, now):
@@ -6644,6 +6791,8 @@ class ResponseBuilder:
         return self.response["output"][self.open]["type"] if self.open is not None else None
 
     def text(self, delta):
+        """A piece of the answer's text: a message item (with its one output_text part) opens
+        unless one is open, then the piece as output_text.delta."""
         out = self.start()
         if self._open_kind() != "message":
             out += self._close_open()
@@ -6655,12 +6804,15 @@ class ResponseBuilder:
                                        output_index=self.open, content_index=0, part=part)]
         self.pieces[self.open].append(delta)
         out.append(self._event("response.output_text.delta", output_index=self.open,
-                               content_index=0,
-                               item_id=self.response["output"][self.open]["id"], delta=delta,
-                               logprobs=[]))
+                               content_index=0, item_id=self.response["output"][self.open]["id"],
+                               delta=delta, logprobs=[]))
         return out
 
     def reasoning(self, delta):
+        """A piece of the model's thinking: a reasoning item opens unless one without a
+        signature is open (a signed one is finished: Claude's next thinking is a new block).
+        The text is kept for Claude's ``encrypted_content``; it is shown as a summary only to
+        clients that asked for one, as OpenAI does."""
         out = self.start()
         if self._open_kind() != "reasoning" or self.open in self.signatures:
             out += self._close_open()
@@ -6712,6 +6864,9 @@ class ResponseBuilder:
                             output_index=index, delta=delta)]
 
     def _close_open(self):
+        """The open text or reasoning item finished: its text whole in the item (a message's
+        part, a reasoning item's summary when asked, Claude's thinking packed with its
+        signature) and the .done events that say so."""
         if self.open is None:
             return []
         index, self.open = self.open, None
@@ -6740,6 +6895,8 @@ class ResponseBuilder:
         return out
 
     def _close_call(self, index):
+        """A tool call finished: its arguments whole (``{}`` when none came); a custom tool's
+        input taken out of the one string argument it travelled in."""
         item = self.response["output"][index]
         text = "".join(self.pieces[index])
         where = {"item_id": item["id"], "output_index": index}
@@ -6877,6 +7034,8 @@ class AnthropicToResponses(Translator):
         return self.builder.sequence
 
     def feed(self, event, data):
+        """One Anthropic event as ResponseBuilder steps: usage and the stop reason kept for
+        end(), each block's start and deltas passed to the builder call of its kind."""
         data = parse_event_json(data)
         if not isinstance(data, dict):
             return [data] if data is not None else []
@@ -6976,10 +7135,12 @@ def normalize_embeddings_response(data, model, encoding):
         vector = item.get("embedding")
         if encoding == "base64" and isinstance(vector, list):
             vector = base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
-        items.append({"object": "embedding", "index": item.get("index", index), "embedding": vector})
+        items.append({"object": "embedding", "index": item.get("index", index),
+                      "embedding": vector})
     prompt = _count(data, "usage", "prompt_tokens")
     return {"object": "list", "data": items, "model": data.get("model") or model,
-            "usage": {"prompt_tokens": prompt, "total_tokens": _count(data, "usage", "total_tokens") or prompt}}
+            "usage": {"prompt_tokens": prompt,
+                      "total_tokens": _count(data, "usage", "total_tokens") or prompt}}
 
 
 # -- 9h. Plans: what one request sends and how its answer comes back ------------------------
@@ -6993,12 +7154,13 @@ def normalize_embeddings_response(data, model, encoding):
 class Plan:
     """One proxied request, decided before anything is sent."""
     route: str                       # chat, messages, responses, compact, embeddings
-    dialect: Dialect                 # the client's API: errors, pings and stream items are spelled by it
+    dialect: Dialect                 # the client's API: spells errors, pings and stream items
     model: str
     info: dict                       # the model's catalogue entry ({} when unknown)
     path: str                        # the Copilot path
     payload: dict = None             # the JSON body (None for a GET)
-    path_label: str = None           # the path for metric labels, without ids (a series per id grows forever)
+    path_label: str = None           # the path for metric labels, without ids (a series per id
+    #                                  would grow forever)
     method: str = "POST"
     stream: bool = False
     initiator: str = "agent"         # X-Initiator: only a person's turn is "user"
@@ -7006,18 +7168,19 @@ class Plan:
     intent: str = "conversation-panel"
     interaction: str = None          # X-Interaction-Type
     headers: dict = dataclasses.field(default_factory=dict)
-    answer: object = None            # upstream JSON -> client JSON; None: the upstream answer as it is
+    answer: object = None            # upstream JSON -> client JSON; None: the upstream's as it is
     what: str = "JSON"               # what a valid answer is, for the 502 when it is not
     chain: object = None             # () -> the stream translators, upstream format first
     ping: bytes = None               # the keep-alive bytes, when the dialect has none of its own
     effort_name: str = "reasoning_effort"  # the client's name for the effort field
-    adjusted: list = dataclasses.field(default_factory=list)  # ["reasoning_effort=xhigh->high", ...]
+    # what was changed to fit the model: ["reasoning_effort=xhigh->high", ...]
+    adjusted: list = dataclasses.field(default_factory=list)
     removed: list = dataclasses.field(default_factory=list)   # fields taken out (logged at debug)
 
 
 #: max_tokens refused by models that want max_completion_tokens (GPT-5 and o-series on chat).
-_MAX_TOKENS_REFUSED = re.compile(r"max_tokens.{0,80}max_completion_tokens|unsupported parameter:? *'?max_tokens",
-                                 re.I | re.S)
+_MAX_TOKENS_REFUSED = re.compile(r"max_tokens.{0,80}max_completion_tokens"
+                                 r"|unsupported parameter:? *'?max_tokens", re.I | re.S)
 
 
 def allowed_efforts(info, learned):
@@ -7039,7 +7202,8 @@ def fit_to_model(plan, quirks):
     Each change is recorded in ``plan.adjusted``."""
     payload = plan.payload
     quirks = quirks.get(plan.path, {})
-    if plan.path == "/chat/completions" and quirks.get("max_completion_tokens") and "max_tokens" in payload:
+    chat = plan.path == "/chat/completions"
+    if chat and quirks.get("max_completion_tokens") and "max_tokens" in payload:
         payload["max_completion_tokens"] = payload.pop("max_tokens")
         plan.adjusted.append("max_tokens=max_completion_tokens")
     wanted = get_effort(plan.path, payload)
@@ -7060,14 +7224,16 @@ def revise_after_refusal(plan, error, quirks):
     quirks = quirks.get(plan.path, {})
     if payload is None or error.status != 400:
         return None
-    if plan.path == "/chat/completions" and "max_tokens" in payload and _MAX_TOKENS_REFUSED.search(str(error)):
+    chat = plan.path == "/chat/completions"
+    if chat and "max_tokens" in payload and _MAX_TOKENS_REFUSED.search(str(error)):
         payload["max_completion_tokens"] = payload.pop("max_tokens")
         plan.adjusted.append("max_tokens=max_completion_tokens")
         return {"max_completion_tokens": True}
     wanted = get_effort(plan.path, payload)
     if wanted and is_effort_refusal(error):
         supported = supported_efforts_in(str(error))
-        candidates = supported or [v for v in (allowed_efforts(plan.info, quirks) or EFFORT_SCALE) if v != wanted]
+        candidates = supported or [v for v in (allowed_efforts(plan.info, quirks) or EFFORT_SCALE)
+                                   if v != wanted]
         fitted = nearest_effort(wanted, candidates)
         if fitted and fitted != wanted:
             set_effort(plan.path, payload, fitted)
@@ -7085,7 +7251,8 @@ def plan_chat(payload, parsed, model, info, quirks, now):
     if is_gemini(model, info):
         gemini_tools(payload)
     plan = Plan("chat", OPENAI, model, info, endpoint_for(info, "/chat/completions"), stream=stream,
-                initiator=chat_initiator(payload["messages"]), vision=vision, what="a chat completion")
+                initiator=chat_initiator(payload["messages"]), vision=vision,
+                what="a chat completion")
     if plan.path == "/responses":
         plan.payload = chat_to_responses_request(payload)
         plan.answer = lambda data: responses_to_chat_response(data, model, now)
@@ -7126,17 +7293,21 @@ def plan_messages(payload, model, info, quirks, now, header=lambda name: None):
     if "/v1/messages" in endpoints:
         plan.payload, plan.intent = payload, "messages-proxy"
         if anthropic_version is not None and not _HEADER_TOKEN.match(anthropic_version):
-            raise ClientError(400, "anthropic-version: not a version such as 2023-06-01", param="anthropic-version")
+            raise ClientError(400, "anthropic-version: not a version such as 2023-06-01",
+                              param="anthropic-version")
         plan.headers["anthropic-version"] = anthropic_version or "2023-06-01"
-        passed_on = [b for b in betas if b.startswith(SUPPORTED_ANTHROPIC_BETAS) and _HEADER_TOKEN.match(b)]
+        passed_on = [b for b in betas if b.startswith(SUPPORTED_ANTHROPIC_BETAS)
+                     and _HEADER_TOKEN.match(b)]
         if passed_on:
             plan.headers["anthropic-beta"] = ",".join(passed_on)
         plan.chain = lambda: [anthropic_passthrough()]
     elif endpoint_for(info, "/chat/completions") == "/responses":
         plan.path = "/responses"
-        estimate = estimate_input_tokens(payload) if stream else 0  # for message_start; native needs none
+        # the estimate is for message_start; Copilot's own /v1/messages needs none
+        estimate = estimate_input_tokens(payload) if stream else 0
         plan.payload = chat_to_responses_request(anthropic_to_openai_request(payload, info))
-        plan.answer = lambda data: openai_to_anthropic_response(responses_to_chat_response(data, model, now), model)
+        plan.answer = lambda data: openai_to_anthropic_response(
+            responses_to_chat_response(data, model, now), model)
         plan.chain = lambda: [ResponsesToChat(model, True, now), ChatToAnthropic(model, estimate)]
     else:
         plan.path = "/chat/completions"
@@ -7171,8 +7342,8 @@ def plan_responses(payload, model, info, quirks, now, store=None):
     vision = has_image(payload)
     check_vision(model, info, vision, "input")
     plan = Plan("responses", RESPONSES, model, info, responses_upstream(info, payload),
-                stream=payload.get("stream") is True, initiator=responses_initiator(payload), vision=vision,
-                effort_name="reasoning.effort", what="a response")
+                stream=payload.get("stream") is True, initiator=responses_initiator(payload),
+                vision=vision, effort_name="reasoning.effort", what="a response")
     previous = payload.get("previous_response_id")
     if plan.path == "/responses":
         if any(is_claude_thinking(i) for i in items):
@@ -7260,8 +7431,10 @@ def plan_compact(payload, model, info, quirks, now):
 
 def plan_embeddings(request, encoding, model, info):
     """POST /v1/embeddings: never a premium request, so always the agent's."""
-    return Plan("embeddings", OPENAI, model, info, "/embeddings", payload=request, intent="copilot-panel",
-                answer=lambda data: normalize_embeddings_response(data, model, encoding), what="an embeddings list")
+    return Plan("embeddings", OPENAI, model, info, "/embeddings", payload=request,
+                intent="copilot-panel",
+                answer=lambda data: normalize_embeddings_response(data, model, encoding),
+                what="an embeddings list")
 
 
 def plan_response_get(response_id, method="GET"):
@@ -7269,7 +7442,8 @@ def plan_response_get(response_id, method="GET"):
     method = "DELETE" if method == "DELETE" else "GET"
     if response_id in (".", ".."):  # quoted or not, a path segment that would climb
         raise ClientError(404, "no response with the id %r" % response_id, code="not_found")
-    return Plan("responses", RESPONSES, "-", {}, "/responses/" + urllib.parse.quote(response_id, safe=""),
+    return Plan("responses", RESPONSES, "-", {},
+                "/responses/" + urllib.parse.quote(response_id, safe=""),
                 method=method, path_label="/responses/{id}")
 
 
@@ -7325,7 +7499,8 @@ def ollama_show(model, modified_at):
     limits = _dig(model, "capabilities", "limits")
     details = _ollama_details(model)
     info = {"general.architecture": details["family"], "general.basename": model["id"]}
-    prompt, output = _whole(limits.get("max_prompt_tokens")), _whole(limits.get("max_output_tokens"))
+    prompt = _whole(limits.get("max_prompt_tokens"))
+    output = _whole(limits.get("max_output_tokens"))
     context = _whole(limits.get("max_context_window_tokens")) or (prompt or 0) + (output or 0)
     if context:
         info[details["family"] + ".context_length"] = context
@@ -7402,6 +7577,8 @@ class ChatToOllama(ChatReader):
         self.finish_reason = None
 
     def feed(self, event, data):
+        """A chat chunk's text and thinking as Ollama objects at once; tool call pieces held
+        until the stream ends (end() sends the calls whole)."""
         chunk, instead = self.open_chunk(data)
         if chunk is None:
             return instead
