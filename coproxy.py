@@ -106,7 +106,9 @@ Sections (each uses only those above it; ``grep -n '^# [0-9]*\\. ' coproxy.py``)
 #   slot        one of --max-concurrency places a request holds while Copilot works on it.
 #   pacing      --rate-limit: the gap between requests sent to Copilot.
 #   hub         the StreamHub: one thread that reads every streamed upstream answer.
-#   relay       the StreamRelay: one coroutine per stream that writes it to its client.
+#   relay       the StreamRelay of one stream: its coroutine (run) owns the stream's life from
+#               head to ending; its _relay method translates and writes each batch the hub
+#               hands over (a coroutine woken per batch cost the loop a quarter more CPU).
 #   guard       the checks every request passes before any route (Guard [13]).
 #   pool        two meanings: the WorkerPool of threads [10], and the kept-alive upstream
 #               connections of the UpstreamClient [6]; each says which.
@@ -123,7 +125,10 @@ Sections (each uses only those above it; ``grep -n '^# [0-9]*\\. ' coproxy.py``)
 #   A token refresh runs on whichever worker asks first; the others wait for it (CopilotAuth
 #   [7]). Threads share data only through the loop (call_soon_threadsafe) or a lock they name.
 #
-# States of a stream: see StreamRelay's docstring [12].
+# States of a stream (StreamRelay's docstring [12] says what the client and the log see in each):
+#
+#   opened -> relaying <-> paused -> ended: normal | failed | upstream cut | timed out
+#                                           | client left
 
 # ------------------------------------------------------------------------------------------
 # 2. Imports, guard, constants
