@@ -4334,6 +4334,31 @@ def _json_type(values):
     return None
 
 
+def _gemini_type(out, kinds):
+    """A ``type`` list as one type in ``out`` (null as ``nullable``); the notes for the
+    description that say what the list allowed."""
+    real = [t for t in kinds if t != "null"]
+    if "null" in kinds:
+        out["nullable"] = True
+    out["type"] = "string" if len(real) != 1 and ("string" in real or not real) else real[0]
+    return ["Any of these types: %s." % ", ".join(map(str, real))] if len(real) > 1 else []
+
+
+def _gemini_enum(out, enum):
+    """An enum with members other than strings: string members for a string (or untyped)
+    schema, else no enum and a note that lists the values (null as ``nullable``)."""
+    if None in enum:
+        out["nullable"] = True
+    values = [v for v in enum if v is not None]
+    if out.get("type") is None and values and not any(isinstance(v, str) for v in values):
+        out["type"] = _json_type(values)
+    if out.get("type") in (None, "string"):
+        out["enum"] = [v if isinstance(v, str) else json.dumps(v) for v in values]
+        return []
+    del out["enum"]
+    return ["One of: %s." % ", ".join(json.dumps(v) for v in values)]
+
+
 def gemini_schema(schema, depth=0):
     """A copy of a JSON Schema that Gemini accepts: it refuses (with a bare 400 for the whole
     request) ``type`` lists and non-string ``enum`` members, both valid JSON Schema.
@@ -4344,26 +4369,11 @@ def gemini_schema(schema, depth=0):
         return schema
     out = dict(schema)
     notes = []
-    kind = out.get("type")
-    if isinstance(kind, list):
-        real = [t for t in kind if t != "null"]
-        if "null" in kind:
-            out["nullable"] = True
-        if len(real) > 1:
-            notes.append("Any of these types: %s." % ", ".join(map(str, real)))
-        out["type"] = "string" if len(real) != 1 and ("string" in real or not real) else real[0]
+    if isinstance(out.get("type"), list):
+        notes += _gemini_type(out, out["type"])
     enum = out.get("enum")
     if isinstance(enum, list) and not all(isinstance(v, str) for v in enum):
-        if None in enum:
-            out["nullable"] = True
-        values = [v for v in enum if v is not None]
-        if out.get("type") is None and values and not any(isinstance(v, str) for v in values):
-            out["type"] = _json_type(values)
-        if out.get("type") in (None, "string"):
-            out["enum"] = [v if isinstance(v, str) else json.dumps(v) for v in values]
-        else:
-            del out["enum"]
-            notes.append("One of: %s." % ", ".join(json.dumps(v) for v in values))
+        notes += _gemini_enum(out, enum)
     if notes:
         described = get_typed(out, "description", str, "").strip()
         if described and described[-1] not in ".!?:":
@@ -4823,6 +4833,7 @@ def validate_responses_request(payload, default_model=None):
 
 
 def _plain_text(content):
+    """Chat content as text: a string as it is, else the text of its text parts, joined."""
     if isinstance(content, str):
         return content
     return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict)
@@ -5114,10 +5125,6 @@ def _chat_parts(parts, where):
     return out
 
 
-def _joined_text(parts):
-    return "".join(p["text"] for p in parts if p["type"] == "text")
-
-
 _TOOL_CALLS = ("function_call", "custom_tool_call")
 _TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
 
@@ -5145,7 +5152,7 @@ def _tool_output_as_chat(item, where):
     else:
         text = output if isinstance(output, str) else json.dumps(output)
         parts = [{"type": "text", "text": text}]
-    message = {"role": "tool", "tool_call_id": item.get("call_id"), "content": _joined_text(parts)}
+    message = {"role": "tool", "tool_call_id": item.get("call_id"), "content": _plain_text(parts)}
     return message, [p for p in parts if p["type"] == "image_url"]
 
 
@@ -5154,9 +5161,9 @@ def _input_message_as_chat(item, where):
     anyone else's as the user's (plain text when it has no images)."""
     parts = _chat_parts(item["content"], where)
     if item.get("role") in ("system", "developer"):
-        return {"role": "system", "content": _joined_text(parts)}
+        return {"role": "system", "content": _plain_text(parts)}
     simple = all(p["type"] == "text" for p in parts)
-    return {"role": "user", "content": _joined_text(parts) if simple else parts}
+    return {"role": "user", "content": _plain_text(parts) if simple else parts}
 
 
 def _responses_items_as_chat(items, first_own, keep_thinking):
@@ -5179,7 +5186,7 @@ def _responses_items_as_chat(items, first_own, keep_thinking):
                 messages.append(assistant)
                 thinking = None
             if kind == "message":
-                text = _joined_text(_chat_parts(item["content"], where + ".content"))
+                text = _plain_text(_chat_parts(item["content"], where + ".content"))
                 if text:
                     assistant["content"] = (assistant["content"] or "") + text
             else:
@@ -5901,6 +5908,25 @@ def parse_retry_after(value, now):
 UpstreamVerdict = collections.namedtuple("UpstreamVerdict", "error window wait transient")
 
 
+def _quota_window(status, text):
+    """The quota a 429 says is used up ("weekly", "5-hour session"), or None for a plain 429."""
+    if status == 429 and "weekly" in text:
+        return "weekly"
+    if status == 429 and ("session limit" in text or "user_global_rate_limited" in text):
+        return "5-hour session"
+    return None
+
+
+def _limit_message(window, message, wait, now):
+    """Copilot's message on a used-up quota, with when it ends (local time) when known."""
+    ends = ""
+    if wait is not None:
+        at = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(now + wait))
+        ends = " It ends at %s (in %s)." % (at, format_duration(wait))
+    return "Copilot's %s limit is reached: %s%s Requests are not retried automatically." % (
+        window, message.rstrip(), ends)
+
+
 def client_error_from_upstream(status, raw, headers, now, identity=None):
     """What a non-2xx Copilot answer means for our client: UpstreamVerdict(error, window, wait,
     transient). ``error`` keeps the upstream status, message, code and retry-after; a 5-hour
@@ -5922,23 +5948,13 @@ def client_error_from_upstream(status, raw, headers, now, identity=None):
     if wait is None and match:
         unit = {"second": 1, "minute": 60, "hour": 3600}[match.group(2).lower()]
         wait = int(float(match.group(1)) * unit)
-    window = None
-    text = (message + " " + str(code or "")).lower()
-    if status == 429 and ("weekly" in text):
-        window = "weekly"
-    elif status == 429 and ("session limit" in text or "user_global_rate_limited" in text):
-        window = "5-hour session"
+    window = _quota_window(status, (message + " " + str(code or "")).lower())
     passed = [(name.title() if name == "retry-after" else name, headers[name])
               for name in ("retry-after", "x-ratelimit-exceeded") if headers.get(name)]
     if window:
         if wait is not None and not headers.get("retry-after"):
             passed.insert(0, ("Retry-After", str(wait)))
-        ends = ""
-        if wait is not None:
-            at = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(now + wait))
-            ends = " It ends at %s (in %s)." % (at, format_duration(wait))
-        message = "Copilot's %s limit is reached: %s%s Requests are not retried automatically." % (
-            window, message.rstrip(), ends)
+        message = _limit_message(window, message, wait, now)
         code = code or ("user_weekly_rate_limited" if window == "weekly"
                         else "user_global_rate_limited")
     elif status == 466:
@@ -5967,20 +5983,18 @@ def _nano_aiu(copilot_usage):
     return value if _is_kind(value, "number") and value >= 0 else None
 
 
-def usage_from_chat(usage, copilot_usage=None):
-    return {"input": _count(usage, "prompt_tokens"),
-            "cached": _count(usage, "prompt_tokens_details", "cached_tokens"),
-            "output": _count(usage, "completion_tokens"),
-            "reasoning": _count(usage, "completion_tokens_details", "reasoning_tokens"),
+def usage_from_chat(usage, copilot_usage=None, spelling=("prompt", "completion")):
+    """Chat's usage (or, with Responses' ``spelling``, a Responses usage) in the one shape."""
+    given, made = spelling
+    return {"input": _count(usage, given + "_tokens"),
+            "cached": _count(usage, given + "_tokens_details", "cached_tokens"),
+            "output": _count(usage, made + "_tokens"),
+            "reasoning": _count(usage, made + "_tokens_details", "reasoning_tokens"),
             "nano_aiu": _nano_aiu(copilot_usage)}
 
 
 def usage_from_responses(usage, copilot_usage=None):
-    return {"input": _count(usage, "input_tokens"),
-            "cached": _count(usage, "input_tokens_details", "cached_tokens"),
-            "output": _count(usage, "output_tokens"),
-            "reasoning": _count(usage, "output_tokens_details", "reasoning_tokens"),
-            "nano_aiu": _nano_aiu(copilot_usage)}
+    return usage_from_chat(usage, copilot_usage, ("input", "output"))
 
 
 def usage_from_anthropic(usage, copilot_usage=None):
@@ -6361,8 +6375,7 @@ def openai_to_anthropic_response(data, model):
                              "signature": message.get("reasoning_opaque") or ""})
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(p["text"] for p in content if isinstance(p, dict)
-                              and isinstance(p.get("text"), str))
+            content = _plain_text(content)
         if isinstance(content, str) and content:
             texts.append({"type": "text", "text": content})
         for call in get_typed(message, "tool_calls", list, []):
@@ -7336,14 +7349,49 @@ def is_claude(model, info):
     return model.lower().startswith("claude") or vendor.lower() == "anthropic"
 
 
+def _native_responses(plan, payload, store):
+    """A Responses request passed through to Copilot's /responses: Claude's thinking left out
+    (sent back by a client that switched models: only Claude can read it), a conversation
+    begun with a translated model sent as input (Copilot never saw its responses), and a
+    history ending in Codex's compaction trigger marked as the agent's compaction request."""
+    items = get_typed(payload, "input", list, [])
+    previous = payload.get("previous_response_id")
+    if any(is_claude_thinking(i) for i in items):
+        payload["input"] = [i for i in items if not is_claude_thinking(i)]
+    if previous and store is not None and store.has(previous):
+        # without the ids: Copilot would look them up and find nothing
+        history = [{k: v for k, v in i.items() if k != "id"} for i in store.history(previous)
+                   if not is_claude_thinking(i)]
+        payload["input"] = history + as_output_items(payload.get("input"))
+        del payload["previous_response_id"]
+    plan.payload, plan.chain = payload, lambda: [responses_passthrough()]
+    if items and items[-1].get("type") == "compaction_trigger":
+        plan.intent, plan.interaction = "conversation-agent", "conversation-compaction"
+    return plan
+
+
+def _chat_for_model(chat, plan, model, info):
+    """A translated Responses request as the model's chat endpoint takes it: Claude's effort
+    as a thinking budget, no effort for models that list none (Codex sends its effort to every
+    model, and those refuse the field), Gemini's schemas made acceptable."""
+    if is_claude(model, info) and chat.get("reasoning_effort"):
+        budget = thinking_budget_for(chat["reasoning_effort"], info, chat.get("max_tokens"))
+        if budget:
+            chat["thinking_budget"] = budget
+    listed = _dig(info, "capabilities", "supports").get("reasoning_effort")
+    if "reasoning_effort" in chat and not listed:
+        plan.removed.append("reasoning_effort=%s" % chat.pop("reasoning_effort"))
+    if is_gemini(model, info):
+        gemini_tools(chat)
+    return chat
+
+
 def plan_responses(payload, model, info, quirks, now, store=None):
     """POST /v1/responses: passed through to /responses for the models Copilot serves there (a
     history ending in Codex's compaction trigger goes as the agent's compaction request); for
     the others translated to /v1/messages (Claude) or /chat/completions and back, the answer
     built as a Response and kept in ``store`` (see ResponseStore) unless the client said
     ``store: false``, so previous_response_id, GET and DELETE work."""
-    items = get_typed(payload, "input", list, [])
-    compaction = bool(items) and items[-1].get("type") == "compaction_trigger"
     vision = has_image(payload)
     check_vision(model, info, vision, "input")
     plan = Plan("responses", RESPONSES, model, info, responses_upstream(info, payload),
@@ -7351,20 +7399,7 @@ def plan_responses(payload, model, info, quirks, now, store=None):
                 vision=vision, effort_name="reasoning.effort", what="a response")
     previous = payload.get("previous_response_id")
     if plan.path == "/responses":
-        if any(is_claude_thinking(i) for i in items):
-            # sent back by a client that switched models: only Claude can read Claude's thinking
-            payload["input"] = [i for i in items if not is_claude_thinking(i)]
-        if previous and store is not None and store.has(previous):
-            # a conversation begun with a translated model: Copilot has never seen its responses,
-            # so they go along as input, without the ids Copilot would look up
-            history = [{k: v for k, v in i.items() if k != "id"} for i in store.history(previous)
-                       if not is_claude_thinking(i)]
-            payload["input"] = history + as_output_items(payload.get("input"))
-            del payload["previous_response_id"]
-        plan.payload, plan.chain = payload, lambda: [responses_passthrough()]
-        if compaction:
-            plan.intent, plan.interaction = "conversation-agent", "conversation-compaction"
-        return fit_to_model(plan, quirks)
+        return fit_to_model(_native_responses(plan, payload, store), quirks)
     check_client_tools(payload, model, plan.path)
     history = store.history(previous) if previous and store is not None else []
     if previous and store is None:
@@ -7391,17 +7426,7 @@ def plan_responses(payload, model, info, quirks, now, store=None):
         plan.answer = lambda data: anthropic_answer_to_response(data, builder())
         plan.chain = lambda: [AnthropicToResponses(builder())]
     else:
-        if is_claude(model, info) and chat.get("reasoning_effort"):
-            budget = thinking_budget_for(chat["reasoning_effort"], info, chat.get("max_tokens"))
-            if budget:
-                chat["thinking_budget"] = budget
-        listed = _dig(info, "capabilities", "supports").get("reasoning_effort")
-        if "reasoning_effort" in chat and not listed:
-            # Codex sends its effort to every model; chat models without one refuse the field
-            plan.removed.append("reasoning_effort=%s" % chat.pop("reasoning_effort"))
-        if is_gemini(model, info):
-            gemini_tools(chat)
-        plan.payload = chat
+        plan.payload = _chat_for_model(chat, plan, model, info)
         plan.answer = lambda data: chat_answer_to_response(data, builder())
         plan.chain = lambda: [ChatToResponses(builder())]
     return fit_to_model(plan, quirks)
