@@ -5303,13 +5303,10 @@ def _mark_cache(blocks):
             return
 
 
-def chat_to_anthropic_request(chat, info):
-    """A chat request (as responses_to_chat_request makes it) as an Anthropic Messages request,
-    for Claude on Copilot's /v1/messages: system messages into ``system``, turns of one role
-    merged (Messages alternates), tool results first in their user turn, thinking blocks with
-    their signatures, and prompt-cache breakpoints on the system prompt, the tools and the newest
-    turn (OpenAI clients expect caching without asking; Claude caches only where marked). The
-    chat request's ``reasoning_effort`` becomes a thinking budget."""
+def _chat_messages_as_anthropic(chat_messages):
+    """(system blocks, messages) of chat messages that responses_to_chat_request made: turns
+    of one role merged (Messages alternates), tool results as the user's, the assistant's
+    thinking first with its signature, then its text and tool_use blocks."""
     system, messages = [], []
 
     def push(role, blocks):
@@ -5319,7 +5316,7 @@ def chat_to_anthropic_request(chat, info):
             messages[-1]["content"].extend(blocks)
         else:
             messages.append({"role": role, "content": blocks})
-    for message in chat["messages"]:
+    for message in chat_messages:
         role = message["role"]
         if role == "system":
             system.extend(_anthropic_content(message["content"]))
@@ -5338,6 +5335,33 @@ def chat_to_anthropic_request(chat, info):
             push("assistant", blocks)
         else:
             push("user", _anthropic_content(message["content"]))
+    return system, messages
+
+
+def _chat_tools_as_anthropic(chat):
+    """A chat request's tools and tool_choice as Anthropic's (``required`` is ``any``), a
+    prompt-cache breakpoint on the last tool: tool definitions are a long, stable prefix."""
+    tools = [{"name": f["name"], "description": f.get("description") or "",
+              "input_schema": f["parameters"]} for f in (t["function"] for t in chat["tools"])]
+    tools[-1]["cache_control"] = {"type": "ephemeral"}
+    choice = chat.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        tool_choice = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        tool_choice = {"type": {"required": "any"}.get(choice, choice)}
+    if chat.get("parallel_tool_calls") is False and choice != "none":
+        tool_choice["disable_parallel_tool_use"] = True
+    return {"tools": tools, "tool_choice": tool_choice}
+
+
+def chat_to_anthropic_request(chat, info):
+    """A chat request (as responses_to_chat_request makes it) as an Anthropic Messages request,
+    for Claude on Copilot's /v1/messages: system messages into ``system``, turns of one role
+    merged (Messages alternates), tool results first in their user turn, thinking blocks with
+    their signatures, and prompt-cache breakpoints on the system prompt, the tools and the newest
+    turn (OpenAI clients expect caching without asking; Claude caches only where marked). The
+    chat request's ``reasoning_effort`` becomes a thinking budget."""
+    system, messages = _chat_messages_as_anthropic(chat["messages"])
     limits = _dig(info, "capabilities", "limits")
     # Copilot caps whole (non-stream) answers lower than streamed ones
     whole = 0 if chat.get("stream") else _count(limits, "max_non_streaming_output_tokens")
@@ -5356,17 +5380,7 @@ def chat_to_anthropic_request(chat, info):
     if chat.get("user"):
         request["metadata"] = {"user_id": chat["user"]}
     if chat.get("tools"):
-        request["tools"] = [{"name": f["name"], "description": f.get("description") or "",
-                             "input_schema": f["parameters"]}
-                            for f in (t["function"] for t in chat["tools"])]
-        request["tools"][-1]["cache_control"] = {"type": "ephemeral"}
-        choice = chat.get("tool_choice", "auto")
-        if isinstance(choice, dict):
-            request["tool_choice"] = {"type": "tool", "name": choice["function"]["name"]}
-        else:
-            request["tool_choice"] = {"type": {"required": "any"}.get(choice, choice)}
-        if chat.get("parallel_tool_calls") is False and choice != "none":
-            request["tool_choice"]["disable_parallel_tool_use"] = True
+        request.update(_chat_tools_as_anthropic(chat))
     forced = _dig(request, "tool_choice").get("type") in ("any", "tool")
     thinking_budget = thinking_budget_for(chat.get("reasoning_effort"), info, request["max_tokens"])
     if thinking_budget and not forced:  # Claude thinks only when it may pick its tool
@@ -5540,6 +5554,18 @@ def _ollama_content(text, images, where):
         ollama_image_part(image, "%s[%d]" % (where, index)) for index, image in enumerate(images)]
 
 
+def _ollama_calls_as_chat(calls, index):
+    """An Ollama assistant message's tool calls as chat's: arguments as JSON text, and an id
+    made up (from the message's ``index``) where Ollama sent none."""
+    out = []
+    for position, call in enumerate(calls):
+        function = call["function"]
+        out.append({"id": call.get("id") or "call_%d_%d" % (index, position), "type": "function",
+                    "function": {"name": function.get("name") or "",
+                                 "arguments": json.dumps(function.get("arguments") or {})}})
+    return out
+
+
 def ollama_messages(payload, kind):
     """The chat messages of an Ollama request. Ollama's tool calls may have no id and its tool
     results name only the tool, so calls get ids and each result answers the first open call of
@@ -5553,14 +5579,7 @@ def ollama_messages(payload, kind):
     for index, message in enumerate(payload.get("messages") or []):
         role, text = message["role"], message.get("content") or ""
         if role == "assistant":
-            calls = []
-            for position, call in enumerate(message.get("tool_calls") or []):
-                function = call["function"]
-                arguments = json.dumps(function.get("arguments") or {})
-                calls.append({"id": call.get("id") or "call_%d_%d" % (index, position),
-                              "type": "function",
-                              "function": {"name": function.get("name") or "",
-                                           "arguments": arguments}})
+            calls = _ollama_calls_as_chat(message.get("tool_calls") or [], index)
             open_calls = [(call["id"], call["function"]["name"]) for call in calls]
             out.append({"role": "assistant", "content": text or None})
             if calls:
