@@ -4301,12 +4301,14 @@ _EFFORT_FIELDS = {"/chat/completions": ("reasoning_effort",), "/responses": ("re
 
 
 def get_effort(path, payload):
+    """The request's reasoning effort, wherever ``path``'s API keeps it."""
     *parents, last = _EFFORT_FIELDS.get(path, (None,))
     value = _dig(payload, *parents).get(last)
     return value if isinstance(value, str) else None
 
 
 def set_effort(path, payload, value):
+    """Set the effort where ``path``'s API keeps it (objects made as needed)."""
     *parents, last = _EFFORT_FIELDS[path]
     node = payload
     for key in parents:
@@ -4729,6 +4731,8 @@ def anthropic_to_openai_request(payload, model_info=None):
 
 
 def _parse_arguments(text):
+    """Tool call arguments (JSON text) as an object; {} for anything
+    else: a model's arguments may be cut off or not JSON at all."""
     try:
         value = json.loads(text) if isinstance(text, str) and text else {}
     except (ValueError, RecursionError):
@@ -5812,6 +5816,8 @@ class StreamTranslation:
         return self.chain[0]
 
     def _run(self, items, start=0):
+        """``items`` through the chain's stages from ``start``; a StreamError passes
+        every stage unchanged."""
         for mapper in self.chain[start:]:
             out = []
             for item in items:
@@ -5823,6 +5829,8 @@ class StreamTranslation:
         return items
 
     def _encode(self, items):
+        """Items as the dialect's bytes, up to the first StreamError, which ends
+        the stream."""
         out = []
         for item in items:
             if isinstance(item, StreamError):
@@ -6017,6 +6025,8 @@ def usage_from_responses(usage, copilot_usage=None):
 
 
 def usage_from_anthropic(usage, copilot_usage=None):
+    """Anthropic's usage in the one shape: its input_tokens leave out the cache's
+    reads and writes, which count as input here."""
     cached = _count(usage, "cache_read_input_tokens")
     written = _count(usage, "cache_creation_input_tokens")
     return {"input": _count(usage, "input_tokens") + cached + written,
@@ -6048,6 +6058,8 @@ def usage_of_answer(path, data):
 
 
 def _price(prices, *names):
+    """The first of ``names`` that is a number in ``prices`` (GitHub spells
+    them both in snake_case and camelCase)."""
     for name in names:
         value = prices.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -6355,6 +6367,7 @@ class ChatNormalize(ChatReader):
         return (None, chunk)
 
     def end(self):
+        """The held-back finish (merged choices) and usage chunks, then [DONE]."""
         items = []
         if self.merge and self.finish_reason:
             items.append(self._chunk([{"index": 0, "delta": {},
@@ -6375,6 +6388,8 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 
 def _anthropic_usage(usage):
+    """Chat usage as Anthropic's: input_tokens without the cached part, which
+    Anthropic reports on its own."""
     cached = _count(usage, "prompt_tokens_details", "cached_tokens")
     out = {"input_tokens": max(0, _count(usage, "prompt_tokens") - cached),
            "output_tokens": _count(usage, "completion_tokens")}
@@ -6516,6 +6531,8 @@ class ChatToAnthropic(ChatReader):
         return out
 
     def end(self):
+        """The open block closed, then message_delta with the stop reason and usage
+        (the estimate when Copilot sent none) and message_stop."""
         out = self._start() + self._close()
         if self.tool_blocks:
             stop_reason = "tool_use"
@@ -6602,6 +6619,7 @@ def _responses_usage(usage):
 
 
 def _responses_finish(response, saw_tool):
+    """Chat's finish_reason for a Responses answer."""
     if saw_tool:
         return "tool_calls"
     if response.get("status") == "incomplete":
@@ -6874,6 +6892,8 @@ class ResponseBuilder:
         return out + self._close_open()
 
     def call(self, call_id, name):
+        """A tool call begins: a function_call item, or a custom_tool_call for a
+        custom tool; a namespaced tool's call gets its own name and namespace back."""
         out = self.start() + self._close_open()
         tool, namespace = self.tools.get(name, ({}, None))
         if namespace:
@@ -6890,6 +6910,8 @@ class ResponseBuilder:
         return out + [added]
 
     def arguments(self, call_id, delta):
+        """A piece of a call's arguments; a custom call's input is announced only
+        at the end, once its JSON is whole."""
         index = self.calls.get(call_id)
         if index is None or not delta:
             return []
@@ -7559,6 +7581,7 @@ def ollama_show(model, modified_at):
 
 
 def _ollama_calls(calls):
+    """Chat tool calls as Ollama's: arguments as an object, not JSON text."""
     out = []
     for index, call in enumerate(calls):
         function = _dig(call, "function")
@@ -7659,6 +7682,8 @@ class ChatToOllama(ChatReader):
         return out
 
     def end(self):
+        """The held tool calls whole, then the ``done`` object with the counts and
+        the durations Ollama reports (nanoseconds)."""
         out = []
         if self.calls:
             calls = _ollama_calls([self.calls[index] for index in sorted(self.calls)])
