@@ -6978,10 +6978,12 @@ class TestCLI(unittest.TestCase):
         result = main_in_process(args)
         return result.returncode, result.stdout, result.stderr
 
-    def run_process(self, *argv, timeout=20):
-        """``python3 coproxy.py ARGV`` as the README writes it, not COPROXY_MODULE."""
-        return subprocess.run([sys.executable, COPROXY_PY] + list(argv), stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout, env=self.env)
+    def run_process(self, *argv, literally=False):
+        """coproxy ARGV as a process; ``literally``: ``python3 coproxy.py ARGV`` as the README
+        writes it, not COPROXY_MODULE."""
+        command = [sys.executable, COPROXY_PY] if literally else COPROXY_MODULE
+        return subprocess.run(command + list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=20, env=child_env(self.env))
 
     def test_version(self):
         result = main_in_process(["--version"])
@@ -6989,7 +6991,8 @@ class TestCLI(unittest.TestCase):
                          (0, "coproxy " + coproxy.__version__))
 
     def test_usage_errors_exit_2_with_one_clear_line(self):
-        result = self.run_process("serve", "--port", "abc")  # a process: its exit code, all it says
+        # as a user runs it: the process's exit code and all it says
+        result = self.run_process("serve", "--port", "abc", literally=True)
         self.assertEqual((result.returncode, result.stderr.strip()), (
             2, "coproxy: error: argument --port: 'abc' is not a port number (0-65535) (see: "
                "python3 coproxy.py serve --help)"))
