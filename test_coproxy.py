@@ -7,13 +7,14 @@ CONNECT proxy and a raw scripted upstream for framing edge cases. Nothing reache
 Needs only the standard library; the optional checks with the official ``openai``,
 ``anthropic`` and ``ollama`` clients run when they are importable (``.ci/run`` installs them in a
 throwaway venv), and the dashboard's test in headless Chromium when ``playwright`` and a
-``chromium`` are there. The everyday run takes about 15 s on 2 cores; keep it so (await events,
-shorten a timer through its option rather than wait it out, spawn an interpreter only for what
-needs a process: one costs 0.3 s of CPU). The last line printed is ``N passed, N failed, N
-skipped``. Variables: ``TEST_COPROXY_FUZZ=full`` gives the fuzz tests their full counts (.ci/run
-sets it); ``TEST_COPROXY_SCREENSHOTS=DIR`` keeps the browser test's screenshots (README's
-picture). ``python3 test_coproxy.py --bench`` prints the performance figures instead (Linux:
-CPU and memory from /proc); its code is the marked section at the end of this file.
+``chromium`` are there. The everyday run takes about 15 s (10 s of CPU) on 2 cores; keep it so:
+await events, shorten a timer through its option rather than wait it out, run a command
+in-process (main_in_process) unless it needs a process of its own, and start those as
+COPROXY_MODULE. The last line printed is ``N passed, N failed, N skipped``. Variables:
+``TEST_COPROXY_FUZZ=full`` gives the fuzz tests their full counts (.ci/run sets it);
+``TEST_COPROXY_SCREENSHOTS=DIR`` keeps the browser test's screenshots (README's picture).
+``python3 test_coproxy.py --bench`` prints the performance figures instead (Linux: CPU and
+memory from /proc); its code is the marked section at the end of this file.
 
 Where each feature is tested (classes in coproxy.py's section order, so a failure points at one):
   options, variables, state files, history .. TestConfig, TestTokenStore, TestHistory
@@ -960,9 +961,9 @@ def without_coproxy_variables(**instead):
 
 def main_in_process(argv, env=None):
     """``python3 coproxy.py ARGV`` as coproxy.main in this process (a spawned interpreter costs
-    0.3 s of CPU, most of it compiling coproxy.py), its variables only ``env``, its output
-    captured, help at the 80 columns a pipe gets: a CompletedProcess, as subprocess.run gives.
-    For commands that cannot serve here: those that do run as processes."""
+    0.1-0.2 s of CPU), its variables only ``env``, its output captured, help at the 80 columns
+    a pipe gets: a CompletedProcess, as subprocess.run gives. For commands that cannot serve
+    here: those that could run as processes."""
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
@@ -7062,7 +7063,7 @@ class TestCLI(unittest.TestCase):
                 env=child_env(env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890",
                               **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})))
             process.stdout.close()  # the reader is gone before the first byte is written
-            processes.append((argv, process))  # side by side: one costs 0.3 s of a core
+            processes.append((argv, process))  # side by side, on both cores
         for argv, process in processes:
             err = process.stderr.read()
             process.stderr.close()
