@@ -387,9 +387,8 @@ _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_
 
 def error_type_for_status(status):
     """The OpenAI ``error.type`` that goes with an HTTP status."""
-    if status in _ERROR_TYPES:
-        return _ERROR_TYPES[status]
-    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+    return _ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500
+                                        else "api_error")
 
 
 _SECRET_PATTERNS = re.compile(
@@ -1027,8 +1026,8 @@ class Config:
         """COPILOT_GITHUB_TOKEN (the Copilot CLI's variable), a token source of ours too."""
         return self.environ.get("COPILOT_GITHUB_TOKEN", "").strip()
 
-    def source_of(self, dest, default="the default"):
-        return self.sources.get(dest, default)
+    def source_of(self, dest):
+        return self.sources.get(dest, "the default")
 
     @property
     def state_dir_option(self):
@@ -1110,13 +1109,11 @@ class Config:
         """A key or token stripped (blank is unset) and printable: a line break in one would
         split the header it is sent in."""
         for name in SECRET_OPTIONS:
-            value = getattr(self, name)
-            if value is not None:
-                value = value.strip() or None
-                if value is not None and not value.isprintable():
-                    raise ConfigError("%s holds a line break or control character"
-                                      % self.source_of(name))
-                setattr(self, name, value)
+            value = (getattr(self, name) or "").strip() or None
+            if value is not None and not value.isprintable():
+                raise ConfigError("%s holds a line break or control character"
+                                  % self.source_of(name))
+            setattr(self, name, value)
 
     def _check_ca_file(self):
         """Checked at start-up: a wrong file (a DER certificate, a key) stops the command naming
@@ -1197,19 +1194,17 @@ def settings_argv(config, scope=("shared", "serve"), leave_out=()):
     for option, value in config.changed_settings():
         if option.scope not in scope or option.dest == "state_dir" or option.dest in leave_out:
             continue
+        if isinstance(value, dict):  # --model-alias, a dict by now: back to FROM=TO items
+            value = ["%s=%s" % item for item in sorted(value.items())]
         # A user:password in a URL is as secret as a key.
         if option.dest in SECRET_OPTIONS or (isinstance(value, str)
                                              and _URL_WITH_CREDENTIALS.match(value)):
             secrets[option.env] = value
         elif option.type is bool:
             argv += [option.flag] if value else []
-        elif option.dest == "model_aliases":  # a dict by now: back to FROM=TO, one flag each
-            for alias, target in sorted(value.items()):
-                argv += [option.flag, "%s=%s" % (alias, target)]
-        elif isinstance(option.type, Repeatable):  # the flag once per item
-            for item in value:
-                argv += [option.flag, item]
-        elif option.dest == "api_surface":
+        elif isinstance(value, list):  # a repeatable flag: once per item
+            argv += [word for item in value for word in (option.flag, item)]
+        elif isinstance(value, frozenset):  # --api-surface: its comma list
             argv += [option.flag, ",".join(sorted(value))]
         else:
             argv += [option.flag, str(value)]
@@ -1513,13 +1508,8 @@ class Ledger:
 
     @staticmethod
     def _totals(table, key, model):
-        models = table.get(key)
-        if models is None:
-            models = table[key] = {}
-        totals = models.get(model)
-        if totals is None:
-            totals = models[model] = dict.fromkeys(TOTAL_FIELDS, 0)
-        return totals
+        models = table.setdefault(key, {})
+        return models.get(model) or models.setdefault(model, dict.fromkeys(TOTAL_FIELDS, 0))
 
     @staticmethod
     def _count(totals, failed, amounts):
@@ -1684,7 +1674,6 @@ class History:
         self.state_dir = state_dir
         self.dir = os.path.join(state_dir, HISTORY_DIR)
         self.keep_days = keep_days
-        self.dropped = 0
         self._queue = queue.Queue(HISTORY_QUEUE_LIMIT)
         self._thread = None
         self._hurry = threading.Event()  # flush and close cut the writer's rest short
@@ -1710,10 +1699,9 @@ class History:
             self._thread = threading.Thread(target=self._write_loop, name="coproxy-history",
                                             daemon=True)
             self._thread.start()
-        try:
+        # Full (a disk that hangs): the record is lost rather than waited for.
+        with contextlib.suppress(queue.Full):
             self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
 
     def flush(self):
         """Wait until every queued record is written (tests, and close)."""
@@ -2878,13 +2866,13 @@ class DeviceFlow:
     def __init__(self, client, config, sleep=time.sleep, clock=time.monotonic):
         self.client = client
         self.config = config
-        self.github_url = config.github_url
         self.sleep = sleep
         self.clock = clock
 
     def _post(self, path, payload):
         headers = dict(github_headers(self.config), **{"Content-Type": "application/json"})
-        return self.client.request_json("POST", self.github_url + path, headers, payload)
+        return self.client.request_json("POST", self.config.github_url + path, headers,
+                                        payload)
 
     def start(self):
         """Ask for a code: dict with device_code, user_code, verification_uri, expires_in,
@@ -2895,7 +2883,7 @@ class DeviceFlow:
             message, _ = upstream_error_message(raw)
             raise AuthError("GitHub refused to start the device flow (HTTP %d): %s"
                             % (status, message), code="device_flow_failed")
-        data.setdefault("verification_uri", self.github_url + "/login/device")
+        data.setdefault("verification_uri", self.config.github_url + "/login/device")
         data["interval"] = max(1, int(data.get("interval") or 5))
         data["expires_in"] = int(data.get("expires_in") or 900)
         return data
@@ -3189,15 +3177,15 @@ class GitHubApp:
         return "GitHub App %d" % self.app_id
 
     def token(self, force=False):
-        """(token, expires_at) of a valid installation token, minted when needed."""
+        """A valid installation token, minted when needed."""
         record = self.record
         if not force and self._fresh(record):
-            return record["token"], record["expires_at"]
+            return record["token"]
         with self._lock:
             record = self.record
             if force or not self._fresh(record):
                 record = self.record = self._mint()
-            return record["token"], record["expires_at"]
+            return record["token"]
 
     def _fresh(self, record):
         return bool(record) and record["expires_at"] - self.clock() > TOKEN_REFRESH_MARGIN_SECONDS
@@ -3253,7 +3241,6 @@ class GitHubApp:
                 raise self._refusal(status, raw, "minting an installation token")
             log.info("GitHub refused the %s=%s permission form (422); trying the older %s=%s",
                      name, level, *APP_PERMISSION_FORMS[number + 1])
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _refusal(self, status, raw, doing, lookup=False):
         """AuthError saying which refusal this is and what to check."""
@@ -3300,21 +3287,6 @@ def who_pays(kind, sku=None):
 def _org_has_not_enabled_apps(text):
     lowered = text.lower()
     return "not enabled" in lowered and ("app" in lowered or "installation" in lowered)
-
-
-def describe_credentials(record, app=None):
-    """What /healthz, `status` and `auth status` show about a token record: token kind, mode,
-    integration id, who pays and the expiry (None when unknown); never a token."""
-    if not record:
-        return {}
-    kind = record.get("kind") or "oauth"
-    expires = record["expires_at"] if record.get("expiry_known", True) else None
-    facts = {"token_kind": kind, "mode": record.get("mode", "exchange"),
-             "integration_id": record.get("integration_id") or COPILOT_INTEGRATION_ID,
-             "payer": who_pays(kind, record.get("sku")), "expires_at": expires}
-    if app is not None and app.permission_form:
-        facts["app_permission"] = app.permission_form
-    return facts
 
 
 def explain_refusal(error, model, facts, integration_option):
@@ -3417,6 +3389,20 @@ def _exchange_refusal(status, data, raw, kind, source, login):
                      % (status, message or "no details"), code="copilot_token_refused")
 
 
+def token_source_before_login(config):
+    """What gives the GitHub token ahead of a saved login (a flag, a variable, a token file, a
+    GitHub App), for the notes of `auth login` and `auth logout`; None when nothing does."""
+    if config.github_token:
+        return config.source_of("github_token")
+    if config.github_token_file:
+        return "--github-token-file %s" % config.github_token_file
+    if config.github_app_id:
+        return "--github-app-id %d" % config.github_app_id
+    if config.copilot_cli_token:
+        return "COPILOT_GITHUB_TOKEN"
+    return None
+
+
 class CopilotAuth:
     """The GitHub token (from a flag or variable, a token file, a GitHub App, or the saved login),
     the way it reaches Copilot (exchanged for a Copilot token, or sent directly), the Auto
@@ -3431,7 +3417,6 @@ class CopilotAuth:
         self.client = client
         self.clock = clock
         self.record = None           # the token record in use: exchanged, or for a direct token
-        self._fingerprinted = (None, None)
         self._disk_checked = False
         self._refresh_lock = threading.Lock()
         #: token exchanges performed, and how many failed (tests and /metrics read them)
@@ -3456,7 +3441,7 @@ class CopilotAuth:
         if self._token_file is not None:
             return self._token_file.value(), self.config.github_token_file
         if self.app is not None:
-            return self.app.token()[0], self.app.source
+            return self.app.token(), self.app.source
         token = self.config.copilot_cli_token
         if token:
             return token, "COPILOT_GITHUB_TOKEN"
@@ -3467,10 +3452,7 @@ class CopilotAuth:
 
     def has_credentials(self):
         """Whether a GitHub token can be had without a login, without minting one (no network)."""
-        config = self.config
-        return bool(config.github_token or config.github_token_file or self.app is not None
-                    or config.copilot_cli_token
-                    or self.store.load_github_token())
+        return bool(token_source_before_login(self.config) or self.store.load_github_token())
 
     def _read_token_file(self):
         try:
@@ -3512,14 +3494,11 @@ class CopilotAuth:
         return "exchange"
 
     # -- the Copilot token -------------------------------------------------------------------
-    def _fingerprint(self, github_token):
-        """Short SHA-256 of the GitHub token, kept with the Copilot token to tell whose it is.
-        Checked on every request, so the last answer is remembered."""
-        if self._fingerprinted[0] != github_token:
-            import hashlib  # here, not at the top: serve would load OpenSSL's digests first
-            digest = hashlib.sha256(github_token.encode("utf-8")).hexdigest()
-            self._fingerprinted = (github_token, digest[:16])
-        return self._fingerprinted[1]
+    @staticmethod
+    def _fingerprint(github_token):
+        """Short SHA-256 of the GitHub token, kept with the Copilot token to tell whose it is."""
+        import hashlib  # here, not at the top: serve would load OpenSSL's digests first
+        return hashlib.sha256(github_token.encode("utf-8")).hexdigest()[:16]
 
     def _usable(self, record, github_token):
         if not record or record.get("mode") == "direct":
@@ -3652,17 +3631,28 @@ class CopilotAuth:
 
 
 
-    def api_base(self, record=None):
-        """Base URL of the Copilot API: the override, else what the token says."""
+    def api_base(self, record):
+        """Base URL of the Copilot API: the override, else what the token ``record`` says."""
         if self.config.copilot_api_url:
             return self.config.copilot_api_url
-        record = record or self.copilot_token()
         return (record.get("api_endpoint") or exchanged_api_base(self.config, record)).rstrip("/")
 
     # -- what to tell the user ---------------------------------------------------------------
     def describe(self, record=None):
-        """The credentials in use (see describe_credentials); {} before the first record."""
-        return describe_credentials(record or self.record, self.app)
+        """What /healthz, `status` and `auth status` show about the token record in use (or
+        ``record``): token kind, mode, integration id, who pays and the expiry (None when
+        unknown); never a token. {} before the first record."""
+        record = record or self.record
+        if not record:
+            return {}
+        kind = record.get("kind") or "oauth"
+        expires = record["expires_at"] if record.get("expiry_known", True) else None
+        facts = {"token_kind": kind, "mode": record.get("mode", "exchange"),
+                 "integration_id": record.get("integration_id") or COPILOT_INTEGRATION_ID,
+                 "payer": who_pays(kind, record.get("sku")), "expires_at": expires}
+        if self.app is not None and self.app.permission_form:
+            facts["app_permission"] = self.app.permission_form
+        return facts
 
     # -- calls that need the tokens ----------------------------------------------------------
     def github_json(self, path):
@@ -11503,21 +11493,26 @@ def _interactive():
     return sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
 
 
-@contextlib.contextmanager
-def _session(config):
-    """Token store, upstream client and auth for one CLI command; pooled sockets closed after."""
-    store = TokenStore(config.state_dir)
+def _auth_for(config):
+    """The CopilotAuth of a command, with its token store and an upstream client of its own."""
     client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout,
                             config.environ)
+    return CopilotAuth(config, TokenStore(config.state_dir), client)
+
+
+@contextlib.contextmanager
+def _session(config):
+    """The auth of one CLI command (see _auth_for); its pooled sockets are closed after."""
+    auth = _auth_for(config)
     try:
-        yield store, client, CopilotAuth(config, store, client)
+        yield auth
     finally:
-        client.close()
+        auth.client.close()
 
 
-def run_device_login(config, store, client, auth, open_browser=True):
+def run_device_login(auth, open_browser=True):
     """The interactive part of ``auth login`` (also used by ``serve`` on a TTY)."""
-    flow = DeviceFlow(client, config)
+    flow = DeviceFlow(auth.client, auth.config)
     code = flow.start()
     uri = code.get("verification_uri_complete") or code["verification_uri"]
     _say("To log in, open %s and enter the code:  %s"
@@ -11541,8 +11536,8 @@ def run_device_login(config, store, client, auth, open_browser=True):
     finally:
         if tty:
             sys.stderr.write("\n")
-    store.save_github_token(token)
-    _say("GitHub login saved to %s" % store.github_token_path)
+    auth.store.save_github_token(token)
+    _say("GitHub login saved to %s" % auth.store.github_token_path)
     auth.copilot_token(force=True)
     return token
 
@@ -11694,12 +11689,6 @@ class InstanceRecord:
             self._lock_fd = None
 
 
-def warn_about_secret_flags(config):
-    for flag, variable in config.secret_flags:
-        log.warning("%s was given on the command line, where other users of this machine can "
-                    "read it (ps); set %s in the environment instead", flag, variable)
-
-
 # -- commands ---------------------------------------------------------------------------------
 
 def require_key_for_public_bind(config, what="listen on"):
@@ -11723,18 +11712,17 @@ def cmd_serve(config, args):
     until a signal. Settings, credentials and the state dir are checked before the port is
     bound: a refusal is a one-line error, not a server that half starts. ``-d`` hands over to
     start_detached once they pass."""
-    warn_about_secret_flags(config)
+    for flag, variable in config.secret_flags:
+        log.warning("%s was given on the command line, where other users of this machine can "
+                    "read it (ps); set %s in the environment instead", flag, variable)
     require_key_for_public_bind(config)
-    store = TokenStore(config.state_dir)
-    store.check_dirs()
-    client = UpstreamClient(config.ca_file, config.connect_timeout, config.upstream_timeout,
-                            config.environ)
-    auth = CopilotAuth(config, store, client)
+    auth = _auth_for(config)
+    auth.store.check_dirs()
     if not auth.has_credentials():
         if config.no_auto_login:
             log.warning("not logged in; requests get 503 until `%s` has run", auth.login_command())
         elif _interactive():
-            run_device_login(config, store, client, auth)
+            run_device_login(auth)
         else:
             raise CoproxyError("not logged in to GitHub: run `%s` first, set GHCP_GITHUB_TOKEN, "
                                "or pass --no-auto-login to start anyway" % auth.login_command())
@@ -11745,7 +11733,7 @@ def cmd_serve(config, args):
     with contextlib.suppress(ValueError, RuntimeError):
         threading.stack_size(WORKER_STACK_BYTES)
     limit_malloc_arenas()
-    app = App(config, store, client, auth)
+    app = App(config, auth.store, auth.client, auth)
 
     def on_ready(server):
         # written once listening: `serve -d` waits for this file to name the child
@@ -11828,28 +11816,14 @@ def start_detached(config):
                        % (log_path, "\n  ".join(tail) or "(nothing)"))
 
 
-def token_source_before_login(config):
-    """What gives the GitHub token ahead of a saved login (a flag, a variable, a token file, a
-    GitHub App), for the notes of `auth login` and `auth logout`; None when nothing does."""
-    if config.github_token:
-        return config.source_of("github_token")
-    if config.github_token_file:
-        return "--github-token-file %s" % config.github_token_file
-    if config.github_app_id:
-        return "--github-app-id %d" % config.github_app_id
-    if config.copilot_cli_token:
-        return "COPILOT_GITHUB_TOKEN"
-    return None
-
-
 def cmd_auth_login(config, args):
     """The device flow, then a Copilot token as proof that the login gives access. A token
     given some other way still wins over the saved login, so the user hears of it first."""
     source = token_source_before_login(config)
     if source:
         _say("note: a token from %s is set and will be used instead of the one saved here" % source)
-    with _session(config) as (store, client, auth):
-        run_device_login(config, store, client, auth, open_browser=not args.no_browser)
+    with _session(config) as auth:
+        run_device_login(auth, open_browser=not args.no_browser)
         try:
             login = auth.github_json("/user").get("login", "?")
         except AuthError:
@@ -11882,7 +11856,7 @@ def credential_lines(facts):
 def cmd_auth_status(config, args):
     """Exit 0 only when Copilot would take the credentials: an exchanged token proves it by
     the exchange, a token sent directly only by an answer from Copilot (its model list)."""
-    with _session(config) as (store, client, auth):
+    with _session(config) as auth:
         print("state dir:      %s" % config.state_dir)
         try:
             token, source = auth.github_token()
@@ -11936,7 +11910,7 @@ def cmd_auth_logout(config, args):
 def cmd_auth_refresh(config, args):
     """A new Copilot token now, whatever the cached one's expiry: a cached token keeps what
     the account had when it was minted (its sku, its API endpoint) until it expires."""
-    with _session(config) as (store, client, auth):
+    with _session(config) as auth:
         record = auth.copilot_token(force=True)
         print("new Copilot token valid for %s; API base %s" % (
             format_duration(record["expires_at"] - time.time()), auth.api_base(record)))
@@ -11946,7 +11920,7 @@ def cmd_auth_refresh(config, args):
 def cmd_models(config, args):
     """Copilot's model list as this account sees it (it differs by plan and policy), with the
     --model-alias names a server with the same options would answer to."""
-    with _session(config) as (store, client, auth):
+    with _session(config) as auth:
         entries = [copilot_model_to_openai(m) for m in auth.fetch_models()]
         if args.json:
             entries += [{"id": a, "object": "model", "owned_by": "coproxy-alias", "alias_of": t}
@@ -12271,7 +12245,7 @@ def history_lines(ledger, now, billing, days=7):
 def cmd_usage(config, args):
     """The account's quotas from GitHub, the rate-limit windows only a running coproxy has
     seen (in Copilot's answers), and the history read from disk: it works with no server."""
-    with _session(config) as (store, client, auth):
+    with _session(config) as auth:
         summary = summarize_quota(auth.github_json("/copilot_internal/user"))
         # not every account's answer names the login; /user does, as `auth status` shows
         if not summary["login"]:
@@ -12391,7 +12365,7 @@ def cmd_claude_code(config, args):
     # only the catalogue, so falling back to it is said (the note below).
     ids, aliases, problem = catalogue_from_coproxy(config, url)
     if ids is None:
-        with _session(config) as (store, client, auth):
+        with _session(config) as auth:
             try:
                 models = auth.fetch_models()
             except (AuthError, UpstreamUnreachable) as exc:
