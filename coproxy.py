@@ -1180,9 +1180,6 @@ def connection_environment(environ):
     return plain, secret
 
 
-_URL_WITH_CREDENTIALS = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
-
-
 def settings_argv(config, scope=("shared", "serve"), leave_out=()):
     """(flags, secrets) that reproduce every setting of ``config`` that differs from its default
     (but those named in ``leave_out``), whether it came from a flag or an environment variable:
@@ -1196,9 +1193,9 @@ def settings_argv(config, scope=("shared", "serve"), leave_out=()):
             continue
         if isinstance(value, dict):  # --model-alias, a dict by now: back to FROM=TO items
             value = ["%s=%s" % item for item in sorted(value.items())]
-        # A user:password in a URL is as secret as a key.
+        # A user:password in a URL is as secret as a key (redact's pattern finds it).
         if option.dest in SECRET_OPTIONS or (isinstance(value, str)
-                                             and _URL_WITH_CREDENTIALS.match(value)):
+                                             and _URL_CREDENTIALS.match(value)):
             secrets[option.env] = value
         elif option.type is bool:
             argv += [option.flag] if value else []
@@ -3013,9 +3010,9 @@ def direct_api_base(config):
 def exchanged_api_base(config, data):
     """The Copilot API host an exchange answer names: ``endpoints.api``, else the token's own
     ``proxy-ep=proxy.HOST`` field (older answers), whose API host is ``api.HOST``."""
-    endpoints = data.get("endpoints")
-    if isinstance(endpoints, dict) and isinstance(endpoints.get("api"), str):
-        return endpoints["api"].rstrip("/")
+    api = get_typed(get_typed(data, "endpoints", dict), "api", str)
+    if api:
+        return api.rstrip("/")
     match = re.search(r"(?:^|;)proxy-ep=([^;:]+)", data.get("token", ""))
     if match:
         host = match.group(1)
@@ -3756,11 +3753,8 @@ class AutoModel:
         if not self.legacy:
             status, data, raw = self.auth.copilot_json("POST", "/auto", {"prompt": ""},
                                                        headers=headers)
-            if status == 200 and isinstance(data, dict) and isinstance(data.get("session_token"),
-                                                                       str):
-                return self._session_from(data, "/auto")
             if status not in (400, 404, 405, 410):
-                raise self._error("/auto", status, raw)
+                return self._session_from("/auto", status, data, raw)
             message, _ = upstream_error_message(raw)
             log.info("Copilot refused POST /auto (HTTP %d: %s); using the older /models/session",
                      status, message)
@@ -3768,14 +3762,19 @@ class AutoModel:
         headers["X-GitHub-Api-Version"] = LEGACY_AUTO_API_VERSION
         status, data, raw = self.auth.copilot_json(
             "POST", "/models/session", {"auto_mode": {"model_hints": ["auto"]}}, headers=headers)
-        if status == 200 and isinstance(data, dict) and isinstance(data.get("session_token"), str):
-            return self._session_from(data, "/models/session")
-        raise self._error("/models/session", status, raw)
+        return self._session_from("/models/session", status, data, raw)
 
-    def _session_from(self, data, path):
-        """The session of an /auto or /models/session answer: /auto names the picked model by
-        its catalogue entry, the legacy endpoint by its id. An expiry missing or past is taken
-        as an hour, so that a bad answer costs one call an hour, not one per request."""
+    def _session_from(self, path, status, data, raw):
+        """The session of an /auto or /models/session answer (ClientError 502 for any other
+        answer): /auto names the picked model by its catalogue entry, the legacy endpoint by its
+        id. An expiry missing or past is taken as an hour, so that a bad answer costs one call
+        an hour, not one per request."""
+        if status != 200 or get_typed(data, "session_token", str) is None:
+            message, _ = upstream_error_message(raw)
+            raise ClientError(502, "Copilot did not pick a model for \"auto\" (%s answered HTTP "
+                                   "%d: %s); name a model instead (GET /v1/models lists them)"
+                                   % (path, status, message or "no details"),
+                              code="auto_unavailable")
         selected = data.get("selected_model")
         entry = selected if isinstance(selected, dict) else None
         model = entry.get("id") if entry else selected
@@ -3792,12 +3791,6 @@ class AutoModel:
                  format_duration(expires_at - now))
         return {"model": model, "entry": entry, "token": data["session_token"],
                 "expires_at": expires_at}
-
-    def _error(self, path, status, raw):
-        message, _ = upstream_error_message(raw)
-        return ClientError(502, "Copilot did not pick a model for \"auto\" (%s answered HTTP %d: "
-                                "%s); name a model instead (GET /v1/models lists them)"
-                                % (path, status, message or "no details"), code="auto_unavailable")
 
 # ------------------------------------------------------------------------------------------
 # 8. Requests (pure)
@@ -11523,23 +11516,21 @@ def run_device_login(auth, open_browser=True):
             import webbrowser  # only here: it costs start-up time and memory every serve would pay
             webbrowser.open(uri)
 
-    def on_wait(remaining, interval):
-        if tty:
-            sys.stderr.write("\rwaiting for approval (code expires in %s, checking every %ds)  " % (
-                format_duration(remaining), interval))
-            sys.stderr.flush()
+    def on_wait(remaining, interval):  # a countdown that rewrites its own line
+        sys.stderr.write("\rwaiting for approval (code expires in %s, checking every %ds)  " % (
+            format_duration(remaining), interval))
+        sys.stderr.flush()
 
     if not tty:
         _say("waiting for approval (the code expires in %s)" % format_duration(code["expires_in"]))
     try:
-        token = flow.poll(code, on_wait)
+        token = flow.poll(code, on_wait if tty else None)
     finally:
         if tty:
             sys.stderr.write("\n")
     auth.store.save_github_token(token)
     _say("GitHub login saved to %s" % auth.store.github_token_path)
     auth.copilot_token(force=True)
-    return token
 
 
 # -- the record of a running server: <state-dir>/coproxy.pid and coproxy.lock -------------------
