@@ -8971,8 +8971,9 @@ def run_versus(bench, url, timeout=600):
             "/v1/chat/completions", {"model": "gpt-4.1", "messages": [{"role": "user", "content": "w"}]}),
             16, 2, 1.0)
     rounds = {name: [] for name, _, _ in targets}
-    for _ in range(bench.repetitions):
-        for name, target_port, pid in targets:
+    for index in range(bench.repetitions):
+        # ABBA: whichever goes second in a round meets a warmer (or busier) machine
+        for name, target_port, pid in (targets if index % 2 == 0 else targets[::-1]):
             rounds[name].append(versus_figures(bench, target_port, pid))
             print("versus: %s %s" % (name, " ".join("%.3f" % x for x in rounds[name][-1])),
                   flush=True)
