@@ -970,7 +970,7 @@ class Config:
     ``warnings`` (what the user should hear about the settings, logged once logging is set up)
     and ``environ`` (the environment it was read from). No repr: it holds secrets."""
 
-    def __init__(self, environ=None, **settings):
+    def __init__(self, environ=None):
         for option in OPTIONS:
             value = option.default
             if isinstance(value, str) and option.type is not str:
@@ -980,10 +980,6 @@ class Config:
         self.sources = {}
         self.warnings = []
         self.environ = dict(environ or {})
-        for name, value in settings.items():
-            if not hasattr(self, name):
-                raise TypeError("Config has no setting %r" % name)
-            setattr(self, name, value)
         self._collections()
 
     def _collections(self):
@@ -3210,7 +3206,7 @@ class GitHubApp:
             org = self.config.github_app_org
             path = "/orgs/%s/installation" % urllib.parse.quote(org)
             status, data, raw, _ = self._call("GET", path)
-            if status != 200 or not isinstance(data, dict) or not isinstance(data.get("id"), int):
+            if status != 200 or get_typed(data, "id", int) is None:
                 raise self._refusal(status, raw, "looking up its installation on %s" % org,
                                     lookup=True)
             self.installation_id = data["id"]
@@ -3226,8 +3222,7 @@ class GitHubApp:
         path = "/app/installations/%d/access_tokens" % self._installation()
         for number, (name, level) in enumerate(APP_PERMISSION_FORMS):
             status, data, raw, _ = self._call("POST", path, {"permissions": {name: level}})
-            minted = isinstance(data, dict) and isinstance(data.get("token"), str)
-            if status in (200, 201) and minted:
+            if status in (200, 201) and get_typed(data, "token", str) is not None:
                 now = self.clock()
                 expires_at = parse_github_time(data.get("expires_at")) or int(now + 3600)
                 self.permission_form = "%s=%s" % (name, level)
@@ -3601,23 +3596,18 @@ class CopilotAuth:
         except UpstreamUnreachable as exc:
             self.exchange_failures += 1
             raise AuthError("cannot get a Copilot token: %s" % exc, code="network")
-        if status == 200 and isinstance(data, dict) and isinstance(data.get("token"), str):
+        if status == 200 and get_typed(data, "token", str) is not None:
             now = self.clock()
-            record = dict(data)
-            expires_at = data.get("expires_at")
             # Without an expiry, 25 minutes: the usual refresh_in of a token that lives 30.
-            known = isinstance(expires_at, (int, float))
-            record["expires_at"] = int(expires_at) if known else int(now + 1500)
-            refresh_in = data.get("refresh_in")
-            if isinstance(refresh_in, (int, float)) and refresh_in > 0:
-                record["refresh_at"] = int(now + refresh_in)
-            record["obtained_at"] = int(now)
-            record["api_endpoint"] = exchanged_api_base(self.config, data)
-            record["github_host"] = self.config.github_host
-            record["github_token_sha256"] = self._fingerprint(github_token)
+            expires_at = get_typed(data, "expires_at", (int, float), now + 1500)
             kind = token_kind(github_token)
-            record.update(mode="exchange", kind=kind,
+            record = dict(data, expires_at=int(expires_at), mode="exchange", kind=kind,
+                          api_endpoint=exchanged_api_base(self.config, data),
+                          github_token_sha256=self._fingerprint(github_token),
                           integration_id=integration_id_for(self.config, "exchange", kind))
+            refresh_in = get_typed(data, "refresh_in", (int, float), 0)
+            if refresh_in > 0:
+                record["refresh_at"] = int(now + refresh_in)
             log.info("copilot token obtained sku=%s expires_in=%s", data.get("sku", "?"),
                      format_duration(record["expires_at"] - now))
             return record
@@ -3625,8 +3615,6 @@ class CopilotAuth:
         raise exchange_error(status, data, raw, token_kind(github_token),
                              self.github_token()[1] or "the saved login", self.login_command(),
                              self._direct_refusal)
-
-
 
     def api_base(self, record):
         """Base URL of the Copilot API: the override, else what the token ``record`` says."""
@@ -3686,20 +3674,18 @@ class CopilotAuth:
     def fetch_models(self):
         """Copilot's /models list (deduplicated), with one token refresh if Copilot says 401."""
         status, data, raw = self.copilot_json("GET", "/models")
-        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        if status != 200 or get_typed(data, "data", list) is None:
             message, _ = upstream_error_message(raw)
             error = explain_refusal(ClientError(status, message or "no details"), "the model list",
                                     self.describe(), self.config.integration_id)
             raise UpstreamUnreachable("Copilot /models answered HTTP %d: %s" % (status, error),
                                       kind="http_%d" % status)
         # The first entry of an id wins: the catalogue and /v1/models list each id once.
-        models, seen = [], set()
+        models = {}
         for model in data["data"]:
-            if (isinstance(model, dict) and isinstance(model.get("id"), str)
-                    and model["id"] not in seen):
-                seen.add(model["id"])
-                models.append(model)
-        return models
+            if get_typed(model, "id", str) is not None:
+                models.setdefault(model["id"], model)
+        return list(models.values())
 
 
 def peek_github_token(auth):
@@ -12449,7 +12435,7 @@ def main(argv=None):
             if args.command is None:
                 parser.print_help(sys.stderr)
             else:
-                build_parser(args.command).parse_args([args.command, "--help"])
+                parser.parse_args([args.command, "--help"])
             return 2
         config = Config.resolve({o.dest: getattr(args, o.dest) for o in OPTIONS
                                  if hasattr(args, o.dest)})
