@@ -12320,14 +12320,14 @@ def catalogue_from_coproxy(config, url):
         raise CoproxyError("the coproxy at %s refuses the key given to claude-code (%s): give it "
                            "the key serve was started with (--api-key, or COPROXY_API_KEY / "
                            "GHCP_PROXY_API_KEY)" % (url, given))
-    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        message = _dig(data, "error").get("message") if isinstance(data, dict) else None
+    if status != 200 or get_typed(data, "data", list) is None:
+        message = _dig(data, "error").get("message")
         return None, None, "the coproxy at %s answered %d%s" % (
             url, status, ": %s" % message if message else "")
     if response.header("x-coproxy-models-source") == "fallback":
         return None, None, ("the coproxy at %s cannot read the catalogue from GitHub either (its "
                             "log says why)" % url)
-    entries = [m for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    entries = [m for m in data["data"] if get_typed(m, "id", str) is not None]
     aliases = [m["id"] for m in entries if m.get("owned_by") == "coproxy-alias"]
     chat = [m["id"] for m in entries
             if m.get("type", "chat") == "chat" and m.get("owned_by") != "coproxy-alias"]
