@@ -1228,11 +1228,9 @@ def secure_dir(path):
     os.makedirs(path, mode=0o700, exist_ok=True)
     if not _POSIX:
         return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # a directory, or makedirs had raised
     try:
         info = os.fstat(fd)
-        if not stat.S_ISDIR(info.st_mode):
-            raise ConfigError("%s is not a directory" % path)
         if info.st_uid != os.getuid():
             raise ConfigError("refusing to use %s: it belongs to uid %d, not to you (uid %d); use "
                               "a directory of your own with --state-dir"
@@ -3190,9 +3188,8 @@ class GitHubApp:
                 self.record = None
 
     def _call(self, method, path, payload=None):
-        headers = dict(github_headers(self.config), Authorization="Bearer " + app_jwt(
-            self.app_id, self.key, self.clock()))
-        headers["Accept"] = "application/vnd.github+json"
+        headers = dict(github_headers(self.config), Accept="application/vnd.github+json",
+                       Authorization="Bearer " + app_jwt(self.app_id, self.key, self.clock()))
         if payload is not None:
             headers["Content-Type"] = "application/json"
         try:
@@ -3499,10 +3496,8 @@ class CopilotAuth:
         if owner and owner != self._fingerprint(github_token):
             return False
         now = self.clock()
-        if record["expires_at"] - now < TOKEN_REFRESH_MARGIN_SECONDS:
-            return False
-        refresh_at = record.get("refresh_at")
-        return not (isinstance(refresh_at, (int, float)) and now >= refresh_at)
+        refresh_at = get_typed(record, "refresh_at", (int, float), float("inf"))
+        return record["expires_at"] - now >= TOKEN_REFRESH_MARGIN_SECONDS and now < refresh_at
 
     def copilot_token(self, force=False):
         """The token record to call Copilot with: ``token`` (the Authorization bearer), ``mode``,
@@ -11755,11 +11750,10 @@ def start_detached(config):
         raise CoproxyError("cannot open the log file %s (%s); it must be a plain file of yours"
                            % (log_path, why))
     offset = os.fstat(log_fd).st_size  # a failure report shows this start's lines, not older ones
-    if os.name == "nt":
-        detached_process, create_new_process_group = 0x00000008, 0x00000200
-        options = {"creationflags": detached_process | create_new_process_group}
-    else:  # its own session: a Ctrl-C or hang-up of this terminal does not reach the server
-        options = {"start_new_session": True}
+    # Its own session (Windows: DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP): a Ctrl-C or
+    # hang-up of this terminal does not reach the server.
+    options = ({"creationflags": 0x00000008 | 0x00000200} if os.name == "nt"
+               else {"start_new_session": True})
     import subprocess  # only here: the background child is the one place coproxy starts a process
     try:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
@@ -11815,9 +11809,8 @@ def credential_lines(facts):
     """`auth status` and `status` lines about the credentials in use (never the token)."""
     if not facts:
         return []
-    mode = "sent to Copilot directly"
-    if facts["mode"] == "exchange":
-        mode = "exchanged for a Copilot token"
+    mode = ("exchanged for a Copilot token" if facts["mode"] == "exchange"
+            else "sent to Copilot directly")
     expires = facts.get("expires_at")
     when = "not known (the token is used as it is)"
     if expires:
@@ -12186,10 +12179,8 @@ def history_lines(ledger, now, billing, days=7):
     """``usage``'s history part: the cost per day of the last ``days`` days as a text chart, then
     the top models and agent sessions of those days."""
     # what the plan bills by: AI credits (token-billed plans) or premium requests
-    if billing == "tokens":
-        metric, unit = "credits", "AI credits"
-    else:
-        metric, unit = "premium", "premium requests"
+    metric, unit = (("credits", "AI credits") if billing == "tokens"
+                    else ("premium", "premium requests"))
     rows = []
     for day in ledger.by_day(now, days):
         spent = sum(t[metric] for t in day["models"].values())
@@ -12239,16 +12230,12 @@ def cmd_usage(config, args):
         print(json.dumps(dict(summary, windows=windows, history=week), indent=2))
         return 0
     print("account:           %s" % (summary["login"] or "?"))
-    tokens = summary["billing"] == "tokens"
+    # what the plan bills by: AI credits (token-billed plans) or premium requests
+    label, bucket, unit = (("AI credits", "credits", "credits") if summary["billing"] == "tokens"
+                           else ("premium requests", "premium_requests", "requests"))
     print("plan:              %s (sku %s), billed by %s"
-          % (summary["plan"] or "?", summary["sku"] or "?",
-             "AI credits" if tokens else "premium requests"))
-    if tokens:
-        print("AI credits:        %s"
-              % _describe_bucket(summary["credits"], summary["reset_date"], "credits"))
-    else:
-        print("premium requests:  %s"
-              % _describe_bucket(summary["premium_requests"], summary["reset_date"], "requests"))
+          % (summary["plan"] or "?", summary["sku"] or "?", label))
+    print("%-19s%s" % (label + ":", _describe_bucket(summary[bucket], summary["reset_date"], unit)))
     print("chat:              %s" % _describe_bucket(summary["chat"], None, "messages"))
     print("completions:       %s" % _describe_bucket(summary["completions"], None, "completions"))
     print("5-hour session:    %s" % _describe_window(windows.get("session")))
