@@ -7746,6 +7746,9 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
 #                                  the bench's EC test certificate)
 #   fresh catalogue on the loop,   no thread hop per request for the model list (44-75 us);
 #     one refresh for all [12]     1,000 streams opening at once make one fetch, not 1,000
+#   ImageInliner's cache [12]      agents resend their whole history every turn: an image
+#                                  URL is fetched once, not once per turn (a fetch is a
+#                                  network round trip or more, in a worker)
 #   Gateway._note_windows [12]     parsing Copilot's two x-usage-ratelimit-* headers again
 #                                  only when they change: 36 us an answer
 #   App.work [13]: small bodies    a thread hop per request (as WorkerPool above); heavy ones
