@@ -333,7 +333,8 @@ def child_env(base=None, **variables):
     wherever this environment's PYTHONDONTWRITEBYTECODE is not set). ``python3 coproxy.py``
     compiles the whole file at every start, more than half the CPU of a start; ``-m coproxy``
     runs the same file as __main__, with the same __file__ and argv[0], from that bytecode
-    (0.09 s of CPU a start instead of 0.2 s)."""
+    (0.09 s of CPU a start instead of 0.2 s). Start them with cwd=HERE: ``-m`` and ``-c`` look
+    in the working directory first, where another coproxy.py may be."""
     if not _BYTECODE_WRITTEN:
         with contextlib.suppress(OSError):  # a read-only checkout: each child compiles, slower
             py_compile.compile(COPROXY_PY, doraise=True)
@@ -3543,7 +3544,8 @@ class TestWorkerPool(unittest.TestCase):
     def test_serve_can_limit_glibc_to_one_malloc_arena(self):
         result = subprocess.run([sys.executable, "-c",
                                  "import coproxy; print(coproxy.limit_malloc_arenas())"],
-                                capture_output=True, text=True, env=child_env(), timeout=20)
+                                capture_output=True, text=True, cwd=HERE, env=child_env(),
+                                timeout=20)
         libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names else ""
         self.assertEqual(result.stdout.strip(), "True" if libc.startswith("glibc") else "False", result.stderr)
     def test_results_errors_reuse_and_concurrency(self):
@@ -6306,7 +6308,7 @@ class TestAbuse(ProxyTestCase):
             COPROXY_MODULE + ["serve", "--port", "0", "--github-url", self.fake.url,
                               "--github-api-url", self.fake.url,
                               "--state-dir", os.path.join(self.tmp, "limited")],
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))
         self.addCleanup(process.stderr.close)
         self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
@@ -6338,7 +6340,8 @@ class TestAbuse(ProxyTestCase):
         result = subprocess.run([sys.executable, "-c",
                                  "import coproxy, resource; coproxy.raise_descriptor_limit(); "
                                  "print(resource.getrlimit(resource.RLIMIT_NOFILE))"],
-                                capture_output=True, text=True, env=child_env(), timeout=20,
+                                capture_output=True, text=True, cwd=HERE, env=child_env(),
+                                timeout=20,
                                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 256)))
         self.assertEqual(result.stdout.strip(), "(256, 256)", result.stderr)
         self.assertEqual((coproxy.connection_cap(256), coproxy.connection_cap(1 << 20), coproxy.connection_cap(None)),
@@ -6985,7 +6988,7 @@ class TestCLI(unittest.TestCase):
         writes it, not COPROXY_MODULE."""
         command = [sys.executable, COPROXY_PY] if literally else COPROXY_MODULE
         return subprocess.run(command + list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=20, env=child_env(self.env))
+                              text=True, timeout=20, cwd=HERE, env=child_env(self.env))
 
     def test_version(self):
         result = main_in_process(["--version"])
@@ -7060,7 +7063,7 @@ class TestCLI(unittest.TestCase):
             process = subprocess.Popen(COPROXY_MODULE + argv + [
                 "--state-dir", self.tmp, "--github-url", self.fake.url, "--github-api-url",
                 self.fake.url], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True,
+                stderr=subprocess.PIPE, text=True, cwd=HERE,
                 env=child_env(env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890",
                               **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})))
             process.stdout.close()  # the reader is gone before the first byte is written
@@ -7213,7 +7216,7 @@ class TestCLI(unittest.TestCase):
             COPROXY_MODULE + ["serve", "--port", "0", "--state-dir", self.tmp,
                               "--github-url", self.fake.url, "--github-api-url", self.fake.url],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=child_env(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
+            cwd=HERE, env=child_env(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
         self.addCleanup(lambda: process.poll() is None and process.kill())
         port = None
         for line in process.stderr:
@@ -7240,7 +7243,7 @@ class TestCLI(unittest.TestCase):
         process = subprocess.Popen(
             COPROXY_MODULE + ["serve", "--port", "0", "--state-dir", self.tmp, "--log-format",
                               "json", "--github-url", fake.url, "--github-api-url", fake.url],
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE,
             env=child_env(self.env, GHCP_GITHUB_TOKEN="ghu_testtoken1234567890"))
         self.addCleanup(lambda: process.poll() is None and process.kill())
         announced = json.loads(process.stderr.readline())
@@ -7278,7 +7281,7 @@ class TestDaemon(unittest.TestCase):
         the foreground if its refusal went (a timeout then, not a suite that hangs)."""
         return subprocess.run(COPROXY_MODULE + list(argv) + ["--state-dir", self.tmp],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
-                              env=child_env(self.env, **(env or {})))
+                              cwd=HERE, env=child_env(self.env, **(env or {})))
 
     def command(self, *argv, env=None):
         """status, stop and the other serve -d in-process: they read the pid file, ask, signal
@@ -7365,7 +7368,7 @@ class TestDaemon(unittest.TestCase):
         process = subprocess.Popen(COPROXY_MODULE + ["serve", "--port", "0", "--no-auto-login",
                                                      "--state-dir", self.tmp],
                                    stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env=child_env(self.env))
+                                   cwd=HERE, env=child_env(self.env))
         self.addCleanup(lambda: process.poll() is None and process.kill())
         line = process.stderr.readline()
         while "listening on" not in line:
@@ -7678,7 +7681,7 @@ class TestClaudeCodeCatalogue(unittest.TestCase):
                                                      "--ca-file", ca, "--github-url", fake.url,
                                                      "--github-api-url", fake.url],
                                    stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env=child_env(served_env))
+                                   cwd=HERE, env=child_env(served_env))
         self.addCleanup(process.wait, 10)
         self.addCleanup(lambda: process.poll() is None and process.kill())
         self.addCleanup(process.stderr.close)
