@@ -116,9 +116,9 @@ except ImportError:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COPROXY_PY = os.path.join(HERE, "coproxy.py")
-#: coproxy as a process, the way most tests start one (with child_env); a few start
-#: ``python3 coproxy.py`` itself, as the README says, and coproxy's own background server is
-#: started that way too.
+#: coproxy as a process, the way most tests start one (with cwd=HERE and child_env); a few
+#: start ``python3 coproxy.py`` itself, as the README says, and coproxy starts its background
+#: server that way too.
 COPROXY_MODULE = [sys.executable, "-m", "coproxy"]
 
 # ------------------------------------------------------------------------------------------
