@@ -434,7 +434,6 @@ class LogFormatter(logging.Formatter):
         """One record as one line. A traceback is kept only for errors (a warning's would be
         noise); in JSON only its last line, the exception, so that a record stays one line."""
         message = escape_controls(redact(record.getMessage()))
-        fields = getattr(record, "fields", None)
         error = None
         if record.exc_info and record.levelno >= logging.ERROR:
             error = redact(self.formatException(record.exc_info))
@@ -443,8 +442,7 @@ class LogFormatter(logging.Formatter):
             return line + ("\n" + error if error else "")
         entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
                  "logger": record.name, "message": message}
-        if isinstance(fields, dict):
-            entry.update(fields)
+        entry.update(get_typed(vars(record), "fields", dict, {}))
         if error:
             entry["error"] = error.splitlines()[-1]
         return json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
@@ -923,12 +921,9 @@ def unknown_variable_warnings(environ):
     one: COPROXY_PROT=58104 is otherwise silently ignored, and the port is not what the user
     set."""
     import difflib  # only when a variable needs it
-    known = [o.env for o in OPTIONS]
-    known += [alias for aliases in ENV_ALIASES.values() for alias in aliases]
+    known = [o.env for o in OPTIONS] + [a for aliases in ENV_ALIASES.values() for a in aliases]
     # compared without the prefix, which every name shares and which would make any two look alike
-    by_stem = {}
-    for known_name in known:
-        by_stem.setdefault(known_name.split("_", 1)[1], known_name)
+    by_stem = {known_name.split("_", 1)[1]: known_name for known_name in known}
     warnings = []
     for name in sorted(environ):
         if not name.upper().startswith(VARIABLE_PREFIXES) or name in known:
@@ -1622,9 +1617,7 @@ class Ledger:
         merged = {}
         for day in self.by_day(now, since=since):
             for model, totals in day["models"].items():
-                mine = merged.setdefault(model, dict.fromkeys(TOTAL_FIELDS, 0))
-                for name in TOTAL_FIELDS:
-                    mine[name] += totals[name]
+                merged.setdefault(model, collections.Counter()).update(totals)  # adds them up
         return self._rounded(merged)
 
     def by_session(self, since=None, limit=100):
