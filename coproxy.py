@@ -535,17 +535,17 @@ def json_cost_problem(raw):
     return None
 
 
-def parse_json_object(raw, what="request body"):
-    """Parse bytes as a JSON object or raise ``ClientError(400)`` saying what is wrong."""
+def parse_json_object(raw):
+    """Parse a request body as a JSON object or raise ``ClientError(400)`` saying what is wrong."""
     problem = json_cost_problem(raw)
     if problem:
-        raise ClientError(400, "%s %s" % (what, problem), code="invalid_json")
+        raise ClientError(400, "request body " + problem, code="invalid_json")
     try:
         payload = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise ClientError(400, "%s is not valid JSON: %s" % (what, exc), code="invalid_json")
+        raise ClientError(400, "request body is not valid JSON: %s" % exc, code="invalid_json")
     if not isinstance(payload, dict):
-        raise ClientError(400, "%s must be a JSON object" % what, code="invalid_json")
+        raise ClientError(400, "request body must be a JSON object", code="invalid_json")
     return payload
 
 
@@ -619,11 +619,11 @@ def format_duration(seconds):
     return "%ds" % seconds
 
 
-def open_private(path, flags, mode=0o600):
+def open_private(path, flags):
     """os.open that never follows a symlink at ``path`` (someone else's file planted in our state
     dir must not be written through) and creates files 0600."""
     return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-                   | getattr(os, "O_BINARY", 0), mode)
+                   | getattr(os, "O_BINARY", 0), 0o600)
 
 # ------------------------------------------------------------------------------------------
 # 4. Config
@@ -1450,13 +1450,13 @@ def local_day(timestamp):
     return time.strftime("%Y-%m-%d", time.localtime(timestamp))
 
 
-def percentiles(values, points=(50, 90, 99)):
-    """{"p50": .., "p90": .., "p99": ..} of ``values`` (nearest rank), None when there are none."""
+def percentiles(values):
+    """{"p50": .., "p90": .., "p99": ..} of ``values`` (nearest rank: the ceil(p% of n)-th
+    smallest, 1 to n for p below 100), None when there are none."""
     ordered = sorted(v for v in values if v is not None)
     if not ordered:
         return None
-    return {"p%d" % p: ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))]
-            for p in points}
+    return {"p%d" % p: ordered[-(-p * len(ordered) // 100) - 1] for p in (50, 90, 99)}
 
 
 def parse_since(text, now):
@@ -1640,10 +1640,9 @@ class Ledger:
                         "ms": percentiles(totals)}
                 for route, (ttfbs, totals) in sorted(routes.items())}
 
-    def requests(self, since=None, limit=HISTORY_RECENT):
-        """The last requests, newest first."""
-        chosen = [r for r in reversed(self.recent) if since is None or r["t"] >= since]
-        return chosen[:limit]
+    def requests(self, since=None):
+        """The last requests (at most HISTORY_RECENT are kept), newest first."""
+        return [r for r in reversed(self.recent) if since is None or r["t"] >= since]
 
 
 class History:
@@ -2821,7 +2820,7 @@ def copilot_headers(config, copilot_token, initiator="user", vision=False,
     return headers
 
 
-def upstream_error_message(raw, limit=2000):
+def upstream_error_message(raw):
     """(message, fields) of an upstream error body: JSON ``error.message``, ``message``, or the
     text itself; never double-encoded, never a token."""
     text = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw or "")
@@ -2841,7 +2840,7 @@ def upstream_error_message(raw, limit=2000):
         text = fields.get("message") or data.get("error_description") or text
         if not isinstance(text, str):
             text = json.dumps(text)
-    return redact(text[:limit]).strip(), fields
+    return redact(text[:2000]).strip(), fields
 
 
 class DeviceFlow:
@@ -3642,12 +3641,12 @@ class CopilotAuth:
             raise AuthError("GitHub %s answered HTTP %d: %s" % (path, status, message))
         return data
 
-    def copilot_json(self, method, path, payload=None, intent="model-access", headers=None):
+    def copilot_json(self, method, path, payload=None, headers=None):
         """(status, data, raw) of a small Copilot API call, with one new token after a refusal
         that a new token can fix (see retry_after_refusal)."""
         def attempt(first):
             record = self.copilot_token()
-            sent = copilot_headers(self.config, record["token"], intent=intent,
+            sent = copilot_headers(self.config, record["token"], intent="model-access",
                                    integration_id=record.get("integration_id"))
             sent.update(headers or {})
             status, data, raw, _ = self.client.request_json(method, self.api_base(record) + path,
@@ -12047,7 +12046,7 @@ def cmd_service(config, args):
     return 0
 
 
-def systemd_unit(config, argv, plain_env, env_path=None):
+def systemd_unit(config, argv, plain_env, env_path):
     """The lines of a systemd user unit that runs ``argv``: ``plain_env`` in Environment=
     lines, the secrets through EnvironmentFile= ``env_path``, and the sandboxing a user service
     can have (the server needs no more than its state dir and the network)."""
@@ -12090,7 +12089,7 @@ def systemd_unit(config, argv, plain_env, env_path=None):
     return lines
 
 
-def launchd_plist(config, argv, plain_env, env_path=None):
+def launchd_plist(config, argv, plain_env, env_path):
     """The lines of a launchd agent's plist that runs ``argv``. launchd has no environment
     file: with secrets, a shell loads ``env_path`` and then becomes coproxy (exec)."""
     def escape(text):  # XML's three, as a plist string needs them
