@@ -7781,6 +7781,13 @@ class TestPortability(unittest.TestCase):
         self.assertEqual((code, out.getvalue().strip().splitlines()[-1]),
                          (0, "1 passed, 0 failed, 0 skipped"))
 
+    def test_the_index_names_every_test_class(self):
+        # the index at the top of this file, from feature to test class, stays whole and true
+        index = sys.modules[__name__].__doc__.split("Where each feature is tested", 1)[1]
+        classes = {name for name, value in globals().items()
+                   if name.startswith("Test") and isinstance(value, type)}
+        self.assertEqual(set(re.findall(r"\bTest\w+", index)), classes)
+
     def test_import_has_no_side_effects(self):
         home = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, home, True)
