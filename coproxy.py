@@ -3417,19 +3417,17 @@ class CopilotAuth:
         GHCP_GITHUB_TOKEN, --github-token-file, the GitHub App, COPILOT_GITHUB_TOKEN (the Copilot
         CLI's variable), the saved login. Never GITHUB_TOKEN: in CI that is a repository token
         without Copilot. The App's token may be minted here (network)."""
-        if self.config.github_token:
-            return self.config.github_token, self.config.source_of("github_token")
+        config = self.config
+        if config.github_token:
+            return config.github_token, config.source_of("github_token")
         if self._token_file is not None:
-            return self._token_file.value(), self.config.github_token_file
+            return self._token_file.value(), config.github_token_file
         if self.app is not None:
             return self.app.token(), self.app.source
-        token = self.config.copilot_cli_token
-        if token:
-            return token, "COPILOT_GITHUB_TOKEN"
+        if config.copilot_cli_token:
+            return config.copilot_cli_token, "COPILOT_GITHUB_TOKEN"
         token = self.store.load_github_token()
-        if token:
-            return token, self.store.github_token_path
-        return None, None
+        return (token, self.store.github_token_path) if token else (None, None)
 
     def has_credentials(self):
         """Whether a GitHub token can be had without a login, without minting one (no network)."""
@@ -12129,13 +12127,11 @@ def _describe_bucket(bucket, reset, unit):
         return "not reported"
     if bucket["unlimited"]:
         return "unlimited"
-    used = bucket["used"]
-    parts = ["%s used" % ("%g" % used if used is not None else "?")]
+    text = "%s used" % ("?" if bucket["used"] is None else "%g" % bucket["used"])
     if bucket["entitlement"] is not None:
-        parts.append("of %g %s" % (bucket["entitlement"], unit))
+        text += " of %g %s" % (bucket["entitlement"], unit)
     if bucket["remaining"] is not None:
-        parts.append("%g left" % bucket["remaining"])
-    text = ", ".join([" ".join(parts[:2])] + parts[2:])
+        text += ", %g left" % bucket["remaining"]
     if bucket.get("percent_remaining") is not None:
         text += " (%.1f%% left)" % bucket["percent_remaining"]
     if bucket.get("overage_count"):
