@@ -11844,8 +11844,7 @@ def cmd_auth_status(config, args):
         except (AuthError, UpstreamUnreachable) as exc:
             print("Copilot:        refused: %s" % exc)
             return 1
-        for line in credential_lines(auth.describe(record)):
-            print(line)
+        print("\n".join(credential_lines(auth.describe(record))))  # a record: never empty
         if record.get("mode") == "direct":
             print("Copilot:        accepts the token (%d models)" % len(models))
         else:
@@ -11897,7 +11896,7 @@ def cmd_models(config, args):
                          str(entry["max_output_tokens"] or "-"),
                          "yes" if capabilities["tool_calls"] else "no",
                          "yes" if capabilities["vision"] else "no"))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        widths = [max(map(len, column)) for column in zip(*rows)]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         for alias, target in sorted(config.model_aliases.items()):
