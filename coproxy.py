@@ -5702,14 +5702,112 @@ def encode_ndjson_item(item):
     return (data.encode("utf-8") if isinstance(data, str) else json_dumps(data)) + b"\n"
 
 
+# A whole (non-stream) answer is its stream folded: the upstream's whole answer is replayed as
+# the items its stream would have carried, goes through the same translators (translate_whole),
+# and the client's dialect folds the items that come out into the one object its API answers
+# with. So a streamed answer and a whole one are the same translation and cannot drift apart.
+
+def _fold_chat_delta(message, delta):
+    """One chunk's delta into the whole message: text pieces appended, other fields set, tool
+    call pieces joined by their index (a dict until fold_chat_chunks lists them). Empty pieces
+    add nothing, so a message without text keeps ``content: null``, as OpenAI's answers do."""
+    for key, value in delta.items():
+        if key == "tool_calls":
+            for piece in value:
+                call = message.setdefault("tool_calls", {}).setdefault(_index(piece), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                call.update((k, piece[k]) for k in ("id", "type") if piece.get(k))
+                for name, text in _dig(piece, "function").items():
+                    if isinstance(text, str):
+                        call["function"][name] = call["function"].get(name, "") + text
+        elif isinstance(value, str) and key != "role":
+            if value:
+                message[key] = (message.get(key) or "") + value
+        elif value is not None:
+            message[key] = value
+
+
+def fold_chat_chunks(items):
+    """Chat completion chunks folded into the chat.completion they spell: every field of the
+    chunks kept (usage and copilot_usage come in the last), choices by index with their
+    deltas joined and their finish_reason."""
+    answer, choices = {}, {}
+    for _, chunk in items:
+        if not isinstance(chunk, dict):  # [DONE]
+            continue
+        answer.update((key, value) for key, value in chunk.items() if key != "choices")
+        for piece in chunk["choices"]:
+            choice = choices.setdefault(_index(piece), {
+                "index": _index(piece), "finish_reason": None, "logprobs": None,
+                "message": {"role": "assistant", "content": None, "refusal": None}})
+            _fold_chat_delta(choice["message"], piece.get("delta") or {})
+            choice.update((key, value) for key, value in piece.items()
+                          if value is not None and key not in ("delta", "index"))
+    for choice in choices.values():
+        calls = choice["message"].get("tool_calls")
+        if calls:
+            choice["message"]["tool_calls"] = [calls[index] for index in sorted(calls)]
+    answer.update(object="chat.completion", choices=[choices[i] for i in sorted(choices)])
+    answer.setdefault("usage", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+    return answer
+
+
+#: The field of its block each kind of Anthropic content_block_delta adds to.
+_ANTHROPIC_DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking",
+                           "signature_delta": "signature", "input_json_delta": "partial_json"}
+
+
+def fold_anthropic_events(items):
+    """Anthropic Messages events folded into the message they spell: message_start's message,
+    each block as it started with its deltas added (a tool's input JSON parsed once whole),
+    message_delta's stop reason and usage."""
+    message, inputs = None, {}
+    for kind, event in items:
+        if kind == "message_start":
+            message = dict(event["message"], content=[])
+        elif kind == "content_block_start":
+            message["content"].append(dict(event["content_block"]))
+        elif kind == "content_block_delta":
+            field = _ANTHROPIC_DELTA_FIELDS[event["delta"]["type"]]
+            if field == "partial_json":
+                inputs[event["index"]] = inputs.get(event["index"], "") + event["delta"][field]
+            else:
+                message["content"][event["index"]][field] += event["delta"][field]
+        elif kind == "message_delta":
+            message.update(event["delta"], usage=dict(message["usage"], **event["usage"]))
+    for index, text in inputs.items():
+        message["content"][index]["input"] = _parse_arguments(text)
+    return message
+
+
+def fold_ollama_objects(items):
+    """Ollama's stream objects folded into its one answer (``"stream": false``): the last (done)
+    object, with the text and thinking of all before it joined and their tool calls gathered,
+    under ``message`` (/api/chat) or at the top (/api/generate)."""
+    answer = dict(items[-1][1])
+    if "message" in answer:
+        answer["message"] = dict(answer["message"])
+    whole = answer.get("message", answer)
+    for _, part in items[:-1]:
+        piece = part.get("message", part)
+        for key in ("content", "response", "thinking"):
+            if piece.get(key):
+                whole[key] = whole.get(key, "") + piece[key]
+        if piece.get("tool_calls"):
+            whole["tool_calls"] = whole.get("tool_calls", []) + piece["tool_calls"]
+    return answer
+
+
 class Dialect:
     """How one client API spells things on the wire: answers, stream items (``encode``, sent as
-    ``stream_type``), a stream failure, a keep-alive ping (None: the plan brings its own) and an
-    error envelope. One instance per API (OPENAI, RESPONSES, ANTHROPIC, OLLAMA)."""
+    ``stream_type``), a stream failure, a keep-alive ping (None: the plan brings its own), an
+    error envelope, and ``fold``: a stream's items as the one object of a whole answer. One
+    instance per API (OPENAI, RESPONSES, ANTHROPIC, OLLAMA)."""
 
-    def __init__(self, ping, stream_error, envelope, encode=encode_sse_item,
+    def __init__(self, ping, stream_error, envelope, fold, encode=encode_sse_item,
                  stream_type="text/event-stream; charset=utf-8"):
         self.ping = ping
+        self.fold = fold
         self._stream_error = stream_error
         self._envelope = envelope
         self.encode = encode
@@ -5729,22 +5827,23 @@ class Dialect:
 
 OPENAI = Dialect(b": ping\n\n",
                  lambda message, code, _: (None, openai_error_body(message, "api_error", code)),
-                 lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
+                 lambda e: openai_error_body(str(e), e.kind, e.code, e.param), fold_chat_chunks)
 
 RESPONSES = Dialect(b": ping\n\n",
                     lambda message, code, sequence: ("error", {
                         "type": "error", "code": code, "message": message, "param": None,
                         "sequence_number": sequence}),
-                    lambda e: openai_error_body(str(e), e.kind, e.code, e.param))
+                    lambda e: openai_error_body(str(e), e.kind, e.code, e.param),
+                    lambda items: items[-1][1]["response"])  # the last event has it whole
 
 ANTHROPIC = Dialect(encode_sse(b'{"type":"ping"}', "ping"),
                     lambda message, code, _: ("error", anthropic_error_body(500, message)),
-                    lambda e: anthropic_error_body(e.status, str(e)))
+                    lambda e: anthropic_error_body(e.status, str(e)), fold_anthropic_events)
 
 #: Ollama's API: NDJSON streams, ``{"error": "..."}`` for errors (a line of its own mid-stream),
 #: and no comment syntax for pings: its plans ping with an empty line of their answer's shape.
 OLLAMA = Dialect(None, lambda message, code, _: (None, {"error": message}),
-                 lambda e: {"error": str(e)}, encode=encode_ndjson_item,
+                 lambda e: {"error": str(e)}, fold_ollama_objects, encode=encode_ndjson_item,
                  stream_type="application/x-ndjson")
 
 
@@ -5864,6 +5963,21 @@ def parse_event_json(data):
     except (ValueError, RecursionError):
         return StreamError("Copilot sent a malformed stream event", "bad_upstream_event")
     return value if isinstance(value, dict) else None
+
+
+def translate_whole(chain, dialect, items):
+    """A whole answer replayed as stream ``items`` (see the *_answer_items functions) through
+    the stream translators of ``chain``, folded by the client's ``dialect``. A failure the
+    stream would have ended with (Copilot's error in the answer) is a 502 with its message."""
+    for translator in chain:
+        out = []
+        for event, data in items:
+            out.extend(translator.feed(event, data))
+        items = out + translator.end()
+        for item in items:
+            if isinstance(item, StreamError):
+                raise ClientError(502, item.message, code=item.code or "bad_upstream_response")
+    return dialect.fold(items)
 
 
 # -- 9b. Error envelopes and what Copilot's errors mean -------------------------------------
@@ -6111,58 +6225,23 @@ def _merge_finish(current, new):
     return current or new
 
 
-def merge_choices(choices):
-    """Claude via Copilot may put text in choices[0] and tool calls in choices[1]; one choice."""
-    merged = dict(choices[0])
-    message = dict(get_typed(merged, "message", dict, {"role": "assistant"}))
-    texts, tool_calls, finish = [], [], None
-    for choice in sorted(choices, key=_index):
-        part = get_typed(choice, "message", dict, {})
-        if isinstance(part.get("content"), str) and part["content"]:
-            texts.append(part["content"])
-        if isinstance(part.get("tool_calls"), list):
-            tool_calls.extend(part["tool_calls"])
-        for key, value in part.items():
-            taken = key in ("content", "tool_calls") or message.get(key) is not None
-            if value is not None and not taken:
-                message[key] = value
-        finish = _merge_finish(finish, choice.get("finish_reason"))
-    message["content"] = "".join(texts) if texts else None
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    merged.update(message=message, index=0, finish_reason=finish)
-    return merged
-
-
-def normalize_chat_response(data, model, merge, now):
-    """A complete OpenAI chat.completion from what Copilot returned."""
-    if not isinstance(data, dict):
-        raise ValueError("answer is not a JSON object")
-    choices = [c for c in get_typed(data, "choices", list, []) if isinstance(c, dict)]
-    if merge and len(choices) > 1:
-        choices = [merge_choices(choices)]
-    for position, choice in enumerate(choices):
-        choice.setdefault("index", position)
-        message = choice.get("message")
-        if isinstance(message, dict):
-            message.pop("padding", None)
-            message.setdefault("role", "assistant")
-            message.setdefault("content", None)
-            message.setdefault("refusal", None)  # required by OpenAI's schema, null when none
-        choice.setdefault("finish_reason", None)
-        choice.setdefault("logprobs", None)
-    data["choices"] = choices
-    data["id"] = data.get("id") or "chatcmpl-" + random_id()
-    data["object"] = "chat.completion"
-    data["created"] = data.get("created") or int(now)
-    data["model"] = data.get("model") or model
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        usage = data["usage"] = {}
-    usage.setdefault("prompt_tokens", 0)
-    usage.setdefault("completion_tokens", 0)
-    usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
-    return data
+def chat_answer_items(data):
+    """A whole chat completion as its stream (see translate_whole): one chunk, each message its
+    choice's delta (tool calls numbered, no Azure ``padding``; an empty choice if none, as
+    OpenAI has at least one and the translators read id and model from it), then ``[DONE]``."""
+    choices = []
+    for choice in get_typed(data, "choices", list, []) or [{"index": 0, "message": {}}]:
+        if not isinstance(choice, dict):
+            continue
+        delta = {k: v for k, v in _dig(choice, "message").items() if k != "padding"}
+        if isinstance(delta.get("content"), list):
+            delta["content"] = _plain_text(delta["content"])
+        if isinstance(delta.get("tool_calls"), list):
+            delta["tool_calls"] = [dict(call, index=index)
+                                   for index, call in enumerate(delta["tool_calls"])
+                                   if isinstance(call, dict)]
+        choices.append(dict({k: v for k, v in choice.items() if k != "message"}, delta=delta))
+    return [(None, dict(data, choices=choices)), (None, "[DONE]")]
 
 
 def chat_chunk_problem(chunk):
@@ -6350,33 +6429,6 @@ def _anthropic_usage(usage):
     if cached:
         out["cache_read_input_tokens"] = cached
     return out
-
-
-def openai_to_anthropic_response(data, model):
-    """A Copilot chat completion as an Anthropic message (all choices read: Claude splits them)."""
-    thinking, texts, tools, finish = [], [], [], None
-    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
-    for choice in sorted(choices, key=_index):
-        message = get_typed(choice, "message", dict, {})
-        if message.get("reasoning_text") or message.get("reasoning_opaque"):
-            thinking.append({"type": "thinking", "thinking": message.get("reasoning_text") or "",
-                             "signature": message.get("reasoning_opaque") or ""})
-        content = message.get("content")
-        if isinstance(content, list):
-            content = _plain_text(content)
-        if isinstance(content, str) and content:
-            texts.append({"type": "text", "text": content})
-        for call in get_typed(message, "tool_calls", list, []):
-            function = get_typed(call, "function", dict, {})
-            tools.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(24),
-                          "name": function.get("name"),
-                          "input": _parse_arguments(function.get("arguments"))})
-        finish = _merge_finish(finish, choice.get("finish_reason"))
-    stop_reason = "tool_use" if tools else _STOP_REASONS.get(finish, "end_turn" if finish else None)
-    return {"id": data.get("id") or "msg_" + random_id(), "type": "message", "role": "assistant",
-            "model": data.get("model") or model, "content": thinking + texts + tools,
-            "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": _anthropic_usage(data.get("usage"))}
 
 
 #: A thinking block as it opens: Anthropic's schema requires ``signature`` ("" until its delta).
@@ -6582,31 +6634,24 @@ def _responses_finish(response, saw_tool):
     return "stop"
 
 
-def responses_to_chat_response(data, model, now):
-    """A Responses answer as an OpenAI chat.completion."""
-    texts, calls = [], []
-    for item in get_typed(data, "output", list, []):
+def responses_answer_items(data):
+    """A whole Response as its stream (see translate_whole), as far as its readers look:
+    response.created, each item whole in output_item.done (a message's text or refusal first
+    as output_text.delta), then the end event its status names."""
+    items = [("response.created", {"type": "response.created", "response": data})]
+    for position, item in enumerate(get_typed(data, "output", list, [])):
         if not isinstance(item, dict):
             continue
-        if item.get("type") == "message":
-            for part in get_typed(item, "content", list, []):
-                text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
-                if isinstance(text, str):
-                    texts.append(text)
-        elif item.get("type") == "function_call":
-            calls.append({"id": item.get("call_id") or item.get("id"), "type": "function",
-                          "function": {"name": item.get("name"),
-                                       "arguments": item.get("arguments") or "{}"}})
-    message = {"role": "assistant", "content": "".join(texts) or None, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
-    created = data.get("created_at")
-    return {"id": "chatcmpl-" + str(data.get("id") or random_id()), "object": "chat.completion",
-            "created": int(created) if isinstance(created, (int, float)) else int(now),
-            "model": data.get("model") or model,
-            "choices": [{"index": 0, "message": message,
-                         "finish_reason": _responses_finish(data, bool(calls)), "logprobs": None}],
-            "usage": _responses_usage(data.get("usage"))}
+        for part in get_typed(item, "content", list, []) if item.get("type") == "message" else []:
+            text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
+            if isinstance(text, str):
+                items.append(("response.output_text.delta", {
+                    "type": "response.output_text.delta", "output_index": position, "delta": text}))
+        items.append(("response.output_item.done", {
+            "type": "response.output_item.done", "output_index": position, "item": item}))
+    end = {"incomplete": "response.incomplete", "failed": "response.failed"}.get(
+        data.get("status"), "response.completed")
+    return items + [(end, {"type": end, "response": data})]
 
 
 class ResponsesToChat(Translator):
@@ -6973,23 +7018,19 @@ class ChatToResponses(ChatReader):
         out = []
         for choice in get_typed(chunk, "choices", list, []):
             if isinstance(choice, dict):
-                out += self.read(choice, choice.get("delta"))
+                out += self._read(choice, _dig(choice, "delta"))
         return out
 
-    def read(self, choice, delta):
-        """One choice's delta (or a whole answer's message) into the builder."""
+    def _read(self, choice, delta):
+        """One choice's delta into the builder: thinking, signature, text, tool call pieces."""
         builder = self.builder
-        delta = delta if isinstance(delta, dict) else {}
         out = builder.start()
         if _string(delta, "reasoning_text"):
             out += builder.reasoning(delta["reasoning_text"])
         if _string(delta, "reasoning_opaque"):
             out += builder.signature(delta["reasoning_opaque"])
-        content = delta.get("content")
-        if isinstance(content, list):
-            content = _plain_text(content)
-        if isinstance(content, str) and content:
-            out += builder.text(content)
+        if _string(delta, "content"):
+            out += builder.text(delta["content"])
         position = _index(choice)
         for call in get_typed(delta, "tool_calls", list, []):
             if not isinstance(call, dict):
@@ -7009,27 +7050,6 @@ class ChatToResponses(ChatReader):
 
     def end(self):
         return self.builder.finish(_CHAT_INCOMPLETE.get(self.finish_reason), self.usage)
-
-
-def chat_answer_to_response(data, builder):
-    """A whole chat completion as a Response."""
-    reader = ChatToResponses(builder)
-    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
-    for choice in sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int)
-                         else 0):
-        message = dict(_dig(choice, "message"))
-        calls = message.get("tool_calls")
-        if isinstance(calls, list):  # a whole answer's calls carry no index of their own
-            message["tool_calls"] = [dict(c, index=i) for i, c in enumerate(calls)
-                                     if isinstance(c, dict)]
-        reader.read(choice, message)
-    builder.finish(_CHAT_INCOMPLETE.get(reader.finish_reason),
-                   usage_from_chat(data.get("usage"), data.get("copilot_usage")))
-    return builder.response
-
-
-_ANTHROPIC_DELTA_FIELDS = {"text_delta": "text", "thinking_delta": "thinking",
-                           "signature_delta": "signature", "input_json_delta": "partial_json"}
 
 
 class AnthropicToResponses(Translator):
@@ -7058,8 +7078,7 @@ class AnthropicToResponses(Translator):
             self.stop_reason = _dig(data, "delta").get("stop_reason") or self.stop_reason
             return builder.start()
         if kind == "content_block_start":
-            block = _dig(data, "content_block")
-            return self.read_block(data.get("index"), block, block.get("type") != "tool_use")
+            return self._read_block(data.get("index"), _dig(data, "content_block"))
         if kind == "content_block_delta":
             delta = _dig(data, "delta")
             piece = _ANTHROPIC_DELTA_FIELDS.get(delta.get("type"))
@@ -7081,15 +7100,13 @@ class AnthropicToResponses(Translator):
                                 _string(error, "type"))]
         return []
 
-    def read_block(self, index, block, whole):
-        """A content block as it starts (``whole``: a whole answer's block, everything in it)."""
+    def _read_block(self, index, block):
+        """A content block as it starts, with what it already holds (a whole answer's blocks
+        hold all of it, but a tool's input, which comes as an input_json_delta)."""
         builder, kind = self.builder, block.get("type")
         if kind == "tool_use":
-            call_id = self.calls[index] = _string(block, "id") or "toolu_" + random_id(24)
-            out = builder.call(call_id, _string(block, "name") or "")
-            if whole:
-                out += builder.arguments(call_id, json.dumps(block.get("input") or {}))
-            return out
+            self.calls[index] = _string(block, "id") or "toolu_" + random_id(24)
+            return builder.call(self.calls[index], _string(block, "name") or "")
         if kind == "thinking":
             out = builder.reasoning(_string(block, "thinking") or "")
             if _string(block, "signature"):
@@ -7103,16 +7120,25 @@ class AnthropicToResponses(Translator):
         return self.builder.finish(_ANTHROPIC_INCOMPLETE.get(self.stop_reason), self.usage)
 
 
-def anthropic_answer_to_response(data, builder):
-    """A whole Anthropic message as a Response."""
-    reader = AnthropicToResponses(builder)
-    blocks = get_typed(data, "content", list, [])
-    for index, block in enumerate(blocks):
-        if isinstance(block, dict):
-            reader.read_block(index, block, True)
-    builder.finish(_ANTHROPIC_INCOMPLETE.get(data.get("stop_reason")),
-                   usage_from_anthropic(data.get("usage"), data.get("copilot_usage")))
-    return builder.response
+def anthropic_answer_items(data):
+    """A whole Anthropic message as its stream (see translate_whole): message_start, each block
+    whole in its content_block_start (a tool's input follows as one input_json_delta), then
+    message_delta and message_stop."""
+    items = [("message_start", {"type": "message_start", "message": data,
+                                "copilot_usage": data.get("copilot_usage")})]
+    for index, block in enumerate(get_typed(data, "content", list, [])):
+        if not isinstance(block, dict):
+            continue
+        items.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                              "content_block": block}))
+        if block.get("type") == "tool_use":
+            items.append(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                  "delta": {"type": "input_json_delta",
+                                                            "partial_json": json.dumps(
+                                                                block.get("input") or {})}}))
+    return items + [("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": data.get("stop_reason")}}),
+                    ("message_stop", {"type": "message_stop"})]
 
 
 #: What a translated model is asked for when Codex compacts its conversation (Copilot compacts
@@ -7191,6 +7217,21 @@ class Plan:
     removed: list = dataclasses.field(default_factory=list)   # fields taken out (logged at debug)
 
 
+#: A whole answer of each Copilot path replayed as the stream it would have been.
+_ANSWER_ITEMS = {"/chat/completions": chat_answer_items, "/responses": responses_answer_items,
+                 "/v1/messages": anthropic_answer_items}
+
+
+def translate_with(plan, chain):
+    """Give a translated plan its stream translators (``chain``: a function returning them,
+    upstream format first) and its whole answer from the same translators (translate_whole).
+    The answer holds the plan's parts, not the plan: a cycle through it would keep a failed
+    request's payload alive until a full garbage collection."""
+    items, dialect = _ANSWER_ITEMS[plan.path], plan.dialect
+    plan.chain = chain
+    plan.answer = lambda data: translate_whole(chain(), dialect, items(data))
+
+
 #: max_tokens refused by models that want max_completion_tokens (GPT-5 and o-series on chat).
 _MAX_TOKENS_REFUSED = re.compile(r"max_tokens.{0,80}max_completion_tokens"
                                  r"|unsupported parameter:? *'?max_tokens", re.I | re.S)
@@ -7266,14 +7307,13 @@ def plan_chat(payload, parsed, model, info, quirks, now):
     plan = Plan("chat", OPENAI, model, info, endpoint_for(info, "/chat/completions"), stream=stream,
                 initiator=chat_initiator(payload["messages"]), vision=vision,
                 what="a chat completion")
+    usage = include_usage or not stream  # a whole answer always has its usage
     if plan.path == "/responses":
         plan.payload = chat_to_responses_request(payload)
-        plan.answer = lambda data: responses_to_chat_response(data, model, now)
-        plan.chain = lambda: [ResponsesToChat(model, include_usage, now)]
+        translate_with(plan, lambda: [ResponsesToChat(model, usage, now)])
     else:
         plan.payload = payload
-        plan.answer = lambda data: normalize_chat_response(data, model, merge, now)
-        plan.chain = lambda: [ChatNormalize(model, include_usage, merge, now)]
+        translate_with(plan, lambda: [ChatNormalize(model, usage, merge, now)])
     return fit_to_model(plan, quirks)
 
 
@@ -7319,17 +7359,15 @@ def plan_messages(payload, model, info, quirks, now, header=lambda name: None):
         # the estimate is for message_start; Copilot's own /v1/messages needs none
         estimate = estimate_input_tokens(payload) if stream else 0
         plan.payload = chat_to_responses_request(anthropic_to_openai_request(payload, info))
-        plan.answer = lambda data: openai_to_anthropic_response(
-            responses_to_chat_response(data, model, now), model)
-        plan.chain = lambda: [ResponsesToChat(model, True, now), ChatToAnthropic(model, estimate)]
+        translate_with(plan, lambda: [ResponsesToChat(model, True, now),
+                                      ChatToAnthropic(model, estimate)])
     else:
         plan.path = "/chat/completions"
         estimate = estimate_input_tokens(payload) if stream else 0
         plan.payload = anthropic_to_openai_request(payload, info)
         if is_gemini(model, info):
             gemini_tools(plan.payload)
-        plan.answer = lambda data: openai_to_anthropic_response(data, model)
-        plan.chain = lambda: [ChatToAnthropic(model, estimate)]
+        translate_with(plan, lambda: [ChatToAnthropic(model, estimate)])
     return fit_to_model(plan, quirks)
 
 
@@ -7418,12 +7456,10 @@ def plan_responses(payload, model, info, quirks, now, store=None):
         plan.headers["anthropic-version"] = "2023-06-01"
         if "thinking" in plan.payload:  # thinking between tool calls, as Claude Code has it
             plan.headers["anthropic-beta"] = "interleaved-thinking-2025-05-14"
-        plan.answer = lambda data: anthropic_answer_to_response(data, builder())
-        plan.chain = lambda: [AnthropicToResponses(builder())]
+        translate_with(plan, lambda: [AnthropicToResponses(builder())])
     else:
         plan.payload = _chat_for_model(chat, plan, model, info)
-        plan.answer = lambda data: chat_answer_to_response(data, builder())
-        plan.chain = lambda: [ChatToResponses(builder())]
+        translate_with(plan, lambda: [ChatToResponses(builder())])
     return fit_to_model(plan, quirks)
 
 
@@ -7474,8 +7510,8 @@ def plan_response_get(response_id, method="GET"):
 
 # -- 9i. Ollama's API: answers and plans ----------------------------------------------------
 # An Ollama request (8g) is planned by plan_chat, so the model's endpoint (chat completions or
-# /responses) and every quirk apply unchanged; the plan is then wrapped: its whole answer goes
-# on through ollama_answer, its stream chain ends in ChatToOllama, and its dialect is OLLAMA
+# /responses) and every quirk apply unchanged; the plan is then wrapped: its stream chain ends
+# in ChatToOllama (which its whole answer goes through too), and its dialect is OLLAMA
 # (NDJSON lines, ``{"error": "..."}``). Names are catalogue ids with Ollama's ``:latest``
 # tag; what /api/show tells about a model comes from its catalogue entry.
 
@@ -7574,20 +7610,6 @@ def ollama_done(finish_reason, usage, total, first):
             "eval_duration": int(max(0.0, total - first) * 1e9)}
 
 
-def ollama_answer(data, name, kind, created_at, total):
-    """A whole chat completion as Ollama's one object (``"stream": false``)."""
-    choices = [c for c in data.get("choices") or [] if isinstance(c, dict)]
-    choice = choices[0] if choices else {}
-    message = _dig(choice, "message")
-    calls = get_typed(message, "tool_calls", list, [])
-    text = message.get("content")
-    out = ollama_object(name, kind, created_at, text if isinstance(text, str) else "",
-                        _string(message, "reasoning_text"),
-                        _ollama_calls([c for c in calls if isinstance(c, dict)]))
-    out.update(ollama_done(choice.get("finish_reason"), data.get("usage"), total, total))
-    return out
-
-
 class ChatToOllama(ChatReader):
     """Chat completion chunks in, Ollama's stream objects out: one per text or thinking delta,
     the tool calls whole in one object once their arguments are complete (Ollama sends them as
@@ -7599,7 +7621,7 @@ class ChatToOllama(ChatReader):
         self.name, self.kind, self.created_at = name, kind, created_at
         self.started, self.clock = started, clock
         self.first_at = None
-        self.calls = {}
+        self.held = {}  # the tool calls so far, joined as a whole answer's are (see 9a)
         self.finish_reason = None
 
     def feed(self, event, data):
@@ -7620,17 +7642,7 @@ class ChatToOllama(ChatReader):
                 line = ollama_object(self.name, self.kind, self.created_at, text, thinking)
                 out.append((None, line))
             calls = get_typed(delta, "tool_calls", list, [])
-            for call in calls:
-                if not isinstance(call, dict):
-                    continue
-                function = _dig(call, "function")
-                index = _index(call)
-                held = self.calls.setdefault(index, {"id": None,
-                                                     "function": {"name": "", "arguments": ""}})
-                held["id"] = call.get("id") or held["id"]
-                for key in ("name", "arguments"):
-                    if isinstance(function.get(key), str):
-                        held["function"][key] += function[key]
+            _fold_chat_delta(self.held, {"tool_calls": [c for c in calls if isinstance(c, dict)]})
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         return out
@@ -7638,9 +7650,9 @@ class ChatToOllama(ChatReader):
     def end(self):
         """The held tool calls whole, then the ``done`` object with the counts and
         the durations Ollama reports (nanoseconds)."""
-        out = []
-        if self.calls:
-            calls = _ollama_calls([self.calls[index] for index in sorted(self.calls)])
+        out, held = [], self.held.get("tool_calls")
+        if held:
+            calls = _ollama_calls([held[index] for index in sorted(held)])
             out.append((None, ollama_object(self.name, self.kind, self.created_at, calls=calls)))
         now = self.clock()
         done = ollama_object(self.name, self.kind, self.created_at)
@@ -7664,11 +7676,10 @@ def plan_ollama(payload, kind, name, model, info, quirks, now, started, clock):
     chat = ollama_to_chat_request(payload, kind, model, info)
     plan = plan_chat(chat, validate_chat_request(chat), model, info, quirks, now)
     created_at = rfc3339(now)
-    chat_answer, chat_chain = plan.answer, plan.chain
+    chat_chain = plan.chain
     plan.dialect, plan.effort_name = OLLAMA, "think"
-    plan.answer = lambda data: ollama_answer(chat_answer(data), name, kind, created_at,
-                                             clock() - started)
-    plan.chain = lambda: chat_chain() + [ChatToOllama(name, kind, created_at, started, clock)]
+    translate_with(plan, lambda: chat_chain() + [ChatToOllama(name, kind, created_at, started,
+                                                              clock)])
     plan.ping = encode_ndjson_item((None, ollama_object(name, kind, created_at)))  # an empty delta
     return plan
 

@@ -2651,6 +2651,24 @@ def translate(chain, dialect, *pieces, end=True):
     return out + (translation.end() if end else b""), translation
 
 
+def whole_chat(data, model, now):
+    """A whole chat completion from Copilot as coproxy answers it (choices merged)."""
+    return coproxy.translate_whole([coproxy.ChatNormalize(model, True, True, now)], coproxy.OPENAI,
+                                   coproxy.chat_answer_items(data))
+
+
+def whole_anthropic(data, model):
+    """A whole chat completion from Copilot as an Anthropic message."""
+    return coproxy.translate_whole([coproxy.ChatToAnthropic(model)], coproxy.ANTHROPIC,
+                                   coproxy.chat_answer_items(data))
+
+
+def whole_chat_from_responses(data, model, now):
+    """A whole Response from Copilot as a chat completion."""
+    return coproxy.translate_whole([coproxy.ResponsesToChat(model, True, now)], coproxy.OPENAI,
+                                   coproxy.responses_answer_items(data))
+
+
 class TestBodies(unittest.TestCase):
     """Request bodies as clients compress them (Codex sends zstd or gzip)."""
 
@@ -2789,7 +2807,7 @@ class TestTranslateOpenAI(unittest.TestCase):
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Let me look."}},
             {"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
                 {"id": "t1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}}]}
-        out = coproxy.normalize_chat_response(data, "claude-sonnet-4.5", True, 1700000000)
+        out = whole_chat(data, "claude-sonnet-4.5", 1700000000)
         self.assertEqual(len(out["choices"]), 1)
         choice = out["choices"][0]
         self.assertEqual(choice["finish_reason"], "tool_calls")
@@ -2819,9 +2837,9 @@ class TestTranslateOpenAI(unittest.TestCase):
             chunks = [d for d in data if d != "[DONE]"]
             self.assertEqual({c["model"] for c in chunks}, {dated}, merge)
             self.assertIn("usage", chunks[-1])
-        answer = coproxy.normalize_chat_response({"model": dated, "choices": []}, "gpt-4.1", True, 1700000000)
+        answer = whole_chat({"model": dated, "choices": []}, "gpt-4.1", 1700000000)
         self.assertEqual(answer["model"], dated)  # the same rule without a stream
-        self.assertEqual(coproxy.normalize_chat_response({"choices": []}, "gpt-4.1", True, 0)["model"], "gpt-4.1")
+        self.assertEqual(whole_chat({"choices": []}, "gpt-4.1", 0)["model"], "gpt-4.1")
         out, _ = translate([coproxy.ChatToAnthropic("claude-sonnet-4.5")], coproxy.ANTHROPIC,
                            chunk("hi", model="claude-sonnet-4.5-20250929"), chunk(None, "stop"), DONE)
         self.assertEqual(sse_events(out)[0][1]["message"]["model"], "claude-sonnet-4.5-20250929")
@@ -2975,14 +2993,14 @@ class TestTranslateAnthropic(unittest.TestCase):
             {"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant", "tool_calls": [
                 {"id": "toolu_9", "type": "function", "function": {"name": "ls", "arguments": "{\"d\":\".\"}"}}]}}],
             "usage": {"prompt_tokens": 100, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 60}}}
-        out = coproxy.openai_to_anthropic_response(data, "claude-haiku-4.5")
+        out = whole_anthropic(data, "claude-haiku-4.5")
         self.assertEqual(out["content"], [{"type": "thinking", "thinking": "hmm", "signature": "sig"},
                                           {"type": "text", "text": "Let me check."},
                                           {"type": "tool_use", "id": "toolu_9", "name": "ls", "input": {"d": "."}}])
         self.assertEqual(out["stop_reason"], "tool_use")
         self.assertEqual(out["usage"], {"input_tokens": 40, "output_tokens": 7, "cache_read_input_tokens": 60})
         self.assertEqual((out["type"], out["role"]), ("message", "assistant"))
-        plain = coproxy.openai_to_anthropic_response({"choices": [{"finish_reason": "length", "message": {
+        plain = whole_anthropic({"choices": [{"finish_reason": "length", "message": {
             "content": "cut"}}]}, "m")
         self.assertEqual(plain["stop_reason"], "max_tokens")
 
@@ -3101,7 +3119,7 @@ class TestTranslateResponses(unittest.TestCase):
             {"type": "function_call", "call_id": "call_7", "name": "ls", "arguments": "{\"d\":1}"}],
             "usage": {"input_tokens": 10, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 4},
                       "output_tokens_details": {"reasoning_tokens": 2}}}
-        out = coproxy.responses_to_chat_response(data, "m", 1)
+        out = whole_chat_from_responses(data, "m", 1)
         choice = out["choices"][0]
         self.assertEqual(choice["message"]["content"], "Running ls")
         self.assertEqual(choice["message"]["tool_calls"], [{"id": "call_7", "type": "function",
@@ -3110,7 +3128,7 @@ class TestTranslateResponses(unittest.TestCase):
         self.assertEqual(out["usage"], {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
                                         "prompt_tokens_details": {"cached_tokens": 4},
                                         "completion_tokens_details": {"reasoning_tokens": 2}})
-        cut = coproxy.responses_to_chat_response({"status": "incomplete", "incomplete_details": {
+        cut = whole_chat_from_responses({"status": "incomplete", "incomplete_details": {
             "reason": "max_output_tokens"}, "output": []}, "m", 1)
         self.assertEqual(cut["choices"][0]["finish_reason"], "length")
 
