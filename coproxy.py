@@ -7599,17 +7599,6 @@ def ollama_object(name, kind, created_at, text="", thinking=None, calls=None):
     return out
 
 
-def ollama_done(finish_reason, usage, total, first):
-    """The fields of Ollama's last object: why it ended, token counts and durations in ns
-    (``total``: seconds from the request to the end; ``first``: to the first token)."""
-    return {"done": True, "done_reason": "length" if finish_reason == "length" else "stop",
-            "total_duration": int(total * 1e9), "load_duration": 0,
-            "prompt_eval_count": _count(usage, "prompt_tokens"),
-            "prompt_eval_duration": int(first * 1e9),
-            "eval_count": _count(usage, "completion_tokens"),
-            "eval_duration": int(max(0.0, total - first) * 1e9)}
-
-
 class ChatToOllama(ChatReader):
     """Chat completion chunks in, Ollama's stream objects out: one per text or thinking delta,
     the tool calls whole in one object once their arguments are complete (Ollama sends them as
@@ -7648,16 +7637,21 @@ class ChatToOllama(ChatReader):
         return out
 
     def end(self):
-        """The held tool calls whole, then the ``done`` object with the counts and
-        the durations Ollama reports (nanoseconds)."""
+        """The held tool calls whole, then the ``done`` object: why it ended, the token counts,
+        and the durations Ollama reports in ns (to the first token: the prompt's)."""
         out, held = [], self.held.get("tool_calls")
         if held:
             calls = _ollama_calls([held[index] for index in sorted(held)])
             out.append((None, ollama_object(self.name, self.kind, self.created_at, calls=calls)))
-        now = self.clock()
+        total = self.clock() - self.started
+        first = self.first_at - self.started if self.first_at is not None else total
         done = ollama_object(self.name, self.kind, self.created_at)
-        done.update(ollama_done(self.finish_reason, self.raw_usage, now - self.started,
-                                (self.first_at or now) - self.started))
+        done.update(done=True, done_reason="length" if self.finish_reason == "length" else "stop",
+                    total_duration=int(total * 1e9), load_duration=0,
+                    prompt_eval_count=_count(self.raw_usage, "prompt_tokens"),
+                    prompt_eval_duration=int(first * 1e9),
+                    eval_count=_count(self.raw_usage, "completion_tokens"),
+                    eval_duration=int(max(0.0, total - first) * 1e9))
         return out + [(None, done)]
 
 
