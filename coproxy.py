@@ -656,8 +656,7 @@ def _api_surface(text):
     if text in API_SURFACE_PRESETS:
         return frozenset(API_SURFACE_PRESETS[text])
     parts = frozenset(p.strip() for p in text.split(",") if p.strip())
-    unknown = parts - set(API_SURFACES)
-    if unknown or not parts:
+    if not parts or parts - set(API_SURFACES):
         raise ValueError("use %s, or a comma list of %s"
                          % ("/".join(API_SURFACE_PRESETS), ",".join(API_SURFACES)))
     return parts
@@ -1028,14 +1027,13 @@ class Config:
         return "" if self.state_dir == default else " --state-dir %s" % self.state_dir
 
     @classmethod
-    def resolve(cls, values=None, environ=None):
+    def resolve(cls, values, environ=None):
         """Build a Config from parsed flags (a dict; missing keys = not given) and environment.
 
         Precedence is flag > variable (then its aliases) > default. The values are then checked
         together (URLs, secrets, token sources, the CA file), so that a bad setting stops the
         command at once, naming the flag or variable it came from, instead of failing a request
         later."""
-        values = dict(values or {})
         environ = dict(os.environ if environ is None else environ)
         config = cls(environ=environ)
         for option in OPTIONS:
@@ -11483,7 +11481,8 @@ def _session(config):
 
 
 def run_device_login(auth, open_browser=True):
-    """The interactive part of ``auth login`` (also used by ``serve`` on a TTY)."""
+    """The interactive part of ``auth login`` (also used by ``serve`` on a TTY); returns the
+    Copilot token record the new login gave."""
     flow = DeviceFlow(auth.client, auth.config)
     code = flow.start()
     uri = code.get("verification_uri_complete") or code["verification_uri"]
@@ -11509,7 +11508,7 @@ def run_device_login(auth, open_browser=True):
             sys.stderr.write("\n")
     auth.store.save_github_token(token)
     _say("GitHub login saved to %s" % auth.store.github_token_path)
-    auth.copilot_token(force=True)
+    return auth.copilot_token(force=True)  # the proof that the login gives Copilot access
 
 
 # -- the record of a running server: <state-dir>/coproxy.pid and coproxy.lock -------------------
@@ -11792,12 +11791,11 @@ def cmd_auth_login(config, args):
     if source:
         _say("note: a token from %s is set and will be used instead of the one saved here" % source)
     with _session(config) as auth:
-        run_device_login(auth, open_browser=not args.no_browser)
+        record = run_device_login(auth, open_browser=not args.no_browser)
         try:
             login = auth.github_json("/user").get("login", "?")
         except AuthError:
             login = "?"
-        record = auth.copilot_token()
         print("logged in as %s; Copilot token valid for %s"
               % (login, format_duration(record["expires_at"] - time.time())))
         return 0
