@@ -11977,12 +11977,9 @@ def cmd_status(config, args):
               "GHCP_PROXY_API_KEY to the server's key to see its login and upstream state")
         return 0
     auth = get_typed(health, "auth", dict, {})
-    if auth.get("ready"):
-        state = "ready"
-    else:
-        state = "not ready: %s" % (auth.get("error") or (
-            "no GitHub login" if not auth.get("github_token") else "no Copilot token yet"))
-    print("auth:     %s" % state)
+    print("auth:     %s" % ("ready" if auth.get("ready") else "not ready: %s" % (
+        auth.get("error") or ("no GitHub login" if not auth.get("github_token")
+                              else "no Copilot token yet"))))
     facts = get_typed(auth, "credentials", dict, {})
     for line in credential_lines(facts) if facts.get("token_kind") else []:
         print(line)
