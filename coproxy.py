@@ -3254,7 +3254,7 @@ LEGACY_AUTO_API_VERSION = "2025-07-16"
 AUTO_SESSION_MARGIN_SECONDS = 300
 
 
-def who_pays(kind, sku=None):
+def who_pays(kind, sku):
     """Who Copilot bills for a token, as far as the token says."""
     if kind == "app-installation":
         return "organisation (GitHub App installation)"
