@@ -3131,6 +3131,10 @@ class TestTranslateResponses(unittest.TestCase):
         cut = whole_chat_from_responses({"status": "incomplete", "incomplete_details": {
             "reason": "max_output_tokens"}, "output": []}, "m", 1)
         self.assertEqual(cut["choices"][0]["finish_reason"], "length")
+        with self.assertRaises(coproxy.ClientError) as failed:  # as the stream ends: an error
+            whole_chat_from_responses({"status": "failed", "output": [], "error": {
+                "code": "server_error", "message": "the model broke"}}, "m", 1)
+        self.assertEqual((failed.exception.status, str(failed.exception)), (502, "the model broke"))
 
     def test_responses_stream_to_chat_chunks(self):
         events = [
