@@ -1366,10 +1366,9 @@ class TokenStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:  # O_NOFOLLOW's answer: say it plainly
-                why = "it is a symbolic link"
-            else:
-                why = exc.strerror or exc.__class__.__name__
+            # ELOOP is O_NOFOLLOW's answer: say it plainly
+            why = ("it is a symbolic link" if exc.errno == errno.ELOOP
+                   else exc.strerror or exc.__class__.__name__)
             log.warning("cannot read %s (%s); treating it as absent", path, why)
             return None
         except UnicodeDecodeError:
