@@ -5778,9 +5778,8 @@ def fold_anthropic_events(items):
 
 
 def fold_ollama_objects(items):
-    """Ollama's stream objects folded into its one answer (``"stream": false``): the last (done)
-    object, with the text and thinking of all before it joined and their tool calls gathered,
-    under ``message`` (/api/chat) or at the top (/api/generate)."""
+    """Ollama's stream objects as its one answer: the last (done) object with the text,
+    thinking and tool calls of those before, under ``message`` or at the top (/api/generate)."""
     answer = dict(items[-1][1])
     if "message" in answer:
         answer["message"] = dict(answer["message"])
@@ -5963,9 +5962,8 @@ def parse_event_json(data):
 
 
 def translate_whole(chain, dialect, items):
-    """A whole answer replayed as stream ``items`` (see the *_answer_items functions) through
-    the stream translators of ``chain``, folded by the client's ``dialect``. A failure the
-    stream would have ended with (Copilot's error in the answer) is a 502 with its message."""
+    """Stream ``items`` (a whole answer replayed) through ``chain``, folded by ``dialect``; a
+    failure the stream would have ended with (Copilot's error) is a 502 with its message."""
     for translator in chain:
         out = []
         for event, data in items:
@@ -7220,10 +7218,9 @@ _ANSWER_ITEMS = {"/chat/completions": chat_answer_items, "/responses": responses
 
 
 def translate_with(plan, chain):
-    """Give a translated plan its stream translators (``chain``: a function returning them,
-    upstream format first) and its whole answer from the same translators (translate_whole).
-    The answer holds the plan's parts, not the plan: a cycle through it would keep a failed
-    request's payload alive until a full garbage collection."""
+    """A translated plan's ``chain`` (a function returning its stream translators) and its
+    whole answer through the same translators. The answer holds the plan's parts, not the plan:
+    a cycle would keep a failed request's payload until a full garbage collection."""
     items, dialect = _ANSWER_ITEMS[plan.path], plan.dialect
     plan.chain = chain
     plan.answer = lambda data: translate_whole(chain(), dialect, items(data))
