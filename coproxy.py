@@ -1074,7 +1074,7 @@ class Config:
         """--github-host is a host name, and the device-flow and REST URLs follow it unless
         given one by one; every URL is http(s) with a host, kept without a trailing slash."""
         self.github_host = self.github_host.strip().lower().rstrip("/") or "github.com"
-        if "://" in self.github_host or "/" in self.github_host:
+        if "/" in self.github_host:  # a URL
             raise ConfigError("--github-host takes a host name such as TENANT.ghe.com, not a URL")
         if self.github_url is None:
             self.github_url = "https://" + self.github_host
@@ -1600,11 +1600,10 @@ class Ledger:
 
     def by_day(self, now, days=HISTORY_CHART_DAYS, since=None):
         """The last ``days`` local days, oldest first, empty days included: [{"day", "models"}]."""
-        names = []
-        for back in range(days - 1, -1, -1):
-            name = local_day(now - 86400 * back)
-            if name not in names:  # a day of 25 hours (daylight saving) appears once
-                names.append(name)
+        # dict.fromkeys keeps the order and the first of a repeat: a day of 25 hours (daylight
+        # saving) appears once
+        names = list(dict.fromkeys(local_day(now - 86400 * back)
+                                   for back in range(days - 1, -1, -1)))
         first = local_day(since) if since is not None else None
         return [{"day": name, "models": self._rounded(self.daily.get(name, {}))}
                 for name in names if first is None or name >= first]
@@ -12151,12 +12150,12 @@ def text_bars(rows, width=32, encoding=None):
         "\u2588\u258f".encode(encoding or getattr(sys.stdout, "encoding", None) or "ascii")
         full, parts = "\u2588", " \u258f\u258e\u258d\u258c\u258b\u258a\u2589"
     except (UnicodeEncodeError, LookupError):
-        full, parts = "#", " "
+        full, parts = "#", " " * 8
     top = max([value for _, value, _ in rows] + [0]) or 1
     lines = []
     for label, value, note in rows:
-        eighths = int(round(value / top * width * 8))
-        bar = full * (eighths // 8) + (parts[eighths % 8] if eighths % 8 and len(parts) > 1 else "")
+        blocks, eighths = divmod(int(round(value / top * width * 8)), 8)
+        bar = full * blocks + parts[eighths]  # parts[0] is a space, as the padding after it
         lines.append("  %s  %s  %s" % (label, bar.ljust(width + 1), note))
     return lines
 
