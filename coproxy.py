@@ -438,8 +438,8 @@ class LogFormatter(logging.Formatter):
         if record.exc_info and record.levelno >= logging.ERROR:
             error = redact(self.formatException(record.exc_info))
         if not self.json_lines:
-            line = "%s %s %s" % (self.formatTime(record), record.levelname, message)
-            return line + ("\n" + error if error else "")
+            return "%s %s %s%s" % (self.formatTime(record), record.levelname, message,
+                                   "\n" + error if error else "")
         entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
                  "logger": record.name, "message": message}
         entry.update(get_typed(vars(record), "fields", dict, {}))
@@ -528,9 +528,7 @@ def json_cost_problem(raw):
             depth -= 1
         elif token == b",":
             values += 1
-        else:
-            continue
-        if values > MAX_JSON_VALUES:
+        if values > MAX_JSON_VALUES:  # (a string leaves it as it was)
             return "holds more than %d arrays, objects and values" % MAX_JSON_VALUES
     return None
 
@@ -11306,8 +11304,8 @@ def _add_options(parser, scope, only=None, hidden=False, help_overrides=None):
         option = option._replace(help=(help_overrides or {}).get(option.dest, option.help))
         shown_default = ("" if option.default in (None, False)
                          else " [default: %s]" % option.default)
-        aliases = ENV_ALIASES.get(option.dest, ())
-        variables = option.env + "".join(", or %s when that is unset" % alias for alias in aliases)
+        variables = option.env + "".join(", or %s when that is unset" % alias
+                                         for alias in ENV_ALIASES.get(option.dest, ()))
         help_text = (argparse.SUPPRESS if hidden
                      else "%s (env %s)%s" % (option.help, variables, shown_default))
         flags = ("-d", option.flag) if option.dest == "detach" else (option.flag,)
