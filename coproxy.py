@@ -12201,8 +12201,7 @@ def cmd_usage(config, args):
         # not every account's answer names the login; /user does, as `auth status` shows
         if not summary["login"]:
             with contextlib.suppress(AuthError, UpstreamUnreachable):
-                login = auth.github_json("/user").get("login")
-                summary["login"] = login if isinstance(login, str) else None
+                summary["login"] = get_typed(auth.github_json("/user"), "login", str)
     served = ask_running_server(config, "/usage") or {}
     windows = get_typed(served, "windows", dict, {})
     history, ledger, now = History(config.state_dir), Ledger(), time.time()
