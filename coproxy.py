@@ -12070,8 +12070,8 @@ def systemd_unit(config, argv, plain_env, env_path):
     else:
         private_tmp = ["PrivateTmp=yes"]
     lines += ["# hardening: no new privileges, read-only system and home except the state "
-              "directory", "NoNewPrivileges=yes", "UMask=0077"] + private_tmp
-    lines += ["ProtectSystem=strict",
+              "directory", "NoNewPrivileges=yes", "UMask=0077"] + private_tmp + [
+              "ProtectSystem=strict",
               "ProtectHome=read-only", "ReadWritePaths=%s" % _quote_systemd(config.state_dir),
               "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "RestrictRealtime=yes",
               "RestrictSUIDSGID=yes", "LockPersonality=yes", "SystemCallArchitectures=native", "",
@@ -12104,10 +12104,9 @@ def launchd_plist(config, argv, plain_env, env_path):
               "  <key>StandardOutPath</key><string>%s</string>" % escape(log_path),
               "  <key>StandardErrorPath</key><string>%s</string>" % escape(log_path)]
     if plain_env:
-        lines.append("  <key>EnvironmentVariables</key><dict>")
-        lines += ["    <key>%s</key><string>%s</string>" % (escape(k), escape(v))
-                  for k, v in sorted(plain_env.items())]
-        lines.append("  </dict>")
+        lines += (["  <key>EnvironmentVariables</key><dict>"]
+                  + ["    <key>%s</key><string>%s</string>" % (escape(k), escape(v))
+                     for k, v in sorted(plain_env.items())] + ["  </dict>"])
     lines += ["</dict>", "</plist>"]
     return lines
 
