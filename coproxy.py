@@ -7428,16 +7428,14 @@ def plan_responses(payload, model, info, quirks, now, store=None):
     history = store.history(previous) if previous and store is not None else []
     if previous and store is None:
         raise previous_response_not_found(previous)
-    keep = None
     own_items = as_output_items(payload.get("input"))
     if not own_items and not history:  # Copilot would be sent "messages": [] and fail the turn
         raise ClientError(400, "input must be a non-empty string or array of items for %s" % model,
                           param="input", code="missing_field")
+    keep = None  # what the finished Response is handed to: the store, unless the client opts out
     if store is not None and payload.get("store") is not False:
         own_input = json_dumps(own_items)  # now: image inlining changes the items' parts later
-
-        def keep(response):
-            store.put(response, own_input)
+        keep = functools.partial(store.put, input_items=own_input)
     chat = responses_to_chat_request(payload, history, is_claude(model, info), own_items)
 
     def builder():
