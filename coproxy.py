@@ -9557,16 +9557,21 @@ class StreamRelay:
 
     def _relay(self, data, ended, error):
         """Relaying: one batch from the hub (``ended`` with the last), translated and written,
-        on the loop inside the hub's hand-over."""
+        on the loop inside the hub's hand-over. Should any of it raise (a bug), the client gets
+        the dialect's error event and the stream ends, instead of pings until it leaves."""
         translation = self.translation
         out = b""
-        if data:
-            self.last_data = self.loop.time()
-            if self.first_chunk_at is None:
-                self.first_chunk_at = time.monotonic()
-            out = self._translate(translation.feed, data)
-        if ended:
-            out += self._ending(error)
+        try:
+            if data:
+                self.last_data = self.loop.time()
+                if self.first_chunk_at is None:
+                    self.first_chunk_at = time.monotonic()
+                out = translation.feed(data)
+            if ended:
+                out += self._ending(error)
+        except Exception:
+            log.exception("translating the stream for %s failed", self.plan.model)
+            out += translation.fail("internal error in coproxy; see its log", "internal_error")
         try:
             self.response.write_nowait(out)
         except ClientDisconnected:
@@ -9574,19 +9579,10 @@ class StreamRelay:
         if translation.finished or self.response.buffered() > STREAM_HIGH_WATER_BYTES:
             self.wakeup.wake()
 
-    def _translate(self, step, *args):
-        """One translation step. Should it raise (a bug), the client gets the dialect's error
-        event and the stream ends, instead of pings for ever."""
-        try:
-            return step(*args)
-        except Exception:
-            log.exception("translating the stream for %s failed", self.plan.model)
-            return self.translation.fail("internal error in coproxy; see its log", "internal_error")
-
     def _ending(self, error):
         """The client bytes of the upstream answer's end: clean (``error`` None) or broken."""
         if error is None:
-            return self._translate(self.translation.end)
+            return self.translation.end()
         kind = "timeout" if isinstance(error, socket.timeout) else error.__class__.__name__
         log.warning("upstream stream failed model=%s: %s", self.plan.model, kind)
         return self.translation.fail("the connection to Copilot failed mid-stream (%s)" % kind,

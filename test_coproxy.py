@@ -4147,6 +4147,21 @@ class TestEndToEnd(ProxyTestCase):
         self.assertTrue(wait_for(lambda: proxy.app.metrics.active_streams == 0))
         self.assertTrue(any("translating the stream for gpt-4.1 failed" in line for line in LOGS.lines))
 
+    def test_a_relay_that_raises_on_the_streams_end_ends_it_with_an_error_not_pings(self):
+        original = coproxy.StreamRelay._ending
+
+        def ending(relay, error):  # a bug where the relay writes an upstream cut
+            raise KeyError("boom")
+        self.addCleanup(setattr, coproxy.StreamRelay, "_ending", original)
+        coproxy.StreamRelay._ending = ending
+        self.fake.stream(chunk("par"), "cut")
+        # before: the stream stayed open with pings every 5 s, and this read timed out
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=True))
+        data = sse_data(body)
+        self.assertEqual(data[0]["choices"][0]["delta"]["content"], "par")
+        self.assertEqual((status, data[-1]["error"]["code"]), (200, "internal_error"))
+        self.assertTrue(wait_for(lambda: self.proxy.app.metrics.active_streams == 0))
+
     def test_upstream_errors_keep_status_and_message(self):
         def rate_limited(handler, body):
             handler.send_json(429, {"error": {"message": "rate limit exceeded", "code": "rate_limited"}},
