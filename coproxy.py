@@ -6222,7 +6222,10 @@ def chat_answer_items(data):
     choice's delta (tool calls numbered, no Azure ``padding``; an empty choice if none, as
     OpenAI has at least one and the translators read id and model from it), then ``[DONE]``."""
     choices = []
-    for choice in get_typed(data, "choices", list, []) or [{"index": 0, "message": {}}]:
+    listed = get_typed(data, "choices", list, [])
+    if not listed and data.get("error"):  # an error in a 200: a failure, as inside a stream
+        return [(None, data)]
+    for choice in listed or [{"index": 0, "message": {}}]:
         if not isinstance(choice, dict):
             continue
         delta = {k: v for k, v in _dig(choice, "message").items() if k != "padding"}
@@ -6641,8 +6644,9 @@ def responses_answer_items(data):
                     "type": "response.output_text.delta", "output_index": position, "delta": text}))
         items.append(("response.output_item.done", {
             "type": "response.output_item.done", "output_index": position, "item": item}))
+    status = data.get("status") or ("failed" if data.get("error") else "completed")
     end = {"incomplete": "response.incomplete", "failed": "response.failed"}.get(
-        data.get("status"), "response.completed")
+        status, "response.completed")
     return items + [(end, {"type": end, "response": data})]
 
 

@@ -4162,6 +4162,20 @@ class TestEndToEnd(ProxyTestCase):
         self.assertEqual((status, data[-1]["error"]["code"]), (200, "internal_error"))
         self.assertTrue(wait_for(lambda: self.proxy.app.metrics.active_streams == 0))
 
+    def test_an_error_object_in_a_200_whole_answer_is_a_502_with_its_message(self):
+        # as it is inside a stream; before, the client got an empty answer with 200
+        error = {"error": {"message": "model overloaded", "code": "overloaded"}}
+        for path in ("/chat/completions", "/responses"):
+            self.fake.routes[("POST", path)] = lambda h, p: h.send_json(200, error)
+        for model in ("gpt-4.1", "gpt-5.1-codex"):  # a chat answer, a Responses one
+            status, _, data = self.chat(chat_body(model=model))
+            self.assertEqual((status, data["error"]["message"], data["error"]["code"]),
+                             (502, "model overloaded", "overloaded"), model)
+            status, _, body = self.request("POST", "/v1/messages", {
+                "model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+            self.assertEqual((status, json.loads(body)["error"]["message"]),
+                             (502, "model overloaded"), model)
+
     def test_upstream_errors_keep_status_and_message(self):
         def rate_limited(handler, body):
             handler.send_json(429, {"error": {"message": "rate limit exceeded", "code": "rate_limited"}},
