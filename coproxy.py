@@ -8459,7 +8459,10 @@ class Connection:
 
     # -- reading --------------------------------------------------------------------------
     async def _fill(self):
-        data = await self.reader.read(65536)
+        try:
+            data = await self.reader.read(65536)
+        except (ConnectionError, OSError):  # a reset: the client is gone, as after a close
+            data = b""
         if not data:
             raise _EndOfInput()
         self.buf += data
@@ -9716,6 +9719,8 @@ class Gateway:
             try:
                 upstream, raw = await self.pool.run(self.loop, self._call, plan, abort)
             except (UpstreamUnreachable, AuthError) as exc:
+                if abort.aborted:  # cut short because the client left: no failure of Copilot's
+                    raise ClientDisconnected("client went away") from None
                 self.outcome(False, "auth" if isinstance(exc, AuthError) else exc.kind, str(exc))
                 raise
             self.metrics.observe("coproxy_upstream_latency_seconds", time.monotonic() - started,
@@ -10960,6 +10965,8 @@ class App:
             await self.send_error(response, ClientError(status, str(exc), kind="api_error",
                                                         code=code), dialect)
         except (ClientDisconnected, _EndOfInput):
+            response.log_fields.setdefault("error", "client_stalled" if request.connection.stalled
+                                           else "client_closed")
             raise
         except Exception:  # a bug: logged with its traceback, answered as an internal error
             log.exception("unhandled error answering %s %s", request.method, request.path)

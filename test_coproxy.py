@@ -3854,6 +3854,17 @@ class TestServerFraming(ProxyTestCase):
         client.send(HEALTH)
         self.assertEqual(client.response()[0], 200)
 
+    def test_a_client_that_resets_while_sending_its_body_is_no_internal_error(self):
+        body = json.dumps(chat_body()).encode()
+        client = self.raw().send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body) + 10, body))
+        connections = self.proxy.server._connections
+        self.assertTrue(wait_for(lambda: any(c.receiving_since for c in connections.values())))
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset, not a close: before, a traceback and a 500 internal_error
+        self.assertTrue(wait_for(lambda: any("error=client_closed" in l for l in LOGS.lines)))
+        self.assertFalse([l for l in LOGS.lines if "unhandled" in l or "internal" in l])
+
     def test_one_byte_at_a_time(self):
         client = self.raw()
         for byte in post("/v1/chat/completions", json.dumps(chat_body("slow")).encode()):
@@ -4118,6 +4129,9 @@ class TestEndToEnd(ProxyTestCase):
         self.assertTrue(wait_for(lambda: self.fake.requests_to("/chat/completions")))
         client.close()
         self.assertTrue(self.fake.client_closed.wait(5), "the upstream call went on after the client left")
+        # logged as the client's leaving, not as Copilot unreachable (502), which /healthz showed
+        self.assertTrue(wait_for(lambda: any("error=client_closed" in l for l in LOGS.lines)))
+        self.assertIsNone(self.proxy.app.gateway.last_outcome)
 
     def test_a_stream_cut_cleanly_before_its_end_is_an_error_not_a_finish(self):
         self.fake.stream(chunk("half an ans"))  # the body ends cleanly: no finish_reason, no [DONE]
