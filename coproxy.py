@@ -7120,6 +7120,8 @@ def anthropic_answer_items(data):
     """A whole Anthropic message as its stream (see translate_whole): message_start, each block
     whole in its content_block_start (a tool's input follows as one input_json_delta), then
     message_delta and message_stop."""
+    if data.get("type") == "error":  # an error in a 200: a failure, as inside a stream
+        return [("error", data)]
     items = [("message_start", {"type": "message_start", "message": data,
                                 "copilot_usage": data.get("copilot_usage")})]
     for index, block in enumerate(get_typed(data, "content", list, [])):

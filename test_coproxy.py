@@ -4189,6 +4189,11 @@ class TestEndToEnd(ProxyTestCase):
                 "model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
             self.assertEqual((status, json.loads(body)["error"]["message"]),
                              (502, "model overloaded"), model)
+        self.fake.routes[("POST", "/v1/messages")] = lambda h, p: h.send_json(200, {
+            "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        status, _, body = self.request("POST", "/v1/responses", {  # an Anthropic answer
+            "model": "claude-sonnet-4.5", "input": "hi"})
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (502, "Overloaded"))
 
     def test_upstream_errors_keep_status_and_message(self):
         def rate_limited(handler, body):
