@@ -6266,6 +6266,13 @@ class ChatReader(Translator):
         if usage is not None or cost is not None:
             self.usage = usage_from_chat(self.raw_usage, self.copilot_usage)
 
+    @staticmethod
+    def said(delta):
+        """A chat delta's words: its content, else its refusal. Anthropic's, Ollama's and the
+        Responses built here carry a refusal's words as text; dropping them left the client an
+        empty answer with no reason given."""
+        return _string(delta, "content") or _string(delta, "refusal")
+
     def open_chunk(self, data):
         """A chat stream's data line as (chunk, None), or (None, items to emit instead): none for
         the end marker, the parse error for a line that is not JSON, the upstream's error for an
@@ -6412,7 +6419,7 @@ class ChatNormalize(ChatReader):
 # -- 9e. Anthropic Messages answers <- OpenAI chat ------------------------------------------
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                 "function_call": "tool_use", "content_filter": "end_turn"}
+                 "function_call": "tool_use", "content_filter": "refusal"}
 
 
 def _anthropic_usage(usage):
@@ -6501,8 +6508,8 @@ class ChatToAnthropic(ChatReader):
                     out.extend(self._open(dict(THINKING_BLOCK_START)))
                 out.append(self._delta({"type": "signature_delta", "signature": signature}))
                 out.extend(self._close())
-            content = delta.get("content")
-            if isinstance(content, str) and content:
+            content = self.said(delta)
+            if content:
                 if self.open_type != "text":
                     out.extend(self._open({"type": "text", "text": ""}))
                 out.append(self._delta({"type": "text_delta", "text": content}))
@@ -7025,8 +7032,8 @@ class ChatToResponses(ChatReader):
             out += builder.reasoning(delta["reasoning_text"])
         if _string(delta, "reasoning_opaque"):
             out += builder.signature(delta["reasoning_opaque"])
-        if _string(delta, "content"):
-            out += builder.text(delta["content"])
+        if self.said(delta):
+            out += builder.text(self.said(delta))
         position = _index(choice)
         for call in get_typed(delta, "tool_calls", list, []):
             if not isinstance(call, dict):
@@ -7618,7 +7625,7 @@ class ChatToOllama(ChatReader):
         for choice in get_typed(chunk, "choices", list, []):
             choice = choice if isinstance(choice, dict) else {}
             delta = _dig(choice, "delta")
-            text = get_typed(delta, "content", str, "")
+            text = self.said(delta) or ""
             thinking = _string(delta, "reasoning_text")
             if text or thinking:
                 if self.first_at is None:

@@ -2906,6 +2906,25 @@ class TestTranslateOpenAI(unittest.TestCase):
 
 
 class TestTranslateAnthropic(unittest.TestCase):
+    def test_a_refusal_keeps_its_words_in_every_dialect(self):
+        # Copilot's chat refusal ({"refusal": "..."}, finish_reason content_filter) reaches an
+        # Anthropic, Responses or Ollama client as text, and Anthropic's stop_reason says so.
+        answer = {"id": "c1", "model": "gpt-4.1", "choices": [{"index": 0, "finish_reason":
+                  "content_filter", "message": {"role": "assistant", "content": None,
+                                                "refusal": "I can't help with that."}}]}
+        message = whole_anthropic(answer, "gpt-4.1")
+        self.assertEqual((message["content"], message["stop_reason"]),
+                         ([{"type": "text", "text": "I can't help with that."}], "refusal"))
+        ollama = coproxy.translate_whole(
+            [coproxy.ChatToOllama("gpt-4.1", "chat", "T", 0.0, time.monotonic)], coproxy.OLLAMA,
+            coproxy.chat_answer_items(answer))
+        self.assertEqual(ollama["message"]["content"], "I can't help with that.")
+        builder = coproxy.ResponseBuilder({"model": "gpt-4.1"}, "gpt-4.1", 0, None)
+        response = coproxy.translate_whole([coproxy.ChatToResponses(builder)], coproxy.RESPONSES,
+                                           coproxy.chat_answer_items(answer))
+        texts = [part.get("text") for item in response["output"] for part in item["content"]]
+        self.assertEqual(texts, ["I can't help with that."])
+
     def test_model_names_resolve_to_catalog_ids(self):
         ids = ["claude-sonnet-4", "claude-sonnet-4.5", "claude-opus-4.5", "claude-opus-4.6", "claude-opus-4.6-1m",
                "claude-haiku-4.5", "gpt-4.1"]
