@@ -887,7 +887,7 @@ OPTIONS = [
            "seconds an idle keep-alive connection is kept open", "SECONDS"),
     Option("--upstream-timeout", "upstream_timeout", "COPROXY_UPSTREAM_TIMEOUT", _positive_float,
            DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, "serve",
-           "longest upstream silence tolerated between bytes (never a total limit)", "SECONDS"),
+           "longest wait for an upstream answer, and between a stream's bytes", "SECONDS"),
     Option("--history-days", "history_days", "COPROXY_HISTORY_DAYS", _positive_int,
            DEFAULT_HISTORY_DAYS, "serve",
            "keep the request history (<state-dir>/history, no prompt or answer text) this many "
@@ -1936,12 +1936,28 @@ class AbortHandle:
     """Lets the event loop cut off a blocking upstream call from another thread.
 
     The worker registers the socket it is using; ``abort()`` shuts it down, which wakes a
-    thread blocked in a read at once (close() alone would not)."""
+    thread blocked in a read at once (close() alone would not). A caller that times the call
+    itself (``times_out``) calls ``expire()`` when it has waited too long: the socket then blocks
+    with no timeout of its own, which is cheaper (see UpstreamClient.request)."""
 
-    def __init__(self):
+    def __init__(self, times_out=False):
         self.aborted = False
+        self.times_out = times_out
+        self.expired = False
         self._sock = None
         self._lock = threading.Lock()
+
+    def expire(self):
+        """The call took longer than its caller allows: cut it off as a timeout."""
+        self.expired = True
+        self.abort()
+
+    def failure(self):
+        """What an aborted call raises: a timeout after ``expire``, else "aborted"."""
+        if self.expired:
+            return UpstreamUnreachable("no answer from the upstream within --upstream-timeout",
+                                       timeout=True)
+        return UpstreamUnreachable("aborted", kind="aborted")
 
     def attach(self, sock):
         with self._lock:
@@ -2268,7 +2284,7 @@ class UpstreamResponse:
         except (OSError, ValueError) as exc:
             self.close(reuse=False)
             if self._abort is not None and self._abort.aborted:
-                raise UpstreamUnreachable("aborted", kind="aborted")
+                raise self._abort.failure()
             raise UpstreamUnreachable("upstream connection failed mid-answer: %s"
                                       % exc.__class__.__name__,
                                       timeout=isinstance(exc, socket.timeout), kind="cut")
@@ -2495,11 +2511,8 @@ class UpstreamClient:
 
     def release(self, origin, conn):
         """Take back a connection whose answer was read to the end (from any thread)."""
-        try:
-            conn.sock.settimeout(self.read_timeout)  # the stream hub had made it non-blocking
-        except OSError:
-            conn.close()
-            return
+        if conn.sock.fileno() < 0:
+            return  # closed (its timeout is set by the next request that takes it from the pool)
         if conn.fresh:  # a new connection's TLS session, kept for the next handshake to resume
             conn.fresh = False
             # Read only after a full handshake: a resumed one leaves the session we hold good. The
@@ -2588,7 +2601,15 @@ class UpstreamClient:
                     abort_handle.attach(conn.sock)
                     if abort_handle.aborted:
                         conn.close()
-                        raise UpstreamUnreachable("aborted", kind="aborted")
+                        raise abort_handle.failure()
+                # A call its caller times out blocks without a timeout: with one, each TLS write
+                # polls first and each read that waits is read, poll, read again (three system
+                # calls, each a hand-off of the GIL, instead of one). Only a change of mode costs
+                # a system call (settimeout), so the mode is left as the last request set it.
+                timeout = None if abort_handle is not None and abort_handle.times_out else (
+                    self.read_timeout)
+                if conn.sock.gettimeout() != timeout:
+                    conn.sock.settimeout(timeout)
                 conn.answered = False  # (a pooled one: from its previous request)
                 _send_request(conn, method, request_target[0 if conn.absolute_form else 1],
                               head_block, body)
@@ -2597,7 +2618,7 @@ class UpstreamClient:
                 if conn is not None:
                     conn.close()
                 if abort_handle is not None and abort_handle.aborted:
-                    raise UpstreamUnreachable("aborted", kind="aborted")
+                    raise abort_handle.failure()
                 answered = conn is not None and conn.answered
                 if (first and stage in ("pooled", "handshake") and not answered
                         and hung_up_before_answer(exc)):
@@ -7735,6 +7756,11 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
 #   StreamRelay._relay [12]: each  the loop's CPU per chunk (TLS, 50 streams): about 5 us less
 #     batch written inside the     than waking the relay's coroutine per batch, a quarter of
 #     hub's hand-over              the loop's share (A/B)
+#   blocking upstream sockets,     per non-stream request at 16 clients (TLS): poll 1.15 ->
+#     timed by the gateway's       0.03 and ioctl 1.09 -> 0.05 system calls, futex 49 -> 36
+#     timer (AbortHandle.          (strace); worker threads' CPU 0.270 -> 0.245 ms (lower in 6
+#     times_out, Gateway._send)    of 6 A/B rounds), context switches 13.6 -> 9.6
+#     [6, 12]
 #   kept-alive upstream            new upstream connections per 100 sequential requests: 0
 #     connections (UpstreamClient  (a TLS handshake through the tunnel is ~4 ms of wall time
 #     pool, LIFO, reaper) [6]      and ~1 ms of CPU)
@@ -9720,11 +9746,14 @@ class Gateway:
     async def _send(self, plan, request):
         """The call, with one retry when Copilot refused something it said how to fix, or answered
         a short transient 429/503; a final non-2xx answer becomes a ClientError."""
-        abort = AbortHandle()
+        abort = AbortHandle(times_out=True)
         request.on_disconnect(abort.abort)  # a client that leaves cuts the upstream call short
         retried = False
         while True:
             started = time.monotonic()
+            # The upstream socket blocks with no timeout of its own (AbortHandle): this timer is
+            # --upstream-timeout, up to the head of a stream or the end of a whole answer.
+            timer = self.loop.call_later(self.config.upstream_timeout, abort.expire)
             try:
                 upstream, raw = await self.pool.run(self.loop, self._call, plan, abort)
             except (UpstreamUnreachable, AuthError) as exc:
@@ -9732,6 +9761,8 @@ class Gateway:
                     raise ClientDisconnected("client went away") from None
                 self.outcome(False, "auth" if isinstance(exc, AuthError) else exc.kind, str(exc))
                 raise
+            finally:
+                timer.cancel()
             self.metrics.observe("coproxy_upstream_latency_seconds", time.monotonic() - started,
                                  (("route", plan.path_label or plan.path),))
             if 200 <= upstream.status < 300:

@@ -1895,6 +1895,21 @@ class TestUpstreamFraming(unittest.TestCase):
         self.assertIn("line break", str(ctx.exception))
         self.assertEqual(self.up.accepted, 0)
 
+    def test_a_silent_upstream_times_out_before_its_head_and_in_its_body(self):
+        client = new_client(self, read_timeout=0.2)
+        silence = threading.Event()
+        self.addCleanup(silence.set)
+        for script, read in (([silence], None), ([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nfour", silence],
+                                                 lambda response: response.read_all(100))):
+            self.up.scripts.put(script)
+            started = time.monotonic()
+            with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+                response = client.request("POST", self.up.url + "/chat/completions", {}, b"{}")
+                read(response)
+            self.assertTrue(ctx.exception.timeout, ctx.exception)
+            self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(client._pools, {})
+
     def test_pull_hands_over_what_arrived_without_blocking(self):
         later = threading.Event()
         response = self.request(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab", later,
@@ -1970,6 +1985,16 @@ class TestUpstreamTLS(unittest.TestCase):
         status, data, _, _ = client.request_json("GET", self.fake.url + "/user", {})
         self.assertEqual((status, data["login"]), (200, "again"))
         self.assertEqual(client.connections_opened, 2)
+
+    def test_a_silent_tls_upstream_times_out(self):
+        silence = threading.Event()
+        self.addCleanup(silence.set)
+        self.fake.routes[("GET", "/user")] = lambda handler, body: silence.wait(10)
+        client = new_client(self, ca_file=self.ca, read_timeout=0.2)
+        with self.assertRaises(coproxy.UpstreamUnreachable) as ctx:
+            client.request("GET", self.fake.url + "/user", {})
+        self.assertTrue(ctx.exception.timeout, ctx.exception)
+        self.assertIn("timed out", str(ctx.exception))
 
     def test_a_tunnel_or_handshake_hung_up_on_is_retried_once(self):
         proxy = FakeConnectProxy()
@@ -4394,6 +4419,22 @@ class TestEndToEndTLS(ProxyTestCase):
         self.assertEqual(sse_data(body)[-1], "[DONE]")
         self.assertEqual(self.proxy.app.client.connections_opened, 1)
 
+    def test_a_silent_upstream_is_a_504_after_upstream_timeout_and_the_next_request_works(self):
+        """The upstream socket blocks with no timeout: the gateway's timer cuts the call off."""
+        proxy = self.start_proxy(upstream_timeout=0.3, ca_file=self.write_file("ca.pem", TEST_CA_PEM))
+        silence = threading.Event()
+        self.addCleanup(silence.set)
+        answer = self.fake.routes[("POST", "/chat/completions")]
+        self.fake.routes[("POST", "/chat/completions")] = lambda handler, body: silence.wait(10)
+        for stream in (False, True):
+            started = time.monotonic()
+            status, _, body = self.request("POST", "/v1/chat/completions", chat_body(stream=stream),
+                                           port=proxy.port)
+            self.assertEqual((status, json.loads(body)["error"]["code"]), (504, "upstream_timeout"), body)
+            self.assertIn("--upstream-timeout", json.loads(body)["error"]["message"])
+            self.assertLess(time.monotonic() - started, 5)
+        self.fake.routes[("POST", "/chat/completions")] = answer
+        self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
 
 
 class TestLoadWithChurn(ProxyTestCase):
