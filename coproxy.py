@@ -9757,7 +9757,7 @@ class Gateway:
             try:
                 upstream, raw = await self.pool.run(self.loop, self._call, plan, abort)
             except (UpstreamUnreachable, AuthError) as exc:
-                if abort.aborted:  # cut short because the client left: no failure of Copilot's
+                if abort.aborted and not abort.expired:  # the client left: no fault of Copilot's
                     raise ClientDisconnected("client went away") from None
                 self.outcome(False, "auth" if isinstance(exc, AuthError) else exc.kind, str(exc))
                 raise
