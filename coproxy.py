@@ -4381,6 +4381,14 @@ def endpoint_for(info, wanted):
 
 # -- 8c. OpenAI chat completions requests ---------------------------------------------------
 
+def _copy_given(target, source, *keys, **renamed):
+    """``target[key] = source[key]`` for each of ``keys``, and ``target[new] = source[old]`` for
+    each ``new=old``, where ``source`` has a value: a translator passes on only what the client
+    sent, so Copilot applies its own defaults to the rest."""
+    for new, old in [(key, key) for key in keys] + list(renamed.items()):
+        if source.get(old) is not None:
+            target[new] = source[old]
+
 _IMAGE_PART_TYPES = frozenset(["image_url", "image", "input_image"])
 
 
@@ -4675,19 +4683,12 @@ def anthropic_to_openai_request(payload, model_info=None):
         messages += _anthropic_turn_as_chat(message)
     request = {"model": payload["model"], "messages": messages, "max_tokens": payload["max_tokens"]}
     if payload.get("stream"):
-        request["stream"] = True
-        request["stream_options"] = {"include_usage": True}
-    for source, target in (("temperature", "temperature"), ("top_p", "top_p"),
-                           ("stop_sequences", "stop")):
-        if payload.get(source) is not None:
-            request[target] = payload[source]
-    user = _dig(payload, "metadata").get("user_id")
-    if user:
-        request["user"] = user
+        request.update(stream=True, stream_options={"include_usage": True})
+    _copy_given(request, payload, "temperature", "top_p", stop="stop_sequences")
+    if _dig(payload, "metadata").get("user_id"):
+        request["user"] = payload["metadata"]["user_id"]
     request.update(_anthropic_tools_as_chat(payload))
-    effort = _dig(payload, "output_config").get("effort")
-    if effort is not None:
-        request["reasoning_effort"] = effort
+    _copy_given(request, _dig(payload, "output_config"), reasoning_effort="effort")
     answer_format = _dig(payload, "output_config", "format")
     if answer_format.get("type") == "json_schema" and answer_format.get("schema") is not None:
         # structured output (Claude Code asks for its session titles so); chat's name is required
@@ -4872,9 +4873,7 @@ def chat_to_responses_request(payload):
     limit = payload.get("max_completion_tokens") or payload.get("max_tokens")
     if limit:
         request["max_output_tokens"] = limit
-    for key in ("temperature", "top_p", "parallel_tool_calls", "user"):
-        if payload.get(key) is not None:
-            request[key] = payload[key]
+    _copy_given(request, payload, "temperature", "top_p", "parallel_tool_calls", "user")
     if payload.get("reasoning_effort"):
         request["reasoning"] = {"effort": payload["reasoning_effort"]}
     tools = [t["function"] for t in payload.get("tools") or [] if t.get("function") is not None]
@@ -5220,21 +5219,13 @@ def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
     messages += _responses_items_as_chat(history + own_items, len(history), keep_thinking)
     request = {"model": payload["model"], "messages": messages}
     if payload.get("stream"):
-        request["stream"] = True
-        request["stream_options"] = {"include_usage": True}
-    if payload.get("max_output_tokens") is not None:
-        request["max_tokens"] = payload["max_output_tokens"]
-    for key in ("temperature", "top_p", "user"):
-        if payload.get(key) is not None:
-            request[key] = payload[key]
-    effort = _dig(payload, "reasoning").get("effort")
-    if effort is not None:
-        request["reasoning_effort"] = effort
+        request.update(stream=True, stream_options={"include_usage": True})
+    _copy_given(request, payload, "temperature", "top_p", "user", max_tokens="max_output_tokens")
+    _copy_given(request, _dig(payload, "reasoning"), reasoning_effort="effort")
     tools = [_chat_tool(name, tool) for name, (tool, _) in client_tools(payload).items()]
     if tools:
         request["tools"] = tools
-        if payload.get("parallel_tool_calls") is not None:
-            request["parallel_tool_calls"] = payload["parallel_tool_calls"]
+        _copy_given(request, payload, "parallel_tool_calls")
     choice = _responses_tool_choice_as_chat(payload.get("tool_choice"))
     if choice is not None:
         request["tool_choice"] = choice
@@ -5347,9 +5338,7 @@ def chat_to_anthropic_request(chat, info):
         _mark_cache(messages[-1]["content"])
     if chat.get("stream"):
         request["stream"] = True
-    for source, target in (("temperature", "temperature"), ("top_p", "top_p")):
-        if chat.get(source) is not None:
-            request[target] = chat[source]
+    _copy_given(request, chat, "temperature", "top_p")
     if chat.get("user"):
         request["metadata"] = {"user_id": chat["user"]}
     if chat.get("tools"):
@@ -5582,9 +5571,7 @@ def ollama_to_chat_request(payload, kind, model, info):
     if stream:
         request["stream_options"] = {"include_usage": True}
     options = payload.get("options") or {}
-    for name in ("temperature", "top_p", "seed"):
-        if options.get(name) is not None:
-            request[name] = options[name]
+    _copy_given(request, options, "temperature", "top_p", "seed")
     if (options.get("num_predict") or 0) > 0:  # -1: no limit
         request["max_tokens"] = options["num_predict"]
     if options.get("stop"):
