@@ -6112,27 +6112,22 @@ def merge_usage(old, new):
     return merged
 
 
+#: How each Copilot path spells an answer's usage.
+_USAGE_READERS = {"/responses": usage_from_responses, "/v1/messages": usage_from_anthropic,
+                  "/chat/completions": usage_from_chat, "/embeddings": usage_from_chat}
+
+
 def usage_of_answer(path, data):
     """The usage of a whole (non-stream) upstream answer, by the API it came from."""
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or path not in _USAGE_READERS:
         return None
-    if path == "/responses":
-        return usage_from_responses(data.get("usage"), data.get("copilot_usage"))
-    if path == "/v1/messages":
-        return usage_from_anthropic(data.get("usage"), data.get("copilot_usage"))
-    if path in ("/chat/completions", "/embeddings"):
-        return usage_from_chat(data.get("usage"), data.get("copilot_usage"))
-    return None
+    return _USAGE_READERS[path](data.get("usage"), data.get("copilot_usage"))
 
 
 def _price(prices, *names):
     """The first of ``names`` that is a number in ``prices`` (GitHub spells
     them both in snake_case and camelCase)."""
-    for name in names:
-        value = prices.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-    return None
+    return next((prices[name] for name in names if _is_kind(prices.get(name), "number")), None)
 
 
 def estimate_credits(usage, info):
@@ -6261,7 +6256,7 @@ _KEYS_TO_ACT_ON = ('"tool_calls"', '"usage"', '"copilot_usage"', '"error"', '"ob
 class ChatReader(Translator):
     """A translator whose input is chat completion chunks."""
 
-    raw_usage = copilot_usage = None
+    raw_usage = copilot_usage = finish_reason = None
 
     def take_chat_usage(self, chunk):
         """Usage and Copilot's cost out of a chat chunk: they may come in separate chunks, in
@@ -6313,9 +6308,6 @@ class ChatNormalize(ChatReader):
         self.merge = merge
         self.created = int(now)
         self.id = None
-        self.raw_usage = None
-        self.copilot_usage = None
-        self.finish_reason = None
         self.saw_done = False
         self._tool_index = {}
         self._id_marker = None  # '"id":"chatcmpl-..."', as this stream's chunks spell their id
@@ -6457,8 +6449,6 @@ class ChatToAnthropic(ChatReader):
         self.index = -1
         self.open_type = None
         self.tool_blocks = {}
-        self.raw_usage = None
-        self.finish_reason = None
 
     def _item(self, data):
         return (data["type"], data)
@@ -6506,14 +6496,13 @@ class ChatToAnthropic(ChatReader):
                 self.model = _string(chunk, "model") or self.model
             out.extend(self._start(chunk.get("id")))
             delta = get_typed(choice, "delta", dict, {})
-            reasoning, signature = delta.get("reasoning_text"), delta.get("reasoning_opaque")
-            if isinstance(reasoning, str) and reasoning:
-                if self.open_type != "thinking":
-                    out.extend(self._open(dict(THINKING_BLOCK_START)))
+            reasoning = _string(delta, "reasoning_text")
+            signature = _string(delta, "reasoning_opaque")
+            if (reasoning or signature) and self.open_type != "thinking":
+                out.extend(self._open(dict(THINKING_BLOCK_START)))
+            if reasoning:
                 out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
-            if isinstance(signature, str) and signature:
-                if self.open_type != "thinking":
-                    out.extend(self._open(dict(THINKING_BLOCK_START)))
+            if signature:  # it closes the block: a thinking block ends with its signature
                 out.append(self._delta({"type": "signature_delta", "signature": signature}))
                 out.extend(self._close())
             content = self.said(delta)
@@ -7008,19 +6997,24 @@ _ANTHROPIC_INCOMPLETE = {"max_tokens": "max_output_tokens", "refusal": "content_
                          "model_context_window_exceeded": "max_output_tokens"}
 
 
-class ChatToResponses(ChatReader):
-    """Chat completion chunks in, Responses events out (see ResponseBuilder): reasoning_text and
-    reasoning_opaque (Claude's thinking and signature), content, and tool calls of every choice
-    (Claude may put its calls in a second choice). Complete at ``[DONE]`` or a finish_reason."""
+class BuildsResponse(Translator):
+    """A translator that spells its answer through a ResponseBuilder, which numbers the events:
+    its ``calls`` map the upstream's way of naming a tool call to the call's id."""
 
     def __init__(self, builder):
         self.builder = builder
-        self.finish_reason = None
-        self.calls = {}  # (choice index, call index) -> the call's id
+        self.calls = {}
 
     @property
     def next_sequence_number(self):
         return self.builder.sequence
+
+
+class ChatToResponses(ChatReader, BuildsResponse):
+    """Chat completion chunks in, Responses events out (see ResponseBuilder): reasoning_text and
+    reasoning_opaque (Claude's thinking and signature), content, and tool calls of every choice
+    (Claude may put its calls in a second choice; ``calls`` keys are (choice index, call index)).
+    Complete at ``[DONE]`` or a finish_reason."""
 
     def feed(self, event, data):
         chunk, instead = self.open_chunk(data)
@@ -7063,19 +7057,12 @@ class ChatToResponses(ChatReader):
         return self.builder.finish(_CHAT_INCOMPLETE.get(self.finish_reason), self.usage)
 
 
-class AnthropicToResponses(Translator):
+class AnthropicToResponses(BuildsResponse):
     """Anthropic Messages events in, Responses events out (see ResponseBuilder): thinking blocks
-    with their signatures, text, tool_use blocks and their input JSON. Complete at message_stop;
-    an ``error`` event is the stream's failure."""
+    with their signatures, text, tool_use blocks and their input JSON (``calls`` keys are content
+    block indexes). Complete at message_stop; an ``error`` event is the stream's failure."""
 
-    def __init__(self, builder):
-        self.builder = builder
-        self.stop_reason = None
-        self.calls = {}  # content block index -> tool call id
-
-    @property
-    def next_sequence_number(self):
-        return self.builder.sequence
+    stop_reason = None
 
     def feed(self, event, data):
         """One Anthropic event as ResponseBuilder steps: usage and the stop reason kept for
@@ -7096,13 +7083,10 @@ class AnthropicToResponses(Translator):
             value = _string(delta, piece) if piece else None
             if value is None:
                 return []
-            if piece == "text":
-                return builder.text(value)
-            if piece == "thinking":
-                return builder.reasoning(value)
-            if piece == "signature":
-                return builder.signature(value)
-            return builder.arguments(self.calls.get(data.get("index")), value)
+            step = {"text": builder.text, "thinking": builder.reasoning,
+                    "signature": builder.signature}.get(piece)
+            return step(value) if step else builder.arguments(self.calls.get(data.get("index")),
+                                                              value)
         if kind == "message_stop":
             self.complete = True
         elif kind == "error":
@@ -7621,7 +7605,6 @@ class ChatToOllama(ChatReader):
         self.started, self.clock = started, clock
         self.first_at = None
         self.held = {}  # the tool calls so far, joined as a whole answer's are (see 9a)
-        self.finish_reason = None
 
     def feed(self, event, data):
         """A chat chunk's text and thinking as Ollama objects at once; tool call pieces held
