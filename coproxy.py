@@ -3953,8 +3953,7 @@ def check_parts(content, where):
             if not isinstance(part.get(key, ""), str):
                 check(part, key, "string", prefix)
         check(part, "image_url", ("string", "object"), prefix)
-        if isinstance(part.get("image_url"), dict):
-            check(part["image_url"], "url", "string", prefix + "image_url.")
+        check_fields(get_typed(part, "image_url", dict), prefix + "image_url.", url="string")
         check_fields(check(part, "source", "object", prefix), prefix + "source.", type="string",
                      url="string", data="string", media_type="string")
         check(part, "input", "object", prefix)
@@ -4087,8 +4086,7 @@ def anthropic_model_info(model):
     such feature: batches, citations, server tools)."""
     caps = _dig(model, "capabilities")
     limits, supports = _dig(caps, "limits"), _dig(caps, "supports")
-    efforts = supports.get("reasoning_effort")
-    efforts = efforts if isinstance(efforts, list) else []
+    efforts = get_typed(supports, "reasoning_effort", list, [])
     budget = bool(_whole(supports.get("max_thinking_budget")))
     adaptive = supports.get("adaptive_thinking") is True
     lowered = model["id"].lower()
@@ -4272,8 +4270,7 @@ _EFFORT_FIELDS = {"/chat/completions": ("reasoning_effort",), "/responses": ("re
 def get_effort(path, payload):
     """The request's reasoning effort, wherever ``path``'s API keeps it."""
     *parents, last = _EFFORT_FIELDS.get(path, (None,))
-    value = _dig(payload, *parents).get(last)
-    return value if isinstance(value, str) else None
+    return get_typed(_dig(payload, *parents), last, str)
 
 
 def set_effort(path, payload, value):
@@ -4780,8 +4777,7 @@ def validate_responses_request(payload, default_model=None):
                          arguments="string", input="string", encrypted_content="string",
                          output=("string", "array"))
             check_parts(item.get("content"), where + "content")
-            if isinstance(item.get("output"), list):
-                check_parts(item["output"], where + "output")
+            check_parts(item.get("output"), where + "output")  # a string passes as it is
     check_fields(payload, stream="boolean", instructions=("string", "array"),
                  tool_choice=("string", "object"), parallel_tool_calls="boolean",
                  max_output_tokens="integer", temperature="number", top_p="number", store="boolean",
@@ -4801,8 +4797,8 @@ def validate_responses_request(payload, default_model=None):
     for where, tool in tools:
         check_fields(tool, where, type="string", name="string", description="string",
                      parameters="object", strict="boolean", format="object")
-    if isinstance(payload.get("tool_choice"), dict):
-        check_fields(payload["tool_choice"], "tool_choice.", type="string", name="string")
+    check_fields(get_typed(payload, "tool_choice", dict), "tool_choice.", type="string",
+                 name="string")
     return model
 
 
@@ -5004,8 +5000,7 @@ def responses_upstream(info, payload):
     """The Copilot path for a Responses request: /responses where the catalogue lists it (or the
     model is unknown to it: Copilot decides), else /v1/messages where listed (Claude) unless the
     request wants structured output, which only chat completions take, else /chat/completions."""
-    endpoints = info.get("supported_endpoints")
-    endpoints = endpoints if isinstance(endpoints, list) else []
+    endpoints = get_typed(info, "supported_endpoints", list, [])
     if not info or "/responses" in endpoints:
         return "/responses"
     structured = _dig(payload, "text", "format").get("type") in ("json_schema", "json_object")
@@ -6336,8 +6331,7 @@ class ChatNormalize(ChatReader):
             # One model name per answer: the one Copilot's first chunk names (often a dated
             # snapshot, gpt-4.1-2025-04-14), as in a non-stream answer; every later chunk, the
             # finish and usage chunks coproxy writes included, carries it.
-            if isinstance(chunk.get("model"), str) and chunk["model"]:
-                self.model = chunk["model"]
+            self.model = _string(chunk, "model") or self.model
             self._model_marker = '"model":%s' % json.dumps(self.model)
         chunk["id"] = self.id
         chunk["object"] = "chat.completion.chunk"
@@ -7238,8 +7232,7 @@ def allowed_efforts(info, learned):
     taught on this endpoint (values the catalogue does not list are not believed), the list
     alone, or what was taught alone when the catalogue has no list."""
     taught = learned.get("efforts")
-    listed = _dig(info, "capabilities", "supports").get("reasoning_effort")
-    listed = listed if isinstance(listed, list) else None
+    listed = get_typed(_dig(info, "capabilities", "supports"), "reasoning_effort", list)
     if taught and listed:
         return [value for value in taught if value in listed] or listed
     return taught or listed
