@@ -8614,9 +8614,6 @@ class Connection:
         self.transport.abort()
         self._mark_lost()
 
-    def stop_watching(self):
-        self._on_lost = []
-
     # -- writing --------------------------------------------------------------------------
     def write_nowait(self, data):
         if self.lost or self.transport.is_closing():
@@ -8649,27 +8646,21 @@ class Connection:
         first = True
         while not (self.server.closing and not first):
             self.waiting_since = self.server.loop.time()
-            if not self.buf:
-                timer = self._arm(self.server.header_timeout if first else self.server.idle_timeout,
-                                  "head" if first else "idle")
-                try:
-                    await self._fill()
-                except (_EndOfInput, ConnectionError, OSError):
-                    if self.timed_out == "head":
-                        await self._answer_bad_request(
-                            BadRequest(408, "request not received in time"))
-                    return
-                finally:
-                    timer.cancel()
-            first = False
-            while self.buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore a stray CRLF between requests
-                del self.buf[:2]
-            # A head that is already buffered (the usual case) needs no timer.
-            timer = (None if b"\r\n\r\n" in self.buf
-                     else self._arm(self.server.header_timeout, "head"))
+            timer = None
             try:
+                if not self.buf:  # the first byte: --header-timeout, or --idle-timeout after one
+                    timer = self._arm(self.server.header_timeout if first
+                                      else self.server.idle_timeout, "head" if first else "idle")
+                    await self._fill()
+                    timer.cancel()
+                first = False
+                # RFC 9112 §2.2: ignore a stray CRLF between requests
+                while self.buf[:2] == b"\r\n":
+                    del self.buf[:2]
+                # A head that is already buffered (the usual case) needs no timer.
+                if b"\r\n\r\n" not in self.buf:
+                    timer = self._arm(self.server.header_timeout, "head")
                 request = parse_request_head(await self._read_head())
-                request.connection = self
             except (_EndOfInput, ConnectionError, OSError):
                 if self.timed_out == "head":
                     await self._answer_bad_request(BadRequest(408, "request not received in time"))
@@ -8680,6 +8671,7 @@ class Connection:
             finally:
                 if timer is not None:
                     timer.cancel()
+            request.connection = self
             if not await self._handle(request):
                 return
 
@@ -8703,7 +8695,7 @@ class Connection:
             return False
         finally:
             self.exchanging = False
-            self.stop_watching()
+            self._on_lost = []  # the next exchange watches for itself
             self.server.app.log_exchange(request, response)
         if self.timed_out or not response.finished or not response.keep_alive:
             return False
