@@ -4650,14 +4650,22 @@ def _anthropic_user_as_chat(blocks):
     return messages
 
 
+def _function_spec(name, description, parameters, strict=None):
+    """A function tool as chat (inside ``function``) and Responses (beside ``type``) both spell
+    it, whichever API it came from: an empty object schema when it takes no parameters, and
+    ``strict`` only when the client set it."""
+    spec = {"name": name, "description": description or "",
+            "parameters": parameters or {"type": "object", "properties": {}}}
+    return spec if strict is None else dict(spec, strict=strict)
+
+
 def _anthropic_tools_as_chat(payload):
     """Anthropic's ``tools`` and ``tool_choice`` as chat's ``tools``, ``tool_choice`` and
     ``parallel_tool_calls`` (``any`` is chat's ``required``; a named tool a named function)."""
     fields = {}
     if payload.get("tools"):
-        fields["tools"] = [{"type": "function", "function": {
-            "name": t.get("name"), "description": t.get("description", ""),
-            "parameters": t.get("input_schema") or {"type": "object", "properties": {}}}}
+        fields["tools"] = [{"type": "function", "function": _function_spec(
+            t["name"], t.get("description"), t.get("input_schema"))}
             for t in payload["tools"] if t.get("name")]
     choice = payload.get("tool_choice") or {}
     kind = choice.get("type")
@@ -4874,9 +4882,8 @@ def chat_to_responses_request(payload):
         request["reasoning"] = {"effort": payload["reasoning_effort"]}
     tools = [t["function"] for t in payload.get("tools") or [] if t.get("function") is not None]
     if tools:
-        request["tools"] = [_with_strict(
-            {"type": "function", "name": f.get("name"), "description": f.get("description", ""),
-             "parameters": f.get("parameters") or {"type": "object", "properties": {}}}, f)
+        request["tools"] = [dict({"type": "function"}, **_function_spec(
+            f.get("name"), f.get("description"), f.get("parameters"), f.get("strict")))
             for f in tools]
     choice = payload.get("tool_choice")
     if isinstance(choice, str):
@@ -5048,11 +5055,8 @@ def client_tools(payload):
 def _chat_tool(name, tool):
     """A Responses function or custom tool as a chat completions tool called ``name``."""
     if tool.get("type") == "function":
-        function = {"name": name, "description": tool.get("description") or "",
-                    "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
-        if tool.get("strict") is not None:
-            function["strict"] = tool["strict"]
-        return {"type": "function", "function": function}
+        return {"type": "function", "function": _function_spec(
+            name, tool.get("description"), tool.get("parameters"), tool.get("strict"))}
     described = tool.get("description") or ""
     fmt = tool.get("format") or {}
     if fmt.get("type") == "grammar" and _string(fmt, "definition"):
