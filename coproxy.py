@@ -3789,9 +3789,6 @@ class AutoModel:
 
 # -- 8a. Request bodies and field checks ----------------------------------------------------
 
-# ------------------------------------------------------------------------------------------
-
-
 def decode_body(raw, encoding, limit):
     """A request body as sent before ``Content-Encoding`` (gzip, deflate; zstd where Python has
     it), held while decoding to ``limit`` bytes or MAX_DECOMPRESSED_BODY_BYTES, whichever is
@@ -3802,22 +3799,10 @@ def decode_body(raw, encoding, limit):
     limit = min(limit, MAX_DECOMPRESSED_BODY_BYTES)
     if encoding in ("gzip", "x-gzip", "deflate"):
         # gzip: wbits 16+15; deflate is zlib-wrapped per RFC 9110, but raw deflate is common too
-        attempts = (31,) if encoding != "deflate" else (15, -15)
-        for wbits in attempts:
-            decoder = zlib.decompressobj(wbits)
-            try:
-                data = decoder.decompress(raw, limit + 1)
-            except zlib.error:
-                continue
-            if len(data) > limit or decoder.unconsumed_tail:
-                raise _too_large_decompressed(limit)
-            if not decoder.eof:
-                raise ClientError(400, "the %s request body is truncated" % encoding,
-                                  code="invalid_encoding")
-            return data
-        raise ClientError(400, "the request body is not valid %s data" % encoding,
-                          code="invalid_encoding")
-    if encoding == "zstd":
+        decoders = [functools.partial(zlib.decompressobj, wbits)
+                    for wbits in ((31,) if encoding != "deflate" else (15, -15))]
+        broken = zlib.error
+    elif encoding == "zstd":
         # compression.zstd is standard library from 3.14 on; imported by name so that the
         # stdlib-only checks, which run on older Pythons, accept it
         try:
@@ -3828,20 +3813,25 @@ def decode_body(raw, encoding, limit):
                                    "the client (Codex: -c features.enable_request_compression="
                                    "false)" % sys.version_info[:2],
                               code="unsupported_content_encoding")
-        decoder = zstd.ZstdDecompressor()
+        decoders, broken = [zstd.ZstdDecompressor], zstd.ZstdError
+    else:
+        raise ClientError(415, "Content-Encoding %r is not supported; send the body uncompressed, "
+                               "or as gzip, deflate or zstd" % encoding[:40],
+                          code="unsupported_content_encoding")
+    for make in decoders:  # each way the encoding may be spelled, until one reads the body
+        decoder = make()
         try:
             data = decoder.decompress(raw, max_length=limit + 1)
-        except zstd.ZstdError:
-            raise ClientError(400, "the request body is not valid zstd data",
-                              code="invalid_encoding")
-        if len(data) > limit:
+        except broken:
+            continue
+        if len(data) > limit or getattr(decoder, "unconsumed_tail", b""):
             raise _too_large_decompressed(limit)
         if not decoder.eof:
-            raise ClientError(400, "the zstd request body is truncated", code="invalid_encoding")
+            raise ClientError(400, "the %s request body is truncated" % encoding,
+                              code="invalid_encoding")
         return data
-    raise ClientError(415, "Content-Encoding %r is not supported; send the body uncompressed, or "
-                           "as gzip, deflate or zstd" % encoding[:40],
-                      code="unsupported_content_encoding")
+    raise ClientError(400, "the request body is not valid %s data" % encoding,
+                      code="invalid_encoding")
 
 
 def _too_large_decompressed(limit):
