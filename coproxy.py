@@ -6331,17 +6331,12 @@ class ChatNormalize(ChatReader):
         chunk["object"] = "chat.completion.chunk"
         chunk["created"] = chunk.get("created") or self.created
         chunk["model"] = self.model
-        if not self.merge:
-            for choice in choices:
-                if isinstance(choice, dict) and choice.get("finish_reason"):
-                    self.finish_reason = choice["finish_reason"]
-                    self.complete = True
+        if not self.merge:  # the choices go as they are; a finish is only the stream's end
+            if any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
+                self.complete = True
             return [(None, chunk)]
-        kept = self._merged(choices)
-        if not kept:
-            return []
-        chunk["choices"] = kept
-        return [(None, chunk)]
+        chunk["choices"] = self._merged(choices)
+        return [(None, chunk)] if chunk["choices"] else []
 
     def _merged(self, choices):
         """A chunk's choices folded into choice 0 (Claude on Copilot splits one answer over
@@ -8194,16 +8189,19 @@ class Request:
     __slots__ = ("method", "path", "query", "version", "headers", "content_length", "chunked",
                  "keep_alive", "expect_continue", "body", "body_consumed", "connection", "started")
 
-    def __init__(self, method, path, version, headers):
+    def __init__(self, method, path, query, version, headers):
+        """``query``: the query string, without "?"; ``headers``: lower-case names."""
         self.method = method
         self.path = path
-        self.query = ""  # the query string, without "?"
+        self.query = query
         self.version = version
         self.headers = headers
-        self.content_length = 0
+        self.content_length = 0  # the framing: set by parse_request_head once it has checked it
         self.chunked = False
-        self.keep_alive = True
-        self.expect_continue = False
+        connection = headers.get("connection", "").lower()
+        self.keep_alive = ("close" not in connection if version == "HTTP/1.1"
+                           else "keep-alive" in connection)
+        self.expect_continue = headers.get("expect", "").lower() == "100-continue"
         self.body = None
         self.body_consumed = False
         self.connection = None
@@ -8276,13 +8274,9 @@ def parse_request_head(head):
             headers[name] += ", " + value
         else:
             headers[name] = value
-    request = Request(method, path, version, headers)
-    request.query = query
     if version == "HTTP/1.1" and "host" not in headers:
         raise BadRequest(400, "HTTP/1.1 request without a Host header")
-    connection = headers.get("connection", "").lower()
-    request.keep_alive = ("close" not in connection if version == "HTTP/1.1"
-                          else "keep-alive" in connection)
+    request = Request(method, path, query, version, headers)
     # Framing (RFC 9112 §6.1-6.3): both or conflicting lengths are how requests get smuggled.
     te = headers.get("transfer-encoding")
     cl = headers.get("content-length")
@@ -8302,7 +8296,6 @@ def parse_request_head(head):
         if not value.isdigit() or len(value) > 20 or not value.isascii():
             raise BadRequest(400, "malformed Content-Length")
         request.content_length = int(value)
-    request.expect_continue = headers.get("expect", "").lower() == "100-continue"
     return request
 
 
