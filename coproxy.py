@@ -6281,6 +6281,18 @@ class ChatReader(Translator):
         self.take_chat_usage(chunk)
         return chunk, None
 
+    def feed(self, event, data):
+        """Each choice of a chunk, with its delta, through read_choice (see open_chunk for the
+        end marker, errors and usage). ChatNormalize, which passes whole chunks on, has its own."""
+        chunk, instead = self.open_chunk(data)
+        if chunk is None:
+            return instead
+        out = []
+        for choice in get_typed(chunk, "choices", list, []):
+            if isinstance(choice, dict):
+                out += self.read_choice(chunk, choice, _dig(choice, "delta"))
+        return out
+
 
 class ChatNormalize(ChatReader):
     """Copilot chat chunks in, OpenAI chat.completion.chunk items out.
@@ -6464,41 +6476,33 @@ class ChatToAnthropic(ChatReader):
         return self._item({"type": "content_block_delta",
                            "index": self.index if index is None else index, "delta": delta})
 
-    def feed(self, event, data):
-        """A chat chunk's pieces as Anthropic blocks: thinking (and its signature, which closes
+    def read_choice(self, chunk, choice, delta):
+        """A chat choice's pieces as Anthropic blocks: thinking (and its signature, which closes
         the block), text, and tool calls (see _tool_use). A new kind of piece closes the open
         block and opens its own: Anthropic's blocks do not interleave."""
-        chunk, instead = self.open_chunk(data)
-        if chunk is None:
-            return instead
-        out = []
-        for choice in get_typed(chunk, "choices", list, []):
-            if not isinstance(choice, dict):
-                continue
-            if not self.started:  # the model Copilot names, as the non-stream answer has it
-                self.model = _string(chunk, "model") or self.model
-            out.extend(self._start(chunk.get("id")))
-            delta = get_typed(choice, "delta", dict, {})
-            reasoning = _string(delta, "reasoning_text")
-            signature = _string(delta, "reasoning_opaque")
-            if (reasoning or signature) and self.open_type != "thinking":
-                out.extend(self._open(dict(THINKING_BLOCK_START)))
-            if reasoning:
-                out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
-            if signature:  # it closes the block: a thinking block ends with its signature
-                out.append(self._delta({"type": "signature_delta", "signature": signature}))
-                out.extend(self._close())
-            content = self.said(delta)
-            if content:
-                if self.open_type != "text":
-                    out.extend(self._open({"type": "text", "text": ""}))
-                out.append(self._delta({"type": "text_delta", "text": content}))
-            for call in get_typed(delta, "tool_calls", list, []):
-                if isinstance(call, dict):
-                    out.extend(self._tool_use((_index(choice), _index(call)), call))
-            if choice.get("finish_reason"):
-                self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
-                self.complete = True
+        if not self.started:  # the model Copilot names, as the non-stream answer has it
+            self.model = _string(chunk, "model") or self.model
+        out = self._start(chunk.get("id"))
+        reasoning = _string(delta, "reasoning_text")
+        signature = _string(delta, "reasoning_opaque")
+        if (reasoning or signature) and self.open_type != "thinking":
+            out.extend(self._open(dict(THINKING_BLOCK_START)))
+        if reasoning:
+            out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
+        if signature:  # it closes the block: a thinking block ends with its signature
+            out.append(self._delta({"type": "signature_delta", "signature": signature}))
+            out.extend(self._close())
+        content = self.said(delta)
+        if content:
+            if self.open_type != "text":
+                out.extend(self._open({"type": "text", "text": ""}))
+            out.append(self._delta({"type": "text_delta", "text": content}))
+        for call in get_typed(delta, "tool_calls", list, []):
+            if isinstance(call, dict):
+                out.extend(self._tool_use((_index(choice), _index(call)), call))
+        if choice.get("finish_reason"):
+            self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
+            self.complete = True
         return out
 
     def _tool_use(self, key, call):
@@ -6999,17 +7003,7 @@ class ChatToResponses(ChatReader, BuildsResponse):
     (Claude may put its calls in a second choice; ``calls`` keys are (choice index, call index)).
     Complete at ``[DONE]`` or a finish_reason."""
 
-    def feed(self, event, data):
-        chunk, instead = self.open_chunk(data)
-        if chunk is None:
-            return instead
-        out = []
-        for choice in get_typed(chunk, "choices", list, []):
-            if isinstance(choice, dict):
-                out += self._read(choice, _dig(choice, "delta"))
-        return out
-
-    def _read(self, choice, delta):
+    def read_choice(self, chunk, choice, delta):
         """One choice's delta into the builder: thinking, signature, text, tool call pieces."""
         builder = self.builder
         out = builder.start()
@@ -7588,27 +7582,20 @@ class ChatToOllama(ChatReader):
         self.first_at = None
         self.held = {}  # the tool calls so far, joined as a whole answer's are (see 9a)
 
-    def feed(self, event, data):
-        """A chat chunk's text and thinking as Ollama objects at once; tool call pieces held
+    def read_choice(self, chunk, choice, delta):
+        """A chat choice's text and thinking as an Ollama object at once; tool call pieces held
         until the stream ends (end() sends the calls whole)."""
-        chunk, instead = self.open_chunk(data)
-        if chunk is None:
-            return instead
         out = []
-        for choice in get_typed(chunk, "choices", list, []):
-            choice = choice if isinstance(choice, dict) else {}
-            delta = _dig(choice, "delta")
-            text = self.said(delta) or ""
-            thinking = _string(delta, "reasoning_text")
-            if text or thinking:
-                if self.first_at is None:
-                    self.first_at = self.clock()
-                line = ollama_object(self.name, self.kind, self.created_at, text, thinking)
-                out.append((None, line))
-            calls = get_typed(delta, "tool_calls", list, [])
-            _fold_chat_delta(self.held, {"tool_calls": [c for c in calls if isinstance(c, dict)]})
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+        text = self.said(delta) or ""
+        thinking = _string(delta, "reasoning_text")
+        if text or thinking:
+            if self.first_at is None:
+                self.first_at = self.clock()
+            out.append((None, ollama_object(self.name, self.kind, self.created_at, text, thinking)))
+        calls = get_typed(delta, "tool_calls", list, [])
+        _fold_chat_delta(self.held, {"tool_calls": [c for c in calls if isinstance(c, dict)]})
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
         return out
 
     def end(self):
