@@ -5837,6 +5837,15 @@ OLLAMA = Dialect(None, lambda message, code, _: (None, {"error": message}),
                  stream_type="application/x-ndjson")
 
 
+def run_stage(mapper, items):
+    """``items`` through one translator; a StreamError passes unchanged (the encoder ends the
+    stream at it)."""
+    out = []
+    for item in items:
+        out.extend([item] if isinstance(item, StreamError) else mapper.feed(item[0], item[1]))
+    return out
+
+
 class StreamTranslation:
     """Upstream SSE bytes in, the client's wire bytes out: decode once, map the items through
     ``chain`` (translators, each turning one format's items into the next one's), encode in the
@@ -5862,13 +5871,7 @@ class StreamTranslation:
         """``items`` through the chain's stages from ``start``; a StreamError passes
         every stage unchanged."""
         for mapper in self.chain[start:]:
-            out = []
-            for item in items:
-                if isinstance(item, StreamError):
-                    out.append(item)
-                else:
-                    out.extend(mapper.feed(item[0], item[1]))
-            items = out
+            items = run_stage(mapper, items)
         return items
 
     def _encode(self, items):
@@ -5910,10 +5913,7 @@ class StreamTranslation:
         for index, mapper in enumerate(self.chain):
             if self.finished:
                 return b"".join(out)
-            fed = []
-            for item in items:
-                fed.extend([item] if isinstance(item, StreamError)
-                           else mapper.feed(item[0], item[1]))
+            fed = run_stage(mapper, items)
             failed = any(isinstance(item, StreamError) for item in fed)
             if not (mapper.complete or failed):
                 out.append(self._encode(self._run(fed, index + 1)))
@@ -5959,10 +5959,7 @@ def translate_whole(chain, dialect, items):
     """Stream ``items`` (a whole answer replayed) through ``chain``, folded by ``dialect``; a
     failure the stream would have ended with (Copilot's error) is a 502 with its message."""
     for translator in chain:
-        out = []
-        for event, data in items:
-            out.extend(translator.feed(event, data))
-        items = out + translator.end()
+        items = run_stage(translator, items) + translator.end()
         for item in items:
             if isinstance(item, StreamError):
                 raise ClientError(502, item.message, code=item.code or "bad_upstream_response")
