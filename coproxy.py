@@ -4426,8 +4426,7 @@ def _model_or_default(payload, default_model):
 def validate_chat_request(payload, default_model=None):
     """Check every field of an OpenAI chat request that coproxy reads or rewrites; fills ``model``
     from the default. Returns (model name, stream, include_usage, merge choices)."""
-    messages = check(payload, "messages", "array", required=True)
-    if not messages:
+    if not check(payload, "messages", "array", required=True):
         raise ClientError(400, "messages must be a non-empty array", param="messages",
                           code="invalid_messages")
     for index, message in enumerate(check_items(payload, "messages")):
@@ -4506,22 +4505,18 @@ def anthropic_initiator(messages):
 
 def validate_anthropic_request(payload):
     """Check every field of an Anthropic Messages request that coproxy reads or rewrites."""
-    messages = check(payload, "messages", "array", required=True)
-    if not messages:
+    if not check(payload, "messages", "array", required=True):
         raise ClientError(400, "messages: must be a non-empty array", param="messages")
     for index, message in enumerate(check_items(payload, "messages")):
         if message.get("role") not in ("user", "assistant", "system"):
             raise ClientError(400, "messages.%d: role must be 'user' or 'assistant'" % index,
                               param="messages")
         check_parts(message.get("content"), "messages.%d.content" % index)
-    check(payload, "model", "string", required=True)
-    if not payload["model"]:
+    if not check(payload, "model", "string", required=True):
         raise ClientError(400, "model: field required", param="model")
     if not _is_kind(payload.get("max_tokens"), "integer"):
         raise ClientError(400, "max_tokens: field required (an integer)", param="max_tokens")
-    system = check(payload, "system", ("string", "array"))
-    if isinstance(system, list):
-        check_parts(system, "system")
+    check_parts(check(payload, "system", ("string", "array")), "system")  # a string passes
     check_fields(payload, stream="boolean", temperature="number", top_p="number")
     check_items(payload, "stop_sequences", kinds="string")
     check_fields(check(payload, "metadata", "object"), "metadata.", user_id="string")
@@ -4755,8 +4750,7 @@ def count_tokens_of_request(payload):
     check(payload, "messages", "array", required=True)
     for index, message in enumerate(check_items(payload, "messages")):
         check_parts(message.get("content"), "messages.%d.content" % index)
-    if isinstance(check(payload, "system", ("string", "array")), list):
-        check_parts(payload["system"], "system")
+    check_parts(check(payload, "system", ("string", "array")), "system")
     check_items(payload, "tools")
     return estimate_input_tokens(payload)
 
@@ -6388,10 +6382,9 @@ class ChatNormalize(ChatReader):
                 and not any(key in data for key in _KEYS_TO_ACT_ON) and data[:1] == "{")
 
     def _chunk(self, choices, **extra):
-        chunk = {"id": self.id or "chatcmpl-" + random_id(), "object": "chat.completion.chunk",
-                 "created": self.created, "model": self.model, "choices": choices}
-        chunk.update(extra)
-        return (None, chunk)
+        return (None, dict({"id": self.id or "chatcmpl-" + random_id(),
+                            "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "choices": choices}, **extra))
 
     def end(self):
         """The held-back finish (merged choices) and usage chunks, then [DONE]."""
@@ -6572,10 +6565,8 @@ class Passthrough(Translator):
 
 
 def _anthropic_event_usage(data):
-    if data.get("type") == "message_start":
-        usage = _dig(data, "message", "usage")
-    else:
-        usage = data.get("usage")
+    usage = (_dig(data, "message", "usage") if data.get("type") == "message_start"
+             else data.get("usage"))
     return usage_from_anthropic(usage, data.get("copilot_usage"))
 
 
@@ -6804,8 +6795,7 @@ class ResponseBuilder:
         self.signatures = {}        # output index -> the signature of a reasoning item
 
     def _event(self, kind, **fields):
-        fields["type"] = kind
-        fields["sequence_number"] = self.sequence
+        fields.update(type=kind, sequence_number=self.sequence)
         self.sequence += 1
         return (kind, fields)
 
