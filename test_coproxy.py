@@ -3648,6 +3648,25 @@ class TestWorkerPool(unittest.TestCase):
         self.assertNotIn(threading.get_ident(), threads)  # ran in workers, not on the loop's thread
         self.assertLessEqual(pool.workers, 4)
 
+    def test_jobs_that_finish_while_the_loop_is_busy_wake_it_once(self):
+        pool = coproxy.WorkerPool(8)
+        self.addCleanup(pool.shutdown)
+        go = threading.Event()
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            wakeups = []
+            wake = loop.call_soon_threadsafe
+            loop.call_soon_threadsafe = lambda *args: (wakeups.append(args), wake(*args))
+            futures = [pool.run(loop, lambda i=i: (go.wait(5), i)[1]) for i in range(8)]
+            go.set()  # the loop stays busy here until all eight have finished
+            self.assertTrue(wait_for(lambda: len(pool._finished.get(loop, ())) == 8))
+            self.assertEqual(await asyncio.gather(*futures), list(range(8)))
+            self.assertEqual(len(wakeups), 1)
+            self.assertEqual(await pool.run(loop, lambda: "later"), "later")  # a new hand-over
+            self.assertEqual(len(wakeups), 2)
+        asyncio.run(main())
+
     def test_idle_workers_exit_after_a_burst(self):
         pool = coproxy.WorkerPool(16, idle_seconds=0.05)
         self.addCleanup(pool.shutdown)
@@ -7848,7 +7867,7 @@ class TestPortability(unittest.TestCase):
     STDLIB = {"argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent",
               "contextlib", "ctypes", "dataclasses", "difflib", "email", "errno", "fcntl",
               "functools", "hashlib", "hmac", "http", "importlib", "ipaddress", "itertools", "json",
-              "logging", "resource", "os", "queue", "re", "selectors", "shlex", "signal", "socket",
+              "logging", "resource", "os", "queue", "random", "re", "selectors", "shlex", "signal", "socket",
               "ssl", "stat", "struct", "subprocess", "sys", "threading", "time", "urllib",
               "webbrowser", "zlib"}
 
