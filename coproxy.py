@@ -6224,14 +6224,6 @@ def chat_answer_items(data):
     return [(None, dict(data, choices=choices)), (None, "[DONE]")]
 
 
-def chat_chunk_problem(chunk):
-    """A StreamError for an error Copilot reports inside a chat stream, else None."""
-    if chunk.get("error") and not chunk.get("choices"):
-        message, fields = upstream_error_message(json.dumps(chunk))
-        return StreamError(message or "Copilot reported an error mid-stream", fields.get("code"))
-    return None
-
-
 _KEYS_TO_ACT_ON = ('"tool_calls"', '"usage"', '"copilot_usage"', '"error"', '"object"')
 
 
@@ -6268,9 +6260,10 @@ class ChatReader(Translator):
         chunk = parse_event_json(data)
         if not isinstance(chunk, dict):
             return None, ([chunk] if chunk is not None else [])
-        problem = chat_chunk_problem(chunk)
-        if problem:
-            return None, [problem]
+        if chunk.get("error") and not chunk.get("choices"):  # Copilot's error, mid-stream
+            message, fields = upstream_error_message(json.dumps(chunk))
+            return None, [StreamError(message or "Copilot reported an error mid-stream",
+                                      fields.get("code"))]
         self.take_chat_usage(chunk)
         return chunk, None
 
@@ -8536,7 +8529,7 @@ class Connection:
             del self.buf[:request.content_length]
             return body
         total = self._arm(self.server.body_timeout, "body_total")
-        budget = self.server.body_budget(limit)
+        budget = BodyBudget(self.server, limit)
         self.receiving_since = self.server.loop.time()
         try:
             if not request.chunked:
@@ -8744,9 +8737,13 @@ class BodyBudget:
     the body's size becomes known (its Content-Length, or chunk by chunk), given back when the
     body is in or has failed. Past the budget: 503 with Retry-After, in the route's dialect."""
 
-    def __init__(self, server, cap):
+    def __init__(self, server, limit):
+        """For one body that may be ``limit`` bytes (--max-body-mb): the budget is
+        ``server.max_body_bytes_in_flight`` when set (tests lower it), else BODIES_IN_FLIGHT such
+        bodies up to MAX_BODY_BYTES_IN_FLIGHT."""
         self.server = server
-        self.cap = cap
+        self.cap = (server.max_body_bytes_in_flight
+                    or min(MAX_BODY_BYTES_IN_FLIGHT, BODIES_IN_FLIGHT * limit))
         self.held = 0
 
     def take(self, size):
@@ -8789,15 +8786,9 @@ class Server:
         self.max_connections = None   # set at start from the descriptor limit (tests lower it)
         self._out_of_descriptors = ThrottledWarning(RESOURCE_WARNING_SECONDS)
         self._at_cap = ThrottledWarning(RESOURCE_WARNING_SECONDS)
-        self.max_body_bytes_in_flight = None  # None: see MAX_BODY_BYTES_IN_FLIGHT (tests lower it)
+        self.max_body_bytes_in_flight = None  # None: see BodyBudget (tests lower it)
         self.body_bytes_in_flight = 0
         self._over_body_budget = ThrottledWarning(RESOURCE_WARNING_SECONDS)
-
-    def body_budget(self, limit):
-        """A BodyBudget for one body that may be ``limit`` bytes (--max-body-mb)."""
-        cap = (self.max_body_bytes_in_flight
-               or min(MAX_BODY_BYTES_IN_FLIGHT, BODIES_IN_FLIGHT * limit))
-        return BodyBudget(self, cap)
 
     async def start(self, host, port):
         """Bind and start accepting; ``self.port`` holds the real port (``port=0`` allowed)."""
