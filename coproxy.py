@@ -6195,13 +6195,6 @@ def summarize_quota(user):
 
 # -- 9d. OpenAI chat completions answers ----------------------------------------------------
 
-def _merge_finish(current, new):
-    """Finish reason of choices merged into one: a tool call wins over everything else."""
-    if current == "tool_calls" or new == "tool_calls":
-        return "tool_calls"
-    return current or new
-
-
 def chat_answer_items(data):
     """A whole chat completion as its stream (see translate_whole): one chunk, each message its
     choice's delta (tool calls numbered, no Azure ``padding``; an empty choice if none, as
@@ -6231,6 +6224,15 @@ class ChatReader(Translator):
     """A translator whose input is chat completion chunks."""
 
     raw_usage = copilot_usage = finish_reason = None
+
+    def note_finish(self, reason):
+        """A choice's finish_reason (when it has one) into the answer's, which is then complete:
+        the first one, but a tool call wins over everything else (Claude's split choices finish
+        one by one)."""
+        if reason:
+            calls = "tool_calls" in (self.finish_reason, reason)
+            self.finish_reason = "tool_calls" if calls else self.finish_reason or reason
+            self.complete = True
 
     def take_chat_usage(self, chunk):
         """Usage and Copilot's cost out of a chat chunk: they may come in separate chunks, in
@@ -6349,8 +6351,7 @@ class ChatNormalize(ChatReader):
             source_index = _index(choice)
             choice["index"] = 0
             if finish:
-                self.finish_reason = _merge_finish(self.finish_reason, finish)
-                self.complete = True
+                self.note_finish(finish)
                 choice["finish_reason"] = None
             if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
                 for call in delta["tool_calls"]:
@@ -6485,9 +6486,7 @@ class ChatToAnthropic(ChatReader):
         for call in get_typed(delta, "tool_calls", list, []):
             if isinstance(call, dict):
                 out.extend(self._tool_use((_index(choice), _index(call)), call))
-        if choice.get("finish_reason"):
-            self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
-            self.complete = True
+        self.note_finish(choice.get("finish_reason"))
         return out
 
     def _tool_use(self, key, call):
@@ -7007,9 +7006,7 @@ class ChatToResponses(ChatReader, BuildsResponse):
                 out += builder.call(self.calls[key], _string(function, "name") or "")
             if _string(function, "arguments"):
                 out += builder.arguments(self.calls[key], function["arguments"])
-        if choice.get("finish_reason"):
-            self.finish_reason = _merge_finish(self.finish_reason, choice["finish_reason"])
-            self.complete = True
+        self.note_finish(choice.get("finish_reason"))
         return out
 
     def end(self):
