@@ -4683,9 +4683,9 @@ def anthropic_to_openai_request(payload, model_info=None):
     _copy_given(request, _dig(payload, "output_config"), reasoning_effort="effort")
     answer_format = _dig(payload, "output_config", "format")
     if answer_format.get("type") == "json_schema" and answer_format.get("schema") is not None:
-        # structured output (Claude Code asks for its session titles so); chat's name is required
-        schema = {"name": "response", "schema": answer_format["schema"]}
-        request["response_format"] = {"type": "json_schema", "json_schema": schema}
+        # structured output (Claude Code asks for its session titles so): Responses' text.format
+        # shape without its name, which chat requires (see _responses_format_as_chat)
+        request["response_format"] = _responses_format_as_chat(answer_format)
     thinking = payload.get("thinking") or {}
     if thinking.get("type") == "enabled" and thinking.get("budget_tokens"):
         request["thinking_budget"] = fit_thinking_budget(thinking["budget_tokens"], model_info)
@@ -5567,8 +5567,8 @@ def ollama_to_chat_request(payload, kind, model, info):
     if fmt == "json":
         request["response_format"] = {"type": "json_object"}
     elif isinstance(fmt, dict):
-        request["response_format"] = {"type": "json_schema",
-                                      "json_schema": {"name": "response", "schema": fmt}}
+        request["response_format"] = _responses_format_as_chat({"type": "json_schema",
+                                                                "schema": fmt})
     think = payload.get("think")
     level = think if isinstance(think, str) else "medium" if think is True else None
     supports = _dig(info, "capabilities", "supports")
