@@ -4035,9 +4035,8 @@ def copilot_model_to_openai(model):
                          "structured_outputs": bool(supports.get("structured_outputs")),
                          "reasoning_effort": supports.get("reasoning_effort")},
     }
-    for key in ("supported_endpoints", "preview", "billing", "model_picker_enabled"):
-        if key in model:
-            entry[key] = model[key]
+    entry.update((key, model[key]) for key in ("supported_endpoints", "preview", "billing",
+                                               "model_picker_enabled") if key in model)
     if isinstance(entry.get("supported_endpoints"), list):  # coproxy serves no WebSocket: VS Code
         entry["supported_endpoints"] = [e for e in entry["supported_endpoints"]  # would try one
                                         if not (isinstance(e, str) and e.startswith("ws:"))]
@@ -6510,10 +6509,9 @@ class ChatToAnthropic(ChatReader):
         """The open block closed, then message_delta with the stop reason and usage
         (the estimate when Copilot sent none) and message_stop."""
         out = self._start() + self._close()
-        if self.tool_blocks:
-            stop_reason = "tool_use"
-        else:  # str(): Copilot's finish_reason is unchecked and may be any JSON
-            stop_reason = _STOP_REASONS.get(str(self.finish_reason), "end_turn")
+        # str(): Copilot's finish_reason is unchecked and may be any JSON
+        stop_reason = ("tool_use" if self.tool_blocks
+                       else _STOP_REASONS.get(str(self.finish_reason), "end_turn"))
         usage = _anthropic_usage(self.raw_usage)
         if not self.raw_usage:
             usage["input_tokens"] = self.estimated_input_tokens
