@@ -5059,10 +5059,9 @@ def _chat_parts(parts, where):
     out = []
     for index, part in enumerate(parts):
         kind = part.get("type")
-        if kind in ("input_text", "output_text", "text", "summary_text"):
-            out.append({"type": "text", "text": part.get("text") or ""})
-        elif kind == "refusal":
-            out.append({"type": "text", "text": part.get("refusal") or ""})
+        if kind in ("input_text", "output_text", "text", "summary_text", "refusal"):
+            words = part.get("refusal" if kind == "refusal" else "text")
+            out.append({"type": "text", "text": words or ""})
         elif kind == "input_image":
             url = _string(part, "image_url")
             if url is None:
@@ -5457,8 +5456,8 @@ def validate_ollama_request(payload, kind):
             for position, call in enumerate(check_items(message, "tool_calls", where)):
                 call_where = "%stool_calls[%d]." % (where, position)
                 check(call, "id", "string", call_where)
-                function = check(call, "function", "object", call_where, required=True)
-                check_fields(function, call_where + "function.", name="string", arguments="object")
+                check_fields(check(call, "function", "object", call_where, required=True),
+                             call_where + "function.", name="string", arguments="object")
     else:
         check_fields(payload, prompt="string", system="string", suffix="string")
         check_items(payload, "images", kinds="string")
@@ -5466,8 +5465,7 @@ def validate_ollama_request(payload, kind):
         where = "tools[%d]." % index
         check_fields(check(tool, "function", "object", where), where + "function.", name="string",
                      parameters="object")
-    check(payload, "format", ("string", "object"))
-    check(payload, "stream", "boolean")
+    check_fields(payload, format=("string", "object"), stream="boolean")
     think = check(payload, "think", ("boolean", "string"))
     if isinstance(think, str) and think not in OLLAMA_THINK_LEVELS:
         raise ClientError(400, "think must be true, false or one of %s"
