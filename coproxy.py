@@ -5621,9 +5621,7 @@ class SSEDecoder:
                     events.append((self._event, b"\n".join(self._data).decode("utf-8", "replace")))
                 self._data = []
                 self._event = None
-            elif line[:1] == b":":
-                continue
-            else:
+            elif line[:1] != b":":  # a line that starts with ":" is a comment
                 field, _, value = line.partition(b":")
                 if value[:1] == b" ":
                     value = value[1:]
@@ -8678,8 +8676,7 @@ class Connection:
         return True
 
     async def _answer_bad_request(self, exc):
-        response = Response(self, None)
-        response.keep_alive = False
+        response = Response(self, None)  # no request: the connection closes after it
         with contextlib.suppress(ConnectionError):
             if not self.transport.is_closing():
                 await response.send(exc.status, [("Content-Type", "application/json")],
