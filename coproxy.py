@@ -7952,11 +7952,9 @@ class StreamHub:
     #: any is open): the limit is minutes, a second is exact enough; a test takes less.
     SILENCE_CHECK_SECONDS = 1.0
 
-    def __init__(self, loop, read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS,
-                 name="coproxy-stream-hub"):
+    def __init__(self, loop, read_timeout=DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS):
         self.loop = loop
         self.read_timeout = read_timeout
-        self.name = name
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
@@ -7987,7 +7985,8 @@ class StreamHub:
         self._commands.append((stream, op))
         with self._lock:
             if self._thread is None and not self._closing:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread = threading.Thread(target=self._run, name="coproxy-stream-hub",
+                                                daemon=True)
                 self._thread.start()
         with contextlib.suppress(OSError):  # the wake-up pipe is full: the thread is awake anyway
             self._wake_writer.send(b"\0")
@@ -9165,11 +9164,11 @@ class ResponseStore:
     expired ones are dropped on every put). Used on the loop and by workers planning large
     requests: a lock guards it."""
 
-    def __init__(self, count=None, size=None, seconds=None, clock=time.monotonic):
-        self.count = count or RESPONSE_STORE_COUNT
-        self.size = size or RESPONSE_STORE_BYTES
-        self.seconds = seconds or RESPONSE_STORE_SECONDS
-        self.clock = clock
+    def __init__(self):
+        self.count = RESPONSE_STORE_COUNT
+        self.size = RESPONSE_STORE_BYTES
+        self.seconds = RESPONSE_STORE_SECONDS
+        self.clock = time.monotonic  # (a test moves it on)
         self.bytes = 0
         self._lock = threading.Lock()
         #: id -> (response JSON, input items JSON, previous response id, last used)
@@ -9185,21 +9184,17 @@ class ResponseStore:
             self._delete(response["id"])
             now = self.clock()
             while self._entries:  # least recently used first: the expired ones lead
-                oldest = next(iter(self._entries.values()))
+                oldest_id, oldest = next(iter(self._entries.items()))
                 if now - oldest[3] <= self.seconds:
                     break
-                self._drop_oldest()
+                self._delete(oldest_id)
             if size > self.size // RESPONSE_STORE_ENTRY_SHARE:
                 return
             self._entries[response["id"]] = (response_json, input_json,
                                              response.get("previous_response_id"), now)
             self.bytes += size
             while len(self._entries) > self.count or self.bytes > self.size:
-                self._drop_oldest()
-
-    def _drop_oldest(self):
-        entry = self._entries.popitem(last=False)[1]
-        self.bytes -= len(entry[0]) + len(entry[1])
+                self._delete(next(iter(self._entries)))
 
     def _delete(self, response_id):
         entry = self._entries.pop(response_id, None)
@@ -9224,17 +9219,13 @@ class ResponseStore:
         with self._lock:
             return self._get(response_id) is not None
 
-    def delete(self, response_id):
-        with self._lock:
-            return self._delete(response_id)
-
     def answer(self, method, response_id):
         """The answer to GET or DELETE /v1/responses/{id} when the response is kept here, else
         None."""
         if method == "DELETE":
-            deleted = self.delete(response_id)
-            if not deleted:
-                return None
+            with self._lock:
+                if not self._delete(response_id):
+                    return None
             return {"id": response_id, "object": "response.deleted", "deleted": True}
         with self._lock:
             entry = self._get(response_id)
@@ -10683,8 +10674,9 @@ class OllamaRoutes:
             ("/api/version", "GET", self.version), ("/api/tags", "GET", self.tags),
             ("/api/ps", "GET", self.ps), ("/api/show", "POST", self.show),
             ("/api/chat", "POST", self.chat),
-            ("/api/generate", "POST", self.generate), ("/api/embed", "POST", self.embed),
-            ("/api/embeddings", "POST", self.embeddings))]
+            ("/api/generate", "POST", functools.partial(self.chat, kind="generate")),
+            ("/api/embed", "POST", self.embed),
+            ("/api/embeddings", "POST", functools.partial(self.embed, legacy=True)))]
 
     async def version(self, request, response, _):
         await self.app.send_json(response, {"version": OLLAMA_VERSION})
@@ -10732,17 +10724,11 @@ class OllamaRoutes:
                                 self.app.catalogue.quirks(model), time.time(), request.started,
                                 time.monotonic)
 
-    async def generate(self, request, response, _):
-        await self.chat(request, response, _, kind="generate")
-
     async def embed(self, request, response, _, legacy=False):
         payload = await self.app.read_json(request)
         name, model, info = await self.model(payload)
         await self.app.run_plan(request, response, plan_ollama_embed, payload, legacy, name, model,
                                 info, request.started, time.monotonic)
-
-    async def embeddings(self, request, response, _):
-        await self.embed(request, response, _, legacy=True)
 
 
 class ExchangeLog:
