@@ -1904,13 +1904,10 @@ def parse_proxy(proxy):
 def network_error(exc, url):
     """UpstreamUnreachable for a socket/TLS failure: a sentence naming what failed and what
     usually fixes it, and the kind of failure (dns, refused, tls, timeout, proxy, network)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname + (":%d" % parts.port if parts.port else "")
-    except (ValueError, TypeError):
-        host = "the upstream"
     if isinstance(exc, UpstreamUnreachable):
         return exc
+    # (every caller has had ``url`` through parse_target before anything else could fail)
+    host = parse_target(url).host_header
     if isinstance(exc, ssl.SSLCertVerificationError):
         return UpstreamUnreachable("TLS certificate of %s could not be verified (%s); behind a "
                                    "TLS-inspecting proxy, pass its CA bundle with --ca-file or "
@@ -2046,10 +2043,12 @@ class UpstreamConnection:
 
     __slots__ = ("sock", "absolute_form", "proxy_auth", "fresh", "answered")
 
-    def __init__(self, sock, absolute_form=False, proxy_auth=None):
+    def __init__(self, sock, proxy=None):
+        """``proxy``: (host, port, auth) of the proxy plain HTTP goes through, which is sent the
+        full URL as target (the absolute form) and the proxy's credentials on every request."""
         self.sock = sock
-        self.absolute_form = absolute_form  # plain HTTP through a proxy: the full URL as target
-        self.proxy_auth = proxy_auth
+        self.absolute_form = proxy is not None
+        self.proxy_auth = proxy[2] if proxy else None
         self.fresh = True   # not yet given back to the pool
         #: a byte of the answer to the current request (a 1xx included) has arrived: the upstream
         #: has seen the request, so a failure from here on is never retried (it would run twice)
@@ -2495,8 +2494,7 @@ class UpstreamClient:
             raise
         with self._lock:
             self.connections_opened += 1
-        absolute_form = bool(proxy) and scheme == "http"
-        return UpstreamConnection(sock, absolute_form, proxy[2] if absolute_form else None)
+        return UpstreamConnection(sock, proxy if scheme == "http" else None)
 
     def _acquire(self, origin):
         """The most recently pooled connection to ``origin`` (LIFO: the warmest one, and the
@@ -2742,8 +2740,7 @@ class ImageFetcher:
                     if abort is not None:
                         abort.attach(sock)
                     sock.do_handshake()
-                absolute = bool(proxy) and scheme == "http"
-                return UpstreamConnection(sock, absolute, proxy[2] if absolute else None), literal
+                return UpstreamConnection(sock, proxy if scheme == "http" else None), literal
             except BaseException:
                 sock.close()
                 raise
