@@ -2314,20 +2314,12 @@ def safe_request_target(path):
     """``path`` as a request target that cannot split or bend a request: every byte outside
     printable ASCII (CR, LF, space, controls, non-ASCII as UTF-8) and any stray ``%`` is
     percent-encoded; the usual already-clean path comes back as it is."""
-    if not _UNSAFE_IN_TARGET.search(path):
-        return path
     try:
-        raw = path.encode("utf-8")
+        return _UNSAFE_IN_TARGET.sub(
+            lambda match: "".join(["%%%02X" % byte for byte in match.group().encode("utf-8")]),
+            path)
     except UnicodeEncodeError:
         raise UpstreamUnreachable("not a usable URL (it contains a lone surrogate)", kind="bad_url")
-    out = []
-    for index, byte in enumerate(raw):
-        stray_percent = byte == 0x25 and not re.match(rb"%[0-9A-Fa-f]{2}", raw[index:index + 3])
-        if 0x21 <= byte <= 0x7e and not stray_percent:
-            out.append(chr(byte))
-        else:
-            out.append("%%%02X" % byte)
-    return "".join(out)
 
 
 def _split_url(url):
@@ -7862,9 +7854,7 @@ class WorkerPool(concurrent.futures.Executor):
             # Jobs that finish while the loop has not yet taken the ones before join them: one
             # wake-up of the loop (a system call here, one there) for all of them.
             with self._lock:
-                finished = self._finished.get(loop)
-                if finished is None:
-                    finished = self._finished[loop] = []
+                finished = self._finished.setdefault(loop, [])
                 finished.append((future, result, error))
                 if len(finished) > 1:
                     return
@@ -8944,9 +8934,7 @@ class Metrics:
     def observe(self, name, value, labels=()):
         """Count ``value`` in its bucket (made cumulative when rendered), the count and the sum."""
         buckets = self.METRICS[name][2]
-        histogram = self.histograms.get((name, labels))
-        if histogram is None:
-            histogram = self.histograms[(name, labels)] = [[0] * len(buckets), 0, 0.0]
+        histogram = self.histograms.setdefault((name, labels), [[0] * len(buckets), 0, 0.0])
         index = bisect.bisect_left(buckets, value)
         if index < len(buckets):
             histogram[0][index] += 1
@@ -10516,18 +10504,15 @@ class Dashboard:
         record = {"t": round(time.time() - (now - request.started), 3),
                   "route": fields.get("route"), "status": response.status or 0,
                   "model": fields.get("model")}
-        for field, name in HISTORY_FIELDS:
-            record[name] = fields.get(field)
+        record.update((name, fields.get(field)) for field, name in HISTORY_FIELDS)
         if "->" in (record["model"] or ""):  # the log's "auto->gpt-5.4": asked, then answered
             record["requested"], record["model"] = record["model"].split("->", 1)
         if response.head_sent_at is not None:
             record["ttfb_ms"] = round((response.head_sent_at - request.started) * 1000, 1)
         record["ms"] = round((now - request.started) * 1000, 1)
         record["client"] = (request.header("user-agent") or "")[:120]
-        for name in SESSION_HEADERS:
-            if request.header(name):
-                record["session"] = request.header(name)[:100]
-                break
+        record["session"] = next((request.header(name)[:100] for name in SESSION_HEADERS
+                                  if request.header(name)), None)
         return {k: v for k, v in record.items() if v is not None and v != "" and v is not False}
 
     async def quota(self, max_age=0):
