@@ -2144,8 +2144,7 @@ class UpstreamResponse:
         """Body bytes already received, at most ``size``, with chunked framing removed."""
         buf = self._buf
         if not self._chunked:
-            n = len(buf) if self._left is None else min(len(buf), self._left)
-            n = min(n, size)
+            n = min(len(buf), size, len(buf) if self._left is None else self._left)
             data = bytes(buf[:n])
             del buf[:n]
             if self._left is not None:
@@ -2748,12 +2747,11 @@ class ImageFetcher:
                 conn, literal = self._open(target, url, deadline, abort)
             except (UpstreamUnreachable, OSError, ValueError) as exc:
                 raise ImageNotFetched(str(network_error(exc, url)))
-            headers = {"Accept": "image/*", "User-Agent": "coproxy/" + __version__,
-                       "Connection": "close"}
-            block = "Host: %s\r\n%s" % (target.host_header, _check_header_values(headers))
-            where = target.path
-            if conn.absolute_form:  # a plain-HTTP proxy is told the checked address, not the name
-                where = "http://%s:%d%s" % (literal, target.port, target.path)
+            block = ("Host: %s\r\nAccept: image/*\r\nUser-Agent: coproxy/%s\r\n"
+                     "Connection: close\r\n" % (target.host_header, __version__))
+            # a plain-HTTP proxy is told the checked address, not the name
+            where = ("http://%s:%d%s" % (literal, target.port, target.path) if conn.absolute_form
+                     else target.path)
             try:
                 conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
                 _send_request(conn, "GET", where, block, None)
@@ -11018,10 +11016,8 @@ class App:
         """/healthz for callers the Guard admits: login state, the last errors, uptime."""
         token = self.auth.has_credentials()
         record = self.auth.record
-        if record and record["expires_at"] > time.time():
-            copilot_token = "valid"
-        else:
-            copilot_token = "not yet fetched" if token else "missing"
+        copilot_token = ("valid" if record and record["expires_at"] > time.time()
+                         else "not yet fetched" if token else "missing")
         never = {"ok": None, "class": None, "message": "no request sent to Copilot yet", "at": None}
         return {"status": "ok", "version": __version__,
                 "auth": {"github_token": bool(token), "credentials": self.auth.describe(),
