@@ -8980,12 +8980,13 @@ class Metrics:
             for (metric, labels), (counts, count, total) in sorted(self.histograms.items()):
                 if metric != name:
                     continue
-                for bound, cumulative in zip(buckets, itertools.accumulate(counts)):
-                    le = labels + (("le", format(bound, "g")),)
-                    lines.append("%s_bucket%s %d" % (name, labelled(le), cumulative))
-                lines.append("%s_bucket%s %d" % (name, labelled(labels + (("le", "+Inf"),)), count))
-                lines.append("%s_sum%s %s" % (name, labelled(labels), format(total, ".6f")))
-                lines.append("%s_count%s %d" % (name, labelled(labels), count))
+                # the last bucket, +Inf, holds every observation: the count
+                bounds = [format(bound, "g") for bound in buckets] + ["+Inf"]
+                for bound, cumulative in zip(bounds, list(itertools.accumulate(counts)) + [count]):
+                    lines.append("%s_bucket%s %d" % (name, labelled(labels + (("le", bound),)),
+                                                     cumulative))
+                lines += ["%s_sum%s %s" % (name, labelled(labels), format(total, ".6f")),
+                          "%s_count%s %d" % (name, labelled(labels), count)]
         for name, text, kind, value in gauges:
             lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind),
                       "%s %s" % (name, format(value, ".15g"))]
@@ -10686,8 +10687,7 @@ class OllamaRoutes:
 
     async def show(self, request, response, _):
         _, model, _ = await self.model(await self.app.read_json(request))
-        entries = {e["id"]: e for e in await self.entries()}
-        entry = entries.get(model) or {"id": model}
+        entry = next((e for e in await self.entries() if e["id"] == model), {"id": model})
         await self.app.send_json(response, ollama_show(entry, rfc3339(self.app.started_at)))
 
     async def chat(self, request, response, _, kind="chat"):
