@@ -2351,12 +2351,10 @@ def parse_target(url):
             raise UpstreamUnreachable("not a usable http(s) URL (bad IPv6 address)", kind="bad_url")
     else:
         try:
-            if not host.isascii():
-                host = host.encode("idna").decode("ascii")
-            usable = bool(_HOST_NAME.match(host))
+            host = host if host.isascii() else host.encode("idna").decode("ascii")
         except UnicodeError:
-            usable = False
-        if not usable:
+            host = ""
+        if not _HOST_NAME.match(host):
             raise UpstreamUnreachable("not a usable http(s) URL (bad host name)", kind="bad_url")
     default = 443 if parts.scheme == "https" else 80
     port = port or default
@@ -2720,16 +2718,14 @@ class ImageFetcher:
                 last = exc
                 continue
             try:
-                if abort is not None:
-                    abort.attach(sock)
+                abort.attach(sock)
                 if scheme == "https":
                     if proxy:
                         _connect_tunnel(sock, "%s:%d" % (literal, port), proxy[2])
                     sock = self.client.ssl_context.wrap_socket(sock, server_hostname=host,
                                                                do_handshake_on_connect=False)
                     # before the handshake: wrapping detached the plain socket attached above
-                    if abort is not None:
-                        abort.attach(sock)
+                    abort.attach(sock)
                     sock.do_handshake()
                 return UpstreamConnection(sock, proxy if scheme == "http" else None), literal
             except BaseException:
@@ -2740,6 +2736,7 @@ class ImageFetcher:
     def fetch(self, url, abort=None, timeout=None):
         """(media type, bytes) of the image at ``url``, or ImageNotFetched saying why (for the
         log). Redirects are followed by hand, each hop checked as the first."""
+        abort = abort or AbortHandle()  # (the tests' calls: nobody cuts them off)
         deadline = time.monotonic() + (IMAGE_FETCH_SECONDS if timeout is None else timeout)
         for _ in range(MAX_IMAGE_REDIRECTS + 1):
             try:
@@ -10994,11 +10991,11 @@ class App:
     async def handle_models(self, request, response, _):
         entries, source = await self.catalogue.listing()
         if request.header("anthropic-version"):  # an Anthropic client (Claude Code's discovery)
-            query = urllib.parse.parse_qs(request.query, keep_blank_values=True)
-            listing = anthropic_model_list(entries, query)
+            listing = anthropic_model_list(
+                entries, urllib.parse.parse_qs(request.query, keep_blank_values=True))
         else:
-            data = [copilot_model_to_openai(e) for e in entries]
-            listing = {"object": "list", "data": data, "has_more": False}
+            listing = {"object": "list", "data": [copilot_model_to_openai(e) for e in entries],
+                       "has_more": False}
         await self.send_json(response, listing, [("X-Coproxy-Models-Source", source)])
 
     async def handle_model(self, request, response, model_id):
