@@ -1849,8 +1849,7 @@ class History:
 def _no_proxy_matches(host, port, no_proxy):
     """NO_PROXY semantics as curl has them: ``*``, exact names, domain suffixes, host:port."""
     host = host.lower().strip("[]")
-    for entry in no_proxy.replace(" ", "").split(","):
-        entry = entry.lower()
+    for entry in no_proxy.replace(" ", "").lower().split(","):
         if not entry:
             continue
         if entry == "*":
@@ -9456,9 +9455,8 @@ class StreamRelay:
             try:
                 await self._supervise(stream)
             except ClientDisconnected:
-                connection = self.request.connection
-                self.response.log_fields["error"] = ("client_stalled" if connection.stalled
-                                                     else "client_closed")
+                self.response.log_fields["error"] = (
+                    "client_stalled" if self.request.connection.stalled else "client_closed")
                 return
             await self.response.end()
         finally:
