@@ -1850,18 +1850,12 @@ def _no_proxy_matches(host, port, no_proxy):
     """NO_PROXY semantics as curl has them: ``*``, exact names, domain suffixes, host:port."""
     host = host.lower().strip("[]")
     for entry in no_proxy.replace(" ", "").lower().split(","):
-        if not entry:
-            continue
         if entry == "*":
             return True
-        if entry.count(":") == 1:  # host:port (an IPv6 address has more colons and no port)
-            entry_host, _, entry_port = entry.rpartition(":")
-        else:
-            entry_host, entry_port = entry, ""
-        if entry_port and entry_port != str(port):
-            continue
-        entry_host = entry_host.lstrip(".").strip("[]")
-        if host == entry_host or host.endswith("." + entry_host):
+        # host:port (an IPv6 address has more colons and no port)
+        name, entry_port = entry.split(":") if entry.count(":") == 1 else (entry, "")
+        name = name.lstrip(".").strip("[]")
+        if name and entry_port in ("", str(port)) and (host == name or host.endswith("." + name)):
             return True
     return False
 
