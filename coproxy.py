@@ -8937,27 +8937,24 @@ class Metrics:
             '%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " "))
             for k, v in pairs)
 
-    def gauges(self, auth, client, started_at):
-        """The values /metrics reads at scrape time, as render() takes them: (name, help, kind,
-        value) of streams, token exchanges and upstream connections."""
-        return [("coproxy_active_streams", "Streams being relayed now.", "gauge",
-                 self.active_streams),
-                ("coproxy_token_refreshes_total", "Copilot token exchanges.", "counter",
-                 auth.exchanges),
-                ("coproxy_token_refresh_failures_total", "Copilot token exchanges that failed.",
-                 "counter", auth.exchange_failures),
-                ("coproxy_upstream_connections_opened_total",
-                 "Connections opened to GitHub and Copilot.", "counter", client.connections_opened),
-                ("coproxy_upstream_idle_connections",
-                 "Kept-alive upstream connections waiting for reuse.", "gauge",
-                 client.idle_connections()),
-                ("coproxy_start_time_seconds", "When this coproxy started (unix time).", "gauge",
-                 started_at)]
-
-    def render(self, gauges):
-        """The exposition text; ``gauges`` are (name, help, kind, value) read at scrape time.
-        Histogram buckets are kept per bucket and made cumulative here (le="..."), as the
-        format wants."""
+    def render(self, auth, client, started_at):
+        """The exposition text. Histogram buckets are kept per bucket and made cumulative here
+        (le="..."), as the format wants; the gauges and the counters kept elsewhere (token
+        exchanges, upstream connections) are read now, at scrape time."""
+        gauges = [("coproxy_active_streams", "Streams being relayed now.", "gauge",
+                   self.active_streams),
+                  ("coproxy_token_refreshes_total", "Copilot token exchanges.", "counter",
+                   auth.exchanges),
+                  ("coproxy_token_refresh_failures_total", "Copilot token exchanges that failed.",
+                   "counter", auth.exchange_failures),
+                  ("coproxy_upstream_connections_opened_total",
+                   "Connections opened to GitHub and Copilot.", "counter",
+                   client.connections_opened),
+                  ("coproxy_upstream_idle_connections",
+                   "Kept-alive upstream connections waiting for reuse.", "gauge",
+                   client.idle_connections()),
+                  ("coproxy_start_time_seconds", "When this coproxy started (unix time).", "gauge",
+                   started_at)]
         lines = []
         labelled = self._labels
         for name, (kind, text, buckets) in sorted(self.METRICS.items()):
@@ -11023,9 +11020,8 @@ class App:
         await self.send_json(response, body, [("Cache-Control", "no-store")])
 
     async def handle_metrics(self, request, response, _):
-        gauges = self.metrics.gauges(self.auth, self.client, self.started_at)
         await response.send(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                            self.metrics.render(gauges))
+                            self.metrics.render(self.auth, self.client, self.started_at))
 
     async def handle_usage(self, request, response, _):
         query = urllib.parse.parse_qs(request.query)
