@@ -1985,10 +1985,6 @@ class UpstreamCutShort(ConnectionError):
     """The upstream closed the connection before its answer was complete."""
 
 
-class TunnelClosed(ConnectionResetError):
-    """The HTTPS proxy hung up before answering CONNECT (retried once, like a stale connection)."""
-
-
 def hung_up_before_answer(exc):
     """True for the errors of a peer that went away before saying anything: a reset, a closed
     pipe, a TLS connection that ended without its close_notify ("EOF occurred in violation of
@@ -2075,9 +2071,9 @@ class UpstreamResponse:
             self.status, self.headers, self.will_close = self._read_head()
             if not 100 <= self.status < 200:
                 break
-        coding = self.headers.get("transfer-encoding", "").lower()
         length = self.headers.get("content-length")
-        self._chunked = coding.rstrip().endswith("chunked")
+        self._chunked = (self.headers.get("transfer-encoding", "").lower().rstrip()
+                         .endswith("chunked"))
         self._need_crlf = self._in_trailers = False
         #: body bytes still to come: of the whole body, of the current chunk, or None (until close)
         self._left = 0
@@ -2376,7 +2372,8 @@ def _connect_tunnel(sock, authority, proxy_auth):
     while b"\r\n\r\n" not in answer and b"\n\n" not in answer:
         data = sock.recv(4096)  # the proxy says nothing after its head until we speak TLS
         if not data:
-            raise TunnelClosed("Tunnel connection failed: the proxy closed the connection")
+            # a reset, so retried once like a stale connection (hung_up_before_answer)
+            raise ConnectionResetError("Tunnel connection failed: the proxy closed the connection")
         if len(answer) > MAX_HEADER_BYTES:
             raise OSError("Tunnel connection failed: the proxy sent an oversized answer")
         answer += data
@@ -8076,8 +8073,7 @@ class StreamHub:
         self._next_timeout_check = now + self.SILENCE_CHECK_SECONDS
         for stream in list(self._streams):
             if not stream.paused and now - stream.last_read > self.read_timeout:
-                error = socket.timeout("no upstream data for %ds" % self.read_timeout)
-                self._finish(stream, error)
+                self._finish(stream, socket.timeout("no upstream data for %ds" % self.read_timeout))
 
     def _publish(self):
         """Hand this wake-up's bytes and ends to the loop: at most one scheduled call waiting."""
