@@ -9278,10 +9278,8 @@ class ImageInliner:
             if pending:  # one failed: the others stop too, and are waited for
                 batch.stop()
                 await asyncio.wait(pending)
-            failures = [task.exception() for task in tasks if task.exception() is not None]
-            if failures:
-                raise failures[0]
-            images.update(zip(wanted, (task.result() for task in tasks)))
+            # result() raises the failure of the first task that failed
+            images.update(zip(wanted, [task.result() for task in tasks]))
         check_image_limits(images, plan.model, plan.info)
         total = sum(len(images[url][1]) for _, _, url in found)  # each use of a URL is sent again
         if total > MAX_IMAGE_BYTES_PER_REQUEST:
@@ -10680,8 +10678,8 @@ class OllamaRoutes:
             payload.get("prompt") or payload.get("images"))
         if not said:  # Ollama loads the model (or with keep_alive 0 unloads it) and answers at once
             unload = payload.get("keep_alive") in (0, "0", "0s")
-            loaded = ollama_loaded(name, kind, rfc3339(time.time()), unload)
-            return await self.app.send_json(response, loaded)
+            return await self.app.send_json(
+                response, ollama_loaded(name, kind, rfc3339(time.time()), unload))
         await self.app.run_plan(request, response, plan_ollama, payload, kind, name, model, info,
                                 self.app.catalogue.quirks(model), time.time(), request.started,
                                 time.monotonic)
