@@ -2362,8 +2362,9 @@ def _check_header_values(headers):
     return "".join(["%s: %s\r\n" % item for item in headers.items()])
 
 
-def _connect_tunnel(sock, authority, proxy_auth):
-    """CONNECT ``authority`` through an HTTP proxy; the TLS handshake then runs inside it."""
+def _connect_tunnel(sock, host, port, proxy_auth):
+    """CONNECT ``host``:``port`` through an HTTP proxy; the TLS handshake then runs inside it."""
+    authority = "%s:%d" % ("[%s]" % host if ":" in host else host, port)
     head = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
     if proxy_auth:
         head += "Proxy-Authorization: %s\r\n" % proxy_auth
@@ -2460,8 +2461,7 @@ class UpstreamClient:
         try:
             if scheme == "https":
                 if proxy:
-                    authority = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-                    _connect_tunnel(sock, authority, proxy[2])
+                    _connect_tunnel(sock, host, port, proxy[2])
                 # Resuming the last TLS session of this origin skips the certificate checks on
                 # both sides: most of a handshake's cost when many streams open at once.
                 sock = self.ssl_context.wrap_socket(sock, server_hostname=host,
@@ -2655,8 +2655,8 @@ def address_is_public(text):
     if address.version == 6:
         for network, shift in embedding:
             if address in network:
-                inner = ipaddress.IPv4Address((int(address) >> shift) & 0xFFFFFFFF)
-                return address_is_public(str(inner))
+                return address_is_public(
+                    str(ipaddress.IPv4Address((int(address) >> shift) & 0xFFFFFFFF)))
     return not any(address in network for network in non_public
                    if network.version == address.version)
 
@@ -2711,7 +2711,7 @@ class ImageFetcher:
                 abort.attach(sock)
                 if scheme == "https":
                     if proxy:
-                        _connect_tunnel(sock, "%s:%d" % (literal, port), proxy[2])
+                        _connect_tunnel(sock, address, port, proxy[2])
                     sock = self.client.ssl_context.wrap_socket(sock, server_hostname=host,
                                                                do_handshake_on_connect=False)
                     # before the handshake: wrapping detached the plain socket attached above
