@@ -4383,9 +4383,8 @@ def chat_initiator(messages):
     """``agent`` when the last message is the assistant's or a tool result, else ``user``.
 
     Copilot bills a user turn (a premium request, or its tokens); tool loops are follow-ups."""
-    if messages[-1].get("role") in ("assistant", "tool"):  # validate_chat_request: non-empty
-        return "agent"
-    return "user"
+    # validate_chat_request: messages is non-empty
+    return "agent" if messages[-1].get("role") in ("assistant", "tool") else "user"
 
 
 def _model_or_default(payload, default_model):
@@ -4470,12 +4469,9 @@ def anthropic_initiator(messages):
     if alone and (blocks[0].get("text") or "").strip() == "Warmup":
         # Claude Code's start-up probe (2.0.28+): the tool's request, not the person's
         return "agent"
-
-    if any((b.get("type") == "text" and (b.get("text") or "").strip())
-           or b.get("type") in ("image", "document")
-           for b in blocks):
-        return "user"
-    return "agent"
+    said = any((b.get("type") == "text" and (b.get("text") or "").strip())
+               or b.get("type") in ("image", "document") for b in blocks)
+    return "user" if said else "agent"
 
 
 def validate_anthropic_request(payload):
@@ -4869,9 +4865,7 @@ def responses_initiator(payload):
     last = items[-1]
     follow_up = ("function_call_output", "function_call", "reasoning", "compaction_trigger",
                  "custom_tool_call_output")
-    if last.get("type") in follow_up or last.get("role") == "assistant":
-        return "agent"
-    return "user"
+    return "agent" if last.get("type") in follow_up or last.get("role") == "assistant" else "user"
 
 
 def as_output_items(items):
@@ -4904,11 +4898,10 @@ def compact_request(payload):
     inside /responses when ``context_management`` asks for it."""
     request = {k: v for k, v in payload.items()
                if k not in ("stream", "service_tier", "store", "background")}
-    request["input"] = [i for i in payload["input"] if i.get("type") != "compaction_trigger"]
-    request["store"] = False
-    request["context_management"] = [{"type": "compaction",
-                                      "compact_threshold": COMPACT_THRESHOLD_TOKENS}]
-    return request
+    return dict(request, store=False,
+                input=[i for i in payload["input"] if i.get("type") != "compaction_trigger"],
+                context_management=[{"type": "compaction",
+                                     "compact_threshold": COMPACT_THRESHOLD_TOKENS}])
 
 
 # Responses for models Copilot serves only on /chat/completions or /v1/messages (Claude, Gemini,
@@ -6358,10 +6351,8 @@ class ChatNormalize(ChatReader):
             items.append(self._chunk([{"index": 0, "delta": {},
                                        "finish_reason": self.finish_reason, "logprobs": None}]))
         if self.include_usage and self.raw_usage is not None:
-            extra = {"usage": self.raw_usage}
-            if self.copilot_usage is not None:
-                extra["copilot_usage"] = self.copilot_usage
-            items.append(self._chunk([], **extra))
+            cost = {} if self.copilot_usage is None else {"copilot_usage": self.copilot_usage}
+            items.append(self._chunk([], usage=self.raw_usage, **cost))
         items.append((None, "[DONE]"))
         return items
 
@@ -8142,7 +8133,7 @@ class Request:
     """One parsed request head; the body is read on demand with ``await read_body()``."""
 
     __slots__ = ("method", "path", "query", "version", "headers", "content_length", "chunked",
-                 "keep_alive", "expect_continue", "body", "body_consumed", "connection", "started")
+                 "keep_alive", "expect_continue", "body", "connection", "started")
 
     def __init__(self, method, path, query, version, headers):
         """``query``: the query string, without "?"; ``headers``: lower-case names."""
@@ -8157,8 +8148,7 @@ class Request:
         self.keep_alive = ("close" not in connection if version == "HTTP/1.1"
                            else "keep-alive" in connection)
         self.expect_continue = headers.get("expect", "").lower() == "100-continue"
-        self.body = None
-        self.body_consumed = False
+        self.body = None  # bytes once read_body has taken it off the wire
         self.connection = None
         self.started = time.monotonic()
 
@@ -8170,7 +8160,6 @@ class Request:
         the client goes silent."""
         if self.body is None:
             self.body = await self.connection.read_body(self, limit)
-            self.body_consumed = True
         return self.body
 
     def on_disconnect(self, callback):
@@ -8464,14 +8453,12 @@ class Connection:
         searched = 0
         while True:
             index = self.buf.find(b"\r\n", searched)
+            if index > limit or (index < 0 and len(self.buf) > limit):
+                raise BadRequest(400, "%s longer than %d bytes" % (what, limit))
             if index >= 0:
-                if index > limit:
-                    raise BadRequest(400, "%s longer than %d bytes" % (what, limit))
                 line = bytes(self.buf[:index])
                 del self.buf[:index + 2]
                 return line
-            if len(self.buf) > limit:
-                raise BadRequest(400, "%s longer than %d bytes" % (what, limit))
             searched = max(0, len(self.buf) - 1)
             await self._fill_body()
 
@@ -8639,11 +8626,9 @@ class Connection:
             self.exchanging = False
             self._on_lost = []  # the next exchange watches for itself
             self.server.app.log_exchange(request, response)
-        if self.timed_out or not response.finished or not response.keep_alive:
-            return False
-        if not request.body_consumed and (request.chunked or request.content_length):
-            return False  # the unread body is still on the wire; we cannot find the next request
-        return True
+        # an unread body is still on the wire: the next request cannot be found after it
+        unread = request.body is None and (request.chunked or request.content_length)
+        return not (self.timed_out or unread) and response.finished and response.keep_alive
 
     async def _answer_bad_request(self, exc):
         response = Response(self, None)  # no request: the connection closes after it
