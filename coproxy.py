@@ -2609,8 +2609,12 @@ class UpstreamClient:
 
     def request_json(self, method, url, headers, payload=None, limit=MAX_UPSTREAM_JSON_BYTES,
                      abort_handle=None):
-        """(status, parsed JSON or None, raw bytes, response) for a small JSON exchange."""
-        body = json_dumps(payload) if payload is not None else None
+        """(status, parsed JSON or None, raw bytes, response) for a small JSON exchange; a
+        ``payload`` is sent as JSON, with its Content-Type."""
+        body = None
+        if payload is not None:
+            body, headers = json_dumps(payload), dict(headers,
+                                                      **{"Content-Type": "application/json"})
         response = self.request(method, url, headers, body, abort_handle)
         raw = response.read_all(limit)
         try:
@@ -2844,9 +2848,8 @@ class DeviceFlow:
         self.clock = clock
 
     def _post(self, path, payload):
-        headers = dict(github_headers(self.config), **{"Content-Type": "application/json"})
-        return self.client.request_json("POST", self.config.github_url + path, headers,
-                                        payload)
+        return self.client.request_json("POST", self.config.github_url + path,
+                                        github_headers(self.config), payload)
 
     def start(self):
         """Ask for a code: dict with device_code, user_code, verification_uri, expires_in,
@@ -3173,8 +3176,6 @@ class GitHubApp:
     def _call(self, method, path, payload=None):
         headers = dict(github_headers(self.config), Accept="application/vnd.github+json",
                        Authorization="Bearer " + app_jwt(self.app_id, self.key, self.clock()))
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
         try:
             return self.client.request_json(method, self.config.github_api_url + path, headers,
                                             payload)
@@ -3361,18 +3362,25 @@ def _exchange_refusal(status, data, raw, kind, source, login):
                      % (status, message or "no details"), code="copilot_token_refused")
 
 
+#: The GitHub token sources ahead of the saved login, in the order they win (Config allows one
+#: of the first three; COPILOT_GITHUB_TOKEN may come with any), one row each: the Config
+#: attribute that sets it, how the notes of `auth login` and `auth logout` name it, and
+#: (token, where it came from) as CopilotAuth.github_token gets them (the App's may be minted).
+TOKEN_SOURCES = (
+    ("github_token", lambda config: config.source_of("github_token"),
+     lambda auth: (auth.config.github_token, auth.config.source_of("github_token"))),
+    ("github_token_file", lambda config: "--github-token-file %s" % config.github_token_file,
+     lambda auth: (auth.token_file.value(), auth.config.github_token_file)),
+    ("github_app_id", lambda config: "--github-app-id %d" % config.github_app_id,
+     lambda auth: (auth.app.token(), auth.app.source)),
+    ("copilot_cli_token", lambda config: "COPILOT_GITHUB_TOKEN",
+     lambda auth: (auth.config.copilot_cli_token, "COPILOT_GITHUB_TOKEN")))
+
+
 def token_source_before_login(config):
     """What gives the GitHub token ahead of a saved login (a flag, a variable, a token file, a
     GitHub App), for the notes of `auth login` and `auth logout`; None when nothing does."""
-    if config.github_token:
-        return config.source_of("github_token")
-    if config.github_token_file:
-        return "--github-token-file %s" % config.github_token_file
-    if config.github_app_id:
-        return "--github-app-id %d" % config.github_app_id
-    if config.copilot_cli_token:
-        return "COPILOT_GITHUB_TOKEN"
-    return None
+    return next((name(config) for dest, name, _ in TOKEN_SOURCES if getattr(config, dest)), None)
 
 
 class CopilotAuth:
@@ -3395,8 +3403,8 @@ class CopilotAuth:
         self.exchanges = 0
         self.exchange_failures = 0
         self.app = GitHubApp(config, client, clock) if config.github_app_id else None
-        self._token_file = (WatchedFile(config.github_token_file, self._read_token_file)
-                            if config.github_token_file else None)
+        self.token_file = (WatchedFile(config.github_token_file, self._read_token_file)
+                           if config.github_token_file else None)
         #: how App installation tokens reach Copilot once one call showed it ("direct"/"exchange")
         self.app_token_path = None
         self._direct_refusal = None  # what Copilot said when it refused an App token sent directly
@@ -3407,16 +3415,10 @@ class CopilotAuth:
         """(token, where it came from) or (None, None). In this order: --github-token or
         GHCP_GITHUB_TOKEN, --github-token-file, the GitHub App, COPILOT_GITHUB_TOKEN (the Copilot
         CLI's variable), the saved login. Never GITHUB_TOKEN: in CI that is a repository token
-        without Copilot. The App's token may be minted here (network)."""
-        config = self.config
-        if config.github_token:
-            return config.github_token, config.source_of("github_token")
-        if self._token_file is not None:
-            return self._token_file.value(), config.github_token_file
-        if self.app is not None:
-            return self.app.token(), self.app.source
-        if config.copilot_cli_token:
-            return config.copilot_cli_token, "COPILOT_GITHUB_TOKEN"
+        without Copilot (TOKEN_SOURCES). The App's token may be minted here (network)."""
+        found = next((get for dest, _, get in TOKEN_SOURCES if getattr(self.config, dest)), None)
+        if found:
+            return found(self)
         token = self.store.load_github_token()
         return (token, self.store.github_token_path) if token else (None, None)
 
@@ -3439,7 +3441,7 @@ class CopilotAuth:
         token, source = self.github_token()
         if token:
             return token
-        if self._token_file is not None:
+        if self.token_file is not None:
             raise AuthError("the token file %s is missing or empty (--github-token-file)" % source,
                             code="not_logged_in")
         raise AuthError("not logged in to GitHub: run `%s` (or set GHCP_GITHUB_TOKEN)"
@@ -3667,8 +3669,7 @@ class CopilotAuth:
 def peek_github_token(auth):
     """(kind, where it came from) of the token ``auth.github_token()`` would use, without minting
     an App token (no network, no wait on a mint: the dashboard asks from the event loop)."""
-    config = auth.config
-    if auth.app is not None and not (config.github_token or config.github_token_file):
+    if auth.app is not None:  # the App is the only explicit source then (Config checks it)
         return github_token_kind("ghs_"), auth.app.source
     token, source = auth.github_token()
     return github_token_kind(token), source
