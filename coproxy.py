@@ -4809,12 +4809,10 @@ def _chat_message_as_items(message):
     text = _plain_text(content)
     items = [{"type": "message", "role": "assistant",
               "content": [{"type": "output_text", "text": text}]}] if text else []
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        items.append({"type": "function_call", "call_id": call.get("id"),
-                      "name": function.get("name"),
-                      "arguments": function.get("arguments") or "{}"})
-    return items
+    return items + [{"type": "function_call", "call_id": call.get("id"),
+                     "name": _dig(call, "function").get("name"),
+                     "arguments": _dig(call, "function").get("arguments") or "{}"}
+                    for call in message.get("tool_calls") or []]
 
 
 def _with_strict(fields, source):
@@ -5161,10 +5159,8 @@ def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
     previous_response_id) then ``input`` (see _responses_items_as_chat); then the settings that
     have a chat spelling, tools as chat functions (see _chat_tool).
     ``own_items``: as_output_items of ``input`` when the caller has built them already."""
-    instructions = payload.get("instructions")
-    messages = []
-    if isinstance(instructions, str) and instructions:  # it may also be an array of items
-        messages.append({"role": "system", "content": instructions})
+    instructions = _string(payload, "instructions")  # it may also be an array of items
+    messages = [{"role": "system", "content": instructions}] if instructions else []
     if own_items is None:
         own_items = as_output_items(payload.get("input"))
     messages += _responses_items_as_chat(history + own_items, len(history), keep_thinking)
@@ -5177,12 +5173,10 @@ def responses_to_chat_request(payload, history, keep_thinking, own_items=None):
     if tools:
         request["tools"] = tools
         _copy_given(request, payload, "parallel_tool_calls")
-    choice = _responses_tool_choice_as_chat(payload.get("tool_choice"))
-    if choice is not None:
-        request["tool_choice"] = choice
-    answer_format = _responses_format_as_chat(_dig(payload, "text", "format"))
-    if answer_format is not None:
-        request["response_format"] = answer_format
+    _copy_given(request, {
+        "tool_choice": _responses_tool_choice_as_chat(payload.get("tool_choice")),
+        "response_format": _responses_format_as_chat(_dig(payload, "text", "format"))},
+        "tool_choice", "response_format")
     return request
 
 
@@ -5289,7 +5283,6 @@ def chat_to_anthropic_request(chat, info):
         _mark_cache(messages[-1]["content"])
     if chat.get("stream"):
         request["stream"] = True
-    _copy_given(request, chat, "temperature", "top_p")
     if chat.get("user"):
         request["metadata"] = {"user_id": chat["user"]}
     if chat.get("tools"):
@@ -5298,8 +5291,8 @@ def chat_to_anthropic_request(chat, info):
     thinking_budget = thinking_budget_for(chat.get("reasoning_effort"), info, request["max_tokens"])
     if thinking_budget and not forced:  # Claude thinks only when it may pick its tool
         request["thinking"] = {"type": "enabled", "budget_tokens": thinking_budget}
-        request.pop("temperature", None)  # thinking takes neither (Anthropic refuses them)
-        request.pop("top_p", None)
+    else:  # thinking takes neither (Anthropic refuses them)
+        _copy_given(request, chat, "temperature", "top_p")
     return request
 
 
@@ -5469,13 +5462,10 @@ def _ollama_content(text, images, where):
 def _ollama_calls_as_chat(calls, index):
     """An Ollama assistant message's tool calls as chat's: arguments as JSON text, and an id
     made up (from the message's ``index``) where Ollama sent none."""
-    out = []
-    for position, call in enumerate(calls):
-        function = call["function"]
-        out.append({"id": call.get("id") or "call_%d_%d" % (index, position), "type": "function",
-                    "function": {"name": function.get("name") or "",
-                                 "arguments": json.dumps(function.get("arguments") or {})}})
-    return out
+    return [{"id": call.get("id") or "call_%d_%d" % (index, position), "type": "function",
+             "function": {"name": call["function"].get("name") or "",
+                          "arguments": json.dumps(call["function"].get("arguments") or {})}}
+            for position, call in enumerate(calls)]
 
 
 def ollama_messages(payload, kind):
@@ -5974,8 +5964,7 @@ def client_error_from_upstream(status, raw, headers, now, identity=None):
     message text); a 466 names the identity options; ``transient`` marks a short plain 429/503
     worth one retry. ``identity`` is (editor version, plugin version) for the 466 message."""
     message, fields = upstream_error_message(raw)
-    if not message:
-        message = "Copilot answered HTTP %d %s" % (status, REASONS.get(status, ""))
+    message = message or "Copilot answered HTTP %d %s" % (status, REASONS.get(status, ""))
     kind = get_typed(fields, "type", str) or None
     if kind in (None, "error", ""):
         kind = error_type_for_status(status)
@@ -7068,10 +7057,10 @@ def summary_compaction_answer(response, payload, now):
                       for part in item["content"])
     kept = [i for i in as_output_items(payload.get("input"))
             if i["type"] == "message" and i.get("role") == "user"]
-    text = "Summary of the conversation so far:\n\n" + summary
     message = {"id": "msg_" + random_id(), "type": "message", "role": "assistant",
                "status": "completed",
-               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+               "content": [{"type": "output_text", "annotations": [],
+                            "text": "Summary of the conversation so far:\n\n" + summary}]}
     return {"id": response["id"], "object": "response.compaction", "created_at": int(now),
             "output": kept + [message], "usage": response["usage"]}
 
@@ -8268,6 +8257,8 @@ class Response:
         """The status line and headers as bytes; marks the answer started. Adds Date,
         Server, the CORS headers kept for every answer, the framing (Content-Length or chunked)
         and the connection's fate (close while shutting down or when the client asked)."""
+        if self.started:
+            raise RuntimeError("response already started")
         self.status = status
         self.started = True
         self.head_sent_at = time.monotonic()
@@ -8288,8 +8279,6 @@ class Response:
 
     async def send(self, status, headers, body=b""):
         """The whole answer at once (a HEAD request gets the headers only)."""
-        if self.started:
-            raise RuntimeError("response already started")
         head = self._head(status, headers, len(body))
         if self.request is not None and self.request.method == "HEAD":
             body = b""
@@ -8302,8 +8291,6 @@ class Response:
 
     async def start_stream(self, status, headers):
         """Status line and headers of a streamed answer (chunked; close-delimited on HTTP/1.0)."""
-        if self.started:
-            raise RuntimeError("response already started")
         if self.request is not None and self.request.version == "HTTP/1.0":
             self.keep_alive = False
         else:
@@ -8827,9 +8814,8 @@ class Server:
             await asyncio.wait(busy, timeout=grace)
         for conn in list(self._connections.values()):
             conn.transport.abort()
-        remaining = list(self._connections)
-        if remaining:
-            await asyncio.wait(remaining, timeout=2)
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=2)
         if self._server is not None:
             # (asyncio.TimeoutError is the builtin one only from 3.11)
             with contextlib.suppress(asyncio.TimeoutError):
