@@ -7254,20 +7254,19 @@ def plan_messages(payload, model, info, quirks, now, header=lambda name: None):
         if passed_on:
             plan.headers["anthropic-beta"] = ",".join(passed_on)
         plan.chain = lambda: [anthropic_passthrough()]
-    elif endpoint_for(info, "/chat/completions") == "/responses":
-        plan.path = "/responses"
+    else:  # translated to chat, and on to /responses for a model served only there
+        plan.path = endpoint_for(info, "/chat/completions")
         # the estimate is for message_start; Copilot's own /v1/messages needs none
         estimate = estimate_input_tokens(payload) if stream else 0
-        plan.payload = chat_to_responses_request(anthropic_to_openai_request(payload, info))
-        translate_with(plan, lambda: [ResponsesToChat(model, True, now),
-                                      ChatToAnthropic(model, estimate)])
-    else:
-        plan.path = "/chat/completions"
-        estimate = estimate_input_tokens(payload) if stream else 0
         plan.payload = anthropic_to_openai_request(payload, info)
-        if is_gemini(model, info):
-            gemini_tools(plan.payload)
-        translate_with(plan, lambda: [ChatToAnthropic(model, estimate)])
+        if plan.path == "/responses":
+            plan.payload = chat_to_responses_request(plan.payload)
+            translate_with(plan, lambda: [ResponsesToChat(model, True, now),
+                                          ChatToAnthropic(model, estimate)])
+        else:
+            if is_gemini(model, info):
+                gemini_tools(plan.payload)
+            translate_with(plan, lambda: [ChatToAnthropic(model, estimate)])
     return fit_to_model(plan, quirks)
 
 
@@ -7383,8 +7382,8 @@ def plan_compact(payload, model, info, quirks, now):
         summarise = plan.answer
         plan.route = "compact"
         plan.answer = lambda data: summary_compaction_answer(summarise(data), payload, now)
-    plan.initiator, plan.intent = "agent", "conversation-agent"
-    plan.interaction = "conversation-compaction"
+    plan.initiator, plan.intent, plan.interaction = (
+        "agent", "conversation-agent", "conversation-compaction")
     return fit_to_model(plan, quirks)
 
 
@@ -7436,8 +7435,7 @@ def ollama_capabilities(model):
 
 
 def _ollama_details(model):
-    family = _dig(model, "capabilities").get("family")
-    family = family if isinstance(family, str) and family else model["id"]
+    family = _string(_dig(model, "capabilities"), "family") or model["id"]
     return {"parent_model": "", "format": "copilot", "family": family, "families": [family],
             "parameter_size": "", "quantization_level": ""}
 
