@@ -4704,12 +4704,10 @@ def estimate_input_tokens(payload):
                                      else json.dumps(block))
         return total
 
-    total = 8 + content_tokens(payload.get("system") or "")
-    for message in payload["messages"]:
-        total += 7 + content_tokens(message.get("content"))
     tools = payload.get("tools") or []
-    for tool in tools:
-        total += 30 + text_tokens(json.dumps(tool, separators=(",", ":")))
+    total = (8 + content_tokens(payload.get("system") or "")
+             + sum(7 + content_tokens(message.get("content")) for message in payload["messages"])
+             + sum(30 + text_tokens(json.dumps(tool, separators=(",", ":"))) for tool in tools))
     if tools:
         total += 350  # the tool-use system prompt Anthropic adds
     return int(total * 1.1) + 1
@@ -4878,10 +4876,9 @@ def as_output_items(items):
         item = dict(item, type=item.get("type") or "message")
         if item["type"] == "message" and not isinstance(item.get("content"), list):
             text = get_typed(item, "content", str, "")
-            if item.get("role") == "assistant":
-                item["content"] = [{"type": "output_text", "text": text, "annotations": []}]
-            else:
-                item["content"] = [{"type": "input_text", "text": text}]
+            item["content"] = [{"type": "output_text", "text": text, "annotations": []}
+                               if item.get("role") == "assistant"
+                               else {"type": "input_text", "text": text}]
         out.append(item)
     return out
 
@@ -4943,9 +4940,8 @@ def unpack_thinking(value):
         block = json.loads(base64.urlsafe_b64decode(value[len(_THINKING_PREFIX):].encode("ascii")))
     except (ValueError, TypeError):
         return None
-    if get_typed(block, "thinking", str) is not None and _string(block, "signature"):
-        return block["thinking"], block["signature"]
-    return None
+    whole = get_typed(block, "thinking", str) is not None and _string(block, "signature")
+    return (block["thinking"], block["signature"]) if whole else None
 
 
 def is_claude_thinking(item):
@@ -7468,13 +7464,10 @@ def ollama_show(model, modified_at):
 
 def _ollama_calls(calls):
     """Chat tool calls as Ollama's: arguments as an object, not JSON text."""
-    out = []
-    for index, call in enumerate(calls):
-        function = _dig(call, "function")
-        out.append({"id": call.get("id") or "call_%d" % index, "function": {
-            "index": index, "name": function.get("name") or "",
-            "arguments": _parse_arguments(function.get("arguments"))}})
-    return out
+    return [{"id": call.get("id") or "call_%d" % index, "function": {
+        "index": index, "name": _dig(call, "function").get("name") or "",
+        "arguments": _parse_arguments(_dig(call, "function").get("arguments"))}}
+        for index, call in enumerate(calls)]
 
 
 def ollama_object(name, kind, created_at, text="", thinking=None, calls=None):
@@ -7569,10 +7562,8 @@ def plan_ollama(payload, kind, name, model, info, quirks, now, started, clock):
 def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
     """POST /api/embed (``input``: a string or strings) or the older /api/embeddings
     (``prompt``: one string) as an OpenAI embeddings call, answered in Ollama's shape."""
-    if legacy:
-        text = [check(payload, "prompt", "string", required=True)]
-    else:
-        text = check(payload, "input", ("string", "array"), required=True)
+    text = ([check(payload, "prompt", "string", required=True)] if legacy
+            else check(payload, "input", ("string", "array"), required=True))
     request, _ = prepare_embeddings_request({"model": model, "input": text,
                                              "dimensions": check(payload, "dimensions", "integer")})
     plan = plan_embeddings(request, "float", model, info)
