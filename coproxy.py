@@ -6230,6 +6230,17 @@ class ChatReader(Translator):
         return out
 
 
+def chat_chunk(stream, delta=None, finish=None, **extra):
+    """A chat.completion.chunk coproxy writes itself, named as ``stream`` (a translator with an
+    id, created and model) names its chunks: one choice 0 with ``delta`` and ``finish``, or no
+    choice (a usage chunk, its fields in ``extra``). ChatNormalize and ResponsesToChat share it."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                         "logprobs": None}]
+    return (None, dict({"id": stream.id or "chatcmpl-" + random_id(),
+                        "object": "chat.completion.chunk", "created": stream.created,
+                        "model": stream.model, "choices": choices}, **extra))
+
+
 class ChatNormalize(ChatReader):
     """Copilot chat chunks in, OpenAI chat.completion.chunk items out.
 
@@ -6325,20 +6336,14 @@ class ChatNormalize(ChatReader):
                 and ('"finish_reason"' not in data or '"finish_reason":null' in data)
                 and not any(key in data for key in _KEYS_TO_ACT_ON) and data[:1] == "{")
 
-    def _chunk(self, choices, **extra):
-        return (None, dict({"id": self.id or "chatcmpl-" + random_id(),
-                            "object": "chat.completion.chunk", "created": self.created,
-                            "model": self.model, "choices": choices}, **extra))
-
     def end(self):
         """The held-back finish (merged choices) and usage chunks, then [DONE]."""
         items = []
         if self.merge and self.finish_reason:
-            items.append(self._chunk([{"index": 0, "delta": {},
-                                       "finish_reason": self.finish_reason, "logprobs": None}]))
+            items.append(chat_chunk(self, {}, self.finish_reason))
         if self.include_usage and self.raw_usage is not None:
             cost = {} if self.copilot_usage is None else {"copilot_usage": self.copilot_usage}
-            items.append(self._chunk([], usage=self.raw_usage, **cost))
+            items.append(chat_chunk(self, usage=self.raw_usage, **cost))
         items.append((None, "[DONE]"))
         return items
 
@@ -6581,14 +6586,8 @@ class ResponsesToChat(Translator):
         self.tools = {}
         self.arguments_seen = set()
 
-    def _chunk(self, delta, finish=None):
-        return (None, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                       "model": self.model, "choices": [{"index": 0, "delta": delta,
-                                                         "finish_reason": finish,
-                                                         "logprobs": None}]})
-
     def _tool_delta(self, position, **call):
-        return self._chunk({"tool_calls": [dict(call, index=self.tools[position])]})
+        return chat_chunk(self, {"tool_calls": [dict(call, index=self.tools[position])]})
 
     def feed(self, event, data):
         """One Responses event as chat chunks: the first opens the assistant's message, text
@@ -6606,10 +6605,10 @@ class ResponsesToChat(Translator):
             # response.created names the model that answers: the chunks say it, as
             # ChatNormalize's do
             self.model = _string(_dig(data, "response"), "model") or self.model
-            out.append(self._chunk({"role": "assistant", "content": ""}))
+            out.append(chat_chunk(self, {"role": "assistant", "content": ""}))
         position = get_typed(data, "output_index", (int, str))
         if kind == "response.output_text.delta" and isinstance(data.get("delta"), str):
-            out.append(self._chunk({"content": data["delta"]}))
+            out.append(chat_chunk(self, {"content": data["delta"]}))
         elif kind in ("response.output_item.added", "response.output_item.done"):
             item = _dig(data, "item")
             if item.get("type") == "function_call":
@@ -6645,11 +6644,9 @@ class ResponsesToChat(Translator):
         response = _dig(data, "response")
         self.complete = True
         self.usage = _responses_event_usage(data)
-        out = [self._chunk({}, _responses_finish(response, bool(self.tools)))]
+        out = [chat_chunk(self, {}, _responses_finish(response, bool(self.tools)))]
         if self.include_usage:
-            out.append((None, {"id": self.id, "object": "chat.completion.chunk",
-                               "created": self.created, "model": self.model, "choices": [],
-                               "usage": _responses_usage(response.get("usage"))}))
+            out.append(chat_chunk(self, usage=_responses_usage(response.get("usage"))))
         out.append((None, "[DONE]"))
         return out
 
