@@ -3508,8 +3508,7 @@ class CopilotAuth:
                 if self._usable(disk, github_token):
                     self.record = disk
                     return disk
-            record = self._exchange(github_token)
-            self.record = record
+            record = self.record = self._exchange(github_token)
             try:
                 self.store.save_copilot_token(record)
             except (OSError, ConfigError) as exc:
@@ -11774,10 +11773,9 @@ def ask_running_server(config, path, url=None):
     """GET ``path`` from the coproxy serving from this state dir, at ``url`` when the caller has
     looked it up already (with the API key if one is configured); None when none runs or it
     does not answer."""
+    url = url or running_instance(config, quiet=True)[1]
     if url is None:
-        url = running_instance(config, quiet=True)[1]
-        if url is None:
-            return None
+        return None
     try:
         status, data, _ = get_from_coproxy(config, url + path)
     except UpstreamUnreachable:
@@ -11847,13 +11845,10 @@ def cmd_status(config, args):
     for line in credential_lines(facts) if facts.get("token_kind") else []:
         print(line)
     upstream = get_typed(health, "upstream", dict, {})
-    if upstream.get("ok") is None:
-        print("upstream: no request sent to Copilot yet")
-    elif upstream.get("ok"):
-        print("upstream: the last request to Copilot succeeded")
-    else:
-        print("upstream: the last request to Copilot failed (%s): %s"
-              % (upstream.get("class"), upstream.get("message")))
+    print("upstream: " + ("no request sent to Copilot yet" if upstream.get("ok") is None
+                          else "the last request to Copilot succeeded" if upstream["ok"]
+                          else "the last request to Copilot failed (%s): %s"
+                          % (upstream.get("class"), upstream.get("message"))))
     return 0
 
 
@@ -11988,16 +11983,14 @@ def _describe_bucket(bucket, reset, unit):
         return "not reported"
     if bucket["unlimited"]:
         return "unlimited"
-    text = "%s used" % ("?" if bucket["used"] is None else "%g" % bucket["used"])
-    if bucket["entitlement"] is not None:
-        text += " of %g %s" % (bucket["entitlement"], unit)
-    if bucket["remaining"] is not None:
-        text += ", %g left" % bucket["remaining"]
-    if bucket.get("percent_remaining") is not None:
-        text += " (%.1f%% left)" % bucket["percent_remaining"]
-    if bucket.get("overage_count"):
-        text += ", %s over quota" % bucket["overage_count"]
-    return text + (", resets %s" % reset[:10] if reset else "")
+    percent, over = bucket.get("percent_remaining"), bucket.get("overage_count")
+    return "".join([
+        "%s used" % ("?" if bucket["used"] is None else "%g" % bucket["used"]),
+        " of %g %s" % (bucket["entitlement"], unit) if bucket["entitlement"] is not None else "",
+        ", %g left" % bucket["remaining"] if bucket["remaining"] is not None else "",
+        " (%.1f%% left)" % percent if percent is not None else "",
+        ", %s over quota" % over if over else "",
+        ", resets %s" % reset[:10] if reset else ""])
 
 
 def _describe_window(window):
@@ -12136,11 +12129,9 @@ def claude_code_environment(config, model_ids, main_model, base_url):
 def claude_code_target(config):
     """The coproxy Claude Code should use: --host/--port (or their variables) when given, else
     the one serving from this state dir (it may have picked its port), else the default."""
-    if "host" not in config.sources and "port" not in config.sources:
-        url = running_instance(config, quiet=True)[1]
-        if url:
-            return url
-    return http_url(config.host, config.port)
+    given = "host" in config.sources or "port" in config.sources
+    return ((not given and running_instance(config, quiet=True)[1])
+            or http_url(config.host, config.port))
 
 
 def catalogue_from_coproxy(config, url):
@@ -12262,8 +12253,8 @@ def main(argv=None):
     try:
         # Only the named command's parser is built when the first word names one (see
         # build_parser); a shared flag before the command builds them all.
-        first = argv[0] if argv and argv[0] in {name for name, _ in COMMANDS} else None
-        parser = build_parser(first)
+        parser = build_parser(argv[0] if argv and argv[0] in {name for name, _ in COMMANDS}
+                              else None)
         parser.argv = argv
         args, extra = parser.parse_known_args(argv)
         command = (args.command, getattr(args, "auth_command", None))
@@ -12280,21 +12271,12 @@ def main(argv=None):
         debug = setup_logging(config, args.command) == "DEBUG"
         for warning in config.warnings:
             log.warning("%s", warning)
-        code = COMMANDS[command](config, args)
-        _flush_stdout()
-        return code
+        return COMMANDS[command](config, args)
     except BrokenPipeError:  # mid-command: the output outgrew the pipe's buffer, its reader gone
-        _flush_stdout()
         return 0
-    except SystemExit:  # --help and --version print, then leave this way
-        _flush_stdout()
-        raise
-    except UsageError as exc:
-        _say("coproxy: error: %s" % redact(exc))
-        return 2
     except CoproxyError as exc:
         _say("coproxy: error: %s" % redact(exc))
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
@@ -12304,6 +12286,8 @@ def main(argv=None):
         _say("coproxy: error: unexpected %s: %s (run with --log-level debug for details)" % (
             exc.__class__.__name__, redact(exc)))
         return 1
+    finally:  # whatever ended the command (--help and --version leave by SystemExit)
+        _flush_stdout()
 
 
 if __name__ == "__main__":
