@@ -1407,8 +1407,8 @@ class TokenStore:
 
     def save_copilot_token(self, record):
         self.check_dirs()
-        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-        write_file_atomic(self.copilot_token_path, text)
+        write_file_atomic(self.copilot_token_path,
+                          json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def clear(self):
         """Delete both files; returns the paths that existed."""
@@ -1801,8 +1801,8 @@ class History:
             ledger.add(record, now=0)
         summary = dict(ledger.summary(day), bytes=size)
         with contextlib.suppress(OSError):
-            text = json.dumps(summary, separators=(",", ":"))
-            write_file_atomic(self.path(day, ".sum.json"), text)
+            write_file_atomic(self.path(day, ".sum.json"),
+                              json.dumps(summary, separators=(",", ":")))
         return summary
 
     def load(self, ledger, now, days=HISTORY_CHART_DAYS, prune=True):
@@ -3566,10 +3566,10 @@ class CopilotAuth:
         GitHub token: a record cached on disk is never used with another account's token. A
         refusal is an AuthError that names the cause and the fix (exchange_error)."""
         self.exchanges += 1
-        url = self.config.github_api_url + "/copilot_internal/v2/token"
         try:
             status, data, raw, _ = self.client.request_json(
-                "GET", url, github_headers(self.config, github_token))
+                "GET", self.config.github_api_url + "/copilot_internal/v2/token",
+                github_headers(self.config, github_token))
         except UpstreamUnreachable as exc:
             self.exchange_failures += 1
             raise AuthError("cannot get a Copilot token: %s" % exc, code="network")
