@@ -211,7 +211,8 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 15.0
 #: The longest a whole request body may take, however steadily it arrives.
 DEFAULT_BODY_TIMEOUT_SECONDS = 120.0
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS = 15.0
-#: Longest silence tolerated *between bytes* of an upstream answer; never a total limit.
+#: Longest wait for an upstream answer (the whole of one not streamed) and longest silence
+#: between a stream's bytes; never a limit on a whole stream.
 #: Copilot has been seen silent for 41 s mid-stream and taking 290 s for one long answer.
 DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
