@@ -152,6 +152,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import hashlib
 import http
 import importlib
 import itertools
@@ -159,7 +160,6 @@ import json
 import logging
 import os
 import queue
-import random
 import re
 import selectors
 import signal
@@ -473,17 +473,26 @@ def get_typed(node, key, kind, default=None):
     return value if isinstance(value, kind) else default
 
 
+#: The key and counter of random_id: made once per process, never shown.
+_ID_KEY = os.urandom(32)
+_ID_COUNTER = itertools.count()
+
+
 def random_id(digits=32):
-    """``digits`` random hex digits, for the ids of the answers we build (``chatcmpl-...``).
-    Ids, never secrets: from the random module, as os.urandom is a system call, and each one
-    hands the GIL to another thread that the caller (often the event loop) then waits for."""
-    return "%0*x" % (digits, random.getrandbits(digits * 4))
+    """``digits`` (at most 128) hex digits no one can predict, for the ids of what we build
+    (``chatcmpl-...``, ``resp_...``). A stored Response's id is all a caller needs to read or
+    delete it, so ids must not be guessable from earlier ones, as the random module's are; and
+    os.urandom per id is a system call that hands the GIL to another thread the event loop then
+    waits for. So: a keyed hash (BLAKE2b, key from os.urandom at start) of a counter."""
+    counter = b"%d" % next(_ID_COUNTER)  # next() on a count is atomic under the GIL
+    digest = hashlib.blake2b(counter, key=_ID_KEY, digest_size=(digits + 1) // 2)
+    return digest.hexdigest()[:digits]
 
 
 def random_uuid():
     """A random (version 4) UUID string, as ``str(uuid.uuid4())`` without importing uuid; an id
-    (X-Request-Id), so from the random module as random_id."""
-    value = random.getrandbits(128) & ~(0xF << 76) & ~(0x3 << 62) | (0x4 << 76) | (0x2 << 62)
+    (X-Request-Id), made as random_id's are."""
+    value = int(random_id(), 16) & ~(0xF << 76) & ~(0x3 << 62) | (0x4 << 76) | (0x2 << 62)
     digits = "%032x" % value
     return "%s-%s-%s-%s-%s" % (digits[:8], digits[8:12], digits[12:16], digits[16:20], digits[20:])
 
@@ -7608,8 +7617,8 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
 #     loop is busy share one       rounds; 0.609 with the ids alone), context switches 11.2
 #     wake-up of the loop          -> 7.9, requests/s +11 %
 #   random_id, random_uuid [3]:    one system call (getrandom) and one GIL hand-off less per
-#     the random module, not       request (X-Request-Id) and per id an answer is given
-#     os.urandom
+#     a keyed BLAKE2b of a         request (X-Request-Id) and per id an answer is given; still
+#     counter, not os.urandom      unguessable (a stored Response's id is its only key)
 #   WorkerPool.run_alone (here)    /healthz while 24 heavy bodies are parsed: a few ms, not 2 s
 #   StreamHub (here): one reader   CPU per 10,000 streamed chunks (TLS, 50 streams) 1.21 s ->
 #     thread, batched hand-over    0.51 s; 1,000 streams' 1st chunk 1.75-2.54 s -> 1.02-1.13 s

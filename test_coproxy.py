@@ -1246,6 +1246,14 @@ class TestUtilities(unittest.TestCase):
         self.assertRegex(coproxy.random_id(), r"^[0-9a-f]{32}$")
         self.assertRegex(coproxy.random_id(24), r"^[0-9a-f]{24}$")
         self.assertNotEqual(coproxy.random_id(), coproxy.random_id())
+        # A stored Response's id is all a caller needs to read it: ids must not follow from a
+        # generator anyone can seed or reconstruct, such as the random module's.
+        state = random.getstate()
+        self.addCleanup(random.setstate, state)
+        random.seed(7)
+        first = [coproxy.random_id(), coproxy.random_uuid()]
+        random.seed(7)
+        self.assertNotEqual([coproxy.random_id(), coproxy.random_uuid()], first)
 
     def test_http_date_matches_the_standard_library_in_any_locale(self):
         import email.utils
