@@ -211,8 +211,7 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 15.0
 #: The longest a whole request body may take, however steadily it arrives.
 DEFAULT_BODY_TIMEOUT_SECONDS = 120.0
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT_SECONDS = 15.0
-#: Longest wait for an upstream answer (the whole of one not streamed) and longest silence
-#: between a stream's bytes; never a limit on a whole stream.
+#: Longest silence tolerated *between bytes* of an upstream answer; never a total limit.
 #: Copilot has been seen silent for 41 s mid-stream and taking 290 s for one long answer.
 DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS = 600.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 10.0
@@ -899,7 +898,7 @@ OPTIONS = [
            "seconds an idle keep-alive connection is kept open", "SECONDS"),
     Option("--upstream-timeout", "upstream_timeout", "COPROXY_UPSTREAM_TIMEOUT", _positive_float,
            DEFAULT_UPSTREAM_READ_TIMEOUT_SECONDS, "serve",
-           "longest wait for an upstream answer, and between a stream's bytes", "SECONDS"),
+           "longest upstream silence tolerated between bytes (never a total limit)", "SECONDS"),
     Option("--history-days", "history_days", "COPROXY_HISTORY_DAYS", _positive_int,
            DEFAULT_HISTORY_DAYS, "serve",
            "keep the request history (<state-dir>/history, no prompt or answer text) this many "
@@ -1939,13 +1938,15 @@ class AbortHandle:
 
     The worker registers the socket it is using; ``abort()`` shuts it down, which wakes a
     thread blocked in a read at once (close() alone would not). A caller that times the call
-    itself (``times_out``) calls ``expire()`` when it has waited too long: the socket then blocks
-    with no timeout of its own, which is cheaper (see UpstreamClient.request)."""
+    itself (``times_out``) calls ``expire()`` when the upstream has been silent too long (the
+    reads note ``last_progress``, monotonic): the socket then blocks with no timeout of its own,
+    which is cheaper (see UpstreamClient.request)."""
 
     def __init__(self, times_out=False):
         self.aborted = False
         self.times_out = times_out
         self.expired = False
+        self.last_progress = time.monotonic()
         self._sock = None
         self._lock = threading.Lock()
 
@@ -1957,7 +1958,7 @@ class AbortHandle:
     def failure(self):
         """What an aborted call raises: a timeout after ``expire``, else "aborted"."""
         if self.expired:
-            return UpstreamUnreachable("no answer from the upstream within --upstream-timeout",
+            return UpstreamUnreachable("the upstream was silent for --upstream-timeout",
                                        timeout=True)
         return UpstreamUnreachable("aborted", kind="aborted")
 
@@ -2132,6 +2133,8 @@ class UpstreamResponse:
                 raise (UpstreamCutShort if answered else ConnectionResetError)(
                     "the upstream closed the connection without answering")
             self._conn.answered = True
+            if self._abort is not None:
+                self._abort.last_progress = time.monotonic()
             buf += data
         del buf[:rest]
         return parse_response_head(head)
@@ -2209,6 +2212,8 @@ class UpstreamResponse:
             self._last_read = len(data)
             if data:
                 self._buf += data
+                if self._abort is not None:
+                    self._abort.last_progress = time.monotonic()
             elif self._left is None and not self._chunked:
                 self._complete = True  # the body ran until the server closed
             else:
@@ -7628,7 +7633,7 @@ def plan_ollama_embed(payload, legacy, name, model, info, started, clock):
 #   blocking upstream sockets,     per non-stream request at 16 clients (TLS): poll 1.15 ->
 #     timed by the gateway's       0.03 and ioctl 1.09 -> 0.05 system calls, futex 49 -> 36
 #     timer (AbortHandle.          (strace); worker threads' CPU 0.270 -> 0.245 ms (lower in 6
-#     times_out, Gateway._send)    of 6 A/B rounds), context switches 13.6 -> 9.6
+#     times_out, SilenceTimer)     of 6 A/B rounds), context switches 13.6 -> 9.6
 #     [6, 12]
 #   kept-alive upstream            new upstream connections per 100 sequential requests: 0
 #     connections (UpstreamClient  (a TLS handshake through the tunnel is ~4 ms of wall time
@@ -9477,6 +9482,28 @@ class StreamRelay:
                                      "upstream_cut")
 
 
+class SilenceTimer:
+    """Expires an AbortHandle once its upstream has been silent for ``seconds`` (the upstream
+    reads note ``abort.last_progress``): one loop timer per call, armed again from the last byte
+    when it fires while bytes still come, rather than a socket timeout (see AbortHandle) or a
+    timer per read. Stop it with cancel()."""
+
+    def __init__(self, loop, seconds, abort):
+        self.loop, self.seconds, self.abort = loop, seconds, abort
+        abort.last_progress = time.monotonic()
+        self._timer = loop.call_later(seconds, self._check)
+
+    def _check(self):
+        silent = time.monotonic() - self.abort.last_progress
+        if silent >= self.seconds:
+            self.abort.expire()
+        else:
+            self._timer = self.loop.call_later(self.seconds - silent, self._check)
+
+    def cancel(self):
+        self._timer.cancel()
+
+
 class Gateway:
     """Sends plans to Copilot and their answers back (see the section banner). Also keeps what
     the last upstream exchange said (for /healthz) and the usage windows Copilot reports in its
@@ -9598,8 +9625,9 @@ class Gateway:
         while True:
             started = time.monotonic()
             # The upstream socket blocks with no timeout of its own (AbortHandle): this timer is
-            # --upstream-timeout, up to the head of a stream or the end of a whole answer.
-            timer = self.loop.call_later(self.config.upstream_timeout, abort.expire)
+            # --upstream-timeout, the longest silence up to a stream's head or a whole answer's
+            # end (never a limit on a long answer that keeps coming).
+            timer = SilenceTimer(self.loop, self.config.upstream_timeout, abort)
             try:
                 upstream, raw = await self.pool.run(self.loop, self._call, plan, abort)
             except (UpstreamUnreachable, AuthError) as exc:

@@ -4463,6 +4463,26 @@ class TestEndToEndTLS(ProxyTestCase):
         self.fake.routes[("POST", "/chat/completions")] = answer
         self.assertEqual(self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)[0], 200)
 
+    def test_upstream_timeout_bounds_silence_not_a_long_answer_that_keeps_coming(self):
+        proxy = self.start_proxy(upstream_timeout=0.3, ca_file=self.write_file("ca.pem", TEST_CA_PEM))
+        answer = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4.1",
+                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                 "role": "assistant", "content": "slow but steady"}}]}).encode()
+
+        def slowly(handler, body):  # 0.6 s in all, never more than 0.15 s without a byte
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(answer)))
+            handler.end_headers()
+            for start in range(0, len(answer), len(answer) // 4 + 1):
+                time.sleep(0.15)
+                handler.wfile.write(answer[start:start + len(answer) // 4 + 1])
+                handler.wfile.flush()
+        self.fake.routes[("POST", "/chat/completions")] = slowly
+        status, _, body = self.request("POST", "/v1/chat/completions", chat_body(), port=proxy.port)
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, "slow but steady"), body)
+
 
 class TestLoadWithChurn(ProxyTestCase):
     """Many clients at once over TLS while the upstream drops kept-alive connections at random
