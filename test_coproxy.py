@@ -8579,18 +8579,6 @@ class BenchUpstream(asyncio.Protocol):
             self.transport.close()
 
 
-def bench_tls_context(tmp):
-    """The fake upstream's TLS server context (the test CA's leaf for 127.0.0.1)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert, key = os.path.join(tmp, "leaf.pem"), os.path.join(tmp, "leaf.key")
-    with open(cert, "w") as f:
-        f.write(TEST_LEAF_PEM)
-    with open(key, "w") as f:
-        f.write(TEST_LEAF_KEY)
-    context.load_cert_chain(cert, key)
-    return context
-
-
 def bench_upstream_process(port_queue, tmp, close_after=0):
     """The fake upstream twice: plain HTTP and TLS (what real Copilot speaks); puts both ports."""
     BenchUpstream.close_after = close_after
@@ -8598,7 +8586,7 @@ def bench_upstream_process(port_queue, tmp, close_after=0):
     async def main():
         loop = asyncio.get_running_loop()
         ports = []
-        for context in (None, bench_tls_context(tmp)):
+        for context in (None, tls_server_context()):
             holder = {}
 
             def factory(holder=holder):
