@@ -7,7 +7,7 @@ CONNECT proxy and a raw scripted upstream for framing edge cases. Nothing reache
 Needs only the standard library; the optional checks with the official ``openai``,
 ``anthropic`` and ``ollama`` clients run when they are importable (``.ci/run`` installs them in a
 throwaway venv), and the dashboard's test in headless Chromium when ``playwright`` and a
-``chromium`` are there. The everyday run takes 17-19 s (10-12 s of CPU) on 2 cores; keep it under 20:
+``chromium`` are there. The everyday run takes 17-19 s (10-12 s of CPU) on 2 cores; keep it < 20:
 await events, shorten a timer through its option rather than wait it out, run a command
 in-process (main_in_process) unless it needs a process of its own, and start those as
 COPROXY_MODULE. The last line printed is ``N passed, N failed, N skipped``. Variables:
