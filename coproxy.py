@@ -5685,7 +5685,11 @@ def fold_chat_chunks(items):
     for _, chunk in items:
         if not isinstance(chunk, dict):  # [DONE]
             continue
-        answer.update((key, value) for key, value in chunk.items() if key != "choices")
+        for key, value in chunk.items():  # the answer's own id, created and model: the first
+            if key in ("id", "created", "model"):  # chunk's (the ones made after it are ours)
+                answer.setdefault(key, value)
+            elif key != "choices":
+                answer[key] = value
         for piece in chunk["choices"]:
             choice = choices.setdefault(_index(piece), {
                 "index": _index(piece), "finish_reason": None, "logprobs": None,
@@ -5697,6 +5701,8 @@ def fold_chat_chunks(items):
         calls = choice["message"].get("tool_calls")
         if calls:
             choice["message"]["tool_calls"] = [calls[index] for index in sorted(calls)]
+            for call in choice["message"]["tool_calls"]:  # a call without arguments: "{}", which
+                call["function"]["arguments"] = call["function"]["arguments"] or "{}"  # parses
     answer.update(object="chat.completion", choices=[choices[i] for i in sorted(choices)])
     answer.setdefault("usage", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
     return answer
@@ -6404,7 +6410,9 @@ class ChatToAnthropic(ChatReader):
             return []
         self.started = True
         return [self._item({"type": "message_start", "message": {
-            "id": "msg_" + (chunk_id if isinstance(chunk_id, str) and chunk_id else random_id()),
+            "id": (chunk_id if isinstance(chunk_id, str) and chunk_id.startswith("msg_")
+                   else "msg_" + (chunk_id if isinstance(chunk_id, str) and chunk_id
+                                  else random_id())),
             "type": "message", "role": "assistant", "content": [], "model": self.model,
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": self.estimated_input_tokens, "output_tokens": 0}}})]

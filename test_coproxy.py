@@ -2939,6 +2939,17 @@ class TestTranslateOpenAI(unittest.TestCase):
 
 
 class TestTranslateAnthropic(unittest.TestCase):
+    def test_whole_answers_keep_copilots_id_and_created_and_give_empty_arguments_as_an_object(self):
+        answer = {"id": "msg_01abc", "created": 123, "model": "claude-sonnet-4.5", "choices": [
+            {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant",
+             "tool_calls": [{"id": "t1", "type": "function",
+                             "function": {"name": "now", "arguments": ""}}]}}]}
+        chat = whole_chat(answer, "claude-sonnet-4.5", 999)
+        self.assertEqual((chat["id"], chat["created"]), ("msg_01abc", 123))
+        self.assertEqual(chat["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+                         "{}")
+        self.assertEqual(whole_anthropic(answer, "claude-sonnet-4.5")["id"], "msg_01abc")
+
     def test_a_refusal_keeps_its_words_in_every_dialect(self):
         # Copilot's chat refusal ({"refusal": "..."}, finish_reason content_filter) reaches an
         # Anthropic, Responses or Ollama client as text, and Anthropic's stop_reason says so.
