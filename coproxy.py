@@ -152,7 +152,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import hashlib
 import http
 import importlib
 import itertools
@@ -472,8 +471,9 @@ def get_typed(node, key, kind, default=None):
     return value if isinstance(value, kind) else default
 
 
-#: The key and counter of random_id: made once per process, never shown.
-_ID_KEY = os.urandom(32)
+#: random_id's keyed BLAKE2b (key from os.urandom, never shown), made on first use: hashlib
+#: loads OpenSSL's digests, ~2 ms that a start need not wait for. And its counter.
+_ID_HASHER = []
 _ID_COUNTER = itertools.count()
 
 
@@ -483,9 +483,12 @@ def random_id(digits=32):
     delete it, so ids must not be guessable from earlier ones, as the random module's are; and
     os.urandom per id is a system call that hands the GIL to another thread the event loop then
     waits for. So: a keyed hash (BLAKE2b, key from os.urandom at start) of a counter."""
-    counter = b"%d" % next(_ID_COUNTER)  # next() on a count is atomic under the GIL
-    digest = hashlib.blake2b(counter, key=_ID_KEY, digest_size=(digits + 1) // 2)
-    return digest.hexdigest()[:digits]
+    if not _ID_HASHER:  # two threads may both make one: either key will do
+        import hashlib
+        _ID_HASHER.append(hashlib.blake2b(key=os.urandom(32)))
+    hasher = _ID_HASHER[0].copy()
+    hasher.update(b"%d" % next(_ID_COUNTER))  # next() on a count is atomic under the GIL
+    return hasher.hexdigest()[:digits]
 
 
 def random_uuid():
@@ -2212,7 +2215,7 @@ class UpstreamResponse:
             self._last_read = len(data)
             if data:
                 self._buf += data
-                if self._abort is not None:
+                if wait and self._abort is not None:  # (a stream's pulls: the hub times those)
                     self._abort.last_progress = time.monotonic()
             elif self._left is None and not self._chunked:
                 self._complete = True  # the body ran until the server closed
@@ -2607,6 +2610,8 @@ class UpstreamClient:
                 conn.answered = False  # (a pooled one: from its previous request)
                 _send_request(conn, method, request_target[0 if conn.absolute_form else 1],
                               head_block, body)
+                if abort_handle is not None:  # the silence is the wait for the answer, counted
+                    abort_handle.last_progress = time.monotonic()  # from the request's last byte
                 return UpstreamResponse(conn, method, release, abort_handle)
             except (OSError, ValueError) as exc:
                 if conn is not None:
@@ -7832,8 +7837,11 @@ class WorkerPool(concurrent.futures.Executor):
                 finished.append((future, result, error))
                 if len(finished) > 1:
                     return
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody awaits this
+            try:
                 loop.call_soon_threadsafe(self._settle_finished, loop)
+            except RuntimeError:  # the loop has closed: nobody awaits these, so none are kept
+                with self._lock:
+                    self._finished.pop(loop, None)
         finally:  # the error's traceback holds this frame (and the job's arguments, a whole
             # request body): no way back to the error from here, else a cycle (error ->
             # traceback -> frame -> future or finished -> error) only the garbage collector frees
